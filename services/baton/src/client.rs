@@ -1,0 +1,365 @@
+//! The client CLI: admin commands and real-time record requests against a running mesh.
+
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use baton_intake::convert;
+use baton_mesh::proto::v1 as pb;
+use baton_store::model::ObjectSchema;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt;
+
+/// Where the mesh is.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Conn {
+    /// The baton endpoint.
+    #[arg(long, env = "BATON_ENDPOINT", default_value = "http://127.0.0.1:7400")]
+    endpoint: String,
+}
+
+/// Connection and credentials of the admin commands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AdminConn {
+    #[command(flatten)]
+    conn: Conn,
+    /// The admin token.
+    #[arg(long, env = "BATON_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+}
+
+/// Connection and credentials of the record commands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OrgConn {
+    #[command(flatten)]
+    conn: Conn,
+    /// The org's API key.
+    #[arg(long, env = "BATON_API_KEY", hide_env_values = true)]
+    api_key: String,
+}
+
+/// The admin commands.
+#[derive(clap::Subcommand, Debug)]
+pub enum AdminCommand {
+    /// Orgs.
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Object schemas.
+    #[command(subcommand)]
+    Object(ObjectCommand),
+}
+
+/// Org commands.
+#[derive(clap::Subcommand, Debug)]
+pub enum OrgCommand {
+    /// Creates an org and prints its id.
+    Create {
+        /// The org's name.
+        name: String,
+    },
+    /// Lists the orgs.
+    List,
+}
+
+/// API key commands.
+#[derive(clap::Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Issues an API key for an org and prints it (it is shown only once).
+    Create {
+        /// The org.
+        #[arg(long)]
+        org: String,
+        /// A label for the key.
+        #[arg(long, default_value = "")]
+        label: String,
+    },
+    /// Revokes an API key.
+    Revoke {
+        /// The key id (`key_…`).
+        key_id: String,
+    },
+}
+
+/// Object schema commands.
+#[derive(clap::Subcommand, Debug)]
+pub enum ObjectCommand {
+    /// Defines an object from a JSON schema:
+    /// `{"name":"account","external_id_field":"code","fields":[{"name":"code","type":"string","required":true,"unique":true}]}`.
+    Define {
+        /// The org.
+        #[arg(long)]
+        org: String,
+        /// The schema as JSON, or `@FILE` to read it from a file.
+        schema: String,
+    },
+    /// Lists an org's objects as JSON.
+    List {
+        /// The org.
+        #[arg(long)]
+        org: String,
+    },
+}
+
+/// `baton upsert`.
+#[derive(clap::Args, Debug)]
+pub struct UpsertArgs {
+    #[command(flatten)]
+    conn: OrgConn,
+    /// The object.
+    object: String,
+    /// NDJSON records to read (one JSON object per line); `-` for standard input.
+    #[arg(long, default_value = "-")]
+    file: PathBuf,
+}
+
+/// `baton get`.
+#[derive(clap::Args, Debug)]
+pub struct GetArgs {
+    #[command(flatten)]
+    conn: OrgConn,
+    /// The object.
+    object: String,
+    /// The record id.
+    id: String,
+}
+
+/// `baton query`.
+#[derive(clap::Args, Debug)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    conn: OrgConn,
+    /// The object.
+    object: String,
+    /// The filter, for example `amount > 10 AND status IN ('open', 'late')`.
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// Fields to return (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    fields: Vec<String>,
+    /// Records per page; 0 for the server's limit.
+    #[arg(long, default_value_t = 0)]
+    page_size: i32,
+    /// Follow every page rather than stopping after the first.
+    #[arg(long)]
+    all: bool,
+}
+
+/// `baton delete`.
+#[derive(clap::Args, Debug)]
+pub struct DeleteArgs {
+    #[command(flatten)]
+    conn: OrgConn,
+    /// The object.
+    object: String,
+    /// The ids to delete.
+    #[arg(required = true)]
+    ids: Vec<String>,
+}
+
+async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
+    let endpoint = Endpoint::from_shared(conn.endpoint.clone())
+        .with_context(|| format!("invalid endpoint {:?}", conn.endpoint))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(std::time::Duration::from_secs(60));
+    endpoint.connect().await.with_context(|| format!("cannot connect to {}", conn.endpoint))
+}
+
+fn with_bearer<T>(message: T, secret: &str) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    let value: MetadataValue<_> = format!("Bearer {secret}").parse().context("the key is not valid header text")?;
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+/// Renders a status with its details, for the terminal.
+fn explain(status: tonic::Status) -> anyhow::Error {
+    let mut text = format!("{:?}: {}", status.code(), status.message());
+    if let Some(bad) = status.get_details_bad_request() {
+        for v in bad.field_violations {
+            text.push_str(&format!("\n  {}: {}", v.field, v.description));
+        }
+    }
+    if let Some(info) = status.get_details_error_info() {
+        text.push_str(&format!("\n  reason: {}", info.reason));
+        let mut meta: Vec<_> = info.metadata.into_iter().collect();
+        meta.sort();
+        for (k, v) in meta {
+            text.push_str(&format!("\n  {k}: {v}"));
+        }
+    }
+    if let Some(retry) = status.get_details_retry_info().and_then(|r| r.retry_delay) {
+        text.push_str(&format!("\n  retry after: {retry:?}"));
+    }
+    anyhow::anyhow!(text)
+}
+
+fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn record_json(record: &pb::Record) -> serde_json::Value {
+    let fields = record.fields.clone().unwrap_or_default();
+    serde_json::json!({
+        "id": record.id,
+        "version": record.version,
+        "updated_at_ms": record.updated_at_ms,
+        "fields": struct_json(&fields),
+    })
+}
+
+fn struct_json(s: &prost_types::Struct) -> serde_json::Value {
+    use prost_types::value::Kind;
+    fn value(v: &prost_types::Value) -> serde_json::Value {
+        match &v.kind {
+            None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+            Some(Kind::BoolValue(b)) => (*b).into(),
+            Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => (*n as i64).into(),
+            Some(Kind::NumberValue(n)) => (*n).into(),
+            Some(Kind::StringValue(s)) => s.clone().into(),
+            Some(Kind::ListValue(l)) => l.values.iter().map(value).collect(),
+            Some(Kind::StructValue(s)) => struct_json(s),
+        }
+    }
+    s.fields.iter().map(|(k, v)| (k.clone(), value(v))).collect::<serde_json::Map<_, _>>().into()
+}
+
+/// Runs an admin command.
+pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()> {
+    let mut client = pb::admin_client::AdminClient::new(channel(&conn.conn).await?);
+    let token = conn.admin_token.as_str();
+    match command {
+        AdminCommand::Org(OrgCommand::Create { name }) => {
+            let org = client.create_org(with_bearer(pb::CreateOrgRequest { name }, token)?).await.map_err(explain)?;
+            println!("{}", org.get_ref().id);
+        }
+        AdminCommand::Org(OrgCommand::List) => {
+            let orgs = client.list_orgs(with_bearer(pb::ListOrgsRequest {}, token)?).await.map_err(explain)?;
+            for org in &orgs.get_ref().orgs {
+                print_json(&serde_json::json!({"id": org.id, "name": org.name, "created_at_ms": org.created_at_ms}))?;
+            }
+        }
+        AdminCommand::Key(KeyCommand::Create { org, label }) => {
+            let key = client
+                .create_api_key(with_bearer(pb::CreateApiKeyRequest { org_id: org, label }, token)?)
+                .await
+                .map_err(explain)?;
+            eprintln!("key id: {} (shown once; keep the key below)", key.get_ref().key_id);
+            println!("{}", key.get_ref().api_key);
+        }
+        AdminCommand::Key(KeyCommand::Revoke { key_id }) => {
+            client.revoke_api_key(with_bearer(pb::RevokeApiKeyRequest { key_id: key_id.clone() }, token)?).await.map_err(explain)?;
+            eprintln!("revoked {key_id}");
+        }
+        AdminCommand::Object(ObjectCommand::Define { org, schema }) => {
+            let text = match schema.strip_prefix('@') {
+                Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
+                None => schema,
+            };
+            let schema: ObjectSchema = serde_json::from_str(&text).context("the schema is not valid JSON of the expected shape")?;
+            let request = pb::DefineObjectRequest { org_id: org, schema: Some(convert::schema_to_pb(&schema)) };
+            let defined = client.define_object(with_bearer(request, token)?).await.map_err(explain)?;
+            eprintln!("defined object {}", defined.get_ref().name);
+        }
+        AdminCommand::Object(ObjectCommand::List { org }) => {
+            let objects =
+                client.list_objects(with_bearer(pb::ListObjectsRequest { org_id: org }, token)?).await.map_err(explain)?;
+            for o in &objects.get_ref().objects {
+                let schema = convert::schema_from_pb(o).map_err(|e| anyhow::anyhow!("unexpected schema from server: {e:?}"))?;
+                print_json(&serde_json::to_value(&schema)?)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn read_ndjson(path: &PathBuf) -> anyhow::Result<Vec<baton_store::model::Fields>> {
+    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?))
+    };
+    let mut records = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(serde_json::Value::Object(map)) => records.push(map),
+            Ok(_) => bail!("line {}: not a JSON object", n + 1),
+            Err(e) => bail!("line {}: {e}", n + 1),
+        }
+    }
+    Ok(records)
+}
+
+/// `baton upsert`.
+pub async fn upsert(args: UpsertArgs) -> anyhow::Result<()> {
+    let records = read_ndjson(&args.file)?;
+    if records.is_empty() {
+        bail!("no records to upsert");
+    }
+    let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
+    let request = pb::UpsertRequest { object: args.object, records: records.iter().map(convert::fields_to_pb).collect() };
+    let response = client.upsert(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?;
+    for r in &response.get_ref().results {
+        print_json(&serde_json::json!({"id": r.id, "version": r.version, "created": r.created}))?;
+    }
+    eprintln!("upserted {} records (last seq {})", response.get_ref().results.len(), response.get_ref().last_seq);
+    Ok(())
+}
+
+/// `baton get`.
+pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+    let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
+    let request = pb::GetRequest { object: args.object, id: args.id };
+    let record = client.get(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?;
+    print_json(&record_json(record.get_ref()))
+}
+
+/// `baton query`.
+pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
+    let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
+    let mut token = String::new();
+    let mut total = 0usize;
+    loop {
+        let request = pb::QueryRequest {
+            object: args.object.clone(),
+            filter: args.filter.clone(),
+            fields: args.fields.clone(),
+            page_size: args.page_size,
+            page_token: token.clone(),
+        };
+        let page = client.query(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?.into_inner();
+        for r in &page.records {
+            print_json(&record_json(r))?;
+        }
+        total += page.records.len();
+        if !args.all || page.next_page_token.is_empty() {
+            if !page.next_page_token.is_empty() {
+                eprintln!("{total} records; more remain (use --all)");
+            }
+            break;
+        }
+        token = page.next_page_token;
+    }
+    Ok(())
+}
+
+/// `baton delete`.
+pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+    let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
+    let request = pb::DeleteRequest { object: args.object, ids: args.ids };
+    let response = client.delete(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?;
+    for r in &response.get_ref().results {
+        print_json(&serde_json::json!({"id": r.id, "deleted": r.deleted, "version": r.version}))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,98 @@
+//! `baton dev`: the whole mesh in one process, on embedded defaults: SQLite under the data
+//! directory, one gRPC port, an admin token kept in the data directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_intake::IntakeOptions;
+use baton_mesh::config::{ServeOptions, exit_bad_config};
+use baton_store::{Store, StoreOptions};
+
+/// The options of `baton dev`.
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// Where the SQLite store and the admin token are kept.
+    #[arg(long, env = "BATON_DATA_DIR", default_value_os_t = super::default_data_dir())]
+    data_dir: PathBuf,
+
+    /// The gRPC address (port 0 picks a free port).
+    #[arg(long = "listen", env = "BATON_LISTEN", default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+
+    /// The `/metrics` address (port 0 picks a free port).
+    #[arg(long = "metrics-listen", env = "BATON_METRICS_LISTEN", default_value = "127.0.0.1:0")]
+    metrics_listen: SocketAddr,
+
+    /// The admin token; by default one is made up on first start and kept in the data directory.
+    #[arg(long, env = "BATON_ADMIN_TOKEN")]
+    admin_token: Option<String>,
+
+    /// The largest request message accepted, in bytes.
+    #[arg(long, env = "BATON_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
+    max_message_bytes: u32,
+
+    #[command(flatten)]
+    limits: IntakeOptions,
+}
+
+fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
+    if let Some(token) = &args.admin_token {
+        return Ok(token.clone());
+    }
+    let path = args.data_dir.join("admin-token");
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        let token = token.trim().to_owned();
+        if !token.is_empty() {
+            return Ok(token);
+        }
+    }
+    let token = format!("adm_{}", hex::encode(rand::random::<[u8; 16]>()));
+    std::fs::write(&path, format!("{token}\n")).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(token)
+}
+
+/// Runs the mesh until SIGTERM or SIGINT.
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if let Err(e) = args.limits.validate() {
+        exit_bad_config(e);
+    }
+    if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
+        exit_bad_config(format!("cannot create data dir {}: {e}", args.data_dir.display()));
+    }
+    let data_dir = std::fs::canonicalize(&args.data_dir)?;
+    let token = admin_token(&args)?;
+    let url = format!("sqlite://{}/baton.db", data_dir.display());
+    let store = Store::open(&StoreOptions::new(url.clone())).await.unwrap_or_else(|e| exit_bad_config(e));
+    let serve = ServeOptions {
+        listen: args.listen,
+        metrics_listen: args.metrics_listen,
+        max_message_bytes: args.max_message_bytes,
+        shutdown_grace: Duration::from_secs(5),
+    };
+    let listener = baton_mesh::server::bind(serve.listen).await?;
+    let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+    let addr = listener.local_addr()?;
+    let metrics_addr = metrics.local_addr()?;
+    println!(
+        "baton dev is running\n\
+         \x20 endpoint:    {addr}\n\
+         \x20 metrics:     http://{metrics_addr}/metrics\n\
+         \x20 store:       {url}\n\
+         \x20 admin token: {token}\n\
+         \n\
+         try it:\n\
+         \x20 export BATON_ENDPOINT=http://{addr} BATON_ADMIN_TOKEN={token}\n\
+         \x20 baton admin org create acme                      # prints the org id\n\
+         \x20 baton admin key create --org ORG_ID              # prints an API key\n\
+         \x20 grpcurl -plaintext {addr} list\n\
+         \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' -d '{{\"name\": \"acme\"}}' {addr} baton.v1.Admin/CreateOrg\n\
+         (see README.md for the rest; Ctrl-C stops)"
+    );
+    let shutdown = baton_mesh::shutdown::on_signals();
+    baton_intake::run(serve, args.limits, store.clone(), Some(token), listener, metrics, shutdown).await?;
+    store.close().await;
+    Ok(())
+}

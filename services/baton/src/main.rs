@@ -1,0 +1,142 @@
+//! `baton`: runs any baton service (`baton intake`), all of them in one process on embedded
+//! defaults (`baton dev`), and is the client CLI (`baton admin …`, `baton upsert …`).
+
+mod client;
+mod dev;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use baton_intake::IntakeOptions;
+use baton_mesh::config::{ServeOptions, TelemetryOptions, exit_bad_config};
+use baton_store::{Store, StoreOptions};
+use clap::{Parser, Subcommand};
+
+/// baton: a gRPC service mesh that hands work off without losing it.
+#[derive(Parser, Debug)]
+#[command(name = "baton", version, about, propagate_version = true)]
+struct Cli {
+    #[command(flatten)]
+    telemetry: TelemetryOptions,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the store is.
+#[derive(clap::Args, Debug, Clone)]
+struct StoreArgs {
+    /// The store: `sqlite://PATH` (embedded) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
+    #[arg(long = "store", env = "BATON_STORE")]
+    url: String,
+
+    /// Connections in the store's pool.
+    #[arg(long, env = "BATON_STORE_CONNECTIONS", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    store_connections: u32,
+}
+
+impl StoreArgs {
+    async fn open(&self) -> anyhow::Result<Store> {
+        let mut options = StoreOptions::new(self.url.clone());
+        options.max_connections = self.store_connections;
+        Ok(Store::open(&options).await?)
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Runs the intake service (real-time requests and the admin API).
+    Intake {
+        #[command(flatten)]
+        serve: ServeOptions,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        limits: IntakeOptions,
+        /// The admin token the Admin API requires; without it the Admin API is disabled.
+        #[arg(long, env = "BATON_ADMIN_TOKEN")]
+        admin_token: Option<String>,
+    },
+    /// Runs the whole mesh in one process on embedded defaults (SQLite under --data-dir).
+    Dev(dev::DevArgs),
+    /// Administers orgs, API keys and object schemas (needs the admin token).
+    Admin {
+        #[command(flatten)]
+        conn: client::AdminConn,
+        #[command(subcommand)]
+        command: client::AdminCommand,
+    },
+    /// Creates or updates records from NDJSON (one JSON object per line).
+    Upsert(client::UpsertArgs),
+    /// Reads one record by id.
+    Get(client::GetArgs),
+    /// Reads the records matching a filter.
+    Query(client::QueryArgs),
+    /// Deletes records by id.
+    Delete(client::DeleteArgs),
+}
+
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => e.exit(),
+        Err(e) => {
+            let text = e.to_string();
+            let line = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
+            exit_bad_config(line)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = parse();
+    if let Err(e) = baton_mesh::telemetry::init_tracing(&cli.telemetry) {
+        exit_bad_config(e);
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("baton: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("baton: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Intake { serve, store, limits, admin_token } => {
+            if let Err(e) = limits.validate() {
+                exit_bad_config(e);
+            }
+            let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+            let listener = baton_mesh::server::bind(serve.listen).await?;
+            let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+            tracing::info!(addr = %listener.local_addr()?, metrics = %metrics.local_addr()?, "intake listening");
+            let shutdown = baton_mesh::shutdown::on_signals();
+            baton_intake::run(serve, limits, store.clone(), admin_token, listener, metrics, shutdown).await?;
+            store.close().await;
+            Ok(())
+        }
+        Command::Dev(args) => dev::run(args).await,
+        Command::Admin { conn, command } => client::admin(conn, command).await,
+        Command::Upsert(args) => client::upsert(args).await,
+        Command::Get(args) => client::get(args).await,
+        Command::Query(args) => client::query(args).await,
+        Command::Delete(args) => client::delete(args).await,
+    }
+}
+
+/// The default data directory of `baton dev`.
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(".baton-dev")
+}

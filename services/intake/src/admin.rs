@@ -1,0 +1,86 @@
+//! The Admin gRPC service: orgs, API keys, object schemas. Needs the admin token.
+
+use baton_mesh::auth::require_admin;
+use baton_mesh::proto::v1 as pb;
+use baton_store::{FieldError, Store};
+use tonic::{Request, Response, Status};
+
+use crate::convert;
+use crate::error::Error;
+
+/// The Admin gRPC service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    store: Store,
+}
+
+impl AdminService {
+    /// An admin service over `store`.
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+fn required(value: &str, field: &str) -> Result<(), Error> {
+    if value.is_empty() { Err(Error::Invalid(vec![FieldError::new(field, "required")])) } else { Ok(()) }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn create_org(&self, request: Request<pb::CreateOrgRequest>) -> Result<Response<pb::Org>, Status> {
+        require_admin(&request)?;
+        let org = self.store.create_org(&request.get_ref().name).await.map_err(Error::from)?;
+        Ok(Response::new(pb::Org { id: org.id, name: org.name, created_at_ms: org.created_at_ms }))
+    }
+
+    async fn list_orgs(&self, request: Request<pb::ListOrgsRequest>) -> Result<Response<pb::ListOrgsResponse>, Status> {
+        require_admin(&request)?;
+        let orgs = self.store.list_orgs().await.map_err(Error::from)?;
+        Ok(Response::new(pb::ListOrgsResponse {
+            orgs: orgs.into_iter().map(|o| pb::Org { id: o.id, name: o.name, created_at_ms: o.created_at_ms }).collect(),
+        }))
+    }
+
+    async fn create_api_key(
+        &self,
+        request: Request<pb::CreateApiKeyRequest>,
+    ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
+        require_admin(&request)?;
+        let request = request.into_inner();
+        required(&request.org_id, "org_id")?;
+        let key = self.store.create_api_key(&request.org_id, &request.label).await.map_err(Error::from)?;
+        Ok(Response::new(pb::CreateApiKeyResponse { key_id: key.key_id, api_key: key.api_key, org_id: key.org_id }))
+    }
+
+    async fn revoke_api_key(
+        &self,
+        request: Request<pb::RevokeApiKeyRequest>,
+    ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
+        require_admin(&request)?;
+        required(&request.get_ref().key_id, "key_id")?;
+        self.store.revoke_api_key(&request.get_ref().key_id).await.map_err(Error::from)?;
+        Ok(Response::new(pb::RevokeApiKeyResponse {}))
+    }
+
+    async fn define_object(&self, request: Request<pb::DefineObjectRequest>) -> Result<Response<pb::ObjectSchema>, Status> {
+        require_admin(&request)?;
+        let request = request.into_inner();
+        required(&request.org_id, "org_id")?;
+        let Some(schema) = request.schema else {
+            return Err(Error::Invalid(vec![FieldError::new("schema", "required")]).into());
+        };
+        let schema = convert::schema_from_pb(&schema).map_err(Error::Invalid)?;
+        let defined = self.store.define_object(&request.org_id, &schema).await.map_err(Error::from)?;
+        Ok(Response::new(convert::schema_to_pb(&defined)))
+    }
+
+    async fn list_objects(
+        &self,
+        request: Request<pb::ListObjectsRequest>,
+    ) -> Result<Response<pb::ListObjectsResponse>, Status> {
+        require_admin(&request)?;
+        required(&request.get_ref().org_id, "org_id")?;
+        let objects = self.store.list_objects(&request.get_ref().org_id).await.map_err(Error::from)?;
+        Ok(Response::new(pb::ListObjectsResponse { objects: objects.iter().map(convert::schema_to_pb).collect() }))
+    }
+}

@@ -1,0 +1,154 @@
+//! Conversions between protobuf messages and store types, at the gRPC edge.
+
+use baton_mesh::proto::v1 as pb;
+use baton_store::FieldError;
+use baton_store::model::{FieldSpec, FieldType, Fields, ObjectSchema, Record};
+use prost_types::value::Kind;
+use serde_json::Value;
+
+/// Integers up to 2^53 survive a trip through a protobuf double exactly.
+const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_992.0;
+
+/// A protobuf Value as JSON. Whole numbers within ±2^53 become integers.
+fn value_to_json(value: &prost_types::Value, path: &str, errors: &mut Vec<FieldError>) -> Value {
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => Value::Null,
+        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::StringValue(s)) => Value::String(s.clone()),
+        Some(Kind::NumberValue(n)) => {
+            if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
+                Value::from(*n as i64)
+            } else if let Some(number) = serde_json::Number::from_f64(*n) {
+                Value::Number(number)
+            } else {
+                errors.push(FieldError::new(path, "not a finite number"));
+                Value::Null
+            }
+        }
+        Some(Kind::StructValue(s)) => {
+            Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("{path}.{k}"), errors))).collect())
+        }
+        Some(Kind::ListValue(l)) => Value::Array(
+            l.values.iter().enumerate().map(|(i, v)| value_to_json(v, &format!("{path}[{i}]"), errors)).collect(),
+        ),
+    }
+}
+
+/// Request records as store fields; `records[i].field` paths in errors.
+pub fn records_from_pb(records: &[prost_types::Struct]) -> Result<Vec<Fields>, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let out = records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            r.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("records[{i}].{k}"), &mut errors))).collect()
+        })
+        .collect();
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
+
+fn json_to_value(value: &Value) -> prost_types::Value {
+    let kind = match value {
+        Value::Null => Kind::NullValue(0),
+        Value::Bool(b) => Kind::BoolValue(*b),
+        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        Value::String(s) => Kind::StringValue(s.clone()),
+        Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(json_to_value).collect() }),
+        Value::Object(o) => Kind::StructValue(fields_to_pb(o)),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+/// Store fields as a protobuf Struct.
+pub fn fields_to_pb(fields: &Fields) -> prost_types::Struct {
+    prost_types::Struct { fields: fields.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() }
+}
+
+/// A stored record as a protobuf Record.
+pub fn record_to_pb(record: &Record) -> pb::Record {
+    pb::Record {
+        id: record.id.clone(),
+        fields: Some(fields_to_pb(&record.fields)),
+        version: record.version,
+        updated_at_ms: record.updated_at_ms,
+    }
+}
+
+/// A protobuf schema as a store schema. An unset or unknown type is an error.
+pub fn schema_from_pb(schema: &pb::ObjectSchema) -> Result<ObjectSchema, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let fields = schema
+        .fields
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| {
+            let field_type = match pb::FieldType::try_from(f.r#type) {
+                Ok(pb::FieldType::String) => FieldType::String,
+                Ok(pb::FieldType::Integer) => FieldType::Integer,
+                Ok(pb::FieldType::Number) => FieldType::Number,
+                Ok(pb::FieldType::Boolean) => FieldType::Boolean,
+                Ok(pb::FieldType::Unspecified) | Err(_) => {
+                    errors.push(FieldError::new(
+                        format!("schema.fields[{i}].type"),
+                        "set a type: FIELD_TYPE_STRING, FIELD_TYPE_INTEGER, FIELD_TYPE_NUMBER or FIELD_TYPE_BOOLEAN",
+                    ));
+                    return None;
+                }
+            };
+            Some(FieldSpec { name: f.name.clone(), field_type, required: f.required, unique: f.unique })
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(ObjectSchema { name: schema.name.clone(), external_id_field: schema.external_id_field.clone(), fields })
+    } else {
+        Err(errors)
+    }
+}
+
+/// A store schema as a protobuf schema.
+pub fn schema_to_pb(schema: &ObjectSchema) -> pb::ObjectSchema {
+    pb::ObjectSchema {
+        name: schema.name.clone(),
+        external_id_field: schema.external_id_field.clone(),
+        fields: schema
+            .fields
+            .iter()
+            .map(|f| pb::FieldSpec {
+                name: f.name.clone(),
+                r#type: match f.field_type {
+                    FieldType::String => pb::FieldType::String,
+                    FieldType::Integer => pb::FieldType::Integer,
+                    FieldType::Number => pb::FieldType::Number,
+                    FieldType::Boolean => pb::FieldType::Boolean,
+                } as i32,
+                required: f.required,
+                unique: f.unique,
+            })
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn num(n: f64) -> prost_types::Value {
+        prost_types::Value { kind: Some(Kind::NumberValue(n)) }
+    }
+
+    #[test]
+    fn whole_numbers_become_integers_and_non_finite_ones_are_errors() {
+        let record = prost_types::Struct {
+            fields: [("a".to_owned(), num(42.0)), ("b".to_owned(), num(2.5)), ("c".to_owned(), num(f64::NAN))].into(),
+        };
+        let errors = records_from_pb(&[record.clone()]).unwrap_err();
+        assert_eq!(errors, vec![FieldError::new("records[0].c", "not a finite number")]);
+        let mut record = record;
+        record.fields.remove("c");
+        let fields = &records_from_pb(&[record]).unwrap()[0];
+        assert!(fields["a"].is_i64());
+        assert_eq!(fields["b"].as_f64(), Some(2.5));
+        let back = fields_to_pb(fields);
+        assert_eq!(back.fields["a"], num(42.0));
+    }
+}

@@ -1,0 +1,83 @@
+//! The intake's errors and their one mapping to `tonic::Status`.
+
+use std::time::Duration;
+
+use baton_mesh::status::{self, LimitExceeded, Violation};
+use baton_store::FieldError;
+use tonic::{Code, Status};
+
+/// How long a client rejected because of load should wait before retrying.
+pub const RETRY_AFTER: Duration = Duration::from_secs(1);
+
+/// Errors of the intake and admin services.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store failed or refused.
+    #[error(transparent)]
+    Store(#[from] baton_store::Error),
+    /// A real-time limit was exceeded.
+    #[error("limit {} exceeded", .0.limit_name)]
+    Limit(LimitExceeded),
+    /// The request is invalid.
+    #[error("invalid request")]
+    Invalid(Vec<FieldError>),
+}
+
+impl Error {
+    /// Turns a store deadline overrun into the real-time limit it is, with `reason`.
+    pub fn deadline_as(self, reason: &'static str) -> Self {
+        match self {
+            Error::Store(baton_store::Error::DeadlineExceeded { limit, elapsed }) => Error::Limit(LimitExceeded {
+                reason,
+                limit_name: "deadline_ms",
+                limit: limit.as_millis() as u64,
+                observed: elapsed.as_millis() as u64,
+                retry_after: Some(RETRY_AFTER),
+            }),
+            other => other,
+        }
+    }
+}
+
+fn violations(errors: &[FieldError]) -> Vec<Violation> {
+    errors.iter().map(|e| Violation::new(e.field.clone(), e.description.clone())).collect()
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        use baton_store::Error as S;
+        match e {
+            Error::Limit(limit) => status::limit_exceeded(&limit),
+            Error::Invalid(errors) => status::invalid_argument(&violations(&errors)),
+            Error::Store(S::Invalid(errors)) => status::invalid_argument(&violations(&errors)),
+            Error::Store(S::NotFound(what)) => Status::not_found(format!("{what} not found")),
+            Error::Store(S::AlreadyExists(what)) => Status::already_exists(format!("{what} already exists")),
+            Error::Store(S::DeadlineExceeded { limit, elapsed }) => status::limit_exceeded(&LimitExceeded {
+                reason: status::RESUBMIT_AS_BATCH,
+                limit_name: "deadline_ms",
+                limit: limit.as_millis() as u64,
+                observed: elapsed.as_millis() as u64,
+                retry_after: Some(RETRY_AFTER),
+            }),
+            Error::Store(S::Busy(e)) => {
+                tracing::warn!(error = %e, "database busy");
+                status::retry_later(Code::Unavailable, "the database is busy; retry later", RETRY_AFTER)
+            }
+            Error::Store(S::Resource(e)) => {
+                tracing::warn!(error = %e, "database resource limit");
+                status::limit_exceeded(&LimitExceeded {
+                    reason: status::RESUBMIT_AS_BATCH,
+                    limit_name: "database_resources",
+                    limit: 0,
+                    observed: 0,
+                    retry_after: None,
+                })
+            }
+            Error::Store(e @ (S::Database(_) | S::Migrate(_) | S::Url { .. } | S::Corrupt(_))) => {
+                tracing::error!(error = %e, "store failure");
+                Status::internal("internal store error")
+            }
+        }
+    }
+}
+

@@ -1,0 +1,251 @@
+//! The intake: baton's front door for real-time record requests (Upsert, Delete, Get, Query),
+//! and the admin API (orgs, API keys, object schemas).
+//!
+//! Real-time requests are bounded by [`Limits`]: records per request, a deadline, and requests in
+//! flight per org and overall. A request over a limit, or stopped at its deadline (its transaction
+//! rolled back), answers RESOURCE_EXHAUSTED with `ErrorInfo{reason: RESUBMIT_AS_BATCH}` (Query:
+//! `RESUBMIT_AS_EXPORT`), so that the client sends the same work as a batch (or an export).
+//!
+//! The intake is stateless: everything it knows is in the store. It never talks to workers.
+
+mod admin;
+pub mod convert;
+mod error;
+mod limits;
+
+use std::time::Duration;
+
+use baton_mesh::auth::{AuthConfig, org_of};
+use baton_mesh::config::{ServeOptions, parse_duration};
+use baton_mesh::proto::v1 as pb;
+use baton_mesh::server::MeshServer;
+use baton_mesh::status::{LimitExceeded, RESUBMIT_AS_BATCH, RESUBMIT_AS_EXPORT, Violation, invalid_argument};
+use baton_store::{FieldError, Store};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+
+pub use admin::AdminService;
+pub use error::Error;
+pub use limits::Limits;
+
+/// The real-time limits, as flags and `BATON_*` variables.
+#[derive(clap::Args, Debug, Clone)]
+pub struct IntakeOptions {
+    /// The most records a real-time Upsert or Delete may carry, and the largest Query page.
+    #[arg(long, env = "BATON_MAX_RECORDS", default_value_t = 200,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_records: u32,
+
+    /// How long a real-time request may run before it is rolled back and rejected.
+    #[arg(long, env = "BATON_DEADLINE", default_value = "2s", value_parser = parse_duration)]
+    pub deadline: Duration,
+
+    /// Real-time requests in flight per org; more are rejected.
+    #[arg(long, env = "BATON_MAX_IN_FLIGHT_PER_ORG", default_value_t = 32,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub max_in_flight_per_org: u32,
+
+    /// Real-time requests in flight overall; more are rejected.
+    #[arg(long, env = "BATON_MAX_IN_FLIGHT", default_value_t = 256,
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_in_flight: u32,
+}
+
+impl IntakeOptions {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.deadline < Duration::from_millis(1) || self.deadline > Duration::from_secs(600) {
+            return Err(format!("--deadline must be between 1ms and 10m, got {:?}", self.deadline));
+        }
+        if self.max_in_flight_per_org > self.max_in_flight {
+            return Err("--max-in-flight-per-org cannot exceed --max-in-flight".into());
+        }
+        Ok(())
+    }
+}
+
+/// The Intake gRPC service.
+#[derive(Debug, Clone)]
+pub struct IntakeService {
+    store: Store,
+    limits: Limits,
+    max_message_bytes: usize,
+}
+
+impl IntakeService {
+    /// An intake over `store`.
+    pub fn new(store: Store, options: &IntakeOptions, max_message_bytes: usize) -> Self {
+        Self { store, limits: Limits::new(options), max_message_bytes }
+    }
+
+    /// Rejects a request message over the size limit with a field violation naming its size.
+    fn check_size<M: Message>(&self, message: &M) -> Result<(), Status> {
+        let size = message.encoded_len();
+        if size > self.max_message_bytes {
+            return Err(invalid_argument(&[Violation::new(
+                "request",
+                format!("the message is {size} bytes, over the {}-byte limit", self.max_message_bytes),
+            )]));
+        }
+        Ok(())
+    }
+
+    fn check_count(&self, count: usize, reason: &'static str) -> Result<(), Error> {
+        let max = self.limits.max_records();
+        if count > max {
+            return Err(Error::Limit(LimitExceeded {
+                reason,
+                limit_name: "max_records",
+                limit: max as u64,
+                observed: count as u64,
+                retry_after: None,
+            }));
+        }
+        Ok(())
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.limits.deadline()
+    }
+}
+
+fn require(value: &str, field: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::Invalid(vec![FieldError::new(field, "required")]));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::intake_server::Intake for IntakeService {
+    async fn upsert(&self, request: Request<pb::UpsertRequest>) -> Result<Response<pb::UpsertResponse>, Status> {
+        let org = org_of(&request)?;
+        let request = request.into_inner();
+        self.check_size(&request)?;
+        require(&request.object, "object")?;
+        self.check_count(request.records.len(), RESUBMIT_AS_BATCH)?;
+        if request.records.is_empty() {
+            return Err(Error::Invalid(vec![FieldError::new("records", "at least one record")]).into());
+        }
+        let records = convert::records_from_pb(&request.records).map_err(Error::Invalid)?;
+        let _permit = self.limits.admit(&org, RESUBMIT_AS_BATCH)?;
+        let (outcomes, last_seq) = self
+            .store
+            .upsert(&org, &request.object, records, self.deadline())
+            .await
+            .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_BATCH))?;
+        Ok(Response::new(pb::UpsertResponse {
+            results: outcomes
+                .into_iter()
+                .map(|o| pb::UpsertResult { id: o.id, version: o.version, created: o.created })
+                .collect(),
+            last_seq,
+        }))
+    }
+
+    async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
+        let org = org_of(&request)?;
+        let request = request.into_inner();
+        self.check_size(&request)?;
+        require(&request.object, "object")?;
+        self.check_count(request.ids.len(), RESUBMIT_AS_BATCH)?;
+        if request.ids.is_empty() {
+            return Err(Error::Invalid(vec![FieldError::new("ids", "at least one id")]).into());
+        }
+        let _permit = self.limits.admit(&org, RESUBMIT_AS_BATCH)?;
+        let (outcomes, last_seq) = self
+            .store
+            .delete(&org, &request.object, request.ids, self.deadline())
+            .await
+            .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_BATCH))?;
+        Ok(Response::new(pb::DeleteResponse {
+            results: outcomes
+                .into_iter()
+                .map(|o| pb::DeleteResult { id: o.id, deleted: o.deleted, version: o.version })
+                .collect(),
+            last_seq,
+        }))
+    }
+
+    async fn get(&self, request: Request<pb::GetRequest>) -> Result<Response<pb::Record>, Status> {
+        let org = org_of(&request)?;
+        let request = request.into_inner();
+        require(&request.object, "object")?;
+        require(&request.id, "id")?;
+        let _permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
+        let record = self
+            .store
+            .get(&org, &request.object, &request.id, self.deadline())
+            .await
+            .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_EXPORT))?;
+        Ok(Response::new(convert::record_to_pb(&record)))
+    }
+
+    async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
+        let org = org_of(&request)?;
+        let request = request.into_inner();
+        self.check_size(&request)?;
+        require(&request.object, "object")?;
+        if request.page_size < 0 {
+            return Err(Error::Invalid(vec![FieldError::new("page_size", "cannot be negative")]).into());
+        }
+        let page_size = if request.page_size == 0 { self.limits.max_records() } else { request.page_size as usize };
+        self.check_count(page_size, RESUBMIT_AS_EXPORT)?;
+        let after = if request.page_token.is_empty() {
+            None
+        } else {
+            let bytes = hex::decode(&request.page_token)
+                .map_err(|_| Error::Invalid(vec![FieldError::new("page_token", "not a token returned by Query")]))?;
+            Some(
+                String::from_utf8(bytes)
+                    .map_err(|_| Error::Invalid(vec![FieldError::new("page_token", "not a token returned by Query")]))?,
+            )
+        };
+        let _permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
+        let page = self
+            .store
+            .query(&org, &request.object, &request.filter, &request.fields, page_size, after.as_deref(), self.deadline())
+            .await
+            .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_EXPORT))?;
+        Ok(Response::new(pb::QueryResponse {
+            records: page.records.iter().map(convert::record_to_pb).collect(),
+            next_page_token: page.next_after.map(hex::encode).unwrap_or_default(),
+        }))
+    }
+}
+
+/// Adds the intake and admin services to a server.
+pub fn add_services(server: MeshServer, store: &Store, options: &IntakeOptions, serve: &ServeOptions) -> MeshServer {
+    // The transport refuses messages over four times the limit outright (protecting memory);
+    // below that, the handlers answer INVALID_ARGUMENT with the exact size and limit.
+    let transport_cap = serve.max_message_bytes().saturating_mul(4);
+    let intake = IntakeService::new(store.clone(), options, serve.max_message_bytes());
+    server
+        .add_service(
+            pb::intake_server::IntakeServer::new(intake)
+                .max_decoding_message_size(transport_cap)
+                .max_encoding_message_size(transport_cap),
+        )
+        .add_service(
+            pb::admin_server::AdminServer::new(AdminService::new(store.clone()))
+                .max_decoding_message_size(transport_cap),
+        )
+}
+
+/// Runs a standalone intake (with the admin API) until `shutdown`.
+pub async fn run(
+    serve: ServeOptions,
+    options: IntakeOptions,
+    store: Store,
+    admin_token: Option<String>,
+    listener: TcpListener,
+    metrics: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), baton_mesh::server::Error> {
+    let auth = AuthConfig { admin_token: admin_token.map(Into::into), keys: Some(std::sync::Arc::new(store.clone())) };
+    let server = add_services(MeshServer::new(serve.clone(), auth), &store, &options, &serve);
+    server.serve(listener, metrics, shutdown).await
+}

@@ -1,0 +1,174 @@
+//! Who is calling. The admin API takes the admin token; every other baton API takes an org API
+//! key, resolved to its org by a [`KeyResolver`] (the store). Health and reflection are open.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
+use tonic::Status;
+
+/// The caller of a request, put in the request's extensions by the mesh layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    /// The holder of the admin token.
+    Admin,
+    /// An org, through one of its API keys.
+    Org(String),
+}
+
+/// What an API key resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLookup {
+    /// A live key of this org.
+    Org(String),
+    /// A key that was revoked.
+    Revoked,
+    /// No such key.
+    Unknown,
+}
+
+/// Resolves API keys to orgs (implemented by the store).
+pub trait KeyResolver: Send + Sync + 'static {
+    /// Looks a key up by the SHA-256 hash of its text (see [`hash_key`]).
+    fn resolve(&self, key_hash: String) -> BoxFuture<'_, Result<KeyLookup, String>>;
+}
+
+/// The SHA-256 of an API key, hex-encoded: all that is stored of a key.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// How a server authenticates its callers.
+#[derive(Clone, Default)]
+pub struct AuthConfig {
+    /// The admin token; `None` disables the admin API.
+    pub admin_token: Option<Arc<str>>,
+    /// The API key resolver; `None` refuses every org call.
+    pub keys: Option<Arc<dyn KeyResolver>>,
+}
+
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
+            .field("keys", &self.keys.is_some())
+            .finish()
+    }
+}
+
+/// What a gRPC path needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// Health and reflection: anyone.
+    Open,
+    /// The admin API.
+    Admin,
+    /// Everything else: an org API key.
+    Org,
+}
+
+pub(crate) fn access_for(path: &str) -> Access {
+    if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
+        Access::Open
+    } else if path.starts_with("/baton.v1.Admin/") {
+        Access::Admin
+    } else {
+        Access::Org
+    }
+}
+
+fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
+    let value = headers
+        .get(http::header::AUTHORIZATION)
+        .ok_or_else(|| Status::unauthenticated("missing authorization header: send `Bearer <key>`"))?;
+    let value = value
+        .to_str()
+        .map_err(|_| Status::unauthenticated("authorization header is not ASCII"))?;
+    value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| Status::unauthenticated("authorization header must be `Bearer <key>`"))
+}
+
+/// Constant-time comparison, so the admin token cannot be guessed byte by byte from timings.
+fn same_secret(a: &str, b: &str) -> bool {
+    let (a, b) = (Sha256::digest(a.as_bytes()), Sha256::digest(b.as_bytes()));
+    a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl AuthConfig {
+    /// Authenticates a request for `path`; `None` for open paths.
+    pub(crate) async fn authenticate(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+    ) -> Result<Option<Principal>, Status> {
+        match access_for(path) {
+            Access::Open => Ok(None),
+            Access::Admin => {
+                let token = bearer(headers)?;
+                let Some(admin) = &self.admin_token else {
+                    return Err(Status::unauthenticated("the admin API is disabled: no admin token is configured"));
+                };
+                if same_secret(token, admin) {
+                    Ok(Some(Principal::Admin))
+                } else {
+                    Err(Status::unauthenticated("invalid admin token"))
+                }
+            }
+            Access::Org => {
+                let key = bearer(headers)?;
+                let Some(keys) = &self.keys else {
+                    return Err(Status::unauthenticated("this server accepts no API keys"));
+                };
+                match keys.resolve(hash_key(key)).await {
+                    Ok(KeyLookup::Org(org)) => Ok(Some(Principal::Org(org))),
+                    Ok(KeyLookup::Revoked) => Err(Status::unauthenticated("api key revoked")),
+                    Ok(KeyLookup::Unknown) => Err(Status::unauthenticated("invalid api key")),
+                    Err(e) => {
+                        tracing::error!(error = %e, "api key lookup failed");
+                        Err(Status::unavailable("cannot check the api key now; retry"))
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The org of a request authenticated with an API key. Handlers call this first.
+pub fn org_of<T>(request: &tonic::Request<T>) -> Result<String, Status> {
+    match request.extensions().get::<Principal>() {
+        Some(Principal::Org(org)) => Ok(org.clone()),
+        _ => Err(Status::unauthenticated("this call needs an org api key")),
+    }
+}
+
+/// Checks that a request was made with the admin token.
+pub fn require_admin<T>(request: &tonic::Request<T>) -> Result<(), Status> {
+    match request.extensions().get::<Principal>() {
+        Some(Principal::Admin) => Ok(()),
+        _ => Err(Status::unauthenticated("this call needs the admin token")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_map_to_access() {
+        assert_eq!(access_for("/grpc.health.v1.Health/Check"), Access::Open);
+        assert_eq!(access_for("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Access::Open);
+        assert_eq!(access_for("/baton.v1.Admin/CreateOrg"), Access::Admin);
+        assert_eq!(access_for("/baton.v1.Intake/Upsert"), Access::Org);
+    }
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(same_secret("abc", "abc"));
+        assert!(!same_secret("abc", "abd"));
+        assert!(!same_secret("abc", "abcd"));
+    }
+}

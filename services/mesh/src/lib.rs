@@ -1,0 +1,20 @@
+//! baton's shared runtime, used by every service and by the `baton` binary.
+//!
+//! - [`proto`]: the generated `baton.v1` code and the descriptor set served by reflection;
+//! - [`config`]: the options every server shares, duration parsing, the exit-64 rule;
+//! - [`telemetry`]: tracing (text or JSON) and the Prometheus recorder;
+//! - [`auth`] and [`layer`]: who is calling (admin token or org API key) and the tower layer that
+//!   authenticates, numbers and measures every request;
+//! - [`server`]: the bootstrap that serves a set of gRPC services with health, reflection, the
+//!   layer, `/metrics` and a bounded graceful shutdown;
+//! - [`status`]: `tonic::Status` with google.rpc details (ErrorInfo, RetryInfo, BadRequest);
+//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
+
+pub mod auth;
+pub mod config;
+pub mod layer;
+pub mod proto;
+pub mod server;
+pub mod shutdown;
+pub mod status;
+pub mod telemetry;

@@ -1,0 +1,167 @@
+//! The bootstrap every baton server goes through: the given gRPC services plus gRPC health and
+//! reflection, behind the [`MeshLayer`], with `/metrics` on its own listener and a graceful
+//! shutdown bounded by the configured grace.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tonic::service::RoutesBuilder;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+use crate::auth::AuthConfig;
+use crate::config::ServeOptions;
+use crate::layer::MeshLayer;
+
+/// Errors of the bootstrap.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The gRPC transport failed.
+    #[error("grpc server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built from the descriptor set.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The metrics listener failed.
+    #[error("metrics server failed: {0}")]
+    Metrics(std::io::Error),
+}
+
+/// Binds a TCP listener, mapping the failure to [`Error::Bind`].
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
+}
+
+/// A gRPC server under construction: add services, then [`MeshServer::serve`].
+pub struct MeshServer {
+    options: ServeOptions,
+    auth: AuthConfig,
+    routes: RoutesBuilder,
+    names: Vec<(&'static str, bool)>,
+    health: HealthReporter,
+    health_service: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+}
+
+impl MeshServer {
+    /// A server with no services yet.
+    pub fn new(options: ServeOptions, auth: AuthConfig) -> Self {
+        let health = HealthReporter::new();
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        );
+        Self { options, auth, routes: RoutesBuilder::default(), names: Vec::new(), health, health_service }
+    }
+
+    /// The reporter of this server's gRPC health, for services whose readiness changes.
+    pub fn health(&self) -> HealthReporter {
+        self.health.clone()
+    }
+
+    /// Adds a service, reported SERVING once the server runs.
+    pub fn add_service<S>(self, service: S) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.add_service_with_health(service, true)
+    }
+
+    /// Adds a service whose health starts SERVING or NOT_SERVING; the service updates it through
+    /// [`MeshServer::health`].
+    pub fn add_service_with_health<S>(mut self, service: S, serving: bool) -> Self
+    where
+        S: tower::Service<http::Request<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        self.names.push((S::NAME, serving));
+        self.routes.add_service(service);
+        self
+    }
+
+    /// Serves until `shutdown` is cancelled, then drains for at most the shutdown grace.
+    /// `/metrics` is served on `metrics` until then too.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), Error> {
+        let Self { options, auth, mut routes, names, health, health_service } = self;
+        for (name, serving) in &names {
+            let status = if *serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            health.set_service_status(*name, status).await;
+        }
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+        routes.add_service(health_service);
+        routes.add_service(reflection_v1);
+        routes.add_service(reflection_v1alpha);
+
+        let metrics_task = tokio::spawn(serve_metrics(metrics, shutdown.clone()));
+        let grace = options.shutdown_grace;
+        let server = tonic::transport::Server::builder()
+            .layer(MeshLayer::new(auth))
+            .add_routes(routes.routes())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+        let drain_deadline = async {
+            shutdown.cancelled().await;
+            // Report NOT_SERVING while draining, so load balancers stop sending new work.
+            for (name, _) in &names {
+                health.set_service_status(*name, ServingStatus::NotServing).await;
+            }
+            tokio::time::sleep(grace).await;
+        };
+        tokio::select! {
+            result = server => result?,
+            () = drain_deadline => tracing::warn!(?grace, "shutdown grace elapsed with requests in flight"),
+        }
+        metrics_task.abort();
+        Ok(())
+    }
+}
+
+async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+    let handle = crate::telemetry::metrics();
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let text = handle.render();
+            async move { text }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+        .map_err(Error::Metrics)
+}

@@ -1,0 +1,146 @@
+//! Orgs, API keys and object schemas.
+
+use baton_mesh::auth::{KeyLookup, KeyResolver, hash_key};
+use futures::future::BoxFuture;
+use sqlx::Row;
+
+use crate::model::{NewApiKey, ObjectSchema, Org};
+use crate::schema::{FieldError, validate_schema};
+use crate::{Error, Store, new_id, now_ms};
+
+impl Store {
+    /// Creates an org.
+    pub async fn create_org(&self, name: &str) -> Result<Org, Error> {
+        let name = name.trim();
+        if name.is_empty() || name.chars().count() > 200 {
+            return Err(Error::Invalid(vec![FieldError::new("name", "an org name has 1 to 200 characters")]));
+        }
+        let org = Org { id: new_id("org"), name: name.to_owned(), created_at_ms: now_ms() };
+        sqlx::query("INSERT INTO orgs (id, name, created_at_ms, last_seq) VALUES ($1, $2, $3, 0)")
+            .bind(&org.id)
+            .bind(&org.name)
+            .bind(org.created_at_ms)
+            .execute(&self.writer)
+            .await?;
+        Ok(org)
+    }
+
+    /// Every org, oldest first.
+    pub async fn list_orgs(&self) -> Result<Vec<Org>, Error> {
+        let rows = sqlx::query("SELECT id, name, created_at_ms FROM orgs ORDER BY created_at_ms, id")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| Ok(Org { id: r.try_get(0)?, name: r.try_get(1)?, created_at_ms: r.try_get(2)? }))
+            .collect()
+    }
+
+    async fn require_org(&self, org_id: &str) -> Result<(), Error> {
+        let found = sqlx::query("SELECT 1 FROM orgs WHERE id = $1").bind(org_id).fetch_optional(&self.reader).await?;
+        found.map(|_| ()).ok_or_else(|| Error::NotFound(format!("org {org_id}")))
+    }
+
+    /// Issues an API key for an org; only its hash is stored.
+    pub async fn create_api_key(&self, org_id: &str, label: &str) -> Result<NewApiKey, Error> {
+        self.require_org(org_id).await?;
+        let key = NewApiKey {
+            key_id: new_id("key"),
+            api_key: format!("bk_{}", hex::encode(rand::random::<[u8; 24]>())),
+            org_id: org_id.to_owned(),
+        };
+        sqlx::query("INSERT INTO api_keys (id, org_id, key_hash, label, created_at_ms) VALUES ($1, $2, $3, $4, $5)")
+            .bind(&key.key_id)
+            .bind(org_id)
+            .bind(hash_key(&key.api_key))
+            .bind(label)
+            .bind(now_ms())
+            .execute(&self.writer)
+            .await?;
+        Ok(key)
+    }
+
+    /// Revokes an API key. Revoking a revoked key is not an error.
+    pub async fn revoke_api_key(&self, key_id: &str) -> Result<(), Error> {
+        let done = sqlx::query("UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1")
+            .bind(key_id)
+            .bind(now_ms())
+            .execute(&self.writer)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound(format!("api key {key_id}")));
+        }
+        Ok(())
+    }
+
+    /// Resolves the hash of an API key to its org.
+    pub async fn lookup_key(&self, key_hash: &str) -> Result<KeyLookup, Error> {
+        let row = sqlx::query("SELECT org_id, revoked_at_ms FROM api_keys WHERE key_hash = $1")
+            .bind(key_hash)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(match row {
+            None => KeyLookup::Unknown,
+            Some(row) => match row.try_get::<Option<i64>, _>(1)? {
+                Some(_) => KeyLookup::Revoked,
+                None => KeyLookup::Org(row.try_get(0)?),
+            },
+        })
+    }
+
+    /// Defines an object for an org. Object schemas do not change once defined.
+    pub async fn define_object(&self, org_id: &str, schema: &ObjectSchema) -> Result<ObjectSchema, Error> {
+        let errors = validate_schema(schema);
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+        self.require_org(org_id).await?;
+        let json = serde_json::to_string(schema).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let inserted = sqlx::query(
+            "INSERT INTO objects (org_id, name, schema_json, created_at_ms) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (org_id, name) DO NOTHING",
+        )
+        .bind(org_id)
+        .bind(&schema.name)
+        .bind(json)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(Error::AlreadyExists(format!("object {}", schema.name)));
+        }
+        Ok(schema.clone())
+    }
+
+    /// The objects of an org, by name.
+    pub async fn list_objects(&self, org_id: &str) -> Result<Vec<ObjectSchema>, Error> {
+        self.require_org(org_id).await?;
+        let rows = sqlx::query("SELECT schema_json FROM objects WHERE org_id = $1 ORDER BY name")
+            .bind(org_id)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(|r| decode_schema(&r.try_get::<String, _>(0)?)).collect()
+    }
+
+    /// The schema of one object of an org; NOT_FOUND if the org has no such object.
+    pub async fn object(&self, org_id: &str, name: &str) -> Result<ObjectSchema, Error> {
+        let row = sqlx::query("SELECT schema_json FROM objects WHERE org_id = $1 AND name = $2")
+            .bind(org_id)
+            .bind(name)
+            .fetch_optional(&self.reader)
+            .await?;
+        match row {
+            Some(row) => decode_schema(&row.try_get::<String, _>(0)?),
+            None => Err(Error::NotFound(format!("object {name:?}"))),
+        }
+    }
+}
+
+fn decode_schema(json: &str) -> Result<ObjectSchema, Error> {
+    serde_json::from_str(json).map_err(|e| Error::Corrupt(format!("object schema: {e}")))
+}
+
+impl KeyResolver for Store {
+    fn resolve(&self, key_hash: String) -> BoxFuture<'_, Result<KeyLookup, String>> {
+        Box::pin(async move { self.lookup_key(&key_hash).await.map_err(|e| e.to_string()) })
+    }
+}

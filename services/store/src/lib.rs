@@ -1,0 +1,287 @@
+//! baton's data layer: orgs, API keys, object schemas, records and the per-org change log, on
+//! SQLite (the embedded default) or PostgreSQL (for several replicas), through one API.
+//!
+//! Every query is scoped by org. Every change to a record writes its change event in the same
+//! transaction, with a per-org sequence number allocated under the org's write lock (the `orgs` row:
+//! a row lock on PostgreSQL, the database write lock on SQLite), so that seqs are dense and
+//! commit-ordered: a reader that has seen seq N has seen every seq below it.
+//!
+//! Both backends go through sqlx's `Any` driver with SQL written once where the dialects agree
+//! (`$n` placeholders work on both) and per backend where they do not (JSON access, `::jsonb`).
+//! On SQLite, writes go through a pool of one connection: SQLite has one writer anyway, and a
+//! single in-process writer never meets `SQLITE_BUSY` from its own process.
+
+mod admin;
+pub mod filter;
+pub mod model;
+mod records;
+pub mod schema;
+pub mod testing;
+
+use std::borrow::Cow;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::future::BoxFuture;
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::{AnyPool, Executor};
+
+pub use schema::FieldError;
+
+/// Which database a store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, bundled: one file, one writer.
+    Sqlite,
+    /// PostgreSQL: several replicas may share it.
+    Postgres,
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The named thing does not exist in the caller's org.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The named thing exists already.
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    /// The request is invalid; every problem is listed.
+    #[error("invalid request: {}", .0.first().map(|e| format!("{}: {}", e.field, e.description)).unwrap_or_default())]
+    Invalid(Vec<FieldError>),
+    /// The work did not finish before its deadline; its transaction was rolled back.
+    #[error("deadline of {limit:?} exceeded after {elapsed:?}; nothing was committed")]
+    DeadlineExceeded {
+        /// The deadline the work had.
+        limit: Duration,
+        /// How long it ran.
+        elapsed: Duration,
+    },
+    /// The database is busy (lock timeout, SQLITE_BUSY, serialization failure, too many
+    /// connections): retrying later can succeed.
+    #[error("database busy: {0}")]
+    Busy(#[source] sqlx::Error),
+    /// The database hit a resource limit (statement timeout, out of memory or disk).
+    #[error("database resource limit: {0}")]
+    Resource(#[source] sqlx::Error),
+    /// Any other database failure.
+    #[error("database: {0}")]
+    Database(#[source] sqlx::Error),
+    /// The schema migrations failed.
+    #[error("migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The store URL is not usable.
+    #[error("invalid store url {url:?}: {reason}")]
+    Url {
+        /// The URL given.
+        url: String,
+        /// Why it is not usable.
+        reason: String,
+    },
+    /// Stored data could not be decoded (a bug or a corrupted database).
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+/// Sorts a database error into busy (workload), resource, or other.
+pub(crate) fn classify(e: sqlx::Error) -> Error {
+    match &e {
+        sqlx::Error::PoolTimedOut => Error::Busy(e),
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(Cow::into_owned).unwrap_or_default();
+            match code.as_str() {
+                // SQLite: BUSY, LOCKED and their extended codes (primary code in the low byte).
+                c if c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 5 | 6)) => Error::Busy(e),
+                // SQLite: NOMEM, FULL, TOOBIG.
+                c if c.parse::<i32>().is_ok_and(|n| matches!(n & 0xff, 7 | 13 | 18)) => Error::Resource(e),
+                // PostgreSQL: serialization failure, deadlock, lock not available, too many connections.
+                "40001" | "40P01" | "55P03" | "53300" => Error::Busy(e),
+                // PostgreSQL: statement timeout / cancel, out of memory, disk full, program limit.
+                "57014" | "53200" | "53100" | "54000" => Error::Resource(e),
+                _ => Error::Database(e),
+            }
+        }
+        _ => Error::Database(e),
+    }
+}
+
+impl From<sqlx::Error> for Error {
+    fn from(e: sqlx::Error) -> Self {
+        classify(e)
+    }
+}
+
+/// How to open a store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// `sqlite://path/to/file.db` or `postgres://user:pass@host/db`.
+    pub url: String,
+    /// Connections in the pool (readers on SQLite).
+    pub max_connections: u32,
+    /// How long a SQLite statement waits for a lock held by another process.
+    pub busy_timeout: Duration,
+}
+
+impl StoreOptions {
+    /// Options with default pool sizes for `url`.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self { url: url.into(), max_connections: 16, busy_timeout: Duration::from_secs(5) }
+    }
+}
+
+/// The store: a handle to pools on one database. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    backend: Backend,
+    /// Writes. On SQLite a pool of one connection; on PostgreSQL the same pool as `reader`.
+    writer: AnyPool,
+    /// Reads.
+    reader: AnyPool,
+}
+
+/// Migrations embedded in the binary, per backend.
+#[derive(Debug)]
+struct Embedded(Backend);
+
+impl<'s> MigrationSource<'s> for Embedded {
+    fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        let sql = match self.0 {
+            Backend::Sqlite => include_str!("../migrations/sqlite/0001_init.sql"),
+            Backend::Postgres => include_str!("../migrations/postgres/0001_init.sql"),
+        };
+        Box::pin(async move {
+            Ok(vec![Migration::new(1, Cow::Borrowed("init"), MigrationType::Simple, Cow::Borrowed(sql), false)])
+        })
+    }
+}
+
+impl Store {
+    /// Opens (creating a SQLite file if needed) and migrates a store.
+    pub async fn open(options: &StoreOptions) -> Result<Self, Error> {
+        install_default_drivers();
+        let url = options.url.as_str();
+        let store = if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            let path = path.split('?').next().unwrap_or_default();
+            if path.is_empty() {
+                return Err(Error::Url { url: url.to_owned(), reason: "no file path".into() });
+            }
+            if path == ":memory:" {
+                return Err(Error::Url { url: url.to_owned(), reason: "in-memory SQLite is not supported; give a file".into() });
+            }
+            if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| Error::Url {
+                    url: url.to_owned(),
+                    reason: format!("cannot create {}: {e}", dir.display()),
+                })?;
+            }
+            let full = format!("sqlite://{path}?mode=rwc");
+            let busy_ms = options.busy_timeout.as_millis();
+            let connect = move |max: u32| {
+                let full = full.clone();
+                async move {
+                    AnyPoolOptions::new()
+                        .max_connections(max)
+                        .acquire_timeout(Duration::from_secs(30))
+                        .after_connect(move |conn, _meta| {
+                            Box::pin(async move {
+                                conn.execute(
+                                    format!(
+                                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                                         PRAGMA busy_timeout = {busy_ms}; PRAGMA foreign_keys = ON;"
+                                    )
+                                    .as_str(),
+                                )
+                                .await?;
+                                Ok(())
+                            })
+                        })
+                        .connect(&full)
+                        .await
+                }
+            };
+            let writer = connect(1).await.map_err(|e| Error::Url { url: url.to_owned(), reason: e.to_string() })?;
+            let reader = connect(options.max_connections.max(1))
+                .await
+                .map_err(|e| Error::Url { url: url.to_owned(), reason: e.to_string() })?;
+            Store { backend: Backend::Sqlite, writer, reader }
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let pool = AnyPoolOptions::new()
+                .max_connections(options.max_connections.max(2))
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(url)
+                .await
+                .map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?;
+            Store { backend: Backend::Postgres, writer: pool.clone(), reader: pool }
+        } else {
+            return Err(Error::Url {
+                url: redact(url),
+                reason: "expected sqlite://PATH or postgres://USER:PASSWORD@HOST/DB".into(),
+            });
+        };
+        let migrator = Migrator::new(Embedded(store.backend)).await?;
+        migrator.run(&store.writer).await?;
+        Ok(store)
+    }
+
+    /// The backend this store runs on.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Closes the pools.
+    pub async fn close(&self) {
+        self.writer.close().await;
+        self.reader.close().await;
+    }
+
+    /// A JSON parameter placeholder: `$n` on SQLite, `$n::jsonb` on PostgreSQL.
+    pub(crate) fn json_param(&self, n: usize) -> String {
+        match self.backend {
+            Backend::Sqlite => format!("${n}"),
+            Backend::Postgres => format!("${n}::jsonb"),
+        }
+    }
+
+    /// A JSON column read as text.
+    pub(crate) fn json_column(&self, column: &str) -> String {
+        match self.backend {
+            Backend::Sqlite => column.to_owned(),
+            Backend::Postgres => format!("{column}::text"),
+        }
+    }
+}
+
+/// Hides the password of a URL for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Now, in milliseconds since the Unix epoch.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A random id: `prefix` and 16 hex digits.
+pub(crate) fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", hex::encode(rand::random::<[u8; 8]>()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(redact("postgres://baton:secret@127.0.0.1/db"), "postgres://baton:***@127.0.0.1/db");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

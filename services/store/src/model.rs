@@ -1,0 +1,177 @@
+//! The store's domain types. The gRPC layer converts protobuf messages into these at its edge.
+
+use serde::{Deserialize, Serialize};
+
+/// A JSON object: a record's fields.
+pub type Fields = serde_json::Map<String, serde_json::Value>;
+
+/// An org (tenant).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Org {
+    /// `org_…`
+    pub id: String,
+    /// The name given at creation.
+    pub name: String,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: i64,
+}
+
+/// A newly issued API key. The key text exists only here; the store keeps its hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewApiKey {
+    /// `key_…`, used to revoke it.
+    pub key_id: String,
+    /// The secret, `bk_…`.
+    pub api_key: String,
+    /// The org it acts for.
+    pub org_id: String,
+}
+
+/// The type of a field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    /// A string.
+    String,
+    /// A 64-bit signed integer.
+    Integer,
+    /// A double.
+    Number,
+    /// A boolean.
+    Boolean,
+}
+
+impl FieldType {
+    /// The name used in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            FieldType::String => "string",
+            FieldType::Integer => "integer",
+            FieldType::Number => "number",
+            FieldType::Boolean => "boolean",
+        }
+    }
+}
+
+/// A field of an object schema.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FieldSpec {
+    /// The field name.
+    pub name: String,
+    /// Its type.
+    #[serde(rename = "type")]
+    pub field_type: FieldType,
+    /// A non-null value is required.
+    #[serde(default)]
+    pub required: bool,
+    /// No two live records share a value.
+    #[serde(default)]
+    pub unique: bool,
+}
+
+/// The schema of an object.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectSchema {
+    /// The object name.
+    pub name: String,
+    /// The field identifying records for upserts.
+    pub external_id_field: String,
+    /// The fields.
+    pub fields: Vec<FieldSpec>,
+}
+
+impl ObjectSchema {
+    /// The spec of a field, if the schema has it.
+    pub fn field(&self, name: &str) -> Option<&FieldSpec> {
+        self.fields.iter().find(|f| f.name == name)
+    }
+}
+
+/// A stored record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// The external id.
+    pub id: String,
+    /// The fields.
+    pub fields: Fields,
+    /// 1 at creation, +1 per change.
+    pub version: i64,
+    /// Last change, ms since the epoch.
+    pub updated_at_ms: i64,
+}
+
+/// What an upsert did to one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpsertOutcome {
+    /// The record id.
+    pub id: String,
+    /// Its version now.
+    pub version: i64,
+    /// Created rather than updated.
+    pub created: bool,
+}
+
+/// What a delete did to one record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeleteOutcome {
+    /// The record id.
+    pub id: String,
+    /// A live record was deleted.
+    pub deleted: bool,
+    /// Its version now (0 if there was none).
+    pub version: i64,
+}
+
+/// The kind of a change event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeOp {
+    /// Created or updated; the event carries the fields.
+    Upsert,
+    /// Deleted.
+    Delete,
+}
+
+impl ChangeOp {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ChangeOp::Upsert => "UPSERT",
+            ChangeOp::Delete => "DELETE",
+        }
+    }
+
+    pub(crate) fn parse(s: &str) -> Option<Self> {
+        match s {
+            "UPSERT" => Some(ChangeOp::Upsert),
+            "DELETE" => Some(ChangeOp::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of an org's change log.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChangeEvent {
+    /// The org's dense, commit-ordered sequence number.
+    pub seq: i64,
+    /// The object.
+    pub object: String,
+    /// The record id.
+    pub record_id: String,
+    /// What happened.
+    pub op: ChangeOp,
+    /// The fields after an upsert.
+    pub fields: Option<Fields>,
+    /// The record version after the change.
+    pub version: i64,
+    /// Commit time, ms since the epoch.
+    pub committed_at_ms: i64,
+}
+
+/// A page of query results.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// The records, in id order.
+    pub records: Vec<Record>,
+    /// The id to continue after, when there may be more.
+    pub next_after: Option<String>,
+}

@@ -1,0 +1,450 @@
+//! Records and the change log: real-time upsert, delete, get and query, each bounded by a deadline.
+
+use std::collections::HashMap;
+
+use sqlx::any::AnyRow;
+use sqlx::{Any, AnyConnection, Row};
+use tokio::time::Instant;
+
+use crate::filter::{self, Param};
+use crate::model::{ChangeEvent, ChangeOp, DeleteOutcome, Fields, ObjectSchema, Page, Record, UpsertOutcome};
+use crate::schema::{FieldError, record_id, unique_key, validate_records};
+use crate::{Error, Store, now_ms};
+
+type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+
+fn bind_param<'q>(query: Query<'q>, param: &Param) -> Query<'q> {
+    match param {
+        Param::Text(s) => query.bind(s.clone()),
+        Param::Int(n) => query.bind(*n),
+        Param::Real(n) => query.bind(*n),
+        Param::Bool(b) => query.bind(*b),
+    }
+}
+
+/// Runs `work` until `deadline`; past it, the work (and its transaction) is dropped, which rolls
+/// it back.
+async fn by_deadline<T>(
+    deadline: Instant,
+    work: impl std::future::Future<Output = Result<T, Error>>,
+) -> Result<T, Error> {
+    let started = Instant::now();
+    match tokio::time::timeout_at(deadline, work).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::DeadlineExceeded {
+            limit: deadline.saturating_duration_since(started),
+            elapsed: started.elapsed(),
+        }),
+    }
+}
+
+fn decode_fields(text: &str) -> Result<Fields, Error> {
+    serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("record fields: {e}")))
+}
+
+fn encode_fields(fields: &Fields) -> String {
+    serde_json::Value::Object(fields.clone()).to_string()
+}
+
+impl Store {
+    fn record_from_row(row: &AnyRow) -> Result<Record, Error> {
+        Ok(Record {
+            id: row.try_get(0)?,
+            fields: decode_fields(&row.try_get::<String, _>(1)?)?,
+            version: row.try_get(2)?,
+            updated_at_ms: row.try_get(3)?,
+        })
+    }
+
+    /// Takes the org's write lock inside `conn`'s transaction and returns its last seq.
+    async fn lock_org(&self, conn: &mut AnyConnection, org_id: &str) -> Result<i64, Error> {
+        let row = sqlx::query("UPDATE orgs SET last_seq = last_seq WHERE id = $1 RETURNING last_seq")
+            .bind(org_id)
+            .fetch_optional(&mut *conn)
+            .await?;
+        match row {
+            Some(row) => Ok(row.try_get(0)?),
+            None => Err(Error::NotFound(format!("org {org_id}"))),
+        }
+    }
+
+    async fn set_last_seq(&self, conn: &mut AnyConnection, org_id: &str, seq: i64) -> Result<(), Error> {
+        sqlx::query("UPDATE orgs SET last_seq = $2 WHERE id = $1").bind(org_id).bind(seq).execute(&mut *conn).await?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn append_change(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        seq: i64,
+        object: &str,
+        record_id: &str,
+        op: ChangeOp,
+        fields: Option<&str>,
+        version: i64,
+        now: i64,
+    ) -> Result<(), Error> {
+        let sql = format!(
+            "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, {}, $7, $8)",
+            self.json_param(6)
+        );
+        sqlx::query(&sql)
+            .bind(org_id)
+            .bind(seq)
+            .bind(object)
+            .bind(record_id)
+            .bind(op.as_str())
+            .bind(fields.map(str::to_owned))
+            .bind(version)
+            .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Creates or replaces records of an object, in one transaction committed only if it finishes
+    /// before `deadline`. Invalid records (schema, uniqueness) fail the whole request, listing
+    /// every problem; nothing is committed.
+    pub async fn upsert(
+        &self,
+        org_id: &str,
+        object: &str,
+        records: Vec<Fields>,
+        deadline: Instant,
+    ) -> Result<(Vec<UpsertOutcome>, i64), Error> {
+        let (tx, result) = by_deadline(deadline, async {
+            let schema = self.object(org_id, object).await?;
+            let errors = validate_records(&schema, &records);
+            if !errors.is_empty() {
+                return Err(Error::Invalid(errors));
+            }
+            let mut tx = self.writer.begin().await?;
+            let base = self.lock_org(&mut tx, org_id).await?;
+            let ids: Vec<String> = records.iter().map(|r| record_id(&schema, r).unwrap_or_default()).collect();
+            let existing = self.existing_versions(&mut tx, org_id, object, &ids).await?;
+            self.check_unique(&mut tx, org_id, &schema, &records, &ids).await?;
+            let now = now_ms();
+            let mut outcomes = Vec::with_capacity(records.len());
+            let upsert_sql = format!(
+                "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
+                 VALUES ($1, $2, $3, {}, $5, $6, 0) \
+                 ON CONFLICT (org_id, object, id) DO UPDATE SET fields = excluded.fields, \
+                 version = excluded.version, updated_at_ms = excluded.updated_at_ms, deleted = 0",
+                self.json_param(4)
+            );
+            for (i, (record, id)) in records.iter().zip(&ids).enumerate() {
+                let (version, created) = match existing.get(id) {
+                    Some((v, deleted)) => (v + 1, *deleted),
+                    None => (1, true),
+                };
+                let json = encode_fields(record);
+                self.replace_unique_values(&mut tx, org_id, &schema, id, Some(record)).await?;
+                sqlx::query(&upsert_sql)
+                    .bind(org_id)
+                    .bind(object)
+                    .bind(id.clone())
+                    .bind(json.clone())
+                    .bind(version)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                let seq = base + i as i64 + 1;
+                self.append_change(&mut tx, org_id, seq, object, id, ChangeOp::Upsert, Some(&json), version, now).await?;
+                outcomes.push(UpsertOutcome { id: id.clone(), version, created });
+            }
+            let last = base + records.len() as i64;
+            self.set_last_seq(&mut tx, org_id, last).await?;
+            Ok((tx, (outcomes, last)))
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    /// The current version and deleted flag of each record that exists (live or deleted).
+    async fn existing_versions(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        object: &str,
+        ids: &[String],
+    ) -> Result<HashMap<String, (i64, bool)>, Error> {
+        let mut found = HashMap::new();
+        for id in ids {
+            let row = sqlx::query("SELECT version, deleted FROM records WHERE org_id = $1 AND object = $2 AND id = $3")
+                .bind(org_id)
+                .bind(object)
+                .bind(id.clone())
+                .fetch_optional(&mut *conn)
+                .await?;
+            if let Some(row) = row {
+                found.insert(id.clone(), (row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)? != 0));
+            }
+        }
+        Ok(found)
+    }
+
+    /// Lists every unique value already held by another live record.
+    async fn check_unique(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        schema: &ObjectSchema,
+        records: &[Fields],
+        ids: &[String],
+    ) -> Result<(), Error> {
+        let mut errors = Vec::new();
+        for (i, (record, id)) in records.iter().zip(ids).enumerate() {
+            for spec in schema.fields.iter().filter(|f| f.unique && f.name != schema.external_id_field) {
+                let Some(value) = record.get(&spec.name).filter(|v| !v.is_null()) else { continue };
+                let holder = sqlx::query(
+                    "SELECT record_id FROM unique_values WHERE org_id = $1 AND object = $2 AND field = $3 AND value = $4",
+                )
+                .bind(org_id)
+                .bind(schema.name.clone())
+                .bind(spec.name.clone())
+                .bind(unique_key(value))
+                .fetch_optional(&mut *conn)
+                .await?;
+                if let Some(holder) = holder {
+                    let holder: String = holder.try_get(0)?;
+                    if &holder != id {
+                        errors.push(FieldError::new(
+                            format!("records[{i}].{}", spec.name),
+                            format!("value {value} is already used by record {holder:?}; it must be unique"),
+                        ));
+                    }
+                }
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(Error::Invalid(errors)) }
+    }
+
+    /// Replaces the unique-value index entries of a record (removes them when `record` is None).
+    async fn replace_unique_values(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        schema: &ObjectSchema,
+        id: &str,
+        record: Option<&Fields>,
+    ) -> Result<(), Error> {
+        let unique: Vec<_> =
+            schema.fields.iter().filter(|f| f.unique && f.name != schema.external_id_field).collect();
+        if unique.is_empty() {
+            return Ok(());
+        }
+        sqlx::query("DELETE FROM unique_values WHERE org_id = $1 AND object = $2 AND record_id = $3")
+            .bind(org_id)
+            .bind(schema.name.clone())
+            .bind(id.to_owned())
+            .execute(&mut *conn)
+            .await?;
+        let Some(record) = record else { return Ok(()) };
+        for spec in unique {
+            let Some(value) = record.get(&spec.name).filter(|v| !v.is_null()) else { continue };
+            sqlx::query("INSERT INTO unique_values (org_id, object, field, value, record_id) VALUES ($1, $2, $3, $4, $5)")
+                .bind(org_id)
+                .bind(schema.name.clone())
+                .bind(spec.name.clone())
+                .bind(unique_key(value))
+                .bind(id.to_owned())
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes records by id in one transaction, committed only if it finishes before `deadline`.
+    /// A missing or already deleted record is reported, not an error.
+    pub async fn delete(
+        &self,
+        org_id: &str,
+        object: &str,
+        ids: Vec<String>,
+        deadline: Instant,
+    ) -> Result<(Vec<DeleteOutcome>, i64), Error> {
+        let (tx, result) = by_deadline(deadline, async {
+            let schema = self.object(org_id, object).await?;
+            let mut seen = HashMap::new();
+            let mut errors = Vec::new();
+            for (i, id) in ids.iter().enumerate() {
+                if id.is_empty() {
+                    errors.push(FieldError::new(format!("ids[{i}]"), "an id is not empty"));
+                } else if let Some(first) = seen.insert(id.as_str(), i) {
+                    errors.push(FieldError::new(format!("ids[{i}]"), format!("id {id:?} is also ids[{first}]")));
+                }
+            }
+            if !errors.is_empty() {
+                return Err(Error::Invalid(errors));
+            }
+            let mut tx = self.writer.begin().await?;
+            let base = self.lock_org(&mut tx, org_id).await?;
+            let existing = self.existing_versions(&mut tx, org_id, object, &ids).await?;
+            let now = now_ms();
+            let mut seq = base;
+            let mut outcomes = Vec::with_capacity(ids.len());
+            for id in &ids {
+                match existing.get(id) {
+                    Some((version, false)) => {
+                        let version = version + 1;
+                        self.replace_unique_values(&mut tx, org_id, &schema, id, None).await?;
+                        sqlx::query(&format!(
+                            "UPDATE records SET deleted = 1, fields = {}, version = $4, updated_at_ms = $5 \
+                             WHERE org_id = $1 AND object = $2 AND id = $3",
+                            self.json_param(6)
+                        ))
+                        .bind(org_id)
+                        .bind(object)
+                        .bind(id.clone())
+                        .bind(version)
+                        .bind(now)
+                        .bind("{}")
+                        .execute(&mut *tx)
+                        .await?;
+                        seq += 1;
+                        self.append_change(&mut tx, org_id, seq, object, id, ChangeOp::Delete, None, version, now).await?;
+                        outcomes.push(DeleteOutcome { id: id.clone(), deleted: true, version });
+                    }
+                    Some((version, true)) => outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: *version }),
+                    None => outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: 0 }),
+                }
+            }
+            if seq != base {
+                self.set_last_seq(&mut tx, org_id, seq).await?;
+            }
+            Ok((tx, (outcomes, if seq == base { 0 } else { seq })))
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(result)
+    }
+
+    /// One live record; NOT_FOUND if the org has no such object or record.
+    pub async fn get(&self, org_id: &str, object: &str, id: &str, deadline: Instant) -> Result<Record, Error> {
+        by_deadline(deadline, async {
+            self.object(org_id, object).await?;
+            let sql = format!(
+                "SELECT id, {}, version, updated_at_ms FROM records \
+                 WHERE org_id = $1 AND object = $2 AND id = $3 AND deleted = 0",
+                self.json_column("fields")
+            );
+            let row = sqlx::query(&sql).bind(org_id).bind(object).bind(id).fetch_optional(&self.reader).await?;
+            match row {
+                Some(row) => Self::record_from_row(&row),
+                None => Err(Error::NotFound(format!("record {id:?} of object {object:?}"))),
+            }
+        })
+        .await
+    }
+
+    /// A page of live records matching `filter` (see [`crate::filter`]), in id order, after the id
+    /// `after`, projected on `fields` (all when empty).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn query(
+        &self,
+        org_id: &str,
+        object: &str,
+        filter_text: &str,
+        fields: &[String],
+        limit: usize,
+        after: Option<&str>,
+        deadline: Instant,
+    ) -> Result<Page, Error> {
+        by_deadline(deadline, async {
+            let schema = self.object(org_id, object).await?;
+            let mut errors = Vec::new();
+            for (i, f) in fields.iter().enumerate() {
+                if schema.field(f).is_none() {
+                    errors.push(FieldError::new(format!("fields[{i}]"), format!("unknown field {f:?} of object {object}")));
+                }
+            }
+            let expr = filter::parse(filter_text).map_err(|e| Error::Invalid(vec![e]))?;
+            let compiled = match &expr {
+                Some(expr) => match filter::compile(expr, &schema, self.backend, 5) {
+                    Ok(c) => Some(c),
+                    Err(e) => {
+                        errors.push(e);
+                        None
+                    }
+                },
+                None => None,
+            };
+            if !errors.is_empty() {
+                return Err(Error::Invalid(errors));
+            }
+            let condition = compiled.as_ref().map(|c| format!(" AND {}", c.sql)).unwrap_or_default();
+            let sql = format!(
+                "SELECT id, {}, version, updated_at_ms FROM records \
+                 WHERE org_id = $1 AND object = $2 AND deleted = 0 AND id > $3{condition} ORDER BY id LIMIT $4",
+                self.json_column("fields")
+            );
+            let mut query = sqlx::query(&sql).bind(org_id).bind(object).bind(after.unwrap_or("").to_owned()).bind(limit as i64 + 1);
+            for p in compiled.iter().flat_map(|c| &c.params) {
+                query = bind_param(query, p);
+            }
+            let rows = query.fetch_all(&self.reader).await?;
+            let mut records = rows.iter().map(Self::record_from_row).collect::<Result<Vec<_>, _>>()?;
+            let next_after = if records.len() > limit {
+                records.truncate(limit);
+                records.last().map(|r| r.id.clone())
+            } else {
+                None
+            };
+            if !fields.is_empty() {
+                for r in &mut records {
+                    r.fields.retain(|k, _| fields.contains(k));
+                }
+            }
+            Ok(Page { records, next_after })
+        })
+        .await
+    }
+
+    /// The org's last committed change seq (its high-water mark).
+    pub async fn high_water(&self, org_id: &str) -> Result<i64, Error> {
+        let row = sqlx::query("SELECT last_seq FROM orgs WHERE id = $1").bind(org_id).fetch_optional(&self.reader).await?;
+        match row {
+            Some(row) => Ok(row.try_get(0)?),
+            None => Err(Error::NotFound(format!("org {org_id}"))),
+        }
+    }
+
+    /// Up to `limit` change events of an org with seq > `after_seq`, in seq order.
+    pub async fn changes_after(&self, org_id: &str, after_seq: i64, limit: usize) -> Result<Vec<ChangeEvent>, Error> {
+        let sql = format!(
+            "SELECT seq, object, record_id, op, {}, version, committed_at_ms FROM change_events \
+             WHERE org_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            self.json_column("fields")
+        );
+        let rows = sqlx::query(&sql).bind(org_id).bind(after_seq).bind(limit as i64).fetch_all(&self.reader).await?;
+        rows.iter()
+            .map(|r| {
+                let op: String = r.try_get(3)?;
+                Ok(ChangeEvent {
+                    seq: r.try_get(0)?,
+                    object: r.try_get(1)?,
+                    record_id: r.try_get(2)?,
+                    op: ChangeOp::parse(&op).ok_or_else(|| Error::Corrupt(format!("change op {op:?}")))?,
+                    fields: r.try_get::<Option<String>, _>(4)?.map(|f| decode_fields(&f)).transpose()?,
+                    version: r.try_get(5)?,
+                    committed_at_ms: r.try_get(6)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The number of live records of an object (for tests and progress estimates).
+    pub async fn count_records(&self, org_id: &str, object: &str) -> Result<i64, Error> {
+        let row = sqlx::query("SELECT COUNT(*) FROM records WHERE org_id = $1 AND object = $2 AND deleted = 0")
+            .bind(org_id)
+            .bind(object)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get(0)?)
+    }
+}
+
