@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Runs every baton test: unit, in-process gRPC, store suite on SQLite and PostgreSQL, and the
+# end-to-end tests that start the real `baton` binary. Installs what it needs first.
+#
+#   scripts/test.sh                 # everything
+#   scripts/test.sh -p baton-store  # extra arguments go to `cargo nextest run` (or `cargo test`)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+baton_setup_tools
+baton_setup_postgres
+baton_drop_test_databases
+
+echo "test: cargo fmt --check" >&2
+cargo fmt --all --check
+echo "test: cargo clippy" >&2
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+export CI="${CI:-}"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
