@@ -1,1 +1,316 @@
-//! placeholder
+//! End-to-end tests of the intake on the real `baton` binary: `baton dev` on SQLite and
+//! `baton intake` on PostgreSQL.
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use baton_mesh::proto::v1 as pb;
+use baton_store::Backend;
+use baton_tests::{ADMIN_TOKEN, Server, TestOrg, authed, backends, baton_bin, create_org, record};
+use serde_json::json;
+use sqlx::Executor;
+use tonic::Code;
+use tonic_types::StatusExt;
+
+async fn upsert(server: &Server, org: &TestOrg, records: Vec<serde_json::Value>) -> Result<pb::UpsertResponse, tonic::Status> {
+    let request = pb::UpsertRequest { object: "account".into(), records: records.into_iter().map(record).collect() };
+    server.intake().await.upsert(authed(request, &org.key)).await.map(tonic::Response::into_inner)
+}
+
+async fn get(server: &Server, org: &TestOrg, id: &str) -> Result<pb::Record, tonic::Status> {
+    let request = pb::GetRequest { object: "account".into(), id: id.into() };
+    server.intake().await.get(authed(request, &org.key)).await.map(tonic::Response::into_inner)
+}
+
+async fn query(server: &Server, org: &TestOrg, filter: &str) -> Result<Vec<pb::Record>, tonic::Status> {
+    let request = pb::QueryRequest { object: "account".into(), filter: filter.into(), ..Default::default() };
+    server.intake().await.query(authed(request, &org.key)).await.map(|r| r.into_inner().records)
+}
+
+fn ids(records: &[pb::Record]) -> Vec<String> {
+    records.iter().map(|r| r.id.clone()).collect()
+}
+
+fn field_violations(status: &tonic::Status) -> Vec<String> {
+    status
+        .get_details_bad_request()
+        .unwrap_or_else(|| panic!("no BadRequest details in {status:?}"))
+        .field_violations
+        .into_iter()
+        .map(|v| v.field)
+        .collect()
+}
+
+#[tokio::test]
+async fn records_round_trip_through_the_real_binary() {
+    for backend in backends() {
+        let server = Server::start(backend, &[]).await;
+        let org = create_org(&server, "acme").await;
+        let out = upsert(
+            &server,
+            &org,
+            vec![
+                json!({"code": "a1", "name": "Ada", "amount": 10, "email": "ada@x"}),
+                json!({"code": "a2", "name": "Bob", "amount": 20}),
+                json!({"code": "a3", "name": "Cy"}),
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(out.last_seq, 3);
+        assert!(out.results.iter().all(|r| r.created && r.version == 1));
+        let a1 = get(&server, &org, "a1").await.unwrap();
+        let fields = a1.fields.unwrap().fields;
+        assert_eq!(fields["name"].kind, Some(prost_types::value::Kind::StringValue("Ada".into())));
+        assert_eq!(fields["amount"].kind, Some(prost_types::value::Kind::NumberValue(10.0)));
+        assert_eq!(ids(&query(&server, &org, "amount >= 15 OR amount IS NULL").await.unwrap()), ["a2", "a3"]);
+        let out = upsert(&server, &org, vec![json!({"code": "a3", "name": "Cy", "amount": 30})]).await.unwrap();
+        assert_eq!((out.results[0].version, out.results[0].created, out.last_seq), (2, false, 4));
+        let request = pb::DeleteRequest { object: "account".into(), ids: vec!["a2".into()] };
+        let deleted = server.intake().await.delete(authed(request, &org.key)).await.unwrap().into_inner();
+        assert!(deleted.results[0].deleted);
+        assert_eq!(get(&server, &org, "a2").await.unwrap_err().code(), Code::NotFound);
+        assert_eq!(ids(&query(&server, &org, "").await.unwrap()), ["a1", "a3"]);
+    }
+}
+
+#[tokio::test]
+async fn a_request_over_the_record_limit_is_rejected_as_a_batch_and_commits_nothing() {
+    for backend in backends() {
+        let server = Server::start(backend, &[]).await;
+        let org = create_org(&server, "acme").await;
+        let records = (0..201).map(|i| json!({"code": format!("r{i}"), "name": "n"})).collect();
+        let status = upsert(&server, &org, records).await.unwrap_err();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let info = status.get_details_error_info().expect("ErrorInfo");
+        assert_eq!(info.reason, "RESUBMIT_AS_BATCH");
+        assert_eq!(info.metadata["limit_name"], "max_records");
+        assert_eq!(info.metadata["limit"], "200");
+        assert_eq!(info.metadata["observed"], "201");
+        assert!(status.get_details_retry_info().is_none(), "the request's size, not load, caused this");
+        assert!(query(&server, &org, "").await.unwrap().is_empty());
+        // exactly the limit is accepted
+        let records = (0..200).map(|i| json!({"code": format!("r{i}"), "name": "n"})).collect();
+        assert_eq!(upsert(&server, &org, records).await.unwrap().last_seq, 200);
+        // a page larger than the limit is an export's job
+        let request = pb::QueryRequest { object: "account".into(), page_size: 201, ..Default::default() };
+        let status = server.intake().await.query(authed(request, &org.key)).await.unwrap_err();
+        assert_eq!(status.get_details_error_info().unwrap().reason, "RESUBMIT_AS_EXPORT");
+    }
+}
+
+/// Another connection holds the lock the upsert needs, past the intake's deadline: the upsert is
+/// rolled back and rejected with RESUBMIT_AS_BATCH and RetryInfo, and nothing is committed.
+#[tokio::test]
+async fn a_deadline_overrun_is_rejected_as_a_batch_and_commits_nothing() {
+    for backend in backends() {
+        let server = Server::start(backend, &["--deadline", "400ms"]).await;
+        let org = create_org(&server, "acme").await;
+        upsert(&server, &org, vec![json!({"code": "before", "name": "n"})]).await.unwrap();
+        sqlx::any::install_default_drivers();
+        let blocker = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&server.store_url).await.unwrap();
+        let mut conn = blocker.acquire().await.unwrap();
+        match backend {
+            Backend::Sqlite => {
+                conn.execute("BEGIN IMMEDIATE").await.unwrap();
+            }
+            Backend::Postgres => {
+                conn.execute("BEGIN").await.unwrap();
+                conn.execute(format!("SELECT 1 FROM orgs WHERE id = '{}' FOR UPDATE", org.id).as_str()).await.unwrap();
+            }
+        }
+        let started = std::time::Instant::now();
+        let status = upsert(&server, &org, vec![json!({"code": "late", "name": "n"})]).await.unwrap_err();
+        let elapsed = started.elapsed();
+        conn.execute("ROLLBACK").await.unwrap();
+        drop(conn);
+        blocker.close().await;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "RESUBMIT_AS_BATCH");
+        assert_eq!(info.metadata["limit_name"], "deadline_ms");
+        assert!(info.metadata["observed"].parse::<u64>().unwrap() >= 390, "{info:?}");
+        assert!(status.get_details_retry_info().is_some(), "load caused this: RetryInfo expected");
+        assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+        assert_eq!(get(&server, &org, "late").await.unwrap_err().code(), Code::NotFound);
+        // the next write gets the next seq: the rolled-back one consumed none
+        let out = upsert(&server, &org, vec![json!({"code": "after", "name": "n"})]).await.unwrap();
+        assert_eq!(out.last_seq, 2);
+    }
+}
+
+#[tokio::test]
+async fn orgs_cannot_read_update_or_detect_each_other() {
+    for backend in backends() {
+        let server = Server::start(backend, &[]).await;
+        let a = create_org(&server, "a").await;
+        let b = create_org(&server, "b").await;
+        upsert(&server, &a, vec![json!({"code": "secret", "name": "A's", "email": "ceo@a"})]).await.unwrap();
+
+        let theirs = get(&server, &b, "secret").await.unwrap_err();
+        let nobodys = get(&server, &b, "nothing").await.unwrap_err();
+        assert_eq!((theirs.code(), nobodys.code()), (Code::NotFound, Code::NotFound));
+        assert_eq!(theirs.message().replace("secret", "X"), nobodys.message().replace("nothing", "X"));
+        assert!(query(&server, &b, "").await.unwrap().is_empty());
+        assert!(query(&server, &b, "email = 'ceo@a'").await.unwrap().is_empty());
+        let request = pb::DeleteRequest { object: "account".into(), ids: vec!["secret".into()] };
+        assert!(!server.intake().await.delete(authed(request, &b.key)).await.unwrap().into_inner().results[0].deleted);
+        // B writing the same id and unique value makes B's own record, A's is untouched
+        let out = upsert(&server, &b, vec![json!({"code": "secret", "name": "B's", "email": "ceo@a"})]).await.unwrap();
+        assert!(out.results[0].created);
+        let theirs = get(&server, &a, "secret").await.unwrap();
+        assert_eq!(theirs.version, 1);
+        assert_eq!(
+            theirs.fields.unwrap().fields["name"].kind,
+            Some(prost_types::value::Kind::StringValue("A's".into()))
+        );
+        // an org without the object cannot tell whether another org has it
+        let mut admin = server.admin().await;
+        let c = admin.create_org(authed(pb::CreateOrgRequest { name: "c".into() }, ADMIN_TOKEN)).await.unwrap().into_inner();
+        let c_key = admin
+            .create_api_key(authed(pb::CreateApiKeyRequest { org_id: c.id, label: String::new() }, ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .into_inner()
+            .api_key;
+        let request = pb::GetRequest { object: "account".into(), id: "secret".into() };
+        let status = server.intake().await.get(authed(request, &c_key)).await.unwrap_err();
+        assert_eq!(status.code(), Code::NotFound);
+        // an org key cannot use the admin API
+        let status = admin.list_orgs(authed(pb::ListOrgsRequest {}, &a.key)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_precise_status_and_changes_nothing() {
+    for backend in backends() {
+        let server = Server::start(backend, &["--max-message-bytes", "65536"]).await;
+        let org = create_org(&server, "acme").await;
+        upsert(&server, &org, vec![json!({"code": "a", "name": "A", "email": "a@x", "amount": 1})]).await.unwrap();
+
+        let cases: Vec<(Vec<serde_json::Value>, Vec<&str>)> = vec![
+            (vec![json!({"code": "b", "name": "B", "colour": "red"})], vec!["records[0].colour"]),
+            (vec![json!({"code": "b", "name": "B", "amount": "ten"})], vec!["records[0].amount"]),
+            (vec![json!({"code": "b", "name": "B", "amount": 1.5})], vec!["records[0].amount"]),
+            (vec![json!({"code": "b"}), json!({"name": "C"})], vec!["records[0].name", "records[1].code"]),
+            (vec![json!({"code": "b", "name": "B"}), json!({"code": "c", "name": "C", "email": "a@x"})], vec!["records[1].email"]),
+            (vec![json!({"code": "b", "name": "B"}), json!({"code": "b", "name": "B2"})], vec!["records[1].code"]),
+        ];
+        for (records, expected) in cases {
+            let status = upsert(&server, &org, records.clone()).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{records:?}: {status:?}");
+            assert_eq!(field_violations(&status), expected, "{records:?}");
+        }
+        // a filter that does not parse, and one over an unknown field
+        for filter in ["amount >", "colour = 'red'", "amount = 'x'"] {
+            let status = query(&server, &org, filter).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument);
+            assert_eq!(field_violations(&status), ["filter"], "{filter}");
+        }
+        // a message over the size limit
+        let big: Vec<_> = (0..100).map(|i| json!({"code": format!("big{i}"), "name": "x".repeat(1000)})).collect();
+        let status = upsert(&server, &org, big).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(field_violations(&status), ["request"]);
+        assert!(status.message().contains("65536"), "{}", status.message());
+
+        // bad, missing and revoked keys
+        let request = || pb::GetRequest { object: "account".into(), id: "a".into() };
+        let mut intake = server.intake().await;
+        assert_eq!(intake.get(authed(request(), "bk_guessed")).await.unwrap_err().code(), Code::Unauthenticated);
+        assert_eq!(intake.get(tonic::Request::new(request())).await.unwrap_err().code(), Code::Unauthenticated);
+        let mut admin = server.admin().await;
+        admin.revoke_api_key(authed(pb::RevokeApiKeyRequest { key_id: org.key_id.clone() }, ADMIN_TOKEN)).await.unwrap();
+        let status = upsert(&server, &org, vec![json!({"code": "z", "name": "Z"})]).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated);
+        assert!(status.message().contains("revoked"), "{}", status.message());
+        assert_eq!(admin.list_orgs(authed(pb::ListOrgsRequest {}, "wrong")).await.unwrap_err().code(), Code::Unauthenticated);
+
+        // nothing of any of it was committed: one record, one change
+        let key = admin
+            .create_api_key(authed(pb::CreateApiKeyRequest { org_id: org.id.clone(), label: String::new() }, ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .into_inner()
+            .api_key;
+        let fresh = TestOrg { id: org.id.clone(), key, key_id: String::new() };
+        assert_eq!(ids(&query(&server, &fresh, "").await.unwrap()), ["a"]);
+        assert_eq!(get(&server, &fresh, "a").await.unwrap().version, 1);
+        let out = upsert(&server, &fresh, vec![json!({"code": "next", "name": "N"})]).await.unwrap();
+        assert_eq!(out.last_seq, 2);
+
+        // bad schemas are field violations too
+        let mut schema = baton_tests::account_schema();
+        schema.name = "Bad Name".into();
+        schema.fields[1].r#type = 0;
+        let status = admin
+            .define_object(authed(pb::DefineObjectRequest { org_id: org.id.clone(), schema: Some(schema) }, ADMIN_TOKEN))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert_eq!(field_violations(&status), ["schema.fields[1].type"]);
+    }
+}
+
+/// Parallel upserts through the binary: the `last_seq` of every response ends a distinct block of
+/// seqs, and the blocks tile 1..N exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parallel_upserts_get_dense_distinct_seqs() {
+    for backend in backends() {
+        let server = std::sync::Arc::new(Server::start(backend, &[]).await);
+        let org = std::sync::Arc::new(create_org(&server, "acme").await);
+        let mut tasks = Vec::new();
+        for w in 0..16 {
+            let (server, org) = (server.clone(), org.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                for r in 0..8 {
+                    let records = (0..4).map(|k| json!({"code": format!("k{}", (w * 7 + r + k) % 10), "name": format!("w{w}r{r}")})).collect();
+                    seqs.push(upsert(&server, &org, records).await.unwrap().last_seq);
+                }
+                seqs
+            }));
+        }
+        let mut covered = BTreeSet::new();
+        for task in tasks {
+            for last in task.await.unwrap() {
+                for seq in last - 3..=last {
+                    assert!(covered.insert(seq), "seq {seq} allocated twice");
+                }
+            }
+        }
+        assert_eq!(covered, (1..=16 * 8 * 4).collect::<BTreeSet<i64>>());
+    }
+}
+
+#[tokio::test]
+async fn bad_config_exits_64_with_one_line() {
+    for args in [
+        vec!["intake", "--store", "ftp://nowhere"],
+        vec!["intake", "--store", "sqlite:///tmp/x.db", "--deadline", "0ms"],
+        vec!["dev", "--listen", "not-an-address"],
+        vec!["dev", "--no-such-flag"],
+        vec!["intake"],
+    ] {
+        let out = Command::new(baton_bin()).args(&args).env_remove("BATON_STORE").output().unwrap();
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(stderr.starts_with("baton: bad config: "), "{stderr}");
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly_and_metrics_count_requests() {
+    let mut server = Server::start(Backend::Sqlite, &[]).await;
+    let org = create_org(&server, "acme").await;
+    upsert(&server, &org, vec![json!({"code": "a", "name": "A"})]).await.unwrap();
+    let text = server.metrics_text();
+    assert!(text.contains("200 OK"), "{text}");
+    assert!(text.contains("baton_grpc_requests_total{method=\"/baton.v1.Intake/Upsert\",code=\"Ok\"} 1"), "{text}");
+    // idle connections close at once: the drain ends well before the 5 s grace
+    let status = server.terminate(Duration::from_secs(3)).await.expect("exits within 3s of SIGTERM");
+    assert!(status.success(), "{status:?}");
+}

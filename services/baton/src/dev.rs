@@ -76,7 +76,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
     let addr = listener.local_addr()?;
     let metrics_addr = metrics.local_addr()?;
-    println!(
+    // Printed in one write, and a closed stdout is not an error: the mesh goes on running.
+    let banner = format!(
         "baton dev is running\n\
          \x20 endpoint:    {addr}\n\
          \x20 metrics:     http://{metrics_addr}/metrics\n\
@@ -89,8 +90,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 baton admin key create --org ORG_ID              # prints an API key\n\
          \x20 grpcurl -plaintext {addr} list\n\
          \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' -d '{{\"name\": \"acme\"}}' {addr} baton.v1.Admin/CreateOrg\n\
-         (see README.md for the rest; Ctrl-C stops)"
+         (see README.md for the rest; Ctrl-C stops)\n"
     );
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
+    }
     let shutdown = baton_mesh::shutdown::on_signals();
     baton_intake::run(serve, args.limits, store.clone(), Some(token), listener, metrics, shutdown).await?;
     store.close().await;

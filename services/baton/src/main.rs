@@ -121,7 +121,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let listener = baton_mesh::server::bind(serve.listen).await?;
             let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
-            tracing::info!(addr = %listener.local_addr()?, metrics = %metrics.local_addr()?, "intake listening");
+            // These two lines are the contract with scripts and tests that start `baton intake`
+            // on port 0: they say where it listens.
+            {
+                use std::io::Write;
+                let text = format!("endpoint: {}\nmetrics: http://{}/metrics\n", listener.local_addr()?, metrics.local_addr()?);
+                let mut out = std::io::stdout().lock();
+                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+            }
             let shutdown = baton_mesh::shutdown::on_signals();
             baton_intake::run(serve, limits, store.clone(), admin_token, listener, metrics, shutdown).await?;
             store.close().await;
