@@ -13,7 +13,11 @@ use sqlx::Executor;
 use tonic::Code;
 use tonic_types::StatusExt;
 
-async fn upsert(server: &Server, org: &TestOrg, records: Vec<serde_json::Value>) -> Result<pb::UpsertResponse, tonic::Status> {
+async fn upsert(
+    server: &Server,
+    org: &TestOrg,
+    records: Vec<serde_json::Value>,
+) -> Result<pb::UpsertResponse, tonic::Status> {
     let request = pb::UpsertRequest { object: "account".into(), records: records.into_iter().map(record).collect() };
     server.intake().await.upsert(authed(request, &org.key)).await.map(tonic::Response::into_inner)
 }
@@ -167,7 +171,11 @@ async fn orgs_cannot_read_update_or_detect_each_other() {
         );
         // an org without the object cannot tell whether another org has it
         let mut admin = server.admin().await;
-        let c = admin.create_org(authed(pb::CreateOrgRequest { name: "c".into() }, ADMIN_TOKEN)).await.unwrap().into_inner();
+        let c = admin
+            .create_org(authed(pb::CreateOrgRequest { name: "c".into() }, ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
         let c_key = admin
             .create_api_key(authed(pb::CreateApiKeyRequest { org_id: c.id, label: String::new() }, ADMIN_TOKEN))
             .await
@@ -195,7 +203,10 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
             (vec![json!({"code": "b", "name": "B", "amount": "ten"})], vec!["records[0].amount"]),
             (vec![json!({"code": "b", "name": "B", "amount": 1.5})], vec!["records[0].amount"]),
             (vec![json!({"code": "b"}), json!({"name": "C"})], vec!["records[0].name", "records[1].code"]),
-            (vec![json!({"code": "b", "name": "B"}), json!({"code": "c", "name": "C", "email": "a@x"})], vec!["records[1].email"]),
+            (
+                vec![json!({"code": "b", "name": "B"}), json!({"code": "c", "name": "C", "email": "a@x"})],
+                vec!["records[1].email"],
+            ),
             (vec![json!({"code": "b", "name": "B"}), json!({"code": "b", "name": "B2"})], vec!["records[1].code"]),
         ];
         for (records, expected) in cases {
@@ -222,15 +233,24 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         assert_eq!(intake.get(authed(request(), "bk_guessed")).await.unwrap_err().code(), Code::Unauthenticated);
         assert_eq!(intake.get(tonic::Request::new(request())).await.unwrap_err().code(), Code::Unauthenticated);
         let mut admin = server.admin().await;
-        admin.revoke_api_key(authed(pb::RevokeApiKeyRequest { key_id: org.key_id.clone() }, ADMIN_TOKEN)).await.unwrap();
+        admin
+            .revoke_api_key(authed(pb::RevokeApiKeyRequest { key_id: org.key_id.clone() }, ADMIN_TOKEN))
+            .await
+            .unwrap();
         let status = upsert(&server, &org, vec![json!({"code": "z", "name": "Z"})]).await.unwrap_err();
         assert_eq!(status.code(), Code::Unauthenticated);
         assert!(status.message().contains("revoked"), "{}", status.message());
-        assert_eq!(admin.list_orgs(authed(pb::ListOrgsRequest {}, "wrong")).await.unwrap_err().code(), Code::Unauthenticated);
+        assert_eq!(
+            admin.list_orgs(authed(pb::ListOrgsRequest {}, "wrong")).await.unwrap_err().code(),
+            Code::Unauthenticated
+        );
 
         // nothing of any of it was committed: one record, one change
         let key = admin
-            .create_api_key(authed(pb::CreateApiKeyRequest { org_id: org.id.clone(), label: String::new() }, ADMIN_TOKEN))
+            .create_api_key(authed(
+                pb::CreateApiKeyRequest { org_id: org.id.clone(), label: String::new() },
+                ADMIN_TOKEN,
+            ))
             .await
             .unwrap()
             .into_inner()
@@ -246,7 +266,10 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         schema.name = "Bad Name".into();
         schema.fields[1].r#type = 0;
         let status = admin
-            .define_object(authed(pb::DefineObjectRequest { org_id: org.id.clone(), schema: Some(schema) }, ADMIN_TOKEN))
+            .define_object(authed(
+                pb::DefineObjectRequest { org_id: org.id.clone(), schema: Some(schema) },
+                ADMIN_TOKEN,
+            ))
             .await
             .unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument);
@@ -267,7 +290,9 @@ async fn parallel_upserts_get_dense_distinct_seqs() {
             tasks.push(tokio::spawn(async move {
                 let mut seqs = Vec::new();
                 for r in 0..8 {
-                    let records = (0..4).map(|k| json!({"code": format!("k{}", (w * 7 + r + k) % 10), "name": format!("w{w}r{r}")})).collect();
+                    let records = (0..4)
+                        .map(|k| json!({"code": format!("k{}", (w * 7 + r + k) % 10), "name": format!("w{w}r{r}")}))
+                        .collect();
                     seqs.push(upsert(&server, &org, records).await.unwrap().last_seq);
                 }
                 seqs

@@ -6,13 +6,9 @@ use std::path::PathBuf;
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos: Vec<PathBuf> = std::fs::read_dir(root.join("baton/v1"))?
-        .map(|entry| entry.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
-    let mut protos: Vec<PathBuf> = protos
-        .into_iter()
-        .filter(|p| p.extension().is_some_and(|e| e == "proto"))
-        .collect();
+    let protos: Vec<PathBuf> =
+        std::fs::read_dir(root.join("baton/v1"))?.map(|entry| entry.map(|e| e.path())).collect::<Result<_, _>>()?;
+    let mut protos: Vec<PathBuf> = protos.into_iter().filter(|p| p.extension().is_some_and(|e| e == "proto")).collect();
     protos.sort();
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());

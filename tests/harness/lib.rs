@@ -78,15 +78,15 @@ impl Server {
             Backend::Sqlite => {
                 let dir = TempDir::new();
                 let data_dir = dir.0.to_str().unwrap().to_owned();
-                let mut args = vec!["dev", "--data-dir", &data_dir, "--listen", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN];
+                let mut args =
+                    vec!["dev", "--data-dir", &data_dir, "--listen", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN];
                 args.extend_from_slice(extra);
                 let url = format!("sqlite://{data_dir}/baton.db");
                 Self::spawn(&args, url, backend, Some(dir))
             }
             Backend::Postgres => {
                 let (url, _) = baton_store::testing::fresh_url(Backend::Postgres).await.unwrap();
-                let mut args =
-                    vec!["intake", "--store", &url, "--listen", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN];
+                let mut args = vec!["intake", "--store", &url, "--listen", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN];
                 args.extend_from_slice(extra);
                 Self::spawn(&args, url.clone(), backend, None)
             }
@@ -202,7 +202,12 @@ pub struct TestOrg {
 /// The `account` schema the tests use: `code` (external id), unique `email`, integer `amount`,
 /// required string `name`.
 pub fn account_schema() -> pb::ObjectSchema {
-    let f = |name: &str, t: pb::FieldType, required, unique| pb::FieldSpec { name: name.into(), r#type: t as i32, required, unique };
+    let f = |name: &str, t: pb::FieldType, required, unique| pb::FieldSpec {
+        name: name.into(),
+        r#type: t as i32,
+        required,
+        unique,
+    };
     pb::ObjectSchema {
         name: "account".into(),
         external_id_field: "code".into(),
@@ -218,14 +223,18 @@ pub fn account_schema() -> pb::ObjectSchema {
 /// Creates an org, a key and the `account` object.
 pub async fn create_org(server: &Server, name: &str) -> TestOrg {
     let mut admin = server.admin().await;
-    let org = admin.create_org(authed(pb::CreateOrgRequest { name: name.into() }, ADMIN_TOKEN)).await.unwrap().into_inner();
+    let org =
+        admin.create_org(authed(pb::CreateOrgRequest { name: name.into() }, ADMIN_TOKEN)).await.unwrap().into_inner();
     let key = admin
         .create_api_key(authed(pb::CreateApiKeyRequest { org_id: org.id.clone(), label: "e2e".into() }, ADMIN_TOKEN))
         .await
         .unwrap()
         .into_inner();
     admin
-        .define_object(authed(pb::DefineObjectRequest { org_id: org.id.clone(), schema: Some(account_schema()) }, ADMIN_TOKEN))
+        .define_object(authed(
+            pb::DefineObjectRequest { org_id: org.id.clone(), schema: Some(account_schema()) },
+            ADMIN_TOKEN,
+        ))
         .await
         .unwrap();
     TestOrg { id: org.id, key: key.api_key, key_id: key.key_id }
@@ -240,7 +249,9 @@ pub fn record(value: serde_json::Value) -> prost_types::Struct {
             serde_json::Value::Bool(b) => Kind::BoolValue(*b),
             serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
             serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-            serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(convert).collect() }),
+            serde_json::Value::Array(a) => {
+                Kind::ListValue(prost_types::ListValue { values: a.iter().map(convert).collect() })
+            }
             serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
                 fields: o.iter().map(|(k, v)| (k.clone(), convert(v))).collect(),
             }),

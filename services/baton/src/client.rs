@@ -254,7 +254,10 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
             println!("{}", key.get_ref().api_key);
         }
         AdminCommand::Key(KeyCommand::Revoke { key_id }) => {
-            client.revoke_api_key(with_bearer(pb::RevokeApiKeyRequest { key_id: key_id.clone() }, token)?).await.map_err(explain)?;
+            client
+                .revoke_api_key(with_bearer(pb::RevokeApiKeyRequest { key_id: key_id.clone() }, token)?)
+                .await
+                .map_err(explain)?;
             eprintln!("revoked {key_id}");
         }
         AdminCommand::Object(ObjectCommand::Define { org, schema }) => {
@@ -262,16 +265,20 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
                 Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
                 None => schema,
             };
-            let schema: ObjectSchema = serde_json::from_str(&text).context("the schema is not valid JSON of the expected shape")?;
+            let schema: ObjectSchema =
+                serde_json::from_str(&text).context("the schema is not valid JSON of the expected shape")?;
             let request = pb::DefineObjectRequest { org_id: org, schema: Some(convert::schema_to_pb(&schema)) };
             let defined = client.define_object(with_bearer(request, token)?).await.map_err(explain)?;
             eprintln!("defined object {}", defined.get_ref().name);
         }
         AdminCommand::Object(ObjectCommand::List { org }) => {
-            let objects =
-                client.list_objects(with_bearer(pb::ListObjectsRequest { org_id: org }, token)?).await.map_err(explain)?;
+            let objects = client
+                .list_objects(with_bearer(pb::ListObjectsRequest { org_id: org }, token)?)
+                .await
+                .map_err(explain)?;
             for o in &objects.get_ref().objects {
-                let schema = convert::schema_from_pb(o).map_err(|e| anyhow::anyhow!("unexpected schema from server: {e:?}"))?;
+                let schema =
+                    convert::schema_from_pb(o).map_err(|e| anyhow::anyhow!("unexpected schema from server: {e:?}"))?;
                 print_json(&serde_json::to_value(&schema)?)?;
             }
         }
@@ -283,7 +290,9 @@ fn read_ndjson(path: &PathBuf) -> anyhow::Result<Vec<baton_store::model::Fields>
     let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        Box::new(std::io::BufReader::new(std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?))
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
+        ))
     };
     let mut records = Vec::new();
     for (n, line) in reader.lines().enumerate() {
@@ -307,7 +316,8 @@ pub async fn upsert(args: UpsertArgs) -> anyhow::Result<()> {
         bail!("no records to upsert");
     }
     let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
-    let request = pb::UpsertRequest { object: args.object, records: records.iter().map(convert::fields_to_pb).collect() };
+    let request =
+        pb::UpsertRequest { object: args.object, records: records.iter().map(convert::fields_to_pb).collect() };
     let response = client.upsert(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?;
     for r in &response.get_ref().results {
         print_json(&serde_json::json!({"id": r.id, "version": r.version, "created": r.created}))?;

@@ -80,8 +80,16 @@ enum Command {
 fn parse() -> Cli {
     match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(e) if matches!(e.kind(), clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
-            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand) => e.exit(),
+        Err(e)
+            if matches!(
+                e.kind(),
+                clap::error::ErrorKind::DisplayHelp
+                    | clap::error::ErrorKind::DisplayVersion
+                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) =>
+        {
+            e.exit()
+        }
         Err(e) => {
             let text = e.to_string();
             let line = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
@@ -125,7 +133,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // on port 0: they say where it listens.
             {
                 use std::io::Write;
-                let text = format!("endpoint: {}\nmetrics: http://{}/metrics\n", listener.local_addr()?, metrics.local_addr()?);
+                let text = format!(
+                    "endpoint: {}\nmetrics: http://{}/metrics\n",
+                    listener.local_addr()?,
+                    metrics.local_addr()?
+                );
                 let mut out = std::io::stdout().lock();
                 let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
             }

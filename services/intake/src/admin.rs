@@ -37,7 +37,10 @@ impl pb::admin_server::Admin for AdminService {
         require_admin(&request)?;
         let orgs = self.store.list_orgs().await.map_err(Error::from)?;
         Ok(Response::new(pb::ListOrgsResponse {
-            orgs: orgs.into_iter().map(|o| pb::Org { id: o.id, name: o.name, created_at_ms: o.created_at_ms }).collect(),
+            orgs: orgs
+                .into_iter()
+                .map(|o| pb::Org { id: o.id, name: o.name, created_at_ms: o.created_at_ms })
+                .collect(),
         }))
     }
 
@@ -62,7 +65,10 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::RevokeApiKeyResponse {}))
     }
 
-    async fn define_object(&self, request: Request<pb::DefineObjectRequest>) -> Result<Response<pb::ObjectSchema>, Status> {
+    async fn define_object(
+        &self,
+        request: Request<pb::DefineObjectRequest>,
+    ) -> Result<Response<pb::ObjectSchema>, Status> {
         require_admin(&request)?;
         let request = request.into_inner();
         required(&request.org_id, "org_id")?;

@@ -25,9 +25,9 @@ fn value_to_json(value: &prost_types::Value, path: &str, errors: &mut Vec<FieldE
                 Value::Null
             }
         }
-        Some(Kind::StructValue(s)) => {
-            Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("{path}.{k}"), errors))).collect())
-        }
+        Some(Kind::StructValue(s)) => Value::Object(
+            s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("{path}.{k}"), errors))).collect(),
+        ),
         Some(Kind::ListValue(l)) => Value::Array(
             l.values.iter().enumerate().map(|(i, v)| value_to_json(v, &format!("{path}[{i}]"), errors)).collect(),
         ),
@@ -41,7 +41,10 @@ pub fn records_from_pb(records: &[prost_types::Struct]) -> Result<Vec<Fields>, V
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            r.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("records[{i}].{k}"), &mut errors))).collect()
+            r.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), value_to_json(v, &format!("records[{i}].{k}"), &mut errors)))
+                .collect()
         })
         .collect();
     if errors.is_empty() { Ok(out) } else { Err(errors) }
@@ -141,7 +144,7 @@ mod tests {
         let record = prost_types::Struct {
             fields: [("a".to_owned(), num(42.0)), ("b".to_owned(), num(2.5)), ("c".to_owned(), num(f64::NAN))].into(),
         };
-        let errors = records_from_pb(&[record.clone()]).unwrap_err();
+        let errors = records_from_pb(std::slice::from_ref(&record)).unwrap_err();
         assert_eq!(errors, vec![FieldError::new("records[0].c", "not a finite number")]);
         let mut record = record;
         record.fields.remove("c");

@@ -80,4 +80,3 @@ impl From<Error> for Status {
         }
     }
 }
-

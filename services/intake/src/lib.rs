@@ -200,14 +200,23 @@ impl pb::intake_server::Intake for IntakeService {
             let bytes = hex::decode(&request.page_token)
                 .map_err(|_| Error::Invalid(vec![FieldError::new("page_token", "not a token returned by Query")]))?;
             Some(
-                String::from_utf8(bytes)
-                    .map_err(|_| Error::Invalid(vec![FieldError::new("page_token", "not a token returned by Query")]))?,
+                String::from_utf8(bytes).map_err(|_| {
+                    Error::Invalid(vec![FieldError::new("page_token", "not a token returned by Query")])
+                })?,
             )
         };
         let _permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
         let page = self
             .store
-            .query(&org, &request.object, &request.filter, &request.fields, page_size, after.as_deref(), self.deadline())
+            .query(
+                &org,
+                &request.object,
+                &request.filter,
+                &request.fields,
+                page_size,
+                after.as_deref(),
+                self.deadline(),
+            )
             .await
             .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_EXPORT))?;
         Ok(Response::new(pb::QueryResponse {

@@ -69,7 +69,8 @@ impl Limits {
             })
         };
         let org_permit = semaphore.try_acquire_owned().map_err(|_| reject("max_in_flight_per_org", self.per_org))?;
-        let overall = self.overall.clone().try_acquire_owned().map_err(|_| reject("max_in_flight", self.overall_max))?;
+        let overall =
+            self.overall.clone().try_acquire_owned().map_err(|_| reject("max_in_flight", self.overall_max))?;
         Ok(Permit { _org: org_permit, _overall: overall })
     }
 }

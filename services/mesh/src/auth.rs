@@ -81,9 +81,7 @@ fn bearer(headers: &http::HeaderMap) -> Result<&str, Status> {
     let value = headers
         .get(http::header::AUTHORIZATION)
         .ok_or_else(|| Status::unauthenticated("missing authorization header: send `Bearer <key>`"))?;
-    let value = value
-        .to_str()
-        .map_err(|_| Status::unauthenticated("authorization header is not ASCII"))?;
+    let value = value.to_str().map_err(|_| Status::unauthenticated("authorization header is not ASCII"))?;
     value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))

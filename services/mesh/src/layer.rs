@@ -106,8 +106,7 @@ where
                     .map(|c| format!("{:?}", tonic::Code::from(c)))
                     .unwrap_or_else(|| "Ok".to_owned());
                 let elapsed = started.elapsed();
-                metrics::counter!("baton_grpc_requests_total", "method" => path.clone(), "code" => code)
-                    .increment(1);
+                metrics::counter!("baton_grpc_requests_total", "method" => path.clone(), "code" => code).increment(1);
                 metrics::histogram!("baton_grpc_request_duration_seconds", "method" => path)
                     .record(elapsed.as_secs_f64());
                 Ok(response)

@@ -73,12 +73,7 @@ impl MeshServer {
     /// Adds a service, reported SERVING once the server runs.
     pub fn add_service<S>(self, service: S) -> Self
     where
-        S: tower::Service<http::Request<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: tower::Service<http::Request<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
         S::Response: axum::response::IntoResponse,
         S::Future: Send + 'static,
     {
@@ -89,12 +84,7 @@ impl MeshServer {
     /// [`MeshServer::health`].
     pub fn add_service_with_health<S>(mut self, service: S, serving: bool) -> Self
     where
-        S: tower::Service<http::Request<Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
+        S: tower::Service<http::Request<Body>, Error = Infallible> + NamedService + Clone + Send + Sync + 'static,
         S::Response: axum::response::IntoResponse,
         S::Future: Send + 'static,
     {
@@ -160,8 +150,5 @@ async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> Re
             async move { text }
         }),
     );
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
-        .map_err(Error::Metrics)
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.map_err(Error::Metrics)
 }

@@ -90,6 +90,13 @@ pub fn with_reason(code: Code, reason: &str, message: impl Into<String>) -> Stat
     Status::with_error_details(code, message, details)
 }
 
+/// A status with a `RetryInfo`: the same request can succeed after `retry_after`.
+pub fn retry_later(code: Code, message: impl Into<String>, retry_after: Duration) -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_retry_info(Some(retry_after));
+    Status::with_error_details(code, message, details)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,11 +131,4 @@ mod tests {
         assert_eq!(bad.field_violations.len(), 2);
         assert_eq!(bad.field_violations[1].field, "records[2].name");
     }
-}
-
-/// A status with a `RetryInfo`: the same request can succeed after `retry_after`.
-pub fn retry_later(code: Code, message: impl Into<String>, retry_after: Duration) -> Status {
-    let mut details = ErrorDetails::new();
-    details.set_retry_info(Some(retry_after));
-    Status::with_error_details(code, message, details)
 }

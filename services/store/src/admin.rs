@@ -30,9 +30,7 @@ impl Store {
         let rows = sqlx::query("SELECT id, name, created_at_ms FROM orgs ORDER BY created_at_ms, id")
             .fetch_all(&self.reader)
             .await?;
-        rows.iter()
-            .map(|r| Ok(Org { id: r.try_get(0)?, name: r.try_get(1)?, created_at_ms: r.try_get(2)? }))
-            .collect()
+        rows.iter().map(|r| Ok(Org { id: r.try_get(0)?, name: r.try_get(1)?, created_at_ms: r.try_get(2)? })).collect()
     }
 
     async fn require_org(&self, org_id: &str) -> Result<(), Error> {

@@ -104,19 +104,48 @@ fn tokenize(input: &str) -> Result<Vec<(usize, Tok)>, FieldError> {
         let start = i;
         match c {
             b' ' | b'\t' | b'\n' | b'\r' => i += 1,
-            b'(' => { out.push((start, Tok::LParen)); i += 1; }
-            b')' => { out.push((start, Tok::RParen)); i += 1; }
-            b',' => { out.push((start, Tok::Comma)); i += 1; }
-            b'=' => { out.push((start, Tok::Op(CmpOp::Eq))); i += 1; }
-            b'!' if bytes.get(i + 1) == Some(&b'=') => { out.push((start, Tok::Op(CmpOp::Ne))); i += 2; }
+            b'(' => {
+                out.push((start, Tok::LParen));
+                i += 1;
+            }
+            b')' => {
+                out.push((start, Tok::RParen));
+                i += 1;
+            }
+            b',' => {
+                out.push((start, Tok::Comma));
+                i += 1;
+            }
+            b'=' => {
+                out.push((start, Tok::Op(CmpOp::Eq)));
+                i += 1;
+            }
+            b'!' if bytes.get(i + 1) == Some(&b'=') => {
+                out.push((start, Tok::Op(CmpOp::Ne)));
+                i += 2;
+            }
             b'<' => match bytes.get(i + 1) {
-                Some(b'=') => { out.push((start, Tok::Op(CmpOp::Le))); i += 2; }
-                Some(b'>') => { out.push((start, Tok::Op(CmpOp::Ne))); i += 2; }
-                _ => { out.push((start, Tok::Op(CmpOp::Lt))); i += 1; }
+                Some(b'=') => {
+                    out.push((start, Tok::Op(CmpOp::Le)));
+                    i += 2;
+                }
+                Some(b'>') => {
+                    out.push((start, Tok::Op(CmpOp::Ne)));
+                    i += 2;
+                }
+                _ => {
+                    out.push((start, Tok::Op(CmpOp::Lt)));
+                    i += 1;
+                }
             },
             b'>' => {
-                if bytes.get(i + 1) == Some(&b'=') { out.push((start, Tok::Op(CmpOp::Ge))); i += 2; }
-                else { out.push((start, Tok::Op(CmpOp::Gt))); i += 1; }
+                if bytes.get(i + 1) == Some(&b'=') {
+                    out.push((start, Tok::Op(CmpOp::Ge)));
+                    i += 2;
+                } else {
+                    out.push((start, Tok::Op(CmpOp::Gt)));
+                    i += 1;
+                }
             }
             b'\'' => {
                 let mut s = String::new();
@@ -150,7 +179,9 @@ fn tokenize(input: &str) -> Result<Vec<(usize, Tok)>, FieldError> {
                 let text = &input[start..i];
                 if let Ok(n) = text.parse::<i64>() {
                     out.push((start, Tok::Int(n)));
-                } else if let Ok(n) = text.parse::<f64>().map_err(|_| ()).and_then(|n| if n.is_finite() { Ok(n) } else { Err(()) }) {
+                } else if let Ok(n) =
+                    text.parse::<f64>().map_err(|_| ()).and_then(|n| if n.is_finite() { Ok(n) } else { Err(()) })
+                {
                     out.push((start, Tok::Num(n)));
                 } else {
                     return Err(err(start, format!("invalid number {text:?}")));
@@ -349,10 +380,9 @@ impl Compiler<'_> {
         if field == "id" {
             return Ok(("id".to_owned(), None));
         }
-        let spec = self
-            .schema
-            .field(field)
-            .ok_or_else(|| FieldError::new("filter", format!("unknown field {field:?} of object {}", self.schema.name)))?;
+        let spec = self.schema.field(field).ok_or_else(|| {
+            FieldError::new("filter", format!("unknown field {field:?} of object {}", self.schema.name))
+        })?;
         // Safe to splice: schema field names are identifiers (a-z, 0-9, _).
         let column = match (self.backend, spec.field_type) {
             (Backend::Sqlite, _) => format!("json_extract(fields, '$.{field}')"),
@@ -497,7 +527,8 @@ mod tests {
 
     #[test]
     fn compiles_to_placeholders_never_values() {
-        let e = parse("code IN ('a''; drop table records; --', 'b') AND amount >= 10 OR active = true").unwrap().unwrap();
+        let e =
+            parse("code IN ('a''; drop table records; --', 'b') AND amount >= 10 OR active = true").unwrap().unwrap();
         let c = compile(&e, &schema(), Backend::Sqlite, 3).unwrap();
         assert_eq!(
             c.sql,

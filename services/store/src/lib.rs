@@ -166,7 +166,10 @@ impl Store {
                 return Err(Error::Url { url: url.to_owned(), reason: "no file path".into() });
             }
             if path == ":memory:" {
-                return Err(Error::Url { url: url.to_owned(), reason: "in-memory SQLite is not supported; give a file".into() });
+                return Err(Error::Url {
+                    url: url.to_owned(),
+                    reason: "in-memory SQLite is not supported; give a file".into(),
+                });
             }
             if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| Error::Url {

@@ -152,7 +152,8 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 let seq = base + i as i64 + 1;
-                self.append_change(&mut tx, org_id, seq, object, id, ChangeOp::Upsert, Some(&json), version, now).await?;
+                self.append_change(&mut tx, org_id, seq, object, id, ChangeOp::Upsert, Some(&json), version, now)
+                    .await?;
                 outcomes.push(UpsertOutcome { id: id.clone(), version, created });
             }
             let last = base + records.len() as i64;
@@ -232,8 +233,7 @@ impl Store {
         id: &str,
         record: Option<&Fields>,
     ) -> Result<(), Error> {
-        let unique: Vec<_> =
-            schema.fields.iter().filter(|f| f.unique && f.name != schema.external_id_field).collect();
+        let unique: Vec<_> = schema.fields.iter().filter(|f| f.unique && f.name != schema.external_id_field).collect();
         if unique.is_empty() {
             return Ok(());
         }
@@ -246,14 +246,16 @@ impl Store {
         let Some(record) = record else { return Ok(()) };
         for spec in unique {
             let Some(value) = record.get(&spec.name).filter(|v| !v.is_null()) else { continue };
-            sqlx::query("INSERT INTO unique_values (org_id, object, field, value, record_id) VALUES ($1, $2, $3, $4, $5)")
-                .bind(org_id)
-                .bind(schema.name.clone())
-                .bind(spec.name.clone())
-                .bind(unique_key(value))
-                .bind(id.to_owned())
-                .execute(&mut *conn)
-                .await?;
+            sqlx::query(
+                "INSERT INTO unique_values (org_id, object, field, value, record_id) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(org_id)
+            .bind(schema.name.clone())
+            .bind(spec.name.clone())
+            .bind(unique_key(value))
+            .bind(id.to_owned())
+            .execute(&mut *conn)
+            .await?;
         }
         Ok(())
     }
@@ -306,10 +308,13 @@ impl Store {
                         .execute(&mut *tx)
                         .await?;
                         seq += 1;
-                        self.append_change(&mut tx, org_id, seq, object, id, ChangeOp::Delete, None, version, now).await?;
+                        self.append_change(&mut tx, org_id, seq, object, id, ChangeOp::Delete, None, version, now)
+                            .await?;
                         outcomes.push(DeleteOutcome { id: id.clone(), deleted: true, version });
                     }
-                    Some((version, true)) => outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: *version }),
+                    Some((version, true)) => {
+                        outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: *version })
+                    }
                     None => outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: 0 }),
                 }
             }
@@ -359,7 +364,10 @@ impl Store {
             let mut errors = Vec::new();
             for (i, f) in fields.iter().enumerate() {
                 if schema.field(f).is_none() {
-                    errors.push(FieldError::new(format!("fields[{i}]"), format!("unknown field {f:?} of object {object}")));
+                    errors.push(FieldError::new(
+                        format!("fields[{i}]"),
+                        format!("unknown field {f:?} of object {object}"),
+                    ));
                 }
             }
             let expr = filter::parse(filter_text).map_err(|e| Error::Invalid(vec![e]))?;
@@ -382,7 +390,8 @@ impl Store {
                  WHERE org_id = $1 AND object = $2 AND deleted = 0 AND id > $3{condition} ORDER BY id LIMIT $4",
                 self.json_column("fields")
             );
-            let mut query = sqlx::query(&sql).bind(org_id).bind(object).bind(after.unwrap_or("").to_owned()).bind(limit as i64 + 1);
+            let mut query =
+                sqlx::query(&sql).bind(org_id).bind(object).bind(after.unwrap_or("").to_owned()).bind(limit as i64 + 1);
             for p in compiled.iter().flat_map(|c| &c.params) {
                 query = bind_param(query, p);
             }
@@ -406,7 +415,8 @@ impl Store {
 
     /// The org's last committed change seq (its high-water mark).
     pub async fn high_water(&self, org_id: &str) -> Result<i64, Error> {
-        let row = sqlx::query("SELECT last_seq FROM orgs WHERE id = $1").bind(org_id).fetch_optional(&self.reader).await?;
+        let row =
+            sqlx::query("SELECT last_seq FROM orgs WHERE id = $1").bind(org_id).fetch_optional(&self.reader).await?;
         match row {
             Some(row) => Ok(row.try_get(0)?),
             None => Err(Error::NotFound(format!("org {org_id}"))),
@@ -447,4 +457,3 @@ impl Store {
         Ok(row.try_get(0)?)
     }
 }
-

@@ -109,7 +109,10 @@ pub fn validate_records(schema: &ObjectSchema, records: &[Fields]) -> Vec<FieldE
     for (i, record) in records.iter().enumerate() {
         for name in record.keys() {
             if schema.field(name).is_none() {
-                errors.push(FieldError::new(format!("records[{i}].{name}"), format!("unknown field of object {}", schema.name)));
+                errors.push(FieldError::new(
+                    format!("records[{i}].{name}"),
+                    format!("unknown field of object {}", schema.name),
+                ));
             }
         }
         for spec in &schema.fields {
@@ -126,24 +129,25 @@ pub fn validate_records(schema: &ObjectSchema, records: &[Fields]) -> Vec<FieldE
                             path,
                             format!("expected {}, got {}", spec.field_type.name(), json_kind(value)),
                         ));
-                    } else if spec.unique && spec.name != schema.external_id_field {
-                        if let Some(first) = uniques.insert((spec.name.as_str(), unique_key(value)), i) {
-                            errors.push(FieldError::new(
-                                path,
-                                format!("value {value} is also in records[{first}]; it must be unique"),
-                            ));
-                        }
+                    } else if spec.unique
+                        && spec.name != schema.external_id_field
+                        && let Some(first) = uniques.insert((spec.name.as_str(), unique_key(value)), i)
+                    {
+                        errors.push(FieldError::new(
+                            path,
+                            format!("value {value} is also in records[{first}]; it must be unique"),
+                        ));
                     }
                 }
             }
         }
-        if let Some(id) = record_id(schema, record) {
-            if let Some(first) = ids.insert(id.clone(), i) {
-                errors.push(FieldError::new(
-                    format!("records[{i}].{}", schema.external_id_field),
-                    format!("id {id:?} is also in records[{first}]; an upsert request may name a record once"),
-                ));
-            }
+        if let Some(id) = record_id(schema, record)
+            && let Some(first) = ids.insert(id.clone(), i)
+        {
+            errors.push(FieldError::new(
+                format!("records[{i}].{}", schema.external_id_field),
+                format!("id {id:?} is also in records[{first}]; an upsert request may name a record once"),
+            ));
         }
     }
     errors
@@ -189,7 +193,12 @@ mod tests {
         let mut bad = schema();
         bad.name = "Account".into();
         bad.external_id_field = "amount".into();
-        bad.fields.push(FieldSpec { name: "email".into(), field_type: FieldType::String, required: false, unique: false });
+        bad.fields.push(FieldSpec {
+            name: "email".into(),
+            field_type: FieldType::String,
+            required: false,
+            unique: false,
+        });
         let errors = validate_schema(&bad);
         let paths: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(paths, ["schema.name", "schema.fields[3].name", "schema.external_id_field"]);

@@ -51,7 +51,8 @@ pub async fn fresh_url(backend: Backend) -> Result<(String, Option<PathBuf>), Er
     match backend {
         Backend::Sqlite => {
             let dir = std::env::temp_dir().join(&name);
-            std::fs::create_dir_all(&dir).map_err(|e| Error::Url { url: dir.display().to_string(), reason: e.to_string() })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::Url { url: dir.display().to_string(), reason: e.to_string() })?;
             Ok((format!("sqlite://{}/baton.db", dir.display()), Some(dir)))
         }
         Backend::Postgres => {

@@ -96,12 +96,18 @@ async fn upsert_get_delete_keep_versions_and_change_events() {
         let s = &t.store;
         let org = org_with_account(s).await;
         let (out, last) = s
-            .upsert(&org, "account", vec![rec(json!({"code": "a", "amount": 1})), rec(json!({"code": "b", "email": "b@x"}))], soon())
+            .upsert(
+                &org,
+                "account",
+                vec![rec(json!({"code": "a", "amount": 1})), rec(json!({"code": "b", "email": "b@x"}))],
+                soon(),
+            )
             .await
             .unwrap();
         assert_eq!(last, 2);
         assert!(out.iter().all(|o| o.created && o.version == 1));
-        let (out, last) = s.upsert(&org, "account", vec![rec(json!({"code": "a", "amount": 2}))], soon()).await.unwrap();
+        let (out, last) =
+            s.upsert(&org, "account", vec![rec(json!({"code": "a", "amount": 2}))], soon()).await.unwrap();
         assert_eq!((out[0].version, out[0].created, last), (2, false, 3));
         let a = s.get(&org, "account", "a", soon()).await.unwrap();
         assert_eq!((a.version, a.fields["amount"].as_i64()), (2, Some(2)));
@@ -110,8 +116,10 @@ async fn upsert_get_delete_keep_versions_and_change_events() {
         assert_eq!((del[0].deleted, del[0].version, del[1].deleted, last), (true, 2, false, 4));
         assert!(matches!(s.get(&org, "account", "b", soon()).await, Err(Error::NotFound(_))));
         // the deleted record's unique email is free again, and re-creating continues its versions
-        let (out, _) =
-            s.upsert(&org, "account", vec![rec(json!({"code": "c", "email": "b@x"})), rec(json!({"code": "b"}))], soon()).await.unwrap();
+        let (out, _) = s
+            .upsert(&org, "account", vec![rec(json!({"code": "c", "email": "b@x"})), rec(json!({"code": "b"}))], soon())
+            .await
+            .unwrap();
         assert_eq!((out[1].version, out[1].created), (3, true));
 
         let events = s.changes_after(&org, 0, 100).await.unwrap();
@@ -165,7 +173,10 @@ async fn invalid_records_commit_nothing_and_list_every_problem() {
         assert_eq!(s.high_water(&org).await.unwrap(), before);
         assert!(matches!(s.get(&org, "account", "d", soon()).await, Err(Error::NotFound(_))));
         assert_eq!(s.count_records(&org, "account").await.unwrap(), 1);
-        assert!(matches!(s.upsert(&org, "nope", vec![rec(json!({"code": "x"}))], soon()).await, Err(Error::NotFound(_))));
+        assert!(matches!(
+            s.upsert(&org, "nope", vec![rec(json!({"code": "x"}))], soon()).await,
+            Err(Error::NotFound(_))
+        ));
     })
     .await;
 }
@@ -182,7 +193,8 @@ async fn orgs_never_see_each_other() {
         let (del, _) = s.delete(&b, "account", vec!["secret".into()], soon()).await.unwrap();
         assert!(!del[0].deleted);
         // the same id and unique value in org B are B's own
-        let (out, _) = s.upsert(&b, "account", vec![rec(json!({"code": "secret", "email": "s@a"}))], soon()).await.unwrap();
+        let (out, _) =
+            s.upsert(&b, "account", vec![rec(json!({"code": "secret", "email": "s@a"}))], soon()).await.unwrap();
         assert!(out[0].created);
         assert_eq!(s.get(&a, "account", "secret", soon()).await.unwrap().version, 1);
         assert_eq!(s.high_water(&a).await.unwrap(), 1);
@@ -220,17 +232,26 @@ async fn filters_select_exactly_and_pages_follow_id_order() {
         assert_eq!(ids("amount >= 25").await, expect(&|i| i >= 25));
         assert_eq!(ids("amount < 3 OR amount = 29").await, expect(&|i| i < 3 || i == 29));
         assert_eq!(ids("active = true AND score > 10").await, expect(&|i| i % 2 == 0 && i > 20));
-        assert_eq!(ids("status IN ('open', 'late') AND amount <= 6").await, expect(&|i| i <= 6 && i % 5 != 0 && i % 3 != 2));
+        assert_eq!(
+            ids("status IN ('open', 'late') AND amount <= 6").await,
+            expect(&|i| i <= 6 && i % 5 != 0 && i % 3 != 2)
+        );
         assert_eq!(ids("status IS NULL").await, expect(&|i| i % 5 == 0));
         assert_eq!(ids("NOT status = 'open'").await, expect(&|i| i % 5 == 0 || i % 3 != 0));
-        assert_eq!(ids("status NOT IN ('done') AND NOT (amount > 5)").await, expect(&|i| i <= 5 && i % 5 != 0 && i % 3 != 2));
+        assert_eq!(
+            ids("status NOT IN ('done') AND NOT (amount > 5)").await,
+            expect(&|i| i <= 5 && i % 5 != 0 && i % 3 != 2)
+        );
         assert_eq!(ids("id = 'r07' OR email IS NOT NULL").await, vec![7]);
         assert_eq!(ids("score = 2.5").await, vec![5]);
 
         let mut after = None;
         let mut seen = Vec::new();
         for _ in 0..10 {
-            let page = s.query(&org, "account", "amount >= 10", &["amount".into()], 7, after.as_deref(), soon()).await.unwrap();
+            let page = s
+                .query(&org, "account", "amount >= 10", &["amount".into()], 7, after.as_deref(), soon())
+                .await
+                .unwrap();
             assert!(page.records.iter().all(|r| r.fields.len() == 1));
             seen.extend(page.records.iter().map(|r| r.id.clone()));
             after = page.next_after;
@@ -240,7 +261,9 @@ async fn filters_select_exactly_and_pages_follow_id_order() {
         }
         assert_eq!(seen, (10..30).map(|i| format!("r{i:02}")).collect::<Vec<_>>());
 
-        for (filter, fragment) in [("amount > 'x'", "is integer"), ("colour = 1", "unknown field"), ("amount >", "expected a value")] {
+        for (filter, fragment) in
+            [("amount > 'x'", "is integer"), ("colour = 1", "unknown field"), ("amount >", "expected a value")]
+        {
             match s.query(&org, "account", filter, &[], 10, None, soon()).await {
                 Err(Error::Invalid(errors)) => {
                     assert_eq!(errors[0].field, "filter");
@@ -267,7 +290,9 @@ async fn concurrent_writers_leave_seqs_dense_and_commit_ordered() {
             let (s, org) = (s.clone(), org.clone());
             tasks.push(tokio::spawn(async move {
                 for r in 0..rounds {
-                    let records = (0..3).map(|k| rec(json!({"code": format!("shared{}", (w + r + k) % 5), "amount": w * 100 + r}))).collect();
+                    let records = (0..3)
+                        .map(|k| rec(json!({"code": format!("shared{}", (w + r + k) % 5), "amount": w * 100 + r})))
+                        .collect();
                     s.upsert(&org, "account", records, Instant::now() + Duration::from_secs(60)).await.unwrap();
                 }
             }));
