@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs one benchmark against the real, release-built `baton` binary and prints its figures; the
+# last line is a one-line summary. BENCH_SECONDS sets how long each load runs (default 5).
+#
+#   scripts/bench.sh intake    # real-time upsert throughput and p50/p99, 1 and 200 records,
+#                              # on SQLite and PostgreSQL
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup.sh
+
+area="${1:-}"
+case "$area" in
+  intake) ;;
+  *) echo "usage: scripts/bench.sh intake" >&2; exit 64 ;;
+esac
+
+baton_setup_tools
+baton_setup_postgres
+cargo build --release --quiet -p baton -p baton-tests --bin baton --bin baton-bench
+BATON_BIN="$PWD/target/release/baton" exec target/release/baton-bench "$area"
