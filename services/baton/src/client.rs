@@ -16,7 +16,7 @@ use tonic_types::StatusExt;
 pub struct Conn {
     /// The baton endpoint.
     #[arg(long, env = "BATON_ENDPOINT", default_value = "http://127.0.0.1:7400")]
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 /// Connection and credentials of the admin commands.
@@ -33,10 +33,10 @@ pub struct AdminConn {
 #[derive(clap::Args, Debug, Clone)]
 pub struct OrgConn {
     #[command(flatten)]
-    conn: Conn,
+    pub(crate) conn: Conn,
     /// The org's API key.
     #[arg(long, env = "BATON_API_KEY", hide_env_values = true)]
-    api_key: String,
+    pub(crate) api_key: String,
 }
 
 /// The admin commands.
@@ -160,7 +160,7 @@ pub struct DeleteArgs {
     ids: Vec<String>,
 }
 
-async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
+pub(crate) async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
     let endpoint = Endpoint::from_shared(conn.endpoint.clone())
         .with_context(|| format!("invalid endpoint {:?}", conn.endpoint))?
         .connect_timeout(std::time::Duration::from_secs(5))
@@ -168,7 +168,7 @@ async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
     endpoint.connect().await.with_context(|| format!("cannot connect to {}", conn.endpoint))
 }
 
-fn with_bearer<T>(message: T, secret: &str) -> anyhow::Result<tonic::Request<T>> {
+pub(crate) fn with_bearer<T>(message: T, secret: &str) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
     let value: MetadataValue<_> = format!("Bearer {secret}").parse().context("the key is not valid header text")?;
     request.metadata_mut().insert("authorization", value);
@@ -176,7 +176,7 @@ fn with_bearer<T>(message: T, secret: &str) -> anyhow::Result<tonic::Request<T>>
 }
 
 /// Renders a status with its details, for the terminal.
-fn explain(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn explain(status: tonic::Status) -> anyhow::Error {
     let mut text = format!("{:?}: {}", status.code(), status.message());
     if let Some(bad) = status.get_details_bad_request() {
         for v in bad.field_violations {
@@ -197,14 +197,14 @@ fn explain(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!(text)
 }
 
-fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, value)?;
     writeln!(out)?;
     Ok(())
 }
 
-fn record_json(record: &pb::Record) -> serde_json::Value {
+pub(crate) fn record_json(record: &pb::Record) -> serde_json::Value {
     let fields = record.fields.clone().unwrap_or_default();
     serde_json::json!({
         "id": record.id,
@@ -214,7 +214,7 @@ fn record_json(record: &pb::Record) -> serde_json::Value {
     })
 }
 
-fn struct_json(s: &prost_types::Struct) -> serde_json::Value {
+pub(crate) fn struct_json(s: &prost_types::Struct) -> serde_json::Value {
     use prost_types::value::Kind;
     fn value(v: &prost_types::Value) -> serde_json::Value {
         match &v.kind {

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use baton_intake::IntakeOptions;
+use baton_mesh::auth::AuthConfig;
 use baton_mesh::config::{ServeOptions, exit_bad_config};
+use baton_mesh::server::MeshServer;
 use baton_store::{Store, StoreOptions};
 
 /// The options of `baton dev`.
@@ -36,6 +38,9 @@ pub struct DevArgs {
 
     #[command(flatten)]
     limits: IntakeOptions,
+
+    #[command(flatten)]
+    sync: baton_sync::SyncOptions,
 }
 
 fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
@@ -56,7 +61,7 @@ fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
 
 /// Runs the mesh until SIGTERM or SIGINT.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    if let Err(e) = args.limits.validate() {
+    if let Err(e) = args.limits.validate().and_then(|()| args.sync.validate()) {
         exit_bad_config(e);
     }
     if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
@@ -98,7 +103,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
     }
     let shutdown = baton_mesh::shutdown::on_signals();
-    baton_intake::run(serve, args.limits, store.clone(), Some(token), listener, metrics, shutdown).await?;
+    let auth = AuthConfig { admin_token: Some(token.into()), keys: Some(std::sync::Arc::new(store.clone())) };
+    let server = MeshServer::new(serve.clone(), auth);
+    let server = baton_intake::add_services(server, &store, &args.limits, &serve);
+    let server = baton_sync::add_services(server, &store, &args.sync, serve.max_message_bytes(), shutdown.clone());
+    server.serve(listener, metrics, shutdown).await?;
+    // let the link runners give their leases up
+    tokio::time::sleep(Duration::from_millis(200)).await;
     store.close().await;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod client;
 mod dev;
+mod sync_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,7 +26,7 @@ struct Cli {
 
 /// Where the store is.
 #[derive(clap::Args, Debug, Clone)]
-struct StoreArgs {
+pub(crate) struct StoreArgs {
     /// The store: `sqlite://PATH` (embedded) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
     #[arg(long = "store", env = "BATON_STORE")]
     url: String,
@@ -37,7 +38,7 @@ struct StoreArgs {
 }
 
 impl StoreArgs {
-    async fn open(&self) -> anyhow::Result<Store> {
+    pub(crate) async fn open(&self) -> anyhow::Result<Store> {
         let mut options = StoreOptions::new(self.url.clone());
         options.max_connections = self.store_connections;
         Ok(Store::open(&options).await?)
@@ -58,6 +59,9 @@ enum Command {
         #[arg(long, env = "BATON_ADMIN_TOKEN")]
         admin_token: Option<String>,
     },
+    /// Runs the sync service (extraction and links), or talks to one (`baton sync extract`,
+    /// `baton sync link …`).
+    Sync(sync_cli::SyncArgs),
     /// Runs the whole mesh in one process on embedded defaults (SQLite under --data-dir).
     Dev(dev::DevArgs),
     /// Administers orgs, API keys and object schemas (needs the admin token).
@@ -147,12 +151,46 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(args) => dev::run(args).await,
+        Command::Sync(args) => match args.command {
+            sync_cli::SyncCommand::Serve { serve, store, sync } => {
+                if let Err(e) = sync.validate() {
+                    exit_bad_config(e);
+                }
+                let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+                let listener = baton_mesh::server::bind(serve.listen).await?;
+                let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+                print_endpoints(&listener, &metrics)?;
+                let shutdown = baton_mesh::shutdown::on_signals();
+                let auth = baton_mesh::auth::AuthConfig {
+                    admin_token: None,
+                    keys: Some(std::sync::Arc::new(store.clone())),
+                };
+                let server = baton_mesh::server::MeshServer::new(serve.clone(), auth);
+                let server = baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone());
+                server.serve(listener, metrics, shutdown).await?;
+                // let the link runners give their leases up
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                store.close().await;
+                Ok(())
+            }
+            command => sync_cli::run(args.conn, command).await,
+        },
         Command::Admin { conn, command } => client::admin(conn, command).await,
         Command::Upsert(args) => client::upsert(args).await,
         Command::Get(args) => client::get(args).await,
         Command::Query(args) => client::query(args).await,
         Command::Delete(args) => client::delete(args).await,
     }
+}
+
+/// Prints where a server listens: `endpoint: ADDR` and `metrics: URL`, the contract with scripts
+/// and tests that start servers on port 0. A closed stdout is not an error.
+fn print_endpoints(listener: &tokio::net::TcpListener, metrics: &tokio::net::TcpListener) -> anyhow::Result<()> {
+    use std::io::Write;
+    let text = format!("endpoint: {}\nmetrics: http://{}/metrics\n", listener.local_addr()?, metrics.local_addr()?);
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+    Ok(())
 }
 
 /// The default data directory of `baton dev`.

@@ -2,7 +2,8 @@
 
 use baton_mesh::proto::v1 as pb;
 use baton_store::FieldError;
-use baton_store::model::{FieldSpec, FieldType, Fields, ObjectSchema, Record};
+use baton_store::model::{ChangeEvent, ChangeOp, FieldSpec, FieldType, Fields, ObjectSchema, Record};
+use baton_store::sync::IncomingChange;
 use prost_types::value::Kind;
 use serde_json::Value;
 
@@ -75,6 +76,71 @@ pub fn record_to_pb(record: &Record) -> pb::Record {
         version: record.version,
         updated_at_ms: record.updated_at_ms,
     }
+}
+
+/// A change-log entry as a protobuf Change.
+pub fn change_to_pb(event: &ChangeEvent) -> pb::Change {
+    pb::Change {
+        seq: event.seq,
+        object: event.object.clone(),
+        record_id: event.record_id.clone(),
+        op: match event.op {
+            ChangeOp::Upsert => pb::ChangeOp::Upsert,
+            ChangeOp::Delete => pb::ChangeOp::Delete,
+        } as i32,
+        fields: event.fields.as_ref().map(fields_to_pb),
+        version: event.version,
+        committed_at_ms: event.committed_at_ms,
+    }
+}
+
+/// A snapshot row as a protobuf upsert Change (seq 0).
+pub fn snapshot_row_to_pb(object: &str, record: &Record) -> pb::Change {
+    pb::Change {
+        seq: 0,
+        object: object.to_owned(),
+        record_id: record.id.clone(),
+        op: pb::ChangeOp::Upsert as i32,
+        fields: Some(fields_to_pb(&record.fields)),
+        version: record.version,
+        committed_at_ms: record.updated_at_ms,
+    }
+}
+
+/// Replicated protobuf changes as store changes; `changes[i]` paths in errors.
+pub fn changes_from_pb(changes: &[pb::Change]) -> Result<Vec<IncomingChange>, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let mut out = Vec::with_capacity(changes.len());
+    for (i, c) in changes.iter().enumerate() {
+        let op = match pb::ChangeOp::try_from(c.op) {
+            Ok(pb::ChangeOp::Upsert) => ChangeOp::Upsert,
+            Ok(pb::ChangeOp::Delete) => ChangeOp::Delete,
+            _ => {
+                errors.push(FieldError::new(format!("changes[{i}].op"), "set CHANGE_OP_UPSERT or CHANGE_OP_DELETE"));
+                continue;
+            }
+        };
+        if c.record_id.is_empty() || c.object.is_empty() {
+            errors.push(FieldError::new(format!("changes[{i}]"), "object and record_id are required"));
+            continue;
+        }
+        if c.version < 1 {
+            errors.push(FieldError::new(format!("changes[{i}].version"), "a version is at least 1"));
+            continue;
+        }
+        let fields = c.fields.as_ref().map(|f| {
+            f.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("changes[{i}].fields.{k}"), &mut errors))).collect()
+        });
+        out.push(IncomingChange {
+            seq: c.seq,
+            object: c.object.clone(),
+            record_id: c.record_id.clone(),
+            op,
+            fields,
+            version: c.version,
+        });
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
 }
 
 /// A protobuf schema as a store schema. An unset or unknown type is an error.

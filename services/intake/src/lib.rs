@@ -224,7 +224,40 @@ impl pb::intake_server::Intake for IntakeService {
             next_page_token: page.next_after.map(hex::encode).unwrap_or_default(),
         }))
     }
+
+    async fn apply_changes(
+        &self,
+        request: Request<pb::ApplyChangesRequest>,
+    ) -> Result<Response<pb::ApplyChangesResponse>, Status> {
+        let org = org_of(&request)?;
+        let request = request.into_inner();
+        self.check_size(&request)?;
+        require(&request.link_id, "link_id")?;
+        if request.changes.len() > MAX_APPLY_CHANGES {
+            return Err(Error::Invalid(vec![FieldError::new(
+                "changes",
+                format!("at most {MAX_APPLY_CHANGES} changes per request, got {}", request.changes.len()),
+            )])
+            .into());
+        }
+        let changes = convert::changes_from_pb(&request.changes).map_err(Error::Invalid)?;
+        let outcome =
+            self.store.apply_changes(&org, &request.link_id, &changes, request.snapshot).await.map_err(Error::from)?;
+        Ok(Response::new(pb::ApplyChangesResponse {
+            watermark: outcome.watermark,
+            applied: outcome.applied as i32,
+            skipped: outcome.skipped as i32,
+            rejected: outcome
+                .rejected
+                .into_iter()
+                .map(|(seq, record_id, reason)| pb::RejectedChange { seq, record_id, reason })
+                .collect(),
+        }))
+    }
 }
+
+/// The most changes one ApplyChanges request may carry.
+pub const MAX_APPLY_CHANGES: usize = 10_000;
 
 /// Adds the intake and admin services to a server.
 pub fn add_services(server: MeshServer, store: &Store, options: &IntakeOptions, serve: &ServeOptions) -> MeshServer {

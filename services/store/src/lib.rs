@@ -15,6 +15,7 @@ mod admin;
 pub mod filter;
 pub mod model;
 mod records;
+pub mod sync;
 pub mod schema;
 pub mod testing;
 
@@ -145,12 +146,23 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sql = match self.0 {
-            Backend::Sqlite => include_str!("../migrations/sqlite/0001_init.sql"),
-            Backend::Postgres => include_str!("../migrations/postgres/0001_init.sql"),
+        let sources: [(i64, &'static str, &'static str); 2] = match self.0 {
+            Backend::Sqlite => [
+                (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
+                (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
+            ],
+            Backend::Postgres => [
+                (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
+                (2, "sync", include_str!("../migrations/postgres/0002_sync.sql")),
+            ],
         };
         Box::pin(async move {
-            Ok(vec![Migration::new(1, Cow::Borrowed("init"), MigrationType::Simple, Cow::Borrowed(sql), false)])
+            Ok(sources
+                .into_iter()
+                .map(|(version, name, sql)| {
+                    Migration::new(version, Cow::Borrowed(name), MigrationType::Simple, Cow::Borrowed(sql), false)
+                })
+                .collect())
         })
     }
 }

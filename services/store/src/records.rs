@@ -24,7 +24,7 @@ fn bind_param<'q>(query: Query<'q>, param: &Param) -> Query<'q> {
 
 /// Runs `work` until `deadline`; past it, the work (and its transaction) is dropped, which rolls
 /// it back.
-async fn by_deadline<T>(
+pub(crate) async fn by_deadline<T>(
     deadline: Instant,
     work: impl std::future::Future<Output = Result<T, Error>>,
 ) -> Result<T, Error> {
@@ -57,7 +57,7 @@ impl Store {
     }
 
     /// Takes the org's write lock inside `conn`'s transaction and returns its last seq.
-    async fn lock_org(&self, conn: &mut AnyConnection, org_id: &str) -> Result<i64, Error> {
+    pub(crate) async fn lock_org(&self, conn: &mut AnyConnection, org_id: &str) -> Result<i64, Error> {
         let row = sqlx::query("UPDATE orgs SET last_seq = last_seq WHERE id = $1 RETURNING last_seq")
             .bind(org_id)
             .fetch_optional(&mut *conn)
@@ -68,13 +68,13 @@ impl Store {
         }
     }
 
-    async fn set_last_seq(&self, conn: &mut AnyConnection, org_id: &str, seq: i64) -> Result<(), Error> {
+    pub(crate) async fn set_last_seq(&self, conn: &mut AnyConnection, org_id: &str, seq: i64) -> Result<(), Error> {
         sqlx::query("UPDATE orgs SET last_seq = $2 WHERE id = $1").bind(org_id).bind(seq).execute(&mut *conn).await?;
         Ok(())
     }
 
     #[allow(clippy::too_many_arguments)]
-    async fn append_change(
+    pub(crate) async fn append_change(
         &self,
         conn: &mut AnyConnection,
         org_id: &str,
@@ -100,6 +100,39 @@ impl Store {
             .bind(fields.map(str::to_owned))
             .bind(version)
             .bind(now)
+            .execute(&mut *conn)
+            .await?;
+        Ok(())
+    }
+
+    /// Writes a record row with an explicit version (live or a tombstone).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn write_record(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        object: &str,
+        id: &str,
+        json: &str,
+        version: i64,
+        deleted: bool,
+        now: i64,
+    ) -> Result<(), Error> {
+        let sql = format!(
+            "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
+             VALUES ($1, $2, $3, {}, $5, $6, $7) \
+             ON CONFLICT (org_id, object, id) DO UPDATE SET fields = excluded.fields, \
+             version = excluded.version, updated_at_ms = excluded.updated_at_ms, deleted = excluded.deleted",
+            self.json_param(4)
+        );
+        sqlx::query(&sql)
+            .bind(org_id)
+            .bind(object)
+            .bind(id.to_owned())
+            .bind(json.to_owned())
+            .bind(version)
+            .bind(now)
+            .bind(i64::from(deleted))
             .execute(&mut *conn)
             .await?;
         Ok(())
@@ -166,7 +199,7 @@ impl Store {
     }
 
     /// The current version and deleted flag of each record that exists (live or deleted).
-    async fn existing_versions(
+    pub(crate) async fn existing_versions(
         &self,
         conn: &mut AnyConnection,
         org_id: &str,
@@ -189,7 +222,7 @@ impl Store {
     }
 
     /// Lists every unique value already held by another live record.
-    async fn check_unique(
+    pub(crate) async fn check_unique(
         &self,
         conn: &mut AnyConnection,
         org_id: &str,
@@ -225,7 +258,7 @@ impl Store {
     }
 
     /// Replaces the unique-value index entries of a record (removes them when `record` is None).
-    async fn replace_unique_values(
+    pub(crate) async fn replace_unique_values(
         &self,
         conn: &mut AnyConnection,
         org_id: &str,

@@ -1,0 +1,285 @@
+//! `baton sync`: runs the sync service, or talks to one (extraction and links).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use baton_mesh::config::{ServeOptions, parse_duration};
+use baton_mesh::proto::v1 as pb;
+use baton_sync::SyncOptions;
+
+use crate::StoreArgs;
+use crate::client::{OrgConn, channel, explain, print_json, record_json, struct_json, with_bearer};
+
+/// `baton sync`.
+#[derive(clap::Args, Debug)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    pub(crate) conn: OptionalOrgConn,
+    #[command(subcommand)]
+    pub(crate) command: SyncCommand,
+}
+
+/// The connection of the client commands (not needed by `serve`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct OptionalOrgConn {
+    /// The baton endpoint.
+    #[arg(long, env = "BATON_ENDPOINT", default_value = "http://127.0.0.1:7400", global = true)]
+    endpoint: String,
+    /// The org's API key.
+    #[arg(long, env = "BATON_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+}
+
+impl OptionalOrgConn {
+    fn org(&self) -> anyhow::Result<OrgConn> {
+        let api_key = self.api_key.clone().context("set --api-key or BATON_API_KEY")?;
+        Ok(OrgConn { conn: crate::client::Conn { endpoint: self.endpoint.clone() }, api_key })
+    }
+}
+
+/// The sync subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum SyncCommand {
+    /// Runs the sync service: the Sync API, the link runners, change-log trimming.
+    Serve {
+        #[command(flatten)]
+        serve: ServeOptions,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        sync: SyncOptions,
+    },
+    /// Extracts the org to NDJSON: the snapshot, then (with --follow) every change after it.
+    Extract {
+        /// Objects to extract (comma-separated); all by default.
+        #[arg(long, value_delimiter = ',')]
+        objects: Vec<String>,
+        /// Resume: only the changes after this seq.
+        #[arg(long)]
+        after_seq: Option<i64>,
+        /// Keep streaming changes after the snapshot until interrupted.
+        #[arg(long)]
+        follow: bool,
+        /// Where to write; standard output by default.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Links to other orgs.
+    #[command(subcommand)]
+    Link(LinkCommand),
+}
+
+/// The link subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum LinkCommand {
+    /// Creates a link from this org to a target org.
+    Create {
+        /// The target's gRPC endpoint, `http://host:port`.
+        #[arg(long)]
+        target: String,
+        /// An API key of the target org.
+        #[arg(long, env = "BATON_TARGET_API_KEY", hide_env_values = true)]
+        target_key: String,
+        /// Objects to replicate (comma-separated); all by default.
+        #[arg(long, value_delimiter = ',')]
+        objects: Vec<String>,
+        /// Consecutive successful probes needed to resume after a suspension.
+        #[arg(long, default_value_t = 3)]
+        threshold: i32,
+        /// Time between probes.
+        #[arg(long, default_value = "1s", value_parser = parse_duration)]
+        probe_interval: Duration,
+        /// Stop the link (FAILED) when the target rejects a change, instead of dead-lettering it.
+        #[arg(long)]
+        stop_on_reject: bool,
+    },
+    /// Lists this org's links.
+    List,
+    /// Shows one link.
+    Get {
+        /// The link id.
+        id: String,
+    },
+    /// Follows a link's state transitions until interrupted.
+    Watch {
+        /// The link id.
+        id: String,
+    },
+    /// Pauses a link.
+    Pause {
+        /// The link id.
+        id: String,
+    },
+    /// Resumes a paused or failed link.
+    Resume {
+        /// The link id.
+        id: String,
+    },
+    /// Deletes a link.
+    Delete {
+        /// The link id.
+        id: String,
+    },
+    /// Lists a link's state transitions.
+    History {
+        /// The link id.
+        id: String,
+    },
+    /// Lists the changes the target rejected.
+    DeadLetters {
+        /// The link id.
+        id: String,
+    },
+}
+
+fn state_name(state: i32) -> &'static str {
+    match pb::LinkState::try_from(state) {
+        Ok(s) => s.as_str_name().trim_start_matches("LINK_STATE_"),
+        Err(_) => "?",
+    }
+}
+
+fn link_json(link: &pb::Link) -> serde_json::Value {
+    serde_json::json!({
+        "id": link.id, "state": state_name(link.state), "target": link.target_endpoint, "objects": link.objects,
+        "cursor_seq": link.cursor_seq, "lag_seq": link.lag_seq, "lag_ms": link.lag_ms,
+        "verify_threshold": link.verify_threshold, "consecutive_ok": link.consecutive_ok,
+        "dead_letters": link.dead_letters, "last_cause": link.last_cause,
+    })
+}
+
+fn event_json(e: &pb::LinkEvent) -> serde_json::Value {
+    serde_json::json!({"at_ms": e.at_ms, "from": state_name(e.from), "to": state_name(e.to), "cause": e.cause})
+}
+
+/// Runs a client subcommand.
+pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<()> {
+    let org = conn.org()?;
+    let mut client = pb::sync_client::SyncClient::new(channel(&org.conn).await?).max_decoding_message_size(64 * 1024 * 1024);
+    let key = org.api_key.as_str();
+    match command {
+        SyncCommand::Serve { .. } => unreachable!("served by main"),
+        SyncCommand::Extract { objects, after_seq, follow, out } => {
+            let mut writer: Box<dyn Write> = match &out {
+                Some(path) => Box::new(std::io::BufWriter::new(
+                    std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?,
+                )),
+                None => Box::new(std::io::BufWriter::new(std::io::stdout())),
+            };
+            let request = pb::ExtractRequest { objects, after_seq, chunk_size: 0 };
+            let mut stream = client.extract(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
+            let mut high_water = after_seq.unwrap_or(0);
+            let mut last_seq = high_water;
+            while let Some(message) = stream.message().await.map_err(explain)? {
+                match message.kind {
+                    Some(pb::extract_response::Kind::HighWater(hw)) => {
+                        high_water = hw.seq;
+                        last_seq = hw.seq;
+                        eprintln!("high-water mark: seq {}", hw.seq);
+                    }
+                    Some(pb::extract_response::Kind::Snapshot(chunk)) => {
+                        for r in &chunk.records {
+                            let mut line = record_json(r);
+                            line["object"] = chunk.object.clone().into();
+                            serde_json::to_writer(&mut writer, &line)?;
+                            writeln!(writer)?;
+                        }
+                        eprint!("\rsnapshot: {} rows ({} .. {} of {})   ", chunk.rows_so_far, chunk.from_id, chunk.to_id, chunk.object);
+                    }
+                    Some(pb::extract_response::Kind::SnapshotDone(done)) => {
+                        writer.flush()?;
+                        eprintln!("\rsnapshot done: {} rows; changes follow after seq {high_water}", done.rows);
+                        if !follow {
+                            eprintln!("resume later with: baton sync extract --after-seq {high_water} --follow");
+                            break;
+                        }
+                    }
+                    Some(pb::extract_response::Kind::Changes(batch)) => {
+                        for c in &batch.changes {
+                            let op = pb::ChangeOp::try_from(c.op).map_or("?", |o| o.as_str_name().trim_start_matches("CHANGE_OP_"));
+                            let fields = c.fields.as_ref().map(struct_json);
+                            let line = serde_json::json!({"seq": c.seq, "op": op, "object": c.object, "id": c.record_id,
+                                                          "version": c.version, "fields": fields});
+                            serde_json::to_writer(&mut writer, &line)?;
+                            writeln!(writer)?;
+                            last_seq = c.seq;
+                        }
+                        writer.flush()?;
+                        eprint!("\rchanges through seq {last_seq}   ");
+                    }
+                    None => {}
+                }
+            }
+            writer.flush()?;
+        }
+        SyncCommand::Link(command) => match command {
+            LinkCommand::Create { target, target_key, objects, threshold, probe_interval, stop_on_reject } => {
+                let request = pb::CreateLinkRequest {
+                    target_endpoint: target,
+                    target_api_key: target_key,
+                    objects,
+                    verify_threshold: threshold,
+                    probe_interval_ms: probe_interval.as_millis() as i64,
+                    on_reject: if stop_on_reject { pb::RejectPolicy::Stop } else { pb::RejectPolicy::DeadLetter } as i32,
+                };
+                let link = client.create_link(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
+                print_json(&link_json(&link))?;
+            }
+            LinkCommand::List => {
+                let links = client.list_links(with_bearer(pb::ListLinksRequest {}, key)?).await.map_err(explain)?.into_inner();
+                for link in &links.links {
+                    print_json(&link_json(link))?;
+                }
+            }
+            LinkCommand::Get { id } => {
+                let link = client.get_link(with_bearer(pb::GetLinkRequest { link_id: id }, key)?).await.map_err(explain)?;
+                print_json(&link_json(link.get_ref()))?;
+            }
+            LinkCommand::Watch { id } => {
+                let mut stream =
+                    client.watch_link(with_bearer(pb::WatchLinkRequest { link_id: id }, key)?).await.map_err(explain)?.into_inner();
+                while let Some(event) = stream.message().await.map_err(explain)? {
+                    let mut line = event_json(&event);
+                    if let Some(link) = &event.link {
+                        line["lag_seq"] = link.lag_seq.into();
+                        line["cursor_seq"] = link.cursor_seq.into();
+                    }
+                    print_json(&line)?;
+                }
+            }
+            LinkCommand::Pause { id } => {
+                let link = client.pause_link(with_bearer(pb::PauseLinkRequest { link_id: id }, key)?).await.map_err(explain)?;
+                print_json(&link_json(link.get_ref()))?;
+            }
+            LinkCommand::Resume { id } => {
+                let link = client.resume_link(with_bearer(pb::ResumeLinkRequest { link_id: id }, key)?).await.map_err(explain)?;
+                print_json(&link_json(link.get_ref()))?;
+            }
+            LinkCommand::Delete { id } => {
+                client.delete_link(with_bearer(pb::DeleteLinkRequest { link_id: id.clone() }, key)?).await.map_err(explain)?;
+                eprintln!("deleted {id}");
+            }
+            LinkCommand::History { id } => {
+                let history = client
+                    .list_link_history(with_bearer(pb::ListLinkHistoryRequest { link_id: id }, key)?)
+                    .await
+                    .map_err(explain)?;
+                for e in &history.get_ref().events {
+                    print_json(&event_json(e))?;
+                }
+            }
+            LinkCommand::DeadLetters { id } => {
+                let letters = client
+                    .list_dead_letters(with_bearer(pb::ListDeadLettersRequest { link_id: id }, key)?)
+                    .await
+                    .map_err(explain)?;
+                for d in &letters.get_ref().dead_letters {
+                    print_json(&serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id, "reason": d.reason, "at_ms": d.at_ms}))?;
+                }
+            }
+        },
+    }
+    Ok(())
+}

@@ -1,0 +1,615 @@
+//! Sync in the store: links and their history and dead letters (source side), version-guarded
+//! idempotent apply with a per-link watermark (target side), and change-log trimming.
+
+use std::time::Duration;
+
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use tokio::time::Instant;
+
+use crate::model::{ChangeOp, Fields};
+use crate::schema::{record_id, validate_records};
+use crate::{Error, Store, new_id, now_ms};
+
+/// The state of a link (see the brief, section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// Copying the snapshot.
+    Bootstrapping,
+    /// Sending changes after the cursor.
+    Streaming,
+    /// The target is unreachable; probing with backoff.
+    Suspended,
+    /// The target answers; counting consecutive successful probes.
+    Verifying,
+    /// Paused by hand.
+    Paused,
+    /// Stopped by a non-connection error.
+    Failed,
+}
+
+impl LinkState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Bootstrapping => "BOOTSTRAPPING",
+            LinkState::Streaming => "STREAMING",
+            LinkState::Suspended => "SUSPENDED",
+            LinkState::Verifying => "VERIFYING",
+            LinkState::Paused => "PAUSED",
+            LinkState::Failed => "FAILED",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "BOOTSTRAPPING" => LinkState::Bootstrapping,
+            "STREAMING" => LinkState::Streaming,
+            "SUSPENDED" => LinkState::Suspended,
+            "VERIFYING" => LinkState::Verifying,
+            "PAUSED" => LinkState::Paused,
+            "FAILED" => LinkState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// What a link does with a change the target rejects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectPolicy {
+    /// Dead-letter it and go on.
+    DeadLetter,
+    /// Dead-letter it and fail the link.
+    Stop,
+}
+
+impl RejectPolicy {
+    fn as_str(self) -> &'static str {
+        match self {
+            RejectPolicy::DeadLetter => "DEAD_LETTER",
+            RejectPolicy::Stop => "STOP",
+        }
+    }
+}
+
+/// A link from an org to a target org.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    /// `lnk_…`
+    pub id: String,
+    /// The source org.
+    pub org_id: String,
+    /// The target's gRPC endpoint.
+    pub target_endpoint: String,
+    /// The target org's API key.
+    pub target_api_key: String,
+    /// Objects replicated (empty: all).
+    pub objects: Vec<String>,
+    /// The state.
+    pub state: LinkState,
+    /// Probes needed to resume.
+    pub verify_threshold: u32,
+    /// Between probes.
+    pub probe_interval: Duration,
+    /// Rejected changes.
+    pub on_reject: RejectPolicy,
+    /// The last source seq the target applied.
+    pub cursor_seq: i64,
+    /// Whether the snapshot was applied.
+    pub bootstrapped: bool,
+    /// Consecutive successful probes while VERIFYING.
+    pub consecutive_ok: u32,
+    /// The cause of the last transition.
+    pub last_cause: String,
+    /// Creation time.
+    pub created_at_ms: i64,
+}
+
+/// What to create a link with.
+#[derive(Debug, Clone)]
+pub struct NewLink {
+    /// The target's gRPC endpoint.
+    pub target_endpoint: String,
+    /// The target org's API key.
+    pub target_api_key: String,
+    /// Objects (empty: all).
+    pub objects: Vec<String>,
+    /// Probes needed to resume.
+    pub verify_threshold: u32,
+    /// Between probes.
+    pub probe_interval: Duration,
+    /// Rejected changes.
+    pub on_reject: RejectPolicy,
+}
+
+/// A state transition of a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkTransition {
+    /// Its position in the link's history.
+    pub id: i64,
+    /// Before (None for the creation).
+    pub from: Option<LinkState>,
+    /// After.
+    pub to: LinkState,
+    /// Why.
+    pub cause: String,
+    /// When.
+    pub at_ms: i64,
+}
+
+/// A change the target rejected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    /// The source seq.
+    pub seq: i64,
+    /// The object.
+    pub object: String,
+    /// The record id.
+    pub record_id: String,
+    /// Why.
+    pub reason: String,
+    /// When.
+    pub at_ms: i64,
+}
+
+/// A replicated change to apply on the target.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IncomingChange {
+    /// The source seq (0 for snapshot rows).
+    pub seq: i64,
+    /// The object.
+    pub object: String,
+    /// The record id.
+    pub record_id: String,
+    /// Upsert or delete.
+    pub op: ChangeOp,
+    /// The fields after an upsert.
+    pub fields: Option<Fields>,
+    /// The source version.
+    pub version: i64,
+}
+
+/// What an apply did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ApplyOutcome {
+    /// The link's watermark afterwards.
+    pub watermark: i64,
+    /// Changes written.
+    pub applied: u32,
+    /// Changes skipped (old seq or not a newer version).
+    pub skipped: u32,
+    /// Changes rejected: (seq, record id, reason).
+    pub rejected: Vec<(i64, String, String)>,
+}
+
+const LINK_COLUMNS: &str = "id, org_id, target_endpoint, target_api_key, objects, state, verify_threshold, \
+     probe_interval_ms, on_reject, cursor_seq, bootstrapped, consecutive_ok, last_cause, created_at_ms";
+
+fn link_from_row(r: &AnyRow) -> Result<Link, Error> {
+    let state: String = r.try_get(5)?;
+    let objects: String = r.try_get(4)?;
+    Ok(Link {
+        id: r.try_get(0)?,
+        org_id: r.try_get(1)?,
+        target_endpoint: r.try_get(2)?,
+        target_api_key: r.try_get(3)?,
+        objects: serde_json::from_str(&objects).map_err(|e| Error::Corrupt(format!("link objects: {e}")))?,
+        state: LinkState::parse(&state).ok_or_else(|| Error::Corrupt(format!("link state {state:?}")))?,
+        verify_threshold: r.try_get::<i64, _>(6)? as u32,
+        probe_interval: Duration::from_millis(r.try_get::<i64, _>(7)? as u64),
+        on_reject: if r.try_get::<String, _>(8)? == "STOP" { RejectPolicy::Stop } else { RejectPolicy::DeadLetter },
+        cursor_seq: r.try_get(9)?,
+        bootstrapped: r.try_get::<i64, _>(10)? != 0,
+        consecutive_ok: r.try_get::<i64, _>(11)? as u32,
+        last_cause: r.try_get(12)?,
+        created_at_ms: r.try_get(13)?,
+    })
+}
+
+impl Store {
+    /// Creates a link of `org_id`, BOOTSTRAPPING.
+    pub async fn create_link(&self, org_id: &str, new: &NewLink) -> Result<Link, Error> {
+        let id = new_id("lnk");
+        let now = now_ms();
+        let objects = serde_json::to_string(&new.objects).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO links (id, org_id, target_endpoint, target_api_key, objects, state, verify_threshold, \
+             probe_interval_ms, on_reject, created_at_ms, updated_at_ms, last_cause) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, 'created')",
+        )
+        .bind(id.clone())
+        .bind(org_id)
+        .bind(new.target_endpoint.clone())
+        .bind(new.target_api_key.clone())
+        .bind(objects)
+        .bind(LinkState::Bootstrapping.as_str())
+        .bind(i64::from(new.verify_threshold))
+        .bind(new.probe_interval.as_millis() as i64)
+        .bind(new.on_reject.as_str())
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO link_history (link_id, at_ms, from_state, to_state, cause) VALUES ($1, $2, '', $3, 'created')")
+            .bind(id.clone())
+            .bind(now)
+            .bind(LinkState::Bootstrapping.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        self.link(org_id, &id).await
+    }
+
+    /// A link of `org_id`; NOT_FOUND for another org's link.
+    pub async fn link(&self, org_id: &str, link_id: &str) -> Result<Link, Error> {
+        let row = sqlx::query(&format!("SELECT {LINK_COLUMNS} FROM links WHERE id = $1 AND org_id = $2"))
+            .bind(link_id)
+            .bind(org_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        match row {
+            Some(row) => link_from_row(&row),
+            None => Err(Error::NotFound(format!("link {link_id}"))),
+        }
+    }
+
+    /// A link by id alone, for the runner that owns it.
+    pub async fn link_by_id(&self, link_id: &str) -> Result<Option<Link>, Error> {
+        let row = sqlx::query(&format!("SELECT {LINK_COLUMNS} FROM links WHERE id = $1"))
+            .bind(link_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(link_from_row).transpose()
+    }
+
+    /// The links of an org, oldest first.
+    pub async fn list_links(&self, org_id: &str) -> Result<Vec<Link>, Error> {
+        let rows = sqlx::query(&format!("SELECT {LINK_COLUMNS} FROM links WHERE org_id = $1 ORDER BY created_at_ms, id"))
+            .bind(org_id)
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(link_from_row).collect()
+    }
+
+    /// Moves a link from one of `from` to `to` with `cause`, recording the transition, setting
+    /// `consecutive_ok`, and optionally the cursor and bootstrapped flag. Returns false (and
+    /// changes nothing) when the link is not in one of `from` any more.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn transition_link(
+        &self,
+        link_id: &str,
+        from: &[LinkState],
+        to: LinkState,
+        cause: &str,
+        consecutive_ok: u32,
+        cursor: Option<i64>,
+        bootstrapped: Option<bool>,
+    ) -> Result<bool, Error> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query("SELECT state FROM links WHERE id = $1").bind(link_id).fetch_optional(&mut *tx).await?;
+        let Some(row) = row else { return Ok(false) };
+        let current: String = row.try_get(0)?;
+        if !from.iter().any(|s| s.as_str() == current) {
+            return Ok(false);
+        }
+        let now = now_ms();
+        sqlx::query(
+            "UPDATE links SET state = $2, last_cause = $3, consecutive_ok = $4, updated_at_ms = $5, \
+             cursor_seq = COALESCE($6, cursor_seq), bootstrapped = COALESCE($7, bootstrapped) WHERE id = $1",
+        )
+        .bind(link_id)
+        .bind(to.as_str())
+        .bind(cause)
+        .bind(i64::from(consecutive_ok))
+        .bind(now)
+        .bind(cursor)
+        .bind(bootstrapped.map(i64::from))
+        .execute(&mut *tx)
+        .await?;
+        if current != to.as_str() {
+            sqlx::query("INSERT INTO link_history (link_id, at_ms, from_state, to_state, cause) VALUES ($1, $2, $3, $4, $5)")
+                .bind(link_id)
+                .bind(now)
+                .bind(current)
+                .bind(to.as_str())
+                .bind(cause)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Moves a link's cursor forward (never back).
+    pub async fn advance_link_cursor(&self, link_id: &str, cursor: i64) -> Result<(), Error> {
+        sqlx::query("UPDATE links SET cursor_seq = $2, updated_at_ms = $3 WHERE id = $1 AND cursor_seq < $2")
+            .bind(link_id)
+            .bind(cursor)
+            .bind(now_ms())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a link of `org_id` with its history and dead letters.
+    pub async fn delete_link(&self, org_id: &str, link_id: &str) -> Result<(), Error> {
+        let mut tx = self.writer.begin().await?;
+        let done =
+            sqlx::query("DELETE FROM links WHERE id = $1 AND org_id = $2").bind(link_id).bind(org_id).execute(&mut *tx).await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound(format!("link {link_id}")));
+        }
+        sqlx::query("DELETE FROM link_history WHERE link_id = $1").bind(link_id).execute(&mut *tx).await?;
+        sqlx::query("DELETE FROM dead_letters WHERE link_id = $1").bind(link_id).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A link's transitions after position `after_id`, oldest first.
+    pub async fn link_history(&self, link_id: &str, after_id: i64) -> Result<Vec<LinkTransition>, Error> {
+        let rows = sqlx::query(
+            "SELECT id, from_state, to_state, cause, at_ms FROM link_history WHERE link_id = $1 AND id > $2 ORDER BY id",
+        )
+        .bind(link_id)
+        .bind(after_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let to: String = r.try_get(2)?;
+                Ok(LinkTransition {
+                    id: r.try_get(0)?,
+                    from: LinkState::parse(&r.try_get::<String, _>(1)?),
+                    to: LinkState::parse(&to).ok_or_else(|| Error::Corrupt(format!("link state {to:?}")))?,
+                    cause: r.try_get(3)?,
+                    at_ms: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records a dead letter.
+    pub async fn add_dead_letter(&self, link_id: &str, letter: &DeadLetter) -> Result<(), Error> {
+        sqlx::query(
+            "INSERT INTO dead_letters (link_id, seq, object, record_id, reason, at_ms) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(link_id)
+        .bind(letter.seq)
+        .bind(letter.object.clone())
+        .bind(letter.record_id.clone())
+        .bind(letter.reason.clone())
+        .bind(letter.at_ms)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// A link's dead letters, oldest first.
+    pub async fn dead_letters(&self, link_id: &str) -> Result<Vec<DeadLetter>, Error> {
+        let rows = sqlx::query(
+            "SELECT seq, object, record_id, reason, at_ms FROM dead_letters WHERE link_id = $1 ORDER BY id",
+        )
+        .bind(link_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(DeadLetter {
+                    seq: r.try_get(0)?,
+                    object: r.try_get(1)?,
+                    record_id: r.try_get(2)?,
+                    reason: r.try_get(3)?,
+                    at_ms: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    /// The number of dead letters of a link.
+    pub async fn dead_letter_count(&self, link_id: &str) -> Result<i64, Error> {
+        let row = sqlx::query("SELECT COUNT(*) FROM dead_letters WHERE link_id = $1").bind(link_id).fetch_one(&self.reader).await?;
+        Ok(row.try_get(0)?)
+    }
+
+    /// Claims (or renews) every link whose lease is free, expired or already `owner`'s, until
+    /// `lease` from now; returns the ids `owner` holds. Several sync replicas on one database
+    /// share the links this way, each link owned by one replica at a time.
+    pub async fn claim_links(&self, owner: &str, lease: Duration) -> Result<Vec<String>, Error> {
+        let now = now_ms();
+        let rows = sqlx::query(
+            "UPDATE links SET owner = $1, lease_until_ms = $2 WHERE owner = $1 OR owner IS NULL OR lease_until_ms < $3 \
+             RETURNING id",
+        )
+        .bind(owner)
+        .bind(now + lease.as_millis() as i64)
+        .bind(now)
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter().map(|r| Ok(r.try_get(0)?)).collect()
+    }
+
+    /// Gives up `owner`'s leases (on shutdown), so another replica takes over at once.
+    pub async fn release_links(&self, owner: &str) -> Result<(), Error> {
+        sqlx::query("UPDATE links SET owner = NULL, lease_until_ms = 0 WHERE owner = $1").bind(owner).execute(&self.writer).await?;
+        Ok(())
+    }
+
+    /// The seq up to which an org's change log was trimmed (0 if never).
+    pub async fn trimmed_seq(&self, org_id: &str) -> Result<i64, Error> {
+        let row =
+            sqlx::query("SELECT trimmed_seq FROM orgs WHERE id = $1").bind(org_id).fetch_optional(&self.reader).await?;
+        match row {
+            Some(row) => Ok(row.try_get(0)?),
+            None => Err(Error::NotFound(format!("org {org_id}"))),
+        }
+    }
+
+    /// Deletes change events committed before `cutoff_ms`, org by org, and records how far each
+    /// org's log is trimmed. Returns the number of events deleted.
+    pub async fn trim_changes(&self, cutoff_ms: i64) -> Result<u64, Error> {
+        let rows = sqlx::query("SELECT org_id, MAX(seq) FROM change_events WHERE committed_at_ms < $1 GROUP BY org_id")
+            .bind(cutoff_ms)
+            .fetch_all(&self.reader)
+            .await?;
+        let mut deleted = 0;
+        for row in rows {
+            let org: String = row.try_get(0)?;
+            let upto: i64 = row.try_get(1)?;
+            let mut tx = self.writer.begin().await?;
+            sqlx::query("UPDATE orgs SET trimmed_seq = $2 WHERE id = $1 AND trimmed_seq < $2")
+                .bind(org.clone())
+                .bind(upto)
+                .execute(&mut *tx)
+                .await?;
+            deleted += sqlx::query("DELETE FROM change_events WHERE org_id = $1 AND seq <= $2")
+                .bind(org)
+                .bind(upto)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+        }
+        Ok(deleted)
+    }
+
+    /// The commit time of the first change of an org after `after_seq`, if there is one.
+    pub async fn first_change_time_after(&self, org_id: &str, after_seq: i64) -> Result<Option<i64>, Error> {
+        let row = sqlx::query("SELECT MIN(committed_at_ms) FROM change_events WHERE org_id = $1 AND seq = $2")
+            .bind(org_id)
+            .bind(after_seq + 1)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>(0)?)
+    }
+
+    /// The watermark of a link on the target side.
+    pub async fn apply_watermark(&self, org_id: &str, link_id: &str) -> Result<i64, Error> {
+        let row = sqlx::query("SELECT seq FROM apply_watermarks WHERE org_id = $1 AND link_id = $2")
+            .bind(org_id)
+            .bind(link_id)
+            .fetch_optional(&self.reader)
+            .await?;
+        Ok(match row {
+            Some(row) => row.try_get(0)?,
+            None => 0,
+        })
+    }
+
+    /// Applies replicated changes to `org_id` (the target) in one transaction: a change at or below
+    /// the link's watermark is skipped (unless `snapshot`), a record is written only when the
+    /// change's version is newer than the stored one (a tombstone keeps its version), and the
+    /// watermark moves to the last seq in the same transaction. A change the target's schema
+    /// rejects is reported and not applied; the others are.
+    pub async fn apply_changes(
+        &self,
+        org_id: &str,
+        link_id: &str,
+        changes: &[IncomingChange],
+        snapshot: bool,
+    ) -> Result<ApplyOutcome, Error> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (tx, outcome) = crate::records::by_deadline(deadline, async {
+            let mut tx = self.writer.begin().await?;
+            let base = self.lock_org(&mut tx, org_id).await?;
+            let row = sqlx::query("SELECT seq FROM apply_watermarks WHERE org_id = $1 AND link_id = $2")
+                .bind(org_id)
+                .bind(link_id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let mut outcome = ApplyOutcome {
+                watermark: match row {
+                    Some(row) => row.try_get(0)?,
+                    None => 0,
+                },
+                ..ApplyOutcome::default()
+            };
+            let mut schemas = std::collections::HashMap::new();
+            let mut seq = base;
+            let now = now_ms();
+            let mut last_seen = outcome.watermark;
+            for change in changes {
+                if !snapshot {
+                    if change.seq <= outcome.watermark {
+                        outcome.skipped += 1;
+                        continue;
+                    }
+                    last_seen = last_seen.max(change.seq);
+                }
+                if !schemas.contains_key(&change.object) {
+                    let schema = match self.object(org_id, &change.object).await {
+                        Ok(schema) => Some(schema),
+                        Err(Error::NotFound(_)) => None,
+                        Err(e) => return Err(e),
+                    };
+                    schemas.insert(change.object.clone(), schema);
+                }
+                let Some(schema) = schemas[&change.object].as_ref() else {
+                    outcome.rejected.push((change.seq, change.record_id.clone(), format!("the target has no object {:?}", change.object)));
+                    continue;
+                };
+                let existing = self.existing_versions(&mut tx, org_id, &change.object, std::slice::from_ref(&change.record_id)).await?;
+                let current = existing.get(&change.record_id).map(|(v, _)| *v).unwrap_or(0);
+                if change.version <= current {
+                    outcome.skipped += 1;
+                    continue;
+                }
+                match (change.op, &change.fields) {
+                    (ChangeOp::Upsert, Some(fields)) => {
+                        let mut problems = validate_records(schema, std::slice::from_ref(fields));
+                        if problems.is_empty() && record_id(schema, fields).as_deref() != Some(change.record_id.as_str()) {
+                            problems.push(crate::FieldError::new("id", "the record's external id does not match its id"));
+                        }
+                        if problems.is_empty()
+                            && let Err(Error::Invalid(unique)) = self
+                                .check_unique(&mut tx, org_id, schema, std::slice::from_ref(fields), std::slice::from_ref(&change.record_id))
+                                .await
+                        {
+                            problems = unique;
+                        }
+                        if let Some(p) = problems.first() {
+                            let field = p.field.trim_start_matches("records[0].");
+                            outcome.rejected.push((change.seq, change.record_id.clone(), format!("{field}: {}", p.description)));
+                            continue;
+                        }
+                        let json = serde_json::Value::Object(fields.clone()).to_string();
+                        self.replace_unique_values(&mut tx, org_id, schema, &change.record_id, Some(fields)).await?;
+                        self.write_record(&mut tx, org_id, &change.object, &change.record_id, &json, change.version, false, now).await?;
+                        seq += 1;
+                        self.append_change(&mut tx, org_id, seq, &change.object, &change.record_id, ChangeOp::Upsert, Some(&json), change.version, now).await?;
+                    }
+                    (ChangeOp::Upsert, None) => {
+                        outcome.rejected.push((change.seq, change.record_id.clone(), "an upsert without fields".into()));
+                        continue;
+                    }
+                    (ChangeOp::Delete, _) => {
+                        self.replace_unique_values(&mut tx, org_id, schema, &change.record_id, None).await?;
+                        self.write_record(&mut tx, org_id, &change.object, &change.record_id, "{}", change.version, true, now).await?;
+                        seq += 1;
+                        self.append_change(&mut tx, org_id, seq, &change.object, &change.record_id, ChangeOp::Delete, None, change.version, now).await?;
+                    }
+                }
+                outcome.applied += 1;
+            }
+            if seq != base {
+                self.set_last_seq(&mut tx, org_id, seq).await?;
+            }
+            if last_seen > outcome.watermark {
+                outcome.watermark = last_seen;
+                sqlx::query(
+                    "INSERT INTO apply_watermarks (org_id, link_id, seq) VALUES ($1, $2, $3) \
+                     ON CONFLICT (org_id, link_id) DO UPDATE SET seq = excluded.seq",
+                )
+                .bind(org_id)
+                .bind(link_id)
+                .bind(last_seen)
+                .execute(&mut *tx)
+                .await?;
+            }
+            Ok((tx, outcome))
+        })
+        .await?;
+        tx.commit().await?;
+        Ok(outcome)
+    }
+}

@@ -1,0 +1,47 @@
+//! The sync service's errors and their one mapping to `tonic::Status`.
+
+use baton_mesh::status::{self, Violation};
+use baton_store::FieldError;
+use tonic::{Code, Status};
+
+/// The ErrorInfo reason of a seq older than the change-log retention.
+pub const TRIMMED: &str = "CHANGES_TRIMMED";
+
+/// Errors of the sync service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The store failed or refused.
+    #[error(transparent)]
+    Store(#[from] baton_store::Error),
+    /// The request is invalid.
+    #[error("invalid request")]
+    Invalid(Vec<FieldError>),
+    /// The changes asked for were trimmed, or are not there yet.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The server is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Invalid(errors) | Error::Store(baton_store::Error::Invalid(errors)) => status::invalid_argument(
+                &errors.iter().map(|e| Violation::new(e.field.clone(), e.description.clone())).collect::<Vec<_>>(),
+            ),
+            Error::OutOfRange(message) => status::with_reason(Code::OutOfRange, TRIMMED, message),
+            Error::ShuttingDown => Status::unavailable("the server is shutting down; resume with after_seq"),
+            Error::Store(baton_store::Error::NotFound(what)) => Status::not_found(format!("{what} not found")),
+            Error::Store(baton_store::Error::AlreadyExists(what)) => Status::already_exists(format!("{what} already exists")),
+            Error::Store(e @ (baton_store::Error::Busy(_) | baton_store::Error::DeadlineExceeded { .. })) => {
+                tracing::warn!(error = %e, "store busy");
+                status::retry_later(Code::Unavailable, "the database is busy; retry later", std::time::Duration::from_secs(1))
+            }
+            Error::Store(e) => {
+                tracing::error!(error = %e, "store failure");
+                Status::internal("internal store error")
+            }
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The sync service: bulk extraction of an org with a high-water hand-off to its changes
+//! ([`extract`]), and links that replicate an org to a target org through the target's
+//! `Intake/ApplyChanges` ([`links`]), suspending on connection failures and resuming only after a
+//! threshold of consecutive successful probes. It also trims the change log past its retention.
+
+mod error;
+pub mod extract;
+pub mod links;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_mesh::config::parse_duration;
+use baton_mesh::proto::v1 as pb;
+use baton_mesh::server::MeshServer;
+use baton_store::Store;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+pub use error::Error;
+pub use service::SyncService;
+
+/// The sync options, as flags and `BATON_*` variables.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SyncOptions {
+    /// How long change events are kept; an Extract or link behind that answers OUT_OF_RANGE.
+    #[arg(long, env = "BATON_CHANGE_RETENTION", default_value = "7d", value_parser = parse_duration)]
+    pub change_retention: Duration,
+
+    /// Changes per ApplyChanges call of a link.
+    #[arg(long, env = "BATON_LINK_BATCH", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub link_batch: u32,
+
+    /// How often a streaming link or extraction looks for new changes when it has caught up.
+    #[arg(long, env = "BATON_CHANGE_POLL", default_value = "50ms", value_parser = parse_duration)]
+    pub change_poll: Duration,
+}
+
+impl SyncOptions {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.change_retention < Duration::from_secs(1) {
+            return Err(format!("--change-retention must be at least 1s, got {:?}", self.change_retention));
+        }
+        if self.change_poll < Duration::from_millis(1) || self.change_poll > Duration::from_secs(10) {
+            return Err(format!("--change-poll must be between 1ms and 10s, got {:?}", self.change_poll));
+        }
+        Ok(())
+    }
+}
+
+/// Adds the Sync service to a server and starts the link runners and the change-log trimmer,
+/// which stop with `shutdown`.
+pub fn add_services(
+    server: MeshServer,
+    store: &Store,
+    options: &SyncOptions,
+    max_message_bytes: usize,
+    shutdown: CancellationToken,
+) -> MeshServer {
+    let wake = Arc::new(Notify::new());
+    let owner = format!("sync_{}", hex::encode(rand::random::<[u8; 6]>()));
+    let manager = links::LinkManager::new(store.clone(), owner, options.clone(), wake.clone(), shutdown.clone());
+    tokio::spawn(manager.run());
+    tokio::spawn(trim_loop(store.clone(), options.change_retention, shutdown.clone()));
+    let service = SyncService::new(store.clone(), options.clone(), wake, shutdown);
+    server.add_service(
+        pb::sync_server::SyncServer::new(service)
+            .max_decoding_message_size(max_message_bytes.saturating_mul(4))
+            .max_encoding_message_size(64 * 1024 * 1024),
+    )
+}
+
+/// Deletes change events older than the retention, every half retention (at most every minute).
+async fn trim_loop(store: Store, retention: Duration, shutdown: CancellationToken) {
+    let every = (retention / 2).min(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        let cutoff = std::time::SystemTime::now()
+            .checked_sub(retention)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_millis() as i64);
+        match store.trim_changes(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "trimmed the change log"),
+            Err(e) => tracing::warn!(error = %e, "cannot trim the change log"),
+        }
+    }
+}

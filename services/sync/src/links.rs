@@ -1,0 +1,391 @@
+//! Link processing: a [`LinkManager`] claims links (a lease per link, so that several sync
+//! replicas on one PostgreSQL database never run the same link twice) and runs one task per link.
+//!
+//! A link's task is a state machine over the stored link:
+//! - BOOTSTRAPPING: read the high-water mark, send the snapshot as `ApplyChanges{snapshot}` calls,
+//!   then set the cursor to the mark → STREAMING;
+//! - STREAMING: send the changes after the cursor, in order, in batches; the cursor moves after
+//!   each acknowledged batch (the target's watermark makes a resend harmless);
+//! - a connection failure (unavailable, deadline exceeded, refused, transport errors) → SUSPENDED;
+//!   any other failure (a rejected key, say) → FAILED;
+//! - SUSPENDED: probe with exponential backoff and jitter; the first answer → VERIFYING (probe 1);
+//! - VERIFYING: probe every probe interval; at `verify_threshold` consecutive successes → back to
+//!   STREAMING (or BOOTSTRAPPING if the snapshot never finished); any connection failure → SUSPENDED.
+//!
+//! A probe is an empty ApplyChanges: it proves the target is reachable and accepts the key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::{BackoffBuilder, ExponentialBuilder};
+use baton_intake::convert;
+use baton_mesh::proto::v1 as pb;
+use baton_store::Store;
+use baton_store::sync::{DeadLetter, Link, LinkState, RejectPolicy};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::SyncOptions;
+
+/// How long a claimed link stays ours without renewal.
+const LEASE: Duration = Duration::from_secs(5);
+/// How often leases are renewed and new links picked up.
+const CLAIM_EVERY: Duration = Duration::from_secs(1);
+/// The deadline of a call to the target.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Claims links and runs them.
+pub struct LinkManager {
+    store: Store,
+    owner: String,
+    options: SyncOptions,
+    wake: Arc<Notify>,
+    shutdown: CancellationToken,
+}
+
+impl LinkManager {
+    /// A manager claiming links as `owner`.
+    pub fn new(store: Store, owner: String, options: SyncOptions, wake: Arc<Notify>, shutdown: CancellationToken) -> Self {
+        Self { store, owner, options, wake, shutdown }
+    }
+
+    /// Runs until shutdown, then gives the leases up.
+    pub async fn run(self) {
+        let mut running: HashMap<String, (JoinHandle<()>, CancellationToken)> = HashMap::new();
+        loop {
+            match self.store.claim_links(&self.owner, LEASE).await {
+                Ok(ids) => {
+                    running.retain(|id, (task, cancel)| {
+                        let keep = ids.contains(id) && !task.is_finished();
+                        if !keep {
+                            cancel.cancel();
+                        }
+                        keep
+                    });
+                    for id in ids {
+                        if running.contains_key(&id) {
+                            continue;
+                        }
+                        let cancel = self.shutdown.child_token();
+                        let runner = Runner {
+                            store: self.store.clone(),
+                            link_id: id.clone(),
+                            options: self.options.clone(),
+                            cancel: cancel.clone(),
+                            client: None,
+                            suspended_probes: None,
+                        };
+                        tracing::info!(link = %id, owner = %self.owner, "running link");
+                        running.insert(id, (tokio::spawn(runner.run()), cancel));
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot claim links"),
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => break,
+                () = self.wake.notified() => {}
+                () = tokio::time::sleep(CLAIM_EVERY) => {}
+            }
+        }
+        for (_, (task, cancel)) in running {
+            cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        if let Err(e) = self.store.release_links(&self.owner).await {
+            tracing::warn!(error = %e, "cannot release link leases");
+        }
+    }
+}
+
+/// Why a call to the target failed.
+#[derive(Debug)]
+enum CallError {
+    /// Unreachable: suspend and probe.
+    Connection(String),
+    /// Anything else: fail and wait for a person.
+    Fatal(String),
+}
+
+fn classify(status: &tonic::Status) -> CallError {
+    use tonic::Code;
+    let text = format!("{:?}: {}", status.code(), status.message());
+    match status.code() {
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Aborted
+        | Code::ResourceExhausted => CallError::Connection(text),
+        _ => CallError::Fatal(text),
+    }
+}
+
+struct Runner {
+    store: Store,
+    link_id: String,
+    options: SyncOptions,
+    cancel: CancellationToken,
+    client: Option<(String, pb::intake_client::IntakeClient<Channel>)>,
+    /// The backoff delays while SUSPENDED (None when not suspended).
+    suspended_probes: Option<backon::ExponentialBackoff>,
+}
+
+impl Runner {
+    async fn run(mut self) {
+        while !self.cancel.is_cancelled() {
+            let link = match self.store.link_by_id(&self.link_id).await {
+                Ok(Some(link)) => link,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(link = %self.link_id, error = %e, "cannot read link");
+                    self.pause(Duration::from_secs(1)).await;
+                    continue;
+                }
+            };
+            if link.state != LinkState::Suspended {
+                self.suspended_probes = None;
+            }
+            let result = match link.state {
+                LinkState::Bootstrapping => self.bootstrap(&link).await,
+                LinkState::Streaming => self.stream(&link).await,
+                LinkState::Suspended => self.probe_suspended(&link).await,
+                LinkState::Verifying => self.probe_verifying(&link).await,
+                LinkState::Paused | LinkState::Failed => {
+                    self.pause(Duration::from_millis(200)).await;
+                    Ok(())
+                }
+            };
+            if let Err(e) = result {
+                tracing::warn!(link = %self.link_id, error = %e, "link step failed");
+                self.pause(Duration::from_secs(1)).await;
+            }
+        }
+    }
+
+    async fn pause(&self, d: Duration) {
+        tokio::select! {
+            () = self.cancel.cancelled() => {}
+            () = tokio::time::sleep(d) => {}
+        }
+    }
+
+    fn client(&mut self, link: &Link) -> Result<pb::intake_client::IntakeClient<Channel>, CallError> {
+        if let Some((endpoint, client)) = &self.client
+            && endpoint == &link.target_endpoint
+        {
+            return Ok(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(link.target_endpoint.clone())
+            .map_err(|e| CallError::Fatal(format!("invalid target endpoint: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(CALL_TIMEOUT)
+            .tcp_nodelay(true);
+        let client = pb::intake_client::IntakeClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024);
+        self.client = Some((link.target_endpoint.clone(), client.clone()));
+        Ok(client)
+    }
+
+    async fn apply(&mut self, link: &Link, changes: Vec<pb::Change>, snapshot: bool) -> Result<pb::ApplyChangesResponse, CallError> {
+        let mut client = self.client(link)?;
+        let mut request = tonic::Request::new(pb::ApplyChangesRequest { link_id: link.id.clone(), changes, snapshot });
+        let bearer = format!("Bearer {}", link.target_api_key)
+            .parse()
+            .map_err(|_| CallError::Fatal("the target api key is not valid header text".into()))?;
+        request.metadata_mut().insert("authorization", bearer);
+        request.set_timeout(CALL_TIMEOUT);
+        client.apply_changes(request).await.map(tonic::Response::into_inner).map_err(|s| classify(&s))
+    }
+
+    /// Moves the link on a failed call: SUSPENDED for connection failures, FAILED otherwise.
+    async fn on_call_error(&self, link: &Link, error: CallError) -> Result<(), baton_store::Error> {
+        let (to, cause) = match error {
+            CallError::Connection(e) => (LinkState::Suspended, format!("connection failure: {e}")),
+            CallError::Fatal(e) => (LinkState::Failed, format!("target refused: {e}")),
+        };
+        tracing::warn!(link = %link.id, from = link.state.as_str(), to = to.as_str(), %cause, "link transition");
+        self.store.transition_link(&link.id, &[link.state], to, &cause, 0, None, None).await?;
+        Ok(())
+    }
+
+    async fn dead_letter(&self, link: &Link, object_of: &HashMap<String, String>, rejected: &[pb::RejectedChange]) -> Result<(), baton_store::Error> {
+        for r in rejected {
+            let letter = DeadLetter {
+                seq: r.seq,
+                object: object_of.get(&r.record_id).cloned().unwrap_or_default(),
+                record_id: r.record_id.clone(),
+                reason: r.reason.clone(),
+                at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+            };
+            self.store.add_dead_letter(&link.id, &letter).await?;
+        }
+        Ok(())
+    }
+
+    async fn objects(&self, link: &Link) -> Result<Vec<String>, baton_store::Error> {
+        if link.objects.is_empty() {
+            Ok(self.store.list_objects(&link.org_id).await?.into_iter().map(|o| o.name).collect())
+        } else {
+            Ok(link.objects.clone())
+        }
+    }
+
+    async fn bootstrap(&mut self, link: &Link) -> Result<(), baton_store::Error> {
+        let high_water = self.store.high_water(&link.org_id).await?;
+        let mut rows = 0usize;
+        let batch = self.options.link_batch as usize;
+        for object in self.objects(link).await? {
+            let mut after: Option<String> = None;
+            loop {
+                if self.cancel.is_cancelled() {
+                    return Ok(());
+                }
+                let deadline = Instant::now() + Duration::from_secs(60);
+                let page = self.store.query(&link.org_id, &object, "", &[], batch, after.as_deref(), deadline).await?;
+                if page.records.is_empty() {
+                    break;
+                }
+                let object_of: HashMap<_, _> = page.records.iter().map(|r| (r.id.clone(), object.clone())).collect();
+                let changes = page.records.iter().map(|r| convert::snapshot_row_to_pb(&object, r)).collect();
+                match self.apply(link, changes, true).await {
+                    Ok(response) => {
+                        self.dead_letter(link, &object_of, &response.rejected).await?;
+                        if link.on_reject == RejectPolicy::Stop && !response.rejected.is_empty() {
+                            let cause = format!("the target rejected {} snapshot rows (on_reject = STOP)", response.rejected.len());
+                            self.store.transition_link(&link.id, &[link.state], LinkState::Failed, &cause, 0, None, None).await?;
+                            return Ok(());
+                        }
+                    }
+                    Err(e) => return self.on_call_error(link, e).await,
+                }
+                rows += page.records.len();
+                match page.next_after {
+                    Some(next) => after = Some(next),
+                    None => break,
+                }
+            }
+        }
+        let cause = format!("snapshot of {rows} rows applied; streaming after seq {high_water}");
+        self.store
+            .transition_link(&link.id, &[LinkState::Bootstrapping], LinkState::Streaming, &cause, 0, Some(high_water), Some(true))
+            .await?;
+        Ok(())
+    }
+
+    async fn stream(&mut self, link: &Link) -> Result<(), baton_store::Error> {
+        let trimmed = self.store.trimmed_seq(&link.org_id).await?;
+        let events = self.store.changes_after(&link.org_id, link.cursor_seq, self.options.link_batch as usize).await?;
+        let gap = events.first().is_some_and(|e| e.seq != link.cursor_seq + 1);
+        if link.cursor_seq < trimmed || gap {
+            let cause = format!(
+                "the change log was trimmed past the cursor (seq {}); resume the link to bootstrap again",
+                link.cursor_seq
+            );
+            self.store.transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None).await?;
+            return Ok(());
+        }
+        let Some(last) = events.last().map(|e| e.seq) else {
+            self.pause(self.options.change_poll).await;
+            return Ok(());
+        };
+        let objects = self.objects(link).await?;
+        let mut object_of = HashMap::new();
+        let changes: Vec<_> = events
+            .iter()
+            .filter(|e| objects.contains(&e.object))
+            .map(|e| {
+                object_of.insert(e.record_id.clone(), e.object.clone());
+                convert::change_to_pb(e)
+            })
+            .collect();
+        if !changes.is_empty() {
+            match self.apply(link, changes, false).await {
+                Ok(response) => {
+                    self.dead_letter(link, &object_of, &response.rejected).await?;
+                    if link.on_reject == RejectPolicy::Stop && !response.rejected.is_empty() {
+                        self.store.advance_link_cursor(&link.id, last).await?;
+                        let cause = format!("the target rejected {} changes (on_reject = STOP)", response.rejected.len());
+                        self.store.transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None).await?;
+                        return Ok(());
+                    }
+                }
+                Err(e) => return self.on_call_error(link, e).await,
+            }
+        }
+        self.store.advance_link_cursor(&link.id, last).await?;
+        Ok(())
+    }
+
+    async fn probe(&mut self, link: &Link) -> Result<(), CallError> {
+        self.apply(link, Vec::new(), false).await.map(|_| ())
+    }
+
+    async fn probe_suspended(&mut self, link: &Link) -> Result<(), baton_store::Error> {
+        let interval = link.probe_interval;
+        let delays = self.suspended_probes.get_or_insert_with(|| {
+            ExponentialBuilder::default()
+                .with_min_delay(interval)
+                .with_max_delay((interval * 32).min(Duration::from_secs(30)).max(interval))
+                .with_factor(2.0)
+                .with_jitter()
+                .without_max_times()
+                .build()
+        });
+        let delay = delays.next().unwrap_or(interval);
+        self.pause(delay).await;
+        if self.cancel.is_cancelled() {
+            return Ok(());
+        }
+        match self.probe(link).await {
+            Ok(()) => {
+                self.suspended_probes = None;
+                let threshold = link.verify_threshold.max(1);
+                if threshold == 1 {
+                    self.resume(link, 1).await
+                } else {
+                    let cause = format!("the target answered probe 1/{threshold}");
+                    self.store.transition_link(&link.id, &[LinkState::Suspended], LinkState::Verifying, &cause, 1, None, None).await?;
+                    Ok(())
+                }
+            }
+            Err(CallError::Connection(_)) => Ok(()),
+            Err(e @ CallError::Fatal(_)) => self.on_call_error(link, e).await,
+        }
+    }
+
+    async fn probe_verifying(&mut self, link: &Link) -> Result<(), baton_store::Error> {
+        self.pause(link.probe_interval).await;
+        if self.cancel.is_cancelled() {
+            return Ok(());
+        }
+        match self.probe(link).await {
+            Ok(()) => {
+                let ok = link.consecutive_ok + 1;
+                let threshold = link.verify_threshold.max(1);
+                if ok >= threshold {
+                    self.resume(link, ok).await
+                } else {
+                    let cause = format!("the target answered probe {ok}/{threshold}");
+                    self.store.transition_link(&link.id, &[LinkState::Verifying], LinkState::Verifying, &cause, ok, None, None).await?;
+                    Ok(())
+                }
+            }
+            Err(CallError::Connection(e)) => {
+                let cause = format!("probe failed after {} successful probes: {e}", link.consecutive_ok);
+                self.store.transition_link(&link.id, &[LinkState::Verifying], LinkState::Suspended, &cause, 0, None, None).await?;
+                Ok(())
+            }
+            Err(e @ CallError::Fatal(_)) => self.on_call_error(link, e).await,
+        }
+    }
+
+    /// Back to work after `ok` consecutive successful probes.
+    async fn resume(&self, link: &Link, ok: u32) -> Result<(), baton_store::Error> {
+        let to = if link.bootstrapped { LinkState::Streaming } else { LinkState::Bootstrapping };
+        let cause = format!("{ok} consecutive successful probes (threshold {})", link.verify_threshold.max(1));
+        tracing::info!(link = %link.id, to = to.as_str(), %cause, "link resumes");
+        self.store.transition_link(&link.id, &[link.state], to, &cause, 0, None, None).await?;
+        Ok(())
+    }
+}
