@@ -71,26 +71,43 @@ fn rand_hex() -> String {
 }
 
 impl Server {
-    /// Starts the mesh on `backend` with extra intake flags: `baton dev` for SQLite, `baton intake`
-    /// on a fresh database for PostgreSQL.
+    /// Starts the mesh (`baton dev`) on `backend` with extra flags: a SQLite store in a new
+    /// temporary data directory, or a fresh PostgreSQL database.
     pub async fn start(backend: Backend, extra: &[&str]) -> Server {
-        match backend {
-            Backend::Sqlite => {
-                let dir = TempDir::new();
-                let data_dir = dir.0.to_str().unwrap().to_owned();
-                let mut args =
-                    vec!["dev", "--data-dir", &data_dir, "--listen", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN];
-                args.extend_from_slice(extra);
-                let url = format!("sqlite://{data_dir}/baton.db");
-                Self::spawn(&args, url, backend, Some(dir))
-            }
-            Backend::Postgres => {
-                let (url, _) = baton_store::testing::fresh_url(Backend::Postgres).await.unwrap();
-                let mut args = vec!["intake", "--store", &url, "--listen", "127.0.0.1:0", "--admin-token", ADMIN_TOKEN];
-                args.extend_from_slice(extra);
-                Self::spawn(&args, url.clone(), backend, None)
-            }
-        }
+        let dir = TempDir::new();
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite://{}/baton.db", dir.0.display()),
+            Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
+        };
+        Self::start_at(backend, dir, &url, "127.0.0.1:0", extra)
+    }
+
+    /// Starts `baton dev` on a given data directory, store and address (to restart a server
+    /// where it was).
+    pub fn start_at(backend: Backend, dir: TempDir, url: &str, listen: &str, extra: &[&str]) -> Server {
+        let data_dir = dir.0.to_str().unwrap().to_owned();
+        let mut args =
+            vec!["dev", "--data-dir", &data_dir, "--store", url, "--listen", listen, "--admin-token", ADMIN_TOKEN];
+        args.extend_from_slice(extra);
+        Self::spawn(&args, url.to_owned(), backend, Some(dir))
+    }
+
+    /// SIGKILLs the server and starts it again on the same data directory, store, address and
+    /// flags.
+    pub fn restart(mut self, extra: &[&str]) -> Server {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = self._dir.take().expect("a data directory");
+        let (backend, url, addr) = (self.backend, self.store_url.clone(), self.addr.to_string());
+        drop(self);
+        Self::start_at(backend, dir, &url, &addr, extra)
+    }
+
+    /// SIGKILLs the server, keeping its data directory for [`Server::start_at`].
+    pub fn kill(mut self) -> (TempDir, String, SocketAddr) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        (self._dir.take().expect("a data directory"), self.store_url.clone(), self.addr)
     }
 
     fn spawn(args: &[&str], store_url: String, backend: Backend, dir: Option<TempDir>) -> Server {
@@ -144,6 +161,34 @@ impl Server {
     /// An Intake client.
     pub async fn intake(&self) -> pb::intake_client::IntakeClient<Channel> {
         pb::intake_client::IntakeClient::new(self.channel().await)
+    }
+
+    /// A Sync client.
+    pub async fn sync(&self) -> pb::sync_client::SyncClient<Channel> {
+        pb::sync_client::SyncClient::new(self.channel().await).max_decoding_message_size(64 * 1024 * 1024)
+    }
+
+    /// Every live record of `object` in `org`, by id: (version, fields as JSON).
+    pub async fn records(
+        &self,
+        key: &str,
+        object: &str,
+    ) -> std::collections::BTreeMap<String, (i64, serde_json::Value)> {
+        let mut out = std::collections::BTreeMap::new();
+        let mut token = String::new();
+        let mut intake = self.intake().await;
+        for _ in 0..100_000 {
+            let request = pb::QueryRequest { object: object.into(), page_token: token.clone(), ..Default::default() };
+            let page = intake.query(authed(request, key)).await.unwrap().into_inner();
+            for r in page.records {
+                out.insert(r.id, (r.version, struct_to_json(&r.fields.unwrap_or_default())));
+            }
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        out
     }
 
     /// The process id.
@@ -261,6 +306,38 @@ pub fn record(value: serde_json::Value) -> prost_types::Struct {
     match convert(&value).kind {
         Some(prost_types::value::Kind::StructValue(s)) => s,
         _ => panic!("a record is a JSON object"),
+    }
+}
+
+/// A protobuf Struct as JSON (numbers as f64).
+pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    use prost_types::value::Kind;
+    fn value(v: &prost_types::Value) -> serde_json::Value {
+        match &v.kind {
+            None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+            Some(Kind::BoolValue(b)) => (*b).into(),
+            Some(Kind::NumberValue(n)) => (*n).into(),
+            Some(Kind::StringValue(s)) => s.clone().into(),
+            Some(Kind::ListValue(l)) => l.values.iter().map(value).collect(),
+            Some(Kind::StructValue(s)) => struct_to_json(s),
+        }
+    }
+    s.fields.iter().map(|(k, v)| (k.clone(), value(v))).collect::<serde_json::Map<_, _>>().into()
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, for at most `within`.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

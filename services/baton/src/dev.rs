@@ -19,6 +19,11 @@ pub struct DevArgs {
     #[arg(long, env = "BATON_DATA_DIR", default_value_os_t = super::default_data_dir())]
     data_dir: PathBuf,
 
+    /// The store; by default a SQLite file under the data directory. A PostgreSQL URL runs the
+    /// same single-process mesh on PostgreSQL.
+    #[arg(long = "store", env = "BATON_STORE")]
+    store: Option<String>,
+
     /// The gRPC address (port 0 picks a free port).
     #[arg(long = "listen", env = "BATON_LISTEN", default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
@@ -69,7 +74,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let token = admin_token(&args)?;
-    let url = format!("sqlite://{}/baton.db", data_dir.display());
+    let url = args.store.clone().unwrap_or_else(|| format!("sqlite://{}/baton.db", data_dir.display()));
     let store = Store::open(&StoreOptions::new(url.clone())).await.unwrap_or_else(|e| exit_bad_config(e));
     let serve = ServeOptions {
         listen: args.listen,
@@ -79,6 +84,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     };
     let listener = baton_mesh::server::bind(serve.listen).await?;
     let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+    let shown = if url.starts_with("sqlite:") { url.clone() } else { "postgres (from --store)".to_owned() };
     let addr = listener.local_addr()?;
     let metrics_addr = metrics.local_addr()?;
     // Printed in one write, and a closed stdout is not an error: the mesh goes on running.
@@ -86,7 +92,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "baton dev is running\n\
          \x20 endpoint:    {addr}\n\
          \x20 metrics:     http://{metrics_addr}/metrics\n\
-         \x20 store:       {url}\n\
+         \x20 store:       {shown}\n\
          \x20 admin token: {token}\n\
          \n\
          try it:\n\

@@ -161,12 +161,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
                 print_endpoints(&listener, &metrics)?;
                 let shutdown = baton_mesh::shutdown::on_signals();
-                let auth = baton_mesh::auth::AuthConfig {
-                    admin_token: None,
-                    keys: Some(std::sync::Arc::new(store.clone())),
-                };
+                let auth =
+                    baton_mesh::auth::AuthConfig { admin_token: None, keys: Some(std::sync::Arc::new(store.clone())) };
                 let server = baton_mesh::server::MeshServer::new(serve.clone(), auth);
-                let server = baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone());
+                let server =
+                    baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone());
                 server.serve(listener, metrics, shutdown).await?;
                 // let the link runners give their leases up
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;

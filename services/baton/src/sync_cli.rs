@@ -157,7 +157,8 @@ fn event_json(e: &pb::LinkEvent) -> serde_json::Value {
 /// Runs a client subcommand.
 pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<()> {
     let org = conn.org()?;
-    let mut client = pb::sync_client::SyncClient::new(channel(&org.conn).await?).max_decoding_message_size(64 * 1024 * 1024);
+    let mut client =
+        pb::sync_client::SyncClient::new(channel(&org.conn).await?).max_decoding_message_size(64 * 1024 * 1024);
     let key = org.api_key.as_str();
     match command {
         SyncCommand::Serve { .. } => unreachable!("served by main"),
@@ -186,7 +187,10 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                             serde_json::to_writer(&mut writer, &line)?;
                             writeln!(writer)?;
                         }
-                        eprint!("\rsnapshot: {} rows ({} .. {} of {})   ", chunk.rows_so_far, chunk.from_id, chunk.to_id, chunk.object);
+                        eprint!(
+                            "\rsnapshot: {} rows ({} .. {} of {})   ",
+                            chunk.rows_so_far, chunk.from_id, chunk.to_id, chunk.object
+                        );
                     }
                     Some(pb::extract_response::Kind::SnapshotDone(done)) => {
                         writer.flush()?;
@@ -198,7 +202,8 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                     }
                     Some(pb::extract_response::Kind::Changes(batch)) => {
                         for c in &batch.changes {
-                            let op = pb::ChangeOp::try_from(c.op).map_or("?", |o| o.as_str_name().trim_start_matches("CHANGE_OP_"));
+                            let op = pb::ChangeOp::try_from(c.op)
+                                .map_or("?", |o| o.as_str_name().trim_start_matches("CHANGE_OP_"));
                             let fields = c.fields.as_ref().map(struct_json);
                             let line = serde_json::json!({"seq": c.seq, "op": op, "object": c.object, "id": c.record_id,
                                                           "version": c.version, "fields": fields});
@@ -222,24 +227,30 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                     objects,
                     verify_threshold: threshold,
                     probe_interval_ms: probe_interval.as_millis() as i64,
-                    on_reject: if stop_on_reject { pb::RejectPolicy::Stop } else { pb::RejectPolicy::DeadLetter } as i32,
+                    on_reject: if stop_on_reject { pb::RejectPolicy::Stop } else { pb::RejectPolicy::DeadLetter }
+                        as i32,
                 };
                 let link = client.create_link(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
                 print_json(&link_json(&link))?;
             }
             LinkCommand::List => {
-                let links = client.list_links(with_bearer(pb::ListLinksRequest {}, key)?).await.map_err(explain)?.into_inner();
+                let links =
+                    client.list_links(with_bearer(pb::ListLinksRequest {}, key)?).await.map_err(explain)?.into_inner();
                 for link in &links.links {
                     print_json(&link_json(link))?;
                 }
             }
             LinkCommand::Get { id } => {
-                let link = client.get_link(with_bearer(pb::GetLinkRequest { link_id: id }, key)?).await.map_err(explain)?;
+                let link =
+                    client.get_link(with_bearer(pb::GetLinkRequest { link_id: id }, key)?).await.map_err(explain)?;
                 print_json(&link_json(link.get_ref()))?;
             }
             LinkCommand::Watch { id } => {
-                let mut stream =
-                    client.watch_link(with_bearer(pb::WatchLinkRequest { link_id: id }, key)?).await.map_err(explain)?.into_inner();
+                let mut stream = client
+                    .watch_link(with_bearer(pb::WatchLinkRequest { link_id: id }, key)?)
+                    .await
+                    .map_err(explain)?
+                    .into_inner();
                 while let Some(event) = stream.message().await.map_err(explain)? {
                     let mut line = event_json(&event);
                     if let Some(link) = &event.link {
@@ -250,15 +261,24 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                 }
             }
             LinkCommand::Pause { id } => {
-                let link = client.pause_link(with_bearer(pb::PauseLinkRequest { link_id: id }, key)?).await.map_err(explain)?;
+                let link = client
+                    .pause_link(with_bearer(pb::PauseLinkRequest { link_id: id }, key)?)
+                    .await
+                    .map_err(explain)?;
                 print_json(&link_json(link.get_ref()))?;
             }
             LinkCommand::Resume { id } => {
-                let link = client.resume_link(with_bearer(pb::ResumeLinkRequest { link_id: id }, key)?).await.map_err(explain)?;
+                let link = client
+                    .resume_link(with_bearer(pb::ResumeLinkRequest { link_id: id }, key)?)
+                    .await
+                    .map_err(explain)?;
                 print_json(&link_json(link.get_ref()))?;
             }
             LinkCommand::Delete { id } => {
-                client.delete_link(with_bearer(pb::DeleteLinkRequest { link_id: id.clone() }, key)?).await.map_err(explain)?;
+                client
+                    .delete_link(with_bearer(pb::DeleteLinkRequest { link_id: id.clone() }, key)?)
+                    .await
+                    .map_err(explain)?;
                 eprintln!("deleted {id}");
             }
             LinkCommand::History { id } => {
@@ -276,7 +296,9 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                     .await
                     .map_err(explain)?;
                 for d in &letters.get_ref().dead_letters {
-                    print_json(&serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id, "reason": d.reason, "at_ms": d.at_ms}))?;
+                    print_json(
+                        &serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id, "reason": d.reason, "at_ms": d.at_ms}),
+                    )?;
                 }
             }
         },

@@ -129,7 +129,10 @@ pub fn changes_from_pb(changes: &[pb::Change]) -> Result<Vec<IncomingChange>, Ve
             continue;
         }
         let fields = c.fields.as_ref().map(|f| {
-            f.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("changes[{i}].fields.{k}"), &mut errors))).collect()
+            f.fields
+                .iter()
+                .map(|(k, v)| (k.clone(), value_to_json(v, &format!("changes[{i}].fields.{k}"), &mut errors)))
+                .collect()
         });
         out.push(IncomingChange {
             seq: c.seq,

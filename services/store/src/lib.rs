@@ -15,8 +15,8 @@ mod admin;
 pub mod filter;
 pub mod model;
 mod records;
-pub mod sync;
 pub mod schema;
+pub mod sync;
 pub mod testing;
 
 use std::borrow::Cow;

@@ -231,12 +231,14 @@ impl Store {
         .bind(now)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("INSERT INTO link_history (link_id, at_ms, from_state, to_state, cause) VALUES ($1, $2, '', $3, 'created')")
-            .bind(id.clone())
-            .bind(now)
-            .bind(LinkState::Bootstrapping.as_str())
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO link_history (link_id, at_ms, from_state, to_state, cause) VALUES ($1, $2, '', $3, 'created')",
+        )
+        .bind(id.clone())
+        .bind(now)
+        .bind(LinkState::Bootstrapping.as_str())
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         self.link(org_id, &id).await
     }
@@ -265,10 +267,11 @@ impl Store {
 
     /// The links of an org, oldest first.
     pub async fn list_links(&self, org_id: &str) -> Result<Vec<Link>, Error> {
-        let rows = sqlx::query(&format!("SELECT {LINK_COLUMNS} FROM links WHERE org_id = $1 ORDER BY created_at_ms, id"))
-            .bind(org_id)
-            .fetch_all(&self.reader)
-            .await?;
+        let rows =
+            sqlx::query(&format!("SELECT {LINK_COLUMNS} FROM links WHERE org_id = $1 ORDER BY created_at_ms, id"))
+                .bind(org_id)
+                .fetch_all(&self.reader)
+                .await?;
         rows.iter().map(link_from_row).collect()
     }
 
@@ -308,14 +311,16 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         if current != to.as_str() {
-            sqlx::query("INSERT INTO link_history (link_id, at_ms, from_state, to_state, cause) VALUES ($1, $2, $3, $4, $5)")
-                .bind(link_id)
-                .bind(now)
-                .bind(current)
-                .bind(to.as_str())
-                .bind(cause)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "INSERT INTO link_history (link_id, at_ms, from_state, to_state, cause) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(link_id)
+            .bind(now)
+            .bind(current)
+            .bind(to.as_str())
+            .bind(cause)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(true)
@@ -335,8 +340,11 @@ impl Store {
     /// Deletes a link of `org_id` with its history and dead letters.
     pub async fn delete_link(&self, org_id: &str, link_id: &str) -> Result<(), Error> {
         let mut tx = self.writer.begin().await?;
-        let done =
-            sqlx::query("DELETE FROM links WHERE id = $1 AND org_id = $2").bind(link_id).bind(org_id).execute(&mut *tx).await?;
+        let done = sqlx::query("DELETE FROM links WHERE id = $1 AND org_id = $2")
+            .bind(link_id)
+            .bind(org_id)
+            .execute(&mut *tx)
+            .await?;
         if done.rows_affected() == 0 {
             return Err(Error::NotFound(format!("link {link_id}")));
         }
@@ -408,7 +416,10 @@ impl Store {
 
     /// The number of dead letters of a link.
     pub async fn dead_letter_count(&self, link_id: &str) -> Result<i64, Error> {
-        let row = sqlx::query("SELECT COUNT(*) FROM dead_letters WHERE link_id = $1").bind(link_id).fetch_one(&self.reader).await?;
+        let row = sqlx::query("SELECT COUNT(*) FROM dead_letters WHERE link_id = $1")
+            .bind(link_id)
+            .fetch_one(&self.reader)
+            .await?;
         Ok(row.try_get(0)?)
     }
 
@@ -431,7 +442,10 @@ impl Store {
 
     /// Gives up `owner`'s leases (on shutdown), so another replica takes over at once.
     pub async fn release_links(&self, owner: &str) -> Result<(), Error> {
-        sqlx::query("UPDATE links SET owner = NULL, lease_until_ms = 0 WHERE owner = $1").bind(owner).execute(&self.writer).await?;
+        sqlx::query("UPDATE links SET owner = NULL, lease_until_ms = 0 WHERE owner = $1")
+            .bind(owner)
+            .execute(&self.writer)
+            .await?;
         Ok(())
     }
 
@@ -545,10 +559,16 @@ impl Store {
                     schemas.insert(change.object.clone(), schema);
                 }
                 let Some(schema) = schemas[&change.object].as_ref() else {
-                    outcome.rejected.push((change.seq, change.record_id.clone(), format!("the target has no object {:?}", change.object)));
+                    outcome.rejected.push((
+                        change.seq,
+                        change.record_id.clone(),
+                        format!("the target has no object {:?}", change.object),
+                    ));
                     continue;
                 };
-                let existing = self.existing_versions(&mut tx, org_id, &change.object, std::slice::from_ref(&change.record_id)).await?;
+                let existing = self
+                    .existing_versions(&mut tx, org_id, &change.object, std::slice::from_ref(&change.record_id))
+                    .await?;
                 let current = existing.get(&change.record_id).map(|(v, _)| *v).unwrap_or(0);
                 if change.version <= current {
                     outcome.skipped += 1;
@@ -557,36 +577,95 @@ impl Store {
                 match (change.op, &change.fields) {
                     (ChangeOp::Upsert, Some(fields)) => {
                         let mut problems = validate_records(schema, std::slice::from_ref(fields));
-                        if problems.is_empty() && record_id(schema, fields).as_deref() != Some(change.record_id.as_str()) {
-                            problems.push(crate::FieldError::new("id", "the record's external id does not match its id"));
+                        if problems.is_empty()
+                            && record_id(schema, fields).as_deref() != Some(change.record_id.as_str())
+                        {
+                            problems
+                                .push(crate::FieldError::new("id", "the record's external id does not match its id"));
                         }
                         if problems.is_empty()
                             && let Err(Error::Invalid(unique)) = self
-                                .check_unique(&mut tx, org_id, schema, std::slice::from_ref(fields), std::slice::from_ref(&change.record_id))
+                                .check_unique(
+                                    &mut tx,
+                                    org_id,
+                                    schema,
+                                    std::slice::from_ref(fields),
+                                    std::slice::from_ref(&change.record_id),
+                                )
                                 .await
                         {
                             problems = unique;
                         }
                         if let Some(p) = problems.first() {
                             let field = p.field.trim_start_matches("records[0].");
-                            outcome.rejected.push((change.seq, change.record_id.clone(), format!("{field}: {}", p.description)));
+                            outcome.rejected.push((
+                                change.seq,
+                                change.record_id.clone(),
+                                format!("{field}: {}", p.description),
+                            ));
                             continue;
                         }
                         let json = serde_json::Value::Object(fields.clone()).to_string();
                         self.replace_unique_values(&mut tx, org_id, schema, &change.record_id, Some(fields)).await?;
-                        self.write_record(&mut tx, org_id, &change.object, &change.record_id, &json, change.version, false, now).await?;
+                        self.write_record(
+                            &mut tx,
+                            org_id,
+                            &change.object,
+                            &change.record_id,
+                            &json,
+                            change.version,
+                            false,
+                            now,
+                        )
+                        .await?;
                         seq += 1;
-                        self.append_change(&mut tx, org_id, seq, &change.object, &change.record_id, ChangeOp::Upsert, Some(&json), change.version, now).await?;
+                        self.append_change(
+                            &mut tx,
+                            org_id,
+                            seq,
+                            &change.object,
+                            &change.record_id,
+                            ChangeOp::Upsert,
+                            Some(&json),
+                            change.version,
+                            now,
+                        )
+                        .await?;
                     }
                     (ChangeOp::Upsert, None) => {
-                        outcome.rejected.push((change.seq, change.record_id.clone(), "an upsert without fields".into()));
+                        outcome.rejected.push((
+                            change.seq,
+                            change.record_id.clone(),
+                            "an upsert without fields".into(),
+                        ));
                         continue;
                     }
                     (ChangeOp::Delete, _) => {
                         self.replace_unique_values(&mut tx, org_id, schema, &change.record_id, None).await?;
-                        self.write_record(&mut tx, org_id, &change.object, &change.record_id, "{}", change.version, true, now).await?;
+                        self.write_record(
+                            &mut tx,
+                            org_id,
+                            &change.object,
+                            &change.record_id,
+                            "{}",
+                            change.version,
+                            true,
+                            now,
+                        )
+                        .await?;
                         seq += 1;
-                        self.append_change(&mut tx, org_id, seq, &change.object, &change.record_id, ChangeOp::Delete, None, change.version, now).await?;
+                        self.append_change(
+                            &mut tx,
+                            org_id,
+                            seq,
+                            &change.object,
+                            &change.record_id,
+                            ChangeOp::Delete,
+                            None,
+                            change.version,
+                            now,
+                        )
+                        .await?;
                     }
                 }
                 outcome.applied += 1;

@@ -33,10 +33,16 @@ impl From<Error> for Status {
             Error::OutOfRange(message) => status::with_reason(Code::OutOfRange, TRIMMED, message),
             Error::ShuttingDown => Status::unavailable("the server is shutting down; resume with after_seq"),
             Error::Store(baton_store::Error::NotFound(what)) => Status::not_found(format!("{what} not found")),
-            Error::Store(baton_store::Error::AlreadyExists(what)) => Status::already_exists(format!("{what} already exists")),
+            Error::Store(baton_store::Error::AlreadyExists(what)) => {
+                Status::already_exists(format!("{what} already exists"))
+            }
             Error::Store(e @ (baton_store::Error::Busy(_) | baton_store::Error::DeadlineExceeded { .. })) => {
                 tracing::warn!(error = %e, "store busy");
-                status::retry_later(Code::Unavailable, "the database is busy; retry later", std::time::Duration::from_secs(1))
+                status::retry_later(
+                    Code::Unavailable,
+                    "the database is busy; retry later",
+                    std::time::Duration::from_secs(1),
+                )
             }
             Error::Store(e) => {
                 tracing::error!(error = %e, "store failure");

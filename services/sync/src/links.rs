@@ -49,7 +49,13 @@ pub struct LinkManager {
 
 impl LinkManager {
     /// A manager claiming links as `owner`.
-    pub fn new(store: Store, owner: String, options: SyncOptions, wake: Arc<Notify>, shutdown: CancellationToken) -> Self {
+    pub fn new(
+        store: Store,
+        owner: String,
+        options: SyncOptions,
+        wake: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Self {
         Self { store, owner, options, wake, shutdown }
     }
 
@@ -114,7 +120,11 @@ fn classify(status: &tonic::Status) -> CallError {
     use tonic::Code;
     let text = format!("{:?}: {}", status.code(), status.message());
     match status.code() {
-        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown | Code::Aborted
+        Code::Unavailable
+        | Code::DeadlineExceeded
+        | Code::Cancelled
+        | Code::Unknown
+        | Code::Aborted
         | Code::ResourceExhausted => CallError::Connection(text),
         _ => CallError::Fatal(text),
     }
@@ -187,7 +197,12 @@ impl Runner {
         Ok(client)
     }
 
-    async fn apply(&mut self, link: &Link, changes: Vec<pb::Change>, snapshot: bool) -> Result<pb::ApplyChangesResponse, CallError> {
+    async fn apply(
+        &mut self,
+        link: &Link,
+        changes: Vec<pb::Change>,
+        snapshot: bool,
+    ) -> Result<pb::ApplyChangesResponse, CallError> {
         let mut client = self.client(link)?;
         let mut request = tonic::Request::new(pb::ApplyChangesRequest { link_id: link.id.clone(), changes, snapshot });
         let bearer = format!("Bearer {}", link.target_api_key)
@@ -209,14 +224,21 @@ impl Runner {
         Ok(())
     }
 
-    async fn dead_letter(&self, link: &Link, object_of: &HashMap<String, String>, rejected: &[pb::RejectedChange]) -> Result<(), baton_store::Error> {
+    async fn dead_letter(
+        &self,
+        link: &Link,
+        object_of: &HashMap<String, String>,
+        rejected: &[pb::RejectedChange],
+    ) -> Result<(), baton_store::Error> {
         for r in rejected {
             let letter = DeadLetter {
                 seq: r.seq,
                 object: object_of.get(&r.record_id).cloned().unwrap_or_default(),
                 record_id: r.record_id.clone(),
                 reason: r.reason.clone(),
-                at_ms: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64),
             };
             self.store.add_dead_letter(&link.id, &letter).await?;
         }
@@ -252,8 +274,13 @@ impl Runner {
                     Ok(response) => {
                         self.dead_letter(link, &object_of, &response.rejected).await?;
                         if link.on_reject == RejectPolicy::Stop && !response.rejected.is_empty() {
-                            let cause = format!("the target rejected {} snapshot rows (on_reject = STOP)", response.rejected.len());
-                            self.store.transition_link(&link.id, &[link.state], LinkState::Failed, &cause, 0, None, None).await?;
+                            let cause = format!(
+                                "the target rejected {} snapshot rows (on_reject = STOP)",
+                                response.rejected.len()
+                            );
+                            self.store
+                                .transition_link(&link.id, &[link.state], LinkState::Failed, &cause, 0, None, None)
+                                .await?;
                             return Ok(());
                         }
                     }
@@ -268,7 +295,15 @@ impl Runner {
         }
         let cause = format!("snapshot of {rows} rows applied; streaming after seq {high_water}");
         self.store
-            .transition_link(&link.id, &[LinkState::Bootstrapping], LinkState::Streaming, &cause, 0, Some(high_water), Some(true))
+            .transition_link(
+                &link.id,
+                &[LinkState::Bootstrapping],
+                LinkState::Streaming,
+                &cause,
+                0,
+                Some(high_water),
+                Some(true),
+            )
             .await?;
         Ok(())
     }
@@ -282,7 +317,9 @@ impl Runner {
                 "the change log was trimmed past the cursor (seq {}); resume the link to bootstrap again",
                 link.cursor_seq
             );
-            self.store.transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None).await?;
+            self.store
+                .transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None)
+                .await?;
             return Ok(());
         }
         let Some(last) = events.last().map(|e| e.seq) else {
@@ -305,8 +342,19 @@ impl Runner {
                     self.dead_letter(link, &object_of, &response.rejected).await?;
                     if link.on_reject == RejectPolicy::Stop && !response.rejected.is_empty() {
                         self.store.advance_link_cursor(&link.id, last).await?;
-                        let cause = format!("the target rejected {} changes (on_reject = STOP)", response.rejected.len());
-                        self.store.transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None).await?;
+                        let cause =
+                            format!("the target rejected {} changes (on_reject = STOP)", response.rejected.len());
+                        self.store
+                            .transition_link(
+                                &link.id,
+                                &[LinkState::Streaming],
+                                LinkState::Failed,
+                                &cause,
+                                0,
+                                None,
+                                None,
+                            )
+                            .await?;
                         return Ok(());
                     }
                 }
@@ -345,7 +393,9 @@ impl Runner {
                     self.resume(link, 1).await
                 } else {
                     let cause = format!("the target answered probe 1/{threshold}");
-                    self.store.transition_link(&link.id, &[LinkState::Suspended], LinkState::Verifying, &cause, 1, None, None).await?;
+                    self.store
+                        .transition_link(&link.id, &[LinkState::Suspended], LinkState::Verifying, &cause, 1, None, None)
+                        .await?;
                     Ok(())
                 }
             }
@@ -367,13 +417,25 @@ impl Runner {
                     self.resume(link, ok).await
                 } else {
                     let cause = format!("the target answered probe {ok}/{threshold}");
-                    self.store.transition_link(&link.id, &[LinkState::Verifying], LinkState::Verifying, &cause, ok, None, None).await?;
+                    self.store
+                        .transition_link(
+                            &link.id,
+                            &[LinkState::Verifying],
+                            LinkState::Verifying,
+                            &cause,
+                            ok,
+                            None,
+                            None,
+                        )
+                        .await?;
                     Ok(())
                 }
             }
             Err(CallError::Connection(e)) => {
                 let cause = format!("probe failed after {} successful probes: {e}", link.consecutive_ok);
-                self.store.transition_link(&link.id, &[LinkState::Verifying], LinkState::Suspended, &cause, 0, None, None).await?;
+                self.store
+                    .transition_link(&link.id, &[LinkState::Verifying], LinkState::Suspended, &cause, 0, None, None)
+                    .await?;
                 Ok(())
             }
             Err(e @ CallError::Fatal(_)) => self.on_call_error(link, e).await,

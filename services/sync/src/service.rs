@@ -101,7 +101,11 @@ impl pb::sync_server::Sync for SyncService {
             0 => 1000,
             n @ 1..=10_000 => n as usize,
             n => {
-                return Err(Error::Invalid(vec![FieldError::new("chunk_size", format!("between 1 and 10000, got {n}"))]).into());
+                return Err(Error::Invalid(vec![FieldError::new(
+                    "chunk_size",
+                    format!("between 1 and 10000, got {n}"),
+                )])
+                .into());
             }
         };
         let objects = if request.objects.is_empty() {
@@ -168,7 +172,11 @@ impl pb::sync_server::Sync for SyncService {
             target_api_key: r.target_api_key,
             objects: r.objects,
             verify_threshold: if r.verify_threshold == 0 { 3 } else { r.verify_threshold as u32 },
-            probe_interval: Duration::from_millis(if r.probe_interval_ms == 0 { 1000 } else { r.probe_interval_ms as u64 }),
+            probe_interval: Duration::from_millis(if r.probe_interval_ms == 0 {
+                1000
+            } else {
+                r.probe_interval_ms as u64
+            }),
             on_reject,
         };
         let link = self.store.create_link(&org, &new).await.map_err(Error::from)?;
@@ -183,7 +191,10 @@ impl pb::sync_server::Sync for SyncService {
         Ok(Response::new(self.link_to_pb(&link).await?))
     }
 
-    async fn list_links(&self, request: Request<pb::ListLinksRequest>) -> Result<Response<pb::ListLinksResponse>, Status> {
+    async fn list_links(
+        &self,
+        request: Request<pb::ListLinksRequest>,
+    ) -> Result<Response<pb::ListLinksResponse>, Status> {
         let org = org_of(&request)?;
         let mut links = Vec::new();
         for link in self.store.list_links(&org).await.map_err(Error::from)? {
@@ -194,7 +205,10 @@ impl pb::sync_server::Sync for SyncService {
 
     type WatchLinkStream = ReceiverStream<Result<pb::LinkEvent, Status>>;
 
-    async fn watch_link(&self, request: Request<pb::WatchLinkRequest>) -> Result<Response<Self::WatchLinkStream>, Status> {
+    async fn watch_link(
+        &self,
+        request: Request<pb::WatchLinkRequest>,
+    ) -> Result<Response<Self::WatchLinkStream>, Status> {
         let org = org_of(&request)?;
         let link_id = request.into_inner().link_id;
         require(&link_id, "link_id")?;
@@ -244,8 +258,17 @@ impl pb::sync_server::Sync for SyncService {
         let link_id = &request.get_ref().link_id;
         require(link_id, "link_id")?;
         let link = self.store.link(&org, link_id).await.map_err(Error::from)?;
-        let from = [LinkState::Bootstrapping, LinkState::Streaming, LinkState::Suspended, LinkState::Verifying, LinkState::Failed];
-        self.store.transition_link(&link.id, &from, LinkState::Paused, "paused by hand", 0, None, None).await.map_err(Error::from)?;
+        let from = [
+            LinkState::Bootstrapping,
+            LinkState::Streaming,
+            LinkState::Suspended,
+            LinkState::Verifying,
+            LinkState::Failed,
+        ];
+        self.store
+            .transition_link(&link.id, &from, LinkState::Paused, "paused by hand", 0, None, None)
+            .await
+            .map_err(Error::from)?;
         let link = self.store.link(&org, link_id).await.map_err(Error::from)?;
         Ok(Response::new(self.link_to_pb(&link).await?))
     }
@@ -264,7 +287,15 @@ impl pb::sync_server::Sync for SyncService {
                 (LinkState::Streaming, None)
             };
             self.store
-                .transition_link(&link.id, &[LinkState::Paused, LinkState::Failed], to, "resumed by hand", 0, None, bootstrapped)
+                .transition_link(
+                    &link.id,
+                    &[LinkState::Paused, LinkState::Failed],
+                    to,
+                    "resumed by hand",
+                    0,
+                    None,
+                    bootstrapped,
+                )
                 .await
                 .map_err(Error::from)?;
             self.wake.notify_one();
@@ -273,7 +304,10 @@ impl pb::sync_server::Sync for SyncService {
         Ok(Response::new(self.link_to_pb(&link).await?))
     }
 
-    async fn delete_link(&self, request: Request<pb::DeleteLinkRequest>) -> Result<Response<pb::DeleteLinkResponse>, Status> {
+    async fn delete_link(
+        &self,
+        request: Request<pb::DeleteLinkRequest>,
+    ) -> Result<Response<pb::DeleteLinkResponse>, Status> {
         let org = org_of(&request)?;
         require(&request.get_ref().link_id, "link_id")?;
         self.store.delete_link(&org, &request.get_ref().link_id).await.map_err(Error::from)?;
@@ -287,7 +321,9 @@ impl pb::sync_server::Sync for SyncService {
         let org = org_of(&request)?;
         let link = self.store.link(&org, &request.get_ref().link_id).await.map_err(Error::from)?;
         let events = self.store.link_history(&link.id, 0).await.map_err(Error::from)?;
-        Ok(Response::new(pb::ListLinkHistoryResponse { events: events.iter().map(|t| Self::event_to_pb(t, None)).collect() }))
+        Ok(Response::new(pb::ListLinkHistoryResponse {
+            events: events.iter().map(|t| Self::event_to_pb(t, None)).collect(),
+        }))
     }
 
     async fn list_dead_letters(
@@ -300,7 +336,13 @@ impl pb::sync_server::Sync for SyncService {
         Ok(Response::new(pb::ListDeadLettersResponse {
             dead_letters: letters
                 .into_iter()
-                .map(|d| pb::DeadLetter { seq: d.seq, object: d.object, record_id: d.record_id, reason: d.reason, at_ms: d.at_ms })
+                .map(|d| pb::DeadLetter {
+                    seq: d.seq,
+                    object: d.object,
+                    record_id: d.record_id,
+                    reason: d.reason,
+                    at_ms: d.at_ms,
+                })
                 .collect(),
         }))
     }
