@@ -4,14 +4,17 @@
 #
 #   scripts/bench.sh intake    # real-time upsert throughput and p50/p99, 1 and 200 records,
 #                              # on SQLite and PostgreSQL
+#   scripts/bench.sh sync      # events applied per second between two deployments, and
+#                              # replication lag p50/p99 at a fixed write rate (BENCH_SYNC_RATE,
+#                              # default 10000 events/s; BENCH_SYNC_EVENTS sets the backlog)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 area="${1:-}"
 case "$area" in
-  intake) ;;
-  *) echo "usage: scripts/bench.sh intake" >&2; exit 64 ;;
+  intake|sync) ;;
+  *) echo "usage: scripts/bench.sh intake|sync" >&2; exit 64 ;;
 esac
 
 baton_setup_tools

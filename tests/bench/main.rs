@@ -96,6 +96,120 @@ async fn intake(seconds: f64) {
     println!("summary: intake upserts: {}", summary.join("; "));
 }
 
+async fn get_link(server: &Server, key: &str, id: &str) -> pb::Link {
+    let request = pb::GetLinkRequest { link_id: id.into() };
+    server.sync().await.get_link(authed(request, key)).await.expect("get link").into_inner()
+}
+
+/// Sync between two deployments: events applied per second (a backlog drained by a resumed link),
+/// then replication lag while a writer runs at a fixed rate.
+async fn sync(seconds: f64) {
+    let events: usize = std::env::var("BENCH_SYNC_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let rate: f64 = std::env::var("BENCH_SYNC_RATE").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000.0);
+    let source = Server::start(Backend::Sqlite, &["--max-in-flight-per-org", "64"]).await;
+    let target = Server::start(Backend::Sqlite, &["--max-in-flight-per-org", "64"]).await;
+    let a = create_org(&source, "source").await;
+    let b = create_org(&target, "target").await;
+    let request = pb::CreateLinkRequest {
+        target_endpoint: format!("http://{}", target.addr),
+        target_api_key: b.key.clone(),
+        verify_threshold: 3,
+        probe_interval_ms: 200,
+        ..Default::default()
+    };
+    let id = source.sync().await.create_link(authed(request, &a.key)).await.expect("create link").into_inner().id;
+    for _ in 0..200 {
+        if get_link(&source, &a.key, &id).await.state == pb::LinkState::Streaming as i32 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    source.sync().await.pause_link(authed(pb::PauseLinkRequest { link_id: id.clone() }, &a.key)).await.expect("pause");
+
+    // a backlog of `events` changes: 200-record upserts over 10,000 records
+    let started = Instant::now();
+    let mut intake = source.intake().await;
+    for n in 0..events.div_ceil(200) {
+        let records = (0..200)
+            .map(|k| record(json!({"code": format!("r{}", (n * 200 + k) % 10_000), "name": "backlog", "amount": n})))
+            .collect();
+        intake.upsert(authed(pb::UpsertRequest { object: "account".into(), records }, &a.key)).await.expect("upsert");
+    }
+    let loaded = started.elapsed();
+    let backlog = get_link(&source, &a.key, &id).await.lag_seq;
+    let started = Instant::now();
+    source
+        .sync()
+        .await
+        .resume_link(authed(pb::ResumeLinkRequest { link_id: id.clone() }, &a.key))
+        .await
+        .expect("resume");
+    loop {
+        if get_link(&source, &a.key, &id).await.lag_seq == 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(600), "the backlog did not drain in 10 minutes");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let drained = started.elapsed().as_secs_f64();
+    let apply_rate = backlog as f64 / drained;
+    println!(
+        "sync backlog: {backlog} events written in {:.1}s, applied between two deployments in {drained:.2}s: {apply_rate:.0} events/s",
+        loaded.as_secs_f64()
+    );
+
+    // lag at a fixed write rate: 100-record upserts paced to `rate` events/s
+    let per_request = 100usize;
+    let interval = Duration::from_secs_f64(per_request as f64 / rate);
+    let stop = Instant::now() + Duration::from_secs_f64(seconds.max(5.0));
+    let writer = {
+        let mut intake = source.intake().await;
+        let key = a.key.clone();
+        tokio::spawn(async move {
+            let mut next = Instant::now();
+            let mut written = 0usize;
+            let mut n = 0usize;
+            while Instant::now() < stop {
+                let records = (0..per_request)
+                    .map(|k| record(json!({"code": format!("r{}", (n * per_request + k) % 10_000), "name": "live", "amount": n})))
+                    .collect();
+                intake
+                    .upsert(authed(pb::UpsertRequest { object: "account".into(), records }, &key))
+                    .await
+                    .expect("upsert");
+                written += per_request;
+                n += 1;
+                next += interval;
+                if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            written
+        })
+    };
+    let mut lags = Vec::new();
+    let begun = Instant::now();
+    while Instant::now() < stop {
+        lags.push(Duration::from_millis(get_link(&source, &a.key, &id).await.lag_ms as u64));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let written = writer.await.unwrap();
+    let achieved = written as f64 / begun.elapsed().as_secs_f64();
+    lags.sort();
+    let (p50, p99) = (percentile(&lags, 0.5), percentile(&lags, 0.99));
+    println!(
+        "sync lag: writer at {achieved:.0} events/s (asked {rate:.0}): lag p50 {:.0} ms, p99 {:.0} ms over {} samples",
+        ms(p50),
+        ms(p99),
+        lags.len()
+    );
+    println!(
+        "summary: sync applies {apply_rate:.0} events/s; lag p50 {:.0} ms p99 {:.0} ms at {achieved:.0} events/s",
+        ms(p50),
+        ms(p99)
+    );
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -103,8 +217,9 @@ async fn main() {
     let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
     match area.as_str() {
         "intake" => intake(seconds).await,
+        "sync" => sync(seconds).await,
         other => {
-            eprintln!("baton-bench: unknown area {other:?}; areas: intake");
+            eprintln!("baton-bench: unknown area {other:?}; areas: intake, sync");
             std::process::exit(64);
         }
     }
