@@ -12,6 +12,7 @@
 //! single in-process writer never meets `SQLITE_BUSY` from its own process.
 
 mod admin;
+mod batch;
 pub mod filter;
 pub mod model;
 mod records;

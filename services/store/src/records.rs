@@ -6,6 +6,7 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, Row};
 use tokio::time::Instant;
 
+use crate::batch::{BatchWriter, RecordWrite};
 use crate::filter::{self, Param};
 use crate::model::{ChangeEvent, ChangeOp, DeleteOutcome, Fields, ObjectSchema, Page, Record, UpsertOutcome};
 use crate::schema::{FieldError, record_id, unique_key, validate_records};
@@ -42,10 +43,6 @@ fn decode_fields(text: &str) -> Result<Fields, Error> {
     serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("record fields: {e}")))
 }
 
-fn encode_fields(fields: &Fields) -> String {
-    serde_json::Value::Object(fields.clone()).to_string()
-}
-
 impl Store {
     fn record_from_row(row: &AnyRow) -> Result<Record, Error> {
         Ok(Record {
@@ -73,71 +70,6 @@ impl Store {
         Ok(())
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn append_change(
-        &self,
-        conn: &mut AnyConnection,
-        org_id: &str,
-        seq: i64,
-        object: &str,
-        record_id: &str,
-        op: ChangeOp,
-        fields: Option<&str>,
-        version: i64,
-        now: i64,
-    ) -> Result<(), Error> {
-        let sql = format!(
-            "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, {}, $7, $8)",
-            self.json_param(6)
-        );
-        sqlx::query(&sql)
-            .bind(org_id)
-            .bind(seq)
-            .bind(object)
-            .bind(record_id)
-            .bind(op.as_str())
-            .bind(fields.map(str::to_owned))
-            .bind(version)
-            .bind(now)
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
-    }
-
-    /// Writes a record row with an explicit version (live or a tombstone).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) async fn write_record(
-        &self,
-        conn: &mut AnyConnection,
-        org_id: &str,
-        object: &str,
-        id: &str,
-        json: &str,
-        version: i64,
-        deleted: bool,
-        now: i64,
-    ) -> Result<(), Error> {
-        let sql = format!(
-            "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
-             VALUES ($1, $2, $3, {}, $5, $6, $7) \
-             ON CONFLICT (org_id, object, id) DO UPDATE SET fields = excluded.fields, \
-             version = excluded.version, updated_at_ms = excluded.updated_at_ms, deleted = excluded.deleted",
-            self.json_param(4)
-        );
-        sqlx::query(&sql)
-            .bind(org_id)
-            .bind(object)
-            .bind(id.to_owned())
-            .bind(json.to_owned())
-            .bind(version)
-            .bind(now)
-            .bind(i64::from(deleted))
-            .execute(&mut *conn)
-            .await?;
-        Ok(())
-    }
-
     /// Creates or replaces records of an object, in one transaction committed only if it finishes
     /// before `deadline`. Invalid records (schema, uniqueness) fail the whole request, listing
     /// every problem; nothing is committed.
@@ -157,68 +89,26 @@ impl Store {
             let mut tx = self.writer.begin().await?;
             let base = self.lock_org(&mut tx, org_id).await?;
             let ids: Vec<String> = records.iter().map(|r| record_id(&schema, r).unwrap_or_default()).collect();
-            let existing = self.existing_versions(&mut tx, org_id, object, &ids).await?;
+            let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
             self.check_unique(&mut tx, org_id, &schema, &records, &ids).await?;
-            let now = now_ms();
+            let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
             let mut outcomes = Vec::with_capacity(records.len());
-            let upsert_sql = format!(
-                "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
-                 VALUES ($1, $2, $3, {}, $5, $6, 0) \
-                 ON CONFLICT (org_id, object, id) DO UPDATE SET fields = excluded.fields, \
-                 version = excluded.version, updated_at_ms = excluded.updated_at_ms, deleted = 0",
-                self.json_param(4)
-            );
-            for (i, (record, id)) in records.iter().zip(&ids).enumerate() {
-                let (version, created) = match existing.get(id) {
+            for (record, id) in records.into_iter().zip(ids) {
+                let (version, created) = match existing.get(&id) {
                     Some((v, deleted)) => (v + 1, *deleted),
                     None => (1, true),
                 };
-                let json = encode_fields(record);
-                self.replace_unique_values(&mut tx, org_id, &schema, id, Some(record)).await?;
-                sqlx::query(&upsert_sql)
-                    .bind(org_id)
-                    .bind(object)
-                    .bind(id.clone())
-                    .bind(json.clone())
-                    .bind(version)
-                    .bind(now)
-                    .execute(&mut *tx)
-                    .await?;
-                let seq = base + i as i64 + 1;
-                self.append_change(&mut tx, org_id, seq, object, id, ChangeOp::Upsert, Some(&json), version, now)
-                    .await?;
-                outcomes.push(UpsertOutcome { id: id.clone(), version, created });
+                writer.write(&mut tx, RecordWrite { id: id.clone(), fields: Some(record), version }).await?;
+                outcomes.push(UpsertOutcome { id, version, created });
             }
-            let last = base + records.len() as i64;
+            writer.flush(&mut tx).await?;
+            let last = writer.seq;
             self.set_last_seq(&mut tx, org_id, last).await?;
             Ok((tx, (outcomes, last)))
         })
         .await?;
         tx.commit().await?;
         Ok(result)
-    }
-
-    /// The current version and deleted flag of each record that exists (live or deleted).
-    pub(crate) async fn existing_versions(
-        &self,
-        conn: &mut AnyConnection,
-        org_id: &str,
-        object: &str,
-        ids: &[String],
-    ) -> Result<HashMap<String, (i64, bool)>, Error> {
-        let mut found = HashMap::new();
-        for id in ids {
-            let row = sqlx::query("SELECT version, deleted FROM records WHERE org_id = $1 AND object = $2 AND id = $3")
-                .bind(org_id)
-                .bind(object)
-                .bind(id.clone())
-                .fetch_optional(&mut *conn)
-                .await?;
-            if let Some(row) = row {
-                found.insert(id.clone(), (row.try_get::<i64, _>(0)?, row.try_get::<i64, _>(1)? != 0));
-            }
-        }
-        Ok(found)
     }
 
     /// Lists every unique value already held by another live record.
@@ -318,31 +208,14 @@ impl Store {
             }
             let mut tx = self.writer.begin().await?;
             let base = self.lock_org(&mut tx, org_id).await?;
-            let existing = self.existing_versions(&mut tx, org_id, object, &ids).await?;
-            let now = now_ms();
-            let mut seq = base;
+            let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
+            let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
             let mut outcomes = Vec::with_capacity(ids.len());
             for id in &ids {
                 match existing.get(id) {
                     Some((version, false)) => {
                         let version = version + 1;
-                        self.replace_unique_values(&mut tx, org_id, &schema, id, None).await?;
-                        sqlx::query(&format!(
-                            "UPDATE records SET deleted = 1, fields = {}, version = $4, updated_at_ms = $5 \
-                             WHERE org_id = $1 AND object = $2 AND id = $3",
-                            self.json_param(6)
-                        ))
-                        .bind(org_id)
-                        .bind(object)
-                        .bind(id.clone())
-                        .bind(version)
-                        .bind(now)
-                        .bind("{}")
-                        .execute(&mut *tx)
-                        .await?;
-                        seq += 1;
-                        self.append_change(&mut tx, org_id, seq, object, id, ChangeOp::Delete, None, version, now)
-                            .await?;
+                        writer.write(&mut tx, RecordWrite { id: id.clone(), fields: None, version }).await?;
                         outcomes.push(DeleteOutcome { id: id.clone(), deleted: true, version });
                     }
                     Some((version, true)) => {
@@ -351,6 +224,8 @@ impl Store {
                     None => outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: 0 }),
                 }
             }
+            writer.flush(&mut tx).await?;
+            let seq = writer.seq;
             if seq != base {
                 self.set_last_seq(&mut tx, org_id, seq).await?;
             }

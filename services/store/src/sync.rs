@@ -7,7 +7,10 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use tokio::time::Instant;
 
-use crate::model::{ChangeOp, Fields};
+use std::collections::HashMap;
+
+use crate::batch::{BatchWriter, RecordWrite};
+use crate::model::{ChangeOp, Fields, ObjectSchema};
 use crate::schema::{record_id, validate_records};
 use crate::{Error, Store, new_id, now_ms};
 
@@ -531,50 +534,63 @@ impl Store {
                 .bind(link_id)
                 .fetch_optional(&mut *tx)
                 .await?;
-            let mut outcome = ApplyOutcome {
-                watermark: match row {
-                    Some(row) => row.try_get(0)?,
-                    None => 0,
-                },
-                ..ApplyOutcome::default()
+            let watermark: i64 = match row {
+                Some(row) => row.try_get(0)?,
+                None => 0,
             };
-            let mut schemas = std::collections::HashMap::new();
-            let mut seq = base;
-            let now = now_ms();
-            let mut last_seen = outcome.watermark;
-            for change in changes {
-                if !snapshot {
-                    if change.seq <= outcome.watermark {
-                        outcome.skipped += 1;
-                        continue;
+            let mut outcome = ApplyOutcome { watermark, ..ApplyOutcome::default() };
+            let fresh = |c: &IncomingChange| snapshot || c.seq > watermark;
+            // the schema and current versions of every object this batch touches
+            let mut ids_by_object: HashMap<&str, Vec<String>> = HashMap::new();
+            for c in changes.iter().filter(|c| fresh(c)) {
+                ids_by_object.entry(c.object.as_str()).or_default().push(c.record_id.clone());
+            }
+            let mut schemas: HashMap<&str, ObjectSchema> = HashMap::new();
+            let mut current: HashMap<(&str, String), i64> = HashMap::new();
+            for (object, ids) in &ids_by_object {
+                match self.object(org_id, object).await {
+                    Ok(schema) => {
+                        schemas.insert(object, schema);
                     }
-                    last_seen = last_seen.max(change.seq);
+                    Err(Error::NotFound(_)) => continue,
+                    Err(e) => return Err(e),
                 }
-                if !schemas.contains_key(&change.object) {
-                    let schema = match self.object(org_id, &change.object).await {
-                        Ok(schema) => Some(schema),
-                        Err(Error::NotFound(_)) => None,
-                        Err(e) => return Err(e),
-                    };
-                    schemas.insert(change.object.clone(), schema);
+                for (id, (version, _)) in self.versions_of(&mut tx, org_id, object, ids).await? {
+                    current.insert((object, id), version);
                 }
-                let Some(schema) = schemas[&change.object].as_ref() else {
-                    outcome.rejected.push((
-                        change.seq,
-                        change.record_id.clone(),
-                        format!("the target has no object {:?}", change.object),
-                    ));
-                    continue;
-                };
-                let existing = self
-                    .existing_versions(&mut tx, org_id, &change.object, std::slice::from_ref(&change.record_id))
-                    .await?;
-                let current = existing.get(&change.record_id).map(|(v, _)| *v).unwrap_or(0);
-                if change.version <= current {
+            }
+            let now = now_ms();
+            let mut seq = base;
+            let mut last_seen = watermark;
+            let mut writer: Option<BatchWriter<'_>> = None;
+            for change in changes {
+                if !fresh(change) {
                     outcome.skipped += 1;
                     continue;
                 }
-                match (change.op, &change.fields) {
+                if !snapshot {
+                    last_seen = last_seen.max(change.seq);
+                }
+                let Some(schema) = schemas.get(change.object.as_str()) else {
+                    let reason = format!("the target has no object {:?}", change.object);
+                    outcome.rejected.push((change.seq, change.record_id.clone(), reason));
+                    continue;
+                };
+                let key = (change.object.as_str(), change.record_id.clone());
+                if change.version <= current.get(&key).copied().unwrap_or(0) {
+                    outcome.skipped += 1;
+                    continue;
+                }
+                if writer.as_ref().is_none_or(|w| w.object() != change.object) {
+                    if let Some(mut done) = writer.take() {
+                        done.flush(&mut tx).await?;
+                        seq = done.seq;
+                    }
+                    let ids = &ids_by_object[change.object.as_str()];
+                    writer = Some(BatchWriter::new(self, &mut tx, org_id, schema, ids, seq, now).await?);
+                }
+                let Some(w) = writer.as_mut() else { continue };
+                let fields = match (change.op, &change.fields) {
                     (ChangeOp::Upsert, Some(fields)) => {
                         let mut problems = validate_records(schema, std::slice::from_ref(fields));
                         if problems.is_empty()
@@ -584,6 +600,7 @@ impl Store {
                                 .push(crate::FieldError::new("id", "the record's external id does not match its id"));
                         }
                         if problems.is_empty()
+                            && w.touches_unique(&change.record_id, Some(fields))
                             && let Err(Error::Invalid(unique)) = self
                                 .check_unique(
                                     &mut tx,
@@ -598,39 +615,11 @@ impl Store {
                         }
                         if let Some(p) = problems.first() {
                             let field = p.field.trim_start_matches("records[0].");
-                            outcome.rejected.push((
-                                change.seq,
-                                change.record_id.clone(),
-                                format!("{field}: {}", p.description),
-                            ));
+                            let reason = format!("{field}: {}", p.description);
+                            outcome.rejected.push((change.seq, change.record_id.clone(), reason));
                             continue;
                         }
-                        let json = serde_json::Value::Object(fields.clone()).to_string();
-                        self.replace_unique_values(&mut tx, org_id, schema, &change.record_id, Some(fields)).await?;
-                        self.write_record(
-                            &mut tx,
-                            org_id,
-                            &change.object,
-                            &change.record_id,
-                            &json,
-                            change.version,
-                            false,
-                            now,
-                        )
-                        .await?;
-                        seq += 1;
-                        self.append_change(
-                            &mut tx,
-                            org_id,
-                            seq,
-                            &change.object,
-                            &change.record_id,
-                            ChangeOp::Upsert,
-                            Some(&json),
-                            change.version,
-                            now,
-                        )
-                        .await?;
+                        Some(fields.clone())
                     }
                     (ChangeOp::Upsert, None) => {
                         outcome.rejected.push((
@@ -640,40 +629,20 @@ impl Store {
                         ));
                         continue;
                     }
-                    (ChangeOp::Delete, _) => {
-                        self.replace_unique_values(&mut tx, org_id, schema, &change.record_id, None).await?;
-                        self.write_record(
-                            &mut tx,
-                            org_id,
-                            &change.object,
-                            &change.record_id,
-                            "{}",
-                            change.version,
-                            true,
-                            now,
-                        )
-                        .await?;
-                        seq += 1;
-                        self.append_change(
-                            &mut tx,
-                            org_id,
-                            seq,
-                            &change.object,
-                            &change.record_id,
-                            ChangeOp::Delete,
-                            None,
-                            change.version,
-                            now,
-                        )
-                        .await?;
-                    }
-                }
+                    (ChangeOp::Delete, _) => None,
+                };
+                w.write(&mut tx, RecordWrite { id: change.record_id.clone(), fields, version: change.version }).await?;
+                current.insert(key, change.version);
                 outcome.applied += 1;
+            }
+            if let Some(mut done) = writer.take() {
+                done.flush(&mut tx).await?;
+                seq = done.seq;
             }
             if seq != base {
                 self.set_last_seq(&mut tx, org_id, seq).await?;
             }
-            if last_seen > outcome.watermark {
+            if last_seen > watermark {
                 outcome.watermark = last_seen;
                 sqlx::query(
                     "INSERT INTO apply_watermarks (org_id, link_id, seq) VALUES ($1, $2, $3) \
