@@ -3,7 +3,6 @@
 use baton_mesh::proto::v1 as pb;
 use baton_store::FieldError;
 use baton_store::model::{ChangeEvent, ChangeOp, FieldSpec, FieldType, Fields, ObjectSchema, Record};
-use baton_store::sync::IncomingChange;
 use prost_types::value::Kind;
 use serde_json::Value;
 
@@ -108,7 +107,7 @@ pub fn snapshot_row_to_pb(object: &str, record: &Record) -> pb::Change {
 }
 
 /// Replicated protobuf changes as store changes; `changes[i]` paths in errors.
-pub fn changes_from_pb(changes: &[pb::Change]) -> Result<Vec<IncomingChange>, Vec<FieldError>> {
+pub fn changes_from_pb(changes: &[pb::Change]) -> Result<Vec<ChangeEvent>, Vec<FieldError>> {
     let mut errors = Vec::new();
     let mut out = Vec::with_capacity(changes.len());
     for (i, c) in changes.iter().enumerate() {
@@ -134,13 +133,14 @@ pub fn changes_from_pb(changes: &[pb::Change]) -> Result<Vec<IncomingChange>, Ve
                 .map(|(k, v)| (k.clone(), value_to_json(v, &format!("changes[{i}].fields.{k}"), &mut errors)))
                 .collect()
         });
-        out.push(IncomingChange {
+        out.push(ChangeEvent {
             seq: c.seq,
             object: c.object.clone(),
             record_id: c.record_id.clone(),
             op,
             fields,
             version: c.version,
+            committed_at_ms: c.committed_at_ms,
         });
     }
     if errors.is_empty() { Ok(out) } else { Err(errors) }

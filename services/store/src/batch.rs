@@ -26,6 +26,11 @@ pub(crate) struct RecordWrite {
     pub version: i64,
 }
 
+/// `$first, $first+1, …` for `n` values: the placeholders of an `IN (…)` list.
+fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
+}
+
 impl Store {
     /// The current version and deleted flag of each of `ids` that exists, in few statements.
     pub(crate) async fn versions_of(
@@ -64,9 +69,9 @@ impl Store {
         let mut holders = HashSet::new();
         let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
         for chunk in unique.chunks(ROWS_PER_STATEMENT) {
-            let list = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect::<Vec<_>>().join(", ");
             let sql = format!(
-                "SELECT DISTINCT record_id FROM unique_values WHERE org_id = $1 AND object = $2 AND record_id IN ({list})"
+                "SELECT DISTINCT record_id FROM unique_values WHERE org_id = $1 AND object = $2 AND record_id IN ({})",
+                placeholders(3, chunk.len())
             );
             let mut query = sqlx::query(&sql).bind(org_id).bind(object);
             for id in chunk {

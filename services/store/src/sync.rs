@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use std::collections::HashMap;
 
 use crate::batch::{BatchWriter, RecordWrite};
-use crate::model::{ChangeOp, Fields, ObjectSchema};
+use crate::model::{ChangeEvent, ChangeOp, ObjectSchema};
 use crate::schema::{record_id, validate_records};
 use crate::{Error, Store, new_id, now_ms};
 
@@ -154,23 +154,6 @@ pub struct DeadLetter {
     pub reason: String,
     /// When.
     pub at_ms: i64,
-}
-
-/// A replicated change to apply on the target.
-#[derive(Debug, Clone, PartialEq)]
-pub struct IncomingChange {
-    /// The source seq (0 for snapshot rows).
-    pub seq: i64,
-    /// The object.
-    pub object: String,
-    /// The record id.
-    pub record_id: String,
-    /// Upsert or delete.
-    pub op: ChangeOp,
-    /// The fields after an upsert.
-    pub fields: Option<Fields>,
-    /// The source version.
-    pub version: i64,
 }
 
 /// What an apply did.
@@ -522,7 +505,7 @@ impl Store {
         &self,
         org_id: &str,
         link_id: &str,
-        changes: &[IncomingChange],
+        changes: &[ChangeEvent],
         snapshot: bool,
     ) -> Result<ApplyOutcome, Error> {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -539,7 +522,7 @@ impl Store {
                 None => 0,
             };
             let mut outcome = ApplyOutcome { watermark, ..ApplyOutcome::default() };
-            let fresh = |c: &IncomingChange| snapshot || c.seq > watermark;
+            let fresh = |c: &ChangeEvent| snapshot || c.seq > watermark;
             // the schema and current versions of every object this batch touches
             let mut ids_by_object: HashMap<&str, Vec<String>> = HashMap::new();
             for c in changes.iter().filter(|c| fresh(c)) {
