@@ -22,6 +22,8 @@ fn ms(d: Duration) -> f64 {
 }
 
 struct Figures {
+    /// Requests rejected RESOURCE_EXHAUSTED (resubmit as batch): counted, not fatal.
+    rejected: usize,
     requests_per_s: f64,
     records_per_s: f64,
     p50: Duration,
@@ -38,6 +40,7 @@ async fn upsert_load(server: &Server, size: usize, clients: usize, seconds: f64)
         let mut intake = server.intake().await;
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
+            let mut rejected = 0usize;
             let mut n = 0usize;
             while Instant::now() < stop {
                 let records = (0..size)
@@ -48,24 +51,28 @@ async fn upsert_load(server: &Server, size: usize, clients: usize, seconds: f64)
                     })
                     .collect();
                 let started = Instant::now();
-                intake
-                    .upsert(authed(pb::UpsertRequest { object: "account".into(), records }, &org.key))
-                    .await
-                    .expect("upsert");
-                latencies.push(started.elapsed());
+                match intake.upsert(authed(pb::UpsertRequest { object: "account".into(), records }, &org.key)).await {
+                    Ok(_) => latencies.push(started.elapsed()),
+                    Err(status) if status.code() == tonic::Code::ResourceExhausted => rejected += 1,
+                    Err(status) => panic!("upsert: {status:?}"),
+                }
                 n += 1;
             }
-            latencies
+            (latencies, rejected)
         }));
     }
     let started = Instant::now();
     let mut all = Vec::new();
+    let mut rejected = 0;
     for t in tasks {
-        all.extend(t.await.unwrap());
+        let (latencies, r) = t.await.unwrap();
+        all.extend(latencies);
+        rejected += r;
     }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort();
     Figures {
+        rejected,
         requests_per_s: all.len() as f64 / elapsed,
         records_per_s: (all.len() * size) as f64 / elapsed,
         p50: percentile(&all, 0.50),
@@ -84,11 +91,12 @@ async fn intake(seconds: f64) {
             let server = Server::start(backend, &["--max-in-flight-per-org", "64"]).await;
             let f = upsert_load(&server, size, 8, seconds).await;
             println!(
-                "intake {name:8} {size:3}-record upserts, 8 clients, {seconds}s: {:8.0} req/s {:9.0} records/s  p50 {:6.2} ms  p99 {:6.2} ms",
+                "intake {name:8} {size:3}-record upserts, 8 clients, {seconds}s: {:8.0} req/s {:9.0} records/s  p50 {:6.2} ms  p99 {:6.2} ms  rejected {}",
                 f.requests_per_s,
                 f.records_per_s,
                 ms(f.p50),
-                ms(f.p99)
+                ms(f.p99),
+                f.rejected
             );
             summary.push(format!("{name} {size}rec {:.0} req/s p99 {:.1}ms", f.requests_per_s, ms(f.p99)));
         }
@@ -158,20 +166,25 @@ async fn sync(seconds: f64) {
         loaded.as_secs_f64()
     );
 
-    // lag at a fixed write rate: 100-record upserts paced to `rate` events/s
+    // lag at a fixed write rate: 4 writers of 100-record upserts, each paced to a quarter of `rate`
     let per_request = 100usize;
-    let interval = Duration::from_secs_f64(per_request as f64 / rate);
+    let writers = 4usize;
+    let interval = Duration::from_secs_f64((per_request * writers) as f64 / rate);
     let stop = Instant::now() + Duration::from_secs_f64(seconds.max(5.0));
-    let writer = {
+    let mut tasks = Vec::new();
+    for w in 0..writers {
         let mut intake = source.intake().await;
         let key = a.key.clone();
-        tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut next = Instant::now();
             let mut written = 0usize;
             let mut n = 0usize;
             while Instant::now() < stop {
                 let records = (0..per_request)
-                    .map(|k| record(json!({"code": format!("r{}", (n * per_request + k) % 10_000), "name": "live", "amount": n})))
+                    .map(|k| {
+                        let code = format!("w{w}-{}", (n * per_request + k) % 2_500);
+                        record(json!({"code": code, "name": "live", "amount": n}))
+                    })
                     .collect();
                 intake
                     .upsert(authed(pb::UpsertRequest { object: "account".into(), records }, &key))
@@ -185,15 +198,18 @@ async fn sync(seconds: f64) {
                 }
             }
             written
-        })
-    };
+        }));
+    }
     let mut lags = Vec::new();
     let begun = Instant::now();
     while Instant::now() < stop {
         lags.push(Duration::from_millis(get_link(&source, &a.key, &id).await.lag_ms as u64));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let written = writer.await.unwrap();
+    let mut written = 0;
+    for t in tasks {
+        written += t.await.unwrap();
+    }
     let achieved = written as f64 / begun.elapsed().as_secs_f64();
     lags.sort();
     let (p50, p99) = (percentile(&lags, 0.5), percentile(&lags, 0.99));
