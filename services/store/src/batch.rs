@@ -15,8 +15,22 @@ use sqlx::{AnyConnection, Row};
 use crate::model::{ChangeOp, Fields, ObjectSchema};
 use crate::{Error, Store};
 
-/// Rows per multi-row statement (7 parameters each, well under both backends' limits).
-const ROWS_PER_STATEMENT: usize = 400;
+/// Rows per multi-row statement on PostgreSQL (5 parameters a row).
+const PG_ROWS_PER_STATEMENT: usize = 400;
+/// Rows per multi-row statement on SQLite. Smaller, because binding costs grow with the square of
+/// a statement's parameter count there: sqlx asks `sqlite3_bind_parameter_name` for each index,
+/// and SQLite answers by walking the list of names. With 400 rows (2,000 parameters) this call
+/// took 73% of the writer thread in `scripts/bench.sh sync` (perf).
+const SQLITE_ROWS_PER_STATEMENT: usize = 64;
+
+impl Store {
+    fn rows_per_statement(&self) -> usize {
+        match self.backend {
+            crate::Backend::Sqlite => SQLITE_ROWS_PER_STATEMENT,
+            crate::Backend::Postgres => PG_ROWS_PER_STATEMENT,
+        }
+    }
+}
 
 /// One record write: a new state (fields) or a tombstone (None), at a version.
 #[derive(Debug, Clone)]
@@ -42,7 +56,7 @@ impl Store {
     ) -> Result<HashMap<String, (i64, bool)>, Error> {
         let mut found = HashMap::new();
         let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
-        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+        for chunk in unique.chunks(self.rows_per_statement()) {
             let list = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect::<Vec<_>>().join(", ");
             let sql = format!(
                 "SELECT id, version, deleted FROM records WHERE org_id = $1 AND object = $2 AND id IN ({list})"
@@ -68,7 +82,7 @@ impl Store {
     ) -> Result<HashSet<String>, Error> {
         let mut holders = HashSet::new();
         let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
-        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+        for chunk in unique.chunks(self.rows_per_statement()) {
             let sql = format!(
                 "SELECT DISTINCT record_id FROM unique_values WHERE org_id = $1 AND object = $2 AND record_id IN ({})",
                 placeholders(3, chunk.len())
@@ -151,7 +165,7 @@ impl<'a> BatchWriter<'a> {
             self.flush(conn).await?;
         } else {
             self.pending.push((seq, write));
-            if self.pending.len() >= ROWS_PER_STATEMENT {
+            if self.pending.len() >= self.store.rows_per_statement() {
                 self.flush(conn).await?;
             }
         }
@@ -173,7 +187,7 @@ impl<'a> BatchWriter<'a> {
         }
         let mut rows: Vec<usize> = last.into_values().collect();
         rows.sort_unstable();
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+        for chunk in rows.chunks(self.store.rows_per_statement()) {
             let values = (0..chunk.len())
                 .map(|i| {
                     let b = i * 5;
@@ -206,7 +220,7 @@ impl<'a> BatchWriter<'a> {
             query.execute(&mut *conn).await?;
         }
         // change events: every write, in seq order
-        for chunk in pending.chunks(ROWS_PER_STATEMENT) {
+        for chunk in pending.chunks(self.store.rows_per_statement()) {
             let values = (0..chunk.len())
                 .map(|i| {
                     let b = i * 5;
