@@ -19,5 +19,7 @@ esac
 
 baton_setup_tools
 baton_setup_postgres
+# leftover test databases make PostgreSQL checkpoints (and so the figures) noisy
+baton_drop_test_databases
 cargo build --release --quiet -p baton -p baton-tests --bin baton --bin baton-bench
 BATON_BIN="$PWD/target/release/baton" exec target/release/baton-bench "$area"
