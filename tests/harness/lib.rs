@@ -39,6 +39,7 @@ pub struct Server {
     /// The backend it runs on.
     pub backend: Backend,
     _dir: Option<TempDir>,
+    args: Vec<String>,
 }
 
 /// A temporary directory removed on drop.
@@ -92,15 +93,22 @@ impl Server {
         Self::spawn(&args, url.to_owned(), backend, Some(dir))
     }
 
-    /// SIGKILLs the server and starts it again on the same data directory, store, address and
-    /// flags.
+    /// SIGKILLs the server and starts it again with the same arguments, on the same address (and
+    /// data directory, store and flags), adding `extra`.
     pub fn restart(mut self, extra: &[&str]) -> Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let dir = self._dir.take().expect("a data directory");
-        let (backend, url, addr) = (self.backend, self.store_url.clone(), self.addr.to_string());
+        let dir = self._dir.take();
+        let addr = self.addr.to_string();
+        let mut args = self.args.clone();
+        if let Some(i) = args.iter().position(|a| a == "--listen") {
+            args[i + 1] = addr;
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (backend, url) = (self.backend, self.store_url.clone());
         drop(self);
-        Self::start_at(backend, dir, &url, &addr, extra)
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn(&args, url, backend, dir)
     }
 
     /// SIGKILLs the server, keeping its data directory for [`Server::start_at`].
@@ -108,6 +116,12 @@ impl Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         (self._dir.take().expect("a data directory"), self.store_url.clone(), self.addr)
+    }
+
+    /// Starts `baton` with any arguments; the process must print its `endpoint:` and `metrics:`
+    /// lines (every server does).
+    pub fn spawn_raw(args: &[&str]) -> Server {
+        Self::spawn(args, String::new(), Backend::Sqlite, None)
     }
 
     fn spawn(args: &[&str], store_url: String, backend: Backend, dir: Option<TempDir>) -> Server {
@@ -145,7 +159,8 @@ impl Server {
                 metrics = Some(m.parse().unwrap());
             }
         }
-        Server { child, addr: addr.unwrap(), metrics: metrics.unwrap(), store_url, backend, _dir: dir }
+        let args = args.iter().map(|s| s.to_string()).collect();
+        Server { child, addr: addr.unwrap(), metrics: metrics.unwrap(), store_url, backend, _dir: dir, args }
     }
 
     /// A channel to the server.

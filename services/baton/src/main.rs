@@ -3,6 +3,7 @@
 
 mod client;
 mod dev;
+mod manager_cli;
 mod sync_cli;
 
 use std::path::PathBuf;
@@ -62,6 +63,9 @@ enum Command {
     /// Runs the sync service (extraction and links), or talks to one (`baton sync extract`,
     /// `baton sync link …`).
     Sync(sync_cli::SyncArgs),
+    /// Runs the session manager (`baton manager serve`), or inspects one (`baton manager status`,
+    /// `sessions`, `session ID`).
+    Manager(manager_cli::ManagerArgs),
     /// Runs the whole mesh in one process on embedded defaults (SQLite under --data-dir).
     Dev(dev::DevArgs),
     /// Administers orgs, API keys and object schemas (needs the admin token).
@@ -151,6 +155,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev(args) => dev::run(args).await,
+        Command::Manager(args) => manager_cli::run(args).await,
         Command::Sync(args) => match args.command {
             sync_cli::SyncCommand::Serve { serve, store, sync } => {
                 if let Err(e) = sync.validate() {

@@ -1,0 +1,94 @@
+//! `baton manager`: runs the session manager, or inspects one.
+
+use baton_manager::{ManagerOptions, ManagerService};
+use baton_mesh::auth::AuthConfig;
+use baton_mesh::config::{ServeOptions, exit_bad_config};
+use baton_mesh::proto::v1 as pb;
+use baton_mesh::server::MeshServer;
+
+use crate::client::{Conn, channel, explain, print_json};
+
+/// `baton manager`.
+#[derive(clap::Args, Debug)]
+pub struct ManagerArgs {
+    #[command(subcommand)]
+    command: ManagerCommand,
+}
+
+/// The manager subcommands.
+#[derive(clap::Subcommand, Debug)]
+enum ManagerCommand {
+    /// Runs a session manager.
+    Serve {
+        #[command(flatten)]
+        serve: ServeOptions,
+        #[command(flatten)]
+        manager: ManagerOptions,
+    },
+    /// Prints the manager's role, term and journal position.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Lists the client-server sessions.
+    Sessions {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Shows one session.
+    Session {
+        #[command(flatten)]
+        conn: Conn,
+        /// The session id.
+        id: String,
+    },
+}
+
+fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "session_id": s.session_id, "pool": s.pool, "bound_server": s.bound_server,
+        "client_connected": s.client_connected, "request_queue": s.request_queue,
+        "response_queue": s.response_queue, "last_request_seq": s.last_request_seq,
+        "client_restart_bytes": s.client_restart_bytes, "server_restart_bytes": s.server_restart_bytes,
+    })
+}
+
+/// Runs a manager subcommand.
+pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
+    match args.command {
+        ManagerCommand::Serve { serve, manager } => {
+            let listener = baton_mesh::server::bind(serve.listen).await?;
+            let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+            let shutdown = baton_mesh::shutdown::on_signals();
+            let service = ManagerService::start(manager, shutdown.clone())
+                .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
+            crate::print_endpoints(&listener, &metrics)?;
+            MeshServer::new(serve, AuthConfig::default())
+                .add_service(pb::session_manager_server::SessionManagerServer::new(service))
+                .serve(listener, metrics, shutdown)
+                .await?;
+            Ok(())
+        }
+        ManagerCommand::Status { conn } => {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
+            let s = client.status(pb::ManagerStatusRequest {}).await.map_err(explain)?.into_inner();
+            print_json(&serde_json::json!({
+                "role": s.role, "term": s.term, "leader": s.leader, "journal_index": s.journal_index,
+                "standby_lag": s.standby_lag, "in_sync": s.in_sync, "sessions": s.sessions, "servers": s.servers,
+            }))
+        }
+        ManagerCommand::Sessions { conn } => {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
+            let list = client.list_sessions(pb::ListSessionsRequest {}).await.map_err(explain)?.into_inner();
+            for s in &list.sessions {
+                print_json(&session_json(s))?;
+            }
+            Ok(())
+        }
+        ManagerCommand::Session { conn, id } => {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
+            let s = client.get_session(pb::GetSessionRequest { session_id: id }).await.map_err(explain)?.into_inner();
+            print_json(&session_json(&s))
+        }
+    }
+}

@@ -1,0 +1,424 @@
+//! The client library of the session manager, for client sessions ([`ClientSession`], for
+//! example the scheduler) and server sessions ([`ServerSession`], for example workers).
+//!
+//! Both keep one stream to the manager and keep it alive: when it breaks they reconnect (with
+//! backoff), resume — a client with its session id and restart data, a server with its id — and
+//! resend what the manager has not acknowledged. Requests and responses are numbered, and both
+//! sides drop numbers they have already seen, so a user sees each response (or request) once. A
+//! frame of a term older than one already seen is refused.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use baton_mesh::proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// A response delivered to a client session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClientResponse {
+    /// The number of the request it answers.
+    pub seq: u64,
+    /// The response.
+    pub payload: Option<prost_types::Any>,
+}
+
+enum ClientCommand {
+    Send { payload: prost_types::Any, restart_data: Vec<u8>, accepted: oneshot::Sender<u64> },
+}
+
+/// A client session: sends numbered requests to a pool and receives each response once.
+pub struct ClientSession {
+    commands: mpsc::Sender<ClientCommand>,
+    responses: mpsc::Receiver<ClientResponse>,
+    session_id: String,
+}
+
+async fn connect(endpoint: &str) -> Result<Channel, Status> {
+    Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| Status::invalid_argument(format!("invalid manager endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot connect to the manager at {endpoint}: {e}")))
+}
+
+fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((50u64 << attempt.min(4)).min(1000))
+}
+
+/// A request sent but not yet journaled: its payload, restart data, and who waits for it.
+type Unaccepted = (prost_types::Any, Vec<u8>, Option<oneshot::Sender<u64>>);
+
+struct ClientLoop {
+    endpoint: String,
+    pool: String,
+    session_id: Option<String>,
+    restart_data: Vec<u8>,
+    next_seq: u64,
+    seen_term: u64,
+    /// Sent but not yet journaled: resent after a reconnect.
+    unaccepted: BTreeMap<u64, Unaccepted>,
+    /// Response numbers delivered: all up to `delivered_upto`, and those in `delivered_above`.
+    delivered_upto: u64,
+    delivered_above: BTreeSet<u64>,
+}
+
+impl ClientLoop {
+    fn seen(&self, seq: u64) -> bool {
+        seq <= self.delivered_upto || self.delivered_above.contains(&seq)
+    }
+
+    fn mark(&mut self, seq: u64) {
+        self.delivered_above.insert(seq);
+        while self.delivered_above.remove(&(self.delivered_upto + 1)) {
+            self.delivered_upto += 1;
+        }
+    }
+
+    /// One connection: open or resume, resend, then relay until the stream breaks.
+    async fn connection(
+        &mut self,
+        commands: &mut mpsc::Receiver<ClientCommand>,
+        responses: &mpsc::Sender<ClientResponse>,
+        opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
+    ) -> Result<bool, Status> {
+        let channel = connect(&self.endpoint).await?;
+        let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
+        let (out, out_rx) = mpsc::channel(1024);
+        let open = pb::OpenSession {
+            pool: self.pool.clone(),
+            session_id: self.session_id.clone().unwrap_or_default(),
+            restart_data: self.restart_data.clone(),
+            seen_term: self.seen_term,
+        };
+        let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) }).await;
+        let mut events = client.client_session(ReceiverStream::new(out_rx)).await?.into_inner();
+        loop {
+            tokio::select! {
+                event = events.message() => {
+                    let Some(event) = event? else { return Err(Status::unavailable("the manager closed the stream")) };
+                    if event.term < self.seen_term {
+                        return Err(Status::unavailable(format!("a frame of term {} after term {}", event.term, self.seen_term)));
+                    }
+                    self.seen_term = event.term;
+                    match event.kind {
+                        Some(pb::client_event::Kind::Opened(o)) => {
+                            self.session_id = Some(o.session_id.clone());
+                            if let Some(opened) = opened.take() {
+                                let _ = opened.send(Ok(o.session_id.clone()));
+                            }
+                            // what the manager journaled is accepted; the rest is sent again
+                            let done: Vec<u64> = self.unaccepted.range(..=o.last_request_seq).map(|(s, _)| *s).collect();
+                            for seq in done {
+                                if let Some((_, _, Some(w))) = self.unaccepted.remove(&seq) {
+                                    let _ = w.send(seq);
+                                }
+                            }
+                            for (seq, (payload, restart, _)) in &self.unaccepted {
+                                let request = pb::ClientRequest { seq: *seq, payload: Some(payload.clone()), restart_data: restart.clone() };
+                                let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Request(request)) }).await;
+                            }
+                        }
+                        Some(pb::client_event::Kind::Accepted(a)) => {
+                            if let Some((_, _, Some(w))) = self.unaccepted.remove(&a.seq) {
+                                let _ = w.send(a.seq);
+                            }
+                        }
+                        Some(pb::client_event::Kind::Response(r)) => {
+                            if !self.seen(r.seq) {
+                                if responses.send(ClientResponse { seq: r.seq, payload: r.payload }).await.is_err() {
+                                    return Ok(false);
+                                }
+                                self.mark(r.seq);
+                            }
+                            let ack = pb::AckResponse { seq: r.seq };
+                            let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Ack(ack)) }).await;
+                        }
+                        None => {}
+                    }
+                }
+                command = commands.recv() => {
+                    let Some(ClientCommand::Send { payload, restart_data, accepted }) = command else { return Ok(false) };
+                    self.next_seq += 1;
+                    let seq = self.next_seq;
+                    let request = pb::ClientRequest { seq, payload: Some(payload.clone()), restart_data: restart_data.clone() };
+                    self.unaccepted.insert(seq, (payload, restart_data, Some(accepted)));
+                    let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Request(request)) }).await;
+                }
+            }
+        }
+    }
+}
+
+impl ClientSession {
+    /// Opens a new session on `pool` through the manager at `endpoint` (`http://host:port`).
+    pub async fn open(endpoint: &str, pool: &str, restart_data: Vec<u8>) -> Result<Self, Status> {
+        Self::start(endpoint, pool, None, restart_data, 0).await
+    }
+
+    /// Resumes session `session_id` (after a restart of the client process): requests numbered
+    /// after `last_seq` continue it.
+    pub async fn resume(
+        endpoint: &str,
+        session_id: &str,
+        restart_data: Vec<u8>,
+        last_seq: u64,
+    ) -> Result<Self, Status> {
+        Self::start(endpoint, "", Some(session_id.to_owned()), restart_data, last_seq).await
+    }
+
+    async fn start(
+        endpoint: &str,
+        pool: &str,
+        session_id: Option<String>,
+        restart_data: Vec<u8>,
+        last_seq: u64,
+    ) -> Result<Self, Status> {
+        let (commands, mut command_rx) = mpsc::channel(1024);
+        let (response_tx, responses) = mpsc::channel(1024);
+        let (opened_tx, opened_rx) = oneshot::channel();
+        let mut state = ClientLoop {
+            endpoint: endpoint.to_owned(),
+            pool: pool.to_owned(),
+            session_id,
+            restart_data,
+            next_seq: last_seq,
+            seen_term: 0,
+            unaccepted: BTreeMap::new(),
+            delivered_upto: 0,
+            delivered_above: BTreeSet::new(),
+        };
+        tokio::spawn(async move {
+            let mut opened = Some(opened_tx);
+            let mut attempt = 0;
+            loop {
+                match state.connection(&mut command_rx, &response_tx, &mut opened).await {
+                    Ok(false) => return,
+                    Ok(true) => attempt = 0,
+                    Err(status) => {
+                        let fatal = matches!(status.code(), Code::NotFound | Code::InvalidArgument);
+                        if fatal {
+                            if let Some(opened) = opened.take() {
+                                let _ = opened.send(Err(status));
+                            }
+                            return;
+                        }
+                        tracing::debug!(error = %status, "client session: reconnecting");
+                    }
+                }
+                attempt += 1;
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        });
+        let session_id = tokio::time::timeout(Duration::from_secs(60), opened_rx)
+            .await
+            .map_err(|_| Status::deadline_exceeded("the manager did not open the session within 60s"))?
+            .map_err(|_| Status::unavailable("the session task stopped"))??;
+        Ok(Self { commands, responses, session_id })
+    }
+
+    /// The session id (for resuming after a restart).
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// Sends a request; returns its number once the manager has journaled it.
+    pub async fn send(&self, payload: prost_types::Any, restart_data: Vec<u8>) -> Result<u64, Status> {
+        self.sender().send(payload, restart_data).await
+    }
+
+    /// A handle that sends requests on this session, for another task than the one receiving.
+    pub fn sender(&self) -> ClientSender {
+        ClientSender { commands: self.commands.clone() }
+    }
+
+    /// The next response, each exactly once.
+    pub async fn recv(&mut self) -> Option<ClientResponse> {
+        self.responses.recv().await
+    }
+}
+
+/// Sends requests on a [`ClientSession`]; cheap to clone.
+#[derive(Clone)]
+pub struct ClientSender {
+    commands: mpsc::Sender<ClientCommand>,
+}
+
+impl ClientSender {
+    /// Sends a request; returns its number once the manager has journaled it.
+    pub async fn send(&self, payload: prost_types::Any, restart_data: Vec<u8>) -> Result<u64, Status> {
+        let (accepted, rx) = oneshot::channel();
+        self.commands
+            .send(ClientCommand::Send { payload, restart_data, accepted })
+            .await
+            .map_err(|_| Status::unavailable("the session task stopped"))?;
+        rx.await.map_err(|_| Status::unavailable("the session task stopped"))
+    }
+}
+
+/// What a server session receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerEvent {
+    /// A session is bound to this server, with its restart data (after a move, the previous
+    /// server's).
+    Bound {
+        /// The session.
+        session_id: String,
+        /// The server restart data stored for it.
+        server_restart_data: Vec<u8>,
+        /// The client restart data stored for it.
+        client_restart_data: Vec<u8>,
+    },
+    /// A request to answer with [`ServerSession::reply`].
+    Request {
+        /// The session.
+        session_id: String,
+        /// The request number.
+        seq: u64,
+        /// The request.
+        payload: Option<prost_types::Any>,
+        /// The client restart data sent with it.
+        client_restart_data: Vec<u8>,
+    },
+}
+
+/// A server session: receives requests of the sessions bound to it and answers them.
+pub struct ServerSession {
+    events: mpsc::Receiver<ServerEvent>,
+    replies: mpsc::Sender<pb::ServerReply>,
+}
+
+struct ServerLoop {
+    endpoint: String,
+    pool: String,
+    server_id: String,
+    seen_term: u64,
+    /// Replies not yet journaled: resent after a reconnect, and for a redelivered request.
+    unaccepted: HashMap<(String, u64), pb::ServerReply>,
+    /// Requests handed to the user and not answered yet.
+    in_flight: HashSet<(String, u64)>,
+}
+
+impl ServerLoop {
+    async fn connection(
+        &mut self,
+        replies: &mut mpsc::Receiver<pb::ServerReply>,
+        events: &mpsc::Sender<ServerEvent>,
+    ) -> Result<bool, Status> {
+        let channel = connect(&self.endpoint).await?;
+        let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
+        let (out, out_rx) = mpsc::channel(1024);
+        let register = pb::RegisterServer {
+            pool: self.pool.clone(),
+            server_id: self.server_id.clone(),
+            seen_term: self.seen_term,
+        };
+        let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) }).await;
+        let mut stream = client.server_session(ReceiverStream::new(out_rx)).await?.into_inner();
+        for reply in self.unaccepted.values() {
+            let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Reply(reply.clone())) }).await;
+        }
+        loop {
+            tokio::select! {
+                event = stream.message() => {
+                    let Some(event) = event? else { return Err(Status::unavailable("the manager closed the stream")) };
+                    if event.term < self.seen_term {
+                        return Err(Status::unavailable(format!("a frame of term {} after term {}", event.term, self.seen_term)));
+                    }
+                    self.seen_term = event.term;
+                    match event.kind {
+                        Some(pb::server_event::Kind::Bound(b)) => {
+                            let e = ServerEvent::Bound {
+                                session_id: b.session_id,
+                                server_restart_data: b.server_restart_data,
+                                client_restart_data: b.client_restart_data,
+                            };
+                            if events.send(e).await.is_err() {
+                                return Ok(false);
+                            }
+                        }
+                        Some(pb::server_event::Kind::Request(r)) => {
+                            let key = (r.session_id.clone(), r.seq);
+                            if let Some(reply) = self.unaccepted.get(&key) {
+                                let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Reply(reply.clone())) }).await;
+                            } else if self.in_flight.insert(key) {
+                                let e = ServerEvent::Request {
+                                    session_id: r.session_id,
+                                    seq: r.seq,
+                                    payload: r.payload,
+                                    client_restart_data: r.client_restart_data,
+                                };
+                                if events.send(e).await.is_err() {
+                                    return Ok(false);
+                                }
+                            }
+                        }
+                        Some(pb::server_event::Kind::Accepted(a)) => {
+                            self.unaccepted.remove(&(a.session_id, a.seq));
+                        }
+                        Some(pb::server_event::Kind::Registered(_)) | None => {}
+                    }
+                }
+                reply = replies.recv() => {
+                    let Some(reply) = reply else { return Ok(false) };
+                    let key = (reply.session_id.clone(), reply.seq);
+                    self.in_flight.remove(&key);
+                    self.unaccepted.insert(key, reply.clone());
+                    let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Reply(reply)) }).await;
+                }
+            }
+        }
+    }
+}
+
+impl ServerSession {
+    /// Registers server `server_id` in `pool` with the manager at `endpoint`.
+    pub fn register(endpoint: &str, pool: &str, server_id: &str) -> Self {
+        let (event_tx, events) = mpsc::channel(1024);
+        let (replies, mut reply_rx) = mpsc::channel(1024);
+        let mut state = ServerLoop {
+            endpoint: endpoint.to_owned(),
+            pool: pool.to_owned(),
+            server_id: server_id.to_owned(),
+            seen_term: 0,
+            unaccepted: HashMap::new(),
+            in_flight: HashSet::new(),
+        };
+        tokio::spawn(async move {
+            let mut attempt = 0;
+            loop {
+                match state.connection(&mut reply_rx, &event_tx).await {
+                    Ok(false) => return,
+                    Ok(true) => attempt = 0,
+                    Err(status) => tracing::debug!(error = %status, "server session: reconnecting"),
+                }
+                // requests in flight are delivered again by the manager after a reconnect
+                state.in_flight.clear();
+                attempt += 1;
+                tokio::time::sleep(backoff(attempt)).await;
+            }
+        });
+        Self { events, replies }
+    }
+
+    /// The next event.
+    pub async fn next(&mut self) -> Option<ServerEvent> {
+        self.events.recv().await
+    }
+
+    /// Answers a request, with this server's restart data for the session after it.
+    pub async fn reply(
+        &self,
+        session_id: &str,
+        seq: u64,
+        payload: prost_types::Any,
+        restart_data: Vec<u8>,
+    ) -> Result<(), Status> {
+        let reply = pb::ServerReply { session_id: session_id.to_owned(), seq, payload: Some(payload), restart_data };
+        self.replies.send(reply).await.map_err(|_| Status::unavailable("the server session task stopped"))
+    }
+}

@@ -1,0 +1,297 @@
+//! The manager's journal: every state change as a numbered, term-stamped entry, appended to a
+//! local file in batches with one fsync per batch (group commit), with a snapshot that bounds it.
+//!
+//! A record on disk is `[u32 length][u32 crc32][entry]`, little-endian. Recovery stops at the first
+//! short or corrupt record (a torn write from a crash) and cuts the file there: everything before
+//! it was fsynced before it was acknowledged.
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use prost::Message;
+
+/// One journal entry.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Entry {
+    /// Position in the journal, from 1.
+    #[prost(uint64, tag = "1")]
+    pub index: u64,
+    /// The term of the manager that wrote it.
+    #[prost(uint64, tag = "2")]
+    pub term: u64,
+    /// The state change.
+    #[prost(oneof = "Op", tags = "3, 4, 5, 6, 7")]
+    pub op: Option<Op>,
+}
+
+/// A state change.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Op {
+    /// A session opened, or its client restart data changed.
+    #[prost(message, tag = "3")]
+    Open(OpenOp),
+    /// A request joined a session's request queue.
+    #[prost(message, tag = "4")]
+    Request(RequestOp),
+    /// A server answered a request: it left the request queue, its response joined the response
+    /// queue.
+    #[prost(message, tag = "5")]
+    Reply(ReplyOp),
+    /// The client acknowledged a response: it left the response queue.
+    #[prost(message, tag = "6")]
+    Ack(AckOp),
+    /// A session was bound to a server (or unbound, with an empty server id).
+    #[prost(message, tag = "7")]
+    Bind(BindOp),
+}
+
+/// See [`Op::Open`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OpenOp {
+    /// The session.
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    /// Its pool.
+    #[prost(string, tag = "2")]
+    pub pool: String,
+    /// The client restart data (empty: unchanged).
+    #[prost(bytes = "vec", tag = "3")]
+    pub restart_data: Vec<u8>,
+    /// Raises the session's highest request number to this (snapshots only; 0: unchanged).
+    #[prost(uint64, tag = "4")]
+    pub last_request_seq: u64,
+}
+
+/// See [`Op::Request`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RequestOp {
+    /// The session.
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    /// The request number.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// The request.
+    #[prost(message, optional, tag = "3")]
+    pub payload: Option<prost_types::Any>,
+    /// The client restart data with it (empty: unchanged).
+    #[prost(bytes = "vec", tag = "4")]
+    pub restart_data: Vec<u8>,
+}
+
+/// See [`Op::Reply`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReplyOp {
+    /// The session.
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    /// The request number answered.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+    /// The response.
+    #[prost(message, optional, tag = "3")]
+    pub payload: Option<prost_types::Any>,
+    /// The server restart data after it (empty: unchanged).
+    #[prost(bytes = "vec", tag = "4")]
+    pub restart_data: Vec<u8>,
+}
+
+/// See [`Op::Ack`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AckOp {
+    /// The session.
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    /// The response number acknowledged.
+    #[prost(uint64, tag = "2")]
+    pub seq: u64,
+}
+
+/// See [`Op::Bind`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct BindOp {
+    /// The session.
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    /// The server (empty: unbound).
+    #[prost(string, tag = "2")]
+    pub server_id: String,
+}
+
+/// Errors of the journal.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the journal failed.
+    #[error("journal {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
+    move |source| Error::Io { path: path.to_owned(), source }
+}
+
+/// The journal files in a directory: `snapshot` (the state as entries) and `journal` (entries
+/// since the snapshot).
+pub struct Journal {
+    dir: PathBuf,
+    file: BufWriter<File>,
+    /// Entries in `journal` (since the snapshot).
+    pub since_snapshot: u64,
+}
+
+fn read_records(path: &Path) -> Result<(Vec<Entry>, u64), Error> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) => return Err(io(path)(e)),
+    };
+    let mut reader = BufReader::new(file);
+    let mut entries = Vec::new();
+    let mut good = 0u64;
+    loop {
+        let mut header = [0u8; 8];
+        if reader.read_exact(&mut header).is_err() {
+            break;
+        }
+        let len = u32::from_le_bytes(header[..4].try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
+        let mut body = vec![0u8; len];
+        if reader.read_exact(&mut body).is_err() || crc32fast::hash(&body) != crc {
+            break;
+        }
+        match Entry::decode(body.as_slice()) {
+            Ok(entry) => entries.push(entry),
+            Err(_) => break,
+        }
+        good += 8 + len as u64;
+    }
+    Ok((entries, good))
+}
+
+fn write_record(out: &mut impl Write, entry: &Entry) -> std::io::Result<()> {
+    let body = entry.encode_to_vec();
+    out.write_all(&(body.len() as u32).to_le_bytes())?;
+    out.write_all(&crc32fast::hash(&body).to_le_bytes())?;
+    out.write_all(&body)
+}
+
+impl Journal {
+    /// Opens the journal in `dir` (creating it), returning it and every entry to replay:
+    /// the snapshot's, then the journal's.
+    pub fn open(dir: &Path) -> Result<(Journal, Vec<Entry>), Error> {
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let (mut entries, _) = read_records(&dir.join("snapshot"))?;
+        let path = dir.join("journal");
+        let (tail, good) = read_records(&path)?;
+        let since_snapshot = tail.len() as u64;
+        entries.extend(tail);
+        let mut file =
+            OpenOptions::new().create(true).read(true).write(true).truncate(false).open(&path).map_err(io(&path))?;
+        // cut a torn last record, then append after the good ones
+        file.set_len(good).map_err(io(&path))?;
+        file.seek(SeekFrom::End(0)).map_err(io(&path))?;
+        Ok((Journal { dir: dir.to_owned(), file: BufWriter::new(file), since_snapshot }, entries))
+    }
+
+    /// Appends entries and makes them durable with one fsync.
+    pub fn append(&mut self, entries: &[Entry]) -> Result<(), Error> {
+        let path = self.dir.join("journal");
+        for entry in entries {
+            write_record(&mut self.file, entry).map_err(io(&path))?;
+        }
+        self.file.flush().map_err(io(&path))?;
+        self.file.get_ref().sync_data().map_err(io(&path))?;
+        self.since_snapshot += entries.len() as u64;
+        Ok(())
+    }
+
+    /// Replaces the snapshot with `state` (entries recreating the current state) and empties the
+    /// journal. The snapshot is written to a temporary file, fsynced and renamed over the old one
+    /// before the journal is cut, so a crash in between replays the journal over the new snapshot,
+    /// which the entries' set semantics make harmless.
+    pub fn snapshot(&mut self, state: &[Entry]) -> Result<(), Error> {
+        let tmp = self.dir.join("snapshot.tmp");
+        {
+            let mut out = BufWriter::new(File::create(&tmp).map_err(io(&tmp))?);
+            for entry in state {
+                write_record(&mut out, entry).map_err(io(&tmp))?;
+            }
+            out.flush().map_err(io(&tmp))?;
+            out.get_ref().sync_data().map_err(io(&tmp))?;
+        }
+        let snapshot = self.dir.join("snapshot");
+        std::fs::rename(&tmp, &snapshot).map_err(io(&snapshot))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io(&self.dir))?;
+        let path = self.dir.join("journal");
+        self.file.flush().map_err(io(&path))?;
+        self.file.get_ref().set_len(0).map_err(io(&path))?;
+        self.file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
+        self.file.get_ref().sync_data().map_err(io(&path))?;
+        self.since_snapshot = 0;
+        Ok(())
+    }
+
+    /// The next term: one more than the last one this directory served, kept in `term`.
+    pub fn next_term(&self) -> Result<u64, Error> {
+        let path = self.dir.join("term");
+        let last: u64 = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0);
+        let term = last + 1;
+        let tmp = self.dir.join("term.tmp");
+        std::fs::write(&tmp, format!("{term}\n")).map_err(io(&tmp))?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        Ok(term)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ack(index: u64) -> Entry {
+        Entry { index, term: 1, op: Some(Op::Ack(AckOp { session_id: "s".into(), seq: index })) }
+    }
+
+    #[test]
+    fn entries_survive_reopen_and_a_torn_tail_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, replay) = Journal::open(dir.path()).unwrap();
+        assert!(replay.is_empty());
+        j.append(&[ack(1), ack(2)]).unwrap();
+        j.append(&[ack(3)]).unwrap();
+        drop(j);
+        // a torn write: half a record at the end
+        let path = dir.path().join("journal");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend_from_slice(&[40, 0, 0, 0, 1, 2]);
+        std::fs::write(&path, &bytes).unwrap();
+        let (mut j, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay, vec![ack(1), ack(2), ack(3)]);
+        j.append(&[ack(4)]).unwrap();
+        drop(j);
+        let (_, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay.iter().map(|e| e.index).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn a_snapshot_bounds_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.append(&(1..=100).map(ack).collect::<Vec<_>>()).unwrap();
+        j.snapshot(&[ack(100)]).unwrap();
+        assert_eq!(std::fs::metadata(dir.path().join("journal")).unwrap().len(), 0);
+        j.append(&[ack(101)]).unwrap();
+        drop(j);
+        let (j, replay) = Journal::open(dir.path()).unwrap();
+        assert_eq!(replay.iter().map(|e| e.index).collect::<Vec<_>>(), [100, 101]);
+        assert_eq!(j.since_snapshot, 1);
+        assert_eq!(j.next_term().unwrap(), 1);
+        assert_eq!(j.next_term().unwrap(), 2);
+    }
+}

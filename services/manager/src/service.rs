@@ -1,0 +1,598 @@
+//! The manager's runtime: one actor task owns the state and the journal. gRPC stream handlers turn
+//! frames into commands; the actor applies a batch of commands, journals their entries with one
+//! fsync (group commit), and only then sends what they produce (acknowledgments, deliveries,
+//! responses). Nothing is acknowledged before it is durable.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use baton_mesh::proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::journal::{AckOp, BindOp, Entry, Journal, Op, OpenOp, ReplyOp, RequestOp};
+use crate::state::State;
+
+/// The manager's options.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ManagerOptions {
+    /// Where the journal and snapshot are kept.
+    #[arg(long, env = "BATON_JOURNAL_DIR", default_value = "./baton-journal")]
+    pub journal_dir: PathBuf,
+
+    /// How long a lost server session keeps its sessions before they move to another server.
+    #[arg(long, env = "BATON_SERVER_GRACE", default_value = "2s", value_parser = baton_mesh::config::parse_duration)]
+    pub server_grace: Duration,
+
+    /// Journal entries between snapshots (which truncate the journal).
+    #[arg(long, env = "BATON_SNAPSHOT_EVERY", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    pub snapshot_every: u64,
+}
+
+type ClientTx = mpsc::Sender<Result<pb::ClientEvent, Status>>;
+type ServerTx = mpsc::Sender<Result<pb::ServerEvent, Status>>;
+
+enum Command {
+    ClientOpen { open: pb::OpenSession, conn: u64, tx: ClientTx, reply: oneshot::Sender<Result<String, Status>> },
+    ClientRequest { session: String, conn: u64, request: pb::ClientRequest },
+    ClientAck { session: String, seq: u64 },
+    ClientGone { session: String, conn: u64 },
+    ServerRegister { register: pb::RegisterServer, conn: u64, tx: ServerTx },
+    ServerReply { server: String, conn: u64, reply: pb::ServerReply },
+    ServerGone { server: String, conn: u64 },
+    Status { reply: oneshot::Sender<pb::ManagerStatus> },
+    Sessions { reply: oneshot::Sender<Vec<pb::SessionInfo>> },
+    Tick,
+}
+
+/// Something to send once the batch that produced it is durable.
+enum Effect {
+    Client(String, pb::client_event::Kind),
+    Server(String, pb::server_event::Kind),
+}
+
+struct ServerConn {
+    conn: u64,
+    pool: String,
+    tx: ServerTx,
+}
+
+struct Actor {
+    term: u64,
+    state: State,
+    journal: Journal,
+    options: ManagerOptions,
+    clients: HashMap<String, (u64, ClientTx)>,
+    servers: HashMap<String, ServerConn>,
+    /// Servers whose stream broke, and when: their sessions move after the grace.
+    lost: HashMap<String, Instant>,
+    pending: Vec<Entry>,
+    effects: Vec<Effect>,
+}
+
+impl Actor {
+    fn journal(&mut self, op: Op) {
+        let entry = Entry { index: self.state.index + 1, term: self.term, op: Some(op) };
+        self.state.apply(&entry);
+        self.pending.push(entry);
+    }
+
+    fn new_session_id() -> String {
+        format!("ses_{}", hex::encode(rand::random::<[u8; 8]>()))
+    }
+
+    /// Binds a session to the connected server of its pool with the fewest sessions, if any.
+    fn bind(&mut self, session_id: &str) {
+        let Some(pool) = self.state.sessions.get(session_id).map(|s| s.pool.clone()) else { return };
+        let mut load: HashMap<&str, usize> = HashMap::new();
+        for s in self.state.sessions.values() {
+            if let Some(b) = &s.bound {
+                *load.entry(b.as_str()).or_default() += 1;
+            }
+        }
+        let best = self
+            .servers
+            .iter()
+            .filter(|(_, c)| c.pool == pool)
+            .min_by_key(|(id, _)| (load.get(id.as_str()).copied().unwrap_or(0), (*id).clone()))
+            .map(|(id, _)| id.clone());
+        if let Some(server) = best {
+            self.journal(Op::Bind(BindOp { session_id: session_id.to_owned(), server_id: server.clone() }));
+            self.deliver_all(session_id, &server);
+        }
+    }
+
+    /// Tells `server` about the session and sends it every queued request.
+    fn deliver_all(&mut self, session_id: &str, server: &str) {
+        let Some(s) = self.state.sessions.get(session_id) else { return };
+        self.effects.push(Effect::Server(
+            server.to_owned(),
+            pb::server_event::Kind::Bound(pb::SessionBound {
+                session_id: s.id.clone(),
+                server_restart_data: s.server_restart.clone(),
+                client_restart_data: s.client_restart.clone(),
+            }),
+        ));
+        for (seq, r) in &s.requests {
+            self.effects.push(Effect::Server(
+                server.to_owned(),
+                pb::server_event::Kind::Request(pb::DeliverRequest {
+                    session_id: s.id.clone(),
+                    seq: *seq,
+                    payload: r.payload.clone(),
+                    client_restart_data: r.client_restart.clone(),
+                }),
+            ));
+        }
+    }
+
+    fn handle(&mut self, command: Command) {
+        match command {
+            Command::ClientOpen { open, conn, tx, reply } => {
+                if open.seen_term > self.term {
+                    let _ = reply.send(Err(Status::failed_precondition(format!(
+                        "this manager's term {} is older than the term {} the client has seen",
+                        self.term, open.seen_term
+                    ))));
+                    return;
+                }
+                let session_id = if open.session_id.is_empty() {
+                    if open.pool.is_empty() {
+                        let _ = reply.send(Err(Status::invalid_argument("open.pool is required")));
+                        return;
+                    }
+                    let id = Self::new_session_id();
+                    self.journal(Op::Open(OpenOp {
+                        session_id: id.clone(),
+                        pool: open.pool.clone(),
+                        restart_data: open.restart_data.clone(),
+                        last_request_seq: 0,
+                    }));
+                    id
+                } else {
+                    let Some(s) = self.state.sessions.get(&open.session_id) else {
+                        let _ = reply.send(Err(Status::not_found(format!("session {} not found", open.session_id))));
+                        return;
+                    };
+                    let pool = s.pool.clone();
+                    if !open.restart_data.is_empty() {
+                        self.journal(Op::Open(OpenOp {
+                            session_id: open.session_id.clone(),
+                            pool,
+                            restart_data: open.restart_data.clone(),
+                            last_request_seq: 0,
+                        }));
+                    }
+                    open.session_id.clone()
+                };
+                self.clients.insert(session_id.clone(), (conn, tx));
+                let s = &self.state.sessions[&session_id];
+                self.effects.push(Effect::Client(
+                    session_id.clone(),
+                    pb::client_event::Kind::Opened(pb::SessionOpened {
+                        session_id: session_id.clone(),
+                        restart_data: s.client_restart.clone(),
+                        last_request_seq: s.last_request_seq,
+                    }),
+                ));
+                let responses: Vec<_> = s.responses.iter().map(|(seq, p)| (*seq, p.clone())).collect();
+                for (seq, payload) in responses {
+                    self.effects.push(Effect::Client(
+                        session_id.clone(),
+                        pb::client_event::Kind::Response(pb::SessionResponse { seq, payload }),
+                    ));
+                }
+                let bound = s.bound.clone();
+                if bound.is_none() {
+                    self.bind(&session_id);
+                }
+                let _ = reply.send(Ok(session_id));
+            }
+            Command::ClientRequest { session, conn, request } => {
+                if self.clients.get(&session).is_none_or(|(c, _)| *c != conn) {
+                    return;
+                }
+                let Some(s) = self.state.sessions.get(&session) else { return };
+                let last = s.last_request_seq;
+                let bound = s.bound.clone();
+                if request.seq <= last {
+                    // already journaled: acknowledge again
+                    self.effects.push(Effect::Client(
+                        session,
+                        pb::client_event::Kind::Accepted(pb::RequestAccepted { seq: request.seq }),
+                    ));
+                    return;
+                }
+                if request.seq != last + 1 {
+                    if let Some((_, tx)) = self.clients.remove(&session) {
+                        let _ = tx.try_send(Err(Status::failed_precondition(format!(
+                            "request {} after {last}: requests are numbered without gaps",
+                            request.seq
+                        ))));
+                    }
+                    return;
+                }
+                self.journal(Op::Request(RequestOp {
+                    session_id: session.clone(),
+                    seq: request.seq,
+                    payload: request.payload.clone(),
+                    restart_data: request.restart_data.clone(),
+                }));
+                self.effects.push(Effect::Client(
+                    session.clone(),
+                    pb::client_event::Kind::Accepted(pb::RequestAccepted { seq: request.seq }),
+                ));
+                if let Some(server) = bound.filter(|b| self.servers.contains_key(b)) {
+                    let client_restart = self.state.sessions[&session].client_restart.clone();
+                    self.effects.push(Effect::Server(
+                        server,
+                        pb::server_event::Kind::Request(pb::DeliverRequest {
+                            session_id: session,
+                            seq: request.seq,
+                            payload: request.payload,
+                            client_restart_data: if request.restart_data.is_empty() {
+                                client_restart
+                            } else {
+                                request.restart_data
+                            },
+                        }),
+                    ));
+                }
+            }
+            Command::ClientAck { session, seq } => {
+                if self.state.sessions.get(&session).is_some_and(|s| s.responses.contains_key(&seq)) {
+                    self.journal(Op::Ack(AckOp { session_id: session, seq }));
+                }
+            }
+            Command::ClientGone { session, conn } => {
+                if self.clients.get(&session).is_some_and(|(c, _)| *c == conn) {
+                    self.clients.remove(&session);
+                }
+            }
+            Command::ServerRegister { register, conn, tx } => {
+                if register.seen_term > self.term || register.pool.is_empty() || register.server_id.is_empty() {
+                    let _ = tx.try_send(Err(Status::failed_precondition(
+                        "register needs a pool and a server id, and a term not newer than this manager's",
+                    )));
+                    return;
+                }
+                let id = register.server_id.clone();
+                self.lost.remove(&id);
+                self.servers.insert(id.clone(), ServerConn { conn, pool: register.pool.clone(), tx });
+                self.effects.push(Effect::Server(
+                    id.clone(),
+                    pb::server_event::Kind::Registered(pb::ServerRegistered { server_id: id.clone() }),
+                ));
+                let mine: Vec<String> = self
+                    .state
+                    .sessions
+                    .values()
+                    .filter(|s| s.bound.as_deref() == Some(id.as_str()))
+                    .map(|s| s.id.clone())
+                    .collect();
+                for session in mine {
+                    self.deliver_all(&session, &id);
+                }
+                let unbound: Vec<String> = self
+                    .state
+                    .sessions
+                    .values()
+                    .filter(|s| s.bound.is_none() && s.pool == register.pool)
+                    .map(|s| s.id.clone())
+                    .collect();
+                for session in unbound {
+                    self.bind(&session);
+                }
+            }
+            Command::ServerReply { server, conn, reply } => {
+                if self.servers.get(&server).is_none_or(|c| c.conn != conn) {
+                    return;
+                }
+                let Some(s) = self.state.sessions.get(&reply.session_id) else { return };
+                if s.bound.as_deref() != Some(server.as_str()) {
+                    return; // the session moved: a stale reply
+                }
+                let queued = s.requests.contains_key(&reply.seq);
+                if queued {
+                    self.journal(Op::Reply(ReplyOp {
+                        session_id: reply.session_id.clone(),
+                        seq: reply.seq,
+                        payload: reply.payload.clone(),
+                        restart_data: reply.restart_data.clone(),
+                    }));
+                    if self.clients.contains_key(&reply.session_id) {
+                        self.effects.push(Effect::Client(
+                            reply.session_id.clone(),
+                            pb::client_event::Kind::Response(pb::SessionResponse {
+                                seq: reply.seq,
+                                payload: reply.payload,
+                            }),
+                        ));
+                    }
+                }
+                self.effects.push(Effect::Server(
+                    server,
+                    pb::server_event::Kind::Accepted(pb::ReplyAccepted {
+                        session_id: reply.session_id,
+                        seq: reply.seq,
+                    }),
+                ));
+            }
+            Command::ServerGone { server, conn } => {
+                if self.servers.get(&server).is_some_and(|c| c.conn == conn) {
+                    self.servers.remove(&server);
+                    self.lost.insert(server, Instant::now());
+                }
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(pb::ManagerStatus {
+                    role: "PRIMARY".into(),
+                    term: self.term,
+                    leader: String::new(),
+                    journal_index: self.state.index,
+                    standby_lag: 0,
+                    in_sync: Vec::new(),
+                    sessions: self.state.sessions.len() as u64,
+                    servers: self.servers.len() as u64,
+                });
+            }
+            Command::Sessions { reply } => {
+                let mut list: Vec<_> = self
+                    .state
+                    .sessions
+                    .values()
+                    .map(|s| pb::SessionInfo {
+                        session_id: s.id.clone(),
+                        pool: s.pool.clone(),
+                        bound_server: s.bound.clone().unwrap_or_default(),
+                        client_connected: self.clients.contains_key(&s.id),
+                        request_queue: s.requests.len() as u64,
+                        response_queue: s.responses.len() as u64,
+                        last_request_seq: s.last_request_seq,
+                        client_restart_bytes: s.client_restart.len() as u64,
+                        server_restart_bytes: s.server_restart.len() as u64,
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+                let _ = reply.send(list);
+            }
+            Command::Tick => {
+                let grace = self.options.server_grace;
+                let expired: Vec<String> =
+                    self.lost.iter().filter(|(_, at)| at.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
+                for server in expired {
+                    self.lost.remove(&server);
+                    let moving: Vec<String> = self
+                        .state
+                        .sessions
+                        .values()
+                        .filter(|s| s.bound.as_deref() == Some(server.as_str()))
+                        .map(|s| s.id.clone())
+                        .collect();
+                    for session in moving {
+                        tracing::info!(%session, %server, "server lost past its grace: moving the session");
+                        self.journal(Op::Bind(BindOp { session_id: session.clone(), server_id: String::new() }));
+                        self.bind(&session);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes the batch durable, then sends what it produced.
+    async fn flush(&mut self) -> Result<(), crate::journal::Error> {
+        if !self.pending.is_empty() {
+            let entries = std::mem::take(&mut self.pending);
+            let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= self.options.snapshot_every)
+                .then(|| self.state.to_entries());
+            let journal = &mut self.journal;
+            tokio::task::block_in_place(|| -> Result<(), crate::journal::Error> {
+                journal.append(&entries)?;
+                if let Some(state) = snapshot {
+                    journal.snapshot(&state)?;
+                }
+                Ok(())
+            })?;
+        }
+        for effect in std::mem::take(&mut self.effects) {
+            match effect {
+                Effect::Client(session, kind) => {
+                    if let Some((_, tx)) = self.clients.get(&session) {
+                        let _ = tx.send(Ok(pb::ClientEvent { term: self.term, kind: Some(kind) })).await;
+                    }
+                }
+                Effect::Server(server, kind) => {
+                    if let Some(c) = self.servers.get(&server) {
+                        let _ = c.tx.send(Ok(pb::ServerEvent { term: self.term, kind: Some(kind) })).await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The SessionManager gRPC service; cheap to clone.
+#[derive(Clone)]
+pub struct ManagerService {
+    commands: mpsc::Sender<Command>,
+    next_conn: Arc<AtomicU64>,
+}
+
+impl ManagerService {
+    /// Opens the journal, replays it, and starts the actor (until `shutdown`).
+    pub fn start(options: ManagerOptions, shutdown: CancellationToken) -> Result<Self, crate::Error> {
+        let (journal, replay) = Journal::open(&options.journal_dir)?;
+        let term = journal.next_term()?;
+        let mut state = State::default();
+        for entry in &replay {
+            state.apply(entry);
+        }
+        tracing::info!(term, entries = replay.len(), sessions = state.sessions.len(), "manager journal replayed");
+        // Servers are not connected after a restart: sessions bound to one that does not come back
+        // within the grace move to another.
+        let lost: HashMap<String, Instant> =
+            state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
+        let (tx, mut rx) = mpsc::channel::<Command>(4096);
+        let mut actor = Actor {
+            term,
+            state,
+            journal,
+            options,
+            clients: HashMap::new(),
+            servers: HashMap::new(),
+            lost,
+            pending: Vec::new(),
+            effects: Vec::new(),
+        };
+        let ticker = tx.clone();
+        let tick_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tick_shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if ticker.send(Command::Tick).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                let command = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    c = rx.recv() => match c { Some(c) => c, None => return },
+                };
+                actor.handle(command);
+                // group commit: everything already queued joins this batch
+                for _ in 0..1024 {
+                    match rx.try_recv() {
+                        Ok(c) => actor.handle(c),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = actor.flush().await {
+                    // A journal that cannot be written must not acknowledge anything more.
+                    tracing::error!(error = %e, "journal write failed: the manager stops");
+                    return;
+                }
+            }
+        });
+        Ok(Self { commands: tx, next_conn: Arc::new(AtomicU64::new(1)) })
+    }
+
+    async fn command(&self, command: Command) -> Result<(), Status> {
+        self.commands.send(command).await.map_err(|_| Status::unavailable("the manager is stopping"))
+    }
+}
+
+type EventStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::session_manager_server::SessionManager for ManagerService {
+    type ClientSessionStream = EventStream<pb::ClientEvent>;
+
+    async fn client_session(
+        &self,
+        request: Request<Streaming<pb::ClientFrame>>,
+    ) -> Result<Response<Self::ClientSessionStream>, Status> {
+        let mut frames = request.into_inner();
+        let Some(first) = frames.next().await else { return Err(Status::invalid_argument("no open frame")) };
+        let Some(pb::client_frame::Kind::Open(open)) = first?.kind else {
+            return Err(Status::invalid_argument("the first frame must be open"));
+        };
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1024);
+        let (reply, opened) = oneshot::channel();
+        self.command(Command::ClientOpen { open, conn, tx, reply }).await?;
+        let session = opened.await.map_err(|_| Status::unavailable("the manager is stopping"))??;
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = frames.next().await {
+                let Ok(frame) = frame else { break };
+                let command = match frame.kind {
+                    Some(pb::client_frame::Kind::Request(request)) => {
+                        Command::ClientRequest { session: session.clone(), conn, request }
+                    }
+                    Some(pb::client_frame::Kind::Ack(ack)) => {
+                        Command::ClientAck { session: session.clone(), seq: ack.seq }
+                    }
+                    _ => continue,
+                };
+                if commands.send(command).await.is_err() {
+                    return;
+                }
+            }
+            let _ = commands.send(Command::ClientGone { session, conn }).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ServerSessionStream = EventStream<pb::ServerEvent>;
+
+    async fn server_session(
+        &self,
+        request: Request<Streaming<pb::ServerFrame>>,
+    ) -> Result<Response<Self::ServerSessionStream>, Status> {
+        let mut frames = request.into_inner();
+        let Some(first) = frames.next().await else { return Err(Status::invalid_argument("no register frame")) };
+        let Some(pb::server_frame::Kind::Register(register)) = first?.kind else {
+            return Err(Status::invalid_argument("the first frame must be register"));
+        };
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let server = register.server_id.clone();
+        let (tx, rx) = mpsc::channel(1024);
+        self.command(Command::ServerRegister { register, conn, tx }).await?;
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            while let Some(frame) = frames.next().await {
+                let Ok(frame) = frame else { break };
+                if let Some(pb::server_frame::Kind::Reply(reply)) = frame.kind
+                    && commands.send(Command::ServerReply { server: server.clone(), conn, reply }).await.is_err()
+                {
+                    return;
+                }
+            }
+            let _ = commands.send(Command::ServerGone { server, conn }).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _request: Request<pb::ManagerStatusRequest>) -> Result<Response<pb::ManagerStatus>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Status { reply }).await?;
+        Ok(Response::new(rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?))
+    }
+
+    async fn list_sessions(
+        &self,
+        _request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Sessions { reply }).await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?,
+        }))
+    }
+
+    async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::SessionInfo>, Status> {
+        let id = request.into_inner().session_id;
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Sessions { reply }).await?;
+        let sessions = rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?;
+        sessions
+            .into_iter()
+            .find(|s| s.session_id == id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("session {id} not found")))
+    }
+}

@@ -1,0 +1,141 @@
+//! End-to-end tests of the session manager on the real binary (`baton manager serve`), with the
+//! client library: requests relayed through a pool of two server sessions while the manager is
+//! SIGKILLed and restarted on its journal, and while the bound server session goes away.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use baton_manager::client::{ClientSession, ServerEvent, ServerSession};
+use baton_mesh::proto::v1 as pb;
+use baton_tests::{Server, TempDir};
+
+fn payload(n: u64) -> prost_types::Any {
+    prost_types::Any { type_url: "baton.test/echo".into(), value: n.to_be_bytes().to_vec() }
+}
+
+fn number(any: &prost_types::Any) -> u64 {
+    u64::from_be_bytes(any.value.as_slice().try_into().unwrap())
+}
+
+/// What a server session saw: every binding with its restart data, and every request.
+#[derive(Default, Debug)]
+struct Seen {
+    bound: Vec<(String, Vec<u8>)>,
+    requests: Vec<u64>,
+}
+
+/// An echo server: answers each request with its number, and restart data `server:count`.
+fn echo_server(endpoint: &str, id: &'static str) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Seen>>) {
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let log = seen.clone();
+    let mut session = ServerSession::register(endpoint, "echo", id);
+    let task = tokio::spawn(async move {
+        let mut count = 0u64;
+        while let Some(event) = session.next().await {
+            match event {
+                ServerEvent::Bound { session_id, server_restart_data, .. } => {
+                    log.lock().unwrap().bound.push((session_id, server_restart_data));
+                }
+                ServerEvent::Request { session_id, seq, payload, .. } => {
+                    count += 1;
+                    log.lock().unwrap().requests.push(seq);
+                    let restart = format!("{id}:{count}").into_bytes();
+                    session.reply(&session_id, seq, payload.unwrap(), restart).await.unwrap();
+                }
+            }
+        }
+    });
+    (task, seen)
+}
+
+fn start_manager(dir: &TempDir, listen: &str) -> Server {
+    let journal = dir.0.join("journal");
+    Server::spawn_raw(&[
+        "manager",
+        "serve",
+        "--listen",
+        listen,
+        "--journal-dir",
+        journal.to_str().unwrap(),
+        "--server-grace",
+        "500ms",
+        "--snapshot-every",
+        "100",
+    ])
+}
+
+async fn status(server: &Server) -> pb::ManagerStatus {
+    let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+    client.status(pb::ManagerStatusRequest {}).await.unwrap().into_inner()
+}
+
+async fn bound_server(server: &Server, session: &str) -> String {
+    let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+    let request = pb::GetSessionRequest { session_id: session.into() };
+    client.get_session(request).await.unwrap().into_inner().bound_server
+}
+
+/// Every request is answered exactly once at the client, across two SIGKILLs of the manager
+/// (restarted on its journal, so nothing acknowledged is lost) and the loss of the bound server
+/// session (its session moves to the other server with the restart data it last journaled).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
+    let dir = TempDir::new();
+    let mut manager = start_manager(&dir, "127.0.0.1:0");
+    let addr = manager.addr.to_string();
+    let endpoint = format!("http://{addr}");
+    let (w1, seen1) = echo_server(&endpoint, "w1");
+    let (w2, seen2) = echo_server(&endpoint, "w2");
+    let mut client = ClientSession::open(&endpoint, "echo", b"client-restart".to_vec()).await.unwrap();
+    let session = client.session_id().to_owned();
+    let sender = client.sender();
+    let responses = Arc::new(Mutex::new(BTreeMap::<u64, Vec<u64>>::new()));
+    let received = responses.clone();
+    let receiver = tokio::spawn(async move {
+        while let Some(r) = client.recv().await {
+            received.lock().unwrap().entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+        }
+    });
+    let total = 300u64;
+    let mut first_term = 0;
+    let mut killed_server = None;
+    for n in 1..=total {
+        let seq = sender.send(payload(n), Vec::new()).await.unwrap();
+        assert_eq!(seq, n);
+        if n == 80 || n == 160 {
+            if n == 80 {
+                first_term = status(&manager).await.term;
+            }
+            manager = manager.restart(&[]);
+            assert_eq!(manager.addr.to_string(), addr);
+        }
+        if n == 220 {
+            let bound = bound_server(&manager, &session).await;
+            killed_server = Some(bound.clone());
+            if bound == "w1" { w1.abort() } else { w2.abort() }
+        }
+    }
+    for _ in 0..600 {
+        if responses.lock().unwrap().len() as u64 == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let responses = responses.lock().unwrap().clone();
+    receiver.abort();
+    assert_eq!(responses.len() as u64, total, "every accepted request answered");
+    for (seq, got) in &responses {
+        assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
+    }
+    let status = status(&manager).await;
+    assert_eq!(status.term, first_term + 2, "each restart serves a new term");
+    // the lost server's session moved to the other one, which got the restart data last journaled
+    let killed = killed_server.unwrap();
+    let (other, other_id) = if killed == "w1" { (&seen2, "w2") } else { (&seen1, "w1") };
+    let moved = other.lock().unwrap().bound.iter().rev().find(|(s, _)| s == &session).cloned();
+    let moved = moved.expect("the session was bound to the other server");
+    let restart = String::from_utf8(moved.1).unwrap();
+    assert!(restart.starts_with(&format!("{killed}:")), "restart data of the lost server: {restart:?}");
+    assert_eq!(bound_server(&manager, &session).await, other_id);
+}
