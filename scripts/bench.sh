@@ -7,14 +7,16 @@
 #   scripts/bench.sh sync      # events applied per second between two deployments, and
 #                              # replication lag p50/p99 at a fixed write rate (BENCH_SYNC_RATE,
 #                              # default 10000 events/s; BENCH_SYNC_EVENTS sets the backlog)
+#   scripts/bench.sh manager   # round trips/s relayed through the session manager (journal
+#                              # fsynced before every acknowledgment), p50/p99 latency
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 area="${1:-}"
 case "$area" in
-  intake|sync) ;;
-  *) echo "usage: scripts/bench.sh intake|sync" >&2; exit 64 ;;
+  intake|sync|manager) ;;
+  *) echo "usage: scripts/bench.sh intake|sync|manager" >&2; exit 64 ;;
 esac
 
 baton_setup_tools
