@@ -262,7 +262,7 @@ async fn manager(seconds: f64) {
     let server = start_manager(&dir.0.join("journal"));
     let endpoint = format!("http://{}", server.addr);
     let _servers = echo_servers(&endpoint, "bench", 2);
-    let clients = 64usize;
+    let clients: usize = std::env::var("BENCH_MANAGER_CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
     let stop = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for _ in 0..clients {
