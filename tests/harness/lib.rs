@@ -127,7 +127,7 @@ impl Server {
     fn spawn(args: &[&str], store_url: String, backend: Backend, dir: Option<TempDir>) -> Server {
         let mut child = Command::new(baton_bin())
             .args(args)
-            .env("BATON_LOG", "warn")
+            .env("BATON_LOG", std::env::var("BATON_E2E_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -359,4 +359,63 @@ where
 /// The backends end-to-end tests run on (see [`baton_store::testing::backends`]).
 pub fn backends() -> Vec<Backend> {
     baton_store::testing::backends()
+}
+
+/// A real etcd (Debian's etcd-server) on free loopback ports with a temporary data directory,
+/// killed when dropped.
+pub struct Etcd {
+    child: Child,
+    /// The client URL.
+    pub url: String,
+    _dir: TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+impl Etcd {
+    /// Starts etcd and waits (at most 20 s) until it accepts connections.
+    pub fn start() -> Etcd {
+        let dir = TempDir::new();
+        let (client, peer) = (free_port(), free_port());
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                "e2e",
+                "--data-dir",
+                dir.0.join("etcd").to_str().unwrap(),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("e2e={peer_url}"),
+                "--log-level",
+                "error",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start etcd (Debian's etcd-server; scripts/setup.sh installs it)");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            assert!(Instant::now() < deadline, "etcd did not start within 20s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Etcd { child, url, _dir: dir }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

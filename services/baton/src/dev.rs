@@ -114,11 +114,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let server = baton_intake::add_services(server, &store, &args.limits, &serve);
     let server = baton_sync::add_services(server, &store, &args.sync, serve.max_message_bytes(), shutdown.clone());
     // one manager, without etcd or a standby, journaling under the data directory
-    let manager_options = baton_manager::ManagerOptions {
-        journal_dir: data_dir.join("manager"),
-        server_grace: Duration::from_secs(2),
-        snapshot_every: 100_000,
-    };
+    let manager_options = baton_manager::ManagerOptions::single(data_dir.join("manager"));
     let manager = baton_manager::ManagerService::start(manager_options, shutdown.clone())
         .map_err(|e| anyhow::anyhow!("cannot start the session manager: {e}"))?;
     let server = server.add_service(baton_mesh::proto::v1::session_manager_server::SessionManagerServer::new(manager));

@@ -60,13 +60,43 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
             let listener = baton_mesh::server::bind(serve.listen).await?;
             let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
-            let service = ManagerService::start(manager, shutdown.clone())
-                .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
+            let server = MeshServer::new(serve, AuthConfig::default());
+            let server = if manager.etcd.is_empty() {
+                let service = ManagerService::start(manager, shutdown.clone())
+                    .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
+                server.add_service(pb::session_manager_server::SessionManagerServer::new(service))
+            } else {
+                let me = manager.advertise.clone().unwrap_or_else(|| {
+                    format!("http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default())
+                });
+                let etcd = baton_manager::failover::connect(&manager.etcd)
+                    .await
+                    .unwrap_or_else(|e| exit_bad_config(format!("cannot reach etcd at {:?}: {e}", manager.etcd)));
+                let publisher = baton_manager::failover::publisher(etcd.clone(), manager.election_key.clone());
+                let (election, ttl) = (manager.election_key.clone(), manager.lease_ttl);
+                let service = ManagerService::start_with(manager, me.clone(), Some(publisher), shutdown.clone())
+                    .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
+                // the standby reports NOT_SERVING until elected, so readiness keeps it out of the Service
+                let health = server.health();
+                let server = server.add_service_with_health(
+                    pb::session_manager_server::SessionManagerServer::new(service.clone()),
+                    false,
+                );
+                const NAME: &str = "baton.v1.SessionManager";
+                tokio::spawn(baton_manager::failover::run(
+                    etcd,
+                    election,
+                    ttl,
+                    me,
+                    service,
+                    health,
+                    NAME,
+                    shutdown.clone(),
+                ));
+                server
+            };
             crate::print_endpoints(&listener, &metrics)?;
-            MeshServer::new(serve, AuthConfig::default())
-                .add_service(pb::session_manager_server::SessionManagerServer::new(service))
-                .serve(listener, metrics, shutdown)
-                .await?;
+            server.serve(listener, metrics, shutdown).await?;
             Ok(())
         }
         ManagerCommand::Status { conn } => {

@@ -46,6 +46,35 @@ async fn connect(endpoint: &str) -> Result<Channel, Status> {
         .map_err(|e| Status::unavailable(format!("cannot connect to the manager at {endpoint}: {e}")))
 }
 
+/// The managers to try, in order, and the leader a standby pointed to.
+struct Endpoints {
+    all: Vec<String>,
+    current: usize,
+    hint: Option<String>,
+}
+
+impl Endpoints {
+    /// `endpoints`: one address or several, comma-separated (`http://m1:7700,http://m2:7700`).
+    fn new(endpoints: &str) -> Self {
+        let all = endpoints.split(',').map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
+        Self { all, current: 0, hint: None }
+    }
+
+    fn next(&mut self) -> String {
+        self.hint.take().unwrap_or_else(|| self.all[self.current % self.all.len().max(1)].clone())
+    }
+
+    /// After a failed connection: follow the leader a standby named, or try the next manager.
+    fn failed(&mut self, status: &Status) {
+        match status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+            Some(leader) if leader.starts_with("http://") || leader.starts_with("https://") => {
+                self.hint = Some(leader.to_owned())
+            }
+            _ => self.current = (self.current + 1) % self.all.len().max(1),
+        }
+    }
+}
+
 fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((50u64 << attempt.min(4)).min(1000))
 }
@@ -54,7 +83,7 @@ fn backoff(attempt: u32) -> Duration {
 type Unaccepted = (prost_types::Any, Vec<u8>, Option<oneshot::Sender<u64>>);
 
 struct ClientLoop {
-    endpoint: String,
+    endpoints: Endpoints,
     pool: String,
     session_id: Option<String>,
     restart_data: Vec<u8>,
@@ -86,7 +115,8 @@ impl ClientLoop {
         responses: &mpsc::Sender<ClientResponse>,
         opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
     ) -> Result<bool, Status> {
-        let channel = connect(&self.endpoint).await?;
+        let endpoint = self.endpoints.next();
+        let channel = connect(&endpoint).await?;
         let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
         let (out, out_rx) = mpsc::channel(1024);
         let open = pb::OpenSession {
@@ -155,7 +185,8 @@ impl ClientLoop {
 }
 
 impl ClientSession {
-    /// Opens a new session on `pool` through the manager at `endpoint` (`http://host:port`).
+    /// Opens a new session on `pool` through the manager at `endpoint` (`http://host:port`, or
+    /// several comma-separated: the library finds the primary and follows it on failover).
     pub async fn open(endpoint: &str, pool: &str, restart_data: Vec<u8>) -> Result<Self, Status> {
         Self::start(endpoint, pool, None, restart_data, 0).await
     }
@@ -182,7 +213,7 @@ impl ClientSession {
         let (response_tx, responses) = mpsc::channel(1024);
         let (opened_tx, opened_rx) = oneshot::channel();
         let mut state = ClientLoop {
-            endpoint: endpoint.to_owned(),
+            endpoints: Endpoints::new(endpoint),
             pool: pool.to_owned(),
             session_id,
             restart_data,
@@ -202,12 +233,14 @@ impl ClientSession {
                     Err(status) => {
                         let fatal = matches!(status.code(), Code::NotFound | Code::InvalidArgument);
                         if fatal {
+                            tracing::warn!(error = %status, "client session: giving up");
                             if let Some(opened) = opened.take() {
                                 let _ = opened.send(Err(status));
                             }
                             return;
                         }
                         tracing::debug!(error = %status, "client session: reconnecting");
+                        state.endpoints.failed(&status);
                     }
                 }
                 attempt += 1;
@@ -293,7 +326,7 @@ pub struct ServerSession {
 }
 
 struct ServerLoop {
-    endpoint: String,
+    endpoints: Endpoints,
     pool: String,
     server_id: String,
     seen_term: u64,
@@ -309,7 +342,8 @@ impl ServerLoop {
         replies: &mut mpsc::Receiver<pb::ServerReply>,
         events: &mpsc::Sender<ServerEvent>,
     ) -> Result<bool, Status> {
-        let channel = connect(&self.endpoint).await?;
+        let endpoint = self.endpoints.next();
+        let channel = connect(&endpoint).await?;
         let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
         let (out, out_rx) = mpsc::channel(1024);
         let register = pb::RegisterServer {
@@ -381,7 +415,7 @@ impl ServerSession {
         let (event_tx, events) = mpsc::channel(1024);
         let (replies, mut reply_rx) = mpsc::channel(1024);
         let mut state = ServerLoop {
-            endpoint: endpoint.to_owned(),
+            endpoints: Endpoints::new(endpoint),
             pool: pool.to_owned(),
             server_id: server_id.to_owned(),
             seen_term: 0,
@@ -394,7 +428,10 @@ impl ServerSession {
                 match state.connection(&mut reply_rx, &event_tx).await {
                     Ok(false) => return,
                     Ok(true) => attempt = 0,
-                    Err(status) => tracing::debug!(error = %status, "server session: reconnecting"),
+                    Err(status) => {
+                        tracing::debug!(error = %status, "server session: reconnecting");
+                        state.endpoints.failed(&status);
+                    }
                 }
                 // requests in flight are delivered again by the manager after a reconnect
                 state.in_flight.clear();

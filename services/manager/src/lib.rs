@@ -7,6 +7,7 @@
 //! acknowledged, and deduplicates by number.
 
 pub mod client;
+pub mod failover;
 pub mod journal;
 pub mod service;
 pub mod state;

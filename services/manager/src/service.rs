@@ -35,22 +35,113 @@ pub struct ManagerOptions {
     #[arg(long, env = "BATON_SNAPSHOT_EVERY", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(10..))]
     pub snapshot_every: u64,
+
+    /// etcd endpoints (comma-separated). With them the manager runs as primary or standby,
+    /// elected through etcd; without them it runs alone.
+    #[arg(long = "etcd", env = "BATON_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd: Vec<String>,
+
+    /// The etcd election key every manager of one cluster campaigns on.
+    #[arg(long, env = "BATON_ELECTION_KEY", default_value = "/baton/manager")]
+    pub election_key: String,
+
+    /// The TTL of the election lease (etcd's minimum is 2s).
+    #[arg(long, env = "BATON_LEASE_TTL", default_value = "2s", value_parser = baton_mesh::config::parse_duration)]
+    pub lease_ttl: Duration,
+
+    /// The address other managers and clients reach this one at (`http://host:port`); published
+    /// as the election value. Defaults to `http://` and the listen address.
+    #[arg(long, env = "BATON_ADVERTISE")]
+    pub advertise: Option<String>,
 }
+
+impl ManagerOptions {
+    /// Options for one manager without etcd, journaling in `journal_dir`.
+    pub fn single(journal_dir: PathBuf) -> Self {
+        Self {
+            journal_dir,
+            server_grace: Duration::from_secs(2),
+            snapshot_every: 100_000,
+            etcd: Vec::new(),
+            election_key: "/baton/manager".into(),
+            lease_ttl: Duration::from_secs(2),
+            advertise: None,
+        }
+    }
+}
+
+/// The metadata key of the leader's address in a standby's UNAVAILABLE answers.
+pub const LEADER_METADATA: &str = "x-baton-leader";
+
+/// Publishes the in-sync set (to etcd).
+pub type Publisher =
+    Arc<dyn Fn(Vec<String>, u64) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
 type ClientTx = mpsc::Sender<Result<pb::ClientEvent, Status>>;
 type ServerTx = mpsc::Sender<Result<pb::ServerEvent, Status>>;
 
 enum Command {
-    ClientOpen { open: pb::OpenSession, conn: u64, tx: ClientTx, reply: oneshot::Sender<Result<String, Status>> },
-    ClientRequest { session: String, conn: u64, request: pb::ClientRequest },
-    ClientAck { session: String, seq: u64 },
-    ClientGone { session: String, conn: u64 },
-    ServerRegister { register: pb::RegisterServer, conn: u64, tx: ServerTx },
-    ServerReply { server: String, conn: u64, reply: pb::ServerReply },
-    ServerGone { server: String, conn: u64 },
-    Status { reply: oneshot::Sender<pb::ManagerStatus> },
-    Sessions { reply: oneshot::Sender<Vec<pb::SessionInfo>> },
+    ClientOpen {
+        open: pb::OpenSession,
+        conn: u64,
+        tx: ClientTx,
+        reply: oneshot::Sender<Result<String, Status>>,
+    },
+    ClientRequest {
+        session: String,
+        conn: u64,
+        request: pb::ClientRequest,
+    },
+    ClientAck {
+        session: String,
+        seq: u64,
+    },
+    ClientGone {
+        session: String,
+        conn: u64,
+    },
+    ServerRegister {
+        register: pb::RegisterServer,
+        conn: u64,
+        tx: ServerTx,
+    },
+    ServerReply {
+        server: String,
+        conn: u64,
+        reply: pb::ServerReply,
+    },
+    ServerGone {
+        server: String,
+        conn: u64,
+    },
+    Status {
+        reply: oneshot::Sender<pb::ManagerStatus>,
+    },
+    Sessions {
+        reply: oneshot::Sender<Vec<pb::SessionInfo>>,
+    },
     Tick,
+    ReplicaConnect {
+        node: String,
+        tx: mpsc::Sender<Result<pb::ReplicaFrame, Status>>,
+        acked: tokio::sync::watch::Receiver<u64>,
+    },
+    ReplicaApply {
+        frame: pb::ReplicaFrame,
+        done: oneshot::Sender<Result<u64, Status>>,
+    },
+    BecomePrimary {
+        term: u64,
+        done: oneshot::Sender<()>,
+    },
+    BecomeStandby {
+        leader: String,
+    },
+}
+
+struct ReplicaConn {
+    tx: mpsc::Sender<Result<pb::ReplicaFrame, Status>>,
+    acked: tokio::sync::watch::Receiver<u64>,
 }
 
 /// Something to send once the batch that produced it is durable.
@@ -76,9 +167,29 @@ struct Actor {
     lost: HashMap<String, Instant>,
     pending: Vec<Entry>,
     effects: Vec<Effect>,
+    primary: bool,
+    leader: String,
+    node_id: String,
+    replicas: HashMap<String, ReplicaConn>,
+    in_sync: std::collections::BTreeSet<String>,
+    publisher: Option<Publisher>,
+    /// The highest term seen in replicated frames (a standby refuses older ones).
+    seen_term: u64,
 }
 
 impl Actor {
+    fn not_primary(&self) -> Status {
+        let mut status = Status::unavailable(if self.leader.is_empty() {
+            "this manager is a standby and knows no primary yet".to_owned()
+        } else {
+            format!("this manager is a standby; the primary is {}", self.leader)
+        });
+        if let Ok(value) = self.leader.parse() {
+            status.metadata_mut().insert(LEADER_METADATA, value);
+        }
+        status
+    }
+
     fn journal(&mut self, op: Op) {
         let entry = Entry { index: self.state.index + 1, term: self.term, op: Some(op) };
         self.state.apply(&entry);
@@ -135,6 +246,28 @@ impl Actor {
     }
 
     fn handle(&mut self, command: Command) {
+        if !self.primary {
+            match command {
+                Command::ClientOpen { reply, .. } => {
+                    let _ = reply.send(Err(self.not_primary()));
+                    return;
+                }
+                Command::ServerRegister { tx, .. } => {
+                    let _ = tx.try_send(Err(self.not_primary()));
+                    return;
+                }
+                Command::ReplicaConnect { tx, .. } => {
+                    let _ = tx.try_send(Err(self.not_primary()));
+                    return;
+                }
+                Command::ClientRequest { .. } | Command::ClientAck { .. } | Command::ServerReply { .. } => return,
+                other => return self.handle_any(other),
+            }
+        }
+        self.handle_any(command)
+    }
+
+    fn handle_any(&mut self, command: Command) {
         match command {
             Command::ClientOpen { open, conn, tx, reply } => {
                 if open.seen_term > self.term {
@@ -333,13 +466,19 @@ impl Actor {
                 }
             }
             Command::Status { reply } => {
+                let lag = self
+                    .replicas
+                    .values()
+                    .map(|r| self.state.index.saturating_sub(*r.acked.borrow()))
+                    .max()
+                    .unwrap_or(0);
                 let _ = reply.send(pb::ManagerStatus {
-                    role: "PRIMARY".into(),
+                    role: if self.primary { "PRIMARY" } else { "STANDBY" }.into(),
                     term: self.term,
-                    leader: String::new(),
+                    leader: self.leader.clone(),
                     journal_index: self.state.index,
-                    standby_lag: 0,
-                    in_sync: Vec::new(),
+                    standby_lag: lag,
+                    in_sync: self.in_sync.iter().cloned().collect(),
                     sessions: self.state.sessions.len() as u64,
                     servers: self.servers.len() as u64,
                 });
@@ -364,6 +503,77 @@ impl Actor {
                 list.sort_by(|a, b| a.session_id.cmp(&b.session_id));
                 let _ = reply.send(list);
             }
+            Command::ReplicaConnect { node, tx, acked } => {
+                // a snapshot of the state first: the standby drops whatever else it had
+                let entries = self.state.to_entries().iter().map(prost::Message::encode_to_vec).collect();
+                let frame = pb::ReplicaFrame { term: self.term, reset: true, entries };
+                if tx.try_send(Ok(frame)).is_ok() {
+                    tracing::info!(%node, index = self.state.index, "standby connected");
+                    self.replicas.insert(node, ReplicaConn { tx, acked });
+                }
+            }
+            Command::ReplicaApply { frame, done } => {
+                if self.primary || frame.term < self.seen_term {
+                    let _ = done.send(Err(Status::failed_precondition(format!(
+                        "refusing entries of term {} (seen term {}, primary {})",
+                        frame.term, self.seen_term, self.primary
+                    ))));
+                    return;
+                }
+                self.seen_term = frame.term;
+                self.term = self.term.max(frame.term);
+                let mut entries = Vec::with_capacity(frame.entries.len());
+                for bytes in &frame.entries {
+                    match <Entry as prost::Message>::decode(bytes.as_slice()) {
+                        Ok(e) => entries.push(e),
+                        Err(e) => {
+                            let _ = done.send(Err(Status::data_loss(format!("undecodable entry: {e}"))));
+                            return;
+                        }
+                    }
+                }
+                let result = if frame.reset {
+                    let mut state = State::default();
+                    for e in &entries {
+                        state.apply(e);
+                    }
+                    let journal = &mut self.journal;
+                    tokio::task::block_in_place(|| journal.snapshot(&entries)).map(|()| {
+                        self.state = state;
+                    })
+                } else {
+                    let journal = &mut self.journal;
+                    tokio::task::block_in_place(|| journal.append(&entries)).map(|()| {
+                        for e in &entries {
+                            self.state.apply(e);
+                        }
+                    })
+                };
+                let _ = done.send(result.map(|()| self.state.index).map_err(|e| Status::internal(e.to_string())));
+            }
+            Command::BecomePrimary { term, done } => {
+                tracing::info!(term, index = self.state.index, "primary");
+                self.primary = true;
+                self.term = term;
+                self.leader.clear();
+                self.in_sync = [self.node_id.clone()].into();
+                // servers reconnect to the new primary; those that do not lose their sessions
+                self.lost =
+                    self.state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
+                let _ = done.send(());
+            }
+            Command::BecomeStandby { leader } => {
+                if self.primary {
+                    tracing::warn!("no longer primary: closing every stream");
+                }
+                self.primary = false;
+                self.leader = leader;
+                self.clients.clear();
+                self.servers.clear();
+                self.replicas.clear();
+                self.effects.clear();
+            }
+            Command::Tick if !self.primary => {}
             Command::Tick => {
                 let grace = self.options.server_grace;
                 let expired: Vec<String> =
@@ -389,6 +599,7 @@ impl Actor {
 
     /// Makes the batch durable, then sends what it produced.
     async fn flush(&mut self) -> Result<(), crate::journal::Error> {
+        let replicated = !self.pending.is_empty();
         if !self.pending.is_empty() {
             let entries = std::mem::take(&mut self.pending);
             let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= self.options.snapshot_every)
@@ -401,6 +612,18 @@ impl Actor {
                 }
                 Ok(())
             })?;
+            if self.primary && !self.replicas.is_empty() {
+                let frame = pb::ReplicaFrame {
+                    term: self.term,
+                    reset: false,
+                    entries: entries.iter().map(prost::Message::encode_to_vec).collect(),
+                };
+                // a standby that cannot take more is dropped; it reconnects and gets a snapshot
+                self.replicas.retain(|_, r| r.tx.try_send(Ok(frame.clone())).is_ok());
+            }
+        }
+        if self.primary && (replicated || self.replicas.keys().any(|n| !self.in_sync.contains(n))) {
+            self.sync_standbys().await;
         }
         for effect in std::mem::take(&mut self.effects) {
             match effect {
@@ -420,6 +643,55 @@ impl Actor {
     }
 }
 
+impl Actor {
+    /// Sync mode: waits until every in-sync standby has made the journal durable up to here; a
+    /// standby that does not within a second leaves the in-sync set, which is published before
+    /// anything is acknowledged without it. Standbys that caught up join the set.
+    async fn sync_standbys(&mut self) {
+        let last = self.state.index;
+        let mut changed = false;
+        let members: Vec<String> = self.in_sync.iter().filter(|n| **n != self.node_id).cloned().collect();
+        for node in members {
+            let ok = match self.replicas.get(&node) {
+                Some(r) => {
+                    let mut acked = r.acked.clone();
+                    matches!(
+                        tokio::time::timeout(Duration::from_secs(1), acked.wait_for(|i| *i >= last)).await,
+                        Ok(Ok(_))
+                    )
+                }
+                None => false,
+            };
+            if !ok {
+                tracing::warn!(%node, index = last, "standby fell behind: leaving the in-sync set");
+                self.in_sync.remove(&node);
+                self.replicas.remove(&node);
+                changed = true;
+            }
+        }
+        for (node, r) in &self.replicas {
+            if !self.in_sync.contains(node) && *r.acked.borrow() >= last {
+                tracing::info!(%node, index = last, "standby caught up: joining the in-sync set");
+                self.in_sync.insert(node.clone());
+                changed = true;
+            }
+        }
+        if changed && let Some(publish) = self.publisher.clone() {
+            let members: Vec<String> = self.in_sync.iter().cloned().collect();
+            // nothing is acknowledged until the set is published (or the lease watchdog fences)
+            loop {
+                match publish(members.clone(), self.term).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot publish the in-sync set; retrying");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The SessionManager gRPC service; cheap to clone.
 #[derive(Clone)]
 pub struct ManagerService {
@@ -430,8 +702,20 @@ pub struct ManagerService {
 impl ManagerService {
     /// Opens the journal, replays it, and starts the actor (until `shutdown`).
     pub fn start(options: ManagerOptions, shutdown: CancellationToken) -> Result<Self, crate::Error> {
+        Self::start_with(options, String::new(), None, shutdown)
+    }
+
+    /// Starts a manager; with a `publisher` (etcd mode) it starts as a standby named `node_id`,
+    /// and the failover task makes it primary.
+    pub fn start_with(
+        options: ManagerOptions,
+        node_id: String,
+        publisher: Option<Publisher>,
+        shutdown: CancellationToken,
+    ) -> Result<Self, crate::Error> {
         let (journal, replay) = Journal::open(&options.journal_dir)?;
-        let term = journal.next_term()?;
+        let single = publisher.is_none();
+        let term = if single { journal.next_term()? } else { 0 };
         let mut state = State::default();
         for entry in &replay {
             state.apply(entry);
@@ -452,7 +736,17 @@ impl ManagerService {
             lost,
             pending: Vec::new(),
             effects: Vec::new(),
+            primary: single,
+            leader: String::new(),
+            node_id,
+            replicas: HashMap::new(),
+            in_sync: Default::default(),
+            publisher,
+            seen_term: 0,
         };
+        if !single {
+            actor.term = actor.state.term;
+        }
         let ticker = tx.clone();
         let tick_shutdown = shutdown.clone();
         tokio::spawn(async move {
@@ -492,6 +786,33 @@ impl ManagerService {
 
     async fn command(&self, command: Command) -> Result<(), Status> {
         self.commands.send(command).await.map_err(|_| Status::unavailable("the manager is stopping"))
+    }
+
+    /// Makes this manager the primary of `term`.
+    pub async fn become_primary(&self, term: u64) -> Result<(), Status> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::BecomePrimary { term, done }).await?;
+        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))
+    }
+
+    /// Makes this manager a standby of `leader` (empty when unknown): it stops acknowledging and
+    /// closes every client, server and standby stream.
+    pub async fn become_standby(&self, leader: String) -> Result<(), Status> {
+        self.command(Command::BecomeStandby { leader }).await
+    }
+
+    /// Applies a frame from the primary; returns the durable index.
+    pub async fn replica_apply(&self, frame: pb::ReplicaFrame) -> Result<u64, Status> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::ReplicaApply { frame, done }).await?;
+        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?
+    }
+
+    /// The manager's status.
+    pub async fn current_status(&self) -> Result<pb::ManagerStatus, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Status { reply }).await?;
+        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))
     }
 }
 
@@ -563,6 +884,29 @@ impl pb::session_manager_server::SessionManager for ManagerService {
                 }
             }
             let _ = commands.send(Command::ServerGone { server, conn }).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ReplicateStream = EventStream<pb::ReplicaFrame>;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<pb::ReplicaAck>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let mut acks = request.into_inner();
+        let Some(first) = acks.next().await else { return Err(Status::invalid_argument("no first ack")) };
+        let first = first?;
+        if first.node_id.is_empty() {
+            return Err(Status::invalid_argument("the first ack names the standby's node_id"));
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
+        self.command(Command::ReplicaConnect { node: first.node_id, tx, acked }).await?;
+        tokio::spawn(async move {
+            while let Some(Ok(ack)) = acks.next().await {
+                acked_tx.send_replace(ack.durable_index);
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
