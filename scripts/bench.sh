@@ -7,8 +7,8 @@
 #   scripts/bench.sh sync      # events applied per second between two deployments, and
 #                              # replication lag p50/p99 at a fixed write rate (BENCH_SYNC_RATE,
 #                              # default 10000 events/s; BENCH_SYNC_EVENTS sets the backlog)
-#   scripts/bench.sh manager   # round trips/s relayed through the session manager (journal
-#                              # fsynced before every acknowledgment), p50/p99 latency
+#   scripts/bench.sh manager   # round trips/s relayed through a primary manager with sync
+#                              # replication to its standby, p50/p99, and SIGTERM handover time
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh

@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
 # Chaos runs against the real, release-built `baton` binary.
 #
-#   scripts/chaos.sh manager [COUNT]   # SIGKILL the session manager COUNT times (default 50)
-#                                      # while a client session sends; prints recovery times
-#                                      # (p50/p99) and lost/duplicated counts; fails if any
-#
-# The manager runs alone for now (restarted on its journal after each kill): standby takeover
-# through etcd is not built yet.
+#   scripts/chaos.sh manager [COUNT]   # a primary and a standby on a real etcd (TTL 2s): SIGKILL
+#                                      # the primary COUNT times (default 50) while a client
+#                                      # session sends; prints takeover times (p50/p99) and
+#                                      # lost/duplicated counts, and fails if any was lost
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh

@@ -242,7 +242,9 @@ fn echo_servers(endpoint: &str, pool: &str, n: usize) -> Vec<tokio::task::JoinHa
         .collect()
 }
 
-fn start_manager(journal: &std::path::Path) -> Server {
+/// A manager of a pair elected through `etcd`.
+fn start_member(dir: &baton_tests::TempDir, etcd: &baton_tests::Etcd) -> Server {
+    let journal = dir.0.join("journal");
     Server::spawn_raw(&[
         "manager",
         "serve",
@@ -252,22 +254,69 @@ fn start_manager(journal: &std::path::Path) -> Server {
         journal.to_str().unwrap(),
         "--server-grace",
         "500ms",
+        "--etcd",
+        &etcd.url,
+        "--election-key",
+        "/baton-bench/manager",
+        "--lease-ttl",
+        "2s",
     ])
 }
 
-/// Relayed request/response round trips per second through one manager (journal with group
-/// commit, fsync before every acknowledgment), with closed-loop clients.
+async fn manager_status(server: &Server) -> Option<pb::ManagerStatus> {
+    let channel =
+        tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).ok()?.connect().await.ok()?;
+    let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
+    client.status(pb::ManagerStatusRequest {}).await.ok().map(tonic::Response::into_inner)
+}
+
+/// Waits (at most 60 s) for a primary with an in-sync standby; returns the primary's position.
+async fn wait_for_pair(members: &[Server]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        for (i, m) in members.iter().enumerate() {
+            if let Some(s) = manager_status(m).await
+                && s.role == "PRIMARY"
+                && s.in_sync.len() == 2
+            {
+                return i;
+            }
+        }
+        assert!(Instant::now() < deadline, "no primary with an in-sync standby within 60s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A primary and an in-sync standby on a real etcd, two echo server sessions.
+struct Pair {
+    _etcd: baton_tests::Etcd,
+    _dirs: Vec<baton_tests::TempDir>,
+    members: Vec<Server>,
+    endpoints: String,
+    _servers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+async fn pair(pool: &str) -> Pair {
+    let etcd = baton_tests::Etcd::start();
+    let dirs = vec![baton_tests::TempDir::new(), baton_tests::TempDir::new()];
+    let members: Vec<Server> = dirs.iter().map(|d| start_member(d, &etcd)).collect();
+    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    wait_for_pair(&members).await;
+    let servers = echo_servers(&endpoints, pool, 2);
+    Pair { _etcd: etcd, _dirs: dirs, members, endpoints, _servers: servers }
+}
+
+/// Relayed request/response round trips per second through a primary with sync replication to
+/// its standby (both journals fsynced before every acknowledgment), with closed-loop clients; then
+/// the handover time on SIGTERM of the primary.
 async fn manager(seconds: f64) {
-    let dir = baton_tests::TempDir::new();
-    let server = start_manager(&dir.0.join("journal"));
-    let endpoint = format!("http://{}", server.addr);
-    let _servers = echo_servers(&endpoint, "bench", 2);
+    let mut p = pair("bench").await;
     let clients: usize = std::env::var("BENCH_MANAGER_CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
     let stop = Instant::now() + Duration::from_secs_f64(seconds);
     let mut tasks = Vec::new();
     for _ in 0..clients {
         let mut session =
-            baton_manager::client::ClientSession::open(&endpoint, "bench", Vec::new()).await.expect("open");
+            baton_manager::client::ClientSession::open(&p.endpoints, "bench", Vec::new()).await.expect("open");
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let sender = session.sender();
@@ -291,28 +340,70 @@ async fn manager(seconds: f64) {
     let rate = all.len() as f64 / elapsed;
     let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
     println!(
-        "manager relay: {clients} closed-loop client sessions, 2 server sessions, fsynced journal: {rate:.0} round trips/s, p50 {:.2} ms, p99 {:.2} ms",
+        "manager relay: {clients} closed-loop client sessions, 2 server sessions, sync replication to an in-sync standby: \
+         {rate:.0} round trips/s, p50 {:.2} ms, p99 {:.2} ms",
         ms(p50),
         ms(p99)
     );
-    println!("manager handover on SIGTERM: not measurable yet (no standby: etcd failover is not built)");
+
+    // handover: SIGTERM the primary while a client sends; time until the next request is accepted
+    let session = baton_manager::client::ClientSession::open(&p.endpoints, "bench", Vec::new()).await.expect("open");
+    let sender = session.sender();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let last = accepted.clone();
+    let pump = tokio::spawn(async move {
+        loop {
+            let payload = prost_types::Any { type_url: "handover".into(), value: vec![1u8; 32] };
+            match sender.send(payload, Vec::new()).await {
+                Ok(seq) => last.store(seq, std::sync::atomic::Ordering::SeqCst),
+                Err(_) => return,
+            }
+        }
+    });
+    let mut handovers = Vec::new();
+    for _ in 0..10 {
+        let primary = wait_for_pair(&p.members).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let signalled = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.members[primary].pid() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("SIGTERM");
+        while accepted.load(std::sync::atomic::Ordering::SeqCst) == before {
+            assert!(signalled.elapsed() < Duration::from_secs(30), "no handover within 30s");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        handovers.push(signalled.elapsed());
+        let old = p.members.remove(primary);
+        p.members.insert(primary, old.restart(&[]));
+    }
+    pump.abort();
+    drop(session);
+    handovers.sort();
+    let (h50, hmax) = (percentile(&handovers, 0.5), handovers.last().copied().unwrap_or_default());
     println!(
-        "summary: manager relays {rate:.0} round trips/s (p50 {:.2} ms, p99 {:.2} ms), single manager",
+        "manager handover on SIGTERM of the primary: p50 {:.0} ms, max {:.0} ms over {} handovers",
+        ms(h50),
+        ms(hmax),
+        handovers.len()
+    );
+    println!(
+        "summary: manager relays {rate:.0} round trips/s (p50 {:.2} ms, p99 {:.2} ms) with sync replication; SIGTERM handover p50 {:.0} ms",
         ms(p50),
-        ms(p99)
+        ms(p99),
+        ms(h50)
     );
 }
 
-/// SIGKILLs the manager `count` times while a client session sends; each time it is restarted on
-/// its journal. Prints the recovery times (kill → next request accepted) and what was lost or
-/// answered twice.
+/// SIGKILLs the primary `count` times while a client session sends; the in-sync standby takes
+/// over each time and the killed one rejoins as a standby. Prints takeover times (kill → next
+/// request accepted) and what was lost or answered twice.
 async fn chaos_manager(count: usize) {
-    let dir = baton_tests::TempDir::new();
-    let journal = dir.0.join("journal");
-    let mut server = start_manager(&journal);
-    let endpoint = format!("http://{}", server.addr);
-    let _servers = echo_servers(&endpoint, "chaos", 2);
-    let mut session = baton_manager::client::ClientSession::open(&endpoint, "chaos", Vec::new()).await.expect("open");
+    let mut p = pair("chaos").await;
+    let mut session =
+        baton_manager::client::ClientSession::open(&p.endpoints, "chaos", Vec::new()).await.expect("open");
     let sender = session.sender();
     let answers = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<u64, usize>::new()));
     let seen = answers.clone();
@@ -332,20 +423,20 @@ async fn chaos_manager(count: usize) {
             }
         }
     });
-    let mut recoveries = Vec::new();
+    let mut takeovers = Vec::new();
     for k in 0..count {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let primary = wait_for_pair(&p.members).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
         let killed = Instant::now();
-        server = server.restart(&[]);
-        loop {
-            if accepted.load(std::sync::atomic::Ordering::SeqCst) > before {
-                break;
-            }
-            assert!(killed.elapsed() < Duration::from_secs(60), "no recovery within 60s after kill {k}");
+        let old = p.members.remove(primary);
+        p.members.insert(primary, old.restart(&[]));
+        while accepted.load(std::sync::atomic::Ordering::SeqCst) == before {
+            assert!(killed.elapsed() < Duration::from_secs(60), "no takeover within 60s after kill {k}");
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        recoveries.push(killed.elapsed());
+        takeovers.push(killed.elapsed());
+        eprintln!("kill {}: takeover {:.0} ms", k + 1, ms(*takeovers.last().unwrap()));
     }
     pump.abort();
     let total = accepted.load(std::sync::atomic::Ordering::SeqCst);
@@ -359,20 +450,19 @@ async fn chaos_manager(count: usize) {
     let answers = answers.lock().unwrap();
     let lost = (1..=total).filter(|s| !answers.contains_key(s)).count();
     let duplicated = answers.values().filter(|n| **n > 1).count();
-    recoveries.sort();
-    let (p50, p99) = (percentile(&recoveries, 0.5), percentile(&recoveries, 0.99));
+    takeovers.sort();
+    let (p50, p99) = (percentile(&takeovers, 0.5), percentile(&takeovers, 0.99));
     println!(
-        "manager chaos: {count} SIGKILLs of a single manager (restarted on its journal), {total} requests acknowledged: \
-         recovery p50 {:.0} ms, p99 {:.0} ms; lost {lost}, answered twice {duplicated}",
+        "manager chaos: {count} SIGKILLs of the primary (TTL 2s, in-sync standby takes over), {total} requests acknowledged: \
+         takeover p50 {:.0} ms, p99 {:.0} ms; lost {lost}, answered twice {duplicated}",
         ms(p50),
         ms(p99)
     );
     println!(
-        "summary: {count} kills: recovery p50 {:.0} ms p99 {:.0} ms, lost {lost}, duplicated {duplicated} (restart, not standby takeover)",
+        "summary: {count} kills: takeover p50 {:.0} ms p99 {:.0} ms, lost {lost}, duplicated {duplicated}",
         ms(p50),
         ms(p99)
     );
-    drop(server);
     if lost > 0 || duplicated > 0 {
         std::process::exit(1);
     }
