@@ -237,3 +237,105 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     terms.push(last.term);
     assert!(terms.windows(2).skip(1).all(|w| w[1] > w[0]), "every takeover raised the term: {terms:?}");
 }
+
+fn grpcurl(args: &[&str]) -> Option<(bool, String)> {
+    match std::process::Command::new("grpcurl").args(args).output() {
+        Ok(out) => Some((
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )),
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "grpcurl is not installed under CI: {e}");
+            None
+        }
+    }
+}
+
+/// The standby reports NOT_SERVING and answers UNAVAILABLE naming the primary; the primary is
+/// SERVING; grpcurl lists, describes and calls the manager.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_is_not_serving_and_names_the_primary() {
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/health-{}", std::process::id());
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    let members = [start_member(&d1, &etcd, &election), start_member(&d2, &etcd, &election)];
+    let (primary, status) = wait_for_pair(&[&members[0], &members[1]]).await;
+    let standby = &members[1 - primary];
+    let primary = &members[primary];
+    let health = |addr: String| {
+        grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"service": "baton.v1.SessionManager"}"#,
+            &addr,
+            "grpc.health.v1.Health/Check",
+        ])
+    };
+    let Some((_, text)) = health(primary.addr.to_string()) else { return };
+    assert!(text.contains("\"SERVING\""), "{text}");
+    let (_, text) = health(standby.addr.to_string()).unwrap();
+    assert!(text.contains("NOT_SERVING"), "{text}");
+    let (ok, text) = grpcurl(&["-plaintext", &primary.addr.to_string(), "list"]).unwrap();
+    assert!(ok && text.lines().any(|l| l.trim() == "baton.v1.SessionManager"), "{text}");
+    let (ok, text) =
+        grpcurl(&["-plaintext", &primary.addr.to_string(), "describe", "baton.v1.SessionManager.Status"]).unwrap();
+    assert!(ok && text.contains("rpc Status"), "{text}");
+    let (ok, text) = grpcurl(&["-plaintext", &primary.addr.to_string(), "baton.v1.SessionManager/Status"]).unwrap();
+    assert!(ok && text.contains("\"PRIMARY\"") && text.contains(&format!("\"{}\"", status.term)), "{text}");
+    // a client session opened on the standby: UNAVAILABLE, with the primary's address
+    let mut client = pb::session_manager_client::SessionManagerClient::new(standby.channel().await);
+    let open = pb::ClientFrame {
+        kind: Some(pb::client_frame::Kind::Open(pb::OpenSession { pool: "p".into(), ..Default::default() })),
+    };
+    let status = client.client_session(tokio_stream::iter(vec![open])).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable);
+    let leader = status.metadata().get(baton_manager::service::LEADER_METADATA).unwrap().to_str().unwrap();
+    assert_eq!(leader, format!("http://{}", primary.addr));
+}
+
+/// etcd stops answering (SIGSTOP): the primary stops acknowledging and exits before its lease
+/// can run out; when etcd is back the standby takes over with a higher term, and the client goes
+/// on with every request answered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_primary_cut_off_from_etcd_fences_itself_before_its_lease_runs_out() {
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/fence-{}", std::process::id());
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    let mut members = vec![start_member(&d1, &etcd, &election), start_member(&d2, &etcd, &election)];
+    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    let (primary, first) = wait_for_pair(&[&members[0], &members[1]]).await;
+    let (_w1, _) = echo_server(&endpoints, "w1");
+    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    for n in 1..=20 {
+        sender.send(payload(n), Vec::new()).await.unwrap();
+    }
+    etcd.signal(nix::sys::signal::Signal::SIGSTOP);
+    let stopped = std::time::Instant::now();
+    let status = baton_tests::eventually(Duration::from_secs(10), "the primary to fence itself", || {
+        let exited = members[primary].exited();
+        async move { exited }
+    })
+    .await;
+    let fenced_after = stopped.elapsed();
+    etcd.signal(nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(status.code(), Some(75), "the fenced primary exits with EXIT_FENCED");
+    assert!(fenced_after < Duration::from_secs(2), "fenced after {fenced_after:?}, before the 2s lease could expire");
+    // the old primary comes back as a standby; the other one is elected with a higher term
+    let old = members.remove(primary);
+    members.insert(primary, old.restart(&[]));
+    for n in 21..=40 {
+        let seq =
+            tokio::time::timeout(Duration::from_secs(30), sender.send(payload(n), Vec::new())).await.unwrap().unwrap();
+        assert_eq!(seq, n);
+    }
+    let (now_primary, now) = wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_ne!(now_primary, primary, "the standby took over");
+    assert!(now.term > first.term, "{} > {}", now.term, first.term);
+    let mut answered = BTreeMap::new();
+    while answered.len() < 40 {
+        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
+        assert!(answered.insert(r.seq, number(&r.payload.unwrap())).is_none(), "answered twice");
+    }
+    assert!(answered.iter().all(|(seq, n)| seq == n));
+}

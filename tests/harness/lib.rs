@@ -211,6 +211,11 @@ impl Server {
         self.child.id()
     }
 
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// Sends SIGTERM and waits (at most `within`) for the exit status.
     pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
@@ -413,8 +418,16 @@ impl Etcd {
     }
 }
 
+impl Etcd {
+    /// Sends a signal to etcd (SIGSTOP to cut everyone off from it, SIGCONT to bring it back).
+    pub fn signal(&self, signal: Signal) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+}
+
 impl Drop for Etcd {
     fn drop(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGCONT);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
