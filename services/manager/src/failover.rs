@@ -74,7 +74,14 @@ async fn eligible(client: &mut Client, election: &str, node: &str) -> bool {
 }
 
 /// Follows the current primary's Replicate stream until cancelled.
-async fn follow(mut client: Client, election: String, me: String, service: ManagerService, cancel: CancellationToken) {
+async fn follow(
+    mut client: Client,
+    election: String,
+    me: String,
+    service: ManagerService,
+    epoch: u64,
+    cancel: CancellationToken,
+) {
     while !cancel.is_cancelled() {
         let leader = match tokio::time::timeout(Duration::from_secs(2), client.leader(election.clone())).await {
             Ok(Ok(resp)) => resp.kv().and_then(|kv| kv.value_str().ok()).map(str::to_owned),
@@ -86,7 +93,7 @@ async fn follow(mut client: Client, election: String, me: String, service: Manag
                 () = tokio::time::sleep(Duration::from_millis(100)) => continue,
             }
         };
-        let _ = service.become_standby(leader.clone()).await;
+        let _ = service.follow_leader(leader.clone(), epoch).await;
         if let Err(e) = replicate_from(&leader, &me, &service, &cancel).await {
             tracing::debug!(%leader, error = %e, "replication stream ended");
         }
@@ -143,6 +150,9 @@ pub async fn run(
 ) {
     let mut client = client;
     let ttl_secs = ttl.as_secs().max(2) as i64;
+    // A primary never comes back to this loop (it resigns and returns, or fences and exits), so
+    // followers always run before this process's only election: epoch 0.
+    let elections = 0u64;
     loop {
         if shutdown.is_cancelled() {
             return;
@@ -180,7 +190,14 @@ pub async fn run(
             })
         };
         let following = shutdown.child_token();
-        tokio::spawn(follow(client.clone(), election.clone(), me.clone(), service.clone(), following.clone()));
+        tokio::spawn(follow(
+            client.clone(),
+            election.clone(),
+            me.clone(),
+            service.clone(),
+            elections,
+            following.clone(),
+        ));
         // campaign only while in the in-sync set, and check again after winning
         let leader_key = loop {
             while !eligible(&mut client, &election, &me).await {

@@ -134,8 +134,10 @@ enum Command {
         term: u64,
         done: oneshot::Sender<()>,
     },
+    /// `epoch`: only if the manager has not been elected since (a follower's view may be stale).
     BecomeStandby {
         leader: String,
+        epoch: Option<u64>,
     },
 }
 
@@ -175,6 +177,8 @@ struct Actor {
     publisher: Option<Publisher>,
     /// The highest term seen in replicated frames (a standby refuses older ones).
     seen_term: u64,
+    /// How many times this manager was elected primary.
+    epoch: u64,
 }
 
 impl Actor {
@@ -553,6 +557,7 @@ impl Actor {
             }
             Command::BecomePrimary { term, done } => {
                 tracing::info!(term, index = self.state.index, "primary");
+                self.epoch += 1;
                 self.primary = true;
                 self.term = term;
                 self.leader.clear();
@@ -562,7 +567,8 @@ impl Actor {
                     self.state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
                 let _ = done.send(());
             }
-            Command::BecomeStandby { leader } => {
+            Command::BecomeStandby { epoch: Some(epoch), .. } if epoch != self.epoch => {}
+            Command::BecomeStandby { leader, .. } => {
                 if self.primary {
                     tracing::warn!("no longer primary: closing every stream");
                 }
@@ -743,6 +749,7 @@ impl ManagerService {
             in_sync: Default::default(),
             publisher,
             seen_term: 0,
+            epoch: 0,
         };
         if !single {
             actor.term = actor.state.term;
@@ -798,7 +805,13 @@ impl ManagerService {
     /// Makes this manager a standby of `leader` (empty when unknown): it stops acknowledging and
     /// closes every client, server and standby stream.
     pub async fn become_standby(&self, leader: String) -> Result<(), Status> {
-        self.command(Command::BecomeStandby { leader }).await
+        self.command(Command::BecomeStandby { leader, epoch: None }).await
+    }
+
+    /// Follows `leader` as a standby, unless this manager has been elected since `epoch` (the
+    /// number of elections it had won when the caller looked the leader up).
+    pub async fn follow_leader(&self, leader: String, epoch: u64) -> Result<(), Status> {
+        self.command(Command::BecomeStandby { leader, epoch: Some(epoch) }).await
     }
 
     /// Applies a frame from the primary; returns the durable index.
