@@ -76,8 +76,12 @@ impl Endpoints {
 }
 
 fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((50u64 << attempt.min(4)).min(1000))
+    Duration::from_millis((10u64 << attempt.min(5)).min(250))
 }
+
+/// How long opening a stream may take before the next manager is tried (a manager that is
+/// shutting down may accept a connection and never answer on it).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A request sent but not yet journaled: its payload, restart data, and who waits for it.
 type Unaccepted = (prost_types::Any, Vec<u8>, Option<oneshot::Sender<u64>>);
@@ -126,7 +130,10 @@ impl ClientLoop {
             seen_term: self.seen_term,
         };
         let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) }).await;
-        let mut events = client.client_session(ReceiverStream::new(out_rx)).await?.into_inner();
+        let mut events = tokio::time::timeout(OPEN_TIMEOUT, client.client_session(ReceiverStream::new(out_rx)))
+            .await
+            .map_err(|_| Status::unavailable(format!("{endpoint} did not open the session in time")))??
+            .into_inner();
         loop {
             tokio::select! {
                 event = events.message() => {
@@ -352,7 +359,10 @@ impl ServerLoop {
             seen_term: self.seen_term,
         };
         let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) }).await;
-        let mut stream = client.server_session(ReceiverStream::new(out_rx)).await?.into_inner();
+        let mut stream = tokio::time::timeout(OPEN_TIMEOUT, client.server_session(ReceiverStream::new(out_rx)))
+            .await
+            .map_err(|_| Status::unavailable(format!("{endpoint} did not open the session in time")))??
+            .into_inner();
         for reply in self.unaccepted.values() {
             let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Reply(reply.clone())) }).await;
         }
