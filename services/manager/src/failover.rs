@@ -153,7 +153,7 @@ pub async fn run(
     // A primary never comes back to this loop (it resigns and returns, or fences and exits), so
     // followers always run before this process's only election: epoch 0.
     let elections = 0u64;
-    loop {
+    'lease: loop {
         if shutdown.is_cancelled() {
             return;
         }
@@ -171,7 +171,7 @@ pub async fn run(
             }
         };
         let renewed = Arc::new(AtomicI64::new(now_ms()));
-        let keepalive = {
+        let mut keepalive = {
             let mut client = client.clone();
             let renewed = renewed.clone();
             tokio::spawn(async move {
@@ -208,6 +208,12 @@ pub async fn run(
             }
             let won = tokio::select! {
                 () = shutdown.cancelled() => return,
+                _ = &mut keepalive => {
+                    // the lease can no longer be kept alive: campaign again with a new one
+                    tracing::warn!("lease keepalive ended while campaigning; starting over");
+                    following.cancel();
+                    continue 'lease;
+                }
                 r = client.campaign(election.clone(), me.clone(), lease) => r,
             };
             match won {
@@ -220,8 +226,13 @@ pub async fn run(
                     let _ = client.resign(Some(ResignOptions::new().with_leader(key))).await;
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "campaign failed; retrying");
+                    // the lease may be gone with the connection: start over with a new one
+                    tracing::warn!(error = %e, "campaign failed; retrying with a new lease");
+                    keepalive.abort();
+                    following.cancel();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'lease;
                 }
             }
         };
