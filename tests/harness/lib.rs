@@ -380,13 +380,24 @@ fn free_port() -> u16 {
 }
 
 impl Etcd {
-    /// Starts etcd and waits (at most 20 s) until it accepts connections.
+    /// Starts etcd and waits until it accepts connections (at most 30 s per attempt; a port
+    /// taken between choosing and binding it makes etcd exit, and another pair of ports is tried).
     pub fn start() -> Etcd {
+        for attempt in 1..=3 {
+            if let Some(etcd) = Self::try_start() {
+                return etcd;
+            }
+            eprintln!("etcd did not come up (attempt {attempt}); trying other ports");
+        }
+        panic!("etcd did not start in 3 attempts");
+    }
+
+    fn try_start() -> Option<Etcd> {
         let dir = TempDir::new();
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
+        let mut child = Command::new("etcd")
             .args([
                 "--name",
                 "e2e",
@@ -409,12 +420,16 @@ impl Etcd {
             .stderr(Stdio::null())
             .spawn()
             .expect("start etcd (Debian's etcd-server; scripts/setup.sh installs it)");
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
-            assert!(Instant::now() < deadline, "etcd did not start within 20s");
+            if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Etcd { child, url, _dir: dir }
+        Some(Etcd { child, url, _dir: dir })
     }
 }
 

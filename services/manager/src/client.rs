@@ -51,26 +51,46 @@ struct Endpoints {
     all: Vec<String>,
     current: usize,
     hint: Option<String>,
+    last_tried: String,
+    /// The manager whose stream failed without naming a leader (a primary that went away): a
+    /// standby that still names it as the leader is asked again instead.
+    gone: Option<String>,
 }
 
 impl Endpoints {
     /// `endpoints`: one address or several, comma-separated (`http://m1:7700,http://m2:7700`).
     fn new(endpoints: &str) -> Self {
         let all = endpoints.split(',').map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
-        Self { all, current: 0, hint: None }
+        Self { all, current: 0, hint: None, last_tried: String::new(), gone: None }
     }
 
     fn next(&mut self) -> String {
-        self.hint.take().unwrap_or_else(|| self.all[self.current % self.all.len().max(1)].clone())
+        let next = self.hint.take().unwrap_or_else(|| self.all[self.current % self.all.len().max(1)].clone());
+        self.last_tried = next.clone();
+        next
+    }
+
+    /// After a successful open.
+    fn connected(&mut self) {
+        self.gone = None;
     }
 
     /// After a failed connection: follow the leader a standby named, or try the next manager.
     fn failed(&mut self, status: &Status) {
-        match status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok()) {
+        let hint = status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok());
+        match hint {
             Some(leader) if leader.starts_with("http://") || leader.starts_with("https://") => {
-                self.hint = Some(leader.to_owned())
+                if self.gone.as_deref() == Some(leader) {
+                    // the standby has not noticed yet: ask it again, it is about to take over
+                    self.hint = Some(self.last_tried.clone());
+                } else {
+                    self.hint = Some(leader.to_owned());
+                }
             }
-            _ => self.current = (self.current + 1) % self.all.len().max(1),
+            _ => {
+                self.gone = Some(self.last_tried.clone());
+                self.current = (self.current + 1) % self.all.len().max(1);
+            }
         }
     }
 }
@@ -144,6 +164,7 @@ impl ClientLoop {
                     self.seen_term = event.term;
                     match event.kind {
                         Some(pb::client_event::Kind::Opened(o)) => {
+                            self.endpoints.connected();
                             self.session_id = Some(o.session_id.clone());
                             if let Some(opened) = opened.take() {
                                 let _ = opened.send(Ok(o.session_id.clone()));
@@ -404,7 +425,8 @@ impl ServerLoop {
                         Some(pb::server_event::Kind::Accepted(a)) => {
                             self.unaccepted.remove(&(a.session_id, a.seq));
                         }
-                        Some(pb::server_event::Kind::Registered(_)) | None => {}
+                        Some(pb::server_event::Kind::Registered(_)) => self.endpoints.connected(),
+                        None => {}
                     }
                 }
                 reply = replies.recv() => {
