@@ -347,8 +347,11 @@ async fn manager(seconds: f64) {
     );
 
     // handover: SIGTERM the primary while a client sends; time until the next request is accepted
-    let session = baton_manager::client::ClientSession::open(&p.endpoints, "bench", Vec::new()).await.expect("open");
+    let mut session =
+        baton_manager::client::ClientSession::open(&p.endpoints, "bench", Vec::new()).await.expect("open");
     let sender = session.sender();
+    // responses must be read: an unread response queue holds the session back
+    let drain = tokio::spawn(async move { while session.recv().await.is_some() {} });
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let last = accepted.clone();
     let pump = tokio::spawn(async move {
@@ -381,7 +384,7 @@ async fn manager(seconds: f64) {
         p.members.insert(primary, old.restart(&[]));
     }
     pump.abort();
-    drop(session);
+    drain.abort();
     handovers.sort();
     let (h50, hmax) = (percentile(&handovers, 0.5), handovers.last().copied().unwrap_or_default());
     println!(

@@ -297,7 +297,8 @@ impl ClientSession {
         ClientSender { commands: self.commands.clone() }
     }
 
-    /// The next response, each exactly once.
+    /// The next response, each exactly once. Responses must be read: when 1,024 are waiting
+    /// unread, the session stops taking in more (and so stops sending), as backpressure.
     pub async fn recv(&mut self) -> Option<ClientResponse> {
         self.responses.recv().await
     }
