@@ -312,11 +312,16 @@ async fn pair(pool: &str) -> Pair {
 async fn manager(seconds: f64) {
     let mut p = pair("bench").await;
     let clients: usize = std::env::var("BENCH_MANAGER_CLIENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(256);
-    let stop = Instant::now() + Duration::from_secs_f64(seconds);
-    let mut tasks = Vec::new();
+    let mut sessions = Vec::new();
     for _ in 0..clients {
-        let mut session =
-            baton_manager::client::ClientSession::open(&p.endpoints, "bench", Vec::new()).await.expect("open");
+        sessions
+            .push(baton_manager::client::ClientSession::open(&p.endpoints, "bench", Vec::new()).await.expect("open"));
+    }
+    // the clock starts once every session is open
+    let stop = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for mut session in sessions {
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
             let sender = session.sender();
@@ -330,7 +335,6 @@ async fn manager(seconds: f64) {
             latencies
         }));
     }
-    let started = Instant::now();
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap());
