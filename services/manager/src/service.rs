@@ -70,6 +70,10 @@ impl ManagerOptions {
     }
 }
 
+/// How close (in journal entries) a catching-up standby must be for the primary to wait briefly
+/// for it to join the in-sync set.
+const CATCH_UP_WINDOW: u64 = 4096;
+
 /// The metadata key of the leader's address in a standby's UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-baton-leader";
 
@@ -676,7 +680,21 @@ impl Actor {
             }
         }
         for (node, r) in &self.replicas {
-            if !self.in_sync.contains(node) && *r.acked.borrow() >= last {
+            if self.in_sync.contains(node) {
+                continue;
+            }
+            // Under steady load a catching-up standby is always one batch behind at this moment:
+            // when it is close, give it a moment to ack the batch just sent.
+            let acked = *r.acked.borrow();
+            let caught_up = acked >= last
+                || (last - acked <= CATCH_UP_WINDOW && {
+                    let mut acked = r.acked.clone();
+                    matches!(
+                        tokio::time::timeout(Duration::from_millis(50), acked.wait_for(|i| *i >= last)).await,
+                        Ok(Ok(_))
+                    )
+                });
+            if caught_up {
                 tracing::info!(%node, index = last, "standby caught up: joining the in-sync set");
                 self.in_sync.insert(node.clone());
                 changed = true;
