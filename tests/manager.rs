@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use baton_manager::client::{ClientSession, ServerEvent, ServerSession};
 use baton_mesh::proto::v1 as pb;
-use baton_tests::{Server, TempDir};
+use baton_tests::{Server, TempDir, grpcurl};
 
 fn payload(n: u64) -> prost_types::Any {
     prost_types::Any { type_url: "baton.test/echo".into(), value: n.to_be_bytes().to_vec() }
@@ -47,6 +47,26 @@ fn echo_server(endpoint: &str, id: &'static str) -> (tokio::task::JoinHandle<()>
         }
     });
     (task, seen)
+}
+
+/// Waits (at most 60 s) for `total` answers, then checks that requests 1..=total were each
+/// answered exactly once, with their own echo.
+async fn assert_answered_once(responses: &Mutex<BTreeMap<u64, Vec<u64>>>, total: u64) {
+    for _ in 0..600 {
+        if responses.lock().unwrap().len() as u64 == total {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let responses = responses.lock().unwrap().clone();
+    assert_eq!(
+        responses.keys().copied().collect::<Vec<_>>(),
+        (1..=total).collect::<Vec<_>>(),
+        "every accepted request answered"
+    );
+    for (seq, got) in &responses {
+        assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
+    }
 }
 
 fn start_manager(dir: &TempDir, listen: &str) -> Server {
@@ -117,18 +137,8 @@ async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
             if bound == "w1" { w1.abort() } else { w2.abort() }
         }
     }
-    for _ in 0..600 {
-        if responses.lock().unwrap().len() as u64 == total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let responses = responses.lock().unwrap().clone();
+    assert_answered_once(&responses, total).await;
     receiver.abort();
-    assert_eq!(responses.len() as u64, total, "every accepted request answered");
-    for (seq, got) in &responses {
-        assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
-    }
     let status = status(&manager).await;
     assert_eq!(status.term, first_term + 5, "each restart serves a new term");
     // the lost server's session moved to the other one, which got the restart data last journaled
@@ -139,26 +149,6 @@ async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
     let restart = String::from_utf8(moved.1).unwrap();
     assert!(restart.starts_with(&format!("{killed}:")), "restart data of the lost server: {restart:?}");
     assert_eq!(bound_server(&manager, &session).await, other_id);
-}
-
-fn start_member(dir: &TempDir, etcd: &baton_tests::Etcd, election: &str) -> Server {
-    let journal = dir.0.join("journal");
-    Server::spawn_raw(&[
-        "manager",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--journal-dir",
-        journal.to_str().unwrap(),
-        "--server-grace",
-        "500ms",
-        "--etcd",
-        &etcd.url,
-        "--election-key",
-        election,
-        "--lease-ttl",
-        "2s",
-    ])
 }
 
 async fn wait_for_pair(members: &[&Server]) -> (usize, pb::ManagerStatus) {
@@ -190,7 +180,8 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     let etcd = baton_tests::Etcd::start();
     let election = format!("/baton-test/{}", std::process::id());
     let (d1, d2) = (TempDir::new(), TempDir::new());
-    let mut members = vec![start_member(&d1, &etcd, &election), start_member(&d2, &etcd, &election)];
+    let mut members =
+        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     let (_, first) = wait_for_pair(&[&members[0], &members[1]]).await;
     let (_w1, _seen1) = echo_server(&endpoints, "w1");
@@ -221,34 +212,11 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
             members.insert(primary, restarted);
         }
     }
-    for _ in 0..600 {
-        if responses.lock().unwrap().len() as u64 == total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let responses = responses.lock().unwrap().clone();
+    assert_answered_once(&responses, total).await;
     receiver.abort();
-    assert_eq!(responses.len() as u64, total, "every accepted request answered");
-    for (seq, got) in &responses {
-        assert_eq!(got, &vec![*seq], "request {seq} answered exactly once");
-    }
     let (_, last) = wait_for_pair(&[&members[0], &members[1]]).await;
     terms.push(last.term);
     assert!(terms.windows(2).skip(1).all(|w| w[1] > w[0]), "every takeover raised the term: {terms:?}");
-}
-
-fn grpcurl(args: &[&str]) -> Option<(bool, String)> {
-    match std::process::Command::new("grpcurl").args(args).output() {
-        Ok(out) => Some((
-            out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-        )),
-        Err(e) => {
-            assert!(std::env::var_os("CI").is_none(), "grpcurl is not installed under CI: {e}");
-            None
-        }
-    }
 }
 
 /// The standby reports NOT_SERVING and answers UNAVAILABLE naming the primary; the primary is
@@ -258,7 +226,7 @@ async fn the_standby_is_not_serving_and_names_the_primary() {
     let etcd = baton_tests::Etcd::start();
     let election = format!("/baton-test/health-{}", std::process::id());
     let (d1, d2) = (TempDir::new(), TempDir::new());
-    let members = [start_member(&d1, &etcd, &election), start_member(&d2, &etcd, &election)];
+    let members = [Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let (primary, status) = wait_for_pair(&[&members[0], &members[1]]).await;
     let standby = &members[1 - primary];
     let primary = &members[primary];
@@ -301,7 +269,8 @@ async fn a_primary_cut_off_from_etcd_fences_itself_before_its_lease_runs_out() {
     let etcd = baton_tests::Etcd::start();
     let election = format!("/baton-test/fence-{}", std::process::id());
     let (d1, d2) = (TempDir::new(), TempDir::new());
-    let mut members = vec![start_member(&d1, &etcd, &election), start_member(&d2, &etcd, &election)];
+    let mut members =
+        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     let (primary, first) = wait_for_pair(&[&members[0], &members[1]]).await;
     let (_w1, _) = echo_server(&endpoints, "w1");

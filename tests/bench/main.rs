@@ -242,27 +242,6 @@ fn echo_servers(endpoint: &str, pool: &str, n: usize) -> Vec<tokio::task::JoinHa
         .collect()
 }
 
-/// A manager of a pair elected through `etcd`.
-fn start_member(dir: &baton_tests::TempDir, etcd: &baton_tests::Etcd) -> Server {
-    let journal = dir.0.join("journal");
-    Server::spawn_raw(&[
-        "manager",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--journal-dir",
-        journal.to_str().unwrap(),
-        "--server-grace",
-        "500ms",
-        "--etcd",
-        &etcd.url,
-        "--election-key",
-        "/baton-bench/manager",
-        "--lease-ttl",
-        "2s",
-    ])
-}
-
 async fn manager_status(server: &Server) -> Option<pb::ManagerStatus> {
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).ok()?.connect().await.ok()?;
@@ -299,7 +278,7 @@ struct Pair {
 async fn pair(pool: &str) -> Pair {
     let etcd = baton_tests::Etcd::start();
     let dirs = vec![baton_tests::TempDir::new(), baton_tests::TempDir::new()];
-    let members: Vec<Server> = dirs.iter().map(|d| start_member(d, &etcd)).collect();
+    let members: Vec<Server> = dirs.iter().map(|d| Server::manager_member(d, &etcd, "/baton-bench/manager")).collect();
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     wait_for_pair(&members).await;
     let servers = echo_servers(&endpoints, pool, 2);

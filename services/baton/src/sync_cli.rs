@@ -10,7 +10,7 @@ use baton_mesh::proto::v1 as pb;
 use baton_sync::SyncOptions;
 
 use crate::StoreArgs;
-use crate::client::{OrgConn, channel, explain, print_json, record_json, struct_json, with_bearer};
+use crate::client::{OrgConn, channel, explain, print_json, record_json, with_bearer};
 
 /// `baton sync`.
 #[derive(clap::Args, Debug)]
@@ -204,7 +204,7 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                         for c in &batch.changes {
                             let op = pb::ChangeOp::try_from(c.op)
                                 .map_or("?", |o| o.as_str_name().trim_start_matches("CHANGE_OP_"));
-                            let fields = c.fields.as_ref().map(struct_json);
+                            let fields = c.fields.as_ref().map(baton_intake::convert::struct_to_json);
                             let line = serde_json::json!({"seq": c.seq, "op": op, "object": c.object, "id": c.record_id,
                                                           "version": c.version, "fields": fields});
                             serde_json::to_writer(&mut writer, &line)?;

@@ -5,8 +5,8 @@ use baton_mesh::proto::v1 as pb;
 use baton_store::{FieldError, Store};
 use tonic::{Request, Response, Status};
 
-use crate::convert;
 use crate::error::Error;
+use crate::{convert, require};
 
 /// The Admin gRPC service.
 #[derive(Debug, Clone)]
@@ -19,10 +19,6 @@ impl AdminService {
     pub fn new(store: Store) -> Self {
         Self { store }
     }
-}
-
-fn required(value: &str, field: &str) -> Result<(), Error> {
-    if value.is_empty() { Err(Error::Invalid(vec![FieldError::new(field, "required")])) } else { Ok(()) }
 }
 
 #[tonic::async_trait]
@@ -50,7 +46,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::CreateApiKeyResponse>, Status> {
         require_admin(&request)?;
         let request = request.into_inner();
-        required(&request.org_id, "org_id")?;
+        require(&request.org_id, "org_id")?;
         let key = self.store.create_api_key(&request.org_id, &request.label).await.map_err(Error::from)?;
         Ok(Response::new(pb::CreateApiKeyResponse { key_id: key.key_id, api_key: key.api_key, org_id: key.org_id }))
     }
@@ -60,7 +56,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::RevokeApiKeyRequest>,
     ) -> Result<Response<pb::RevokeApiKeyResponse>, Status> {
         require_admin(&request)?;
-        required(&request.get_ref().key_id, "key_id")?;
+        require(&request.get_ref().key_id, "key_id")?;
         self.store.revoke_api_key(&request.get_ref().key_id).await.map_err(Error::from)?;
         Ok(Response::new(pb::RevokeApiKeyResponse {}))
     }
@@ -71,7 +67,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ObjectSchema>, Status> {
         require_admin(&request)?;
         let request = request.into_inner();
-        required(&request.org_id, "org_id")?;
+        require(&request.org_id, "org_id")?;
         let Some(schema) = request.schema else {
             return Err(Error::Invalid(vec![FieldError::new("schema", "required")]).into());
         };
@@ -85,7 +81,7 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ListObjectsRequest>,
     ) -> Result<Response<pb::ListObjectsResponse>, Status> {
         require_admin(&request)?;
-        required(&request.get_ref().org_id, "org_id")?;
+        require(&request.get_ref().org_id, "org_id")?;
         let objects = self.store.list_objects(&request.get_ref().org_id).await.map_err(Error::from)?;
         Ok(Response::new(pb::ListObjectsResponse { objects: objects.iter().map(convert::schema_to_pb).collect() }))
     }

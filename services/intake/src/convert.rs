@@ -34,6 +34,13 @@ fn value_to_json(value: &prost_types::Value, path: &str, errors: &mut Vec<FieldE
     }
 }
 
+/// A protobuf Struct as JSON, as the edge reads it (whole numbers become integers); a value JSON
+/// cannot hold (a non-finite number) becomes null. For display, where nothing is validated.
+pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
+    let mut ignored = Vec::new();
+    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, k, &mut ignored))).collect())
+}
+
 /// Request records as store fields; `records[i].field` paths in errors.
 pub fn records_from_pb(records: &[prost_types::Struct]) -> Result<Vec<Fields>, Vec<FieldError>> {
     let mut errors = Vec::new();

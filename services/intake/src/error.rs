@@ -73,6 +73,7 @@ impl From<Error> for Status {
                     retry_after: None,
                 })
             }
+            Error::Store(e @ S::Trimmed { .. }) => Status::out_of_range(e.to_string()),
             Error::Store(e @ (S::Database(_) | S::Migrate(_) | S::Url { .. } | S::Corrupt(_))) => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("internal store error")

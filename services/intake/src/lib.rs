@@ -112,7 +112,8 @@ impl IntakeService {
     }
 }
 
-fn require(value: &str, field: &str) -> Result<(), Error> {
+/// Rejects an empty required field.
+pub(crate) fn require(value: &str, field: &str) -> Result<(), Error> {
     if value.is_empty() {
         return Err(Error::Invalid(vec![FieldError::new(field, "required")]));
     }

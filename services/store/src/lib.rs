@@ -80,6 +80,15 @@ pub enum Error {
         /// Why it is not usable.
         reason: String,
     },
+    /// The change log no longer holds every change after `after_seq`: it was trimmed (retention)
+    /// up to `trimmed`.
+    #[error("changes up to seq {trimmed} were trimmed (retention); the changes after seq {after_seq} are not all kept")]
+    Trimmed {
+        /// The seq asked to continue after.
+        after_seq: i64,
+        /// The seq the log is trimmed up to.
+        trimmed: i64,
+    },
     /// Stored data could not be decoded (a bug or a corrupted database).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),

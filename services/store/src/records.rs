@@ -355,6 +355,30 @@ impl Store {
             .collect()
     }
 
+    /// Fails with [`Error::Trimmed`] unless the change log still holds every change of the org
+    /// after `after_seq`.
+    pub async fn ensure_retained(&self, org_id: &str, after_seq: i64) -> Result<(), Error> {
+        let trimmed = self.trimmed_seq(org_id).await?;
+        if after_seq < trimmed {
+            return Err(Error::Trimmed { after_seq, trimmed });
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` change events after `after_seq`, with no gap: seqs are dense, so a first event
+    /// other than `after_seq + 1` can only mean trimming, answered [`Error::Trimmed`], never
+    /// skipped. This is what Extract and links read the change log through.
+    pub async fn changes_since(&self, org_id: &str, after_seq: i64, limit: usize) -> Result<Vec<ChangeEvent>, Error> {
+        self.ensure_retained(org_id, after_seq).await?;
+        let events = self.changes_after(org_id, after_seq, limit).await?;
+        match events.first() {
+            Some(first) if first.seq != after_seq + 1 => {
+                Err(Error::Trimmed { after_seq, trimmed: self.trimmed_seq(org_id).await?.max(first.seq - 1) })
+            }
+            _ => Ok(events),
+        }
+    }
+
     /// The number of live records of an object (for tests and progress estimates).
     pub async fn count_records(&self, org_id: &str, object: &str) -> Result<i64, Error> {
         let row = sqlx::query("SELECT COUNT(*) FROM records WHERE org_id = $1 AND object = $2 AND deleted = 0")

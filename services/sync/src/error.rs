@@ -31,6 +31,9 @@ impl From<Error> for Status {
                 &errors.iter().map(|e| Violation::new(e.field.clone(), e.description.clone())).collect::<Vec<_>>(),
             ),
             Error::OutOfRange(message) => status::with_reason(Code::OutOfRange, TRIMMED, message),
+            Error::Store(e @ baton_store::Error::Trimmed { .. }) => {
+                status::with_reason(Code::OutOfRange, TRIMMED, format!("{e}: extract a new snapshot"))
+            }
             Error::ShuttingDown => Status::unavailable("the server is shutting down; resume with after_seq"),
             Error::Store(baton_store::Error::NotFound(what)) => Status::not_found(format!("{what} not found")),
             Error::Store(baton_store::Error::AlreadyExists(what)) => {

@@ -38,17 +38,6 @@ async fn send(tx: &Tx, kind: pb::extract_response::Kind) -> Result<(), ()> {
     tx.send(Ok(pb::ExtractResponse { kind: Some(kind) })).await.map_err(|_| ())
 }
 
-/// Checks that changes after `after_seq` are all still there.
-pub async fn check_not_trimmed(store: &Store, org: &str, after_seq: i64) -> Result<(), Error> {
-    let trimmed = store.trimmed_seq(org).await?;
-    if after_seq < trimmed {
-        return Err(Error::OutOfRange(format!(
-            "changes up to seq {trimmed} were trimmed (retention); cannot resume after seq {after_seq}: extract a new snapshot"
-        )));
-    }
-    Ok(())
-}
-
 /// Runs an extraction into `tx` until the client goes away, the server shuts down, or an error
 /// (sent as the stream's last item).
 pub async fn run(store: Store, x: Extraction, tx: Tx, shutdown: CancellationToken) {
@@ -96,23 +85,13 @@ async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationT
         }
     };
     loop {
-        check_not_trimmed(store, &x.org, cursor).await?;
-        let events = store.changes_after(&x.org, cursor, 1000).await?;
-        match events.first() {
-            None => {
-                tokio::select! {
-                    () = tx.closed() => return Ok(()),
-                    () = shutdown.cancelled() => return Err(Error::ShuttingDown),
-                    () = tokio::time::sleep(x.poll) => continue,
-                }
+        let events = store.changes_since(&x.org, cursor, 1000).await?;
+        if events.is_empty() {
+            tokio::select! {
+                () = tx.closed() => return Ok(()),
+                () = shutdown.cancelled() => return Err(Error::ShuttingDown),
+                () = tokio::time::sleep(x.poll) => continue,
             }
-            Some(first) if first.seq != cursor + 1 => {
-                return Err(Error::OutOfRange(format!(
-                    "changes after seq {cursor} were trimmed (retention): the next one kept is {}",
-                    first.seq
-                )));
-            }
-            Some(_) => {}
         }
         cursor = events.last().map_or(cursor, |e| e.seq);
         let changes: Vec<_> =

@@ -309,19 +309,18 @@ impl Runner {
     }
 
     async fn stream(&mut self, link: &Link) -> Result<(), baton_store::Error> {
-        let trimmed = self.store.trimmed_seq(&link.org_id).await?;
-        let events = self.store.changes_after(&link.org_id, link.cursor_seq, self.options.link_batch as usize).await?;
-        let gap = events.first().is_some_and(|e| e.seq != link.cursor_seq + 1);
-        if link.cursor_seq < trimmed || gap {
-            let cause = format!(
-                "the change log was trimmed past the cursor (seq {}); resume the link to bootstrap again",
-                link.cursor_seq
-            );
-            self.store
-                .transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None)
-                .await?;
-            return Ok(());
-        }
+        let events =
+            match self.store.changes_since(&link.org_id, link.cursor_seq, self.options.link_batch as usize).await {
+                Ok(events) => events,
+                Err(e @ baton_store::Error::Trimmed { .. }) => {
+                    let cause = format!("{e}; resume the link to bootstrap again");
+                    self.store
+                        .transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None)
+                        .await?;
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
         let Some(last) = events.last().map(|e| e.seq) else {
             self.pause(self.options.change_poll).await;
             return Ok(());

@@ -117,7 +117,7 @@ impl pb::sync_server::Sync for SyncService {
             request.objects
         };
         if let Some(after) = request.after_seq {
-            extract::check_not_trimmed(&self.store, &org, after).await?;
+            self.store.ensure_retained(&org, after).await.map_err(Error::from)?;
             let high_water = self.store.high_water(&org).await.map_err(Error::from)?;
             if after > high_water || after < 0 {
                 return Err(Error::OutOfRange(format!(
