@@ -12,13 +12,14 @@
 //! single in-process writer never meets `SQLITE_BUSY` from its own process.
 
 mod admin;
-mod batch;
+pub mod batches;
 pub mod filter;
 pub mod model;
 mod records;
 pub mod schema;
 pub mod sync;
 pub mod testing;
+mod writer;
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -156,14 +157,16 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sources: [(i64, &'static str, &'static str); 2] = match self.0 {
+        let sources: [(i64, &'static str, &'static str); 3] = match self.0 {
             Backend::Sqlite => [
                 (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
+                (3, "batches", include_str!("../migrations/sqlite/0003_batches.sql")),
             ],
             Backend::Postgres => [
                 (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/postgres/0002_sync.sql")),
+                (3, "batches", include_str!("../migrations/postgres/0003_batches.sql")),
             ],
         };
         Box::pin(async move {

@@ -6,10 +6,10 @@ use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, Row};
 use tokio::time::Instant;
 
-use crate::batch::{BatchWriter, RecordWrite};
 use crate::filter::{self, Param};
 use crate::model::{ChangeEvent, ChangeOp, DeleteOutcome, Fields, ObjectSchema, Page, Record, UpsertOutcome};
-use crate::schema::{FieldError, record_id, unique_key, validate_records};
+use crate::schema::{FieldError, RecordProblem, record_id, unique_key, validate_records};
+use crate::writer::{BatchWriter, RecordWrite};
 use crate::{Error, Store, now_ms};
 
 type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
@@ -120,7 +120,24 @@ impl Store {
         records: &[Fields],
         ids: &[String],
     ) -> Result<(), Error> {
-        let mut errors = Vec::new();
+        let problems = self.unique_conflicts(conn, org_id, schema, records, ids).await?;
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Invalid(problems.iter().map(RecordProblem::to_field_error).collect()))
+        }
+    }
+
+    /// Every unique value of `records` already held by another live record, by record index.
+    pub(crate) async fn unique_conflicts(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        schema: &ObjectSchema,
+        records: &[Fields],
+        ids: &[String],
+    ) -> Result<Vec<RecordProblem>, Error> {
+        let mut problems = Vec::new();
         for (i, (record, id)) in records.iter().zip(ids).enumerate() {
             for spec in schema.fields.iter().filter(|f| f.unique && f.name != schema.external_id_field) {
                 let Some(value) = record.get(&spec.name).filter(|v| !v.is_null()) else { continue };
@@ -136,15 +153,16 @@ impl Store {
                 if let Some(holder) = holder {
                     let holder: String = holder.try_get(0)?;
                     if &holder != id {
-                        errors.push(FieldError::new(
-                            format!("records[{i}].{}", spec.name),
+                        problems.push(RecordProblem::new(
+                            i,
+                            spec.name.clone(),
                             format!("value {value} is already used by record {holder:?}; it must be unique"),
                         ));
                     }
                 }
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(Error::Invalid(errors)) }
+        Ok(problems)
     }
 
     /// Replaces the unique-value index entries of a record (removes them when `record` is None).

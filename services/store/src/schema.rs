@@ -22,6 +22,35 @@ impl FieldError {
     }
 }
 
+/// A problem with one record of a list (a request's records, a chunk's): its index in the list,
+/// the field at fault (empty: the record as a whole) and why.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RecordProblem {
+    /// The record's index in its list.
+    pub index: usize,
+    /// The field, or empty.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl RecordProblem {
+    /// A problem with field `field` of record `index`.
+    pub fn new(index: usize, field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { index, field: field.into(), reason: reason.into() }
+    }
+
+    /// The same problem as a request error at `records[i].field`.
+    pub fn to_field_error(&self) -> FieldError {
+        let path = if self.field.is_empty() {
+            format!("records[{}]", self.index)
+        } else {
+            format!("records[{}].{}", self.index, self.field)
+        };
+        FieldError::new(path, self.reason.clone())
+    }
+}
+
 /// Whether `name` is a valid object or field name: a lowercase letter, then lowercase letters,
 /// digits or underscores, at most 63 in all. Filters splice these names into JSON paths, so this
 /// rule is what keeps them safe.
@@ -103,38 +132,41 @@ pub(crate) fn unique_key(value: &Value) -> String {
 /// duplicates inside the request (ids and unique values). Every problem is listed, with the
 /// record's index in the request.
 pub fn validate_records(schema: &ObjectSchema, records: &[Fields]) -> Vec<FieldError> {
+    record_problems(schema, records).iter().map(RecordProblem::to_field_error).collect()
+}
+
+/// What [`validate_records`] checks, as problems by record index.
+pub fn record_problems(schema: &ObjectSchema, records: &[Fields]) -> Vec<RecordProblem> {
     let mut errors = Vec::new();
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut uniques: HashMap<(&str, String), usize> = HashMap::new();
     for (i, record) in records.iter().enumerate() {
         for name in record.keys() {
             if schema.field(name).is_none() {
-                errors.push(FieldError::new(
-                    format!("records[{i}].{name}"),
-                    format!("unknown field of object {}", schema.name),
-                ));
+                errors.push(RecordProblem::new(i, name.clone(), format!("unknown field of object {}", schema.name)));
             }
         }
         for spec in &schema.fields {
-            let path = format!("records[{i}].{}", spec.name);
             match record.get(&spec.name) {
                 None | Some(Value::Null) => {
                     if spec.required {
-                        errors.push(FieldError::new(path, "required field is missing"));
+                        errors.push(RecordProblem::new(i, spec.name.clone(), "required field is missing"));
                     }
                 }
                 Some(value) => {
                     if !type_matches(value, spec.field_type) {
-                        errors.push(FieldError::new(
-                            path,
+                        errors.push(RecordProblem::new(
+                            i,
+                            spec.name.clone(),
                             format!("expected {}, got {}", spec.field_type.name(), json_kind(value)),
                         ));
                     } else if spec.unique
                         && spec.name != schema.external_id_field
                         && let Some(first) = uniques.insert((spec.name.as_str(), unique_key(value)), i)
                     {
-                        errors.push(FieldError::new(
-                            path,
+                        errors.push(RecordProblem::new(
+                            i,
+                            spec.name.clone(),
                             format!("value {value} is also in records[{first}]; it must be unique"),
                         ));
                     }
@@ -144,9 +176,10 @@ pub fn validate_records(schema: &ObjectSchema, records: &[Fields]) -> Vec<FieldE
         if let Some(id) = record_id(schema, record)
             && let Some(first) = ids.insert(id.clone(), i)
         {
-            errors.push(FieldError::new(
-                format!("records[{i}].{}", schema.external_id_field),
-                format!("id {id:?} is also in records[{first}]; an upsert request may name a record once"),
+            errors.push(RecordProblem::new(
+                i,
+                schema.external_id_field.clone(),
+                format!("id {id:?} is also in records[{first}]; a request may name a record once"),
             ));
         }
     }

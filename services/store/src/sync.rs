@@ -9,9 +9,9 @@ use tokio::time::Instant;
 
 use std::collections::HashMap;
 
-use crate::batch::{BatchWriter, RecordWrite};
 use crate::model::{ChangeEvent, ChangeOp, ObjectSchema};
 use crate::schema::{record_id, validate_records};
+use crate::writer::{BatchWriter, RecordWrite};
 use crate::{Error, Store, new_id, now_ms};
 
 /// The state of a link (see the brief, section 3).

@@ -360,3 +360,191 @@ async fn a_write_past_its_deadline_commits_nothing() {
     })
     .await;
 }
+
+mod batches {
+    use super::*;
+    use baton_store::batches::{
+        BatchOp, BatchStart, BatchState, ChunkRun, ChunkStart, ChunkState, NewBatch, ReleaseCaps,
+    };
+
+    fn new_batch(op: BatchOp, chunk_size: u32) -> NewBatch {
+        NewBatch {
+            object: "account".into(),
+            operation: op,
+            chunk_size,
+            not_before_ms: 0,
+            max_parallel: 0,
+            records_per_second: 0,
+            request_id: None,
+        }
+    }
+
+    /// Stages `records` in chunks of `size` and queues the batch.
+    async fn submit(s: &Store, org: &str, new: &NewBatch, records: &[Fields]) -> String {
+        let BatchStart::New(id) = s.begin_batch(org, new).await.unwrap() else { panic!("a new batch") };
+        for (i, chunk) in records.chunks(new.chunk_size as usize).enumerate() {
+            s.stage_chunk(org, &id, i as u32, (i * new.chunk_size as usize) as u64, chunk).await.unwrap();
+        }
+        let chunks = records.len().div_ceil(new.chunk_size as usize) as u32;
+        s.finish_staging(org, &id, records.len() as u64, chunks).await.unwrap();
+        id
+    }
+
+    fn accounts(prefix: &str, n: usize) -> Vec<Fields> {
+        (0..n).map(|i| rec(json!({"code": format!("{prefix}{i:03}"), "amount": i}))).collect()
+    }
+
+    async fn run(s: &Store, batch: &str, index: u32) -> ChunkRun {
+        assert_eq!(s.start_chunk(batch, index, "w1").await.unwrap(), ChunkStart::Run);
+        s.run_chunk(batch, index, ChunkState::Committed, Duration::from_secs(10), Duration::from_secs(1)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_chunk_commits_once_and_a_second_delivery_reads_its_outcome() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let batch = submit(s, &org, &new_batch(BatchOp::Upsert, 4), &accounts("a", 10)).await;
+            let info = s.batch(&org, &batch).await.unwrap();
+            assert_eq!(
+                (info.state, info.totals.chunks, info.totals.records, info.totals.pending),
+                (BatchState::Running, 3, 10, 3)
+            );
+            let caps = ReleaseCaps { overall: 8, per_org: 8 };
+            let released = s.release_chunks("sched", caps).await.unwrap();
+            assert_eq!(released.iter().map(|c| c.index).collect::<Vec<_>>(), [0, 1, 2]);
+            assert!(s.release_chunks("sched", caps).await.unwrap().is_empty(), "released twice");
+            for c in &released {
+                assert_eq!(run(s, &batch, c.index).await, ChunkRun::Committed(ChunkState::Committed));
+            }
+            // delivered again: nothing runs twice
+            assert_eq!(s.start_chunk(&batch, 1, "w2").await.unwrap(), ChunkStart::Finished(ChunkState::Committed));
+            let again = s.run_chunk(&batch, 1, ChunkState::Committed, Duration::from_secs(5), Duration::from_secs(1));
+            assert_eq!(again.await.unwrap(), ChunkRun::Finished(ChunkState::Committed));
+            let page = s.query(&org, "account", "", &[], 100, None, soon()).await.unwrap();
+            assert_eq!(page.records.len(), 10);
+            assert!(page.records.iter().all(|r| r.version == 1), "a record written twice");
+            assert_eq!(s.high_water(&org).await.unwrap(), 10);
+            let info = s.batch(&org, &batch).await.unwrap();
+            assert_eq!((info.state, info.totals.committed, info.totals.records_committed), (BatchState::Done, 3, 10));
+            assert!(info.is_finished() && info.finished_at_ms > 0);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn an_invalid_chunk_commits_nothing_and_names_batch_indexes() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let mut records = accounts("a", 8);
+            records[5] = rec(json!({"code": "a005", "amount": "five"}));
+            let batch = submit(s, &org, &new_batch(BatchOp::Upsert, 4), &records).await;
+            s.release_chunks("sched", ReleaseCaps { overall: 8, per_org: 8 }).await.unwrap();
+            assert_eq!(run(s, &batch, 0).await, ChunkRun::Committed(ChunkState::Committed));
+            let ChunkRun::Invalid(problems) = run(s, &batch, 1).await else { panic!("chunk 1 is invalid") };
+            assert_eq!(problems.len(), 1);
+            assert_eq!((problems[0].index, problems[0].field.as_str()), (5, "amount"));
+            assert_eq!(s.abort_chunk(&batch, 1, &problems, "invalid records").await.unwrap(), ChunkState::Aborted);
+            assert_eq!(s.count_records(&org, "account").await.unwrap(), 4, "only chunk 0 is committed");
+            let results = s.chunks(&org, &batch, None, 10, true, true).await.unwrap();
+            assert_eq!(results.len(), 1);
+            assert_eq!((results[0].0.index, results[0].0.error_count, results[0].1.clone()), (1, 1, problems));
+
+            // insert of an existing record, update of a missing one: per-record problems
+            let existing = vec![rec(json!({"code": "a001"})), rec(json!({"code": "new1"}))];
+            let insert = submit(s, &org, &new_batch(BatchOp::Insert, 10), &existing).await;
+            let missing = vec![rec(json!({"code": "a002"})), rec(json!({"code": "nope"}))];
+            let update = submit(s, &org, &new_batch(BatchOp::Update, 10), &missing).await;
+            s.release_chunks("sched", ReleaseCaps { overall: 8, per_org: 8 }).await.unwrap();
+            let ChunkRun::Invalid(p) = run(s, &insert, 0).await else { panic!("insert of an existing record") };
+            assert_eq!(p.iter().map(|p| p.index).collect::<Vec<_>>(), [0]);
+            let ChunkRun::Invalid(p) = run(s, &update, 0).await else { panic!("update of a missing record") };
+            assert_eq!(p.iter().map(|p| p.index).collect::<Vec<_>>(), [1]);
+            assert_eq!(s.count_records(&org, "account").await.unwrap(), 4);
+            // and a delete batch removes what it names, ignoring the missing
+            let gone = vec![rec(json!({"code": "a000"})), rec(json!({"code": "nope"}))];
+            let delete = submit(s, &org, &new_batch(BatchOp::Delete, 10), &gone).await;
+            s.release_chunks("sched", ReleaseCaps { overall: 8, per_org: 8 }).await.unwrap();
+            assert_eq!(run(s, &delete, 0).await, ChunkRun::Committed(ChunkState::Committed));
+            assert_eq!(s.count_records(&org, "account").await.unwrap(), 3);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn releases_keep_caps_times_rates_and_share_between_orgs() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let a = org_with_account(s).await;
+            let b = s.create_org("beta").await.unwrap().id;
+            s.define_object(&b, &account()).await.unwrap();
+            let big = submit(s, &a, &new_batch(BatchOp::Upsert, 2), &accounts("a", 12)).await;
+            let small = submit(s, &b, &new_batch(BatchOp::Upsert, 2), &accounts("b", 4)).await;
+            let caps = ReleaseCaps { overall: 3, per_org: 2 };
+            let first = s.release_chunks("sched", caps).await.unwrap();
+            let of =
+                |batch: &str, cs: &[baton_store::batches::ChunkRef]| cs.iter().filter(|c| c.batch_id == batch).count();
+            assert_eq!((of(&big, &first), of(&small, &first)), (2, 1), "org b waits for nothing: {first:?}");
+            assert!(s.release_chunks("sched", caps).await.unwrap().is_empty(), "over the overall cap");
+
+            // not before its time; no faster than its rate
+            let mut later = new_batch(BatchOp::Upsert, 2);
+            later.not_before_ms = 4_000_000_000_000;
+            let c = s.create_org("gamma").await.unwrap().id;
+            s.define_object(&c, &account()).await.unwrap();
+            let timed = submit(s, &c, &later, &accounts("c", 2)).await;
+            let mut slow = new_batch(BatchOp::Upsert, 2);
+            slow.records_per_second = 1;
+            let paced = submit(s, &c, &slow, &accounts("d", 6)).await;
+            let caps = ReleaseCaps { overall: 50, per_org: 50 };
+            let next = s.release_chunks("sched", caps).await.unwrap();
+            assert_eq!(of(&timed, &next), 0, "released before its time");
+            assert_eq!(of(&paced, &next), 1, "two records at one a second: one chunk now");
+            assert_eq!(of(&paced, &s.release_chunks("sched", caps).await.unwrap()), 0, "faster than its rate");
+
+            // a batch's own cap
+            let mut narrow = new_batch(BatchOp::Upsert, 1);
+            narrow.max_parallel = 1;
+            let d = s.create_org("delta").await.unwrap().id;
+            s.define_object(&d, &account()).await.unwrap();
+            let capped = submit(s, &d, &narrow, &accounts("e", 3)).await;
+            assert_eq!(of(&capped, &s.release_chunks("sched", caps).await.unwrap()), 1);
+
+            // cancelled: pending chunks never run, a released one is not started
+            let cancelled = s.cancel_batch(&d, &capped).await.unwrap();
+            assert_eq!(
+                (cancelled.state, cancelled.totals.cancelled, cancelled.totals.in_flight),
+                (BatchState::Cancelled, 2, 1)
+            );
+            assert_eq!(s.start_chunk(&capped, 0, "w").await.unwrap(), ChunkStart::Finished(ChunkState::Cancelled));
+            assert!(s.batch(&d, &capped).await.unwrap().is_finished());
+            // org isolation: another org's batch is not found
+            assert!(matches!(s.batch(&a, &capped).await, Err(Error::NotFound(_))));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn the_same_request_id_gives_the_same_batch() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let mut new = new_batch(BatchOp::Upsert, 4);
+            new.request_id = Some("req-1".into());
+            // a broken upload is replaced by the next one
+            let BatchStart::New(broken) = s.begin_batch(&org, &new).await.unwrap() else { panic!() };
+            s.stage_chunk(&org, &broken, 0, 0, &accounts("x", 2)).await.unwrap();
+            let first = submit(s, &org, &new, &accounts("a", 6)).await;
+            assert_ne!(first, broken);
+            assert!(matches!(s.batch(&org, &broken).await, Err(Error::NotFound(_))));
+            let BatchStart::Existing(again) = s.begin_batch(&org, &new).await.unwrap() else { panic!("a duplicate") };
+            assert_eq!((again.id, again.totals.records), (first, 6));
+            assert!(matches!(
+                s.begin_batch(&org, &NewBatch { object: "nope".into(), ..new }).await,
+                Err(Error::NotFound(_))
+            ));
+        })
+        .await;
+    }
+}

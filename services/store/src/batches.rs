@@ -1,0 +1,958 @@
+//! Batches and their chunks: staging, release by policy, and running a chunk in one transaction.
+//!
+//! A chunk's outcome is its commit marker: a committed chunk's state is written in the same
+//! transaction as its records, and a chunk is only run while its state is not an outcome, under a
+//! lock on its row. So a chunk delivered twice (a worker killed, a manager failover) commits once,
+//! and the second delivery reads the recorded outcome.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+use tokio::time::Instant;
+
+use crate::model::{Fields, ObjectSchema};
+use crate::records::by_deadline;
+use crate::schema::{RecordProblem, record_id, record_problems};
+use crate::writer::{BatchWriter, RecordWrite};
+use crate::{Backend, Error, Store, new_id, now_ms};
+
+/// The most records a chunk may hold.
+pub const MAX_CHUNK_SIZE: u32 = 100_000;
+
+/// A released chunk not yet handed to the manager after this long is released again: its
+/// scheduler died between the claim and the send.
+const UNSENT_RELEASE_TIMEOUT_MS: i64 = 30_000;
+
+/// What a batch does to each record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOp {
+    /// Create or replace by external id.
+    Upsert,
+    /// Create; an existing live record is an error.
+    Insert,
+    /// Replace; a missing record is an error.
+    Update,
+    /// Delete by external id; a missing record is not an error.
+    Delete,
+}
+
+impl BatchOp {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BatchOp::Upsert => "upsert",
+            BatchOp::Insert => "insert",
+            BatchOp::Update => "update",
+            BatchOp::Delete => "delete",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "upsert" => BatchOp::Upsert,
+            "insert" => BatchOp::Insert,
+            "update" => BatchOp::Update,
+            "delete" => BatchOp::Delete,
+            other => return Err(Error::Corrupt(format!("batch operation {other:?}"))),
+        })
+    }
+}
+
+/// Where a chunk is: in flight, or its one outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChunkState {
+    /// Queued.
+    Pending,
+    /// Released to the workers.
+    Released,
+    /// A worker runs it.
+    Running,
+    /// Committed on the first try.
+    Committed,
+    /// Committed after a resource-limit retry.
+    CommittedAfterRetryResources,
+    /// Committed after a busy-database retry.
+    CommittedAfterRetryWorkload,
+    /// Nothing committed.
+    Aborted,
+    /// Never run: its batch was cancelled first.
+    Cancelled,
+}
+
+impl ChunkState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChunkState::Pending => "PENDING",
+            ChunkState::Released => "RELEASED",
+            ChunkState::Running => "RUNNING",
+            ChunkState::Committed => "COMMITTED",
+            ChunkState::CommittedAfterRetryResources => "COMMITTED_AFTER_RETRY_RESOURCES",
+            ChunkState::CommittedAfterRetryWorkload => "COMMITTED_AFTER_RETRY_WORKLOAD",
+            ChunkState::Aborted => "ABORTED",
+            ChunkState::Cancelled => "CANCELLED",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "PENDING" => ChunkState::Pending,
+            "RELEASED" => ChunkState::Released,
+            "RUNNING" => ChunkState::Running,
+            "COMMITTED" => ChunkState::Committed,
+            "COMMITTED_AFTER_RETRY_RESOURCES" => ChunkState::CommittedAfterRetryResources,
+            "COMMITTED_AFTER_RETRY_WORKLOAD" => ChunkState::CommittedAfterRetryWorkload,
+            "ABORTED" => ChunkState::Aborted,
+            "CANCELLED" => ChunkState::Cancelled,
+            other => return Err(Error::Corrupt(format!("chunk state {other:?}"))),
+        })
+    }
+
+    /// Whether this is an outcome (the chunk is done).
+    pub fn is_outcome(self) -> bool {
+        !matches!(self, ChunkState::Pending | ChunkState::Released | ChunkState::Running)
+    }
+
+    /// Whether the chunk's records are committed.
+    pub fn is_committed(self) -> bool {
+        matches!(
+            self,
+            ChunkState::Committed | ChunkState::CommittedAfterRetryResources | ChunkState::CommittedAfterRetryWorkload
+        )
+    }
+}
+
+/// The states a chunk may be run in (SQL list).
+const RUNNABLE: &str = "('PENDING', 'RELEASED', 'RUNNING')";
+
+/// A batch to stage.
+#[derive(Debug, Clone)]
+pub struct NewBatch {
+    /// The object.
+    pub object: String,
+    /// The operation.
+    pub operation: BatchOp,
+    /// Records per chunk, 1..=[`MAX_CHUNK_SIZE`].
+    pub chunk_size: u32,
+    /// No release before this time (ms since the epoch).
+    pub not_before_ms: i64,
+    /// Chunks of the batch in flight at most (0: the scheduler's per-org cap).
+    pub max_parallel: u32,
+    /// Records released per second at most (0: no limit).
+    pub records_per_second: u32,
+    /// The client's id for idempotent resubmission.
+    pub request_id: Option<String>,
+}
+
+/// What [`Store::begin_batch`] found.
+#[derive(Debug, Clone)]
+pub enum BatchStart {
+    /// A new batch to stage records into.
+    New(String),
+    /// A batch staged earlier with the same request id.
+    Existing(BatchInfo),
+}
+
+/// Where a batch is, as seen from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchState {
+    /// Records are being uploaded.
+    Staging,
+    /// Chunks are queued or running.
+    Running,
+    /// Every chunk has its outcome.
+    Done,
+    /// Cancelled (chunks may still be in flight: see the totals).
+    Cancelled,
+}
+
+/// Chunk counts of a batch.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchTotals {
+    /// Chunks in all.
+    pub chunks: u32,
+    /// Records in all.
+    pub records: u64,
+    /// Waiting for release.
+    pub pending: u32,
+    /// Released or running.
+    pub in_flight: u32,
+    /// Committed on the first try.
+    pub committed: u32,
+    /// Committed after a resource retry.
+    pub committed_after_retry_resources: u32,
+    /// Committed after a workload retry.
+    pub committed_after_retry_workload: u32,
+    /// Aborted.
+    pub aborted: u32,
+    /// Cancelled.
+    pub cancelled: u32,
+    /// Records of committed chunks.
+    pub records_committed: u64,
+}
+
+/// A batch with its totals.
+#[derive(Debug, Clone)]
+pub struct BatchInfo {
+    /// The batch id.
+    pub id: String,
+    /// The org.
+    pub org_id: String,
+    /// The client's request id.
+    pub request_id: Option<String>,
+    /// The object.
+    pub object: String,
+    /// The operation.
+    pub operation: BatchOp,
+    /// Records per chunk.
+    pub chunk_size: u32,
+    /// No release before (ms).
+    pub not_before_ms: i64,
+    /// Chunks in flight at most (0: the scheduler's per-org cap).
+    pub max_parallel: u32,
+    /// Records per second at most (0: no limit).
+    pub records_per_second: u32,
+    /// Its state.
+    pub state: BatchState,
+    /// Chunk counts.
+    pub totals: BatchTotals,
+    /// Submitted at (ms).
+    pub created_at_ms: i64,
+    /// Done or cancelled at (ms), 0 before.
+    pub finished_at_ms: i64,
+}
+
+impl BatchInfo {
+    /// Whether nothing more will happen to the batch: every chunk has its outcome, or it was
+    /// cancelled and nothing is in flight.
+    pub fn is_finished(&self) -> bool {
+        match self.state {
+            BatchState::Done => true,
+            BatchState::Cancelled => self.totals.in_flight == 0,
+            _ => false,
+        }
+    }
+}
+
+/// One chunk's status.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkInfo {
+    /// Its number in the batch.
+    pub index: u32,
+    /// The batch index of its first record.
+    pub first_record: u64,
+    /// Its records.
+    pub records: u32,
+    /// Its state.
+    pub state: ChunkState,
+    /// Attempts made.
+    pub attempts: u32,
+    /// The last worker.
+    pub worker: String,
+    /// Why the last attempt failed, or why it aborted.
+    pub last_cause: String,
+    /// The last attempt's start (ms), 0 before.
+    pub started_at_ms: i64,
+    /// When it got its outcome (ms), 0 before.
+    pub finished_at_ms: i64,
+    /// Invalid records.
+    pub error_count: u32,
+}
+
+/// A chunk released to the workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRef {
+    /// The org.
+    pub org_id: String,
+    /// The batch.
+    pub batch_id: String,
+    /// The chunk's number.
+    pub index: u32,
+    /// Its records.
+    pub records: u32,
+}
+
+/// The parallelism caps of a release.
+#[derive(Debug, Clone, Copy)]
+pub struct ReleaseCaps {
+    /// Chunks in flight overall.
+    pub overall: u32,
+    /// Chunks in flight per org (and per batch, unless the batch asks for fewer).
+    pub per_org: u32,
+}
+
+/// What a worker may do with a chunk delivered to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkStart {
+    /// Run it: it is marked RUNNING.
+    Run,
+    /// It has its outcome already (a redelivery): answer it.
+    Finished(ChunkState),
+}
+
+/// What one attempt at a chunk did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkRun {
+    /// Committed, with this outcome.
+    Committed(ChunkState),
+    /// Records are invalid (indexes in the batch); nothing was committed.
+    Invalid(Vec<RecordProblem>),
+    /// The chunk had its outcome already; nothing was done.
+    Finished(ChunkState),
+}
+
+fn u32_of(row: &AnyRow, i: usize) -> Result<u32, Error> {
+    Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
+}
+
+impl Store {
+    /// Starts staging a batch, or finds the one staged earlier with the same request id. A batch
+    /// left half-staged by a broken upload with the same request id is replaced.
+    pub async fn begin_batch(&self, org_id: &str, new: &NewBatch) -> Result<BatchStart, Error> {
+        self.object(org_id, &new.object).await?;
+        if let Some(request_id) = &new.request_id {
+            let row = sqlx::query("SELECT id, state FROM batches WHERE org_id = $1 AND request_id = $2")
+                .bind(org_id)
+                .bind(request_id.clone())
+                .fetch_optional(&self.writer)
+                .await?;
+            if let Some(row) = row {
+                let id: String = row.try_get(0)?;
+                if row.try_get::<String, _>(1)? != "STAGING" {
+                    return Ok(BatchStart::Existing(self.batch(org_id, &id).await?));
+                }
+                self.abandon_batch(org_id, &id).await?;
+            }
+        }
+        let id = new_id("bat");
+        let inserted = sqlx::query(
+            "INSERT INTO batches (id, org_id, request_id, object, operation, chunk_size, not_before_ms, \
+             max_parallel, records_per_second, state, created_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'STAGING', $10)",
+        )
+        .bind(id.clone())
+        .bind(org_id)
+        .bind(new.request_id.clone())
+        .bind(new.object.clone())
+        .bind(new.operation.as_str())
+        .bind(i64::from(new.chunk_size))
+        .bind(new.not_before_ms)
+        .bind(i64::from(new.max_parallel))
+        .bind(i64::from(new.records_per_second))
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await;
+        match inserted {
+            Ok(_) => Ok(BatchStart::New(id)),
+            // another upload with the same request id got in first
+            Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(Error::AlreadyExists(format!(
+                "a batch with request id {:?} (being uploaded now)",
+                new.request_id.clone().unwrap_or_default()
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stages chunk `index` of a staging batch: its records, the first being record
+    /// `first_record` of the batch.
+    pub async fn stage_chunk(
+        &self,
+        org_id: &str,
+        batch_id: &str,
+        index: u32,
+        first_record: u64,
+        records: &[Fields],
+    ) -> Result<(), Error> {
+        let json = serde_json::to_string(records).map_err(|e| Error::Corrupt(format!("chunk records: {e}")))?;
+        let mut tx = self.writer.begin().await?;
+        let staging = sqlx::query("SELECT 1 FROM batches WHERE id = $1 AND org_id = $2 AND state = 'STAGING'")
+            .bind(batch_id)
+            .bind(org_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if staging.is_none() {
+            return Err(Error::NotFound(format!("staging batch {batch_id}")));
+        }
+        sqlx::query(
+            "INSERT INTO chunks (batch_id, idx, org_id, first_record, record_count, records, state) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'PENDING')",
+        )
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(org_id)
+        .bind(first_record as i64)
+        .bind(records.len() as i64)
+        .bind(json)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Ends the staging of a batch: its chunks become releasable.
+    pub async fn finish_staging(&self, org_id: &str, batch_id: &str, records: u64, chunks: u32) -> Result<(), Error> {
+        let done = sqlx::query(
+            "UPDATE batches SET state = 'QUEUED', total_records = $3, total_chunks = $4 \
+             WHERE id = $1 AND org_id = $2 AND state = 'STAGING'",
+        )
+        .bind(batch_id)
+        .bind(org_id)
+        .bind(records as i64)
+        .bind(i64::from(chunks))
+        .execute(&self.writer)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(Error::NotFound(format!("staging batch {batch_id}")));
+        }
+        Ok(())
+    }
+
+    /// Drops a batch that is still staging (its upload broke), with its chunks.
+    pub async fn abandon_batch(&self, org_id: &str, batch_id: &str) -> Result<(), Error> {
+        let mut tx = self.writer.begin().await?;
+        let gone = sqlx::query("DELETE FROM batches WHERE id = $1 AND org_id = $2 AND state = 'STAGING'")
+            .bind(batch_id)
+            .bind(org_id)
+            .execute(&mut *tx)
+            .await?;
+        if gone.rows_affected() > 0 {
+            sqlx::query("DELETE FROM chunks WHERE batch_id = $1").bind(batch_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// A batch of the org, with its totals.
+    pub async fn batch(&self, org_id: &str, batch_id: &str) -> Result<BatchInfo, Error> {
+        let row = sqlx::query(
+            "SELECT id, org_id, request_id, object, operation, chunk_size, not_before_ms, max_parallel, \
+             records_per_second, state, created_at_ms, finished_at_ms FROM batches WHERE id = $1 AND org_id = $2",
+        )
+        .bind(batch_id)
+        .bind(org_id)
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("batch {batch_id}")))?;
+        let stored: String = row.try_get(9)?;
+        let mut totals = BatchTotals::default();
+        let mut last_finish = 0i64;
+        let counts = sqlx::query(
+            "SELECT state, COUNT(*), CAST(COALESCE(SUM(record_count), 0) AS BIGINT), COALESCE(MAX(finished_at_ms), 0) \
+             FROM chunks WHERE batch_id = $1 GROUP BY state",
+        )
+        .bind(batch_id)
+        .fetch_all(&self.reader)
+        .await?;
+        for c in counts {
+            let state = ChunkState::parse(&c.try_get::<String, _>(0)?)?;
+            let n = u32_of(&c, 1)?;
+            let records = c.try_get::<i64, _>(2)? as u64;
+            last_finish = last_finish.max(c.try_get(3)?);
+            totals.chunks += n;
+            totals.records += records;
+            match state {
+                ChunkState::Pending => totals.pending += n,
+                ChunkState::Released | ChunkState::Running => totals.in_flight += n,
+                ChunkState::Committed => totals.committed += n,
+                ChunkState::CommittedAfterRetryResources => totals.committed_after_retry_resources += n,
+                ChunkState::CommittedAfterRetryWorkload => totals.committed_after_retry_workload += n,
+                ChunkState::Aborted => totals.aborted += n,
+                ChunkState::Cancelled => totals.cancelled += n,
+            }
+            if state.is_committed() {
+                totals.records_committed += records;
+            }
+        }
+        let state = match stored.as_str() {
+            "STAGING" => BatchState::Staging,
+            "CANCELLED" => BatchState::Cancelled,
+            _ if totals.pending == 0 && totals.in_flight == 0 => BatchState::Done,
+            _ => BatchState::Running,
+        };
+        let finished_at_ms = match state {
+            BatchState::Done => last_finish,
+            BatchState::Cancelled if totals.in_flight == 0 => last_finish.max(row.try_get(11)?),
+            _ => 0,
+        };
+        Ok(BatchInfo {
+            id: row.try_get(0)?,
+            org_id: row.try_get(1)?,
+            request_id: row.try_get(2)?,
+            object: row.try_get(3)?,
+            operation: BatchOp::parse(&row.try_get::<String, _>(4)?)?,
+            chunk_size: u32_of(&row, 5)?,
+            not_before_ms: row.try_get(6)?,
+            max_parallel: u32_of(&row, 7)?,
+            records_per_second: u32_of(&row, 8)?,
+            state,
+            totals,
+            created_at_ms: row.try_get(10)?,
+            finished_at_ms,
+        })
+    }
+
+    /// Chunks of a batch of the org in index order, after `after` (all: None), at most `limit`,
+    /// with the record errors of aborted ones when `with_errors`.
+    pub async fn chunks(
+        &self,
+        org_id: &str,
+        batch_id: &str,
+        after: Option<u32>,
+        limit: u32,
+        aborted_only: bool,
+        with_errors: bool,
+    ) -> Result<Vec<(ChunkInfo, Vec<RecordProblem>)>, Error> {
+        self.batch_exists(org_id, batch_id).await?;
+        let errors = if with_errors { "errors" } else { "'[]'" };
+        let sql = format!(
+            "SELECT idx, first_record, record_count, state, attempts, worker, last_cause, started_at_ms, \
+             finished_at_ms, error_count, {errors} FROM chunks WHERE batch_id = $1 AND idx > $2 {} \
+             ORDER BY idx LIMIT $3",
+            if aborted_only { "AND state = 'ABORTED'" } else { "" }
+        );
+        let rows = sqlx::query(&sql)
+            .bind(batch_id)
+            .bind(after.map_or(-1, i64::from))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let info = ChunkInfo {
+                    index: u32_of(row, 0)?,
+                    first_record: row.try_get::<i64, _>(1)? as u64,
+                    records: u32_of(row, 2)?,
+                    state: ChunkState::parse(&row.try_get::<String, _>(3)?)?,
+                    attempts: u32_of(row, 4)?,
+                    worker: row.try_get(5)?,
+                    last_cause: row.try_get(6)?,
+                    started_at_ms: row.try_get(7)?,
+                    finished_at_ms: row.try_get(8)?,
+                    error_count: u32_of(row, 9)?,
+                };
+                let errors: Vec<RecordProblem> = serde_json::from_str(&row.try_get::<String, _>(10)?)
+                    .map_err(|e| Error::Corrupt(format!("chunk errors: {e}")))?;
+                Ok((info, errors))
+            })
+            .collect()
+    }
+
+    async fn batch_exists(&self, org_id: &str, batch_id: &str) -> Result<(), Error> {
+        sqlx::query("SELECT 1 FROM batches WHERE id = $1 AND org_id = $2")
+            .bind(batch_id)
+            .bind(org_id)
+            .fetch_optional(&self.reader)
+            .await?
+            .map(|_| ())
+            .ok_or_else(|| Error::NotFound(format!("batch {batch_id}")))
+    }
+
+    /// Cancels a batch of the org: its pending chunks never run. Cancelling twice is harmless; a
+    /// finished batch stays as it is.
+    pub async fn cancel_batch(&self, org_id: &str, batch_id: &str) -> Result<BatchInfo, Error> {
+        let before = self.batch(org_id, batch_id).await?;
+        if matches!(before.state, BatchState::Done | BatchState::Cancelled) {
+            return Ok(before);
+        }
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("UPDATE batches SET state = 'CANCELLED', finished_at_ms = $3 WHERE id = $1 AND org_id = $2")
+            .bind(batch_id)
+            .bind(org_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE chunks SET state = 'CANCELLED', finished_at_ms = $2 WHERE batch_id = $1 AND state = 'PENDING'",
+        )
+        .bind(batch_id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.batch(org_id, batch_id).await
+    }
+
+    /// Releases chunks by policy, at most up to the caps, for `claimer`: not before their batch's
+    /// time, within its rate, within the caps on chunks in flight (overall, per org, per batch),
+    /// and fairly across orgs (round robin, the org with the fewest in flight first). Releases are
+    /// serialized across scheduler replicas (one lock row), so the caps hold exactly.
+    pub async fn release_chunks(&self, claimer: &str, caps: ReleaseCaps) -> Result<Vec<ChunkRef>, Error> {
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("UPDATE release_lock SET releases = releases + 1 WHERE id = 1").execute(&mut *tx).await?;
+        sqlx::query(
+            "UPDATE chunks SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
+             WHERE state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1",
+        )
+        .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
+        .execute(&mut *tx)
+        .await?;
+        let mut per_org: HashMap<String, u32> = HashMap::new();
+        let mut per_batch: HashMap<String, u32> = HashMap::new();
+        let mut overall = 0u32;
+        let rows = sqlx::query(
+            "SELECT org_id, batch_id, COUNT(*) FROM chunks WHERE state IN ('RELEASED', 'RUNNING') \
+             GROUP BY org_id, batch_id",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in rows {
+            let n = u32_of(&row, 2)?;
+            *per_org.entry(row.try_get(0)?).or_default() += n;
+            *per_batch.entry(row.try_get(1)?).or_default() += n;
+            overall += n;
+        }
+        if overall >= caps.overall {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
+        let room = caps.overall - overall;
+        let rows = sqlx::query(
+            "SELECT c.batch_id, c.idx, c.org_id, c.record_count, b.max_parallel, b.records_per_second, \
+             b.next_release_ms FROM (SELECT batch_id, idx, org_id, record_count, \
+             ROW_NUMBER() OVER (PARTITION BY batch_id ORDER BY idx) AS rn FROM chunks WHERE state = 'PENDING') c \
+             JOIN batches b ON b.id = c.batch_id \
+             WHERE c.rn <= $1 AND b.state = 'QUEUED' AND b.not_before_ms <= $2 AND b.next_release_ms <= $2 \
+             ORDER BY b.created_at_ms, b.id, c.idx",
+        )
+        .bind(i64::from(room))
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        struct Candidate {
+            chunk: ChunkRef,
+            max_parallel: u32,
+            rate: u32,
+        }
+        let mut queues: Vec<(String, VecDeque<Candidate>)> = Vec::new();
+        let mut next_release: HashMap<String, i64> = HashMap::new();
+        for row in &rows {
+            let chunk = ChunkRef {
+                batch_id: row.try_get(0)?,
+                index: u32_of(row, 1)?,
+                org_id: row.try_get(2)?,
+                records: u32_of(row, 3)?,
+            };
+            next_release.insert(chunk.batch_id.clone(), row.try_get(6)?);
+            let candidate = Candidate { max_parallel: u32_of(row, 4)?, rate: u32_of(row, 5)?, chunk };
+            match queues.iter_mut().find(|(org, _)| *org == candidate.chunk.org_id) {
+                Some((_, queue)) => queue.push_back(candidate),
+                None => queues.push((candidate.chunk.org_id.clone(), VecDeque::from([candidate]))),
+            }
+        }
+        // fair share: the org with the fewest chunks in flight goes first, then round robin
+        queues.sort_by_key(|(org, _)| per_org.get(org).copied().unwrap_or(0));
+        let mut released = Vec::new();
+        let mut changed_rates: HashSet<String> = HashSet::new();
+        while overall < caps.overall && !queues.is_empty() {
+            queues.retain_mut(|(org, queue)| {
+                if overall >= caps.overall {
+                    return true;
+                }
+                let org_count = per_org.entry(org.clone()).or_default();
+                while let Some(candidate) = queue.pop_front() {
+                    if *org_count >= caps.per_org {
+                        return false;
+                    }
+                    let batch = candidate.chunk.batch_id.clone();
+                    let cap = if candidate.max_parallel == 0 { caps.per_org } else { candidate.max_parallel };
+                    let batch_count = per_batch.entry(batch.clone()).or_default();
+                    let next = next_release.get(&batch).copied().unwrap_or(0);
+                    if *batch_count >= cap || next > now {
+                        continue;
+                    }
+                    *batch_count += 1;
+                    *org_count += 1;
+                    overall += 1;
+                    if candidate.rate > 0 {
+                        let spacing = i64::from(candidate.chunk.records) * 1000 / i64::from(candidate.rate);
+                        next_release.insert(batch.clone(), next.max(now) + spacing);
+                        changed_rates.insert(batch);
+                    }
+                    released.push(candidate.chunk);
+                    return true;
+                }
+                false
+            });
+        }
+        for chunk in &released {
+            sqlx::query(
+                "UPDATE chunks SET state = 'RELEASED', claimed_by = $3, released_at_ms = $4, sent_at_ms = 0 \
+                 WHERE batch_id = $1 AND idx = $2 AND state = 'PENDING'",
+            )
+            .bind(chunk.batch_id.clone())
+            .bind(i64::from(chunk.index))
+            .bind(claimer)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for batch in changed_rates {
+            sqlx::query("UPDATE batches SET next_release_ms = $2 WHERE id = $1")
+                .bind(batch.clone())
+                .bind(next_release[&batch])
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(released)
+    }
+
+    /// Records that a released chunk is in the manager's hands.
+    pub async fn mark_sent(&self, chunk: &ChunkRef) -> Result<(), Error> {
+        sqlx::query("UPDATE chunks SET sent_at_ms = $3 WHERE batch_id = $1 AND idx = $2 AND sent_at_ms = 0")
+            .bind(chunk.batch_id.clone())
+            .bind(i64::from(chunk.index))
+            .bind(now_ms())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// A worker takes a delivered chunk: RUNNING, one more attempt, unless it has its outcome
+    /// (then that is answered) or its batch was cancelled (then it is CANCELLED, never run).
+    pub async fn start_chunk(&self, batch_id: &str, index: u32, worker: &str) -> Result<ChunkStart, Error> {
+        let now = now_ms();
+        let started = sqlx::query(&format!(
+            "UPDATE chunks SET state = 'RUNNING', attempts = attempts + 1, worker = $3, started_at_ms = $4 \
+             WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE} \
+             AND (SELECT state FROM batches WHERE id = $1) <> 'CANCELLED'"
+        ))
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(worker)
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        if started.rows_affected() == 1 {
+            return Ok(ChunkStart::Run);
+        }
+        sqlx::query(&format!(
+            "UPDATE chunks SET state = 'CANCELLED', finished_at_ms = $3 WHERE batch_id = $1 AND idx = $2 \
+             AND state IN {RUNNABLE}"
+        ))
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(now)
+        .execute(&self.writer)
+        .await?;
+        Ok(ChunkStart::Finished(self.chunk_state(batch_id, index).await?))
+    }
+
+    /// A chunk's state.
+    pub async fn chunk_state(&self, batch_id: &str, index: u32) -> Result<ChunkState, Error> {
+        let row = sqlx::query("SELECT state FROM chunks WHERE batch_id = $1 AND idx = $2")
+            .bind(batch_id)
+            .bind(i64::from(index))
+            .fetch_optional(&self.writer)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("chunk {index} of batch {batch_id}")))?;
+        ChunkState::parse(&row.try_get::<String, _>(0)?)
+    }
+
+    /// Notes why an attempt at a chunk failed (it will be retried).
+    pub async fn note_chunk_retry(&self, batch_id: &str, index: u32, cause: &str) -> Result<(), Error> {
+        sqlx::query("UPDATE chunks SET last_cause = $3 WHERE batch_id = $1 AND idx = $2")
+            .bind(batch_id)
+            .bind(i64::from(index))
+            .bind(cause)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    /// Aborts a chunk that has no outcome yet, with its record problems and cause; answers the
+    /// chunk's outcome (ABORTED, or the one recorded before).
+    pub async fn abort_chunk(
+        &self,
+        batch_id: &str,
+        index: u32,
+        problems: &[RecordProblem],
+        cause: &str,
+    ) -> Result<ChunkState, Error> {
+        let errors = serde_json::to_string(problems).map_err(|e| Error::Corrupt(format!("chunk errors: {e}")))?;
+        sqlx::query(&format!(
+            "UPDATE chunks SET state = 'ABORTED', errors = $3, error_count = $4, last_cause = $5, \
+             finished_at_ms = $6 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
+        ))
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(errors)
+        .bind(problems.len() as i64)
+        .bind(cause)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        self.chunk_state(batch_id, index).await
+    }
+
+    /// One attempt at a chunk, in one transaction bounded by `budget`: validates its records
+    /// against the object schema and the operation, writes them with their change events, and
+    /// records `outcome` as the chunk's state — all committed together, or nothing. A chunk that
+    /// has its outcome already is not run again. Invalid records are answered (with their batch
+    /// indexes), not committed. Database failures are errors: [`Error::Busy`] (workload),
+    /// [`Error::Resource`] and [`Error::DeadlineExceeded`] (resources) are worth a retry.
+    pub async fn run_chunk(
+        &self,
+        batch_id: &str,
+        index: u32,
+        outcome: ChunkState,
+        budget: Duration,
+        lock_timeout: Duration,
+    ) -> Result<ChunkRun, Error> {
+        let (tx, run) = by_deadline(Instant::now() + budget, async {
+            let mut tx = self.writer.begin().await?;
+            if self.backend == Backend::Postgres {
+                // the server stops the work too, and a lock wait ends as a busy error
+                let ms = |d: Duration| d.as_millis().max(1);
+                sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(budget))).execute(&mut *tx).await?;
+                sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
+            }
+            // the chunk's row lock: a second delivery waits here, then finds the outcome
+            let row = sqlx::query(&format!(
+                "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE} \
+                 RETURNING records, first_record, org_id"
+            ))
+            .bind(batch_id)
+            .bind(i64::from(index))
+            .fetch_optional(&mut *tx)
+            .await?;
+            let Some(row) = row else { return Ok((tx, None)) };
+            let first = row.try_get::<i64, _>(1)? as usize;
+            let org_id: String = row.try_get(2)?;
+            let records: Vec<Fields> = serde_json::from_str(&row.try_get::<String, _>(0)?)
+                .map_err(|e| Error::Corrupt(format!("chunk records: {e}")))?;
+            let batch = sqlx::query("SELECT object, operation FROM batches WHERE id = $1")
+                .bind(batch_id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let schema = self.object(&org_id, &batch.try_get::<String, _>(0)?).await?;
+            let op = BatchOp::parse(&batch.try_get::<String, _>(1)?)?;
+            let run = self.write_chunk(&mut tx, &org_id, &schema, op, records).await?;
+            let run = match run {
+                Err(mut problems) => {
+                    for p in &mut problems {
+                        p.index += first;
+                    }
+                    ChunkRun::Invalid(problems)
+                }
+                Ok(()) => {
+                    sqlx::query(
+                        "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = '' \
+                         WHERE batch_id = $1 AND idx = $2",
+                    )
+                    .bind(batch_id)
+                    .bind(i64::from(index))
+                    .bind(outcome.as_str())
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                    ChunkRun::Committed(outcome)
+                }
+            };
+            Ok((tx, Some(run)))
+        })
+        .await?;
+        match run {
+            None => {
+                drop(tx);
+                Ok(ChunkRun::Finished(self.chunk_state(batch_id, index).await?))
+            }
+            Some(run @ ChunkRun::Committed(_)) => {
+                tx.commit().await?;
+                Ok(run)
+            }
+            // dropping the transaction rolls it back
+            Some(run) => Ok(run),
+        }
+    }
+
+    /// Validates and writes a chunk's records inside `conn`'s transaction; the problems (chunk
+    /// indexes) when any record is invalid.
+    async fn write_chunk(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        schema: &ObjectSchema,
+        op: BatchOp,
+        records: Vec<Fields>,
+    ) -> Result<Result<(), Vec<RecordProblem>>, Error> {
+        let problems = match op {
+            BatchOp::Delete => delete_problems(schema, &records),
+            _ => record_problems(schema, &records),
+        };
+        if !problems.is_empty() {
+            return Ok(Err(problems));
+        }
+        let ids: Vec<String> = records.iter().map(|r| record_id(schema, r).unwrap_or_default()).collect();
+        let base = self.lock_org(conn, org_id).await?;
+        let existing = self.versions_of(conn, org_id, &schema.name, &ids).await?;
+        let live = |id: &str| existing.get(id).is_some_and(|(_, deleted)| !deleted);
+        let mut problems = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            match op {
+                BatchOp::Insert if live(id) => problems.push(RecordProblem::new(
+                    i,
+                    schema.external_id_field.clone(),
+                    format!("record {id:?} already exists; an insert creates new records only"),
+                )),
+                BatchOp::Update if !live(id) => problems.push(RecordProblem::new(
+                    i,
+                    schema.external_id_field.clone(),
+                    format!("record {id:?} does not exist; an update changes existing records only"),
+                )),
+                _ => {}
+            }
+        }
+        if op != BatchOp::Delete {
+            problems.extend(self.unique_conflicts(conn, org_id, schema, &records, &ids).await?);
+        }
+        if !problems.is_empty() {
+            problems.sort_by_key(|p| p.index);
+            return Ok(Err(problems));
+        }
+        let mut writer = BatchWriter::new(self, conn, org_id, schema, &ids, base, now_ms()).await?;
+        for (record, id) in records.into_iter().zip(ids) {
+            let version = existing.get(&id).map_or(1, |(v, _)| v + 1);
+            let fields = match op {
+                BatchOp::Delete if !live(&id) => continue,
+                BatchOp::Delete => None,
+                _ => Some(record),
+            };
+            writer.write(conn, RecordWrite { id, fields, version }).await?;
+        }
+        writer.flush(conn).await?;
+        if writer.seq != base {
+            self.set_last_seq(conn, org_id, writer.seq).await?;
+        }
+        Ok(Ok(()))
+    }
+}
+
+/// The records of a delete: each names its record by the external id, once.
+fn delete_problems(schema: &ObjectSchema, records: &[Fields]) -> Vec<RecordProblem> {
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut problems = Vec::new();
+    for (i, record) in records.iter().enumerate() {
+        match record_id(schema, record) {
+            None => problems.push(RecordProblem::new(
+                i,
+                schema.external_id_field.clone(),
+                "the external id is missing or not a string or integer",
+            )),
+            Some(id) => {
+                if let Some(first) = seen.insert(id.clone(), i) {
+                    problems.push(RecordProblem::new(
+                        i,
+                        schema.external_id_field.clone(),
+                        format!("id {id:?} is also in records[{first}]; a request may name a record once"),
+                    ));
+                }
+            }
+        }
+    }
+    problems
+}
