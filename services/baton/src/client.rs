@@ -1,6 +1,6 @@
 //! The client CLI: admin commands and real-time record requests against a running mesh.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -114,6 +114,14 @@ pub struct UpsertArgs {
     /// NDJSON records to read (one JSON object per line); `-` for standard input.
     #[arg(long, default_value = "-")]
     file: PathBuf,
+    /// When the intake answers "resubmit as batch" (too many records, or its deadline), submit
+    /// the same records as an upsert batch and print the batch id.
+    #[arg(long)]
+    auto_batch: bool,
+    /// With --auto-batch: the batch's request id, so that running the command again does not
+    /// stage the records twice (default: a new one each time).
+    #[arg(long, requires = "auto_batch")]
+    request_id: Option<String>,
 }
 
 /// `baton get`.
@@ -270,43 +278,41 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
     Ok(())
 }
 
-fn read_ndjson(path: &PathBuf) -> anyhow::Result<Vec<baton_store::model::Fields>> {
-    let reader: Box<dyn BufRead> = if path.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        Box::new(std::io::BufReader::new(
-            std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?,
-        ))
-    };
-    let mut records = Vec::new();
-    for (n, line) in reader.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        match serde_json::from_str::<serde_json::Value>(&line) {
-            Ok(serde_json::Value::Object(map)) => records.push(map),
-            Ok(_) => bail!("line {}: not a JSON object", n + 1),
-            Err(e) => bail!("line {}: {e}", n + 1),
-        }
-    }
-    Ok(records)
-}
-
 /// `baton upsert`.
 pub async fn upsert(args: UpsertArgs) -> anyhow::Result<()> {
-    let records = read_ndjson(&args.file)?;
+    let records = crate::batch_cli::read_records(&args.file)?;
     if records.is_empty() {
         bail!("no records to upsert");
     }
+    let records: Vec<_> = records.iter().map(convert::fields_to_pb).collect();
+    if args.auto_batch {
+        use baton_scheduler::client::{Upserted, upsert_or_batch};
+        let request_id = args.request_id.unwrap_or_else(|| format!("auto-{}", hex::encode(rand::random::<[u8; 8]>())));
+        let channel = channel(&args.conn.conn).await?;
+        match upsert_or_batch(channel, &args.conn.api_key, &args.object, records, &request_id).await.map_err(explain)? {
+            Upserted::RealTime(response) => print_upserted(&response)?,
+            Upserted::Batch(batch) => {
+                eprintln!(
+                    "rejected in real time (resubmit as batch): submitted as batch {} ({} records in {} chunks); \
+                     follow it with `baton batch watch {}`",
+                    batch.batch_id, batch.records, batch.chunks, batch.batch_id
+                );
+                println!("{}", batch.batch_id);
+            }
+        }
+        return Ok(());
+    }
     let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
-    let request =
-        pb::UpsertRequest { object: args.object, records: records.iter().map(convert::fields_to_pb).collect() };
+    let request = pb::UpsertRequest { object: args.object, records };
     let response = client.upsert(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?;
-    for r in &response.get_ref().results {
+    print_upserted(response.get_ref())
+}
+
+fn print_upserted(response: &pb::UpsertResponse) -> anyhow::Result<()> {
+    for r in &response.results {
         print_json(&serde_json::json!({"id": r.id, "version": r.version, "created": r.created}))?;
     }
-    eprintln!("upserted {} records (last seq {})", response.get_ref().results.len(), response.get_ref().last_seq);
+    eprintln!("upserted {} records (last seq {})", response.results.len(), response.last_seq);
     Ok(())
 }
 

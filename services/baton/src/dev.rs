@@ -46,6 +46,17 @@ pub struct DevArgs {
 
     #[command(flatten)]
     sync: baton_sync::SyncOptions,
+
+    #[command(flatten)]
+    release: baton_scheduler::ReleaseOptions,
+
+    /// Workers run in this process (0: none; `baton worker` processes may serve instead).
+    #[arg(long, env = "BATON_DEV_WORKERS", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(0..=64))]
+    workers: u32,
+
+    #[command(flatten)]
+    chunks: baton_worker::ChunkOptions,
 }
 
 fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
@@ -66,7 +77,8 @@ fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
 
 /// Runs the mesh until SIGTERM or SIGINT.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    if let Err(e) = args.limits.validate().and_then(|()| args.sync.validate()) {
+    let checked = args.limits.validate().and_then(|()| args.sync.validate());
+    if let Err(e) = checked.and_then(|()| args.release.validate()).and_then(|()| args.chunks.validate()) {
         exit_bad_config(e);
     }
     if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
@@ -75,7 +87,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let data_dir = std::fs::canonicalize(&args.data_dir)?;
     let token = admin_token(&args)?;
     let url = args.store.clone().unwrap_or_else(|| format!("sqlite://{}/baton.db", data_dir.display()));
-    let store = Store::open(&StoreOptions::new(url.clone())).await.unwrap_or_else(|e| exit_bad_config(e));
+    let mut store_options = StoreOptions::new(url.clone());
+    // on SQLite, a chunk's lock wait ends as busy after the workers' lock timeout
+    store_options.busy_timeout = args.chunks.lock_timeout;
+    let store = Store::open(&store_options).await.unwrap_or_else(|e| exit_bad_config(e));
     let serve = ServeOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
@@ -118,7 +133,19 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let manager = baton_manager::ManagerService::start(manager_options, shutdown.clone())
         .map_err(|e| anyhow::anyhow!("cannot start the session manager: {e}"))?;
     let server = server.add_service(baton_mesh::proto::v1::session_manager_server::SessionManagerServer::new(manager));
+    // the scheduler and the workers reach the manager through this process's own port
+    let server = baton_scheduler::add_services(server, &store, serve.max_message_bytes());
+    let me = format!("http://{addr}");
+    let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), args.release.clone());
+    let mut tasks = vec![tokio::spawn(baton_scheduler::releaser::run(store.clone(), scheduler, shutdown.clone()))];
+    for n in 0..args.workers {
+        let worker = baton_worker::WorkerOptions::new(me.clone(), format!("dev-worker-{n}"), args.chunks.clone());
+        tasks.push(tokio::spawn(baton_worker::run(worker, store.clone(), shutdown.clone())));
+    }
     server.serve(listener, metrics, shutdown).await?;
+    for task in tasks {
+        let _ = task.await;
+    }
     // let the link runners give their leases up
     tokio::time::sleep(Duration::from_millis(200)).await;
     store.close().await;

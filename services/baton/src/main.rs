@@ -1,6 +1,7 @@
 //! `baton`: runs any baton service (`baton intake`), all of them in one process on embedded
 //! defaults (`baton dev`), and is the client CLI (`baton admin …`, `baton upsert …`).
 
+mod batch_cli;
 mod client;
 mod dev;
 mod manager_cli;
@@ -40,7 +41,12 @@ pub(crate) struct StoreArgs {
 
 impl StoreArgs {
     pub(crate) async fn open(&self) -> anyhow::Result<Store> {
-        let mut options = StoreOptions::new(self.url.clone());
+        self.open_with(StoreOptions::new(self.url.clone())).await
+    }
+
+    /// Opens the store with `options` (its URL and pool size replaced by these arguments).
+    pub(crate) async fn open_with(&self, mut options: StoreOptions) -> anyhow::Result<Store> {
+        options.url = self.url.clone();
         options.max_connections = self.store_connections;
         Ok(Store::open(&options).await?)
     }
@@ -66,6 +72,26 @@ enum Command {
     /// Runs the session manager (`baton manager serve`), or inspects one (`baton manager status`,
     /// `sessions`, `session ID`).
     Manager(manager_cli::ManagerArgs),
+    /// Runs the scheduler: the batch API, and the release of chunks to the workers.
+    Scheduler {
+        #[command(flatten)]
+        serve: ServeOptions,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        scheduler: baton_scheduler::SchedulerOptions,
+    },
+    /// Runs a worker: a server session of the manager's worker pool that runs batch chunks.
+    Worker {
+        #[command(flatten)]
+        serve: ServeOptions,
+        #[command(flatten)]
+        store: StoreArgs,
+        #[command(flatten)]
+        worker: baton_worker::WorkerOptions,
+    },
+    /// Submits, follows, reads and cancels batches.
+    Batch(batch_cli::BatchArgs),
     /// Runs the whole mesh in one process on embedded defaults (SQLite under --data-dir).
     Dev(dev::DevArgs),
     /// Administers orgs, API keys and object schemas (needs the admin token).
@@ -154,6 +180,49 @@ async fn run(command: Command) -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
+        Command::Scheduler { serve, store, scheduler } => {
+            if let Err(e) = scheduler.validate() {
+                exit_bad_config(e);
+            }
+            let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+            let listener = baton_mesh::server::bind(serve.listen).await?;
+            let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+            print_endpoints(&listener, &metrics)?;
+            let shutdown = baton_mesh::shutdown::on_signals();
+            let auth =
+                baton_mesh::auth::AuthConfig { admin_token: None, keys: Some(std::sync::Arc::new(store.clone())) };
+            let server = baton_scheduler::add_services(
+                baton_mesh::server::MeshServer::new(serve.clone(), auth),
+                &store,
+                serve.max_message_bytes(),
+            );
+            let releaser = tokio::spawn(baton_scheduler::releaser::run(store.clone(), scheduler, shutdown.clone()));
+            server.serve(listener, metrics, shutdown).await?;
+            let _ = releaser.await;
+            store.close().await;
+            Ok(())
+        }
+        Command::Worker { serve, store, worker } => {
+            if let Err(e) = worker.validate() {
+                exit_bad_config(e);
+            }
+            // on SQLite, a lock wait ends as busy after the worker's lock timeout
+            let mut options = StoreOptions::new(String::new());
+            options.busy_timeout = worker.chunks.lock_timeout;
+            let store = store.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+            let listener = baton_mesh::server::bind(serve.listen).await?;
+            let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+            print_endpoints(&listener, &metrics)?;
+            let shutdown = baton_mesh::shutdown::on_signals();
+            // gRPC health and /metrics only: the worker's work comes through the manager
+            let server = baton_mesh::server::MeshServer::new(serve, baton_mesh::auth::AuthConfig::default());
+            let work = tokio::spawn(baton_worker::run(worker, store.clone(), shutdown.clone()));
+            server.serve(listener, metrics, shutdown).await?;
+            let _ = work.await;
+            store.close().await;
+            Ok(())
+        }
+        Command::Batch(args) => batch_cli::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Manager(args) => manager_cli::run(args).await,
         Command::Sync(args) => match args.command {

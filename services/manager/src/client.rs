@@ -488,6 +488,31 @@ impl ServerSession {
         payload: prost_types::Any,
         restart_data: Vec<u8>,
     ) -> Result<(), Status> {
+        self.replier().reply(session_id, seq, payload, restart_data).await
+    }
+
+    /// A handle that answers requests from other tasks than the one receiving them (requests
+    /// may be answered in any order).
+    pub fn replier(&self) -> ServerReplier {
+        ServerReplier { replies: self.replies.clone() }
+    }
+}
+
+/// Answers requests of a [`ServerSession`]; cheap to clone.
+#[derive(Clone)]
+pub struct ServerReplier {
+    replies: mpsc::Sender<pb::ServerReply>,
+}
+
+impl ServerReplier {
+    /// Answers a request, with this server's restart data for the session after it.
+    pub async fn reply(
+        &self,
+        session_id: &str,
+        seq: u64,
+        payload: prost_types::Any,
+        restart_data: Vec<u8>,
+    ) -> Result<(), Status> {
         let reply = pb::ServerReply { session_id: session_id.to_owned(), seq, payload: Some(payload), restart_data };
         self.replies.send(reply).await.map_err(|_| Status::unavailable("the server session task stopped"))
     }

@@ -1,0 +1,107 @@
+//! The scheduler: batches in, chunks out.
+//!
+//! [`SchedulerService`] is the gRPC API (SubmitBatch, GetBatch, WatchBatch, ListChunkResults,
+//! CancelBatch): it stages a batch's records durably as chunks before answering its id. The
+//! [`releaser`] releases queued chunks by policy (caps, not-before, rate, fairness across orgs;
+//! deferral while the database reports overload) and sends each to the workers as a request on
+//! one of its client sessions of the session manager. Workers answer with the chunk's outcome,
+//! which they have already recorded in the store: the store, not the scheduler, knows where every
+//! chunk is, so scheduler replicas share the queue and a scheduler restart loses nothing.
+
+pub mod client;
+pub mod releaser;
+mod service;
+
+use std::time::Duration;
+
+use baton_mesh::config::parse_duration;
+use baton_mesh::proto::v1 as pb;
+use baton_mesh::server::MeshServer;
+use baton_store::Store;
+
+pub use service::SchedulerService;
+
+/// The release options, as flags and `BATON_*` variables.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SchedulerOptions {
+    /// The session manager: `http://host:port`, or several comma-separated (the primary is
+    /// found and followed on failover).
+    #[arg(long, env = "BATON_MANAGER")]
+    pub manager: String,
+
+    /// The manager pool of the workers.
+    #[arg(long, env = "BATON_WORKER_POOL", default_value = baton_worker::DEFAULT_POOL)]
+    pub pool: String,
+
+    /// How chunks are released.
+    #[command(flatten)]
+    pub release: ReleaseOptions,
+}
+
+/// How the scheduler releases chunks, as flags and `BATON_*` variables.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReleaseOptions {
+    /// Chunks in flight (released or running) at most, over every org.
+    #[arg(long, env = "BATON_MAX_PARALLEL", default_value_t = 16,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_parallel: u32,
+
+    /// Chunks in flight at most per org (and per batch, unless its policy asks for fewer).
+    #[arg(long, env = "BATON_ORG_PARALLEL", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub org_parallel: u32,
+
+    /// How often the queue is looked at when nothing else wakes the releaser.
+    #[arg(long, env = "BATON_RELEASE_INTERVAL", default_value = "200ms", value_parser = parse_duration)]
+    pub release_interval: Duration,
+
+    /// Client sessions the scheduler holds with the manager; each is bound to one worker, so
+    /// this many workers at most receive chunks from this scheduler.
+    #[arg(long, env = "BATON_SCHEDULER_SESSIONS", default_value_t = 8,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub sessions: u32,
+}
+
+impl Default for ReleaseOptions {
+    fn default() -> Self {
+        Self { max_parallel: 16, org_parallel: 4, release_interval: Duration::from_millis(200), sessions: 8 }
+    }
+}
+
+impl ReleaseOptions {
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.org_parallel > self.max_parallel {
+            return Err("--org-parallel cannot exceed --max-parallel".into());
+        }
+        if self.release_interval < Duration::from_millis(1) || self.release_interval > Duration::from_secs(60) {
+            return Err(format!("--release-interval must be between 1ms and 60s, got {:?}", self.release_interval));
+        }
+        Ok(())
+    }
+}
+
+impl SchedulerOptions {
+    /// Options for a scheduler of `manager` releasing as `release` says.
+    pub fn new(manager: String, release: ReleaseOptions) -> Self {
+        Self { manager, pool: baton_worker::DEFAULT_POOL.to_owned(), release }
+    }
+
+    /// Checks what clap cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.manager.trim().is_empty() {
+            return Err("--manager is empty: name the session manager (http://host:port)".into());
+        }
+        self.release.validate()
+    }
+}
+
+/// Adds the Scheduler gRPC service over `store` to `server`.
+pub fn add_services(server: MeshServer, store: &Store, max_message_bytes: usize) -> MeshServer {
+    let service = SchedulerService::new(store.clone());
+    server.add_service(
+        pb::scheduler_server::SchedulerServer::new(service)
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes),
+    )
+}

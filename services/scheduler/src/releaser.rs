@@ -1,0 +1,149 @@
+//! The releaser: queued chunks out to the workers, by policy, through the session manager.
+//!
+//! Each tick (every `--release-interval`, or sooner when a worker answers) it asks the store to
+//! release what the policy allows ([`Store::release_chunks`]), and sends each released chunk as a
+//! [`pb::ChunkWork`] request on the least busy of its client sessions; once the manager has
+//! journaled a request the chunk is marked sent. Workers answer [`pb::ChunkDone`]; an answer that
+//! says the database was overloaded defers releases for a moment.
+//!
+//! The releaser keeps nothing the store does not: chunks in flight count against the caps through
+//! their state, so a restarted or second scheduler sees them. A chunk released but never sent (its
+//! scheduler died in between) is released again after a timeout by any scheduler.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use baton_manager::client::{ClientSender, ClientSession};
+use baton_mesh::proto::{from_any, to_any, v1 as pb};
+use baton_store::Store;
+use baton_store::batches::ReleaseCaps;
+use baton_worker::{CHUNK_DONE, CHUNK_WORK};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::SchedulerOptions;
+
+/// How long releases pause after a worker reports an overloaded database.
+const OVERLOAD_PAUSE: Duration = Duration::from_secs(1);
+
+/// Epoch milliseconds, for the overload pause shared with the response readers.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+struct Shared {
+    wake: Notify,
+    /// Requests sent and not answered, per session.
+    outstanding: Vec<AtomicU32>,
+    /// No release before this time (ms), while the database is overloaded.
+    paused_until: AtomicU64,
+}
+
+/// Opens the client sessions, retrying until the manager answers or `shutdown`.
+async fn open_sessions(
+    options: &SchedulerOptions,
+    me: &str,
+    shutdown: &CancellationToken,
+) -> Option<Vec<ClientSession>> {
+    let mut sessions = Vec::new();
+    while sessions.len() < options.release.sessions as usize {
+        let open = ClientSession::open(&options.manager, &options.pool, me.as_bytes().to_vec());
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            opened = open => match opened {
+                Ok(session) => sessions.push(session),
+                Err(e) => {
+                    tracing::warn!(manager = %options.manager, error = %e, "cannot open a session; retrying");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return None,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+    }
+    Some(sessions)
+}
+
+/// Runs the releaser until `shutdown`.
+pub async fn run(store: Store, options: SchedulerOptions, shutdown: CancellationToken) {
+    let me = format!("scheduler-{}", hex::encode(rand::random::<[u8; 6]>()));
+    let Some(sessions) = open_sessions(&options, &me, &shutdown).await else { return };
+    tracing::info!(scheduler = %me, sessions = sessions.len(), manager = %options.manager, "releaser started");
+    let shared = Arc::new(Shared {
+        wake: Notify::new(),
+        outstanding: (0..sessions.len()).map(|_| AtomicU32::new(0)).collect(),
+        paused_until: AtomicU64::new(0),
+    });
+    let mut senders: Vec<ClientSender> = Vec::new();
+    for (k, mut session) in sessions.into_iter().enumerate() {
+        senders.push(session.sender());
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            while let Some(response) = session.recv().await {
+                shared.outstanding[k].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).ok();
+                match response.payload.as_ref().map(|p| from_any::<pb::ChunkDone>(CHUNK_DONE, p)) {
+                    Some(Ok(done)) => {
+                        if done.overloaded {
+                            shared
+                                .paused_until
+                                .fetch_max(now_ms() + OVERLOAD_PAUSE.as_millis() as u64, Ordering::Relaxed);
+                        }
+                        tracing::debug!(batch = %done.batch_id, chunk = done.chunk_index, outcome = done.outcome, "chunk answered");
+                    }
+                    other => tracing::warn!(?other, "an answer that is not a ChunkDone"),
+                }
+                shared.wake.notify_one();
+            }
+        });
+    }
+    let caps = ReleaseCaps { overall: options.release.max_parallel, per_org: options.release.org_parallel };
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(options.release.release_interval) => {}
+        }
+        let paused = shared.paused_until.load(Ordering::Relaxed);
+        if paused > now_ms() {
+            continue;
+        }
+        let released = match store.release_chunks(&me, caps).await {
+            Ok(released) => released,
+            Err(e) => {
+                // the database itself is the overloaded one: wait
+                tracing::warn!(error = %e, "cannot release chunks; pausing");
+                shared.paused_until.fetch_max(now_ms() + OVERLOAD_PAUSE.as_millis() as u64, Ordering::Relaxed);
+                continue;
+            }
+        };
+        for chunk in released {
+            let k = (0..senders.len()).min_by_key(|&k| shared.outstanding[k].load(Ordering::Relaxed)).unwrap_or(0);
+            let work = pb::ChunkWork {
+                org_id: chunk.org_id.clone(),
+                batch_id: chunk.batch_id.clone(),
+                chunk_index: chunk.index,
+            };
+            shared.outstanding[k].fetch_add(1, Ordering::Relaxed);
+            // returns once the manager has journaled the request (it waits out a failover)
+            let sent = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                sent = senders[k].send(to_any(CHUNK_WORK, &work), Vec::new()) => sent,
+            };
+            match sent {
+                Ok(_) => {
+                    metrics::counter!("baton_chunks_released_total").increment(1);
+                    if let Err(e) = store.mark_sent(&chunk).await {
+                        tracing::warn!(batch = %chunk.batch_id, chunk = chunk.index, error = %e, "cannot mark a chunk sent");
+                    }
+                }
+                Err(e) => {
+                    shared.outstanding[k].fetch_sub(1, Ordering::Relaxed);
+                    tracing::error!(batch = %chunk.batch_id, chunk = chunk.index, error = %e, "cannot send a chunk; it is released again later");
+                }
+            }
+        }
+    }
+    tracing::info!(scheduler = %me, "releaser stopped");
+}
