@@ -151,22 +151,6 @@ async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
     assert_eq!(bound_server(&manager, &session).await, other_id);
 }
 
-async fn wait_for_pair(members: &[&Server]) -> (usize, pb::ManagerStatus) {
-    baton_tests::eventually(Duration::from_secs(30), "a primary with an in-sync standby", || async {
-        for (i, m) in members.iter().enumerate() {
-            let mut client = pb::session_manager_client::SessionManagerClient::new(m.channel().await);
-            if let Ok(s) = client.status(pb::ManagerStatusRequest {}).await {
-                let s = s.into_inner();
-                if s.role == "PRIMARY" && s.in_sync.len() == 2 {
-                    return Some((i, s));
-                }
-            }
-        }
-        None
-    })
-    .await
-}
-
 /// Two managers on a real etcd: the primary is SIGKILLed five times while a client session sends
 /// through a pool of two server sessions; each time the in-sync standby takes over with a higher
 /// term, and the killed one rejoins as a standby. Every request is answered exactly once.
@@ -183,7 +167,7 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     let mut members =
         vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
-    let (_, first) = wait_for_pair(&[&members[0], &members[1]]).await;
+    let (_, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let (_w1, _seen1) = echo_server(&endpoints, "w1");
     let (_w2, _seen2) = echo_server(&endpoints, "w2");
     let mut client = ClientSession::open(&endpoints, "echo", b"client".to_vec()).await.unwrap();
@@ -204,7 +188,7 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
             .unwrap();
         assert_eq!(seq, n);
         if n % 50 == 0 && n <= 250 {
-            let (primary, status) = wait_for_pair(&[&members[0], &members[1]]).await;
+            let (primary, status) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
             assert!(status.term >= *terms.last().unwrap());
             terms.push(status.term);
             let killed = members.remove(primary);
@@ -214,7 +198,7 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     }
     assert_answered_once(&responses, total).await;
     receiver.abort();
-    let (_, last) = wait_for_pair(&[&members[0], &members[1]]).await;
+    let (_, last) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     terms.push(last.term);
     assert!(terms.windows(2).skip(1).all(|w| w[1] > w[0]), "every takeover raised the term: {terms:?}");
 }
@@ -227,7 +211,7 @@ async fn the_standby_is_not_serving_and_names_the_primary() {
     let election = format!("/baton-test/health-{}", std::process::id());
     let (d1, d2) = (TempDir::new(), TempDir::new());
     let members = [Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
-    let (primary, status) = wait_for_pair(&[&members[0], &members[1]]).await;
+    let (primary, status) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let standby = &members[1 - primary];
     let primary = &members[primary];
     let health = |addr: String| {
@@ -272,7 +256,7 @@ async fn a_primary_cut_off_from_etcd_fences_itself_before_its_lease_runs_out() {
     let mut members =
         vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
-    let (primary, first) = wait_for_pair(&[&members[0], &members[1]]).await;
+    let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let (_w1, _) = echo_server(&endpoints, "w1");
     let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
@@ -298,7 +282,7 @@ async fn a_primary_cut_off_from_etcd_fences_itself_before_its_lease_runs_out() {
             tokio::time::timeout(Duration::from_secs(30), sender.send(payload(n), Vec::new())).await.unwrap().unwrap();
         assert_eq!(seq, n);
     }
-    let (now_primary, now) = wait_for_pair(&[&members[0], &members[1]]).await;
+    let (now_primary, now) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     assert_ne!(now_primary, primary, "the standby took over");
     assert!(now.term > first.term, "{} > {}", now.term, first.term);
     let mut answered = BTreeMap::new();

@@ -255,6 +255,7 @@ pub fn authed<T>(message: T, secret: &str) -> tonic::Request<T> {
 }
 
 /// An org with an API key and the `account` object, created through the Admin API.
+#[derive(Debug, Clone)]
 pub struct TestOrg {
     /// The org id.
     pub id: String,
@@ -485,4 +486,22 @@ impl Server {
             "2s",
         ])
     }
+}
+
+/// Waits (at most 30 s) until one of `members` is PRIMARY with both in its in-sync set: its
+/// index and status.
+pub async fn wait_for_pair(members: &[&Server]) -> (usize, pb::ManagerStatus) {
+    eventually(Duration::from_secs(30), "a primary with an in-sync standby", || async {
+        for (i, m) in members.iter().enumerate() {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(m.channel().await);
+            if let Ok(s) = client.status(pb::ManagerStatusRequest {}).await {
+                let s = s.into_inner();
+                if s.role == "PRIMARY" && s.in_sync.len() == 2 {
+                    return Some((i, s));
+                }
+            }
+        }
+        None
+    })
+    .await
 }

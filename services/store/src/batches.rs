@@ -805,11 +805,10 @@ impl Store {
     ) -> Result<ChunkRun, Error> {
         let (tx, run) = by_deadline(Instant::now() + budget, async {
             let mut tx = self.writer.begin().await?;
+            let ms = |d: Duration| d.as_millis().max(1);
             if self.backend == Backend::Postgres {
-                // the server stops the work too, and a lock wait ends as a busy error
-                let ms = |d: Duration| d.as_millis().max(1);
+                // the server stops the work too
                 sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(budget))).execute(&mut *tx).await?;
-                sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
             }
             // the chunk's row lock: a second delivery waits here, then finds the outcome
             let row = sqlx::query(&format!(
@@ -831,7 +830,14 @@ impl Store {
                 .await?;
             let schema = self.object(&org_id, &batch.try_get::<String, _>(0)?).await?;
             let op = BatchOp::parse(&batch.try_get::<String, _>(1)?)?;
-            let run = self.write_chunk(&mut tx, &org_id, &schema, op, records).await?;
+            // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
+            // is the normal order of things, bounded by the budget only. Any other lock wait ends
+            // as a busy error after `lock_timeout`.
+            let base = self.lock_org(&mut tx, &org_id).await?;
+            if self.backend == Backend::Postgres {
+                sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
+            }
+            let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records).await?;
             let run = match run {
                 Err(mut problems) => {
                     for p in &mut problems {
@@ -841,8 +847,7 @@ impl Store {
                 }
                 Ok(()) => {
                     sqlx::query(
-                        "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = '' \
-                         WHERE batch_id = $1 AND idx = $2",
+                        "UPDATE chunks SET state = $3, finished_at_ms = $4 WHERE batch_id = $1 AND idx = $2",
                     )
                     .bind(batch_id)
                     .bind(i64::from(index))
@@ -870,12 +875,14 @@ impl Store {
         }
     }
 
-    /// Validates and writes a chunk's records inside `conn`'s transaction; the problems (chunk
-    /// indexes) when any record is invalid.
+    /// Validates and writes a chunk's records inside `conn`'s transaction, which holds the org's
+    /// write lock (its last seq is `base`); the problems (chunk indexes) when any record is
+    /// invalid.
     async fn write_chunk(
         &self,
         conn: &mut AnyConnection,
         org_id: &str,
+        base: i64,
         schema: &ObjectSchema,
         op: BatchOp,
         records: Vec<Fields>,
@@ -888,7 +895,6 @@ impl Store {
             return Ok(Err(problems));
         }
         let ids: Vec<String> = records.iter().map(|r| record_id(schema, r).unwrap_or_default()).collect();
-        let base = self.lock_org(conn, org_id).await?;
         let existing = self.versions_of(conn, org_id, &schema.name, &ids).await?;
         let live = |id: &str| existing.get(id).is_some_and(|(_, deleted)| !deleted);
         let mut problems = Vec::new();

@@ -210,16 +210,15 @@ async fn attempts(
 ) -> Result<(ChunkState, bool), baton_store::Error> {
     use baton_store::Error as E;
     let (batch, index) = (work.batch_id.as_str(), work.chunk_index);
-    if let ChunkStart::Finished(outcome) = store.start_chunk(batch, index, worker).await? {
-        return Ok((outcome, false));
-    }
     let (mut resources, mut workload) = (false, false);
     let mut budget = options.chunk_budget;
     let mut backoff = options.retry_backoff;
     let mut cause = String::new();
     for attempt in 1..=options.max_attempts {
-        if attempt > 1 {
-            store.note_chunk_retry(batch, index, &cause).await?;
+        if attempt > 1
+            && let Err(e) = store.note_chunk_retry(batch, index, &cause).await
+        {
+            tracing::debug!(error = %e, "cannot note the retry's cause");
         }
         let outcome = if resources {
             ChunkState::CommittedAfterRetryResources
@@ -228,7 +227,14 @@ async fn attempts(
         } else {
             ChunkState::Committed
         };
-        match store.run_chunk(batch, index, outcome, budget, options.lock_timeout).await {
+        // marking the chunk RUNNING is part of the attempt: a busy database fails it the same way
+        let run = async {
+            match store.start_chunk(batch, index, worker).await? {
+                ChunkStart::Finished(outcome) => Ok(ChunkRun::Finished(outcome)),
+                ChunkStart::Run => store.run_chunk(batch, index, outcome, budget, options.lock_timeout).await,
+            }
+        };
+        match run.await {
             Ok(ChunkRun::Committed(outcome) | ChunkRun::Finished(outcome)) => return Ok((outcome, workload)),
             Ok(ChunkRun::Invalid(problems)) => {
                 let cause = format!("{} invalid record(s); nothing committed", problems.len());

@@ -1,0 +1,490 @@
+//! Batches end to end, on the real binary, SQLite and PostgreSQL: staged, divided into chunks,
+//! released by policy, run by workers (in `baton dev`, or `baton worker` processes) through the
+//! session manager; exactly once across a killed worker and killed primary managers.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use baton_mesh::proto::v1 as pb;
+use baton_scheduler::client::submit_batch;
+use baton_store::Backend;
+use baton_tests::{ADMIN_TOKEN, Server, TempDir, TestOrg, authed, backends, create_org, eventually, record};
+use sqlx::Row;
+
+fn accounts(prefix: &str, range: std::ops::Range<usize>) -> Vec<prost_types::Struct> {
+    range
+        .map(|i| record(serde_json::json!({"code": format!("{prefix}{i:06}"), "name": format!("n{i}"), "amount": i})))
+        .collect()
+}
+
+fn header(chunk_size: u32) -> pb::BatchHeader {
+    pb::BatchHeader {
+        object: "account".into(),
+        operation: pb::BatchOperation::Upsert as i32,
+        chunk_size,
+        ..Default::default()
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+async fn submit(
+    server: &Server,
+    org: &TestOrg,
+    header: pb::BatchHeader,
+    records: Vec<prost_types::Struct>,
+) -> pb::SubmitBatchResponse {
+    submit_batch(server.channel().await, &org.key, header, records, |_| {}).await.unwrap()
+}
+
+/// Follows WatchBatch until the stream ends (the batch is done), at most `within`; the last
+/// batch state and every chunk status seen.
+async fn watch(server: &Server, org: &TestOrg, id: &str, within: Duration) -> (pb::Batch, Vec<pb::ChunkStatus>) {
+    let mut client = pb::scheduler_client::SchedulerClient::new(server.channel().await);
+    let mut stream =
+        client.watch_batch(authed(pb::WatchBatchRequest { batch_id: id.into() }, &org.key)).await.unwrap().into_inner();
+    let (mut last, mut seen) = (None, Vec::new());
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.message()).await {
+            Err(_) => panic!("batch {id} not done within {within:?}: {last:?}"),
+            Ok(Ok(Some(event))) => {
+                seen.extend(event.chunks);
+                last = event.batch;
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(status)) => panic!("watch failed: {status:?}"),
+        }
+    }
+    (last.expect("at least one event"), seen)
+}
+
+async fn results(server: &Server, org: &TestOrg, id: &str) -> Vec<pb::ChunkResult> {
+    let mut client = pb::scheduler_client::SchedulerClient::new(server.channel().await);
+    let request = pb::ListChunkResultsRequest { batch_id: id.into(), page_size: 1000, ..Default::default() };
+    client.list_chunk_results(authed(request, &org.key)).await.unwrap().into_inner().results
+}
+
+fn state(c: &pb::ChunkStatus) -> pb::ChunkState {
+    pb::ChunkState::try_from(c.state).unwrap()
+}
+
+/// What the store holds for an org: live records, the largest version, and change events.
+async fn stored(url: &str, org: &str) -> (i64, i64, i64) {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(url).await.unwrap();
+    let row = sqlx::query("SELECT COUNT(*), COALESCE(MAX(version), 0) FROM records WHERE org_id = $1 AND deleted = 0")
+        .bind(org)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let events =
+        sqlx::query("SELECT COUNT(*) FROM change_events WHERE org_id = $1").bind(org).fetch_one(&pool).await.unwrap();
+    let out = (row.get::<i64, _>(0), row.get::<i64, _>(1), events.get::<i64, _>(0));
+    pool.close().await;
+    out
+}
+
+/// Chunk rows straight from the store: (index, state, attempts, worker, sent).
+async fn chunk_rows(url: &str, batch: &str) -> Vec<(i64, String, i64, String, bool)> {
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(url).await.unwrap();
+    let rows =
+        sqlx::query("SELECT idx, state, attempts, worker, sent_at_ms FROM chunks WHERE batch_id = $1 ORDER BY idx")
+            .bind(batch)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get::<i64, _>(4) > 0)).collect()
+}
+
+fn worker(server: &Server, id: &str, extra: &[&str]) -> Server {
+    let manager = format!("http://{}", server.addr);
+    let mut args = vec![
+        "worker",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &server.store_url,
+        "--manager",
+        &manager,
+        "--worker-id",
+        id,
+    ];
+    args.extend_from_slice(extra);
+    Server::spawn_raw(&args)
+}
+
+/// 100,000 records in ten chunks of 10,000: every chunk COMMITTED, every record stored once at
+/// version 1 with one change event. The same request id again answers the same batch; and an
+/// upsert over the real-time limit with `--auto-batch` becomes a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_large_batch_commits_every_record_once() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &[]).await;
+        let org = create_org(&server, "acme").await;
+        let mut h = header(0);
+        h.request_id = "load-1".into();
+        let started = Instant::now();
+        let staged = submit(&server, &org, h.clone(), accounts("a", 0..100_000)).await;
+        assert_eq!((staged.records, staged.chunks, staged.duplicate), (100_000, 10, false));
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(240)).await;
+        eprintln!("100,000 records committed in {:?} on {backend:?}", started.elapsed());
+        let totals = batch.totals.unwrap();
+        assert_eq!(pb::BatchState::try_from(batch.state).unwrap(), pb::BatchState::Done);
+        assert_eq!((totals.committed, totals.records_committed, totals.aborted), (10, 100_000, 0));
+        assert_eq!(stored(&server.store_url, &org.id).await, (100_000, 1, 100_000));
+
+        // the same request id: the same batch, nothing staged again
+        let again = submit(&server, &org, h, accounts("b", 0..10)).await;
+        assert_eq!(
+            (again.batch_id.as_str(), again.duplicate, again.records),
+            (staged.batch_id.as_str(), true, 100_000)
+        );
+        assert_eq!(stored(&server.store_url, &org.id).await.0, 100_000);
+
+        // the CLI turns a "resubmit as batch" rejection into a batch
+        let file = TempDir::new();
+        let path = file.0.join("records.ndjson");
+        let lines: Vec<String> =
+            (0..250).map(|i| format!(r#"{{"code":"cli{i:03}","name":"c","amount":{i}}}"#)).collect();
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        let out = std::process::Command::new(baton_tests::baton_bin())
+            .args(["upsert", "account", "--auto-batch", "--file", path.to_str().unwrap()])
+            .env("BATON_ENDPOINT", format!("http://{}", server.addr))
+            .env("BATON_API_KEY", &org.key)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "baton upsert --auto-batch: {stderr}");
+        assert!(stderr.contains("resubmit as batch"), "{stderr}");
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        assert!(id.starts_with("bat_"), "a batch id: {id:?}");
+        let (batch, _) = watch(&server, &org, &id, Duration::from_secs(60)).await;
+        assert_eq!(batch.totals.unwrap().records_committed, 250);
+        assert_eq!(stored(&server.store_url, &org.id).await.0, 100_250);
+    }
+}
+
+/// Bad records in two chunks: exactly those chunks ABORTED, with every failing index; none of
+/// their records committed; the other chunks committed. Bad input to SubmitBatch itself stages
+/// nothing and says what is wrong; another org cannot see the batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_records_abort_exactly_their_chunks() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &[]).await;
+        let org = create_org(&server, "acme").await;
+        let mut records = accounts("a", 0..50);
+        records[13] = record(serde_json::json!({"code": "a000013", "name": "n", "amount": "thirteen"}));
+        records[41] = record(serde_json::json!({"code": "a000041", "amount": 41}));
+        records[44] = record(serde_json::json!({"code": "a000044", "name": "n", "colour": "red"}));
+        let staged = submit(&server, &org, header(10), records).await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!((totals.committed, totals.aborted, totals.records_committed), (3, 2, 30));
+        let results = results(&server, &org, &staged.batch_id).await;
+        let aborted: BTreeMap<u32, Vec<(u64, String)>> = results
+            .iter()
+            .filter(|r| state(r.chunk.as_ref().unwrap()) == pb::ChunkState::Aborted)
+            .map(|r| (r.chunk.as_ref().unwrap().index, r.errors.iter().map(|e| (e.index, e.field.clone())).collect()))
+            .collect();
+        let expected: BTreeMap<u32, Vec<(u64, String)>> =
+            [(1, vec![(13, "amount".to_owned())]), (4, vec![(41, "name".to_owned()), (44, "colour".to_owned())])]
+                .into();
+        assert_eq!(aborted, expected);
+        let kept = server.records(&org.key, "account").await;
+        assert_eq!(kept.len(), 30);
+        assert!(kept.keys().all(|id| {
+            let i: usize = id[1..].parse().unwrap();
+            !(10..20).contains(&i) && !(40..50).contains(&i)
+        }));
+
+        // bad input to SubmitBatch: precise statuses, nothing staged
+        let mut scheduler = pb::scheduler_client::SchedulerClient::new(server.channel().await);
+        let frames = |frames: Vec<pb::SubmitBatchRequest>| authed(tokio_stream::iter(frames), &org.key);
+        let head =
+            |h: pb::BatchHeader| pb::SubmitBatchRequest { frame: Some(pb::submit_batch_request::Frame::Header(h)) };
+        let recs = |r: Vec<prost_types::Struct>| pb::SubmitBatchRequest {
+            frame: Some(pb::submit_batch_request::Frame::Records(pb::BatchRecords { records: r })),
+        };
+        let cases = [
+            (vec![recs(accounts("x", 0..2))], "the first frame must be the header"),
+            (vec![head(pb::BatchHeader { object: "account".into(), ..Default::default() })], "header.operation"),
+            (vec![head(pb::BatchHeader { chunk_size: 200_000, ..header(0) })], "header.chunk_size"),
+            (vec![head(header(0))], "at least one record"),
+            (vec![head(header(0)), recs(accounts("x", 0..2)), head(header(0))], "a second header"),
+        ];
+        for (frames_sent, says) in cases {
+            let status = scheduler.submit_batch(frames(frames_sent)).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+            let text = format!("{} {:?}", status.message(), status.details());
+            assert!(
+                text.contains(says)
+                    || tonic_types::StatusExt::get_details_bad_request(&status).is_some_and(|b| b
+                        .field_violations
+                        .iter()
+                        .any(|v| v.field.contains(says) || v.description.contains(says))),
+                "{says}: {status:?}"
+            );
+        }
+        let unknown = scheduler
+            .submit_batch(frames(vec![
+                head(pb::BatchHeader { object: "nope".into(), ..header(0) }),
+                recs(accounts("x", 0..1)),
+            ]))
+            .await
+            .unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+        let other = create_org(&server, "other").await;
+        let hidden = scheduler
+            .get_batch(authed(pb::GetBatchRequest { batch_id: staged.batch_id.clone() }, &other.key))
+            .await
+            .unwrap_err();
+        assert_eq!(hidden.code(), tonic::Code::NotFound);
+        let count: i64 = {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&server.store_url).await.unwrap();
+            let row = sqlx::query("SELECT COUNT(*) FROM batches").fetch_one(&pool).await.unwrap();
+            row.get(0)
+        };
+        assert_eq!(count, 1, "a rejected submission left a batch behind");
+    }
+}
+
+/// A lock held on the target (the whole database on SQLite, the target rows on PostgreSQL) while
+/// a worker takes its chunk: COMMITTED_AFTER_RETRY_WORKLOAD. A time budget forced below what a
+/// chunk needs: COMMITTED_AFTER_RETRY_RESOURCES.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn busy_and_resource_limits_are_retried_into_their_outcomes() {
+    use sqlx::Executor;
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        // no workers in the mesh: the chunks wait in the manager until a worker process comes
+        let server = Server::start(backend, &["--workers", "0"]).await;
+        let org = create_org(&server, "acme").await;
+        // records the batch will update, so that PostgreSQL has target rows to lock
+        let mut intake = server.intake().await;
+        let request = pb::UpsertRequest { object: "account".into(), records: accounts("a", 0..20) };
+        intake.upsert(authed(request, &org.key)).await.unwrap();
+        let staged = submit(&server, &org, header(10), accounts("a", 0..20)).await;
+        eventually(Duration::from_secs(20), "both chunks released and sent", || async {
+            chunk_rows(&server.store_url, &staged.batch_id).await.iter().all(|c| c.4).then_some(())
+        })
+        .await;
+        sqlx::any::install_default_drivers();
+        let blocker = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&server.store_url).await.unwrap();
+        let mut conn = blocker.acquire().await.unwrap();
+        match backend {
+            Backend::Sqlite => conn.execute("BEGIN IMMEDIATE").await.map(|_| ()).unwrap(),
+            Backend::Postgres => {
+                conn.execute("BEGIN").await.unwrap();
+                sqlx::query("SELECT id FROM records WHERE org_id = $1 FOR UPDATE")
+                    .bind(org.id.clone())
+                    .fetch_all(&mut *conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        let busy = worker(&server, "w-busy", &["--lock-timeout", "100ms", "--retry-backoff", "100ms"]);
+        eventually(Duration::from_secs(20), "the sessions bound to w-busy", || async {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+            let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.ok()?.into_inner().sessions;
+            sessions.iter().any(|s| s.bound_server == "w-busy").then_some(())
+        })
+        .await;
+        // the worker has its chunks now, and meets the lock for a while
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        conn.execute("COMMIT").await.unwrap();
+        drop(conn);
+        blocker.close().await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!(totals.records_committed, 20);
+        assert!(totals.committed_after_retry_workload >= 1, "{totals:?}");
+        for r in results(&server, &org, &staged.batch_id).await {
+            let c = r.chunk.unwrap();
+            if state(&c) == pb::ChunkState::CommittedAfterRetryWorkload {
+                assert!(c.worker == "w-busy" && c.last_cause.contains("busy"), "{c:?}");
+            }
+        }
+        drop(busy);
+
+        // a budget no chunk can meet at first: retried with more
+        let _tight = worker(&server, "w-tight", &["--chunk-budget", "1ms"]);
+        let staged = submit(&server, &org, header(2000), accounts("r", 0..4000)).await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(120)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!((totals.committed_after_retry_resources, totals.records_committed), (2, 4000), "{totals:?}");
+        for r in results(&server, &org, &staged.batch_id).await {
+            let c = r.chunk.unwrap();
+            assert!(c.attempts >= 2, "{c:?}");
+        }
+        assert_eq!(stored(&server.store_url, &org.id).await.0, 4020);
+    }
+}
+
+/// A worker SIGKILLed in the middle of a chunk: the manager rebinds its sessions to the other
+/// worker, which runs the chunk again; it commits exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_of_a_killed_worker_commits_once_on_another() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--workers", "0"]).await;
+        let org = create_org(&server, "acme").await;
+        // the first worker to register gets the scheduler's sessions
+        let first = worker(&server, "w1", &["--concurrency", "1"]);
+        eventually(Duration::from_secs(20), "w1 bound", || async {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+            let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.ok()?.into_inner().sessions;
+            (!sessions.is_empty() && sessions.iter().all(|s| s.bound_server == "w1")).then_some(())
+        })
+        .await;
+        let _second = worker(&server, "w2", &["--concurrency", "1"]);
+        let n = 60_000;
+        let staged = submit(&server, &org, header(20_000), accounts("a", 0..n)).await;
+        let running = eventually(Duration::from_secs(60), "a chunk running on w1", || async {
+            chunk_rows(&server.store_url, &staged.batch_id)
+                .await
+                .into_iter()
+                .find(|c| c.1 == "RUNNING" && c.3 == "w1")
+                .map(|c| c.0)
+        })
+        .await;
+        drop(first); // SIGKILL
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(180)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!((totals.committed, totals.records_committed), (3, n as u64), "{totals:?}");
+        let rows = chunk_rows(&server.store_url, &staged.batch_id).await;
+        let rerun = &rows[running as usize];
+        assert!(rerun.2 >= 2 && rerun.3 == "w2", "the killed chunk ran again on w2: {rerun:?}");
+        assert_eq!(stored(&server.store_url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
+    }
+}
+
+/// The release policy, observed: no chunk starts before its batch's not-before time; chunks
+/// running at once never exceed the caps; a second org's batch interleaves with a big one that
+/// was queued first instead of waiting for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn release_policy_holds_times_caps_and_fairness() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(
+            backend,
+            &["--max-parallel", "3", "--org-parallel", "2", "--workers", "2", "--concurrency", "4"],
+        )
+        .await;
+        let (a, b) = (create_org(&server, "a").await, create_org(&server, "b").await);
+        let not_before = now_ms() + 1500;
+        let mut timed = header(500);
+        timed.policy = Some(pb::ReleasePolicy { not_before_ms: not_before, ..Default::default() });
+        let early = submit(&server, &a, timed, accounts("t", 0..1000)).await;
+        let big = submit(&server, &a, header(1000), accounts("a", 0..12_000)).await;
+        let small = submit(&server, &b, header(1000), accounts("b", 0..3000)).await;
+        let (_, _) = watch(&server, &a, &big.batch_id, Duration::from_secs(180)).await;
+        let (_, _) = watch(&server, &b, &small.batch_id, Duration::from_secs(60)).await;
+        let (_, _) = watch(&server, &a, &early.batch_id, Duration::from_secs(60)).await;
+        let chunks = |org: &TestOrg, id: String| {
+            let server = &server;
+            let org = org.clone();
+            async move { results(server, &org, &id).await.into_iter().map(|r| r.chunk.unwrap()).collect::<Vec<_>>() }
+        };
+        let early_chunks = chunks(&a, early.batch_id.clone()).await;
+        assert!(
+            early_chunks.iter().all(|c| c.started_at_ms >= not_before),
+            "started before not-before: {early_chunks:?}"
+        );
+        let big_chunks = chunks(&a, big.batch_id.clone()).await;
+        let small_chunks = chunks(&b, small.batch_id.clone()).await;
+        // every running interval, to count the most at once (overall and per org)
+        let mut events = Vec::new();
+        for (org, c) in
+            big_chunks.iter().chain(&early_chunks).map(|c| ('a', c)).chain(small_chunks.iter().map(|c| ('b', c)))
+        {
+            assert!(c.finished_at_ms >= c.started_at_ms && c.started_at_ms > 0, "{c:?}");
+            events.push((c.started_at_ms, 1, org));
+            events.push((c.finished_at_ms, -1, org));
+        }
+        events.sort_by_key(|&(t, d, _)| (t, d));
+        let (mut all, mut per, mut peak, mut peak_org) = (0, BTreeMap::new(), 0, 0);
+        for (_, d, org) in events {
+            all += d;
+            *per.entry(org).or_insert(0) += d;
+            peak = peak.max(all);
+            peak_org = peak_org.max(per[&org]);
+        }
+        assert!(peak <= 3 && peak_org <= 2, "caps exceeded: {peak} overall, {peak_org} in one org");
+        let last_big_start = big_chunks.iter().map(|c| c.started_at_ms).max().unwrap();
+        let last_small_start = small_chunks.iter().map(|c| c.started_at_ms).max().unwrap();
+        assert!(
+            last_small_start < last_big_start,
+            "org b waited for org a's whole batch: b's last start {last_small_start}, a's {last_big_start}"
+        );
+    }
+}
+
+/// Two managers on a real etcd, a `baton scheduler` and two `baton worker` processes: the primary
+/// manager is SIGKILLed twice during a batch; the batch completes, every chunk committed exactly
+/// once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_completes_across_primary_manager_kills() {
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-batch-test/{}", std::process::id());
+    let (d1, d2, data) = (TempDir::new(), TempDir::new(), TempDir::new());
+    let mut members =
+        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
+    let managers = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let url = format!("sqlite://{}/baton.db", data.0.display());
+    let intake =
+        Server::spawn_raw(&["intake", "--listen", "127.0.0.1:0", "--store", &url, "--admin-token", ADMIN_TOKEN]);
+    let scheduler = Server::spawn_raw(&[
+        "scheduler",
+        "--listen",
+        "127.0.0.1:0",
+        "--store",
+        &url,
+        "--manager",
+        &managers,
+        "--max-parallel",
+        "4",
+    ]);
+    let _workers: Vec<Server> = ["w1", "w2"]
+        .iter()
+        .map(|id| {
+            Server::spawn_raw(&[
+                "worker",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &url,
+                "--manager",
+                &managers,
+                "--worker-id",
+                id,
+            ])
+        })
+        .collect();
+    let org = create_org(&intake, "acme").await;
+    let n = 40_000;
+    let staged = submit(&scheduler, &org, header(1000), accounts("a", 0..n)).await;
+    for kill in 0..2 {
+        eventually(Duration::from_secs(60), "chunks committing", || async {
+            let rows = chunk_rows(&url, &staged.batch_id).await;
+            let done = rows.iter().filter(|c| c.1 == "COMMITTED").count();
+            (done >= 8 * (kill + 1)).then_some(())
+        })
+        .await;
+        let (primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+        let killed = members.remove(primary);
+        members.insert(primary, killed.restart(&[]));
+    }
+    let (batch, _) = watch(&scheduler, &org, &staged.batch_id, Duration::from_secs(180)).await;
+    let totals = batch.totals.unwrap();
+    assert_eq!((totals.committed, totals.records_committed, totals.aborted), (40, n as u64, 0), "{totals:?}");
+    assert_eq!(stored(&url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
+}
