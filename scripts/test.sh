@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs every baton test: unit, in-process gRPC, store suite on SQLite and PostgreSQL, and the
-# end-to-end tests that start the real `baton` binary. Installs what it needs first.
+# Runs every baton test: unit, in-process gRPC, store suite on SQLite and PostgreSQL, the
+# end-to-end tests that start the real `baton` binary, and the check of the Kubernetes manifests
+# (scripts/k8s-check.sh). Installs what it needs first.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -p baton-store  # extra arguments go to `cargo nextest run` (or `cargo test`)
@@ -19,6 +20,10 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 # the end-to-end tests start this binary
 cargo build --quiet -p baton
+# the Kubernetes manifests, rendered and validated offline, against this binary's flags
+echo "test: scripts/k8s-check.sh" >&2
+scripts/k8s-check.sh
+scripts/k8s-check.sh --self-test
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else
