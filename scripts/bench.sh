@@ -9,14 +9,17 @@
 #                              # default 10000 events/s; BENCH_SYNC_EVENTS sets the backlog)
 #   scripts/bench.sh manager   # round trips/s relayed through a primary manager with sync
 #                              # replication to its standby, p50/p99, and SIGTERM handover time
+#   scripts/bench.sh batch     # records committed per second for a 1,000,000-record batch
+#                              # (BENCH_BATCH_RECORDS) on SQLite and PostgreSQL, beside the raw
+#                              # sqlite3 / psql insert of the same rows, and peak RSS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 area="${1:-}"
 case "$area" in
-  intake|sync|manager) ;;
-  *) echo "usage: scripts/bench.sh intake|sync|manager" >&2; exit 64 ;;
+  intake|sync|manager|batch) ;;
+  *) echo "usage: scripts/bench.sh intake|sync|manager|batch" >&2; exit 64 ;;
 esac
 
 baton_setup_tools

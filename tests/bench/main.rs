@@ -456,6 +456,116 @@ async fn chaos_manager(count: usize) {
     }
 }
 
+/// Peak resident memory of a process, in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+/// The same rows inserted by the database's own tool: `sqlite3 .import` or `psql \copy` of a
+/// CSV (id, fields as JSON) into a plain table, in one transaction. Records per second.
+fn raw_insert(backend: Backend, url: &str, csv: &std::path::Path, n: usize) -> f64 {
+    let started = Instant::now();
+    let status = match backend {
+        Backend::Sqlite => {
+            let path = url.trim_start_matches("sqlite://").replace("baton.db", "raw.db");
+            std::process::Command::new("sqlite3")
+                .arg(&path)
+                .arg("CREATE TABLE raw (id TEXT PRIMARY KEY, fields TEXT NOT NULL)")
+                .arg(".mode csv")
+                .arg("BEGIN")
+                .arg(format!(".import {} raw", csv.display()))
+                .arg("COMMIT")
+                .status()
+        }
+        Backend::Postgres => std::process::Command::new("psql")
+            .arg(url)
+            .arg("-qc")
+            .arg("CREATE TABLE raw (id TEXT PRIMARY KEY, fields JSONB NOT NULL)")
+            .arg("-c")
+            .arg(format!("\\copy raw FROM '{}' CSV", csv.display()))
+            .status(),
+    };
+    assert!(status.expect("run the raw database tool").success(), "the raw insert failed");
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+/// A batch of `BENCH_BATCH_RECORDS` (default 1,000,000) records through `baton dev`: staged,
+/// divided into chunks of 10,000, run by the workers; records committed per second beside the
+/// raw tool's insert of the same rows.
+async fn batch() {
+    let n: usize = std::env::var("BENCH_BATCH_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    let mut summary = Vec::new();
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let server = Server::start(backend, &[]).await;
+        let org = create_org(&server, "bench").await;
+        let records: Vec<_> = (0..n)
+            .map(|i| record(json!({"code": format!("c{i:08}"), "name": format!("name {i}"), "amount": i})))
+            .collect();
+        let header = pb::BatchHeader {
+            object: "account".into(),
+            operation: pb::BatchOperation::Upsert as i32,
+            ..Default::default()
+        };
+        let started = Instant::now();
+        let staged = baton_scheduler::client::submit_batch(server.channel().await, &org.key, header, records, |_| {})
+            .await
+            .expect("submit");
+        let upload = started.elapsed();
+        let mut scheduler = pb::scheduler_client::SchedulerClient::new(server.channel().await);
+        let mut stream = scheduler
+            .watch_batch(authed(pb::WatchBatchRequest { batch_id: staged.batch_id.clone() }, &org.key))
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut last = None;
+        while let Some(event) = stream.message().await.expect("watch") {
+            last = event.batch;
+        }
+        let total = started.elapsed();
+        let run = total - upload;
+        let totals = last.and_then(|b| b.totals).unwrap_or_default();
+        assert_eq!(totals.records_committed, n as u64, "every record committed: {totals:?}");
+        let rss = peak_rss_mib(server.pid());
+        let dir = baton_tests::TempDir::new();
+        let csv = dir.0.join("rows.csv");
+        {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
+            for i in 0..n {
+                writeln!(
+                    out,
+                    "c{i:08},\"{{\"\"code\"\":\"\"c{i:08}\"\",\"\"name\"\":\"\"name {i}\"\",\"\"amount\"\":{i}}}\""
+                )
+                .unwrap();
+            }
+        }
+        let raw = raw_insert(backend, &server.store_url, &csv, n);
+        let committed = n as f64 / run.as_secs_f64();
+        println!(
+            "batch {backend:?}: {n} records in {} chunks: upload+staging {:.1}s, run {:.1}s -> {committed:.0} records/s \
+             committed ({:.0}/s end to end); raw {} insert of the same rows {raw:.0} records/s ({:.0}%); \
+             baton dev peak RSS {rss:.0} MiB",
+            totals.chunks,
+            upload.as_secs_f64(),
+            run.as_secs_f64(),
+            n as f64 / total.as_secs_f64(),
+            if backend == Backend::Sqlite { "sqlite3 .import" } else { "psql \\copy" },
+            committed / raw * 100.0
+        );
+        summary.push(format!("{backend:?} {committed:.0}/s (raw {raw:.0}/s)"));
+    }
+    println!(
+        "summary: batch of {n} records committed: {} (targets: SQLite >= 200000/s, PostgreSQL >= 100000/s)",
+        summary.join(", ")
+    );
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -465,12 +575,15 @@ async fn main() {
         "intake" => intake(seconds).await,
         "sync" => sync(seconds).await,
         "manager" => manager(seconds).await,
+        "batch" => batch().await,
         "chaos-manager" => {
             let count = args.next().and_then(|c| c.parse().ok()).unwrap_or(50);
             chaos_manager(count).await
         }
         other => {
-            eprintln!("baton-bench: unknown area {other:?}; areas: intake, sync, manager, chaos-manager [COUNT]");
+            eprintln!(
+                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, batch, chaos-manager [COUNT]"
+            );
             std::process::exit(64);
         }
     }
