@@ -846,15 +846,13 @@ impl Store {
                     ChunkRun::Invalid(problems)
                 }
                 Ok(()) => {
-                    sqlx::query(
-                        "UPDATE chunks SET state = $3, finished_at_ms = $4 WHERE batch_id = $1 AND idx = $2",
-                    )
-                    .bind(batch_id)
-                    .bind(i64::from(index))
-                    .bind(outcome.as_str())
-                    .bind(now_ms())
-                    .execute(&mut *tx)
-                    .await?;
+                    sqlx::query("UPDATE chunks SET state = $3, finished_at_ms = $4 WHERE batch_id = $1 AND idx = $2")
+                        .bind(batch_id)
+                        .bind(i64::from(index))
+                        .bind(outcome.as_str())
+                        .bind(now_ms())
+                        .execute(&mut *tx)
+                        .await?;
                     ChunkRun::Committed(outcome)
                 }
             };
