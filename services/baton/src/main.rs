@@ -161,20 +161,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 exit_bad_config(e);
             }
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let listener = baton_mesh::server::bind(serve.listen).await?;
-            let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
-            // These two lines are the contract with scripts and tests that start `baton intake`
-            // on port 0: they say where it listens.
-            {
-                use std::io::Write;
-                let text = format!(
-                    "endpoint: {}\nmetrics: http://{}/metrics\n",
-                    listener.local_addr()?,
-                    metrics.local_addr()?
-                );
-                let mut out = std::io::stdout().lock();
-                let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
-            }
+            let (listener, metrics) = bind_and_announce(&serve).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
             baton_intake::run(serve, limits, store.clone(), admin_token, listener, metrics, shutdown).await?;
             store.close().await;
@@ -185,9 +172,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 exit_bad_config(e);
             }
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let listener = baton_mesh::server::bind(serve.listen).await?;
-            let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
-            print_endpoints(&listener, &metrics)?;
+            let (listener, metrics) = bind_and_announce(&serve).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
             let auth =
                 baton_mesh::auth::AuthConfig { admin_token: None, keys: Some(std::sync::Arc::new(store.clone())) };
@@ -210,9 +195,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let mut options = StoreOptions::new(String::new());
             options.busy_timeout = worker.chunks.lock_timeout;
             let store = store.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let listener = baton_mesh::server::bind(serve.listen).await?;
-            let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
-            print_endpoints(&listener, &metrics)?;
+            let (listener, metrics) = bind_and_announce(&serve).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
             // gRPC health and /metrics only: the worker's work comes through the manager
             let server = baton_mesh::server::MeshServer::new(serve, baton_mesh::auth::AuthConfig::default());
@@ -231,9 +214,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                     exit_bad_config(e);
                 }
                 let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-                let listener = baton_mesh::server::bind(serve.listen).await?;
-                let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
-                print_endpoints(&listener, &metrics)?;
+                let (listener, metrics) = bind_and_announce(&serve).await?;
                 let shutdown = baton_mesh::shutdown::on_signals();
                 let auth =
                     baton_mesh::auth::AuthConfig { admin_token: None, keys: Some(std::sync::Arc::new(store.clone())) };
@@ -254,6 +235,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Query(args) => client::query(args).await,
         Command::Delete(args) => client::delete(args).await,
     }
+}
+
+/// Binds a server's gRPC and `/metrics` listeners and prints where they are.
+async fn bind_and_announce(serve: &ServeOptions) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+    let listener = baton_mesh::server::bind(serve.listen).await?;
+    let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+    print_endpoints(&listener, &metrics)?;
+    Ok((listener, metrics))
 }
 
 /// Prints where a server listens: `endpoint: ADDR` and `metrics: URL`, the contract with scripts

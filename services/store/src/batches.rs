@@ -791,7 +791,8 @@ impl Store {
 
     /// One attempt at a chunk, in one transaction bounded by `budget`: validates its records
     /// against the object schema and the operation, writes them with their change events, and
-    /// records `outcome` as the chunk's state — all committed together, or nothing. A chunk that
+    /// records `outcome` as the chunk's state (with `cause`, why earlier attempts failed) — all
+    /// committed together, or nothing. A chunk that
     /// has its outcome already is not run again. Invalid records are answered (with their batch
     /// indexes), not committed. Database failures are errors: [`Error::Busy`] (workload),
     /// [`Error::Resource`] and [`Error::DeadlineExceeded`] (resources) are worth a retry.
@@ -800,6 +801,7 @@ impl Store {
         batch_id: &str,
         index: u32,
         outcome: ChunkState,
+        cause: &str,
         budget: Duration,
         lock_timeout: Duration,
     ) -> Result<ChunkRun, Error> {
@@ -846,13 +848,17 @@ impl Store {
                     ChunkRun::Invalid(problems)
                 }
                 Ok(()) => {
-                    sqlx::query("UPDATE chunks SET state = $3, finished_at_ms = $4 WHERE batch_id = $1 AND idx = $2")
-                        .bind(batch_id)
-                        .bind(i64::from(index))
-                        .bind(outcome.as_str())
-                        .bind(now_ms())
-                        .execute(&mut *tx)
-                        .await?;
+                    sqlx::query(
+                        "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
+                         WHERE batch_id = $1 AND idx = $2",
+                    )
+                    .bind(batch_id)
+                    .bind(i64::from(index))
+                    .bind(outcome.as_str())
+                    .bind(now_ms())
+                    .bind(cause)
+                    .execute(&mut *tx)
+                    .await?;
                     ChunkRun::Committed(outcome)
                 }
             };

@@ -396,7 +396,9 @@ mod batches {
 
     async fn run(s: &Store, batch: &str, index: u32) -> ChunkRun {
         assert_eq!(s.start_chunk(batch, index, "w1").await.unwrap(), ChunkStart::Run);
-        s.run_chunk(batch, index, ChunkState::Committed, Duration::from_secs(10), Duration::from_secs(1)).await.unwrap()
+        s.run_chunk(batch, index, ChunkState::Committed, "", Duration::from_secs(10), Duration::from_secs(1))
+            .await
+            .unwrap()
     }
 
     #[tokio::test]
@@ -419,7 +421,8 @@ mod batches {
             }
             // delivered again: nothing runs twice
             assert_eq!(s.start_chunk(&batch, 1, "w2").await.unwrap(), ChunkStart::Finished(ChunkState::Committed));
-            let again = s.run_chunk(&batch, 1, ChunkState::Committed, Duration::from_secs(5), Duration::from_secs(1));
+            let again =
+                s.run_chunk(&batch, 1, ChunkState::Committed, "", Duration::from_secs(5), Duration::from_secs(1));
             assert_eq!(again.await.unwrap(), ChunkRun::Finished(ChunkState::Committed));
             let page = s.query(&org, "account", "", &[], 100, None, soon()).await.unwrap();
             assert_eq!(page.records.len(), 10);

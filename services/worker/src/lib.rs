@@ -231,7 +231,7 @@ async fn attempts(
         let run = async {
             match store.start_chunk(batch, index, worker).await? {
                 ChunkStart::Finished(outcome) => Ok(ChunkRun::Finished(outcome)),
-                ChunkStart::Run => store.run_chunk(batch, index, outcome, budget, options.lock_timeout).await,
+                ChunkStart::Run => store.run_chunk(batch, index, outcome, &cause, budget, options.lock_timeout).await,
             }
         };
         match run.await {
