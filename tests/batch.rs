@@ -488,3 +488,91 @@ async fn a_batch_completes_across_primary_manager_kills() {
     assert_eq!((totals.committed, totals.records_committed, totals.aborted), (40, n as u64, 0), "{totals:?}");
     assert_eq!(stored(&url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
 }
+
+/// Two `baton scheduler` replicas on one PostgreSQL database share the queue: every chunk is sent
+/// to the workers exactly once (the manager's request counts add up to the chunks), and the
+/// overall cap holds across both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_schedulers_on_postgres_release_each_chunk_once() {
+    if !backends().contains(&Backend::Postgres) {
+        eprintln!("note: no PostgreSQL; skipped");
+        return;
+    }
+    let url = baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0;
+    let journal = TempDir::new();
+    let manager = Server::spawn_raw(&[
+        "manager",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--journal-dir",
+        journal.0.join("j").to_str().unwrap(),
+    ]);
+    let endpoint = format!("http://{}", manager.addr);
+    let intake =
+        Server::spawn_raw(&["intake", "--listen", "127.0.0.1:0", "--store", &url, "--admin-token", ADMIN_TOKEN]);
+    let schedulers: Vec<Server> = (0..2)
+        .map(|_| {
+            Server::spawn_raw(&[
+                "scheduler",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &url,
+                "--manager",
+                &endpoint,
+                "--max-parallel",
+                "3",
+                "--org-parallel",
+                "3",
+                "--release-interval",
+                "5ms",
+                "--sessions",
+                "2",
+            ])
+        })
+        .collect();
+    let _workers: Vec<Server> = ["w1", "w2"]
+        .iter()
+        .map(|id| {
+            Server::spawn_raw(&[
+                "worker",
+                "--listen",
+                "127.0.0.1:0",
+                "--store",
+                &url,
+                "--manager",
+                &endpoint,
+                "--worker-id",
+                id,
+                "--concurrency",
+                "4",
+            ])
+        })
+        .collect();
+    let org = create_org(&intake, "acme").await;
+    let staged = submit(&schedulers[0], &org, header(100), accounts("a", 0..6000)).await;
+    let (batch, _) = watch(&schedulers[1], &org, &staged.batch_id, Duration::from_secs(120)).await;
+    let totals = batch.totals.unwrap();
+    assert_eq!((totals.committed, totals.records_committed), (60, 6000), "{totals:?}");
+    let mut client = pb::session_manager_client::SessionManagerClient::new(manager.channel().await);
+    let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.unwrap().into_inner().sessions;
+    assert_eq!(sessions.len(), 4, "two sessions per scheduler: {sessions:?}");
+    let sent: u64 = sessions.iter().map(|s| s.last_request_seq).sum();
+    assert_eq!(sent, 60, "every chunk sent once, by one of the two schedulers");
+    let chunks: Vec<_> =
+        results(&schedulers[1], &org, &staged.batch_id).await.into_iter().map(|r| r.chunk.unwrap()).collect();
+    let mut events: Vec<(i64, i32)> =
+        chunks.iter().flat_map(|c| [(c.started_at_ms, 1), (c.finished_at_ms, -1)]).collect();
+    events.sort_by_key(|&(t, d)| (t, d));
+    let peak = events
+        .iter()
+        .scan(0, |n, &(_, d)| {
+            *n += d;
+            Some(*n)
+        })
+        .max()
+        .unwrap();
+    assert!(peak <= 3, "{peak} chunks ran at once across the two schedulers; the cap is 3");
+    assert_eq!(stored(&url, &org.id).await, (6000, 1, 6000));
+}

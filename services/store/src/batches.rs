@@ -678,8 +678,9 @@ impl Store {
                 false
             });
         }
-        for chunk in &released {
-            sqlx::query(
+        let mut claimed = Vec::with_capacity(released.len());
+        for chunk in released {
+            let updated = sqlx::query(
                 "UPDATE chunks SET state = 'RELEASED', claimed_by = $3, released_at_ms = $4, sent_at_ms = 0 \
                  WHERE batch_id = $1 AND idx = $2 AND state = 'PENDING'",
             )
@@ -689,6 +690,11 @@ impl Store {
             .bind(now)
             .execute(&mut *tx)
             .await?;
+            // only what this transaction moved out of PENDING is ours to send (the lock row makes
+            // this always so; the check keeps a chunk from being sent twice even without it)
+            if updated.rows_affected() == 1 {
+                claimed.push(chunk);
+            }
         }
         for batch in changed_rates {
             sqlx::query("UPDATE batches SET next_release_ms = $2 WHERE id = $1")
@@ -698,7 +704,7 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
-        Ok(released)
+        Ok(claimed)
     }
 
     /// Records that a released chunk is in the manager's hands.
