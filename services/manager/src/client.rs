@@ -46,6 +46,15 @@ async fn connect(endpoint: &str) -> Result<Channel, Status> {
         .map_err(|e| Status::unavailable(format!("cannot connect to the manager at {endpoint}: {e}")))
 }
 
+/// Takes a frame's term; a term older than one already seen (a deposed primary's) is refused.
+fn advance_term(seen: &mut u64, term: u64) -> Result<(), Status> {
+    if term < *seen {
+        return Err(Status::unavailable(format!("a frame of term {term} after term {seen}")));
+    }
+    *seen = term;
+    Ok(())
+}
+
 /// The managers to try, in order, and the leader a standby pointed to.
 struct Endpoints {
     all: Vec<String>,
@@ -158,10 +167,7 @@ impl ClientLoop {
             tokio::select! {
                 event = events.message() => {
                     let Some(event) = event? else { return Err(Status::unavailable("the manager closed the stream")) };
-                    if event.term < self.seen_term {
-                        return Err(Status::unavailable(format!("a frame of term {} after term {}", event.term, self.seen_term)));
-                    }
-                    self.seen_term = event.term;
+                    advance_term(&mut self.seen_term, event.term)?;
                     match event.kind {
                         Some(pb::client_event::Kind::Opened(o)) => {
                             self.endpoints.connected();
@@ -392,10 +398,7 @@ impl ServerLoop {
             tokio::select! {
                 event = stream.message() => {
                     let Some(event) = event? else { return Err(Status::unavailable("the manager closed the stream")) };
-                    if event.term < self.seen_term {
-                        return Err(Status::unavailable(format!("a frame of term {} after term {}", event.term, self.seen_term)));
-                    }
-                    self.seen_term = event.term;
+                    advance_term(&mut self.seen_term, event.term)?;
                     match event.kind {
                         Some(pb::server_event::Kind::Bound(b)) => {
                             let e = ServerEvent::Bound {

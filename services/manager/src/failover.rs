@@ -17,15 +17,13 @@ use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+use baton_mesh::now_ms;
+
 use crate::service::{ManagerService, Publisher};
 
 /// The exit code of a primary that fenced itself (lost its lease): restart it, and it rejoins
 /// as a standby.
 pub const EXIT_FENCED: i32 = 75;
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
 
 /// The etcd key holding the in-sync set: beside the election key, not under it (every key under
 /// `election/` is a candidate).

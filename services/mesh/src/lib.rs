@@ -8,7 +8,8 @@
 //! - [`server`]: the bootstrap that serves a set of gRPC services with health, reflection, the
 //!   layer, `/metrics` and a bounded graceful shutdown;
 //! - [`status`]: `tonic::Status` with google.rpc details (ErrorInfo, RetryInfo, BadRequest);
-//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token.
+//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token;
+//! - [`now_ms`]: wall-clock time as stored and sent (milliseconds since the Unix epoch).
 
 pub mod auth;
 pub mod config;
@@ -18,3 +19,8 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+
+/// Now, in milliseconds since the Unix epoch: the time format of every stored and sent timestamp.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}

@@ -11,10 +11,11 @@
 //! scheduler died in between) is released again after a timeout by any scheduler.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::time::Duration;
 
 use baton_manager::client::{ClientSender, ClientSession};
+use baton_mesh::now_ms;
 use baton_mesh::proto::{from_any, to_any, v1 as pb};
 use baton_store::Store;
 use baton_store::batches::ReleaseCaps;
@@ -27,17 +28,19 @@ use crate::SchedulerOptions;
 /// How long releases pause after a worker reports an overloaded database.
 const OVERLOAD_PAUSE: Duration = Duration::from_secs(1);
 
-/// Epoch milliseconds, for the overload pause shared with the response readers.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 struct Shared {
     wake: Notify,
     /// Requests sent and not answered, per session.
     outstanding: Vec<AtomicU32>,
     /// No release before this time (ms), while the database is overloaded.
-    paused_until: AtomicU64,
+    paused_until: AtomicI64,
+}
+
+impl Shared {
+    /// Defers releases for [`OVERLOAD_PAUSE`].
+    fn pause(&self) {
+        self.paused_until.fetch_max(now_ms() + OVERLOAD_PAUSE.as_millis() as i64, Ordering::Relaxed);
+    }
 }
 
 /// Opens the client sessions, retrying until the manager answers or `shutdown`.
@@ -74,7 +77,7 @@ pub async fn run(store: Store, options: SchedulerOptions, shutdown: Cancellation
     let shared = Arc::new(Shared {
         wake: Notify::new(),
         outstanding: (0..sessions.len()).map(|_| AtomicU32::new(0)).collect(),
-        paused_until: AtomicU64::new(0),
+        paused_until: AtomicI64::new(0),
     });
     let mut senders: Vec<ClientSender> = Vec::new();
     for (k, mut session) in sessions.into_iter().enumerate() {
@@ -86,9 +89,7 @@ pub async fn run(store: Store, options: SchedulerOptions, shutdown: Cancellation
                 match response.payload.as_ref().map(|p| from_any::<pb::ChunkDone>(CHUNK_DONE, p)) {
                     Some(Ok(done)) => {
                         if done.overloaded {
-                            shared
-                                .paused_until
-                                .fetch_max(now_ms() + OVERLOAD_PAUSE.as_millis() as u64, Ordering::Relaxed);
+                            shared.pause();
                         }
                         tracing::debug!(batch = %done.batch_id, chunk = done.chunk_index, outcome = done.outcome, "chunk answered");
                     }
@@ -105,8 +106,7 @@ pub async fn run(store: Store, options: SchedulerOptions, shutdown: Cancellation
             _ = shared.wake.notified() => {}
             _ = tokio::time::sleep(options.release.release_interval) => {}
         }
-        let paused = shared.paused_until.load(Ordering::Relaxed);
-        if paused > now_ms() {
+        if shared.paused_until.load(Ordering::Relaxed) > now_ms() {
             continue;
         }
         let released = match store.release_chunks(&me, caps).await {
@@ -114,7 +114,7 @@ pub async fn run(store: Store, options: SchedulerOptions, shutdown: Cancellation
             Err(e) => {
                 // the database itself is the overloaded one: wait
                 tracing::warn!(error = %e, "cannot release chunks; pausing");
-                shared.paused_until.fetch_max(now_ms() + OVERLOAD_PAUSE.as_millis() as u64, Ordering::Relaxed);
+                shared.pause();
                 continue;
             }
         };

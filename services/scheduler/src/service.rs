@@ -13,7 +13,7 @@ use baton_mesh::status::{Violation, invalid_argument};
 use baton_store::batches::{BatchInfo, BatchOp, BatchStart, BatchState, ChunkInfo, MAX_CHUNK_SIZE, NewBatch};
 use baton_store::model::Fields;
 use baton_store::{FieldError, Store};
-use baton_worker::outcome_to_pb;
+use baton_worker::chunk_state_to_pb;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -97,18 +97,18 @@ fn op_to_pb(op: BatchOp) -> pb::BatchOperation {
 
 /// The wire form of a batch.
 pub fn batch_to_pb(b: &BatchInfo) -> pb::Batch {
-    let t = &b.totals;
+    let (t, spec) = (&b.totals, &b.spec);
     pb::Batch {
         batch_id: b.id.clone(),
-        object: b.object.clone(),
-        operation: op_to_pb(b.operation) as i32,
-        chunk_size: b.chunk_size,
+        object: spec.object.clone(),
+        operation: op_to_pb(spec.operation) as i32,
+        chunk_size: spec.chunk_size,
         policy: Some(pb::ReleasePolicy {
-            not_before_ms: b.not_before_ms,
-            max_parallel_chunks: b.max_parallel,
-            records_per_second: b.records_per_second,
+            not_before_ms: spec.not_before_ms,
+            max_parallel_chunks: spec.max_parallel,
+            records_per_second: spec.records_per_second,
         }),
-        request_id: b.request_id.clone().unwrap_or_default(),
+        request_id: spec.request_id.clone().unwrap_or_default(),
         state: match b.state {
             BatchState::Staging => pb::BatchState::Staging,
             BatchState::Running => pb::BatchState::Running,
@@ -137,7 +137,7 @@ fn chunk_to_pb(c: &ChunkInfo) -> pb::ChunkStatus {
         index: c.index,
         first_record: c.first_record,
         records: c.records,
-        state: outcome_to_pb(c.state) as i32,
+        state: chunk_state_to_pb(c.state) as i32,
         attempts: c.attempts,
         worker: c.worker.clone(),
         last_cause: c.last_cause.clone(),

@@ -200,20 +200,8 @@ pub struct BatchInfo {
     pub id: String,
     /// The org.
     pub org_id: String,
-    /// The client's request id.
-    pub request_id: Option<String>,
-    /// The object.
-    pub object: String,
-    /// The operation.
-    pub operation: BatchOp,
-    /// Records per chunk.
-    pub chunk_size: u32,
-    /// No release before (ms).
-    pub not_before_ms: i64,
-    /// Chunks in flight at most (0: the scheduler's per-org cap).
-    pub max_parallel: u32,
-    /// Records per second at most (0: no limit).
-    pub records_per_second: u32,
+    /// What was submitted: object, operation, chunk size, release policy, request id.
+    pub spec: NewBatch,
     /// Its state.
     pub state: BatchState,
     /// Chunk counts.
@@ -479,13 +467,15 @@ impl Store {
         Ok(BatchInfo {
             id: row.try_get(0)?,
             org_id: row.try_get(1)?,
-            request_id: row.try_get(2)?,
-            object: row.try_get(3)?,
-            operation: BatchOp::parse(&row.try_get::<String, _>(4)?)?,
-            chunk_size: u32_of(&row, 5)?,
-            not_before_ms: row.try_get(6)?,
-            max_parallel: u32_of(&row, 7)?,
-            records_per_second: u32_of(&row, 8)?,
+            spec: NewBatch {
+                object: row.try_get(3)?,
+                operation: BatchOp::parse(&row.try_get::<String, _>(4)?)?,
+                chunk_size: u32_of(&row, 5)?,
+                not_before_ms: row.try_get(6)?,
+                max_parallel: u32_of(&row, 7)?,
+                records_per_second: u32_of(&row, 8)?,
+                request_id: row.try_get(2)?,
+            },
             state,
             totals,
             created_at_ms: row.try_get(10)?,

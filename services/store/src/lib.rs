@@ -22,7 +22,9 @@ pub mod testing;
 mod writer;
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+pub(crate) use baton_mesh::now_ms;
 
 use futures::future::BoxFuture;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -302,11 +304,6 @@ fn redact(url: &str) -> String {
         }
         _ => url.to_owned(),
     }
-}
-
-/// Now, in milliseconds since the Unix epoch.
-pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A random id: `prefix` and 16 hex digits.

@@ -529,6 +529,28 @@ mod batches {
     }
 
     #[tokio::test]
+    async fn a_freed_slot_goes_to_the_org_with_the_fewest_chunks_in_flight() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let a = org_with_account(s).await;
+            let b = s.create_org("beta").await.unwrap().id;
+            s.define_object(&b, &account()).await.unwrap();
+            let big = submit(s, &a, &new_batch(BatchOp::Upsert, 1), &accounts("a", 6)).await;
+            let small = submit(s, &b, &new_batch(BatchOp::Upsert, 1), &accounts("b", 2)).await;
+            // the per-org cap is the overall cap: only fair sharing keeps org b from waiting
+            let caps = ReleaseCaps { overall: 2, per_org: 2 };
+            let first = s.release_chunks("sched", caps).await.unwrap();
+            let batches: Vec<_> = first.iter().map(|c| c.batch_id.as_str()).collect();
+            assert_eq!(batches, [big.as_str(), small.as_str()], "one each, in turn");
+            // org b's chunk finishes: the slot is b's again (a still has one in flight)
+            assert_eq!(run(s, &small, first[1].index).await, ChunkRun::Committed(ChunkState::Committed));
+            let next = s.release_chunks("sched", caps).await.unwrap();
+            assert_eq!(next.iter().map(|c| c.batch_id.as_str()).collect::<Vec<_>>(), [small.as_str()]);
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn the_same_request_id_gives_the_same_batch() {
         each_backend(|t| async move {
             let s = &t.store;

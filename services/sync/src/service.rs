@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use baton_mesh::auth::org_of;
+use baton_mesh::now_ms;
 use baton_mesh::proto::v1 as pb;
 use baton_store::FieldError;
 use baton_store::Store;
@@ -68,10 +69,6 @@ impl SyncService {
             link,
         }
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// A store link state as its protobuf enum.

@@ -186,7 +186,7 @@ pub async fn execute(
                 return Some(pb::ChunkDone {
                     batch_id: work.batch_id.clone(),
                     chunk_index: work.chunk_index,
-                    outcome: outcome_to_pb(outcome) as i32,
+                    outcome: chunk_state_to_pb(outcome) as i32,
                     overloaded,
                 });
             }
@@ -264,8 +264,8 @@ async fn attempts(
     Ok((store.abort_chunk(batch, index, &[], &cause).await?, workload))
 }
 
-/// The wire form of a chunk state.
-pub fn outcome_to_pb(state: ChunkState) -> pb::ChunkState {
+/// The wire form of a chunk state (in ChunkDone here, in the scheduler's chunk statuses).
+pub fn chunk_state_to_pb(state: ChunkState) -> pb::ChunkState {
     match state {
         ChunkState::Pending => pb::ChunkState::Pending,
         ChunkState::Released => pb::ChunkState::Released,
