@@ -58,6 +58,10 @@ pub struct MeshServer {
 impl MeshServer {
     /// A server with no services yet.
     pub fn new(options: ServeOptions, auth: AuthConfig) -> Self {
+        // The recorder is installed now, before any request or background task records: a metric
+        // recorded before it exists is lost (the `/metrics` task used to install it when it first
+        // ran, which under load could be after the first requests).
+        crate::telemetry::metrics();
         let health = HealthReporter::new();
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(health.clone()),
