@@ -24,6 +24,11 @@ pub struct DevArgs {
     #[arg(long = "store", env = "BATON_STORE")]
     store: Option<String>,
 
+    /// Where export parts are kept; by default a directory under the data directory. An
+    /// `s3://BUCKET/PREFIX` URL uses an S3-compatible store (the `AWS_*` variables configure it).
+    #[arg(long = "blobs", env = "BATON_BLOBS")]
+    blobs: Option<String>,
+
     /// The gRPC address (port 0 picks a free port).
     #[arg(long = "listen", env = "BATON_LISTEN", default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
@@ -91,6 +96,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // on SQLite, a chunk's lock wait ends as busy after the workers' lock timeout
     store_options.busy_timeout = args.chunks.lock_timeout;
     let store = Store::open(&store_options).await.unwrap_or_else(|e| exit_bad_config(e));
+    let blobs_at = args.blobs.clone().unwrap_or_else(|| data_dir.join("blobs").display().to_string());
+    let blobs = baton_store::blobs::Blobs::open(&blobs_at).unwrap_or_else(|e| exit_bad_config(e));
     let serve = ServeOptions {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
@@ -108,6 +115,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 endpoint:    {addr}\n\
          \x20 metrics:     http://{metrics_addr}/metrics\n\
          \x20 store:       {shown}\n\
+         \x20 blobs:       {blobs_at}\n\
          \x20 admin token: {token}\n\
          \n\
          try it:\n\
@@ -126,7 +134,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let shutdown = baton_mesh::shutdown::on_signals();
     let auth = AuthConfig { admin_token: Some(token.into()), keys: Some(std::sync::Arc::new(store.clone())) };
     let server = MeshServer::new(serve.clone(), auth);
-    let server = baton_intake::add_services(server, &store, &args.limits, &serve);
+    let server = baton_intake::add_services(server, &store, &blobs, &args.limits, &serve);
     let server = baton_sync::add_services(server, &store, &args.sync, serve.max_message_bytes(), shutdown.clone());
     // one manager, without etcd or a standby, journaling under the data directory
     let manager_options = baton_manager::ManagerOptions::single(data_dir.join("manager"));
@@ -137,10 +145,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let server = baton_scheduler::add_services(server, &store, serve.max_message_bytes());
     let me = format!("http://{addr}");
     let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), args.release.clone());
-    let mut tasks = vec![tokio::spawn(baton_scheduler::releaser::run(store.clone(), scheduler, shutdown.clone()))];
+    let mut tasks =
+        vec![tokio::spawn(baton_scheduler::releaser::run(store.clone(), blobs.clone(), scheduler, shutdown.clone()))];
     for n in 0..args.workers {
         let worker = baton_worker::WorkerOptions::new(me.clone(), format!("dev-worker-{n}"), args.chunks.clone());
-        tasks.push(tokio::spawn(baton_worker::run(worker, store.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(baton_worker::run(worker, store.clone(), blobs.clone(), shutdown.clone())));
     }
     server.serve(listener, metrics, shutdown).await?;
     for task in tasks {

@@ -12,6 +12,7 @@ use std::process::ExitCode;
 
 use baton_intake::IntakeOptions;
 use baton_mesh::config::{ServeOptions, TelemetryOptions, exit_bad_config};
+use baton_store::blobs::Blobs;
 use baton_store::{Store, StoreOptions};
 use clap::{Parser, Subcommand};
 
@@ -37,6 +38,12 @@ pub(crate) struct StoreArgs {
     #[arg(long, env = "BATON_STORE_CONNECTIONS", default_value_t = 16,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     store_connections: u32,
+
+    /// Where export parts are kept: a directory, `file:///DIR`, or `s3://BUCKET/PREFIX` (an
+    /// S3-compatible store, configured by the `AWS_*` variables). Intake, scheduler and workers
+    /// must share it.
+    #[arg(long, env = "BATON_BLOBS", default_value = ".baton-blobs")]
+    blobs: String,
 }
 
 impl StoreArgs {
@@ -49,6 +56,11 @@ impl StoreArgs {
         options.url = self.url.clone();
         options.max_connections = self.store_connections;
         Ok(Store::open(&options).await?)
+    }
+
+    /// Opens the blob store (export parts).
+    pub(crate) fn open_blobs(&self) -> anyhow::Result<Blobs> {
+        Ok(Blobs::open(&self.blobs)?)
     }
 }
 
@@ -160,10 +172,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Err(e) = limits.validate() {
                 exit_bad_config(e);
             }
+            let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
-            baton_intake::run(serve, limits, store.clone(), admin_token, listener, metrics, shutdown).await?;
+            baton_intake::run(serve, limits, store.clone(), blobs, admin_token, listener, metrics, shutdown).await?;
             store.close().await;
             Ok(())
         }
@@ -171,6 +184,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Err(e) = scheduler.validate() {
                 exit_bad_config(e);
             }
+            let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
@@ -181,7 +195,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 &store,
                 serve.max_message_bytes(),
             );
-            let releaser = tokio::spawn(baton_scheduler::releaser::run(store.clone(), scheduler, shutdown.clone()));
+            let releaser =
+                tokio::spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, shutdown.clone()));
             server.serve(listener, metrics, shutdown).await?;
             let _ = releaser.await;
             store.close().await;
@@ -194,12 +209,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
             // on SQLite, a lock wait ends as busy after the worker's lock timeout
             let mut options = StoreOptions::new(String::new());
             options.busy_timeout = worker.chunks.lock_timeout;
+            let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
             // gRPC health and /metrics only: the worker's work comes through the manager
             let server = baton_mesh::server::MeshServer::new(serve, baton_mesh::auth::AuthConfig::default());
-            let work = tokio::spawn(baton_worker::run(worker, store.clone(), shutdown.clone()));
+            let work = tokio::spawn(baton_worker::run(worker, store.clone(), blobs, shutdown.clone()));
             server.serve(listener, metrics, shutdown).await?;
             let _ = work.await;
             store.close().await;

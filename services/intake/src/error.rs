@@ -74,6 +74,15 @@ impl From<Error> for Status {
                 })
             }
             Error::Store(e @ S::Trimmed { .. }) => Status::out_of_range(e.to_string()),
+            Error::Store(S::Expired(what)) => status::with_reason(
+                Code::NotFound,
+                status::EXPIRED,
+                format!("{what} has expired: its retention is over and its parts are deleted"),
+            ),
+            Error::Store(e @ S::Blob(_)) => {
+                tracing::error!(error = %e, "blob store failure");
+                status::retry_later(Code::Unavailable, "the blob store is unavailable; retry later", RETRY_AFTER)
+            }
             Error::Store(e @ (S::Database(_) | S::Migrate(_) | S::Url { .. } | S::Corrupt(_))) => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("internal store error")

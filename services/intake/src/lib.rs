@@ -6,11 +6,15 @@
 //! rolled back), answers RESOURCE_EXHAUSTED with `ErrorInfo{reason: RESUBMIT_AS_BATCH}` (Query:
 //! `RESUBMIT_AS_EXPORT`), so that the client sends the same work as a batch (or an export).
 //!
+//! Exports ([`export`]) answer their first portion at once and a token for the rest, which the
+//! workers produce as parts.
+//!
 //! The intake is stateless: everything it knows is in the store. It never talks to workers.
 
 mod admin;
 pub mod convert;
 mod error;
+pub mod export;
 mod limits;
 
 use std::time::Duration;
@@ -20,6 +24,7 @@ use baton_mesh::config::{ServeOptions, parse_duration};
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
 use baton_mesh::status::{LimitExceeded, RESUBMIT_AS_BATCH, RESUBMIT_AS_EXPORT, Violation, invalid_argument};
+use baton_store::blobs::Blobs;
 use baton_store::{FieldError, Store};
 use prost::Message;
 use tokio::net::TcpListener;
@@ -52,6 +57,11 @@ pub struct IntakeOptions {
     #[arg(long, env = "BATON_MAX_IN_FLIGHT", default_value_t = 256,
           value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_in_flight: u32,
+
+    /// How long an export's parts are kept; after it they are deleted and its token answers
+    /// NOT_FOUND (expired).
+    #[arg(long, env = "BATON_EXPORT_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub export_retention: Duration,
 }
 
 impl IntakeOptions {
@@ -63,6 +73,9 @@ impl IntakeOptions {
         if self.max_in_flight_per_org > self.max_in_flight {
             return Err("--max-in-flight-per-org cannot exceed --max-in-flight".into());
         }
+        if self.export_retention > Duration::from_secs(366 * 24 * 3600) {
+            return Err(format!("--export-retention must be at most a year, got {:?}", self.export_retention));
+        }
         Ok(())
     }
 }
@@ -71,14 +84,22 @@ impl IntakeOptions {
 #[derive(Debug, Clone)]
 pub struct IntakeService {
     store: Store,
+    blobs: Blobs,
     limits: Limits,
     max_message_bytes: usize,
+    export_retention: Duration,
 }
 
 impl IntakeService {
-    /// An intake over `store`.
-    pub fn new(store: Store, options: &IntakeOptions, max_message_bytes: usize) -> Self {
-        Self { store, limits: Limits::new(options), max_message_bytes }
+    /// An intake over `store`, reading export parts from `blobs`.
+    pub fn new(store: Store, blobs: Blobs, options: &IntakeOptions, max_message_bytes: usize) -> Self {
+        Self {
+            store,
+            blobs,
+            limits: Limits::new(options),
+            max_message_bytes,
+            export_retention: options.export_retention,
+        }
     }
 
     /// Rejects a request message over the size limit with a field violation naming its size.
@@ -255,17 +276,56 @@ impl pb::intake_server::Intake for IntakeService {
                 .collect(),
         }))
     }
+
+    async fn export(&self, request: Request<pb::ExportRequest>) -> Result<Response<pb::ExportResponse>, Status> {
+        self.serve_export(request).await.map(Response::new)
+    }
+
+    async fn get_export(&self, request: Request<pb::ExportTokenRequest>) -> Result<Response<pb::ExportStatus>, Status> {
+        self.serve_get_export(request).await.map(Response::new)
+    }
+
+    type WatchExportStream = export::GrpcStream<pb::ExportStatus>;
+
+    async fn watch_export(
+        &self,
+        request: Request<pb::ExportTokenRequest>,
+    ) -> Result<Response<Self::WatchExportStream>, Status> {
+        self.serve_watch_export(request).await.map(Response::new)
+    }
+
+    type FetchPartStream = export::GrpcStream<pb::ExportRows>;
+
+    async fn fetch_part(
+        &self,
+        request: Request<pb::FetchPartRequest>,
+    ) -> Result<Response<Self::FetchPartStream>, Status> {
+        self.serve_fetch_part(request).await.map(Response::new)
+    }
+
+    async fn cancel_export(
+        &self,
+        request: Request<pb::ExportTokenRequest>,
+    ) -> Result<Response<pb::ExportStatus>, Status> {
+        self.serve_cancel_export(request).await.map(Response::new)
+    }
 }
 
 /// The most changes one ApplyChanges request may carry.
 pub const MAX_APPLY_CHANGES: usize = 10_000;
 
 /// Adds the intake and admin services to a server.
-pub fn add_services(server: MeshServer, store: &Store, options: &IntakeOptions, serve: &ServeOptions) -> MeshServer {
+pub fn add_services(
+    server: MeshServer,
+    store: &Store,
+    blobs: &Blobs,
+    options: &IntakeOptions,
+    serve: &ServeOptions,
+) -> MeshServer {
     // The transport refuses messages over four times the limit outright (protecting memory);
     // below that, the handlers answer INVALID_ARGUMENT with the exact size and limit.
     let transport_cap = serve.max_message_bytes().saturating_mul(4);
-    let intake = IntakeService::new(store.clone(), options, serve.max_message_bytes());
+    let intake = IntakeService::new(store.clone(), blobs.clone(), options, serve.max_message_bytes());
     server
         .add_service(
             pb::intake_server::IntakeServer::new(intake)
@@ -283,12 +343,13 @@ pub async fn run(
     serve: ServeOptions,
     options: IntakeOptions,
     store: Store,
+    blobs: Blobs,
     admin_token: Option<String>,
     listener: TcpListener,
     metrics: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), baton_mesh::server::Error> {
     let auth = AuthConfig { admin_token: admin_token.map(Into::into), keys: Some(std::sync::Arc::new(store.clone())) };
-    let server = add_services(MeshServer::new(serve.clone(), auth), &store, &options, &serve);
+    let server = add_services(MeshServer::new(serve.clone(), auth), &store, &blobs, &options, &serve);
     server.serve(listener, metrics, shutdown).await
 }

@@ -85,6 +85,7 @@ mod tests {
             deadline: Duration::from_secs(2),
             max_in_flight_per_org: per_org,
             max_in_flight: overall,
+            export_retention: Duration::from_secs(60),
         })
     }
 

@@ -16,6 +16,10 @@ pub const RESUBMIT_AS_BATCH: &str = "RESUBMIT_AS_BATCH";
 /// The ErrorInfo reason of a real-time read over a limit: ask for the same records as an export.
 pub const RESUBMIT_AS_EXPORT: &str = "RESUBMIT_AS_EXPORT";
 
+/// The ErrorInfo reason of NOT_FOUND for something that existed but is past its retention (an
+/// export's token).
+pub const EXPIRED: &str = "EXPIRED";
+
 /// A limit a request went over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitExceeded {

@@ -1,4 +1,4 @@
-//! The scheduler: batches in, chunks out.
+//! The scheduler: batches in, chunks out; exports planned into parts, parts out.
 //!
 //! [`SchedulerService`] is the gRPC API (SubmitBatch, GetBatch, WatchBatch, ListChunkResults,
 //! CancelBatch): it stages a batch's records durably as chunks before answering its id. The
@@ -60,11 +60,22 @@ pub struct ReleaseOptions {
     #[arg(long, env = "BATON_SCHEDULER_SESSIONS", default_value_t = 8,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub sessions: u32,
+
+    /// Parts of one export produced at once (each by a worker slot).
+    #[arg(long, env = "BATON_EXPORT_PARALLEL", default_value_t = 2,
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub export_parallel: u32,
 }
 
 impl Default for ReleaseOptions {
     fn default() -> Self {
-        Self { max_parallel: 16, org_parallel: 4, release_interval: Duration::from_millis(200), sessions: 8 }
+        Self {
+            max_parallel: 16,
+            org_parallel: 4,
+            release_interval: Duration::from_millis(200),
+            sessions: 8,
+            export_parallel: 2,
+        }
     }
 }
 

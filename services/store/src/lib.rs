@@ -13,6 +13,8 @@
 
 mod admin;
 pub mod batches;
+pub mod blobs;
+pub mod exports;
 pub mod filter;
 pub mod model;
 mod records;
@@ -95,6 +97,12 @@ pub enum Error {
     /// Stored data could not be decoded (a bug or a corrupted database).
     #[error("corrupt stored data: {0}")]
     Corrupt(String),
+    /// The blob store failed.
+    #[error("blob store: {0}")]
+    Blob(String),
+    /// The named thing existed but is past its retention: it answers NOT_FOUND, saying so.
+    #[error("{0} has expired")]
+    Expired(String),
 }
 
 /// Sorts a database error into busy (workload), resource, or other.
@@ -159,16 +167,18 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sources: [(i64, &'static str, &'static str); 3] = match self.0 {
+        let sources: [(i64, &'static str, &'static str); 4] = match self.0 {
             Backend::Sqlite => [
                 (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
                 (3, "batches", include_str!("../migrations/sqlite/0003_batches.sql")),
+                (4, "exports", include_str!("../migrations/sqlite/0004_exports.sql")),
             ],
             Backend::Postgres => [
                 (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/postgres/0002_sync.sql")),
                 (3, "batches", include_str!("../migrations/postgres/0003_batches.sql")),
+                (4, "exports", include_str!("../migrations/postgres/0004_exports.sql")),
             ],
         };
         Box::pin(async move {

@@ -12,7 +12,7 @@ use crate::schema::{FieldError, RecordProblem, record_id, unique_key, validate_r
 use crate::writer::{BatchWriter, RecordWrite};
 use crate::{Error, Store, now_ms};
 
-type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
+pub(crate) type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
 fn bind_param<'q>(query: Query<'q>, param: &Param) -> Query<'q> {
     match param {
@@ -39,12 +39,58 @@ pub(crate) async fn by_deadline<T>(
     }
 }
 
-fn decode_fields(text: &str) -> Result<Fields, Error> {
+/// Checks the fields asked for against the schema and compiles the filter with placeholders from
+/// `$first`: every problem is listed.
+pub(crate) fn read_condition(
+    schema: &ObjectSchema,
+    backend: crate::Backend,
+    filter_text: &str,
+    fields: &[String],
+    first: usize,
+) -> Result<Option<filter::Compiled>, Error> {
+    let mut errors = Vec::new();
+    for (i, f) in fields.iter().enumerate() {
+        if schema.field(f).is_none() {
+            errors.push(FieldError::new(
+                format!("fields[{i}]"),
+                format!("unknown field {f:?} of object {}", schema.name),
+            ));
+        }
+    }
+    let compiled = match filter::parse(filter_text) {
+        Ok(Some(expr)) => match filter::compile(&expr, schema, backend, first) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                errors.push(e);
+                None
+            }
+        },
+        Ok(None) => None,
+        Err(e) => {
+            errors.push(e);
+            None
+        }
+    };
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors));
+    }
+    Ok(compiled)
+}
+
+/// Binds a compiled filter's values.
+pub(crate) fn bind_condition<'q>(mut query: Query<'q>, compiled: Option<&filter::Compiled>) -> Query<'q> {
+    for p in compiled.iter().flat_map(|c| &c.params) {
+        query = bind_param(query, p);
+    }
+    query
+}
+
+pub(crate) fn decode_fields(text: &str) -> Result<Fields, Error> {
     serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("record fields: {e}")))
 }
 
 impl Store {
-    fn record_from_row(row: &AnyRow) -> Result<Record, Error> {
+    pub(crate) fn record_from_row(row: &AnyRow) -> Result<Record, Error> {
         Ok(Record {
             id: row.try_get(0)?,
             fields: decode_fields(&row.try_get::<String, _>(1)?)?,
@@ -287,29 +333,7 @@ impl Store {
     ) -> Result<Page, Error> {
         by_deadline(deadline, async {
             let schema = self.object(org_id, object).await?;
-            let mut errors = Vec::new();
-            for (i, f) in fields.iter().enumerate() {
-                if schema.field(f).is_none() {
-                    errors.push(FieldError::new(
-                        format!("fields[{i}]"),
-                        format!("unknown field {f:?} of object {object}"),
-                    ));
-                }
-            }
-            let expr = filter::parse(filter_text).map_err(|e| Error::Invalid(vec![e]))?;
-            let compiled = match &expr {
-                Some(expr) => match filter::compile(expr, &schema, self.backend, 5) {
-                    Ok(c) => Some(c),
-                    Err(e) => {
-                        errors.push(e);
-                        None
-                    }
-                },
-                None => None,
-            };
-            if !errors.is_empty() {
-                return Err(Error::Invalid(errors));
-            }
+            let compiled = read_condition(&schema, self.backend, filter_text, fields, 5)?;
             let condition = compiled.as_ref().map(|c| format!(" AND {}", c.sql)).unwrap_or_default();
             let sql = format!(
                 "SELECT id, {}, version, updated_at_ms FROM records \
@@ -318,9 +342,7 @@ impl Store {
             );
             let mut query =
                 sqlx::query(&sql).bind(org_id).bind(object).bind(after.unwrap_or("").to_owned()).bind(limit as i64 + 1);
-            for p in compiled.iter().flat_map(|c| &c.params) {
-                query = bind_param(query, p);
-            }
+            query = bind_condition(query, compiled.as_ref());
             let rows = query.fetch_all(&self.reader).await?;
             let mut records = rows.iter().map(Self::record_from_row).collect::<Result<Vec<_>, _>>()?;
             let next_after = if records.len() > limit {

@@ -573,3 +573,236 @@ mod batches {
         .await;
     }
 }
+
+mod exports {
+    use super::*;
+    use baton_store::blobs::Blobs;
+    use baton_store::exports::{ExportReason, ExportSpec, ExportStart, ExportState, PartOutcome, PartRead};
+
+    fn spec(filter: &str, sync_rows: u32, part_rows: u32) -> ExportSpec {
+        ExportSpec {
+            object: "account".into(),
+            filter: filter.into(),
+            fields: Vec::new(),
+            sync_rows,
+            part_rows,
+            request_id: None,
+        }
+    }
+
+    async fn load(s: &Store, org: &str, n: usize) {
+        let records: Vec<Fields> =
+            (0..n).map(|i| rec(json!({"code": format!("r{i:04}"), "amount": i, "status": "open"}))).collect();
+        for batch in records.chunks(200) {
+            s.upsert(org, "account", batch.to_vec(), soon()).await.unwrap();
+        }
+    }
+
+    /// Plans and produces every part (each released part produced by `produce`), answering the
+    /// ids of every part read back.
+    async fn produce_all(s: &Store, blobs: &Blobs, org: &str, token: &str) -> Vec<String> {
+        for _ in 0..100 {
+            s.plan_exports(Duration::from_secs(5)).await.unwrap();
+            let released = s.release_parts("sched", 4, 16).await.unwrap();
+            for part in &released {
+                assert!(matches!(
+                    s.produce_part(blobs, &part.export_id, part.number, "w1").await.unwrap(),
+                    PartOutcome::Produced(_)
+                ));
+            }
+            if s.export(org, token).await.unwrap().state.is_final() {
+                break;
+            }
+        }
+        let info = s.export(org, token).await.unwrap();
+        assert_eq!(info.state, ExportState::Complete);
+        let mut ids = Vec::new();
+        for n in 1..=info.parts_total {
+            let PartRead::Rows(rows) = s.read_part(blobs, org, token, n).await.unwrap() else { panic!("part {n}") };
+            ids.extend(rows.records().map(|r| r.unwrap().id));
+        }
+        ids
+    }
+
+    #[tokio::test]
+    async fn every_matching_record_is_exported_once_across_the_first_portion_and_the_parts() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let dir = tempfile::tempdir().unwrap();
+            let blobs = Blobs::open(dir.path().to_str().unwrap()).unwrap();
+            let org = org_with_account(s).await;
+            load(s, &org, 430).await;
+            // small: complete at once, nothing created
+            let small = spec("amount < 5", 10, 100);
+            let ExportStart::Complete(rows) =
+                s.start_export(&org, &small, soon(), Duration::from_secs(60)).await.unwrap()
+            else {
+                panic!("a small export completes")
+            };
+            assert_eq!(rows.len(), 5);
+
+            let started = s.start_export(&org, &spec("", 30, 100), soon(), Duration::from_secs(60)).await.unwrap();
+            let ExportStart::Started { first, export, token, estimate_exact } = started else { panic!("async") };
+            assert_eq!(
+                (first.len(), export.reason, export.state),
+                (30, ExportReason::LargeResults, ExportState::Producing)
+            );
+            assert_eq!((export.estimated_total, estimate_exact, export.as_of_seq), (430, true, 430));
+            // writes during the export: updates of records on both sides of the cursor, new
+            // records; none is duplicated or dropped
+            s.upsert(
+                &org,
+                "account",
+                vec![rec(json!({"code": "r0001", "amount": -1})), rec(json!({"code": "r0300", "amount": -1}))],
+                soon(),
+            )
+            .await
+            .unwrap();
+            let mut ids: Vec<String> = first.iter().map(|r| r.id.clone()).collect();
+            ids.extend(produce_all(s, &blobs, &org, &token).await);
+            let info = s.export(&org, &token).await.unwrap();
+            assert!(info.total_known && info.parts_total == 4, "{info:?}");
+            assert_eq!(info.rows_ready + 30, 430);
+            let mut sorted = ids.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(sorted.len(), ids.len(), "a record exported twice");
+            assert_eq!(ids, (0..430).map(|i| format!("r{i:04}")).collect::<Vec<_>>());
+
+            // a filter selects exactly, and a redelivered part is recorded once
+            let filtered = spec("amount >= 100 AND amount < 390", 7, 40);
+            let started = s.start_export(&org, &filtered, soon(), Duration::from_secs(60)).await.unwrap();
+            let ExportStart::Started { first, token, .. } = started else { panic!("async") };
+            s.plan_exports(Duration::from_secs(5)).await.unwrap();
+            let part = s.release_parts("sched", 1, 1).await.unwrap().remove(0);
+            let once = s.produce_part(&blobs, &part.export_id, part.number, "w1").await.unwrap();
+            let twice = s.produce_part(&blobs, &part.export_id, part.number, "w2").await.unwrap();
+            assert_eq!((once, twice), (PartOutcome::Produced(40), PartOutcome::Produced(40)));
+            let mut ids: Vec<String> = first.iter().map(|r| r.id.clone()).collect();
+            ids.extend(produce_all(s, &blobs, &org, &token).await);
+            // r0300 was updated to amount -1 above: it no longer matches
+            assert_eq!(ids, (100..390).filter(|&i| i != 300).map(|i| format!("r{i:04}")).collect::<Vec<_>>());
+            let blob_files = walk(dir.path()).into_iter().filter(|p| p.contains(&part.export_id)).count();
+            assert_eq!(blob_files as u32, s.export(&org, &token).await.unwrap().parts_total, "one blob per part");
+        })
+        .await;
+    }
+
+    fn walk(dir: &std::path::Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path.to_string_lossy().into_owned());
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn tokens_are_bound_to_their_org_cancel_stops_parts_and_expiry_deletes_them() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let dir = tempfile::tempdir().unwrap();
+            let blobs = Blobs::open(dir.path().to_str().unwrap()).unwrap();
+            let org = org_with_account(s).await;
+            let other = s.create_org("other").await.unwrap().id;
+            load(s, &org, 300).await;
+            let started = s.start_export(&org, &spec("", 10, 50), soon(), Duration::from_secs(60)).await.unwrap();
+            let ExportStart::Started { token, export, .. } = started else { panic!("async") };
+            assert!(matches!(s.export(&other, &token).await, Err(Error::NotFound(_))));
+            assert!(matches!(s.export(&org, "xt_guessed").await, Err(Error::NotFound(_))));
+            assert!(matches!(s.read_part(&blobs, &other, &token, 1).await, Err(Error::NotFound(_))));
+            assert_eq!(s.read_part(&blobs, &org, &token, 1).await.unwrap(), PartRead::NotReady);
+
+            // one part produced, then cancelled: nothing more is released or recorded
+            s.plan_exports(Duration::from_secs(5)).await.unwrap();
+            let parts = s.release_parts("sched", 2, 2).await.unwrap();
+            assert_eq!(parts.len(), 2);
+            s.produce_part(&blobs, &export.id, parts[0].number, "w1").await.unwrap();
+            let cancelled = s.cancel_export(&org, &token).await.unwrap();
+            assert_eq!((cancelled.state, cancelled.parts_ready), (ExportState::Cancelled, 1));
+            assert_eq!(
+                s.produce_part(&blobs, &export.id, parts[1].number, "w1").await.unwrap(),
+                PartOutcome::NotProduced
+            );
+            assert!(s.release_parts("sched", 8, 8).await.unwrap().is_empty());
+            assert!(matches!(s.read_part(&blobs, &org, &token, 1).await.unwrap(), PartRead::Rows(r) if r.clone().records().count() == 50));
+            assert_eq!(s.read_part(&blobs, &org, &token, 2).await.unwrap(), PartRead::Never(ExportState::Cancelled));
+            assert_eq!(walk(dir.path()).len(), 1, "the refused part's blob is deleted");
+
+            // retention 0: expired at once, its blobs deleted by the sweep
+            let started = s.start_export(&org, &spec("", 10, 50), soon(), Duration::ZERO).await.unwrap();
+            let ExportStart::Started { token: gone, .. } = started else { panic!("async") };
+            assert!(matches!(s.export(&org, &gone).await, Err(Error::Expired(_))));
+            assert_eq!(s.expire_exports(&blobs, 10).await.unwrap(), 1);
+            assert!(matches!(s.export(&org, &gone).await, Err(Error::Expired(_))));
+            assert!(matches!(s.read_part(&blobs, &org, &gone, 1).await, Err(Error::Expired(_))));
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_request_id_answers_the_same_export_with_a_new_token() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            load(s, &org, 120).await;
+            let mut with_id = spec("", 25, 50);
+            with_id.request_id = Some("exp-1".into());
+            let ExportStart::Started { first: a, export: ea, token: ta, .. } =
+                s.start_export(&org, &with_id, soon(), Duration::from_secs(60)).await.unwrap()
+            else {
+                panic!("async")
+            };
+            let ExportStart::Started { first: b, export: eb, token: tb, .. } =
+                s.start_export(&org, &with_id, soon(), Duration::from_secs(60)).await.unwrap()
+            else {
+                panic!("async")
+            };
+            assert_eq!(ea.id, eb.id);
+            assert_ne!(ta, tb);
+            assert_eq!(a, b);
+            assert_eq!(s.export(&org, &tb).await.unwrap().id, ea.id);
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn bad_input_creates_nothing() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            load(s, &org, 20).await;
+            let mut bad = spec("amount >", 5, 5);
+            bad.fields = vec!["nope".into()];
+            let Err(Error::Invalid(errors)) = s.start_export(&org, &bad, soon(), Duration::from_secs(60)).await else {
+                panic!("invalid")
+            };
+            let fields: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
+            assert_eq!(fields, ["fields[0]", "filter"], "{errors:?}");
+            let Err(Error::Invalid(errors)) =
+                s.start_export(&org, &spec("amount >", 5, 5), soon(), Duration::from_secs(60)).await
+            else {
+                panic!("invalid")
+            };
+            assert_eq!(errors[0].field, "filter");
+            assert!(matches!(
+                s.start_export(
+                    &org,
+                    &ExportSpec { object: "nope".into(), ..spec("", 5, 5) },
+                    soon(),
+                    Duration::from_secs(60)
+                )
+                .await,
+                Err(Error::NotFound(_))
+            ));
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&t.url).await.unwrap();
+            let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM exports").fetch_one(&pool).await.unwrap();
+            assert_eq!(count, 0);
+        })
+        .await;
+    }
+}

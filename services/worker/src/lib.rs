@@ -1,6 +1,7 @@
-//! Workers: server sessions of the session manager's worker pool. Each request a worker receives
-//! is a [`pb::ChunkWork`]; the worker runs that chunk in one database transaction and answers a
-//! [`pb::ChunkDone`] with the chunk's outcome.
+//! Workers: server sessions of the session manager's worker pool. A request a worker receives is
+//! a [`pb::ChunkWork`] — the worker runs that chunk in one database transaction and answers a
+//! [`pb::ChunkDone`] with the chunk's outcome — or a [`pb::ExportPartWork`]: the worker produces
+//! that export part ([`export`]) and answers a [`pb::ExportPartDone`].
 //!
 //! A worker keeps no state of its own: a chunk's state lives in the store, and its outcome is
 //! committed with its records (the commit marker). So a chunk delivered again — the worker was
@@ -15,14 +16,17 @@
 //! more telling). Invalid records abort the chunk at once with every failing index; retries
 //! exhausted abort it with the last cause.
 
+pub mod export;
+
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_manager::client::{ServerEvent, ServerSession};
 use baton_mesh::config::parse_duration;
-use baton_mesh::proto::{from_any, to_any, v1 as pb};
+use baton_mesh::proto::{from_any, to_any, type_url, v1 as pb};
 use baton_store::Store;
 use baton_store::batches::{ChunkRun, ChunkStart, ChunkState};
+use baton_store::blobs::Blobs;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -30,6 +34,10 @@ use tokio_util::sync::CancellationToken;
 pub const CHUNK_WORK: &str = "baton.v1.ChunkWork";
 /// The full name of the answer message.
 pub const CHUNK_DONE: &str = "baton.v1.ChunkDone";
+/// The full name of the export part work message.
+pub const EXPORT_PART_WORK: &str = "baton.v1.ExportPartWork";
+/// The full name of its answer.
+pub const EXPORT_PART_DONE: &str = "baton.v1.ExportPartDone";
 /// The manager pool workers register in by default.
 pub const DEFAULT_POOL: &str = "workers";
 
@@ -127,8 +135,9 @@ impl WorkerOptions {
     }
 }
 
-/// Runs a worker until `shutdown`: registers in the pool and runs the chunks it is sent.
-pub async fn run(options: WorkerOptions, store: Store, shutdown: CancellationToken) {
+/// Runs a worker until `shutdown`: registers in the pool and runs the chunks and export parts it
+/// is sent.
+pub async fn run(options: WorkerOptions, store: Store, blobs: Blobs, shutdown: CancellationToken) {
     let id = options.id();
     let mut session = ServerSession::register(&options.manager, &options.pool, &id);
     let replier = session.replier();
@@ -143,24 +152,38 @@ pub async fn run(options: WorkerOptions, store: Store, shutdown: CancellationTok
         let Some(event) = event else { break };
         let ServerEvent::Request { session_id, seq, payload, .. } = event else { continue };
         let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let (store, options, replier, id, shutdown) =
-            (store.clone(), options.clone(), replier.clone(), id.clone(), shutdown.clone());
+        let (store, blobs, options, replier, id, shutdown) =
+            (store.clone(), blobs.clone(), options.clone(), replier.clone(), id.clone(), shutdown.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let work = match payload.as_ref().map(|p| from_any::<pb::ChunkWork>(CHUNK_WORK, p)) {
-                Some(Ok(work)) => work,
-                Some(Err(e)) => {
-                    tracing::error!(session = %session_id, seq, error = %e, "not a chunk; left unanswered");
-                    return;
+            let Some(payload) = payload else {
+                tracing::error!(session = %session_id, seq, "an empty request; left unanswered");
+                return;
+            };
+            let answer = if payload.type_url == type_url(EXPORT_PART_WORK) {
+                match from_any::<pb::ExportPartWork>(EXPORT_PART_WORK, &payload) {
+                    Ok(work) => export::produce(&store, &blobs, &options.chunks, &id, &work, &shutdown)
+                        .await
+                        .map(|done| to_any(EXPORT_PART_DONE, &done)),
+                    Err(e) => {
+                        tracing::error!(session = %session_id, seq, error = %e, "a bad export part; left unanswered");
+                        return;
+                    }
                 }
-                None => {
-                    tracing::error!(session = %session_id, seq, "an empty request; left unanswered");
-                    return;
+            } else {
+                match from_any::<pb::ChunkWork>(CHUNK_WORK, &payload) {
+                    Ok(work) => {
+                        execute(&store, &options, &id, &work, &shutdown).await.map(|done| to_any(CHUNK_DONE, &done))
+                    }
+                    Err(e) => {
+                        tracing::error!(session = %session_id, seq, error = %e, "not a chunk; left unanswered");
+                        return;
+                    }
                 }
             };
-            let Some(done) = execute(&store, &options, &id, &work, &shutdown).await else { return };
-            if let Err(e) = replier.reply(&session_id, seq, to_any(CHUNK_DONE, &done), Vec::new()).await {
-                tracing::warn!(error = %e, "cannot answer a chunk (the manager delivers it again)");
+            let Some(answer) = answer else { return };
+            if let Err(e) = replier.reply(&session_id, seq, answer, Vec::new()).await {
+                tracing::warn!(error = %e, "cannot answer (the manager delivers the request again)");
             }
         });
     }

@@ -1,0 +1,279 @@
+//! Export, semi-synchronous: the first portion at once, then a token to follow the export
+//! (GetExport, WatchExport), read its parts (FetchPart) and cancel it (CancelExport).
+//!
+//! The intake only reads: it creates the export record before answering, and the scheduler plans
+//! and releases the parts to the workers, which write them to the blob store.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use baton_mesh::auth::org_of;
+use baton_mesh::proto::v1 as pb;
+use baton_mesh::status::RESUBMIT_AS_EXPORT;
+use baton_store::FieldError;
+use baton_store::exports::{self, ExportInfo, ExportReason, ExportSpec, ExportStart, ExportState, PartRead};
+use tokio_stream::Stream;
+use tonic::{Request, Status};
+
+use crate::{Error, IntakeService, convert, require};
+
+/// How often WatchExport, `wait` and FetchPart of a part not yet produced look at the export.
+const POLL: Duration = Duration::from_millis(100);
+/// Rows per FetchPart frame.
+const FRAME_ROWS: usize = 1_000;
+/// The longest request id.
+const MAX_REQUEST_ID: usize = 128;
+
+/// A stream of gRPC messages.
+pub type GrpcStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn state_to_pb(state: ExportState) -> pb::ExportState {
+    match state {
+        ExportState::Producing => pb::ExportState::Producing,
+        ExportState::Complete => pb::ExportState::Complete,
+        ExportState::Failed => pb::ExportState::Failed,
+        ExportState::Cancelled => pb::ExportState::Cancelled,
+    }
+}
+
+fn reason_to_pb(reason: ExportReason) -> pb::ExportReason {
+    match reason {
+        ExportReason::LargeResults => pb::ExportReason::LargeResults,
+        ExportReason::LongRunning => pb::ExportReason::LongRunning,
+    }
+}
+
+/// An export's record as its wire status.
+pub fn export_to_pb(export: &ExportInfo) -> pb::ExportStatus {
+    pb::ExportStatus {
+        export_id: export.id.clone(),
+        state: state_to_pb(export.state) as i32,
+        reason: reason_to_pb(export.reason) as i32,
+        object: export.object.clone(),
+        first_rows: export.first_rows,
+        parts_total: export.parts_total,
+        parts_ready: export.parts_ready,
+        rows_ready: export.rows_ready,
+        estimated_total: export.estimated_total,
+        total_known: export.total_known,
+        as_of_seq: export.as_of_seq,
+        created_at_ms: export.created_at_ms,
+        expires_at_ms: export.expires_at_ms,
+        finished_at_ms: export.finished_at_ms,
+        error: export.error.clone(),
+        parts: export.parts.iter().map(|p| pb::ExportPart { number: p.number, rows: p.rows, bytes: p.bytes }).collect(),
+    }
+}
+
+/// Checks an export request and fills in the defaults.
+fn spec_of(request: pb::ExportRequest) -> Result<ExportSpec, Error> {
+    let mut errors = Vec::new();
+    if request.object.is_empty() {
+        errors.push(FieldError::new("object", "required"));
+    }
+    if request.sync_rows > exports::MAX_SYNC_ROWS {
+        errors.push(FieldError::new(
+            "sync_rows",
+            format!("at most {}, got {}", exports::MAX_SYNC_ROWS, request.sync_rows),
+        ));
+    }
+    if request.part_rows > exports::MAX_PART_ROWS {
+        errors.push(FieldError::new(
+            "part_rows",
+            format!("at most {}, got {}", exports::MAX_PART_ROWS, request.part_rows),
+        ));
+    }
+    if request.request_id.len() > MAX_REQUEST_ID {
+        errors.push(FieldError::new("request_id", format!("at most {MAX_REQUEST_ID} characters")));
+    }
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors));
+    }
+    Ok(ExportSpec {
+        object: request.object,
+        filter: request.filter,
+        fields: request.fields,
+        sync_rows: if request.sync_rows == 0 { exports::DEFAULT_SYNC_ROWS } else { request.sync_rows },
+        part_rows: if request.part_rows == 0 { exports::DEFAULT_PART_ROWS } else { request.part_rows },
+        request_id: (!request.request_id.is_empty()).then_some(request.request_id),
+    })
+}
+
+impl IntakeService {
+    pub(crate) async fn serve_export(&self, request: Request<pb::ExportRequest>) -> Result<pb::ExportResponse, Status> {
+        let org = org_of(&request)?;
+        let request = request.into_inner();
+        self.check_size(&request)?;
+        let wait = request.wait;
+        let spec = spec_of(request)?;
+        let _permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
+        let started = self
+            .store
+            .start_export(&org, &spec, self.deadline(), self.export_retention)
+            .await
+            .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_EXPORT))?;
+        drop(_permit);
+        let (first, export, token, estimate_exact) = match started {
+            ExportStart::Complete(records) => {
+                metrics::counter!("baton_exports_total", "mode" => "sync").increment(1);
+                return Ok(pb::ExportResponse {
+                    estimated_total: records.len() as i64,
+                    estimate_exact: true,
+                    records: records.iter().map(convert::record_to_pb).collect(),
+                    complete: true,
+                    ..Default::default()
+                });
+            }
+            ExportStart::Started { first, export, token, estimate_exact } => (first, export, token, estimate_exact),
+        };
+        metrics::counter!("baton_exports_total", "mode" => "async").increment(1);
+        tracing::info!(export = %export.id, org = %org, object = %export.object, reason = export.reason.as_str(), "export started");
+        let mut status = export_to_pb(&export);
+        if wait {
+            let mut current = export;
+            while !current.state.is_final() {
+                tokio::time::sleep(POLL).await;
+                current = self.store.export(&org, &token).await.map_err(Error::from)?;
+            }
+            status = export_to_pb(&current);
+        }
+        Ok(pb::ExportResponse {
+            records: first.iter().map(convert::record_to_pb).collect(),
+            complete: false,
+            export_id: status.export_id.clone(),
+            token,
+            reason: status.reason,
+            as_of_seq: status.as_of_seq,
+            estimated_total: if status.total_known { status.estimated_total } else { export_estimate(&status) },
+            estimate_exact: estimate_exact || status.total_known,
+            status: Some(status),
+        })
+    }
+
+    pub(crate) async fn serve_get_export(
+        &self,
+        request: Request<pb::ExportTokenRequest>,
+    ) -> Result<pb::ExportStatus, Status> {
+        let org = org_of(&request)?;
+        require(&request.get_ref().token, "token")?;
+        let export = self.store.export(&org, &request.get_ref().token).await.map_err(Error::from)?;
+        Ok(export_to_pb(&export))
+    }
+
+    pub(crate) async fn serve_cancel_export(
+        &self,
+        request: Request<pb::ExportTokenRequest>,
+    ) -> Result<pb::ExportStatus, Status> {
+        let org = org_of(&request)?;
+        require(&request.get_ref().token, "token")?;
+        let export = self.store.cancel_export(&org, &request.get_ref().token).await.map_err(Error::from)?;
+        tracing::info!(export = %export.id, org = %org, "export cancelled");
+        Ok(export_to_pb(&export))
+    }
+
+    pub(crate) async fn serve_watch_export(
+        &self,
+        request: Request<pb::ExportTokenRequest>,
+    ) -> Result<GrpcStream<pb::ExportStatus>, Status> {
+        let org = org_of(&request)?;
+        let token = request.into_inner().token;
+        require(&token, "token")?;
+        // NOT_FOUND before the stream starts
+        let first = self.store.export(&org, &token).await.map_err(Error::from)?;
+        let store = self.store.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last = export_to_pb(&first);
+            if tx.send(Ok(last.clone())).await.is_err() || first.state.is_final() {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(POLL) => {}
+                }
+                let export = match store.export(&org, &token).await {
+                    Ok(export) => export,
+                    Err(e) => {
+                        let _ = tx.send(Err(Error::from(e).into())).await;
+                        return;
+                    }
+                };
+                let status = export_to_pb(&export);
+                if status != last {
+                    if tx.send(Ok(status.clone())).await.is_err() {
+                        return;
+                    }
+                    last = status;
+                }
+                if export.state.is_final() {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+
+    pub(crate) async fn serve_fetch_part(
+        &self,
+        request: Request<pb::FetchPartRequest>,
+    ) -> Result<GrpcStream<pb::ExportRows>, Status> {
+        let org = org_of(&request)?;
+        let request = request.into_inner();
+        require(&request.token, "token")?;
+        if request.part == 0 {
+            return Err(Error::Invalid(vec![FieldError::new("part", "parts are numbered from 1")]).into());
+        }
+        // a part still being produced is waited for; the client's deadline bounds the wait
+        let rows = loop {
+            match self.store.read_part(&self.blobs, &org, &request.token, request.part).await.map_err(Error::from)? {
+                PartRead::Rows(rows) => break rows,
+                PartRead::NotReady => tokio::time::sleep(POLL).await,
+                PartRead::OutOfRange(total) => {
+                    return Err(Status::out_of_range(format!(
+                        "part {} does not exist: the export has {total} part(s)",
+                        request.part
+                    )));
+                }
+                PartRead::Never(state) => {
+                    return Err(Status::failed_precondition(format!(
+                        "part {} was not produced: the export is {}",
+                        request.part,
+                        state.as_str().to_lowercase()
+                    )));
+                }
+            }
+        };
+        // frames are decoded one at a time as the client reads them: a part is held compressed
+        // size × 3 or so, never as decoded rows
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            let mut lines = rows.records();
+            let mut sent = 0u64;
+            loop {
+                let frame: Result<Vec<pb::Record>, _> =
+                    lines.by_ref().take(FRAME_ROWS).map(|r| r.map(|r| convert::record_to_pb(&r))).collect();
+                match frame {
+                    Ok(records) if records.is_empty() => break,
+                    Ok(records) => {
+                        sent += records.len() as u64;
+                        if tx.send(Ok(pb::ExportRows { records })).await.is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                        break;
+                    }
+                }
+            }
+            metrics::counter!("baton_export_rows_fetched_total").increment(sent);
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}
+
+/// The estimate while planning goes on: what is known to match so far.
+fn export_estimate(status: &pb::ExportStatus) -> i64 {
+    status.estimated_total.max(status.first_rows + status.rows_ready)
+}
