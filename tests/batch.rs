@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 use baton_mesh::proto::v1 as pb;
 use baton_scheduler::client::submit_batch;
 use baton_store::Backend;
-use baton_tests::{ADMIN_TOKEN, Server, TempDir, TestOrg, authed, backends, create_org, eventually, record};
+use baton_tests::{
+    Server, TempDir, TestOrg, authed, backends, create_org, eventually, intake_process, record, scheduler_process,
+    worker, worker_process,
+};
 use sqlx::Row;
 
 fn accounts(prefix: &str, range: std::ops::Range<usize>) -> Vec<prost_types::Struct> {
@@ -99,30 +102,6 @@ async fn chunk_rows(url: &str, batch: &str) -> Vec<(i64, String, i64, String, bo
             .unwrap();
     pool.close().await;
     rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get::<i64, _>(4) > 0)).collect()
-}
-
-/// A `baton worker` process on `url`, serving the manager at `manager`.
-fn worker_process(url: &str, manager: &str, id: &str, extra: &[&str]) -> Server {
-    let mut args = vec!["worker", "--listen", "127.0.0.1:0", "--store", url, "--manager", manager, "--worker-id", id];
-    args.extend_from_slice(extra);
-    Server::spawn_raw(&args)
-}
-
-/// A `baton worker` process serving `server` (a `baton dev` with its own manager).
-fn worker(server: &Server, id: &str, extra: &[&str]) -> Server {
-    worker_process(&server.store_url, &format!("http://{}", server.addr), id, extra)
-}
-
-/// A `baton scheduler` process on `url`, sending chunks through the manager at `manager`.
-fn scheduler_process(url: &str, manager: &str, extra: &[&str]) -> Server {
-    let mut args = vec!["scheduler", "--listen", "127.0.0.1:0", "--store", url, "--manager", manager];
-    args.extend_from_slice(extra);
-    Server::spawn_raw(&args)
-}
-
-/// A `baton intake` process (with the admin API) on `url`.
-fn intake_process(url: &str) -> Server {
-    Server::spawn_raw(&["intake", "--listen", "127.0.0.1:0", "--store", url, "--admin-token", ADMIN_TOKEN])
 }
 
 /// Every chunk's status, in index order.
@@ -454,7 +433,7 @@ async fn a_batch_completes_across_primary_manager_kills() {
     let managers = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let url = format!("sqlite://{}/baton.db", data.0.display());
-    let intake = intake_process(&url);
+    let intake = intake_process(&url, &[]);
     let scheduler = scheduler_process(&url, &managers, &["--max-parallel", "4"]);
     let _workers: Vec<Server> = ["w1", "w2"].iter().map(|id| worker_process(&url, &managers, id, &[])).collect();
     let org = create_org(&intake, "acme").await;
@@ -497,7 +476,7 @@ async fn two_schedulers_on_postgres_release_each_chunk_once() {
         journal.0.join("j").to_str().unwrap(),
     ]);
     let endpoint = format!("http://{}", manager.addr);
-    let intake = intake_process(&url);
+    let intake = intake_process(&url, &[]);
     let release = ["--max-parallel", "3", "--org-parallel", "3", "--release-interval", "5ms", "--sessions", "2"];
     let schedulers: Vec<Server> = (0..2).map(|_| scheduler_process(&url, &endpoint, &release)).collect();
     let _workers: Vec<Server> =

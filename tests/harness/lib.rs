@@ -163,6 +163,11 @@ impl Server {
         Server { child, addr: addr.unwrap(), metrics: metrics.unwrap(), store_url, backend, _dir: dir, args }
     }
 
+    /// The data directory of a `baton dev` server.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self._dir.as_ref().expect("a data directory").0
+    }
+
     /// A channel to the server.
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(format!("http://{}", self.addr)).unwrap().connect().await.unwrap()
@@ -504,4 +509,30 @@ pub async fn wait_for_pair(members: &[&Server]) -> (usize, pb::ManagerStatus) {
         None
     })
     .await
+}
+
+/// A `baton worker` process on `url`, serving the manager at `manager`.
+pub fn worker_process(url: &str, manager: &str, id: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["worker", "--listen", "127.0.0.1:0", "--store", url, "--manager", manager, "--worker-id", id];
+    args.extend_from_slice(extra);
+    Server::spawn_raw(&args)
+}
+
+/// A `baton worker` process serving `server` (a `baton dev` with its own manager).
+pub fn worker(server: &Server, id: &str, extra: &[&str]) -> Server {
+    worker_process(&server.store_url, &format!("http://{}", server.addr), id, extra)
+}
+
+/// A `baton scheduler` process on `url`, sending chunks through the manager at `manager`.
+pub fn scheduler_process(url: &str, manager: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["scheduler", "--listen", "127.0.0.1:0", "--store", url, "--manager", manager];
+    args.extend_from_slice(extra);
+    Server::spawn_raw(&args)
+}
+
+/// A `baton intake` process (with the admin API) on `url`.
+pub fn intake_process(url: &str, extra: &[&str]) -> Server {
+    let mut args = vec!["intake", "--listen", "127.0.0.1:0", "--store", url, "--admin-token", ADMIN_TOKEN];
+    args.extend_from_slice(extra);
+    Server::spawn_raw(&args)
 }

@@ -4,6 +4,7 @@
 mod batch_cli;
 mod client;
 mod dev;
+mod export_cli;
 mod manager_cli;
 mod sync_cli;
 
@@ -102,6 +103,9 @@ enum Command {
         #[command(flatten)]
         worker: baton_worker::WorkerOptions,
     },
+    /// Exports the records matching a filter to a file: the first rows at once, the rest
+    /// downloaded in parts as the workers produce them (resumable with `--token`).
+    Export(export_cli::ExportArgs),
     /// Submits, follows, reads and cancels batches.
     Batch(batch_cli::BatchArgs),
     /// Runs the whole mesh in one process on embedded defaults (SQLite under --data-dir).
@@ -222,6 +226,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Batch(args) => batch_cli::run(args).await,
+        Command::Export(args) => export_cli::run(args).await,
         Command::Dev(args) => dev::run(args).await,
         Command::Manager(args) => manager_cli::run(args).await,
         Command::Sync(args) => match args.command {

@@ -339,6 +339,7 @@ pub fn add_services(
 }
 
 /// Runs a standalone intake (with the admin API) until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     serve: ServeOptions,
     options: IntakeOptions,

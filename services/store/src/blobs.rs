@@ -29,24 +29,20 @@ fn blob_error(e: impl std::fmt::Display) -> Error {
 }
 
 impl Blobs {
-    /// Opens the blob store at `location`: a directory path (created if missing), a `file://`
+    /// Opens the blob store at `location`: a directory path, a `file://`
     /// URL, or an `s3://bucket/prefix` URL configured by the usual `AWS_*` variables
     /// (`AWS_ENDPOINT` and `AWS_ALLOW_HTTP=true` for an S3-compatible server), or `memory://`
     /// (tests).
     pub fn open(location: &str) -> Result<Self, Error> {
         let bad = |reason: String| Error::Url { url: location.to_owned(), reason };
+        // a local directory is created by the first write, not here: a process that never
+        // writes a part (a worker of batches only) leaves nothing behind
         let url = if location.contains("://") {
             url::Url::parse(location).map_err(|e| bad(e.to_string()))?
         } else {
-            let dir = std::path::Path::new(location);
-            std::fs::create_dir_all(dir).map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
-            let dir = dir.canonicalize().map_err(|e| bad(e.to_string()))?;
+            let dir = std::path::absolute(location).map_err(|e| bad(e.to_string()))?;
             url::Url::from_directory_path(&dir).map_err(|()| bad("not an absolute directory".into()))?
         };
-        if url.scheme() == "file" {
-            let dir = url.to_file_path().map_err(|()| bad("not a local path".into()))?;
-            std::fs::create_dir_all(&dir).map_err(|e| bad(format!("cannot create {}: {e}", dir.display())))?;
-        }
         let options: Vec<(String, String)> =
             std::env::vars().filter(|(k, _)| k.starts_with("AWS_") || k.starts_with("OBJECT_STORE_")).collect();
         let (store, root) = object_store::parse_url_opts(&url, options).map_err(|e| bad(e.to_string()))?;

@@ -170,6 +170,7 @@ pub struct ExportInfo {
 
 /// What starting an export did.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // made once per Export request and taken apart at once
 pub enum ExportStart {
     /// Every matching record is in the first portion: no export was created.
     Complete(Vec<Record>),

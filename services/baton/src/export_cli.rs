@@ -1,0 +1,326 @@
+//! `baton export`: an export to a file. The first portion is written at once; then the parts are
+//! downloaded in parallel as the workers produce them, with a progress bar, and the file is
+//! assembled in id order (NDJSON, or CSV by the file's `.csv` extension or `--format`).
+//!
+//! Downloads survive interruption: everything received is kept under `FILE.parts/` (the token,
+//! the first portion, each part once complete), and `baton export --token TOKEN --out FILE`
+//! fetches only the parts still missing, producing the same file.
+
+use std::collections::{BTreeSet, HashSet};
+use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use baton_mesh::proto::v1 as pb;
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::Semaphore;
+
+use crate::client::{OrgConn, channel, explain, record_json, with_bearer};
+
+/// How often the export's progress is looked at.
+const POLL: Duration = Duration::from_millis(200);
+
+/// The output format.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// One JSON object per line: `{"id", "version", "updated_at_ms", "fields"}`.
+    Ndjson,
+    /// A header (`id` then every field name, sorted) and a row per record.
+    Csv,
+}
+
+/// `baton export`.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    conn: OrgConn,
+    /// The object to export (not needed with `--token`).
+    #[arg(required_unless_present = "token")]
+    object: Option<String>,
+    /// The filter, for example `amount > 10 AND status IN ('open', 'late')`.
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// Fields to export (comma-separated); all by default.
+    #[arg(long, value_delimiter = ',')]
+    fields: Vec<String>,
+    /// The file to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// The format; by default CSV for a `.csv` file, NDJSON otherwise.
+    #[arg(long, value_enum)]
+    format: Option<Format>,
+    /// Rows answered at once (0: the server's default, 1,000).
+    #[arg(long, default_value_t = 0)]
+    sync_rows: u32,
+    /// Rows per part (0: the server's default, 50,000).
+    #[arg(long, default_value_t = 0)]
+    part_rows: u32,
+    /// Parts downloaded at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=64))]
+    parallel: u32,
+    /// Resume the download of this export (its first portion is under `OUT.parts/`).
+    #[arg(long)]
+    token: Option<String>,
+    /// An id for idempotent retry of the Export request.
+    #[arg(long, default_value = "")]
+    request_id: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn parts_dir(out: &Path) -> PathBuf {
+    let mut name = out.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".parts");
+    out.with_file_name(name)
+}
+
+fn part_file(dir: &Path, number: u32) -> PathBuf {
+    dir.join(format!("part-{number:06}.ndjson"))
+}
+
+/// Writes `records` as NDJSON to `path`, through a temporary file renamed at the end (a part
+/// file is either complete or absent).
+fn write_part(path: &Path, records: &[pb::Record]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut out =
+        BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
+    for record in records {
+        serde_json::to_writer(&mut out, &record_json(record))?;
+        out.write_all(b"\n")?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// Runs `baton export`.
+pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
+    let format = args.format.unwrap_or(if args.out.extension().is_some_and(|e| e == "csv") {
+        Format::Csv
+    } else {
+        Format::Ndjson
+    });
+    let dir = parts_dir(&args.out);
+    let key = args.conn.api_key.as_str();
+    let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?)
+        .max_decoding_message_size(64 * 1024 * 1024);
+    let token = match &args.token {
+        Some(token) => {
+            let kept = std::fs::read_to_string(dir.join("token")).unwrap_or_default();
+            if kept.trim() != token || !part_file(&dir, 0).exists() {
+                bail!(
+                    "{} does not hold this export's first portion (it is only ever answered by Export, and \
+                     kept there by the download that started it); run the export again without --token",
+                    dir.display()
+                );
+            }
+            eprintln!("resuming the export into {}", args.out.display());
+            token.clone()
+        }
+        None => {
+            let object = args.object.clone().unwrap_or_default();
+            let request = pb::ExportRequest {
+                object,
+                filter: args.filter.clone(),
+                fields: args.fields.clone(),
+                sync_rows: args.sync_rows,
+                part_rows: args.part_rows,
+                wait: false,
+                request_id: args.request_id.clone(),
+            };
+            let response = client.export(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
+            eprintln!("first portion: {} rows", response.records.len());
+            if response.complete {
+                let rows = response.records.len();
+                write_output(&args.out, format, &response.records)?;
+                eprintln!("wrote {} ({rows} rows, complete)", args.out.display());
+                return Ok(());
+            }
+            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            std::fs::write(dir.join("token"), format!("{}\n", response.token))?;
+            write_part(&part_file(&dir, 0), &response.records)?;
+            eprintln!(
+                "export {} continues in parts ({}; about {} rows); token: {}",
+                response.export_id,
+                pb::ExportReason::try_from(response.reason).map(|r| r.as_str_name()).unwrap_or("?"),
+                response.estimated_total,
+                response.token
+            );
+            response.token
+        }
+    };
+    let status = download(&mut client, key, &token, &dir, args.parallel, args.quiet).await?;
+    let mut sources = vec![part_file(&dir, 0)];
+    sources.extend((1..=status.parts_total).map(|n| part_file(&dir, n)));
+    assemble(&args.out, format, &sources)?;
+    std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
+    eprintln!(
+        "wrote {} ({} rows: {} at once, {} in {} parts)",
+        args.out.display(),
+        status.first_rows + status.rows_ready,
+        status.first_rows,
+        status.rows_ready,
+        status.parts_total
+    );
+    Ok(())
+}
+
+/// Downloads every part not yet under `dir`, as they become ready, until the export is complete.
+async fn download(
+    client: &mut pb::intake_client::IntakeClient<tonic::transport::Channel>,
+    key: &str,
+    token: &str,
+    dir: &Path,
+    parallel: u32,
+    quiet: bool,
+) -> anyhow::Result<pb::ExportStatus> {
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} parts {msg} [{bar:30}] {human_pos}/{human_len} rows ({per_sec}, {eta})",
+        )?
+        .progress_chars("=> "),
+    );
+    let slots = Arc::new(Semaphore::new(parallel as usize));
+    let mut tasks: tokio::task::JoinSet<anyhow::Result<(u32, i64)>> = tokio::task::JoinSet::new();
+    let mut started: HashSet<u32> = HashSet::new();
+    let mut done: BTreeSet<u32> = BTreeSet::new();
+    loop {
+        let status = client
+            .get_export(with_bearer(pb::ExportTokenRequest { token: token.to_owned() }, key)?)
+            .await
+            .map_err(explain)?
+            .into_inner();
+        bar.set_length(status.estimated_total.max(0) as u64);
+        for part in &status.parts {
+            if started.contains(&part.number) {
+                continue;
+            }
+            started.insert(part.number);
+            if part_file(dir, part.number).exists() {
+                done.insert(part.number);
+                bar.inc(part.rows as u64);
+                continue;
+            }
+            let slot = slots.clone().acquire_owned().await?;
+            let (mut client, key, token, path, number) =
+                (client.clone(), key.to_owned(), token.to_owned(), part_file(dir, part.number), part.number);
+            tasks.spawn(async move {
+                let _slot = slot;
+                let request = with_bearer(pb::FetchPartRequest { token, part: number }, &key)?;
+                let mut stream = client.fetch_part(request).await.map_err(explain)?.into_inner();
+                let mut records = Vec::new();
+                while let Some(frame) = stream.message().await.map_err(explain)? {
+                    records.extend(frame.records);
+                }
+                let rows = records.len() as i64;
+                tokio::task::spawn_blocking(move || write_part(&path, &records)).await??;
+                Ok((number, rows))
+            });
+        }
+        while let Some(finished) = tasks.try_join_next() {
+            let (number, rows) = finished??;
+            done.insert(number);
+            bar.inc(rows as u64);
+        }
+        bar.set_message(format!("{}/{}", done.len(), status.parts_total));
+        bar.set_position(bar.position().max(status.first_rows as u64));
+        let state = pb::ExportState::try_from(status.state).unwrap_or(pb::ExportState::Unspecified);
+        match state {
+            pb::ExportState::Complete if done.len() as u32 == status.parts_total => {
+                bar.finish_and_clear();
+                return Ok(status);
+            }
+            pb::ExportState::Failed | pb::ExportState::Cancelled if tasks.is_empty() => {
+                bar.abandon();
+                bail!(
+                    "export {} is {}{}; {} of its parts are kept under {}",
+                    status.export_id,
+                    state.as_str_name().trim_start_matches("EXPORT_STATE_").to_lowercase(),
+                    if status.error.is_empty() { String::new() } else { format!(": {}", status.error) },
+                    done.len(),
+                    dir.display()
+                );
+            }
+            _ => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(POLL) => {}
+            Some(finished) = tasks.join_next(), if !tasks.is_empty() => {
+                let (number, rows) = finished??;
+                done.insert(number);
+                bar.inc(rows as u64);
+            }
+        }
+    }
+}
+
+/// Writes the records of one response as the output.
+fn write_output(out: &Path, format: Format, records: &[pb::Record]) -> anyhow::Result<()> {
+    let part = out.with_extension("first");
+    write_part(&part, records)?;
+    let assembled = assemble(out, format, std::slice::from_ref(&part));
+    std::fs::remove_file(&part)?;
+    assembled
+}
+
+/// Assembles the output from NDJSON part files, in order, through a temporary file.
+fn assemble(out: &Path, format: Format, sources: &[PathBuf]) -> anyhow::Result<()> {
+    let tmp = out.with_extension("assembling");
+    let file = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let mut writer = BufWriter::new(file);
+    match format {
+        Format::Ndjson => {
+            for source in sources {
+                let mut input =
+                    std::fs::File::open(source).with_context(|| format!("cannot read {}", source.display()))?;
+                std::io::copy(&mut input, &mut writer)?;
+            }
+        }
+        Format::Csv => {
+            // the columns: every field name any record has, sorted (a first pass)
+            let mut names = BTreeSet::new();
+            for_each_record(sources, |record| {
+                if let Some(fields) = record.get("fields").and_then(|f| f.as_object()) {
+                    names.extend(fields.keys().cloned());
+                }
+                Ok(())
+            })?;
+            let mut csv = csv::Writer::from_writer(&mut writer);
+            csv.write_record(std::iter::once("id".to_owned()).chain(names.iter().cloned()))?;
+            for_each_record(sources, |record| {
+                let fields = record.get("fields").and_then(|f| f.as_object());
+                let mut row = vec![record.get("id").and_then(|v| v.as_str()).unwrap_or_default().to_owned()];
+                for name in &names {
+                    row.push(match fields.and_then(|f| f.get(name)) {
+                        None | Some(serde_json::Value::Null) => String::new(),
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(other) => other.to_string(),
+                    });
+                }
+                csv.write_record(&row)?;
+                Ok(())
+            })?;
+            csv.flush()?;
+        }
+    }
+    writer.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
+}
+
+fn for_each_record(
+    sources: &[PathBuf],
+    mut each: impl FnMut(serde_json::Value) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    for source in sources {
+        let input = std::io::BufReader::new(std::fs::File::open(source)?);
+        for line in input.lines() {
+            each(serde_json::from_str(&line?)?)?;
+        }
+    }
+    Ok(())
+}
