@@ -12,14 +12,17 @@
 #   scripts/bench.sh batch     # records committed per second for a 1,000,000-record batch
 #                              # (BENCH_BATCH_RECORDS) on SQLite and PostgreSQL, beside the raw
 #                              # sqlite3 / psql insert of the same rows, and peak RSS
+#   scripts/bench.sh export    # a 10,000,000-record export on SQLite (BENCH_EXPORT_RECORDS):
+#                              # first portion p50/p99 over BENCH_EXPORT_REPEATS exports (50),
+#                              # rows/s beside a raw sqlite3 scan of the same rows, peak RSS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 area="${1:-}"
 case "$area" in
-  intake|sync|manager|batch) ;;
-  *) echo "usage: scripts/bench.sh intake|sync|manager|batch" >&2; exit 64 ;;
+  intake|sync|manager|batch|export) ;;
+  *) echo "usage: scripts/bench.sh intake|sync|manager|batch|export" >&2; exit 64 ;;
 esac
 
 baton_setup_tools

@@ -566,6 +566,138 @@ async fn batch() {
     );
 }
 
+/// Loads `n` account records of `org` straight into a SQLite store with `sqlite3` (a read
+/// benchmark's fixture: going through a batch would take minutes and measure the batch).
+fn load_sqlite(path: &str, org: &str, n: usize) {
+    let sql = format!(
+        "BEGIN; WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < {last}) \
+         INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
+         SELECT '{org}', 'account', printf('c%08d', i), \
+         json_object('code', printf('c%08d', i), 'name', 'name ' || i, 'amount', i), 1, 0, 0 FROM seq; \
+         UPDATE orgs SET last_seq = {n} WHERE id = '{org}'; COMMIT;",
+        last = n - 1
+    );
+    let status = std::process::Command::new("sqlite3").arg(path).arg(&sql).status().expect("run sqlite3");
+    assert!(status.success(), "loading the records failed");
+}
+
+/// Every row of a part, counted.
+async fn fetch_rows(
+    mut client: pb::intake_client::IntakeClient<tonic::transport::Channel>,
+    key: String,
+    token: String,
+    part: u32,
+) -> usize {
+    let request = authed(pb::FetchPartRequest { token, part }, &key);
+    let mut stream = client.fetch_part(request).await.expect("fetch").into_inner();
+    let mut rows = 0;
+    while let Some(frame) = stream.message().await.expect("fetch") {
+        rows += frame.records.len();
+    }
+    rows
+}
+
+/// An export of `BENCH_EXPORT_RECORDS` (default 10,000,000) records from `baton dev` on SQLite:
+/// time to the first portion over repeated exports (each cancelled at once), then one whole
+/// export, its parts fetched four at a time as they are produced; rows/s beside a raw `sqlite3`
+/// scan of the same rows, and peak RSS.
+async fn export() {
+    let n: usize = std::env::var("BENCH_EXPORT_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000_000);
+    let repeats: usize = std::env::var("BENCH_EXPORT_REPEATS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+    let server = Server::start(Backend::Sqlite, &[]).await;
+    let org = create_org(&server, "bench").await;
+    let path = server.store_url.trim_start_matches("sqlite://").to_owned();
+    let started = Instant::now();
+    load_sqlite(&path, &org.id, n);
+    println!("export: loaded {n} records with sqlite3 in {:.1}s", started.elapsed().as_secs_f64());
+    let mut client = server.intake().await.max_decoding_message_size(64 * 1024 * 1024);
+    let mut latencies = Vec::new();
+    for _ in 0..repeats {
+        let request = pb::ExportRequest { object: "account".into(), ..Default::default() };
+        let started = Instant::now();
+        let response = client.export(authed(request, &org.key)).await.expect("export").into_inner();
+        latencies.push(started.elapsed());
+        assert_eq!(response.records.len(), 1000);
+        client.cancel_export(authed(pb::ExportTokenRequest { token: response.token }, &org.key)).await.expect("cancel");
+    }
+    latencies.sort();
+    let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
+    println!(
+        "export: first portion (1,000 rows of {n}) over {repeats} exports: p50 {:.1} ms, p99 {:.1} ms",
+        ms(p50),
+        ms(p99)
+    );
+
+    let started = Instant::now();
+    let request = pb::ExportRequest { object: "account".into(), ..Default::default() };
+    let response = client.export(authed(request, &org.key)).await.expect("export").into_inner();
+    let token = response.token.clone();
+    let mut rows = response.records.len();
+    let mut fetching: tokio::task::JoinSet<usize> = tokio::task::JoinSet::new();
+    let mut asked = std::collections::HashSet::new();
+    let mut produced_at = None;
+    loop {
+        let status = client
+            .get_export(authed(pb::ExportTokenRequest { token: token.clone() }, &org.key))
+            .await
+            .expect("get")
+            .into_inner();
+        for part in &status.parts {
+            if asked.insert(part.number) {
+                while fetching.len() >= 4 {
+                    rows += fetching.join_next().await.unwrap().unwrap();
+                }
+                fetching.spawn(fetch_rows(client.clone(), org.key.clone(), token.clone(), part.number));
+            }
+        }
+        if status.state == pb::ExportState::Complete as i32 && produced_at.is_none() {
+            produced_at = Some(started.elapsed());
+        }
+        if produced_at.is_some() && asked.len() as u32 == status.parts_total {
+            break;
+        }
+        assert!(status.state <= pb::ExportState::Complete as i32, "the export ended: {status:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    while let Some(done) = fetching.join_next().await {
+        rows += done.unwrap();
+    }
+    let total = started.elapsed();
+    let produced = produced_at.unwrap_or(total);
+    assert_eq!(rows, n, "every record exported once");
+    let rss = peak_rss_mib(server.pid());
+    let own_rss = peak_rss_mib(std::process::id());
+    let scan = Instant::now();
+    let status = std::process::Command::new("sqlite3")
+        .arg(&path)
+        .arg(format!(
+            "SELECT id, fields, version, updated_at_ms FROM records WHERE org_id = '{}' AND object = 'account' \
+             AND deleted = 0 ORDER BY id",
+            org.id
+        ))
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run sqlite3");
+    assert!(status.success());
+    let raw = n as f64 / scan.elapsed().as_secs_f64();
+    let rate = n as f64 / total.as_secs_f64();
+    println!(
+        "export: {n} rows produced in {:.1}s ({:.0} rows/s) and fetched by {:.1}s: {rate:.0} rows/s end to end; \
+         raw sqlite3 scan of the same rows {raw:.0} rows/s ({:.0}%); peak RSS: baton dev {rss:.0} MiB, client {own_rss:.0} MiB",
+        produced.as_secs_f64(),
+        n as f64 / produced.as_secs_f64(),
+        total.as_secs_f64(),
+        rate / raw * 100.0
+    );
+    println!(
+        "summary: export of {n}: first portion p50 {:.1} ms p99 {:.1} ms (target p99 <= 50 ms); {rate:.0} rows/s \
+         = {:.0}% of the raw scan (target >= 50%); peak RSS {rss:.0} MiB (target < 300 MB)",
+        ms(p50),
+        ms(p99),
+        rate / raw * 100.0
+    );
+}
+
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let mut args = std::env::args().skip(1);
@@ -576,13 +708,14 @@ async fn main() {
         "sync" => sync(seconds).await,
         "manager" => manager(seconds).await,
         "batch" => batch().await,
+        "export" => export().await,
         "chaos-manager" => {
             let count = args.next().and_then(|c| c.parse().ok()).unwrap_or(50);
             chaos_manager(count).await
         }
         other => {
             eprintln!(
-                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, batch, chaos-manager [COUNT]"
+                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, batch, export, chaos-manager [COUNT]"
             );
             std::process::exit(64);
         }
