@@ -51,6 +51,20 @@ async fn grpcurl_lists_describes_checks_health_and_upserts() {
     assert_eq!(record["fields"]["name"], "From grpcurl");
     assert_eq!(record["fields"]["amount"], 7.0);
 
+    // an export over grpcurl: the first row at once, a token, then part 1 (waited for)
+    let more = r#"{"object": "account", "records": [{"code": "g2", "name": "Two"}, {"code": "g3", "name": "Three"}]}"#;
+    assert!(grpcurl(&["-plaintext", "-H", &auth, "-d", more, &addr, "baton.v1.Intake/Upsert"]).unwrap().0);
+    let body = r#"{"object": "account", "sync_rows": 1, "part_rows": 5}"#;
+    let (ok, text) = grpcurl(&["-plaintext", "-H", &auth, "-d", body, &addr, "baton.v1.Intake/Export"]).unwrap();
+    assert!(ok, "{text}");
+    let export: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(export["records"].as_array().map(Vec::len), Some(1), "{text}");
+    assert_eq!(export["reason"], "EXPORT_REASON_LARGE_RESULTS");
+    let token = export["token"].as_str().unwrap();
+    let body = format!(r#"{{"token": "{token}", "part": 1}}"#);
+    let (ok, text) = grpcurl(&["-plaintext", "-H", &auth, "-d", &body, &addr, "baton.v1.Intake/FetchPart"]).unwrap();
+    assert!(ok && text.contains("\"g2\"") && text.contains("\"g3\""), "{text}");
+
     // without a key: Unauthenticated, said plainly
     let (ok, text) =
         grpcurl(&["-plaintext", "-d", r#"{"object": "account", "id": "g1"}"#, &addr, "baton.v1.Intake/Get"]).unwrap();
