@@ -9,8 +9,8 @@ use baton_mesh::proto::v1 as pb;
 use baton_scheduler::client::submit_batch;
 use baton_store::Backend;
 use baton_tests::{
-    Server, TempDir, TestOrg, authed, backends, create_org, eventually, intake_process, record, scheduler_process,
-    worker, worker_process,
+    ManagerPair, Server, TempDir, TestOrg, authed, backends, create_org, eventually, intake_process, record,
+    scheduler_process, worker, worker_process,
 };
 use sqlx::Row;
 
@@ -426,12 +426,9 @@ async fn release_policy_holds_times_caps_and_fairness() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_batch_completes_across_primary_manager_kills() {
     let etcd = baton_tests::Etcd::start();
-    let election = format!("/baton-batch-test/{}", std::process::id());
-    let (d1, d2, data) = (TempDir::new(), TempDir::new(), TempDir::new());
-    let mut members =
-        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
-    let managers = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
-    baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let mut pair = ManagerPair::start(&etcd, &format!("/baton-batch-test/{}", std::process::id())).await;
+    let managers = pair.endpoints.clone();
+    let data = TempDir::new();
     let url = format!("sqlite://{}/baton.db", data.0.display());
     let intake = intake_process(&url, &[]);
     let scheduler = scheduler_process(&url, &managers, &["--max-parallel", "4"]);
@@ -446,9 +443,7 @@ async fn a_batch_completes_across_primary_manager_kills() {
             (done >= 8 * (kill + 1)).then_some(())
         })
         .await;
-        let (primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-        let killed = members.remove(primary);
-        members.insert(primary, killed.restart(&[]));
+        pair.kill_primary().await;
     }
     let (batch, _) = watch(&scheduler, &org, &staged.batch_id, Duration::from_secs(180)).await;
     let totals = batch.totals.unwrap();

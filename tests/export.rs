@@ -10,7 +10,7 @@ use baton_mesh::proto::v1 as pb;
 use baton_scheduler::client::submit_batch;
 use baton_store::Backend;
 use baton_tests::{
-    Server, TempDir, TestOrg, authed, backends, baton_bin, create_org, eventually, intake_process, record,
+    ManagerPair, Server, TempDir, TestOrg, authed, backends, baton_bin, create_org, eventually, intake_process, record,
     scheduler_process, worker_process,
 };
 use tonic::Code;
@@ -181,7 +181,7 @@ async fn exports_answer_the_first_rows_at_once_and_every_record_once() {
 /// NOT_FOUND `EXPIRED` and its blobs are deleted; a cancelled export produces no further part.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_are_bound_to_their_org_expire_and_cancel() {
-    let flags = ["--workers", "1", "--concurrency", "1", "--export-parallel", "1", "--export-retention", "4s"];
+    let flags = ["--workers", "1", "--concurrency", "1", "--export-parallel", "1", "--export-retention", "8s"];
     let server = Server::start(Backend::Sqlite, &flags).await;
     let (a, b) = (create_org(&server, "a").await, create_org(&server, "b").await);
     load(&server, &a, 0..40_000).await;
@@ -219,7 +219,11 @@ async fn tokens_are_bound_to_their_org_expire_and_cancel() {
     assert_eq!(never.code(), Code::FailedPrecondition, "{never:?}");
     assert_eq!(fetch(&server, &a, &export.token, 1).await.unwrap().len(), 500, "produced parts stay readable");
 
-    // past its retention: NOT_FOUND, reason EXPIRED; the sweep deletes the blobs
+    // past its retention: NOT_FOUND, reason EXPIRED; the sweep deletes the blobs (which are
+    // there until then: an empty or wrong directory would prove nothing)
+    let blobs = server.data_dir().join("blobs").join("exports").join(&export.export_id);
+    let before = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
+    assert!(before as u32 >= after.parts_ready, "{before} blobs under {} for {after:?}", blobs.display());
     let status = eventually(Duration::from_secs(20), "expiry", || {
         let mut client = client.clone();
         let request = authed(pb::ExportTokenRequest { token: export.token.clone() }, &a.key);
@@ -229,7 +233,6 @@ async fn tokens_are_bound_to_their_org_expire_and_cancel() {
     assert_eq!(status.code(), Code::NotFound, "{status:?}");
     assert_eq!(status.get_details_error_info().map(|i| i.reason).as_deref(), Some("EXPIRED"));
     assert!(status.message().contains("expired"), "{status:?}");
-    let blobs = server.data_dir().join("blobs").join("exports").join(&export.export_id);
     eventually(Duration::from_secs(20), "the parts deleted", || async {
         let left = std::fs::read_dir(&blobs).map(|d| d.count()).unwrap_or(0);
         (left == 0).then_some(())
@@ -243,12 +246,9 @@ async fn tokens_are_bound_to_their_org_expire_and_cancel() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_export_completes_across_a_killed_worker_and_a_killed_primary_manager() {
     let etcd = baton_tests::Etcd::start();
-    let election = format!("/baton-export-test/{}", std::process::id());
-    let (d1, d2, data) = (TempDir::new(), TempDir::new(), TempDir::new());
-    let mut members =
-        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
-    let managers = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
-    baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let mut pair = ManagerPair::start(&etcd, &format!("/baton-export-test/{}", std::process::id())).await;
+    let managers = pair.endpoints.clone();
+    let data = TempDir::new();
     let url = format!("sqlite://{}/baton.db", data.0.display());
     let blobs = data.0.join("blobs");
     let blob_flag = ["--blobs", blobs.to_str().unwrap()];
@@ -285,9 +285,7 @@ async fn an_export_completes_across_a_killed_worker_and_a_killed_primary_manager
     let victim: &str = if victim == "w1" { "w1" } else { "w2" };
     drop(workers.remove(victim));
     eventually(Duration::from_secs(60), "parts after the worker kill", || ready(15)).await;
-    let (primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-    let manager = members.remove(primary);
-    members.insert(primary, manager.restart(&[]));
+    pair.kill_primary().await;
     workers.insert(victim, worker_process(&url, &managers, victim, &blob_flag));
     let done = watch(&intake, &org, &export.token, Duration::from_secs(240)).await;
     assert_eq!(done.state, pb::ExportState::Complete as i32, "{done:?}");

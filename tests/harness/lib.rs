@@ -493,6 +493,33 @@ impl Server {
     }
 }
 
+/// Two manager members on a real etcd, paired (a primary with its standby in sync).
+pub struct ManagerPair {
+    /// The members, in start order.
+    pub members: Vec<Server>,
+    /// Both endpoints, comma-separated, as clients take them (`--manager`).
+    pub endpoints: String,
+    _dirs: [TempDir; 2],
+}
+
+impl ManagerPair {
+    /// Starts two members campaigning on `election` and waits until they are paired.
+    pub async fn start(etcd: &Etcd, election: &str) -> ManagerPair {
+        let dirs = [TempDir::new(), TempDir::new()];
+        let members: Vec<Server> = dirs.iter().map(|d| Server::manager_member(d, etcd, election)).collect();
+        let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+        wait_for_pair(&[&members[0], &members[1]]).await;
+        ManagerPair { members, endpoints, _dirs: dirs }
+    }
+
+    /// SIGKILLs the primary and starts it again where it was (the standby takes over).
+    pub async fn kill_primary(&mut self) {
+        let (primary, _) = wait_for_pair(&[&self.members[0], &self.members[1]]).await;
+        let killed = self.members.remove(primary);
+        self.members.insert(primary, killed.restart(&[]));
+    }
+}
+
 /// Waits (at most 30 s) until one of `members` is PRIMARY with both in its in-sync set: its
 /// index and status.
 pub async fn wait_for_pair(members: &[&Server]) -> (usize, pb::ManagerStatus) {

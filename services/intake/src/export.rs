@@ -106,13 +106,14 @@ impl IntakeService {
         self.check_size(&request)?;
         let wait = request.wait;
         let spec = spec_of(request)?;
-        let _permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
+        let permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
         let started = self
             .store
             .start_export(&org, &spec, self.deadline(), self.export_retention)
             .await
             .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_EXPORT))?;
-        drop(_permit);
+        // `wait` below is not a real-time request: it does not hold an admission slot
+        drop(permit);
         let (first, export, token, estimate_exact) = match started {
             ExportStart::Complete(records) => {
                 metrics::counter!("baton_exports_total", "mode" => "sync").increment(1);
@@ -144,7 +145,7 @@ impl IntakeService {
             token,
             reason: status.reason,
             as_of_seq: status.as_of_seq,
-            estimated_total: if status.total_known { status.estimated_total } else { export_estimate(&status) },
+            estimated_total: status.estimated_total,
             estimate_exact: estimate_exact || status.total_known,
             status: Some(status),
         })
@@ -271,9 +272,4 @@ impl IntakeService {
         });
         Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
-}
-
-/// The estimate while planning goes on: what is known to match so far.
-fn export_estimate(status: &pb::ExportStatus) -> i64 {
-    status.estimated_total.max(status.first_rows + status.rows_ready)
 }

@@ -21,9 +21,9 @@ use crate::{Backend, Error, Store, new_id, now_ms};
 /// The most records a chunk may hold.
 pub const MAX_CHUNK_SIZE: u32 = 100_000;
 
-/// A released chunk not yet handed to the manager after this long is released again: its
-/// scheduler died between the claim and the send.
-const UNSENT_RELEASE_TIMEOUT_MS: i64 = 30_000;
+/// A released chunk (or export part) not yet handed to the manager after this long is released
+/// again: its scheduler died between the claim and the send.
+pub(crate) const UNSENT_RELEASE_TIMEOUT_MS: i64 = 30_000;
 
 /// What a batch does to each record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,7 +291,7 @@ pub enum ChunkRun {
     Finished(ChunkState),
 }
 
-fn u32_of(row: &AnyRow, i: usize) -> Result<u32, Error> {
+pub(crate) fn u32_of(row: &AnyRow, i: usize) -> Result<u32, Error> {
     Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
 }
 

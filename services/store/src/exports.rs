@@ -9,16 +9,16 @@
 //! writing, a redelivery) is recorded once, and the loser's blob is deleted. A record changed
 //! during the export stays in its id range, so it appears once, as of when its part was read.
 
-use futures::TryStreamExt;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
 use sqlx::any::AnyRow;
 use tokio::time::Instant;
 
+use crate::batches::{UNSENT_RELEASE_TIMEOUT_MS, u32_of};
 use crate::blobs::Blobs;
 use crate::filter::Compiled;
 use crate::model::{Fields, ObjectSchema, Record};
-use crate::records::{bind_condition, by_deadline, decode_fields, read_condition};
+use crate::records::{RawRow, bind_condition, by_deadline, decode_fields, read_condition};
 use crate::{Error, Store, new_id, now_ms};
 
 /// Rows answered at once by default.
@@ -31,8 +31,6 @@ pub const DEFAULT_PART_ROWS: u32 = 50_000;
 pub const MAX_PART_ROWS: u32 = 1_000_000;
 /// The estimate answered at once counts at most this many rows past the first portion.
 const ESTIMATE_PROBE: i64 = 10_000;
-/// A part released but not handed to the manager after this long is released again.
-const UNSENT_RELEASE_TIMEOUT_MS: i64 = 30_000;
 
 /// Where an export is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -265,10 +263,6 @@ fn new_token() -> String {
     format!("xt_{}", hex::encode(rand::random::<[u8; 24]>()))
 }
 
-fn u32_of(row: &AnyRow, i: usize) -> Result<u32, Error> {
-    Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
-}
-
 /// One line of a part blob: `{"id":…,"version":…,"updated_at_ms":…,"fields":{…}}`.
 #[derive(serde::Deserialize)]
 struct PartLine {
@@ -300,6 +294,7 @@ impl ExportRow {
         let planned_rows: i64 = row.try_get(12)?;
         let first_rows: i64 = row.try_get(6)?;
         let estimate: i64 = row.try_get(10)?;
+        let rows_ready: i64 = row.try_get(9)?;
         let fields: String = row.try_get(19)?;
         Ok(Self {
             info: ExportInfo {
@@ -312,11 +307,13 @@ impl ExportRow {
                 first_rows,
                 parts_total: u32_of(row, 7)?,
                 parts_ready: u32_of(row, 8)?,
-                rows_ready: row.try_get(9)?,
+                rows_ready,
+                // exact once planned; until then the estimate made at creation, or what is
+                // known to match by now when that is more
                 estimated_total: if planned == 1 {
                     first_rows + planned_rows
                 } else {
-                    estimate.max(first_rows + planned_rows)
+                    estimate.max(first_rows + planned_rows.max(rows_ready))
                 },
                 total_known: planned == 1,
                 created_at_ms: row.try_get(13)?,
@@ -336,83 +333,7 @@ impl ExportRow {
     }
 }
 
-/// A matching record as read for an export: its fields still JSON text.
-struct RawRow {
-    id: String,
-    fields: String,
-    version: i64,
-    updated_at_ms: i64,
-}
-
 impl Store {
-    /// The SELECT of the live records of an object in `(after, last]` (no upper bound when `last`
-    /// is None) matching `compiled`, in id order, with `tail` appended (LIMIT / OFFSET using $5).
-    fn range_sql(&self, what: &str, compiled: Option<&Compiled>, bounded: bool, tail: &str) -> String {
-        let condition = compiled.map(|c| format!(" AND {}", c.sql)).unwrap_or_default();
-        let upper = if bounded { " AND id <= $4" } else { " AND $4 = ''" };
-        format!(
-            "SELECT {what} FROM records WHERE org_id = $1 AND object = $2 AND deleted = 0 AND id > $3{upper}\
-             {condition} ORDER BY id {tail}"
-        )
-    }
-
-    /// The matching records in `(after, last]`, at most `limit` (None: all), as stored.
-    #[allow(clippy::too_many_arguments)]
-    async fn read_range(
-        &self,
-        org_id: &str,
-        object: &str,
-        compiled: Option<&Compiled>,
-        after: &str,
-        last: Option<&str>,
-        limit: Option<i64>,
-        mut each: impl FnMut(RawRow) -> Result<(), Error>,
-    ) -> Result<(), Error> {
-        let what = format!("id, {}, version, updated_at_ms", self.json_column("fields"));
-        let sql = self.range_sql(&what, compiled, last.is_some(), "LIMIT $5");
-        let query = sqlx::query(&sql)
-            .bind(org_id)
-            .bind(object)
-            .bind(after.to_owned())
-            .bind(last.unwrap_or("").to_owned())
-            .bind(limit.unwrap_or(i64::MAX));
-        let mut rows = bind_condition(query, compiled).fetch(&self.reader);
-        while let Some(row) = rows.try_next().await? {
-            each(RawRow {
-                id: row.try_get(0)?,
-                fields: row.try_get(1)?,
-                version: row.try_get(2)?,
-                updated_at_ms: row.try_get(3)?,
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Reads the matching records in `(after, last]` as records, projected on `fields`.
-    #[allow(clippy::too_many_arguments)]
-    async fn read_records(
-        &self,
-        org_id: &str,
-        object: &str,
-        compiled: Option<&Compiled>,
-        fields: &[String],
-        after: &str,
-        last: Option<&str>,
-        limit: Option<i64>,
-    ) -> Result<Vec<Record>, Error> {
-        let mut records = Vec::new();
-        self.read_range(org_id, object, compiled, after, last, limit, |raw| {
-            let mut parsed = decode_fields(&raw.fields)?;
-            if !fields.is_empty() {
-                parsed.retain(|k, _| fields.contains(k));
-            }
-            records.push(Record { id: raw.id, fields: parsed, version: raw.version, updated_at_ms: raw.updated_at_ms });
-            Ok(())
-        })
-        .await?;
-        Ok(records)
-    }
-
     /// Starts an export: reads the first portion (within `deadline`) and, when more records
     /// match, creates the export record (its parts cover the ids after the first portion) and a
     /// token. With a request id already used in the org, the same export is answered again: its
@@ -671,9 +592,21 @@ impl Store {
         .await?;
         let mut planned = 0;
         for row in &rows {
+            if started.elapsed() >= budget {
+                break;
+            }
             let mut export = ExportRow::from_row(row)?;
+            let schema = self.object(&export.info.org_id, &export.info.object).await?;
+            let compiled = match read_condition(&schema, self.backend, &export.filter, &export.fields, 6) {
+                Ok(compiled) => compiled,
+                Err(e) => {
+                    // the schema changed under the export
+                    self.end_export(&export.info.id, ExportState::Failed, &format!("cannot plan: {e}")).await?;
+                    continue;
+                }
+            };
             while started.elapsed() < budget && !export.info.total_known {
-                self.plan_part(&mut export).await?;
+                self.plan_part(&mut export, compiled.as_ref()).await?;
                 planned += 1;
             }
         }
@@ -681,36 +614,20 @@ impl Store {
     }
 
     /// Plans the next part of `export` (or finds the rest fits in one last part).
-    async fn plan_part(&self, export: &mut ExportRow) -> Result<(), Error> {
+    async fn plan_part(&self, export: &mut ExportRow, compiled: Option<&Compiled>) -> Result<(), Error> {
         let info = &export.info;
-        let schema = self.object(&info.org_id, &info.object).await?;
-        let compiled = match read_condition(&schema, self.backend, &export.filter, &export.fields, 6) {
-            Ok(compiled) => compiled,
-            Err(e) => {
-                // the schema changed under the export
-                self.end_export(&info.id, ExportState::Failed, &format!("cannot plan: {e}")).await?;
-                export.info.total_known = true;
-                return Ok(());
-            }
-        };
-        let sql = self.range_sql("id", compiled.as_ref(), false, "LIMIT 1 OFFSET $5");
+        let sql = self.range_sql("id", compiled, false, "LIMIT 1 OFFSET $5");
         let query = sqlx::query(&sql)
             .bind(info.org_id.clone())
             .bind(info.object.clone())
             .bind(export.plan_after.clone())
             .bind("")
             .bind(i64::from(export.part_rows) - 1);
-        let boundary: Option<String> = bind_condition(query, compiled.as_ref())
-            .fetch_optional(&self.reader)
-            .await?
-            .map(|r| r.try_get(0))
-            .transpose()?;
+        let boundary: Option<String> =
+            bind_condition(query, compiled).fetch_optional(&self.reader).await?.map(|r| r.try_get(0)).transpose()?;
         let (last, rows) = match boundary {
             Some(last) => (Some(last), i64::from(export.part_rows)),
-            None => (
-                None,
-                self.count_range(&info.org_id, &info.object, compiled.as_ref(), &export.plan_after, i64::MAX).await?,
-            ),
+            None => (None, self.count_range(&info.org_id, &info.object, compiled, &export.plan_after, i64::MAX).await?),
         };
         let number = export.info.parts_total + 1;
         let mut tx = self.writer.begin().await?;
@@ -913,23 +830,13 @@ impl Store {
         if recorded.rows_affected() == 0 {
             drop(tx);
             blobs.delete(&key).await?;
-            let state: Option<String> =
-                sqlx::query("SELECT state, row_count FROM export_parts WHERE export_id = $1 AND number = $2")
-                    .bind(export_id)
-                    .bind(i64::from(number))
-                    .fetch_optional(&self.writer)
-                    .await?
-                    .map(|r| r.try_get(0))
-                    .transpose()?;
-            return match state.as_deref() {
-                Some("READY") => {
-                    let row = sqlx::query("SELECT row_count FROM export_parts WHERE export_id = $1 AND number = $2")
-                        .bind(export_id)
-                        .bind(i64::from(number))
-                        .fetch_one(&self.writer)
-                        .await?;
-                    Ok(PartOutcome::Produced(row.try_get(0)?))
-                }
+            let part = sqlx::query("SELECT state, row_count FROM export_parts WHERE export_id = $1 AND number = $2")
+                .bind(export_id)
+                .bind(i64::from(number))
+                .fetch_optional(&self.writer)
+                .await?;
+            return match part {
+                Some(part) if part.try_get::<String, _>(0)? == "READY" => Ok(PartOutcome::Produced(part.try_get(1)?)),
                 _ => Ok(PartOutcome::NotProduced),
             };
         }

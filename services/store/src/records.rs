@@ -2,11 +2,12 @@
 
 use std::collections::HashMap;
 
+use futures::TryStreamExt;
 use sqlx::any::AnyRow;
 use sqlx::{Any, AnyConnection, Row};
 use tokio::time::Instant;
 
-use crate::filter::{self, Param};
+use crate::filter::{self, Compiled, Param};
 use crate::model::{ChangeEvent, ChangeOp, DeleteOutcome, Fields, ObjectSchema, Page, Record, UpsertOutcome};
 use crate::schema::{FieldError, RecordProblem, record_id, unique_key, validate_records};
 use crate::writer::{BatchWriter, RecordWrite};
@@ -89,7 +90,83 @@ pub(crate) fn decode_fields(text: &str) -> Result<Fields, Error> {
     serde_json::from_str(text).map_err(|e| Error::Corrupt(format!("record fields: {e}")))
 }
 
+/// A matching record as read: its fields still JSON text.
+pub(crate) struct RawRow {
+    pub(crate) id: String,
+    pub(crate) fields: String,
+    pub(crate) version: i64,
+    pub(crate) updated_at_ms: i64,
+}
+
 impl Store {
+    /// The SELECT of the live records of an object in `(after, last]` (no upper bound when `last`
+    /// is None) matching `compiled`, in id order, with `tail` appended (LIMIT / OFFSET using $5).
+    pub(crate) fn range_sql(&self, what: &str, compiled: Option<&Compiled>, bounded: bool, tail: &str) -> String {
+        let condition = compiled.map(|c| format!(" AND {}", c.sql)).unwrap_or_default();
+        let upper = if bounded { " AND id <= $4" } else { " AND $4 = ''" };
+        format!(
+            "SELECT {what} FROM records WHERE org_id = $1 AND object = $2 AND deleted = 0 AND id > $3{upper}\
+             {condition} ORDER BY id {tail}"
+        )
+    }
+
+    /// The matching records in `(after, last]`, at most `limit` (None: all), as stored.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn read_range(
+        &self,
+        org_id: &str,
+        object: &str,
+        compiled: Option<&Compiled>,
+        after: &str,
+        last: Option<&str>,
+        limit: Option<i64>,
+        mut each: impl FnMut(RawRow) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        let what = format!("id, {}, version, updated_at_ms", self.json_column("fields"));
+        let sql = self.range_sql(&what, compiled, last.is_some(), "LIMIT $5");
+        let query = sqlx::query(&sql)
+            .bind(org_id)
+            .bind(object)
+            .bind(after.to_owned())
+            .bind(last.unwrap_or("").to_owned())
+            .bind(limit.unwrap_or(i64::MAX));
+        let mut rows = bind_condition(query, compiled).fetch(&self.reader);
+        while let Some(row) = rows.try_next().await? {
+            each(RawRow {
+                id: row.try_get(0)?,
+                fields: row.try_get(1)?,
+                version: row.try_get(2)?,
+                updated_at_ms: row.try_get(3)?,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Reads the matching records in `(after, last]` as records, projected on `fields`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) async fn read_records(
+        &self,
+        org_id: &str,
+        object: &str,
+        compiled: Option<&Compiled>,
+        fields: &[String],
+        after: &str,
+        last: Option<&str>,
+        limit: Option<i64>,
+    ) -> Result<Vec<Record>, Error> {
+        let mut records = Vec::new();
+        self.read_range(org_id, object, compiled, after, last, limit, |raw| {
+            let mut parsed = decode_fields(&raw.fields)?;
+            if !fields.is_empty() {
+                parsed.retain(|k, _| fields.contains(k));
+            }
+            records.push(Record { id: raw.id, fields: parsed, version: raw.version, updated_at_ms: raw.updated_at_ms });
+            Ok(())
+        })
+        .await?;
+        Ok(records)
+    }
+
     pub(crate) fn record_from_row(row: &AnyRow) -> Result<Record, Error> {
         Ok(Record {
             id: row.try_get(0)?,
@@ -333,29 +410,17 @@ impl Store {
     ) -> Result<Page, Error> {
         by_deadline(deadline, async {
             let schema = self.object(org_id, object).await?;
-            let compiled = read_condition(&schema, self.backend, filter_text, fields, 5)?;
-            let condition = compiled.as_ref().map(|c| format!(" AND {}", c.sql)).unwrap_or_default();
-            let sql = format!(
-                "SELECT id, {}, version, updated_at_ms FROM records \
-                 WHERE org_id = $1 AND object = $2 AND deleted = 0 AND id > $3{condition} ORDER BY id LIMIT $4",
-                self.json_column("fields")
-            );
-            let mut query =
-                sqlx::query(&sql).bind(org_id).bind(object).bind(after.unwrap_or("").to_owned()).bind(limit as i64 + 1);
-            query = bind_condition(query, compiled.as_ref());
-            let rows = query.fetch_all(&self.reader).await?;
-            let mut records = rows.iter().map(Self::record_from_row).collect::<Result<Vec<_>, _>>()?;
+            let compiled = read_condition(&schema, self.backend, filter_text, fields, 6)?;
+            let after = after.unwrap_or("");
+            let mut records = self
+                .read_records(org_id, object, compiled.as_ref(), fields, after, None, Some(limit as i64 + 1))
+                .await?;
             let next_after = if records.len() > limit {
                 records.truncate(limit);
                 records.last().map(|r| r.id.clone())
             } else {
                 None
             };
-            if !fields.is_empty() {
-                for r in &mut records {
-                    r.fields.retain(|k, _| fields.contains(k));
-                }
-            }
             Ok(Page { records, next_after })
         })
         .await
