@@ -13,11 +13,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use baton_intake::convert;
 use baton_mesh::proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
 
-use crate::client::{OrgConn, channel, explain, record_json, with_bearer};
+use crate::client::{OrgConn, channel, explain, with_bearer};
 
 /// How often the export's progress is looked at.
 const POLL: Duration = Duration::from_millis(200);
@@ -81,19 +82,37 @@ fn part_file(dir: &Path, number: u32) -> PathBuf {
     dir.join(format!("part-{number:06}.ndjson"))
 }
 
-/// Writes `records` as NDJSON to `path`, through a temporary file renamed at the end (a part
-/// file is either complete or absent).
-fn write_part(path: &Path, records: &[pb::Record]) -> anyhow::Result<()> {
+/// Writes NDJSON `lines` to `path`, through a temporary file renamed at the end (a part file is
+/// either complete or absent).
+fn write_part(path: &Path, lines: &[u8]) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    let mut out =
-        BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?);
-    for record in records {
-        serde_json::to_writer(&mut out, &record_json(record))?;
-        out.write_all(b"\n")?;
-    }
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    let mut out = std::fs::File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    out.write_all(lines)?;
+    out.sync_all()?;
     std::fs::rename(&tmp, path)?;
     Ok(())
+}
+
+/// The first portion's records as NDJSON, each line as a part's lines are stored (FetchPart's
+/// NDJSON format): `id`, `version`, `updated_at_ms`, `fields`, in that order.
+fn ndjson_lines(records: &[pb::Record]) -> anyhow::Result<Vec<u8>> {
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        id: &'a str,
+        version: i64,
+        updated_at_ms: i64,
+        fields: serde_json::Value,
+    }
+    let mut out = Vec::new();
+    for r in records {
+        let fields = convert::struct_to_json(&r.fields.clone().unwrap_or_default());
+        serde_json::to_writer(
+            &mut out,
+            &Line { id: &r.id, version: r.version, updated_at_ms: r.updated_at_ms, fields },
+        )?;
+        out.push(b'\n');
+    }
+    Ok(out)
 }
 
 /// Runs `baton export`.
@@ -135,13 +154,13 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
             eprintln!("first portion: {} rows", response.records.len());
             if response.complete {
                 let rows = response.records.len();
-                write_output(&args.out, format, &response.records)?;
+                write_output(&args.out, format, &ndjson_lines(&response.records)?)?;
                 eprintln!("wrote {} ({rows} rows, complete)", args.out.display());
                 return Ok(());
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
             std::fs::write(dir.join("token"), format!("{}\n", response.token))?;
-            write_part(&part_file(&dir, 0), &response.records)?;
+            write_part(&part_file(&dir, 0), &ndjson_lines(&response.records)?)?;
             eprintln!(
                 "export {} continues in parts ({}; about {} rows); token: {}",
                 response.export_id,
@@ -210,14 +229,15 @@ async fn download(
                 (client.clone(), key.to_owned(), token.to_owned(), part_file(dir, part.number), part.number);
             tasks.spawn(async move {
                 let _slot = slot;
-                let request = with_bearer(pb::FetchPartRequest { token, part: number }, &key)?;
+                let format = pb::PartFormat::Ndjson as i32;
+                let request = with_bearer(pb::FetchPartRequest { token, part: number, format }, &key)?;
                 let mut stream = client.fetch_part(request).await.map_err(explain)?.into_inner();
-                let mut records = Vec::new();
+                let mut lines = Vec::new();
                 while let Some(frame) = stream.message().await.map_err(explain)? {
-                    records.extend(frame.records);
+                    lines.extend_from_slice(&frame.ndjson);
                 }
-                let rows = records.len() as i64;
-                tokio::task::spawn_blocking(move || write_part(&path, &records)).await??;
+                let rows = lines.iter().filter(|b| **b == b'\n').count() as i64;
+                tokio::task::spawn_blocking(move || write_part(&path, &lines)).await??;
                 Ok((number, rows))
             });
         }
@@ -258,10 +278,10 @@ async fn download(
     }
 }
 
-/// Writes the records of one response as the output.
-fn write_output(out: &Path, format: Format, records: &[pb::Record]) -> anyhow::Result<()> {
+/// Writes the NDJSON lines of one response as the output.
+fn write_output(out: &Path, format: Format, lines: &[u8]) -> anyhow::Result<()> {
     let part = out.with_extension("first");
-    write_part(&part, records)?;
+    write_part(&part, lines)?;
     let assembled = assemble(out, format, std::slice::from_ref(&part));
     std::fs::remove_file(&part)?;
     assembled

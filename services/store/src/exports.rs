@@ -19,7 +19,7 @@ use crate::blobs::Blobs;
 use crate::filter::Compiled;
 use crate::model::{Fields, ObjectSchema, Record};
 use crate::records::{RawRow, bind_condition, by_deadline, decode_fields, read_condition};
-use crate::{Error, Store, new_id, now_ms};
+use crate::{Backend, Error, Store, new_id, now_ms};
 
 /// Rows answered at once by default.
 pub const DEFAULT_SYNC_ROWS: u32 = 1_000;
@@ -31,6 +31,9 @@ pub const DEFAULT_PART_ROWS: u32 = 50_000;
 pub const MAX_PART_ROWS: u32 = 1_000_000;
 /// The estimate answered at once counts at most this many rows past the first portion.
 const ESTIMATE_PROBE: i64 = 10_000;
+
+/// Rows to a query when a part's lines are formatted by the database ([`Store::read_lines`]).
+const LINE_BATCH: i64 = 5_000;
 
 /// Where an export is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,6 +241,29 @@ impl PartRows {
                 );
             }
             None
+        })
+    }
+}
+
+impl PartRows {
+    /// The part as stored, NDJSON, in pieces of whole lines of at most `max` bytes (a longer line
+    /// is a piece of its own).
+    pub fn ndjson(self, max: usize) -> impl Iterator<Item = Vec<u8>> + Send {
+        let mut at = 0;
+        std::iter::from_fn(move || {
+            let data = &self.data;
+            if at >= data.len() {
+                return None;
+            }
+            let end = (at + max).min(data.len());
+            let cut = match data[at..end].iter().rposition(|b| *b == b'\n') {
+                _ if end == data.len() => end,
+                Some(i) => at + i + 1,
+                None => data[end..].iter().position(|b| *b == b'\n').map_or(data.len(), |i| end + i + 1),
+            };
+            let piece = data[at..cut].to_vec();
+            at = cut;
+            Some(piece)
         })
     }
 }
@@ -802,12 +828,18 @@ impl Store {
         let mut data = Vec::with_capacity(export.part_rows as usize * 128);
         let mut rows = 0i64;
         let fields = &export.fields;
-        self.read_range(&info.org_id, &info.object, compiled.as_ref(), &after, last.as_deref(), None, |raw| {
-            write_line(&mut data, raw, fields)?;
-            rows += 1;
-            Ok(())
-        })
-        .await?;
+        if fields.is_empty() {
+            rows = self
+                .read_lines(&info.org_id, &info.object, compiled.as_ref(), &after, last.as_deref(), &mut data)
+                .await?;
+        } else {
+            self.read_range(&info.org_id, &info.object, compiled.as_ref(), &after, last.as_deref(), None, |raw| {
+                write_line(&mut data, raw, fields)?;
+                rows += 1;
+                Ok(())
+            })
+            .await?;
+        }
         let key = format!("exports/{export_id}/{number:06}-{}.ndjson.lz4", hex::encode(rand::random::<[u8; 6]>()));
         let bytes = blobs.put_compressed(&key, &data).await?;
         drop(data);
@@ -904,6 +936,56 @@ impl Store {
             expired += 1;
         }
         Ok(expired)
+    }
+}
+
+impl Store {
+    /// Appends the whole records in `(after, last]` matching `compiled` to `out` as part lines,
+    /// formatted by the database, [`LINE_BATCH`] rows to a query; answers how many.
+    ///
+    /// The line is [`write_line`]'s, built in SQL: fetching a row through the driver costs more
+    /// than the database takes to read and format it, so a batch of lines comes back as one text
+    /// value (at 10M rows this is what makes a part's production run near the scan rate).
+    async fn read_lines(
+        &self,
+        org_id: &str,
+        object: &str,
+        compiled: Option<&Compiled>,
+        after: &str,
+        last: Option<&str>,
+        out: &mut Vec<u8>,
+    ) -> Result<i64, Error> {
+        let (quote_id, fields, newline, concat) = match self.backend {
+            Backend::Sqlite => ("json_quote(id)", "fields", "char(10)", "group_concat(line, '' ORDER BY id)"),
+            Backend::Postgres => ("to_json(id)::text", "fields::text", "chr(10)", "string_agg(line, '' ORDER BY id)"),
+        };
+        let line = format!(
+            "id, '{{\"id\":' || {quote_id} || ',\"version\":' || version || ',\"updated_at_ms\":' || updated_at_ms \
+             || ',\"fields\":' || {fields} || '}}' || {newline} AS line"
+        );
+        let batch = self.range_sql(&line, compiled, last.is_some(), "LIMIT $5");
+        let sql = format!("SELECT COUNT(*), MAX(id), {concat} FROM ({batch}) AS batch");
+        let mut cursor = after.to_owned();
+        let mut rows = 0;
+        loop {
+            let query = sqlx::query(&sql)
+                .bind(org_id)
+                .bind(object)
+                .bind(cursor.clone())
+                .bind(last.unwrap_or("").to_owned())
+                .bind(LINE_BATCH);
+            let row = bind_condition(query, compiled).fetch_one(&self.reader).await?;
+            let count: i64 = row.try_get(0)?;
+            if count == 0 {
+                return Ok(rows);
+            }
+            rows += count;
+            cursor = row.try_get(1)?;
+            out.extend_from_slice(row.try_get::<String, _>(2)?.as_bytes());
+            if count < LINE_BATCH {
+                return Ok(rows);
+            }
+        }
     }
 }
 
