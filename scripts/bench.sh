@@ -14,7 +14,8 @@
 #                              # sqlite3 / psql insert of the same rows, and peak RSS
 #   scripts/bench.sh export    # a 10,000,000-record export on SQLite (BENCH_EXPORT_RECORDS):
 #                              # first portion p50/p99 over BENCH_EXPORT_REPEATS exports (50),
-#                              # rows/s beside a raw sqlite3 scan of the same rows, peak RSS
+#                              # rows/s beside a raw sqlite3 scan of the same rows (medians of
+#                              # BENCH_EXPORT_RUNS, 3, of each), peak RSS
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh

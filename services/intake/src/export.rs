@@ -254,15 +254,13 @@ impl IntakeService {
         if format == pb::PartFormat::Ndjson {
             // the stored lines as they are, no decoding
             tokio::spawn(async move {
-                let mut sent = 0u64;
+                let count = rows.rows as u64;
                 for ndjson in rows.ndjson(FRAME_BYTES) {
-                    let lines = ndjson.iter().filter(|b| **b == b'\n').count() as u64;
                     if tx.send(Ok(pb::ExportRows { records: Vec::new(), ndjson })).await.is_err() {
-                        break;
+                        return;
                     }
-                    sent += lines;
                 }
-                metrics::counter!("baton_export_rows_fetched_total").increment(sent);
+                metrics::counter!("baton_export_rows_fetched_total").increment(count);
             });
             return Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
         }

@@ -61,8 +61,9 @@ pub struct ReleaseOptions {
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub sessions: u32,
 
-    /// Parts of one export produced at once (each by a worker slot).
-    #[arg(long, env = "BATON_EXPORT_PARALLEL", default_value_t = 2,
+    /// Parts of one export produced at once (each by a worker slot). Three keep two cores busy:
+    /// while a part is being recorded and the next released, two others are being read.
+    #[arg(long, env = "BATON_EXPORT_PARALLEL", default_value_t = 3,
           value_parser = clap::value_parser!(u32).range(1..=256))]
     pub export_parallel: u32,
 }
@@ -74,7 +75,7 @@ impl Default for ReleaseOptions {
             org_parallel: 4,
             release_interval: Duration::from_millis(200),
             sessions: 8,
-            export_parallel: 2,
+            export_parallel: 3,
         }
     }
 }

@@ -24,6 +24,22 @@ pub struct Blobs {
     url: String,
 }
 
+/// A blob compressed as its data arrives, for [`Blobs::put`]: a part is never held whole
+/// uncompressed, and compressing one piece can overlap reading the next.
+pub struct Compressor(lz4_flex::frame::FrameEncoder<Vec<u8>>);
+
+impl Compressor {
+    /// An empty blob, its buffer sized for `bytes` compressed.
+    pub fn with_capacity(bytes: usize) -> Self {
+        Self(lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(bytes)))
+    }
+
+    /// Appends `data`.
+    pub fn write(&mut self, data: &[u8]) -> Result<(), Error> {
+        self.0.write_all(data).map_err(blob_error)
+    }
+}
+
 fn blob_error(e: impl std::fmt::Display) -> Error {
     Error::Blob(e.to_string())
 }
@@ -60,9 +76,14 @@ impl Blobs {
 
     /// Writes `data` compressed under `key`; answers the compressed size.
     pub async fn put_compressed(&self, key: &str, data: &[u8]) -> Result<u64, Error> {
-        let mut encoder = lz4_flex::frame::FrameEncoder::new(Vec::with_capacity(data.len() / 3));
-        encoder.write_all(data).map_err(blob_error)?;
-        let compressed = encoder.finish().map_err(blob_error)?;
+        let mut blob = Compressor::with_capacity(data.len() / 3);
+        blob.write(data)?;
+        self.put(key, blob).await
+    }
+
+    /// Writes a blob compressed as its data came under `key`; answers the compressed size.
+    pub async fn put(&self, key: &str, blob: Compressor) -> Result<u64, Error> {
+        let compressed = blob.0.finish().map_err(blob_error)?;
         let size = compressed.len() as u64;
         self.inner.put(&self.path(key), PutPayload::from(compressed)).await.map_err(blob_error)?;
         Ok(size)

@@ -644,6 +644,8 @@ mod exports {
                 })
                 .collect();
             records.push(rec(json!({"code": "r999 bare"})));
+            // stored in reverse: the table's own order is not the id order parts must follow
+            records.reverse();
             s.upsert(&org, "account", records, soon()).await.unwrap();
             let stored = s.query(&org, "account", "", &[], 1000, None, soon()).await.unwrap().records;
             assert_eq!(stored.len(), 121);
