@@ -466,11 +466,12 @@ def clean_env() -> dict:
 
 def staged_tree() -> Path:
     """A copy of deploy/k8s where every overlay that keeps its secrets out of git
-    (secrets.env.example beside a missing secrets.env) gets the example's placeholders."""
+    (NAME.env.example beside a missing NAME.env: secrets.env, blobs.env) gets the example's
+    placeholders."""
     tmp = Path(tempfile.mkdtemp(prefix="baton-k8s-check-")) / "k8s"
     shutil.copytree(K8S, tmp)
-    for ex in tmp.rglob("secrets.env.example"):
-        real = ex.with_name("secrets.env")
+    for ex in tmp.rglob("*.env.example"):
+        real = ex.with_name(ex.name.removesuffix(".example"))
         if not real.exists():
             shutil.copy(ex, real)
     return tmp

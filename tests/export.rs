@@ -10,8 +10,8 @@ use baton_mesh::proto::v1 as pb;
 use baton_scheduler::client::submit_batch;
 use baton_store::Backend;
 use baton_tests::{
-    ManagerPair, Server, TempDir, TestOrg, authed, backends, baton_bin, create_org, eventually, intake_process, record,
-    scheduler_process, struct_to_json, worker_process,
+    ManagerPair, S3, Server, TempDir, TestOrg, authed, backends, baton_bin, create_org, eventually, intake_process,
+    record, scheduler_process, struct_to_json, worker_process,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -401,4 +401,64 @@ async fn the_cli_resumes_a_download_from_its_token() {
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("id,amount,code,name"));
     assert_eq!(lines.count(), 1500);
+}
+
+/// A first portion that cannot be read within the real-time deadline: the export goes
+/// asynchronous at once with reason LONG_RUNNING and no rows, and its parts hold every matching
+/// record. With `wait`, Export answers once the export is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slow_first_portion_goes_long_running_and_wait_answers_the_finished_export() {
+    // the records are loaded by a batch, which the real-time deadline does not bound
+    let server = Server::start(Backend::Sqlite, &["--deadline", "1ms"]).await;
+    let org = create_org(&server, "acme").await;
+    load(&server, &org, 0..30_000).await;
+    let mut client = server.intake().await.max_decoding_message_size(64 * 1024 * 1024);
+    // a filter on a field with no index: the first portion means scanning the whole object
+    let filter = "amount >= 29000";
+    let slow = client.export(authed(export_request(filter, 0, 400), &org.key)).await.unwrap().into_inner();
+    assert_eq!(slow.reason, pb::ExportReason::LongRunning as i32, "{slow:?}");
+    assert!(slow.records.is_empty() && !slow.complete && slow.token.starts_with("xt_"), "{slow:?}");
+    let done = watch(&server, &org, &slow.token, Duration::from_secs(120)).await;
+    assert_eq!(done.state, pb::ExportState::Complete as i32, "{done:?}");
+    assert_eq!((done.first_rows, done.rows_ready, done.parts_total), (0, 1000, 3), "{done:?}");
+    expect_exactly(&all_ids(&server, &org, &slow.records, &slow.token, done.parts_total).await, 29_000..30_000);
+
+    let request = pb::ExportRequest { wait: true, ..export_request(filter, 0, 400) };
+    let waited = client.export(authed(request, &org.key)).await.unwrap().into_inner();
+    let status = waited.status.clone().expect("a status with wait");
+    assert_eq!(status.state, pb::ExportState::Complete as i32, "wait answers the finished export: {status:?}");
+    assert_eq!((status.rows_ready, status.parts_total, status.parts.len()), (1000, 3, 3), "{status:?}");
+    expect_exactly(&all_ids(&server, &org, &waited.records, &waited.token, 3).await, 29_000..30_000);
+}
+
+/// Parts in an S3-compatible store (moto on loopback): written there by the workers, read from
+/// there by FetchPart, deleted from the bucket when the export expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn parts_go_through_an_s3_compatible_store() {
+    let Some(s3) = S3::start("baton-parts") else { return };
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let flags = ["--blobs", "s3://baton-parts/exports", "--export-retention", "8s"];
+    let server = Server::start_with_env(Backend::Sqlite, &flags, &env).await;
+    let org = create_org(&server, "acme").await;
+    load(&server, &org, 0..30_000).await;
+    let mut client = server.intake().await.max_decoding_message_size(64 * 1024 * 1024);
+    let export = client.export(authed(export_request("", 1000, 10_000), &org.key)).await.unwrap().into_inner();
+    let done = watch(&server, &org, &export.token, Duration::from_secs(120)).await;
+    assert_eq!((done.state, done.parts_total), (pb::ExportState::Complete as i32, 3), "{done:?}");
+    let prefix = format!("exports/exports/{}/", export.export_id);
+    let keys = s3.keys(&prefix);
+    assert_eq!(keys.len(), 3, "one object per part in the bucket: {keys:?}");
+    assert!(!server.data_dir().join("blobs").exists(), "nothing written to the local default");
+    expect_exactly(&all_ids(&server, &org, &export.records, &export.token, 3).await, 0..30_000);
+
+    let status = eventually(Duration::from_secs(20), "expiry", || {
+        let mut client = client.clone();
+        let request = authed(pb::ExportTokenRequest { token: export.token.clone() }, &org.key);
+        async move { client.get_export(request).await.err() }
+    })
+    .await;
+    assert_eq!(status.get_details_error_info().map(|i| i.reason).as_deref(), Some("EXPIRED"));
+    eventually(Duration::from_secs(20), "the objects deleted", || async { s3.keys(&prefix).is_empty().then_some(()) })
+        .await;
 }

@@ -40,6 +40,7 @@ pub struct Server {
     pub backend: Backend,
     _dir: Option<TempDir>,
     args: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 /// A temporary directory removed on drop.
@@ -75,12 +76,31 @@ impl Server {
     /// Starts the mesh (`baton dev`) on `backend` with extra flags: a SQLite store in a new
     /// temporary data directory, or a fresh PostgreSQL database.
     pub async fn start(backend: Backend, extra: &[&str]) -> Server {
+        Self::start_with_env(backend, extra, &[]).await
+    }
+
+    /// [`Server::start`] with environment variables set for the process.
+    pub async fn start_with_env(backend: Backend, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = TempDir::new();
         let url = match backend {
             Backend::Sqlite => format!("sqlite://{}/baton.db", dir.0.display()),
             Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
         };
-        Self::start_at(backend, dir, &url, "127.0.0.1:0", extra)
+        let data_dir = dir.0.to_str().unwrap().to_owned();
+        let mut args = vec![
+            "dev",
+            "--data-dir",
+            &data_dir,
+            "--store",
+            &url,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-token",
+            ADMIN_TOKEN,
+        ];
+        args.extend_from_slice(extra);
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::spawn(&args, url.clone(), backend, Some(dir), env)
     }
 
     /// Starts `baton dev` on a given data directory, store and address (to restart a server
@@ -90,7 +110,7 @@ impl Server {
         let mut args =
             vec!["dev", "--data-dir", &data_dir, "--store", url, "--listen", listen, "--admin-token", ADMIN_TOKEN];
         args.extend_from_slice(extra);
-        Self::spawn(&args, url.to_owned(), backend, Some(dir))
+        Self::spawn(&args, url.to_owned(), backend, Some(dir), Vec::new())
     }
 
     /// SIGKILLs the server and starts it again with the same arguments, on the same address (and
@@ -105,10 +125,10 @@ impl Server {
             args[i + 1] = addr;
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let (backend, url) = (self.backend, self.store_url.clone());
+        let (backend, url, env) = (self.backend, self.store_url.clone(), std::mem::take(&mut self.env));
         drop(self);
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::spawn(&args, url, backend, dir)
+        Self::spawn(&args, url, backend, dir, env)
     }
 
     /// SIGKILLs the server, keeping its data directory for [`Server::start_at`].
@@ -121,12 +141,19 @@ impl Server {
     /// Starts `baton` with any arguments; the process must print its `endpoint:` and `metrics:`
     /// lines (every server does).
     pub fn spawn_raw(args: &[&str]) -> Server {
-        Self::spawn(args, String::new(), Backend::Sqlite, None)
+        Self::spawn(args, String::new(), Backend::Sqlite, None, Vec::new())
     }
 
-    fn spawn(args: &[&str], store_url: String, backend: Backend, dir: Option<TempDir>) -> Server {
+    fn spawn(
+        args: &[&str],
+        store_url: String,
+        backend: Backend,
+        dir: Option<TempDir>,
+        env: Vec<(String, String)>,
+    ) -> Server {
         let mut child = Command::new(baton_bin())
             .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .env("BATON_LOG", std::env::var("BATON_E2E_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -160,7 +187,7 @@ impl Server {
             }
         }
         let args = args.iter().map(|s| s.to_string()).collect();
-        Server { child, addr: addr.unwrap(), metrics: metrics.unwrap(), store_url, backend, _dir: dir, args }
+        Server { child, addr: addr.unwrap(), metrics: metrics.unwrap(), store_url, backend, _dir: dir, args, env }
     }
 
     /// The data directory of a `baton dev` server.
@@ -436,6 +463,84 @@ impl Etcd {
             std::thread::sleep(Duration::from_millis(50));
         }
         Some(Etcd { child, url, _dir: dir })
+    }
+}
+
+/// A real S3-compatible server on a free loopback port (PyPI's moto, `moto_server`), with one
+/// bucket, killed when dropped. `None` when moto is not installed, which is an error under CI.
+pub struct S3 {
+    child: Child,
+    /// The endpoint URL.
+    pub endpoint: String,
+    /// The bucket made at start.
+    pub bucket: String,
+}
+
+impl S3 {
+    /// Starts moto and makes `bucket`.
+    pub fn start(bucket: &str) -> Option<S3> {
+        let port = free_port();
+        let child = match Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+        {
+            Ok(child) => child,
+            Err(e) => {
+                assert!(std::env::var_os("CI").is_none(), "moto_server is not installed under CI: {e}");
+                eprintln!("note: moto_server not found ({e}); install it with scripts/setup.sh");
+                return None;
+            }
+        };
+        let s3 = S3 { child, endpoint: format!("http://127.0.0.1:{port}"), bucket: bucket.to_owned() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match s3.http("PUT", &format!("/{bucket}")) {
+                Ok(response) if response.starts_with("HTTP/1.1 200") => return Some(s3),
+                Ok(response) => panic!("moto would not make the bucket: {response}"),
+                Err(e) if Instant::now() > deadline => panic!("moto did not come up within 30s: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+
+    /// The environment that points baton's blob store at this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AWS_ENDPOINT", self.endpoint.clone()),
+            ("AWS_ALLOW_HTTP", "true".into()),
+            ("AWS_ACCESS_KEY_ID", "test".into()),
+            ("AWS_SECRET_ACCESS_KEY", "test".into()),
+            ("AWS_REGION", "us-east-1".into()),
+        ]
+    }
+
+    /// The keys stored under `prefix` in the bucket (moto checks no signature).
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let response = self.http("GET", &format!("/{}?list-type=2&prefix={prefix}", self.bucket)).unwrap();
+        response.split("<Key>").skip(1).filter_map(|k| k.split("</Key>").next()).map(str::to_owned).collect()
+    }
+
+    /// One plain HTTP/1.1 request without a body; the whole response.
+    fn http(&self, method: &str, path: &str) -> std::io::Result<String> {
+        let address = self.endpoint.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(address)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
