@@ -285,14 +285,6 @@ impl Store {
         self.reader.close().await;
     }
 
-    /// A JSON parameter placeholder: `$n` on SQLite, `$n::jsonb` on PostgreSQL.
-    pub(crate) fn json_param(&self, n: usize) -> String {
-        match self.backend {
-            Backend::Sqlite => format!("${n}"),
-            Backend::Postgres => format!("${n}::jsonb"),
-        }
-    }
-
     /// A JSON column read as text.
     pub(crate) fn json_column(&self, column: &str) -> String {
         match self.backend {

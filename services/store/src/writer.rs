@@ -7,6 +7,13 @@
 //! Each statement of the `Any` driver costs a round trip to the database (a thread hop on
 //! SQLite), so statement count, not SQL work, bounds write throughput: one statement per table per
 //! few hundred rows instead of one per row.
+//!
+//! The multi-row statements number their parameters in order, each used once, so that SQLite gets
+//! anonymous `?` parameters ([`Store::param`]): sqlx binds a SQLite statement by asking
+//! `sqlite3_bind_parameter_name` for each index, and SQLite answers by walking the list of named
+//! (`$n`) parameters, so binding `$n` parameters costs the square of their count. With 400 rows
+//! (2,000 `$n` parameters) that took 73% of the writer thread in `scripts/bench.sh sync` (perf),
+//! which had held SQLite to 64 rows a statement; anonymous parameters have no names to walk.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,20 +22,52 @@ use sqlx::{AnyConnection, Row};
 use crate::model::{ChangeOp, Fields, ObjectSchema};
 use crate::{Error, Store};
 
-/// Rows per multi-row statement on PostgreSQL (5 parameters a row).
-const PG_ROWS_PER_STATEMENT: usize = 400;
-/// Rows per multi-row statement on SQLite. Smaller, because binding costs grow with the square of
-/// a statement's parameter count there: sqlx asks `sqlite3_bind_parameter_name` for each index,
-/// and SQLite answers by walking the list of names. With 400 rows (2,000 parameters) this call
-/// took 73% of the writer thread in `scripts/bench.sh sync` (perf).
-const SQLITE_ROWS_PER_STATEMENT: usize = 64;
+/// Rows per multi-row statement (at most 8 parameters a row: 3,200, well under both databases'
+/// limits).
+const ROWS_PER_STATEMENT: usize = 400;
 
 impl Store {
-    fn rows_per_statement(&self) -> usize {
+    /// The placeholder of the `n`th parameter (from 1) of a statement whose parameters appear in
+    /// order, each once: `$n` on PostgreSQL, an anonymous `?` on SQLite (see the module's notes).
+    fn param(&self, n: usize) -> String {
         match self.backend {
-            crate::Backend::Sqlite => SQLITE_ROWS_PER_STATEMENT,
-            crate::Backend::Postgres => PG_ROWS_PER_STATEMENT,
+            crate::Backend::Sqlite => "?".to_owned(),
+            crate::Backend::Postgres => format!("${n}"),
         }
+    }
+
+    /// [`Store::param`] for a JSON value.
+    fn json_param(&self, n: usize) -> String {
+        match self.backend {
+            crate::Backend::Sqlite => "?".to_owned(),
+            crate::Backend::Postgres => format!("${n}::jsonb"),
+        }
+    }
+
+    /// `(…), (…)` for `rows` rows of `shape` placeholders each, numbered in order: `shape[k]` says
+    /// whether the row's `k`th value is JSON.
+    fn values(&self, rows: usize, shape: &[bool]) -> String {
+        (0..rows)
+            .map(|r| {
+                let row = shape
+                    .iter()
+                    .enumerate()
+                    .map(|(k, &json)| {
+                        let n = r * shape.len() + k + 1;
+                        if json { self.json_param(n) } else { self.param(n) }
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                format!("({row})")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// `org_id = … AND object = … AND {column} IN (…)` for `n` values, its parameters in order.
+    fn in_list(&self, column: &str, n: usize) -> String {
+        let list = (0..n).map(|i| self.param(i + 3)).collect::<Vec<_>>().join(", ");
+        format!("org_id = {} AND object = {} AND {column} IN ({list})", self.param(1), self.param(2))
     }
 }
 
@@ -38,11 +77,6 @@ pub(crate) struct RecordWrite {
     pub id: String,
     pub fields: Option<Fields>,
     pub version: i64,
-}
-
-/// `$first, $first+1, …` for `n` values: the placeholders of an `IN (…)` list.
-fn placeholders(first: usize, n: usize) -> String {
-    (first..first + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ")
 }
 
 impl Store {
@@ -56,11 +90,8 @@ impl Store {
     ) -> Result<HashMap<String, (i64, bool)>, Error> {
         let mut found = HashMap::new();
         let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
-        for chunk in unique.chunks(self.rows_per_statement()) {
-            let list = (0..chunk.len()).map(|i| format!("${}", i + 3)).collect::<Vec<_>>().join(", ");
-            let sql = format!(
-                "SELECT id, version, deleted FROM records WHERE org_id = $1 AND object = $2 AND id IN ({list})"
-            );
+        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!("SELECT id, version, deleted FROM records WHERE {}", self.in_list("id", chunk.len()));
             let mut query = sqlx::query(&sql).bind(org_id).bind(object);
             for id in chunk {
                 query = query.bind((*id).clone());
@@ -82,10 +113,10 @@ impl Store {
     ) -> Result<HashSet<String>, Error> {
         let mut holders = HashSet::new();
         let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
-        for chunk in unique.chunks(self.rows_per_statement()) {
+        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
-                "SELECT DISTINCT record_id FROM unique_values WHERE org_id = $1 AND object = $2 AND record_id IN ({})",
-                placeholders(3, chunk.len())
+                "SELECT DISTINCT record_id FROM unique_values WHERE {}",
+                self.in_list("record_id", chunk.len())
             );
             let mut query = sqlx::query(&sql).bind(org_id).bind(object);
             for id in chunk {
@@ -165,7 +196,7 @@ impl<'a> BatchWriter<'a> {
             self.flush(conn).await?;
         } else {
             self.pending.push((seq, write));
-            if self.pending.len() >= self.store.rows_per_statement() {
+            if self.pending.len() >= ROWS_PER_STATEMENT {
                 self.flush(conn).await?;
             }
         }
@@ -187,30 +218,20 @@ impl<'a> BatchWriter<'a> {
         }
         let mut rows: Vec<usize> = last.into_values().collect();
         rows.sort_unstable();
-        for chunk in rows.chunks(self.store.rows_per_statement()) {
-            let values = (0..chunk.len())
-                .map(|i| {
-                    let b = i * 5;
-                    format!(
-                        "($1, $2, ${}, {}, ${}, ${}, ${})",
-                        b + 3,
-                        self.store.json_param(b + 4),
-                        b + 5,
-                        b + 6,
-                        b + 7
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            // org_id, object, id, fields, version, updated_at_ms, deleted
+            let values = self.store.values(chunk.len(), &[false, false, false, true, false, false, false]);
             let sql = format!(
                 "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) VALUES {values} \
                  ON CONFLICT (org_id, object, id) DO UPDATE SET fields = excluded.fields, version = excluded.version, \
                  updated_at_ms = excluded.updated_at_ms, deleted = excluded.deleted"
             );
-            let mut query = sqlx::query(&sql).bind(self.org_id.to_owned()).bind(object.to_owned());
+            let mut query = sqlx::query(&sql);
             for &i in chunk {
                 let w = &pending[i].1;
                 query = query
+                    .bind(self.org_id.to_owned())
+                    .bind(object.to_owned())
                     .bind(w.id.clone())
                     .bind(json(w).unwrap_or_else(|| "{}".to_owned()))
                     .bind(w.version)
@@ -220,29 +241,25 @@ impl<'a> BatchWriter<'a> {
             query.execute(&mut *conn).await?;
         }
         // change events: every write, in seq order
-        for chunk in pending.chunks(self.store.rows_per_statement()) {
-            let values = (0..chunk.len())
-                .map(|i| {
-                    let b = i * 5;
-                    format!(
-                        "($1, ${}, $2, ${}, ${}, {}, ${}, $3)",
-                        b + 4,
-                        b + 5,
-                        b + 6,
-                        self.store.json_param(b + 7),
-                        b + 8
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+        for chunk in pending.chunks(ROWS_PER_STATEMENT) {
+            // org_id, seq, object, record_id, op, fields, version, committed_at_ms
+            let values = self.store.values(chunk.len(), &[false, false, false, false, false, true, false, false]);
             let sql = format!(
                 "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
                  VALUES {values}"
             );
-            let mut query = sqlx::query(&sql).bind(self.org_id.to_owned()).bind(object.to_owned()).bind(self.now);
+            let mut query = sqlx::query(&sql);
             for (seq, w) in chunk {
                 let op = if w.fields.is_some() { ChangeOp::Upsert } else { ChangeOp::Delete };
-                query = query.bind(*seq).bind(w.id.clone()).bind(op.as_str()).bind(json(w)).bind(w.version);
+                query = query
+                    .bind(self.org_id.to_owned())
+                    .bind(*seq)
+                    .bind(object.to_owned())
+                    .bind(w.id.clone())
+                    .bind(op.as_str())
+                    .bind(json(w))
+                    .bind(w.version)
+                    .bind(self.now);
             }
             query.execute(&mut *conn).await?;
         }
