@@ -112,7 +112,7 @@ async fn get_link(server: &Server, key: &str, id: &str) -> pb::Link {
 /// Sync between two deployments: events applied per second (a backlog drained by a resumed link),
 /// then replication lag while a writer runs at a fixed rate.
 async fn sync(seconds: f64) {
-    let events: usize = std::env::var("BENCH_SYNC_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+    let events: usize = std::env::var("BENCH_SYNC_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(300_000);
     let rate: f64 = std::env::var("BENCH_SYNC_RATE").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000.0);
     let source = Server::start(Backend::Sqlite, &["--max-in-flight-per-org", "64"]).await;
     let target = Server::start(Backend::Sqlite, &["--max-in-flight-per-org", "64"]).await;
@@ -145,25 +145,34 @@ async fn sync(seconds: f64) {
     }
     let loaded = started.elapsed();
     let backlog = get_link(&source, &a.key, &id).await.lag_seq;
-    let started = Instant::now();
+    println!("sync backlog: {backlog} events written in {:.1}s; resuming the link", loaded.as_secs_f64());
+    let resumed = Instant::now();
     source
         .sync()
         .await
         .resume_link(authed(pb::ResumeLinkRequest { link_id: id.clone() }, &a.key))
         .await
         .expect("resume");
+    // a resumed link first verifies the target (verify_threshold probes, probe_interval apart):
+    // the rate is timed from its return to STREAMING, when it starts sending changes
+    let mut streaming = None;
     loop {
-        if get_link(&source, &a.key, &id).await.lag_seq == 0 {
+        let link = get_link(&source, &a.key, &id).await;
+        if streaming.is_none() && link.state == pb::LinkState::Streaming as i32 {
+            streaming = Some(Instant::now());
+        }
+        if link.lag_seq == 0 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(600), "the backlog did not drain in 10 minutes");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(resumed.elapsed() < Duration::from_secs(600), "the backlog did not drain in 10 minutes");
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let drained = started.elapsed().as_secs_f64();
+    let started = streaming.unwrap_or(resumed);
+    let (verified, drained) = (started - resumed, started.elapsed().as_secs_f64());
     let apply_rate = backlog as f64 / drained;
     println!(
-        "sync backlog: {backlog} events written in {:.1}s, applied between two deployments in {drained:.2}s: {apply_rate:.0} events/s",
-        loaded.as_secs_f64()
+        "sync backlog: verified in {:.2}s, then applied between two deployments in {drained:.2}s: {apply_rate:.0} events/s",
+        verified.as_secs_f64()
     );
 
     // lag at a fixed write rate: 4 writers of 100-record upserts, each paced to a quarter of `rate`

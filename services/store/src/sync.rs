@@ -312,15 +312,21 @@ impl Store {
         Ok(true)
     }
 
-    /// Moves a link's cursor forward (never back).
-    pub async fn advance_link_cursor(&self, link_id: &str, cursor: i64) -> Result<(), Error> {
-        sqlx::query("UPDATE links SET cursor_seq = $2, updated_at_ms = $3 WHERE id = $1 AND cursor_seq < $2")
-            .bind(link_id)
-            .bind(cursor)
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+    /// Moves a link's cursor forward (never back); answers whether the link is still streaming
+    /// (false also when the cursor was already there).
+    pub async fn advance_link_cursor(&self, link_id: &str, cursor: i64) -> Result<bool, Error> {
+        let row = sqlx::query(
+            "UPDATE links SET cursor_seq = $2, updated_at_ms = $3 WHERE id = $1 AND cursor_seq < $2 RETURNING state",
+        )
+        .bind(link_id)
+        .bind(cursor)
+        .bind(now_ms())
+        .fetch_optional(&self.writer)
+        .await?;
+        match row {
+            Some(row) => Ok(row.try_get::<String, _>(0)? == LinkState::Streaming.as_str()),
+            None => Ok(false),
+        }
     }
 
     /// Deletes a link of `org_id` with its history and dead letters.

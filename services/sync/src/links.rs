@@ -37,6 +37,9 @@ const LEASE: Duration = Duration::from_secs(5);
 const CLAIM_EVERY: Duration = Duration::from_secs(1);
 /// The deadline of a call to the target.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a link streams batch after batch before its runner reads the link again (a pause or
+/// a delete takes effect within this).
+const STREAM_SPELL: Duration = Duration::from_millis(500);
 
 /// Claims links and runs them.
 pub struct LinkManager {
@@ -308,36 +311,37 @@ impl Runner {
         Ok(())
     }
 
+    /// Sends the changes after the cursor, batch after batch, for up to [`STREAM_SPELL`]; the
+    /// next batch is read from the source while the target applies this one. Returns to the
+    /// runner's loop (which reads the link again: paused, deleted) when the spell is over, when
+    /// the changes run out, on a call failure, or when the link stops streaming.
     async fn stream(&mut self, link: &Link) -> Result<(), baton_store::Error> {
-        let events =
-            match self.store.changes_since(&link.org_id, link.cursor_seq, self.options.link_batch as usize).await {
-                Ok(events) => events,
-                Err(e @ baton_store::Error::Trimmed { .. }) => {
-                    let cause = format!("{e}; resume the link to bootstrap again");
-                    self.store
-                        .transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None)
-                        .await?;
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
-            };
-        let Some(last) = events.last().map(|e| e.seq) else {
-            self.pause(self.options.change_poll).await;
-            return Ok(());
-        };
+        let batch = self.options.link_batch as usize;
+        let store = self.store.clone();
+        let Some(mut events) = self.read_changes(link, link.cursor_seq).await? else { return Ok(()) };
         let objects = self.objects(link).await?;
-        let mut object_of = HashMap::new();
-        let changes: Vec<_> = events
-            .iter()
-            .filter(|e| objects.contains(&e.object))
-            .map(|e| {
-                object_of.insert(e.record_id.clone(), e.object.clone());
-                convert::change_to_pb(e)
-            })
-            .collect();
-        if !changes.is_empty() {
-            match self.apply(link, changes, false).await {
-                Ok(response) => {
+        let spell = Instant::now() + STREAM_SPELL;
+        loop {
+            let Some(last) = events.last().map(|e| e.seq) else {
+                self.pause(self.options.change_poll).await;
+                return Ok(());
+            };
+            let mut object_of = HashMap::new();
+            let changes: Vec<_> = events
+                .iter()
+                .filter(|e| objects.contains(&e.object))
+                .map(|e| {
+                    object_of.insert(e.record_id.clone(), e.object.clone());
+                    convert::change_to_pb(e)
+                })
+                .collect();
+            let apply =
+                async { if changes.is_empty() { Ok(None) } else { self.apply(link, changes, false).await.map(Some) } };
+            // the next batch is read while this one is applied (a trimmed seq is reported when
+            // it is reached)
+            let (applied, next) = tokio::join!(apply, store.changes_since(&link.org_id, last, batch));
+            match applied {
+                Ok(Some(response)) => {
                     self.dead_letter(link, &object_of, &response.rejected).await?;
                     if link.on_reject == RejectPolicy::Stop && !response.rejected.is_empty() {
                         self.store.advance_link_cursor(&link.id, last).await?;
@@ -357,11 +361,38 @@ impl Runner {
                         return Ok(());
                     }
                 }
+                Ok(None) => {}
                 Err(e) => return self.on_call_error(link, e).await,
             }
+            if !self.store.advance_link_cursor(&link.id, last).await? || Instant::now() >= spell {
+                return Ok(());
+            }
+            events = match next {
+                Ok(events) if !events.is_empty() => events,
+                // nothing more, or a trimmed seq: the runner's next round handles it
+                _ => return Ok(()),
+            };
         }
-        self.store.advance_link_cursor(&link.id, last).await?;
-        Ok(())
+    }
+
+    /// The changes after `cursor` (at most a batch); None when the link failed because they are
+    /// trimmed.
+    async fn read_changes(
+        &self,
+        link: &Link,
+        cursor: i64,
+    ) -> Result<Option<Vec<baton_store::model::ChangeEvent>>, baton_store::Error> {
+        match self.store.changes_since(&link.org_id, cursor, self.options.link_batch as usize).await {
+            Ok(events) => Ok(Some(events)),
+            Err(e @ baton_store::Error::Trimmed { .. }) => {
+                let cause = format!("{e}; resume the link to bootstrap again");
+                self.store
+                    .transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None)
+                    .await?;
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     async fn probe(&mut self, link: &Link) -> Result<(), CallError> {
