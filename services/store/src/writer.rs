@@ -210,7 +210,12 @@ impl<'a> BatchWriter<'a> {
         }
         let pending = std::mem::take(&mut self.pending);
         let object = self.schema.name.as_str();
-        let json = |w: &RecordWrite| w.fields.as_ref().map(|f| serde_json::Value::Object(f.clone()).to_string());
+        // each write's fields as JSON text, once for both statements
+        let texts = pending
+            .iter()
+            .map(|(_, w)| w.fields.as_ref().map(serde_json::to_string).transpose())
+            .collect::<Result<Vec<Option<String>>, _>>()
+            .map_err(|e| Error::Corrupt(format!("record fields: {e}")))?;
         // records: the last write of each id (a multi-row upsert may not touch a row twice)
         let mut last: HashMap<&str, usize> = HashMap::new();
         for (i, (_, w)) in pending.iter().enumerate() {
@@ -233,7 +238,7 @@ impl<'a> BatchWriter<'a> {
                     .bind(self.org_id.to_owned())
                     .bind(object.to_owned())
                     .bind(w.id.clone())
-                    .bind(json(w).unwrap_or_else(|| "{}".to_owned()))
+                    .bind(texts[i].clone().unwrap_or_else(|| "{}".to_owned()))
                     .bind(w.version)
                     .bind(self.now)
                     .bind(i64::from(w.fields.is_none()));
@@ -241,7 +246,8 @@ impl<'a> BatchWriter<'a> {
             query.execute(&mut *conn).await?;
         }
         // change events: every write, in seq order
-        for chunk in pending.chunks(ROWS_PER_STATEMENT) {
+        for (c, chunk) in pending.chunks(ROWS_PER_STATEMENT).enumerate() {
+            let offset = c * ROWS_PER_STATEMENT;
             // org_id, seq, object, record_id, op, fields, version, committed_at_ms
             let values = self.store.values(chunk.len(), &[false, false, false, false, false, true, false, false]);
             let sql = format!(
@@ -249,7 +255,7 @@ impl<'a> BatchWriter<'a> {
                  VALUES {values}"
             );
             let mut query = sqlx::query(&sql);
-            for (seq, w) in chunk {
+            for (k, (seq, w)) in chunk.iter().enumerate() {
                 let op = if w.fields.is_some() { ChangeOp::Upsert } else { ChangeOp::Delete };
                 query = query
                     .bind(self.org_id.to_owned())
@@ -257,7 +263,7 @@ impl<'a> BatchWriter<'a> {
                     .bind(object.to_owned())
                     .bind(w.id.clone())
                     .bind(op.as_str())
-                    .bind(json(w))
+                    .bind(texts[offset + k].clone())
                     .bind(w.version)
                     .bind(self.now);
             }

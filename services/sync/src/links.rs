@@ -312,7 +312,8 @@ impl Runner {
     }
 
     /// Sends the changes after the cursor, batch after batch, for up to [`STREAM_SPELL`]; the
-    /// next batch is read from the source while the target applies this one. Returns to the
+    /// next batch is read from the source, and the cursor moved past the last, while the target
+    /// applies this one. Returns to the
     /// runner's loop (which reads the link again: paused, deleted) when the spell is over, when
     /// the changes run out, on a call failure, or when the link stops streaming.
     async fn stream(&mut self, link: &Link) -> Result<(), baton_store::Error> {
@@ -321,6 +322,8 @@ impl Runner {
         let Some(mut events) = self.read_changes(link, link.cursor_seq).await? else { return Ok(()) };
         let objects = self.objects(link).await?;
         let spell = Instant::now() + STREAM_SPELL;
+        // the last seq of a batch applied whose cursor move is still to be made
+        let mut unmoved: Option<i64> = None;
         loop {
             let Some(last) = events.last().map(|e| e.seq) else {
                 self.pause(self.options.change_poll).await;
@@ -337,9 +340,16 @@ impl Runner {
                 .collect();
             let apply =
                 async { if changes.is_empty() { Ok(None) } else { self.apply(link, changes, false).await.map(Some) } };
-            // the next batch is read while this one is applied (a trimmed seq is reported when
-            // it is reached)
-            let (applied, next) = tokio::join!(apply, store.changes_since(&link.org_id, last, batch));
+            let moved = async {
+                match unmoved.take() {
+                    Some(seq) => store.advance_link_cursor(&link.id, seq).await,
+                    None => Ok(true),
+                }
+            };
+            // the next batch is read, and the cursor moved past the previous one, while this one
+            // is applied (a trimmed seq is reported when it is reached)
+            let (applied, next, streaming) = tokio::join!(apply, store.changes_since(&link.org_id, last, batch), moved);
+            let streaming = streaming?;
             match applied {
                 Ok(Some(response)) => {
                     self.dead_letter(link, &object_of, &response.rejected).await?;
@@ -364,14 +374,18 @@ impl Runner {
                 Ok(None) => {}
                 Err(e) => return self.on_call_error(link, e).await,
             }
-            if !self.store.advance_link_cursor(&link.id, last).await? || Instant::now() >= spell {
-                return Ok(());
+            match next {
+                Ok(more) if streaming && !more.is_empty() && Instant::now() < spell => {
+                    events = more;
+                    unmoved = Some(last);
+                }
+                // paused or deleted, the spell over, nothing more, or a trimmed seq: the
+                // runner's next round handles it
+                _ => {
+                    self.store.advance_link_cursor(&link.id, last).await?;
+                    return Ok(());
+                }
             }
-            events = match next {
-                Ok(events) if !events.is_empty() => events,
-                // nothing more, or a trimmed seq: the runner's next round handles it
-                _ => return Ok(()),
-            };
         }
     }
 
