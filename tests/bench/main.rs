@@ -165,7 +165,7 @@ async fn sync(seconds: f64) {
             break;
         }
         assert!(resumed.elapsed() < Duration::from_secs(600), "the backlog did not drain in 10 minutes");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let started = streaming.unwrap_or(resumed);
     let (verified, drained) = (started - resumed, started.elapsed().as_secs_f64());

@@ -17,12 +17,6 @@ use baton_store::blobs::Blobs;
 use baton_store::{Store, StoreOptions};
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of glibc's malloc: baton allocates many small, short-lived values (rows,
-/// protobuf messages, JSON maps) across threads, and glibc's malloc and free took about 18% of the
-/// CPU of two deployments syncing (perf: `malloc`, `_int_free`, `malloc_consolidate`, …).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// baton: a gRPC service mesh that hands work off without losing it.
 #[derive(Parser, Debug)]
 #[command(name = "baton", version, about, propagate_version = true)]
