@@ -97,19 +97,44 @@ pub fn change_to_pb(event: &ChangeEvent) -> pb::Change {
         fields: event.fields.as_ref().map(fields_to_pb),
         version: event.version,
         committed_at_ms: event.committed_at_ms,
+        fields_json: String::new(),
     }
 }
 
-/// A snapshot row as a protobuf upsert Change (seq 0).
+/// A change event as a protobuf Change with its fields as JSON text (`fields_json`), as a link
+/// sends it.
+pub fn change_to_pb_json(event: &ChangeEvent) -> pb::Change {
+    pb::Change {
+        seq: event.seq,
+        object: event.object.clone(),
+        record_id: event.record_id.clone(),
+        op: match event.op {
+            ChangeOp::Upsert => pb::ChangeOp::Upsert,
+            ChangeOp::Delete => pb::ChangeOp::Delete,
+        } as i32,
+        fields: None,
+        version: event.version,
+        committed_at_ms: event.committed_at_ms,
+        fields_json: event.fields.as_ref().map(fields_json).unwrap_or_default(),
+    }
+}
+
+fn fields_json(fields: &Fields) -> String {
+    serde_json::to_string(fields).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// A snapshot row as a protobuf upsert Change (seq 0), its fields as JSON text, as a link sends
+/// it.
 pub fn snapshot_row_to_pb(object: &str, record: &Record) -> pb::Change {
     pb::Change {
         seq: 0,
         object: object.to_owned(),
         record_id: record.id.clone(),
         op: pb::ChangeOp::Upsert as i32,
-        fields: Some(fields_to_pb(&record.fields)),
+        fields: None,
         version: record.version,
         committed_at_ms: record.updated_at_ms,
+        fields_json: fields_json(&record.fields),
     }
 }
 
@@ -134,12 +159,27 @@ pub fn changes_from_pb(changes: &[pb::Change]) -> Result<Vec<ChangeEvent>, Vec<F
             errors.push(FieldError::new(format!("changes[{i}].version"), "a version is at least 1"));
             continue;
         }
-        let fields = c.fields.as_ref().map(|f| {
-            f.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), value_to_json(v, &format!("changes[{i}].fields.{k}"), &mut errors)))
-                .collect()
-        });
+        let fields = match (&c.fields, c.fields_json.as_str()) {
+            (Some(_), json) if !json.is_empty() => {
+                errors.push(FieldError::new(format!("changes[{i}]"), "set fields or fields_json, not both"));
+                continue;
+            }
+            (Some(f), _) => Some(
+                f.fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), value_to_json(v, &format!("changes[{i}].fields.{k}"), &mut errors)))
+                    .collect(),
+            ),
+            (None, "") => None,
+            (None, json) => match serde_json::from_str::<Fields>(json) {
+                Ok(fields) => Some(fields),
+                Err(e) => {
+                    errors
+                        .push(FieldError::new(format!("changes[{i}].fields_json"), format!("not a JSON object: {e}")));
+                    continue;
+                }
+            },
+        };
         out.push(ChangeEvent {
             seq: c.seq,
             object: c.object.clone(),
@@ -229,5 +269,31 @@ mod tests {
         assert_eq!(fields["b"].as_f64(), Some(2.5));
         let back = fields_to_pb(fields);
         assert_eq!(back.fields["a"], num(42.0));
+    }
+
+    #[test]
+    fn a_change_carries_its_fields_as_json_text_or_as_a_struct_not_both() {
+        let fields: Fields =
+            serde_json::from_str(r#"{"code": "a1", "amount": 12345678901234567, "score": 0.1}"#).unwrap();
+        let event = ChangeEvent {
+            seq: 7,
+            object: "account".into(),
+            record_id: "a1".into(),
+            op: ChangeOp::Upsert,
+            fields: Some(fields.clone()),
+            version: 3,
+            committed_at_ms: 99,
+        };
+        let json = change_to_pb_json(&event);
+        assert!(json.fields.is_none() && !json.fields_json.is_empty());
+        // exact through JSON text: a 17-digit integer survives, which a Struct's double would not
+        assert_eq!(changes_from_pb(std::slice::from_ref(&json)).unwrap(), vec![event.clone()]);
+        assert_eq!(changes_from_pb(&[change_to_pb(&event)]).unwrap()[0].fields.as_ref().unwrap()["code"], "a1");
+
+        let both = pb::Change { fields: change_to_pb(&event).fields, ..json.clone() };
+        let bad = pb::Change { fields_json: "[1, 2]".into(), ..json.clone() };
+        let errors = changes_from_pb(&[json, both, bad]).unwrap_err();
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!((errors[0].field.as_str(), errors[1].field.as_str()), ("changes[1]", "changes[2].fields_json"));
     }
 }

@@ -335,7 +335,7 @@ impl Runner {
                 .filter(|e| objects.contains(&e.object))
                 .map(|e| {
                     object_of.insert(e.record_id.clone(), e.object.clone());
-                    convert::change_to_pb(e)
+                    convert::change_to_pb_json(e)
                 })
                 .collect();
             let apply =
