@@ -4,9 +4,10 @@
 #
 #   scripts/bench.sh intake    # real-time upsert throughput and p50/p99, 1 and 200 records,
 #                              # on SQLite and PostgreSQL
-#   scripts/bench.sh sync      # events applied per second between two deployments, and
-#                              # replication lag p50/p99 at a fixed write rate (BENCH_SYNC_RATE,
-#                              # default 10000 events/s; BENCH_SYNC_EVENTS sets the backlog)
+#   scripts/bench.sh sync      # events applied per second between two deployments (median of
+#                              # BENCH_SYNC_RUNS, 3, drains of a BENCH_SYNC_EVENTS backlog,
+#                              # 300000), and replication lag p50/p99 at a fixed write rate
+#                              # (BENCH_SYNC_RATE, default 10000 events/s)
 #   scripts/bench.sh manager   # round trips/s relayed through a primary manager with sync
 #                              # replication to its standby, p50/p99, and SIGTERM handover time
 #   scripts/bench.sh batch     # records committed per second for a 1,000,000-record batch
