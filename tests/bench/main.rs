@@ -138,15 +138,25 @@ async fn sync(seconds: f64) {
     let mut rates = Vec::new();
     let mut intake = source.intake().await;
     for run in 1..=runs {
-        source.sync().await.pause_link(authed(pb::PauseLinkRequest { link_id: id.clone() }, &a.key)).await.expect("pause");
+        source
+            .sync()
+            .await
+            .pause_link(authed(pb::PauseLinkRequest { link_id: id.clone() }, &a.key))
+            .await
+            .expect("pause");
         let started = Instant::now();
         for n in 0..events.div_ceil(200) {
             let records = (0..200)
                 .map(|k| {
-                    record(json!({"code": format!("r{}", (n * 200 + k) % 10_000), "name": "backlog", "amount": n + run}))
+                    record(
+                        json!({"code": format!("r{}", (n * 200 + k) % 10_000), "name": "backlog", "amount": n + run}),
+                    )
                 })
                 .collect();
-            intake.upsert(authed(pb::UpsertRequest { object: "account".into(), records }, &a.key)).await.expect("upsert");
+            intake
+                .upsert(authed(pb::UpsertRequest { object: "account".into(), records }, &a.key))
+                .await
+                .expect("upsert");
         }
         let loaded = started.elapsed();
         let backlog = get_link(&source, &a.key, &id).await.lag_seq;

@@ -86,24 +86,19 @@ pub fn record_to_pb(record: &Record) -> pb::Record {
 
 /// A change-log entry as a protobuf Change.
 pub fn change_to_pb(event: &ChangeEvent) -> pb::Change {
-    pb::Change {
-        seq: event.seq,
-        object: event.object.clone(),
-        record_id: event.record_id.clone(),
-        op: match event.op {
-            ChangeOp::Upsert => pb::ChangeOp::Upsert,
-            ChangeOp::Delete => pb::ChangeOp::Delete,
-        } as i32,
-        fields: event.fields.as_ref().map(fields_to_pb),
-        version: event.version,
-        committed_at_ms: event.committed_at_ms,
-        fields_json: String::new(),
-    }
+    pb::Change { fields: event.fields.as_ref().map(fields_to_pb), ..change_without_fields(event) }
 }
 
 /// A change event as a protobuf Change with its fields as JSON text (`fields_json`), as a link
 /// sends it.
 pub fn change_to_pb_json(event: &ChangeEvent) -> pb::Change {
+    pb::Change {
+        fields_json: event.fields.as_ref().map(fields_json).unwrap_or_default(),
+        ..change_without_fields(event)
+    }
+}
+
+fn change_without_fields(event: &ChangeEvent) -> pb::Change {
     pb::Change {
         seq: event.seq,
         object: event.object.clone(),
@@ -115,7 +110,7 @@ pub fn change_to_pb_json(event: &ChangeEvent) -> pb::Change {
         fields: None,
         version: event.version,
         committed_at_ms: event.committed_at_ms,
-        fields_json: event.fields.as_ref().map(fields_json).unwrap_or_default(),
+        fields_json: String::new(),
     }
 }
 
