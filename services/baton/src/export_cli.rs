@@ -162,9 +162,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
             std::fs::write(dir.join("token"), format!("{}\n", response.token))?;
             write_part(&part_file(&dir, 0), &ndjson_lines(&response.records)?)?;
             eprintln!(
-                "export {} continues in parts ({}; about {} rows); token: {}",
+                "export {} continues in parts ({}; {} {} rows); token: {}",
                 response.export_id,
                 pb::ExportReason::try_from(response.reason).map(|r| r.as_str_name()).unwrap_or("?"),
+                // past its probe the estimate is a lower bound; the progress bar learns the total
+                if response.estimate_exact { "exactly" } else { "at least" },
                 response.estimated_total,
                 response.token
             );

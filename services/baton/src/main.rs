@@ -94,7 +94,8 @@ enum Command {
         #[command(flatten)]
         scheduler: baton_scheduler::SchedulerOptions,
     },
-    /// Runs a worker: a server session of the manager's worker pool that runs batch chunks.
+    /// Runs a worker: a server session of the manager's worker pool that runs batch chunks and
+    /// produces export parts.
     Worker {
         #[command(flatten)]
         serve: ServeOptions,
