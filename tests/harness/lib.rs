@@ -86,31 +86,29 @@ impl Server {
             Backend::Sqlite => format!("sqlite://{}/baton.db", dir.0.display()),
             Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
         };
-        let data_dir = dir.0.to_str().unwrap().to_owned();
-        let mut args = vec![
-            "dev",
-            "--data-dir",
-            &data_dir,
-            "--store",
-            &url,
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-token",
-            ADMIN_TOKEN,
-        ];
-        args.extend_from_slice(extra);
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        Self::spawn(&args, url.clone(), backend, Some(dir), env)
+        Self::launch(backend, dir, &url, "127.0.0.1:0", extra, env)
     }
 
     /// Starts `baton dev` on a given data directory, store and address (to restart a server
     /// where it was).
     pub fn start_at(backend: Backend, dir: TempDir, url: &str, listen: &str, extra: &[&str]) -> Server {
+        Self::launch(backend, dir, url, listen, extra, Vec::new())
+    }
+
+    fn launch(
+        backend: Backend,
+        dir: TempDir,
+        url: &str,
+        listen: &str,
+        extra: &[&str],
+        env: Vec<(String, String)>,
+    ) -> Server {
         let data_dir = dir.0.to_str().unwrap().to_owned();
         let mut args =
             vec!["dev", "--data-dir", &data_dir, "--store", url, "--listen", listen, "--admin-token", ADMIN_TOKEN];
         args.extend_from_slice(extra);
-        Self::spawn(&args, url.to_owned(), backend, Some(dir), Vec::new())
+        Self::spawn(&args, url.to_owned(), backend, Some(dir), env)
     }
 
     /// SIGKILLs the server and starts it again with the same arguments, on the same address (and

@@ -105,7 +105,7 @@ fn ndjson_lines(records: &[pb::Record]) -> anyhow::Result<Vec<u8>> {
     }
     let mut out = Vec::new();
     for r in records {
-        let fields = convert::struct_to_json(&r.fields.clone().unwrap_or_default());
+        let fields = r.fields.as_ref().map_or_else(|| serde_json::json!({}), convert::struct_to_json);
         serde_json::to_writer(
             &mut out,
             &Line { id: &r.id, version: r.version, updated_at_ms: r.updated_at_ms, fields },

@@ -74,13 +74,6 @@ impl Blobs {
         key.split('/').fold(self.root.clone(), |path, part| path.join(part))
     }
 
-    /// Writes `data` compressed under `key`; answers the compressed size.
-    pub async fn put_compressed(&self, key: &str, data: &[u8]) -> Result<u64, Error> {
-        let mut blob = Compressor::with_capacity(data.len() / 3);
-        blob.write(data)?;
-        self.put(key, blob).await
-    }
-
     /// Writes a blob compressed as its data came under `key`; answers the compressed size.
     pub async fn put(&self, key: &str, blob: Compressor) -> Result<u64, Error> {
         let compressed = blob.0.finish().map_err(blob_error)?;
@@ -125,15 +118,21 @@ impl Blobs {
 mod tests {
     use super::*;
 
+    async fn put(blobs: &Blobs, key: &str, data: &[u8]) -> u64 {
+        let mut blob = Compressor::with_capacity(data.len());
+        blob.write(data).unwrap();
+        blobs.put(key, blob).await.unwrap()
+    }
+
     #[tokio::test]
     async fn a_local_directory_round_trips_and_deletes_by_prefix() {
         let dir = tempfile::tempdir().unwrap();
         let blobs = Blobs::open(dir.path().join("blobs").to_str().unwrap()).unwrap();
         let data = b"{\"id\":\"a\"}\n".repeat(1000);
-        let size = blobs.put_compressed("exports/e1/00001-x", &data).await.unwrap();
+        let size = put(&blobs, "exports/e1/00001-x", &data).await;
         assert!(size < data.len() as u64 / 4, "compressed to {size} bytes");
-        blobs.put_compressed("exports/e1/00002-y", b"two").await.unwrap();
-        blobs.put_compressed("exports/e2/00001-z", b"other").await.unwrap();
+        put(&blobs, "exports/e1/00002-y", b"two").await;
+        put(&blobs, "exports/e2/00001-z", b"other").await;
         assert_eq!(blobs.get_decompressed("exports/e1/00001-x").await.unwrap(), data);
         assert_eq!(blobs.delete_prefix("exports/e1").await.unwrap(), 2);
         assert!(blobs.get_decompressed("exports/e1/00002-y").await.is_err());
