@@ -160,6 +160,7 @@ async fn sync(seconds: f64) {
         }
         let loaded = started.elapsed();
         let backlog = get_link(&source, &a.key, &id).await.lag_seq;
+        eprintln!("sync backlog, run {run}: {backlog} events written; draining");
         let resumed = Instant::now();
         source
             .sync()

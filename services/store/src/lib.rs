@@ -127,6 +127,17 @@ pub(crate) fn classify(e: sqlx::Error) -> Error {
     }
 }
 
+impl Error {
+    /// A store call given up after `limit` without an answer, as busy (retried like a lock wait):
+    /// the connection it ran on is dropped with it.
+    pub fn unanswered(limit: Duration) -> Self {
+        Error::Busy(sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer from the database within {limit:?}"),
+        )))
+    }
+}
+
 impl From<sqlx::Error> for Error {
     fn from(e: sqlx::Error) -> Self {
         classify(e)

@@ -41,6 +41,21 @@ pub const EXPORT_PART_DONE: &str = "baton.v1.ExportPartDone";
 /// The manager pool workers register in by default.
 pub const DEFAULT_POOL: &str = "workers";
 
+/// How long a store call outside a chunk's own budget (marking it started, noting a retry,
+/// aborting it, committing) may go unanswered before it is given up and the chunk attempted again.
+/// A PostgreSQL connection can wait for an answer that never comes: `scripts/bench.sh batch` once
+/// left a chunk RUNNING for good, its worker waiting and every server connection idle. No chunk
+/// may hang on one call: giving the call up drops its connection.
+const STORE_CALL_LIMIT: Duration = Duration::from_secs(30);
+
+/// `call`, given up as [`baton_store::Error::unanswered`] after `limit`.
+async fn bounded<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, baton_store::Error>>,
+) -> Result<T, baton_store::Error> {
+    tokio::time::timeout(limit, call).await.unwrap_or_else(|_| Err(baton_store::Error::unanswered(limit)))
+}
+
 /// The worker options, as flags and `BATON_*` variables.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerOptions {
@@ -239,7 +254,7 @@ async fn attempts(
     let mut cause = String::new();
     for attempt in 1..=options.max_attempts {
         if attempt > 1
-            && let Err(e) = store.note_chunk_retry(batch, index, &cause).await
+            && let Err(e) = bounded(STORE_CALL_LIMIT, store.note_chunk_retry(batch, index, &cause)).await
         {
             tracing::debug!(error = %e, "cannot note the retry's cause");
         }
@@ -250,18 +265,22 @@ async fn attempts(
         } else {
             ChunkState::Committed
         };
-        // marking the chunk RUNNING is part of the attempt: a busy database fails it the same way
+        // marking the chunk RUNNING is part of the attempt: a busy database fails it the same way;
+        // the transaction has the budget, the calls around it (start, commit) a limit of their own
         let run = async {
             match store.start_chunk(batch, index, worker).await? {
                 ChunkStart::Finished(outcome) => Ok(ChunkRun::Finished(outcome)),
                 ChunkStart::Run => store.run_chunk(batch, index, outcome, &cause, budget, options.lock_timeout).await,
             }
         };
-        match run.await {
+        match bounded(budget + STORE_CALL_LIMIT, run).await {
             Ok(ChunkRun::Committed(outcome) | ChunkRun::Finished(outcome)) => return Ok((outcome, workload)),
             Ok(ChunkRun::Invalid(problems)) => {
                 let cause = format!("{} invalid record(s); nothing committed", problems.len());
-                return Ok((store.abort_chunk(batch, index, &problems, &cause).await?, workload));
+                return Ok((
+                    bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &problems, &cause)).await?,
+                    workload,
+                ));
             }
             Err(e @ E::Busy(_)) => {
                 workload = true;
@@ -277,14 +296,14 @@ async fn attempts(
             }
             Err(e @ (E::NotFound(_) | E::Corrupt(_) | E::Invalid(_))) => {
                 let cause = format!("cannot run: {e}");
-                return Ok((store.abort_chunk(batch, index, &[], &cause).await?, workload));
+                return Ok((bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?, workload));
             }
             Err(e) => return Err(e),
         }
         tracing::info!(batch, chunk = index, %cause, "chunk attempt failed; retrying");
     }
     let cause = format!("retries exhausted after {} attempts; last cause: {cause}", options.max_attempts);
-    Ok((store.abort_chunk(batch, index, &[], &cause).await?, workload))
+    Ok((bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?, workload))
 }
 
 /// The wire form of a chunk state (in ChunkDone here, in the scheduler's chunk statuses).
@@ -298,5 +317,22 @@ pub fn chunk_state_to_pb(state: ChunkState) -> pb::ChunkState {
         ChunkState::CommittedAfterRetryWorkload => pb::ChunkState::CommittedAfterRetryWorkload,
         ChunkState::Aborted => pb::ChunkState::Aborted,
         ChunkState::Cancelled => pb::ChunkState::Cancelled,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_store_call_that_never_answers_is_given_up_as_busy() {
+        let hung = std::future::pending::<Result<(), baton_store::Error>>();
+        let started = std::time::Instant::now();
+        let result = bounded(Duration::from_millis(50), hung).await;
+        assert!(matches!(result, Err(baton_store::Error::Busy(_))), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(result.unwrap_err().to_string().contains("no answer from the database within 50ms"));
+        // an answer in time is passed through
+        assert!(bounded(Duration::from_secs(5), async { Ok(7) }).await.is_ok_and(|n| n == 7));
     }
 }
