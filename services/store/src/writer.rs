@@ -90,15 +90,21 @@ impl Store {
     ) -> Result<HashMap<String, (i64, bool)>, Error> {
         let mut found = HashMap::new();
         let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
+        let rows = match self.backend {
+            crate::Backend::Sqlite => "json_group_array(json_array(id, version, deleted))",
+            crate::Backend::Postgres => "COALESCE(json_agg(json_build_array(id, version, deleted))::text, '[]')",
+        };
         for chunk in unique.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!("SELECT id, version, deleted FROM records WHERE {}", self.in_list("id", chunk.len()));
+            // the rows as one JSON text: decoding it costs less than a row each through `Any`
+            let sql = format!("SELECT {rows} FROM records WHERE {}", self.in_list("id", chunk.len()));
             let mut query = sqlx::query(&sql).bind(org_id).bind(object);
             for id in chunk {
                 query = query.bind((*id).clone());
             }
-            for row in query.fetch_all(&mut *conn).await? {
-                found.insert(row.try_get::<String, _>(0)?, (row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)? != 0));
-            }
+            let text: String = query.fetch_one(&mut *conn).await?.try_get(0)?;
+            let rows: Vec<(String, i64, i64)> =
+                serde_json::from_str(&text).map_err(|e| Error::Corrupt(format!("record versions: {e}")))?;
+            found.extend(rows.into_iter().map(|(id, version, deleted)| (id, (version, deleted != 0))));
         }
         Ok(found)
     }
