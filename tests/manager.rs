@@ -292,3 +292,76 @@ async fn a_primary_cut_off_from_etcd_fences_itself_before_its_lease_runs_out() {
     }
     assert!(answered.iter().all(|(seq, n)| seq == n));
 }
+
+/// With the standby stopped (SIGSTOP), the primary leaves it out of the in-sync set and goes on
+/// acknowledging; requests acknowledged then, and not yet answered (no server session), exist
+/// only in the primary's journal. The primary is SIGKILLed and the stale standby resumed: it does
+/// not take over, which would lose them. The primary restarted on its journal is elected again,
+/// the standby catches up, and every request is answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/stale-{}", std::process::id());
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    let mut members =
+        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
+    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let standby = 1 - primary;
+    let standby_addr = members[standby].addr.to_string();
+    let (w1, _) = echo_server(&endpoints, "w1");
+    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    let mut answered = BTreeMap::<u64, Vec<u64>>::new();
+    for n in 1..=20 {
+        sender.send(payload(n), Vec::new()).await.unwrap();
+    }
+    while answered.len() < 20 {
+        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
+        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+    }
+    // no server session from here on: what is acknowledged stays queued, unanswered
+    w1.abort();
+    let standby_pid = Pid::from_raw(members[standby].pid() as i32);
+    kill(standby_pid, Signal::SIGSTOP).unwrap();
+    let stopped = std::time::Instant::now();
+    for n in 21..=40 {
+        let seq =
+            tokio::time::timeout(Duration::from_secs(10), sender.send(payload(n), Vec::new())).await.unwrap().unwrap();
+        assert_eq!(seq, n, "acknowledged without the stopped standby");
+    }
+    let shrunk = status(&members[primary]).await;
+    assert_eq!(shrunk.role, "PRIMARY");
+    assert_eq!(shrunk.in_sync.len(), 1, "the stopped standby left the in-sync set: {:?}", shrunk.in_sync);
+    assert!(!shrunk.in_sync.iter().any(|m| m.contains(&standby_addr)), "{:?}", shrunk.in_sync);
+    // keep the standby stopped past its own lease, so that it is not still in line from before
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(stopped.elapsed())).await;
+    kill(Pid::from_raw(members[primary].pid() as i32), Signal::SIGKILL).unwrap();
+    kill(standby_pid, Signal::SIGCONT).unwrap();
+    // three lease TTLs: the stale standby never becomes primary
+    for _ in 0..30 {
+        let s = status(&members[standby]).await;
+        assert_ne!(s.role, "PRIMARY", "the stale standby took over (term {})", s.term);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // the primary, restarted on its journal, is elected again and the standby catches up
+    let old = members.remove(primary);
+    members.insert(primary, old.restart(&[]));
+    let (now_primary, now) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(now_primary, primary, "the up-to-date manager took over");
+    assert!(now.term > first.term, "{} > {}", now.term, first.term);
+    // a server session again: the requests acknowledged while the standby was stopped are
+    // answered, each once
+    let (_w2, seen2) = echo_server(&endpoints, "w2");
+    while answered.len() < 40 {
+        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
+        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+    }
+    assert_eq!(answered.keys().copied().collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
+    for (seq, got) in &answered {
+        assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
+    }
+    assert_eq!(seen2.lock().unwrap().requests.len(), 20, "w2 got exactly the 20 held requests");
+}

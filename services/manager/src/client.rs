@@ -61,10 +61,17 @@ struct Endpoints {
     current: usize,
     hint: Option<String>,
     last_tried: String,
-    /// The manager whose stream failed without naming a leader (a primary that went away): a
-    /// standby that still names it as the leader is asked again instead.
-    gone: Option<String>,
+    /// The manager whose stream failed without naming a leader (a primary that went away), and
+    /// how many times since a standby that still names it as the leader was asked again instead
+    /// of following it (at most [`GONE_ASKS`]).
+    gone: Option<(String, u32)>,
 }
+
+/// How many times a standby that names a gone primary as the leader is asked again before the
+/// client tries that primary anyway: enough for a takeover (with the 250 ms backoff, about 5 s
+/// against a 2 s lease), and then the client finds a primary restarted where it was, which a
+/// standby left out of the in-sync set keeps naming and never replaces.
+const GONE_ASKS: u32 = 20;
 
 impl Endpoints {
     /// `endpoints`: one address or several, comma-separated (`http://m1:7700,http://m2:7700`).
@@ -88,16 +95,19 @@ impl Endpoints {
     fn failed(&mut self, status: &Status) {
         let hint = status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok());
         match hint {
-            Some(leader) if leader.starts_with("http://") || leader.starts_with("https://") => {
-                if self.gone.as_deref() == Some(leader) {
+            Some(leader) if leader.starts_with("http://") || leader.starts_with("https://") => match &mut self.gone {
+                Some((gone, asked)) if gone == leader && *asked < GONE_ASKS => {
                     // the standby has not noticed yet: ask it again, it is about to take over
+                    *asked += 1;
                     self.hint = Some(self.last_tried.clone());
-                } else {
+                }
+                _ => {
+                    self.gone = None;
                     self.hint = Some(leader.to_owned());
                 }
-            }
+            },
             _ => {
-                self.gone = Some(self.last_tried.clone());
+                self.gone = Some((self.last_tried.clone(), 0));
                 self.current = (self.current + 1) % self.all.len().max(1);
             }
         }
@@ -518,5 +528,33 @@ impl ServerReplier {
     ) -> Result<(), Status> {
         let reply = pb::ServerReply { session_id: session_id.to_owned(), seq, payload: Some(payload), restart_data };
         self.replies.send(reply).await.map_err(|_| Status::unavailable("the server session task stopped"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naming(leader: &str) -> Status {
+        let mut status = Status::unavailable("a standby");
+        status.metadata_mut().insert(crate::service::LEADER_METADATA, leader.parse().unwrap());
+        status
+    }
+
+    #[test]
+    fn a_standby_naming_a_gone_primary_is_asked_again_then_the_primary_is_tried() {
+        let (p, s) = ("http://p:1", "http://s:2");
+        let mut endpoints = Endpoints::new(&format!("{p},{s}"));
+        assert_eq!(endpoints.next(), p);
+        endpoints.failed(&Status::unavailable("the stream broke"));
+        // the standby names the primary that just went away: it is asked again, a while
+        for _ in 0..GONE_ASKS {
+            assert_eq!(endpoints.next(), s);
+            endpoints.failed(&naming(p));
+        }
+        // then the primary is tried (restarted where it was, a stale standby names it forever)
+        assert_eq!(endpoints.next(), s);
+        endpoints.failed(&naming(p));
+        assert_eq!(endpoints.next(), p);
     }
 }
