@@ -181,12 +181,15 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     });
     let total = 300u64;
     let mut terms = vec![first.term];
+    // the term stamped on each request's acknowledgment, in request order
+    let mut ack_terms = Vec::new();
     for n in 1..=total {
-        let seq = tokio::time::timeout(Duration::from_secs(30), sender.send(payload(n), Vec::new()))
+        let accepted = tokio::time::timeout(Duration::from_secs(30), sender.send_stamped(payload(n), Vec::new()))
             .await
             .unwrap_or_else(|_| panic!("request {n} not accepted within 30s"))
             .unwrap();
-        assert_eq!(seq, n);
+        assert_eq!(accepted.seq, n);
+        ack_terms.push(accepted.term);
         if n % 50 == 0 && n <= 250 {
             let (primary, status) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
             assert!(status.term >= *terms.last().unwrap());
@@ -201,6 +204,18 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     let (_, last) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     terms.push(last.term);
     assert!(terms.windows(2).skip(1).all(|w| w[1] > w[0]), "every takeover raised the term: {terms:?}");
+    // every acknowledgment carries the term of a primary that journaled it: terms never go back,
+    // each primary seen (before each kill, and the last) acknowledged under its own term, and no
+    // acknowledgment carries a term outside the run's
+    assert!(ack_terms.windows(2).all(|w| w[1] >= w[0]), "acknowledgment terms went back: {ack_terms:?}");
+    let (lowest, highest) = (terms[0], *terms.last().unwrap());
+    assert!(ack_terms.iter().all(|t| (lowest..=highest).contains(t)), "{ack_terms:?} outside {lowest}..={highest}");
+    for t in terms.iter().skip(1) {
+        assert!(ack_terms.contains(t), "primary of term {t} acknowledged nothing under it: {ack_terms:?}");
+    }
+    let mut distinct = ack_terms.clone();
+    distinct.dedup();
+    assert!(distinct.len() >= 6, "the first primary and five successors acknowledged: {distinct:?}");
 }
 
 /// The standby reports NOT_SERVING and answers UNAVAILABLE naming the primary; the primary is

@@ -26,7 +26,17 @@ pub struct ClientResponse {
 }
 
 enum ClientCommand {
-    Send { payload: prost_types::Any, restart_data: Vec<u8>, accepted: oneshot::Sender<u64> },
+    Send { payload: prost_types::Any, restart_data: Vec<u8>, accepted: oneshot::Sender<Accepted> },
+}
+
+/// A request the manager journaled: its number, and the term of the primary that acknowledged it
+/// (the term stamped on the acknowledging frame).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Accepted {
+    /// The request's number in the session.
+    pub seq: u64,
+    /// The acknowledging primary's term.
+    pub term: u64,
 }
 
 /// A client session: sends numbered requests to a pool and receives each response once.
@@ -123,7 +133,7 @@ fn backoff(attempt: u32) -> Duration {
 const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A request sent but not yet journaled: its payload, restart data, and who waits for it.
-type Unaccepted = (prost_types::Any, Vec<u8>, Option<oneshot::Sender<u64>>);
+type Unaccepted = (prost_types::Any, Vec<u8>, Option<oneshot::Sender<Accepted>>);
 
 struct ClientLoop {
     endpoints: Endpoints,
@@ -189,7 +199,7 @@ impl ClientLoop {
                             let done: Vec<u64> = self.unaccepted.range(..=o.last_request_seq).map(|(s, _)| *s).collect();
                             for seq in done {
                                 if let Some((_, _, Some(w))) = self.unaccepted.remove(&seq) {
-                                    let _ = w.send(seq);
+                                    let _ = w.send(Accepted { seq, term: self.seen_term });
                                 }
                             }
                             for (seq, (payload, restart, _)) in &self.unaccepted {
@@ -199,7 +209,7 @@ impl ClientLoop {
                         }
                         Some(pb::client_event::Kind::Accepted(a)) => {
                             if let Some((_, _, Some(w))) = self.unaccepted.remove(&a.seq) {
-                                let _ = w.send(a.seq);
+                                let _ = w.send(Accepted { seq: a.seq, term: self.seen_term });
                             }
                         }
                         Some(pb::client_event::Kind::Response(r)) => {
@@ -329,6 +339,12 @@ pub struct ClientSender {
 impl ClientSender {
     /// Sends a request; returns its number once the manager has journaled it.
     pub async fn send(&self, payload: prost_types::Any, restart_data: Vec<u8>) -> Result<u64, Status> {
+        self.send_stamped(payload, restart_data).await.map(|a| a.seq)
+    }
+
+    /// Sends a request; returns its number and the acknowledging primary's term once the manager
+    /// has journaled it.
+    pub async fn send_stamped(&self, payload: prost_types::Any, restart_data: Vec<u8>) -> Result<Accepted, Status> {
         let (accepted, rx) = oneshot::channel();
         self.commands
             .send(ClientCommand::Send { payload, restart_data, accepted })
