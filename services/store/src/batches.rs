@@ -828,6 +828,21 @@ impl Store {
                 .await?;
             let schema = self.object(&org_id, &batch.try_get::<String, _>(0)?).await?;
             let op = BatchOp::parse(&batch.try_get::<String, _>(1)?)?;
+            let invalid = |mut problems: Vec<RecordProblem>| {
+                for p in &mut problems {
+                    p.index += first;
+                }
+                ChunkRun::Invalid(problems)
+            };
+            // what the schema alone decides is checked before the org's write lock, which other
+            // chunks of the org queue on
+            let problems = match op {
+                BatchOp::Delete => delete_problems(&schema, &records),
+                _ => record_problems(&schema, &records),
+            };
+            if !problems.is_empty() {
+                return Ok((tx, Some(invalid(problems))));
+            }
             // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
             // is the normal order of things, bounded by the budget only. Any other lock wait ends
             // as a busy error after `lock_timeout`.
@@ -837,12 +852,7 @@ impl Store {
             }
             let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records).await?;
             let run = match run {
-                Err(mut problems) => {
-                    for p in &mut problems {
-                        p.index += first;
-                    }
-                    ChunkRun::Invalid(problems)
-                }
+                Err(problems) => invalid(problems),
                 Ok(()) => {
                     sqlx::query(
                         "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
@@ -875,9 +885,10 @@ impl Store {
         }
     }
 
-    /// Validates and writes a chunk's records inside `conn`'s transaction, which holds the org's
-    /// write lock (its last seq is `base`); the problems (chunk indexes) when any record is
-    /// invalid.
+    /// Writes a chunk's records, valid against the schema, inside `conn`'s transaction, which
+    /// holds the org's write lock (its last seq is `base`); the problems (chunk indexes) when a
+    /// record conflicts with what is stored (an insert of an existing record, an update of a
+    /// missing one, a unique value taken).
     async fn write_chunk(
         &self,
         conn: &mut AnyConnection,
@@ -887,13 +898,6 @@ impl Store {
         op: BatchOp,
         records: Vec<Fields>,
     ) -> Result<Result<(), Vec<RecordProblem>>, Error> {
-        let problems = match op {
-            BatchOp::Delete => delete_problems(schema, &records),
-            _ => record_problems(schema, &records),
-        };
-        if !problems.is_empty() {
-            return Ok(Err(problems));
-        }
         let ids: Vec<String> = records.iter().map(|r| record_id(schema, r).unwrap_or_default()).collect();
         let existing = self.versions_of(conn, org_id, &schema.name, &ids).await?;
         let live = |id: &str| existing.get(id).is_some_and(|(_, deleted)| !deleted);
