@@ -699,7 +699,17 @@ impl Store {
 
     /// Records that a released chunk is in the manager's hands.
     pub async fn mark_sent(&self, chunk: &ChunkRef) -> Result<(), Error> {
-        sqlx::query("UPDATE chunks SET sent_at_ms = $3 WHERE batch_id = $1 AND idx = $2 AND sent_at_ms = 0")
+        // A worker may already hold the chunk's row (its transaction runs the chunk): then it has
+        // started it and there is nothing to mark; waiting for that transaction would stall the
+        // releaser for the chunk's whole run (seen in `bench batch` on PostgreSQL).
+        let sql = match self.backend {
+            Backend::Sqlite => "UPDATE chunks SET sent_at_ms = $3 WHERE batch_id = $1 AND idx = $2 AND sent_at_ms = 0",
+            Backend::Postgres => {
+                "UPDATE chunks SET sent_at_ms = $3 WHERE (batch_id, idx) IN (SELECT batch_id, idx FROM chunks \
+                 WHERE batch_id = $1 AND idx = $2 AND sent_at_ms = 0 FOR UPDATE SKIP LOCKED)"
+            }
+        };
+        sqlx::query(sql)
             .bind(chunk.batch_id.clone())
             .bind(i64::from(chunk.index))
             .bind(now_ms())

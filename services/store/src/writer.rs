@@ -64,10 +64,67 @@ impl Store {
             .join(", ")
     }
 
-    /// `org_id = … AND object = … AND {column} IN (…)` for `n` values, its parameters in order.
+    /// `org_id = ? AND object = ? AND {column} IN (?, …)` for `n` values (SQLite; PostgreSQL
+    /// joins an array instead, see [`Store::id_statements`]).
     fn in_list(&self, column: &str, n: usize) -> String {
-        let list = (0..n).map(|i| self.param(i + 3)).collect::<Vec<_>>().join(", ");
-        format!("org_id = {} AND object = {} AND {column} IN ({list})", self.param(1), self.param(2))
+        format!("org_id = ? AND object = ? AND {column} IN ({})", vec!["?"; n].join(", "))
+    }
+
+    /// `ids` (each once) as the statements that look them up read them: on SQLite at most
+    /// [`ROWS_PER_STATEMENT`] a statement, a parameter each ([`Store::in_list`]); on PostgreSQL
+    /// all in one statement, as one array literal joined with `unnest`. (Not `id = ANY($3)`:
+    /// once sqlx's prepared statement gets PostgreSQL's generic plan, that can become a filter
+    /// over every record of the object, 0.5 s a chunk in `bench batch`; the join stays a lookup
+    /// per id.)
+    fn id_statements(&self, ids: &[String]) -> Vec<(usize, Vec<String>)> {
+        let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
+        match self.backend {
+            crate::Backend::Sqlite => unique
+                .chunks(ROWS_PER_STATEMENT)
+                .map(|c| (c.len(), c.iter().map(|id| (*id).clone()).collect()))
+                .collect(),
+            crate::Backend::Postgres if unique.is_empty() => Vec::new(),
+            crate::Backend::Postgres => vec![(unique.len(), vec![pg_array(unique.iter().map(|id| Some(id.as_str())))])],
+        }
+    }
+}
+
+/// A PostgreSQL array literal of text values (None: NULL), each quoted, for a `$n::text[]`
+/// parameter (and `::bigint[]` for numbers). One parameter instead of one a row: a statement's
+/// rows travel in a few array literals, and its text does not depend on the row count, so it is
+/// planned once (see the module's notes).
+fn pg_array<'v>(values: impl Iterator<Item = Option<&'v str>>) -> String {
+    let mut out = String::from("{");
+    for (i, value) in values.enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        match value {
+            None => out.push_str("NULL"),
+            Some(v) => {
+                out.push('"');
+                for c in v.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            }
+        }
+    }
+    out.push('}');
+    out
+}
+
+impl Store {
+    /// Writes a [`BatchWriter`] keeps before it flushes: a statement's worth on SQLite; on
+    /// PostgreSQL, where a flush is one statement a table whatever its rows, more.
+    fn rows_per_flush(&self) -> usize {
+        match self.backend {
+            crate::Backend::Sqlite => ROWS_PER_STATEMENT,
+            crate::Backend::Postgres => 5_000,
+        }
     }
 }
 
@@ -89,19 +146,22 @@ impl Store {
         ids: &[String],
     ) -> Result<HashMap<String, (i64, bool)>, Error> {
         let mut found = HashMap::new();
-        let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
-        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+        for (n, values) in self.id_statements(ids) {
             // on SQLite the rows come back as one JSON text: decoding it costs less than a row
             // each through `Any` (bench sync: +8-19%); on PostgreSQL the same aggregate made bench
             // batch slower (about 10k against 19-45k records/s), so rows it is there
-            let rows = match self.backend {
-                crate::Backend::Sqlite => "json_group_array(json_array(id, version, deleted))",
-                crate::Backend::Postgres => "id, version, deleted",
+            let sql = match self.backend {
+                crate::Backend::Sqlite => format!(
+                    "SELECT json_group_array(json_array(id, version, deleted)) FROM records WHERE {}",
+                    self.in_list("id", n)
+                ),
+                crate::Backend::Postgres => "SELECT r.id, r.version, r.deleted FROM unnest($3::text[]) AS u(id) \
+                                             JOIN records r ON r.org_id = $1 AND r.object = $2 AND r.id = u.id"
+                    .to_owned(),
             };
-            let sql = format!("SELECT {rows} FROM records WHERE {}", self.in_list("id", chunk.len()));
             let mut query = sqlx::query(&sql).bind(org_id).bind(object);
-            for id in chunk {
-                query = query.bind((*id).clone());
+            for value in values {
+                query = query.bind(value);
             }
             if self.backend == crate::Backend::Sqlite {
                 let text: String = query.fetch_one(&mut *conn).await?.try_get(0)?;
@@ -129,15 +189,19 @@ impl Store {
         ids: &[String],
     ) -> Result<HashSet<String>, Error> {
         let mut holders = HashSet::new();
-        let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
-        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "SELECT DISTINCT record_id FROM unique_values WHERE {}",
-                self.in_list("record_id", chunk.len())
-            );
+        for (n, values) in self.id_statements(ids) {
+            let sql = match self.backend {
+                crate::Backend::Sqlite => {
+                    format!("SELECT DISTINCT record_id FROM unique_values WHERE {}", self.in_list("record_id", n))
+                }
+                crate::Backend::Postgres => "SELECT DISTINCT v.record_id FROM unnest($3::text[]) AS u(id) \
+                                             JOIN unique_values v ON v.org_id = $1 AND v.object = $2 \
+                                             AND v.record_id = u.id"
+                    .to_owned(),
+            };
             let mut query = sqlx::query(&sql).bind(org_id).bind(object);
-            for id in chunk {
-                query = query.bind((*id).clone());
+            for value in values {
+                query = query.bind(value);
             }
             for row in query.fetch_all(&mut *conn).await? {
                 holders.insert(row.try_get::<String, _>(0)?);
@@ -213,7 +277,7 @@ impl<'a> BatchWriter<'a> {
             self.flush(conn).await?;
         } else {
             self.pending.push((seq, write));
-            if self.pending.len() >= ROWS_PER_STATEMENT {
+            if self.pending.len() >= self.store.rows_per_flush() {
                 self.flush(conn).await?;
             }
         }
@@ -240,6 +304,9 @@ impl<'a> BatchWriter<'a> {
         }
         let mut rows: Vec<usize> = last.into_values().collect();
         rows.sort_unstable();
+        if self.store.backend == crate::Backend::Postgres {
+            return self.flush_arrays(conn, &pending, &texts, &rows).await;
+        }
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             // org_id, object, id, fields, version, updated_at_ms, deleted
             let values = self.store.values(chunk.len(), &[false, false, false, true, false, false, false]);
@@ -286,6 +353,55 @@ impl<'a> BatchWriter<'a> {
             }
             query.execute(&mut *conn).await?;
         }
+        Ok(())
+    }
+
+    /// [`BatchWriter::flush`] on PostgreSQL: one statement per table, its rows as array literals
+    /// expanded by `unnest` (records: the `rows` of `pending`; change events: every write).
+    async fn flush_arrays(
+        &self,
+        conn: &mut AnyConnection,
+        pending: &[(i64, RecordWrite)],
+        texts: &[Option<String>],
+        rows: &[usize],
+    ) -> Result<(), Error> {
+        let numbers = |values: &mut dyn Iterator<Item = i64>| {
+            format!("{{{}}}", values.map(|v| v.to_string()).collect::<Vec<_>>().join(","))
+        };
+        let object = self.schema.name.as_str();
+        sqlx::query(
+            "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
+             SELECT $1, $2, u.id, u.fields::jsonb, u.version, $3, u.deleted \
+             FROM unnest($4::text[], $5::text[], $6::bigint[], $7::bigint[]) AS u(id, fields, version, deleted) \
+             ON CONFLICT (org_id, object, id) DO UPDATE SET fields = excluded.fields, version = excluded.version, \
+             updated_at_ms = excluded.updated_at_ms, deleted = excluded.deleted",
+        )
+        .bind(self.org_id)
+        .bind(object)
+        .bind(self.now)
+        .bind(pg_array(rows.iter().map(|&i| Some(pending[i].1.id.as_str()))))
+        .bind(pg_array(rows.iter().map(|&i| Some(texts[i].as_deref().unwrap_or("{}")))))
+        .bind(numbers(&mut rows.iter().map(|&i| pending[i].1.version)))
+        .bind(numbers(&mut rows.iter().map(|&i| i64::from(pending[i].1.fields.is_none()))))
+        .execute(&mut *conn)
+        .await?;
+        let op = |w: &RecordWrite| if w.fields.is_some() { ChangeOp::Upsert } else { ChangeOp::Delete }.as_str();
+        sqlx::query(
+            "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
+             SELECT $1, u.seq, $2, u.record_id, u.op, u.fields::jsonb, u.version, $3 \
+             FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::bigint[]) \
+             AS u(seq, record_id, op, fields, version)",
+        )
+        .bind(self.org_id)
+        .bind(object)
+        .bind(self.now)
+        .bind(numbers(&mut pending.iter().map(|(seq, _)| *seq)))
+        .bind(pg_array(pending.iter().map(|(_, w)| Some(w.id.as_str()))))
+        .bind(pg_array(pending.iter().map(|(_, w)| Some(op(w)))))
+        .bind(pg_array(texts.iter().map(|t| t.as_deref())))
+        .bind(numbers(&mut pending.iter().map(|(_, w)| w.version)))
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 }
