@@ -141,6 +141,40 @@ async fn upsert_get_delete_keep_versions_and_change_events() {
     .await;
 }
 
+/// Ids and values with the characters that SQL text, JSON and PostgreSQL array literals treat
+/// specially are written and read back exactly (the writer sends rows as array literals on
+/// PostgreSQL).
+#[tokio::test]
+async fn awkward_ids_and_values_are_stored_exactly() {
+    each_backend(|t| async move {
+        let s = &t.store;
+        let org = org_with_account(s).await;
+        let ids = ["q\"uo'te", "back\\slash", "new\nline", "{braces,comma}", "NULL", "uni é ✓", " padded "];
+        let records: Vec<Fields> = ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| rec(json!({"code": id, "status": format!("{id} \\ \" {{}} , NULL"), "amount": i})))
+            .collect();
+        s.upsert(&org, "account", records.clone(), soon()).await.unwrap();
+        for (id, fields) in ids.iter().zip(&records) {
+            let got = s.get(&org, "account", id, soon()).await.unwrap();
+            assert_eq!((got.id.as_str(), &got.fields), (*id, fields));
+        }
+        s.delete(&org, "account", vec![ids[0].to_owned()], soon()).await.unwrap();
+        let events = s.changes_after(&org, 0, 100).await.unwrap();
+        assert_eq!(events.len(), ids.len() + 1);
+        for (e, (id, fields)) in events.iter().zip(ids.iter().zip(&records)) {
+            assert_eq!((e.record_id.as_str(), e.op, e.fields.as_ref()), (*id, ChangeOp::Upsert, Some(fields)));
+        }
+        let tombstone = events.last().unwrap();
+        assert_eq!(
+            (tombstone.record_id.as_str(), tombstone.op, tombstone.fields.as_ref()),
+            (ids[0], ChangeOp::Delete, None)
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn invalid_records_commit_nothing_and_list_every_problem() {
     each_backend(|t| async move {
