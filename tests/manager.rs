@@ -318,11 +318,8 @@ async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     let etcd = baton_tests::Etcd::start();
-    let election = format!("/baton-test/stale-{}", std::process::id());
-    let (d1, d2) = (TempDir::new(), TempDir::new());
-    let mut members =
-        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
-    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    let pair = baton_tests::ManagerPair::start(&etcd, &format!("/baton-test/stale-{}", std::process::id())).await;
+    let (mut members, endpoints) = (pair.members, pair.endpoints);
     let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let standby = 1 - primary;
     let standby_addr = members[standby].addr.to_string();

@@ -137,13 +137,9 @@ async fn sync(seconds: f64) {
     let runs: usize = std::env::var("BENCH_SYNC_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let mut rates = Vec::new();
     let mut intake = source.intake().await;
+    let mut sync = source.sync().await;
     for run in 1..=runs {
-        source
-            .sync()
-            .await
-            .pause_link(authed(pb::PauseLinkRequest { link_id: id.clone() }, &a.key))
-            .await
-            .expect("pause");
+        sync.pause_link(authed(pb::PauseLinkRequest { link_id: id.clone() }, &a.key)).await.expect("pause");
         let started = Instant::now();
         for n in 0..events.div_ceil(200) {
             let records = (0..200)
@@ -162,12 +158,7 @@ async fn sync(seconds: f64) {
         let backlog = get_link(&source, &a.key, &id).await.lag_seq;
         eprintln!("sync backlog, run {run}: {backlog} events written; draining");
         let resumed = Instant::now();
-        source
-            .sync()
-            .await
-            .resume_link(authed(pb::ResumeLinkRequest { link_id: id.clone() }, &a.key))
-            .await
-            .expect("resume");
+        sync.resume_link(authed(pb::ResumeLinkRequest { link_id: id.clone() }, &a.key)).await.expect("resume");
         // a resumed link that must verify the target first is timed from its return to STREAMING,
         // when it starts sending changes
         let mut streaming = None;

@@ -1,19 +1,19 @@
-//! Writing many record changes in one transaction with few statements: versions are read with
-//! `IN (…)` lists, and records and change events are written with multi-row statements. A write
-//! that touches a unique value (it sets one, or the record holds one now) goes row by row instead,
-//! so that the `unique_values` index is maintained in order; pending multi-row writes are flushed
-//! before it, so that seqs stay in change order.
+//! Writing many record changes in one transaction with few statements. A write that touches a
+//! unique value (it sets one, or the record holds one now) goes row by row, so that the
+//! `unique_values` index is maintained in order; pending writes are flushed before it, so that seqs
+//! stay in change order.
 //!
 //! Each statement of the `Any` driver costs a round trip to the database (a thread hop on
-//! SQLite), so statement count, not SQL work, bounds write throughput: one statement per table per
-//! few hundred rows instead of one per row.
-//!
-//! The multi-row statements number their parameters in order, each used once, so that SQLite gets
-//! anonymous `?` parameters ([`Store::param`]): sqlx binds a SQLite statement by asking
-//! `sqlite3_bind_parameter_name` for each index, and SQLite answers by walking the list of named
-//! (`$n`) parameters, so binding `$n` parameters costs the square of their count. With 400 rows
-//! (2,000 `$n` parameters) that took 73% of the writer thread in `scripts/bench.sh sync` (perf),
-//! which had held SQLite to 64 rows a statement; anonymous parameters have no names to walk.
+//! SQLite), so statement count, not SQL work, bounds write throughput:
+//! - On SQLite, versions are read with `IN (…)` lists and rows are written with multi-row
+//!   `VALUES` statements, a few hundred rows each. Their parameters are anonymous `?`: sqlx binds
+//!   a SQLite statement by asking `sqlite3_bind_parameter_name` for each index, and SQLite answers
+//!   by walking the list of named (`$n`) parameters, so binding `$n` parameters costs the square
+//!   of their count. With 400 rows (2,000 `$n` parameters) that took 73% of the writer thread in
+//!   `scripts/bench.sh sync` (perf), which had held SQLite to 64 rows a statement.
+//! - On PostgreSQL a flush is one statement per table whatever its rows, which travel as array
+//!   literals ([`pg_array`]) expanded by `unnest`; ids are looked up by joining such an array.
+//!   The statement texts do not depend on the row count, so each is planned once.
 
 use std::collections::{HashMap, HashSet};
 
@@ -22,46 +22,15 @@ use sqlx::{AnyConnection, Row};
 use crate::model::{ChangeOp, Fields, ObjectSchema};
 use crate::{Error, Store};
 
-/// Rows per multi-row statement (at most 8 parameters a row: 3,200, well under both databases'
-/// limits).
+/// Rows per multi-row statement on SQLite (at most 8 parameters a row: 3,200, well under its
+/// limit).
 const ROWS_PER_STATEMENT: usize = 400;
 
 impl Store {
-    /// The placeholder of the `n`th parameter (from 1) of a statement whose parameters appear in
-    /// order, each once: `$n` on PostgreSQL, an anonymous `?` on SQLite (see the module's notes).
-    fn param(&self, n: usize) -> String {
-        match self.backend {
-            crate::Backend::Sqlite => "?".to_owned(),
-            crate::Backend::Postgres => format!("${n}"),
-        }
-    }
-
-    /// [`Store::param`] for a JSON value.
-    fn json_param(&self, n: usize) -> String {
-        match self.backend {
-            crate::Backend::Sqlite => "?".to_owned(),
-            crate::Backend::Postgres => format!("${n}::jsonb"),
-        }
-    }
-
-    /// `(…), (…)` for `rows` rows of `shape` placeholders each, numbered in order: `shape[k]` says
-    /// whether the row's `k`th value is JSON.
-    fn values(&self, rows: usize, shape: &[bool]) -> String {
-        (0..rows)
-            .map(|r| {
-                let row = shape
-                    .iter()
-                    .enumerate()
-                    .map(|(k, &json)| {
-                        let n = r * shape.len() + k + 1;
-                        if json { self.json_param(n) } else { self.param(n) }
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                format!("({row})")
-            })
-            .collect::<Vec<_>>()
-            .join(", ")
+    /// `(?, …), (?, …)`: `rows` rows of `width` anonymous placeholders (SQLite).
+    fn values(rows: usize, width: usize) -> String {
+        let row = format!("({})", vec!["?"; width].join(", "));
+        vec![row; rows].join(", ")
     }
 
     /// `org_id = ? AND object = ? AND {column} IN (?, …)` for `n` values (SQLite; PostgreSQL
@@ -70,23 +39,32 @@ impl Store {
         format!("org_id = ? AND object = ? AND {column} IN ({})", vec!["?"; n].join(", "))
     }
 
-    /// `ids` (each once) as the statements that look them up read them: on SQLite at most
+    /// `ids` (each once) as the parameters of the statements that look them up: on SQLite at most
     /// [`ROWS_PER_STATEMENT`] a statement, a parameter each ([`Store::in_list`]); on PostgreSQL
-    /// all in one statement, as one array literal joined with `unnest`. (Not `id = ANY($3)`:
-    /// once sqlx's prepared statement gets PostgreSQL's generic plan, that can become a filter
-    /// over every record of the object, 0.5 s a chunk in `bench batch`; the join stays a lookup
-    /// per id.)
-    fn id_statements(&self, ids: &[String]) -> Vec<(usize, Vec<String>)> {
+    /// one statement, one array literal joined with `unnest`. (Not `id = ANY($3)`: once sqlx's
+    /// prepared statement gets PostgreSQL's generic plan, that can become a filter over every
+    /// record of the object, 0.5 s a chunk in `bench batch`; the join stays a lookup per id.)
+    fn id_statements(&self, ids: &[String]) -> Vec<Vec<String>> {
         let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
         match self.backend {
-            crate::Backend::Sqlite => unique
-                .chunks(ROWS_PER_STATEMENT)
-                .map(|c| (c.len(), c.iter().map(|id| (*id).clone()).collect()))
-                .collect(),
+            crate::Backend::Sqlite => {
+                unique.chunks(ROWS_PER_STATEMENT).map(|c| c.iter().map(|id| (*id).clone()).collect()).collect()
+            }
             crate::Backend::Postgres if unique.is_empty() => Vec::new(),
-            crate::Backend::Postgres => vec![(unique.len(), vec![pg_array(unique.iter().map(|id| Some(id.as_str())))])],
+            crate::Backend::Postgres => vec![vec![pg_array(unique.iter().map(|id| Some(id.as_str())))]],
         }
     }
+}
+
+/// A lookup of ids: `sql` bound with the org, the object and the ids' parameters from
+/// [`Store::id_statements`].
+fn id_lookup<'q>(
+    sql: &'q str,
+    org_id: &'q str,
+    object: &'q str,
+    values: Vec<String>,
+) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+    values.into_iter().fold(sqlx::query(sql).bind(org_id).bind(object), |query, value| query.bind(value))
 }
 
 /// A PostgreSQL array literal of text values (None: NULL), each quoted, for a `$n::text[]`
@@ -117,6 +95,11 @@ fn pg_array<'v>(values: impl Iterator<Item = Option<&'v str>>) -> String {
     out
 }
 
+/// A PostgreSQL array literal of integers, for a `$n::bigint[]` parameter.
+fn pg_numbers(values: impl Iterator<Item = i64>) -> String {
+    format!("{{{}}}", values.map(|v| v.to_string()).collect::<Vec<_>>().join(","))
+}
+
 impl Store {
     /// Writes a [`BatchWriter`] keeps before it flushes: a statement's worth on SQLite; on
     /// PostgreSQL, where a flush is one statement a table whatever its rows, more.
@@ -136,6 +119,13 @@ pub(crate) struct RecordWrite {
     pub version: i64,
 }
 
+impl RecordWrite {
+    /// The change it logs.
+    fn op(&self) -> ChangeOp {
+        if self.fields.is_some() { ChangeOp::Upsert } else { ChangeOp::Delete }
+    }
+}
+
 impl Store {
     /// The current version and deleted flag of each of `ids` that exists, in few statements.
     pub(crate) async fn versions_of(
@@ -146,34 +136,31 @@ impl Store {
         ids: &[String],
     ) -> Result<HashMap<String, (i64, bool)>, Error> {
         let mut found = HashMap::new();
-        for (n, values) in self.id_statements(ids) {
-            // on SQLite the rows come back as one JSON text: decoding it costs less than a row
-            // each through `Any` (bench sync: +8-19%); on PostgreSQL the same aggregate made bench
-            // batch slower (about 10k against 19-45k records/s), so rows it is there
-            let sql = match self.backend {
-                crate::Backend::Sqlite => format!(
-                    "SELECT json_group_array(json_array(id, version, deleted)) FROM records WHERE {}",
-                    self.in_list("id", n)
-                ),
-                crate::Backend::Postgres => "SELECT r.id, r.version, r.deleted FROM unnest($3::text[]) AS u(id) \
-                                             JOIN records r ON r.org_id = $1 AND r.object = $2 AND r.id = u.id"
-                    .to_owned(),
-            };
-            let mut query = sqlx::query(&sql).bind(org_id).bind(object);
-            for value in values {
-                query = query.bind(value);
-            }
-            if self.backend == crate::Backend::Sqlite {
-                let text: String = query.fetch_one(&mut *conn).await?.try_get(0)?;
-                let rows: Vec<(String, i64, i64)> =
-                    serde_json::from_str(&text).map_err(|e| Error::Corrupt(format!("record versions: {e}")))?;
-                found.extend(rows.into_iter().map(|(id, version, deleted)| (id, (version, deleted != 0))));
-            } else {
-                for row in query.fetch_all(&mut *conn).await? {
-                    found.insert(
-                        row.try_get::<String, _>(0)?,
-                        (row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)? != 0),
+        for values in self.id_statements(ids) {
+            match self.backend {
+                // the rows come back as one JSON text: decoding it costs less than a row each
+                // through `Any` (bench sync: +8-19%)
+                crate::Backend::Sqlite => {
+                    let sql = format!(
+                        "SELECT json_group_array(json_array(id, version, deleted)) FROM records WHERE {}",
+                        self.in_list("id", values.len())
                     );
+                    let text: String =
+                        id_lookup(&sql, org_id, object, values).fetch_one(&mut *conn).await?.try_get(0)?;
+                    let rows: Vec<(String, i64, i64)> =
+                        serde_json::from_str(&text).map_err(|e| Error::Corrupt(format!("record versions: {e}")))?;
+                    found.extend(rows.into_iter().map(|(id, version, deleted)| (id, (version, deleted != 0))));
+                }
+                // the same aggregate measured slower in bench batch here: rows
+                crate::Backend::Postgres => {
+                    let sql = "SELECT r.id, r.version, r.deleted FROM unnest($3::text[]) AS u(id) \
+                               JOIN records r ON r.org_id = $1 AND r.object = $2 AND r.id = u.id";
+                    for row in id_lookup(sql, org_id, object, values).fetch_all(&mut *conn).await? {
+                        found.insert(
+                            row.try_get::<String, _>(0)?,
+                            (row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)? != 0),
+                        );
+                    }
                 }
             }
         }
@@ -189,21 +176,18 @@ impl Store {
         ids: &[String],
     ) -> Result<HashSet<String>, Error> {
         let mut holders = HashSet::new();
-        for (n, values) in self.id_statements(ids) {
+        for values in self.id_statements(ids) {
             let sql = match self.backend {
-                crate::Backend::Sqlite => {
-                    format!("SELECT DISTINCT record_id FROM unique_values WHERE {}", self.in_list("record_id", n))
-                }
+                crate::Backend::Sqlite => format!(
+                    "SELECT DISTINCT record_id FROM unique_values WHERE {}",
+                    self.in_list("record_id", values.len())
+                ),
                 crate::Backend::Postgres => "SELECT DISTINCT v.record_id FROM unnest($3::text[]) AS u(id) \
                                              JOIN unique_values v ON v.org_id = $1 AND v.object = $2 \
                                              AND v.record_id = u.id"
                     .to_owned(),
             };
-            let mut query = sqlx::query(&sql).bind(org_id).bind(object);
-            for value in values {
-                query = query.bind(value);
-            }
-            for row in query.fetch_all(&mut *conn).await? {
+            for row in id_lookup(&sql, org_id, object, values).fetch_all(&mut *conn).await? {
                 holders.insert(row.try_get::<String, _>(0)?);
             }
         }
@@ -290,7 +274,6 @@ impl<'a> BatchWriter<'a> {
             return Ok(());
         }
         let pending = std::mem::take(&mut self.pending);
-        let object = self.schema.name.as_str();
         // each write's fields as JSON text, once for both statements
         let texts = pending
             .iter()
@@ -304,12 +287,25 @@ impl<'a> BatchWriter<'a> {
         }
         let mut rows: Vec<usize> = last.into_values().collect();
         rows.sort_unstable();
-        if self.store.backend == crate::Backend::Postgres {
-            return self.flush_arrays(conn, &pending, &texts, &rows).await;
+        match self.store.backend {
+            crate::Backend::Sqlite => self.flush_statements(conn, &pending, &texts, &rows).await,
+            crate::Backend::Postgres => self.flush_arrays(conn, &pending, &texts, &rows).await,
         }
+    }
+
+    /// [`BatchWriter::flush`] on SQLite: multi-row statements of [`ROWS_PER_STATEMENT`] rows
+    /// (records: the `rows` of `pending`; change events: every write).
+    async fn flush_statements(
+        &self,
+        conn: &mut AnyConnection,
+        pending: &[(i64, RecordWrite)],
+        texts: &[Option<String>],
+        rows: &[usize],
+    ) -> Result<(), Error> {
+        let object = self.schema.name.as_str();
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             // org_id, object, id, fields, version, updated_at_ms, deleted
-            let values = self.store.values(chunk.len(), &[false, false, false, true, false, false, false]);
+            let values = Store::values(chunk.len(), 7);
             let sql = format!(
                 "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) VALUES {values} \
                  ON CONFLICT (org_id, object, id) DO UPDATE SET fields = excluded.fields, version = excluded.version, \
@@ -333,20 +329,19 @@ impl<'a> BatchWriter<'a> {
         for (c, chunk) in pending.chunks(ROWS_PER_STATEMENT).enumerate() {
             let offset = c * ROWS_PER_STATEMENT;
             // org_id, seq, object, record_id, op, fields, version, committed_at_ms
-            let values = self.store.values(chunk.len(), &[false, false, false, false, false, true, false, false]);
+            let values = Store::values(chunk.len(), 8);
             let sql = format!(
                 "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
                  VALUES {values}"
             );
             let mut query = sqlx::query(&sql);
             for (k, (seq, w)) in chunk.iter().enumerate() {
-                let op = if w.fields.is_some() { ChangeOp::Upsert } else { ChangeOp::Delete };
                 query = query
                     .bind(self.org_id.to_owned())
                     .bind(*seq)
                     .bind(object.to_owned())
                     .bind(w.id.clone())
-                    .bind(op.as_str())
+                    .bind(w.op().as_str())
                     .bind(texts[offset + k].clone())
                     .bind(w.version)
                     .bind(self.now);
@@ -365,9 +360,6 @@ impl<'a> BatchWriter<'a> {
         texts: &[Option<String>],
         rows: &[usize],
     ) -> Result<(), Error> {
-        let numbers = |values: &mut dyn Iterator<Item = i64>| {
-            format!("{{{}}}", values.map(|v| v.to_string()).collect::<Vec<_>>().join(","))
-        };
         let object = self.schema.name.as_str();
         sqlx::query(
             "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
@@ -381,11 +373,10 @@ impl<'a> BatchWriter<'a> {
         .bind(self.now)
         .bind(pg_array(rows.iter().map(|&i| Some(pending[i].1.id.as_str()))))
         .bind(pg_array(rows.iter().map(|&i| Some(texts[i].as_deref().unwrap_or("{}")))))
-        .bind(numbers(&mut rows.iter().map(|&i| pending[i].1.version)))
-        .bind(numbers(&mut rows.iter().map(|&i| i64::from(pending[i].1.fields.is_none()))))
+        .bind(pg_numbers(rows.iter().map(|&i| pending[i].1.version)))
+        .bind(pg_numbers(rows.iter().map(|&i| i64::from(pending[i].1.fields.is_none()))))
         .execute(&mut *conn)
         .await?;
-        let op = |w: &RecordWrite| if w.fields.is_some() { ChangeOp::Upsert } else { ChangeOp::Delete }.as_str();
         sqlx::query(
             "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
              SELECT $1, u.seq, $2, u.record_id, u.op, u.fields::jsonb, u.version, $3 \
@@ -395,11 +386,11 @@ impl<'a> BatchWriter<'a> {
         .bind(self.org_id)
         .bind(object)
         .bind(self.now)
-        .bind(numbers(&mut pending.iter().map(|(seq, _)| *seq)))
+        .bind(pg_numbers(pending.iter().map(|(seq, _)| *seq)))
         .bind(pg_array(pending.iter().map(|(_, w)| Some(w.id.as_str()))))
-        .bind(pg_array(pending.iter().map(|(_, w)| Some(op(w)))))
+        .bind(pg_array(pending.iter().map(|(_, w)| Some(w.op().as_str()))))
         .bind(pg_array(texts.iter().map(|t| t.as_deref())))
-        .bind(numbers(&mut pending.iter().map(|(_, w)| w.version)))
+        .bind(pg_numbers(pending.iter().map(|(_, w)| w.version)))
         .execute(&mut *conn)
         .await?;
         Ok(())
