@@ -570,6 +570,8 @@ mod batches {
             let b = s.create_org("beta").await.unwrap().id;
             s.define_object(&b, &account()).await.unwrap();
             let big = submit(s, &a, &new_batch(BatchOp::Upsert, 1), &accounts("a", 6)).await;
+            // batches of one millisecond are ordered by their (random) ids: make `big` the older
+            tokio::time::sleep(Duration::from_millis(5)).await;
             let small = submit(s, &b, &new_batch(BatchOp::Upsert, 1), &accounts("b", 2)).await;
             // the per-org cap is the overall cap: only fair sharing keeps org b from waiting
             let caps = ReleaseCaps { overall: 2, per_org: 2 };
