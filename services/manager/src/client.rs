@@ -46,14 +46,74 @@ pub struct ClientSession {
     session_id: String,
 }
 
-async fn connect(endpoint: &str) -> Result<Channel, Status> {
-    Endpoint::from_shared(endpoint.to_owned())
+/// A connection shared by the sessions of a process.
+struct Shared {
+    /// Tells it from the next connection to the same endpoint (for [`forget`]).
+    number: u64,
+    channel: Channel,
+    /// Alive while the runtime the connection was made on runs (its tasks run there, and die
+    /// with it; tests run one runtime each) and the entry is kept: a task holds the only strong
+    /// reference until `_keep` is dropped.
+    runtime: std::sync::Weak<()>,
+    _keep: oneshot::Sender<()>,
+}
+
+impl Shared {
+    fn usable(&self) -> Option<(u64, Channel)> {
+        (self.runtime.strong_count() > 0).then(|| (self.number, self.channel.clone()))
+    }
+}
+
+/// The process's connections to the managers, by endpoint. Every session of a process shares the
+/// connection to its manager, as gRPC channels are meant to be used: HTTP/2 carries the sessions'
+/// streams side by side, so the frames that many sessions have ready leave in one write, where a
+/// connection per session made one system call per frame on both sides (half the manager's CPU
+/// in `bench manager`).
+static CONNECTIONS: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Shared>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn connections() -> std::sync::MutexGuard<'static, HashMap<String, Shared>> {
+    CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The shared connection to `endpoint` (made if there is none usable) and its number.
+async fn connect(endpoint: &str) -> Result<(u64, Channel), Status> {
+    if let Some(known) = connections().get(endpoint).and_then(Shared::usable) {
+        return Ok(known);
+    }
+    let channel = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| Status::invalid_argument(format!("invalid manager endpoint {endpoint:?}: {e}")))?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("cannot connect to the manager at {endpoint}: {e}")))
+        .map_err(|e| Status::unavailable(format!("cannot connect to the manager at {endpoint}: {e}")))?;
+    let alive = std::sync::Arc::new(());
+    let runtime = std::sync::Arc::downgrade(&alive);
+    let (keep, dropped) = oneshot::channel();
+    tokio::spawn(async move {
+        let _alive = alive;
+        let _ = dropped.await;
+    });
+    static NUMBER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let number = NUMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut connections = connections();
+    // a session that connected meanwhile won: sessions keep to one connection
+    if let Some(known) = connections.get(endpoint).and_then(Shared::usable) {
+        return Ok(known);
+    }
+    connections.insert(endpoint.to_owned(), Shared { number, channel: channel.clone(), runtime, _keep: keep });
+    Ok((number, channel))
+}
+
+/// Drops connection `number` to `endpoint` after a session's stream on it failed, so the next
+/// attempt makes a new one (as before connections were shared) rather than waiting again on one
+/// that may hang; a newer connection made meanwhile by another session is kept.
+fn forget(endpoint: &str, number: u64) {
+    let mut connections = connections();
+    if connections.get(endpoint).is_some_and(|s| s.number == number) {
+        connections.remove(endpoint);
+    }
 }
 
 /// Takes a frame's term; a term older than one already seen (a deposed primary's) is refused.
@@ -161,7 +221,8 @@ impl ClientLoop {
         }
     }
 
-    /// One connection: open or resume, resend, then relay until the stream breaks.
+    /// One stream, on the shared connection to the next manager: open or resume, resend, then
+    /// relay until the stream breaks.
     async fn connection(
         &mut self,
         commands: &mut mpsc::Receiver<ClientCommand>,
@@ -169,7 +230,22 @@ impl ClientLoop {
         opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
     ) -> Result<bool, Status> {
         let endpoint = self.endpoints.next();
-        let channel = connect(&endpoint).await?;
+        let (number, channel) = connect(&endpoint).await?;
+        let result = self.relay(&endpoint, channel, commands, responses, opened).await;
+        if result.is_err() {
+            forget(&endpoint, number);
+        }
+        result
+    }
+
+    async fn relay(
+        &mut self,
+        endpoint: &str,
+        channel: Channel,
+        commands: &mut mpsc::Receiver<ClientCommand>,
+        responses: &mpsc::Sender<ClientResponse>,
+        opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
+    ) -> Result<bool, Status> {
         let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
         let (out, out_rx) = mpsc::channel(1024);
         let open = pb::OpenSession {
@@ -398,13 +474,29 @@ struct ServerLoop {
 }
 
 impl ServerLoop {
+    /// One stream, on the shared connection to the next manager: register, resend, then relay
+    /// until the stream breaks.
     async fn connection(
         &mut self,
         replies: &mut mpsc::Receiver<pb::ServerReply>,
         events: &mpsc::Sender<ServerEvent>,
     ) -> Result<bool, Status> {
         let endpoint = self.endpoints.next();
-        let channel = connect(&endpoint).await?;
+        let (number, channel) = connect(&endpoint).await?;
+        let result = self.relay(&endpoint, channel, replies, events).await;
+        if result.is_err() {
+            forget(&endpoint, number);
+        }
+        result
+    }
+
+    async fn relay(
+        &mut self,
+        endpoint: &str,
+        channel: Channel,
+        replies: &mut mpsc::Receiver<pb::ServerReply>,
+        events: &mpsc::Sender<ServerEvent>,
+    ) -> Result<bool, Status> {
         let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
         let (out, out_rx) = mpsc::channel(1024);
         let register = pb::RegisterServer {
@@ -555,6 +647,57 @@ mod tests {
         let mut status = Status::unavailable("a standby");
         status.metadata_mut().insert(crate::service::LEADER_METADATA, leader.parse().unwrap());
         status
+    }
+
+    /// A single manager on its own runtime (thread), at the returned endpoint.
+    fn manager(dir: &std::path::Path) -> String {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let options = crate::service::ManagerOptions::single(dir.to_owned());
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Runtime::new().unwrap();
+            runtime.block_on(async move {
+                listener.set_nonblocking(true).unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                let service = crate::service::ManagerService::start(options, Default::default()).unwrap();
+                tonic::transport::Server::builder()
+                    .add_service(pb::session_manager_server::SessionManagerServer::new(service))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+                    .await
+                    .unwrap();
+            });
+        });
+        endpoint
+    }
+
+    #[test]
+    fn the_sessions_of_a_runtime_share_one_connection_until_it_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = manager(dir.path());
+        let first = tokio::runtime::Runtime::new().unwrap();
+        let (a, b) = first.block_on(async {
+            let a = ClientSession::open(&endpoint, "p", Vec::new()).await.unwrap();
+            let b = ClientSession::open(&endpoint, "p", Vec::new()).await.unwrap();
+            (a, b)
+        });
+        assert_ne!(a.session_id(), b.session_id());
+        let (one, _) = first.block_on(connect(&endpoint)).unwrap();
+        assert_eq!(first.block_on(connect(&endpoint)).unwrap().0, one, "sessions share the connection");
+        // a stream that failed on it: the next attempt makes a new connection
+        forget(&endpoint, one);
+        let (two, _) = first.block_on(connect(&endpoint)).unwrap();
+        assert_ne!(two, one);
+        // forgetting an older connection keeps the newer one
+        forget(&endpoint, one);
+        assert_eq!(first.block_on(connect(&endpoint)).unwrap().0, two);
+        // the connection's tasks stop with its runtime: another runtime makes its own
+        drop((a, b));
+        drop(first);
+        let second = tokio::runtime::Runtime::new().unwrap();
+        let (three, _) = second.block_on(connect(&endpoint)).unwrap();
+        assert_ne!(three, two);
+        let session = second.block_on(ClientSession::open(&endpoint, "p", Vec::new())).unwrap();
+        assert!(session.session_id().starts_with("ses_"));
     }
 
     #[test]

@@ -614,14 +614,10 @@ impl Actor {
             let entries = std::mem::take(&mut self.pending);
             let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= self.options.snapshot_every)
                 .then(|| self.state.to_entries());
-            let journal = &mut self.journal;
-            tokio::task::block_in_place(|| -> Result<(), crate::journal::Error> {
-                journal.append(&entries)?;
-                if let Some(state) = snapshot {
-                    journal.snapshot(&state)?;
-                }
-                Ok(())
-            })?;
+            // The standby gets the batch before the local fsync, so the two fsyncs overlap: nothing
+            // is acknowledged until both are durable, and a standby that takes over with entries
+            // this manager never made durable holds requests nobody was told were accepted
+            // (their senders send them again, and they are acknowledged then).
             if self.primary && !self.replicas.is_empty() {
                 let frame = pb::ReplicaFrame {
                     term: self.term,
@@ -631,6 +627,14 @@ impl Actor {
                 // a standby that cannot take more is dropped; it reconnects and gets a snapshot
                 self.replicas.retain(|_, r| r.tx.try_send(Ok(frame.clone())).is_ok());
             }
+            let journal = &mut self.journal;
+            tokio::task::block_in_place(|| -> Result<(), crate::journal::Error> {
+                journal.append(&entries)?;
+                if let Some(state) = snapshot {
+                    journal.snapshot(&state)?;
+                }
+                Ok(())
+            })?;
         }
         if self.primary && (replicated || self.replicas.keys().any(|n| !self.in_sync.contains(n))) {
             self.sync_standbys().await;
