@@ -260,6 +260,66 @@ async fn the_standby_is_not_serving_and_names_the_primary() {
     assert_eq!(leader, format!("http://{}", primary.addr));
 }
 
+/// With a mesh token, a manager pair answers only callers that send it: the standby replicates
+/// with it (it joins the in-sync set), a worker with it registers, one with a wrong token never
+/// does, and grpcurl and `baton manager status` are refused without it, with a status that says
+/// why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manager_answers_only_callers_with_the_mesh_token() {
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/mesh-token-{}", std::process::id());
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    let token = ["--mesh-token", "s3cret-mesh"];
+    let members = [
+        Server::manager_member_with(&d1, &etcd, &election, &token),
+        Server::manager_member_with(&d2, &etcd, &election, &token),
+    ];
+    // the standby reached the primary's Replicate with the token: both are in the in-sync set
+    let (primary, _) = baton_tests::wait_for_pair_with(&[&members[0], &members[1]], Some("s3cret-mesh")).await;
+    let primary = &members[primary];
+    let endpoint = format!("http://{}", primary.addr);
+    let db = TempDir::new();
+    let url = format!("sqlite://{}/w.db", db.0.display());
+    let _good = baton_tests::worker_process(&url, &endpoint, "good", &token);
+    let _bad = baton_tests::worker_process(&url, &endpoint, "bad", &["--mesh-token", "wrong"]);
+    let _none = baton_tests::worker_process(&url, &endpoint, "none", &[]);
+    let status = |args: &[&str]| {
+        let out = std::process::Command::new(baton_tests::baton_bin())
+            .args(["manager", "status", "--endpoint", &endpoint])
+            .args(args)
+            .env_remove("BATON_MESH_TOKEN")
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    // the worker with the token registers; the others are refused, again and again
+    baton_tests::eventually(Duration::from_secs(20), "the worker with the token registered", || async {
+        let (ok, text) = status(&token);
+        (ok && text.contains("\"servers\":1")).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (ok, text) = status(&token);
+    assert!(ok && text.contains("\"servers\":1") && text.contains("\"role\":\"PRIMARY\""), "{text}");
+    let (ok, text) = status(&[]);
+    assert!(!ok && text.contains("missing authorization header"), "{text}");
+    let (ok, text) = status(&["--mesh-token", "wrong"]);
+    assert!(!ok && text.contains("invalid mesh token"), "{text}");
+    let addr = primary.addr.to_string();
+    let Some((ok, text)) = grpcurl(&["-plaintext", &addr, "baton.v1.SessionManager/Status"]) else { return };
+    assert!(!ok && text.contains("Unauthenticated") && text.contains("missing authorization header"), "{text}");
+    let (ok, text) =
+        grpcurl(&["-plaintext", "-H", "authorization: Bearer s3cret-mesh", &addr, "baton.v1.SessionManager/Status"])
+            .unwrap();
+    assert!(ok && text.contains("\"PRIMARY\""), "{text}");
+    // health and reflection stay open (readiness probes, `grpcurl list`)
+    let (ok, text) = grpcurl(&["-plaintext", &addr, "list"]).unwrap();
+    assert!(ok && text.contains("baton.v1.SessionManager"), "{text}");
+}
+
 /// etcd stops answering (SIGSTOP): the primary stops acknowledging and exits before its lease
 /// can run out; when etcd is back the standby takes over with a higher term, and the client goes
 /// on with every request answered once.

@@ -576,8 +576,13 @@ impl Server {
     /// Starts `baton manager serve` as a member of a failover cluster on `etcd`, campaigning on
     /// `election` (lease TTL 2 s, server grace 500 ms), journaling under `dir`.
     pub fn manager_member(dir: &TempDir, etcd: &Etcd, election: &str) -> Server {
+        Self::manager_member_with(dir, etcd, election, &[])
+    }
+
+    /// [`Server::manager_member`] with extra flags.
+    pub fn manager_member_with(dir: &TempDir, etcd: &Etcd, election: &str, extra: &[&str]) -> Server {
         let journal = dir.0.join("journal");
-        Self::spawn_raw(&[
+        let mut args = vec![
             "manager",
             "serve",
             "--listen",
@@ -592,7 +597,9 @@ impl Server {
             election,
             "--lease-ttl",
             "2s",
-        ])
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn_raw(&args)
     }
 }
 
@@ -626,10 +633,19 @@ impl ManagerPair {
 /// Waits (at most 30 s) until one of `members` is PRIMARY with both in its in-sync set: its
 /// index and status.
 pub async fn wait_for_pair(members: &[&Server]) -> (usize, pb::ManagerStatus) {
+    wait_for_pair_with(members, None).await
+}
+
+/// [`wait_for_pair`], asking with the mesh token `token`.
+pub async fn wait_for_pair_with(members: &[&Server], token: Option<&str>) -> (usize, pb::ManagerStatus) {
     eventually(Duration::from_secs(30), "a primary with an in-sync standby", || async {
         for (i, m) in members.iter().enumerate() {
             let mut client = pb::session_manager_client::SessionManagerClient::new(m.channel().await);
-            if let Ok(s) = client.status(pb::ManagerStatusRequest {}).await {
+            let mut request = tonic::Request::new(pb::ManagerStatusRequest {});
+            if let Some(token) = token {
+                request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+            }
+            if let Ok(s) = client.status(request).await {
                 let s = s.into_inner();
                 if s.role == "PRIMARY" && s.in_sync.len() == 2 {
                     return Some((i, s));

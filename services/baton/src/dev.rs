@@ -41,6 +41,10 @@ pub struct DevArgs {
     #[arg(long, env = "BATON_ADMIN_TOKEN")]
     admin_token: Option<String>,
 
+    /// The mesh token the manager requires (the scheduler and workers of `baton dev` send it).
+    #[command(flatten)]
+    mesh: baton_mesh::config::MeshToken,
+
     /// The largest request message accepted, in bytes.
     #[arg(long, env = "BATON_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024,
           value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
@@ -132,7 +136,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
     }
     let shutdown = baton_mesh::shutdown::on_signals();
-    let auth = AuthConfig { admin_token: Some(token.into()), keys: Some(std::sync::Arc::new(store.clone())) };
+    // the scheduler and workers below send the mesh token to the manager of this same process
+    let mesh_token = crate::use_mesh_token(&args.mesh);
+    let auth =
+        AuthConfig { admin_token: Some(token.into()), keys: Some(std::sync::Arc::new(store.clone())), mesh_token };
     let server = MeshServer::new(serve.clone(), auth);
     let server = baton_intake::add_services(server, &store, &blobs, &args.limits, &serve);
     let server = baton_sync::add_services(server, &store, &args.sync, serve.max_message_bytes(), shutdown.clone());

@@ -189,12 +189,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Err(e) = scheduler.validate() {
                 exit_bad_config(e);
             }
+            use_mesh_token(&scheduler.mesh);
             let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
-            let auth =
-                baton_mesh::auth::AuthConfig { admin_token: None, keys: Some(std::sync::Arc::new(store.clone())) };
+            let auth = baton_mesh::auth::AuthConfig {
+                admin_token: None,
+                keys: Some(std::sync::Arc::new(store.clone())),
+                ..Default::default()
+            };
             let server = baton_scheduler::add_services(
                 baton_mesh::server::MeshServer::new(serve.clone(), auth),
                 &store,
@@ -211,6 +215,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Err(e) = worker.validate() {
                 exit_bad_config(e);
             }
+            use_mesh_token(&worker.mesh);
             // on SQLite, a lock wait ends as busy after the worker's lock timeout
             let mut options = StoreOptions::new(String::new());
             options.busy_timeout = worker.chunks.lock_timeout;
@@ -238,8 +243,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
                 let (listener, metrics) = bind_and_announce(&serve).await?;
                 let shutdown = baton_mesh::shutdown::on_signals();
-                let auth =
-                    baton_mesh::auth::AuthConfig { admin_token: None, keys: Some(std::sync::Arc::new(store.clone())) };
+                let auth = baton_mesh::auth::AuthConfig {
+                    admin_token: None,
+                    keys: Some(std::sync::Arc::new(store.clone())),
+                    ..Default::default()
+                };
                 let server = baton_mesh::server::MeshServer::new(serve.clone(), auth);
                 let server =
                     baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone());
@@ -257,6 +265,15 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Query(args) => client::query(args).await,
         Command::Delete(args) => client::delete(args).await,
     }
+}
+
+/// Makes `token` the mesh token this process sends to the managers (exits 64 on a token that
+/// cannot be sent), and returns it for a server that requires it.
+pub(crate) fn use_mesh_token(token: &baton_mesh::config::MeshToken) -> Option<std::sync::Arc<str>> {
+    if let Err(e) = baton_manager::client::use_mesh_token(token.get()) {
+        exit_bad_config(format!("--mesh-token: {e}"));
+    }
+    token.get().map(Into::into)
 }
 
 /// Binds a server's gRPC and `/metrics` listeners and prints where they are.

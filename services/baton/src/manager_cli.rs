@@ -2,7 +2,7 @@
 
 use baton_manager::{ManagerOptions, ManagerService};
 use baton_mesh::auth::AuthConfig;
-use baton_mesh::config::{ServeOptions, exit_bad_config};
+use baton_mesh::config::{MeshToken, ServeOptions, exit_bad_config};
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
 
@@ -29,16 +29,22 @@ enum ManagerCommand {
     Status {
         #[command(flatten)]
         conn: Conn,
+        #[command(flatten)]
+        mesh: MeshToken,
     },
     /// Lists the client-server sessions.
     Sessions {
         #[command(flatten)]
         conn: Conn,
+        #[command(flatten)]
+        mesh: MeshToken,
     },
     /// Shows one session.
     Session {
         #[command(flatten)]
         conn: Conn,
+        #[command(flatten)]
+        mesh: MeshToken,
         /// The session id.
         id: String,
     },
@@ -60,7 +66,13 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
             let listener = baton_mesh::server::bind(serve.listen).await?;
             let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
-            let server = MeshServer::new(serve, AuthConfig::default());
+            let mesh_token = crate::use_mesh_token(&manager.mesh);
+            if mesh_token.is_none() && !manager.etcd.is_empty() {
+                tracing::warn!(
+                    "no --mesh-token: the manager takes any caller; keep it unreachable from outside the mesh"
+                );
+            }
+            let server = MeshServer::new(serve, AuthConfig { mesh_token, ..AuthConfig::default() });
             let server = if manager.etcd.is_empty() {
                 let service = ManagerService::start(manager, shutdown.clone())
                     .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
@@ -99,25 +111,40 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
             server.serve(listener, metrics, shutdown).await?;
             Ok(())
         }
-        ManagerCommand::Status { conn } => {
+        ManagerCommand::Status { conn, mesh } => {
+            crate::use_mesh_token(&mesh);
             let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
-            let s = client.status(pb::ManagerStatusRequest {}).await.map_err(explain)?.into_inner();
+            let s = client
+                .status(baton_manager::client::authorized(pb::ManagerStatusRequest {}))
+                .await
+                .map_err(explain)?
+                .into_inner();
             print_json(&serde_json::json!({
                 "role": s.role, "term": s.term, "leader": s.leader, "journal_index": s.journal_index,
                 "standby_lag": s.standby_lag, "in_sync": s.in_sync, "sessions": s.sessions, "servers": s.servers,
             }))
         }
-        ManagerCommand::Sessions { conn } => {
+        ManagerCommand::Sessions { conn, mesh } => {
+            crate::use_mesh_token(&mesh);
             let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
-            let list = client.list_sessions(pb::ListSessionsRequest {}).await.map_err(explain)?.into_inner();
+            let list = client
+                .list_sessions(baton_manager::client::authorized(pb::ListSessionsRequest {}))
+                .await
+                .map_err(explain)?
+                .into_inner();
             for s in &list.sessions {
                 print_json(&session_json(s))?;
             }
             Ok(())
         }
-        ManagerCommand::Session { conn, id } => {
+        ManagerCommand::Session { conn, mesh, id } => {
+            crate::use_mesh_token(&mesh);
             let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
-            let s = client.get_session(pb::GetSessionRequest { session_id: id }).await.map_err(explain)?.into_inner();
+            let s = client
+                .get_session(baton_manager::client::authorized(pb::GetSessionRequest { session_id: id }))
+                .await
+                .map_err(explain)?
+                .into_inner();
             print_json(&session_json(&s))
         }
     }

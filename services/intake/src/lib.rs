@@ -350,7 +350,11 @@ pub async fn run(
     metrics: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), baton_mesh::server::Error> {
-    let auth = AuthConfig { admin_token: admin_token.map(Into::into), keys: Some(std::sync::Arc::new(store.clone())) };
+    let auth = AuthConfig {
+        admin_token: admin_token.map(Into::into),
+        keys: Some(std::sync::Arc::new(store.clone())),
+        ..Default::default()
+    };
     let server = add_services(MeshServer::new(serve.clone(), auth), &store, &blobs, &options, &serve);
     server.serve(listener, metrics, shutdown).await
 }

@@ -46,6 +46,31 @@ pub struct ClientSession {
     session_id: String,
 }
 
+/// The `authorization` value every call of this process to a manager carries (see
+/// [`use_mesh_token`]).
+static MESH_TOKEN: std::sync::RwLock<Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>> =
+    std::sync::RwLock::new(None);
+
+/// Sets the mesh token this process's calls to the managers carry (the scheduler, workers and
+/// standby managers each set the `--mesh-token` they were started with; `None`: no token). It is
+/// one setting for the whole process, as the connections to the managers are.
+pub fn use_mesh_token(token: Option<&str>) -> Result<(), String> {
+    let value = token
+        .map(|t| format!("Bearer {t}").parse().map_err(|_| "the mesh token must be printable ASCII".to_owned()))
+        .transpose()?;
+    *MESH_TOKEN.write().unwrap_or_else(|e| e.into_inner()) = value;
+    Ok(())
+}
+
+/// `message` as a request to a manager, with the mesh token if the process has one.
+pub fn authorized<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    if let Some(value) = MESH_TOKEN.read().unwrap_or_else(|e| e.into_inner()).clone() {
+        request.metadata_mut().insert("authorization", value);
+    }
+    request
+}
+
 /// A connection shared by the sessions of a process.
 struct Shared {
     /// Tells it from the next connection to the same endpoint (for [`forget`]).
@@ -255,10 +280,11 @@ impl ClientLoop {
             seen_term: self.seen_term,
         };
         let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) }).await;
-        let mut events = tokio::time::timeout(OPEN_TIMEOUT, client.client_session(ReceiverStream::new(out_rx)))
-            .await
-            .map_err(|_| Status::unavailable(format!("{endpoint} did not open the session in time")))??
-            .into_inner();
+        let mut events =
+            tokio::time::timeout(OPEN_TIMEOUT, client.client_session(authorized(ReceiverStream::new(out_rx))))
+                .await
+                .map_err(|_| Status::unavailable(format!("{endpoint} did not open the session in time")))??
+                .into_inner();
         loop {
             tokio::select! {
                 event = events.message() => {
@@ -505,10 +531,11 @@ impl ServerLoop {
             seen_term: self.seen_term,
         };
         let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) }).await;
-        let mut stream = tokio::time::timeout(OPEN_TIMEOUT, client.server_session(ReceiverStream::new(out_rx)))
-            .await
-            .map_err(|_| Status::unavailable(format!("{endpoint} did not open the session in time")))??
-            .into_inner();
+        let mut stream =
+            tokio::time::timeout(OPEN_TIMEOUT, client.server_session(authorized(ReceiverStream::new(out_rx))))
+                .await
+                .map_err(|_| Status::unavailable(format!("{endpoint} did not open the session in time")))??
+                .into_inner();
         for reply in self.unaccepted.values() {
             let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Reply(reply.clone())) }).await;
         }

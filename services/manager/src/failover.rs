@@ -120,7 +120,7 @@ async fn replicate_from(
     let (acks, acks_rx) = mpsc::channel(64);
     let status = service.current_status().await?;
     let _ = acks.send(pb::ReplicaAck { node_id: me.to_owned(), durable_index: status.journal_index }).await;
-    let mut frames = client.replicate(ReceiverStream::new(acks_rx)).await?.into_inner();
+    let mut frames = client.replicate(crate::client::authorized(ReceiverStream::new(acks_rx))).await?.into_inner();
     loop {
         let frame = tokio::select! {
             () = cancel.cancelled() => return Ok(()),

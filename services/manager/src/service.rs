@@ -53,6 +53,10 @@ pub struct ManagerOptions {
     /// as the election value. Defaults to `http://` and the listen address.
     #[arg(long, env = "BATON_ADVERTISE")]
     pub advertise: Option<String>,
+
+    /// The mesh token callers must send (a standby sends it to the primary too).
+    #[command(flatten)]
+    pub mesh: baton_mesh::config::MeshToken,
 }
 
 impl ManagerOptions {
@@ -66,6 +70,7 @@ impl ManagerOptions {
             election_key: "/baton/manager".into(),
             lease_ttl: Duration::from_secs(2),
             advertise: None,
+            mesh: Default::default(),
         }
     }
 }

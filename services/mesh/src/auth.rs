@@ -1,5 +1,6 @@
-//! Who is calling. The admin API takes the admin token; every other baton API takes an org API
-//! key, resolved to its org by a [`KeyResolver`] (the store). Health and reflection are open.
+//! Who is calling. The admin API takes the admin token; the session manager takes the mesh token
+//! (when one is configured); every other baton API takes an org API key, resolved to its org by a
+//! [`KeyResolver`] (the store). Health and reflection are open.
 
 use std::sync::Arc;
 
@@ -14,6 +15,8 @@ pub enum Principal {
     Admin,
     /// An org, through one of its API keys.
     Org(String),
+    /// Another baton service, through the mesh token.
+    Mesh,
 }
 
 /// What an API key resolves to.
@@ -45,6 +48,8 @@ pub struct AuthConfig {
     pub admin_token: Option<Arc<str>>,
     /// The API key resolver; `None` refuses every org call.
     pub keys: Option<Arc<dyn KeyResolver>>,
+    /// The mesh token the session manager requires; `None` lets any caller in.
+    pub mesh_token: Option<Arc<str>>,
 }
 
 impl std::fmt::Debug for AuthConfig {
@@ -52,6 +57,7 @@ impl std::fmt::Debug for AuthConfig {
         f.debug_struct("AuthConfig")
             .field("admin_token", &self.admin_token.as_ref().map(|_| "<redacted>"))
             .field("keys", &self.keys.is_some())
+            .field("mesh_token", &self.mesh_token.as_ref().map(|_| "<redacted>"))
             .finish()
     }
 }
@@ -63,18 +69,18 @@ pub(crate) enum Access {
     Open,
     /// The admin API.
     Admin,
+    /// The session manager: the mesh token.
+    Mesh,
     /// Everything else: an org API key.
     Org,
 }
 
 pub(crate) fn access_for(path: &str) -> Access {
-    // The session manager is reached by mesh services only (the Kubernetes NetworkPolicy keeps
-    // everything else out); it takes no org key. A mesh token is not implemented yet.
-    if path.starts_with("/grpc.health.v1.Health/")
-        || path.starts_with("/grpc.reflection.")
-        || path.starts_with("/baton.v1.SessionManager/")
-    {
+    if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
         Access::Open
+    } else if path.starts_with("/baton.v1.SessionManager/") {
+        // reached by baton's own services only; it takes no org key
+        Access::Mesh
     } else if path.starts_with("/baton.v1.Admin/") {
         Access::Admin
     } else {
@@ -119,6 +125,14 @@ impl AuthConfig {
                     Ok(Some(Principal::Admin))
                 } else {
                     Err(Status::unauthenticated("invalid admin token"))
+                }
+            }
+            Access::Mesh => {
+                let Some(mesh) = &self.mesh_token else { return Ok(None) };
+                if same_secret(bearer(headers)?, mesh) {
+                    Ok(Some(Principal::Mesh))
+                } else {
+                    Err(Status::unauthenticated("invalid mesh token"))
                 }
             }
             Access::Org => {
@@ -166,6 +180,34 @@ mod tests {
         assert_eq!(access_for("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"), Access::Open);
         assert_eq!(access_for("/baton.v1.Admin/CreateOrg"), Access::Admin);
         assert_eq!(access_for("/baton.v1.Intake/Upsert"), Access::Org);
+        assert_eq!(access_for("/baton.v1.SessionManager/ClientSession"), Access::Mesh);
+    }
+
+    #[tokio::test]
+    async fn the_manager_takes_the_mesh_token_when_one_is_set() {
+        let path = "/baton.v1.SessionManager/Status";
+        let headers = |value: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(http::header::AUTHORIZATION, value.parse().unwrap());
+            h
+        };
+        let open = AuthConfig::default();
+        assert_eq!(open.authenticate(path, &http::HeaderMap::new()).await.unwrap(), None);
+        let guarded = AuthConfig { mesh_token: Some("s3cret".into()), ..AuthConfig::default() };
+        assert_eq!(guarded.authenticate(path, &headers("Bearer s3cret")).await.unwrap(), Some(Principal::Mesh));
+        for (sent, why) in [
+            (None, "missing authorization header"),
+            (Some("Bearer wrong"), "invalid mesh token"),
+            (Some("s3cret"), "must be `Bearer <key>`"),
+        ] {
+            let sent = sent.map(headers).unwrap_or_default();
+            let status = guarded.authenticate(path, &sent).await.unwrap_err();
+            assert_eq!(status.code(), tonic::Code::Unauthenticated);
+            assert!(status.message().contains(why), "{}", status.message());
+        }
+        // the mesh token opens the manager only
+        let status = guarded.authenticate("/baton.v1.Admin/CreateOrg", &headers("Bearer s3cret")).await.unwrap_err();
+        assert_eq!(status.message(), "the admin API is disabled: no admin token is configured");
     }
 
     #[test]

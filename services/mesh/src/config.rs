@@ -19,6 +19,25 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     humantime::parse_duration(value).map_err(|e| format!("invalid duration {value:?}: {e}"))
 }
 
+/// The mesh token: the shared secret of the calls between baton's own services, which the session
+/// manager requires of every caller (scheduler, workers, standby managers, `baton manager status`)
+/// as `authorization: Bearer <token>`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MeshToken {
+    /// The mesh token the session manager requires of its callers, and that this process sends
+    /// to it. Unset (or empty), the manager takes any caller: keep it unreachable from outside
+    /// the mesh (the Kubernetes NetworkPolicy does).
+    #[arg(long = "mesh-token", env = "BATON_MESH_TOKEN", hide_env_values = true)]
+    pub mesh_token: Option<String>,
+}
+
+impl MeshToken {
+    /// The token, if one is set (an empty value counts as unset).
+    pub fn get(&self) -> Option<&str> {
+        self.mesh_token.as_deref().filter(|t| !t.is_empty())
+    }
+}
+
 /// How a gRPC server listens, limits messages and shuts down. Every service takes these.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ServeOptions {

@@ -29,6 +29,10 @@ pub struct SchedulerOptions {
     #[arg(long, env = "BATON_MANAGER")]
     pub manager: String,
 
+    /// The mesh token the manager requires.
+    #[command(flatten)]
+    pub mesh: baton_mesh::config::MeshToken,
+
     /// The manager pool of the workers.
     #[arg(long, env = "BATON_WORKER_POOL", default_value = baton_worker::DEFAULT_POOL)]
     pub pool: String,
@@ -96,7 +100,7 @@ impl ReleaseOptions {
 impl SchedulerOptions {
     /// Options for a scheduler of `manager` releasing as `release` says.
     pub fn new(manager: String, release: ReleaseOptions) -> Self {
-        Self { manager, pool: baton_worker::DEFAULT_POOL.to_owned(), release }
+        Self { manager, mesh: Default::default(), pool: baton_worker::DEFAULT_POOL.to_owned(), release }
     }
 
     /// Checks what clap cannot.

@@ -64,6 +64,10 @@ pub struct WorkerOptions {
     #[arg(long, env = "BATON_MANAGER")]
     pub manager: String,
 
+    /// The mesh token the manager requires.
+    #[command(flatten)]
+    pub mesh: baton_mesh::config::MeshToken,
+
     /// The manager pool this worker serves.
     #[arg(long, env = "BATON_WORKER_POOL", default_value = DEFAULT_POOL)]
     pub pool: String,
@@ -130,7 +134,7 @@ impl ChunkOptions {
 impl WorkerOptions {
     /// Options for worker `worker_id` of `manager`, running chunks as `chunks` says.
     pub fn new(manager: String, worker_id: String, chunks: ChunkOptions) -> Self {
-        Self { manager, pool: DEFAULT_POOL.to_owned(), worker_id: Some(worker_id), chunks }
+        Self { manager, mesh: Default::default(), pool: DEFAULT_POOL.to_owned(), worker_id: Some(worker_id), chunks }
     }
 
     /// Checks what clap cannot.
