@@ -339,6 +339,82 @@ async fn busy_and_resource_limits_are_retried_into_their_outcomes() {
     }
 }
 
+/// A chunk that met a busy database (committed after a workload retry) makes the scheduler defer
+/// the next release for a second; a chunk that did not, does not. One chunk of the batch runs at
+/// a time, so each release is the start of the next chunk.
+/// (Without the pause after an overloaded chunk the first gap is a few milliseconds on both
+/// backends: SQLite's lock holds up the releaser's own release too, but not past its busy
+/// timeout.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn releases_are_deferred_while_the_database_is_overloaded() {
+    use sqlx::Executor;
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--workers", "0"]).await;
+        let org = create_org(&server, "acme").await;
+        // the first chunk's records exist, so that PostgreSQL has rows to lock
+        let mut intake = server.intake().await;
+        let request = pb::UpsertRequest { object: "account".into(), records: accounts("o", 0..10) };
+        intake.upsert(authed(request, &org.key)).await.unwrap();
+        let mut one_at_a_time = header(10);
+        one_at_a_time.policy = Some(pb::ReleasePolicy { max_parallel_chunks: 1, ..Default::default() });
+        let staged = submit(&server, &org, one_at_a_time, accounts("o", 0..40)).await;
+        eventually(Duration::from_secs(20), "the first chunk released and sent", || async {
+            chunk_rows(&server.store_url, &staged.batch_id).await[0].4.then_some(())
+        })
+        .await;
+        sqlx::any::install_default_drivers();
+        let blocker = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&server.store_url).await.unwrap();
+        let mut conn = blocker.acquire().await.unwrap();
+        match backend {
+            Backend::Sqlite => conn.execute("BEGIN IMMEDIATE").await.map(|_| ()).unwrap(),
+            Backend::Postgres => {
+                conn.execute("BEGIN").await.unwrap();
+                sqlx::query("SELECT id FROM records WHERE org_id = $1 FOR UPDATE")
+                    .bind(org.id.clone())
+                    .fetch_all(&mut *conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        let _worker = worker(&server, "w", &["--lock-timeout", "100ms", "--retry-backoff", "100ms"]);
+        // the worker meets the lock for a while, then commits the chunk after a workload retry
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        conn.execute("COMMIT").await.unwrap();
+        drop(conn);
+        blocker.close().await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        assert_eq!(batch.totals.unwrap().records_committed, 40);
+        let chunks = chunk_statuses(&server, &org, &staged.batch_id).await;
+        assert_eq!(state(&chunks[0]), pb::ChunkState::CommittedAfterRetryWorkload, "{:?}", chunks[0]);
+        for c in &chunks[1..] {
+            assert_eq!(state(c), pb::ChunkState::Committed, "{c:?}");
+        }
+        assert_eq!(peak_running(&chunks), 1);
+        let gaps: Vec<i64> = chunks.windows(2).map(|w| w[1].started_at_ms - w[0].finished_at_ms).collect();
+        eprintln!("gaps between chunks: {gaps:?} ms");
+        {
+            sqlx::any::install_default_drivers();
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&server.store_url).await.unwrap();
+            let rows = sqlx::query("SELECT idx, released_at_ms, sent_at_ms, started_at_ms, finished_at_ms FROM chunks WHERE batch_id = $1 ORDER BY idx").bind(staged.batch_id.clone()).fetch_all(&pool).await.unwrap();
+            for r in rows {
+                eprintln!(
+                    "DBG {} rel {} sent {} start {} fin {}",
+                    r.get::<i64, _>(0),
+                    r.get::<i64, _>(1),
+                    r.get::<i64, _>(2),
+                    r.get::<i64, _>(3),
+                    r.get::<i64, _>(4)
+                );
+            }
+        }
+        // after the overloaded chunk: at least the 1 s pause (less a millisecond of rounding)
+        assert!(gaps[0] >= 999, "released {} ms after an overloaded chunk: {chunks:?}", gaps[0]);
+        // after a chunk that met no busy database: released when it answered, well within the pause
+        assert!(gaps[1..].iter().all(|g| *g < 900), "gaps {gaps:?}: {chunks:?}");
+    }
+}
+
 /// A worker SIGKILLed in the middle of a chunk: the manager rebinds its sessions to the other
 /// worker, which runs the chunk again; it commits exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

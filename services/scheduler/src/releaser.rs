@@ -4,7 +4,8 @@
 //! release what the policy allows ([`Store::release_chunks`]), and sends each released chunk as a
 //! [`pb::ChunkWork`] request on the least busy of its client sessions; once the manager has
 //! journaled a request the chunk is marked sent. Workers answer [`pb::ChunkDone`]; an answer that
-//! says the database was overloaded defers releases for a moment.
+//! says the database was overloaded defers releases for a moment, as the store does by itself
+//! after a chunk committed after a workload retry.
 //!
 //! Exports are planned and released here too: each tick plans more parts of producing exports
 //! (for a bounded time) and releases planned parts, at most `--export-parallel` of an export at a
@@ -31,8 +32,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::SchedulerOptions;
 
-/// How long releases pause after a worker reports an overloaded database.
-const OVERLOAD_PAUSE: Duration = Duration::from_secs(1);
+/// How long releases pause after a worker reports an overloaded database (its chunk met a busy
+/// database), or a release fails. The store also defers releases by itself after a chunk
+/// committed after a workload retry (see [`Store::release_chunks`]); this covers the rest, such as
+/// a chunk aborted after its busy retries ran out.
+const OVERLOAD_PAUSE: Duration = Duration::from_millis(baton_store::batches::OVERLOAD_PAUSE_MS as u64);
 /// How long a tick may spend planning export parts.
 const PLAN_BUDGET: Duration = Duration::from_millis(100);
 /// How often exports past their retention are looked for.

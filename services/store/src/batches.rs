@@ -24,6 +24,8 @@ pub const MAX_CHUNK_SIZE: u32 = 100_000;
 /// A released chunk (or export part) not yet handed to the manager after this long is released
 /// again: its scheduler died between the claim and the send.
 pub(crate) const UNSENT_RELEASE_TIMEOUT_MS: i64 = 30_000;
+/// How long releases are deferred after a chunk committed only after meeting a busy database.
+pub const OVERLOAD_PAUSE_MS: i64 = 1_000;
 
 /// What a batch does to each record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -569,10 +571,25 @@ impl Store {
     /// time, within its rate, within the caps on chunks in flight (overall, per org, per batch),
     /// and fairly across orgs (round robin, the org with the fewest in flight first). Releases are
     /// serialized across scheduler replicas (one lock row), so the caps hold exactly.
+    ///
+    /// Nothing is released for [`OVERLOAD_PAUSE_MS`] after a chunk committed only after meeting a
+    /// busy database (COMMITTED_AFTER_RETRY_WORKLOAD): the store, not a worker's answer, says so,
+    /// so every scheduler replica defers, and none releases in the moment between the commit and
+    /// the answer.
     pub async fn release_chunks(&self, claimer: &str, caps: ReleaseCaps) -> Result<Vec<ChunkRef>, Error> {
         let now = now_ms();
         let mut tx = self.writer.begin().await?;
         sqlx::query("UPDATE release_lock SET releases = releases + 1 WHERE id = 1").execute(&mut *tx).await?;
+        let overloaded = sqlx::query(
+            "SELECT 1 FROM chunks WHERE state = 'COMMITTED_AFTER_RETRY_WORKLOAD' AND finished_at_ms > $1 LIMIT 1",
+        )
+        .bind(now - OVERLOAD_PAUSE_MS)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if overloaded.is_some() {
+            tx.commit().await?;
+            return Ok(Vec::new());
+        }
         sqlx::query(
             "UPDATE chunks SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
              WHERE state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1",

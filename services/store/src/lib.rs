@@ -178,18 +178,20 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sources: [(i64, &'static str, &'static str); 4] = match self.0 {
+        let sources: [(i64, &'static str, &'static str); 5] = match self.0 {
             Backend::Sqlite => [
                 (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
                 (3, "batches", include_str!("../migrations/sqlite/0003_batches.sql")),
                 (4, "exports", include_str!("../migrations/sqlite/0004_exports.sql")),
+                (5, "overload", include_str!("../migrations/sqlite/0005_overload.sql")),
             ],
             Backend::Postgres => [
                 (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/postgres/0002_sync.sql")),
                 (3, "batches", include_str!("../migrations/postgres/0003_batches.sql")),
                 (4, "exports", include_str!("../migrations/postgres/0004_exports.sql")),
+                (5, "overload", include_str!("../migrations/postgres/0005_overload.sql")),
             ],
         };
         Box::pin(async move {
