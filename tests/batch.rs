@@ -104,6 +104,41 @@ async fn chunk_rows(url: &str, batch: &str) -> Vec<(i64, String, i64, String, bo
     rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get::<i64, _>(4) > 0)).collect()
 }
 
+/// A transaction that holds up the chunks of an org: on SQLite the whole database's write lock,
+/// on PostgreSQL the org's records (so they must exist), until [`Blocker::release`].
+struct Blocker {
+    pool: sqlx::AnyPool,
+    conn: sqlx::pool::PoolConnection<sqlx::Any>,
+}
+
+impl Blocker {
+    async fn hold(url: &str, backend: Backend, org_id: &str) -> Self {
+        use sqlx::Executor;
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(url).await.unwrap();
+        let mut conn = pool.acquire().await.unwrap();
+        match backend {
+            Backend::Sqlite => conn.execute("BEGIN IMMEDIATE").await.map(|_| ()).unwrap(),
+            Backend::Postgres => {
+                conn.execute("BEGIN").await.unwrap();
+                sqlx::query("SELECT id FROM records WHERE org_id = $1 FOR UPDATE")
+                    .bind(org_id)
+                    .fetch_all(&mut *conn)
+                    .await
+                    .unwrap();
+            }
+        }
+        Self { pool, conn }
+    }
+
+    async fn release(mut self) {
+        use sqlx::Executor;
+        self.conn.execute("COMMIT").await.unwrap();
+        drop(self.conn);
+        self.pool.close().await;
+    }
+}
+
 /// Every chunk's status, in index order.
 async fn chunk_statuses(server: &Server, org: &TestOrg, id: &str) -> Vec<pb::ChunkStatus> {
     results(server, org, id).await.into_iter().map(|r| r.chunk.unwrap()).collect()
@@ -272,7 +307,6 @@ async fn bad_records_abort_exactly_their_chunks() {
 /// chunk needs: COMMITTED_AFTER_RETRY_RESOURCES.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn busy_and_resource_limits_are_retried_into_their_outcomes() {
-    use sqlx::Executor;
     for backend in backends() {
         eprintln!("-- on {backend:?}");
         // no workers in the mesh: the chunks wait in the manager until a worker process comes
@@ -287,20 +321,7 @@ async fn busy_and_resource_limits_are_retried_into_their_outcomes() {
             chunk_rows(&server.store_url, &staged.batch_id).await.iter().all(|c| c.4).then_some(())
         })
         .await;
-        sqlx::any::install_default_drivers();
-        let blocker = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&server.store_url).await.unwrap();
-        let mut conn = blocker.acquire().await.unwrap();
-        match backend {
-            Backend::Sqlite => conn.execute("BEGIN IMMEDIATE").await.map(|_| ()).unwrap(),
-            Backend::Postgres => {
-                conn.execute("BEGIN").await.unwrap();
-                sqlx::query("SELECT id FROM records WHERE org_id = $1 FOR UPDATE")
-                    .bind(org.id.clone())
-                    .fetch_all(&mut *conn)
-                    .await
-                    .unwrap();
-            }
-        }
+        let blocker = Blocker::hold(&server.store_url, backend, &org.id).await;
         let busy = worker(&server, "w-busy", &["--lock-timeout", "100ms", "--retry-backoff", "100ms"]);
         eventually(Duration::from_secs(20), "the sessions bound to w-busy", || async {
             let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
@@ -310,9 +331,7 @@ async fn busy_and_resource_limits_are_retried_into_their_outcomes() {
         .await;
         // the worker has its chunks now, and meets the lock for a while
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        conn.execute("COMMIT").await.unwrap();
-        drop(conn);
-        blocker.close().await;
+        blocker.release().await;
         let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
         let totals = batch.totals.unwrap();
         assert_eq!(totals.records_committed, 20);
@@ -347,7 +366,6 @@ async fn busy_and_resource_limits_are_retried_into_their_outcomes() {
 /// timeout.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn releases_are_deferred_while_the_database_is_overloaded() {
-    use sqlx::Executor;
     for backend in backends() {
         eprintln!("-- on {backend:?}");
         let server = Server::start(backend, &["--workers", "0"]).await;
@@ -363,26 +381,11 @@ async fn releases_are_deferred_while_the_database_is_overloaded() {
             chunk_rows(&server.store_url, &staged.batch_id).await[0].4.then_some(())
         })
         .await;
-        sqlx::any::install_default_drivers();
-        let blocker = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&server.store_url).await.unwrap();
-        let mut conn = blocker.acquire().await.unwrap();
-        match backend {
-            Backend::Sqlite => conn.execute("BEGIN IMMEDIATE").await.map(|_| ()).unwrap(),
-            Backend::Postgres => {
-                conn.execute("BEGIN").await.unwrap();
-                sqlx::query("SELECT id FROM records WHERE org_id = $1 FOR UPDATE")
-                    .bind(org.id.clone())
-                    .fetch_all(&mut *conn)
-                    .await
-                    .unwrap();
-            }
-        }
+        let blocker = Blocker::hold(&server.store_url, backend, &org.id).await;
         let _worker = worker(&server, "w", &["--lock-timeout", "100ms", "--retry-backoff", "100ms"]);
         // the worker meets the lock for a while, then commits the chunk after a workload retry
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        conn.execute("COMMIT").await.unwrap();
-        drop(conn);
-        blocker.close().await;
+        blocker.release().await;
         let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
         assert_eq!(batch.totals.unwrap().records_committed, 40);
         let chunks = chunk_statuses(&server, &org, &staged.batch_id).await;

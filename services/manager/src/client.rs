@@ -131,6 +131,20 @@ async fn connect(endpoint: &str) -> Result<(u64, Channel), Status> {
     Ok((number, channel))
 }
 
+/// Runs a session's stream on the shared connection to `endpoint`; if the stream fails, the
+/// connection is forgotten.
+async fn on_shared_connection<T>(
+    endpoint: &str,
+    stream: impl AsyncFnOnce(Channel) -> Result<T, Status>,
+) -> Result<T, Status> {
+    let (number, channel) = connect(endpoint).await?;
+    let result = stream(channel).await;
+    if result.is_err() {
+        forget(endpoint, number);
+    }
+    result
+}
+
 /// Drops connection `number` to `endpoint` after a session's stream on it failed, so the next
 /// attempt makes a new one (as before connections were shared) rather than waiting again on one
 /// that may hang; a newer connection made meanwhile by another session is kept.
@@ -255,12 +269,10 @@ impl ClientLoop {
         opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
     ) -> Result<bool, Status> {
         let endpoint = self.endpoints.next();
-        let (number, channel) = connect(&endpoint).await?;
-        let result = self.relay(&endpoint, channel, commands, responses, opened).await;
-        if result.is_err() {
-            forget(&endpoint, number);
-        }
-        result
+        on_shared_connection(&endpoint, async |channel| {
+            self.relay(&endpoint, channel, commands, responses, opened).await
+        })
+        .await
     }
 
     async fn relay(
@@ -508,12 +520,7 @@ impl ServerLoop {
         events: &mpsc::Sender<ServerEvent>,
     ) -> Result<bool, Status> {
         let endpoint = self.endpoints.next();
-        let (number, channel) = connect(&endpoint).await?;
-        let result = self.relay(&endpoint, channel, replies, events).await;
-        if result.is_err() {
-            forget(&endpoint, number);
-        }
-        result
+        on_shared_connection(&endpoint, async |channel| self.relay(&endpoint, channel, replies, events).await).await
     }
 
     async fn relay(
