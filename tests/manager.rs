@@ -261,8 +261,8 @@ async fn the_standby_is_not_serving_and_names_the_primary() {
 }
 
 /// With a mesh token, a manager pair answers only callers that send it: the standby replicates
-/// with it (it joins the in-sync set), a worker with it registers, one with a wrong token never
-/// does, and grpcurl and `baton manager status` are refused without it, with a status that says
+/// with it (it joins the in-sync set), a worker and a scheduler with it get in, a worker with a
+/// wrong token and a worker and a scheduler without one never do, and grpcurl and `baton manager status` are refused without it, with a status that says
 /// why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manager_answers_only_callers_with_the_mesh_token() {
@@ -283,6 +283,9 @@ async fn the_manager_answers_only_callers_with_the_mesh_token() {
     let _good = baton_tests::worker_process(&url, &endpoint, "good", &token);
     let _bad = baton_tests::worker_process(&url, &endpoint, "bad", &["--mesh-token", "wrong"]);
     let _none = baton_tests::worker_process(&url, &endpoint, "none", &[]);
+    // client sessions too: a scheduler with the token opens its 8, one without opens none
+    let _scheduler = baton_tests::scheduler_process(&url, &endpoint, &token);
+    let _refused = baton_tests::scheduler_process(&url, &endpoint, &[]);
     let status = |args: &[&str]| {
         let out = std::process::Command::new(baton_tests::baton_bin())
             .args(["manager", "status", "--endpoint", &endpoint])
@@ -295,15 +298,16 @@ async fn the_manager_answers_only_callers_with_the_mesh_token() {
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
         )
     };
-    // the worker with the token registers; the others are refused, again and again
-    baton_tests::eventually(Duration::from_secs(20), "the worker with the token registered", || async {
+    // the worker and scheduler with the token are in; the others are refused, again and again
+    let admitted = |text: &str| text.contains("\"servers\":1") && text.contains("\"sessions\":8");
+    baton_tests::eventually(Duration::from_secs(20), "the worker and scheduler with the token in", || async {
         let (ok, text) = status(&token);
-        (ok && text.contains("\"servers\":1")).then_some(())
+        (ok && admitted(&text)).then_some(())
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (ok, text) = status(&token);
-    assert!(ok && text.contains("\"servers\":1") && text.contains("\"role\":\"PRIMARY\""), "{text}");
+    assert!(ok && admitted(&text) && text.contains("\"role\":\"PRIMARY\""), "{text}");
     let (ok, text) = status(&[]);
     assert!(!ok && text.contains("missing authorization header"), "{text}");
     let (ok, text) = status(&["--mesh-token", "wrong"]);

@@ -6,7 +6,7 @@ use baton_mesh::config::{MeshToken, ServeOptions, exit_bad_config};
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
 
-use crate::client::{Conn, channel, explain, print_json};
+use crate::client::{Conn, channel, explain, print_json, with_bearer};
 
 /// `baton manager`.
 #[derive(clap::Args, Debug)]
@@ -28,26 +28,45 @@ enum ManagerCommand {
     /// Prints the manager's role, term and journal position.
     Status {
         #[command(flatten)]
-        conn: Conn,
-        #[command(flatten)]
-        mesh: MeshToken,
+        conn: ManagerConn,
     },
     /// Lists the client-server sessions.
     Sessions {
         #[command(flatten)]
-        conn: Conn,
-        #[command(flatten)]
-        mesh: MeshToken,
+        conn: ManagerConn,
     },
     /// Shows one session.
     Session {
         #[command(flatten)]
-        conn: Conn,
-        #[command(flatten)]
-        mesh: MeshToken,
+        conn: ManagerConn,
         /// The session id.
         id: String,
     },
+}
+
+/// Where the inspected manager is, and the mesh token it requires.
+#[derive(clap::Args, Debug)]
+struct ManagerConn {
+    #[command(flatten)]
+    conn: Conn,
+    #[command(flatten)]
+    mesh: MeshToken,
+}
+
+impl ManagerConn {
+    async fn client(
+        &self,
+    ) -> anyhow::Result<pb::session_manager_client::SessionManagerClient<tonic::transport::Channel>> {
+        Ok(pb::session_manager_client::SessionManagerClient::new(channel(&self.conn).await?))
+    }
+
+    /// `message` with the mesh token, if one is set.
+    fn request<T>(&self, message: T) -> anyhow::Result<tonic::Request<T>> {
+        match self.mesh.get() {
+            Some(token) => with_bearer(message, token),
+            None => Ok(tonic::Request::new(message)),
+        }
+    }
 }
 
 fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
@@ -111,11 +130,11 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
             server.serve(listener, metrics, shutdown).await?;
             Ok(())
         }
-        ManagerCommand::Status { conn, mesh } => {
-            crate::use_mesh_token(&mesh);
-            let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
-            let s = client
-                .status(baton_manager::client::authorized(pb::ManagerStatusRequest {}))
+        ManagerCommand::Status { conn } => {
+            let s = conn
+                .client()
+                .await?
+                .status(conn.request(pb::ManagerStatusRequest {})?)
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -124,11 +143,11 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 "standby_lag": s.standby_lag, "in_sync": s.in_sync, "sessions": s.sessions, "servers": s.servers,
             }))
         }
-        ManagerCommand::Sessions { conn, mesh } => {
-            crate::use_mesh_token(&mesh);
-            let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
-            let list = client
-                .list_sessions(baton_manager::client::authorized(pb::ListSessionsRequest {}))
+        ManagerCommand::Sessions { conn } => {
+            let list = conn
+                .client()
+                .await?
+                .list_sessions(conn.request(pb::ListSessionsRequest {})?)
                 .await
                 .map_err(explain)?
                 .into_inner();
@@ -137,14 +156,9 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        ManagerCommand::Session { conn, mesh, id } => {
-            crate::use_mesh_token(&mesh);
-            let mut client = pb::session_manager_client::SessionManagerClient::new(channel(&conn).await?);
-            let s = client
-                .get_session(baton_manager::client::authorized(pb::GetSessionRequest { session_id: id }))
-                .await
-                .map_err(explain)?
-                .into_inner();
+        ManagerCommand::Session { conn, id } => {
+            let request = conn.request(pb::GetSessionRequest { session_id: id })?;
+            let s = conn.client().await?.get_session(request).await.map_err(explain)?.into_inner();
             print_json(&session_json(&s))
         }
     }
