@@ -366,17 +366,23 @@ impl Store {
             return Err(Error::NotFound(format!("staging batch {batch_id}")));
         }
         sqlx::query(
-            "INSERT INTO chunks (batch_id, idx, org_id, first_record, record_count, records, state) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'PENDING')",
+            "INSERT INTO chunks (batch_id, idx, org_id, first_record, record_count, state) \
+             VALUES ($1, $2, $3, $4, $5, 'PENDING')",
         )
         .bind(batch_id)
         .bind(i64::from(index))
         .bind(org_id)
         .bind(first_record as i64)
         .bind(records.len() as i64)
-        .bind(json)
         .execute(&mut *tx)
         .await?;
+        // apart from the chunk's row, whose state changes several times (migration 0006)
+        sqlx::query("INSERT INTO chunk_records (batch_id, idx, records) VALUES ($1, $2, $3)")
+            .bind(batch_id)
+            .bind(i64::from(index))
+            .bind(json)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -408,6 +414,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if gone.rows_affected() > 0 {
+            sqlx::query("DELETE FROM chunk_records WHERE batch_id = $1").bind(batch_id).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM chunks WHERE batch_id = $1").bind(batch_id).execute(&mut *tx).await?;
         }
         tx.commit().await?;
@@ -812,6 +819,30 @@ impl Store {
         self.chunk_state(batch_id, index).await
     }
 
+    /// What a worker needs to run a chunk that has no outcome yet (None when it has one).
+    async fn chunk_work(&self, batch_id: &str, index: u32) -> Result<Option<ChunkWork>, Error> {
+        let row = sqlx::query(&format!(
+            "SELECT r.records, c.first_record, c.org_id, b.object, b.operation FROM chunks c \
+             JOIN batches b ON b.id = c.batch_id JOIN chunk_records r ON r.batch_id = c.batch_id AND r.idx = c.idx \
+             WHERE c.batch_id = $1 AND c.idx = $2 AND c.state IN {RUNNABLE}"
+        ))
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .fetch_optional(&self.reader)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let org_id: String = row.try_get(2)?;
+        let records: Vec<Fields> = serde_json::from_str(&row.try_get::<String, _>(0)?)
+            .map_err(|e| Error::Corrupt(format!("chunk records: {e}")))?;
+        Ok(Some(ChunkWork {
+            first: row.try_get::<i64, _>(1)? as usize,
+            schema: self.object(&org_id, &row.try_get::<String, _>(3)?).await?,
+            op: BatchOp::parse(&row.try_get::<String, _>(4)?)?,
+            org_id,
+            records,
+        }))
+    }
+
     /// One attempt at a chunk, in one transaction bounded by `budget`: validates its records
     /// against the object schema and the operation, writes them with their change events, and
     /// records `outcome` as the chunk's state (with `cause`, why earlier attempts failed) — all
@@ -828,47 +859,47 @@ impl Store {
         budget: Duration,
         lock_timeout: Duration,
     ) -> Result<ChunkRun, Error> {
-        let (tx, run) = by_deadline(Instant::now() + budget, async {
+        let deadline = Instant::now() + budget;
+        // The chunk is read, parsed and checked against the schema before its transaction: on
+        // SQLite the transaction's first write takes the database's write lock, and on both
+        // backends other chunks of the org queue behind this one's. A chunk's records and batch
+        // never change once staged, so reading them first loses nothing.
+        let Some(chunk) = by_deadline(deadline, self.chunk_work(batch_id, index)).await? else {
+            return Ok(ChunkRun::Finished(self.chunk_state(batch_id, index).await?));
+        };
+        let first = chunk.first;
+        let invalid = |mut problems: Vec<RecordProblem>| {
+            for p in &mut problems {
+                p.index += first;
+            }
+            ChunkRun::Invalid(problems)
+        };
+        let problems = match chunk.op {
+            BatchOp::Delete => delete_problems(&chunk.schema, &chunk.records),
+            _ => record_problems(&chunk.schema, &chunk.records),
+        };
+        if !problems.is_empty() {
+            return Ok(invalid(problems));
+        }
+        let ChunkWork { org_id, schema, op, records, .. } = chunk;
+        let (tx, run) = by_deadline(deadline, async {
             let mut tx = self.writer.begin().await?;
             let ms = |d: Duration| d.as_millis().max(1);
             if self.backend == Backend::Postgres {
                 // the server stops the work too
-                sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(budget))).execute(&mut *tx).await?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
             }
             // the chunk's row lock: a second delivery waits here, then finds the outcome
-            let row = sqlx::query(&format!(
-                "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE} \
-                 RETURNING records, first_record, org_id"
+            let claimed = sqlx::query(&format!(
+                "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
             ))
             .bind(batch_id)
             .bind(i64::from(index))
-            .fetch_optional(&mut *tx)
+            .execute(&mut *tx)
             .await?;
-            let Some(row) = row else { return Ok((tx, None)) };
-            let first = row.try_get::<i64, _>(1)? as usize;
-            let org_id: String = row.try_get(2)?;
-            let records: Vec<Fields> = serde_json::from_str(&row.try_get::<String, _>(0)?)
-                .map_err(|e| Error::Corrupt(format!("chunk records: {e}")))?;
-            let batch = sqlx::query("SELECT object, operation FROM batches WHERE id = $1")
-                .bind(batch_id)
-                .fetch_one(&mut *tx)
-                .await?;
-            let schema = self.object(&org_id, &batch.try_get::<String, _>(0)?).await?;
-            let op = BatchOp::parse(&batch.try_get::<String, _>(1)?)?;
-            let invalid = |mut problems: Vec<RecordProblem>| {
-                for p in &mut problems {
-                    p.index += first;
-                }
-                ChunkRun::Invalid(problems)
-            };
-            // what the schema alone decides is checked before the org's write lock, which other
-            // chunks of the org queue on
-            let problems = match op {
-                BatchOp::Delete => delete_problems(&schema, &records),
-                _ => record_problems(&schema, &records),
-            };
-            if !problems.is_empty() {
-                return Ok((tx, Some(invalid(problems))));
+            if claimed.rows_affected() == 0 {
+                return Ok((tx, None));
             }
             // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
             // is the normal order of things, bounded by the budget only. Any other lock wait ends
@@ -967,6 +998,16 @@ impl Store {
         }
         Ok(Ok(()))
     }
+}
+
+/// A chunk as read for a run: its records, where they start in the batch, and what to do with
+/// them.
+struct ChunkWork {
+    org_id: String,
+    schema: ObjectSchema,
+    op: BatchOp,
+    first: usize,
+    records: Vec<Fields>,
 }
 
 /// The records of a delete: each names its record by the external id, once.
