@@ -983,6 +983,7 @@ impl Store {
             return Ok(Err(problems));
         }
         let mut writer = BatchWriter::new(self, conn, org_id, schema, &ids, base, now_ms()).await?;
+        writer.known_absent(ids.iter().filter(|id| !existing.contains_key(*id)).cloned());
         for (record, id) in records.into_iter().zip(ids) {
             let version = existing.get(&id).map_or(1, |(v, _)| v + 1);
             let fields = match op {

@@ -218,6 +218,13 @@ const READER_CACHE_KIB: u32 = 2 * 1024;
 impl Store {
     /// Opens (creating a SQLite file if needed) and migrates a store.
     pub async fn open(options: &StoreOptions) -> Result<Self, Error> {
+        let store = Self::open_unmigrated(options).await?;
+        store.migrate(None).await?;
+        Ok(store)
+    }
+
+    /// Opens a store's pools, running no migration.
+    pub(crate) async fn open_unmigrated(options: &StoreOptions) -> Result<Self, Error> {
         install_default_drivers();
         let url = options.url.as_str();
         let store = if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
@@ -295,9 +302,17 @@ impl Store {
                 reason: "expected sqlite://PATH or postgres://USER:PASSWORD@HOST/DB".into(),
             });
         };
-        let migrator = Migrator::new(Embedded(store.backend)).await?;
-        migrator.run(&store.writer).await?;
         Ok(store)
+    }
+
+    /// Runs the embedded migrations not yet run, up to `version` (all when None).
+    pub(crate) async fn migrate(&self, version: Option<i64>) -> Result<(), Error> {
+        let mut migrator = Migrator::new(Embedded(self.backend)).await?;
+        if let Some(version) = version {
+            migrator.migrations = migrator.migrations.iter().filter(|m| m.version <= version).cloned().collect();
+        }
+        migrator.run(&self.writer).await?;
+        Ok(())
     }
 
     /// The backend this store runs on.

@@ -215,6 +215,7 @@ impl Store {
             let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
             self.check_unique(&mut tx, org_id, &schema, &records, &ids).await?;
             let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
+            writer.known_absent(ids.iter().filter(|id| !existing.contains_key(*id)).cloned());
             let mut outcomes = Vec::with_capacity(records.len());
             for (record, id) in records.into_iter().zip(ids) {
                 let (version, created) = match existing.get(&id) {

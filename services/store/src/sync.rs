@@ -576,7 +576,13 @@ impl Store {
                         seq = done.seq;
                     }
                     let ids = &ids_by_object[change.object.as_str()];
-                    writer = Some(BatchWriter::new(self, &mut tx, org_id, schema, ids, seq, now).await?);
+                    let mut w = BatchWriter::new(self, &mut tx, org_id, schema, ids, seq, now).await?;
+                    w.known_absent(
+                        ids.iter()
+                            .filter(|id| !current.contains_key(&(change.object.as_str(), (*id).clone())))
+                            .cloned(),
+                    );
+                    writer = Some(w);
                 }
                 let Some(w) = writer.as_mut() else { continue };
                 let fields = match (change.op, &change.fields) {

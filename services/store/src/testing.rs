@@ -74,3 +74,15 @@ pub async fn open(backend: Backend) -> Result<TestStore, Error> {
     let store = Store::open(&StoreOptions::new(url.clone())).await?;
     Ok(TestStore { store, url, dir })
 }
+
+/// A fresh store on `backend` migrated only up to `version`, as an older release left it, for
+/// testing a migration: the raw pool to fill it through, and the URL to open it with (which
+/// runs the rest). Drop the [`TestStore`] last; it removes the SQLite directory.
+pub async fn open_at(backend: Backend, version: i64) -> Result<TestStore, Error> {
+    let (url, dir) = fresh_url(backend).await?;
+    let mut options = StoreOptions::new(url.clone());
+    options.max_connections = 2;
+    let store = Store::open_unmigrated(&options).await?;
+    store.migrate(Some(version)).await?;
+    Ok(TestStore { store, url, dir })
+}

@@ -435,6 +435,44 @@ mod batches {
             .unwrap()
     }
 
+    /// A chunk staged by a release before migration 0006 (its records in the chunk's row) runs
+    /// after the upgrade: the migration moves its records to `chunk_records`.
+    #[tokio::test]
+    async fn a_chunk_staged_before_the_chunk_records_migration_runs_after_it() {
+        for backend in testing::backends() {
+            eprintln!("-- on {backend:?}");
+            let old = testing::open_at(backend, 5).await.unwrap();
+            let org = org_with_account(&old.store).await;
+            let BatchStart::New(batch) = old.store.begin_batch(&org, &new_batch(BatchOp::Upsert, 10)).await.unwrap()
+            else {
+                panic!("a new batch")
+            };
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&old.url).await.unwrap();
+            sqlx::query(
+                "INSERT INTO chunks (batch_id, idx, org_id, first_record, record_count, records, state) \
+                 VALUES ($1, 0, $2, 0, 3, $3, 'PENDING')",
+            )
+            .bind(batch.clone())
+            .bind(org.clone())
+            .bind(serde_json::to_string(&accounts("m", 3)).unwrap())
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+            old.store.finish_staging(&org, &batch, 3, 1).await.unwrap();
+            old.store.close().await;
+
+            let s = Store::open(&baton_store::StoreOptions::new(old.url.clone())).await.unwrap();
+            assert_eq!(run(&s, &batch, 0).await, ChunkRun::Committed(ChunkState::Committed));
+            let page = s.query(&org, "account", "", &[], 100, None, soon()).await.unwrap();
+            let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
+            assert_eq!(ids, ["m000", "m001", "m002"]);
+            let info = s.batch(&org, &batch).await.unwrap();
+            assert_eq!((info.state, info.totals.records_committed), (BatchState::Done, 3));
+            s.close().await;
+        }
+    }
+
     #[tokio::test]
     async fn a_chunk_commits_once_and_a_second_delivery_reads_its_outcome() {
         each_backend(|t| async move {
