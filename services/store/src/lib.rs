@@ -266,7 +266,7 @@ impl Store {
                                 Ok(())
                             })
                         })
-                        .connect(&full)
+                        .connect_with(connect_options(&full)?)
                         .await
                 }
             };
@@ -292,7 +292,7 @@ impl Store {
                         Ok(())
                     })
                 })
-                .connect(url)
+                .connect_with(connect_options(url).map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?)
                 .await
                 .map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?;
             Store { backend: Backend::Postgres, writer: pool.clone(), reader: pool }
@@ -333,6 +333,18 @@ impl Store {
             Backend::Postgres => format!("{column}::text"),
         }
     }
+}
+
+/// How long a statement runs before sqlx logs it as slow (a warning). Not sqlx's default of
+/// 1 s: a batch chunk waits on its org's write lock while the org's other chunks write, seconds
+/// under load by design, and each such wait was a warning.
+const SLOW_STATEMENT: Duration = Duration::from_secs(10);
+
+/// The connection options of `url`, with the slow-statement threshold.
+fn connect_options(url: &str) -> Result<sqlx::any::AnyConnectOptions, sqlx::Error> {
+    use sqlx::ConnectOptions;
+    let options: sqlx::any::AnyConnectOptions = url.parse()?;
+    Ok(options.log_slow_statements(log::LevelFilter::Warn, SLOW_STATEMENT))
 }
 
 /// Hides the password of a URL for messages.
