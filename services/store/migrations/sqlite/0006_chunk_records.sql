@@ -10,4 +10,5 @@ CREATE TABLE chunk_records (
     PRIMARY KEY (batch_id, idx),
     FOREIGN KEY (batch_id, idx) REFERENCES chunks (batch_id, idx) ON DELETE CASCADE
 );
+INSERT INTO chunk_records (batch_id, idx, records) SELECT batch_id, idx, records FROM chunks;
 ALTER TABLE chunks DROP COLUMN records;
