@@ -13,7 +13,7 @@ use std::time::Duration;
 use baton_mesh::proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 /// A response delivered to a client session.
@@ -71,40 +71,44 @@ pub fn authorized<T>(message: T) -> tonic::Request<T> {
     request
 }
 
-/// A connection shared by the sessions of a process.
-struct Shared {
-    /// Tells it from the next connection to the same endpoint (for [`forget`]).
-    number: u64,
-    channel: Channel,
-    /// Alive while the runtime the connection was made on runs (its tasks run there, and die
-    /// with it; tests run one runtime each) and the entry is kept: a task holds the only strong
-    /// reference until `_keep` is dropped.
-    runtime: std::sync::Weak<()>,
-    _keep: oneshot::Sender<()>,
+/// What a session asks of its process's Multiplex stream to a manager.
+enum MuxCommand {
+    /// A new channel, whose events go to `events`.
+    Open { channel: u64, events: mpsc::Sender<Result<pb::mux_event::Kind, Status>> },
+    /// A frame of a channel.
+    Frame(pb::MuxFrame),
+    /// The manager does not answer: end the stream, and every channel on it with `status`.
+    Fail(Status),
 }
 
-impl Shared {
-    fn usable(&self) -> Option<(u64, Channel)> {
-        (self.runtime.strong_count() > 0).then(|| (self.number, self.channel.clone()))
+/// A process's Multiplex stream to one manager, shared by all of its client and server sessions.
+/// With a stream per session, the frames of a journal batch left one message and, mostly, one
+/// `writev` each, on both sides: that was most of the system time of `bench manager`. One
+/// stream carries a batch of frames (or events) as one message.
+#[derive(Clone)]
+struct Mux {
+    commands: mpsc::UnboundedSender<MuxCommand>,
+}
+
+impl Mux {
+    /// Whether the stream still runs: it stops when it fails, or with the runtime it was started
+    /// on (tests run one runtime each).
+    fn usable(&self) -> bool {
+        !self.commands.is_closed()
     }
 }
 
-/// The process's connections to the managers, by endpoint. Every session of a process shares the
-/// connection to its manager, as gRPC channels are meant to be used: HTTP/2 carries the sessions'
-/// streams side by side, so the frames that many sessions have ready leave in one write, where a
-/// connection per session made one system call per frame on both sides (half the manager's CPU
-/// in `bench manager`).
-static CONNECTIONS: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Shared>>> =
-    std::sync::LazyLock::new(Default::default);
+/// The process's Multiplex streams, by manager endpoint.
+static MUXES: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Mux>>> = std::sync::LazyLock::new(Default::default);
 
-fn connections() -> std::sync::MutexGuard<'static, HashMap<String, Shared>> {
-    CONNECTIONS.lock().unwrap_or_else(|e| e.into_inner())
+fn muxes() -> std::sync::MutexGuard<'static, HashMap<String, Mux>> {
+    MUXES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The shared connection to `endpoint` (made if there is none usable) and its number.
-async fn connect(endpoint: &str) -> Result<(u64, Channel), Status> {
-    if let Some(known) = connections().get(endpoint).and_then(Shared::usable) {
-        return Ok(known);
+/// The shared Multiplex stream to `endpoint`, started if there is none that runs.
+async fn connect(endpoint: &str) -> Result<Mux, Status> {
+    if let Some(mux) = muxes().get(endpoint).filter(|m| m.usable()) {
+        return Ok(mux.clone());
     }
     let channel = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| Status::invalid_argument(format!("invalid manager endpoint {endpoint:?}: {e}")))?
@@ -113,45 +117,155 @@ async fn connect(endpoint: &str) -> Result<(u64, Channel), Status> {
         .connect()
         .await
         .map_err(|e| Status::unavailable(format!("cannot connect to the manager at {endpoint}: {e}")))?;
-    let alive = std::sync::Arc::new(());
-    let runtime = std::sync::Arc::downgrade(&alive);
-    let (keep, dropped) = oneshot::channel();
-    tokio::spawn(async move {
-        let _alive = alive;
-        let _ = dropped.await;
-    });
-    static NUMBER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let number = NUMBER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut connections = connections();
-    // a session that connected meanwhile won: sessions keep to one connection
-    if let Some(known) = connections.get(endpoint).and_then(Shared::usable) {
-        return Ok(known);
+    let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
+    let (out, out_rx) = mpsc::channel(64);
+    let inbound = tokio::time::timeout(OPEN_TIMEOUT, client.multiplex(authorized(ReceiverStream::new(out_rx))))
+        .await
+        .map_err(|_| Status::unavailable(format!("{endpoint} did not open a stream in time")))??
+        .into_inner();
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    tokio::spawn(run_mux(out, inbound, command_rx));
+    let mux = Mux { commands };
+    let mut muxes = muxes();
+    // a session that connected meanwhile won: the sessions keep to one stream (this one ends as
+    // its handle is dropped)
+    if let Some(known) = muxes.get(endpoint).filter(|m| m.usable()) {
+        return Ok(known.clone());
     }
-    connections.insert(endpoint.to_owned(), Shared { number, channel: channel.clone(), runtime, _keep: keep });
-    Ok((number, channel))
+    muxes.insert(endpoint.to_owned(), mux.clone());
+    Ok(mux)
 }
 
-/// Runs a session's stream on the shared connection to `endpoint`; if the stream fails, the
-/// connection is forgotten.
-async fn on_shared_connection<T>(
-    endpoint: &str,
-    stream: impl AsyncFnOnce(Channel) -> Result<T, Status>,
-) -> Result<T, Status> {
-    let (number, channel) = connect(endpoint).await?;
-    let result = stream(channel).await;
-    if result.is_err() {
-        forget(endpoint, number);
+/// The status a `ChannelClosed` event stands for, with the leader it names as metadata.
+fn closed_status(closed: pb::ChannelClosed) -> Status {
+    let mut status = Status::new(Code::from(closed.code), closed.message);
+    if let Ok(leader) = closed.leader.parse()
+        && !closed.leader.is_empty()
+    {
+        status.metadata_mut().insert(crate::service::LEADER_METADATA, leader);
     }
-    result
+    status
 }
 
-/// Drops connection `number` to `endpoint` after a session's stream on it failed, so the next
-/// attempt makes a new one (as before connections were shared) rather than waiting again on one
-/// that may hang; a newer connection made meanwhile by another session is kept.
-fn forget(endpoint: &str, number: u64) {
-    let mut connections = connections();
-    if connections.get(endpoint).is_some_and(|s| s.number == number) {
-        connections.remove(endpoint);
+/// Runs a Multiplex stream: sends what the sessions queued, as one message whenever the stream
+/// is ready, and hands each event to its channel; when the stream fails, every channel fails
+/// with it.
+async fn run_mux(
+    out: mpsc::Sender<pb::MuxFrames>,
+    mut inbound: tonic::Streaming<pb::MuxEvents>,
+    mut commands: mpsc::UnboundedReceiver<MuxCommand>,
+) {
+    let mut channels: HashMap<u64, mpsc::Sender<Result<pb::mux_event::Kind, Status>>> = HashMap::new();
+    let failure = loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(mut command) = command else { return };
+                let mut frames = Vec::new();
+                let failed = loop {
+                    match command {
+                        MuxCommand::Open { channel, events } => {
+                            channels.insert(channel, events);
+                        }
+                        MuxCommand::Frame(frame) => {
+                            if matches!(frame.kind, Some(pb::mux_frame::Kind::Close(_))) {
+                                channels.remove(&frame.channel);
+                            }
+                            frames.push(frame);
+                        }
+                        MuxCommand::Fail(status) => break Some(status),
+                    }
+                    match commands.try_recv() {
+                        Ok(next) => command = next,
+                        Err(_) => break None,
+                    }
+                };
+                if let Some(status) = failed {
+                    break status;
+                }
+                if !frames.is_empty() && out.send(pb::MuxFrames { frames }).await.is_err() {
+                    break Status::unavailable("the stream to the manager closed");
+                }
+            }
+            events = inbound.message() => match events {
+                Ok(Some(batch)) => {
+                    for event in batch.events {
+                        match event.kind {
+                            Some(pb::mux_event::Kind::Closed(closed)) => {
+                                if let Some(events) = channels.remove(&event.channel) {
+                                    let _ = events.send(Err(closed_status(closed))).await;
+                                }
+                            }
+                            Some(kind) => {
+                                // a channel whose session went away is forgotten
+                                if let Some(events) = channels.get(&event.channel)
+                                    && events.send(Ok(kind)).await.is_err()
+                                {
+                                    channels.remove(&event.channel);
+                                }
+                            }
+                            None => {}
+                        }
+                    }
+                }
+                Ok(None) => break Status::unavailable("the manager closed the stream"),
+                Err(status) => break status,
+            }
+        }
+    };
+    // later sessions see this stream stopped (`usable`) and start another
+    commands.close();
+    for (_, events) in channels {
+        let _ = events.try_send(Err(failure.clone()));
+    }
+}
+
+/// One session's channel on a [`Mux`]; dropping it closes the channel.
+struct MuxChannel {
+    id: u64,
+    mux: Mux,
+    events: mpsc::Receiver<Result<pb::mux_event::Kind, Status>>,
+}
+
+impl MuxChannel {
+    /// A new channel on `mux`.
+    fn open(mux: &Mux) -> Result<Self, Status> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // as many events as a session's stream held before
+        let (events_tx, events) = mpsc::channel(1024);
+        mux.commands
+            .send(MuxCommand::Open { channel: id, events: events_tx })
+            .map_err(|_| Status::unavailable("the stream to the manager closed"))?;
+        Ok(Self { id, mux: mux.clone(), events })
+    }
+
+    /// Queues a frame (a failure shows in [`MuxChannel::next`]).
+    fn send(&self, kind: pb::mux_frame::Kind) {
+        let _ = self.mux.commands.send(MuxCommand::Frame(pb::MuxFrame { channel: self.id, kind: Some(kind) }));
+    }
+
+    /// The next event; an error when the manager closed the channel or the stream failed.
+    async fn next(&mut self) -> Result<pb::mux_event::Kind, Status> {
+        self.events.recv().await.unwrap_or_else(|| Err(Status::unavailable("the stream to the manager closed")))
+    }
+
+    /// The first event, within [`OPEN_TIMEOUT`]: a manager that does not answer in time is
+    /// given up, with every session on the stream (they go to the next manager).
+    async fn first(&mut self, endpoint: &str) -> Result<pb::mux_event::Kind, Status> {
+        match tokio::time::timeout(OPEN_TIMEOUT, self.next()).await {
+            Ok(event) => event,
+            Err(_) => {
+                let status = Status::unavailable(format!("{endpoint} did not open the session in time"));
+                let _ = self.mux.commands.send(MuxCommand::Fail(status.clone()));
+                Err(status)
+            }
+        }
+    }
+}
+
+impl Drop for MuxChannel {
+    fn drop(&mut self) {
+        self.send(pb::mux_frame::Kind::Close(pb::ChannelClosed::default()));
     }
 }
 
@@ -260,8 +374,8 @@ impl ClientLoop {
         }
     }
 
-    /// One stream, on the shared connection to the next manager: open or resume, resend, then
-    /// relay until the stream breaks.
+    /// One channel, on the shared stream to the next manager: open or resume, resend, then relay
+    /// until the channel breaks.
     async fn connection(
         &mut self,
         commands: &mut mpsc::Receiver<ClientCommand>,
@@ -269,74 +383,25 @@ impl ClientLoop {
         opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
     ) -> Result<bool, Status> {
         let endpoint = self.endpoints.next();
-        on_shared_connection(&endpoint, async |channel| {
-            self.relay(&endpoint, channel, commands, responses, opened).await
-        })
-        .await
-    }
-
-    async fn relay(
-        &mut self,
-        endpoint: &str,
-        channel: Channel,
-        commands: &mut mpsc::Receiver<ClientCommand>,
-        responses: &mpsc::Sender<ClientResponse>,
-        opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
-    ) -> Result<bool, Status> {
-        let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
-        let (out, out_rx) = mpsc::channel(1024);
+        let mux = connect(&endpoint).await?;
+        let mut channel = MuxChannel::open(&mux)?;
         let open = pb::OpenSession {
             pool: self.pool.clone(),
             session_id: self.session_id.clone().unwrap_or_default(),
             restart_data: self.restart_data.clone(),
             seen_term: self.seen_term,
         };
-        let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) }).await;
-        let mut events =
-            tokio::time::timeout(OPEN_TIMEOUT, client.client_session(authorized(ReceiverStream::new(out_rx))))
-                .await
-                .map_err(|_| Status::unavailable(format!("{endpoint} did not open the session in time")))??
-                .into_inner();
+        channel.send(client_frame(pb::client_frame::Kind::Open(open)));
+        // nothing is sent before the session is open: resent requests come first, in order
+        let first = channel.first(&endpoint).await?;
+        if !self.event(first, &channel, responses, opened).await? {
+            return Ok(false);
+        }
         loop {
             tokio::select! {
-                event = events.message() => {
-                    let Some(event) = event? else { return Err(Status::unavailable("the manager closed the stream")) };
-                    advance_term(&mut self.seen_term, event.term)?;
-                    match event.kind {
-                        Some(pb::client_event::Kind::Opened(o)) => {
-                            self.endpoints.connected();
-                            self.session_id = Some(o.session_id.clone());
-                            if let Some(opened) = opened.take() {
-                                let _ = opened.send(Ok(o.session_id.clone()));
-                            }
-                            // what the manager journaled is accepted; the rest is sent again
-                            let done: Vec<u64> = self.unaccepted.range(..=o.last_request_seq).map(|(s, _)| *s).collect();
-                            for seq in done {
-                                if let Some((_, _, Some(w))) = self.unaccepted.remove(&seq) {
-                                    let _ = w.send(Accepted { seq, term: self.seen_term });
-                                }
-                            }
-                            for (seq, (payload, restart, _)) in &self.unaccepted {
-                                let request = pb::ClientRequest { seq: *seq, payload: Some(payload.clone()), restart_data: restart.clone() };
-                                let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Request(request)) }).await;
-                            }
-                        }
-                        Some(pb::client_event::Kind::Accepted(a)) => {
-                            if let Some((_, _, Some(w))) = self.unaccepted.remove(&a.seq) {
-                                let _ = w.send(Accepted { seq: a.seq, term: self.seen_term });
-                            }
-                        }
-                        Some(pb::client_event::Kind::Response(r)) => {
-                            if !self.seen(r.seq) {
-                                if responses.send(ClientResponse { seq: r.seq, payload: r.payload }).await.is_err() {
-                                    return Ok(false);
-                                }
-                                self.mark(r.seq);
-                            }
-                            let ack = pb::AckResponse { seq: r.seq };
-                            let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Ack(ack)) }).await;
-                        }
-                        None => {}
+                event = channel.next() => {
+                    if !self.event(event?, &channel, responses, opened).await? {
+                        return Ok(false);
                     }
                 }
                 command = commands.recv() => {
@@ -345,11 +410,70 @@ impl ClientLoop {
                     let seq = self.next_seq;
                     let request = pb::ClientRequest { seq, payload: Some(payload.clone()), restart_data: restart_data.clone() };
                     self.unaccepted.insert(seq, (payload, restart_data, Some(accepted)));
-                    let _ = out.send(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Request(request)) }).await;
+                    channel.send(client_frame(pb::client_frame::Kind::Request(request)));
                 }
             }
         }
     }
+
+    /// Handles an event of the session's channel; `false` when the user has gone.
+    async fn event(
+        &mut self,
+        event: pb::mux_event::Kind,
+        channel: &MuxChannel,
+        responses: &mpsc::Sender<ClientResponse>,
+        opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
+    ) -> Result<bool, Status> {
+        let pb::mux_event::Kind::Client(event) = event else { return Ok(true) };
+        advance_term(&mut self.seen_term, event.term)?;
+        match event.kind {
+            Some(pb::client_event::Kind::Opened(o)) => {
+                self.endpoints.connected();
+                self.session_id = Some(o.session_id.clone());
+                if let Some(opened) = opened.take() {
+                    let _ = opened.send(Ok(o.session_id.clone()));
+                }
+                // what the manager journaled is accepted; the rest is sent again
+                let done: Vec<u64> = self.unaccepted.range(..=o.last_request_seq).map(|(s, _)| *s).collect();
+                for seq in done {
+                    if let Some((_, _, Some(w))) = self.unaccepted.remove(&seq) {
+                        let _ = w.send(Accepted { seq, term: self.seen_term });
+                    }
+                }
+                for (seq, (payload, restart, _)) in &self.unaccepted {
+                    let request =
+                        pb::ClientRequest { seq: *seq, payload: Some(payload.clone()), restart_data: restart.clone() };
+                    channel.send(client_frame(pb::client_frame::Kind::Request(request)));
+                }
+            }
+            Some(pb::client_event::Kind::Accepted(a)) => {
+                if let Some((_, _, Some(w))) = self.unaccepted.remove(&a.seq) {
+                    let _ = w.send(Accepted { seq: a.seq, term: self.seen_term });
+                }
+            }
+            Some(pb::client_event::Kind::Response(r)) => {
+                if !self.seen(r.seq) {
+                    if responses.send(ClientResponse { seq: r.seq, payload: r.payload }).await.is_err() {
+                        return Ok(false);
+                    }
+                    self.mark(r.seq);
+                }
+                channel.send(client_frame(pb::client_frame::Kind::Ack(pb::AckResponse { seq: r.seq })));
+            }
+            None => {}
+        }
+        Ok(true)
+    }
+}
+
+/// A client session's frame on its channel.
+fn client_frame(kind: pb::client_frame::Kind) -> pb::mux_frame::Kind {
+    pb::mux_frame::Kind::Client(pb::ClientFrame { kind: Some(kind) })
+}
+
+/// A server session's frame on its channel.
+fn server_frame(kind: pb::server_frame::Kind) -> pb::mux_frame::Kind {
+    pb::mux_frame::Kind::Server(pb::ServerFrame { kind: Some(kind) })
 }
 
 impl ClientSession {
@@ -512,77 +636,34 @@ struct ServerLoop {
 }
 
 impl ServerLoop {
-    /// One stream, on the shared connection to the next manager: register, resend, then relay
-    /// until the stream breaks.
+    /// One channel, on the shared stream to the next manager: register, resend, then relay until
+    /// the channel breaks.
     async fn connection(
         &mut self,
         replies: &mut mpsc::Receiver<pb::ServerReply>,
         events: &mpsc::Sender<ServerEvent>,
     ) -> Result<bool, Status> {
         let endpoint = self.endpoints.next();
-        on_shared_connection(&endpoint, async |channel| self.relay(&endpoint, channel, replies, events).await).await
-    }
-
-    async fn relay(
-        &mut self,
-        endpoint: &str,
-        channel: Channel,
-        replies: &mut mpsc::Receiver<pb::ServerReply>,
-        events: &mpsc::Sender<ServerEvent>,
-    ) -> Result<bool, Status> {
-        let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
-        let (out, out_rx) = mpsc::channel(1024);
+        let mux = connect(&endpoint).await?;
+        let mut channel = MuxChannel::open(&mux)?;
         let register = pb::RegisterServer {
             pool: self.pool.clone(),
             server_id: self.server_id.clone(),
             seen_term: self.seen_term,
         };
-        let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) }).await;
-        let mut stream =
-            tokio::time::timeout(OPEN_TIMEOUT, client.server_session(authorized(ReceiverStream::new(out_rx))))
-                .await
-                .map_err(|_| Status::unavailable(format!("{endpoint} did not open the session in time")))??
-                .into_inner();
+        channel.send(server_frame(pb::server_frame::Kind::Register(register)));
         for reply in self.unaccepted.values() {
-            let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Reply(reply.clone())) }).await;
+            channel.send(server_frame(pb::server_frame::Kind::Reply(reply.clone())));
+        }
+        let first = channel.first(&endpoint).await?;
+        if !self.event(first, &channel, events).await? {
+            return Ok(false);
         }
         loop {
             tokio::select! {
-                event = stream.message() => {
-                    let Some(event) = event? else { return Err(Status::unavailable("the manager closed the stream")) };
-                    advance_term(&mut self.seen_term, event.term)?;
-                    match event.kind {
-                        Some(pb::server_event::Kind::Bound(b)) => {
-                            let e = ServerEvent::Bound {
-                                session_id: b.session_id,
-                                server_restart_data: b.server_restart_data,
-                                client_restart_data: b.client_restart_data,
-                            };
-                            if events.send(e).await.is_err() {
-                                return Ok(false);
-                            }
-                        }
-                        Some(pb::server_event::Kind::Request(r)) => {
-                            let key = (r.session_id.clone(), r.seq);
-                            if let Some(reply) = self.unaccepted.get(&key) {
-                                let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Reply(reply.clone())) }).await;
-                            } else if self.in_flight.insert(key) {
-                                let e = ServerEvent::Request {
-                                    session_id: r.session_id,
-                                    seq: r.seq,
-                                    payload: r.payload,
-                                    client_restart_data: r.client_restart_data,
-                                };
-                                if events.send(e).await.is_err() {
-                                    return Ok(false);
-                                }
-                            }
-                        }
-                        Some(pb::server_event::Kind::Accepted(a)) => {
-                            self.unaccepted.remove(&(a.session_id, a.seq));
-                        }
-                        Some(pb::server_event::Kind::Registered(_)) => self.endpoints.connected(),
-                        None => {}
+                event = channel.next() => {
+                    if !self.event(event?, &channel, events).await? {
+                        return Ok(false);
                     }
                 }
                 reply = replies.recv() => {
@@ -590,10 +671,55 @@ impl ServerLoop {
                     let key = (reply.session_id.clone(), reply.seq);
                     self.in_flight.remove(&key);
                     self.unaccepted.insert(key, reply.clone());
-                    let _ = out.send(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Reply(reply)) }).await;
+                    channel.send(server_frame(pb::server_frame::Kind::Reply(reply)));
                 }
             }
         }
+    }
+
+    /// Handles an event of the server's channel; `false` when the user has gone.
+    async fn event(
+        &mut self,
+        event: pb::mux_event::Kind,
+        channel: &MuxChannel,
+        events: &mpsc::Sender<ServerEvent>,
+    ) -> Result<bool, Status> {
+        let pb::mux_event::Kind::Server(event) = event else { return Ok(true) };
+        advance_term(&mut self.seen_term, event.term)?;
+        match event.kind {
+            Some(pb::server_event::Kind::Bound(b)) => {
+                let e = ServerEvent::Bound {
+                    session_id: b.session_id,
+                    server_restart_data: b.server_restart_data,
+                    client_restart_data: b.client_restart_data,
+                };
+                if events.send(e).await.is_err() {
+                    return Ok(false);
+                }
+            }
+            Some(pb::server_event::Kind::Request(r)) => {
+                let key = (r.session_id.clone(), r.seq);
+                if let Some(reply) = self.unaccepted.get(&key) {
+                    channel.send(server_frame(pb::server_frame::Kind::Reply(reply.clone())));
+                } else if self.in_flight.insert(key) {
+                    let e = ServerEvent::Request {
+                        session_id: r.session_id,
+                        seq: r.seq,
+                        payload: r.payload,
+                        client_restart_data: r.client_restart_data,
+                    };
+                    if events.send(e).await.is_err() {
+                        return Ok(false);
+                    }
+                }
+            }
+            Some(pb::server_event::Kind::Accepted(a)) => {
+                self.unaccepted.remove(&(a.session_id, a.seq));
+            }
+            Some(pb::server_event::Kind::Registered(_)) => self.endpoints.connected(),
+            None => {}
+        }
+        Ok(true)
     }
 }
 
@@ -705,7 +831,7 @@ mod tests {
     }
 
     #[test]
-    fn the_sessions_of_a_runtime_share_one_connection_until_it_fails() {
+    fn the_sessions_of_a_runtime_share_one_stream_and_survive_its_failure() {
         let dir = tempfile::tempdir().unwrap();
         let endpoint = manager(dir.path());
         let first = tokio::runtime::Runtime::new().unwrap();
@@ -715,21 +841,36 @@ mod tests {
             (a, b)
         });
         assert_ne!(a.session_id(), b.session_id());
-        let (one, _) = first.block_on(connect(&endpoint)).unwrap();
-        assert_eq!(first.block_on(connect(&endpoint)).unwrap().0, one, "sessions share the connection");
-        // a stream that failed on it: the next attempt makes a new connection
-        forget(&endpoint, one);
-        let (two, _) = first.block_on(connect(&endpoint)).unwrap();
-        assert_ne!(two, one);
-        // forgetting an older connection keeps the newer one
-        forget(&endpoint, one);
-        assert_eq!(first.block_on(connect(&endpoint)).unwrap().0, two);
-        // the connection's tasks stop with its runtime: another runtime makes its own
+        let one = first.block_on(connect(&endpoint)).unwrap();
+        assert!(one.commands.same_channel(&first.block_on(connect(&endpoint)).unwrap().commands), "one stream");
+        let any = || prost_types::Any { type_url: "t".into(), value: vec![1] };
+        assert_eq!(first.block_on(a.send(any(), Vec::new())).unwrap(), 1);
+        // the stream fails: the next connect starts another, and both sessions go on, on it
+        one.commands.send(MuxCommand::Fail(Status::unavailable("failed on purpose"))).unwrap();
+        for _ in 0..200 {
+            if !one.usable() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!one.usable(), "a failed stream is not used again");
+        let (sent_a, sent_b) = first.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                (a.send(any(), Vec::new()).await.unwrap(), b.send(any(), Vec::new()).await.unwrap())
+            })
+            .await
+            .expect("the sessions resume within 10s")
+        });
+        assert_eq!((sent_a, sent_b), (2, 1));
+        let two = first.block_on(connect(&endpoint)).unwrap();
+        assert!(two.usable() && !two.commands.same_channel(&one.commands));
+        // the stream's task stops with its runtime: another runtime starts its own
         drop((a, b));
         drop(first);
+        assert!(!two.usable());
         let second = tokio::runtime::Runtime::new().unwrap();
-        let (three, _) = second.block_on(connect(&endpoint)).unwrap();
-        assert_ne!(three, two);
+        let three = second.block_on(connect(&endpoint)).unwrap();
+        assert!(!three.commands.same_channel(&two.commands));
         let session = second.block_on(ClientSession::open(&endpoint, "p", Vec::new())).unwrap();
         assert!(session.session_id().starts_with("ses_"));
     }

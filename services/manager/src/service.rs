@@ -86,8 +86,109 @@ pub const LEADER_METADATA: &str = "x-baton-leader";
 pub type Publisher =
     Arc<dyn Fn(Vec<String>, u64) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
-type ClientTx = mpsc::Sender<Result<pb::ClientEvent, Status>>;
-type ServerTx = mpsc::Sender<Result<pb::ServerEvent, Status>>;
+type ClientTx = Out<pb::ClientEvent>;
+type ServerTx = Out<pb::ServerEvent>;
+
+/// A Multiplex stream's sending side: the actor sends it one batch of events per journal batch.
+#[derive(Clone)]
+struct Mux {
+    /// Tells the streams apart when the actor groups a batch's events by stream.
+    id: u64,
+    tx: mpsc::Sender<Result<pb::MuxEvents, Status>>,
+}
+
+impl Mux {
+    /// Closes `channel` with `status` at once (not batched).
+    fn close(&self, channel: u64, status: &Status) {
+        let _ = self.tx.try_send(Ok(pb::MuxEvents { events: vec![closed_event(channel, status)] }));
+    }
+}
+
+/// The event that closes `channel` with `status` (and the leader a standby names).
+fn closed_event(channel: u64, status: &Status) -> pb::MuxEvent {
+    let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).unwrap_or_default();
+    pb::MuxEvent {
+        channel,
+        kind: Some(pb::mux_event::Kind::Closed(pb::ChannelClosed {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            leader: leader.to_owned(),
+        })),
+    }
+}
+
+/// A client or server session's event as a Multiplex event.
+trait MuxKind {
+    fn into_mux(self) -> pb::mux_event::Kind;
+}
+
+impl MuxKind for pb::ClientEvent {
+    fn into_mux(self) -> pb::mux_event::Kind {
+        pb::mux_event::Kind::Client(self)
+    }
+}
+
+impl MuxKind for pb::ServerEvent {
+    fn into_mux(self) -> pb::mux_event::Kind {
+        pb::mux_event::Kind::Server(self)
+    }
+}
+
+/// Where a session's events go: its own stream (ClientSession, ServerSession), or a channel of a
+/// Multiplex stream.
+enum Out<E> {
+    Stream(mpsc::Sender<Result<E, Status>>),
+    Channel { mux: Mux, channel: u64 },
+}
+
+impl<E: MuxKind> Out<E> {
+    /// Ends the stream or channel with `status` at once.
+    fn close(&self, status: Status) {
+        match self {
+            Out::Stream(tx) => {
+                let _ = tx.try_send(Err(status));
+            }
+            Out::Channel { mux, channel } => mux.close(*channel, &status),
+        }
+    }
+
+    /// Ends the stream (by dropping its sender) or closes the channel with `status`.
+    fn end(self, status: &Status) {
+        if let Out::Channel { mux, channel } = self {
+            mux.close(channel, status);
+        }
+    }
+
+    /// Sends `event` now (a stream), or adds it to its Multiplex stream's batch (sent by
+    /// [`Batches::send`]).
+    async fn send(&self, event: E, batches: &mut Batches) {
+        match self {
+            Out::Stream(tx) => {
+                let _ = tx.send(Ok(event)).await;
+            }
+            Out::Channel { mux, channel } => {
+                let event = pb::MuxEvent { channel: *channel, kind: Some(event.into_mux()) };
+                match batches.0.iter_mut().find(|(m, _)| m.id == mux.id) {
+                    Some((_, events)) => events.push(event),
+                    None => batches.0.push((mux.clone(), vec![event])),
+                }
+            }
+        }
+    }
+}
+
+/// A journal batch's events for Multiplex streams, one message per stream (a process has one
+/// stream per manager, so there are few).
+#[derive(Default)]
+struct Batches(Vec<(Mux, Vec<pb::MuxEvent>)>);
+
+impl Batches {
+    async fn send(self) {
+        for (mux, events) in self.0 {
+            let _ = mux.tx.send(Ok(pb::MuxEvents { events })).await;
+        }
+    }
+}
 
 enum Command {
     ClientOpen {
@@ -266,7 +367,7 @@ impl Actor {
                     return;
                 }
                 Command::ServerRegister { tx, .. } => {
-                    let _ = tx.try_send(Err(self.not_primary()));
+                    tx.close(self.not_primary());
                     return;
                 }
                 Command::ReplicaConnect { tx, .. } => {
@@ -359,10 +460,10 @@ impl Actor {
                 }
                 if request.seq != last + 1 {
                     if let Some((_, tx)) = self.clients.remove(&session) {
-                        let _ = tx.try_send(Err(Status::failed_precondition(format!(
+                        tx.close(Status::failed_precondition(format!(
                             "request {} after {last}: requests are numbered without gaps",
                             request.seq
-                        ))));
+                        )));
                     }
                     return;
                 }
@@ -405,9 +506,9 @@ impl Actor {
             }
             Command::ServerRegister { register, conn, tx } => {
                 if register.seen_term > self.term || register.pool.is_empty() || register.server_id.is_empty() {
-                    let _ = tx.try_send(Err(Status::failed_precondition(
+                    tx.close(Status::failed_precondition(
                         "register needs a pool and a server id, and a term not newer than this manager's",
-                    )));
+                    ));
                     return;
                 }
                 let id = register.server_id.clone();
@@ -583,8 +684,15 @@ impl Actor {
                 }
                 self.primary = false;
                 self.leader = leader;
-                self.clients.clear();
-                self.servers.clear();
+                // a session's own stream ends as its sender is dropped; a channel is closed, and
+                // its session told where the primary is
+                let status = self.not_primary();
+                for (_, (_, tx)) in self.clients.drain() {
+                    tx.end(&status);
+                }
+                for (_, c) in self.servers.drain() {
+                    c.tx.end(&status);
+                }
                 self.replicas.clear();
                 self.effects.clear();
             }
@@ -644,20 +752,22 @@ impl Actor {
         if self.primary && (replicated || self.replicas.keys().any(|n| !self.in_sync.contains(n))) {
             self.sync_standbys().await;
         }
+        let mut batches = Batches::default();
         for effect in std::mem::take(&mut self.effects) {
             match effect {
                 Effect::Client(session, kind) => {
                     if let Some((_, tx)) = self.clients.get(&session) {
-                        let _ = tx.send(Ok(pb::ClientEvent { term: self.term, kind: Some(kind) })).await;
+                        tx.send(pb::ClientEvent { term: self.term, kind: Some(kind) }, &mut batches).await;
                     }
                 }
                 Effect::Server(server, kind) => {
                     if let Some(c) = self.servers.get(&server) {
-                        let _ = c.tx.send(Ok(pb::ServerEvent { term: self.term, kind: Some(kind) })).await;
+                        c.tx.send(pb::ServerEvent { term: self.term, kind: Some(kind) }, &mut batches).await;
                     }
                 }
             }
         }
+        batches.send().await;
         Ok(())
     }
 }
@@ -856,6 +966,99 @@ impl ManagerService {
     }
 }
 
+/// A channel of a Multiplex stream, once opened: the session or server it carries, and its
+/// connection number (as a stream of its own would have).
+enum Channel {
+    Client { session: String, conn: u64 },
+    Server { server: String, conn: u64 },
+}
+
+impl Channel {
+    /// The command that says the channel's session or server has gone.
+    fn gone(self) -> Command {
+        match self {
+            Channel::Client { session, conn } => Command::ClientGone { session, conn },
+            Channel::Server { server, conn } => Command::ServerGone { server, conn },
+        }
+    }
+}
+
+impl ManagerService {
+    /// Turns a Multiplex stream's frames into the commands that a ClientSession or ServerSession
+    /// stream per channel would give, until the stream ends; then every channel's session or
+    /// server is gone.
+    async fn demultiplex(&self, frames: &mut Streaming<pb::MuxFrames>, mux: Mux) {
+        use pb::mux_frame::Kind;
+        let mut channels: HashMap<u64, Channel> = HashMap::new();
+        'stream: while let Some(Ok(batch)) = frames.next().await {
+            for frame in batch.frames {
+                let channel = frame.channel;
+                let command = match (channels.get(&channel), frame.kind) {
+                    (_, Some(Kind::Close(_))) => match channels.remove(&channel) {
+                        Some(open) => open.gone(),
+                        None => continue,
+                    },
+                    (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) }))) => {
+                        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                        let (reply, opened) = oneshot::channel();
+                        let tx = Out::Channel { mux: mux.clone(), channel };
+                        if self.command(Command::ClientOpen { open, conn, tx, reply }).await.is_err() {
+                            break 'stream;
+                        }
+                        match opened.await {
+                            Ok(Ok(session)) => {
+                                channels.insert(channel, Channel::Client { session, conn });
+                            }
+                            Ok(Err(status)) => mux.close(channel, &status),
+                            Err(_) => break 'stream,
+                        }
+                        continue;
+                    }
+                    (
+                        None,
+                        Some(Kind::Server(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) })),
+                    ) => {
+                        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                        channels.insert(channel, Channel::Server { server: register.server_id.clone(), conn });
+                        Command::ServerRegister { register, conn, tx: Out::Channel { mux: mux.clone(), channel } }
+                    }
+                    (None, _) => {
+                        mux.close(
+                            channel,
+                            &Status::invalid_argument(
+                                "the first frame of a channel must open a client session or register a server",
+                            ),
+                        );
+                        continue;
+                    }
+                    (Some(Channel::Client { session, conn }), Some(Kind::Client(frame))) => match frame.kind {
+                        Some(pb::client_frame::Kind::Request(request)) => {
+                            Command::ClientRequest { session: session.clone(), conn: *conn, request }
+                        }
+                        Some(pb::client_frame::Kind::Ack(ack)) => {
+                            Command::ClientAck { session: session.clone(), seq: ack.seq }
+                        }
+                        _ => continue,
+                    },
+                    (Some(Channel::Server { server, conn }), Some(Kind::Server(frame))) => match frame.kind {
+                        Some(pb::server_frame::Kind::Reply(reply)) => {
+                            Command::ServerReply { server: server.clone(), conn: *conn, reply }
+                        }
+                        _ => continue,
+                    },
+                    _ => continue,
+                };
+                if self.command(command).await.is_err() {
+                    break 'stream;
+                }
+            }
+        }
+        for (_, open) in channels {
+            let _ = self.command(open.gone()).await;
+        }
+    }
+}
+
 type EventStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -874,7 +1077,7 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
         let (reply, opened) = oneshot::channel();
-        self.command(Command::ClientOpen { open, conn, tx, reply }).await?;
+        self.command(Command::ClientOpen { open, conn, tx: Out::Stream(tx), reply }).await?;
         let session = opened.await.map_err(|_| Status::unavailable("the manager is stopping"))??;
         let commands = self.commands.clone();
         tokio::spawn(async move {
@@ -912,7 +1115,7 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let server = register.server_id.clone();
         let (tx, rx) = mpsc::channel(1024);
-        self.command(Command::ServerRegister { register, conn, tx }).await?;
+        self.command(Command::ServerRegister { register, conn, tx: Out::Stream(tx) }).await?;
         let commands = self.commands.clone();
         tokio::spawn(async move {
             while let Some(frame) = frames.next().await {
@@ -925,6 +1128,20 @@ impl pb::session_manager_server::SessionManager for ManagerService {
             }
             let _ = commands.send(Command::ServerGone { server, conn }).await;
         });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type MultiplexStream = EventStream<pb::MuxEvents>;
+
+    async fn multiplex(
+        &self,
+        request: Request<Streaming<pb::MuxFrames>>,
+    ) -> Result<Response<Self::MultiplexStream>, Status> {
+        let mut frames = request.into_inner();
+        let (tx, rx) = mpsc::channel(1024);
+        let mux = Mux { id: self.next_conn.fetch_add(1, Ordering::Relaxed), tx };
+        let service = self.clone();
+        tokio::spawn(async move { service.demultiplex(&mut frames, mux).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
