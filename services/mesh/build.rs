@@ -16,6 +16,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={}", root.join("baton/v1").display());
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("baton_descriptor.bin"))
+        // journal entries pass from the primary's journal to the standby's without a copy
+        .bytes(".baton.v1.ReplicaFrame.entries")
         .compile_protos(&protos, &[root])?;
     Ok(())
 }

@@ -619,7 +619,7 @@ impl Actor {
             }
             Command::ReplicaConnect { node, tx, acked } => {
                 // a snapshot of the state first: the standby drops whatever else it had
-                let entries = self.state.to_entries().iter().map(prost::Message::encode_to_vec).collect();
+                let entries = self.state.to_entries().iter().map(|e| prost::Message::encode_to_vec(e).into()).collect();
                 let frame = pb::ReplicaFrame { term: self.term, reset: true, entries };
                 if tx.try_send(Ok(frame)).is_ok() {
                     tracing::info!(%node, index = self.state.index, "standby connected");
@@ -638,7 +638,7 @@ impl Actor {
                 self.term = self.term.max(frame.term);
                 let mut entries = Vec::with_capacity(frame.entries.len());
                 for bytes in &frame.entries {
-                    match <Entry as prost::Message>::decode(bytes.as_slice()) {
+                    match <Entry as prost::Message>::decode(bytes.as_ref()) {
                         Ok(e) => entries.push(e),
                         Err(e) => {
                             let _ = done.send(Err(Status::data_loss(format!("undecodable entry: {e}"))));
@@ -656,12 +656,16 @@ impl Actor {
                         self.state = state;
                     })
                 } else {
+                    // the entries as the primary encoded them; acknowledged as soon as they are
+                    // durable, applied to the state after
                     let journal = &mut self.journal;
-                    tokio::task::block_in_place(|| journal.append(&entries)).map(|()| {
-                        for e in &entries {
-                            self.state.apply(e);
-                        }
-                    })
+                    let durable = entries.iter().map(|e| e.index).fold(self.state.index, u64::max);
+                    let written = tokio::task::block_in_place(|| journal.append_encoded(&frame.entries));
+                    let _ = done.send(written.map(|()| durable).map_err(|e| Status::internal(e.to_string())));
+                    for e in &entries {
+                        self.state.apply(e);
+                    }
+                    return;
                 };
                 let _ = done.send(result.map(|()| self.state.index).map_err(|e| Status::internal(e.to_string())));
             }
@@ -725,6 +729,9 @@ impl Actor {
         let replicated = !self.pending.is_empty();
         if !self.pending.is_empty() {
             let entries = std::mem::take(&mut self.pending);
+            // encoded once, for the journal and the standbys
+            let bodies: Vec<prost::bytes::Bytes> =
+                entries.iter().map(|e| prost::Message::encode_to_vec(e).into()).collect();
             let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= self.options.snapshot_every)
                 .then(|| self.state.to_entries());
             // The standby gets the batch before the local fsync, so the two fsyncs overlap: nothing
@@ -732,17 +739,13 @@ impl Actor {
             // this manager never made durable holds requests nobody was told were accepted
             // (their senders send them again, and they are acknowledged then).
             if self.primary && !self.replicas.is_empty() {
-                let frame = pb::ReplicaFrame {
-                    term: self.term,
-                    reset: false,
-                    entries: entries.iter().map(prost::Message::encode_to_vec).collect(),
-                };
+                let frame = pb::ReplicaFrame { term: self.term, reset: false, entries: bodies.clone() };
                 // a standby that cannot take more is dropped; it reconnects and gets a snapshot
                 self.replicas.retain(|_, r| r.tx.try_send(Ok(frame.clone())).is_ok());
             }
             let journal = &mut self.journal;
             tokio::task::block_in_place(|| -> Result<(), crate::journal::Error> {
-                journal.append(&entries)?;
+                journal.append_encoded(&bodies)?;
                 if let Some(state) = snapshot {
                     journal.snapshot(&state)?;
                 }
