@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("baton_descriptor.bin"))
         // journal entries pass from the primary's journal to the standby's without a copy
-        .bytes(".baton.v1.ReplicaFrame.entries")
+        .bytes(".baton.v1.ReplicaFrame.records")
         .compile_protos(&protos, &[root])?;
     Ok(())
 }

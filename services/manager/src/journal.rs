@@ -186,13 +186,42 @@ fn read_records(path: &Path, increasing: bool) -> Result<(Vec<Entry>, u64), Erro
 }
 
 fn write_record(out: &mut impl Write, entry: &Entry) -> std::io::Result<()> {
-    write_encoded(out, &entry.encode_to_vec())
+    let body = entry.encode_to_vec();
+    out.write_all(&(body.len() as u32).to_le_bytes())?;
+    out.write_all(&crc32fast::hash(&body).to_le_bytes())?;
+    out.write_all(&body)
 }
 
-fn write_encoded(out: &mut impl Write, body: &[u8]) -> std::io::Result<()> {
-    out.write_all(&(body.len() as u32).to_le_bytes())?;
-    out.write_all(&crc32fast::hash(body).to_le_bytes())?;
-    out.write_all(body)
+/// `entries` as journal records, one after another: what [`Journal::append_records`] writes, and
+/// what a primary sends its standbys, so that each entry is encoded once.
+pub fn encode_records(entries: &[Entry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(entries.iter().map(|e| 8 + e.encoded_len()).sum());
+    for entry in entries {
+        // writing to a Vec cannot fail
+        let _ = write_record(&mut out, entry);
+    }
+    out
+}
+
+/// The entries of records made by [`encode_records`]; an error if any is short or corrupt.
+pub fn decode_records(mut records: &[u8]) -> Result<Vec<Entry>, String> {
+    let mut entries = Vec::new();
+    while !records.is_empty() {
+        let (Some(len), Some(crc)) = (records.get(..4), records.get(4..8)) else {
+            return Err(format!("a short record header after {} entries", entries.len()));
+        };
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(crc.try_into().unwrap_or_default());
+        let Some(body) = records.get(8..8 + len) else {
+            return Err(format!("a short record after {} entries", entries.len()));
+        };
+        if crc32fast::hash(body) != crc {
+            return Err(format!("a corrupt record after {} entries", entries.len()));
+        }
+        entries.push(Entry::decode(body).map_err(|e| format!("an undecodable entry: {e}"))?);
+        records = &records[8 + len..];
+    }
+    Ok(entries)
 }
 
 impl Journal {
@@ -217,20 +246,17 @@ impl Journal {
 
     /// Appends entries and makes them durable with one fsync.
     pub fn append(&mut self, entries: &[Entry]) -> Result<(), Error> {
-        let bodies: Vec<Vec<u8>> = entries.iter().map(Message::encode_to_vec).collect();
-        self.append_encoded(&bodies)
+        self.append_records(&encode_records(entries), entries.len() as u64)
     }
 
-    /// Appends encoded entries (as [`Entry::encode_to_vec`] gives them, or a primary sent them)
-    /// and makes them durable with one fsync.
-    pub fn append_encoded(&mut self, entries: &[impl AsRef<[u8]>]) -> Result<(), Error> {
+    /// Appends `count` entries as records ([`encode_records`], as this manager made them or a
+    /// primary sent them) and makes them durable with one fsync.
+    pub fn append_records(&mut self, records: &[u8], count: u64) -> Result<(), Error> {
         let path = self.dir.join("journal");
-        for body in entries {
-            write_encoded(&mut self.file, body.as_ref()).map_err(io(&path))?;
-        }
+        self.file.write_all(records).map_err(io(&path))?;
         self.file.flush().map_err(io(&path))?;
         self.file.get_ref().sync_data().map_err(io(&path))?;
-        self.since_snapshot += entries.len() as u64;
+        self.since_snapshot += count;
         Ok(())
     }
 
@@ -300,6 +326,23 @@ mod tests {
         drop(j);
         let (_, replay) = Journal::open(dir.path()).unwrap();
         assert_eq!(replay.iter().map(|e| e.index).collect::<Vec<_>>(), [1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn replicated_records_decode_to_their_entries_and_damage_is_refused() {
+        let entries: Vec<Entry> = (1..=5).map(ack).collect();
+        let records = encode_records(&entries);
+        assert_eq!(decode_records(&records).unwrap(), entries);
+        assert!(decode_records(&records[..records.len() - 1]).unwrap_err().contains("short record after 4 entries"));
+        let mut flipped = records.clone();
+        *flipped.last_mut().unwrap() ^= 1;
+        assert!(decode_records(&flipped).unwrap_err().contains("corrupt record after 4 entries"));
+        // a standby's journal holds them as the primary's does
+        let dir = tempfile::tempdir().unwrap();
+        let (mut j, _) = Journal::open(dir.path()).unwrap();
+        j.append_records(&records, 5).unwrap();
+        drop(j);
+        assert_eq!(Journal::open(dir.path()).unwrap().1, entries);
     }
 
     #[test]

@@ -619,8 +619,8 @@ impl Actor {
             }
             Command::ReplicaConnect { node, tx, acked } => {
                 // a snapshot of the state first: the standby drops whatever else it had
-                let entries = self.state.to_entries().iter().map(|e| prost::Message::encode_to_vec(e).into()).collect();
-                let frame = pb::ReplicaFrame { term: self.term, reset: true, entries };
+                let records = crate::journal::encode_records(&self.state.to_entries()).into();
+                let frame = pb::ReplicaFrame { term: self.term, reset: true, records };
                 if tx.try_send(Ok(frame)).is_ok() {
                     tracing::info!(%node, index = self.state.index, "standby connected");
                     self.replicas.insert(node, ReplicaConn { tx, acked });
@@ -636,16 +636,13 @@ impl Actor {
                 }
                 self.seen_term = frame.term;
                 self.term = self.term.max(frame.term);
-                let mut entries = Vec::with_capacity(frame.entries.len());
-                for bytes in &frame.entries {
-                    match <Entry as prost::Message>::decode(bytes.as_ref()) {
-                        Ok(e) => entries.push(e),
-                        Err(e) => {
-                            let _ = done.send(Err(Status::data_loss(format!("undecodable entry: {e}"))));
-                            return;
-                        }
+                let entries = match crate::journal::decode_records(&frame.records) {
+                    Ok(entries) => entries,
+                    Err(e) => {
+                        let _ = done.send(Err(Status::data_loss(format!("replicated entries: {e}"))));
+                        return;
                     }
-                }
+                };
                 let result = if frame.reset {
                     let mut state = State::default();
                     for e in &entries {
@@ -660,7 +657,8 @@ impl Actor {
                     // durable, applied to the state after
                     let journal = &mut self.journal;
                     let durable = entries.iter().map(|e| e.index).fold(self.state.index, u64::max);
-                    let written = tokio::task::block_in_place(|| journal.append_encoded(&frame.entries));
+                    let written =
+                        tokio::task::block_in_place(|| journal.append_records(&frame.records, entries.len() as u64));
                     let _ = done.send(written.map(|()| durable).map_err(|e| Status::internal(e.to_string())));
                     for e in &entries {
                         self.state.apply(e);
@@ -730,8 +728,7 @@ impl Actor {
         if !self.pending.is_empty() {
             let entries = std::mem::take(&mut self.pending);
             // encoded once, for the journal and the standbys
-            let bodies: Vec<prost::bytes::Bytes> =
-                entries.iter().map(|e| prost::Message::encode_to_vec(e).into()).collect();
+            let records: prost::bytes::Bytes = crate::journal::encode_records(&entries).into();
             let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= self.options.snapshot_every)
                 .then(|| self.state.to_entries());
             // The standby gets the batch before the local fsync, so the two fsyncs overlap: nothing
@@ -739,13 +736,13 @@ impl Actor {
             // this manager never made durable holds requests nobody was told were accepted
             // (their senders send them again, and they are acknowledged then).
             if self.primary && !self.replicas.is_empty() {
-                let frame = pb::ReplicaFrame { term: self.term, reset: false, entries: bodies.clone() };
+                let frame = pb::ReplicaFrame { term: self.term, reset: false, records: records.clone() };
                 // a standby that cannot take more is dropped; it reconnects and gets a snapshot
                 self.replicas.retain(|_, r| r.tx.try_send(Ok(frame.clone())).is_ok());
             }
             let journal = &mut self.journal;
             tokio::task::block_in_place(|| -> Result<(), crate::journal::Error> {
-                journal.append_encoded(&bodies)?;
+                journal.append_records(&records, entries.len() as u64)?;
                 if let Some(state) = snapshot {
                     journal.snapshot(&state)?;
                 }
