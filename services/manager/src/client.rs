@@ -77,7 +77,8 @@ enum MuxCommand {
     Open { channel: u64, events: mpsc::Sender<Result<pb::mux_event::Kind, Status>> },
     /// A frame of a channel.
     Frame(pb::MuxFrame),
-    /// The manager does not answer: end the stream, and every channel on it with `status`.
+    /// Ends the stream, and every channel on it with `status` (tests break a stream with it).
+    #[cfg(test)]
     Fail(Status),
 }
 
@@ -95,6 +96,19 @@ impl Mux {
     /// on (tests run one runtime each).
     fn usable(&self) -> bool {
         !self.commands.is_closed()
+    }
+}
+
+/// At most this many bytes of frames (or events, on the manager's side) go in one message: far
+/// under tonic's 4 MiB limit on a message, with room for one large payload.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Forgets `mux` as the stream to `endpoint`, so that the next session starts another; the
+/// sessions on it stay.
+fn forget(endpoint: &str, mux: &Mux) {
+    let mut muxes = muxes();
+    if muxes.get(endpoint).is_some_and(|m| m.commands.same_channel(&mux.commands)) {
+        muxes.remove(endpoint);
     }
 }
 
@@ -161,6 +175,7 @@ async fn run_mux(
             command = commands.recv() => {
                 let Some(mut command) = command else { return };
                 let mut frames = Vec::new();
+                let mut bytes = 0;
                 let failed = loop {
                     match command {
                         MuxCommand::Open { channel, events } => {
@@ -170,9 +185,14 @@ async fn run_mux(
                             if matches!(frame.kind, Some(pb::mux_frame::Kind::Close(_))) {
                                 channels.remove(&frame.channel);
                             }
+                            bytes += prost::Message::encoded_len(&frame);
                             frames.push(frame);
                         }
+                        #[cfg(test)]
                         MuxCommand::Fail(status) => break Some(status),
+                    }
+                    if bytes >= MAX_BATCH_BYTES {
+                        break None;
                     }
                     match commands.try_recv() {
                         Ok(next) => command = next,
@@ -188,23 +208,37 @@ async fn run_mux(
             }
             events = inbound.message() => match events {
                 Ok(Some(batch)) => {
+                    let mut closes = Vec::new();
                     for event in batch.events {
                         match event.kind {
                             Some(pb::mux_event::Kind::Closed(closed)) => {
                                 if let Some(events) = channels.remove(&event.channel) {
-                                    let _ = events.send(Err(closed_status(closed))).await;
+                                    let _ = events.try_send(Err(closed_status(closed)));
                                 }
                             }
                             Some(kind) => {
-                                // a channel whose session went away is forgotten
+                                // A channel whose session went away is forgotten. One whose
+                                // session does not keep up is closed rather than waited for (the
+                                // other sessions would wait with it): the session sees its
+                                // channel end, opens another, and the manager sends it again
+                                // what it has not acknowledged.
                                 if let Some(events) = channels.get(&event.channel)
-                                    && events.send(Ok(kind)).await.is_err()
+                                    && let Err(e) = events.try_send(Ok(kind))
                                 {
                                     channels.remove(&event.channel);
+                                    if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                                        closes.push(pb::MuxFrame {
+                                            channel: event.channel,
+                                            kind: Some(pb::mux_frame::Kind::Close(pb::ChannelClosed::default())),
+                                        });
+                                    }
                                 }
                             }
                             None => {}
                         }
+                    }
+                    if !closes.is_empty() && out.send(pb::MuxFrames { frames: closes }).await.is_err() {
+                        break Status::unavailable("the stream to the manager closed");
                     }
                 }
                 Ok(None) => break Status::unavailable("the manager closed the stream"),
@@ -249,15 +283,15 @@ impl MuxChannel {
         self.events.recv().await.unwrap_or_else(|| Err(Status::unavailable("the stream to the manager closed")))
     }
 
-    /// The first event, within [`OPEN_TIMEOUT`]: a manager that does not answer in time is
-    /// given up, with every session on the stream (they go to the next manager).
+    /// The first event, within [`OPEN_TIMEOUT`]: when a manager does not answer in time, the
+    /// stream is forgotten (the next attempt starts another, for a manager that hangs) and the
+    /// session goes to the next manager; the other sessions on the stream stay.
     async fn first(&mut self, endpoint: &str) -> Result<pb::mux_event::Kind, Status> {
         match tokio::time::timeout(OPEN_TIMEOUT, self.next()).await {
             Ok(event) => event,
             Err(_) => {
-                let status = Status::unavailable(format!("{endpoint} did not open the session in time"));
-                let _ = self.mux.commands.send(MuxCommand::Fail(status.clone()));
-                Err(status)
+                forget(endpoint, &self.mux);
+                Err(Status::unavailable(format!("{endpoint} did not open the session in time")))
             }
         }
     }

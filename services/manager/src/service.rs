@@ -168,10 +168,22 @@ impl<E: MuxKind> Out<E> {
             }
             Out::Channel { mux, channel } => {
                 let event = pb::MuxEvent { channel: *channel, kind: Some(event.into_mux()) };
-                match batches.0.iter_mut().find(|(m, _)| m.id == mux.id) {
-                    Some((_, events)) => events.push(event),
-                    None => batches.0.push((mux.clone(), vec![event])),
+                let size = prost::Message::encoded_len(&event);
+                let at = match batches.0.iter().position(|(m, _, _)| m.id == mux.id) {
+                    Some(at) => at,
+                    None => {
+                        batches.0.push((mux.clone(), Vec::new(), 0));
+                        batches.0.len() - 1
+                    }
+                };
+                let (_, events, bytes) = &mut batches.0[at];
+                // a message stays far under tonic's 4 MiB limit
+                if *bytes + size > MAX_BATCH_BYTES && !events.is_empty() {
+                    let _ = mux.tx.send(Ok(pb::MuxEvents { events: std::mem::take(events) })).await;
+                    *bytes = 0;
                 }
+                events.push(event);
+                *bytes += size;
             }
         }
     }
@@ -180,11 +192,15 @@ impl<E: MuxKind> Out<E> {
 /// A journal batch's events for Multiplex streams, one message per stream (a process has one
 /// stream per manager, so there are few).
 #[derive(Default)]
-struct Batches(Vec<(Mux, Vec<pb::MuxEvent>)>);
+struct Batches(Vec<(Mux, Vec<pb::MuxEvent>, usize)>);
+
+/// At most this many bytes of events go in one Multiplex message (tonic refuses messages over
+/// 4 MiB).
+const MAX_BATCH_BYTES: usize = 1 << 20;
 
 impl Batches {
     async fn send(self) {
-        for (mux, events) in self.0 {
+        for (mux, events, _) in self.0 {
             let _ = mux.tx.send(Ok(pb::MuxEvents { events })).await;
         }
     }
@@ -223,6 +239,15 @@ enum Command {
     ServerGone {
         server: String,
         conn: u64,
+    },
+    /// A Multiplex stream started: the actor holds it open (its demultiplexer holds it weakly),
+    /// so it ends when the actor stops or lets it go, as a session's own stream does.
+    MuxOpen {
+        mux: Mux,
+    },
+    /// A Multiplex stream's caller has gone.
+    MuxGone {
+        id: u64,
     },
     Status {
         reply: oneshot::Sender<pb::ManagerStatus>,
@@ -275,6 +300,8 @@ struct Actor {
     options: ManagerOptions,
     clients: HashMap<String, (u64, ClientTx)>,
     servers: HashMap<String, ServerConn>,
+    /// The Multiplex streams, held open while this manager serves them.
+    muxes: HashMap<u64, Mux>,
     /// Servers whose stream broke, and when: their sessions move after the grace.
     lost: HashMap<String, Instant>,
     pending: Vec<Entry>,
@@ -420,7 +447,9 @@ impl Actor {
                     }
                     open.session_id.clone()
                 };
-                self.clients.insert(session_id.clone(), (conn, tx));
+                if let Some((_, old)) = self.clients.insert(session_id.clone(), (conn, tx)) {
+                    old.end(&Status::aborted("the session was opened again on another stream"));
+                }
                 let s = &self.state.sessions[&session_id];
                 self.effects.push(Effect::Client(
                     session_id.clone(),
@@ -513,7 +542,10 @@ impl Actor {
                 }
                 let id = register.server_id.clone();
                 self.lost.remove(&id);
-                self.servers.insert(id.clone(), ServerConn { conn, pool: register.pool.clone(), tx });
+                if let Some(old) = self.servers.insert(id.clone(), ServerConn { conn, pool: register.pool.clone(), tx })
+                {
+                    old.tx.end(&Status::aborted("the server registered again on another stream"));
+                }
                 self.effects.push(Effect::Server(
                     id.clone(),
                     pb::server_event::Kind::Registered(pb::ServerRegistered { server_id: id.clone() }),
@@ -572,6 +604,12 @@ impl Actor {
                         seq: reply.seq,
                     }),
                 ));
+            }
+            Command::MuxOpen { mux } => {
+                self.muxes.insert(mux.id, mux);
+            }
+            Command::MuxGone { id } => {
+                self.muxes.remove(&id);
             }
             Command::ServerGone { server, conn } => {
                 if self.servers.get(&server).is_some_and(|c| c.conn == conn) {
@@ -649,7 +687,7 @@ impl Actor {
                         state.apply(e);
                     }
                     let journal = &mut self.journal;
-                    tokio::task::block_in_place(|| journal.snapshot(&entries)).map(|()| {
+                    tokio::task::block_in_place(|| journal.snapshot(&entries, true)).map(|()| {
                         self.state = state;
                     })
                 } else {
@@ -695,6 +733,8 @@ impl Actor {
                 for (_, c) in self.servers.drain() {
                     c.tx.end(&status);
                 }
+                // and the Multiplex streams end once their channels' events are out
+                self.muxes.clear();
                 self.replicas.clear();
                 self.effects.clear();
             }
@@ -744,7 +784,7 @@ impl Actor {
             tokio::task::block_in_place(|| -> Result<(), crate::journal::Error> {
                 journal.append_records(&records, entries.len() as u64)?;
                 if let Some(state) = snapshot {
-                    journal.snapshot(&state)?;
+                    journal.snapshot(&state, false)?;
                 }
                 Ok(())
             })?;
@@ -876,6 +916,7 @@ impl ManagerService {
             options,
             clients: HashMap::new(),
             servers: HashMap::new(),
+            muxes: HashMap::new(),
             lost,
             pending: Vec::new(),
             effects: Vec::new(),
@@ -987,10 +1028,20 @@ impl ManagerService {
     /// Turns a Multiplex stream's frames into the commands that a ClientSession or ServerSession
     /// stream per channel would give, until the stream ends; then every channel's session or
     /// server is gone.
-    async fn demultiplex(&self, frames: &mut Streaming<pb::MuxFrames>, mux: Mux) {
+    ///
+    /// It holds the stream's sender weakly: the actor holds it open, so that when the actor stops
+    /// (or becomes a standby) the stream ends at once, even while its caller sends nothing.
+    async fn demultiplex(
+        &self,
+        frames: &mut Streaming<pb::MuxFrames>,
+        id: u64,
+        weak: mpsc::WeakSender<Result<pb::MuxEvents, Status>>,
+    ) {
         use pb::mux_frame::Kind;
         let mut channels: HashMap<u64, Channel> = HashMap::new();
         'stream: while let Some(Ok(batch)) = frames.next().await {
+            let Some(tx) = weak.upgrade() else { break };
+            let mux = Mux { id, tx };
             for frame in batch.frames {
                 let channel = frame.channel;
                 let command = match (channels.get(&channel), frame.kind) {
@@ -1056,6 +1107,7 @@ impl ManagerService {
         for (_, open) in channels {
             let _ = self.command(open.gone()).await;
         }
+        let _ = self.command(Command::MuxGone { id }).await;
     }
 }
 
@@ -1139,9 +1191,11 @@ impl pb::session_manager_server::SessionManager for ManagerService {
     ) -> Result<Response<Self::MultiplexStream>, Status> {
         let mut frames = request.into_inner();
         let (tx, rx) = mpsc::channel(1024);
-        let mux = Mux { id: self.next_conn.fetch_add(1, Ordering::Relaxed), tx };
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let weak = tx.downgrade();
+        self.command(Command::MuxOpen { mux: Mux { id, tx } }).await?;
         let service = self.clone();
-        tokio::spawn(async move { service.demultiplex(&mut frames, mux).await });
+        tokio::spawn(async move { service.demultiplex(&mut frames, id, weak).await });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
