@@ -9,7 +9,8 @@
 #                              # 300000), and replication lag p50/p99 at a fixed write rate
 #                              # (BENCH_SYNC_RATE, default 10000 events/s)
 #   scripts/bench.sh manager   # round trips/s relayed through a primary manager with sync
-#                              # replication to its standby, p50/p99, and SIGTERM handover time
+#                              # replication to its standby, p50/p99 (the median of
+#                              # BENCH_MANAGER_ROUNDS, 3, rounds), and SIGTERM handover time
 #   scripts/bench.sh batch     # records committed per second for a 1,000,000-record batch
 #                              # (BENCH_BATCH_RECORDS) on SQLite and PostgreSQL, beside the raw
 #                              # sqlite3 / psql insert of the same rows, and peak RSS

@@ -379,6 +379,13 @@ fn backoff(attempt: u32) -> Duration {
 /// shutting down may accept a connection and never answer on it).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long acknowledgments wait for a request to go with. A client that answers a response with
+/// its next request (the scheduler, a closed loop) so sends one frame, and the manager journals
+/// one entry, instead of two; `bench manager` relayed about 8% more. Until it is acknowledged, a
+/// response stays queued in the manager, and is delivered again after a reconnect (the library
+/// drops it as already seen).
+const ACK_DELAY: Duration = Duration::from_millis(2);
+
 /// A request sent but not yet journaled: its payload, restart data, and who waits for it.
 type Unaccepted = (prost_types::Any, Vec<u8>, Option<oneshot::Sender<Accepted>>);
 
@@ -394,6 +401,9 @@ struct ClientLoop {
     /// Response numbers delivered: all up to `delivered_upto`, and those in `delivered_above`.
     delivered_upto: u64,
     delivered_above: BTreeSet<u64>,
+    /// Responses handed to the user and not yet acknowledged: they go with the next request if
+    /// the user sends one within [`ACK_DELAY`], or alone after it.
+    acks: Vec<u64>,
 }
 
 impl ClientLoop {
@@ -426,28 +436,49 @@ impl ClientLoop {
             seen_term: self.seen_term,
         };
         channel.send(client_frame(pb::client_frame::Kind::Open(open)));
+        // responses not acknowledged on the last channel come again on this one
+        self.acks.clear();
         // nothing is sent before the session is open: resent requests come first, in order
         let first = channel.first(&endpoint).await?;
         if !self.event(first, &channel, responses, opened).await? {
             return Ok(false);
         }
+        let ack_by = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(ack_by);
         loop {
             tokio::select! {
                 event = channel.next() => {
+                    let waiting = !self.acks.is_empty();
                     if !self.event(event?, &channel, responses, opened).await? {
                         return Ok(false);
                     }
+                    if !waiting && !self.acks.is_empty() {
+                        ack_by.as_mut().reset(tokio::time::Instant::now() + ACK_DELAY);
+                    }
                 }
                 command = commands.recv() => {
-                    let Some(ClientCommand::Send { payload, restart_data, accepted }) = command else { return Ok(false) };
-                    self.next_seq += 1;
-                    let seq = self.next_seq;
-                    let request = pb::ClientRequest { seq, payload: Some(payload.clone()), restart_data: restart_data.clone() };
-                    self.unaccepted.insert(seq, (payload, restart_data, Some(accepted)));
-                    channel.send(client_frame(pb::client_frame::Kind::Request(request)));
+                    let Some(command) = command else { return Ok(false) };
+                    self.request(command, &channel);
+                }
+                () = &mut ack_by, if !self.acks.is_empty() => {
+                    for seq in std::mem::take(&mut self.acks) {
+                        channel.send(client_frame(pb::client_frame::Kind::Ack(pb::AckResponse { seq })));
+                    }
                 }
             }
         }
+    }
+
+    /// Sends a request, with the acknowledgments waiting.
+    fn request(&mut self, command: ClientCommand, channel: &MuxChannel) {
+        let ClientCommand::Send { payload, restart_data, accepted } = command;
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        let acks = std::mem::take(&mut self.acks);
+        let request =
+            pb::ClientRequest { seq, payload: Some(payload.clone()), restart_data: restart_data.clone(), acks };
+        self.unaccepted.insert(seq, (payload, restart_data, Some(accepted)));
+        channel.send(client_frame(pb::client_frame::Kind::Request(request)));
     }
 
     /// Handles an event of the session's channel; `false` when the user has gone.
@@ -475,8 +506,12 @@ impl ClientLoop {
                     }
                 }
                 for (seq, (payload, restart, _)) in &self.unaccepted {
-                    let request =
-                        pb::ClientRequest { seq: *seq, payload: Some(payload.clone()), restart_data: restart.clone() };
+                    let request = pb::ClientRequest {
+                        seq: *seq,
+                        payload: Some(payload.clone()),
+                        restart_data: restart.clone(),
+                        acks: vec![],
+                    };
                     channel.send(client_frame(pb::client_frame::Kind::Request(request)));
                 }
             }
@@ -492,7 +527,7 @@ impl ClientLoop {
                     }
                     self.mark(r.seq);
                 }
-                channel.send(client_frame(pb::client_frame::Kind::Ack(pb::AckResponse { seq: r.seq })));
+                self.acks.push(r.seq);
             }
             None => {}
         }
@@ -548,6 +583,7 @@ impl ClientSession {
             unaccepted: BTreeMap::new(),
             delivered_upto: 0,
             delivered_above: BTreeSet::new(),
+            acks: Vec::new(),
         };
         tokio::spawn(async move {
             let mut opened = Some(opened_tx);
@@ -907,6 +943,45 @@ mod tests {
         assert!(!three.commands.same_channel(&two.commands));
         let session = second.block_on(ClientSession::open(&endpoint, "p", Vec::new())).unwrap();
         assert!(session.session_id().starts_with("ses_"));
+    }
+
+    #[test]
+    fn acknowledgments_empty_the_response_queue_with_the_next_request_or_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = manager(dir.path());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut server = ServerSession::register(&endpoint, "acks", "w1");
+            let replier = server.replier();
+            tokio::spawn(async move {
+                while let Some(event) = server.next().await {
+                    if let ServerEvent::Request { session_id, seq, payload, .. } = event {
+                        let _ = replier.reply(&session_id, seq, payload.unwrap_or_default(), Vec::new()).await;
+                    }
+                }
+            });
+            let mut client = ClientSession::open(&endpoint, "acks", Vec::new()).await.unwrap();
+            for n in 1..=20u8 {
+                let sent = client.send(prost_types::Any { type_url: "t".into(), value: vec![n] }, Vec::new()).await;
+                assert_eq!(sent.unwrap(), u64::from(n));
+                let response = tokio::time::timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap();
+                assert_eq!((response.seq, response.payload.unwrap().value), (u64::from(n), vec![n]));
+            }
+            // responses 1-19 were acknowledged with the next request, 20 alone: none stays queued
+            let mut manager =
+                pb::session_manager_client::SessionManagerClient::connect(endpoint.clone()).await.unwrap();
+            let mut queued = None;
+            for _ in 0..100 {
+                let sessions = manager.list_sessions(pb::ListSessionsRequest {}).await.unwrap().into_inner().sessions;
+                let s = sessions.into_iter().find(|s| s.session_id == client.session_id()).unwrap();
+                queued = Some((s.request_queue, s.response_queue));
+                if queued == Some((0, 0)) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(queued, Some((0, 0)), "request and response queues of the session");
+        });
     }
 
     #[test]

@@ -86,6 +86,10 @@ pub struct RequestOp {
     /// The client restart data with it (empty: unchanged).
     #[prost(bytes = "vec", tag = "4")]
     pub restart_data: Vec<u8>,
+    /// Responses the client acknowledged with it: they leave the response queue, as with
+    /// [`Op::Ack`] (one entry where there were two).
+    #[prost(uint64, repeated, tag = "5")]
+    pub acks: Vec<u64>,
 }
 
 /// See [`Op::Reply`].

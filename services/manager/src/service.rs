@@ -479,8 +479,13 @@ impl Actor {
                 let Some(s) = self.state.sessions.get(&session) else { return };
                 let last = s.last_request_seq;
                 let bound = s.bound.clone();
+                // responses acknowledged with the request (those still queued)
+                let acks: Vec<u64> = request.acks.iter().copied().filter(|seq| s.responses.contains_key(seq)).collect();
                 if request.seq <= last {
                     // already journaled: acknowledge again
+                    for seq in acks {
+                        self.journal(Op::Ack(AckOp { session_id: session.clone(), seq }));
+                    }
                     self.effects.push(Effect::Client(
                         session,
                         pb::client_event::Kind::Accepted(pb::RequestAccepted { seq: request.seq }),
@@ -501,6 +506,7 @@ impl Actor {
                     seq: request.seq,
                     payload: request.payload.clone(),
                     restart_data: request.restart_data.clone(),
+                    acks,
                 }));
                 self.effects.push(Effect::Client(
                     session.clone(),

@@ -67,6 +67,9 @@ impl State {
             }
             Op::Request(r) => {
                 if let Some(s) = self.sessions.get_mut(&r.session_id) {
+                    for seq in &r.acks {
+                        s.responses.remove(seq);
+                    }
                     if r.seq > s.last_request_seq {
                         s.requests.insert(
                             r.seq,
@@ -130,7 +133,13 @@ impl State {
                     Some(r) => (r.payload.clone(), r.client_restart.clone()),
                     None => (None, vec![]),
                 };
-                out.push(at(Op::Request(RequestOp { session_id: s.id.clone(), seq, payload, restart_data })));
+                out.push(at(Op::Request(RequestOp {
+                    session_id: s.id.clone(),
+                    seq,
+                    payload,
+                    restart_data,
+                    acks: vec![],
+                })));
             }
             for (seq, payload) in &s.responses {
                 out.push(at(Op::Reply(ReplyOp {
@@ -187,14 +196,33 @@ mod tests {
                     seq: 1,
                     payload: any("r1"),
                     restart_data: b"c1".to_vec(),
+                    acks: vec![],
                 }),
             ),
-            e(4, Op::Request(RequestOp { session_id: "s".into(), seq: 2, payload: any("r2"), restart_data: vec![] })),
+            e(
+                4,
+                Op::Request(RequestOp {
+                    session_id: "s".into(),
+                    seq: 2,
+                    payload: any("r2"),
+                    restart_data: vec![],
+                    acks: vec![],
+                }),
+            ),
             e(
                 5,
                 Op::Reply(ReplyOp { session_id: "s".into(), seq: 1, payload: any("a1"), restart_data: b"w".to_vec() }),
             ),
-            e(6, Op::Request(RequestOp { session_id: "s".into(), seq: 3, payload: any("r3"), restart_data: vec![] })),
+            e(
+                6,
+                Op::Request(RequestOp {
+                    session_id: "s".into(),
+                    seq: 3,
+                    payload: any("r3"),
+                    restart_data: vec![],
+                    acks: vec![],
+                }),
+            ),
             e(7, Op::Reply(ReplyOp { session_id: "s".into(), seq: 3, payload: any("a3"), restart_data: vec![] })),
             e(8, Op::Ack(AckOp { session_id: "s".into(), seq: 1 })),
         ]
@@ -217,9 +245,29 @@ mod tests {
         // a duplicate request number does not queue again
         state.apply(&e(
             9,
-            Op::Request(RequestOp { session_id: "s".into(), seq: 2, payload: any("again"), restart_data: vec![] }),
+            Op::Request(RequestOp {
+                session_id: "s".into(),
+                seq: 2,
+                payload: any("again"),
+                restart_data: vec![],
+                acks: vec![],
+            }),
         ));
         assert_eq!(state.sessions["s"].requests[&2].payload, any("r2"));
+        // a request that acknowledges a response takes it out of the response queue
+        state.apply(&e(
+            10,
+            Op::Request(RequestOp {
+                session_id: "s".into(),
+                seq: 4,
+                payload: any("r4"),
+                restart_data: vec![],
+                acks: vec![3],
+            }),
+        ));
+        let s = &state.sessions["s"];
+        assert!(s.responses.is_empty());
+        assert_eq!(s.requests.keys().copied().collect::<Vec<_>>(), [2, 4]);
     }
 
     #[test]
