@@ -881,6 +881,11 @@ mod tests {
 
     /// A single manager on its own runtime (thread), at the returned endpoint.
     fn manager(dir: &std::path::Path) -> String {
+        manager_until(dir, Default::default())
+    }
+
+    /// A single manager whose actor stops at `shutdown` (its gRPC server goes on).
+    fn manager_until(dir: &std::path::Path, shutdown: tokio_util::sync::CancellationToken) -> String {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let options = crate::service::ManagerOptions::single(dir.to_owned());
@@ -889,7 +894,7 @@ mod tests {
             runtime.block_on(async move {
                 listener.set_nonblocking(true).unwrap();
                 let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-                let service = crate::service::ManagerService::start(options, Default::default()).unwrap();
+                let service = crate::service::ManagerService::start(options, shutdown).unwrap();
                 tonic::transport::Server::builder()
                     .add_service(pb::session_manager_server::SessionManagerServer::new(service))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
@@ -898,6 +903,42 @@ mod tests {
             });
         });
         endpoint
+    }
+
+    #[test]
+    fn a_stopping_manager_ends_its_multiplex_streams_while_their_callers_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let endpoint = manager_until(dir.path(), shutdown.clone());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut client = pb::session_manager_client::SessionManagerClient::connect(endpoint).await.unwrap();
+            let open = pb::OpenSession { pool: "p".into(), ..Default::default() };
+            let frame = pb::MuxFrame {
+                channel: 7,
+                kind: Some(pb::mux_frame::Kind::Client(pb::ClientFrame {
+                    kind: Some(pb::client_frame::Kind::Open(open)),
+                })),
+            };
+            // the caller keeps its side open and sends nothing more
+            let (frames, frames_rx) = mpsc::channel(1);
+            frames.send(pb::MuxFrames { frames: vec![frame] }).await.unwrap();
+            let mut events = client.multiplex(ReceiverStream::new(frames_rx)).await.unwrap().into_inner();
+            let opened = events.message().await.unwrap().unwrap().events.remove(0);
+            assert_eq!(opened.channel, 7);
+            assert!(matches!(
+                opened.kind,
+                Some(pb::mux_event::Kind::Client(pb::ClientEvent {
+                    kind: Some(pb::client_event::Kind::Opened(_)),
+                    ..
+                }))
+            ));
+            // the manager stops: the stream ends at once (it waited for the caller's next frame)
+            shutdown.cancel();
+            let end = tokio::time::timeout(Duration::from_secs(5), events.message()).await;
+            assert!(matches!(end, Ok(Ok(None)) | Ok(Err(_))), "the stream did not end: {end:?}");
+            drop(frames);
+        });
     }
 
     #[test]
