@@ -261,8 +261,10 @@ struct MuxChannel {
 }
 
 impl MuxChannel {
-    /// A new channel on `mux`.
-    fn open(mux: &Mux) -> Result<Self, Status> {
+    /// A new channel on the process's stream to `endpoint`, opened with `first` (the frame that
+    /// opens a client session or registers a server).
+    async fn open(endpoint: &str, first: pb::mux_frame::Kind) -> Result<Self, Status> {
+        let mux = connect(endpoint).await?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // as many events as a session's stream held before
@@ -270,7 +272,9 @@ impl MuxChannel {
         mux.commands
             .send(MuxCommand::Open { channel: id, events: events_tx })
             .map_err(|_| Status::unavailable("the stream to the manager closed"))?;
-        Ok(Self { id, mux: mux.clone(), events })
+        let channel = Self { id, mux, events };
+        channel.send(first);
+        Ok(channel)
     }
 
     /// Queues a frame (a failure shows in [`MuxChannel::next`]).
@@ -427,15 +431,13 @@ impl ClientLoop {
         opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
     ) -> Result<bool, Status> {
         let endpoint = self.endpoints.next();
-        let mux = connect(&endpoint).await?;
-        let mut channel = MuxChannel::open(&mux)?;
         let open = pb::OpenSession {
             pool: self.pool.clone(),
             session_id: self.session_id.clone().unwrap_or_default(),
             restart_data: self.restart_data.clone(),
             seen_term: self.seen_term,
         };
-        channel.send(client_frame(pb::client_frame::Kind::Open(open)));
+        let mut channel = MuxChannel::open(&endpoint, client_frame(pb::client_frame::Kind::Open(open))).await?;
         // responses not acknowledged on the last channel come again on this one
         self.acks.clear();
         // nothing is sent before the session is open: resent requests come first, in order
@@ -714,14 +716,12 @@ impl ServerLoop {
         events: &mpsc::Sender<ServerEvent>,
     ) -> Result<bool, Status> {
         let endpoint = self.endpoints.next();
-        let mux = connect(&endpoint).await?;
-        let mut channel = MuxChannel::open(&mux)?;
         let register = pb::RegisterServer {
             pool: self.pool.clone(),
             server_id: self.server_id.clone(),
             seen_term: self.seen_term,
         };
-        channel.send(server_frame(pb::server_frame::Kind::Register(register)));
+        let mut channel = MuxChannel::open(&endpoint, server_frame(pb::server_frame::Kind::Register(register))).await?;
         for reply in self.unaccepted.values() {
             channel.send(server_frame(pb::server_frame::Kind::Reply(reply.clone())));
         }

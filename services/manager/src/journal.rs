@@ -14,7 +14,7 @@
 //! instead: it may hold entries of another history numbered above the snapshot.
 
 use std::fs::{File, OpenOptions};
-use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use prost::Message;
@@ -157,39 +157,55 @@ pub struct Journal {
     pub since_snapshot: u64,
 }
 
-/// The records of `path` up to the first short or corrupt one, and the length they take; with
-/// `increasing`, also up to the first whose index does not follow the one before (the journal's
-/// older entries, left after the newer ones when a snapshot rewound it).
+/// The entries of the records at the start of `bytes`, up to the first short, corrupt or
+/// undecodable one, and with `increasing` up to the first whose index does not follow the one
+/// before (the journal's older entries, left after the newer ones when a snapshot rewound it);
+/// the length they take, and why it stopped short of the end (`None`: it did not).
+fn parse_records(mut bytes: &[u8], increasing: bool) -> (Vec<Entry>, usize, Option<String>) {
+    let mut entries: Vec<Entry> = Vec::new();
+    let mut good = 0;
+    let stopped = loop {
+        if bytes.is_empty() {
+            break None;
+        }
+        let (Some(len), Some(crc)) = (bytes.get(..4), bytes.get(4..8)) else {
+            break Some(format!("a short record header after {} entries", entries.len()));
+        };
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        let crc = u32::from_le_bytes(crc.try_into().unwrap_or_default());
+        let Some(body) = bytes.get(8..8 + len) else {
+            break Some(format!("a short record after {} entries", entries.len()));
+        };
+        if crc32fast::hash(body) != crc {
+            break Some(format!("a corrupt record after {} entries", entries.len()));
+        }
+        let entry = match Entry::decode(body) {
+            Ok(entry) => entry,
+            Err(e) => break Some(format!("an undecodable entry: {e}")),
+        };
+        if increasing
+            && let Some(last) = entries.last()
+            && entry.index != last.index + 1
+        {
+            break Some(format!("entry {} does not follow entry {}", entry.index, last.index));
+        }
+        entries.push(entry);
+        good += 8 + len;
+        bytes = &bytes[8 + len..];
+    };
+    (entries, good, stopped)
+}
+
+/// The records of the file `path` (none if it does not exist) as [`parse_records`] reads them:
+/// a torn or stale tail is where recovery stops.
 fn read_records(path: &Path, increasing: bool) -> Result<(Vec<Entry>, u64), Error> {
-    let file = match File::open(path) {
-        Ok(f) => f,
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
         Err(e) => return Err(io(path)(e)),
     };
-    let mut reader = BufReader::new(file);
-    let mut entries = Vec::new();
-    let mut good = 0u64;
-    loop {
-        let mut header = [0u8; 8];
-        if reader.read_exact(&mut header).is_err() {
-            break;
-        }
-        let len = u32::from_le_bytes(header[..4].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(header[4..].try_into().unwrap_or_default());
-        let mut body = vec![0u8; len];
-        if reader.read_exact(&mut body).is_err() || crc32fast::hash(&body) != crc {
-            break;
-        }
-        match Entry::decode(body.as_slice()) {
-            Ok(entry) if increasing && entries.last().is_some_and(|last: &Entry| entry.index != last.index + 1) => {
-                break;
-            }
-            Ok(entry) => entries.push(entry),
-            Err(_) => break,
-        }
-        good += 8 + len as u64;
-    }
-    Ok((entries, good))
+    let (entries, good, _) = parse_records(&bytes, increasing);
+    Ok((entries, good as u64))
 }
 
 fn write_record(out: &mut impl Write, entry: &Entry) -> std::io::Result<()> {
@@ -211,24 +227,11 @@ pub fn encode_records(entries: &[Entry]) -> Vec<u8> {
 }
 
 /// The entries of records made by [`encode_records`]; an error if any is short or corrupt.
-pub fn decode_records(mut records: &[u8]) -> Result<Vec<Entry>, String> {
-    let mut entries = Vec::new();
-    while !records.is_empty() {
-        let (Some(len), Some(crc)) = (records.get(..4), records.get(4..8)) else {
-            return Err(format!("a short record header after {} entries", entries.len()));
-        };
-        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(crc.try_into().unwrap_or_default());
-        let Some(body) = records.get(8..8 + len) else {
-            return Err(format!("a short record after {} entries", entries.len()));
-        };
-        if crc32fast::hash(body) != crc {
-            return Err(format!("a corrupt record after {} entries", entries.len()));
-        }
-        entries.push(Entry::decode(body).map_err(|e| format!("an undecodable entry: {e}"))?);
-        records = &records[8 + len..];
+pub fn decode_records(records: &[u8]) -> Result<Vec<Entry>, String> {
+    match parse_records(records, false) {
+        (entries, _, None) => Ok(entries),
+        (_, _, Some(why)) => Err(why),
     }
-    Ok(entries)
 }
 
 impl Journal {

@@ -167,23 +167,7 @@ impl<E: MuxKind> Out<E> {
                 let _ = tx.send(Ok(event)).await;
             }
             Out::Channel { mux, channel } => {
-                let event = pb::MuxEvent { channel: *channel, kind: Some(event.into_mux()) };
-                let size = prost::Message::encoded_len(&event);
-                let at = match batches.0.iter().position(|(m, _, _)| m.id == mux.id) {
-                    Some(at) => at,
-                    None => {
-                        batches.0.push((mux.clone(), Vec::new(), 0));
-                        batches.0.len() - 1
-                    }
-                };
-                let (_, events, bytes) = &mut batches.0[at];
-                // a message stays far under tonic's 4 MiB limit
-                if *bytes + size > MAX_BATCH_BYTES && !events.is_empty() {
-                    let _ = mux.tx.send(Ok(pb::MuxEvents { events: std::mem::take(events) })).await;
-                    *bytes = 0;
-                }
-                events.push(event);
-                *bytes += size;
+                batches.push(mux, pb::MuxEvent { channel: *channel, kind: Some(event.into_mux()) }).await;
             }
         }
     }
@@ -199,6 +183,27 @@ struct Batches(Vec<(Mux, Vec<pb::MuxEvent>, usize)>);
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
 impl Batches {
+    /// Adds `event` to its stream's batch; a batch that would pass [`MAX_BATCH_BYTES`] is sent
+    /// first.
+    async fn push(&mut self, mux: &Mux, event: pb::MuxEvent) {
+        let at = match self.0.iter().position(|(m, _, _)| m.id == mux.id) {
+            Some(at) => at,
+            None => {
+                self.0.push((mux.clone(), Vec::new(), 0));
+                self.0.len() - 1
+            }
+        };
+        let (_, events, bytes) = &mut self.0[at];
+        let size = prost::Message::encoded_len(&event);
+        if *bytes + size > MAX_BATCH_BYTES && !events.is_empty() {
+            let _ = mux.tx.send(Ok(pb::MuxEvents { events: std::mem::take(events) })).await;
+            *bytes = 0;
+        }
+        events.push(event);
+        *bytes += size;
+    }
+
+    /// Sends every stream its batch.
     async fn send(self) {
         for (mux, events, _) in self.0 {
             let _ = mux.tx.send(Ok(pb::MuxEvents { events })).await;
@@ -687,29 +692,31 @@ impl Actor {
                         return;
                     }
                 };
-                let result = if frame.reset {
+                let journal = &mut self.journal;
+                if frame.reset {
                     let mut state = State::default();
                     for e in &entries {
                         state.apply(e);
                     }
-                    let journal = &mut self.journal;
-                    tokio::task::block_in_place(|| journal.snapshot(&entries, true)).map(|()| {
+                    let written = tokio::task::block_in_place(|| journal.snapshot(&entries, true));
+                    if written.is_ok() {
                         self.state = state;
-                    })
-                } else {
-                    // the entries as the primary encoded them; acknowledged as soon as they are
-                    // durable, applied to the state after
-                    let journal = &mut self.journal;
-                    let durable = entries.iter().map(|e| e.index).fold(self.state.index, u64::max);
-                    let written =
-                        tokio::task::block_in_place(|| journal.append_records(&frame.records, entries.len() as u64));
-                    let _ = done.send(written.map(|()| durable).map_err(|e| Status::internal(e.to_string())));
+                    }
+                    let _ = done.send(written.map(|()| self.state.index).map_err(|e| Status::internal(e.to_string())));
+                    return;
+                }
+                // the entries as the primary encoded them; acknowledged as soon as they are
+                // durable, applied to the state after
+                let durable = entries.iter().map(|e| e.index).fold(self.state.index, u64::max);
+                let written =
+                    tokio::task::block_in_place(|| journal.append_records(&frame.records, entries.len() as u64));
+                let applied = written.is_ok();
+                let _ = done.send(written.map(|()| durable).map_err(|e| Status::internal(e.to_string())));
+                if applied {
                     for e in &entries {
                         self.state.apply(e);
                     }
-                    return;
-                };
-                let _ = done.send(result.map(|()| self.state.index).map_err(|e| Status::internal(e.to_string())));
+                }
             }
             Command::BecomePrimary { term, done } => {
                 tracing::info!(term, index = self.state.index, "primary");
@@ -1020,6 +1027,25 @@ enum Channel {
     Server { server: String, conn: u64 },
 }
 
+/// The command a client session's frame after its first gives (None: a frame that gives none).
+fn client_command(session: &str, conn: u64, frame: pb::ClientFrame) -> Option<Command> {
+    match frame.kind? {
+        pb::client_frame::Kind::Request(request) => {
+            Some(Command::ClientRequest { session: session.to_owned(), conn, request })
+        }
+        pb::client_frame::Kind::Ack(ack) => Some(Command::ClientAck { session: session.to_owned(), seq: ack.seq }),
+        pb::client_frame::Kind::Open(_) => None,
+    }
+}
+
+/// The command a server session's frame after its first gives (None: a frame that gives none).
+fn server_command(server: &str, conn: u64, frame: pb::ServerFrame) -> Option<Command> {
+    match frame.kind? {
+        pb::server_frame::Kind::Reply(reply) => Some(Command::ServerReply { server: server.to_owned(), conn, reply }),
+        pb::server_frame::Kind::Register(_) => None,
+    }
+}
+
 impl Channel {
     /// The command that says the channel's session or server has gone.
     fn gone(self) -> Command {
@@ -1088,21 +1114,14 @@ impl ManagerService {
                         );
                         continue;
                     }
-                    (Some(Channel::Client { session, conn }), Some(Kind::Client(frame))) => match frame.kind {
-                        Some(pb::client_frame::Kind::Request(request)) => {
-                            Command::ClientRequest { session: session.clone(), conn: *conn, request }
-                        }
-                        Some(pb::client_frame::Kind::Ack(ack)) => {
-                            Command::ClientAck { session: session.clone(), seq: ack.seq }
-                        }
-                        _ => continue,
-                    },
-                    (Some(Channel::Server { server, conn }), Some(Kind::Server(frame))) => match frame.kind {
-                        Some(pb::server_frame::Kind::Reply(reply)) => {
-                            Command::ServerReply { server: server.clone(), conn: *conn, reply }
-                        }
-                        _ => continue,
-                    },
+                    (Some(Channel::Client { session, conn }), Some(Kind::Client(frame))) => {
+                        let Some(command) = client_command(session, *conn, frame) else { continue };
+                        command
+                    }
+                    (Some(Channel::Server { server, conn }), Some(Kind::Server(frame))) => {
+                        let Some(command) = server_command(server, *conn, frame) else { continue };
+                        command
+                    }
                     _ => continue,
                 };
                 if self.command(command).await.is_err() {
@@ -1139,22 +1158,14 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         let session = opened.await.map_err(|_| Status::unavailable("the manager is stopping"))??;
         let commands = self.commands.clone();
         tokio::spawn(async move {
-            while let Some(frame) = frames.next().await {
-                let Ok(frame) = frame else { break };
-                let command = match frame.kind {
-                    Some(pb::client_frame::Kind::Request(request)) => {
-                        Command::ClientRequest { session: session.clone(), conn, request }
-                    }
-                    Some(pb::client_frame::Kind::Ack(ack)) => {
-                        Command::ClientAck { session: session.clone(), seq: ack.seq }
-                    }
-                    _ => continue,
-                };
-                if commands.send(command).await.is_err() {
+            while let Some(Ok(frame)) = frames.next().await {
+                if let Some(command) = client_command(&session, conn, frame)
+                    && commands.send(command).await.is_err()
+                {
                     return;
                 }
             }
-            let _ = commands.send(Command::ClientGone { session, conn }).await;
+            let _ = commands.send(Channel::Client { session, conn }.gone()).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -1176,15 +1187,14 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         self.command(Command::ServerRegister { register, conn, tx: Out::Stream(tx) }).await?;
         let commands = self.commands.clone();
         tokio::spawn(async move {
-            while let Some(frame) = frames.next().await {
-                let Ok(frame) = frame else { break };
-                if let Some(pb::server_frame::Kind::Reply(reply)) = frame.kind
-                    && commands.send(Command::ServerReply { server: server.clone(), conn, reply }).await.is_err()
+            while let Some(Ok(frame)) = frames.next().await {
+                if let Some(command) = server_command(&server, conn, frame)
+                    && commands.send(command).await.is_err()
                 {
                     return;
                 }
             }
-            let _ = commands.send(Command::ServerGone { server, conn }).await;
+            let _ = commands.send(Channel::Server { server, conn }.gone()).await;
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
