@@ -4,16 +4,16 @@
 //! stay in change order.
 //!
 //! Each statement of the `Any` driver costs a round trip to the database (a thread hop on
-//! SQLite), so statement count, not SQL work, bounds write throughput:
-//! - On SQLite, versions are read with `IN (…)` lists and rows are written with multi-row
-//!   `VALUES` statements, a few hundred rows each. Their parameters are anonymous `?`: sqlx binds
-//!   a SQLite statement by asking `sqlite3_bind_parameter_name` for each index, and SQLite answers
-//!   by walking the list of named (`$n`) parameters, so binding `$n` parameters costs the square
-//!   of their count. With 400 rows (2,000 `$n` parameters) that took 73% of the writer thread in
-//!   `scripts/bench.sh sync` (perf), which had held SQLite to 64 rows a statement.
-//! - On PostgreSQL a flush is one statement per table whatever its rows, which travel as array
-//!   literals ([`pg_array`]) expanded by `unnest`; ids are looked up by joining such an array.
-//!   The statement texts do not depend on the row count, so each is planned once.
+//! SQLite), and each bound parameter costs a conversion on the async side, so a flush is one
+//! statement a table whatever its rows, and its rows travel in one or a few parameters:
+//! - On SQLite, as one JSON array of row arrays expanded by `json_each` (ids as one JSON array of
+//!   strings). Before, rows were multi-row `VALUES` lists of 400 rows, a parameter each value:
+//!   the writer thread waited on the async side half of the time (perf, off-CPU), which was
+//!   binding, cloning and converting eight parameters a row.
+//! - On PostgreSQL, as array literals ([`pg_array`]) expanded by `unnest`; ids are looked up by
+//!   joining such an array.
+//!
+//! The statement texts do not depend on the row count, so each is prepared once.
 
 use std::collections::{HashMap, HashSet};
 
@@ -22,54 +22,44 @@ use sqlx::{AnyConnection, Row};
 use crate::model::{ChangeOp, Fields, ObjectSchema};
 use crate::{Error, Store};
 
-/// Rows per multi-row statement on SQLite (at most 8 parameters a row: 3,200, well under its
-/// limit).
-const ROWS_PER_STATEMENT: usize = 400;
-
 impl Store {
-    /// `(?, …), (?, …)`: `rows` rows of `width` anonymous placeholders (SQLite).
-    fn values(rows: usize, width: usize) -> String {
-        let row = format!("({})", vec!["?"; width].join(", "));
-        vec![row; rows].join(", ")
-    }
-
-    /// `org_id = ? AND object = ? AND {column} IN (?, …)` for `n` values (SQLite; PostgreSQL
-    /// joins an array instead, see [`Store::id_statements`]).
-    fn in_list(&self, column: &str, n: usize) -> String {
-        format!("org_id = ? AND object = ? AND {column} IN ({})", vec!["?"; n].join(", "))
-    }
-
-    /// `ids` (each once) as the parameters of the statements that look them up: on SQLite at most
-    /// [`ROWS_PER_STATEMENT`] a statement, a parameter each ([`Store::in_list`]); on PostgreSQL
-    /// one statement, one array literal of which each id is looked up by a `LATERAL` subquery
-    /// that the planner cannot flatten (`OFFSET 0`, `LIMIT 1`), so it stays one index probe per
-    /// id. Not `id = ANY($3)`: once sqlx's prepared statement got PostgreSQL's generic plan, that
-    /// became a filter over every record of the object, 0.5 s a chunk in `bench batch`. Not a
-    /// plain join either: its nested loop of probes and a hash join over a scan of the object's
-    /// records cost within 0.1% of each other at 1,000,000 records, and once the planner took the
-    /// hash join, each chunk of a batch read every record again (the lookup grew from 5 to 300 ms
-    /// over a 1,000,000-record `bench batch`; a probe per id takes 17-25 ms for 10,000 ids).
-    fn id_statements(&self, ids: &[String]) -> Vec<Vec<String>> {
-        let unique: Vec<&String> = ids.iter().collect::<HashSet<_>>().into_iter().collect();
-        match self.backend {
-            crate::Backend::Sqlite => {
-                unique.chunks(ROWS_PER_STATEMENT).map(|c| c.iter().map(|id| (*id).clone()).collect()).collect()
-            }
-            crate::Backend::Postgres if unique.is_empty() => Vec::new(),
-            crate::Backend::Postgres => vec![vec![pg_array(unique.iter().map(|id| Some(id.as_str())))]],
+    /// `ids` (each once) as the one parameter of a lookup statement ([`id_lookup`]): on SQLite a
+    /// JSON array expanded by `json_each`, on PostgreSQL an array literal of which each id is
+    /// looked up by a `LATERAL` subquery that the planner cannot flatten (`OFFSET 0`, `LIMIT 1`),
+    /// so it stays one index probe per id. Not `id = ANY($3)`: once sqlx's prepared statement got
+    /// PostgreSQL's generic plan, that became a filter over every record of the object, 0.5 s a
+    /// chunk in `bench batch`. Not a plain join either: its nested loop of probes and a hash join
+    /// over a scan of the object's records cost within 0.1% of each other at 1,000,000 records,
+    /// and once the planner took the hash join, each chunk of a batch read every record again
+    /// (the lookup grew from 5 to 300 ms over a 1,000,000-record `bench batch`; a probe per id
+    /// takes 17-25 ms for 10,000 ids). None when there are no ids.
+    fn id_list(&self, ids: &[String]) -> Result<Option<String>, Error> {
+        let unique: Vec<&str> = ids.iter().map(String::as_str).collect::<HashSet<_>>().into_iter().collect();
+        if unique.is_empty() {
+            return Ok(None);
         }
+        Ok(Some(match self.backend {
+            crate::Backend::Sqlite => json_rows(&unique)?,
+            crate::Backend::Postgres => pg_array(unique.into_iter().map(Some)),
+        }))
     }
 }
 
-/// A lookup of ids: `sql` bound with the org, the object and the ids' parameters from
-/// [`Store::id_statements`].
+/// A lookup of ids: `sql` bound with the org ($1), the object ($2) and the ids ($3, from
+/// [`Store::id_list`]).
 fn id_lookup<'q>(
     sql: &'q str,
     org_id: &'q str,
     object: &'q str,
-    values: Vec<String>,
+    ids: String,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
-    values.into_iter().fold(sqlx::query(sql).bind(org_id).bind(object), |query, value| query.bind(value))
+    sqlx::query(sql).bind(org_id).bind(object).bind(ids)
+}
+
+/// Rows as one JSON array (each row a JSON array, or a string for a list of ids), for a
+/// `json_each` parameter on SQLite.
+fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, Error> {
+    serde_json::to_string(rows).map_err(|e| Error::Corrupt(format!("statement rows: {e}")))
 }
 
 /// A PostgreSQL array literal of text values (None: NULL), each quoted, for a `$n::text[]`
@@ -106,13 +96,10 @@ fn pg_numbers(values: impl Iterator<Item = i64>) -> String {
 }
 
 impl Store {
-    /// Writes a [`BatchWriter`] keeps before it flushes: a statement's worth on SQLite; on
-    /// PostgreSQL, where a flush is one statement a table whatever its rows, more.
+    /// Writes a [`BatchWriter`] keeps before it flushes (a flush is one statement a table,
+    /// whatever its rows).
     fn rows_per_flush(&self) -> usize {
-        match self.backend {
-            crate::Backend::Sqlite => ROWS_PER_STATEMENT,
-            crate::Backend::Postgres => 5_000,
-        }
+        5_000
     }
 }
 
@@ -141,32 +128,29 @@ impl Store {
         ids: &[String],
     ) -> Result<HashMap<String, (i64, bool)>, Error> {
         let mut found = HashMap::new();
-        for values in self.id_statements(ids) {
-            match self.backend {
-                // the rows come back as one JSON text: decoding it costs less than a row each
-                // through `Any` (bench sync: +8-19%)
-                crate::Backend::Sqlite => {
-                    let sql = format!(
-                        "SELECT json_group_array(json_array(id, version, deleted)) FROM records WHERE {}",
-                        self.in_list("id", values.len())
+        let Some(ids) = self.id_list(ids)? else { return Ok(found) };
+        match self.backend {
+            // the rows come back as one JSON text: decoding it costs less than a row each
+            // through `Any` (bench sync: +8-19%)
+            crate::Backend::Sqlite => {
+                let sql = "SELECT json_group_array(json_array(r.id, r.version, r.deleted)) \
+                           FROM json_each($3) AS j CROSS JOIN records AS r \
+                           WHERE r.org_id = $1 AND r.object = $2 AND r.id = j.value";
+                let text: String = id_lookup(sql, org_id, object, ids).fetch_one(&mut *conn).await?.try_get(0)?;
+                let rows: Vec<(String, i64, i64)> =
+                    serde_json::from_str(&text).map_err(|e| Error::Corrupt(format!("record versions: {e}")))?;
+                found.extend(rows.into_iter().map(|(id, version, deleted)| (id, (version, deleted != 0))));
+            }
+            // the same aggregate measured slower in bench batch here: rows
+            crate::Backend::Postgres => {
+                let sql = "SELECT u.id, r.version, r.deleted FROM unnest($3::text[]) AS u(id) \
+                           CROSS JOIN LATERAL (SELECT version, deleted FROM records \
+                           WHERE org_id = $1 AND object = $2 AND id = u.id OFFSET 0) AS r";
+                for row in id_lookup(sql, org_id, object, ids).fetch_all(&mut *conn).await? {
+                    found.insert(
+                        row.try_get::<String, _>(0)?,
+                        (row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)? != 0),
                     );
-                    let text: String =
-                        id_lookup(&sql, org_id, object, values).fetch_one(&mut *conn).await?.try_get(0)?;
-                    let rows: Vec<(String, i64, i64)> =
-                        serde_json::from_str(&text).map_err(|e| Error::Corrupt(format!("record versions: {e}")))?;
-                    found.extend(rows.into_iter().map(|(id, version, deleted)| (id, (version, deleted != 0))));
-                }
-                // the same aggregate measured slower in bench batch here: rows
-                crate::Backend::Postgres => {
-                    let sql = "SELECT u.id, r.version, r.deleted FROM unnest($3::text[]) AS u(id) \
-                               CROSS JOIN LATERAL (SELECT version, deleted FROM records \
-                               WHERE org_id = $1 AND object = $2 AND id = u.id OFFSET 0) AS r";
-                    for row in id_lookup(sql, org_id, object, values).fetch_all(&mut *conn).await? {
-                        found.insert(
-                            row.try_get::<String, _>(0)?,
-                            (row.try_get::<i64, _>(1)?, row.try_get::<i64, _>(2)? != 0),
-                        );
-                    }
                 }
             }
         }
@@ -182,20 +166,20 @@ impl Store {
         ids: &[String],
     ) -> Result<HashSet<String>, Error> {
         let mut holders = HashSet::new();
-        for values in self.id_statements(ids) {
-            let sql = match self.backend {
-                crate::Backend::Sqlite => format!(
-                    "SELECT DISTINCT record_id FROM unique_values WHERE {}",
-                    self.in_list("record_id", values.len())
-                ),
-                crate::Backend::Postgres => "SELECT u.id FROM unnest($3::text[]) AS u(id) \
-                                             CROSS JOIN LATERAL (SELECT 1 FROM unique_values \
-                                             WHERE org_id = $1 AND object = $2 AND record_id = u.id LIMIT 1) AS v"
-                    .to_owned(),
-            };
-            for row in id_lookup(&sql, org_id, object, values).fetch_all(&mut *conn).await? {
-                holders.insert(row.try_get::<String, _>(0)?);
+        let Some(ids) = self.id_list(ids)? else { return Ok(holders) };
+        let sql = match self.backend {
+            crate::Backend::Sqlite => {
+                "SELECT DISTINCT u.record_id FROM json_each($3) AS j CROSS JOIN unique_values AS u \
+                 WHERE u.org_id = $1 AND u.object = $2 AND u.record_id = j.value"
             }
+            crate::Backend::Postgres => {
+                "SELECT u.id FROM unnest($3::text[]) AS u(id) \
+                 CROSS JOIN LATERAL (SELECT 1 FROM unique_values \
+                 WHERE org_id = $1 AND object = $2 AND record_id = u.id LIMIT 1) AS v"
+            }
+        };
+        for row in id_lookup(sql, org_id, object, ids).fetch_all(&mut *conn).await? {
+            holders.insert(row.try_get::<String, _>(0)?);
         }
         Ok(holders)
     }
@@ -322,7 +306,7 @@ impl<'a> BatchWriter<'a> {
                 continue;
             }
             match self.store.backend {
-                crate::Backend::Sqlite => self.records_statements(conn, &pending, &texts, rows, upsert).await?,
+                crate::Backend::Sqlite => self.records_json(conn, &pending, &texts, rows, upsert).await?,
                 crate::Backend::Postgres => self.records_arrays(conn, &pending, &texts, rows, upsert).await?,
             }
         }
@@ -330,7 +314,7 @@ impl<'a> BatchWriter<'a> {
             self.absent.remove(pending[i].1.id.as_str());
         }
         match self.store.backend {
-            crate::Backend::Sqlite => self.events_statements(conn, &pending, &texts).await,
+            crate::Backend::Sqlite => self.events_json(conn, &pending, &texts).await,
             crate::Backend::Postgres => self.events_arrays(conn, &pending, &texts).await,
         }
     }
@@ -346,8 +330,9 @@ impl<'a> BatchWriter<'a> {
     }
 
     /// [`BatchWriter::flush`]'s records on SQLite: the `rows` of `pending`, inserted or upserted,
-    /// in multi-row statements of [`ROWS_PER_STATEMENT`] rows.
-    async fn records_statements(
+    /// in one statement, as one JSON array expanded by `json_each` (`WHERE true` lets SQLite parse
+    /// an upsert after `INSERT … SELECT`).
+    async fn records_json(
         &self,
         conn: &mut AnyConnection,
         pending: &[(i64, RecordWrite)],
@@ -355,62 +340,55 @@ impl<'a> BatchWriter<'a> {
         rows: &[usize],
         upsert: bool,
     ) -> Result<(), Error> {
-        let object = self.schema.name.as_str();
-        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            // org_id, object, id, fields, version, updated_at_ms, deleted
-            let values = Store::values(chunk.len(), 7);
-            let sql = format!(
-                "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) VALUES {values}{}",
-                Self::on_conflict(upsert)
-            );
-            let mut query = sqlx::query(&sql);
-            for &i in chunk {
+        // id, fields, version, deleted
+        let values: Vec<(&str, &str, i64, i64)> = rows
+            .iter()
+            .map(|&i| {
                 let w = &pending[i].1;
-                query = query
-                    .bind(self.org_id.to_owned())
-                    .bind(object.to_owned())
-                    .bind(w.id.clone())
-                    .bind(texts[i].clone().unwrap_or_else(|| "{}".to_owned()))
-                    .bind(w.version)
-                    .bind(self.now)
-                    .bind(i64::from(w.fields.is_none()));
-            }
-            query.execute(&mut *conn).await?;
-        }
+                (w.id.as_str(), texts[i].as_deref().unwrap_or("{}"), w.version, i64::from(w.fields.is_none()))
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
+             SELECT $1, $2, j.value ->> 0, j.value ->> 1, j.value ->> 2, $3, j.value ->> 3 \
+             FROM json_each($4) AS j WHERE true{}",
+            Self::on_conflict(upsert)
+        );
+        sqlx::query(&sql)
+            .bind(self.org_id)
+            .bind(self.schema.name.as_str())
+            .bind(self.now)
+            .bind(json_rows(&values)?)
+            .execute(&mut *conn)
+            .await?;
         Ok(())
     }
 
-    /// [`BatchWriter::flush`]'s change events on SQLite: every write, in seq order, in multi-row
-    /// statements of [`ROWS_PER_STATEMENT`] rows.
-    async fn events_statements(
+    /// [`BatchWriter::flush`]'s change events on SQLite: every write, in seq order, in one
+    /// statement, as one JSON array expanded by `json_each`.
+    async fn events_json(
         &self,
         conn: &mut AnyConnection,
         pending: &[(i64, RecordWrite)],
         texts: &[Option<String>],
     ) -> Result<(), Error> {
-        let object = self.schema.name.as_str();
-        for (c, chunk) in pending.chunks(ROWS_PER_STATEMENT).enumerate() {
-            let offset = c * ROWS_PER_STATEMENT;
-            // org_id, seq, object, record_id, op, fields, version, committed_at_ms
-            let values = Store::values(chunk.len(), 8);
-            let sql = format!(
-                "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
-                 VALUES {values}"
-            );
-            let mut query = sqlx::query(&sql);
-            for (k, (seq, w)) in chunk.iter().enumerate() {
-                query = query
-                    .bind(self.org_id.to_owned())
-                    .bind(*seq)
-                    .bind(object.to_owned())
-                    .bind(w.id.clone())
-                    .bind(w.op().as_str())
-                    .bind(texts[offset + k].clone())
-                    .bind(w.version)
-                    .bind(self.now);
-            }
-            query.execute(&mut *conn).await?;
-        }
+        // seq, record_id, op, fields, version
+        let values: Vec<(i64, &str, &str, Option<&str>, i64)> = pending
+            .iter()
+            .zip(texts)
+            .map(|((seq, w), text)| (*seq, w.id.as_str(), w.op().as_str(), text.as_deref(), w.version))
+            .collect();
+        sqlx::query(
+            "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
+             SELECT $1, j.value ->> 0, $2, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, $3 \
+             FROM json_each($4) AS j",
+        )
+        .bind(self.org_id)
+        .bind(self.schema.name.as_str())
+        .bind(self.now)
+        .bind(json_rows(&values)?)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 
