@@ -533,11 +533,17 @@ fn raw_insert(backend: Backend, url: &str, csv: &std::path::Path, n: usize) -> f
 
 /// A batch of `BENCH_BATCH_RECORDS` (default 1,000,000) records through `baton dev`: staged,
 /// divided into chunks of 10,000, run by the workers; records committed per second beside the
-/// raw tool's insert of the same rows.
+/// raw tool's insert of the same rows. `BENCH_BATCH_BACKENDS` (`sqlite`, `postgres`; both when
+/// unset) picks the stores.
 async fn batch() {
     let n: usize = std::env::var("BENCH_BATCH_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
+    // BENCH_BATCH_BACKENDS: `sqlite`, `postgres` or both (the default), comma-separated
+    let only = std::env::var("BENCH_BATCH_BACKENDS").unwrap_or_default().to_lowercase();
     let mut summary = Vec::new();
     for backend in [Backend::Sqlite, Backend::Postgres] {
+        if !only.is_empty() && !only.split(',').any(|b| b.trim() == format!("{backend:?}").to_lowercase()) {
+            continue;
+        }
         let server = Server::start(backend, &[]).await;
         let org = create_org(&server, "bench").await;
         let records: Vec<_> = (0..n)

@@ -926,3 +926,30 @@ mod exports {
         .await;
     }
 }
+
+/// SQLite: the WAL is copied into the database file off the writer's thread. A few hundred KiB
+/// of writes stay far below the writer's own checkpoint threshold (4,096 pages), so without the
+/// background checkpoints the database file would not grow until thousands more pages came.
+#[tokio::test]
+async fn sqlite_wal_pages_reach_the_database_file_without_the_writer_checkpointing() {
+    let t = testing::open(Backend::Sqlite).await.unwrap();
+    let s = &t.store;
+    let org = org_with_account(s).await;
+    let path = std::path::PathBuf::from(t.url.trim_start_matches("sqlite://").split('?').next().unwrap());
+    let before = std::fs::metadata(&path).unwrap().len();
+    for batch in 0..10 {
+        let records = (0..200)
+            .map(|i| rec(json!({"code": format!("c{batch}-{i}"), "status": "x".repeat(200), "amount": i})))
+            .collect();
+        s.upsert(&org, "account", records, soon()).await.unwrap();
+    }
+    let wal = path.with_extension("db-wal");
+    assert!(std::fs::metadata(&wal).unwrap().len() > 400_000, "the writes are in the WAL");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut grown = std::fs::metadata(&path).unwrap().len();
+    while grown < before + 400_000 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        grown = std::fs::metadata(&path).unwrap().len();
+    }
+    assert!(grown >= before + 400_000, "the database file grew from {before} to only {grown} bytes in 5 s");
+}
