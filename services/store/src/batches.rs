@@ -585,6 +585,19 @@ impl Store {
     /// the answer.
     pub async fn release_chunks(&self, claimer: &str, caps: ReleaseCaps) -> Result<Vec<ChunkRef>, Error> {
         let now = now_ms();
+        // Nothing pending and nothing to take back: a read says so without the write transaction
+        // (see `release_parts`), so an idle scheduler writes nothing. A chunk staged just after
+        // this read waits for the next round.
+        let waiting = sqlx::query(
+            "SELECT 1 FROM chunks WHERE state = 'PENDING' \
+             OR (state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1) LIMIT 1",
+        )
+        .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
+        .fetch_optional(&self.reader)
+        .await?;
+        if waiting.is_none() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.writer.begin().await?;
         sqlx::query("UPDATE release_lock SET releases = releases + 1 WHERE id = 1").execute(&mut *tx).await?;
         let overloaded = sqlx::query(
@@ -882,6 +895,17 @@ impl Store {
             return Ok(invalid(problems));
         }
         let ChunkWork { org_id, schema, op, records, .. } = chunk;
+        // Each record's id and JSON text are worked out before the transaction too: inside it
+        // they held the org's write lock (on SQLite, the database's), 3.4 ms of a 47 ms chunk.
+        let ids: Vec<String> = records.iter().map(|r| record_id(&schema, r).unwrap_or_default()).collect();
+        let texts: Vec<String> = match op {
+            BatchOp::Delete => Vec::new(),
+            _ => records
+                .iter()
+                .map(serde_json::to_string)
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::Corrupt(format!("record fields: {e}")))?,
+        };
         let (tx, run) = by_deadline(deadline, async {
             let mut tx = self.writer.begin().await?;
             let ms = |d: Duration| d.as_millis().max(1);
@@ -908,7 +932,7 @@ impl Store {
             if self.backend == Backend::Postgres {
                 sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
             }
-            let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records).await?;
+            let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await?;
             let run = match run {
                 Err(problems) => invalid(problems),
                 Ok(()) => {
@@ -946,7 +970,9 @@ impl Store {
     /// Writes a chunk's records, valid against the schema, inside `conn`'s transaction, which
     /// holds the org's write lock (its last seq is `base`); the problems (chunk indexes) when a
     /// record conflicts with what is stored (an insert of an existing record, an update of a
-    /// missing one, a unique value taken).
+    /// missing one, a unique value taken). `ids` and `texts` are the records' ids and JSON
+    /// texts (no texts for a delete).
+    #[allow(clippy::too_many_arguments)]
     async fn write_chunk(
         &self,
         conn: &mut AnyConnection,
@@ -955,8 +981,9 @@ impl Store {
         schema: &ObjectSchema,
         op: BatchOp,
         records: Vec<Fields>,
+        ids: Vec<String>,
+        texts: Vec<String>,
     ) -> Result<Result<(), Vec<RecordProblem>>, Error> {
-        let ids: Vec<String> = records.iter().map(|r| record_id(schema, r).unwrap_or_default()).collect();
         let existing = self.versions_of(conn, org_id, &schema.name, &ids).await?;
         let live = |id: &str| existing.get(id).is_some_and(|(_, deleted)| !deleted);
         let mut problems = Vec::new();
@@ -984,14 +1011,16 @@ impl Store {
         }
         let mut writer = BatchWriter::new(self, conn, org_id, schema, &ids, base, now_ms()).await?;
         writer.known_absent(ids.iter().filter(|id| !existing.contains_key(*id)).cloned());
+        let mut texts = texts.into_iter();
         for (record, id) in records.into_iter().zip(ids) {
             let version = existing.get(&id).map_or(1, |(v, _)| v + 1);
+            let text = texts.next();
             let fields = match op {
                 BatchOp::Delete if !live(&id) => continue,
                 BatchOp::Delete => None,
                 _ => Some(record),
             };
-            writer.write(conn, RecordWrite { id, fields, version }).await?;
+            writer.write(conn, RecordWrite { id, fields, version, text }).await?;
         }
         writer.flush(conn).await?;
         if writer.seq != base {

@@ -718,6 +718,19 @@ impl Store {
     /// release lock row, like chunk releases.
     pub async fn release_parts(&self, claimer: &str, per_export: u32, overall: u32) -> Result<Vec<PartRef>, Error> {
         let now = now_ms();
+        // The releaser asks after every answer; most of the time no part waits. A read says so
+        // without the write transaction, which on SQLite takes the one writer that batch chunks
+        // wait for. A part that becomes pending just after this read waits for the next round.
+        let waiting = sqlx::query(
+            "SELECT 1 FROM export_parts WHERE state = 'PENDING' \
+             OR (state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1) LIMIT 1",
+        )
+        .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
+        .fetch_optional(&self.reader)
+        .await?;
+        if waiting.is_none() {
+            return Ok(Vec::new());
+        }
         let mut tx = self.writer.begin().await?;
         sqlx::query("UPDATE release_lock SET releases = releases + 1 WHERE id = 1").execute(&mut *tx).await?;
         sqlx::query(

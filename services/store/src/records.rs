@@ -222,7 +222,9 @@ impl Store {
                     Some((v, deleted)) => (v + 1, *deleted),
                     None => (1, true),
                 };
-                writer.write(&mut tx, RecordWrite { id: id.clone(), fields: Some(record), version }).await?;
+                writer
+                    .write(&mut tx, RecordWrite { id: id.clone(), fields: Some(record), version, text: None })
+                    .await?;
                 outcomes.push(UpsertOutcome { id, version, created });
             }
             writer.flush(&mut tx).await?;
@@ -357,7 +359,9 @@ impl Store {
                 match existing.get(id) {
                     Some((version, false)) => {
                         let version = version + 1;
-                        writer.write(&mut tx, RecordWrite { id: id.clone(), fields: None, version }).await?;
+                        writer
+                            .write(&mut tx, RecordWrite { id: id.clone(), fields: None, version, text: None })
+                            .await?;
                         outcomes.push(DeleteOutcome { id: id.clone(), deleted: true, version });
                     }
                     Some((version, true)) => {

@@ -626,7 +626,11 @@ impl Store {
                     }
                     (ChangeOp::Delete, _) => None,
                 };
-                w.write(&mut tx, RecordWrite { id: change.record_id.clone(), fields, version: change.version }).await?;
+                w.write(
+                    &mut tx,
+                    RecordWrite { id: change.record_id.clone(), fields, version: change.version, text: None },
+                )
+                .await?;
                 current.insert(key, change.version);
                 outcome.applied += 1;
             }

@@ -109,6 +109,9 @@ pub(crate) struct RecordWrite {
     pub id: String,
     pub fields: Option<Fields>,
     pub version: i64,
+    /// `fields` as JSON text when the caller serialized them already (a batch chunk does, before
+    /// its transaction); the flush serializes them otherwise.
+    pub text: Option<String>,
 }
 
 impl RecordWrite {
@@ -284,11 +287,14 @@ impl<'a> BatchWriter<'a> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
         // each write's fields as JSON text, once for both statements
         let texts = pending
-            .iter()
-            .map(|(_, w)| w.fields.as_ref().map(serde_json::to_string).transpose())
+            .iter_mut()
+            .map(|(_, w)| match w.text.take() {
+                Some(text) => Ok(Some(text)),
+                None => w.fields.as_ref().map(serde_json::to_string).transpose(),
+            })
             .collect::<Result<Vec<Option<String>>, _>>()
             .map_err(|e| Error::Corrupt(format!("record fields: {e}")))?;
         // records: the last write of each id (a multi-row upsert may not touch a row twice)
