@@ -103,6 +103,9 @@ impl Store {
     }
 }
 
+/// Rows from which a flush frees its writes on a blocking thread ([`BatchWriter::flush`]).
+const BACKGROUND_DROP_ROWS: usize = 1_000;
+
 /// One record write: a new state (fields) or a tombstone (None), at a version.
 #[derive(Debug, Clone)]
 pub(crate) struct RecordWrite {
@@ -320,9 +323,16 @@ impl<'a> BatchWriter<'a> {
             self.absent.remove(pending[i].1.id.as_str());
         }
         match self.store.backend {
-            crate::Backend::Sqlite => self.events_json(conn, &pending, &texts).await,
-            crate::Backend::Postgres => self.events_arrays(conn, &pending, &texts).await,
+            crate::Backend::Sqlite => self.events_json(conn, &pending, &texts).await?,
+            crate::Backend::Postgres => self.events_arrays(conn, &pending, &texts).await?,
         }
+        // Freeing thousands of field maps (a free for every key and value) took milliseconds of
+        // a batch chunk's transaction, which holds the org's write lock: a large flush's writes
+        // are freed on a blocking thread.
+        if pending.len() >= BACKGROUND_DROP_ROWS {
+            tokio::task::spawn_blocking(move || drop((pending, texts)));
+        }
+        Ok(())
     }
 
     /// `ON CONFLICT …` that makes the records statements upserts, or nothing for plain inserts.

@@ -555,6 +555,9 @@ mod batches {
             let b = s.create_org("beta").await.unwrap().id;
             s.define_object(&b, &account()).await.unwrap();
             let big = submit(s, &a, &new_batch(BatchOp::Upsert, 2), &accounts("a", 12)).await;
+            // created in a later millisecond: within one, the older of two batches is a coin toss
+            // (their random ids break the tie)
+            tokio::time::sleep(Duration::from_millis(5)).await;
             let small = submit(s, &b, &new_batch(BatchOp::Upsert, 2), &accounts("b", 4)).await;
             let caps = ReleaseCaps { overall: 3, per_org: 2 };
             let first = s.release_chunks("sched", caps).await.unwrap();
