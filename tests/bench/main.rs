@@ -533,82 +533,101 @@ fn raw_insert(backend: Backend, url: &str, csv: &std::path::Path, n: usize) -> f
 
 /// A batch of `BENCH_BATCH_RECORDS` (default 1,000,000) records through `baton dev`: staged,
 /// divided into chunks of 10,000, run by the workers; records committed per second beside the
-/// raw tool's insert of the same rows. `BENCH_BATCH_BACKENDS` (`sqlite`, `postgres`; both when
-/// unset) picks the stores.
+/// raw tool's insert of the same rows, the medians of `BENCH_BATCH_RUNS` (3) runs.
+/// `BENCH_BATCH_BACKENDS` (`sqlite`, `postgres`; both when unset) picks the stores.
 async fn batch() {
     let n: usize = std::env::var("BENCH_BATCH_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1_000_000);
     // BENCH_BATCH_BACKENDS: `sqlite`, `postgres` or both (the default), comma-separated
     let only = std::env::var("BENCH_BATCH_BACKENDS").unwrap_or_default().to_lowercase();
+    // BENCH_BATCH_RUNS (3) batches on a fresh `baton dev` each; the figures are the medians
+    let runs: usize = std::env::var("BENCH_BATCH_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
     let mut summary = Vec::new();
     for backend in [Backend::Sqlite, Backend::Postgres] {
         if !only.is_empty() && !only.split(',').any(|b| b.trim() == format!("{backend:?}").to_lowercase()) {
             continue;
         }
-        let server = Server::start(backend, &[]).await;
-        let org = create_org(&server, "bench").await;
-        let records: Vec<_> = (0..n)
-            .map(|i| record(json!({"code": format!("c{i:08}"), "name": format!("name {i}"), "amount": i})))
-            .collect();
-        let header = pb::BatchHeader {
-            object: "account".into(),
-            operation: pb::BatchOperation::Upsert as i32,
-            ..Default::default()
-        };
-        let started = Instant::now();
-        let staged = baton_scheduler::client::submit_batch(server.channel().await, &org.key, header, records, |_| {})
-            .await
-            .expect("submit");
-        let upload = started.elapsed();
-        let staged_at_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
-        let mut scheduler = pb::scheduler_client::SchedulerClient::new(server.channel().await);
-        let mut stream = scheduler
-            .watch_batch(authed(pb::WatchBatchRequest { batch_id: staged.batch_id.clone() }, &org.key))
-            .await
-            .expect("watch")
-            .into_inner();
-        let mut last = None;
-        while let Some(event) = stream.message().await.expect("watch") {
-            last = event.batch;
-        }
-        let total = started.elapsed();
-        // The run ends at the last chunk's commit (the batch's finished_at_ms). The watch polls
-        // (every 250 ms), so it learns of that a little later: that delay is shown apart, and
-        // counted in the end-to-end figure.
-        let watched = total - upload;
-        let finished_at_ms = last.as_ref().map_or(0, |b| b.finished_at_ms);
-        let run = Duration::from_millis(
-            u64::try_from(finished_at_ms - staged_at_ms).expect("the batch finished after staging"),
-        );
-        let totals = last.and_then(|b| b.totals).unwrap_or_default();
-        assert_eq!(totals.records_committed, n as u64, "every record committed: {totals:?}");
-        let rss = peak_rss_mib(server.pid());
-        let dir = baton_tests::TempDir::new();
-        let csv = dir.0.join("rows.csv");
-        {
-            use std::io::Write;
-            let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
-            for i in 0..n {
-                writeln!(
-                    out,
-                    "c{i:08},\"{{\"\"code\"\":\"\"c{i:08}\"\",\"\"name\"\":\"\"name {i}\"\",\"\"amount\"\":{i}}}\""
-                )
-                .unwrap();
+        let (mut rates, mut raws, mut rsses) = (Vec::new(), Vec::new(), Vec::new());
+        for round in 1..=runs {
+            let server = Server::start(backend, &[]).await;
+            let org = create_org(&server, "bench").await;
+            let records: Vec<_> = (0..n)
+                .map(|i| record(json!({"code": format!("c{i:08}"), "name": format!("name {i}"), "amount": i})))
+                .collect();
+            let header = pb::BatchHeader {
+                object: "account".into(),
+                operation: pb::BatchOperation::Upsert as i32,
+                ..Default::default()
+            };
+            let started = Instant::now();
+            let staged =
+                baton_scheduler::client::submit_batch(server.channel().await, &org.key, header, records, |_| {})
+                    .await
+                    .expect("submit");
+            let upload = started.elapsed();
+            let staged_at_ms =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+            let mut scheduler = pb::scheduler_client::SchedulerClient::new(server.channel().await);
+            let mut stream = scheduler
+                .watch_batch(authed(pb::WatchBatchRequest { batch_id: staged.batch_id.clone() }, &org.key))
+                .await
+                .expect("watch")
+                .into_inner();
+            let mut last = None;
+            while let Some(event) = stream.message().await.expect("watch") {
+                last = event.batch;
             }
+            let total = started.elapsed();
+            // The run ends at the last chunk's commit (the batch's finished_at_ms). The watch polls
+            // (every 250 ms), so it learns of that a little later: that delay is shown apart, and
+            // counted in the end-to-end figure.
+            let watched = total - upload;
+            let finished_at_ms = last.as_ref().map_or(0, |b| b.finished_at_ms);
+            let run = Duration::from_millis(
+                u64::try_from(finished_at_ms - staged_at_ms).expect("the batch finished after staging"),
+            );
+            let totals = last.and_then(|b| b.totals).unwrap_or_default();
+            assert_eq!(totals.records_committed, n as u64, "every record committed: {totals:?}");
+            let rss = peak_rss_mib(server.pid());
+            let dir = baton_tests::TempDir::new();
+            let csv = dir.0.join("rows.csv");
+            {
+                use std::io::Write;
+                let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());
+                for i in 0..n {
+                    writeln!(
+                        out,
+                        "c{i:08},\"{{\"\"code\"\":\"\"c{i:08}\"\",\"\"name\"\":\"\"name {i}\"\",\"\"amount\"\":{i}}}\""
+                    )
+                    .unwrap();
+                }
+            }
+            let raw = raw_insert(backend, &server.store_url, &csv, n);
+            let committed = n as f64 / run.as_secs_f64();
+            println!(
+                "batch {backend:?}, run {round}: {n} records in {} chunks: upload+staging {:.1}s, run to the last commit {:.2}s \
+                 (the watch saw it {:.2}s after) -> {committed:.0} records/s committed ({:.0}/s end to end); \
+                 raw {} insert of the same rows {raw:.0} records/s ({:.0}%); baton dev peak RSS {rss:.0} MiB",
+                totals.chunks,
+                upload.as_secs_f64(),
+                run.as_secs_f64(),
+                watched.as_secs_f64() - run.as_secs_f64(),
+                n as f64 / total.as_secs_f64(),
+                if backend == Backend::Sqlite { "sqlite3 .import" } else { "psql \\copy" },
+                committed / raw * 100.0
+            );
+            rates.push(committed);
+            raws.push(raw);
+            rsses.push(rss);
         }
-        let raw = raw_insert(backend, &server.store_url, &csv, n);
-        let committed = n as f64 / run.as_secs_f64();
+        let median = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        let (committed, raw) = (median(&mut rates), median(&mut raws));
+        let rss = rsses.iter().copied().fold(0.0, f64::max);
         println!(
-            "batch {backend:?}: {n} records in {} chunks: upload+staging {:.1}s, run to the last commit {:.2}s \
-             (the watch saw it {:.2}s after) -> {committed:.0} records/s committed ({:.0}/s end to end); \
-             raw {} insert of the same rows {raw:.0} records/s ({:.0}%); baton dev peak RSS {rss:.0} MiB",
-            totals.chunks,
-            upload.as_secs_f64(),
-            run.as_secs_f64(),
-            watched.as_secs_f64() - run.as_secs_f64(),
-            n as f64 / total.as_secs_f64(),
-            if backend == Backend::Sqlite { "sqlite3 .import" } else { "psql \\copy" },
-            committed / raw * 100.0
+            "batch {backend:?}: median of {runs}: {committed:.0} records/s committed, raw {raw:.0} records/s; \
+             baton dev peak RSS at most {rss:.0} MiB"
         );
         summary.push(format!("{backend:?} {committed:.0}/s (raw {raw:.0}/s)"));
     }
