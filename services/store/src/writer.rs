@@ -56,6 +56,22 @@ fn id_lookup<'q>(
     sqlx::query(sql).bind(org_id).bind(object).bind(ids)
 }
 
+/// Whether a write creates a record at its first version (the rows of most batches).
+fn fresh(write: &RecordWrite) -> bool {
+    write.version == 1 && write.fields.is_some()
+}
+
+/// Pairs as one JSON object (keys unique), for a `json_each` parameter on SQLite.
+fn json_object(pairs: &[(&str, &str)]) -> Result<String, Error> {
+    struct Object<'a>(&'a [(&'a str, &'a str)]);
+    impl serde::Serialize for Object<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_map(self.0.iter().map(|(k, v)| (k, v)))
+        }
+    }
+    serde_json::to_string(&Object(pairs)).map_err(|e| Error::Corrupt(format!("statement rows: {e}")))
+}
+
 /// Rows as one JSON array (each row a JSON array, or a string for a list of ids), for a
 /// `json_each` parameter on SQLite.
 fn json_rows<T: serde::Serialize>(rows: &[T]) -> Result<String, Error> {
@@ -356,6 +372,28 @@ impl<'a> BatchWriter<'a> {
         rows: &[usize],
         upsert: bool,
     ) -> Result<(), Error> {
+        // New records at version 1 travel as an object {id: fields}: `json_each` hands over each
+        // key and string value as they are, where a row array costs a `->>` (a parse of the
+        // row's JSON) per column.
+        let (fresh, rows): (Vec<usize>, Vec<usize>) =
+            rows.iter().partition(|&&i| !upsert && fresh(&pending[i].1) && texts[i].is_some());
+        if !fresh.is_empty() {
+            let values: Vec<(&str, &str)> =
+                fresh.iter().map(|&i| (pending[i].1.id.as_str(), texts[i].as_deref().unwrap_or("{}"))).collect();
+            sqlx::query(
+                "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
+                 SELECT $1, $2, j.key, j.value, 1, $3, 0 FROM json_each($4) AS j",
+            )
+            .bind(self.org_id)
+            .bind(self.schema.name.as_str())
+            .bind(self.now)
+            .bind(json_object(&values)?)
+            .execute(&mut *conn)
+            .await?;
+        }
+        if rows.is_empty() {
+            return Ok(());
+        }
         // id, fields, version, deleted
         let values: Vec<(&str, &str, i64, i64)> = rows
             .iter()
@@ -388,6 +426,34 @@ impl<'a> BatchWriter<'a> {
         pending: &[(i64, RecordWrite)],
         texts: &[Option<String>],
     ) -> Result<(), Error> {
+        // New records at version 1 with consecutive seqs (the usual batch): rows of two columns,
+        // the seq worked out from the row's place ([`BatchWriter::records_json`] says why)
+        let first = pending.first().map_or(0, |(seq, _)| *seq);
+        let consecutive = pending
+            .iter()
+            .zip(texts)
+            .enumerate()
+            .all(|(k, ((seq, w), text))| *seq == first + k as i64 && fresh(w) && text.is_some());
+        if consecutive {
+            let values: Vec<(&str, &str)> = pending
+                .iter()
+                .zip(texts)
+                .map(|((_, w), text)| (w.id.as_str(), text.as_deref().unwrap_or("{}")))
+                .collect();
+            sqlx::query(&format!(
+                "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
+                 SELECT $1, $4 + j.key, $2, j.value ->> 0, '{}', j.value ->> 1, 1, $3 FROM json_each($5) AS j",
+                ChangeOp::Upsert.as_str()
+            ))
+            .bind(self.org_id)
+            .bind(self.schema.name.as_str())
+            .bind(self.now)
+            .bind(first)
+            .bind(json_rows(&values)?)
+            .execute(&mut *conn)
+            .await?;
+            return Ok(());
+        }
         // seq, record_id, op, fields, version
         let values: Vec<(i64, &str, &str, Option<&str>, i64)> = pending
             .iter()

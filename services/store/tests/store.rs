@@ -171,6 +171,35 @@ async fn awkward_ids_and_values_are_stored_exactly() {
             (tombstone.record_id.as_str(), tombstone.op, tombstone.fields.as_ref()),
             (ids[0], ChangeOp::Delete, None)
         );
+        assert!(events.iter().zip(1..).all(|(e, seq)| e.seq == seq), "seqs dense from 1");
+
+        // one request mixing new records (sent as an object of id to fields on SQLite) with
+        // existing ones and a re-created one (rows with their versions)
+        let mixed: Vec<Fields> = [ids[0], ids[1], "fresh \"one\"", ids[2], "fresh ✓"]
+            .iter()
+            .map(|id| rec(json!({"code": id, "status": format!("again {id}")})))
+            .collect();
+        let (out, last) = s.upsert(&org, "account", mixed.clone(), soon()).await.unwrap();
+        let versions: Vec<i64> = out.iter().map(|o| o.version).collect();
+        assert_eq!((versions, last), (vec![3, 2, 1, 2, 1], ids.len() as i64 + 6));
+        for fields in &mixed {
+            let id = fields["code"].as_str().unwrap();
+            assert_eq!(&s.get(&org, "account", id, soon()).await.unwrap().fields, fields);
+        }
+        let events = s.changes_after(&org, ids.len() as i64 + 1, 100).await.unwrap();
+        let summary: Vec<_> = events.iter().map(|e| (e.seq, e.record_id.as_str(), e.version)).collect();
+        let first = ids.len() as i64 + 2;
+        assert_eq!(
+            summary,
+            vec![
+                (first, ids[0], 3),
+                (first + 1, ids[1], 2),
+                (first + 2, "fresh \"one\"", 1),
+                (first + 3, ids[2], 2),
+                (first + 4, "fresh ✓", 1)
+            ]
+        );
+        assert!(events.iter().zip(&mixed).all(|(e, fields)| e.fields.as_ref() == Some(fields)));
     })
     .await;
 }
