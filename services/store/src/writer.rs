@@ -61,6 +61,17 @@ fn fresh(write: &RecordWrite) -> bool {
     write.version == 1 && write.fields.is_some()
 }
 
+/// Whether `pending` are fresh writes ([`fresh`]) with consecutive seqs: their change events
+/// need only each write's id and fields, the seq following from its place.
+fn fresh_run(pending: &[(i64, RecordWrite)], texts: &[Option<String>]) -> bool {
+    let first = pending.first().map_or(0, |(seq, _)| *seq);
+    pending
+        .iter()
+        .zip(texts)
+        .enumerate()
+        .all(|(k, ((seq, w), text))| *seq == first + k as i64 && fresh(w) && text.is_some())
+}
+
 /// Pairs as one JSON object (keys unique), for a `json_each` parameter on SQLite.
 fn json_object(pairs: &[(&str, &str)]) -> Result<String, Error> {
     struct Object<'a>(&'a [(&'a str, &'a str)]);
@@ -326,21 +337,27 @@ impl<'a> BatchWriter<'a> {
         // rows known absent are inserted, the others upserted
         let (new, stored): (Vec<usize>, Vec<usize>) =
             rows.into_iter().partition(|&i| self.absent.contains(pending[i].1.id.as_str()));
-        for (rows, upsert) in [(&new, false), (&stored, true)] {
-            if rows.is_empty() {
-                continue;
+        let all_new = new.len() == pending.len();
+        if all_new && self.store.backend == crate::Backend::Postgres && fresh_run(&pending, &texts) {
+            // every write creates its record: records and change events in one statement
+            self.fresh_arrays(conn, &pending, &texts).await?;
+        } else {
+            for (rows, upsert) in [(&new, false), (&stored, true)] {
+                if rows.is_empty() {
+                    continue;
+                }
+                match self.store.backend {
+                    crate::Backend::Sqlite => self.records_json(conn, &pending, &texts, rows, upsert).await?,
+                    crate::Backend::Postgres => self.records_arrays(conn, &pending, &texts, rows, upsert).await?,
+                }
             }
             match self.store.backend {
-                crate::Backend::Sqlite => self.records_json(conn, &pending, &texts, rows, upsert).await?,
-                crate::Backend::Postgres => self.records_arrays(conn, &pending, &texts, rows, upsert).await?,
+                crate::Backend::Sqlite => self.events_json(conn, &pending, &texts).await?,
+                crate::Backend::Postgres => self.events_arrays(conn, &pending, &texts).await?,
             }
         }
         for &i in &new {
             self.absent.remove(pending[i].1.id.as_str());
-        }
-        match self.store.backend {
-            crate::Backend::Sqlite => self.events_json(conn, &pending, &texts).await?,
-            crate::Backend::Postgres => self.events_arrays(conn, &pending, &texts).await?,
         }
         // Freeing thousands of field maps (a free for every key and value) took milliseconds of
         // a batch chunk's transaction, which holds the org's write lock: a large flush's writes
@@ -428,13 +445,8 @@ impl<'a> BatchWriter<'a> {
     ) -> Result<(), Error> {
         // New records at version 1 with consecutive seqs (the usual batch): rows of two columns,
         // the seq worked out from the row's place ([`BatchWriter::records_json`] says why)
-        let first = pending.first().map_or(0, |(seq, _)| *seq);
-        let consecutive = pending
-            .iter()
-            .zip(texts)
-            .enumerate()
-            .all(|(k, ((seq, w), text))| *seq == first + k as i64 && fresh(w) && text.is_some());
-        if consecutive {
+        if fresh_run(pending, texts) {
+            let first = pending.first().map_or(0, |(seq, _)| *seq);
             let values: Vec<(&str, &str)> = pending
                 .iter()
                 .zip(texts)
@@ -501,6 +513,36 @@ impl<'a> BatchWriter<'a> {
             .bind(pg_numbers(rows.iter().map(|&i| i64::from(pending[i].1.fields.is_none()))))
             .execute(&mut *conn)
             .await?;
+        Ok(())
+    }
+
+    /// [`BatchWriter::flush`] on PostgreSQL when every pending write creates its record at
+    /// version 1 with consecutive seqs ([`fresh_run`], each id once): records and change events in
+    /// one statement, the events taking the records' parsed `jsonb` (`RETURNING`) rather than
+    /// parsing the fields again, from two arrays instead of nine.
+    async fn fresh_arrays(
+        &self,
+        conn: &mut AnyConnection,
+        pending: &[(i64, RecordWrite)],
+        texts: &[Option<String>],
+    ) -> Result<(), Error> {
+        let first = pending.first().map_or(0, |(seq, _)| *seq);
+        sqlx::query(&format!(
+            "WITH u AS (SELECT * FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, fields, n)), \
+             r AS (INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
+             SELECT $1, $2, u.id, u.fields::jsonb, 1, $3, 0 FROM u RETURNING id, fields) \
+             INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
+             SELECT $1, $6 + u.n - 1, $2, u.id, '{}', r.fields, 1, $3 FROM u JOIN r ON r.id = u.id COLLATE \"C\"",
+            ChangeOp::Upsert.as_str()
+        ))
+        .bind(self.org_id)
+        .bind(self.schema.name.as_str())
+        .bind(self.now)
+        .bind(pg_array(pending.iter().map(|(_, w)| Some(w.id.as_str()))))
+        .bind(pg_array(texts.iter().map(|t| t.as_deref())))
+        .bind(first)
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
 
