@@ -588,14 +588,7 @@ impl Store {
         // Nothing pending and nothing to take back: a read says so without the write transaction
         // (see `release_parts`), so an idle scheduler writes nothing. A chunk staged just after
         // this read waits for the next round.
-        let waiting = sqlx::query(
-            "SELECT 1 FROM chunks WHERE state = 'PENDING' \
-             OR (state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1) LIMIT 1",
-        )
-        .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
-        .fetch_optional(&self.reader)
-        .await?;
-        if waiting.is_none() {
+        if !self.release_waits("chunks", now - UNSENT_RELEASE_TIMEOUT_MS).await? {
             return Ok(Vec::new());
         }
         let mut tx = self.writer.begin().await?;
@@ -732,6 +725,19 @@ impl Store {
         }
         tx.commit().await?;
         Ok(claimed)
+    }
+
+    /// Whether `table` (chunks or export_parts) holds a row to release: one pending, or one
+    /// released but unsent since before `stale_before` (ms).
+    pub(crate) async fn release_waits(&self, table: &str, stale_before: i64) -> Result<bool, Error> {
+        let row = sqlx::query(&format!(
+            "SELECT 1 FROM {table} WHERE state = 'PENDING' \
+             OR (state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1) LIMIT 1"
+        ))
+        .bind(stale_before)
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(row.is_some())
     }
 
     /// Records that a released chunk is in the manager's hands.

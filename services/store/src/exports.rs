@@ -721,14 +721,7 @@ impl Store {
         // The releaser asks after every answer; most of the time no part waits. A read says so
         // without the write transaction, which on SQLite takes the one writer that batch chunks
         // wait for. A part that becomes pending just after this read waits for the next round.
-        let waiting = sqlx::query(
-            "SELECT 1 FROM export_parts WHERE state = 'PENDING' \
-             OR (state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1) LIMIT 1",
-        )
-        .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
-        .fetch_optional(&self.reader)
-        .await?;
-        if waiting.is_none() {
+        if !self.release_waits("export_parts", now - UNSENT_RELEASE_TIMEOUT_MS).await? {
             return Ok(Vec::new());
         }
         let mut tx = self.writer.begin().await?;

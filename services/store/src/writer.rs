@@ -368,6 +368,12 @@ impl<'a> BatchWriter<'a> {
         Ok(())
     }
 
+    /// `sql` bound with what every write statement starts with: the org ($1), the object ($2)
+    /// and the write time ($3).
+    fn statement<'q>(&'q self, sql: &'q str) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
+        sqlx::query(sql).bind(self.org_id).bind(self.schema.name.as_str()).bind(self.now)
+    }
+
     /// `ON CONFLICT …` that makes the records statements upserts, or nothing for plain inserts.
     fn on_conflict(upsert: bool) -> &'static str {
         if upsert {
@@ -397,13 +403,10 @@ impl<'a> BatchWriter<'a> {
         if !fresh.is_empty() {
             let values: Vec<(&str, &str)> =
                 fresh.iter().map(|&i| (pending[i].1.id.as_str(), texts[i].as_deref().unwrap_or("{}"))).collect();
-            sqlx::query(
+            self.statement(
                 "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
                  SELECT $1, $2, j.key, j.value, 1, $3, 0 FROM json_each($4) AS j",
             )
-            .bind(self.org_id)
-            .bind(self.schema.name.as_str())
-            .bind(self.now)
             .bind(json_object(&values)?)
             .execute(&mut *conn)
             .await?;
@@ -425,13 +428,7 @@ impl<'a> BatchWriter<'a> {
              FROM json_each($4) AS j WHERE true{}",
             Self::on_conflict(upsert)
         );
-        sqlx::query(&sql)
-            .bind(self.org_id)
-            .bind(self.schema.name.as_str())
-            .bind(self.now)
-            .bind(json_rows(&values)?)
-            .execute(&mut *conn)
-            .await?;
+        self.statement(&sql).bind(json_rows(&values)?).execute(&mut *conn).await?;
         Ok(())
     }
 
@@ -452,14 +449,11 @@ impl<'a> BatchWriter<'a> {
                 .zip(texts)
                 .map(|((_, w), text)| (w.id.as_str(), text.as_deref().unwrap_or("{}")))
                 .collect();
-            sqlx::query(&format!(
+            self.statement(&format!(
                 "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
                  SELECT $1, $4 + j.key, $2, j.value ->> 0, '{}', j.value ->> 1, 1, $3 FROM json_each($5) AS j",
                 ChangeOp::Upsert.as_str()
             ))
-            .bind(self.org_id)
-            .bind(self.schema.name.as_str())
-            .bind(self.now)
             .bind(first)
             .bind(json_rows(&values)?)
             .execute(&mut *conn)
@@ -472,14 +466,11 @@ impl<'a> BatchWriter<'a> {
             .zip(texts)
             .map(|((seq, w), text)| (*seq, w.id.as_str(), w.op().as_str(), text.as_deref(), w.version))
             .collect();
-        sqlx::query(
+        self.statement(
             "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
              SELECT $1, j.value ->> 0, $2, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4, $3 \
              FROM json_each($4) AS j",
         )
-        .bind(self.org_id)
-        .bind(self.schema.name.as_str())
-        .bind(self.now)
         .bind(json_rows(&values)?)
         .execute(&mut *conn)
         .await?;
@@ -496,17 +487,13 @@ impl<'a> BatchWriter<'a> {
         rows: &[usize],
         upsert: bool,
     ) -> Result<(), Error> {
-        let object = self.schema.name.as_str();
         let sql = format!(
             "INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
              SELECT $1, $2, u.id, u.fields::jsonb, u.version, $3, u.deleted \
              FROM unnest($4::text[], $5::text[], $6::bigint[], $7::bigint[]) AS u(id, fields, version, deleted){}",
             Self::on_conflict(upsert)
         );
-        sqlx::query(&sql)
-            .bind(self.org_id)
-            .bind(object)
-            .bind(self.now)
+        self.statement(&sql)
             .bind(pg_array(rows.iter().map(|&i| Some(pending[i].1.id.as_str()))))
             .bind(pg_array(rows.iter().map(|&i| Some(texts[i].as_deref().unwrap_or("{}")))))
             .bind(pg_numbers(rows.iter().map(|&i| pending[i].1.version)))
@@ -527,7 +514,7 @@ impl<'a> BatchWriter<'a> {
         texts: &[Option<String>],
     ) -> Result<(), Error> {
         let first = pending.first().map_or(0, |(seq, _)| *seq);
-        sqlx::query(&format!(
+        self.statement(&format!(
             "WITH u AS (SELECT * FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, fields, n)), \
              r AS (INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
              SELECT $1, $2, u.id, u.fields::jsonb, 1, $3, 0 FROM u RETURNING id, fields) \
@@ -535,9 +522,6 @@ impl<'a> BatchWriter<'a> {
              SELECT $1, $6 + u.n - 1, $2, u.id, '{}', r.fields, 1, $3 FROM u JOIN r ON r.id = u.id COLLATE \"C\"",
             ChangeOp::Upsert.as_str()
         ))
-        .bind(self.org_id)
-        .bind(self.schema.name.as_str())
-        .bind(self.now)
         .bind(pg_array(pending.iter().map(|(_, w)| Some(w.id.as_str()))))
         .bind(pg_array(texts.iter().map(|t| t.as_deref())))
         .bind(first)
@@ -553,16 +537,12 @@ impl<'a> BatchWriter<'a> {
         pending: &[(i64, RecordWrite)],
         texts: &[Option<String>],
     ) -> Result<(), Error> {
-        let object = self.schema.name.as_str();
-        sqlx::query(
+        self.statement(
             "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
              SELECT $1, u.seq, $2, u.record_id, u.op, u.fields::jsonb, u.version, $3 \
              FROM unnest($4::bigint[], $5::text[], $6::text[], $7::text[], $8::bigint[]) \
              AS u(seq, record_id, op, fields, version)",
         )
-        .bind(self.org_id)
-        .bind(object)
-        .bind(self.now)
         .bind(pg_numbers(pending.iter().map(|(seq, _)| *seq)))
         .bind(pg_array(pending.iter().map(|(_, w)| Some(w.id.as_str()))))
         .bind(pg_array(pending.iter().map(|(_, w)| Some(w.op().as_str()))))
