@@ -17,6 +17,12 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[i]
 }
 
+/// The median of `values` (the upper one of an even count), sorting them.
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
@@ -184,8 +190,7 @@ async fn sync(seconds: f64) {
         );
         rates.push(rate);
     }
-    rates.sort_by(f64::total_cmp);
-    let apply_rate = rates[rates.len() / 2];
+    let apply_rate = median(&mut rates);
     println!("sync backlog: median of {runs}: {apply_rate:.0} events/s applied");
 
     // lag at a fixed write rate: 4 writers of 100-record upserts, each paced to a quarter of `rate`
@@ -619,10 +624,6 @@ async fn batch() {
             raws.push(raw);
             rsses.push(rss);
         }
-        let median = |v: &mut Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         let (committed, raw) = (median(&mut rates), median(&mut raws));
         let rss = rsses.iter().copied().fold(0.0, f64::max);
         println!(
@@ -741,10 +742,6 @@ async fn export() {
         rates.push(rate);
         raws.push(raw);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (rate, raw) = (median(&mut rates), median(&mut raws));
     let rss = peak_rss_mib(server.pid());
     let own_rss = peak_rss_mib(std::process::id());

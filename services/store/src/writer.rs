@@ -68,13 +68,9 @@ fn fresh(write: &RecordWrite) -> bool {
 
 /// Whether `pending` are fresh writes ([`fresh`]) with consecutive seqs: their change events
 /// need only each write's id and fields, the seq following from its place.
-fn fresh_run(pending: &[(i64, RecordWrite)], texts: &[Option<String>]) -> bool {
+fn fresh_run(pending: &[(i64, RecordWrite)]) -> bool {
     let first = pending.first().map_or(0, |(seq, _)| *seq);
-    pending
-        .iter()
-        .zip(texts)
-        .enumerate()
-        .all(|(k, ((seq, w), text))| *seq == first + k as i64 && fresh(w) && text.is_some())
+    pending.iter().enumerate().all(|(k, (seq, w))| *seq == first + k as i64 && fresh(w))
 }
 
 /// Pairs as one JSON object (keys unique), for a `json_each` parameter on SQLite.
@@ -343,7 +339,7 @@ impl<'a> BatchWriter<'a> {
         let (new, stored): (Vec<usize>, Vec<usize>) =
             rows.into_iter().partition(|&i| self.absent.contains(pending[i].1.id.as_str()));
         let all_new = new.len() == pending.len();
-        if all_new && self.store.backend == crate::Backend::Postgres && fresh_run(&pending, &texts) {
+        if all_new && self.store.backend == crate::Backend::Postgres && fresh_run(&pending) {
             // every write creates its record: records and change events in one statement
             self.fresh_arrays(conn, &pending, &texts).await?;
         } else {
@@ -403,8 +399,7 @@ impl<'a> BatchWriter<'a> {
         // New records at version 1 travel as an object {id: fields}: `json_each` hands over each
         // key and string value as they are, where a row array costs a `->>` (a parse of the
         // row's JSON) per column.
-        let (fresh, rows): (Vec<usize>, Vec<usize>) =
-            rows.iter().partition(|&&i| !upsert && fresh(&pending[i].1) && texts[i].is_some());
+        let (fresh, rows): (Vec<usize>, Vec<usize>) = rows.iter().partition(|&&i| !upsert && fresh(&pending[i].1));
         if !fresh.is_empty() {
             let values: Vec<(&str, &str)> =
                 fresh.iter().map(|&i| (pending[i].1.id.as_str(), texts[i].as_deref().unwrap_or("{}"))).collect();
@@ -447,7 +442,7 @@ impl<'a> BatchWriter<'a> {
     ) -> Result<(), Error> {
         // New records at version 1 with consecutive seqs (the usual batch): rows of two columns,
         // the seq worked out from the row's place ([`BatchWriter::records_json`] says why)
-        if fresh_run(pending, texts) {
+        if fresh_run(pending) {
             let first = pending.first().map_or(0, |(seq, _)| *seq);
             let values: Vec<(&str, &str)> = pending
                 .iter()
