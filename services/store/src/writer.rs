@@ -15,7 +15,8 @@
 //!
 //! Writes that create their records at version 1 ([`fresh`], most of a batch) take shorter
 //! statements: on SQLite no `->>` per column (an object of id to fields), on PostgreSQL records
-//! and change events in one statement ([`BatchWriter::fresh_arrays`]).
+//! and change events in one statement ([`Store::insert_fresh`], which a batch chunk tries first
+//! for all its records, skipping the version lookup).
 //!
 //! The statement texts do not depend on the row count, so each is prepared once.
 
@@ -59,6 +60,15 @@ fn id_lookup<'q>(
     ids: String,
 ) -> sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>> {
     sqlx::query(sql).bind(org_id).bind(object).bind(ids)
+}
+
+/// Whether `fields` set a value of a unique field other than the external id (a value kept in
+/// `unique_values`).
+pub(crate) fn sets_unique(schema: &ObjectSchema, fields: &Fields) -> bool {
+    schema
+        .fields
+        .iter()
+        .any(|s| s.unique && s.name != schema.external_id_field && fields.get(&s.name).is_some_and(|v| !v.is_null()))
 }
 
 /// Whether a write creates a record at its first version (the rows of most batches).
@@ -126,8 +136,43 @@ fn pg_numbers(values: impl Iterator<Item = i64>) -> String {
 impl Store {
     /// Writes a [`BatchWriter`] keeps before it flushes (a flush is one statement a table,
     /// whatever its rows).
-    fn rows_per_flush(&self) -> usize {
+    pub(crate) fn rows_per_flush(&self) -> usize {
         5_000
+    }
+}
+
+impl Store {
+    /// On PostgreSQL, creates records at version 1 from `rows` (id, fields as JSON text; each id
+    /// once) and their change events, with seqs from `first` in order, in one statement: the
+    /// events take the records' parsed `jsonb` (`RETURNING`) rather than parsing the fields
+    /// again, and the rows travel in two arrays instead of nine. A unique violation (an id that
+    /// has a row, even a tombstone, or one given twice) fails the statement.
+    pub(crate) async fn insert_fresh(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        object: &str,
+        now: i64,
+        first: i64,
+        rows: &[(&str, &str)],
+    ) -> Result<(), Error> {
+        sqlx::query(&format!(
+            "WITH u AS (SELECT * FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, fields, n)), \
+             r AS (INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
+             SELECT $1, $2, u.id, u.fields::jsonb, 1, $3, 0 FROM u RETURNING id, fields) \
+             INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
+             SELECT $1, $6 + u.n - 1, $2, u.id, '{}', r.fields, 1, $3 FROM u JOIN r ON r.id = u.id COLLATE \"C\"",
+            ChangeOp::Upsert.as_str()
+        ))
+        .bind(org_id)
+        .bind(object)
+        .bind(now)
+        .bind(pg_array(rows.iter().map(|(id, _)| Some(*id))))
+        .bind(pg_array(rows.iter().map(|(_, fields)| Some(*fields))))
+        .bind(first)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
     }
 }
 
@@ -277,11 +322,7 @@ impl<'a> BatchWriter<'a> {
     }
 
     fn sets_unique(&self, fields: Option<&Fields>) -> bool {
-        fields.is_some_and(|f| {
-            self.schema.fields.iter().any(|s| {
-                s.unique && s.name != self.schema.external_id_field && f.get(&s.name).is_some_and(|v| !v.is_null())
-            })
-        })
+        fields.is_some_and(|f| sets_unique(self.schema, f))
     }
 
     /// Whether writing `fields` to record `id` touches the unique index.
@@ -504,9 +545,7 @@ impl<'a> BatchWriter<'a> {
     }
 
     /// [`BatchWriter::flush`] on PostgreSQL when every pending write creates its record at
-    /// version 1 with consecutive seqs ([`fresh_run`], each id once): records and change events in
-    /// one statement, the events taking the records' parsed `jsonb` (`RETURNING`) rather than
-    /// parsing the fields again, from two arrays instead of nine.
+    /// version 1 with consecutive seqs ([`fresh_run`], each id once): [`Store::insert_fresh`].
     async fn fresh_arrays(
         &self,
         conn: &mut AnyConnection,
@@ -514,20 +553,9 @@ impl<'a> BatchWriter<'a> {
         texts: &[Option<String>],
     ) -> Result<(), Error> {
         let first = pending.first().map_or(0, |(seq, _)| *seq);
-        self.statement(&format!(
-            "WITH u AS (SELECT * FROM unnest($4::text[], $5::text[]) WITH ORDINALITY AS u(id, fields, n)), \
-             r AS (INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
-             SELECT $1, $2, u.id, u.fields::jsonb, 1, $3, 0 FROM u RETURNING id, fields) \
-             INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
-             SELECT $1, $6 + u.n - 1, $2, u.id, '{}', r.fields, 1, $3 FROM u JOIN r ON r.id = u.id COLLATE \"C\"",
-            ChangeOp::Upsert.as_str()
-        ))
-        .bind(pg_array(pending.iter().map(|(_, w)| Some(w.id.as_str()))))
-        .bind(pg_array(texts.iter().map(|t| t.as_deref())))
-        .bind(first)
-        .execute(&mut *conn)
-        .await?;
-        Ok(())
+        let rows: Vec<(&str, &str)> =
+            pending.iter().zip(texts).map(|((_, w), t)| (w.id.as_str(), t.as_deref().unwrap_or("{}"))).collect();
+        self.store.insert_fresh(conn, self.org_id, &self.schema.name, self.now, first, &rows).await
     }
 
     /// [`BatchWriter::flush`]'s change events on PostgreSQL: every write, in one statement.

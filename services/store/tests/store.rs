@@ -536,6 +536,74 @@ mod batches {
         .await;
     }
 
+    /// Chunks that are not all new records are written right: on PostgreSQL a chunk is first
+    /// inserted as all new (no version lookup), and a record that exists (first, last or between
+    /// new ones) or a unique value sends it back to the general path with nothing left of the
+    /// attempt. Versions continue, seqs stay dense, every write has one change event, and a
+    /// unique value written by a batch is held.
+    #[tokio::test]
+    async fn chunks_of_new_existing_and_unique_records_keep_versions_and_seqs() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            s.upsert(&org, "account", accounts("x", 2), soon()).await.unwrap(); // x000, x001: seqs 1, 2
+            s.delete(&org, "account", vec!["x001".into()], soon()).await.unwrap(); // seq 3, a tombstone
+            let mut records = accounts("n", 3); // chunk 0: all new
+            records.extend(accounts("m", 2)); // chunk 1: new, then an existing record last
+            records.push(rec(json!({"code": "x000", "amount": 7})));
+            records.extend(accounts("t", 2)); // chunk 2: new, then the tombstone re-created
+            records.push(rec(json!({"code": "x001", "amount": 8})));
+            records.push(rec(json!({"code": "d000"}))); // chunk 3: an existing record between new ones
+            records.push(rec(json!({"code": "n000", "amount": 9})));
+            records.push(rec(json!({"code": "d001"})));
+            records.extend(accounts("u", 2)); // chunk 4: a unique value
+            records.push(rec(json!({"code": "u9", "email": "u9@x"})));
+            let batch = submit(s, &org, &new_batch(BatchOp::Upsert, 3), &records).await;
+            s.release_chunks("sched", ReleaseCaps { overall: 8, per_org: 8 }).await.unwrap();
+            for index in 0..5 {
+                assert_eq!(run(s, &batch, index).await, ChunkRun::Committed(ChunkState::Committed), "chunk {index}");
+            }
+            let org = org.as_str();
+            let get = |id: &'static str| async move { s.get(org, "account", id, soon()).await.unwrap() };
+            assert_eq!(get("n002").await.version, 1);
+            let x0 = get("x000").await;
+            assert_eq!((x0.version, x0.fields["amount"].as_i64()), (2, Some(7)));
+            assert_eq!(get("x001").await.version, 3, "re-created after its delete");
+            let n0 = get("n000").await;
+            assert_eq!((n0.version, n0.fields["amount"].as_i64()), (2, Some(9)));
+            assert_eq!(get("u9").await.fields["email"], json!("u9@x"));
+            // the unique value is held: another record cannot take it
+            let taken = s.upsert(org, "account", vec![rec(json!({"code": "v", "email": "u9@x"}))], soon()).await;
+            assert!(matches!(taken, Err(Error::Invalid(_))), "{taken:?}");
+
+            let events = s.changes_after(org, 3, 100).await.unwrap();
+            let seqs: Vec<i64> = events.iter().map(|e| e.seq).collect();
+            assert_eq!(seqs, (4..=18).collect::<Vec<_>>(), "dense seqs, one event a write");
+            let ids: Vec<(&str, i64)> = events.iter().map(|e| (e.record_id.as_str(), e.version)).collect();
+            let expected = [
+                ("n000", 1),
+                ("n001", 1),
+                ("n002", 1),
+                ("m000", 1),
+                ("m001", 1),
+                ("x000", 2),
+                ("t000", 1),
+                ("t001", 1),
+                ("x001", 3),
+                ("d000", 1),
+                ("n000", 2),
+                ("d001", 1),
+                ("u000", 1),
+                ("u001", 1),
+                ("u9", 1),
+            ];
+            assert_eq!(ids, expected);
+            assert_eq!(s.high_water(org).await.unwrap(), 18);
+            assert_eq!(s.count_records(org, "account").await.unwrap(), 14);
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn an_invalid_chunk_commits_nothing_and_names_batch_indexes() {
         each_backend(|t| async move {
