@@ -326,19 +326,26 @@ struct Endpoints {
     /// how many times since a standby that still names it as the leader was asked again instead
     /// of following it (at most [`GONE_ASKS`]).
     gone: Option<(String, u32)>,
+    /// Failed attempts since the last successful open: the backoff grows with them.
+    attempt: u32,
 }
 
-/// How many times a standby that names a gone primary as the leader is asked again before the
-/// client tries that primary anyway: enough for a takeover (with the 250 ms backoff, about 5 s
-/// against a 2 s lease), and then the client finds a primary restarted where it was, which a
+/// How many times a standby that names a gone primary as the leader is asked again, every
+/// [`TAKEOVER_POLL`], before the client tries that primary anyway: enough for a takeover (about
+/// 5 s against a 2 s lease), and then the client finds a primary restarted where it was, which a
 /// standby left out of the in-sync set keeps naming and never replaces.
-const GONE_ASKS: u32 = 20;
+const GONE_ASKS: u32 = 200;
+
+/// How soon a standby that is about to take over (it names a gone primary) is asked again. A
+/// standby takes over within milliseconds of a primary's resignation (SIGTERM), so the client's
+/// wait is this poll: with the growing backoff instead, a handover took 58 to 291 ms.
+const TAKEOVER_POLL: Duration = Duration::from_millis(25);
 
 impl Endpoints {
     /// `endpoints`: one address or several, comma-separated (`http://m1:7700,http://m2:7700`).
     fn new(endpoints: &str) -> Self {
         let all = endpoints.split(',').map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
-        Self { all, current: 0, hint: None, last_tried: String::new(), gone: None }
+        Self { all, current: 0, hint: None, last_tried: String::new(), gone: None, attempt: 0 }
     }
 
     fn next(&mut self) -> String {
@@ -347,13 +354,19 @@ impl Endpoints {
         next
     }
 
-    /// After a successful open.
+    /// After a successful open: the next failure is retried soon again.
     fn connected(&mut self) {
         self.gone = None;
+        self.attempt = 0;
     }
 
-    /// After a failed connection: follow the leader a standby named, or try the next manager.
-    fn failed(&mut self, status: &Status) {
+    /// After a failed connection or a broken channel: follow the leader a standby named, or try
+    /// the next manager. Returns how long to wait before [`Endpoints::next`]: a backoff that
+    /// grows from 20 to 250 ms with the failures since the last open, or [`TAKEOVER_POLL`] while
+    /// a standby is about to take over.
+    fn failed(&mut self, status: &Status) -> Duration {
+        self.attempt += 1;
+        let backoff = Duration::from_millis((10u64 << self.attempt.min(5)).min(250));
         let hint = status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok());
         match hint {
             Some(leader) if leader.starts_with("http://") || leader.starts_with("https://") => match &mut self.gone {
@@ -361,22 +374,21 @@ impl Endpoints {
                     // the standby has not noticed yet: ask it again, it is about to take over
                     *asked += 1;
                     self.hint = Some(self.last_tried.clone());
+                    TAKEOVER_POLL
                 }
                 _ => {
                     self.gone = None;
                     self.hint = Some(leader.to_owned());
+                    backoff
                 }
             },
             _ => {
                 self.gone = Some((self.last_tried.clone(), 0));
                 self.current = (self.current + 1) % self.all.len().max(1);
+                backoff
             }
         }
     }
-}
-
-fn backoff(attempt: u32) -> Duration {
-    Duration::from_millis((10u64 << attempt.min(5)).min(250))
 }
 
 /// How long opening a stream may take before the next manager is tried (a manager that is
@@ -423,13 +435,13 @@ impl ClientLoop {
     }
 
     /// One channel, on the shared stream to the next manager: open or resume, resend, then relay
-    /// until the channel breaks.
+    /// until the channel breaks (its error) or the user has gone (`Ok`).
     async fn connection(
         &mut self,
         commands: &mut mpsc::Receiver<ClientCommand>,
         responses: &mpsc::Sender<ClientResponse>,
         opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
-    ) -> Result<bool, Status> {
+    ) -> Result<(), Status> {
         let endpoint = self.endpoints.next();
         let open = pb::OpenSession {
             pool: self.pool.clone(),
@@ -443,7 +455,7 @@ impl ClientLoop {
         // nothing is sent before the session is open: resent requests come first, in order
         let first = channel.first(&endpoint).await?;
         if !self.event(first, &channel, responses, opened).await? {
-            return Ok(false);
+            return Ok(());
         }
         let ack_by = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(ack_by);
@@ -452,14 +464,14 @@ impl ClientLoop {
                 event = channel.next() => {
                     let waiting = !self.acks.is_empty();
                     if !self.event(event?, &channel, responses, opened).await? {
-                        return Ok(false);
+                        return Ok(());
                     }
                     if !waiting && !self.acks.is_empty() {
                         ack_by.as_mut().reset(tokio::time::Instant::now() + ACK_DELAY);
                     }
                 }
                 command = commands.recv() => {
-                    let Some(command) = command else { return Ok(false) };
+                    let Some(command) = command else { return Ok(()) };
                     self.request(command, &channel);
                 }
                 () = &mut ack_by, if !self.acks.is_empty() => {
@@ -589,26 +601,18 @@ impl ClientSession {
         };
         tokio::spawn(async move {
             let mut opened = Some(opened_tx);
-            let mut attempt = 0;
             loop {
-                match state.connection(&mut command_rx, &response_tx, &mut opened).await {
-                    Ok(false) => return,
-                    Ok(true) => attempt = 0,
-                    Err(status) => {
-                        let fatal = matches!(status.code(), Code::NotFound | Code::InvalidArgument);
-                        if fatal {
-                            tracing::warn!(error = %status, "client session: giving up");
-                            if let Some(opened) = opened.take() {
-                                let _ = opened.send(Err(status));
-                            }
-                            return;
-                        }
-                        tracing::debug!(error = %status, "client session: reconnecting");
-                        state.endpoints.failed(&status);
+                let Err(status) = state.connection(&mut command_rx, &response_tx, &mut opened).await else { return };
+                if matches!(status.code(), Code::NotFound | Code::InvalidArgument) {
+                    tracing::warn!(error = %status, "client session: giving up");
+                    if let Some(opened) = opened.take() {
+                        let _ = opened.send(Err(status));
                     }
+                    return;
                 }
-                attempt += 1;
-                tokio::time::sleep(backoff(attempt)).await;
+                tracing::debug!(error = %status, "client session: reconnecting");
+                let delay = state.endpoints.failed(&status);
+                tokio::time::sleep(delay).await;
             }
         });
         let session_id = tokio::time::timeout(Duration::from_secs(60), opened_rx)
@@ -709,12 +713,12 @@ struct ServerLoop {
 
 impl ServerLoop {
     /// One channel, on the shared stream to the next manager: register, resend, then relay until
-    /// the channel breaks.
+    /// the channel breaks (its error) or the user has gone (`Ok`).
     async fn connection(
         &mut self,
         replies: &mut mpsc::Receiver<pb::ServerReply>,
         events: &mpsc::Sender<ServerEvent>,
-    ) -> Result<bool, Status> {
+    ) -> Result<(), Status> {
         let endpoint = self.endpoints.next();
         let register = pb::RegisterServer {
             pool: self.pool.clone(),
@@ -727,17 +731,17 @@ impl ServerLoop {
         }
         let first = channel.first(&endpoint).await?;
         if !self.event(first, &channel, events).await? {
-            return Ok(false);
+            return Ok(());
         }
         loop {
             tokio::select! {
                 event = channel.next() => {
                     if !self.event(event?, &channel, events).await? {
-                        return Ok(false);
+                        return Ok(());
                     }
                 }
                 reply = replies.recv() => {
-                    let Some(reply) = reply else { return Ok(false) };
+                    let Some(reply) = reply else { return Ok(()) };
                     let key = (reply.session_id.clone(), reply.seq);
                     self.in_flight.remove(&key);
                     self.unaccepted.insert(key, reply.clone());
@@ -807,20 +811,13 @@ impl ServerSession {
             in_flight: HashSet::new(),
         };
         tokio::spawn(async move {
-            let mut attempt = 0;
             loop {
-                match state.connection(&mut reply_rx, &event_tx).await {
-                    Ok(false) => return,
-                    Ok(true) => attempt = 0,
-                    Err(status) => {
-                        tracing::debug!(error = %status, "server session: reconnecting");
-                        state.endpoints.failed(&status);
-                    }
-                }
+                let Err(status) = state.connection(&mut reply_rx, &event_tx).await else { return };
+                tracing::debug!(error = %status, "server session: reconnecting");
                 // requests in flight are delivered again by the manager after a reconnect
                 state.in_flight.clear();
-                attempt += 1;
-                tokio::time::sleep(backoff(attempt)).await;
+                let delay = state.endpoints.failed(&status);
+                tokio::time::sleep(delay).await;
             }
         });
         Self { events, replies }
@@ -1030,15 +1027,35 @@ mod tests {
         let (p, s) = ("http://p:1", "http://s:2");
         let mut endpoints = Endpoints::new(&format!("{p},{s}"));
         assert_eq!(endpoints.next(), p);
-        endpoints.failed(&Status::unavailable("the stream broke"));
-        // the standby names the primary that just went away: it is asked again, a while
+        assert_eq!(endpoints.failed(&Status::unavailable("the stream broke")), Duration::from_millis(20));
+        // the standby names the primary that just went away: it is asked again, often, a while
         for _ in 0..GONE_ASKS {
             assert_eq!(endpoints.next(), s);
-            endpoints.failed(&naming(p));
+            assert_eq!(endpoints.failed(&naming(p)), TAKEOVER_POLL);
         }
-        // then the primary is tried (restarted where it was, a stale standby names it forever)
+        // then the primary is tried (restarted where it was, a stale standby names it forever),
+        // after a backoff grown with every failure
         assert_eq!(endpoints.next(), s);
-        endpoints.failed(&naming(p));
+        assert_eq!(endpoints.failed(&naming(p)), Duration::from_millis(250));
         assert_eq!(endpoints.next(), p);
+    }
+
+    /// The backoff grows with failures in a row and starts again after a successful open: it
+    /// had grown over a process's life, so each handover waited longer (58 ms, then 72, 109, 186
+    /// and 280 ms from the fifth on, in `bench manager`).
+    #[test]
+    fn the_backoff_starts_again_after_each_successful_open() {
+        let mut endpoints = Endpoints::new("http://a:1,http://b:2");
+        let broke = || Status::unavailable("the stream broke");
+        for round in 0..3 {
+            let delays: Vec<u64> = (0..6)
+                .map(|_| {
+                    endpoints.next();
+                    endpoints.failed(&broke()).as_millis() as u64
+                })
+                .collect();
+            assert_eq!(delays, [20, 40, 80, 160, 250, 250], "round {round}");
+            endpoints.connected();
+        }
     }
 }
