@@ -218,6 +218,64 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     assert!(distinct.len() >= 6, "the first primary and five successors acknowledged: {distinct:?}");
 }
 
+/// SIGTERM of the primary hands over at once, ten times in a row: the primary stops
+/// acknowledging, resigns and exits cleanly, and the in-sync standby accepts the client's next
+/// request under a newer term within 1 s, half the 2 s lease that a primary gone without
+/// resigning leaves the standby to wait out (`bench manager` measures about 50 ms). Every request
+/// is still answered exactly once. (A primary that exited before its resignation went out, one
+/// SIGTERM in ten in `bench manager`, failed this test in two runs of five.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigtermed_primary_hands_over_well_within_its_lease() {
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/sigterm-{}", std::process::id());
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    let mut members =
+        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
+    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let (_w1, _seen) = echo_server(&endpoints, "w1");
+    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    let responses = Arc::new(Mutex::new(BTreeMap::<u64, Vec<u64>>::new()));
+    let received = responses.clone();
+    let receiver = tokio::spawn(async move {
+        while let Some(r) = client.recv().await {
+            received.lock().unwrap().entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+        }
+    });
+    let mut n = 0u64;
+    let mut handovers = Vec::new();
+    for round in 1..=10 {
+        let (primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+        n += 1;
+        let before = sender.send_stamped(payload(n), Vec::new()).await.unwrap().term;
+        let mut leaving = members.remove(primary);
+        let signalled = tokio::time::Instant::now();
+        let (exit, handover) = tokio::join!(leaving.terminate(Duration::from_secs(5)), async {
+            // each request waits for the next primary; at most 50 of them, 10 s in all
+            for _ in 0..50 {
+                n += 1;
+                let accepted =
+                    tokio::time::timeout(Duration::from_secs(10), sender.send_stamped(payload(n), Vec::new()))
+                        .await
+                        .unwrap_or_else(|_| panic!("round {round}: request {n} not accepted within 10s"))
+                        .unwrap();
+                if accepted.term > before {
+                    return signalled.elapsed();
+                }
+            }
+            panic!("round {round}: 50 requests accepted by the primary that was sent SIGTERM")
+        });
+        let exit = exit.unwrap_or_else(|| panic!("round {round}: the primary did not exit within 5s of SIGTERM"));
+        assert!(exit.success(), "round {round}: the primary exited with {exit}");
+        handovers.push(handover);
+        members.insert(primary, leaving.restart(&[]));
+    }
+    assert!(handovers.iter().all(|h| *h < Duration::from_secs(1)), "handovers: {handovers:?}");
+    assert_answered_once(&responses, n).await;
+    receiver.abort();
+}
+
 /// The standby reports NOT_SERVING and answers UNAVAILABLE naming the primary; the primary is
 /// SERVING; grpcurl lists, describes and calls the manager.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
