@@ -218,6 +218,61 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     assert!(distinct.len() >= 6, "the first primary and five successors acknowledged: {distinct:?}");
 }
 
+/// A server session in a process of its own (`baton-bench echo-server`) is SIGKILLed while it
+/// serves a client session: its connection dies without a goodbye, and after the grace the
+/// session moves to the other server of the pool with the restart data the killed one last
+/// journaled and its unanswered requests. Every request is answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sigkilled_server_process_hands_its_sessions_over_with_their_restart_data() {
+    let dir = TempDir::new();
+    let manager = start_manager(&dir, "127.0.0.1:0");
+    let endpoint = format!("http://{}", manager.addr);
+    let mut killed = std::process::Command::new(env!("CARGO_BIN_EXE_baton-bench"))
+        .args(["echo-server", &endpoint, "echo", "w1"])
+        .spawn()
+        .expect("start baton-bench echo-server");
+    baton_tests::eventually(Duration::from_secs(30), "w1 registered", || async {
+        (status(&manager).await.servers == 1).then_some(())
+    })
+    .await;
+    let mut client = ClientSession::open(&endpoint, "echo", b"client".to_vec()).await.unwrap();
+    let session = client.session_id().to_owned();
+    assert_eq!(bound_server(&manager, &session).await, "w1");
+    let (_w2, seen2) = echo_server(&endpoint, "w2");
+    let sender = client.sender();
+    let responses = Arc::new(Mutex::new(BTreeMap::<u64, Vec<u64>>::new()));
+    let received = responses.clone();
+    let receiver = tokio::spawn(async move {
+        while let Some(r) = client.recv().await {
+            received.lock().unwrap().entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+        }
+    });
+    let total = 100u64;
+    for n in 1..=total {
+        assert_eq!(sender.send(payload(n), Vec::new()).await.unwrap(), n);
+        if n == 50 {
+            // the first 50 answered by w1, then SIGKILL while requests keep coming
+            baton_tests::eventually(Duration::from_secs(30), "w1 answered 50", || async {
+                (responses.lock().unwrap().len() >= 50).then_some(())
+            })
+            .await;
+            killed.kill().unwrap();
+            killed.wait().unwrap();
+        }
+    }
+    assert_answered_once(&responses, total).await;
+    receiver.abort();
+    assert_eq!(bound_server(&manager, &session).await, "w2");
+    let bound = seen2.lock().unwrap().bound.iter().find(|(s, _)| s == &session).cloned();
+    let (_, restart) = bound.expect("the session was bound to w2");
+    let restart = String::from_utf8(restart).unwrap();
+    // w1 answered at least the first 50 (a reply it sent but the manager did not journal is
+    // answered again by w2)
+    let answered: u64 =
+        restart.strip_prefix("w1:").and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("{restart:?}"));
+    assert!((50..=total).contains(&answered), "restart data of the killed server: {restart:?}");
+}
+
 /// SIGTERM of the primary hands over at once, ten times in a row: the primary stops
 /// acknowledging, resigns and exits cleanly, and the in-sync standby accepts the client's next
 /// request under a newer term within 1 s, half the 2 s lease that a primary gone without

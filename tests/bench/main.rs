@@ -269,6 +269,24 @@ fn echo_servers(endpoint: &str, pool: &str, n: usize) -> Vec<tokio::task::JoinHa
         .collect()
 }
 
+/// One echo server session in this process, until it is killed: answers each request with its
+/// payload and the restart data `SERVER_ID:COUNT` (how many requests it answered). The manager's
+/// end-to-end tests SIGKILL it; by hand, it answers a client session of its pool.
+async fn echo_server(endpoint: &str, pool: &str, id: &str) {
+    let mut session = baton_manager::client::ServerSession::register(endpoint, pool, id);
+    eprintln!("echo server {id}: registering in pool {pool} at {endpoint}");
+    let mut count = 0u64;
+    while let Some(event) = session.next().await {
+        if let baton_manager::client::ServerEvent::Request { session_id, seq, payload, .. } = event {
+            count += 1;
+            let restart = format!("{id}:{count}").into_bytes();
+            if session.reply(&session_id, seq, payload.unwrap_or_default(), restart).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 async fn manager_status(server: &Server) -> Option<pb::ManagerStatus> {
     let channel =
         tonic::transport::Endpoint::from_shared(format!("http://{}", server.addr)).ok()?.connect().await.ok()?;
@@ -823,13 +841,24 @@ async fn main() {
         "manager" => manager(seconds).await,
         "batch" => batch().await,
         "export" => export().await,
+        "echo-server" => {
+            let mut arg = |what: &str| {
+                args.next().unwrap_or_else(|| {
+                    eprintln!("baton-bench echo-server ENDPOINT POOL SERVER_ID: {what} is missing");
+                    std::process::exit(64)
+                })
+            };
+            let (endpoint, pool, id) = (arg("ENDPOINT"), arg("POOL"), arg("SERVER_ID"));
+            echo_server(&endpoint, &pool, &id).await
+        }
         "chaos-manager" => {
             let count = args.next().and_then(|c| c.parse().ok()).unwrap_or(50);
             chaos_manager(count).await
         }
         other => {
             eprintln!(
-                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, batch, export, chaos-manager [COUNT]"
+                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, batch, export, chaos-manager [COUNT], \
+                 echo-server ENDPOINT POOL SERVER_ID"
             );
             std::process::exit(64);
         }
