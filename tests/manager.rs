@@ -218,6 +218,16 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     assert!(distinct.len() >= 6, "the first primary and five successors acknowledged: {distinct:?}");
 }
 
+/// A child process, SIGKILLed and reaped when dropped.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A server session in a process of its own (`baton-bench echo-server`) is SIGKILLed while it
 /// serves a client session: its connection dies without a goodbye, and after the grace the
 /// session moves to the other server of the pool with the restart data the killed one last
@@ -227,10 +237,12 @@ async fn a_sigkilled_server_process_hands_its_sessions_over_with_their_restart_d
     let dir = TempDir::new();
     let manager = start_manager(&dir, "127.0.0.1:0");
     let endpoint = format!("http://{}", manager.addr);
-    let mut killed = std::process::Command::new(env!("CARGO_BIN_EXE_baton-bench"))
-        .args(["echo-server", &endpoint, "echo", "w1"])
-        .spawn()
-        .expect("start baton-bench echo-server");
+    let mut w1 = Some(Reaped(
+        std::process::Command::new(env!("CARGO_BIN_EXE_baton-bench"))
+            .args(["echo-server", &endpoint, "echo", "w1"])
+            .spawn()
+            .expect("start baton-bench echo-server"),
+    ));
     baton_tests::eventually(Duration::from_secs(30), "w1 registered", || async {
         (status(&manager).await.servers == 1).then_some(())
     })
@@ -256,8 +268,7 @@ async fn a_sigkilled_server_process_hands_its_sessions_over_with_their_restart_d
                 (responses.lock().unwrap().len() >= 50).then_some(())
             })
             .await;
-            killed.kill().unwrap();
-            killed.wait().unwrap();
+            drop(w1.take()); // SIGKILL
         }
     }
     assert_answered_once(&responses, total).await;
