@@ -49,6 +49,21 @@ fn echo_server(endpoint: &str, id: &'static str) -> (tokio::task::JoinHandle<()>
     (task, seen)
 }
 
+/// The numbers each request was answered with, by request seq.
+type Answers = Arc<Mutex<BTreeMap<u64, Vec<u64>>>>;
+
+/// Receives `client`'s responses into [`Answers`] until the returned task is aborted.
+fn record_answers(mut client: ClientSession) -> (Answers, tokio::task::JoinHandle<()>) {
+    let answers = Answers::default();
+    let received = answers.clone();
+    let task = tokio::spawn(async move {
+        while let Some(r) = client.recv().await {
+            received.lock().unwrap().entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+        }
+    });
+    (answers, task)
+}
+
 /// Waits (at most 60 s) for `total` answers, then checks that requests 1..=total were each
 /// answered exactly once, with their own echo.
 async fn assert_answered_once(responses: &Mutex<BTreeMap<u64, Vec<u64>>>, total: u64) {
@@ -107,16 +122,10 @@ async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
     let endpoint = format!("http://{addr}");
     let (w1, seen1) = echo_server(&endpoint, "w1");
     let (w2, seen2) = echo_server(&endpoint, "w2");
-    let mut client = ClientSession::open(&endpoint, "echo", b"client-restart".to_vec()).await.unwrap();
+    let client = ClientSession::open(&endpoint, "echo", b"client-restart".to_vec()).await.unwrap();
     let session = client.session_id().to_owned();
     let sender = client.sender();
-    let responses = Arc::new(Mutex::new(BTreeMap::<u64, Vec<u64>>::new()));
-    let received = responses.clone();
-    let receiver = tokio::spawn(async move {
-        while let Some(r) = client.recv().await {
-            received.lock().unwrap().entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-        }
-    });
+    let (responses, receiver) = record_answers(client);
     let total = 300u64;
     let mut first_term = 0;
     let mut killed_server = None;
@@ -170,15 +179,9 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     let (_, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let (_w1, _seen1) = echo_server(&endpoints, "w1");
     let (_w2, _seen2) = echo_server(&endpoints, "w2");
-    let mut client = ClientSession::open(&endpoints, "echo", b"client".to_vec()).await.unwrap();
+    let client = ClientSession::open(&endpoints, "echo", b"client".to_vec()).await.unwrap();
     let sender = client.sender();
-    let responses = Arc::new(Mutex::new(BTreeMap::<u64, Vec<u64>>::new()));
-    let received = responses.clone();
-    let receiver = tokio::spawn(async move {
-        while let Some(r) = client.recv().await {
-            received.lock().unwrap().entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-        }
-    });
+    let (responses, receiver) = record_answers(client);
     let total = 300u64;
     let mut terms = vec![first.term];
     // the term stamped on each request's acknowledgment, in request order
@@ -247,18 +250,12 @@ async fn a_sigkilled_server_process_hands_its_sessions_over_with_their_restart_d
         (status(&manager).await.servers == 1).then_some(())
     })
     .await;
-    let mut client = ClientSession::open(&endpoint, "echo", b"client".to_vec()).await.unwrap();
+    let client = ClientSession::open(&endpoint, "echo", b"client".to_vec()).await.unwrap();
     let session = client.session_id().to_owned();
     assert_eq!(bound_server(&manager, &session).await, "w1");
     let (_w2, seen2) = echo_server(&endpoint, "w2");
     let sender = client.sender();
-    let responses = Arc::new(Mutex::new(BTreeMap::<u64, Vec<u64>>::new()));
-    let received = responses.clone();
-    let receiver = tokio::spawn(async move {
-        while let Some(r) = client.recv().await {
-            received.lock().unwrap().entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-        }
-    });
+    let (responses, receiver) = record_answers(client);
     let total = 100u64;
     for n in 1..=total {
         assert_eq!(sender.send(payload(n), Vec::new()).await.unwrap(), n);
@@ -300,15 +297,9 @@ async fn a_sigtermed_primary_hands_over_well_within_its_lease() {
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let (_w1, _seen) = echo_server(&endpoints, "w1");
-    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
-    let responses = Arc::new(Mutex::new(BTreeMap::<u64, Vec<u64>>::new()));
-    let received = responses.clone();
-    let receiver = tokio::spawn(async move {
-        while let Some(r) = client.recv().await {
-            received.lock().unwrap().entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-        }
-    });
+    let (responses, receiver) = record_answers(client);
     let mut n = 0u64;
     let mut handovers = Vec::new();
     for round in 1..=10 {
