@@ -162,7 +162,9 @@ async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
 
 /// Two managers on a real etcd: the primary is SIGKILLed five times while a client session sends
 /// through a pool of two server sessions; each time the in-sync standby takes over with a higher
-/// term, and the killed one rejoins as a standby. Every request is answered exactly once.
+/// term, and the killed one rejoins as a standby. Every request is answered exactly once, every
+/// acknowledgment carries the term of a primary that journaled it, and each new primary binds the
+/// session again with its restart data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     if let Ok(filter) = std::env::var("BATON_E2E_LOG") {
@@ -177,9 +179,10 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
         vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     let (_, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-    let (_w1, _seen1) = echo_server(&endpoints, "w1");
-    let (_w2, _seen2) = echo_server(&endpoints, "w2");
+    let (_w1, seen1) = echo_server(&endpoints, "w1");
+    let (_w2, seen2) = echo_server(&endpoints, "w2");
     let client = ClientSession::open(&endpoints, "echo", b"client".to_vec()).await.unwrap();
+    let session = client.session_id().to_owned();
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
     let total = 300u64;
@@ -194,6 +197,11 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
         assert_eq!(accepted.seq, n);
         ack_terms.push(accepted.term);
         if n % 50 == 0 && n <= 250 {
+            // the requests so far answered: a server is bound under this primary
+            baton_tests::eventually(Duration::from_secs(30), "the requests answered", || async {
+                (responses.lock().unwrap().len() as u64 >= n).then_some(())
+            })
+            .await;
             let (primary, status) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
             assert!(status.term >= *terms.last().unwrap());
             terms.push(status.term);
@@ -219,6 +227,28 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     let mut distinct = ack_terms.clone();
     distinct.dedup();
     assert!(distinct.len() >= 6, "the first primary and five successors acknowledged: {distinct:?}");
+    // Restart data on every rebinding: each new primary binds the session again to the server
+    // that registers with it, with the restart data of the last reply journaled (`wN:COUNT`, the
+    // echo server's count of answers, which never goes back for one server).
+    let mut rebinds = 0;
+    for (server, seen) in [("w1", &seen1), ("w2", &seen2)] {
+        let mut last = 0;
+        for (_, restart) in seen.lock().unwrap().bound.iter().filter(|(s, _)| *s == session) {
+            if restart.is_empty() {
+                continue; // a binding before any reply was journaled: the first
+            }
+            let text = String::from_utf8(restart.clone()).unwrap();
+            let (from, count) = text.split_once(':').unwrap_or_else(|| panic!("restart data {text:?}"));
+            let count: u64 = count.parse().unwrap_or_else(|_| panic!("restart data {text:?}"));
+            assert!(from == "w1" || from == "w2", "restart data {text:?}");
+            if from == server {
+                assert!(count >= last, "{server} was bound with {text:?} after {server}:{last}");
+                last = count;
+            }
+            rebinds += 1;
+        }
+    }
+    assert!(rebinds >= 5, "the session was bound again after each takeover, with restart data: {rebinds}");
 }
 
 /// A child process, SIGKILLed and reaped when dropped.

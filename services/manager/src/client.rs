@@ -153,8 +153,9 @@ async fn connect(endpoint: &str) -> Result<Mux, Status> {
 /// The status a `ChannelClosed` event stands for, with the leader it names as metadata.
 fn closed_status(closed: pb::ChannelClosed) -> Status {
     let mut status = Status::new(Code::from(closed.code), closed.message);
-    if let Ok(leader) = closed.leader.parse()
-        && !closed.leader.is_empty()
+    // a standby names the leader it knows, or none (empty); other closes name nothing
+    if closed.code == Code::Unavailable as i32
+        && let Ok(leader) = closed.leader.parse()
     {
         status.metadata_mut().insert(crate::service::LEADER_METADATA, leader);
     }
@@ -322,14 +323,20 @@ struct Endpoints {
     current: usize,
     hint: Option<String>,
     last_tried: String,
-    /// The manager whose stream failed, without naming a leader, while the session was open on
-    /// it (a primary that went away), and how many times since a standby that still names it as
-    /// the leader was asked again instead of following it (at most [`GONE_ASKS`]).
+    /// The manager that failed, without naming a leader, while the session was open on it, or
+    /// that a standby had named as the primary (a primary that went away), and how many times
+    /// since a standby that still names it as the leader was asked again instead of following it
+    /// (at most [`GONE_ASKS`]).
     gone: Option<(String, u32)>,
     /// The manager the session is open on, until it fails.
     open: Option<String>,
+    /// The leader a standby named, while the session tries it.
+    named: Option<String>,
     /// Failed attempts since the last successful open: the backoff grows with them.
     attempt: u32,
+    /// Standby answers since the last successful open, each followed by a [`TAKEOVER_POLL`]
+    /// (at most [`GONE_ASKS`] of them, then the backoff).
+    polls: u32,
 }
 
 /// How many times a standby that names a gone primary as the leader is asked again, every
@@ -338,16 +345,28 @@ struct Endpoints {
 /// standby left out of the in-sync set keeps naming and never replaces.
 const GONE_ASKS: u32 = 200;
 
-/// How soon a standby that is about to take over (it names a gone primary) is asked again. A
+/// How soon a manager is asked again after a standby answered (a takeover may be under way): a
 /// standby takes over within milliseconds of a primary's resignation (SIGTERM), so the client's
-/// wait is this poll: with the growing backoff instead, a handover took 58 to 291 ms.
+/// wait is this poll. With the growing backoff instead, a handover took 58 to 291 ms, and server
+/// sessions that fell one takeover behind kept a 250 ms pace and could miss a short-lived
+/// primary altogether.
 const TAKEOVER_POLL: Duration = Duration::from_millis(25);
 
 impl Endpoints {
     /// `endpoints`: one address or several, comma-separated (`http://m1:7700,http://m2:7700`).
     fn new(endpoints: &str) -> Self {
         let all = endpoints.split(',').map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
-        Self { all, current: 0, hint: None, last_tried: String::new(), gone: None, open: None, attempt: 0 }
+        Self {
+            all,
+            current: 0,
+            hint: None,
+            last_tried: String::new(),
+            gone: None,
+            open: None,
+            named: None,
+            attempt: 0,
+            polls: 0,
+        }
     }
 
     fn next(&mut self) -> String {
@@ -361,43 +380,52 @@ impl Endpoints {
         self.gone = None;
         self.open = Some(self.last_tried.clone());
         self.attempt = 0;
+        self.polls = 0;
     }
 
     /// After a failed connection or a broken channel: follow the leader a standby named, or try
-    /// the next manager. Returns how long to wait before [`Endpoints::next`]: a backoff that
-    /// grows from 20 to 250 ms with the failures since the last open, or [`TAKEOVER_POLL`] while
-    /// a standby is about to take over.
+    /// the next manager. Returns how long to wait before [`Endpoints::next`]: [`TAKEOVER_POLL`]
+    /// after a standby's answer, else a backoff that grows from 20 to 250 ms with the failures
+    /// since the last open.
     fn failed(&mut self, status: &Status) -> Duration {
         self.attempt += 1;
         let was_open = self.open.take().is_some_and(|open| open == self.last_tried);
-        let backoff = Duration::from_millis((10u64 << self.attempt.min(5)).min(250));
-        let hint = status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok());
-        match hint {
+        let was_named = self.named.take().is_some_and(|named| named == self.last_tried);
+        // a standby answers with the leader it knows, empty when it knows none
+        let leader = status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok());
+        let delay = if leader.is_some() && self.polls < GONE_ASKS {
+            self.polls += 1;
+            TAKEOVER_POLL
+        } else {
+            Duration::from_millis((10u64 << self.attempt.min(5)).min(250))
+        };
+        match leader {
             Some(leader) if leader.starts_with("http://") || leader.starts_with("https://") => match &mut self.gone {
                 Some((gone, asked)) if gone == leader && *asked < GONE_ASKS => {
                     // the standby has not noticed yet: ask it again, it is about to take over
                     *asked += 1;
                     self.hint = Some(self.last_tried.clone());
-                    TAKEOVER_POLL
                 }
                 _ => {
                     self.gone = None;
                     self.hint = Some(leader.to_owned());
-                    backoff
+                    self.named = Some(leader.to_owned());
                 }
             },
             _ => {
-                // Only a stream that breaks while the session is open on it is a primary gone.
-                // A standby being asked also ends its streams, as it takes over for one: taking
-                // it for a gone primary had the client ask the other manager, which names it as
-                // the new primary, again and again for 5 s.
-                if was_open {
+                // A primary gone: its stream broke while the session was open on it, or a
+                // standby named it and it is not the primary. Not a standby being asked that
+                // ends its streams, as it does when it takes over: taking it for a gone primary
+                // had the client ask the other manager, which names it as the new primary, again
+                // and again for 5 s.
+                if was_open || was_named {
                     self.gone = Some((self.last_tried.clone(), 0));
                 }
-                self.current = (self.current + 1) % self.all.len().max(1);
-                backoff
+                let tried = self.all.iter().position(|e| *e == self.last_tried).unwrap_or(self.current);
+                self.current = (tried + 1) % self.all.len().max(1);
             }
         }
+        delay
     }
 }
 
@@ -1072,6 +1100,31 @@ mod tests {
         assert_eq!(endpoints.next(), p);
         endpoints.failed(&naming(s));
         assert_eq!(endpoints.next(), s, "the new primary is followed");
+    }
+
+    /// A session that was not open on the primary that went away (it fell a takeover behind)
+    /// learns it is gone when the leader a standby named answers that it is a standby itself: it
+    /// then asks the naming standby again, soon, rather than going back and forth between the two
+    /// at the backoff's pace (250 ms), which could miss a short-lived primary.
+    #[test]
+    fn a_named_leader_that_is_a_standby_is_taken_for_gone() {
+        let (x, s) = ("http://x:1", "http://s:2");
+        let mut endpoints = Endpoints::new(&format!("{x},{s}"));
+        let knows_none = || naming("");
+        assert_eq!(endpoints.next(), x);
+        endpoints.failed(&Status::unavailable("cannot connect")); // x is down
+        assert_eq!(endpoints.next(), s);
+        // s names x (its lease has not run out): x is followed, soon
+        assert_eq!(endpoints.failed(&naming(x)), TAKEOVER_POLL);
+        assert_eq!(endpoints.next(), x);
+        // x, restarted, is a standby that knows no primary yet: it is gone as a primary
+        assert_eq!(endpoints.failed(&knows_none()), TAKEOVER_POLL);
+        assert_eq!(endpoints.next(), s);
+        // s still names x: s is asked again until it takes over
+        for _ in 0..3 {
+            assert_eq!(endpoints.failed(&naming(x)), TAKEOVER_POLL);
+            assert_eq!(endpoints.next(), s);
+        }
     }
 
     /// The backoff grows with failures in a row and starts again after a successful open: it
