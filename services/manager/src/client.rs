@@ -324,26 +324,27 @@ struct Endpoints {
     hint: Option<String>,
     last_tried: String,
     /// The manager that failed, without naming a leader, while the session was open on it, or
-    /// that a standby had named as the primary (a primary that went away), and how many times
-    /// since a standby that still names it as the leader was asked again instead of following it
-    /// (at most [`GONE_ASKS`]).
-    gone: Option<(String, u32)>,
+    /// that a standby had named as the primary (a primary that went away), and since when: for
+    /// [`GONE_WAIT`] a standby that still names it as the leader is asked again instead of
+    /// followed.
+    gone: Option<(String, std::time::Instant)>,
     /// The manager the session is open on, until it fails.
     open: Option<String>,
     /// The leader a standby named, while the session tries it.
     named: Option<String>,
     /// Failed attempts since the last successful open: the backoff grows with them.
     attempt: u32,
-    /// Standby answers since the last successful open, each followed by a [`TAKEOVER_POLL`]
-    /// (at most [`GONE_ASKS`] of them, then the backoff).
-    polls: u32,
+    /// The first standby answer since the last successful open: for [`GONE_WAIT`] after it, each
+    /// standby answer is followed by a [`TAKEOVER_POLL`], then by the backoff.
+    polling_since: Option<std::time::Instant>,
 }
 
-/// How many times a standby that names a gone primary as the leader is asked again, every
-/// [`TAKEOVER_POLL`], before the client tries that primary anyway: enough for a takeover (about
-/// 5 s against a 2 s lease), and then the client finds a primary restarted where it was, which a
-/// standby left out of the in-sync set keeps naming and never replaces.
-const GONE_ASKS: u32 = 200;
+/// How long a standby that names a gone primary as the leader is asked again before the client
+/// tries that primary anyway, and how long standby answers are polled for: enough for a takeover
+/// (a 2 s lease), and then the client finds a primary restarted where it was, which a standby
+/// left out of the in-sync set keeps naming and never replaces. A count of asks would stretch
+/// with the delay between them (200 asks took 5 s at the poll, 50 s at the backoff).
+const GONE_WAIT: Duration = Duration::from_secs(5);
 
 /// How soon a manager is asked again after a standby answered (a takeover may be under way): a
 /// standby takes over within milliseconds of a primary's resignation (SIGTERM), so the client's
@@ -365,7 +366,7 @@ impl Endpoints {
             open: None,
             named: None,
             attempt: 0,
-            polls: 0,
+            polling_since: None,
         }
     }
 
@@ -380,7 +381,7 @@ impl Endpoints {
         self.gone = None;
         self.open = Some(self.last_tried.clone());
         self.attempt = 0;
-        self.polls = 0;
+        self.polling_since = None;
     }
 
     /// After a failed connection or a broken channel: follow the leader a standby named, or try
@@ -388,22 +389,25 @@ impl Endpoints {
     /// after a standby's answer, else a backoff that grows from 20 to 250 ms with the failures
     /// since the last open.
     fn failed(&mut self, status: &Status) -> Duration {
+        self.failed_at(status, std::time::Instant::now())
+    }
+
+    /// [`Endpoints::failed`] at `now`.
+    fn failed_at(&mut self, status: &Status, now: std::time::Instant) -> Duration {
         self.attempt += 1;
         let was_open = self.open.take().is_some_and(|open| open == self.last_tried);
         let was_named = self.named.take().is_some_and(|named| named == self.last_tried);
         // a standby answers with the leader it knows, empty when it knows none
         let leader = status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok());
-        let delay = if leader.is_some() && self.polls < GONE_ASKS {
-            self.polls += 1;
+        let delay = if leader.is_some() && now - *self.polling_since.get_or_insert(now) < GONE_WAIT {
             TAKEOVER_POLL
         } else {
             Duration::from_millis((10u64 << self.attempt.min(5)).min(250))
         };
         match leader {
             Some(leader) if leader.starts_with("http://") || leader.starts_with("https://") => match &mut self.gone {
-                Some((gone, asked)) if gone == leader && *asked < GONE_ASKS => {
+                Some((gone, since)) if gone == leader && now - *since < GONE_WAIT => {
                     // the standby has not noticed yet: ask it again, it is about to take over
-                    *asked += 1;
                     self.hint = Some(self.last_tried.clone());
                 }
                 _ => {
@@ -419,7 +423,7 @@ impl Endpoints {
                 // had the client ask the other manager, which names it as the new primary, again
                 // and again for 5 s.
                 if was_open || was_named {
-                    self.gone = Some((self.last_tried.clone(), 0));
+                    self.gone = Some((self.last_tried.clone(), now));
                 }
                 let tried = self.all.iter().position(|e| *e == self.last_tried).unwrap_or(self.current);
                 self.current = (tried + 1) % self.all.len().max(1);
@@ -1060,23 +1064,46 @@ mod tests {
         });
     }
 
+    /// A session that was open on a primary that went away asks the standby that still names it,
+    /// every [`TAKEOVER_POLL`] for [`GONE_WAIT`]; then it tries the named primary (restarted
+    /// where it was, a stale standby names it forever), and while that one is down, asks the
+    /// standby again at the backoff's pace, for [`GONE_WAIT`] again, not for a number of asks.
     #[test]
     fn a_standby_naming_a_gone_primary_is_asked_again_then_the_primary_is_tried() {
         let (p, s) = ("http://p:1", "http://s:2");
         let mut endpoints = Endpoints::new(&format!("{p},{s}"));
+        let mut now = std::time::Instant::now();
         assert_eq!(endpoints.next(), p);
         endpoints.connected();
-        assert_eq!(endpoints.failed(&Status::unavailable("the stream broke")), Duration::from_millis(20));
-        // the standby names the primary that just went away: it is asked again, often, a while
-        for _ in 0..GONE_ASKS {
-            assert_eq!(endpoints.next(), s);
-            assert_eq!(endpoints.failed(&naming(p)), TAKEOVER_POLL);
+        assert_eq!(endpoints.failed_at(&Status::unavailable("the stream broke"), now), Duration::from_millis(20));
+        let gone_at = now;
+        // every 25 ms: the standby, until GONE_WAIT has passed; then the primary
+        let mut asks = 0;
+        while endpoints.next() == s {
+            asks += 1;
+            assert!(asks <= 201, "the standby was asked {asks} times");
+            let delay = endpoints.failed_at(&naming(p), now);
+            if now - gone_at < GONE_WAIT {
+                assert_eq!(delay, TAKEOVER_POLL);
+            }
+            now += delay;
         }
-        // then the primary is tried (restarted where it was, a stale standby names it forever),
-        // after a backoff grown with every failure
-        assert_eq!(endpoints.next(), s);
-        assert_eq!(endpoints.failed(&naming(p)), Duration::from_millis(250));
-        assert_eq!(endpoints.next(), p);
+        assert_eq!((asks, now - gone_at >= GONE_WAIT), (201, true));
+        // the primary is still down: the standby again, every 250 ms now, for GONE_WAIT
+        let backoff = Duration::from_millis(250);
+        assert_eq!(endpoints.failed_at(&Status::unavailable("cannot connect"), now), backoff);
+        let gone_at = now;
+        let mut asks = 0;
+        loop {
+            now += backoff;
+            if endpoints.next() == p {
+                break;
+            }
+            asks += 1;
+            assert!(asks <= 21, "the standby was asked {asks} times");
+            assert_eq!(endpoints.failed_at(&naming(p), now), backoff);
+        }
+        assert_eq!((asks, now - gone_at >= GONE_WAIT), (20, true));
     }
 
     /// A standby that ends its streams as it takes over is not a primary gone: after the primary
