@@ -328,10 +328,10 @@ struct Endpoints {
     /// [`GONE_WAIT`] a standby that still names it as the leader is asked again instead of
     /// followed.
     gone: Option<(String, std::time::Instant)>,
-    /// The manager the session is open on, until it fails.
-    open: Option<String>,
-    /// The leader a standby named, while the session tries it.
-    named: Option<String>,
+    /// Whether the session is open on `last_tried`.
+    open: bool,
+    /// Whether `last_tried` is the leader a standby named.
+    named: bool,
     /// Failed attempts since the last successful open: the backoff grows with them.
     attempt: u32,
     /// The first standby answer since the last successful open: for [`GONE_WAIT`] after it, each
@@ -363,8 +363,8 @@ impl Endpoints {
             hint: None,
             last_tried: String::new(),
             gone: None,
-            open: None,
-            named: None,
+            open: false,
+            named: false,
             attempt: 0,
             polling_since: None,
         }
@@ -379,7 +379,8 @@ impl Endpoints {
     /// After a successful open: the next failure is retried soon again.
     fn connected(&mut self) {
         self.gone = None;
-        self.open = Some(self.last_tried.clone());
+        self.open = true;
+        self.named = false;
         self.attempt = 0;
         self.polling_since = None;
     }
@@ -395,8 +396,8 @@ impl Endpoints {
     /// [`Endpoints::failed`] at `now`.
     fn failed_at(&mut self, status: &Status, now: std::time::Instant) -> Duration {
         self.attempt += 1;
-        let was_open = self.open.take().is_some_and(|open| open == self.last_tried);
-        let was_named = self.named.take().is_some_and(|named| named == self.last_tried);
+        let was_open = std::mem::take(&mut self.open);
+        let was_named = std::mem::take(&mut self.named);
         // a standby answers with the leader it knows, empty when it knows none
         let leader = status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok());
         let delay = if leader.is_some() && now - *self.polling_since.get_or_insert(now) < GONE_WAIT {
@@ -413,7 +414,7 @@ impl Endpoints {
                 _ => {
                     self.gone = None;
                     self.hint = Some(leader.to_owned());
-                    self.named = Some(leader.to_owned());
+                    self.named = true;
                 }
             },
             _ => {
@@ -439,9 +440,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How long acknowledgments wait for a request to go with. A client that answers a response with
 /// its next request (the scheduler, a closed loop) so sends one frame, and the manager journals
-/// one entry, instead of two; `bench manager` relayed about 14% more (A/B medians). Until it is acknowledged, a
-/// response stays queued in the manager, and is delivered again after a reconnect (the library
-/// drops it as already seen).
+/// one entry, instead of two; `bench manager` relayed about 14% more (A/B medians). Until it is
+/// acknowledged, a response stays queued in the manager, and is delivered again after a
+/// reconnect (the library drops it as already seen).
 const ACK_DELAY: Duration = Duration::from_millis(2);
 
 /// A request sent but not yet journaled: its payload, restart data, and who waits for it.

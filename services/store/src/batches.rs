@@ -990,7 +990,12 @@ impl Store {
         ids: Vec<String>,
         texts: Vec<String>,
     ) -> Result<Result<(), Vec<RecordProblem>>, Error> {
-        if self.write_fresh_chunk(conn, org_id, base, schema, op, &records, &ids, &texts).await? {
+        // PostgreSQL, a chunk that upserts or inserts records none of which sets a unique value
+        // (the usual batch): first tried as all new
+        let all_new_first = self.backend == Backend::Postgres
+            && matches!(op, BatchOp::Upsert | BatchOp::Insert)
+            && !records.iter().any(|r| sets_unique(schema, r));
+        if all_new_first && self.write_fresh_chunk(conn, org_id, base, &schema.name, &ids, &texts).await? {
             // freed off the transaction, as a flush frees its writes ([`BatchWriter::flush`])
             tokio::task::spawn_blocking(move || drop((records, ids, texts)));
             return Ok(Ok(()));
@@ -1040,38 +1045,28 @@ impl Store {
         Ok(Ok(()))
     }
 
-    /// On PostgreSQL, a chunk that upserts or inserts records none of which sets a unique value
-    /// (the usual batch) is first written as if every record were new: records and change events
-    /// by [`Store::insert_fresh`], under a savepoint, without looking up their versions, which
-    /// took 18 of a chunk's 110 ms under the org's write lock in `bench batch`. True when it was.
-    /// When some record has a row (even a tombstone), the insert fails on the primary key at that
+    /// A chunk on PostgreSQL ([`Store::write_chunk`] says which) first written as if every record
+    /// were new: records and change events by [`Store::insert_fresh`], under a savepoint, without
+    /// looking up their versions, which took 18 of a chunk's 110 ms under the org's write lock in
+    /// `bench batch`. True when it was. When some record has a row (even a tombstone), the insert fails on the primary key at that
     /// row; the savepoint undoes the attempt, and false sends the chunk down the general path.
     /// A chunk of existing records fails at its first row, which costs a few ms (the arrays
     /// parsed, two savepoint statements). Validation has already refused an id named twice.
-    #[allow(clippy::too_many_arguments)]
     async fn write_fresh_chunk(
         &self,
         conn: &mut AnyConnection,
         org_id: &str,
         base: i64,
-        schema: &ObjectSchema,
-        op: BatchOp,
-        records: &[Fields],
+        object: &str,
         ids: &[String],
         texts: &[String],
     ) -> Result<bool, Error> {
-        if self.backend != Backend::Postgres
-            || !matches!(op, BatchOp::Upsert | BatchOp::Insert)
-            || records.iter().any(|r| sets_unique(schema, r))
-        {
-            return Ok(false);
-        }
         let rows: Vec<(&str, &str)> = ids.iter().map(String::as_str).zip(texts.iter().map(String::as_str)).collect();
         let now = now_ms();
         sqlx::query("SAVEPOINT fresh_chunk").execute(&mut *conn).await?;
         let mut first = base + 1;
         for part in rows.chunks(self.rows_per_flush()) {
-            match self.insert_fresh(conn, org_id, &schema.name, now, first, part).await {
+            match self.insert_fresh(conn, org_id, object, now, first, part).await {
                 Ok(()) => first += part.len() as i64,
                 Err(Error::Database(sqlx::Error::Database(db))) if db.code().as_deref() == Some("23505") => {
                     sqlx::query("ROLLBACK TO SAVEPOINT fresh_chunk").execute(&mut *conn).await?;

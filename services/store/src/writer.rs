@@ -34,11 +34,11 @@ impl Store {
     /// so it stays one index probe per id. Not `id = ANY($3)`: once sqlx's prepared statement got
     /// PostgreSQL's generic plan, that became a filter over every record of the object, 0.5 s a
     /// chunk in `bench batch`, and with custom plans it still took `bench batch` on PostgreSQL
-    /// from about 90k to 10.8k records/s. Not a plain join either: its nested loop of probes and a hash join
-    /// over a scan of the object's records cost within 0.1% of each other at 1,000,000 records,
-    /// and once the planner took the hash join, each chunk of a batch read every record again
-    /// (the lookup grew from 5 to 300 ms over a 1,000,000-record `bench batch`; a probe per id
-    /// takes 17-25 ms for 10,000 ids). None when there are no ids.
+    /// from about 90k to 10.8k records/s. Not a plain join either: its nested loop of probes and a
+    /// hash join over a scan of the object's records cost within 0.1% of each other at 1,000,000
+    /// records, and once the planner took the hash join, each chunk of a batch read every record
+    /// again (the lookup grew from 5 to 300 ms over a 1,000,000-record `bench batch`; a probe per
+    /// id takes 17-25 ms for 10,000 ids). None when there are no ids.
     fn id_list(&self, ids: &[String]) -> Result<Option<String>, Error> {
         let unique: Vec<&str> = ids.iter().map(String::as_str).collect::<HashSet<_>>().into_iter().collect();
         if unique.is_empty() {
@@ -81,6 +81,14 @@ fn fresh(write: &RecordWrite) -> bool {
 fn fresh_run(pending: &[(i64, RecordWrite)]) -> bool {
     let first = pending.first().map_or(0, |(seq, _)| *seq);
     pending.iter().enumerate().all(|(k, (seq, w))| *seq == first + k as i64 && fresh(w))
+}
+
+/// The first seq of `pending` and each write's id and fields text, for the statements of a
+/// [`fresh_run`] (whose writes all have fields).
+fn fresh_rows<'p>(pending: &'p [(i64, RecordWrite)], texts: &'p [Option<String>]) -> (i64, Vec<(&'p str, &'p str)>) {
+    let first = pending.first().map_or(0, |(seq, _)| *seq);
+    let rows = pending.iter().zip(texts).map(|((_, w), t)| (w.id.as_str(), t.as_deref().unwrap_or("{}"))).collect();
+    (first, rows)
 }
 
 /// Pairs as one JSON object (keys unique), for a `json_each` parameter on SQLite.
@@ -139,9 +147,7 @@ impl Store {
     pub(crate) fn rows_per_flush(&self) -> usize {
         5_000
     }
-}
 
-impl Store {
     /// On PostgreSQL, creates records at version 1 from `rows` (id, fields as JSON text; each id
     /// once) and their change events, with seqs from `first` in order, in one statement: the
     /// fields are parsed to `jsonb` once, in a CTE that both inserts read (PostgreSQL materializes
@@ -486,12 +492,7 @@ impl<'a> BatchWriter<'a> {
         // New records at version 1 with consecutive seqs (the usual batch): rows of two columns,
         // the seq worked out from the row's place ([`BatchWriter::records_json`] says why)
         if fresh_run(pending) {
-            let first = pending.first().map_or(0, |(seq, _)| *seq);
-            let values: Vec<(&str, &str)> = pending
-                .iter()
-                .zip(texts)
-                .map(|((_, w), text)| (w.id.as_str(), text.as_deref().unwrap_or("{}")))
-                .collect();
+            let (first, values) = fresh_rows(pending, texts);
             self.statement(&format!(
                 "INSERT INTO change_events (org_id, seq, object, record_id, op, fields, version, committed_at_ms) \
                  SELECT $1, $4 + j.key, $2, j.value ->> 0, '{}', j.value ->> 1, 1, $3 FROM json_each($5) AS j",
@@ -554,9 +555,7 @@ impl<'a> BatchWriter<'a> {
         pending: &[(i64, RecordWrite)],
         texts: &[Option<String>],
     ) -> Result<(), Error> {
-        let first = pending.first().map_or(0, |(seq, _)| *seq);
-        let rows: Vec<(&str, &str)> =
-            pending.iter().zip(texts).map(|((_, w), t)| (w.id.as_str(), t.as_deref().unwrap_or("{}"))).collect();
+        let (first, rows) = fresh_rows(pending, texts);
         self.store.insert_fresh(conn, self.org_id, &self.schema.name, self.now, first, &rows).await
     }
 
