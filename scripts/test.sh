@@ -19,8 +19,8 @@ cargo fmt --all --check
 echo "test: cargo clippy" >&2
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
-# the end-to-end tests start this binary
-cargo build --quiet -p baton
+# the end-to-end tests start this binary, with the failpoints their fault tests set (FAILPOINTS)
+cargo build --quiet -p baton --features failpoints
 # the Kubernetes manifests, rendered and validated offline, against this binary's flags
 echo "test: scripts/k8s-check.sh" >&2
 scripts/k8s-check.sh

@@ -586,3 +586,84 @@ async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
     }
     assert_eq!(seen2.lock().unwrap().requests.len(), 20, "w2 got exactly the 20 held requests");
 }
+
+/// The double failure: the primary A is SIGKILLed and the in-sync standby B takes over and
+/// acknowledges requests alone; then B is SIGKILLed and A restarted on its old journal, which
+/// lacks everything B acknowledged. A must not take over (the in-sync set B published when it won
+/// names only B): it stays a standby until B is back, and every request acknowledged by either
+/// primary is answered exactly once. Before B published its set at election, A won here and the
+/// requests B acknowledged were lost (100 of 150 in the outside test that found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_double_failure_the_manager_without_the_latest_acknowledgments_does_not_take_over() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let etcd = baton_tests::Etcd::start();
+    let pair = baton_tests::ManagerPair::start(&etcd, &format!("/baton-test/double-{}", std::process::id())).await;
+    let (mut members, endpoints) = (pair.members, pair.endpoints);
+    let (a, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let b = 1 - a;
+    let b_addr = format!("http://{}", members[b].addr);
+    let (w1, _) = echo_server(&endpoints, "w1");
+    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    let mut answered = BTreeMap::<u64, Vec<u64>>::new();
+    for n in 1..=50 {
+        let accepted = sender.send_stamped(payload(n), Vec::new()).await.unwrap();
+        assert_eq!(accepted.term, first.term);
+    }
+    while answered.len() < 50 {
+        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
+        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+    }
+    // no server session from here on: what B acknowledges stays queued, only in B's journal
+    w1.abort();
+    kill(Pid::from_raw(members[a].pid() as i32), Signal::SIGKILL).unwrap();
+    let mut b_term = 0;
+    for n in 51..=150 {
+        let accepted =
+            tokio::time::timeout(Duration::from_secs(30), sender.send_stamped(payload(n), Vec::new())).await.unwrap();
+        let accepted = accepted.unwrap();
+        assert_eq!(accepted.seq, n);
+        assert!(accepted.term > first.term, "request {n} acknowledged under the old term {}", accepted.term);
+        b_term = accepted.term;
+    }
+    let alone = status(&members[b]).await;
+    assert_eq!((alone.role.as_str(), alone.term), ("PRIMARY", b_term));
+    assert_eq!(alone.in_sync, vec![b_addr.clone()], "B serves alone, and its set says so");
+    // the second failure, and the manager that lacks B's acknowledgments comes back
+    kill(Pid::from_raw(members[b].pid() as i32), Signal::SIGKILL).unwrap();
+    let old = members.remove(a);
+    members.insert(a, old.restart(&[]));
+    // three lease TTLs past B's lease: A never becomes primary
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(6) {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), async {
+            let mut c = pb::session_manager_client::SessionManagerClient::new(members[a].channel().await);
+            c.status(pb::ManagerStatusRequest {}).await
+        })
+        .await
+        {
+            let s = s.into_inner();
+            assert_ne!(s.role, "PRIMARY", "the manager without B's acknowledgments took over (term {})", s.term);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // B comes back on its journal, is elected again, and A catches up from it
+    let dead_b = members.remove(b);
+    members.insert(b, dead_b.restart(&[]));
+    let (now_primary, now) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(now_primary, b, "the manager holding every acknowledgment took over");
+    assert!(now.term > b_term, "{} > {b_term}", now.term);
+    let (_w2, seen2) = echo_server(&endpoints, "w2");
+    while answered.len() < 150 {
+        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
+        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+    }
+    assert_eq!(answered.keys().copied().collect::<Vec<_>>(), (1..=150).collect::<Vec<_>>());
+    for (seq, got) in &answered {
+        assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
+    }
+    let mut held = seen2.lock().unwrap().requests.clone();
+    held.sort_unstable();
+    assert_eq!(held, (51..=150).collect::<Vec<_>>(), "w2 got exactly the 100 requests only B had");
+}

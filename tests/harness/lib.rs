@@ -2,6 +2,9 @@
 //! `baton dev`, or as `baton intake` on a fresh PostgreSQL database), and gives gRPC clients and
 //! helpers to the tests. Every wait here is bounded.
 
+pub mod fault_proxy;
+pub mod history;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;

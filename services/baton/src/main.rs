@@ -154,6 +154,9 @@ fn main() -> ExitCode {
     if let Err(e) = baton_mesh::telemetry::init_tracing(&cli.telemetry) {
         exit_bad_config(e);
     }
+    if let Err(e) = baton_manager::setup_failpoints() {
+        exit_bad_config(e);
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -92,9 +92,21 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 );
             }
             let server = MeshServer::new(serve, AuthConfig { mesh_token, ..AuthConfig::default() });
+            // a manager that cannot serve (its journal fails, it stops answering) steps down
+            // within this: the lease TTL, or 2 s without etcd
+            let stall_after = manager.lease_ttl;
+            const NAME: &str = "baton.v1.SessionManager";
             let (server, failover) = if manager.etcd.is_empty() {
                 let service = ManagerService::start(manager, shutdown.clone())
                     .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
+                tokio::spawn(baton_manager::failover::step_down_on_fault(
+                    service.clone(),
+                    None,
+                    server.health(),
+                    NAME,
+                    stall_after,
+                    shutdown.clone(),
+                ));
                 (server.add_service(pb::session_manager_server::SessionManagerServer::new(service)), None)
             } else {
                 let me = manager.advertise.clone().unwrap_or_else(|| {
@@ -103,17 +115,23 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 let etcd = baton_manager::failover::connect(&manager.etcd)
                     .await
                     .unwrap_or_else(|e| exit_bad_config(format!("cannot reach etcd at {:?}: {e}", manager.etcd)));
-                let publisher = baton_manager::failover::publisher(etcd.clone(), manager.election_key.clone());
                 let (election, ttl) = (manager.election_key.clone(), manager.lease_ttl);
-                let service = ManagerService::start_with(manager, me.clone(), Some(publisher), shutdown.clone())
+                let service = ManagerService::start_with(manager, me.clone(), true, shutdown.clone())
                     .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
+                tokio::spawn(baton_manager::failover::step_down_on_fault(
+                    service.clone(),
+                    Some(etcd.clone()),
+                    server.health(),
+                    NAME,
+                    stall_after,
+                    shutdown.clone(),
+                ));
                 // the standby reports NOT_SERVING until elected, so readiness keeps it out of the Service
                 let health = server.health();
                 let server = server.add_service_with_health(
                     pb::session_manager_server::SessionManagerServer::new(service.clone()),
                     false,
                 );
-                const NAME: &str = "baton.v1.SessionManager";
                 let failover = tokio::spawn(baton_manager::failover::run(
                     etcd,
                     election,

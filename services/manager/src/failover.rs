@@ -1,16 +1,26 @@
 //! Failover through etcd. Every manager campaigns on one election key with a lease (TTL 2 s by
 //! default) and its address as the value; the leader key's revision is the term. While it is not
-//! the leader a manager is a standby: it follows the primary's Replicate stream, and it campaigns
-//! only while it is in the in-sync set the primary keeps in etcd (so a stale standby never takes
-//! over). The primary self-fences — it stops acknowledging and exits, to come back as a standby —
-//! when it cannot renew its lease in time, and resigns at once on SIGTERM.
+//! the leader a manager is a standby: it follows the primary's Replicate stream.
+//!
+//! The in-sync set (`<election>.in-sync`: term, members, journal index) says who may take over.
+//! A manager campaigns only while the set names it and its journal reaches the set's index, and
+//! checks that again after winning. A new primary publishes `{itself}` before it acknowledges
+//! anything, and every write of the set is a transaction conditioned on the writer's leader key,
+//! so a deposed primary can never overwrite a newer set. ARCHITECTURE.md ("The failover
+//! protocol") says why this keeps every acknowledged entry.
+//!
+//! The primary self-fences — it stops acknowledging and exits, to come back as a standby — when it
+//! cannot renew its lease in time, and resigns at once on SIGTERM. A local fault (the journal
+//! cannot be written, the actor stops answering) makes any manager step down the same way
+//! ([`step_down_on_fault`]).
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use baton_mesh::proto::v1 as pb;
-use etcd_client::{Client, ConnectOptions, ResignOptions};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, LeaderKey, ResignOptions, Txn, TxnOp};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -19,10 +29,10 @@ use tonic_health::server::HealthReporter;
 
 use baton_mesh::now_ms;
 
-use crate::service::{ManagerService, Publisher};
+use crate::service::ManagerService;
 
-/// The exit code of a primary that fenced itself (lost its lease): restart it, and it rejoins
-/// as a standby.
+/// The exit code of a primary that fenced itself (lost its lease) or of a manager that stepped
+/// down on a local fault: restart it, and it rejoins as a standby.
 pub const EXIT_FENCED: i32 = 75;
 
 /// The etcd key holding the in-sync set: beside the election key, not under it (every key under
@@ -30,6 +40,53 @@ pub const EXIT_FENCED: i32 = 75;
 pub fn in_sync_key(election: &str) -> String {
     format!("{election}.in-sync")
 }
+
+/// The in-sync set as kept in etcd: the managers that hold everything acknowledged, as written
+/// by the primary of `term` when its journal was at `index`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InSync {
+    /// The writer's term.
+    pub term: u64,
+    /// The members (advertised addresses), the writer among them.
+    pub members: Vec<String>,
+    /// The writer's journal index when it wrote the set: every member holds at least this much,
+    /// so a member whose journal is shorter lost its disk and must not take over.
+    pub index: u64,
+}
+
+impl InSync {
+    /// The set as stored (JSON).
+    pub fn to_json(&self) -> String {
+        serde_json::json!({"term": self.term, "members": self.members, "index": self.index}).to_string()
+    }
+
+    /// The set stored as `bytes`; `None` when it is not one (a set written before the index was
+    /// kept reads with index 0).
+    pub fn parse(bytes: &[u8]) -> Option<InSync> {
+        let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
+        let members = v["members"].as_array()?.iter().map(|m| m.as_str().map(str::to_owned)).collect::<Option<_>>()?;
+        Some(InSync { term: v["term"].as_u64()?, members, index: v["index"].as_u64().unwrap_or(0) })
+    }
+
+    /// Whether `node`, whose journal reaches `index`, may take over.
+    pub fn admits(&self, node: &str, index: u64) -> bool {
+        self.members.iter().any(|m| m == node) && index >= self.index
+    }
+}
+
+/// Why a write of the in-sync set failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The writer no longer holds its leader key: it is deposed and must not acknowledge again.
+    #[error("the leader key is gone: this primary is deposed")]
+    Deposed,
+    /// etcd did not answer; the write may be tried again.
+    #[error("etcd: {0}")]
+    Etcd(String),
+}
+
+/// Writes the in-sync set for the primary of one term (fenced by its leader key).
+pub type Publisher = Arc<dyn Fn(InSync) -> futures::future::BoxFuture<'static, Result<(), PublishError>> + Send + Sync>;
 
 /// Connects to etcd.
 pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
@@ -39,33 +96,54 @@ pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error>
     Client::connect(endpoints, Some(options)).await
 }
 
-/// A publisher of the in-sync set into etcd.
-pub fn publisher(client: Client, election: String) -> Publisher {
-    Arc::new(move |members: Vec<String>, term: u64| {
+/// The writer of the in-sync set for the holder of `leader`: each write is a transaction that
+/// succeeds only while `leader` still exists with its creation revision, i.e. while the writer is
+/// still the leader (etcd elects a newer candidate only once every older key is gone).
+pub fn publisher(client: Client, election: &str, leader: LeaderKey) -> Publisher {
+    let key = in_sync_key(election);
+    Arc::new(move |set: InSync| {
         let mut client = client.clone();
-        let key = in_sync_key(&election);
+        let txn = Txn::new()
+            .when([Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev())])
+            .and_then([TxnOp::put(key.clone(), set.to_json(), None)]);
         Box::pin(async move {
-            let value = serde_json::json!({"term": term, "members": members}).to_string();
-            match tokio::time::timeout(Duration::from_secs(2), client.put(key, value, None)).await {
-                Ok(r) => r.map(|_| ()).map_err(|e| e.to_string()),
-                Err(_) => Err("etcd put timed out".to_owned()),
+            match tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await {
+                Ok(Ok(r)) if r.succeeded() => Ok(()),
+                Ok(Ok(_)) => Err(PublishError::Deposed),
+                Ok(Err(e)) => Err(PublishError::Etcd(e.to_string())),
+                Err(_) => Err(PublishError::Etcd("the transaction timed out".to_owned())),
             }
         })
     })
 }
 
-async fn eligible(client: &mut Client, election: &str, node: &str) -> bool {
+/// Whether this manager may campaign (or serve, after winning): the in-sync set names it and its
+/// journal reaches the set's index. No set at all: the cluster's first election.
+async fn eligible(client: &mut Client, election: &str, node: &str, service: &ManagerService) -> bool {
     let got = tokio::time::timeout(Duration::from_secs(2), client.get(in_sync_key(election), None)).await;
-    match got.unwrap_or_else(|_| Err(etcd_client::Error::InvalidArgs("etcd get timed out".into()))) {
-        Ok(resp) => match resp.kvs().first() {
-            None => true,
-            Some(kv) => serde_json::from_slice::<serde_json::Value>(kv.value())
-                .ok()
-                .and_then(|v| v["members"].as_array().map(|m| m.iter().any(|x| x.as_str() == Some(node))))
-                .unwrap_or(false),
+    let set = match got {
+        Ok(Ok(resp)) => match resp.kvs().first() {
+            None => return true,
+            Some(kv) => InSync::parse(kv.value()),
         },
-        Err(e) => {
+        Ok(Err(e)) => {
             tracing::warn!(error = %e, "cannot read the in-sync set");
+            return false;
+        }
+        Err(_) => {
+            tracing::warn!("cannot read the in-sync set: etcd did not answer");
+            return false;
+        }
+    };
+    let Ok(status) = service.current_status().await else { return false };
+    match set {
+        Some(set) if set.admits(node, status.journal_index) => true,
+        Some(set) => {
+            tracing::debug!(?set, index = status.journal_index, "not eligible to take over");
+            false
+        }
+        None => {
+            tracing::warn!("the in-sync set in etcd cannot be read: not campaigning");
             false
         }
     }
@@ -134,6 +212,58 @@ async fn replicate_from(
     }
 }
 
+/// Keeps `lease` alive, renewing it six times per TTL, and stores in `renewed` when it was last
+/// renewed: the time the request was *sent* whose answer said the lease lives (the lease runs at
+/// least TTL from then). Answers come in the order of the requests, so each is matched to its
+/// request. Returns when the lease has expired or the stream broke.
+async fn keep_alive(mut client: Client, lease: i64, ttl_ms: i64, renewed: Arc<AtomicI64>) {
+    let Ok((mut keeper, mut answers)) = client.lease_keep_alive(lease).await else { return };
+    let mut sent = VecDeque::new();
+    let every = Duration::from_millis((ttl_ms / 6).max(50) as u64);
+    loop {
+        sent.push_back(now_ms());
+        if keeper.keep_alive().await.is_err() {
+            return;
+        }
+        let next = tokio::time::sleep(every);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                () = &mut next => break,
+                answer = answers.message() => match answer {
+                    Ok(Some(answer)) => {
+                        let at = sent.pop_front().unwrap_or(0);
+                        if answer.ttl() <= 0 {
+                            return; // the lease expired
+                        }
+                        renewed.fetch_max(at, Ordering::SeqCst);
+                    }
+                    _ => return,
+                },
+            }
+        }
+    }
+}
+
+/// Renews `lease` once, now, and waits (at most `within`) for the answer: true if the lease lives,
+/// with `renewed` moved to the time of the request. A new primary starts its watchdog from this,
+/// not from a renewal made before a stall that its election may have waited out.
+async fn renew_now(client: &mut Client, lease: i64, renewed: &AtomicI64, within: Duration) -> bool {
+    let at = now_ms();
+    let renewal = async {
+        let (mut keeper, mut answers) = client.lease_keep_alive(lease).await.ok()?;
+        keeper.keep_alive().await.ok()?;
+        answers.message().await.ok().flatten()
+    };
+    match tokio::time::timeout(within, renewal).await {
+        Ok(Some(answer)) if answer.ttl() > 0 => {
+            renewed.fetch_max(at, Ordering::SeqCst);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// Runs the election loop for `service` until `shutdown`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
@@ -147,7 +277,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let mut client = client;
-    let ttl_secs = ttl.as_secs().max(2) as i64;
+    // etcd grants at least its minimum TTL (2 s by default; 1 s with a 10 ms heartbeat and a
+    // 100 ms election timeout): the granted TTL is the one the watchdog keeps to
+    let ttl_secs = ttl.as_secs().max(1) as i64;
+    // held lease, so that a local fault gives it up (see step_down_on_fault)
+    let held = service.lease_slot();
     // A primary never comes back to this loop (it resigns and returns, or fences and exits), so
     // followers always run before this process's only election: epoch 0.
     let elections = 0u64;
@@ -155,38 +289,23 @@ pub async fn run(
         if shutdown.is_cancelled() {
             return;
         }
-        let lease = match tokio::time::timeout(Duration::from_secs(2), client.lease_grant(ttl_secs, None)).await {
-            Ok(Ok(l)) => l.id(),
+        let granted = tokio::time::timeout(Duration::from_secs(2), client.lease_grant(ttl_secs, None)).await;
+        let (lease, ttl_ms) = match granted {
+            Ok(Ok(l)) => (l.id(), l.ttl() * 1000),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot grant an etcd lease; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot grant an etcd lease; retrying");
+            Err(_) => {
+                tracing::warn!("cannot grant an etcd lease: etcd did not answer; retrying");
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 continue;
             }
         };
+        held.store(lease, Ordering::SeqCst);
         let renewed = Arc::new(AtomicI64::new(now_ms()));
-        let mut keepalive = {
-            let mut client = client.clone();
-            let renewed = renewed.clone();
-            tokio::spawn(async move {
-                let Ok((mut keeper, mut stream)) = client.lease_keep_alive(lease).await else { return };
-                loop {
-                    if keeper.keep_alive().await.is_err() {
-                        return;
-                    }
-                    match tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
-                        Ok(Ok(Some(resp))) if resp.ttl() > 0 => renewed.store(now_ms(), Ordering::SeqCst),
-                        Ok(Ok(Some(_))) => return, // the lease expired
-                        _ => {}
-                    }
-                    tokio::time::sleep(Duration::from_millis((ttl_secs as u64 * 1000) / 6)).await;
-                }
-            })
-        };
+        let mut keepalive = tokio::spawn(keep_alive(client.clone(), lease, ttl_ms, renewed.clone()));
         let following = shutdown.child_token();
         tokio::spawn(follow(
             client.clone(),
@@ -196,9 +315,9 @@ pub async fn run(
             elections,
             following.clone(),
         ));
-        // campaign only while in the in-sync set, and check again after winning
+        // campaign only while eligible, and check again after winning
         let leader_key = loop {
-            while !eligible(&mut client, &election, &me).await {
+            while !eligible(&mut client, &election, &me, &service).await {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(Duration::from_millis(200)) => {}
@@ -217,11 +336,19 @@ pub async fn run(
             match won {
                 Ok(resp) => {
                     let Some(key) = resp.leader().cloned() else { continue };
-                    if eligible(&mut client, &election, &me).await {
+                    // the watchdog starts afresh: a campaign that waited out an etcd stall must
+                    // not find a renewal from before it
+                    let fresh =
+                        renew_now(&mut client, lease, &renewed, Duration::from_millis((ttl_ms / 3) as u64)).await;
+                    if fresh && eligible(&mut client, &election, &me, &service).await {
                         break key;
                     }
-                    tracing::warn!("won the election but fell out of the in-sync set: resigning");
-                    let _ = client.resign(Some(ResignOptions::new().with_leader(key))).await;
+                    tracing::warn!(fresh, "won the election but cannot serve (lease or in-sync set): resigning");
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        client.resign(Some(ResignOptions::new().with_leader(key))),
+                    )
+                    .await;
                 }
                 Err(e) => {
                     // the lease may be gone with the connection: start over with a new one
@@ -236,13 +363,31 @@ pub async fn run(
         };
         following.cancel();
         let term = leader_key.rev() as u64;
-        if service.become_primary(term).await.is_err() {
+        let publish = publisher(client.clone(), &election, leader_key.clone());
+        // the new set, before the first acknowledgment: from here on only this manager may take
+        // over, until a standby catches up and joins it
+        let index = match service.current_status().await {
+            Ok(status) => status.journal_index,
+            Err(_) => return,
+        };
+        if let Err(e) = publish(InSync { term, members: vec![me.clone()], index }).await {
+            tracing::warn!(term, error = %e, "cannot publish the in-sync set after winning: resigning");
+            keepalive.abort();
+            let _ = tokio::time::timeout(
+                Duration::from_secs(1),
+                client.resign(Some(ResignOptions::new().with_leader(leader_key))),
+            )
+            .await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
+            continue 'lease;
+        }
+        if service.become_primary(term, Some(publish)).await.is_err() {
             return;
         }
         health.set_service_status(service_name, ServingStatus::Serving).await;
-        tracing::info!(term, %me, "elected primary");
+        tracing::info!(term, %me, index, "elected primary");
         // the watchdog: fence before the lease can run out
-        let fence_after = (ttl_secs * 1000) * 6 / 10;
+        let fence_after = ttl_ms * 6 / 10;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => {
@@ -254,15 +399,73 @@ pub async fn run(
                     tracing::info!(term, "resigned");
                     return;
                 }
-                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
             }
             if now_ms() - renewed.load(Ordering::SeqCst) > fence_after {
                 let _ = service.become_standby(String::new()).await;
+                health.set_service_status("", ServingStatus::NotServing).await;
                 health.set_service_status(service_name, ServingStatus::NotServing).await;
                 tracing::error!(term, "cannot renew the etcd lease: fenced, exiting to rejoin as a standby");
                 keepalive.abort();
                 std::process::exit(EXIT_FENCED);
             }
         }
+    }
+}
+
+/// Waits for a local fault and steps down: the journal could not be written (the actor stopped,
+/// so nothing more is acknowledged), a set write found this primary deposed, or the actor did not
+/// answer for `stall_after` (a hung disk). Then every health status turns NOT_SERVING (the empty
+/// service name too, which the liveness probe asks), the lease this manager holds is revoked (its
+/// leader key goes with it, so the in-sync standby takes over at once instead of after the TTL),
+/// and the process exits with [`EXIT_FENCED`]. Without etcd (`client` None) there is no lease.
+pub async fn step_down_on_fault(
+    service: ManagerService,
+    client: Option<Client>,
+    health: HealthReporter,
+    service_name: &'static str,
+    stall_after: Duration,
+    shutdown: CancellationToken,
+) {
+    let failed = service.failed();
+    let why = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = failed.cancelled() => break service.failure().unwrap_or_else(|| "the actor stopped".to_owned()),
+            () = tokio::time::sleep(stall_after / 4) => {}
+        }
+        if tokio::time::timeout(stall_after, service.current_status()).await.is_err() && !shutdown.is_cancelled() {
+            break format!("the manager made no progress for {stall_after:?}");
+        }
+    };
+    tracing::error!(reason = %why, "local fault: stepping down");
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(service_name, ServingStatus::NotServing).await;
+    if let Some(mut client) = client {
+        let lease = service.lease_slot().load(Ordering::SeqCst);
+        if lease != 0 {
+            let revoked = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
+            tracing::info!(revoked = matches!(revoked, Ok(Ok(_))), "gave up the lease");
+        }
+    }
+    std::process::exit(EXIT_FENCED);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_set_admits_named_members_whose_journal_reaches_its_index() {
+        let set = InSync { term: 7, members: vec!["http://a".into(), "http://b".into()], index: 120 };
+        assert_eq!(InSync::parse(set.to_json().as_bytes()), Some(set.clone()));
+        assert!(set.admits("http://a", 120));
+        assert!(set.admits("http://b", 500));
+        assert!(!set.admits("http://b", 119), "a member that lost part of its journal");
+        assert!(!set.admits("http://c", 500), "a manager the set does not name");
+        // a set written before the index was kept
+        let old = InSync::parse(br#"{"term":2,"members":["http://a"]}"#).unwrap();
+        assert!(old.admits("http://a", 0));
+        assert_eq!(InSync::parse(b"{\"members\": 3}"), None);
     }
 }

@@ -263,8 +263,12 @@ impl Journal {
     /// primary sent them) and makes them durable with one fsync.
     pub fn append_records(&mut self, records: &[u8], count: u64) -> Result<(), Error> {
         let path = self.dir.join("journal");
+        // fault tests: `journal-write` fails the write (`N*off->return`: after N good ones)
+        fail::fail_point!("journal-write", |_| Err(io(&path)(std::io::Error::other("failpoint journal-write"))));
         self.file.write_all(records).map_err(io(&path))?;
         self.file.flush().map_err(io(&path))?;
+        // fault tests: `journal-fsync` slows the fsync down (`sleep(MS)`, `P%sleep(MS)`)
+        fail::fail_point!("journal-fsync");
         self.file.get_ref().sync_data().map_err(io(&path))?;
         self.since_snapshot += count;
         Ok(())

@@ -14,6 +14,23 @@ pub mod state;
 
 pub use service::{ManagerOptions, ManagerService};
 
+/// Sets up the failpoints named in the `FAILPOINTS` environment variable (`name=actions;...`, the
+/// `fail` crate's syntax: `journal-write=200*off->return`, `journal-fsync=20%sleep(300)`), when
+/// built with the `failpoints` feature; otherwise a bad or set `FAILPOINTS` is an error, so a
+/// fault test never runs against a binary that ignores its faults.
+pub fn setup_failpoints() -> Result<(), String> {
+    let Ok(spec) = std::env::var("FAILPOINTS") else { return Ok(()) };
+    if !cfg!(feature = "failpoints") {
+        return Err("FAILPOINTS is set but this baton was built without the failpoints feature".to_owned());
+    }
+    for point in spec.split(';').filter(|p| !p.trim().is_empty()) {
+        let (name, actions) =
+            point.split_once('=').ok_or_else(|| format!("FAILPOINTS: {point:?} is not name=actions"))?;
+        fail::cfg(name.trim(), actions.trim()).map_err(|e| format!("FAILPOINTS: {name}: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Errors of the manager.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

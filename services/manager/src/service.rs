@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use baton_mesh::proto::v1 as pb;
@@ -17,6 +17,7 @@ use tokio_stream::{Stream, StreamExt};
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::failover::{InSync, PublishError, Publisher};
 use crate::journal::{AckOp, BindOp, Entry, Journal, Op, OpenOp, ReplyOp, RequestOp};
 use crate::state::State;
 
@@ -45,7 +46,8 @@ pub struct ManagerOptions {
     #[arg(long, env = "BATON_ELECTION_KEY", default_value = "/baton/manager")]
     pub election_key: String,
 
-    /// The TTL of the election lease (etcd's minimum is 2s).
+    /// The TTL of the election lease, whole seconds: etcd grants at least its minimum (2s with
+    /// its default timings, 1s with `--heartbeat-interval 10 --election-timeout 100`).
     #[arg(long, env = "BATON_LEASE_TTL", default_value = "2s", value_parser = baton_mesh::config::parse_duration)]
     pub lease_ttl: Duration,
 
@@ -81,10 +83,6 @@ const CATCH_UP_WINDOW: u64 = 4096;
 
 /// The metadata key of the leader's address in a standby's UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-baton-leader";
-
-/// Publishes the in-sync set (to etcd).
-pub type Publisher =
-    Arc<dyn Fn(Vec<String>, u64) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
 
 type ClientTx = Out<pb::ClientEvent>;
 type ServerTx = Out<pb::ServerEvent>;
@@ -270,8 +268,11 @@ enum Command {
         frame: pb::ReplicaFrame,
         done: oneshot::Sender<Result<u64, Status>>,
     },
+    /// Elected for `term`: `publisher` writes the in-sync set, fenced by this term's leader key
+    /// (None: a manager without etcd).
     BecomePrimary {
         term: u64,
+        publisher: Option<Publisher>,
         done: oneshot::Sender<()>,
     },
     /// `epoch`: only if the manager has not been elected since (a follower's view may be stale).
@@ -316,7 +317,14 @@ struct Actor {
     node_id: String,
     replicas: HashMap<String, ReplicaConn>,
     in_sync: std::collections::BTreeSet<String>,
+    /// The writer of the in-sync set for this primary's term (None: a standby, or no etcd).
     publisher: Option<Publisher>,
+    /// How long an in-sync standby may take to make a batch durable before it leaves the set.
+    standby_timeout: Duration,
+    /// Cancelled, with `failure` saying why, when this manager must step down: its journal
+    /// cannot be written, or a set write found it deposed.
+    failed: CancellationToken,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
     /// The highest term seen in replicated frames (a standby refuses older ones).
     seen_term: u64,
     /// How many times this manager was elected primary.
@@ -718,11 +726,12 @@ impl Actor {
                     }
                 }
             }
-            Command::BecomePrimary { term, done } => {
+            Command::BecomePrimary { term, publisher, done } => {
                 tracing::info!(term, index = self.state.index, "primary");
                 self.epoch += 1;
                 self.primary = true;
                 self.term = term;
+                self.publisher = publisher;
                 self.leader.clear();
                 self.in_sync = [self.node_id.clone()].into();
                 // servers reconnect to the new primary; those that do not lose their sessions
@@ -736,6 +745,7 @@ impl Actor {
                     tracing::warn!("no longer primary: closing every stream");
                 }
                 self.primary = false;
+                self.publisher = None;
                 self.leader = leader;
                 // a session's own stream ends as its sender is dropped; a channel is closed, and
                 // its session told where the primary is
@@ -838,7 +848,7 @@ impl Actor {
                 Some(r) => {
                     let mut acked = r.acked.clone();
                     matches!(
-                        tokio::time::timeout(Duration::from_secs(1), acked.wait_for(|i| *i >= last)).await,
+                        tokio::time::timeout(self.standby_timeout, acked.wait_for(|i| *i >= last)).await,
                         Ok(Ok(_))
                     )
                 }
@@ -873,11 +883,16 @@ impl Actor {
             }
         }
         if changed && let Some(publish) = self.publisher.clone() {
-            let members: Vec<String> = self.in_sync.iter().cloned().collect();
-            // nothing is acknowledged until the set is published (or the lease watchdog fences)
+            let set = InSync { term: self.term, members: self.in_sync.iter().cloned().collect(), index: last };
+            // nothing is acknowledged until the set is published (or the lease watchdog fences,
+            // or the actor is found stalled)
             loop {
-                match publish(members.clone(), self.term).await {
+                match publish(set.clone()).await {
                     Ok(()) => break,
+                    Err(PublishError::Deposed) => {
+                        self.fail(format!("deposed: the in-sync set write of term {} was refused", self.term));
+                        return;
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot publish the in-sync set; retrying");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -886,6 +901,15 @@ impl Actor {
             }
         }
     }
+
+    /// Stops serving for good: nothing more is acknowledged, every stream is closed, and the
+    /// manager's `failed` token tells the process to step down (`failover::step_down_on_fault`).
+    fn fail(&mut self, why: String) {
+        tracing::error!(reason = %why, "the manager stops serving");
+        self.handle_any(Command::BecomeStandby { leader: String::new(), epoch: None });
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        self.failed.cancel();
+    }
 }
 
 /// The SessionManager gRPC service; cheap to clone.
@@ -893,24 +917,29 @@ impl Actor {
 pub struct ManagerService {
     commands: mpsc::Sender<Command>,
     next_conn: Arc<AtomicU64>,
+    /// Cancelled when the manager must step down (see `Actor::fail`).
+    failed: CancellationToken,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The etcd lease the election holds now (0: none), given up on a local fault.
+    lease: Arc<AtomicI64>,
 }
 
 impl ManagerService {
     /// Opens the journal, replays it, and starts the actor (until `shutdown`).
     pub fn start(options: ManagerOptions, shutdown: CancellationToken) -> Result<Self, crate::Error> {
-        Self::start_with(options, String::new(), None, shutdown)
+        Self::start_with(options, String::new(), false, shutdown)
     }
 
-    /// Starts a manager; with a `publisher` (etcd mode) it starts as a standby named `node_id`,
-    /// and the failover task makes it primary.
+    /// Starts a manager; `elected` (etcd mode): it starts as a standby named `node_id`, and the
+    /// failover task makes it primary.
     pub fn start_with(
         options: ManagerOptions,
         node_id: String,
-        publisher: Option<Publisher>,
+        elected: bool,
         shutdown: CancellationToken,
     ) -> Result<Self, crate::Error> {
         let (journal, replay) = Journal::open(&options.journal_dir)?;
-        let single = publisher.is_none();
+        let single = !elected;
         let term = if single { journal.next_term()? } else { 0 };
         let mut state = State::default();
         for entry in &replay {
@@ -922,6 +951,10 @@ impl ManagerService {
         let lost: HashMap<String, Instant> =
             state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
         let (tx, mut rx) = mpsc::channel::<Command>(4096);
+        let (failed, failure) = (CancellationToken::new(), Arc::new(std::sync::Mutex::new(None)));
+        // an in-sync standby gets a second, or half the lease when that is shorter: the primary
+        // must be able to shrink the set and go on well before its lease is in doubt
+        let options_standby_timeout = Duration::from_secs(1).min(options.lease_ttl / 2);
         let mut actor = Actor {
             term,
             state,
@@ -938,7 +971,10 @@ impl ManagerService {
             node_id,
             replicas: HashMap::new(),
             in_sync: Default::default(),
-            publisher,
+            publisher: None,
+            standby_timeout: options_standby_timeout,
+            failed: failed.clone(),
+            failure: failure.clone(),
             seen_term: 0,
             epoch: 0,
         };
@@ -974,22 +1010,25 @@ impl ManagerService {
                 }
                 if let Err(e) = actor.flush().await {
                     // A journal that cannot be written must not acknowledge anything more.
-                    tracing::error!(error = %e, "journal write failed: the manager stops");
+                    actor.fail(format!("journal write failed: {e}"));
+                    return;
+                }
+                if actor.failed.is_cancelled() {
                     return;
                 }
             }
         });
-        Ok(Self { commands: tx, next_conn: Arc::new(AtomicU64::new(1)) })
+        Ok(Self { commands: tx, next_conn: Arc::new(AtomicU64::new(1)), failed, failure, lease: Default::default() })
     }
 
     async fn command(&self, command: Command) -> Result<(), Status> {
         self.commands.send(command).await.map_err(|_| Status::unavailable("the manager is stopping"))
     }
 
-    /// Makes this manager the primary of `term`.
-    pub async fn become_primary(&self, term: u64) -> Result<(), Status> {
+    /// Makes this manager the primary of `term`; `publisher` writes the in-sync set for it.
+    pub async fn become_primary(&self, term: u64, publisher: Option<Publisher>) -> Result<(), Status> {
         let (done, rx) = oneshot::channel();
-        self.command(Command::BecomePrimary { term, done }).await?;
+        self.command(Command::BecomePrimary { term, publisher, done }).await?;
         rx.await.map_err(|_| Status::unavailable("the manager is stopping"))
     }
 
@@ -1010,6 +1049,23 @@ impl ManagerService {
         let (done, rx) = oneshot::channel();
         self.command(Command::ReplicaApply { frame, done }).await?;
         rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?
+    }
+
+    /// Cancelled when this manager must step down: its journal cannot be written, or it found
+    /// itself deposed ([`ManagerService::failure`] says why).
+    pub fn failed(&self) -> CancellationToken {
+        self.failed.clone()
+    }
+
+    /// Why the manager failed, once it has.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The etcd lease the election holds now (0: none): the failover task keeps it here, so
+    /// that a local fault gives it up.
+    pub fn lease_slot(&self) -> Arc<AtomicI64> {
+        self.lease.clone()
     }
 
     /// The manager's status.
