@@ -667,3 +667,120 @@ async fn after_a_double_failure_the_manager_without_the_latest_acknowledgments_d
     held.sort_unstable();
     assert_eq!(held, (51..=150).collect::<Vec<_>>(), "w2 got exactly the 100 requests only B had");
 }
+
+/// Whether `server` answers Status as PRIMARY (false when it does not answer within a second).
+async fn is_primary(server: &Server) -> Option<u64> {
+    let asked = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut c = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+        c.status(pb::ManagerStatusRequest {}).await
+    })
+    .await;
+    match asked {
+        Ok(Ok(s)) if s.get_ref().role == "PRIMARY" => Some(s.into_inner().term),
+        _ => None,
+    }
+}
+
+/// A journal write fails on the primary (the `journal-write` failpoint, as a full disk would):
+/// it acknowledges nothing more, gives up its lease and exits 75, and the in-sync standby serves
+/// well within a lease TTL — before, the primary kept its lease and stayed SERVING for good with
+/// a dead actor. Every request is answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_journal_write_error_on_the_primary_fails_over_to_the_standby() {
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/journal-error-{}", std::process::id());
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    // the first member alone: it wins the first election, then fails its 80th journal write
+    let failing =
+        Server::manager_member_env(&d1, &etcd.url, &election, &[], &[("FAILPOINTS", "journal-write=80*off->return")]);
+    baton_tests::eventually(Duration::from_secs(30), "the first member primary", || is_primary(&failing)).await;
+    let mut members = vec![failing, Server::manager_member(&d2, &etcd, &election)];
+    let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(primary, 0);
+    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    let (_w1, _) = echo_server(&endpoints, "w1");
+    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    let (responses, receiver) = record_answers(client);
+    let mut failed_at = None;
+    let mut terms = Vec::new();
+    for n in 1..=200 {
+        let accepted = tokio::time::timeout(Duration::from_secs(30), sender.send_stamped(payload(n), Vec::new()))
+            .await
+            .unwrap_or_else(|_| panic!("request {n} not accepted within 30s"))
+            .unwrap();
+        terms.push(accepted.term);
+        if failed_at.is_none()
+            && let Some(status) = members[0].exited()
+        {
+            assert_eq!(status.code(), Some(75), "the failed primary exits with EXIT_FENCED");
+            failed_at = Some(std::time::Instant::now());
+        }
+    }
+    let status = baton_tests::eventually(Duration::from_secs(10), "the failed primary to exit", || {
+        let exited = members[0].exited();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(status.code(), Some(75), "the failed primary exits with EXIT_FENCED");
+    let serving =
+        baton_tests::eventually(Duration::from_secs(10), "the standby serving", || is_primary(&members[1])).await;
+    assert!(serving > first.term, "{serving} > {}", first.term);
+    assert!(terms.contains(&first.term) && terms.contains(&serving), "both primaries acknowledged: {terms:?}");
+    assert!(terms.windows(2).all(|w| w[1] >= w[0]), "acknowledgment terms went back: {terms:?}");
+    assert_answered_once(&responses, 200).await;
+    receiver.abort();
+    // back without the failpoint, it rejoins as a standby
+    let mut failed = members.remove(0);
+    failed.clear_env();
+    members.insert(0, failed.restart(&[]));
+    let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(now_primary, 1);
+}
+
+/// etcd stalls (SIGSTOP) for 5 s, longer than every lease: the primary fences; when etcd answers
+/// again, one manager is elected and keeps serving — it does not fence itself at once on a
+/// renewal from before the stall (before, both managers exited, the new primary ~50 ms after
+/// winning). The takeover takes at most TTL + 1 s from etcd answering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_an_etcd_stall_one_takeover_leaves_a_serving_primary() {
+    let etcd = baton_tests::Etcd::start();
+    let pair = baton_tests::ManagerPair::start(&etcd, &format!("/baton-test/stall-{}", std::process::id())).await;
+    let (mut members, endpoints) = (pair.members, pair.endpoints);
+    let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let standby = 1 - primary;
+    let (_w1, _) = echo_server(&endpoints, "w1");
+    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    let (responses, receiver) = record_answers(client);
+    for n in 1..=20 {
+        sender.send(payload(n), Vec::new()).await.unwrap();
+    }
+    etcd.signal(nix::sys::signal::Signal::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    etcd.signal(nix::sys::signal::Signal::SIGCONT);
+    let back = std::time::Instant::now();
+    let status = members[primary].exited().expect("the primary fenced during the stall");
+    assert_eq!(status.code(), Some(75));
+    let term =
+        baton_tests::eventually(Duration::from_secs(10), "a serving primary", || is_primary(&members[standby])).await;
+    let took = back.elapsed();
+    assert!(took <= Duration::from_secs(3), "a primary {took:?} after etcd answered again (TTL 2 s + 1 s)");
+    assert!(term > first.term);
+    // it keeps serving: no second fence
+    for _ in 0..15 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(members[standby].exited().is_none(), "the new primary exited after winning");
+        assert_eq!(is_primary(&members[standby]).await, Some(term), "the new primary stopped serving");
+    }
+    for n in 21..=40 {
+        let seq =
+            tokio::time::timeout(Duration::from_secs(30), sender.send(payload(n), Vec::new())).await.unwrap().unwrap();
+        assert_eq!(seq, n);
+    }
+    assert_answered_once(&responses, 40).await;
+    receiver.abort();
+    let old = members.remove(primary);
+    members.insert(primary, old.restart(&[]));
+    baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+}

@@ -145,6 +145,19 @@ impl Server {
         Self::spawn(args, String::new(), Backend::Sqlite, None, Vec::new())
     }
 
+    /// [`Server::spawn_raw`] with environment variables (kept across [`Server::restart`] until
+    /// [`Server::clear_env`]).
+    pub fn spawn_raw_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Self::spawn(args, String::new(), Backend::Sqlite, None, env)
+    }
+
+    /// Forgets the environment variables it was started with, for the next restart (a failpoint
+    /// that should not fire again).
+    pub fn clear_env(&mut self) {
+        self.env.clear();
+    }
+
     fn spawn(
         args: &[&str],
         store_url: String,
@@ -584,6 +597,18 @@ impl Server {
 
     /// [`Server::manager_member`] with extra flags.
     pub fn manager_member_with(dir: &TempDir, etcd: &Etcd, election: &str, extra: &[&str]) -> Server {
+        Self::manager_member_env(dir, &etcd.url, election, extra, &[])
+    }
+
+    /// [`Server::manager_member`] reaching etcd at `etcd_url` (a fault proxy, say), with extra
+    /// flags and environment variables (`FAILPOINTS`).
+    pub fn manager_member_env(
+        dir: &TempDir,
+        etcd_url: &str,
+        election: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let journal = dir.0.join("journal");
         let mut args = vec![
             "manager",
@@ -595,14 +620,14 @@ impl Server {
             "--server-grace",
             "500ms",
             "--etcd",
-            &etcd.url,
+            etcd_url,
             "--election-key",
             election,
             "--lease-ttl",
             "2s",
         ];
         args.extend_from_slice(extra);
-        Self::spawn_raw(&args)
+        Self::spawn_raw_with_env(&args, env)
     }
 }
 
