@@ -445,74 +445,60 @@ async fn manager(seconds: f64) {
     );
 }
 
-/// SIGKILLs the primary `count` times while a client session sends; the in-sync standby takes
-/// over each time and the killed one rejoins as a standby. Prints takeover times (kill → next
-/// request accepted) and what was lost or answered twice.
-async fn chaos_manager(count: usize) {
-    let mut p = pair("chaos").await;
-    let mut session =
-        baton_manager::client::ClientSession::open(&p.endpoints, "chaos", Vec::new()).await.expect("open");
-    let sender = session.sender();
-    let answers = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::<u64, usize>::new()));
-    let seen = answers.clone();
-    let receiver = tokio::spawn(async move {
-        while let Some(r) = session.recv().await {
-            *seen.lock().unwrap().entry(r.seq).or_default() += 1;
-        }
-    });
-    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let last = accepted.clone();
-    let pump = tokio::spawn(async move {
-        loop {
-            let payload = prost_types::Any { type_url: "chaos".into(), value: vec![1u8; 32] };
-            match sender.send(payload, Vec::new()).await {
-                Ok(seq) => last.store(seq, std::sync::atomic::Ordering::SeqCst),
-                Err(_) => return,
-            }
-        }
-    });
-    let mut takeovers = Vec::new();
-    for k in 0..count {
-        let primary = wait_for_pair(&p.members).await;
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
-        let killed = Instant::now();
-        let old = p.members.remove(primary);
-        p.members.insert(primary, old.restart(&[]));
-        // one request may have been in flight at the kill: wait for one sent after it
-        while accepted.load(std::sync::atomic::Ordering::SeqCst) <= before + 1 {
-            assert!(killed.elapsed() < Duration::from_secs(60), "no takeover within 60s after kill {k}");
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        takeovers.push(killed.elapsed());
-        eprintln!("kill {}: takeover {:.0} ms", k + 1, ms(*takeovers.last().unwrap()));
+/// The seeded fault campaign (`baton_tests::campaign`): `chaos-manager --faults N --seed S
+/// [--managers M] [--ttl SECONDS] [--sessions K] [--servers K]`. Prints one line per fault, one
+/// per kind, then the `chaos:` summary; exits 1 if anything acknowledged was lost or answered
+/// twice, or the history or the driver found a violation.
+async fn chaos_manager(args: &[String]) {
+    let mut flags = std::collections::HashMap::new();
+    for pair in args.chunks(2) {
+        let [flag, value] = pair else {
+            eprintln!("baton-bench chaos-manager: {pair:?} needs a value");
+            std::process::exit(64)
+        };
+        flags.insert(flag.trim_start_matches("--").to_owned(), value.clone());
     }
-    pump.abort();
-    let total = accepted.load(std::sync::atomic::Ordering::SeqCst);
-    for _ in 0..300 {
-        if answers.lock().unwrap().len() as u64 >= total {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    let number = |name: &str, default: u64| -> u64 {
+        flags.get(name).map_or(default, |v| {
+            v.parse().unwrap_or_else(|_| {
+                eprintln!("baton-bench chaos-manager: --{name} {v:?} is not a number");
+                std::process::exit(64)
+            })
+        })
+    };
+    let seed = number("seed", rand::random::<u32>() as u64);
+    let config = baton_tests::campaign::Config {
+        faults: number("faults", 50) as usize,
+        seed,
+        managers: number("managers", 2) as usize,
+        ttl_secs: number("ttl", 2),
+        sessions: number("sessions", 4) as usize,
+        servers: number("servers", 2) as usize,
+        pace: Duration::from_millis(number("pace-ms", 20)),
+        bench_bin: std::env::current_exe().expect("the baton-bench binary"),
+        kinds: flags.get("kinds").map_or_else(Vec::new, |v| {
+            v.split(',')
+                .map(|k| {
+                    baton_tests::campaign::Kind::named(k).unwrap_or_else(|| {
+                        eprintln!("baton-bench chaos-manager: no fault kind {k:?}");
+                        std::process::exit(64)
+                    })
+                })
+                .collect()
+        }),
+        every_kind_first: flags.get("every-kind-first").is_some_and(|v| v == "true"),
+    };
+    println!(
+        "chaos: seed={seed} faults={} managers={} ttl={}s sessions={} servers={}",
+        config.faults, config.managers, config.ttl_secs, config.sessions, config.servers
+    );
+    let dir = baton_tests::TempDir::new();
+    println!("chaos: histories in {}", dir.0.display());
+    let outcome = baton_tests::campaign::run(config, dir).await;
+    for line in outcome.lines(seed) {
+        println!("{line}");
     }
-    receiver.abort();
-    let answers = answers.lock().unwrap();
-    let lost = (1..=total).filter(|s| !answers.contains_key(s)).count();
-    let duplicated = answers.values().filter(|n| **n > 1).count();
-    takeovers.sort();
-    let (p50, p99) = (percentile(&takeovers, 0.5), percentile(&takeovers, 0.99));
-    println!(
-        "manager chaos: {count} SIGKILLs of the primary (TTL 2s, in-sync standby takes over), {total} requests acknowledged: \
-         takeover p50 {:.0} ms, p99 {:.0} ms; lost {lost}, answered twice {duplicated}",
-        ms(p50),
-        ms(p99)
-    );
-    println!(
-        "summary: {count} kills: takeover p50 {:.0} ms p99 {:.0} ms, lost {lost}, duplicated {duplicated}",
-        ms(p50),
-        ms(p99)
-    );
-    if lost > 0 || duplicated > 0 {
+    if !outcome.ok() {
         std::process::exit(1);
     }
 }
@@ -851,14 +837,35 @@ async fn main() {
             let (endpoint, pool, id) = (arg("ENDPOINT"), arg("POOL"), arg("SERVER_ID"));
             echo_server(&endpoint, &pool, &id).await
         }
-        "chaos-manager" => {
-            let count = args.next().and_then(|c| c.parse().ok()).unwrap_or(50);
-            chaos_manager(count).await
+        "chaos-manager" => chaos_manager(&args.collect::<Vec<_>>()).await,
+        "chaos-client" => {
+            let a: Vec<String> = args.collect();
+            let [endpoints, sessions, pace_ms, history, stop] = a.as_slice() else {
+                eprintln!("baton-bench chaos-client ENDPOINTS SESSIONS PACE_MS HISTORY STOP_FILE");
+                std::process::exit(64)
+            };
+            let (sessions, pace) = (sessions.parse().unwrap_or(1), pace_ms.parse().unwrap_or(20));
+            baton_tests::campaign::client_process(
+                endpoints,
+                sessions,
+                Duration::from_millis(pace),
+                std::path::Path::new(history),
+                std::path::Path::new(stop),
+            )
+            .await
+        }
+        "chaos-server" => {
+            let a: Vec<String> = args.collect();
+            let [endpoints, id, history] = a.as_slice() else {
+                eprintln!("baton-bench chaos-server ENDPOINTS SERVER_ID HISTORY");
+                std::process::exit(64)
+            };
+            baton_tests::campaign::server_process(endpoints, id, std::path::Path::new(history)).await
         }
         other => {
             eprintln!(
-                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, batch, export, chaos-manager [COUNT], \
-                 echo-server ENDPOINT POOL SERVER_ID"
+                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, batch, export, chaos-manager --faults N --seed S, \
+                 echo-server ENDPOINT POOL SERVER_ID, chaos-client …, chaos-server …"
             );
             std::process::exit(64);
         }

@@ -2,6 +2,7 @@
 //! `baton dev`, or as `baton intake` on a fresh PostgreSQL database), and gives gRPC clients and
 //! helpers to the tests. Every wait here is bounded.
 
+pub mod campaign;
 pub mod fault_proxy;
 pub mod history;
 
@@ -419,6 +420,8 @@ pub struct Etcd {
     child: Child,
     /// The client URL.
     pub url: String,
+    /// How it was started, for [`Etcd::restart`].
+    args: Vec<String>,
     _dir: TempDir,
 }
 
@@ -430,8 +433,14 @@ impl Etcd {
     /// Starts etcd and waits until it accepts connections (at most 30 s per attempt; a port
     /// taken between choosing and binding it makes etcd exit, and another pair of ports is tried).
     pub fn start() -> Etcd {
+        Self::start_with(&[])
+    }
+
+    /// [`Etcd::start`] with extra flags (`--heartbeat-interval 10 --election-timeout 100`
+    /// lowers its minimum lease TTL to 1 s).
+    pub fn start_with(extra: &[&str]) -> Etcd {
         for attempt in 1..=3 {
-            if let Some(etcd) = Self::try_start() {
+            if let Some(etcd) = Self::try_start(extra) {
                 return etcd;
             }
             eprintln!("etcd did not come up (attempt {attempt}); trying other ports");
@@ -439,36 +448,47 @@ impl Etcd {
         panic!("etcd did not start in 3 attempts");
     }
 
-    fn try_start() -> Option<Etcd> {
+    fn try_start(extra: &[&str]) -> Option<Etcd> {
         let dir = TempDir::new();
         let (client, peer) = (free_port(), free_port());
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut args: Vec<String> = [
+            "--name",
+            "e2e",
+            "--data-dir",
+            dir.0.join("etcd").to_str().unwrap(),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("e2e={peer_url}"),
+            "--log-level",
+            "error",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let child = Self::spawn(&args, client)?;
+        Some(Etcd { child, url, args, _dir: dir })
+    }
+
+    /// Starts etcd with `args` and waits (at most 30 s) until it accepts connections on `port`.
+    fn spawn(args: &[String], port: u16) -> Option<Child> {
         let mut child = Command::new("etcd")
-            .args([
-                "--name",
-                "e2e",
-                "--data-dir",
-                dir.0.join("etcd").to_str().unwrap(),
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("e2e={peer_url}"),
-                "--log-level",
-                "error",
-            ])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start etcd (Debian's etcd-server; scripts/setup.sh installs it)");
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             if child.try_wait().ok().flatten().is_some() || Instant::now() > deadline {
                 let _ = child.kill();
                 let _ = child.wait();
@@ -476,7 +496,29 @@ impl Etcd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        Some(Etcd { child, url, _dir: dir })
+        Some(child)
+    }
+
+    /// The client address.
+    pub fn addr(&self) -> SocketAddr {
+        self.url.trim_start_matches("http://").parse().unwrap()
+    }
+
+    /// SIGKILLs etcd and starts it again on its data directory and ports (waiting until it
+    /// accepts connections, at most three tries of 30 s).
+    pub fn restart(&mut self) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGCONT);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let port = self.addr().port();
+        for _ in 0..3 {
+            if let Some(child) = Self::spawn(&self.args, port) {
+                self.child = child;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("etcd did not restart on its data directory");
     }
 }
 

@@ -23,6 +23,8 @@ pub struct ClientResponse {
     pub seq: u64,
     /// The response.
     pub payload: Option<prost_types::Any>,
+    /// The term of the primary that sent it (fault tests check terms never go back).
+    pub term: u64,
 }
 
 enum ClientCommand {
@@ -579,7 +581,7 @@ impl ClientLoop {
             }
             Some(pb::client_event::Kind::Response(r)) => {
                 if !self.seen(r.seq) {
-                    if responses.send(ClientResponse { seq: r.seq, payload: r.payload }).await.is_err() {
+                    if responses.send(ClientResponse { seq: r.seq, payload: r.payload, term: self.seen_term }).await.is_err() {
                         return Ok(false);
                     }
                     self.mark(r.seq);
@@ -723,6 +725,8 @@ pub enum ServerEvent {
         server_restart_data: Vec<u8>,
         /// The client restart data stored for it.
         client_restart_data: Vec<u8>,
+        /// The term of the primary that bound it.
+        term: u64,
     },
     /// A request to answer with [`ServerSession::reply`].
     Request {
@@ -734,6 +738,8 @@ pub enum ServerEvent {
         payload: Option<prost_types::Any>,
         /// The client restart data sent with it.
         client_restart_data: Vec<u8>,
+        /// The term of the primary that delivered it.
+        term: u64,
     },
 }
 
@@ -809,6 +815,7 @@ impl ServerLoop {
                     session_id: b.session_id,
                     server_restart_data: b.server_restart_data,
                     client_restart_data: b.client_restart_data,
+                    term: self.seen_term,
                 };
                 if events.send(e).await.is_err() {
                     return Ok(false);
@@ -824,6 +831,7 @@ impl ServerLoop {
                         seq: r.seq,
                         payload: r.payload,
                         client_restart_data: r.client_restart_data,
+                        term: self.seen_term,
                     };
                     if events.send(e).await.is_err() {
                         return Ok(false);

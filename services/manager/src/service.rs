@@ -803,6 +803,14 @@ impl Actor {
                 // a standby that cannot take more is dropped; it reconnects and gets a snapshot
                 self.replicas.retain(|_, r| r.tx.try_send(Ok(frame.clone())).is_ok());
             }
+            if self.primary {
+                // fault tests: the primary's journal write fails (`N*off->return`: after N good
+                // batches as primary), where `journal-write` would fail a standby's as well
+                fail::fail_point!("primary-journal-write", |_| Err(crate::journal::Error::Io {
+                    path: self.options.journal_dir.join("journal"),
+                    source: std::io::Error::other("failpoint primary-journal-write"),
+                }));
+            }
             let journal = &mut self.journal;
             tokio::task::block_in_place(|| -> Result<(), crate::journal::Error> {
                 journal.append_records(&records, entries.len() as u64)?;
