@@ -784,3 +784,59 @@ async fn after_an_etcd_stall_one_takeover_leaves_a_serving_primary() {
     members.insert(primary, old.restart(&[]));
     baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
 }
+
+/// A standby that lost its disk must not take over. The pair forms before any traffic, so the
+/// in-sync set was written at journal index 0 and the position check alone (a journal at least as
+/// long as the set's index) admits an empty journal. The standby is SIGKILLed and its journal
+/// directory wiped, then the primary is SIGKILLed, and the standby comes back empty: the set names
+/// it with its old journal id, so it stays a standby. The primary comes back, is elected, and every
+/// acknowledged request is answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_standby_back_on_a_wiped_disk_does_not_take_over() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/wiped-{}", std::process::id());
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    let mut members =
+        vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
+    let dirs = [&d1, &d2];
+    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let standby = 1 - primary;
+    // no server session: what is acknowledged stays queued
+    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    for n in 1..=40 {
+        let accepted = sender.send_stamped(payload(n), Vec::new()).await.unwrap();
+        assert_eq!((accepted.seq, accepted.term), (n, first.term));
+    }
+    kill(Pid::from_raw(members[standby].pid() as i32), Signal::SIGKILL).unwrap();
+    std::fs::remove_dir_all(dirs[standby].0.join("journal")).unwrap();
+    kill(Pid::from_raw(members[primary].pid() as i32), Signal::SIGKILL).unwrap();
+    let wiped = members.remove(standby);
+    members.insert(standby, wiped.restart(&[]));
+    // three lease TTLs: the wiped standby never becomes primary
+    let watched = std::time::Instant::now();
+    while watched.elapsed() < Duration::from_secs(6) {
+        if let Some(term) = is_primary(&members[standby]).await {
+            panic!("the standby back on a wiped disk took over (term {term}) with an empty journal");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let old = members.remove(primary);
+    members.insert(primary, old.restart(&[]));
+    let (now_primary, now) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(now_primary, primary, "the manager holding every acknowledgment took over");
+    assert!(now.term > first.term);
+    let (_w1, seen) = echo_server(&endpoints, "w1");
+    let mut answered = BTreeMap::<u64, Vec<u64>>::new();
+    while answered.len() < 40 {
+        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
+        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+    }
+    for (seq, got) in &answered {
+        assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
+    }
+    assert_eq!(seen.lock().unwrap().requests.len(), 40);
+}

@@ -581,7 +581,11 @@ impl ClientLoop {
             }
             Some(pb::client_event::Kind::Response(r)) => {
                 if !self.seen(r.seq) {
-                    if responses.send(ClientResponse { seq: r.seq, payload: r.payload, term: self.seen_term }).await.is_err() {
+                    if responses
+                        .send(ClientResponse { seq: r.seq, payload: r.payload, term: self.seen_term })
+                        .await
+                        .is_err()
+                    {
                         return Ok(false);
                     }
                     self.mark(r.seq);

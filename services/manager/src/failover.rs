@@ -14,7 +14,7 @@
 //! cannot be written, the actor stops answering) makes any manager step down the same way
 //! ([`step_down_on_fault`]).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -49,6 +49,9 @@ pub struct InSync {
     pub term: u64,
     /// The members (advertised addresses), the writer among them.
     pub members: Vec<String>,
+    /// Each member's journal id (see `Journal::identify`): a member restarted on a wiped disk has
+    /// another, and is not admitted. Empty in a set written before ids were kept.
+    pub journals: BTreeMap<String, String>,
     /// The writer's journal index when it wrote the set: every member holds at least this much,
     /// so a member whose journal is shorter lost its disk and must not take over.
     pub index: u64,
@@ -57,7 +60,8 @@ pub struct InSync {
 impl InSync {
     /// The set as stored (JSON).
     pub fn to_json(&self) -> String {
-        serde_json::json!({"term": self.term, "members": self.members, "index": self.index}).to_string()
+        serde_json::json!({"term": self.term, "members": self.members, "journals": self.journals, "index": self.index})
+            .to_string()
     }
 
     /// The set stored as `bytes`; `None` when it is not one (a set written before the index was
@@ -65,12 +69,20 @@ impl InSync {
     pub fn parse(bytes: &[u8]) -> Option<InSync> {
         let v: serde_json::Value = serde_json::from_slice(bytes).ok()?;
         let members = v["members"].as_array()?.iter().map(|m| m.as_str().map(str::to_owned)).collect::<Option<_>>()?;
-        Some(InSync { term: v["term"].as_u64()?, members, index: v["index"].as_u64().unwrap_or(0) })
+        let journals = match v.get("journals") {
+            None => BTreeMap::new(),
+            Some(j) => {
+                j.as_object()?.iter().map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect::<Option<_>>()?
+            }
+        };
+        Some(InSync { term: v["term"].as_u64()?, members, journals, index: v["index"].as_u64().unwrap_or(0) })
     }
 
-    /// Whether `node`, whose journal reaches `index`, may take over.
-    pub fn admits(&self, node: &str, index: u64) -> bool {
-        self.members.iter().any(|m| m == node) && index >= self.index
+    /// Whether `node`, whose journal (id `journal`) reaches `index`, may take over: the set names
+    /// it, with that journal, and its journal is at least as long as the writer's was.
+    pub fn admits(&self, node: &str, journal: &str, index: u64) -> bool {
+        let same_journal = self.journals.is_empty() || self.journals.get(node).is_some_and(|j| j == journal);
+        self.members.iter().any(|m| m == node) && same_journal && index >= self.index
     }
 }
 
@@ -137,7 +149,7 @@ async fn eligible(client: &mut Client, election: &str, node: &str, service: &Man
     };
     let Ok(status) = service.current_status().await else { return false };
     match set {
-        Some(set) if set.admits(node, status.journal_index) => true,
+        Some(set) if set.admits(node, service.journal_id(), status.journal_index) => true,
         Some(set) => {
             tracing::debug!(?set, index = status.journal_index, "not eligible to take over");
             false
@@ -197,7 +209,12 @@ async fn replicate_from(
         pb::session_manager_client::SessionManagerClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let (acks, acks_rx) = mpsc::channel(64);
     let status = service.current_status().await?;
-    let _ = acks.send(pb::ReplicaAck { node_id: me.to_owned(), durable_index: status.journal_index }).await;
+    let first = pb::ReplicaAck {
+        node_id: me.to_owned(),
+        durable_index: status.journal_index,
+        journal_id: service.journal_id().to_owned(),
+    };
+    let _ = acks.send(first).await;
     let mut frames = client.replicate(crate::client::authorized(ReceiverStream::new(acks_rx))).await?.into_inner();
     loop {
         let frame = tokio::select! {
@@ -206,7 +223,7 @@ async fn replicate_from(
         };
         let Some(frame) = frame else { return Ok(()) };
         let durable = service.replica_apply(frame).await?;
-        if acks.send(pb::ReplicaAck { node_id: String::new(), durable_index: durable }).await.is_err() {
+        if acks.send(pb::ReplicaAck { durable_index: durable, ..Default::default() }).await.is_err() {
             return Ok(());
         }
     }
@@ -370,7 +387,8 @@ pub async fn run(
             Ok(status) => status.journal_index,
             Err(_) => return,
         };
-        if let Err(e) = publish(InSync { term, members: vec![me.clone()], index }).await {
+        let journals = [(me.clone(), service.journal_id().to_owned())].into();
+        if let Err(e) = publish(InSync { term, members: vec![me.clone()], journals, index }).await {
             tracing::warn!(term, error = %e, "cannot publish the in-sync set after winning: resigning");
             keepalive.abort();
             let _ = tokio::time::timeout(
@@ -457,15 +475,21 @@ mod tests {
 
     #[test]
     fn the_set_admits_named_members_whose_journal_reaches_its_index() {
-        let set = InSync { term: 7, members: vec!["http://a".into(), "http://b".into()], index: 120 };
+        let set = InSync {
+            term: 7,
+            members: vec!["http://a".into(), "http://b".into()],
+            journals: [("http://a".into(), "j1".into()), ("http://b".into(), "j2".into())].into(),
+            index: 120,
+        };
         assert_eq!(InSync::parse(set.to_json().as_bytes()), Some(set.clone()));
-        assert!(set.admits("http://a", 120));
-        assert!(set.admits("http://b", 500));
-        assert!(!set.admits("http://b", 119), "a member that lost part of its journal");
-        assert!(!set.admits("http://c", 500), "a manager the set does not name");
-        // a set written before the index was kept
+        assert!(set.admits("http://a", "j1", 120));
+        assert!(set.admits("http://b", "j2", 500));
+        assert!(!set.admits("http://b", "j2", 119), "a member that lost part of its journal");
+        assert!(!set.admits("http://b", "j9", 500), "a member restarted on a wiped disk");
+        assert!(!set.admits("http://c", "j3", 500), "a manager the set does not name");
+        // a set written before the index and the journal ids were kept
         let old = InSync::parse(br#"{"term":2,"members":["http://a"]}"#).unwrap();
-        assert!(old.admits("http://a", 0));
+        assert!(old.admits("http://a", "j1", 0));
         assert_eq!(InSync::parse(b"{\"members\": 3}"), None);
     }
 }

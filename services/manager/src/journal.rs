@@ -153,6 +153,8 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
 pub struct Journal {
     dir: PathBuf,
     file: BufWriter<File>,
+    /// The directory's id (the file `id`), made when the directory is first opened.
+    id: String,
     /// Entries in `journal` (since the snapshot).
     pub since_snapshot: u64,
 }
@@ -239,6 +241,7 @@ impl Journal {
     /// the snapshot's, then the journal's.
     pub fn open(dir: &Path) -> Result<(Journal, Vec<Entry>), Error> {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let id = Self::identify(dir)?;
         let (mut entries, _) = read_records(&dir.join("snapshot"), false)?;
         let path = dir.join("journal");
         let (tail, good) = read_records(&path, true)?;
@@ -251,7 +254,32 @@ impl Journal {
         // the good ones
         file.set_len(good).map_err(io(&path))?;
         file.seek(SeekFrom::End(0)).map_err(io(&path))?;
-        Ok((Journal { dir: dir.to_owned(), file: BufWriter::new(file), since_snapshot }, entries))
+        Ok((Journal { dir: dir.to_owned(), file: BufWriter::new(file), since_snapshot, id }, entries))
+    }
+
+    /// The directory's id, read from `id`, or made (random) and written durably when the
+    /// directory has none: a journal that lost its disk comes back with another id, so the
+    /// in-sync set, which names each member with its journal id, no longer admits it.
+    fn identify(dir: &Path) -> Result<String, Error> {
+        let path = dir.join("id");
+        match std::fs::read_to_string(&path) {
+            Ok(id) if !id.trim().is_empty() => return Ok(id.trim().to_owned()),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(&path)(e)),
+        }
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        let tmp = dir.join("id.tmp");
+        std::fs::write(&tmp, format!("{id}\n")).map_err(io(&tmp))?;
+        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+        Ok(id)
+    }
+
+    /// The directory's id (see [`Journal::identify`]).
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     /// Appends entries and makes them durable with one fsync.

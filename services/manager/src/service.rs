@@ -261,6 +261,7 @@ enum Command {
     Tick,
     ReplicaConnect {
         node: String,
+        journal_id: String,
         tx: mpsc::Sender<Result<pb::ReplicaFrame, Status>>,
         acked: tokio::sync::watch::Receiver<u64>,
     },
@@ -317,6 +318,12 @@ struct Actor {
     node_id: String,
     replicas: HashMap<String, ReplicaConn>,
     in_sync: std::collections::BTreeSet<String>,
+    /// The journal id of each standby as it connected (and this manager's own): the in-sync set
+    /// names members with them.
+    journal_ids: HashMap<String, String>,
+    /// The in-sync set changed outside `sync_standbys` and must be published before anything
+    /// more is acknowledged.
+    set_changed: bool,
     /// The writer of the in-sync set for this primary's term (None: a standby, or no etcd).
     publisher: Option<Publisher>,
     /// How long an in-sync standby may take to make a batch durable before it leaves the set.
@@ -674,7 +681,16 @@ impl Actor {
                 list.sort_by(|a, b| a.session_id.cmp(&b.session_id));
                 let _ = reply.send(list);
             }
-            Command::ReplicaConnect { node, tx, acked } => {
+            Command::ReplicaConnect { node, journal_id, tx, acked } => {
+                if self.in_sync.contains(&node) && self.journal_ids.get(&node) != Some(&journal_id) {
+                    // a member back on another journal (a wiped disk): it leaves the set, which
+                    // is published before anything more is acknowledged, and joins again once
+                    // it has caught up
+                    tracing::warn!(%node, %journal_id, "an in-sync standby is back on another journal");
+                    self.in_sync.remove(&node);
+                    self.set_changed = true;
+                }
+                self.journal_ids.insert(node.clone(), journal_id);
                 // a snapshot of the state first: the standby drops whatever else it had
                 let records = crate::journal::encode_records(&self.state.to_entries()).into();
                 let frame = pb::ReplicaFrame { term: self.term, reset: true, records };
@@ -734,6 +750,8 @@ impl Actor {
                 self.publisher = publisher;
                 self.leader.clear();
                 self.in_sync = [self.node_id.clone()].into();
+                self.journal_ids = [(self.node_id.clone(), self.journal.id().to_owned())].into();
+                self.set_changed = false;
                 // servers reconnect to the new primary; those that do not lose their sessions
                 self.lost =
                     self.state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
@@ -820,7 +838,7 @@ impl Actor {
                 Ok(())
             })?;
         }
-        if self.primary && (replicated || self.replicas.keys().any(|n| !self.in_sync.contains(n))) {
+        if self.primary && (replicated || self.set_changed || self.replicas.keys().any(|n| !self.in_sync.contains(n))) {
             self.sync_standbys().await;
         }
         let mut batches = Batches::default();
@@ -849,7 +867,7 @@ impl Actor {
     /// anything is acknowledged without it. Standbys that caught up join the set.
     async fn sync_standbys(&mut self) {
         let last = self.state.index;
-        let mut changed = false;
+        let mut changed = std::mem::take(&mut self.set_changed);
         let members: Vec<String> = self.in_sync.iter().filter(|n| **n != self.node_id).cloned().collect();
         for node in members {
             let ok = match self.replicas.get(&node) {
@@ -891,7 +909,9 @@ impl Actor {
             }
         }
         if changed && let Some(publish) = self.publisher.clone() {
-            let set = InSync { term: self.term, members: self.in_sync.iter().cloned().collect(), index: last };
+            let members: Vec<String> = self.in_sync.iter().cloned().collect();
+            let journals = members.iter().filter_map(|m| Some((m.clone(), self.journal_ids.get(m)?.clone()))).collect();
+            let set = InSync { term: self.term, members, journals, index: last };
             // nothing is acknowledged until the set is published (or the lease watchdog fences,
             // or the actor is found stalled)
             loop {
@@ -930,6 +950,8 @@ pub struct ManagerService {
     failure: Arc<std::sync::Mutex<Option<String>>>,
     /// The etcd lease the election holds now (0: none), given up on a local fault.
     lease: Arc<AtomicI64>,
+    /// The journal directory's id.
+    journal_id: Arc<str>,
 }
 
 impl ManagerService {
@@ -947,6 +969,7 @@ impl ManagerService {
         shutdown: CancellationToken,
     ) -> Result<Self, crate::Error> {
         let (journal, replay) = Journal::open(&options.journal_dir)?;
+        let journal_id: Arc<str> = journal.id().into();
         let single = !elected;
         let term = if single { journal.next_term()? } else { 0 };
         let mut state = State::default();
@@ -979,6 +1002,8 @@ impl ManagerService {
             node_id,
             replicas: HashMap::new(),
             in_sync: Default::default(),
+            journal_ids: HashMap::new(),
+            set_changed: false,
             publisher: None,
             standby_timeout: options_standby_timeout,
             failed: failed.clone(),
@@ -1026,7 +1051,14 @@ impl ManagerService {
                 }
             }
         });
-        Ok(Self { commands: tx, next_conn: Arc::new(AtomicU64::new(1)), failed, failure, lease: Default::default() })
+        Ok(Self {
+            commands: tx,
+            next_conn: Arc::new(AtomicU64::new(1)),
+            failed,
+            failure,
+            lease: Default::default(),
+            journal_id,
+        })
     }
 
     async fn command(&self, command: Command) -> Result<(), Status> {
@@ -1068,6 +1100,11 @@ impl ManagerService {
     /// Why the manager failed, once it has.
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The id of this manager's journal directory (see `Journal::identify`).
+    pub fn journal_id(&self) -> &str {
+        &self.journal_id
     }
 
     /// The etcd lease the election holds now (0: none): the failover task keeps it here, so
@@ -1293,7 +1330,11 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         }
         let (tx, rx) = mpsc::channel(4096);
         let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
-        self.command(Command::ReplicaConnect { node: first.node_id, tx, acked }).await?;
+        if first.journal_id.is_empty() {
+            return Err(Status::invalid_argument("the first ack names the standby's journal_id"));
+        }
+        let (node, journal_id) = (first.node_id, first.journal_id);
+        self.command(Command::ReplicaConnect { node, journal_id, tx, acked }).await?;
         tokio::spawn(async move {
             while let Some(Ok(ack)) = acks.next().await {
                 acked_tx.send_replace(ack.durable_index);
