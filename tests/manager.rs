@@ -840,3 +840,96 @@ async fn a_standby_back_on_a_wiped_disk_does_not_take_over() {
     }
     assert_eq!(seen.lock().unwrap().requests.len(), 40);
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`4m`) at `at`; None where mounting is not allowed (not root),
+    /// which CI never is.
+    fn mount(at: std::path::PathBuf, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(&at).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs", at.to_str().unwrap()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok || std::env::var_os("CI").is_none(), "CI runs as root and can mount a tmpfs");
+        ok.then_some(Tmpfs(at))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").args(["-l", self.0.to_str().unwrap()]).status();
+    }
+}
+
+/// The primary's journal disk fills up (a real tmpfs, filled by a file beside the journal): its
+/// next journal write fails, it steps down — NOT_SERVING, lease given up, exit 75 — and the
+/// in-sync standby serves. Before, the primary stayed SERVING with a dead actor until killed by
+/// hand. When space returns, the manager restarted on that disk rejoins as a standby; every
+/// request is answered exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_journal_disk_on_the_primary_fails_over_to_the_standby() {
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    let Some(disk) = Tmpfs::mount(d1.0.join("journal"), "8m") else {
+        eprintln!("note: cannot mount a tmpfs here (not root); the full-disk test needs one");
+        return;
+    };
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/full-disk-{}", std::process::id());
+    // the member on the small disk alone first: it wins the first election
+    let small = Server::manager_member(&d1, &etcd, &election);
+    baton_tests::eventually(Duration::from_secs(30), "the first member primary", || is_primary(&small)).await;
+    let mut members = vec![small, Server::manager_member(&d2, &etcd, &election)];
+    let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(primary, 0);
+    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    let (_w1, _) = echo_server(&endpoints, "w1");
+    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    let (responses, receiver) = record_answers(client);
+    for n in 1..=50 {
+        sender.send(payload(n), Vec::new()).await.unwrap();
+    }
+    // fill the disk
+    let filler = disk.0.join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        for _ in 0..1024 {
+            if f.write_all(&chunk).and_then(|()| f.flush()).is_err() {
+                break;
+            }
+        }
+    }
+    let filled = std::time::Instant::now();
+    let mut terms = Vec::new();
+    for n in 51..=150 {
+        let accepted = tokio::time::timeout(Duration::from_secs(30), sender.send_stamped(payload(n), Vec::new()))
+            .await
+            .unwrap_or_else(|_| panic!("request {n} not accepted within 30s"))
+            .unwrap();
+        terms.push(accepted.term);
+    }
+    let status = baton_tests::eventually(Duration::from_secs(10), "the primary on the full disk to exit", || {
+        let exited = members[0].exited();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(status.code(), Some(75), "it steps down with EXIT_FENCED");
+    let serving =
+        baton_tests::eventually(Duration::from_secs(10), "the standby serving", || is_primary(&members[1])).await;
+    assert!(serving > first.term);
+    assert!(terms.last().is_some_and(|t| *t == serving), "the standby acknowledged after the disk filled: {terms:?}");
+    eprintln!("full disk: the standby serves {:?} after the disk filled", filled.elapsed());
+    assert_answered_once(&responses, 150).await;
+    receiver.abort();
+    // space returns: the manager restarted on that disk rejoins as a standby
+    std::fs::remove_file(&filler).unwrap();
+    let old = members.remove(0);
+    members.insert(0, old.restart(&[]));
+    let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(now_primary, 1);
+}
