@@ -1,0 +1,669 @@
+//! The actor: the one task that owns the state and the journal. It takes commands (from the
+//! gRPC handlers, the failover task and its ticker), one method per command; each journals the
+//! entries it makes and records what to send ([`Effect`]), and [`Actor::flush`] makes the batch
+//! durable (one fsync for every command of the batch) before it sends anything.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_mesh::proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::LEADER_METADATA;
+use super::options::ManagerOptions;
+use super::outbox::{Batches, ClientTx, Mux, ServerTx};
+use super::replication::ReplicaConn;
+use crate::failover::Publisher;
+use crate::journal::{AckOp, BindOp, Entry, Journal, Op, OpenOp, ReplyOp, RequestOp};
+use crate::state::State;
+
+/// What the actor is asked to do.
+pub(super) enum Command {
+    ClientOpen {
+        open: pb::OpenSession,
+        conn: u64,
+        tx: ClientTx,
+        reply: oneshot::Sender<Result<String, Status>>,
+    },
+    ClientRequest {
+        session: String,
+        conn: u64,
+        request: pb::ClientRequest,
+    },
+    ClientAck {
+        session: String,
+        seq: u64,
+    },
+    ClientGone {
+        session: String,
+        conn: u64,
+    },
+    ServerRegister {
+        register: pb::RegisterServer,
+        conn: u64,
+        tx: ServerTx,
+    },
+    ServerReply {
+        server: String,
+        conn: u64,
+        reply: pb::ServerReply,
+    },
+    ServerGone {
+        server: String,
+        conn: u64,
+    },
+    /// A Multiplex stream started: the actor holds it open (its demultiplexer holds it weakly),
+    /// so it ends when the actor stops or lets it go, as a session's own stream does.
+    MuxOpen {
+        mux: Mux,
+    },
+    /// A Multiplex stream's caller has gone.
+    MuxGone {
+        id: u64,
+    },
+    Status {
+        reply: oneshot::Sender<pb::ManagerStatus>,
+    },
+    Sessions {
+        reply: oneshot::Sender<Vec<pb::SessionInfo>>,
+    },
+    Tick,
+    ReplicaConnect {
+        node: String,
+        journal_id: String,
+        tx: mpsc::Sender<Result<pb::ReplicaFrame, Status>>,
+        acked: tokio::sync::watch::Receiver<u64>,
+    },
+    ReplicaApply {
+        frame: pb::ReplicaFrame,
+        done: oneshot::Sender<Result<u64, Status>>,
+    },
+    /// Elected for `term`: `publisher` writes the in-sync set, fenced by this term's leader key
+    /// (None: a manager without etcd).
+    BecomePrimary {
+        term: u64,
+        publisher: Option<Publisher>,
+        done: oneshot::Sender<()>,
+    },
+    /// `epoch`: only if the manager has not been elected since (a follower's view may be stale).
+    BecomeStandby {
+        leader: String,
+        epoch: Option<u64>,
+    },
+}
+
+/// Something to send once the batch that produced it is durable.
+pub(super) enum Effect {
+    Client(String, pb::client_event::Kind),
+    Server(String, pb::server_event::Kind),
+}
+
+/// A connected server session.
+pub(super) struct ServerConn {
+    conn: u64,
+    pool: String,
+    tx: ServerTx,
+}
+
+/// The owner of the state and the journal; see the module doc.
+pub(super) struct Actor {
+    pub(super) term: u64,
+    pub(super) state: State,
+    pub(super) journal: Journal,
+    pub(super) options: ManagerOptions,
+    pub(super) clients: HashMap<String, (u64, ClientTx)>,
+    pub(super) servers: HashMap<String, ServerConn>,
+    /// The Multiplex streams, held open while this manager serves them.
+    pub(super) muxes: HashMap<u64, Mux>,
+    /// Servers whose stream broke, and when: their sessions move after the grace.
+    pub(super) lost: HashMap<String, Instant>,
+    pub(super) pending: Vec<Entry>,
+    pub(super) effects: Vec<Effect>,
+    pub(super) primary: bool,
+    pub(super) leader: String,
+    pub(super) node_id: String,
+    pub(super) replicas: HashMap<String, ReplicaConn>,
+    pub(super) in_sync: std::collections::BTreeSet<String>,
+    /// The journal id of each standby as it connected (and this manager's own): the in-sync set
+    /// names members with them.
+    pub(super) journal_ids: HashMap<String, String>,
+    /// The in-sync set changed outside `sync_standbys` and must be published before anything
+    /// more is acknowledged.
+    pub(super) set_changed: bool,
+    /// The writer of the in-sync set for this primary's term (None: a standby, or no etcd).
+    pub(super) publisher: Option<Publisher>,
+    /// How long an in-sync standby may take to make a batch durable before it leaves the set.
+    pub(super) standby_timeout: Duration,
+    /// Cancelled, with `failure` saying why, when this manager must step down: its journal
+    /// cannot be written, or a set write found it deposed.
+    pub(super) failed: CancellationToken,
+    pub(super) failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The highest term seen in replicated frames (a standby refuses older ones).
+    pub(super) seen_term: u64,
+    /// How many times this manager was elected primary.
+    pub(super) epoch: u64,
+}
+
+impl Actor {
+    fn not_primary(&self) -> Status {
+        let mut status = Status::unavailable(if self.leader.is_empty() {
+            "this manager is a standby and knows no primary yet".to_owned()
+        } else {
+            format!("this manager is a standby; the primary is {}", self.leader)
+        });
+        if let Ok(value) = self.leader.parse() {
+            status.metadata_mut().insert(LEADER_METADATA, value);
+        }
+        status
+    }
+
+    fn journal(&mut self, op: Op) {
+        let entry = Entry { index: self.state.index + 1, term: self.term, op: Some(op) };
+        self.state.apply(&entry);
+        self.pending.push(entry);
+    }
+
+    fn new_session_id() -> String {
+        format!("ses_{}", hex::encode(rand::random::<[u8; 8]>()))
+    }
+
+    /// Binds a session to the connected server of its pool with the fewest sessions, if any.
+    fn bind(&mut self, session_id: &str) {
+        let Some(pool) = self.state.sessions.get(session_id).map(|s| s.pool.clone()) else { return };
+        let mut load: HashMap<&str, usize> = HashMap::new();
+        for s in self.state.sessions.values() {
+            if let Some(b) = &s.bound {
+                *load.entry(b.as_str()).or_default() += 1;
+            }
+        }
+        let best = self
+            .servers
+            .iter()
+            .filter(|(_, c)| c.pool == pool)
+            .min_by_key(|(id, _)| (load.get(id.as_str()).copied().unwrap_or(0), (*id).clone()))
+            .map(|(id, _)| id.clone());
+        if let Some(server) = best {
+            self.journal(Op::Bind(BindOp { session_id: session_id.to_owned(), server_id: server.clone() }));
+            self.deliver_all(session_id, &server);
+        }
+    }
+
+    /// Tells `server` about the session and sends it every queued request.
+    fn deliver_all(&mut self, session_id: &str, server: &str) {
+        let Some(s) = self.state.sessions.get(session_id) else { return };
+        self.effects.push(Effect::Server(
+            server.to_owned(),
+            pb::server_event::Kind::Bound(pb::SessionBound {
+                session_id: s.id.clone(),
+                server_restart_data: s.server_restart.clone(),
+                client_restart_data: s.client_restart.clone(),
+            }),
+        ));
+        for (seq, r) in &s.requests {
+            self.effects.push(Effect::Server(
+                server.to_owned(),
+                pb::server_event::Kind::Request(pb::DeliverRequest {
+                    session_id: s.id.clone(),
+                    seq: *seq,
+                    payload: r.payload.clone(),
+                    client_restart_data: r.client_restart.clone(),
+                }),
+            ));
+        }
+    }
+
+    /// Applies one command; a standby refuses what only a primary serves.
+    pub(super) fn handle(&mut self, command: Command) {
+        if !self.primary {
+            match command {
+                Command::ClientOpen { reply, .. } => {
+                    let _ = reply.send(Err(self.not_primary()));
+                    return;
+                }
+                Command::ServerRegister { tx, .. } => {
+                    tx.close(self.not_primary());
+                    return;
+                }
+                Command::ReplicaConnect { tx, .. } => {
+                    let _ = tx.try_send(Err(self.not_primary()));
+                    return;
+                }
+                Command::ClientRequest { .. } | Command::ClientAck { .. } | Command::ServerReply { .. } => return,
+                other => return self.dispatch(other),
+            }
+        }
+        self.dispatch(command)
+    }
+
+    /// Hands a command to its method.
+    fn dispatch(&mut self, command: Command) {
+        match command {
+            Command::ClientOpen { open, conn, tx, reply } => self.client_open(open, conn, tx, reply),
+            Command::ClientRequest { session, conn, request } => self.client_request(session, conn, request),
+            Command::ClientAck { session, seq } => self.client_ack(session, seq),
+            Command::ClientGone { session, conn } => self.client_gone(session, conn),
+            Command::ServerRegister { register, conn, tx } => self.server_register(register, conn, tx),
+            Command::ServerReply { server, conn, reply } => self.server_reply(server, conn, reply),
+            Command::MuxOpen { mux } => self.mux_open(mux),
+            Command::MuxGone { id } => self.mux_gone(id),
+            Command::ServerGone { server, conn } => self.server_gone(server, conn),
+            Command::Status { reply } => self.status(reply),
+            Command::Sessions { reply } => self.sessions(reply),
+            Command::ReplicaConnect { node, journal_id, tx, acked } => {
+                self.replica_connect(node, journal_id, tx, acked)
+            }
+            Command::ReplicaApply { frame, done } => self.replica_apply(frame, done),
+            Command::BecomePrimary { term, publisher, done } => self.become_primary(term, publisher, done),
+            Command::BecomeStandby { leader, epoch } => self.become_standby(leader, epoch),
+            Command::Tick => self.tick(),
+        }
+    }
+
+    /// Opens a client session (a new one, or one resumed by id) on the stream `tx`, and answers
+    /// with its id.
+    fn client_open(
+        &mut self,
+        open: pb::OpenSession,
+        conn: u64,
+        tx: ClientTx,
+        reply: oneshot::Sender<Result<String, Status>>,
+    ) {
+        if open.seen_term > self.term {
+            let _ = reply.send(Err(Status::failed_precondition(format!(
+                "this manager's term {} is older than the term {} the client has seen",
+                self.term, open.seen_term
+            ))));
+            return;
+        }
+        let session_id = if open.session_id.is_empty() {
+            if open.pool.is_empty() {
+                let _ = reply.send(Err(Status::invalid_argument("open.pool is required")));
+                return;
+            }
+            let id = Self::new_session_id();
+            self.journal(Op::Open(OpenOp {
+                session_id: id.clone(),
+                pool: open.pool.clone(),
+                restart_data: open.restart_data.clone(),
+                last_request_seq: 0,
+            }));
+            id
+        } else {
+            let Some(s) = self.state.sessions.get(&open.session_id) else {
+                let _ = reply.send(Err(Status::not_found(format!("session {} not found", open.session_id))));
+                return;
+            };
+            let pool = s.pool.clone();
+            if !open.restart_data.is_empty() {
+                self.journal(Op::Open(OpenOp {
+                    session_id: open.session_id.clone(),
+                    pool,
+                    restart_data: open.restart_data.clone(),
+                    last_request_seq: 0,
+                }));
+            }
+            open.session_id.clone()
+        };
+        if let Some((_, old)) = self.clients.insert(session_id.clone(), (conn, tx)) {
+            old.end(&Status::aborted("the session was opened again on another stream"));
+        }
+        let s = &self.state.sessions[&session_id];
+        self.effects.push(Effect::Client(
+            session_id.clone(),
+            pb::client_event::Kind::Opened(pb::SessionOpened {
+                session_id: session_id.clone(),
+                restart_data: s.client_restart.clone(),
+                last_request_seq: s.last_request_seq,
+            }),
+        ));
+        let responses: Vec<_> = s.responses.iter().map(|(seq, p)| (*seq, p.clone())).collect();
+        for (seq, payload) in responses {
+            self.effects.push(Effect::Client(
+                session_id.clone(),
+                pb::client_event::Kind::Response(pb::SessionResponse { seq, payload }),
+            ));
+        }
+        let bound = s.bound.clone();
+        if bound.is_none() {
+            self.bind(&session_id);
+        }
+        let _ = reply.send(Ok(session_id));
+    }
+
+    /// Journals a client request (numbered without gaps), accepts it, and delivers it to the
+    /// bound server.
+    fn client_request(&mut self, session: String, conn: u64, request: pb::ClientRequest) {
+        if self.clients.get(&session).is_none_or(|(c, _)| *c != conn) {
+            return;
+        }
+        let Some(s) = self.state.sessions.get(&session) else { return };
+        let last = s.last_request_seq;
+        let bound = s.bound.clone();
+        // responses acknowledged with the request (those still queued)
+        let acks: Vec<u64> = request.acks.iter().copied().filter(|seq| s.responses.contains_key(seq)).collect();
+        if request.seq <= last {
+            // already journaled: acknowledge again
+            for seq in acks {
+                self.journal(Op::Ack(AckOp { session_id: session.clone(), seq }));
+            }
+            self.effects.push(Effect::Client(
+                session,
+                pb::client_event::Kind::Accepted(pb::RequestAccepted { seq: request.seq }),
+            ));
+            return;
+        }
+        if request.seq != last + 1 {
+            if let Some((_, tx)) = self.clients.remove(&session) {
+                tx.close(Status::failed_precondition(format!(
+                    "request {} after {last}: requests are numbered without gaps",
+                    request.seq
+                )));
+            }
+            return;
+        }
+        self.journal(Op::Request(RequestOp {
+            session_id: session.clone(),
+            seq: request.seq,
+            payload: request.payload.clone(),
+            restart_data: request.restart_data.clone(),
+            acks,
+        }));
+        self.effects.push(Effect::Client(
+            session.clone(),
+            pb::client_event::Kind::Accepted(pb::RequestAccepted { seq: request.seq }),
+        ));
+        if let Some(server) = bound.filter(|b| self.servers.contains_key(b)) {
+            let client_restart = self.state.sessions[&session].client_restart.clone();
+            self.effects.push(Effect::Server(
+                server,
+                pb::server_event::Kind::Request(pb::DeliverRequest {
+                    session_id: session,
+                    seq: request.seq,
+                    payload: request.payload,
+                    client_restart_data: if request.restart_data.is_empty() {
+                        client_restart
+                    } else {
+                        request.restart_data
+                    },
+                }),
+            ));
+        }
+    }
+
+    /// The client has the response `seq`: it leaves the queue.
+    fn client_ack(&mut self, session: String, seq: u64) {
+        if self.state.sessions.get(&session).is_some_and(|s| s.responses.contains_key(&seq)) {
+            self.journal(Op::Ack(AckOp { session_id: session, seq }));
+        }
+    }
+
+    /// The client session's stream `conn` has gone.
+    fn client_gone(&mut self, session: String, conn: u64) {
+        if self.clients.get(&session).is_some_and(|(c, _)| *c == conn) {
+            self.clients.remove(&session);
+        }
+    }
+
+    /// Registers a server on the stream `tx`: it gets its sessions again, and the unbound
+    /// sessions of its pool.
+    fn server_register(&mut self, register: pb::RegisterServer, conn: u64, tx: ServerTx) {
+        if register.seen_term > self.term || register.pool.is_empty() || register.server_id.is_empty() {
+            tx.close(Status::failed_precondition(
+                "register needs a pool and a server id, and a term not newer than this manager's",
+            ));
+            return;
+        }
+        let id = register.server_id.clone();
+        self.lost.remove(&id);
+        if let Some(old) = self.servers.insert(id.clone(), ServerConn { conn, pool: register.pool.clone(), tx }) {
+            old.tx.end(&Status::aborted("the server registered again on another stream"));
+        }
+        self.effects.push(Effect::Server(
+            id.clone(),
+            pb::server_event::Kind::Registered(pb::ServerRegistered { server_id: id.clone() }),
+        ));
+        let mine: Vec<String> = self
+            .state
+            .sessions
+            .values()
+            .filter(|s| s.bound.as_deref() == Some(id.as_str()))
+            .map(|s| s.id.clone())
+            .collect();
+        for session in mine {
+            self.deliver_all(&session, &id);
+        }
+        let unbound: Vec<String> = self
+            .state
+            .sessions
+            .values()
+            .filter(|s| s.bound.is_none() && s.pool == register.pool)
+            .map(|s| s.id.clone())
+            .collect();
+        for session in unbound {
+            self.bind(&session);
+        }
+    }
+
+    /// Journals a server's reply to a queued request, sends it to the client, and accepts it.
+    fn server_reply(&mut self, server: String, conn: u64, reply: pb::ServerReply) {
+        if self.servers.get(&server).is_none_or(|c| c.conn != conn) {
+            return;
+        }
+        let Some(s) = self.state.sessions.get(&reply.session_id) else { return };
+        if s.bound.as_deref() != Some(server.as_str()) {
+            return; // the session moved: a stale reply
+        }
+        let queued = s.requests.contains_key(&reply.seq);
+        if queued {
+            self.journal(Op::Reply(ReplyOp {
+                session_id: reply.session_id.clone(),
+                seq: reply.seq,
+                payload: reply.payload.clone(),
+                restart_data: reply.restart_data.clone(),
+            }));
+            if self.clients.contains_key(&reply.session_id) {
+                self.effects.push(Effect::Client(
+                    reply.session_id.clone(),
+                    pb::client_event::Kind::Response(pb::SessionResponse { seq: reply.seq, payload: reply.payload }),
+                ));
+            }
+        }
+        self.effects.push(Effect::Server(
+            server,
+            pb::server_event::Kind::Accepted(pb::ReplyAccepted { session_id: reply.session_id, seq: reply.seq }),
+        ));
+    }
+
+    /// The server's stream `conn` has gone: its sessions move once the grace is over.
+    fn server_gone(&mut self, server: String, conn: u64) {
+        if self.servers.get(&server).is_some_and(|c| c.conn == conn) {
+            self.servers.remove(&server);
+            self.lost.insert(server, Instant::now());
+        }
+    }
+
+    /// Holds a Multiplex stream open.
+    fn mux_open(&mut self, mux: Mux) {
+        self.muxes.insert(mux.id, mux);
+    }
+
+    /// Lets a Multiplex stream go.
+    fn mux_gone(&mut self, id: u64) {
+        self.muxes.remove(&id);
+    }
+
+    /// Answers with the manager's status.
+    fn status(&self, reply: oneshot::Sender<pb::ManagerStatus>) {
+        let lag = self.replicas.values().map(|r| self.state.index.saturating_sub(*r.acked.borrow())).max().unwrap_or(0);
+        let _ = reply.send(pb::ManagerStatus {
+            role: if self.primary { "PRIMARY" } else { "STANDBY" }.into(),
+            term: self.term,
+            leader: self.leader.clone(),
+            journal_index: self.state.index,
+            standby_lag: lag,
+            in_sync: self.in_sync.iter().cloned().collect(),
+            sessions: self.state.sessions.len() as u64,
+            servers: self.servers.len() as u64,
+        });
+    }
+
+    /// Answers with every session, sorted by id.
+    fn sessions(&self, reply: oneshot::Sender<Vec<pb::SessionInfo>>) {
+        let mut list: Vec<_> = self
+            .state
+            .sessions
+            .values()
+            .map(|s| pb::SessionInfo {
+                session_id: s.id.clone(),
+                pool: s.pool.clone(),
+                bound_server: s.bound.clone().unwrap_or_default(),
+                client_connected: self.clients.contains_key(&s.id),
+                request_queue: s.requests.len() as u64,
+                response_queue: s.responses.len() as u64,
+                last_request_seq: s.last_request_seq,
+                client_restart_bytes: s.client_restart.len() as u64,
+                server_restart_bytes: s.server_restart.len() as u64,
+            })
+            .collect();
+        list.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+        let _ = reply.send(list);
+    }
+
+    /// A primary moves the sessions of servers lost past their grace (a standby does nothing).
+    fn tick(&mut self) {
+        if !self.primary {
+            return;
+        }
+        let grace = self.options.server_grace;
+        let expired: Vec<String> =
+            self.lost.iter().filter(|(_, at)| at.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
+        for server in expired {
+            self.lost.remove(&server);
+            let moving: Vec<String> = self
+                .state
+                .sessions
+                .values()
+                .filter(|s| s.bound.as_deref() == Some(server.as_str()))
+                .map(|s| s.id.clone())
+                .collect();
+            for session in moving {
+                tracing::info!(%session, %server, "server lost past its grace: moving the session");
+                self.journal(Op::Bind(BindOp { session_id: session.clone(), server_id: String::new() }));
+                self.bind(&session);
+            }
+        }
+    }
+
+    /// Elected for `term`: serves as primary, with `publisher` writing the in-sync set.
+    fn become_primary(&mut self, term: u64, publisher: Option<Publisher>, done: oneshot::Sender<()>) {
+        tracing::info!(term, index = self.state.index, "primary");
+        self.epoch += 1;
+        self.primary = true;
+        self.term = term;
+        self.publisher = publisher;
+        self.leader.clear();
+        self.in_sync = [self.node_id.clone()].into();
+        self.journal_ids = [(self.node_id.clone(), self.journal.id().to_owned())].into();
+        self.set_changed = false;
+        // servers reconnect to the new primary; those that do not lose their sessions
+        self.lost = self.state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
+        let _ = done.send(());
+    }
+
+    /// Steps down to a standby of `leader` (empty when unknown) and closes every stream; with
+    /// `epoch`, only if the manager has not been elected since.
+    fn become_standby(&mut self, leader: String, epoch: Option<u64>) {
+        if epoch.is_some_and(|epoch| epoch != self.epoch) {
+            return; // elected since: the caller's view of the leader is stale
+        }
+        if self.primary {
+            tracing::warn!("no longer primary: closing every stream");
+        }
+        self.primary = false;
+        self.publisher = None;
+        self.leader = leader;
+        // a session's own stream ends as its sender is dropped; a channel is closed, and
+        // its session told where the primary is
+        let status = self.not_primary();
+        for (_, (_, tx)) in self.clients.drain() {
+            tx.end(&status);
+        }
+        for (_, c) in self.servers.drain() {
+            c.tx.end(&status);
+        }
+        // and the Multiplex streams end once their channels' events are out
+        self.muxes.clear();
+        self.replicas.clear();
+        self.effects.clear();
+    }
+
+    /// Makes the batch durable, then sends what it produced.
+    pub(super) async fn flush(&mut self) -> Result<(), crate::journal::Error> {
+        let replicated = !self.pending.is_empty();
+        if !self.pending.is_empty() {
+            let entries = std::mem::take(&mut self.pending);
+            // encoded once, for the journal and the standbys
+            let records: prost::bytes::Bytes = crate::journal::encode_records(&entries).into();
+            let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= self.options.snapshot_every)
+                .then(|| self.state.to_entries());
+            // The standby gets the batch before the local fsync, so the two fsyncs overlap: nothing
+            // is acknowledged until both are durable, and a standby that takes over with entries
+            // this manager never made durable holds requests nobody was told were accepted
+            // (their senders send them again, and they are acknowledged then).
+            if self.primary && !self.replicas.is_empty() {
+                let frame = pb::ReplicaFrame { term: self.term, reset: false, records: records.clone() };
+                // a standby that cannot take more is dropped; it reconnects and gets a snapshot
+                self.replicas.retain(|_, r| r.tx.try_send(Ok(frame.clone())).is_ok());
+            }
+            if self.primary {
+                // fault tests: the primary's journal write fails (`N*off->return`: after N good
+                // batches as primary), where `journal-write` would fail a standby's as well
+                fail::fail_point!("primary-journal-write", |_| Err(crate::journal::Error::Io {
+                    path: self.options.journal_dir.join("journal"),
+                    source: std::io::Error::other("failpoint primary-journal-write"),
+                }));
+            }
+            let journal = &mut self.journal;
+            tokio::task::block_in_place(|| -> Result<(), crate::journal::Error> {
+                journal.append_records(&records, entries.len() as u64)?;
+                if let Some(state) = snapshot {
+                    journal.snapshot(&state, false)?;
+                }
+                Ok(())
+            })?;
+        }
+        if self.primary && (replicated || self.set_changed || self.replicas.keys().any(|n| !self.in_sync.contains(n))) {
+            self.sync_standbys().await;
+        }
+        let mut batches = Batches::default();
+        for effect in std::mem::take(&mut self.effects) {
+            match effect {
+                Effect::Client(session, kind) => {
+                    if let Some((_, tx)) = self.clients.get(&session) {
+                        tx.send(pb::ClientEvent { term: self.term, kind: Some(kind) }, &mut batches).await;
+                    }
+                }
+                Effect::Server(server, kind) => {
+                    if let Some(c) = self.servers.get(&server) {
+                        c.tx.send(pb::ServerEvent { term: self.term, kind: Some(kind) }, &mut batches).await;
+                    }
+                }
+            }
+        }
+        batches.send().await;
+        Ok(())
+    }
+
+    /// Stops serving for good: nothing more is acknowledged, every stream is closed, and the
+    /// manager's `failed` token tells the process to step down (`failover::step_down_on_fault`).
+    pub(super) fn fail(&mut self, why: String) {
+        tracing::error!(reason = %why, "the manager stops serving");
+        self.become_standby(String::new(), None);
+        *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+        self.failed.cancel();
+    }
+}

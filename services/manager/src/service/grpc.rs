@@ -1,0 +1,267 @@
+//! The gRPC facade: the SessionManager service's handlers turn each stream's frames into the
+//! actor's commands (a Multiplex stream's per channel), and hand back the actor's events.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+
+use baton_mesh::proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::ManagerService;
+use super::actor::Command;
+use super::outbox::{Mux, Out};
+
+/// A channel of a Multiplex stream, once opened: the session or server it carries, and its
+/// connection number (as a stream of its own would have).
+enum Channel {
+    Client { session: String, conn: u64 },
+    Server { server: String, conn: u64 },
+}
+
+/// The command a client session's frame after its first gives (None: a frame that gives none).
+fn client_command(session: &str, conn: u64, frame: pb::ClientFrame) -> Option<Command> {
+    match frame.kind? {
+        pb::client_frame::Kind::Request(request) => {
+            Some(Command::ClientRequest { session: session.to_owned(), conn, request })
+        }
+        pb::client_frame::Kind::Ack(ack) => Some(Command::ClientAck { session: session.to_owned(), seq: ack.seq }),
+        pb::client_frame::Kind::Open(_) => None,
+    }
+}
+
+/// The command a server session's frame after its first gives (None: a frame that gives none).
+fn server_command(server: &str, conn: u64, frame: pb::ServerFrame) -> Option<Command> {
+    match frame.kind? {
+        pb::server_frame::Kind::Reply(reply) => Some(Command::ServerReply { server: server.to_owned(), conn, reply }),
+        pb::server_frame::Kind::Register(_) => None,
+    }
+}
+
+impl Channel {
+    /// The command that says the channel's session or server has gone.
+    fn gone(self) -> Command {
+        match self {
+            Channel::Client { session, conn } => Command::ClientGone { session, conn },
+            Channel::Server { server, conn } => Command::ServerGone { server, conn },
+        }
+    }
+}
+
+impl ManagerService {
+    /// Turns a Multiplex stream's frames into the commands that a ClientSession or ServerSession
+    /// stream per channel would give, until the stream ends; then every channel's session or
+    /// server is gone.
+    ///
+    /// It holds the stream's sender weakly: the actor holds it open, so that when the actor stops
+    /// (or becomes a standby) the stream ends at once, even while its caller sends nothing.
+    async fn demultiplex(
+        &self,
+        frames: &mut Streaming<pb::MuxFrames>,
+        id: u64,
+        weak: mpsc::WeakSender<Result<pb::MuxEvents, Status>>,
+    ) {
+        use pb::mux_frame::Kind;
+        let mut channels: HashMap<u64, Channel> = HashMap::new();
+        'stream: while let Some(Ok(batch)) = frames.next().await {
+            let Some(tx) = weak.upgrade() else { break };
+            let mux = Mux { id, tx };
+            for frame in batch.frames {
+                let channel = frame.channel;
+                let command = match (channels.get(&channel), frame.kind) {
+                    (_, Some(Kind::Close(_))) => match channels.remove(&channel) {
+                        Some(open) => open.gone(),
+                        None => continue,
+                    },
+                    (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) }))) => {
+                        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                        let (reply, opened) = oneshot::channel();
+                        let tx = Out::Channel { mux: mux.clone(), channel };
+                        if self.command(Command::ClientOpen { open, conn, tx, reply }).await.is_err() {
+                            break 'stream;
+                        }
+                        match opened.await {
+                            Ok(Ok(session)) => {
+                                channels.insert(channel, Channel::Client { session, conn });
+                            }
+                            Ok(Err(status)) => mux.close(channel, &status),
+                            Err(_) => break 'stream,
+                        }
+                        continue;
+                    }
+                    (
+                        None,
+                        Some(Kind::Server(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) })),
+                    ) => {
+                        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                        channels.insert(channel, Channel::Server { server: register.server_id.clone(), conn });
+                        Command::ServerRegister { register, conn, tx: Out::Channel { mux: mux.clone(), channel } }
+                    }
+                    (None, _) => {
+                        mux.close(
+                            channel,
+                            &Status::invalid_argument(
+                                "the first frame of a channel must open a client session or register a server",
+                            ),
+                        );
+                        continue;
+                    }
+                    (Some(Channel::Client { session, conn }), Some(Kind::Client(frame))) => {
+                        let Some(command) = client_command(session, *conn, frame) else { continue };
+                        command
+                    }
+                    (Some(Channel::Server { server, conn }), Some(Kind::Server(frame))) => {
+                        let Some(command) = server_command(server, *conn, frame) else { continue };
+                        command
+                    }
+                    _ => continue,
+                };
+                if self.command(command).await.is_err() {
+                    break 'stream;
+                }
+            }
+        }
+        for (_, open) in channels {
+            let _ = self.command(open.gone()).await;
+        }
+        let _ = self.command(Command::MuxGone { id }).await;
+    }
+}
+
+type EventStream<T> = std::pin::Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::session_manager_server::SessionManager for ManagerService {
+    type ClientSessionStream = EventStream<pb::ClientEvent>;
+
+    async fn client_session(
+        &self,
+        request: Request<Streaming<pb::ClientFrame>>,
+    ) -> Result<Response<Self::ClientSessionStream>, Status> {
+        let mut frames = request.into_inner();
+        let Some(first) = frames.next().await else { return Err(Status::invalid_argument("no open frame")) };
+        let Some(pb::client_frame::Kind::Open(open)) = first?.kind else {
+            return Err(Status::invalid_argument("the first frame must be open"));
+        };
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(1024);
+        let (reply, opened) = oneshot::channel();
+        self.command(Command::ClientOpen { open, conn, tx: Out::Stream(tx), reply }).await?;
+        let session = opened.await.map_err(|_| Status::unavailable("the manager is stopping"))??;
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = frames.next().await {
+                if let Some(command) = client_command(&session, conn, frame)
+                    && commands.send(command).await.is_err()
+                {
+                    return;
+                }
+            }
+            let _ = commands.send(Channel::Client { session, conn }.gone()).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ServerSessionStream = EventStream<pb::ServerEvent>;
+
+    async fn server_session(
+        &self,
+        request: Request<Streaming<pb::ServerFrame>>,
+    ) -> Result<Response<Self::ServerSessionStream>, Status> {
+        let mut frames = request.into_inner();
+        let Some(first) = frames.next().await else { return Err(Status::invalid_argument("no register frame")) };
+        let Some(pb::server_frame::Kind::Register(register)) = first?.kind else {
+            return Err(Status::invalid_argument("the first frame must be register"));
+        };
+        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let server = register.server_id.clone();
+        let (tx, rx) = mpsc::channel(1024);
+        self.command(Command::ServerRegister { register, conn, tx: Out::Stream(tx) }).await?;
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(frame)) = frames.next().await {
+                if let Some(command) = server_command(&server, conn, frame)
+                    && commands.send(command).await.is_err()
+                {
+                    return;
+                }
+            }
+            let _ = commands.send(Channel::Server { server, conn }.gone()).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type MultiplexStream = EventStream<pb::MuxEvents>;
+
+    async fn multiplex(
+        &self,
+        request: Request<Streaming<pb::MuxFrames>>,
+    ) -> Result<Response<Self::MultiplexStream>, Status> {
+        let mut frames = request.into_inner();
+        let (tx, rx) = mpsc::channel(1024);
+        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+        let weak = tx.downgrade();
+        self.command(Command::MuxOpen { mux: Mux { id, tx } }).await?;
+        let service = self.clone();
+        tokio::spawn(async move { service.demultiplex(&mut frames, id, weak).await });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ReplicateStream = EventStream<pb::ReplicaFrame>;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<pb::ReplicaAck>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let mut acks = request.into_inner();
+        let Some(first) = acks.next().await else { return Err(Status::invalid_argument("no first ack")) };
+        let first = first?;
+        if first.node_id.is_empty() {
+            return Err(Status::invalid_argument("the first ack names the standby's node_id"));
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
+        if first.journal_id.is_empty() {
+            return Err(Status::invalid_argument("the first ack names the standby's journal_id"));
+        }
+        let (node, journal_id) = (first.node_id, first.journal_id);
+        self.command(Command::ReplicaConnect { node, journal_id, tx, acked }).await?;
+        tokio::spawn(async move {
+            while let Some(Ok(ack)) = acks.next().await {
+                acked_tx.send_replace(ack.durable_index);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _request: Request<pb::ManagerStatusRequest>) -> Result<Response<pb::ManagerStatus>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Status { reply }).await?;
+        Ok(Response::new(rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?))
+    }
+
+    async fn list_sessions(
+        &self,
+        _request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsResponse>, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Sessions { reply }).await?;
+        Ok(Response::new(pb::ListSessionsResponse {
+            sessions: rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?,
+        }))
+    }
+
+    async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::SessionInfo>, Status> {
+        let id = request.into_inner().session_id;
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Sessions { reply }).await?;
+        let sessions = rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?;
+        sessions
+            .into_iter()
+            .find(|s| s.session_id == id)
+            .map(Response::new)
+            .ok_or_else(|| Status::not_found(format!("session {id} not found")))
+    }
+}

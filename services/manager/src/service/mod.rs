@@ -1,0 +1,217 @@
+//! The manager's runtime: one actor task owns the state and the journal. gRPC stream handlers turn
+//! frames into commands; the actor applies a batch of commands, journals their entries with one
+//! fsync (group commit), and only then sends what they produce (acknowledgments, deliveries,
+//! responses). Nothing is acknowledged before it is durable.
+//!
+//! Here is the handle the rest of the process holds ([`ManagerService`]); its parts are the
+//! options (`options`), the outbox that carries events to the streams (`outbox`), the actor and
+//! its one method per command (`actor`), replication to and from standbys (`replication`), and
+//! the gRPC handlers (`grpc`).
+
+mod actor;
+mod grpc;
+mod options;
+mod outbox;
+mod replication;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64};
+use std::time::Duration;
+
+use baton_mesh::proto::v1 as pb;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+pub use options::ManagerOptions;
+
+use crate::failover::Publisher;
+use crate::journal::Journal;
+use crate::state::State;
+use actor::{Actor, Command};
+
+/// The metadata key of the leader's address in a standby's UNAVAILABLE answers.
+pub const LEADER_METADATA: &str = "x-baton-leader";
+
+/// The SessionManager gRPC service; cheap to clone.
+#[derive(Clone)]
+pub struct ManagerService {
+    commands: mpsc::Sender<Command>,
+    next_conn: Arc<AtomicU64>,
+    /// Cancelled when the manager must step down (see `Actor::fail`).
+    failed: CancellationToken,
+    failure: Arc<std::sync::Mutex<Option<String>>>,
+    /// The etcd lease the election holds now (0: none), given up on a local fault.
+    lease: Arc<AtomicI64>,
+    /// The journal directory's id.
+    journal_id: Arc<str>,
+}
+
+impl ManagerService {
+    /// Opens the journal, replays it, and starts the actor (until `shutdown`).
+    pub fn start(options: ManagerOptions, shutdown: CancellationToken) -> Result<Self, crate::Error> {
+        Self::start_with(options, String::new(), false, shutdown)
+    }
+
+    /// Starts a manager; `elected` (etcd mode): it starts as a standby named `node_id`, and the
+    /// failover task makes it primary.
+    pub fn start_with(
+        options: ManagerOptions,
+        node_id: String,
+        elected: bool,
+        shutdown: CancellationToken,
+    ) -> Result<Self, crate::Error> {
+        let (journal, replay) = Journal::open(&options.journal_dir)?;
+        let journal_id: Arc<str> = journal.id().into();
+        let single = !elected;
+        let term = if single { journal.next_term()? } else { 0 };
+        let mut state = State::default();
+        for entry in &replay {
+            state.apply(entry);
+        }
+        tracing::info!(term, entries = replay.len(), sessions = state.sessions.len(), "manager journal replayed");
+        // Servers are not connected after a restart: sessions bound to one that does not come back
+        // within the grace move to another.
+        let lost: HashMap<String, Instant> =
+            state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
+        let (tx, mut rx) = mpsc::channel::<Command>(4096);
+        let (failed, failure) = (CancellationToken::new(), Arc::new(std::sync::Mutex::new(None)));
+        // an in-sync standby gets a second, or half the lease when that is shorter: the primary
+        // must be able to shrink the set and go on well before its lease is in doubt
+        let options_standby_timeout = Duration::from_secs(1).min(options.lease_ttl / 2);
+        let mut actor = Actor {
+            term,
+            state,
+            journal,
+            options,
+            clients: HashMap::new(),
+            servers: HashMap::new(),
+            muxes: HashMap::new(),
+            lost,
+            pending: Vec::new(),
+            effects: Vec::new(),
+            primary: single,
+            leader: String::new(),
+            node_id,
+            replicas: HashMap::new(),
+            in_sync: Default::default(),
+            journal_ids: HashMap::new(),
+            set_changed: false,
+            publisher: None,
+            standby_timeout: options_standby_timeout,
+            failed: failed.clone(),
+            failure: failure.clone(),
+            seen_term: 0,
+            epoch: 0,
+        };
+        if !single {
+            actor.term = actor.state.term;
+        }
+        let ticker = tx.clone();
+        let tick_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tick_shutdown.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+                if ticker.send(Command::Tick).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                let command = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    c = rx.recv() => match c { Some(c) => c, None => return },
+                };
+                actor.handle(command);
+                // group commit: everything already queued joins this batch
+                for _ in 0..1024 {
+                    match rx.try_recv() {
+                        Ok(c) => actor.handle(c),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(e) = actor.flush().await {
+                    // A journal that cannot be written must not acknowledge anything more.
+                    actor.fail(format!("journal write failed: {e}"));
+                    return;
+                }
+                if actor.failed.is_cancelled() {
+                    return;
+                }
+            }
+        });
+        Ok(Self {
+            commands: tx,
+            next_conn: Arc::new(AtomicU64::new(1)),
+            failed,
+            failure,
+            lease: Default::default(),
+            journal_id,
+        })
+    }
+
+    async fn command(&self, command: Command) -> Result<(), Status> {
+        self.commands.send(command).await.map_err(|_| Status::unavailable("the manager is stopping"))
+    }
+
+    /// Makes this manager the primary of `term`; `publisher` writes the in-sync set for it.
+    pub async fn become_primary(&self, term: u64, publisher: Option<Publisher>) -> Result<(), Status> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::BecomePrimary { term, publisher, done }).await?;
+        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))
+    }
+
+    /// Makes this manager a standby of `leader` (empty when unknown): it stops acknowledging and
+    /// closes every client, server and standby stream.
+    pub async fn become_standby(&self, leader: String) -> Result<(), Status> {
+        self.command(Command::BecomeStandby { leader, epoch: None }).await
+    }
+
+    /// Follows `leader` as a standby, unless this manager has been elected since `epoch` (the
+    /// number of elections it had won when the caller looked the leader up).
+    pub async fn follow_leader(&self, leader: String, epoch: u64) -> Result<(), Status> {
+        self.command(Command::BecomeStandby { leader, epoch: Some(epoch) }).await
+    }
+
+    /// Applies a frame from the primary; returns the durable index.
+    pub async fn replica_apply(&self, frame: pb::ReplicaFrame) -> Result<u64, Status> {
+        let (done, rx) = oneshot::channel();
+        self.command(Command::ReplicaApply { frame, done }).await?;
+        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?
+    }
+
+    /// Cancelled when this manager must step down: its journal cannot be written, or it found
+    /// itself deposed ([`ManagerService::failure`] says why).
+    pub fn failed(&self) -> CancellationToken {
+        self.failed.clone()
+    }
+
+    /// Why the manager failed, once it has.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The id of this manager's journal directory (see `Journal::identify`).
+    pub fn journal_id(&self) -> &str {
+        &self.journal_id
+    }
+
+    /// The etcd lease the election holds now (0: none): the failover task keeps it here, so
+    /// that a local fault gives it up.
+    pub fn lease_slot(&self) -> Arc<AtomicI64> {
+        self.lease.clone()
+    }
+
+    /// The manager's status.
+    pub async fn current_status(&self) -> Result<pb::ManagerStatus, Status> {
+        let (reply, rx) = oneshot::channel();
+        self.command(Command::Status { reply }).await?;
+        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))
+    }
+}
