@@ -7,11 +7,13 @@
 //! acknowledged, and deduplicates by number.
 
 pub mod client;
+mod error;
 pub mod failover;
 pub mod journal;
 pub mod service;
 pub mod state;
 
+pub use error::Error;
 pub use service::{ManagerOptions, ManagerService};
 
 /// Sets up the failpoints named in the `FAILPOINTS` environment variable (`name=actions;...`, the
@@ -29,12 +31,4 @@ pub fn setup_failpoints() -> Result<(), String> {
         fail::cfg(name.trim(), actions.trim()).map_err(|e| format!("FAILPOINTS: {name}: {e}"))?;
     }
     Ok(())
-}
-
-/// Errors of the manager.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The journal failed.
-    #[error(transparent)]
-    Journal(#[from] journal::Error),
 }

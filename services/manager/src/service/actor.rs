@@ -13,10 +13,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
-use super::LEADER_METADATA;
 use super::options::ManagerOptions;
 use super::outbox::{Batches, ClientTx, Mux, ServerTx};
 use super::replication::ReplicaConn;
+use crate::Error;
 use crate::failover::Publisher;
 use crate::journal::{AckOp, BindOp, Entry, Journal, Op, OpenOp, ReplyOp, RequestOp};
 use crate::state::State;
@@ -150,15 +150,7 @@ pub(super) struct Actor {
 
 impl Actor {
     fn not_primary(&self) -> Status {
-        let mut status = Status::unavailable(if self.leader.is_empty() {
-            "this manager is a standby and knows no primary yet".to_owned()
-        } else {
-            format!("this manager is a standby; the primary is {}", self.leader)
-        });
-        if let Ok(value) = self.leader.parse() {
-            status.metadata_mut().insert(LEADER_METADATA, value);
-        }
-        status
+        Error::NotPrimary { leader: self.leader.clone() }.into()
     }
 
     fn journal(&mut self, op: Op) {
@@ -273,15 +265,12 @@ impl Actor {
         reply: oneshot::Sender<Result<String, Status>>,
     ) {
         if open.seen_term > self.term {
-            let _ = reply.send(Err(Status::failed_precondition(format!(
-                "this manager's term {} is older than the term {} the client has seen",
-                self.term, open.seen_term
-            ))));
+            let _ = reply.send(Err(Error::OlderTerm { ours: self.term, seen: open.seen_term }.into()));
             return;
         }
         let session_id = if open.session_id.is_empty() {
             if open.pool.is_empty() {
-                let _ = reply.send(Err(Status::invalid_argument("open.pool is required")));
+                let _ = reply.send(Err(Error::InvalidArgument("open.pool is required").into()));
                 return;
             }
             let id = Self::new_session_id();
@@ -294,7 +283,7 @@ impl Actor {
             id
         } else {
             let Some(s) = self.state.sessions.get(&open.session_id) else {
-                let _ = reply.send(Err(Status::not_found(format!("session {} not found", open.session_id))));
+                let _ = reply.send(Err(Error::SessionNotFound(open.session_id.clone()).into()));
                 return;
             };
             let pool = s.pool.clone();
@@ -309,7 +298,7 @@ impl Actor {
             open.session_id.clone()
         };
         if let Some((_, old)) = self.clients.insert(session_id.clone(), (conn, tx)) {
-            old.end(&Status::aborted("the session was opened again on another stream"));
+            old.end(&Error::Replaced("the session was opened again on another stream").into());
         }
         let s = &self.state.sessions[&session_id];
         self.effects.push(Effect::Client(
@@ -358,10 +347,7 @@ impl Actor {
         }
         if request.seq != last + 1 {
             if let Some((_, tx)) = self.clients.remove(&session) {
-                tx.close(Status::failed_precondition(format!(
-                    "request {} after {last}: requests are numbered without gaps",
-                    request.seq
-                )));
+                tx.close(Error::Gap { seq: request.seq, last }.into());
             }
             return;
         }
@@ -412,15 +398,13 @@ impl Actor {
     /// sessions of its pool.
     fn server_register(&mut self, register: pb::RegisterServer, conn: u64, tx: ServerTx) {
         if register.seen_term > self.term || register.pool.is_empty() || register.server_id.is_empty() {
-            tx.close(Status::failed_precondition(
-                "register needs a pool and a server id, and a term not newer than this manager's",
-            ));
+            tx.close(Error::BadRegister.into());
             return;
         }
         let id = register.server_id.clone();
         self.lost.remove(&id);
         if let Some(old) = self.servers.insert(id.clone(), ServerConn { conn, pool: register.pool.clone(), tx }) {
-            old.tx.end(&Status::aborted("the server registered again on another stream"));
+            old.tx.end(&Error::Replaced("the server registered again on another stream").into());
         }
         self.effects.push(Effect::Server(
             id.clone(),

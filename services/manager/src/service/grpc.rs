@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::ManagerService;
 use super::actor::Command;
 use super::outbox::{Mux, Out};
+use crate::Error;
 
 /// A channel of a Multiplex stream, once opened: the session or server it carries, and its
 /// connection number (as a stream of its own would have).
@@ -102,9 +103,10 @@ impl ManagerService {
                     (None, _) => {
                         mux.close(
                             channel,
-                            &Status::invalid_argument(
+                            &Error::InvalidArgument(
                                 "the first frame of a channel must open a client session or register a server",
-                            ),
+                            )
+                            .into(),
                         );
                         continue;
                     }
@@ -141,15 +143,15 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         request: Request<Streaming<pb::ClientFrame>>,
     ) -> Result<Response<Self::ClientSessionStream>, Status> {
         let mut frames = request.into_inner();
-        let Some(first) = frames.next().await else { return Err(Status::invalid_argument("no open frame")) };
+        let Some(first) = frames.next().await else { return Err(Error::InvalidArgument("no open frame").into()) };
         let Some(pb::client_frame::Kind::Open(open)) = first?.kind else {
-            return Err(Status::invalid_argument("the first frame must be open"));
+            return Err(Error::InvalidArgument("the first frame must be open").into());
         };
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
         let (reply, opened) = oneshot::channel();
         self.command(Command::ClientOpen { open, conn, tx: Out::Stream(tx), reply }).await?;
-        let session = opened.await.map_err(|_| Status::unavailable("the manager is stopping"))??;
+        let session = opened.await.map_err(|_| Error::Stopping)??;
         let commands = self.commands.clone();
         tokio::spawn(async move {
             while let Some(Ok(frame)) = frames.next().await {
@@ -171,9 +173,9 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         request: Request<Streaming<pb::ServerFrame>>,
     ) -> Result<Response<Self::ServerSessionStream>, Status> {
         let mut frames = request.into_inner();
-        let Some(first) = frames.next().await else { return Err(Status::invalid_argument("no register frame")) };
+        let Some(first) = frames.next().await else { return Err(Error::InvalidArgument("no register frame").into()) };
         let Some(pb::server_frame::Kind::Register(register)) = first?.kind else {
-            return Err(Status::invalid_argument("the first frame must be register"));
+            return Err(Error::InvalidArgument("the first frame must be register").into());
         };
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let server = register.server_id.clone();
@@ -216,15 +218,15 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         request: Request<Streaming<pb::ReplicaAck>>,
     ) -> Result<Response<Self::ReplicateStream>, Status> {
         let mut acks = request.into_inner();
-        let Some(first) = acks.next().await else { return Err(Status::invalid_argument("no first ack")) };
+        let Some(first) = acks.next().await else { return Err(Error::InvalidArgument("no first ack").into()) };
         let first = first?;
         if first.node_id.is_empty() {
-            return Err(Status::invalid_argument("the first ack names the standby's node_id"));
+            return Err(Error::InvalidArgument("the first ack names the standby's node_id").into());
         }
         let (tx, rx) = mpsc::channel(4096);
         let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
         if first.journal_id.is_empty() {
-            return Err(Status::invalid_argument("the first ack names the standby's journal_id"));
+            return Err(Error::InvalidArgument("the first ack names the standby's journal_id").into());
         }
         let (node, journal_id) = (first.node_id, first.journal_id);
         self.command(Command::ReplicaConnect { node, journal_id, tx, acked }).await?;
@@ -239,7 +241,7 @@ impl pb::session_manager_server::SessionManager for ManagerService {
     async fn status(&self, _request: Request<pb::ManagerStatusRequest>) -> Result<Response<pb::ManagerStatus>, Status> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Status { reply }).await?;
-        Ok(Response::new(rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?))
+        Ok(Response::new(rx.await.map_err(|_| Error::Stopping)?))
     }
 
     async fn list_sessions(
@@ -248,20 +250,18 @@ impl pb::session_manager_server::SessionManager for ManagerService {
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Sessions { reply }).await?;
-        Ok(Response::new(pb::ListSessionsResponse {
-            sessions: rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?,
-        }))
+        Ok(Response::new(pb::ListSessionsResponse { sessions: rx.await.map_err(|_| Error::Stopping)? }))
     }
 
     async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::SessionInfo>, Status> {
         let id = request.into_inner().session_id;
         let (reply, rx) = oneshot::channel();
         self.command(Command::Sessions { reply }).await?;
-        let sessions = rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?;
+        let sessions = rx.await.map_err(|_| Error::Stopping)?;
         sessions
             .into_iter()
             .find(|s| s.session_id == id)
             .map(Response::new)
-            .ok_or_else(|| Status::not_found(format!("session {id} not found")))
+            .ok_or_else(|| Error::SessionNotFound(id).into())
     }
 }

@@ -27,6 +27,7 @@ use tonic::Status;
 
 pub use options::ManagerOptions;
 
+use crate::Error;
 use crate::failover::Publisher;
 use crate::journal::Journal;
 use crate::state::State;
@@ -51,7 +52,7 @@ pub struct ManagerService {
 
 impl ManagerService {
     /// Opens the journal, replays it, and starts the actor (until `shutdown`).
-    pub fn start(options: ManagerOptions, shutdown: CancellationToken) -> Result<Self, crate::Error> {
+    pub fn start(options: ManagerOptions, shutdown: CancellationToken) -> Result<Self, Error> {
         Self::start_with(options, String::new(), false, shutdown)
     }
 
@@ -62,7 +63,7 @@ impl ManagerService {
         node_id: String,
         elected: bool,
         shutdown: CancellationToken,
-    ) -> Result<Self, crate::Error> {
+    ) -> Result<Self, Error> {
         let (journal, replay) = Journal::open(&options.journal_dir)?;
         let journal_id: Arc<str> = journal.id().into();
         let single = !elected;
@@ -157,14 +158,14 @@ impl ManagerService {
     }
 
     async fn command(&self, command: Command) -> Result<(), Status> {
-        self.commands.send(command).await.map_err(|_| Status::unavailable("the manager is stopping"))
+        self.commands.send(command).await.map_err(|_| Error::Stopping.into())
     }
 
     /// Makes this manager the primary of `term`; `publisher` writes the in-sync set for it.
     pub async fn become_primary(&self, term: u64, publisher: Option<Publisher>) -> Result<(), Status> {
         let (done, rx) = oneshot::channel();
         self.command(Command::BecomePrimary { term, publisher, done }).await?;
-        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))
+        rx.await.map_err(|_| Error::Stopping.into())
     }
 
     /// Makes this manager a standby of `leader` (empty when unknown): it stops acknowledging and
@@ -183,7 +184,7 @@ impl ManagerService {
     pub async fn replica_apply(&self, frame: pb::ReplicaFrame) -> Result<u64, Status> {
         let (done, rx) = oneshot::channel();
         self.command(Command::ReplicaApply { frame, done }).await?;
-        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))?
+        rx.await.map_err(|_| Error::Stopping)?
     }
 
     /// Cancelled when this manager must step down: its journal cannot be written, or it found
@@ -212,6 +213,6 @@ impl ManagerService {
     pub async fn current_status(&self) -> Result<pb::ManagerStatus, Status> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Status { reply }).await?;
-        rx.await.map_err(|_| Status::unavailable("the manager is stopping"))
+        rx.await.map_err(|_| Error::Stopping.into())
     }
 }

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
 use super::actor::Actor;
+use crate::Error;
 use crate::failover::{InSync, PublishError};
 use crate::state::State;
 
@@ -52,10 +53,8 @@ impl Actor {
     /// A standby applies a frame from the primary and answers with its durable index.
     pub(super) fn replica_apply(&mut self, frame: pb::ReplicaFrame, done: oneshot::Sender<Result<u64, Status>>) {
         if self.primary || frame.term < self.seen_term {
-            let _ = done.send(Err(Status::failed_precondition(format!(
-                "refusing entries of term {} (seen term {}, primary {})",
-                frame.term, self.seen_term, self.primary
-            ))));
+            let refused = Error::RefusedTerm { term: frame.term, seen: self.seen_term, primary: self.primary };
+            let _ = done.send(Err(refused.into()));
             return;
         }
         self.seen_term = frame.term;
@@ -63,7 +62,7 @@ impl Actor {
         let entries = match crate::journal::decode_records(&frame.records) {
             Ok(entries) => entries,
             Err(e) => {
-                let _ = done.send(Err(Status::data_loss(format!("replicated entries: {e}"))));
+                let _ = done.send(Err(Error::Undecodable(e).into()));
                 return;
             }
         };
@@ -77,7 +76,7 @@ impl Actor {
             if written.is_ok() {
                 self.state = state;
             }
-            let _ = done.send(written.map(|()| self.state.index).map_err(|e| Status::internal(e.to_string())));
+            let _ = done.send(written.map(|()| self.state.index).map_err(|e| Error::Journal(e).into()));
             return;
         }
         // the entries as the primary encoded them; acknowledged as soon as they are
@@ -85,7 +84,7 @@ impl Actor {
         let durable = entries.iter().map(|e| e.index).fold(self.state.index, u64::max);
         let written = tokio::task::block_in_place(|| journal.append_records(&frame.records, entries.len() as u64));
         let applied = written.is_ok();
-        let _ = done.send(written.map(|()| durable).map_err(|e| Status::internal(e.to_string())));
+        let _ = done.send(written.map(|()| durable).map_err(|e| Error::Journal(e).into()));
         if applied {
             for e in &entries {
                 self.state.apply(e);
