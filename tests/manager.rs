@@ -933,3 +933,51 @@ async fn a_full_journal_disk_on_the_primary_fails_over_to_the_standby() {
     let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     assert_eq!(now_primary, 1);
 }
+
+/// A journal write fails on the standby (the `journal-write` failpoint): it steps down (exit 75)
+/// instead of failing every catch-up again while reporting SERVING, the primary leaves it out of
+/// the in-sync set and goes on acknowledging, and the standby rejoins once restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_journal_write_error_on_the_standby_makes_it_step_down() {
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/standby-error-{}", std::process::id());
+    let (d1, d2) = (TempDir::new(), TempDir::new());
+    let primary = Server::manager_member(&d1, &etcd, &election);
+    baton_tests::eventually(Duration::from_secs(30), "the first member primary", || is_primary(&primary)).await;
+    let failing =
+        Server::manager_member_env(&d2, &etcd.url, &election, &[], &[("FAILPOINTS", "journal-write=40*off->return")]);
+    let mut members = vec![primary, failing];
+    baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
+    let (_w1, _) = echo_server(&endpoints, "w1");
+    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let sender = client.sender();
+    let (responses, receiver) = record_answers(client);
+    for n in 1..=100 {
+        let seq =
+            tokio::time::timeout(Duration::from_secs(30), sender.send(payload(n), Vec::new())).await.unwrap().unwrap();
+        assert_eq!(seq, n);
+    }
+    let status = baton_tests::eventually(Duration::from_secs(10), "the failed standby to exit", || {
+        let exited = members[1].exited();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(status.code(), Some(75), "the standby steps down with EXIT_FENCED");
+    let alone = status_of_primary(&members[0]).await;
+    assert_eq!(alone.in_sync.len(), 1, "the primary left the failed standby out: {:?}", alone.in_sync);
+    assert_answered_once(&responses, 100).await;
+    receiver.abort();
+    let mut failed = members.remove(1);
+    failed.clear_env();
+    members.push(failed.restart(&[]));
+    let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(now_primary, 0);
+}
+
+/// The status of `server`, which must be PRIMARY.
+async fn status_of_primary(server: &Server) -> pb::ManagerStatus {
+    let s = status(server).await;
+    assert_eq!(s.role, "PRIMARY");
+    s
+}

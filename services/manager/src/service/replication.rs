@@ -72,24 +72,36 @@ impl Actor {
             for e in &entries {
                 state.apply(e);
             }
-            let written = tokio::task::block_in_place(|| journal.snapshot(&entries, true));
-            if written.is_ok() {
-                self.state = state;
+            match tokio::task::block_in_place(|| journal.snapshot(&entries, true)) {
+                Ok(()) => {
+                    self.state = state;
+                    let _ = done.send(Ok(self.state.index));
+                }
+                Err(e) => self.standby_write_failed(e, done),
             }
-            let _ = done.send(written.map(|()| self.state.index).map_err(|e| Error::Journal(e).into()));
             return;
         }
         // the entries as the primary encoded them; acknowledged as soon as they are
         // durable, applied to the state after
         let durable = entries.iter().map(|e| e.index).fold(self.state.index, u64::max);
-        let written = tokio::task::block_in_place(|| journal.append_records(&frame.records, entries.len() as u64));
-        let applied = written.is_ok();
-        let _ = done.send(written.map(|()| durable).map_err(|e| Error::Journal(e).into()));
-        if applied {
-            for e in &entries {
-                self.state.apply(e);
+        match tokio::task::block_in_place(|| journal.append_records(&frame.records, entries.len() as u64)) {
+            Ok(()) => {
+                let _ = done.send(Ok(durable));
+                for e in &entries {
+                    self.state.apply(e);
+                }
             }
+            Err(e) => self.standby_write_failed(e, done),
         }
+    }
+
+    /// A standby whose journal cannot be written is of no use to the primary (which leaves it
+    /// out of the in-sync set) and would fail every catch-up again: it steps down like a primary
+    /// (`Actor::fail`), so that its supervisor restarts it and the liveness probe sees it.
+    fn standby_write_failed(&mut self, e: crate::journal::Error, done: oneshot::Sender<Result<u64, Status>>) {
+        let why = format!("journal write failed: {e}");
+        let _ = done.send(Err(Error::Journal(e).into()));
+        self.fail(why);
     }
 
     /// Sync mode: waits until every in-sync standby has made the journal durable up to here; a
