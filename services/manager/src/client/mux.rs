@@ -1,0 +1,353 @@
+//! The process's Multiplex streams, one per manager, shared by all of its client and server
+//! sessions, and a session's channel on one ([`MuxChannel`]): a task per stream sends what the
+//! sessions queued as one message and hands each event to its channel.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use baton_mesh::proto::v1 as pb;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tonic::{Code, Status};
+
+use super::token::authorized;
+
+/// What a session asks of its process's Multiplex stream to a manager.
+enum MuxCommand {
+    /// A new channel, whose events go to `events`.
+    Open { channel: u64, events: mpsc::Sender<Result<pb::mux_event::Kind, Status>> },
+    /// A frame of a channel.
+    Frame(pb::MuxFrame),
+    /// Ends the stream, and every channel on it with `status` (tests break a stream with it).
+    #[cfg(test)]
+    Fail(Status),
+}
+
+/// A process's Multiplex stream to one manager, shared by all of its client and server sessions.
+/// With a stream per session, the frames of a journal batch left one message and, mostly, one
+/// `writev` each, on both sides: that was most of the system time of `bench manager`. One
+/// stream carries a batch of frames (or events) as one message.
+#[derive(Clone)]
+struct Mux {
+    commands: mpsc::UnboundedSender<MuxCommand>,
+}
+
+impl Mux {
+    /// Whether the stream still runs: it stops when it fails, or with the runtime it was started
+    /// on (tests run one runtime each).
+    fn usable(&self) -> bool {
+        !self.commands.is_closed()
+    }
+}
+
+/// At most this many bytes of frames (or events, on the manager's side) go in one message: far
+/// under tonic's 4 MiB limit on a message, with room for one large payload.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Forgets `mux` as the stream to `endpoint`, so that the next session starts another; the
+/// sessions on it stay.
+fn forget(endpoint: &str, mux: &Mux) {
+    let mut muxes = muxes();
+    if muxes.get(endpoint).is_some_and(|m| m.commands.same_channel(&mux.commands)) {
+        muxes.remove(endpoint);
+    }
+}
+
+/// The process's Multiplex streams, by manager endpoint.
+static MUXES: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Mux>>> = std::sync::LazyLock::new(Default::default);
+
+fn muxes() -> std::sync::MutexGuard<'static, HashMap<String, Mux>> {
+    MUXES.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long opening a stream may take before the next manager is tried (a manager that is
+/// shutting down may accept a connection and never answer on it).
+const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The shared Multiplex stream to `endpoint`, started if there is none that runs.
+async fn connect(endpoint: &str) -> Result<Mux, Status> {
+    if let Some(mux) = muxes().get(endpoint).filter(|m| m.usable()) {
+        return Ok(mux.clone());
+    }
+    let channel = Endpoint::from_shared(endpoint.to_owned())
+        .map_err(|e| Status::invalid_argument(format!("invalid manager endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| Status::unavailable(format!("cannot connect to the manager at {endpoint}: {e}")))?;
+    let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
+    let (out, out_rx) = mpsc::channel(64);
+    let inbound = tokio::time::timeout(OPEN_TIMEOUT, client.multiplex(authorized(ReceiverStream::new(out_rx))))
+        .await
+        .map_err(|_| Status::unavailable(format!("{endpoint} did not open a stream in time")))??
+        .into_inner();
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    tokio::spawn(run_mux(out, inbound, command_rx));
+    let mux = Mux { commands };
+    let mut muxes = muxes();
+    // a session that connected meanwhile won: the sessions keep to one stream (this one ends as
+    // its handle is dropped)
+    if let Some(known) = muxes.get(endpoint).filter(|m| m.usable()) {
+        return Ok(known.clone());
+    }
+    muxes.insert(endpoint.to_owned(), mux.clone());
+    Ok(mux)
+}
+
+/// The status a `ChannelClosed` event stands for, with the leader it names as metadata.
+fn closed_status(closed: pb::ChannelClosed) -> Status {
+    let mut status = Status::new(Code::from(closed.code), closed.message);
+    // a standby names the leader it knows, or none (empty); other closes name nothing
+    if closed.code == Code::Unavailable as i32
+        && let Ok(leader) = closed.leader.parse()
+    {
+        status.metadata_mut().insert(crate::service::LEADER_METADATA, leader);
+    }
+    status
+}
+
+/// Runs a Multiplex stream: sends what the sessions queued, as one message whenever the stream
+/// is ready, and hands each event to its channel; when the stream fails, every channel fails
+/// with it.
+async fn run_mux(
+    out: mpsc::Sender<pb::MuxFrames>,
+    mut inbound: tonic::Streaming<pb::MuxEvents>,
+    mut commands: mpsc::UnboundedReceiver<MuxCommand>,
+) {
+    let mut channels: HashMap<u64, mpsc::Sender<Result<pb::mux_event::Kind, Status>>> = HashMap::new();
+    let failure = loop {
+        tokio::select! {
+            command = commands.recv() => {
+                let Some(mut command) = command else { return };
+                let mut frames = Vec::new();
+                let mut bytes = 0;
+                let failed = loop {
+                    match command {
+                        MuxCommand::Open { channel, events } => {
+                            channels.insert(channel, events);
+                        }
+                        MuxCommand::Frame(frame) => {
+                            if matches!(frame.kind, Some(pb::mux_frame::Kind::Close(_))) {
+                                channels.remove(&frame.channel);
+                            }
+                            bytes += prost::Message::encoded_len(&frame);
+                            frames.push(frame);
+                        }
+                        #[cfg(test)]
+                        MuxCommand::Fail(status) => break Some(status),
+                    }
+                    if bytes >= MAX_BATCH_BYTES {
+                        break None;
+                    }
+                    match commands.try_recv() {
+                        Ok(next) => command = next,
+                        Err(_) => break None,
+                    }
+                };
+                if let Some(status) = failed {
+                    break status;
+                }
+                if !frames.is_empty() && out.send(pb::MuxFrames { frames }).await.is_err() {
+                    break Status::unavailable("the stream to the manager closed");
+                }
+            }
+            events = inbound.message() => match events {
+                Ok(Some(batch)) => {
+                    let mut closes = Vec::new();
+                    for event in batch.events {
+                        match event.kind {
+                            Some(pb::mux_event::Kind::Closed(closed)) => {
+                                if let Some(events) = channels.remove(&event.channel) {
+                                    let _ = events.try_send(Err(closed_status(closed)));
+                                }
+                            }
+                            Some(kind) => {
+                                // A channel whose session went away is forgotten. One whose
+                                // session does not keep up is closed rather than waited for (the
+                                // other sessions would wait with it): the session sees its
+                                // channel end, opens another, and the manager sends it again
+                                // what it has not acknowledged.
+                                if let Some(events) = channels.get(&event.channel)
+                                    && let Err(e) = events.try_send(Ok(kind))
+                                {
+                                    channels.remove(&event.channel);
+                                    if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                                        closes.push(pb::MuxFrame {
+                                            channel: event.channel,
+                                            kind: Some(pb::mux_frame::Kind::Close(pb::ChannelClosed::default())),
+                                        });
+                                    }
+                                }
+                            }
+                            None => {}
+                        }
+                    }
+                    if !closes.is_empty() && out.send(pb::MuxFrames { frames: closes }).await.is_err() {
+                        break Status::unavailable("the stream to the manager closed");
+                    }
+                }
+                Ok(None) => break Status::unavailable("the manager closed the stream"),
+                Err(status) => break status,
+            }
+        }
+    };
+    // later sessions see this stream stopped (`usable`) and start another
+    commands.close();
+    for (_, events) in channels {
+        let _ = events.try_send(Err(failure.clone()));
+    }
+}
+
+/// One session's channel on a [`Mux`]; dropping it closes the channel.
+pub(super) struct MuxChannel {
+    id: u64,
+    mux: Mux,
+    events: mpsc::Receiver<Result<pb::mux_event::Kind, Status>>,
+}
+
+impl MuxChannel {
+    /// A new channel on the process's stream to `endpoint`, opened with `first` (the frame that
+    /// opens a client session or registers a server).
+    pub(super) async fn open(endpoint: &str, first: pb::mux_frame::Kind) -> Result<Self, Status> {
+        let mux = connect(endpoint).await?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // as many events as a session's stream held before
+        let (events_tx, events) = mpsc::channel(1024);
+        mux.commands
+            .send(MuxCommand::Open { channel: id, events: events_tx })
+            .map_err(|_| Status::unavailable("the stream to the manager closed"))?;
+        let channel = Self { id, mux, events };
+        channel.send(first);
+        Ok(channel)
+    }
+
+    /// Queues a frame (a failure shows in [`MuxChannel::next`]).
+    pub(super) fn send(&self, kind: pb::mux_frame::Kind) {
+        let _ = self.mux.commands.send(MuxCommand::Frame(pb::MuxFrame { channel: self.id, kind: Some(kind) }));
+    }
+
+    /// The next event; an error when the manager closed the channel or the stream failed.
+    pub(super) async fn next(&mut self) -> Result<pb::mux_event::Kind, Status> {
+        self.events.recv().await.unwrap_or_else(|| Err(Status::unavailable("the stream to the manager closed")))
+    }
+
+    /// The first event, within [`OPEN_TIMEOUT`]: when a manager does not answer in time, the
+    /// stream is forgotten (the next attempt starts another, for a manager that hangs) and the
+    /// session goes to the next manager; the other sessions on the stream stay.
+    pub(super) async fn first(&mut self, endpoint: &str) -> Result<pb::mux_event::Kind, Status> {
+        match tokio::time::timeout(OPEN_TIMEOUT, self.next()).await {
+            Ok(event) => event,
+            Err(_) => {
+                forget(endpoint, &self.mux);
+                Err(Status::unavailable(format!("{endpoint} did not open the session in time")))
+            }
+        }
+    }
+}
+
+impl Drop for MuxChannel {
+    fn drop(&mut self) {
+        self.send(pb::mux_frame::Kind::Close(pb::ChannelClosed::default()));
+    }
+}
+
+/// A client session's frame on its channel.
+pub(super) fn client_frame(kind: pb::client_frame::Kind) -> pb::mux_frame::Kind {
+    pb::mux_frame::Kind::Client(pb::ClientFrame { kind: Some(kind) })
+}
+
+/// A server session's frame on its channel.
+pub(super) fn server_frame(kind: pb::server_frame::Kind) -> pb::mux_frame::Kind {
+    pb::mux_frame::Kind::Server(pb::ServerFrame { kind: Some(kind) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::client::ClientSession;
+    use crate::client::testing::{manager, manager_until};
+
+    #[test]
+    fn a_stopping_manager_ends_its_multiplex_streams_while_their_callers_wait() {
+        let dir = tempfile::tempdir().unwrap();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let endpoint = manager_until(dir.path(), shutdown.clone());
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let mut client = pb::session_manager_client::SessionManagerClient::connect(endpoint).await.unwrap();
+            let open = pb::OpenSession { pool: "p".into(), ..Default::default() };
+            let frame = pb::MuxFrame {
+                channel: 7,
+                kind: Some(pb::mux_frame::Kind::Client(pb::ClientFrame {
+                    kind: Some(pb::client_frame::Kind::Open(open)),
+                })),
+            };
+            // the caller keeps its side open and sends nothing more
+            let (frames, frames_rx) = mpsc::channel(1);
+            frames.send(pb::MuxFrames { frames: vec![frame] }).await.unwrap();
+            let mut events = client.multiplex(ReceiverStream::new(frames_rx)).await.unwrap().into_inner();
+            let opened = events.message().await.unwrap().unwrap().events.remove(0);
+            assert_eq!(opened.channel, 7);
+            assert!(matches!(
+                opened.kind,
+                Some(pb::mux_event::Kind::Client(pb::ClientEvent {
+                    kind: Some(pb::client_event::Kind::Opened(_)),
+                    ..
+                }))
+            ));
+            // the manager stops: the stream ends at once (it waited for the caller's next frame)
+            shutdown.cancel();
+            let end = tokio::time::timeout(Duration::from_secs(5), events.message()).await;
+            assert!(matches!(end, Ok(Ok(None)) | Ok(Err(_))), "the stream did not end: {end:?}");
+            drop(frames);
+        });
+    }
+
+    #[test]
+    fn the_sessions_of_a_runtime_share_one_stream_and_survive_its_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let endpoint = manager(dir.path());
+        let first = tokio::runtime::Runtime::new().unwrap();
+        let (a, b) = first.block_on(async {
+            let a = ClientSession::open(&endpoint, "p", Vec::new()).await.unwrap();
+            let b = ClientSession::open(&endpoint, "p", Vec::new()).await.unwrap();
+            (a, b)
+        });
+        assert_ne!(a.session_id(), b.session_id());
+        let one = first.block_on(connect(&endpoint)).unwrap();
+        assert!(one.commands.same_channel(&first.block_on(connect(&endpoint)).unwrap().commands), "one stream");
+        let any = || prost_types::Any { type_url: "t".into(), value: vec![1] };
+        assert_eq!(first.block_on(a.send(any(), Vec::new())).unwrap(), 1);
+        // the stream fails: the next connect starts another, and both sessions go on, on it
+        one.commands.send(MuxCommand::Fail(Status::unavailable("failed on purpose"))).unwrap();
+        for _ in 0..200 {
+            if !one.usable() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!one.usable(), "a failed stream is not used again");
+        let (sent_a, sent_b) = first.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                (a.send(any(), Vec::new()).await.unwrap(), b.send(any(), Vec::new()).await.unwrap())
+            })
+            .await
+            .expect("the sessions resume within 10s")
+        });
+        assert_eq!((sent_a, sent_b), (2, 1));
+        let two = first.block_on(connect(&endpoint)).unwrap();
+        assert!(two.usable() && !two.commands.same_channel(&one.commands));
+        // the stream's task stops with its runtime: another runtime starts its own
+        drop((a, b));
+        drop(first);
+        assert!(!two.usable());
+        let second = tokio::runtime::Runtime::new().unwrap();
+        let three = second.block_on(connect(&endpoint)).unwrap();
+        assert!(!three.commands.same_channel(&two.commands));
+        let session = second.block_on(ClientSession::open(&endpoint, "p", Vec::new())).unwrap();
+        assert!(session.session_id().starts_with("ses_"));
+    }
+}
