@@ -277,7 +277,7 @@ impl Journal {
         Ok(id)
     }
 
-    /// The directory's id (see [`Journal::identify`]).
+    /// The directory's id (see `Journal::identify`).
     pub fn id(&self) -> &str {
         &self.id
     }
