@@ -43,6 +43,7 @@ fn echo_server(endpoint: &str, id: &'static str) -> (tokio::task::JoinHandle<()>
                     let restart = format!("{id}:{count}").into_bytes();
                     session.reply(&session_id, seq, payload.unwrap(), restart).await.unwrap();
                 }
+                ServerEvent::Accepted { .. } => {}
             }
         }
     });

@@ -39,6 +39,17 @@ pub enum ServerEvent {
         /// The term of the primary that delivered it.
         term: u64,
     },
+    /// The manager journaled a reply of this server (only for a session registered with
+    /// [`ServerSession::register_reporting_acceptances`]). Events come in the order the manager
+    /// sent them, so a `Bound` before it was sent before the reply was journaled.
+    Accepted {
+        /// The session.
+        session_id: String,
+        /// The request number answered.
+        seq: u64,
+        /// The term of the primary that journaled the reply.
+        term: u64,
+    },
 }
 
 /// A server session: receives requests of the sessions bound to it and answers them.
@@ -56,6 +67,8 @@ struct ServerLoop {
     unaccepted: HashMap<(String, u64), pb::ServerReply>,
     /// Requests handed to the user and not answered yet.
     in_flight: HashSet<(String, u64)>,
+    /// Whether the user gets [`ServerEvent::Accepted`].
+    report_accepted: bool,
 }
 
 impl ServerLoop {
@@ -137,7 +150,13 @@ impl ServerLoop {
                 }
             }
             Some(pb::server_event::Kind::Accepted(a)) => {
-                self.unaccepted.remove(&(a.session_id, a.seq));
+                self.unaccepted.remove(&(a.session_id.clone(), a.seq));
+                if self.report_accepted {
+                    let e = ServerEvent::Accepted { session_id: a.session_id, seq: a.seq, term: self.seen_term };
+                    if events.send(e).await.is_err() {
+                        return Ok(false);
+                    }
+                }
             }
             Some(pb::server_event::Kind::Registered(_)) => self.endpoints.connected(),
             None => {}
@@ -149,6 +168,16 @@ impl ServerLoop {
 impl ServerSession {
     /// Registers server `server_id` in `pool` with the manager at `endpoint`.
     pub fn register(endpoint: &str, pool: &str, server_id: &str) -> Self {
+        Self::start(endpoint, pool, server_id, false)
+    }
+
+    /// [`ServerSession::register`], and the user also gets [`ServerEvent::Accepted`] for each
+    /// reply the manager journaled (fault tests record it).
+    pub fn register_reporting_acceptances(endpoint: &str, pool: &str, server_id: &str) -> Self {
+        Self::start(endpoint, pool, server_id, true)
+    }
+
+    fn start(endpoint: &str, pool: &str, server_id: &str, report_accepted: bool) -> Self {
         let (event_tx, events) = mpsc::channel(1024);
         let (replies, mut reply_rx) = mpsc::channel(1024);
         let mut state = ServerLoop {
@@ -158,6 +187,7 @@ impl ServerSession {
             seen_term: 0,
             unaccepted: HashMap::new(),
             in_flight: HashSet::new(),
+            report_accepted,
         };
         tokio::spawn(async move {
             loop {
