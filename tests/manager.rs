@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use baton_manager::client::{ClientSession, ServerEvent, ServerSession};
+use baton_manager::client::{ClientSession, Connector, ServerEvent, ServerSession};
 use baton_mesh::proto::v1 as pb;
 use baton_tests::{Server, TempDir, grpcurl};
 
@@ -26,10 +26,14 @@ struct Seen {
 }
 
 /// An echo server: answers each request with its number, and restart data `server:count`.
-fn echo_server(endpoint: &str, id: &'static str) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Seen>>) {
+fn echo_server(
+    connector: &Connector,
+    endpoint: &str,
+    id: &'static str,
+) -> (tokio::task::JoinHandle<()>, Arc<Mutex<Seen>>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let log = seen.clone();
-    let mut session = ServerSession::register(endpoint, "echo", id);
+    let mut session = ServerSession::register(connector, endpoint, "echo", id);
     let task = tokio::spawn(async move {
         let mut count = 0u64;
         while let Some(event) = session.next().await {
@@ -117,13 +121,14 @@ async fn bound_server(server: &Server, session: &str) -> String {
 /// session (its session moves to the other server with the restart data it last journaled).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
+    let connector = Connector::new(None).unwrap();
     let dir = TempDir::new();
     let mut manager = start_manager(&dir, "127.0.0.1:0");
     let addr = manager.addr.to_string();
     let endpoint = format!("http://{addr}");
-    let (w1, seen1) = echo_server(&endpoint, "w1");
-    let (w2, seen2) = echo_server(&endpoint, "w2");
-    let client = ClientSession::open(&endpoint, "echo", b"client-restart".to_vec()).await.unwrap();
+    let (w1, seen1) = echo_server(&connector, &endpoint, "w1");
+    let (w2, seen2) = echo_server(&connector, &endpoint, "w2");
+    let client = ClientSession::open(&connector, &endpoint, "echo", b"client-restart".to_vec()).await.unwrap();
     let session = client.session_id().to_owned();
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
@@ -168,6 +173,7 @@ async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
 /// session again with its restart data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
+    let connector = Connector::new(None).unwrap();
     if let Ok(filter) = std::env::var("BATON_E2E_LOG") {
         let options =
             baton_mesh::config::TelemetryOptions { log_format: baton_mesh::config::LogFormat::Text, log: filter };
@@ -180,9 +186,9 @@ async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
         vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     let (_, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-    let (_w1, seen1) = echo_server(&endpoints, "w1");
-    let (_w2, seen2) = echo_server(&endpoints, "w2");
-    let client = ClientSession::open(&endpoints, "echo", b"client".to_vec()).await.unwrap();
+    let (_w1, seen1) = echo_server(&connector, &endpoints, "w1");
+    let (_w2, seen2) = echo_server(&connector, &endpoints, "w2");
+    let client = ClientSession::open(&connector, &endpoints, "echo", b"client".to_vec()).await.unwrap();
     let session = client.session_id().to_owned();
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
@@ -268,6 +274,7 @@ impl Drop for Reaped {
 /// journaled and its unanswered requests. Every request is answered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sigkilled_server_process_hands_its_sessions_over_with_their_restart_data() {
+    let connector = Connector::new(None).unwrap();
     let dir = TempDir::new();
     let manager = start_manager(&dir, "127.0.0.1:0");
     let endpoint = format!("http://{}", manager.addr);
@@ -281,10 +288,10 @@ async fn a_sigkilled_server_process_hands_its_sessions_over_with_their_restart_d
         (status(&manager).await.servers == 1).then_some(())
     })
     .await;
-    let client = ClientSession::open(&endpoint, "echo", b"client".to_vec()).await.unwrap();
+    let client = ClientSession::open(&connector, &endpoint, "echo", b"client".to_vec()).await.unwrap();
     let session = client.session_id().to_owned();
     assert_eq!(bound_server(&manager, &session).await, "w1");
-    let (_w2, seen2) = echo_server(&endpoint, "w2");
+    let (_w2, seen2) = echo_server(&connector, &endpoint, "w2");
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
     let total = 100u64;
@@ -320,6 +327,7 @@ async fn a_sigkilled_server_process_hands_its_sessions_over_with_their_restart_d
 /// SIGTERM in ten in `bench manager`, failed this test in two runs of five.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sigtermed_primary_hands_over_well_within_its_lease() {
+    let connector = Connector::new(None).unwrap();
     let etcd = baton_tests::Etcd::start();
     let election = format!("/baton-test/sigterm-{}", std::process::id());
     let (d1, d2) = (TempDir::new(), TempDir::new());
@@ -327,8 +335,8 @@ async fn a_sigtermed_primary_hands_over_well_within_its_lease() {
         vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-    let (_w1, _seen) = echo_server(&endpoints, "w1");
-    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let (_w1, _seen) = echo_server(&connector, &endpoints, "w1");
+    let client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
     let mut n = 0u64;
@@ -475,6 +483,7 @@ async fn the_manager_answers_only_callers_with_the_mesh_token() {
 /// on with every request answered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_primary_cut_off_from_etcd_fences_itself_before_its_lease_runs_out() {
+    let connector = Connector::new(None).unwrap();
     let etcd = baton_tests::Etcd::start();
     let election = format!("/baton-test/fence-{}", std::process::id());
     let (d1, d2) = (TempDir::new(), TempDir::new());
@@ -482,8 +491,8 @@ async fn a_primary_cut_off_from_etcd_fences_itself_before_its_lease_runs_out() {
         vec![Server::manager_member(&d1, &etcd, &election), Server::manager_member(&d2, &etcd, &election)];
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
     let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-    let (_w1, _) = echo_server(&endpoints, "w1");
-    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let (_w1, _) = echo_server(&connector, &endpoints, "w1");
+    let mut client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     for n in 1..=20 {
         sender.send(payload(n), Vec::new()).await.unwrap();
@@ -525,6 +534,7 @@ async fn a_primary_cut_off_from_etcd_fences_itself_before_its_lease_runs_out() {
 /// the standby catches up, and every request is answered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
+    let connector = Connector::new(None).unwrap();
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     let etcd = baton_tests::Etcd::start();
@@ -533,8 +543,8 @@ async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
     let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let standby = 1 - primary;
     let standby_addr = members[standby].addr.to_string();
-    let (w1, _) = echo_server(&endpoints, "w1");
-    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let (w1, _) = echo_server(&connector, &endpoints, "w1");
+    let mut client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     let mut answered = BTreeMap::<u64, Vec<u64>>::new();
     for n in 1..=20 {
@@ -576,7 +586,7 @@ async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
     assert!(now.term > first.term, "{} > {}", now.term, first.term);
     // a server session again: the requests acknowledged while the standby was stopped are
     // answered, each once
-    let (_w2, seen2) = echo_server(&endpoints, "w2");
+    let (_w2, seen2) = echo_server(&connector, &endpoints, "w2");
     while answered.len() < 40 {
         let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
         answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
@@ -596,6 +606,7 @@ async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
 /// requests B acknowledged were lost (100 of 150 in the outside test that found it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_a_double_failure_the_manager_without_the_latest_acknowledgments_does_not_take_over() {
+    let connector = Connector::new(None).unwrap();
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     let etcd = baton_tests::Etcd::start();
@@ -604,8 +615,8 @@ async fn after_a_double_failure_the_manager_without_the_latest_acknowledgments_d
     let (a, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let b = 1 - a;
     let b_addr = format!("http://{}", members[b].addr);
-    let (w1, _) = echo_server(&endpoints, "w1");
-    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let (w1, _) = echo_server(&connector, &endpoints, "w1");
+    let mut client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     let mut answered = BTreeMap::<u64, Vec<u64>>::new();
     for n in 1..=50 {
@@ -655,7 +666,7 @@ async fn after_a_double_failure_the_manager_without_the_latest_acknowledgments_d
     let (now_primary, now) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     assert_eq!(now_primary, b, "the manager holding every acknowledgment took over");
     assert!(now.term > b_term, "{} > {b_term}", now.term);
-    let (_w2, seen2) = echo_server(&endpoints, "w2");
+    let (_w2, seen2) = echo_server(&connector, &endpoints, "w2");
     while answered.len() < 150 {
         let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
         answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
@@ -688,6 +699,7 @@ async fn is_primary(server: &Server) -> Option<u64> {
 /// a dead actor. Every request is answered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_journal_write_error_on_the_primary_fails_over_to_the_standby() {
+    let connector = Connector::new(None).unwrap();
     let etcd = baton_tests::Etcd::start();
     let election = format!("/baton-test/journal-error-{}", std::process::id());
     let (d1, d2) = (TempDir::new(), TempDir::new());
@@ -699,8 +711,8 @@ async fn a_journal_write_error_on_the_primary_fails_over_to_the_standby() {
     let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     assert_eq!(primary, 0);
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
-    let (_w1, _) = echo_server(&endpoints, "w1");
-    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let (_w1, _) = echo_server(&connector, &endpoints, "w1");
+    let client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
     let mut failed_at = None;
@@ -745,13 +757,14 @@ async fn a_journal_write_error_on_the_primary_fails_over_to_the_standby() {
 /// winning). The takeover takes at most TTL + 1 s from etcd answering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn after_an_etcd_stall_one_takeover_leaves_a_serving_primary() {
+    let connector = Connector::new(None).unwrap();
     let etcd = baton_tests::Etcd::start();
     let pair = baton_tests::ManagerPair::start(&etcd, &format!("/baton-test/stall-{}", std::process::id())).await;
     let (mut members, endpoints) = (pair.members, pair.endpoints);
     let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let standby = 1 - primary;
-    let (_w1, _) = echo_server(&endpoints, "w1");
-    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let (_w1, _) = echo_server(&connector, &endpoints, "w1");
+    let client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
     for n in 1..=20 {
@@ -794,6 +807,7 @@ async fn after_an_etcd_stall_one_takeover_leaves_a_serving_primary() {
 /// acknowledged request is answered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_standby_back_on_a_wiped_disk_does_not_take_over() {
+    let connector = Connector::new(None).unwrap();
     use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     let etcd = baton_tests::Etcd::start();
@@ -806,7 +820,7 @@ async fn a_standby_back_on_a_wiped_disk_does_not_take_over() {
     let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let standby = 1 - primary;
     // no server session: what is acknowledged stays queued
-    let mut client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let mut client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     for n in 1..=40 {
         let accepted = sender.send_stamped(payload(n), Vec::new()).await.unwrap();
@@ -830,7 +844,7 @@ async fn a_standby_back_on_a_wiped_disk_does_not_take_over() {
     let (now_primary, now) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     assert_eq!(now_primary, primary, "the manager holding every acknowledgment took over");
     assert!(now.term > first.term);
-    let (_w1, seen) = echo_server(&endpoints, "w1");
+    let (_w1, seen) = echo_server(&connector, &endpoints, "w1");
     let mut answered = BTreeMap::<u64, Vec<u64>>::new();
     while answered.len() < 40 {
         let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
@@ -872,6 +886,7 @@ impl Drop for Tmpfs {
 /// request is answered exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_journal_disk_on_the_primary_fails_over_to_the_standby() {
+    let connector = Connector::new(None).unwrap();
     let (d1, d2) = (TempDir::new(), TempDir::new());
     let Some(disk) = Tmpfs::mount(d1.0.join("journal"), "8m") else {
         eprintln!("note: cannot mount a tmpfs here (not root); the full-disk test needs one");
@@ -886,8 +901,8 @@ async fn a_full_journal_disk_on_the_primary_fails_over_to_the_standby() {
     let (primary, first) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     assert_eq!(primary, 0);
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
-    let (_w1, _) = echo_server(&endpoints, "w1");
-    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let (_w1, _) = echo_server(&connector, &endpoints, "w1");
+    let client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
     for n in 1..=50 {
@@ -940,6 +955,7 @@ async fn a_full_journal_disk_on_the_primary_fails_over_to_the_standby() {
 /// the in-sync set and goes on acknowledging, and the standby rejoins once restarted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_journal_write_error_on_the_standby_makes_it_step_down() {
+    let connector = Connector::new(None).unwrap();
     let etcd = baton_tests::Etcd::start();
     let election = format!("/baton-test/standby-error-{}", std::process::id());
     let (d1, d2) = (TempDir::new(), TempDir::new());
@@ -950,8 +966,8 @@ async fn a_journal_write_error_on_the_standby_makes_it_step_down() {
     let mut members = vec![primary, failing];
     baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     let endpoints = members.iter().map(|m| format!("http://{}", m.addr)).collect::<Vec<_>>().join(",");
-    let (_w1, _) = echo_server(&endpoints, "w1");
-    let client = ClientSession::open(&endpoints, "echo", Vec::new()).await.unwrap();
+    let (_w1, _) = echo_server(&connector, &endpoints, "w1");
+    let client = ClientSession::open(&connector, &endpoints, "echo", Vec::new()).await.unwrap();
     let sender = client.sender();
     let (responses, receiver) = record_answers(client);
     for n in 1..=100 {

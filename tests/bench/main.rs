@@ -253,11 +253,19 @@ async fn sync(seconds: f64) {
     );
 }
 
+/// The connector of this process's sessions (no mesh token): all of them share its streams, one
+/// per manager, as a service's sessions do.
+fn connector() -> &'static baton_manager::client::Connector {
+    static CONNECTOR: std::sync::OnceLock<baton_manager::client::Connector> = std::sync::OnceLock::new();
+    CONNECTOR.get_or_init(|| baton_manager::client::Connector::new(None).expect("a connector without a token"))
+}
+
 /// Echo servers for the manager benchmarks: answer each request with its payload.
 fn echo_servers(endpoint: &str, pool: &str, n: usize) -> Vec<tokio::task::JoinHandle<()>> {
     (0..n)
         .map(|i| {
-            let mut session = baton_manager::client::ServerSession::register(endpoint, pool, &format!("echo{i}"));
+            let mut session =
+                baton_manager::client::ServerSession::register(connector(), endpoint, pool, &format!("echo{i}"));
             tokio::spawn(async move {
                 while let Some(event) = session.next().await {
                     if let baton_manager::client::ServerEvent::Request { session_id, seq, payload, .. } = event {
@@ -273,7 +281,7 @@ fn echo_servers(endpoint: &str, pool: &str, n: usize) -> Vec<tokio::task::JoinHa
 /// payload and the restart data `SERVER_ID:COUNT` (how many requests it answered). The manager's
 /// end-to-end tests SIGKILL it; by hand, it answers a client session of its pool.
 async fn echo_server(endpoint: &str, pool: &str, id: &str) {
-    let mut session = baton_manager::client::ServerSession::register(endpoint, pool, id);
+    let mut session = baton_manager::client::ServerSession::register(connector(), endpoint, pool, id);
     eprintln!("echo server {id}: registering in pool {pool} at {endpoint}");
     let mut count = 0u64;
     while let Some(event) = session.next().await {
@@ -339,8 +347,11 @@ async fn manager(seconds: f64) {
     let rounds: usize = std::env::var("BENCH_MANAGER_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
     let mut sessions = Vec::new();
     for _ in 0..clients {
-        sessions
-            .push(baton_manager::client::ClientSession::open(&p.endpoints, "bench", Vec::new()).await.expect("open"));
+        sessions.push(
+            baton_manager::client::ClientSession::open(connector(), &p.endpoints, "bench", Vec::new())
+                .await
+                .expect("open"),
+        );
     }
     // Rounds of `seconds` each on the same sessions; the figures are the median round's (this
     // machine's neighbours move a single round by ±10%).
@@ -391,7 +402,7 @@ async fn manager(seconds: f64) {
     // handover: SIGTERM the primary while a client sends; time until a request is accepted by
     // the next primary (stamped with a newer term)
     let mut session =
-        baton_manager::client::ClientSession::open(&p.endpoints, "bench", Vec::new()).await.expect("open");
+        baton_manager::client::ClientSession::open(connector(), &p.endpoints, "bench", Vec::new()).await.expect("open");
     let sender = session.sender();
     // responses must be read: an unread response queue holds the session back
     let drain = tokio::spawn(async move { while session.recv().await.is_some() {} });

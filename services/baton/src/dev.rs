@@ -137,7 +137,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let shutdown = baton_mesh::shutdown::on_signals();
     // the scheduler and workers below send the mesh token to the manager of this same process
-    let mesh_token = crate::use_mesh_token(&args.mesh);
+    let (connector, mesh_token) = crate::mesh_connector(&args.mesh);
     let auth =
         AuthConfig { admin_token: Some(token.into()), keys: Some(std::sync::Arc::new(store.clone())), mesh_token };
     let server = MeshServer::new(serve.clone(), auth);
@@ -152,11 +152,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let server = baton_scheduler::add_services(server, &store, serve.max_message_bytes());
     let me = format!("http://{addr}");
     let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), args.release.clone());
-    let mut tasks =
-        vec![tokio::spawn(baton_scheduler::releaser::run(store.clone(), blobs.clone(), scheduler, shutdown.clone()))];
+    let mut tasks = vec![tokio::spawn(baton_scheduler::releaser::run(
+        store.clone(),
+        blobs.clone(),
+        scheduler,
+        connector.clone(),
+        shutdown.clone(),
+    ))];
     for n in 0..args.workers {
         let worker = baton_worker::WorkerOptions::new(me.clone(), format!("dev-worker-{n}"), args.chunks.clone());
-        tasks.push(tokio::spawn(baton_worker::run(worker, store.clone(), blobs.clone(), shutdown.clone())));
+        tasks.push(tokio::spawn(baton_worker::run(
+            worker,
+            connector.clone(),
+            store.clone(),
+            blobs.clone(),
+            shutdown.clone(),
+        )));
     }
     server.serve(listener, metrics, shutdown).await?;
     for task in tasks {

@@ -192,7 +192,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Err(e) = scheduler.validate() {
                 exit_bad_config(e);
             }
-            use_mesh_token(&scheduler.mesh);
+            let (connector, _) = mesh_connector(&scheduler.mesh);
             let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
@@ -207,8 +207,13 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 &store,
                 serve.max_message_bytes(),
             );
-            let releaser =
-                tokio::spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, shutdown.clone()));
+            let releaser = tokio::spawn(baton_scheduler::releaser::run(
+                store.clone(),
+                blobs,
+                scheduler,
+                connector,
+                shutdown.clone(),
+            ));
             server.serve(listener, metrics, shutdown).await?;
             let _ = releaser.await;
             store.close().await;
@@ -218,7 +223,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Err(e) = worker.validate() {
                 exit_bad_config(e);
             }
-            use_mesh_token(&worker.mesh);
+            let (connector, _) = mesh_connector(&worker.mesh);
             // on SQLite, a lock wait ends as busy after the worker's lock timeout
             let mut options = StoreOptions::new(String::new());
             options.busy_timeout = worker.chunks.lock_timeout;
@@ -228,7 +233,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let shutdown = baton_mesh::shutdown::on_signals();
             // gRPC health and /metrics only: the worker's work comes through the manager
             let server = baton_mesh::server::MeshServer::new(serve, baton_mesh::auth::AuthConfig::default());
-            let work = tokio::spawn(baton_worker::run(worker, store.clone(), blobs, shutdown.clone()));
+            let work = tokio::spawn(baton_worker::run(worker, connector, store.clone(), blobs, shutdown.clone()));
             server.serve(listener, metrics, shutdown).await?;
             let _ = work.await;
             store.close().await;
@@ -270,13 +275,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-/// Makes `token` the mesh token this process sends to the managers (exits 64 on a token that
-/// cannot be sent), and returns it for a server that requires it.
-pub(crate) fn use_mesh_token(token: &baton_mesh::config::MeshToken) -> Option<std::sync::Arc<str>> {
-    if let Err(e) = baton_manager::client::use_mesh_token(token.get()) {
-        exit_bad_config(format!("--mesh-token: {e}"));
-    }
-    token.get().map(Into::into)
+/// A connector to the managers whose calls carry `token` (exits 64 on a token that cannot be
+/// sent), and the token for a server that requires it.
+pub(crate) fn mesh_connector(
+    token: &baton_mesh::config::MeshToken,
+) -> (baton_manager::client::Connector, Option<std::sync::Arc<str>>) {
+    let connector = baton_manager::client::Connector::new(token.get())
+        .unwrap_or_else(|e| exit_bad_config(format!("--mesh-token: {e}")));
+    (connector, token.get().map(Into::into))
 }
 
 /// Binds a server's gRPC and `/metrics` listeners and prints where they are.

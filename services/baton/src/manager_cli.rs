@@ -85,7 +85,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
             let listener = baton_mesh::server::bind(serve.listen).await?;
             let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
-            let mesh_token = crate::use_mesh_token(&manager.mesh);
+            let (connector, mesh_token) = crate::mesh_connector(&manager.mesh);
             if mesh_token.is_none() && !manager.etcd.is_empty() {
                 tracing::warn!(
                     "no --mesh-token: the manager takes any caller; keep it unreachable from outside the mesh"
@@ -134,6 +134,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 );
                 let failover = tokio::spawn(baton_manager::failover::run(
                     etcd,
+                    connector,
                     election,
                     ttl,
                     me,

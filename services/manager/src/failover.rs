@@ -29,6 +29,7 @@ use tonic_health::server::HealthReporter;
 
 use baton_mesh::now_ms;
 
+use crate::client::Connector;
 use crate::service::ManagerService;
 
 /// The exit code of a primary that fenced itself (lost its lease) or of a manager that stepped
@@ -161,9 +162,12 @@ async fn eligible(client: &mut Client, election: &str, node: &str, service: &Man
     }
 }
 
-/// Follows the current primary's Replicate stream until cancelled.
+/// Follows the current primary's Replicate stream until cancelled (the calls carry the mesh
+/// token of `connector`).
+#[allow(clippy::too_many_arguments)]
 async fn follow(
     mut client: Client,
+    connector: Connector,
     election: String,
     me: String,
     service: ManagerService,
@@ -182,7 +186,7 @@ async fn follow(
             }
         };
         let _ = service.follow_leader(leader.clone(), epoch).await;
-        if let Err(e) = replicate_from(&leader, &me, &service, &cancel).await {
+        if let Err(e) = replicate_from(&connector, &leader, &me, &service, &cancel).await {
             tracing::debug!(%leader, error = %e, "replication stream ended");
         }
         tokio::select! {
@@ -193,6 +197,7 @@ async fn follow(
 }
 
 async fn replicate_from(
+    connector: &Connector,
     leader: &str,
     me: &str,
     service: &ManagerService,
@@ -215,7 +220,7 @@ async fn replicate_from(
         journal_id: service.journal_id().to_owned(),
     };
     let _ = acks.send(first).await;
-    let mut frames = client.replicate(crate::client::authorized(ReceiverStream::new(acks_rx))).await?.into_inner();
+    let mut frames = client.replicate(connector.authorized(ReceiverStream::new(acks_rx))).await?.into_inner();
     loop {
         let frame = tokio::select! {
             () = cancel.cancelled() => return Ok(()),
@@ -281,10 +286,12 @@ async fn renew_now(client: &mut Client, lease: i64, renewed: &AtomicI64, within:
     }
 }
 
-/// Runs the election loop for `service` until `shutdown`.
+/// Runs the election loop for `service` until `shutdown`; as a standby it replicates from the
+/// primary with the mesh token of `connector`.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
+    connector: Connector,
     election: String,
     ttl: Duration,
     me: String,
@@ -326,6 +333,7 @@ pub async fn run(
         let following = shutdown.child_token();
         tokio::spawn(follow(
             client.clone(),
+            connector.clone(),
             election.clone(),
             me.clone(),
             service.clone(),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::time::Duration;
 
-use baton_manager::client::{ClientSender, ClientSession};
+use baton_manager::client::{ClientSender, ClientSession, Connector};
 use baton_mesh::now_ms;
 use baton_mesh::proto::{from_any, to_any, type_url, v1 as pb};
 use baton_store::Store;
@@ -59,13 +59,14 @@ impl Shared {
 
 /// Opens the client sessions, retrying until the manager answers or `shutdown`.
 async fn open_sessions(
+    connector: &Connector,
     options: &SchedulerOptions,
     me: &str,
     shutdown: &CancellationToken,
 ) -> Option<Vec<ClientSession>> {
     let mut sessions = Vec::new();
     while sessions.len() < options.release.sessions as usize {
-        let open = ClientSession::open(&options.manager, &options.pool, me.as_bytes().to_vec());
+        let open = ClientSession::open(connector, &options.manager, &options.pool, me.as_bytes().to_vec());
         tokio::select! {
             _ = shutdown.cancelled() => return None,
             opened = open => match opened {
@@ -83,10 +84,16 @@ async fn open_sessions(
     Some(sessions)
 }
 
-/// Runs the releaser until `shutdown`.
-pub async fn run(store: Store, blobs: Blobs, options: SchedulerOptions, shutdown: CancellationToken) {
+/// Runs the releaser until `shutdown`, with client sessions opened through `connector`.
+pub async fn run(
+    store: Store,
+    blobs: Blobs,
+    options: SchedulerOptions,
+    connector: Connector,
+    shutdown: CancellationToken,
+) {
     let me = format!("scheduler-{}", hex::encode(rand::random::<[u8; 6]>()));
-    let Some(sessions) = open_sessions(&options, &me, &shutdown).await else { return };
+    let Some(sessions) = open_sessions(&connector, &options, &me, &shutdown).await else { return };
     tracing::info!(scheduler = %me, sessions = sessions.len(), manager = %options.manager, "releaser started");
     let shared = Arc::new(Shared {
         wake: Notify::new(),

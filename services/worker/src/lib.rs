@@ -21,7 +21,7 @@ pub mod export;
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_manager::client::{ServerEvent, ServerSession};
+use baton_manager::client::{Connector, ServerEvent, ServerSession};
 use baton_mesh::config::parse_duration;
 use baton_mesh::proto::{from_any, to_any, type_url, v1 as pb};
 use baton_store::Store;
@@ -155,10 +155,16 @@ impl WorkerOptions {
 }
 
 /// Runs a worker until `shutdown`: registers in the pool and runs the chunks and export parts it
-/// is sent.
-pub async fn run(options: WorkerOptions, store: Store, blobs: Blobs, shutdown: CancellationToken) {
+/// is sent, through `connector`.
+pub async fn run(
+    options: WorkerOptions,
+    connector: Connector,
+    store: Store,
+    blobs: Blobs,
+    shutdown: CancellationToken,
+) {
     let id = options.id();
-    let mut session = ServerSession::register(&options.manager, &options.pool, &id);
+    let mut session = ServerSession::register(&connector, &options.manager, &options.pool, &id);
     let replier = session.replier();
     let slots = Arc::new(Semaphore::new(options.chunks.concurrency as usize));
     let options = Arc::new(options);

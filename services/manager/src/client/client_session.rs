@@ -10,6 +10,7 @@ use baton_mesh::proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Status};
 
+use super::connector::Connector;
 use super::endpoints::{Endpoints, advance_term};
 use super::mux::{MuxChannel, client_frame};
 
@@ -56,6 +57,7 @@ const ACK_DELAY: Duration = Duration::from_millis(2);
 type Unaccepted = (prost_types::Any, Vec<u8>, Option<oneshot::Sender<Accepted>>);
 
 struct ClientLoop {
+    connector: Connector,
     endpoints: Endpoints,
     pool: String,
     session_id: Option<String>,
@@ -99,11 +101,12 @@ impl ClientLoop {
             restart_data: self.restart_data.clone(),
             seen_term: self.seen_term,
         };
-        let mut channel = MuxChannel::open(&endpoint, client_frame(pb::client_frame::Kind::Open(open))).await?;
+        let mut channel =
+            MuxChannel::open(&self.connector, &endpoint, client_frame(pb::client_frame::Kind::Open(open))).await?;
         // responses not acknowledged on the last channel come again on this one
         self.acks.clear();
         // nothing is sent before the session is open: resent requests come first, in order
-        let first = channel.first(&endpoint).await?;
+        let first = channel.first(&self.connector, &endpoint).await?;
         if !self.event(first, &channel, responses, opened).await? {
             return Ok(());
         }
@@ -206,22 +209,29 @@ impl ClientLoop {
 impl ClientSession {
     /// Opens a new session on `pool` through the manager at `endpoint` (`http://host:port`, or
     /// several comma-separated: the library finds the primary and follows it on failover).
-    pub async fn open(endpoint: &str, pool: &str, restart_data: Vec<u8>) -> Result<Self, Status> {
-        Self::start(endpoint, pool, None, restart_data, 0).await
+    pub async fn open(
+        connector: &Connector,
+        endpoint: &str,
+        pool: &str,
+        restart_data: Vec<u8>,
+    ) -> Result<Self, Status> {
+        Self::start(connector, endpoint, pool, None, restart_data, 0).await
     }
 
     /// Resumes session `session_id` (after a restart of the client process): requests numbered
     /// after `last_seq` continue it.
     pub async fn resume(
+        connector: &Connector,
         endpoint: &str,
         session_id: &str,
         restart_data: Vec<u8>,
         last_seq: u64,
     ) -> Result<Self, Status> {
-        Self::start(endpoint, "", Some(session_id.to_owned()), restart_data, last_seq).await
+        Self::start(connector, endpoint, "", Some(session_id.to_owned()), restart_data, last_seq).await
     }
 
     async fn start(
+        connector: &Connector,
         endpoint: &str,
         pool: &str,
         session_id: Option<String>,
@@ -232,6 +242,7 @@ impl ClientSession {
         let (response_tx, responses) = mpsc::channel(1024);
         let (opened_tx, opened_rx) = oneshot::channel();
         let mut state = ClientLoop {
+            connector: connector.clone(),
             endpoints: Endpoints::new(endpoint),
             pool: pool.to_owned(),
             session_id,
@@ -323,8 +334,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let endpoint = manager(dir.path());
         let runtime = tokio::runtime::Runtime::new().unwrap();
+        let connector = Connector::new(None).unwrap();
         runtime.block_on(async {
-            let mut server = ServerSession::register(&endpoint, "acks", "w1");
+            let mut server = ServerSession::register(&connector, &endpoint, "acks", "w1");
             let replier = server.replier();
             tokio::spawn(async move {
                 while let Some(event) = server.next().await {
@@ -333,7 +345,7 @@ mod tests {
                     }
                 }
             });
-            let mut client = ClientSession::open(&endpoint, "acks", Vec::new()).await.unwrap();
+            let mut client = ClientSession::open(&connector, &endpoint, "acks", Vec::new()).await.unwrap();
             for n in 1..=20u8 {
                 let sent = client.send(prost_types::Any { type_url: "t".into(), value: vec![n] }, Vec::new()).await;
                 assert_eq!(sent.unwrap(), u64::from(n));

@@ -7,21 +7,22 @@
 //! sides drop numbers they have already seen, so a user sees each response (or request) once. A
 //! frame of a term older than one already seen is refused.
 //!
-//! Its parts: the process's shared Multiplex streams and a session's channel on one (`mux`),
-//! finding the primary among the managers (`endpoints`), the client session
-//! (`client_session`), the server session (`server_session`), and the mesh token (`token`).
+//! Its parts: the [`Connector`] (`connector`), the shared Multiplex streams and a session's
+//! channel on one (`mux`), finding the primary among the managers (`endpoints`), the client
+//! session (`client_session`) and the server session (`server_session`).
 //!
-//! The two process-wide settings are statics, the mesh token (`token`) and the streams by
-//! endpoint (`mux`): a process holds one connection per manager, shared by all of its sessions.
+//! Sessions are opened through a [`Connector`], a cheap-to-clone handle on the mesh token and the
+//! streams by endpoint: the sessions of one connector share one stream per manager; there are no
+//! process-wide settings.
 
 mod client_session;
+mod connector;
 mod endpoints;
 mod mux;
 mod server_session;
 #[cfg(test)]
 mod testing;
-mod token;
 
 pub use client_session::{Accepted, ClientResponse, ClientSender, ClientSession};
+pub use connector::Connector;
 pub use server_session::{ServerEvent, ServerReplier, ServerSession};
-pub use token::{authorized, use_mesh_token};

@@ -1,6 +1,6 @@
-//! The process's Multiplex streams, one per manager, shared by all of its client and server
-//! sessions, and a session's channel on one ([`MuxChannel`]): a task per stream sends what the
-//! sessions queued as one message and hands each event to its channel.
+//! The Multiplex streams of a [`Connector`], one per manager, shared by the client and server
+//! sessions opened through it, and a session's channel on one ([`MuxChannel`]): a task per
+//! stream sends what the sessions queued as one message and hands each event to its channel.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,9 +11,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
-use super::token::authorized;
+use super::connector::Connector;
 
-/// What a session asks of its process's Multiplex stream to a manager.
+/// What a session asks of its connector's Multiplex stream to a manager.
 enum MuxCommand {
     /// A new channel, whose events go to `events`.
     Open { channel: u64, events: mpsc::Sender<Result<pb::mux_event::Kind, Status>> },
@@ -24,12 +24,13 @@ enum MuxCommand {
     Fail(Status),
 }
 
-/// A process's Multiplex stream to one manager, shared by all of its client and server sessions.
+/// A connector's Multiplex stream to one manager, shared by the client and server sessions
+/// opened through it.
 /// With a stream per session, the frames of a journal batch left one message and, mostly, one
 /// `writev` each, on both sides: that was most of the system time of `bench manager`. One
 /// stream carries a batch of frames (or events) as one message.
 #[derive(Clone)]
-struct Mux {
+pub(super) struct Mux {
     commands: mpsc::UnboundedSender<MuxCommand>,
 }
 
@@ -47,27 +48,20 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 
 /// Forgets `mux` as the stream to `endpoint`, so that the next session starts another; the
 /// sessions on it stay.
-fn forget(endpoint: &str, mux: &Mux) {
-    let mut muxes = muxes();
+fn forget(connector: &Connector, endpoint: &str, mux: &Mux) {
+    let mut muxes = connector.muxes();
     if muxes.get(endpoint).is_some_and(|m| m.commands.same_channel(&mux.commands)) {
         muxes.remove(endpoint);
     }
-}
-
-/// The process's Multiplex streams, by manager endpoint.
-static MUXES: std::sync::LazyLock<std::sync::Mutex<HashMap<String, Mux>>> = std::sync::LazyLock::new(Default::default);
-
-fn muxes() -> std::sync::MutexGuard<'static, HashMap<String, Mux>> {
-    MUXES.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// How long opening a stream may take before the next manager is tried (a manager that is
 /// shutting down may accept a connection and never answer on it).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// The shared Multiplex stream to `endpoint`, started if there is none that runs.
-async fn connect(endpoint: &str) -> Result<Mux, Status> {
-    if let Some(mux) = muxes().get(endpoint).filter(|m| m.usable()) {
+/// The Multiplex stream of `connector` to `endpoint`, started if there is none that runs.
+async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
+    if let Some(mux) = connector.muxes().get(endpoint).filter(|m| m.usable()) {
         return Ok(mux.clone());
     }
     let channel = Endpoint::from_shared(endpoint.to_owned())
@@ -79,14 +73,15 @@ async fn connect(endpoint: &str) -> Result<Mux, Status> {
         .map_err(|e| Status::unavailable(format!("cannot connect to the manager at {endpoint}: {e}")))?;
     let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
     let (out, out_rx) = mpsc::channel(64);
-    let inbound = tokio::time::timeout(OPEN_TIMEOUT, client.multiplex(authorized(ReceiverStream::new(out_rx))))
-        .await
-        .map_err(|_| Status::unavailable(format!("{endpoint} did not open a stream in time")))??
-        .into_inner();
+    let inbound =
+        tokio::time::timeout(OPEN_TIMEOUT, client.multiplex(connector.authorized(ReceiverStream::new(out_rx))))
+            .await
+            .map_err(|_| Status::unavailable(format!("{endpoint} did not open a stream in time")))??
+            .into_inner();
     let (commands, command_rx) = mpsc::unbounded_channel();
     tokio::spawn(run_mux(out, inbound, command_rx));
     let mux = Mux { commands };
-    let mut muxes = muxes();
+    let mut muxes = connector.muxes();
     // a session that connected meanwhile won: the sessions keep to one stream (this one ends as
     // its handle is dropped)
     if let Some(known) = muxes.get(endpoint).filter(|m| m.usable()) {
@@ -208,10 +203,14 @@ pub(super) struct MuxChannel {
 }
 
 impl MuxChannel {
-    /// A new channel on the process's stream to `endpoint`, opened with `first` (the frame that
+    /// A new channel on `connector`'s stream to `endpoint`, opened with `first` (the frame that
     /// opens a client session or registers a server).
-    pub(super) async fn open(endpoint: &str, first: pb::mux_frame::Kind) -> Result<Self, Status> {
-        let mux = connect(endpoint).await?;
+    pub(super) async fn open(
+        connector: &Connector,
+        endpoint: &str,
+        first: pb::mux_frame::Kind,
+    ) -> Result<Self, Status> {
+        let mux = connect(connector, endpoint).await?;
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // as many events as a session's stream held before
@@ -237,11 +236,11 @@ impl MuxChannel {
     /// The first event, within [`OPEN_TIMEOUT`]: when a manager does not answer in time, the
     /// stream is forgotten (the next attempt starts another, for a manager that hangs) and the
     /// session goes to the next manager; the other sessions on the stream stay.
-    pub(super) async fn first(&mut self, endpoint: &str) -> Result<pb::mux_event::Kind, Status> {
+    pub(super) async fn first(&mut self, connector: &Connector, endpoint: &str) -> Result<pb::mux_event::Kind, Status> {
         match tokio::time::timeout(OPEN_TIMEOUT, self.next()).await {
             Ok(event) => event,
             Err(_) => {
-                forget(endpoint, &self.mux);
+                forget(connector, endpoint, &self.mux);
                 Err(Status::unavailable(format!("{endpoint} did not open the session in time")))
             }
         }
@@ -307,18 +306,22 @@ mod tests {
     }
 
     #[test]
-    fn the_sessions_of_a_runtime_share_one_stream_and_survive_its_failure() {
+    fn the_sessions_of_one_connector_share_one_stream_and_survive_its_failure() {
         let dir = tempfile::tempdir().unwrap();
         let endpoint = manager(dir.path());
+        let connector = Connector::new(None).unwrap();
         let first = tokio::runtime::Runtime::new().unwrap();
         let (a, b) = first.block_on(async {
-            let a = ClientSession::open(&endpoint, "p", Vec::new()).await.unwrap();
-            let b = ClientSession::open(&endpoint, "p", Vec::new()).await.unwrap();
+            let a = ClientSession::open(&connector, &endpoint, "p", Vec::new()).await.unwrap();
+            let b = ClientSession::open(&connector, &endpoint, "p", Vec::new()).await.unwrap();
             (a, b)
         });
         assert_ne!(a.session_id(), b.session_id());
-        let one = first.block_on(connect(&endpoint)).unwrap();
-        assert!(one.commands.same_channel(&first.block_on(connect(&endpoint)).unwrap().commands), "one stream");
+        let one = first.block_on(connect(&connector, &endpoint)).unwrap();
+        assert!(
+            one.commands.same_channel(&first.block_on(connect(&connector, &endpoint)).unwrap().commands),
+            "one stream"
+        );
         let any = || prost_types::Any { type_url: "t".into(), value: vec![1] };
         assert_eq!(first.block_on(a.send(any(), Vec::new())).unwrap(), 1);
         // the stream fails: the next connect starts another, and both sessions go on, on it
@@ -338,16 +341,21 @@ mod tests {
             .expect("the sessions resume within 10s")
         });
         assert_eq!((sent_a, sent_b), (2, 1));
-        let two = first.block_on(connect(&endpoint)).unwrap();
+        let two = first.block_on(connect(&connector, &endpoint)).unwrap();
         assert!(two.usable() && !two.commands.same_channel(&one.commands));
         // the stream's task stops with its runtime: another runtime starts its own
         drop((a, b));
         drop(first);
         assert!(!two.usable());
         let second = tokio::runtime::Runtime::new().unwrap();
-        let three = second.block_on(connect(&endpoint)).unwrap();
+        let three = second.block_on(connect(&connector, &endpoint)).unwrap();
         assert!(!three.commands.same_channel(&two.commands));
-        let session = second.block_on(ClientSession::open(&endpoint, "p", Vec::new())).unwrap();
+        let session = second.block_on(ClientSession::open(&connector, &endpoint, "p", Vec::new())).unwrap();
         assert!(session.session_id().starts_with("ses_"));
+        // another connector does not share its streams
+        let other = Connector::new(None).unwrap();
+        let four = second.block_on(connect(&other, &endpoint)).unwrap();
+        assert!(!four.commands.same_channel(&three.commands));
+        assert!(four.commands.same_channel(&second.block_on(connect(&other, &endpoint)).unwrap().commands));
     }
 }

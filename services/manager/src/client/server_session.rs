@@ -8,6 +8,7 @@ use baton_mesh::proto::v1 as pb;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::connector::Connector;
 use super::endpoints::{Endpoints, advance_term};
 use super::mux::{MuxChannel, server_frame};
 
@@ -59,6 +60,7 @@ pub struct ServerSession {
 }
 
 struct ServerLoop {
+    connector: Connector,
     endpoints: Endpoints,
     pool: String,
     server_id: String,
@@ -85,11 +87,13 @@ impl ServerLoop {
             server_id: self.server_id.clone(),
             seen_term: self.seen_term,
         };
-        let mut channel = MuxChannel::open(&endpoint, server_frame(pb::server_frame::Kind::Register(register))).await?;
+        let mut channel =
+            MuxChannel::open(&self.connector, &endpoint, server_frame(pb::server_frame::Kind::Register(register)))
+                .await?;
         for reply in self.unaccepted.values() {
             channel.send(server_frame(pb::server_frame::Kind::Reply(reply.clone())));
         }
-        let first = channel.first(&endpoint).await?;
+        let first = channel.first(&self.connector, &endpoint).await?;
         if !self.event(first, &channel, events).await? {
             return Ok(());
         }
@@ -167,20 +171,21 @@ impl ServerLoop {
 
 impl ServerSession {
     /// Registers server `server_id` in `pool` with the manager at `endpoint`.
-    pub fn register(endpoint: &str, pool: &str, server_id: &str) -> Self {
-        Self::start(endpoint, pool, server_id, false)
+    pub fn register(connector: &Connector, endpoint: &str, pool: &str, server_id: &str) -> Self {
+        Self::start(connector, endpoint, pool, server_id, false)
     }
 
     /// [`ServerSession::register`], and the user also gets [`ServerEvent::Accepted`] for each
     /// reply the manager journaled (fault tests record it).
-    pub fn register_reporting_acceptances(endpoint: &str, pool: &str, server_id: &str) -> Self {
-        Self::start(endpoint, pool, server_id, true)
+    pub fn register_reporting_acceptances(connector: &Connector, endpoint: &str, pool: &str, server_id: &str) -> Self {
+        Self::start(connector, endpoint, pool, server_id, true)
     }
 
-    fn start(endpoint: &str, pool: &str, server_id: &str, report_accepted: bool) -> Self {
+    fn start(connector: &Connector, endpoint: &str, pool: &str, server_id: &str, report_accepted: bool) -> Self {
         let (event_tx, events) = mpsc::channel(1024);
         let (replies, mut reply_rx) = mpsc::channel(1024);
         let mut state = ServerLoop {
+            connector: connector.clone(),
             endpoints: Endpoints::new(endpoint),
             pool: pool.to_owned(),
             server_id: server_id.to_owned(),
