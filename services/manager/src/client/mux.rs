@@ -32,6 +32,8 @@ enum MuxCommand {
 #[derive(Clone)]
 pub(super) struct Mux {
     commands: mpsc::UnboundedSender<MuxCommand>,
+    /// The next channel number on this stream (numbers only tell its channels apart).
+    next_channel: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Mux {
@@ -80,7 +82,7 @@ async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
             .into_inner();
     let (commands, command_rx) = mpsc::unbounded_channel();
     tokio::spawn(run_mux(out, inbound, command_rx));
-    let mux = Mux { commands };
+    let mux = Mux { commands, next_channel: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)) };
     let mut muxes = connector.muxes();
     // a session that connected meanwhile won: the sessions keep to one stream (this one ends as
     // its handle is dropped)
@@ -211,8 +213,7 @@ impl MuxChannel {
         first: pb::mux_frame::Kind,
     ) -> Result<Self, Status> {
         let mux = connect(connector, endpoint).await?;
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = mux.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // as many events as a session's stream held before
         let (events_tx, events) = mpsc::channel(1024);
         mux.commands
