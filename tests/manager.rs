@@ -730,11 +730,7 @@ async fn a_journal_write_error_on_the_primary_fails_over_to_the_standby() {
             failed_at = Some(std::time::Instant::now());
         }
     }
-    let status = baton_tests::eventually(Duration::from_secs(10), "the failed primary to exit", || {
-        let exited = members[0].exited();
-        async move { exited }
-    })
-    .await;
+    let status = exit_of(&mut members[0], "the failed primary to exit").await;
     assert_eq!(status.code(), Some(75), "the failed primary exits with EXIT_FENCED");
     let serving =
         baton_tests::eventually(Duration::from_secs(10), "the standby serving", || is_primary(&members[1])).await;
@@ -744,11 +740,7 @@ async fn a_journal_write_error_on_the_primary_fails_over_to_the_standby() {
     assert_answered_once(&responses, 200).await;
     receiver.abort();
     // back without the failpoint, it rejoins as a standby
-    let mut failed = members.remove(0);
-    failed.clear_env();
-    members.insert(0, failed.restart(&[]));
-    let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-    assert_eq!(now_primary, 1);
+    rejoin(&mut members, 0).await;
 }
 
 /// etcd stalls (SIGSTOP) for 5 s, longer than every lease: the primary fences; when etcd answers
@@ -929,11 +921,7 @@ async fn a_full_journal_disk_on_the_primary_fails_over_to_the_standby() {
             .unwrap();
         terms.push(accepted.term);
     }
-    let status = baton_tests::eventually(Duration::from_secs(10), "the primary on the full disk to exit", || {
-        let exited = members[0].exited();
-        async move { exited }
-    })
-    .await;
+    let status = exit_of(&mut members[0], "the primary on the full disk to exit").await;
     assert_eq!(status.code(), Some(75), "it steps down with EXIT_FENCED");
     let serving =
         baton_tests::eventually(Duration::from_secs(10), "the standby serving", || is_primary(&members[1])).await;
@@ -944,10 +932,7 @@ async fn a_full_journal_disk_on_the_primary_fails_over_to_the_standby() {
     receiver.abort();
     // space returns: the manager restarted on that disk rejoins as a standby
     std::fs::remove_file(&filler).unwrap();
-    let old = members.remove(0);
-    members.insert(0, old.restart(&[]));
-    let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-    assert_eq!(now_primary, 1);
+    rejoin(&mut members, 0).await;
 }
 
 /// A journal write fails on the standby (the `journal-write` failpoint): it steps down (exit 75)
@@ -975,21 +960,13 @@ async fn a_journal_write_error_on_the_standby_makes_it_step_down() {
             tokio::time::timeout(Duration::from_secs(30), sender.send(payload(n), Vec::new())).await.unwrap().unwrap();
         assert_eq!(seq, n);
     }
-    let status = baton_tests::eventually(Duration::from_secs(10), "the failed standby to exit", || {
-        let exited = members[1].exited();
-        async move { exited }
-    })
-    .await;
+    let status = exit_of(&mut members[1], "the failed standby to exit").await;
     assert_eq!(status.code(), Some(75), "the standby steps down with EXIT_FENCED");
     let alone = status_of_primary(&members[0]).await;
     assert_eq!(alone.in_sync.len(), 1, "the primary left the failed standby out: {:?}", alone.in_sync);
     assert_answered_once(&responses, 100).await;
     receiver.abort();
-    let mut failed = members.remove(1);
-    failed.clear_env();
-    members.push(failed.restart(&[]));
-    let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
-    assert_eq!(now_primary, 0);
+    rejoin(&mut members, 1).await;
 }
 
 /// The status of `server`, which must be PRIMARY.
@@ -997,4 +974,26 @@ async fn status_of_primary(server: &Server) -> pb::ManagerStatus {
     let s = status(server).await;
     assert_eq!(s.role, "PRIMARY");
     s
+}
+
+/// Waits (at most 10 s) for `server` to exit: how it exited.
+async fn exit_of(server: &mut Server, what: &str) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = server.exited() {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "waited 10 s for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Restarts member `i` of a pair (without the environment it was started with: no failpoint)
+/// and waits until it is back in the other's in-sync set, as a standby.
+async fn rejoin(members: &mut Vec<Server>, i: usize) {
+    let mut member = members.remove(i);
+    member.clear_env();
+    members.insert(i, member.restart(&[]));
+    let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
+    assert_eq!(now_primary, 1 - i, "the other member stays primary");
 }
