@@ -147,6 +147,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let manager_options = baton_manager::ManagerOptions::single(data_dir.join("manager"));
     let manager = baton_manager::ManagerService::start(manager_options, shutdown.clone())
         .map_err(|e| anyhow::anyhow!("cannot start the session manager: {e}"))?;
+    // a manager that cannot write its journal or stops answering takes the process down (exit
+    // 75, health NOT_SERVING first) rather than leave every batch stuck behind a dead actor; with
+    // no standby to hand over to, a hung actor gets 10 s rather than a lease
+    tokio::spawn(baton_manager::failover::step_down_on_fault(
+        manager.clone(),
+        None,
+        server.health(),
+        "baton.v1.SessionManager",
+        std::time::Duration::from_secs(10),
+        shutdown.clone(),
+    ));
     let server = server.add_service(baton_mesh::proto::v1::session_manager_server::SessionManagerServer::new(manager));
     // the scheduler and the workers reach the manager through this process's own port
     let server = baton_scheduler::add_services(server, &store, serve.max_message_bytes());
