@@ -550,10 +550,7 @@ async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
     for n in 1..=20 {
         sender.send(payload(n), Vec::new()).await.unwrap();
     }
-    while answered.len() < 20 {
-        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
-        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-    }
+    receive_until(&mut client, &mut answered, 20).await;
     // no server session from here on: what is acknowledged stays queued, unanswered
     w1.abort();
     let standby_pid = Pid::from_raw(members[standby].pid() as i32);
@@ -587,10 +584,7 @@ async fn a_stale_standby_does_not_take_over_and_nothing_acknowledged_is_lost() {
     // a server session again: the requests acknowledged while the standby was stopped are
     // answered, each once
     let (_w2, seen2) = echo_server(&connector, &endpoints, "w2");
-    while answered.len() < 40 {
-        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
-        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-    }
+    receive_until(&mut client, &mut answered, 40).await;
     assert_eq!(answered.keys().copied().collect::<Vec<_>>(), (1..=40).collect::<Vec<_>>());
     for (seq, got) in &answered {
         assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
@@ -623,10 +617,7 @@ async fn after_a_double_failure_the_manager_without_the_latest_acknowledgments_d
         let accepted = sender.send_stamped(payload(n), Vec::new()).await.unwrap();
         assert_eq!(accepted.term, first.term);
     }
-    while answered.len() < 50 {
-        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
-        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-    }
+    receive_until(&mut client, &mut answered, 50).await;
     // no server session from here on: what B acknowledges stays queued, only in B's journal
     w1.abort();
     kill(Pid::from_raw(members[a].pid() as i32), Signal::SIGKILL).unwrap();
@@ -667,10 +658,7 @@ async fn after_a_double_failure_the_manager_without_the_latest_acknowledgments_d
     assert_eq!(now_primary, b, "the manager holding every acknowledgment took over");
     assert!(now.term > b_term, "{} > {b_term}", now.term);
     let (_w2, seen2) = echo_server(&connector, &endpoints, "w2");
-    while answered.len() < 150 {
-        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
-        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-    }
+    receive_until(&mut client, &mut answered, 150).await;
     assert_eq!(answered.keys().copied().collect::<Vec<_>>(), (1..=150).collect::<Vec<_>>());
     for (seq, got) in &answered {
         assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
@@ -838,10 +826,7 @@ async fn a_standby_back_on_a_wiped_disk_does_not_take_over() {
     assert!(now.term > first.term);
     let (_w1, seen) = echo_server(&connector, &endpoints, "w1");
     let mut answered = BTreeMap::<u64, Vec<u64>>::new();
-    while answered.len() < 40 {
-        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
-        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
-    }
+    receive_until(&mut client, &mut answered, 40).await;
     for (seq, got) in &answered {
         assert_eq!(got, &vec![*seq], "request {seq} answered exactly once, with its own echo");
     }
@@ -996,4 +981,13 @@ async fn rejoin(members: &mut Vec<Server>, i: usize) {
     members.insert(i, member.restart(&[]));
     let (now_primary, _) = baton_tests::wait_for_pair(&[&members[0], &members[1]]).await;
     assert_eq!(now_primary, 1 - i, "the other member stays primary");
+}
+
+/// Receives `client`'s responses into `answered` (the echoed numbers by request seq) until it
+/// holds `n` requests, waiting at most 30 s for each.
+async fn receive_until(client: &mut ClientSession, answered: &mut BTreeMap<u64, Vec<u64>>, n: usize) {
+    while answered.len() < n {
+        let r = tokio::time::timeout(Duration::from_secs(30), client.recv()).await.unwrap().unwrap();
+        answered.entry(r.seq).or_default().push(number(&r.payload.unwrap()));
+    }
 }
