@@ -75,6 +75,7 @@ fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
         "client_connected": s.client_connected, "request_queue": s.request_queue,
         "response_queue": s.response_queue, "last_request_seq": s.last_request_seq,
         "client_restart_bytes": s.client_restart_bytes, "server_restart_bytes": s.server_restart_bytes,
+        "state": s.state, "opened_at_unix_ms": s.opened_at_unix_ms, "idle_ms": s.idle_ms,
     })
 }
 

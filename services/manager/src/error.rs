@@ -65,6 +65,34 @@ pub enum Error {
     #[error("session {0} not found")]
     SessionNotFound(String),
 
+    /// The session was closed (NOT_FOUND), and why.
+    #[error("session {id} was closed: {reason}")]
+    SessionClosed {
+        /// The session.
+        id: String,
+        /// Why it was closed.
+        reason: String,
+    },
+
+    /// A close without `drop_queued` of a session with requests or responses still queued
+    /// (FAILED_PRECONDITION); the session stays open.
+    #[error(
+        "session {id} still has {requests} request(s) unanswered and {responses} response(s) unacknowledged: \
+         read them, or close with drop_queued to drop them"
+    )]
+    StillQueued {
+        /// The session.
+        id: String,
+        /// Requests not answered.
+        requests: usize,
+        /// Responses not acknowledged.
+        responses: usize,
+    },
+
+    /// A session id a client names is not 1 to 128 printable ASCII characters (INVALID_ARGUMENT).
+    #[error("session id {0:?}: a session id a client names is 1 to 128 printable ASCII characters")]
+    BadSessionId(String),
+
     /// A stream's frames are not what the protocol asks for (INVALID_ARGUMENT).
     #[error("{0}")]
     InvalidArgument(&'static str),
@@ -94,11 +122,13 @@ impl Error {
         match self {
             Error::Journal(_) => Code::Internal,
             Error::NotPrimary { .. } | Error::Stopping => Code::Unavailable,
-            Error::OlderTerm { .. } | Error::Gap { .. } | Error::BadRegister | Error::RefusedTerm { .. } => {
-                Code::FailedPrecondition
-            }
-            Error::SessionNotFound(_) => Code::NotFound,
-            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::OlderTerm { .. }
+            | Error::Gap { .. }
+            | Error::BadRegister
+            | Error::RefusedTerm { .. }
+            | Error::StillQueued { .. } => Code::FailedPrecondition,
+            Error::SessionNotFound(_) | Error::SessionClosed { .. } => Code::NotFound,
+            Error::InvalidArgument(_) | Error::BadSessionId(_) => Code::InvalidArgument,
             Error::Replaced(_) => Code::Aborted,
             Error::Undecodable(_) => Code::DataLoss,
         }

@@ -29,7 +29,7 @@ pub struct Entry {
     #[prost(uint64, tag = "2")]
     pub term: u64,
     /// The state change.
-    #[prost(oneof = "Op", tags = "3, 4, 5, 6, 7")]
+    #[prost(oneof = "Op", tags = "3, 4, 5, 6, 7, 8")]
     pub op: Option<Op>,
 }
 
@@ -52,6 +52,9 @@ pub enum Op {
     /// A session was bound to a server (or unbound, with an empty server id).
     #[prost(message, tag = "7")]
     Bind(BindOp),
+    /// A session was closed: it leaves the state, with its queues.
+    #[prost(message, tag = "8")]
+    Close(CloseOp),
 }
 
 /// See [`Op::Open`].
@@ -69,6 +72,9 @@ pub struct OpenOp {
     /// Raises the session's highest request number to this (snapshots only; 0: unchanged).
     #[prost(uint64, tag = "4")]
     pub last_request_seq: u64,
+    /// When the session was opened, ms since the Unix epoch (0: unchanged, or not recorded).
+    #[prost(int64, tag = "5")]
+    pub opened_at_unix_ms: i64,
 }
 
 /// See [`Op::Request`].
@@ -118,6 +124,17 @@ pub struct AckOp {
     /// The response number acknowledged.
     #[prost(uint64, tag = "2")]
     pub seq: u64,
+}
+
+/// See [`Op::Close`].
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CloseOp {
+    /// The session.
+    #[prost(string, tag = "1")]
+    pub session_id: String,
+    /// Why: closed by its client, or expired.
+    #[prost(string, tag = "2")]
+    pub reason: String,
 }
 
 /// See [`Op::Bind`].

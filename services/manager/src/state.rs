@@ -2,9 +2,12 @@
 //! response queues. It changes only by applying journal entries, so the primary, a standby and a
 //! restarted manager replaying its journal all reach the same state.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 
 use crate::journal::{BindOp, Entry, Op, OpenOp, ReplyOp, RequestOp};
+
+/// How many closed sessions the state remembers, with why they were closed (for GetSession).
+const CLOSED_KEPT: usize = 1024;
 
 /// A queued request.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +37,8 @@ pub struct Session {
     pub requests: BTreeMap<u64, QueuedRequest>,
     /// Responses not yet acknowledged, by number.
     pub responses: BTreeMap<u64, Option<prost_types::Any>>,
+    /// When it was opened, ms since the Unix epoch (0: not recorded).
+    pub opened_at_unix_ms: i64,
 }
 
 /// Every session, and the journal position.
@@ -45,6 +50,12 @@ pub struct State {
     pub index: u64,
     /// The highest term seen in the journal.
     pub term: u64,
+    /// How many sessions each server has bound: kept as bindings change, so that binding a
+    /// session does not count every session (which made opening N sessions cost N²).
+    pub load: HashMap<String, usize>,
+    /// The last sessions closed, with why, oldest first (at most [`CLOSED_KEPT`]; snapshots do
+    /// not carry them).
+    pub closed: VecDeque<(String, String)>,
 }
 
 impl State {
@@ -62,6 +73,9 @@ impl State {
                 });
                 if !o.restart_data.is_empty() {
                     session.client_restart = o.restart_data.clone();
+                }
+                if o.opened_at_unix_ms != 0 {
+                    session.opened_at_unix_ms = o.opened_at_unix_ms;
                 }
                 session.last_request_seq = session.last_request_seq.max(o.last_request_seq);
             }
@@ -97,12 +111,46 @@ impl State {
                     s.responses.remove(&a.seq);
                 }
             }
+            Op::Close(c) => {
+                if let Some(s) = self.sessions.remove(&c.session_id) {
+                    self.count(s.bound, None);
+                    if self.closed.len() == CLOSED_KEPT {
+                        self.closed.pop_front();
+                    }
+                    self.closed.push_back((c.session_id.clone(), c.reason.clone()));
+                }
+            }
             Op::Bind(b) => {
                 if let Some(s) = self.sessions.get_mut(&b.session_id) {
-                    s.bound = (!b.server_id.is_empty()).then(|| b.server_id.clone());
+                    let new = (!b.server_id.is_empty()).then(|| b.server_id.clone());
+                    let old = std::mem::replace(&mut s.bound, new.clone());
+                    self.count(old, new);
                 }
             }
         }
+    }
+
+    /// Moves one session of the load count from server `old` to server `new`.
+    fn count(&mut self, old: Option<String>, new: Option<String>) {
+        if old == new {
+            return;
+        }
+        if let Some(old) = old
+            && let Some(n) = self.load.get_mut(&old)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.load.remove(&old);
+            }
+        }
+        if let Some(new) = new {
+            *self.load.entry(new).or_default() += 1;
+        }
+    }
+
+    /// Why session `id` was closed, if it is one of the last closed.
+    pub fn closed_reason(&self, id: &str) -> Option<&str> {
+        self.closed.iter().rev().find(|(c, _)| c == id).map(|(_, why)| why.as_str())
     }
 
     /// Entries that recreate this state from nothing (the snapshot), all at index `self.index`.
@@ -119,6 +167,7 @@ impl State {
                     pool: s.pool.clone(),
                     restart_data: s.client_restart.clone(),
                     last_request_seq,
+                    opened_at_unix_ms: s.opened_at_unix_ms,
                 })
             };
             out.push(at(open(0)));
@@ -167,7 +216,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::journal::AckOp;
+    use crate::journal::{AckOp, CloseOp};
 
     fn e(index: u64, op: Op) -> Entry {
         Entry { index, term: 1, op: Some(op) }
@@ -186,6 +235,7 @@ mod tests {
                     pool: "p".into(),
                     restart_data: b"c0".to_vec(),
                     last_request_seq: 0,
+                    opened_at_unix_ms: 1_700_000_000_000,
                 }),
             ),
             e(2, Op::Bind(BindOp { session_id: "s".into(), server_id: "w1".into() })),
@@ -268,6 +318,71 @@ mod tests {
         let s = &state.sessions["s"];
         assert!(s.responses.is_empty());
         assert_eq!(s.requests.keys().copied().collect::<Vec<_>>(), [2, 4]);
+    }
+
+    fn open(index: u64, id: &str) -> Entry {
+        e(
+            index,
+            Op::Open(OpenOp {
+                session_id: id.into(),
+                pool: "p".into(),
+                restart_data: vec![],
+                last_request_seq: 0,
+                opened_at_unix_ms: 1,
+            }),
+        )
+    }
+
+    /// Bindings keep a count per server; closing a session takes it out of the count, of the
+    /// state and of every later snapshot, and remembers why.
+    #[test]
+    fn closed_sessions_leave_the_state_the_load_and_the_snapshot() {
+        let mut state = State::default();
+        let mut index = 0;
+        let mut next = || {
+            index += 1;
+            index
+        };
+        for k in 0..10 {
+            let id = format!("s{k}");
+            state.apply(&open(next(), &id));
+            let server = if k % 2 == 0 { "w1" } else { "w2" };
+            state.apply(&e(next(), Op::Bind(BindOp { session_id: id, server_id: server.into() })));
+        }
+        assert_eq!((state.load["w1"], state.load["w2"]), (5, 5));
+        // a move counts once, on the new server
+        state.apply(&e(next(), Op::Bind(BindOp { session_id: "s0".into(), server_id: "w2".into() })));
+        assert_eq!((state.load["w1"], state.load["w2"]), (4, 6));
+        for k in 0..8 {
+            let close = CloseOp { session_id: format!("s{k}"), reason: "closed by the client".into() };
+            state.apply(&e(next(), Op::Close(close)));
+        }
+        assert_eq!(state.sessions.len(), 2);
+        assert_eq!((state.load.get("w1"), state.load["w2"]), (Some(&1), 1));
+        assert_eq!(state.closed_reason("s3"), Some("closed by the client"));
+        assert_eq!(state.closed_reason("s9"), None);
+        let snapshot = state.to_entries();
+        let mut restored = State::default();
+        for entry in &snapshot {
+            restored.apply(entry);
+        }
+        assert_eq!(restored.sessions, state.sessions);
+        assert_eq!(restored.load, state.load);
+        let named: std::collections::BTreeSet<&str> = snapshot
+            .iter()
+            .filter_map(|e| match &e.op {
+                Some(Op::Open(o)) => Some(o.session_id.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(named, ["s8", "s9"].into());
+        // the closed sessions are remembered up to a bound
+        for k in 0..(CLOSED_KEPT + 10) {
+            state.apply(&open(next(), &format!("c{k}")));
+            state.apply(&e(next(), Op::Close(CloseOp { session_id: format!("c{k}"), reason: "expired".into() })));
+        }
+        assert_eq!(state.closed.len(), CLOSED_KEPT);
+        assert_eq!(state.sessions.len(), 2);
     }
 
     #[test]

@@ -27,6 +27,20 @@ pub struct ClientResponse {
 
 enum ClientCommand {
     Send { payload: prost_types::Any, restart_data: Vec<u8>, accepted: oneshot::Sender<Accepted> },
+    Close { drop_queued: bool, done: oneshot::Sender<Result<(), Status>> },
+}
+
+/// What the manager answered when the session opened: its id, the client restart data it holds,
+/// and the highest request number it has journaled.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Opened {
+    /// The session id.
+    pub session_id: String,
+    /// The client restart data stored for the session (what the last open or request that
+    /// carried any sent): a restarted client process finds here what it needs to go on.
+    pub restart_data: Vec<u8>,
+    /// The highest request number journaled: new requests are numbered after it.
+    pub last_request_seq: u64,
 }
 
 /// A request the manager journaled: its number, and the term of the primary that acknowledged it
@@ -43,7 +57,7 @@ pub struct Accepted {
 pub struct ClientSession {
     commands: mpsc::Sender<ClientCommand>,
     responses: mpsc::Receiver<ClientResponse>,
-    session_id: String,
+    opened: Opened,
 }
 
 /// How long acknowledgments wait for a request to go with. A client that answers a response with
@@ -61,6 +75,8 @@ struct ClientLoop {
     endpoints: Endpoints,
     pool: String,
     session_id: Option<String>,
+    /// Whether the session is named by the client (created on its first open).
+    create: bool,
     restart_data: Vec<u8>,
     next_seq: u64,
     seen_term: u64,
@@ -72,6 +88,8 @@ struct ClientLoop {
     /// Responses handed to the user and not yet acknowledged: they go with the next request if
     /// the user sends one within [`ACK_DELAY`], or alone after it.
     acks: Vec<u64>,
+    /// A close asked for and not yet answered: sent again on each new channel.
+    closing: Option<(bool, oneshot::Sender<Result<(), Status>>)>,
 }
 
 impl ClientLoop {
@@ -92,14 +110,15 @@ impl ClientLoop {
         &mut self,
         commands: &mut mpsc::Receiver<ClientCommand>,
         responses: &mpsc::Sender<ClientResponse>,
-        opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
+        opened: &mut Option<oneshot::Sender<Result<Opened, Status>>>,
     ) -> Result<(), Status> {
-        let endpoint = self.endpoints.next();
+        let endpoint = self.endpoints.next(self.seen_term);
         let open = pb::OpenSession {
             pool: self.pool.clone(),
             session_id: self.session_id.clone().unwrap_or_default(),
             restart_data: self.restart_data.clone(),
             seen_term: self.seen_term,
+            create: self.create,
         };
         let mut channel =
             MuxChannel::open(&self.connector, &endpoint, client_frame(pb::client_frame::Kind::Open(open))).await?;
@@ -123,9 +142,9 @@ impl ClientLoop {
                         ack_by.as_mut().reset(tokio::time::Instant::now() + ACK_DELAY);
                     }
                 }
-                command = commands.recv() => {
+                command = commands.recv(), if self.closing.is_none() => {
                     let Some(command) = command else { return Ok(()) };
-                    self.request(command, &channel);
+                    self.command(command, &channel);
                 }
                 () = &mut ack_by, if !self.acks.is_empty() => {
                     for seq in std::mem::take(&mut self.acks) {
@@ -136,9 +155,38 @@ impl ClientLoop {
         }
     }
 
+    /// Handles the user's command.
+    fn command(&mut self, command: ClientCommand, channel: &MuxChannel) {
+        match command {
+            ClientCommand::Send { payload, restart_data, accepted } => {
+                self.request(payload, restart_data, accepted, channel)
+            }
+            ClientCommand::Close { drop_queued, done } => {
+                self.closing = Some((drop_queued, done));
+                self.send_close(channel);
+            }
+        }
+    }
+
+    /// Sends the close asked for, after the acknowledgments waiting (a response handed to the
+    /// user is no longer queued).
+    fn send_close(&mut self, channel: &MuxChannel) {
+        let Some((drop_queued, _)) = &self.closing else { return };
+        let drop_queued = *drop_queued;
+        for seq in std::mem::take(&mut self.acks) {
+            channel.send(client_frame(pb::client_frame::Kind::Ack(pb::AckResponse { seq })));
+        }
+        channel.send(client_frame(pb::client_frame::Kind::Close(pb::CloseSession { drop_queued })));
+    }
+
     /// Sends a request, with the acknowledgments waiting.
-    fn request(&mut self, command: ClientCommand, channel: &MuxChannel) {
-        let ClientCommand::Send { payload, restart_data, accepted } = command;
+    fn request(
+        &mut self,
+        payload: prost_types::Any,
+        restart_data: Vec<u8>,
+        accepted: oneshot::Sender<Accepted>,
+        channel: &MuxChannel,
+    ) {
         self.next_seq += 1;
         let seq = self.next_seq;
         let acks = std::mem::take(&mut self.acks);
@@ -154,7 +202,7 @@ impl ClientLoop {
         event: pb::mux_event::Kind,
         channel: &MuxChannel,
         responses: &mpsc::Sender<ClientResponse>,
-        opened: &mut Option<oneshot::Sender<Result<String, Status>>>,
+        opened: &mut Option<oneshot::Sender<Result<Opened, Status>>>,
     ) -> Result<bool, Status> {
         let pb::mux_event::Kind::Client(event) = event else { return Ok(true) };
         advance_term(&mut self.seen_term, event.term)?;
@@ -162,8 +210,15 @@ impl ClientLoop {
             Some(pb::client_event::Kind::Opened(o)) => {
                 self.endpoints.connected();
                 self.session_id = Some(o.session_id.clone());
+                // a resumed session goes on after what the manager journaled (the requests this
+                // process sent and the manager has not are numbered above and sent again)
+                self.next_seq = self.next_seq.max(o.last_request_seq);
                 if let Some(opened) = opened.take() {
-                    let _ = opened.send(Ok(o.session_id.clone()));
+                    let _ = opened.send(Ok(Opened {
+                        session_id: o.session_id.clone(),
+                        restart_data: o.restart_data.clone(),
+                        last_request_seq: o.last_request_seq,
+                    }));
                 }
                 // what the manager journaled is accepted; the rest is sent again
                 let done: Vec<u64> = self.unaccepted.range(..=o.last_request_seq).map(|(s, _)| *s).collect();
@@ -181,6 +236,14 @@ impl ClientLoop {
                     };
                     channel.send(client_frame(pb::client_frame::Kind::Request(request)));
                 }
+                // a close asked for on a channel that broke is asked again
+                self.send_close(channel);
+            }
+            Some(pb::client_event::Kind::Closed(_)) => {
+                if let Some((_, done)) = self.closing.take() {
+                    let _ = done.send(Ok(()));
+                }
+                return Ok(false);
             }
             Some(pb::client_event::Kind::Accepted(a)) => {
                 if let Some((_, _, Some(w))) = self.unaccepted.remove(&a.seq) {
@@ -215,11 +278,27 @@ impl ClientSession {
         pool: &str,
         restart_data: Vec<u8>,
     ) -> Result<Self, Status> {
-        Self::start(connector, endpoint, pool, None, restart_data, 0).await
+        Self::start(connector, endpoint, pool, None, false, restart_data, 0).await
     }
 
-    /// Resumes session `session_id` (after a restart of the client process): requests numbered
-    /// after `last_seq` continue it.
+    /// Opens the session the client names `session_id` on `pool`, creating it if the manager
+    /// has none of that name, resuming it otherwise: a client process that names its sessions
+    /// (from a stable name of its own) finds them again after a restart, with the responses
+    /// queued meanwhile and its restart data ([`ClientSession::opened`]). The id is 1 to 128
+    /// printable ASCII characters; two live processes opening the same id take it from each
+    /// other.
+    pub async fn open_named(
+        connector: &Connector,
+        endpoint: &str,
+        pool: &str,
+        session_id: &str,
+        restart_data: Vec<u8>,
+    ) -> Result<Self, Status> {
+        Self::start(connector, endpoint, pool, Some(session_id.to_owned()), true, restart_data, 0).await
+    }
+
+    /// Resumes session `session_id` (after a restart of the client process): requests are
+    /// numbered after `last_seq`, or after the last the manager journaled if that is higher.
     pub async fn resume(
         connector: &Connector,
         endpoint: &str,
@@ -227,7 +306,7 @@ impl ClientSession {
         restart_data: Vec<u8>,
         last_seq: u64,
     ) -> Result<Self, Status> {
-        Self::start(connector, endpoint, "", Some(session_id.to_owned()), restart_data, last_seq).await
+        Self::start(connector, endpoint, "", Some(session_id.to_owned()), false, restart_data, last_seq).await
     }
 
     async fn start(
@@ -235,6 +314,7 @@ impl ClientSession {
         endpoint: &str,
         pool: &str,
         session_id: Option<String>,
+        create: bool,
         restart_data: Vec<u8>,
         last_seq: u64,
     ) -> Result<Self, Status> {
@@ -243,9 +323,10 @@ impl ClientSession {
         let (opened_tx, opened_rx) = oneshot::channel();
         let mut state = ClientLoop {
             connector: connector.clone(),
-            endpoints: Endpoints::new(endpoint),
+            endpoints: Endpoints::new(endpoint, connector.primary().clone()),
             pool: pool.to_owned(),
             session_id,
+            create,
             restart_data,
             next_seq: last_seq,
             seen_term: 0,
@@ -253,33 +334,65 @@ impl ClientSession {
             delivered_upto: 0,
             delivered_above: BTreeSet::new(),
             acks: Vec::new(),
+            closing: None,
         };
         tokio::spawn(async move {
             let mut opened = Some(opened_tx);
             loop {
                 let Err(status) = state.connection(&mut command_rx, &response_tx, &mut opened).await else { return };
                 if matches!(status.code(), Code::NotFound | Code::InvalidArgument) {
+                    // a close whose answer was lost with its channel finds the session gone
+                    if let Some((_, done)) = state.closing.take() {
+                        let closed = status.code() == Code::NotFound;
+                        let _ = done.send(if closed { Ok(()) } else { Err(status) });
+                        return;
+                    }
                     tracing::warn!(error = %status, "client session: giving up");
                     if let Some(opened) = opened.take() {
                         let _ = opened.send(Err(status));
                     }
                     return;
                 }
+                if status.code() == Code::FailedPrecondition
+                    && let Some((_, done)) = state.closing.take()
+                {
+                    // refused (still queued): the session goes on
+                    let _ = done.send(Err(status));
+                    continue;
+                }
                 tracing::debug!(error = %status, "client session: reconnecting");
-                let delay = state.endpoints.failed(&status);
-                tokio::time::sleep(delay).await;
+                state.endpoints.pause(&status, state.seen_term).await;
             }
         });
-        let session_id = tokio::time::timeout(Duration::from_secs(60), opened_rx)
+        let opened = tokio::time::timeout(Duration::from_secs(60), opened_rx)
             .await
             .map_err(|_| Status::deadline_exceeded("the manager did not open the session within 60s"))?
             .map_err(|_| Status::unavailable("the session task stopped"))??;
-        Ok(Self { commands, responses, session_id })
+        Ok(Self { commands, responses, opened })
     }
 
     /// The session id (for resuming after a restart).
     pub fn session_id(&self) -> &str {
-        &self.session_id
+        &self.opened.session_id
+    }
+
+    /// What the manager answered when the session opened (or resumed): its client restart
+    /// data, and the last request number it journaled.
+    pub fn opened(&self) -> &Opened {
+        &self.opened
+    }
+
+    /// Closes the session for good once the manager has journaled the requests sent before:
+    /// the manager forgets it. With requests unanswered or responses not yet received, it is
+    /// refused with FAILED_PRECONDITION (and the session goes on) unless `drop_queued`, which
+    /// drops them.
+    pub async fn close(&mut self, drop_queued: bool) -> Result<(), Status> {
+        let (done, rx) = oneshot::channel();
+        self.commands
+            .send(ClientCommand::Close { drop_queued, done })
+            .await
+            .map_err(|_| Status::unavailable("the session task stopped"))?;
+        rx.await.map_err(|_| Status::unavailable("the session task stopped"))?
     }
 
     /// Sends a request; returns its number once the manager has journaled it.

@@ -20,6 +20,51 @@ struct Inner {
     token: Option<MetadataValue<Ascii>>,
     /// The Multiplex streams, by manager endpoint.
     muxes: Mutex<HashMap<String, Mux>>,
+    /// The newest primary this process knows of (see [`Primary`]).
+    primary: Primary,
+}
+
+/// The newest primary a process knows of, `(term, endpoint)`: learnt from its sessions' opens
+/// and from the notice a manager sends on each of its Multiplex streams when it is elected. New
+/// sessions go to it first, and sessions that a standby refused during a takeover wait for it to
+/// change instead of asking again and again: a takeover costs the new primary one notice per
+/// process and one open per session, however long it takes.
+///
+/// Terms of managers of different clusters do not compare: a process reaching two clusters
+/// through one connector gets hints that its sessions ignore (a session follows a primary only
+/// among its own endpoints), and those sessions fall back to asking.
+#[derive(Clone)]
+pub(super) struct Primary(Arc<tokio::sync::watch::Sender<Option<(u64, String)>>>);
+
+impl Default for Primary {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(None)))
+    }
+}
+
+impl Primary {
+    /// `endpoint` is the primary of `term`, if that is newer than what the process knew.
+    pub(super) fn learn(&self, term: u64, endpoint: &str) {
+        self.0.send_if_modified(|known| {
+            if known.as_ref().is_some_and(|(t, e)| *t > term || (*t == term && e == endpoint)) {
+                return false;
+            }
+            *known = Some((term, endpoint.to_owned()));
+            true
+        });
+    }
+
+    /// The newest primary known, if its term is above `floor`.
+    pub(super) fn above(&self, floor: u64) -> Option<(u64, String)> {
+        self.0.borrow().clone().filter(|(term, _)| *term > floor)
+    }
+
+    /// Waits at most `within` for a primary of a term above `floor`.
+    pub(super) async fn wait_above(&self, floor: u64, within: std::time::Duration) -> Option<(u64, String)> {
+        let mut rx = self.0.subscribe();
+        let found = tokio::time::timeout(within, rx.wait_for(|p| p.as_ref().is_some_and(|(t, _)| *t > floor))).await;
+        found.ok()?.ok().and_then(|p| p.clone())
+    }
 }
 
 impl Connector {
@@ -29,7 +74,7 @@ impl Connector {
         let token = token
             .map(|t| format!("Bearer {t}").parse().map_err(|_| "the mesh token must be printable ASCII".to_owned()))
             .transpose()?;
-        Ok(Self(Arc::new(Inner { token, muxes: Mutex::default() })))
+        Ok(Self(Arc::new(Inner { token, muxes: Mutex::default(), primary: Primary::default() })))
     }
 
     /// `message` as a request to a manager, with the mesh token if there is one.
@@ -39,6 +84,11 @@ impl Connector {
             request.metadata_mut().insert("authorization", value);
         }
         request
+    }
+
+    /// The newest primary this process knows of.
+    pub(super) fn primary(&self) -> &Primary {
+        &self.0.primary
     }
 
     /// The Multiplex streams, by manager endpoint.

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use tonic::Status;
 
+use super::connector::Primary;
+
 /// Takes a frame's term; a term older than one already seen (a deposed primary's) is refused.
 pub(super) fn advance_term(seen: &mut u64, term: u64) -> Result<(), Status> {
     if term < *seen {
@@ -35,6 +37,13 @@ pub(super) struct Endpoints {
     /// The first standby answer since the last successful open: for [`GONE_WAIT`] after it, each
     /// standby answer is followed by a [`TAKEOVER_POLL`], then by the backoff.
     polling_since: Option<std::time::Instant>,
+    /// The newest primary the process knows of (the connector's).
+    primary: Primary,
+    /// The term of the known primary last tried: a session does not go back to it.
+    followed: u64,
+    /// Whether the last failure was a standby's answer that names no leader to follow yet (a
+    /// takeover under way): the session waits for the process to learn of a new primary.
+    takeover: bool,
 }
 
 /// How long a standby that names a gone primary as the leader is asked again before the client
@@ -51,9 +60,15 @@ const GONE_WAIT: Duration = Duration::from_secs(5);
 /// primary altogether.
 const TAKEOVER_POLL: Duration = Duration::from_millis(25);
 
+/// How long a session that a standby refused during a takeover waits for the new primary's
+/// notice ([`Primary`]) before it asks again: the fallback when no notice comes (a stream too
+/// backed up to take one). Each session asking every [`TAKEOVER_POLL`] instead cost a takeover
+/// forty opens per session per second, at the moment the new primary was busiest.
+const FALLBACK_POLL: Duration = Duration::from_millis(500);
+
 impl Endpoints {
     /// `endpoints`: one address or several, comma-separated (`http://m1:7700,http://m2:7700`).
-    pub(super) fn new(endpoints: &str) -> Self {
+    pub(super) fn new(endpoints: &str, primary: Primary) -> Self {
         let all = endpoints.split(',').map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
         Self {
             all,
@@ -65,10 +80,24 @@ impl Endpoints {
             named: false,
             attempt: 0,
             polling_since: None,
+            primary,
+            followed: 0,
+            takeover: false,
         }
     }
 
-    pub(super) fn next(&mut self) -> String {
+    /// The manager to try next, for a session that has seen frames of `seen_term`: a primary of
+    /// a newer term among this session's managers, if the process knows of one, else the leader
+    /// a standby named, else the next in turn.
+    pub(super) fn next(&mut self, seen_term: u64) -> String {
+        if let Some((term, endpoint)) = self.primary.above(seen_term.max(self.followed))
+            && self.all.contains(&endpoint)
+        {
+            self.followed = term;
+            self.hint = None;
+            self.last_tried = endpoint.clone();
+            return endpoint;
+        }
         let next = self.hint.take().unwrap_or_else(|| self.all[self.current % self.all.len().max(1)].clone());
         self.last_tried = next.clone();
         next
@@ -91,9 +120,22 @@ impl Endpoints {
         self.failed_at(status, std::time::Instant::now())
     }
 
+    /// After a failure: waits as [`Endpoints::failed`] says, except during a takeover, when it
+    /// waits for the process to learn of a primary newer than `seen_term` (at most
+    /// [`FALLBACK_POLL`]).
+    pub(super) async fn pause(&mut self, status: &Status, seen_term: u64) {
+        let delay = self.failed(status);
+        if self.takeover {
+            self.primary.wait_above(seen_term.max(self.followed), FALLBACK_POLL).await;
+        } else {
+            tokio::time::sleep(delay).await;
+        }
+    }
+
     /// [`Endpoints::failed`] at `now`.
     fn failed_at(&mut self, status: &Status, now: std::time::Instant) -> Duration {
         self.attempt += 1;
+        self.takeover = false;
         let was_open = std::mem::take(&mut self.open);
         let was_named = std::mem::take(&mut self.named);
         // a standby answers with the leader it knows, empty when it knows none
@@ -108,6 +150,7 @@ impl Endpoints {
                 Some((gone, since)) if gone == leader && now - *since < GONE_WAIT => {
                     // the standby has not noticed yet: ask it again, it is about to take over
                     self.hint = Some(self.last_tried.clone());
+                    self.takeover = true;
                 }
                 _ => {
                     self.gone = None;
@@ -116,6 +159,8 @@ impl Endpoints {
                 }
             },
             _ => {
+                // a standby that knows no primary: an election is under way
+                self.takeover = leader.is_some();
                 // A primary gone: its stream broke while the session was open on it, or a
                 // standby named it and it is not the primary. Not a standby being asked that
                 // ends its streams, as it does when it takes over: taking it for a gone primary
@@ -149,15 +194,15 @@ mod tests {
     #[test]
     fn a_standby_naming_a_gone_primary_is_asked_again_then_the_primary_is_tried() {
         let (p, s) = ("http://p:1", "http://s:2");
-        let mut endpoints = Endpoints::new(&format!("{p},{s}"));
+        let mut endpoints = Endpoints::new(&format!("{p},{s}"), Primary::default());
         let mut now = std::time::Instant::now();
-        assert_eq!(endpoints.next(), p);
+        assert_eq!(endpoints.next(0), p);
         endpoints.connected();
         assert_eq!(endpoints.failed_at(&Status::unavailable("the stream broke"), now), Duration::from_millis(20));
         let gone_at = now;
         // every 25 ms: the standby, until GONE_WAIT has passed; then the primary
         let mut asks = 0;
-        while endpoints.next() == s {
+        while endpoints.next(0) == s {
             asks += 1;
             assert!(asks <= 201, "the standby was asked {asks} times");
             let delay = endpoints.failed_at(&naming(p), now);
@@ -174,7 +219,7 @@ mod tests {
         let mut asks = 0;
         loop {
             now += backoff;
-            if endpoints.next() == p {
+            if endpoints.next(0) == p {
                 break;
             }
             asks += 1;
@@ -192,19 +237,19 @@ mod tests {
     #[test]
     fn a_standby_that_closes_its_stream_to_take_over_is_followed() {
         let (p, s) = ("http://p:1", "http://s:2");
-        let mut endpoints = Endpoints::new(&format!("{p},{s}"));
-        assert_eq!(endpoints.next(), p);
+        let mut endpoints = Endpoints::new(&format!("{p},{s}"), Primary::default());
+        assert_eq!(endpoints.next(0), p);
         endpoints.connected();
         endpoints.failed(&Status::unavailable("the stream broke"));
         for _ in 0..3 {
-            assert_eq!(endpoints.next(), s);
+            assert_eq!(endpoints.next(0), s);
             assert_eq!(endpoints.failed(&naming(p)), TAKEOVER_POLL);
         }
-        assert_eq!(endpoints.next(), s);
+        assert_eq!(endpoints.next(0), s);
         endpoints.failed(&Status::unavailable("the manager closed the stream"));
-        assert_eq!(endpoints.next(), p);
+        assert_eq!(endpoints.next(0), p);
         endpoints.failed(&naming(s));
-        assert_eq!(endpoints.next(), s, "the new primary is followed");
+        assert_eq!(endpoints.next(0), s, "the new primary is followed");
     }
 
     /// A session that was not open on the primary that went away (it fell a takeover behind)
@@ -214,21 +259,21 @@ mod tests {
     #[test]
     fn a_named_leader_that_is_a_standby_is_taken_for_gone() {
         let (x, s) = ("http://x:1", "http://s:2");
-        let mut endpoints = Endpoints::new(&format!("{x},{s}"));
+        let mut endpoints = Endpoints::new(&format!("{x},{s}"), Primary::default());
         let knows_none = || naming("");
-        assert_eq!(endpoints.next(), x);
+        assert_eq!(endpoints.next(0), x);
         endpoints.failed(&Status::unavailable("cannot connect")); // x is down
-        assert_eq!(endpoints.next(), s);
+        assert_eq!(endpoints.next(0), s);
         // s names x (its lease has not run out): x is followed, soon
         assert_eq!(endpoints.failed(&naming(x)), TAKEOVER_POLL);
-        assert_eq!(endpoints.next(), x);
+        assert_eq!(endpoints.next(0), x);
         // x, restarted, is a standby that knows no primary yet: it is gone as a primary
         assert_eq!(endpoints.failed(&knows_none()), TAKEOVER_POLL);
-        assert_eq!(endpoints.next(), s);
+        assert_eq!(endpoints.next(0), s);
         // s still names x: s is asked again until it takes over
         for _ in 0..3 {
             assert_eq!(endpoints.failed(&naming(x)), TAKEOVER_POLL);
-            assert_eq!(endpoints.next(), s);
+            assert_eq!(endpoints.next(0), s);
         }
     }
 
@@ -237,12 +282,12 @@ mod tests {
     /// and 280 ms from the fifth on, in `bench manager`).
     #[test]
     fn the_backoff_starts_again_after_each_successful_open() {
-        let mut endpoints = Endpoints::new("http://a:1,http://b:2");
+        let mut endpoints = Endpoints::new("http://a:1,http://b:2", Primary::default());
         let broke = || Status::unavailable("the stream broke");
         for round in 0..3 {
             let delays: Vec<u64> = (0..6)
                 .map(|_| {
-                    endpoints.next();
+                    endpoints.next(0);
                     endpoints.failed(&broke()).as_millis() as u64
                 })
                 .collect();

@@ -23,6 +23,6 @@ mod server_session;
 #[cfg(test)]
 mod testing;
 
-pub use client_session::{Accepted, ClientResponse, ClientSender, ClientSession};
+pub use client_session::{Accepted, ClientResponse, ClientSender, ClientSession, Opened};
 pub use connector::Connector;
 pub use server_session::{ServerEvent, ServerReplier, ServerSession};

@@ -11,12 +11,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
-use super::connector::Connector;
+use super::connector::{Connector, Primary};
 
 /// What a session asks of its connector's Multiplex stream to a manager.
 enum MuxCommand {
     /// A new channel, whose events go to `events`.
-    Open { channel: u64, events: mpsc::Sender<Result<pb::mux_event::Kind, Status>> },
+    Open { channel: u64, events: mpsc::UnboundedSender<Result<pb::mux_event::Kind, Status>> },
     /// A frame of a channel.
     Frame(pb::MuxFrame),
     /// Ends the stream, and every channel on it with `status` (tests break a stream with it).
@@ -81,7 +81,7 @@ async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
             .map_err(|_| Status::unavailable(format!("{endpoint} did not open a stream in time")))??
             .into_inner();
     let (commands, command_rx) = mpsc::unbounded_channel();
-    tokio::spawn(run_mux(out, inbound, command_rx));
+    tokio::spawn(run_mux(out, inbound, command_rx, connector.primary().clone(), endpoint.to_owned()));
     let mux = Mux { commands, next_channel: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)) };
     let mut muxes = connector.muxes();
     // a session that connected meanwhile won: the sessions keep to one stream (this one ends as
@@ -112,8 +112,10 @@ async fn run_mux(
     out: mpsc::Sender<pb::MuxFrames>,
     mut inbound: tonic::Streaming<pb::MuxEvents>,
     mut commands: mpsc::UnboundedReceiver<MuxCommand>,
+    primary: Primary,
+    endpoint: String,
 ) {
-    let mut channels: HashMap<u64, mpsc::Sender<Result<pb::mux_event::Kind, Status>>> = HashMap::new();
+    let mut channels: HashMap<u64, mpsc::UnboundedSender<Result<pb::mux_event::Kind, Status>>> = HashMap::new();
     let failure = loop {
         tokio::select! {
             command = commands.recv() => {
@@ -152,37 +154,33 @@ async fn run_mux(
             }
             events = inbound.message() => match events {
                 Ok(Some(batch)) => {
-                    let mut closes = Vec::new();
                     for event in batch.events {
                         match event.kind {
                             Some(pb::mux_event::Kind::Closed(closed)) => {
                                 if let Some(events) = channels.remove(&event.channel) {
-                                    let _ = events.try_send(Err(closed_status(closed)));
+                                    let _ = events.send(Err(closed_status(closed)));
                                 }
                             }
+                            Some(pb::mux_event::Kind::Primary(notice)) => primary.learn(notice.term, &endpoint),
+                            // A channel whose session went away is forgotten. A channel's
+                            // buffer has no fixed size: the manager sends a channel only what
+                            // its session asked for (the responses to its requests, the requests
+                            // of the sessions bound to a server), so what waits unread is
+                            // bounded by what the manager itself holds for it. A buffer of 1,024
+                            // whose overflow closed the channel made a server with more bound
+                            // sessions than that livelock: each registration brought a Bound
+                            // event per session, which overflowed, closed the channel, and
+                            // registered it again (`bench manager` with 3,000 sessions never
+                            // finished a round).
                             Some(kind) => {
-                                // A channel whose session went away is forgotten. One whose
-                                // session does not keep up is closed rather than waited for (the
-                                // other sessions would wait with it): the session sees its
-                                // channel end, opens another, and the manager sends it again
-                                // what it has not acknowledged.
                                 if let Some(events) = channels.get(&event.channel)
-                                    && let Err(e) = events.try_send(Ok(kind))
+                                    && events.send(Ok(kind)).is_err()
                                 {
                                     channels.remove(&event.channel);
-                                    if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                                        closes.push(pb::MuxFrame {
-                                            channel: event.channel,
-                                            kind: Some(pb::mux_frame::Kind::Close(pb::ChannelClosed::default())),
-                                        });
-                                    }
                                 }
                             }
                             None => {}
                         }
-                    }
-                    if !closes.is_empty() && out.send(pb::MuxFrames { frames: closes }).await.is_err() {
-                        break Status::unavailable("the stream to the manager closed");
                     }
                 }
                 Ok(None) => break Status::unavailable("the manager closed the stream"),
@@ -193,7 +191,7 @@ async fn run_mux(
     // later sessions see this stream stopped (`usable`) and start another
     commands.close();
     for (_, events) in channels {
-        let _ = events.try_send(Err(failure.clone()));
+        let _ = events.send(Err(failure.clone()));
     }
 }
 
@@ -201,7 +199,7 @@ async fn run_mux(
 pub(super) struct MuxChannel {
     id: u64,
     mux: Mux,
-    events: mpsc::Receiver<Result<pb::mux_event::Kind, Status>>,
+    events: mpsc::UnboundedReceiver<Result<pb::mux_event::Kind, Status>>,
 }
 
 impl MuxChannel {
@@ -214,8 +212,7 @@ impl MuxChannel {
     ) -> Result<Self, Status> {
         let mux = connect(connector, endpoint).await?;
         let id = mux.next_channel.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        // as many events as a session's stream held before
-        let (events_tx, events) = mpsc::channel(1024);
+        let (events_tx, events) = mpsc::unbounded_channel();
         mux.commands
             .send(MuxCommand::Open { channel: id, events: events_tx })
             .map_err(|_| Status::unavailable("the stream to the manager closed"))?;
@@ -289,6 +286,10 @@ mod tests {
             let (frames, frames_rx) = mpsc::channel(1);
             frames.send(pb::MuxFrames { frames: vec![frame] }).await.unwrap();
             let mut events = client.multiplex(ReceiverStream::new(frames_rx)).await.unwrap().into_inner();
+            // a primary tells each stream first that it is the primary (on channel 0)
+            let notice = events.message().await.unwrap().unwrap().events.remove(0);
+            assert_eq!(notice.channel, 0);
+            assert!(matches!(notice.kind, Some(pb::mux_event::Kind::Primary(pb::PrimaryNotice { term })) if term > 0));
             let opened = events.message().await.unwrap().unwrap().events.remove(0);
             assert_eq!(opened.channel, 7);
             assert!(matches!(

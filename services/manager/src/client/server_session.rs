@@ -56,7 +56,13 @@ pub enum ServerEvent {
 /// A server session: receives requests of the sessions bound to it and answers them.
 pub struct ServerSession {
     events: mpsc::Receiver<ServerEvent>,
-    replies: mpsc::Sender<pb::ServerReply>,
+    replies: mpsc::Sender<Outgoing>,
+}
+
+/// What the user sends through a [`ServerReplier`].
+enum Outgoing {
+    Reply(pb::ServerReply),
+    Restart(pb::ServerRestart),
 }
 
 struct ServerLoop {
@@ -67,6 +73,9 @@ struct ServerLoop {
     seen_term: u64,
     /// Replies not yet journaled: resent after a reconnect, and for a redelivered request.
     unaccepted: HashMap<(String, u64), pb::ServerReply>,
+    /// Restart data not yet journaled, by session: resent after a reconnect (before the
+    /// replies, which supersede it).
+    unsaved: HashMap<String, pb::ServerRestart>,
     /// Requests handed to the user and not answered yet.
     in_flight: HashSet<(String, u64)>,
     /// Whether the user gets [`ServerEvent::Accepted`].
@@ -78,10 +87,10 @@ impl ServerLoop {
     /// the channel breaks (its error) or the user has gone (`Ok`).
     async fn connection(
         &mut self,
-        replies: &mut mpsc::Receiver<pb::ServerReply>,
+        replies: &mut mpsc::Receiver<Outgoing>,
         events: &mpsc::Sender<ServerEvent>,
     ) -> Result<(), Status> {
-        let endpoint = self.endpoints.next();
+        let endpoint = self.endpoints.next(self.seen_term);
         let register = pb::RegisterServer {
             pool: self.pool.clone(),
             server_id: self.server_id.clone(),
@@ -90,6 +99,9 @@ impl ServerLoop {
         let mut channel =
             MuxChannel::open(&self.connector, &endpoint, server_frame(pb::server_frame::Kind::Register(register)))
                 .await?;
+        for restart in self.unsaved.values() {
+            channel.send(server_frame(pb::server_frame::Kind::Restart(restart.clone())));
+        }
         for reply in self.unaccepted.values() {
             channel.send(server_frame(pb::server_frame::Kind::Reply(reply.clone())));
         }
@@ -104,13 +116,21 @@ impl ServerLoop {
                         return Ok(());
                     }
                 }
-                reply = replies.recv() => {
-                    let Some(reply) = reply else { return Ok(()) };
-                    let key = (reply.session_id.clone(), reply.seq);
-                    self.in_flight.remove(&key);
-                    self.unaccepted.insert(key, reply.clone());
-                    channel.send(server_frame(pb::server_frame::Kind::Reply(reply)));
-                }
+                outgoing = replies.recv() => match outgoing {
+                    None => return Ok(()),
+                    Some(Outgoing::Reply(reply)) => {
+                        let key = (reply.session_id.clone(), reply.seq);
+                        self.in_flight.remove(&key);
+                        // the reply's restart data (or the stored one) replaces what was saved
+                        self.unsaved.remove(&reply.session_id);
+                        self.unaccepted.insert(key, reply.clone());
+                        channel.send(server_frame(pb::server_frame::Kind::Reply(reply)));
+                    }
+                    Some(Outgoing::Restart(restart)) => {
+                        self.unsaved.insert(restart.session_id.clone(), restart.clone());
+                        channel.send(server_frame(pb::server_frame::Kind::Restart(restart)));
+                    }
+                },
             }
         }
     }
@@ -162,6 +182,9 @@ impl ServerLoop {
                     }
                 }
             }
+            Some(pb::server_event::Kind::RestartSaved(saved)) => {
+                self.unsaved.remove(&saved.session_id);
+            }
             Some(pb::server_event::Kind::Registered(_)) => self.endpoints.connected(),
             None => {}
         }
@@ -186,11 +209,12 @@ impl ServerSession {
         let (replies, mut reply_rx) = mpsc::channel(1024);
         let mut state = ServerLoop {
             connector: connector.clone(),
-            endpoints: Endpoints::new(endpoint),
+            endpoints: Endpoints::new(endpoint, connector.primary().clone()),
             pool: pool.to_owned(),
             server_id: server_id.to_owned(),
             seen_term: 0,
             unaccepted: HashMap::new(),
+            unsaved: HashMap::new(),
             in_flight: HashSet::new(),
             report_accepted,
         };
@@ -200,8 +224,7 @@ impl ServerSession {
                 tracing::debug!(error = %status, "server session: reconnecting");
                 // requests in flight are delivered again by the manager after a reconnect
                 state.in_flight.clear();
-                let delay = state.endpoints.failed(&status);
-                tokio::time::sleep(delay).await;
+                state.endpoints.pause(&status, state.seen_term).await;
             }
         });
         Self { events, replies }
@@ -233,7 +256,7 @@ impl ServerSession {
 /// Answers requests of a [`ServerSession`]; cheap to clone.
 #[derive(Clone)]
 pub struct ServerReplier {
-    replies: mpsc::Sender<pb::ServerReply>,
+    replies: mpsc::Sender<Outgoing>,
 }
 
 impl ServerReplier {
@@ -246,6 +269,18 @@ impl ServerReplier {
         restart_data: Vec<u8>,
     ) -> Result<(), Status> {
         let reply = pb::ServerReply { session_id: session_id.to_owned(), seq, payload: Some(payload), restart_data };
-        self.replies.send(reply).await.map_err(|_| Status::unavailable("the server session task stopped"))
+        self.outgoing(Outgoing::Reply(reply)).await
+    }
+
+    /// Replaces the server restart data of a session bound to this server, without answering:
+    /// what a server that takes the session over gets in [`ServerEvent::Bound`] if this one
+    /// dies first (for example the attempts made so far at the request in hand). Sent again
+    /// after a reconnect until the manager has journaled it; a later reply supersedes it.
+    pub async fn save_restart(&self, session_id: &str, restart_data: Vec<u8>) -> Result<(), Status> {
+        self.outgoing(Outgoing::Restart(pb::ServerRestart { session_id: session_id.to_owned(), restart_data })).await
+    }
+
+    async fn outgoing(&self, outgoing: Outgoing) -> Result<(), Status> {
+        self.replies.send(outgoing).await.map_err(|_| Status::unavailable("the server session task stopped"))
     }
 }

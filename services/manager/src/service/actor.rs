@@ -18,16 +18,21 @@ use super::outbox::{Batches, ClientTx, Mux, ServerTx};
 use super::replication::ReplicaConn;
 use crate::Error;
 use crate::failover::Publisher;
-use crate::journal::{AckOp, BindOp, Entry, Journal, Op, OpenOp, ReplyOp, RequestOp};
+use crate::journal::{AckOp, BindOp, CloseOp, Entry, Journal, Op, OpenOp, ReplyOp, RequestOp};
 use crate::state::State;
 
 /// What the actor is asked to do.
 pub(super) enum Command {
+    /// Opens session `session` (`fresh`: a new one, its id drawn by the caller; else one to
+    /// resume). Without `reply` a refusal closes `tx`: a Multiplex stream does not wait for each
+    /// open to be answered before it reads the next frame.
     ClientOpen {
         open: pb::OpenSession,
+        session: String,
+        fresh: bool,
         conn: u64,
         tx: ClientTx,
-        reply: oneshot::Sender<Result<String, Status>>,
+        reply: Option<oneshot::Sender<Result<String, Status>>>,
     },
     ClientRequest {
         session: String,
@@ -37,6 +42,11 @@ pub(super) enum Command {
     ClientAck {
         session: String,
         seq: u64,
+    },
+    ClientClose {
+        session: String,
+        conn: u64,
+        close: pb::CloseSession,
     },
     ClientGone {
         session: String,
@@ -51,6 +61,11 @@ pub(super) enum Command {
         server: String,
         conn: u64,
         reply: pb::ServerReply,
+    },
+    ServerRestart {
+        server: String,
+        conn: u64,
+        restart: pb::ServerRestart,
     },
     ServerGone {
         server: String,
@@ -70,6 +85,10 @@ pub(super) enum Command {
     },
     Sessions {
         reply: oneshot::Sender<Vec<pb::SessionInfo>>,
+    },
+    Session {
+        id: String,
+        reply: oneshot::Sender<Result<pb::SessionInfo, Status>>,
     },
     Tick,
     ReplicaConnect {
@@ -99,7 +118,19 @@ pub(super) enum Command {
 /// Something to send once the batch that produced it is durable.
 pub(super) enum Effect {
     Client(String, pb::client_event::Kind),
+    /// The session was closed: its client's stream is let go once the events before are out.
+    ClientEnd(String),
     Server(String, pb::server_event::Kind),
+}
+
+/// Refuses an open: answers `reply` if the caller waits for one, else closes the channel.
+fn refuse(tx: &ClientTx, reply: Option<oneshot::Sender<Result<String, Status>>>, status: Status) {
+    match reply {
+        Some(reply) => {
+            let _ = reply.send(Err(status));
+        }
+        None => tx.close(status),
+    }
 }
 
 /// A connected server session.
@@ -144,6 +175,11 @@ pub(super) struct Actor {
     pub(super) failure: Arc<std::sync::Mutex<Option<String>>>,
     /// The highest term seen in replicated frames (a standby refuses older ones).
     pub(super) seen_term: u64,
+    /// When each session was last active (opened, a request, a reply, an acknowledgment), as
+    /// this manager saw it: a detached session idle past `--session-expiry` is closed.
+    pub(super) activity: HashMap<String, Instant>,
+    /// When detached sessions are next looked at for expiry.
+    pub(super) next_expiry: Instant,
     /// How many times this manager was elected primary.
     pub(super) epoch: u64,
 }
@@ -159,19 +195,16 @@ impl Actor {
         self.pending.push(entry);
     }
 
-    fn new_session_id() -> String {
+    /// A new session id (drawn by the gRPC handler, so that it can route the session's next
+    /// frames without waiting for the open to be applied).
+    pub(super) fn new_session_id() -> String {
         format!("ses_{}", hex::encode(rand::random::<[u8; 8]>()))
     }
 
     /// Binds a session to the connected server of its pool with the fewest sessions, if any.
     fn bind(&mut self, session_id: &str) {
         let Some(pool) = self.state.sessions.get(session_id).map(|s| s.pool.clone()) else { return };
-        let mut load: HashMap<&str, usize> = HashMap::new();
-        for s in self.state.sessions.values() {
-            if let Some(b) = &s.bound {
-                *load.entry(b.as_str()).or_default() += 1;
-            }
-        }
+        let load = &self.state.load;
         let best = self
             .servers
             .iter()
@@ -212,10 +245,7 @@ impl Actor {
     pub(super) fn handle(&mut self, command: Command) {
         if !self.primary {
             match command {
-                Command::ClientOpen { reply, .. } => {
-                    let _ = reply.send(Err(self.not_primary()));
-                    return;
-                }
+                Command::ClientOpen { reply, tx, .. } => return refuse(&tx, reply, self.not_primary()),
                 Command::ServerRegister { tx, .. } => {
                     tx.close(self.not_primary());
                     return;
@@ -224,7 +254,11 @@ impl Actor {
                     let _ = tx.try_send(Err(self.not_primary()));
                     return;
                 }
-                Command::ClientRequest { .. } | Command::ClientAck { .. } | Command::ServerReply { .. } => return,
+                Command::ClientRequest { .. }
+                | Command::ClientAck { .. }
+                | Command::ClientClose { .. }
+                | Command::ServerReply { .. }
+                | Command::ServerRestart { .. } => return,
                 other => return self.dispatch(other),
             }
         }
@@ -234,9 +268,16 @@ impl Actor {
     /// Hands a command to its method.
     fn dispatch(&mut self, command: Command) {
         match command {
-            Command::ClientOpen { open, conn, tx, reply } => self.client_open(open, conn, tx, reply),
+            Command::ClientOpen { open, session, fresh, conn, tx, reply } => {
+                self.client_open(open, session, fresh, conn, tx, reply)
+            }
             Command::ClientRequest { session, conn, request } => self.client_request(session, conn, request),
             Command::ClientAck { session, seq } => self.client_ack(session, seq),
+            Command::ClientClose { session, conn, close } => self.client_close(session, conn, close),
+            Command::ServerRestart { server, conn, restart } => self.server_restart(server, conn, restart),
+            Command::Session { id, reply } => {
+                let _ = reply.send(self.session(&id));
+            }
             Command::ClientGone { session, conn } => self.client_gone(session, conn),
             Command::ServerRegister { register, conn, tx } => self.server_register(register, conn, tx),
             Command::ServerReply { server, conn, reply } => self.server_reply(server, conn, reply),
@@ -260,43 +301,54 @@ impl Actor {
     fn client_open(
         &mut self,
         open: pb::OpenSession,
+        session_id: String,
+        fresh: bool,
         conn: u64,
         tx: ClientTx,
-        reply: oneshot::Sender<Result<String, Status>>,
+        reply: Option<oneshot::Sender<Result<String, Status>>>,
     ) {
         if open.seen_term > self.term {
-            let _ = reply.send(Err(Error::OlderTerm { ours: self.term, seen: open.seen_term }.into()));
-            return;
+            return refuse(&tx, reply, Error::OlderTerm { ours: self.term, seen: open.seen_term }.into());
         }
-        let session_id = if open.session_id.is_empty() {
-            if open.pool.is_empty() {
-                let _ = reply.send(Err(Error::InvalidArgument("open.pool is required").into()));
-                return;
+        if open.create && !fresh {
+            let printable = session_id.bytes().all(|b| b.is_ascii_graphic());
+            if session_id.len() > 128 || !printable {
+                return refuse(&tx, reply, Error::BadSessionId(session_id).into());
             }
-            let id = Self::new_session_id();
+        }
+        // a session a client names is created on its first open
+        let fresh = fresh || (open.create && !self.state.sessions.contains_key(&session_id));
+        if fresh {
+            if open.pool.is_empty() {
+                return refuse(&tx, reply, Error::InvalidArgument("open.pool is required").into());
+            }
             self.journal(Op::Open(OpenOp {
-                session_id: id.clone(),
+                session_id: session_id.clone(),
                 pool: open.pool.clone(),
                 restart_data: open.restart_data.clone(),
                 last_request_seq: 0,
+                opened_at_unix_ms: baton_mesh::now_ms(),
             }));
-            id
         } else {
-            let Some(s) = self.state.sessions.get(&open.session_id) else {
-                let _ = reply.send(Err(Error::SessionNotFound(open.session_id.clone()).into()));
-                return;
+            let Some(s) = self.state.sessions.get(&session_id) else {
+                let error = match self.state.closed_reason(&session_id) {
+                    Some(reason) => Error::SessionClosed { id: session_id, reason: reason.to_owned() },
+                    None => Error::SessionNotFound(session_id),
+                };
+                return refuse(&tx, reply, error.into());
             };
             let pool = s.pool.clone();
             if !open.restart_data.is_empty() {
                 self.journal(Op::Open(OpenOp {
-                    session_id: open.session_id.clone(),
+                    session_id: session_id.clone(),
                     pool,
                     restart_data: open.restart_data.clone(),
                     last_request_seq: 0,
+                    opened_at_unix_ms: 0,
                 }));
             }
-            open.session_id.clone()
-        };
+        }
+        self.activity.insert(session_id.clone(), Instant::now());
         if let Some((_, old)) = self.clients.insert(session_id.clone(), (conn, tx)) {
             old.end(&Error::Replaced("the session was opened again on another stream").into());
         }
@@ -320,7 +372,9 @@ impl Actor {
         if bound.is_none() {
             self.bind(&session_id);
         }
-        let _ = reply.send(Ok(session_id));
+        if let Some(reply) = reply {
+            let _ = reply.send(Ok(session_id));
+        }
     }
 
     /// Journals a client request (numbered without gaps), accepts it, and delivers it to the
@@ -330,6 +384,7 @@ impl Actor {
             return;
         }
         let Some(s) = self.state.sessions.get(&session) else { return };
+        self.activity.insert(session.clone(), Instant::now());
         let last = s.last_request_seq;
         let bound = s.bound.clone();
         // responses acknowledged with the request (those still queued)
@@ -383,7 +438,61 @@ impl Actor {
     /// The client has the response `seq`: it leaves the queue.
     fn client_ack(&mut self, session: String, seq: u64) {
         if self.state.sessions.get(&session).is_some_and(|s| s.responses.contains_key(&seq)) {
+            self.activity.insert(session.clone(), Instant::now());
             self.journal(Op::Ack(AckOp { session_id: session, seq }));
+        }
+    }
+
+    /// The client closes its session: with nothing queued (or `drop_queued`), it is journaled
+    /// closed and answered; otherwise the channel ends with what is still queued, and the
+    /// session stays.
+    fn client_close(&mut self, session: String, conn: u64, close: pb::CloseSession) {
+        if self.clients.get(&session).is_none_or(|(c, _)| *c != conn) {
+            return;
+        }
+        let Some(s) = self.state.sessions.get(&session) else { return };
+        let (requests, responses) = (s.requests.len(), s.responses.len());
+        if !close.drop_queued && requests + responses > 0 {
+            if let Some((_, tx)) = self.clients.remove(&session) {
+                tx.close(Error::StillQueued { id: session, requests, responses }.into());
+            }
+            return;
+        }
+        self.close(&session, "closed by the client".to_owned());
+        self.effects.push(Effect::Client(
+            session.clone(),
+            pb::client_event::Kind::Closed(pb::SessionClosed { reason: "closed by the client".into() }),
+        ));
+        self.effects.push(Effect::ClientEnd(session));
+    }
+
+    /// Journals session `id` closed, for `reason`.
+    fn close(&mut self, id: &str, reason: String) {
+        tracing::info!(session = %id, %reason, "session closed");
+        self.activity.remove(id);
+        self.journal(Op::Close(CloseOp { session_id: id.to_owned(), reason }));
+    }
+
+    /// Closes the detached sessions idle for `--session-expiry` (looked at once a second).
+    fn expire(&mut self) {
+        let expiry = self.options.session_expiry;
+        if expiry.is_zero() || Instant::now() < self.next_expiry {
+            return;
+        }
+        self.next_expiry = Instant::now() + Duration::from_secs(1);
+        let expired: Vec<String> = self
+            .activity
+            .iter()
+            .filter(|(id, at)| at.elapsed() >= expiry && !self.clients.contains_key(*id))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            if self.state.sessions.contains_key(&id) {
+                let reason = format!("expired: no client and no activity for {}", humantime::format_duration(expiry));
+                self.close(&id, reason);
+            } else {
+                self.activity.remove(&id);
+            }
         }
     }
 
@@ -443,6 +552,7 @@ impl Actor {
         }
         let queued = s.requests.contains_key(&reply.seq);
         if queued {
+            self.activity.insert(reply.session_id.clone(), Instant::now());
             self.journal(Op::Reply(ReplyOp {
                 session_id: reply.session_id.clone(),
                 seq: reply.seq,
@@ -462,6 +572,28 @@ impl Actor {
         ));
     }
 
+    /// Journals a bound session's server restart data (a reply without a response, number 0),
+    /// and answers once it is durable.
+    fn server_restart(&mut self, server: String, conn: u64, restart: pb::ServerRestart) {
+        if self.servers.get(&server).is_none_or(|c| c.conn != conn) {
+            return;
+        }
+        let Some(s) = self.state.sessions.get(&restart.session_id) else { return };
+        if s.bound.as_deref() != Some(server.as_str()) {
+            return; // the session moved
+        }
+        self.journal(Op::Reply(ReplyOp {
+            session_id: restart.session_id.clone(),
+            seq: 0,
+            payload: None,
+            restart_data: restart.restart_data,
+        }));
+        self.effects.push(Effect::Server(
+            server,
+            pb::server_event::Kind::RestartSaved(pb::ServerRestartSaved { session_id: restart.session_id }),
+        ));
+    }
+
     /// The server's stream `conn` has gone: its sessions move once the grace is over.
     fn server_gone(&mut self, server: String, conn: u64) {
         if self.servers.get(&server).is_some_and(|c| c.conn == conn) {
@@ -470,8 +602,11 @@ impl Actor {
         }
     }
 
-    /// Holds a Multiplex stream open.
+    /// Holds a Multiplex stream open; a primary tells it so at once.
     fn mux_open(&mut self, mux: Mux) {
+        if self.primary {
+            mux.notify_primary(self.term);
+        }
         self.muxes.insert(mux.id, mux);
     }
 
@@ -495,26 +630,42 @@ impl Actor {
         });
     }
 
+    /// What ListSessions and GetSession say of session `s`.
+    fn info(&self, s: &crate::state::Session) -> pb::SessionInfo {
+        let connected = self.clients.contains_key(&s.id);
+        pb::SessionInfo {
+            session_id: s.id.clone(),
+            pool: s.pool.clone(),
+            bound_server: s.bound.clone().unwrap_or_default(),
+            client_connected: connected,
+            request_queue: s.requests.len() as u64,
+            response_queue: s.responses.len() as u64,
+            last_request_seq: s.last_request_seq,
+            client_restart_bytes: s.client_restart.len() as u64,
+            server_restart_bytes: s.server_restart.len() as u64,
+            state: if connected { "CONNECTED" } else { "DETACHED" }.into(),
+            opened_at_unix_ms: s.opened_at_unix_ms,
+            idle_ms: self.activity.get(&s.id).map_or(0, |at| at.elapsed().as_millis() as u64),
+        }
+    }
+
     /// Answers with every session, sorted by id.
     fn sessions(&self, reply: oneshot::Sender<Vec<pb::SessionInfo>>) {
-        let mut list: Vec<_> = self
-            .state
-            .sessions
-            .values()
-            .map(|s| pb::SessionInfo {
-                session_id: s.id.clone(),
-                pool: s.pool.clone(),
-                bound_server: s.bound.clone().unwrap_or_default(),
-                client_connected: self.clients.contains_key(&s.id),
-                request_queue: s.requests.len() as u64,
-                response_queue: s.responses.len() as u64,
-                last_request_seq: s.last_request_seq,
-                client_restart_bytes: s.client_restart.len() as u64,
-                server_restart_bytes: s.server_restart.len() as u64,
-            })
-            .collect();
+        let mut list: Vec<_> = self.state.sessions.values().map(|s| self.info(s)).collect();
         list.sort_by(|a, b| a.session_id.cmp(&b.session_id));
         let _ = reply.send(list);
+    }
+
+    /// Session `id`, or why there is none.
+    fn session(&self, id: &str) -> Result<pb::SessionInfo, Status> {
+        if let Some(s) = self.state.sessions.get(id) {
+            return Ok(self.info(s));
+        }
+        Err(match self.state.closed_reason(id) {
+            Some(reason) => Error::SessionClosed { id: id.to_owned(), reason: reason.to_owned() },
+            None => Error::SessionNotFound(id.to_owned()),
+        }
+        .into())
     }
 
     /// A primary moves the sessions of servers lost past their grace (a standby does nothing).
@@ -522,6 +673,7 @@ impl Actor {
         if !self.primary {
             return;
         }
+        self.expire();
         let grace = self.options.server_grace;
         let expired: Vec<String> =
             self.lost.iter().filter(|(_, at)| at.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
@@ -551,8 +703,16 @@ impl Actor {
         self.publisher = publisher;
         self.leader.clear();
         self.in_sync = [self.node_id.clone()].into();
+        // a standby does not see activity: every session's idle time starts at the takeover
+        let now = Instant::now();
+        self.activity = self.state.sessions.keys().map(|id| (id.clone(), now)).collect();
         self.journal_ids = [(self.node_id.clone(), self.journal.id().to_owned())].into();
         self.set_changed = false;
+        // the processes whose sessions this manager refused as a standby learn of the takeover
+        // from one notice per stream
+        for mux in self.muxes.values() {
+            mux.notify_primary(term);
+        }
         // servers reconnect to the new primary; those that do not lose their sessions
         self.lost = self.state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
         let _ = done.send(());
@@ -630,6 +790,11 @@ impl Actor {
                     if let Some((_, tx)) = self.clients.get(&session) {
                         tx.send(pb::ClientEvent { term: self.term, kind: Some(kind) }, &mut batches).await;
                     }
+                }
+                Effect::ClientEnd(session) => {
+                    // its Closed event is queued before: the stream ends after it, and a channel
+                    // is let go by the client on that event
+                    self.clients.remove(&session);
                 }
                 Effect::Server(server, kind) => {
                     if let Some(c) = self.servers.get(&server) {

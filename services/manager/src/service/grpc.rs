@@ -11,7 +11,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ManagerService;
-use super::actor::Command;
+use super::actor::{Actor, Command};
 use super::outbox::{Mux, Out};
 use crate::Error;
 
@@ -29,6 +29,7 @@ fn client_command(session: &str, conn: u64, frame: pb::ClientFrame) -> Option<Co
             Some(Command::ClientRequest { session: session.to_owned(), conn, request })
         }
         pb::client_frame::Kind::Ack(ack) => Some(Command::ClientAck { session: session.to_owned(), seq: ack.seq }),
+        pb::client_frame::Kind::Close(close) => Some(Command::ClientClose { session: session.to_owned(), conn, close }),
         pb::client_frame::Kind::Open(_) => None,
     }
 }
@@ -37,6 +38,9 @@ fn client_command(session: &str, conn: u64, frame: pb::ClientFrame) -> Option<Co
 fn server_command(server: &str, conn: u64, frame: pb::ServerFrame) -> Option<Command> {
     match frame.kind? {
         pb::server_frame::Kind::Reply(reply) => Some(Command::ServerReply { server: server.to_owned(), conn, reply }),
+        pb::server_frame::Kind::Restart(restart) => {
+            Some(Command::ServerRestart { server: server.to_owned(), conn, restart })
+        }
         pb::server_frame::Kind::Register(_) => None,
     }
 }
@@ -76,29 +80,29 @@ impl ManagerService {
                         Some(open) => open.gone(),
                         None => continue,
                     },
-                    (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) }))) => {
+                    (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) })))
+                        if channel != 0 =>
+                    {
+                        // the session's next frames are routed at once: a refused open closes
+                        // the channel, and the actor ignores them (their `conn` opened nothing)
                         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-                        let (reply, opened) = oneshot::channel();
+                        let fresh = open.session_id.is_empty();
+                        let session = if fresh { Actor::new_session_id() } else { open.session_id.clone() };
+                        channels.insert(channel, Channel::Client { session: session.clone(), conn });
                         let tx = Out::Channel { mux: mux.clone(), channel };
-                        if self.command(Command::ClientOpen { open, conn, tx, reply }).await.is_err() {
-                            break 'stream;
-                        }
-                        match opened.await {
-                            Ok(Ok(session)) => {
-                                channels.insert(channel, Channel::Client { session, conn });
-                            }
-                            Ok(Err(status)) => mux.close(channel, &status),
-                            Err(_) => break 'stream,
-                        }
-                        continue;
+                        Command::ClientOpen { open, session, fresh, conn, tx, reply: None }
                     }
                     (
                         None,
                         Some(Kind::Server(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) })),
-                    ) => {
+                    ) if channel != 0 => {
                         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
                         channels.insert(channel, Channel::Server { server: register.server_id.clone(), conn });
                         Command::ServerRegister { register, conn, tx: Out::Channel { mux: mux.clone(), channel } }
+                    }
+                    (None, _) if channel == 0 => {
+                        mux.close(channel, &Error::InvalidArgument("channel 0 is the manager's: number channels from 1").into());
+                        continue;
                     }
                     (None, _) => {
                         mux.close(
@@ -150,7 +154,10 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
         let (reply, opened) = oneshot::channel();
-        self.command(Command::ClientOpen { open, conn, tx: Out::Stream(tx), reply }).await?;
+        let fresh = open.session_id.is_empty();
+        let session = if fresh { Actor::new_session_id() } else { open.session_id.clone() };
+        self.command(Command::ClientOpen { open, session, fresh, conn, tx: Out::Stream(tx), reply: Some(reply) })
+            .await?;
         let session = opened.await.map_err(|_| Error::Stopping)??;
         let commands = self.commands.clone();
         tokio::spawn(async move {
@@ -256,12 +263,7 @@ impl pb::session_manager_server::SessionManager for ManagerService {
     async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::SessionInfo>, Status> {
         let id = request.into_inner().session_id;
         let (reply, rx) = oneshot::channel();
-        self.command(Command::Sessions { reply }).await?;
-        let sessions = rx.await.map_err(|_| Error::Stopping)?;
-        sessions
-            .into_iter()
-            .find(|s| s.session_id == id)
-            .map(Response::new)
-            .ok_or_else(|| Error::SessionNotFound(id).into())
+        self.command(Command::Session { id, reply }).await?;
+        rx.await.map_err(|_| Error::Stopping)?.map(Response::new)
     }
 }

@@ -77,6 +77,8 @@ impl ManagerService {
         // within the grace move to another.
         let lost: HashMap<String, Instant> =
             state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
+        // a session's idle time starts when the manager does
+        let activity = state.sessions.keys().map(|id| (id.clone(), Instant::now())).collect();
         let (tx, mut rx) = mpsc::channel::<Command>(4096);
         let (failed, failure) = (CancellationToken::new(), Arc::new(std::sync::Mutex::new(None)));
         // an in-sync standby gets a second, or half the lease when that is shorter: the primary
@@ -105,6 +107,8 @@ impl ManagerService {
             failed: failed.clone(),
             failure: failure.clone(),
             seen_term: 0,
+            activity,
+            next_expiry: Instant::now(),
             epoch: 0,
         };
         if !single {

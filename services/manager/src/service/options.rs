@@ -14,6 +14,12 @@ pub struct ManagerOptions {
     #[arg(long, env = "BATON_SERVER_GRACE", default_value = "2s", value_parser = baton_mesh::config::parse_duration)]
     pub server_grace: Duration,
 
+    /// How long a session without a client (DETACHED) and without activity is kept before the
+    /// manager closes it, dropping its queues (`0s`: never). A client process down longer than
+    /// this loses its sessions; abandoned sessions stop weighing on memory and snapshots.
+    #[arg(long, env = "BATON_SESSION_EXPIRY", default_value = "24h", value_parser = baton_mesh::config::parse_duration)]
+    pub session_expiry: Duration,
+
     /// Journal entries between snapshots (which truncate the journal).
     #[arg(long, env = "BATON_SNAPSHOT_EVERY", default_value_t = 100_000,
           value_parser = clap::value_parser!(u64).range(10..))]
@@ -50,6 +56,7 @@ impl ManagerOptions {
             journal_dir,
             server_grace: Duration::from_secs(2),
             snapshot_every: 100_000,
+            session_expiry: Duration::from_secs(24 * 3600),
             etcd: Vec::new(),
             election_key: "/baton/manager".into(),
             lease_ttl: Duration::from_secs(2),

@@ -21,6 +21,14 @@ pub(super) struct Mux {
 }
 
 impl Mux {
+    /// Tells the stream's process that this manager is the primary of `term` (channel 0). Not
+    /// waited for: a stream too backed up to take it finds the primary by its sessions' slow
+    /// poll.
+    pub(super) fn notify_primary(&self, term: u64) {
+        let notice = pb::MuxEvent { channel: 0, kind: Some(pb::mux_event::Kind::Primary(pb::PrimaryNotice { term })) };
+        let _ = self.tx.try_send(Ok(pb::MuxEvents { events: vec![notice] }));
+    }
+
     /// Closes `channel` with `status` at once (not batched).
     pub(super) fn close(&self, channel: u64, status: &Status) {
         let _ = self.tx.try_send(Ok(pb::MuxEvents { events: vec![closed_event(channel, status)] }));
