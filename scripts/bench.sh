@@ -11,6 +11,11 @@
 #   scripts/bench.sh manager   # round trips/s relayed through a primary manager with sync
 #                              # replication to its standby, p50/p99 (the median of
 #                              # BENCH_MANAGER_ROUNDS, 3, rounds), and SIGTERM handover time
+#   scripts/bench.sh sessions  # sessions at scale on one manager pair: churn (BENCH_SESSIONS_CHURN,
+#                              # 10000, sessions opened, used and closed per round, for
+#                              # BENCH_SESSIONS_ROUNDS, 20) with the journal and RSS per round;
+#                              # then BENCH_SESSIONS_SCALE (100000) sessions held open: open rate,
+#                              # RSS, round trips/s, and the takeover after SIGKILL of the primary
 #   scripts/bench.sh batch     # records committed per second for a 1,000,000-record batch
 #                              # (BENCH_BATCH_RECORDS) on SQLite and PostgreSQL, beside the raw
 #                              # sqlite3 / psql insert of the same rows, and peak RSS
@@ -24,8 +29,8 @@ source scripts/setup.sh
 
 area="${1:-}"
 case "$area" in
-  intake|sync|manager|batch|export) ;;
-  *) echo "usage: scripts/bench.sh intake|sync|manager|batch|export" >&2; exit 64 ;;
+  intake|sync|manager|sessions|batch|export) ;;
+  *) echo "usage: scripts/bench.sh intake|sync|manager|sessions|batch|export" >&2; exit 64 ;;
 esac
 
 baton_setup_tools

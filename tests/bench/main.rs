@@ -456,6 +456,268 @@ async fn manager(seconds: f64) {
     );
 }
 
+/// A number from the environment variable `name`, or `default`.
+fn env_number(name: &str, default: usize) -> usize {
+    std::env::var(name).ok().and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+/// Resident memory of a process now, in MiB (VmRSS).
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
+}
+
+/// Bytes of a manager's journal directory: (the journal file, the snapshot).
+fn journal_bytes(dir: &baton_tests::TempDir) -> (u64, u64) {
+    let size = |name: &str| std::fs::metadata(dir.0.join("journal").join(name)).map(|m| m.len()).unwrap_or(0);
+    (size("journal"), size("snapshot"))
+}
+
+/// `count` sessions opened through `connectors` in turn, at most `parallel` opens at a time;
+/// returns them, and the time each thousand took.
+async fn open_sessions(
+    connectors: &[baton_manager::client::Connector],
+    endpoints: &str,
+    pool: &str,
+    count: usize,
+    parallel: usize,
+) -> (Vec<baton_manager::client::ClientSession>, Vec<Duration>) {
+    let gate = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let mut tasks = Vec::with_capacity(count);
+    for k in 0..count {
+        let (connector, endpoints, pool, gate) =
+            (connectors[k % connectors.len()].clone(), endpoints.to_owned(), pool.to_owned(), gate.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.expect("the gate");
+            let session = baton_manager::client::ClientSession::open(&connector, &endpoints, &pool, Vec::new())
+                .await
+                .expect("open");
+            (session, Instant::now())
+        }));
+    }
+    let started = Instant::now();
+    let mut sessions = Vec::with_capacity(count);
+    let mut opened_at = Vec::with_capacity(count);
+    for t in tasks {
+        let (session, at) = t.await.expect("open task");
+        sessions.push(session);
+        opened_at.push(at);
+    }
+    opened_at.sort();
+    // the time each thousand took: from the one before's last open (the start, for the first)
+    let mut per_thousand = Vec::new();
+    let mut from = started;
+    for chunk in opened_at.chunks(1000) {
+        let to = *chunk.last().expect("a chunk");
+        per_thousand.push(to.saturating_duration_since(from));
+        from = to;
+    }
+    (sessions, per_thousand)
+}
+
+/// One round trip on each session, `parallel` at a time; returns the sessions.
+async fn round_trip_each(
+    sessions: Vec<baton_manager::client::ClientSession>,
+    parallel: usize,
+) -> Vec<baton_manager::client::ClientSession> {
+    let gate = Arc::new(tokio::sync::Semaphore::new(parallel));
+    let tasks: Vec<_> = sessions
+        .into_iter()
+        .map(|mut session| {
+            let gate = gate.clone();
+            tokio::spawn(async move {
+                let _permit = gate.acquire_owned().await.expect("the gate");
+                let payload = prost_types::Any { type_url: "bench".into(), value: vec![0u8; 64] };
+                session.send(payload, Vec::new()).await.expect("send");
+                tokio::time::timeout(Duration::from_secs(60), session.recv())
+                    .await
+                    .expect("a response in 60s")
+                    .expect("response");
+                session
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.expect("round trip task"));
+    }
+    out
+}
+
+/// Sessions at scale on one manager pair (primary, in-sync standby, real etcd, two echo server
+/// sessions). Churn: `BENCH_SESSIONS_CHURN` (10,000) sessions opened, used once and closed per
+/// round, `BENCH_SESSIONS_ROUNDS` (20) rounds, the primary's journal and memory printed each
+/// round. Scale: `BENCH_SESSIONS_SCALE` (100,000) sessions held open through
+/// `BENCH_SESSIONS_CONNECTORS` (4) connectors — each a Multiplex stream, as a process of its
+/// own has — the open rate per thousand, the manager's memory, round trips/s through 256 of them
+/// with all open, then a SIGKILL of the primary: how long until each session has a response from
+/// the new primary, and that every session gets one.
+async fn sessions(seconds: f64) {
+    let churn = env_number("BENCH_SESSIONS_CHURN", 10_000);
+    let rounds = env_number("BENCH_SESSIONS_ROUNDS", 20);
+    let scale = env_number("BENCH_SESSIONS_SCALE", 100_000);
+    let connectors: Vec<_> = (0..env_number("BENCH_SESSIONS_CONNECTORS", 4).max(1))
+        .map(|_| baton_manager::client::Connector::new(None).expect("a connector"))
+        .collect();
+    let mut summary = Vec::new();
+
+    if churn > 0 && rounds > 0 {
+        let p = pair("churn").await;
+        let primary = wait_for_pair(&p.members).await;
+        let mut journal = Vec::new();
+        let mut rss = Vec::new();
+        for round in 1..=rounds {
+            let started = Instant::now();
+            let (opened, _) = open_sessions(&connectors, &p.endpoints, "churn", churn, 1000).await;
+            let used = round_trip_each(opened, 1000).await;
+            let closes: Vec<_> = used
+                .into_iter()
+                .map(|mut s| tokio::spawn(async move { s.close(false).await.expect("close") }))
+                .collect();
+            for c in closes {
+                c.await.expect("close task");
+            }
+            let status = manager_status(&p.members[primary]).await.expect("the primary's status");
+            let (file, snapshot) = journal_bytes(&p._dirs[primary]);
+            let mib = rss_mib(p.members[primary].pid());
+            println!(
+                "churn round {round:2}: {churn} sessions opened, used and closed in {:.1} s; sessions left {}; journal file {:.1} MiB, snapshot {:.1} KiB; primary RSS {mib:.0} MiB",
+                started.elapsed().as_secs_f64(),
+                status.sessions,
+                file as f64 / 1048576.0,
+                snapshot as f64 / 1024.0,
+            );
+            journal.push((file + snapshot) as f64);
+            rss.push(mib);
+        }
+        // flat after the first rounds: the spread of the later half around its median
+        let spread = |values: &[f64]| {
+            let mut later = values[values.len() / 2..].to_vec();
+            let mid = median(&mut later);
+            later.iter().map(|v| (v - mid).abs() / mid * 100.0).fold(0.0, f64::max)
+        };
+        let (j, r) = (spread(&journal), spread(&rss));
+        println!(
+            "churn: over the last {} of {rounds} rounds the journal stays within ±{j:.1}% and the primary's RSS within ±{r:.1}% of their medians",
+            rounds - rounds / 2
+        );
+        summary.push(format!("churn of {churn} sessions × {rounds} rounds: journal ±{j:.1}%, RSS ±{r:.1}%"));
+    }
+
+    if scale > 0 {
+        let p = pair("scale").await;
+        let primary = wait_for_pair(&p.members).await;
+        let started = Instant::now();
+        let (opened, per_thousand) = open_sessions(&connectors, &p.endpoints, "scale", scale, 2000).await;
+        let total = started.elapsed();
+        let rate = |d: Duration| 1000.0 / d.as_secs_f64().max(1e-9);
+        let (first, last) = (per_thousand[0], per_thousand[per_thousand.len() - 1]);
+        let mut middle: Vec<f64> = per_thousand.iter().map(|d| rate(*d)).collect();
+        let median_rate = median(&mut middle);
+        println!(
+            "scale: {scale} sessions opened in {:.1} s ({:.0}/s); per thousand: first {:.0}/s, median {median_rate:.0}/s, last {:.0}/s",
+            total.as_secs_f64(),
+            scale as f64 / total.as_secs_f64(),
+            rate(first),
+            rate(last)
+        );
+        let mut sessions = round_trip_each(opened, 2000).await;
+        let status = manager_status(&p.members[primary]).await.expect("the primary's status");
+        let (primary_rss, standby_rss) = (rss_mib(p.members[primary].pid()), rss_mib(p.members[1 - primary].pid()));
+        println!(
+            "scale: {} sessions open on the primary; RSS primary {primary_rss:.0} MiB, standby {standby_rss:.0} MiB",
+            status.sessions
+        );
+        // round trips through 256 of them, all open
+        let stop = Instant::now() + Duration::from_secs_f64(seconds);
+        let busy: Vec<_> = sessions.drain(..256.min(scale)).collect();
+        let tasks: Vec<_> = busy
+            .into_iter()
+            .map(|mut session| {
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < stop {
+                        let at = Instant::now();
+                        let payload = prost_types::Any { type_url: "bench".into(), value: vec![0u8; 64] };
+                        session.send(payload, Vec::new()).await.expect("send");
+                        session.recv().await.expect("response");
+                        latencies.push(at.elapsed());
+                    }
+                    (session, latencies)
+                })
+            })
+            .collect();
+        let relay_started = Instant::now();
+        let mut all = Vec::new();
+        for t in tasks {
+            let (session, latencies) = t.await.expect("relay task");
+            sessions.push(session);
+            all.extend(latencies);
+        }
+        all.sort();
+        let relayed = all.len() as f64 / relay_started.elapsed().as_secs_f64();
+        println!(
+            "scale: {relayed:.0} round trips/s through 256 sessions with {scale} open, p50 {:.2} ms, p99 {:.2} ms",
+            ms(percentile(&all, 0.5)),
+            ms(percentile(&all, 0.99))
+        );
+        // SIGKILL the primary; every session sends one request and waits for its response
+        let killed = Instant::now();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p.members[primary].pid() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("SIGKILL");
+        let tasks: Vec<_> = sessions
+            .into_iter()
+            .map(|mut session| {
+                tokio::spawn(async move {
+                    let payload = prost_types::Any { type_url: "after-kill".into(), value: vec![1u8; 16] };
+                    let sent = tokio::time::timeout(Duration::from_secs(60), session.send(payload, Vec::new())).await;
+                    if !matches!(sent, Ok(Ok(_))) {
+                        return None;
+                    }
+                    let response = tokio::time::timeout(Duration::from_secs(60), session.recv()).await;
+                    matches!(response, Ok(Some(_))).then(|| killed.elapsed())
+                })
+            })
+            .collect();
+        let mut resumed = Vec::new();
+        let mut lost = 0usize;
+        for t in tasks {
+            match t.await.expect("takeover task") {
+                Some(took) => resumed.push(took),
+                None => lost += 1,
+            }
+        }
+        resumed.sort();
+        let ttl = 2.0;
+        let (t50, t99, tmax) =
+            (percentile(&resumed, 0.5), percentile(&resumed, 0.99), resumed.last().copied().unwrap_or_default());
+        println!(
+            "scale: SIGKILL of the primary with {scale} sessions: {} resumed with a response, {lost} without; from the kill p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (lease TTL {ttl:.0} s: target p99 ≤ {:.0} ms)",
+            resumed.len(),
+            ms(t50),
+            ms(t99),
+            ms(tmax),
+            (ttl + 0.5) * 1000.0
+        );
+        summary.push(format!(
+            "{scale} sessions: opened at {median_rate:.0}/s per thousand (first {:.0}/s, last {:.0}/s), primary RSS {primary_rss:.0} MiB, {relayed:.0} round trips/s, takeover p99 {:.0} ms with {} of {scale} resumed",
+            rate(first),
+            rate(last),
+            ms(t99),
+            resumed.len()
+        ));
+    }
+    println!("summary: sessions: {}", summary.join("; "));
+}
+
 /// The seeded fault campaign (`baton_tests::campaign`): `chaos-manager --faults N --seed S
 /// [--managers M] [--ttl SECONDS] [--sessions K] [--servers K]`. Prints one line per fault, one
 /// per kind, then the `chaos:` summary; exits 1 if anything acknowledged was lost or answered
@@ -836,6 +1098,7 @@ async fn main() {
         "intake" => intake(seconds).await,
         "sync" => sync(seconds).await,
         "manager" => manager(seconds).await,
+        "sessions" => sessions(seconds).await,
         "batch" => batch().await,
         "export" => export().await,
         "echo-server" => {

@@ -117,6 +117,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                     .await
                     .unwrap_or_else(|e| exit_bad_config(format!("cannot reach etcd at {:?}: {e}", manager.etcd)));
                 let (election, ttl) = (manager.election_key.clone(), manager.lease_ttl);
+                let etcd_endpoints = manager.etcd.clone();
                 let service = ManagerService::start_with(manager, me.clone(), true, shutdown.clone())
                     .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
                 tokio::spawn(baton_manager::failover::step_down_on_fault(
@@ -135,6 +136,7 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 );
                 let failover = tokio::spawn(baton_manager::failover::run(
                     etcd,
+                    etcd_endpoints,
                     connector,
                     election,
                     ttl,

@@ -267,6 +267,43 @@ async fn keep_alive(mut client: Client, lease: i64, ttl_ms: i64, renewed: Arc<At
     }
 }
 
+/// [`keep_alive`] on a thread and a runtime of its own, over a connection to etcd (at `etcd`) of
+/// its own: the renewals cannot wait behind the manager's work (its actor's batches, thousands of
+/// sessions' frames), however much piles up; with 10,000 sessions on the shared runtime a primary
+/// once failed to renew its lease and fenced itself. Aborting the returned task ends it.
+fn keep_alive_apart(
+    etcd: Vec<String>,
+    lease: i64,
+    ttl_ms: i64,
+    renewed: Arc<AtomicI64>,
+) -> tokio::task::JoinHandle<()> {
+    let stop = CancellationToken::new();
+    let (done, ended) = tokio::sync::oneshot::channel::<()>();
+    let thread_stop = stop.clone();
+    let spawned = std::thread::Builder::new().name("lease-keepalive".into()).spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else { return };
+        runtime.block_on(async move {
+            tokio::select! {
+                () = thread_stop.cancelled() => {}
+                () = async {
+                    match connect(&etcd).await {
+                        Ok(client) => keep_alive(client, lease, ttl_ms, renewed).await,
+                        Err(e) => tracing::warn!(error = %e, "the lease keepalive cannot reach etcd"),
+                    }
+                } => {}
+            }
+        });
+        let _ = done.send(());
+    });
+    tokio::spawn(async move {
+        // the thread stops when this task ends, or is aborted
+        let _stop = stop.drop_guard();
+        if spawned.is_ok() {
+            let _ = ended.await;
+        }
+    })
+}
+
 /// Renews `lease` once, now, and waits (at most `within`) for the answer: true if the lease lives,
 /// with `renewed` moved to the time of the request. A new primary starts its watchdog from this,
 /// not from a renewal made before a stall that its election may have waited out.
@@ -291,6 +328,7 @@ async fn renew_now(client: &mut Client, lease: i64, renewed: &AtomicI64, within:
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     client: Client,
+    etcd: Vec<String>,
     connector: Connector,
     election: String,
     ttl: Duration,
@@ -329,7 +367,7 @@ pub async fn run(
         };
         held.store(lease, Ordering::SeqCst);
         let renewed = Arc::new(AtomicI64::new(now_ms()));
-        let mut keepalive = tokio::spawn(keep_alive(client.clone(), lease, ttl_ms, renewed.clone()));
+        let mut keepalive = keep_alive_apart(etcd.clone(), lease, ttl_ms, renewed.clone());
         let following = shutdown.child_token();
         tokio::spawn(follow(
             client.clone(),

@@ -101,7 +101,10 @@ impl ManagerService {
                         Command::ServerRegister { register, conn, tx: Out::Channel { mux: mux.clone(), channel } }
                     }
                     (None, _) if channel == 0 => {
-                        mux.close(channel, &Error::InvalidArgument("channel 0 is the manager's: number channels from 1").into());
+                        mux.close(
+                            channel,
+                            &Error::InvalidArgument("channel 0 is the manager's: number channels from 1").into(),
+                        );
                         continue;
                     }
                     (None, _) => {
