@@ -277,6 +277,45 @@ mod tests {
         }
     }
 
+    /// During a takeover a session does not ask every [`TAKEOVER_POLL`]: refused by the standby
+    /// (which still names the gone primary), it waits for the process to learn of the new
+    /// primary (the notice on the Multiplex stream), asking again only every [`FALLBACK_POLL`],
+    /// and goes to the new primary as soon as the notice comes. New sessions go to the known
+    /// primary first.
+    #[tokio::test(start_paused = true)]
+    async fn during_a_takeover_a_session_waits_for_the_new_primarys_notice() {
+        let (p, s) = ("http://p:1", "http://s:2");
+        let primary = Primary::default();
+        let mut endpoints = Endpoints::new(&format!("{s},{p}"), primary.clone());
+        primary.learn(3, p);
+        assert_eq!(endpoints.next(0), p, "the known primary first, not the first endpoint");
+        endpoints.connected();
+        endpoints.failed(&Status::unavailable("the stream broke"));
+        let started = tokio::time::Instant::now();
+        let notifier = primary.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1700)).await;
+            notifier.learn(4, s);
+        });
+        let mut asks = 0;
+        loop {
+            assert_eq!(endpoints.next(3), s);
+            if endpoints.followed == 4 {
+                break;
+            }
+            asks += 1;
+            assert!(asks <= 10, "asked {asks} times");
+            endpoints.pause(&naming(p), 3).await;
+        }
+        // at 0, 500, 1000 and 1500 ms, then the notice at 1700 ms (at the 25 ms poll: 68 asks)
+        assert_eq!(asks, 4);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(1700) && waited < Duration::from_millis(1750), "{waited:?}");
+        // a primary of another cluster (not among the session's endpoints) is not followed
+        primary.learn(9, "http://elsewhere:3");
+        assert_eq!(endpoints.next(4), s);
+    }
+
     /// The backoff grows with failures in a row and starts again after a successful open: it
     /// had grown over a process's life, so each handover waited longer (58 ms, then 72, 109, 186
     /// and 280 ms from the fifth on, in `bench manager`).
