@@ -34,6 +34,8 @@ pub(super) struct Mux {
     commands: mpsc::UnboundedSender<MuxCommand>,
     /// The next channel number on this stream (numbers only tell its channels apart).
     next_channel: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// When the stream last brought a message (ms since the Unix epoch).
+    heard: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Mux {
@@ -41,6 +43,11 @@ impl Mux {
     /// on (tests run one runtime each).
     fn usable(&self) -> bool {
         !self.commands.is_closed()
+    }
+
+    /// Whether the stream brought a message within `within`.
+    fn heard_within(&self, within: Duration) -> bool {
+        baton_mesh::now_ms() - self.heard.load(std::sync::atomic::Ordering::Relaxed) <= within.as_millis() as i64
     }
 }
 
@@ -60,6 +67,9 @@ fn forget(connector: &Connector, endpoint: &str, mux: &Mux) {
 /// How long opening a stream may take before the next manager is tried (a manager that is
 /// shutting down may accept a connection and never answer on it).
 const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a session waits for its open on a stream that keeps bringing other events.
+const OPEN_LIMIT: Duration = Duration::from_secs(30);
 
 /// The Multiplex stream of `connector` to `endpoint`, started if there is none that runs.
 async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
@@ -81,8 +91,9 @@ async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
             .map_err(|_| Status::unavailable(format!("{endpoint} did not open a stream in time")))??
             .into_inner();
     let (commands, command_rx) = mpsc::unbounded_channel();
-    tokio::spawn(run_mux(out, inbound, command_rx, connector.primary().clone(), endpoint.to_owned()));
-    let mux = Mux { commands, next_channel: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)) };
+    let heard = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(baton_mesh::now_ms()));
+    tokio::spawn(run_mux(out, inbound, command_rx, connector.primary().clone(), endpoint.to_owned(), heard.clone()));
+    let mux = Mux { commands, next_channel: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)), heard };
     let mut muxes = connector.muxes();
     // a session that connected meanwhile won: the sessions keep to one stream (this one ends as
     // its handle is dropped)
@@ -114,6 +125,7 @@ async fn run_mux(
     mut commands: mpsc::UnboundedReceiver<MuxCommand>,
     primary: Primary,
     endpoint: String,
+    heard: std::sync::Arc<std::sync::atomic::AtomicI64>,
 ) {
     let mut channels: HashMap<u64, mpsc::UnboundedSender<Result<pb::mux_event::Kind, Status>>> = HashMap::new();
     let failure = loop {
@@ -154,6 +166,7 @@ async fn run_mux(
             }
             events = inbound.message() => match events {
                 Ok(Some(batch)) => {
+                    heard.store(baton_mesh::now_ms(), std::sync::atomic::Ordering::Relaxed);
                     for event in batch.events {
                         match event.kind {
                             Some(pb::mux_event::Kind::Closed(closed)) => {
@@ -231,15 +244,22 @@ impl MuxChannel {
         self.events.recv().await.unwrap_or_else(|| Err(Status::unavailable("the stream to the manager closed")))
     }
 
-    /// The first event, within [`OPEN_TIMEOUT`]: when a manager does not answer in time, the
-    /// stream is forgotten (the next attempt starts another, for a manager that hangs) and the
-    /// session goes to the next manager; the other sessions on the stream stay.
+    /// The first event, within [`OPEN_TIMEOUT`] of silence: when a manager sends nothing on the
+    /// stream for that long, the stream is forgotten (the next attempt starts another, for a
+    /// manager that hangs) and the session goes to the next manager; the other sessions on the
+    /// stream stay. A stream that brings other sessions' events is a manager at work, not a
+    /// hung one (a new primary resuming 100,000 sessions answers the last after seconds): the
+    /// session waits on, at most [`OPEN_LIMIT`].
     pub(super) async fn first(&mut self, connector: &Connector, endpoint: &str) -> Result<pb::mux_event::Kind, Status> {
-        match tokio::time::timeout(OPEN_TIMEOUT, self.next()).await {
-            Ok(event) => event,
-            Err(_) => {
-                forget(connector, endpoint, &self.mux);
-                Err(Status::unavailable(format!("{endpoint} did not open the session in time")))
+        let started = tokio::time::Instant::now();
+        loop {
+            match tokio::time::timeout(OPEN_TIMEOUT, self.next()).await {
+                Ok(event) => return event,
+                Err(_) if self.mux.heard_within(OPEN_TIMEOUT) && started.elapsed() < OPEN_LIMIT => continue,
+                Err(_) => {
+                    forget(connector, endpoint, &self.mux);
+                    return Err(Status::unavailable(format!("{endpoint} did not open the session in time")));
+                }
             }
         }
     }

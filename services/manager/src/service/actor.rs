@@ -120,17 +120,13 @@ pub(super) enum Effect {
     Client(String, pb::client_event::Kind),
     /// The session was closed: its client's stream is let go once the events before are out.
     ClientEnd(String),
+    /// A client's open or stream refused, or ended, with this status.
+    RefuseClient(ClientTx, Status),
+    /// A server's registration refused with this status.
+    RefuseServer(ServerTx, Status),
+    /// This manager is the primary of the term: told to a Multiplex stream's process.
+    Notice(Mux, u64),
     Server(String, pb::server_event::Kind),
-}
-
-/// Refuses an open: answers `reply` if the caller waits for one, else closes the channel.
-fn refuse(tx: &ClientTx, reply: Option<oneshot::Sender<Result<String, Status>>>, status: Status) {
-    match reply {
-        Some(reply) => {
-            let _ = reply.send(Err(status));
-        }
-        None => tx.close(status),
-    }
 }
 
 /// A connected server session.
@@ -185,6 +181,16 @@ pub(super) struct Actor {
 }
 
 impl Actor {
+    /// Refuses an open: answers `reply` if the caller waits for one, else closes the channel.
+    fn refuse(&mut self, tx: ClientTx, reply: Option<oneshot::Sender<Result<String, Status>>>, status: Status) {
+        match reply {
+            Some(reply) => {
+                let _ = reply.send(Err(status));
+            }
+            None => self.effects.push(Effect::RefuseClient(tx, status)),
+        }
+    }
+
     fn not_primary(&self) -> Status {
         Error::NotPrimary { leader: self.leader.clone() }.into()
     }
@@ -245,9 +251,13 @@ impl Actor {
     pub(super) fn handle(&mut self, command: Command) {
         if !self.primary {
             match command {
-                Command::ClientOpen { reply, tx, .. } => return refuse(&tx, reply, self.not_primary()),
+                Command::ClientOpen { reply, tx, .. } => {
+                    let status = self.not_primary();
+                    return self.refuse(tx, reply, status);
+                }
                 Command::ServerRegister { tx, .. } => {
-                    tx.close(self.not_primary());
+                    let status = self.not_primary();
+                    self.effects.push(Effect::RefuseServer(tx, status));
                     return;
                 }
                 Command::ReplicaConnect { tx, .. } => {
@@ -308,19 +318,19 @@ impl Actor {
         reply: Option<oneshot::Sender<Result<String, Status>>>,
     ) {
         if open.seen_term > self.term {
-            return refuse(&tx, reply, Error::OlderTerm { ours: self.term, seen: open.seen_term }.into());
+            return self.refuse(tx, reply, Error::OlderTerm { ours: self.term, seen: open.seen_term }.into());
         }
         if open.create && !fresh {
             let printable = session_id.bytes().all(|b| b.is_ascii_graphic());
             if session_id.len() > 128 || !printable {
-                return refuse(&tx, reply, Error::BadSessionId(session_id).into());
+                return self.refuse(tx, reply, Error::BadSessionId(session_id).into());
             }
         }
         // a session a client names is created on its first open
         let fresh = fresh || (open.create && !self.state.sessions.contains_key(&session_id));
         if fresh {
             if open.pool.is_empty() {
-                return refuse(&tx, reply, Error::InvalidArgument("open.pool is required").into());
+                return self.refuse(tx, reply, Error::InvalidArgument("open.pool is required").into());
             }
             self.journal(Op::Open(OpenOp {
                 session_id: session_id.clone(),
@@ -335,7 +345,7 @@ impl Actor {
                     Some(reason) => Error::SessionClosed { id: session_id, reason: reason.to_owned() },
                     None => Error::SessionNotFound(session_id),
                 };
-                return refuse(&tx, reply, error.into());
+                return self.refuse(tx, reply, error.into());
             };
             let pool = s.pool.clone();
             if !open.restart_data.is_empty() {
@@ -402,7 +412,7 @@ impl Actor {
         }
         if request.seq != last + 1 {
             if let Some((_, tx)) = self.clients.remove(&session) {
-                tx.close(Error::Gap { seq: request.seq, last }.into());
+                self.effects.push(Effect::RefuseClient(tx, Error::Gap { seq: request.seq, last }.into()));
             }
             return;
         }
@@ -454,7 +464,8 @@ impl Actor {
         let (requests, responses) = (s.requests.len(), s.responses.len());
         if !close.drop_queued && requests + responses > 0 {
             if let Some((_, tx)) = self.clients.remove(&session) {
-                tx.close(Error::StillQueued { id: session, requests, responses }.into());
+                let status = Error::StillQueued { id: session, requests, responses }.into();
+                self.effects.push(Effect::RefuseClient(tx, status));
             }
             return;
         }
@@ -507,7 +518,7 @@ impl Actor {
     /// sessions of its pool.
     fn server_register(&mut self, register: pb::RegisterServer, conn: u64, tx: ServerTx) {
         if register.seen_term > self.term || register.pool.is_empty() || register.server_id.is_empty() {
-            tx.close(Error::BadRegister.into());
+            self.effects.push(Effect::RefuseServer(tx, Error::BadRegister.into()));
             return;
         }
         let id = register.server_id.clone();
@@ -605,7 +616,7 @@ impl Actor {
     /// Holds a Multiplex stream open; a primary tells it so at once.
     fn mux_open(&mut self, mux: Mux) {
         if self.primary {
-            mux.notify_primary(self.term);
+            self.effects.push(Effect::Notice(mux.clone(), self.term));
         }
         self.muxes.insert(mux.id, mux);
     }
@@ -711,7 +722,7 @@ impl Actor {
         // the processes whose sessions this manager refused as a standby learn of the takeover
         // from one notice per stream
         for mux in self.muxes.values() {
-            mux.notify_primary(term);
+            self.effects.push(Effect::Notice(mux.clone(), term));
         }
         // servers reconnect to the new primary; those that do not lose their sessions
         self.lost = self.state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
@@ -791,6 +802,9 @@ impl Actor {
                         tx.send(pb::ClientEvent { term: self.term, kind: Some(kind) }, &mut batches).await;
                     }
                 }
+                Effect::RefuseClient(tx, status) => tx.refuse(&status, &mut batches).await,
+                Effect::RefuseServer(tx, status) => tx.refuse(&status, &mut batches).await,
+                Effect::Notice(mux, term) => batches.push(&mux, Mux::primary_notice(term)).await,
                 Effect::ClientEnd(session) => {
                     // its Closed event is queued before: the stream ends after it, and a channel
                     // is let go by the client on that event

@@ -21,12 +21,10 @@ pub(super) struct Mux {
 }
 
 impl Mux {
-    /// Tells the stream's process that this manager is the primary of `term` (channel 0). Not
-    /// waited for: a stream too backed up to take it finds the primary by its sessions' slow
-    /// poll.
-    pub(super) fn notify_primary(&self, term: u64) {
-        let notice = pb::MuxEvent { channel: 0, kind: Some(pb::mux_event::Kind::Primary(pb::PrimaryNotice { term })) };
-        let _ = self.tx.try_send(Ok(pb::MuxEvents { events: vec![notice] }));
+    /// The event telling the stream's process that this manager is the primary of `term`
+    /// (channel 0).
+    pub(super) fn primary_notice(term: u64) -> pb::MuxEvent {
+        pb::MuxEvent { channel: 0, kind: Some(pb::mux_event::Kind::Primary(pb::PrimaryNotice { term })) }
     }
 
     /// Closes `channel` with `status` at once (not batched).
@@ -73,13 +71,15 @@ pub(super) enum Out<E> {
 }
 
 impl<E: MuxKind> Out<E> {
-    /// Ends the stream or channel with `status` at once.
-    pub(super) fn close(&self, status: Status) {
+    /// Ends the stream or channel with `status` in its turn: after the events before it, in the
+    /// batch (a standby refusing 100,000 opens at once sends them as a few messages, where one
+    /// message each overflowed the stream and lost refusals).
+    pub(super) async fn refuse(self, status: &Status, batches: &mut Batches) {
         match self {
             Out::Stream(tx) => {
-                let _ = tx.try_send(Err(status));
+                let _ = tx.try_send(Err(status.clone()));
             }
-            Out::Channel { mux, channel } => mux.close(*channel, &status),
+            Out::Channel { mux, channel } => batches.push(&mux, closed_event(channel, status)).await,
         }
     }
 
@@ -116,7 +116,7 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 impl Batches {
     /// Adds `event` to its stream's batch; a batch that would pass [`MAX_BATCH_BYTES`] is sent
     /// first.
-    async fn push(&mut self, mux: &Mux, event: pb::MuxEvent) {
+    pub(super) async fn push(&mut self, mux: &Mux, event: pb::MuxEvent) {
         let at = match self.0.iter().position(|(m, _, _)| m.id == mux.id) {
             Some(at) => at,
             None => {
