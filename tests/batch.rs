@@ -325,7 +325,7 @@ async fn busy_and_resource_limits_are_retried_into_their_outcomes() {
         let busy = worker(&server, "w-busy", &["--lock-timeout", "100ms", "--retry-backoff", "100ms"]);
         eventually(Duration::from_secs(20), "the sessions bound to w-busy", || async {
             let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
-            let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.ok()?.into_inner().sessions;
+            let sessions = client.list_sessions(pb::ListSessionsRequest::default()).await.ok()?.into_inner().sessions;
             sessions.iter().any(|s| s.bound_server == "w-busy").then_some(())
         })
         .await;
@@ -430,7 +430,7 @@ async fn a_chunk_of_a_killed_worker_commits_once_on_another() {
         let first = worker(&server, "w1", &["--concurrency", "1"]);
         eventually(Duration::from_secs(20), "w1 bound", || async {
             let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
-            let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.ok()?.into_inner().sessions;
+            let sessions = client.list_sessions(pb::ListSessionsRequest::default()).await.ok()?.into_inner().sessions;
             (!sessions.is_empty() && sessions.iter().all(|s| s.bound_server == "w1")).then_some(())
         })
         .await;
@@ -561,7 +561,7 @@ async fn two_schedulers_on_postgres_release_each_chunk_once() {
     let totals = batch.totals.unwrap();
     assert_eq!((totals.committed, totals.records_committed), (60, 6000), "{totals:?}");
     let mut client = pb::session_manager_client::SessionManagerClient::new(manager.channel().await);
-    let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.unwrap().into_inner().sessions;
+    let sessions = client.list_sessions(pb::ListSessionsRequest::default()).await.unwrap().into_inner().sessions;
     assert_eq!(sessions.len(), 4, "two sessions per scheduler: {sessions:?}");
     let sent: u64 = sessions.iter().map(|s| s.last_request_seq).sum();
     assert_eq!(sent, 60, "every chunk sent once, by one of the two schedulers");

@@ -237,3 +237,42 @@ async fn a_server_that_dies_hands_over_its_saved_restart_data() {
     let response = tokio::time::timeout(Duration::from_secs(10), client.recv()).await.unwrap().unwrap();
     assert_eq!(response.seq, 1);
 }
+
+/// ListSessions answers a page at a time, in the order of the ids, each session once; the CLI
+/// prints every page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sessions_are_listed_a_page_at_a_time() {
+    let dir = TempDir::new();
+    let manager = start_manager(&dir, &[]);
+    let endpoint = format!("http://{}", manager.addr);
+    let connector = Connector::new(None).unwrap();
+    let mut opened = Vec::new();
+    for _ in 0..25 {
+        opened.push(ClientSession::open(&connector, &endpoint, "paged", Vec::new()).await.unwrap());
+    }
+    let mut ids: Vec<String> = opened.iter().map(|s| s.session_id().to_owned()).collect();
+    ids.sort();
+    let mut client = manager_client(&manager).await;
+    let (mut listed, mut pages, mut page_token) = (Vec::new(), 0, String::new());
+    loop {
+        let request = pb::ListSessionsRequest { page_size: 10, page_token };
+        let page = client.list_sessions(request).await.unwrap().into_inner();
+        pages += 1;
+        assert!(page.sessions.len() <= 10);
+        listed.extend(page.sessions.into_iter().map(|s| s.session_id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        assert!(pages < 10, "the pages do not end");
+        page_token = page.next_page_token;
+    }
+    assert_eq!((pages, &listed), (3, &ids));
+    let out = std::process::Command::new(baton_tests::baton_bin())
+        .args(["manager", "sessions", "--endpoint", &endpoint])
+        .output()
+        .expect("run baton manager sessions");
+    assert!(out.status.success(), "{out:?}");
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(printed.lines().count(), 25, "{printed}");
+    assert!(printed.lines().all(|l| l.contains("\"state\":\"CONNECTED\"")), "{printed}");
+}

@@ -478,46 +478,36 @@ fn journal_bytes(dir: &baton_tests::TempDir) -> (u64, u64) {
     (size("journal"), size("snapshot"))
 }
 
-/// `count` sessions opened through `connectors` in turn, at most `parallel` opens at a time;
-/// returns them, and the time each thousand took.
+/// `count` sessions opened through `connectors` in turn, in waves of `wave` opened at once;
+/// returns them, and how long each wave took.
 async fn open_sessions(
     connectors: &[baton_manager::client::Connector],
     endpoints: &str,
     pool: &str,
     count: usize,
-    parallel: usize,
+    wave: usize,
 ) -> (Vec<baton_manager::client::ClientSession>, Vec<Duration>) {
-    let gate = Arc::new(tokio::sync::Semaphore::new(parallel));
-    let mut tasks = Vec::with_capacity(count);
-    for k in 0..count {
-        let (connector, endpoints, pool, gate) =
-            (connectors[k % connectors.len()].clone(), endpoints.to_owned(), pool.to_owned(), gate.clone());
-        tasks.push(tokio::spawn(async move {
-            let _permit = gate.acquire_owned().await.expect("the gate");
-            let session = baton_manager::client::ClientSession::open(&connector, &endpoints, &pool, Vec::new())
-                .await
-                .expect("open");
-            (session, Instant::now())
-        }));
-    }
-    let started = Instant::now();
     let mut sessions = Vec::with_capacity(count);
-    let mut opened_at = Vec::with_capacity(count);
-    for t in tasks {
-        let (session, at) = t.await.expect("open task");
-        sessions.push(session);
-        opened_at.push(at);
+    let mut waves = Vec::new();
+    while sessions.len() < count {
+        let started = Instant::now();
+        let tasks: Vec<_> = (sessions.len()..count.min(sessions.len() + wave))
+            .map(|k| {
+                let (connector, endpoints, pool) =
+                    (connectors[k % connectors.len()].clone(), endpoints.to_owned(), pool.to_owned());
+                tokio::spawn(async move {
+                    baton_manager::client::ClientSession::open(&connector, &endpoints, &pool, Vec::new())
+                        .await
+                        .expect("open")
+                })
+            })
+            .collect();
+        for t in tasks {
+            sessions.push(t.await.expect("open task"));
+        }
+        waves.push(started.elapsed());
     }
-    opened_at.sort();
-    // the time each thousand took: from the one before's last open (the start, for the first)
-    let mut per_thousand = Vec::new();
-    let mut from = started;
-    for chunk in opened_at.chunks(1000) {
-        let to = *chunk.last().expect("a chunk");
-        per_thousand.push(to.saturating_duration_since(from));
-        from = to;
-    }
-    (sessions, per_thousand)
+    (sessions, waves)
 }
 
 /// One round trip on each session, `parallel` at a time; returns the sessions.
@@ -613,14 +603,15 @@ async fn sessions(seconds: f64) {
         let p = pair("scale").await;
         let primary = wait_for_pair(&p.members).await;
         let started = Instant::now();
-        let (opened, per_thousand) = open_sessions(&connectors, &p.endpoints, "scale", scale, 2000).await;
+        let (opened, waves) = open_sessions(&connectors, &p.endpoints, "scale", scale, 1000).await;
         let total = started.elapsed();
         let rate = |d: Duration| 1000.0 / d.as_secs_f64().max(1e-9);
-        let (first, last) = (per_thousand[0], per_thousand[per_thousand.len() - 1]);
-        let mut middle: Vec<f64> = per_thousand.iter().map(|d| rate(*d)).collect();
-        let median_rate = median(&mut middle);
+        // the first wave also connects the streams: the second is the first at steady state
+        let (first, last) = (waves[1.min(waves.len() - 1)], waves[waves.len() - 1]);
+        let mut all: Vec<f64> = waves.iter().map(|d| rate(*d)).collect();
+        let median_rate = median(&mut all);
         println!(
-            "scale: {scale} sessions opened in {:.1} s ({:.0}/s); per thousand: first {:.0}/s, median {median_rate:.0}/s, last {:.0}/s",
+            "scale: {scale} sessions opened in {:.1} s ({:.0}/s), in waves of 1,000: the second wave (1,000-2,000 open) {:.0}/s, median {median_rate:.0}/s, the last {:.0}/s",
             total.as_secs_f64(),
             scale as f64 / total.as_secs_f64(),
             rate(first),
@@ -673,6 +664,22 @@ async fn sessions(seconds: f64) {
             nix::sys::signal::Signal::SIGKILL,
         )
         .expect("SIGKILL");
+        // when the standby serves as primary (the lease's part of the takeover)
+        let standby_addr = p.members[1 - primary].addr;
+        let elected = tokio::spawn(async move {
+            let channel =
+                tonic::transport::Endpoint::from_shared(format!("http://{standby_addr}")).ok()?.connect().await.ok()?;
+            let mut client = pb::session_manager_client::SessionManagerClient::new(channel);
+            while killed.elapsed() < Duration::from_secs(60) {
+                if let Ok(s) = client.status(pb::ManagerStatusRequest {}).await
+                    && s.get_ref().role == "PRIMARY"
+                {
+                    return Some(killed.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            None
+        });
         let tasks: Vec<_> = sessions
             .into_iter()
             .map(|mut session| {
@@ -696,6 +703,8 @@ async fn sessions(seconds: f64) {
             }
         }
         resumed.sort();
+        let elected = elected.await.ok().flatten().unwrap_or_default();
+        println!("scale: the standby served as primary {:.0} ms after the kill", ms(elected));
         let ttl = 2.0;
         let (t50, t99, tmax) =
             (percentile(&resumed, 0.5), percentile(&resumed, 0.99), resumed.last().copied().unwrap_or_default());
@@ -708,7 +717,7 @@ async fn sessions(seconds: f64) {
             (ttl + 0.5) * 1000.0
         );
         summary.push(format!(
-            "{scale} sessions: opened at {median_rate:.0}/s per thousand (first {:.0}/s, last {:.0}/s), primary RSS {primary_rss:.0} MiB, {relayed:.0} round trips/s, takeover p99 {:.0} ms with {} of {scale} resumed",
+            "{scale} sessions: opened at {median_rate:.0}/s (waves of 1,000: second {:.0}/s, last {:.0}/s), primary RSS {primary_rss:.0} MiB, {relayed:.0} round trips/s, takeover p99 {:.0} ms with {} of {scale} resumed",
             rate(first),
             rate(last),
             ms(t99),

@@ -175,17 +175,20 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
             }))
         }
         ManagerCommand::Sessions { conn } => {
-            let list = conn
-                .client()
-                .await?
-                .list_sessions(conn.request(pb::ListSessionsRequest {})?)
-                .await
-                .map_err(explain)?
-                .into_inner();
-            for s in &list.sessions {
-                print_json(&session_json(s))?;
+            // every page, one session per line
+            let mut client = conn.client().await?;
+            let mut page_token = String::new();
+            loop {
+                let request = conn.request(pb::ListSessionsRequest { page_size: 1000, page_token })?;
+                let page = client.list_sessions(request).await.map_err(explain)?.into_inner();
+                for s in &page.sessions {
+                    print_json(&session_json(s))?;
+                }
+                if page.next_page_token.is_empty() {
+                    return Ok(());
+                }
+                page_token = page.next_page_token;
             }
-            Ok(())
         }
         ManagerCommand::Session { conn, id } => {
             let request = conn.request(pb::GetSessionRequest { session_id: id })?;

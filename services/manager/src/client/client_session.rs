@@ -470,7 +470,8 @@ mod tests {
                 pb::session_manager_client::SessionManagerClient::connect(endpoint.clone()).await.unwrap();
             let mut queued = None;
             for _ in 0..100 {
-                let sessions = manager.list_sessions(pb::ListSessionsRequest {}).await.unwrap().into_inner().sessions;
+                let sessions =
+                    manager.list_sessions(pb::ListSessionsRequest::default()).await.unwrap().into_inner().sessions;
                 let s = sessions.into_iter().find(|s| s.session_id == client.session_id()).unwrap();
                 queued = Some((s.request_queue, s.response_queue));
                 if queued == Some((0, 0)) {

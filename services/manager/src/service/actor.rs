@@ -84,7 +84,8 @@ pub(super) enum Command {
         reply: oneshot::Sender<pb::ManagerStatus>,
     },
     Sessions {
-        reply: oneshot::Sender<Vec<pb::SessionInfo>>,
+        request: pb::ListSessionsRequest,
+        reply: oneshot::Sender<pb::ListSessionsResponse>,
     },
     Session {
         id: String,
@@ -295,7 +296,9 @@ impl Actor {
             Command::MuxGone { id } => self.mux_gone(id),
             Command::ServerGone { server, conn } => self.server_gone(server, conn),
             Command::Status { reply } => self.status(reply),
-            Command::Sessions { reply } => self.sessions(reply),
+            Command::Sessions { request, reply } => {
+                let _ = reply.send(self.sessions(&request));
+            }
             Command::ReplicaConnect { node, journal_id, tx, acked } => {
                 self.replica_connect(node, journal_id, tx, acked)
             }
@@ -660,11 +663,25 @@ impl Actor {
         }
     }
 
-    /// Answers with every session, sorted by id.
-    fn sessions(&self, reply: oneshot::Sender<Vec<pb::SessionInfo>>) {
-        let mut list: Vec<_> = self.state.sessions.values().map(|s| self.info(s)).collect();
-        list.sort_by(|a, b| a.session_id.cmp(&b.session_id));
-        let _ = reply.send(list);
+    /// A page of sessions in the order of their ids, from after `page_token` (a session id).
+    fn sessions(&self, request: &pb::ListSessionsRequest) -> pb::ListSessionsResponse {
+        let size = match request.page_size {
+            0 => 1000,
+            n => n.min(10_000) as usize,
+        };
+        let after = request.page_token.as_str();
+        let mut ids: Vec<&String> = self.state.sessions.keys().filter(|id| id.as_str() > after).collect();
+        // the page's ids only are sorted: selecting them is linear
+        let more = ids.len() > size;
+        if more {
+            ids.select_nth_unstable(size);
+            ids.truncate(size);
+        }
+        ids.sort_unstable();
+        let sessions: Vec<_> = ids.iter().map(|id| self.info(&self.state.sessions[*id])).collect();
+        let next_page_token =
+            if more { sessions.last().map(|s| s.session_id.clone()).unwrap_or_default() } else { String::new() };
+        pb::ListSessionsResponse { sessions, next_page_token }
     }
 
     /// Session `id`, or why there is none.

@@ -256,11 +256,11 @@ impl pb::session_manager_server::SessionManager for ManagerService {
 
     async fn list_sessions(
         &self,
-        _request: Request<pb::ListSessionsRequest>,
+        request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsResponse>, Status> {
         let (reply, rx) = oneshot::channel();
-        self.command(Command::Sessions { reply }).await?;
-        Ok(Response::new(pb::ListSessionsResponse { sessions: rx.await.map_err(|_| Error::Stopping)? }))
+        self.command(Command::Sessions { request: request.into_inner(), reply }).await?;
+        Ok(Response::new(rx.await.map_err(|_| Error::Stopping)?))
     }
 
     async fn get_session(&self, request: Request<pb::GetSessionRequest>) -> Result<Response<pb::SessionInfo>, Status> {
