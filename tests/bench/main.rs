@@ -689,20 +689,31 @@ async fn sessions(seconds: f64) {
                     if !matches!(sent, Ok(Ok(_))) {
                         return None;
                     }
+                    let accepted = killed.elapsed();
                     let response = tokio::time::timeout(Duration::from_secs(60), session.recv()).await;
-                    matches!(response, Ok(Some(_))).then(|| killed.elapsed())
+                    matches!(response, Ok(Some(_))).then(|| (accepted, killed.elapsed()))
                 })
             })
             .collect();
         let mut resumed = Vec::new();
+        let mut accepted = Vec::new();
         let mut lost = 0usize;
         for t in tasks {
             match t.await.expect("takeover task") {
-                Some(took) => resumed.push(took),
+                Some((a, took)) => {
+                    accepted.push(a);
+                    resumed.push(took);
+                }
                 None => lost += 1,
             }
         }
         resumed.sort();
+        accepted.sort();
+        println!(
+            "scale: the request sent after the kill accepted p50 {:.0} ms, p99 {:.0} ms after the kill",
+            ms(percentile(&accepted, 0.5)),
+            ms(percentile(&accepted, 0.99))
+        );
         let elected = elected.await.ok().flatten().unwrap_or_default();
         println!("scale: the standby served as primary {:.0} ms after the kill", ms(elected));
         let ttl = 2.0;
