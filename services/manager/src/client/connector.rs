@@ -34,11 +34,15 @@ struct Inner {
 /// through one connector gets hints that its sessions ignore (a session follows a primary only
 /// among its own endpoints), and those sessions fall back to asking.
 #[derive(Clone)]
-pub(super) struct Primary(Arc<tokio::sync::watch::Sender<Option<(u64, String)>>>);
+pub(super) struct Primary(
+    Arc<tokio::sync::watch::Sender<Option<(u64, String)>>>,
+    /// When a session of the process last took its turn to ask ([`Primary::take_turn`]).
+    Arc<Mutex<Option<tokio::time::Instant>>>,
+);
 
 impl Default for Primary {
     fn default() -> Self {
-        Self(Arc::new(tokio::sync::watch::Sender::new(None)))
+        Self(Arc::new(tokio::sync::watch::Sender::new(None)), Arc::default())
     }
 }
 
@@ -57,6 +61,25 @@ impl Primary {
     /// The newest primary known, if its term is above `floor`.
     pub(super) fn above(&self, floor: u64) -> Option<(u64, String)> {
         self.0.borrow().clone().filter(|(term, _)| *term > floor)
+    }
+
+    /// Whether the caller is the process's one session to ask the managers again now, at most
+    /// once per `every` (the others wait for what it learns): a fallback poll per process, not
+    /// per session.
+    pub(super) fn take_turn(&self, every: std::time::Duration) -> bool {
+        let now = tokio::time::Instant::now();
+        let mut last = self.1.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|at| now - at < every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+
+    /// Lets the next session that asks take its turn at once (the one asking learnt what it
+    /// waited for).
+    pub(super) fn end_turn(&self) {
+        *self.1.lock().unwrap_or_else(|e| e.into_inner()) = None;
     }
 
     /// Waits at most `within` for a primary of a term above `floor`.

@@ -179,6 +179,8 @@ pub(super) struct Actor {
     pub(super) next_expiry: Instant,
     /// How many times this manager was elected primary.
     pub(super) epoch: u64,
+    /// The role as the stream handlers see it.
+    pub(super) role: Arc<super::Role>,
 }
 
 impl Actor {
@@ -727,6 +729,7 @@ impl Actor {
         tracing::info!(term, index = self.state.index, "primary");
         self.epoch += 1;
         self.primary = true;
+        self.role.set(true, "");
         self.term = term;
         self.publisher = publisher;
         self.leader.clear();
@@ -756,6 +759,7 @@ impl Actor {
             tracing::warn!("no longer primary: closing every stream");
         }
         self.primary = false;
+        self.role.set(false, &leader);
         self.publisher = None;
         self.leader = leader;
         // a session's own stream ends as its sender is dropped; a channel is closed, and

@@ -73,8 +73,25 @@ impl ManagerService {
         'stream: while let Some(Ok(batch)) = frames.next().await {
             let Some(tx) = weak.upgrade() else { break };
             let mux = Mux { id, tx };
+            // a standby's refusals of this batch's opens, sent as one message
+            let mut refused = Vec::new();
             for frame in batch.frames {
                 let channel = frame.channel;
+                let opens = matches!(
+                    (channels.get(&channel), &frame.kind),
+                    (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(_)) })))
+                        | (
+                            None,
+                            Some(Kind::Server(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(_)) }))
+                        )
+                );
+                if opens
+                    && channel != 0
+                    && let Some(status) = self.role.refusal()
+                {
+                    refused.push(super::outbox::closed_event(channel, &status));
+                    continue;
+                }
                 let command = match (channels.get(&channel), frame.kind) {
                     (_, Some(Kind::Close(_))) => match channels.remove(&channel) {
                         Some(open) => open.gone(),
@@ -130,6 +147,9 @@ impl ManagerService {
                 if self.command(command).await.is_err() {
                     break 'stream;
                 }
+            }
+            if !refused.is_empty() && mux.tx.send(Ok(pb::MuxEvents { events: refused })).await.is_err() {
+                break;
             }
         }
         for (_, open) in channels {

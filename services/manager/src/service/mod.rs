@@ -36,10 +36,40 @@ use actor::{Actor, Command};
 /// The metadata key of the leader's address in a standby's UNAVAILABLE answers.
 pub const LEADER_METADATA: &str = "x-baton-leader";
 
+/// Whether this manager is the primary, and the leader it knows if not: kept by the actor, read
+/// by the stream handlers, which refuse a standby's opens themselves. A standby refusing 100,000
+/// sessions through its actor queued its election behind them (`bench sessions`: elected 5 s
+/// after a SIGKILL of the primary, with a 2 s lease).
+#[derive(Default)]
+pub(crate) struct Role {
+    primary: std::sync::atomic::AtomicBool,
+    leader: std::sync::Mutex<String>,
+}
+
+impl Role {
+    /// Records the actor's role.
+    pub(super) fn set(&self, primary: bool, leader: &str) {
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = leader.to_owned();
+        self.primary.store(primary, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// None while primary; a standby's refusal otherwise (the actor refuses too, should the
+    /// role change in between).
+    pub(super) fn refusal(&self) -> Option<Status> {
+        if self.primary.load(std::sync::atomic::Ordering::SeqCst) {
+            return None;
+        }
+        let leader = self.leader.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Some(Error::NotPrimary { leader }.into())
+    }
+}
+
 /// The SessionManager gRPC service; cheap to clone.
 #[derive(Clone)]
 pub struct ManagerService {
     commands: mpsc::Sender<Command>,
+    /// The actor's role, for the stream handlers.
+    role: Arc<Role>,
     next_conn: Arc<AtomicU64>,
     /// Cancelled when the manager must step down (see `Actor::fail`).
     failed: CancellationToken,
@@ -81,6 +111,8 @@ impl ManagerService {
         let activity = state.sessions.keys().map(|id| (id.clone(), Instant::now())).collect();
         let (tx, mut rx) = mpsc::channel::<Command>(4096);
         let (failed, failure) = (CancellationToken::new(), Arc::new(std::sync::Mutex::new(None)));
+        let role = Arc::new(Role::default());
+        role.set(single, "");
         // an in-sync standby gets a second, or half the lease when that is shorter: the primary
         // must be able to shrink the set and go on well before its lease is in doubt
         let options_standby_timeout = Duration::from_secs(1).min(options.lease_ttl / 2);
@@ -110,6 +142,7 @@ impl ManagerService {
             activity,
             next_expiry: Instant::now(),
             epoch: 0,
+            role: role.clone(),
         };
         if !single {
             actor.term = actor.state.term;
@@ -153,6 +186,7 @@ impl ManagerService {
         });
         Ok(Self {
             commands: tx,
+            role,
             next_conn: Arc::new(AtomicU64::new(1)),
             failed,
             failure,

@@ -34,7 +34,7 @@ impl Mux {
 }
 
 /// The event that closes `channel` with `status` (and the leader a standby names).
-fn closed_event(channel: u64, status: &Status) -> pb::MuxEvent {
+pub(super) fn closed_event(channel: u64, status: &Status) -> pb::MuxEvent {
     let leader = status.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).unwrap_or_default();
     pb::MuxEvent {
         channel,
