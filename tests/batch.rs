@@ -10,7 +10,7 @@ use baton_scheduler::client::submit_batch;
 use baton_store::Backend;
 use baton_tests::{
     ManagerPair, Server, TempDir, TestOrg, authed, backends, create_org, eventually, intake_process, record,
-    scheduler_process, worker, worker_process,
+    scheduler_process, worker, worker_process, worker_with_env,
 };
 use sqlx::Row;
 
@@ -452,6 +452,61 @@ async fn a_chunk_of_a_killed_worker_commits_once_on_another() {
         let rows = chunk_rows(&server.store_url, &staged.batch_id).await;
         let rerun = &rows[running as usize];
         assert!(rerun.2 >= 2 && rerun.3 == "w2", "the killed chunk ran again on w2: {rerun:?}");
+        assert_eq!(stored(&server.store_url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
+    }
+}
+
+/// A worker SIGKILLed in a chunk it is retrying after a resource limit: the worker that takes the
+/// session over continues the chunk's attempts from the restart data the first one saved with the
+/// session manager, so the chunk commits as COMMITTED_AFTER_RETRY_RESOURCES with the first
+/// attempt's cause, not as a plain COMMITTED, and exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_resource_retry_of_a_killed_worker_carries_over_to_the_next() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--workers", "0"]).await;
+        let org = create_org(&server, "acme").await;
+        // w1's first attempt at a chunk fails as over its budget; w1 saves the chunk's restart
+        // data and then holds the chunk instead of retrying
+        let failpoints = "worker-chunk-attempt=1*return->off;worker-before-retry=sleep(60000)";
+        let first = worker_with_env(&server, "w1", &["--concurrency", "1"], &[("FAILPOINTS", failpoints)]);
+        eventually(Duration::from_secs(20), "w1 bound", || async {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+            let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.ok()?.into_inner().sessions;
+            (!sessions.is_empty() && sessions.iter().all(|s| s.bound_server == "w1")).then_some(())
+        })
+        .await;
+        let n = 500;
+        let staged = submit(&server, &org, header(1000), accounts("a", 0..n)).await;
+        assert_eq!(staged.chunks, 1);
+        let saved = eventually(Duration::from_secs(30), "w1's restart data journaled", || async {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+            let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.ok()?.into_inner().sessions;
+            sessions.into_iter().find(|s| s.server_restart_bytes > 0)
+        })
+        .await;
+        assert_eq!((saved.bound_server.as_str(), saved.request_queue), ("w1", 1), "{saved:?}");
+        let rows = chunk_rows(&server.store_url, &staged.batch_id).await;
+        assert_eq!((rows[0].1.as_str(), rows[0].2, rows[0].3.as_str()), ("RUNNING", 1, "w1"), "{rows:?}");
+        drop(first); // SIGKILL, in the chunk after its failed attempt
+        let _second = worker(&server, "w2", &["--concurrency", "1"]);
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!(
+            (totals.committed, totals.committed_after_retry_resources, totals.records_committed, totals.aborted),
+            (0, 1, n as u64, 0),
+            "{totals:?}"
+        );
+        let chunk = chunk_statuses(&server, &org, &staged.batch_id).await.remove(0);
+        assert_eq!(
+            (state(&chunk), chunk.attempts, chunk.worker.as_str()),
+            (pb::ChunkState::CommittedAfterRetryResources, 2, "w2"),
+            "{chunk:?}"
+        );
+        assert!(
+            chunk.last_cause.starts_with("attempt 1 with a budget of 60s") && chunk.last_cause.contains("deadline"),
+            "w1's cause carried over: {chunk:?}"
+        );
         assert_eq!(stored(&server.store_url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
     }
 }

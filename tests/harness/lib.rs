@@ -738,14 +738,24 @@ pub async fn wait_for_pair_with(members: &[&Server], token: Option<&str>) -> (us
 
 /// A `baton worker` process on `url`, serving the manager at `manager`.
 pub fn worker_process(url: &str, manager: &str, id: &str, extra: &[&str]) -> Server {
+    worker_process_with_env(url, manager, id, extra, &[])
+}
+
+/// [`worker_process`] with environment variables set for the process (`FAILPOINTS`).
+pub fn worker_process_with_env(url: &str, manager: &str, id: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
     let mut args = vec!["worker", "--listen", "127.0.0.1:0", "--store", url, "--manager", manager, "--worker-id", id];
     args.extend_from_slice(extra);
-    Server::spawn_raw(&args)
+    Server::spawn_raw_with_env(&args, env)
 }
 
 /// A `baton worker` process serving `server` (a `baton dev` with its own manager).
 pub fn worker(server: &Server, id: &str, extra: &[&str]) -> Server {
-    worker_process(&server.store_url, &format!("http://{}", server.addr), id, extra)
+    worker_with_env(server, id, extra, &[])
+}
+
+/// [`worker`] with environment variables set for the process (`FAILPOINTS`).
+pub fn worker_with_env(server: &Server, id: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    worker_process_with_env(&server.store_url, &format!("http://{}", server.addr), id, extra, env)
 }
 
 /// A `baton scheduler` process on `url`, sending chunks through the manager at `manager`.

@@ -8,6 +8,13 @@
 //! killed and the manager rebound the session to another worker, or the manager failed over —
 //! commits once: the second run finds the outcome and answers it.
 //!
+//! What the store does not hold is how the attempts at a chunk still running failed (a resource
+//! limit, a busy database) and the budget grown since: that is the session's server restart data
+//! ([`restart`]). After each failed attempt the worker saves
+//! it with the session manager, which hands it to the worker that takes the session over; that
+//! worker continues the chunk's attempts (the retry flags, the budget, the attempt count) instead
+//! of starting afresh, so the chunk's outcome still says it was retried.
+//!
 //! Retries: a busy database (lock timeout, `SQLITE_BUSY`, serialization failure, too many
 //! connections) is retried after a backoff with jitter, and a commit after it is
 //! COMMITTED_AFTER_RETRY_WORKLOAD; a resource limit (the attempt's time budget, a statement
@@ -17,18 +24,21 @@
 //! exhausted abort it with the last cause.
 
 pub mod export;
+pub mod restart;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use baton_manager::client::{Connector, ServerEvent, ServerSession};
+use baton_manager::client::{Connector, ServerEvent, ServerReplier, ServerSession};
 use baton_mesh::config::parse_duration;
 use baton_mesh::proto::{from_any, to_any, type_url, v1 as pb};
 use baton_store::Store;
 use baton_store::batches::{ChunkRun, ChunkStart, ChunkState};
 use baton_store::blobs::Blobs;
-use tokio::sync::Semaphore;
+use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::restart::{ChunkHistory, Restarts};
 
 /// The full name of the work message.
 pub const CHUNK_WORK: &str = "baton.v1.ChunkWork";
@@ -168,46 +178,84 @@ pub async fn run(
     let replier = session.replier();
     let slots = Arc::new(Semaphore::new(options.chunks.concurrency as usize));
     let options = Arc::new(options);
+    let restarts = Arc::new(Mutex::new(Restarts::default()));
     tracing::info!(worker = %id, pool = %options.pool, manager = %options.manager, "worker registered");
     loop {
         let event = tokio::select! {
             _ = shutdown.cancelled() => break,
             event = session.next() => event,
         };
-        let Some(event) = event else { break };
-        let ServerEvent::Request { session_id, seq, payload, .. } = event else { continue };
+        let (session_id, seq, payload) = match event {
+            None => break,
+            // before the session's requests: they find the histories it brings
+            Some(ServerEvent::Bound { session_id, server_restart_data, .. }) => {
+                restarts.lock().await.bound(&session_id, &server_restart_data);
+                continue;
+            }
+            Some(ServerEvent::Request { session_id, seq, payload, .. }) => (session_id, seq, payload),
+            Some(ServerEvent::Accepted { .. }) => continue,
+        };
         let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let (store, blobs, options, replier, id, shutdown) =
-            (store.clone(), blobs.clone(), options.clone(), replier.clone(), id.clone(), shutdown.clone());
+        let (store, blobs, options, replier, restarts, id, shutdown) = (
+            store.clone(),
+            blobs.clone(),
+            options.clone(),
+            replier.clone(),
+            restarts.clone(),
+            id.clone(),
+            shutdown.clone(),
+        );
         tokio::spawn(async move {
             let _slot = slot;
             let Some(payload) = payload else {
                 tracing::error!(session = %session_id, seq, "an empty request; left unanswered");
                 return;
             };
-            let answer = if payload.type_url == type_url(EXPORT_PART_WORK) {
-                match from_any::<pb::ExportPartWork>(EXPORT_PART_WORK, &payload) {
-                    Ok(work) => export::produce(&store, &blobs, &options.chunks, &id, &work, &shutdown)
-                        .await
-                        .map(|done| to_any(EXPORT_PART_DONE, &done)),
+            if payload.type_url == type_url(EXPORT_PART_WORK) {
+                // An export part's history is not saved: nothing in a part's outcome depends on
+                // it (ExportPartDone says produced or not, never after what retries), so a
+                // replacement worker producing the part afresh answers the same; only its
+                // attempt count starts over.
+                let answer = match from_any::<pb::ExportPartWork>(EXPORT_PART_WORK, &payload) {
+                    Ok(work) => export::produce(&store, &blobs, &options.chunks, &id, &work, &shutdown).await,
                     Err(e) => {
                         tracing::error!(session = %session_id, seq, error = %e, "a bad export part; left unanswered");
                         return;
                     }
+                };
+                let Some(done) = answer else { return };
+                // empty restart data: the manager keeps the session's stored data, which names
+                // chunks only
+                if let Err(e) = replier.reply(&session_id, seq, to_any(EXPORT_PART_DONE, &done), Vec::new()).await {
+                    tracing::warn!(error = %e, "cannot answer (the manager delivers the request again)");
                 }
-            } else {
-                match from_any::<pb::ChunkWork>(CHUNK_WORK, &payload) {
-                    Ok(work) => {
-                        execute(&store, &options, &id, &work, &shutdown).await.map(|done| to_any(CHUNK_DONE, &done))
-                    }
-                    Err(e) => {
-                        tracing::error!(session = %session_id, seq, error = %e, "not a chunk; left unanswered");
-                        return;
-                    }
+                return;
+            }
+            let work = match from_any::<pb::ChunkWork>(CHUNK_WORK, &payload) {
+                Ok(work) => work,
+                Err(e) => {
+                    tracing::error!(session = %session_id, seq, error = %e, "not a chunk; left unanswered");
+                    return;
                 }
             };
-            let Some(answer) = answer else { return };
-            if let Err(e) = replier.reply(&session_id, seq, answer, Vec::new()).await {
+            let history = restarts.lock().await.take(&session_id, &work.batch_id, work.chunk_index);
+            if let Some(h) = &history {
+                tracing::info!(session = %session_id, batch = %work.batch_id, chunk = work.chunk_index,
+                    attempts = h.attempts, cause = %h.cause, "continuing the attempts of the session's previous server");
+            }
+            let history = history
+                .unwrap_or_else(|| ChunkHistory::new(&work.batch_id, work.chunk_index, options.chunks.chunk_budget));
+            let saver = Saver { restarts: &restarts, replier: &replier, session_id: &session_id };
+            let Some(done) = execute(&store, &options, &id, &work, history, &saver, &shutdown).await else { return };
+            // The reply's restart data is what is left of the session's histories once this
+            // chunk's is dropped: explicit (an empty list clears the stored data) when this worker
+            // has a history on the session, else empty, which keeps the stored data. What is kept
+            // names only chunks that have finished or that this worker has not been delivered
+            // yet; each is looked up by batch and chunk, and a finished chunk answers its stored
+            // outcome whatever its history says.
+            let mut restarts = restarts.lock().await;
+            let data = restarts.finished(&session_id, &work.batch_id, work.chunk_index);
+            if let Err(e) = replier.reply(&session_id, seq, to_any(CHUNK_DONE, &done), data).await {
                 tracing::warn!(error = %e, "cannot answer (the manager delivers the request again)");
             }
         });
@@ -215,18 +263,22 @@ pub async fn run(
     tracing::info!(worker = %id, "worker stopped");
 }
 
-/// Runs one delivered chunk to its outcome. The store being unreachable is waited out (the chunk
-/// is not answered until its outcome is known); None when shutdown comes first.
+/// Runs one delivered chunk to its outcome, continuing from `history` (the attempts made so far,
+/// by this worker or the session's previous server), saving the history with `saver` after every
+/// failed attempt. The store being unreachable is waited out (the chunk is not answered until its
+/// outcome is known); None when shutdown comes first.
 pub async fn execute(
     store: &Store,
     options: &WorkerOptions,
     worker: &str,
     work: &pb::ChunkWork,
+    mut history: ChunkHistory,
+    saver: &Saver<'_>,
     shutdown: &CancellationToken,
 ) -> Option<pb::ChunkDone> {
     let started = std::time::Instant::now();
     loop {
-        match attempts(store, &options.chunks, worker, work).await {
+        match attempts(store, &options.chunks, worker, work, &mut history, saver).await {
             Ok((outcome, overloaded)) => {
                 metrics::counter!("baton_chunks_total", "outcome" => outcome.as_str()).increment(1);
                 metrics::histogram!("baton_chunk_duration_seconds").record(started.elapsed().as_secs_f64());
@@ -249,40 +301,49 @@ pub async fn execute(
     }
 }
 
-/// The chunk's attempts: its outcome, and whether the database reported overload.
+/// The chunk's attempts after those in `history`, which each failed one is added to (and saved
+/// with `saver`): its outcome, and whether the database reported overload.
 async fn attempts(
     store: &Store,
     options: &ChunkOptions,
     worker: &str,
     work: &pb::ChunkWork,
+    history: &mut ChunkHistory,
+    saver: &Saver<'_>,
 ) -> Result<(ChunkState, bool), baton_store::Error> {
     use baton_store::Error as E;
     let (batch, index) = (work.batch_id.as_str(), work.chunk_index);
-    let (mut resources, mut workload) = (false, false);
-    let mut budget = options.chunk_budget;
     let mut backoff = options.retry_backoff;
-    let mut cause = String::new();
-    for attempt in 1..=options.max_attempts {
+    let mut busy = false;
+    while history.attempts < options.max_attempts {
+        let attempt = history.attempts + 1;
+        if busy {
+            let jitter = rand::random_range(0.5..1.5);
+            tokio::time::sleep(backoff.mul_f64(jitter)).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
         if attempt > 1
-            && let Err(e) = bounded(STORE_CALL_LIMIT, store.note_chunk_retry(batch, index, &cause)).await
+            && let Err(e) = bounded(STORE_CALL_LIMIT, store.note_chunk_retry(batch, index, &history.cause)).await
         {
             tracing::debug!(error = %e, "cannot note the retry's cause");
         }
-        let outcome = if resources {
-            ChunkState::CommittedAfterRetryResources
-        } else if workload {
-            ChunkState::CommittedAfterRetryWorkload
-        } else {
-            ChunkState::Committed
-        };
+        let (outcome, budget, cause) = (history.outcome(), history.budget(), history.cause.as_str());
         // marking the chunk RUNNING is part of the attempt: a busy database fails it the same way;
         // the transaction has the budget, the calls around it (start, commit) a limit of their own
         let run = async {
             match store.start_chunk(batch, index, worker).await? {
                 ChunkStart::Finished(outcome) => Ok(ChunkRun::Finished(outcome)),
-                ChunkStart::Run => store.run_chunk(batch, index, outcome, &cause, budget, options.lock_timeout).await,
+                ChunkStart::Run => {
+                    // fault tests: the attempt fails as over its budget
+                    fail::fail_point!("worker-chunk-attempt", |_| Err(E::DeadlineExceeded {
+                        limit: budget,
+                        elapsed: budget
+                    }));
+                    store.run_chunk(batch, index, outcome, cause, budget, options.lock_timeout).await
+                }
             }
         };
+        let workload = history.workload;
         match bounded(budget + STORE_CALL_LIMIT, run).await {
             Ok(ChunkRun::Committed(outcome) | ChunkRun::Finished(outcome)) => return Ok((outcome, workload)),
             Ok(ChunkRun::Invalid(problems)) => {
@@ -293,16 +354,15 @@ async fn attempts(
                 ));
             }
             Err(e @ E::Busy(_)) => {
-                workload = true;
-                cause = format!("attempt {attempt}: {e}");
-                let jitter = rand::random_range(0.5..1.5);
-                tokio::time::sleep(backoff.mul_f64(jitter)).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                busy = true;
+                history.workload = true;
+                history.cause = format!("attempt {attempt}: {e}");
             }
             Err(e @ (E::Resource(_) | E::DeadlineExceeded { .. })) => {
-                resources = true;
-                cause = format!("attempt {attempt} with a budget of {budget:?}: {e}");
-                budget = (budget * 8).min(Duration::from_secs(3600));
+                busy = false;
+                history.resources = true;
+                history.cause = format!("attempt {attempt} with a budget of {budget:?}: {e}");
+                history.budget_ms = history.budget_ms.saturating_mul(8).min(3_600_000);
             }
             Err(e @ (E::NotFound(_) | E::Corrupt(_) | E::Invalid(_))) => {
                 let cause = format!("cannot run: {e}");
@@ -310,10 +370,38 @@ async fn attempts(
             }
             Err(e) => return Err(e),
         }
-        tracing::info!(batch, chunk = index, %cause, "chunk attempt failed; retrying");
+        history.attempts = attempt;
+        saver.save(history).await;
+        // fault tests: hold the chunk here, its restart data saved, to kill the worker (a sleep
+        // or pause blocks its thread, so it runs on the blocking pool and the save goes out)
+        #[cfg(feature = "failpoints")]
+        let _ = tokio::task::spawn_blocking(|| fail::fail_point!("worker-before-retry")).await;
+        tracing::info!(batch, chunk = index, cause = %history.cause, "chunk attempt failed; retrying");
     }
-    let cause = format!("retries exhausted after {} attempts; last cause: {cause}", options.max_attempts);
-    Ok((bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?, workload))
+    let cause = format!("retries exhausted after {} attempts; last cause: {}", history.attempts, history.cause);
+    Ok((bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?, history.workload))
+}
+
+/// Saves the restart data of a chunk's session after a failed attempt.
+pub struct Saver<'a> {
+    /// The worker's chunk histories.
+    pub restarts: &'a Mutex<Restarts>,
+    /// The worker's server session.
+    pub replier: &'a ServerReplier,
+    /// The chunk's session.
+    pub session_id: &'a str,
+}
+
+impl Saver<'_> {
+    /// Saves the session's restart data with `history` in it.
+    async fn save(&self, history: &ChunkHistory) {
+        // the lock is held until the data is handed to the replier: saves go out in order
+        let mut restarts = self.restarts.lock().await;
+        let data = restarts.failed(self.session_id, history);
+        if let Err(e) = self.replier.save_restart(self.session_id, data).await {
+            tracing::warn!(error = %e, "cannot save the chunk's attempts as restart data");
+        }
+    }
 }
 
 /// The wire form of a chunk state (in ChunkDone here, in the scheduler's chunk statuses).
