@@ -472,7 +472,7 @@ async fn a_resource_retry_of_a_killed_worker_carries_over_to_the_next() {
         let first = worker_with_env(&server, "w1", &["--concurrency", "1"], &[("FAILPOINTS", failpoints)]);
         eventually(Duration::from_secs(20), "w1 bound", || async {
             let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
-            let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.ok()?.into_inner().sessions;
+            let sessions = client.list_sessions(pb::ListSessionsRequest::default()).await.ok()?.into_inner().sessions;
             (!sessions.is_empty() && sessions.iter().all(|s| s.bound_server == "w1")).then_some(())
         })
         .await;
@@ -481,7 +481,7 @@ async fn a_resource_retry_of_a_killed_worker_carries_over_to_the_next() {
         assert_eq!(staged.chunks, 1);
         let saved = eventually(Duration::from_secs(30), "w1's restart data journaled", || async {
             let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
-            let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.ok()?.into_inner().sessions;
+            let sessions = client.list_sessions(pb::ListSessionsRequest::default()).await.ok()?.into_inner().sessions;
             sessions.into_iter().find(|s| s.server_restart_bytes > 0)
         })
         .await;
