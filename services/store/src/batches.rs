@@ -273,6 +273,36 @@ pub struct ReleaseCaps {
     pub per_org: u32,
 }
 
+/// What [`Store::recover_chunks`] (or [`Store::recover_parts`]) did for a restarted scheduler.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Released, not marked sent, and held by the manager: now marked sent.
+    pub marked_sent: u64,
+    /// Released, not marked sent, and not held by the manager: pending again, released at once.
+    pub released_again: u64,
+    /// Of those said to be held, the ones still in flight (id, number).
+    pub in_flight: Vec<(String, u32)>,
+}
+
+/// What a scheduler releases: chunks, or export parts.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Releasable {
+    /// Batch chunks (`chunks`).
+    Chunks,
+    /// Export parts (`export_parts`).
+    Parts,
+}
+
+impl Releasable {
+    /// The table, its owner and number columns, and its in-flight states (SQL list).
+    fn columns(self) -> (&'static str, &'static str, &'static str, &'static str) {
+        match self {
+            Releasable::Chunks => ("chunks", "batch_id", "idx", "('RELEASED', 'RUNNING')"),
+            Releasable::Parts => ("export_parts", "export_id", "number", "('RELEASED')"),
+        }
+    }
+}
+
 /// What a worker may do with a chunk delivered to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChunkStart {
@@ -759,6 +789,64 @@ impl Store {
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    /// After scheduler `claimer` restarted, before its first release: each chunk it released and
+    /// had not marked sent either reached the manager or not. Those in `held` (batch id, chunk
+    /// index: what the restart data of its sessions lists as sent) did, and are marked sent, so
+    /// they are never sent again; the others did not, and go back to PENDING, to be released at
+    /// once rather than after [`UNSENT_RELEASE_TIMEOUT_MS`]. Also answers which chunks of `held`
+    /// are still in flight (released or running), whose answers are still to come.
+    pub async fn recover_chunks(&self, claimer: &str, held: &[(String, u32)]) -> Result<Recovered, Error> {
+        self.recover_releases(Releasable::Chunks, claimer, held).await
+    }
+
+    /// [`Store::recover_chunks`] for chunks or export parts.
+    pub(crate) async fn recover_releases(
+        &self,
+        what: Releasable,
+        claimer: &str,
+        held: &[(String, u32)],
+    ) -> Result<Recovered, Error> {
+        let (table, owner, number, in_flight) = what.columns();
+        let now = now_ms();
+        let mut recovered = Recovered::default();
+        let mut tx = self.writer.begin().await?;
+        for (id, n) in held {
+            // a row a worker has taken is no longer RELEASED: the condition skips it (on
+            // PostgreSQL without waiting for the worker's transaction, as in `mark_sent`)
+            let marked = sqlx::query(&format!(
+                "UPDATE {table} SET sent_at_ms = $4 WHERE {owner} = $1 AND {number} = $2 AND claimed_by = $3 \
+                 AND state = 'RELEASED' AND sent_at_ms = 0"
+            ))
+            .bind(id.as_str())
+            .bind(i64::from(*n))
+            .bind(claimer)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            recovered.marked_sent += marked.rows_affected();
+            let flying = sqlx::query(&format!(
+                "SELECT 1 FROM {table} WHERE {owner} = $1 AND {number} = $2 AND state IN {in_flight}"
+            ))
+            .bind(id.as_str())
+            .bind(i64::from(*n))
+            .fetch_optional(&mut *tx)
+            .await?;
+            if flying.is_some() {
+                recovered.in_flight.push((id.clone(), *n));
+            }
+        }
+        let again = sqlx::query(&format!(
+            "UPDATE {table} SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
+             WHERE state = 'RELEASED' AND claimed_by = $1 AND sent_at_ms = 0"
+        ))
+        .bind(claimer)
+        .execute(&mut *tx)
+        .await?;
+        recovered.released_again = again.rows_affected();
+        tx.commit().await?;
+        Ok(recovered)
     }
 
     /// A worker takes a delivered chunk: RUNNING, one more attempt, unless it has its outcome

@@ -14,7 +14,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use tokio::time::Instant;
 
-use crate::batches::{UNSENT_RELEASE_TIMEOUT_MS, u32_of};
+use crate::batches::{Recovered, Releasable, UNSENT_RELEASE_TIMEOUT_MS, u32_of};
 use crate::blobs::{Blobs, Compressor};
 use crate::filter::Compiled;
 use crate::model::{Fields, ObjectSchema, Record};
@@ -791,6 +791,13 @@ impl Store {
             .execute(&self.writer)
             .await?;
         Ok(())
+    }
+
+    /// [`Store::recover_chunks`] for export parts: of the parts scheduler `claimer` released and
+    /// had not marked sent, those in `held` (export id, part number) are marked sent and the
+    /// others go back to PENDING at once.
+    pub async fn recover_parts(&self, claimer: &str, held: &[(String, u32)]) -> Result<Recovered, Error> {
+        self.recover_releases(Releasable::Parts, claimer, held).await
     }
 
     /// Produces a part: reads its id range, writes it to `blobs` under a fresh key and records it

@@ -427,7 +427,7 @@ async fn a_write_past_its_deadline_commits_nothing() {
 mod batches {
     use super::*;
     use baton_store::batches::{
-        BatchOp, BatchStart, BatchState, ChunkRun, ChunkStart, ChunkState, NewBatch, ReleaseCaps,
+        BatchOp, BatchStart, BatchState, ChunkRun, ChunkStart, ChunkState, NewBatch, Recovered, ReleaseCaps,
     };
 
     fn new_batch(op: BatchOp, chunk_size: u32) -> NewBatch {
@@ -724,6 +724,61 @@ mod batches {
         .await;
     }
 
+    /// A restarted scheduler's releases: of its chunks released and not marked sent, the one its
+    /// sessions' restart data lists (the manager journaled it) is marked sent and never released
+    /// again, even after the unsent-release timeout; the one not listed is released again at
+    /// once. Chunks a worker took, and another scheduler's releases, are left alone.
+    #[tokio::test]
+    async fn a_restarted_scheduler_keeps_what_the_manager_holds_and_releases_the_rest_at_once() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let batch = submit(s, &org, &new_batch(BatchOp::Upsert, 2), &accounts("a", 10)).await;
+            let indexes = |cs: &[baton_store::batches::ChunkRef]| cs.iter().map(|c| c.index).collect::<Vec<_>>();
+            let released = s.release_chunks("sched-a", ReleaseCaps { overall: 4, per_org: 4 }).await.unwrap();
+            assert_eq!(indexes(&released), [0, 1, 2, 3]);
+            // 0 sent and committed, 1 sent and running; 2 journaled by the manager but the
+            // scheduler died before marking it sent; 3 never sent
+            s.mark_sent(&released[0]).await.unwrap();
+            assert_eq!(run(s, &batch, 0).await, ChunkRun::Committed(ChunkState::Committed));
+            s.mark_sent(&released[1]).await.unwrap();
+            assert_eq!(s.start_chunk(&batch, 1, "w1").await.unwrap(), ChunkStart::Run);
+            // another scheduler's release, not sent
+            let other = s.release_chunks("sched-b", ReleaseCaps { overall: 5, per_org: 5 }).await.unwrap();
+            assert_eq!(indexes(&other), [4]);
+
+            let held = [(batch.clone(), 0), (batch.clone(), 1), (batch.clone(), 2), ("bat_gone".to_owned(), 7)];
+            let recovered = s.recover_chunks("sched-a", &held).await.unwrap();
+            assert_eq!(
+                recovered,
+                Recovered {
+                    marked_sent: 1,
+                    released_again: 1,
+                    in_flight: vec![(batch.clone(), 1), (batch.clone(), 2)]
+                }
+            );
+            let again = s.recover_chunks("sched-a", &held).await.unwrap();
+            assert_eq!((again.marked_sent, again.released_again), (0, 0), "a second recovery changes nothing");
+            // chunk 3 goes out now, not after the timeout; 2 is the manager's, 4 sched-b's
+            let caps = ReleaseCaps { overall: 8, per_org: 8 };
+            let next = s.release_chunks("sched-a", caps).await.unwrap();
+            assert_eq!(indexes(&next), [3]);
+            s.mark_sent(&next[0]).await.unwrap();
+            // past the unsent-release timeout: only sched-b's unsent chunk is released again
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&t.url).await.unwrap();
+            sqlx::query("UPDATE chunks SET released_at_ms = released_at_ms - 60000 WHERE batch_id = $1")
+                .bind(batch.clone())
+                .execute(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            assert_eq!(indexes(&s.release_chunks("sched-c", caps).await.unwrap()), [4]);
+            let info = s.batch(&org, &batch).await.unwrap();
+            assert_eq!((info.totals.pending, info.totals.in_flight, info.totals.committed), (0, 4, 1));
+        })
+        .await;
+    }
+
     #[tokio::test]
     async fn the_same_request_id_gives_the_same_batch() {
         each_backend(|t| async move {
@@ -904,6 +959,31 @@ mod exports {
             assert_eq!(ids, (100..390).filter(|&i| i != 300).map(|i| format!("r{i:04}")).collect::<Vec<_>>());
             let blob_files = walk(dir.path()).into_iter().filter(|p| p.contains(&part.export_id)).count();
             assert_eq!(blob_files as u32, s.export(&org, &token).await.unwrap().parts_total, "one blob per part");
+        })
+        .await;
+    }
+
+    /// [`Store::recover_parts`]: a part the manager holds is marked sent, one that never reached
+    /// it is released again at once.
+    #[tokio::test]
+    async fn a_restarted_scheduler_keeps_the_parts_the_manager_holds_and_releases_the_rest() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            load(s, &org, 300).await;
+            let started = s.start_export(&org, &spec("", 10, 50), soon(), Duration::from_secs(60)).await.unwrap();
+            let ExportStart::Started { export, .. } = started else { panic!("async") };
+            s.plan_exports(Duration::from_secs(5)).await.unwrap();
+            let parts = s.release_parts("sched-a", 3, 3).await.unwrap();
+            assert_eq!(parts.len(), 3);
+            s.mark_part_sent(&parts[0]).await.unwrap();
+            // parts[1] journaled by the manager, parts[2] never sent
+            let held = [(export.id.clone(), parts[1].number)];
+            let recovered = s.recover_parts("sched-a", &held).await.unwrap();
+            assert_eq!((recovered.marked_sent, recovered.released_again), (1, 1));
+            assert_eq!(recovered.in_flight, held);
+            let next = s.release_parts("sched-a", 3, 3).await.unwrap();
+            assert_eq!(next.iter().map(|p| p.number).collect::<Vec<_>>(), [parts[2].number]);
         })
         .await;
     }
