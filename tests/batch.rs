@@ -1,6 +1,7 @@
 //! Batches end to end, on the real binary, SQLite and PostgreSQL: staged, divided into chunks,
 //! released by policy, run by workers (in `baton dev`, or `baton worker` processes) through the
-//! session manager; exactly once across a killed worker and killed primary managers.
+//! session manager; exactly once across a killed worker, killed primary managers and a killed
+//! scheduler.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -10,7 +11,7 @@ use baton_scheduler::client::submit_batch;
 use baton_store::Backend;
 use baton_tests::{
     ManagerPair, Server, TempDir, TestOrg, authed, backends, create_org, eventually, intake_process, record,
-    scheduler_process, worker, worker_process, worker_with_env,
+    scheduler_process, scheduler_process_with_env, worker, worker_process, worker_with_env,
 };
 use sqlx::Row;
 
@@ -623,4 +624,147 @@ async fn two_schedulers_on_postgres_release_each_chunk_once() {
     let peak = peak_running(&chunk_statuses(&schedulers[1], &org, &staged.batch_id).await);
     assert!(peak <= 3, "{peak} chunks ran at once across the two schedulers; the cap is 3");
     assert_eq!(stored(&url, &org.id).await, (6000, 1, 6000));
+}
+
+/// The client sessions the manager at `server` holds whose ids start with `prefix`, by id.
+async fn sessions_of(server: &Server, prefix: &str) -> Vec<pb::SessionInfo> {
+    let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+    let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.unwrap().into_inner().sessions;
+    let mut sessions: Vec<_> = sessions.into_iter().filter(|s| s.session_id.starts_with(prefix)).collect();
+    sessions.sort_by(|a, b| a.session_id.cmp(&b.session_id));
+    sessions
+}
+
+fn ids(sessions: &[pb::SessionInfo]) -> Vec<&str> {
+    sessions.iter().map(|s| s.session_id.as_str()).collect()
+}
+
+/// A `baton scheduler` SIGKILLed mid-batch at the worst moment: a failpoint stops it after the
+/// manager journaled its third chunk and before the store marked it sent, with a fourth chunk
+/// released and never sent. Restarted with the same `--scheduler-id` on the same database, it
+/// resumes its two sessions (the manager holds as many as before, no more), marks the journaled
+/// chunk sent from its sessions' restart data, and releases the unsent one at once: the batch
+/// completes within 20 s of the restart, well within the store's 30 s unsent-release timeout
+/// (which alone would have held the fourth chunk back), every chunk sent once and committed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restarted_scheduler_resumes_its_sessions_and_sends_at_once_what_it_had_not() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let data = TempDir::new();
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite://{}/baton.db", data.0.display()),
+            Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
+        };
+        let journal = TempDir::new();
+        let manager = Server::spawn_raw(&[
+            "manager",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--journal-dir",
+            journal.0.join("j").to_str().unwrap(),
+        ]);
+        let endpoint = format!("http://{}", manager.addr);
+        let intake = intake_process(&url, &[]);
+        let id = "sched-e2e";
+        let release = ["--scheduler-id", id, "--sessions", "2", "--max-parallel", "4", "--org-parallel", "4"];
+        // the first release takes chunks 0-3; the third send stops between journal and mark
+        let failpoint = [("FAILPOINTS", "releaser-chunk-sent=2*off->sleep(60000)")];
+        let mut scheduler = scheduler_process_with_env(&url, &endpoint, &release, &failpoint);
+        let _worker = worker_process(&url, &endpoint, "w1", &["--concurrency", "1"]);
+        let org = create_org(&intake, "acme").await;
+        let n = 8_000;
+        let staged = submit(&scheduler, &org, header(1000), accounts("a", 0..n)).await;
+        let prefix = format!("{id}/");
+        let before = eventually(Duration::from_secs(30), "three chunks journaled by the manager", || async {
+            let sessions = sessions_of(&manager, &prefix).await;
+            (sessions.iter().map(|s| s.last_request_seq).sum::<u64>() == 3).then_some(sessions)
+        })
+        .await;
+        assert_eq!(ids(&before), ["sched-e2e/0", "sched-e2e/1"]);
+        let rows = chunk_rows(&url, &staged.batch_id).await;
+        assert!(!rows[2].4, "the third chunk is journaled, not marked sent: {rows:?}");
+        assert_eq!((rows[3].1.as_str(), rows[3].4), ("RELEASED", false), "the fourth is released, not sent: {rows:?}");
+        assert!(rows[4..].iter().all(|c| c.1 == "PENDING"), "{rows:?}");
+
+        scheduler.clear_env();
+        let restarted = Instant::now();
+        let scheduler = scheduler.restart(&[]); // SIGKILL, then the same flags
+        let (batch, _) = watch(&scheduler, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let took = restarted.elapsed();
+        eprintln!("the batch completed {took:?} after the scheduler's restart");
+        assert!(took < Duration::from_secs(20), "{took:?} after the restart: the unsent chunk waited for the timeout?");
+        let totals = batch.totals.unwrap();
+        assert_eq!((totals.committed, totals.records_committed, totals.aborted), (8, n as u64, 0), "{totals:?}");
+        let after = sessions_of(&manager, "").await;
+        assert_eq!(ids(&after), ids(&before), "the same sessions, resumed, and no others");
+        let sent: u64 = after.iter().map(|s| s.last_request_seq).sum();
+        assert_eq!(sent, 8, "every chunk sent once: the journaled one not again, the unsent one once");
+        assert_eq!(stored(&url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
+        // the store records the scheduler id as the releaser
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&url).await.unwrap();
+        let claimers: Vec<String> = sqlx::query("SELECT DISTINCT claimed_by FROM chunks WHERE batch_id = $1")
+            .bind(staged.batch_id.clone())
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        pool.close().await;
+        assert_eq!(claimers, [id]);
+    }
+}
+
+/// `baton dev` SIGKILLed and restarted five times on its data directory: its scheduler (id `dev`)
+/// resumes the same sessions each time, `dev/0` to `dev/7`, all connected again, instead of
+/// leaving eight more behind per start; and a batch goes through on them after each restart.
+/// (The sessions live in the manager's journal under the data directory: SQLite only.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn baton_dev_restarted_holds_the_same_scheduler_sessions() {
+    let mut server = Server::start(Backend::Sqlite, &[]).await;
+    let org = create_org(&server, "acme").await;
+    let expected: Vec<String> = (0..8).map(|k| format!("dev/{k}")).collect();
+    for start in 0..=5 {
+        if start > 0 {
+            server = server.restart(&[]);
+        }
+        eventually(Duration::from_secs(30), "the scheduler's eight sessions connected", || async {
+            let sessions = sessions_of(&server, "dev/").await;
+            let connected = sessions.iter().filter(|s| s.client_connected).count();
+            (connected == expected.len()).then_some(())
+        })
+        .await;
+        // and no others, connected or left behind by an earlier start
+        let sessions = sessions_of(&server, "dev/").await;
+        assert_eq!(ids(&sessions), expected, "start {start}");
+        assert!(sessions.iter().all(|s| s.client_connected), "start {start}: {sessions:?}");
+        assert_eq!(sessions_of(&server, "").await.len(), 8, "start {start}: sessions besides the scheduler's");
+        let staged = submit(&server, &org, header(10), accounts(&format!("s{start}-"), 0..20)).await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        assert_eq!(batch.totals.unwrap().records_committed, 20, "start {start}");
+    }
+}
+
+/// `baton dev` restarted with fewer `--sessions`: the scheduler resumes the sessions above the new
+/// count only to drain them, and closes them (their queues are empty here), so the manager is left
+/// with exactly the new count; batches go on through the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_scheduler_restarted_with_fewer_sessions_closes_the_surplus() {
+    let server = Server::start_with_env(Backend::Sqlite, &[], &[("BATON_SCHEDULER_SESSIONS", "4")]).await;
+    let org = create_org(&server, "acme").await;
+    let staged = submit(&server, &org, header(10), accounts("a", 0..80)).await;
+    watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+    assert_eq!(ids(&sessions_of(&server, "").await), ["dev/0", "dev/1", "dev/2", "dev/3"]);
+    let server = server.restart(&["--sessions", "2"]); // the flag wins over the variable
+    eventually(Duration::from_secs(30), "the surplus sessions closed", || async {
+        let sessions = sessions_of(&server, "").await;
+        (ids(&sessions) == ["dev/0", "dev/1"] && sessions.iter().all(|s| s.client_connected)).then_some(())
+    })
+    .await;
+    let staged = submit(&server, &org, header(10), accounts("b", 0..40)).await;
+    let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+    assert_eq!(batch.totals.unwrap().records_committed, 40);
+    assert_eq!(ids(&sessions_of(&server, "").await), ["dev/0", "dev/1"], "no session opened again");
 }

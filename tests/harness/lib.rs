@@ -758,11 +758,22 @@ pub fn worker_with_env(server: &Server, id: &str, extra: &[&str], env: &[(&str, 
     worker_process_with_env(&server.store_url, &format!("http://{}", server.addr), id, extra, env)
 }
 
-/// A `baton scheduler` process on `url`, sending chunks through the manager at `manager`.
+/// A `baton scheduler` process on `url`, sending chunks through the manager at `manager`. Unless
+/// `extra` names one, it gets a `--scheduler-id` of its own (the default, the host name, is the
+/// same for every scheduler of a test).
 pub fn scheduler_process(url: &str, manager: &str, extra: &[&str]) -> Server {
+    scheduler_process_with_env(url, manager, extra, &[])
+}
+
+/// [`scheduler_process`] with environment variables (`FAILPOINTS`).
+pub fn scheduler_process_with_env(url: &str, manager: &str, extra: &[&str], env: &[(&str, &str)]) -> Server {
+    let id = format!("e2e-scheduler-{}", rand_hex());
     let mut args = vec!["scheduler", "--listen", "127.0.0.1:0", "--store", url, "--manager", manager];
+    if !extra.contains(&"--scheduler-id") {
+        args.extend(["--scheduler-id", &id]);
+    }
     args.extend_from_slice(extra);
-    Server::spawn_raw(&args)
+    Server::spawn_raw_with_env(&args, env)
 }
 
 /// A `baton intake` process (with the admin API) on `url`.

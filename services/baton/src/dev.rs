@@ -12,6 +12,9 @@ use baton_mesh::config::{ServeOptions, exit_bad_config};
 use baton_mesh::server::MeshServer;
 use baton_store::{Store, StoreOptions};
 
+/// The scheduler id of `baton dev` (its sessions are `dev/0`, `dev/1`, …).
+pub const DEV_SCHEDULER_ID: &str = "dev";
+
 /// The options of `baton dev`.
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
@@ -162,7 +165,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // the scheduler and the workers reach the manager through this process's own port
     let server = baton_scheduler::add_services(server, &store, serve.max_message_bytes());
     let me = format!("http://{addr}");
-    let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), args.release.clone());
+    // a fixed scheduler id: a restarted `baton dev` resumes its sessions (the manager and store
+    // under the data directory are its own)
+    let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), DEV_SCHEDULER_ID.into(), args.release.clone());
     let mut tasks = vec![tokio::spawn(baton_scheduler::releaser::run(
         store.clone(),
         blobs.clone(),

@@ -6,7 +6,9 @@
 //! deferral while the database reports overload) and sends each to the workers as a request on
 //! one of its client sessions of the session manager. Workers answer with the chunk's outcome,
 //! which they have already recorded in the store: the store, not the scheduler, knows where every
-//! chunk is, so scheduler replicas share the queue and a scheduler restart loses nothing.
+//! chunk is, so scheduler replicas share the queue and a scheduler restart loses nothing. A
+//! scheduler's `--scheduler-id` names its sessions, so a restarted scheduler resumes them (see
+//! [`releaser`]).
 
 pub mod client;
 pub mod releaser;
@@ -36,6 +38,13 @@ pub struct SchedulerOptions {
     /// The manager pool of the workers.
     #[arg(long, env = "BATON_WORKER_POOL", default_value = baton_worker::DEFAULT_POOL)]
     pub pool: String,
+
+    /// This scheduler's id, stable across restarts: its client sessions are named after it
+    /// (`ID/0`, `ID/1`, …), so a restarted scheduler resumes them, and the store records it as
+    /// the releaser of its chunks. 1 to 100 printable ASCII characters, no `/`; unique among
+    /// the schedulers of a manager and a store. By default the host name.
+    #[arg(long, env = "BATON_SCHEDULER_ID")]
+    pub scheduler_id: Option<String>,
 
     /// How chunks are released.
     #[command(flatten)]
@@ -98,9 +107,15 @@ impl ReleaseOptions {
 }
 
 impl SchedulerOptions {
-    /// Options for a scheduler of `manager` releasing as `release` says.
-    pub fn new(manager: String, release: ReleaseOptions) -> Self {
-        Self { manager, mesh: Default::default(), pool: baton_worker::DEFAULT_POOL.to_owned(), release }
+    /// Options for scheduler `scheduler_id` of `manager` releasing as `release` says.
+    pub fn new(manager: String, scheduler_id: String, release: ReleaseOptions) -> Self {
+        Self {
+            manager,
+            mesh: Default::default(),
+            pool: baton_worker::DEFAULT_POOL.to_owned(),
+            scheduler_id: Some(scheduler_id),
+            release,
+        }
     }
 
     /// Checks what clap cannot.
@@ -108,8 +123,37 @@ impl SchedulerOptions {
         if self.manager.trim().is_empty() {
             return Err("--manager is empty: name the session manager (http://host:port)".into());
         }
+        check_scheduler_id(&self.id())?;
         self.release.validate()
     }
+
+    /// The scheduler id: the one given, or the host name.
+    pub fn id(&self) -> String {
+        self.scheduler_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            match host.trim() {
+                "" => "scheduler".to_owned(),
+                host => host.to_owned(),
+            }
+        })
+    }
+}
+
+/// The longest scheduler id: with `/` and a session number (at most 4 digits) a session id
+/// stays within the manager's 128 characters.
+pub const MAX_SCHEDULER_ID: usize = 100;
+
+/// Checks a scheduler id: 1 to [`MAX_SCHEDULER_ID`] printable ASCII characters (no space), no
+/// `/` (the separator of its session ids, so `ID/` names this scheduler's sessions only).
+pub fn check_scheduler_id(id: &str) -> Result<(), String> {
+    let printable = id.bytes().all(|b| b.is_ascii_graphic() && b != b'/');
+    if id.is_empty() || id.len() > MAX_SCHEDULER_ID || !printable {
+        return Err(format!(
+            "--scheduler-id must be 1 to {MAX_SCHEDULER_ID} printable ASCII characters without spaces or '/', \
+             got {id:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// Adds the Scheduler gRPC service over `store` to `server`.
@@ -120,4 +164,35 @@ pub fn add_services(server: MeshServer, store: &Store, max_message_bytes: usize)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(max_message_bytes),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scheduler_ids_are_printable_ascii_without_slashes_and_short_enough_for_session_ids() {
+        for good in ["dev", "sched-01.example.com", &"x".repeat(MAX_SCHEDULER_ID)] {
+            assert_eq!(check_scheduler_id(good), Ok(()), "{good:?}");
+        }
+        for bad in ["", "a b", "a/b", "é", "tab\there", &"x".repeat(MAX_SCHEDULER_ID + 1)] {
+            let error = check_scheduler_id(bad).unwrap_err();
+            assert!(error.starts_with("--scheduler-id must be"), "{bad:?}: {error}");
+        }
+        // the longest id with the highest session number is a valid session id
+        assert!(format!("{}/{}", "x".repeat(MAX_SCHEDULER_ID), 1023).len() <= 128);
+    }
+
+    #[test]
+    fn the_default_id_is_the_host_name() {
+        let options = SchedulerOptions {
+            scheduler_id: None,
+            ..SchedulerOptions::new("m".into(), "x".into(), Default::default())
+        };
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        if !host.trim().is_empty() {
+            assert_eq!(options.id(), host.trim());
+        }
+        assert_eq!(options.validate(), Ok(()));
+    }
 }

@@ -12,23 +12,36 @@
 //! time, as [`pb::ExportPartWork`] requests on the same sessions; workers answer
 //! [`pb::ExportPartDone`]. Every few seconds it deletes the parts of exports past their retention.
 //!
-//! The releaser keeps nothing the store does not: chunks in flight count against the caps through
-//! their state, so a restarted or second scheduler sees them. A chunk released but never sent (its
-//! scheduler died in between) is released again after a timeout by any scheduler.
+//! The store knows where every chunk is: chunks in flight count against the caps through their
+//! state, so a restarted or second scheduler sees them. What it cannot know is whether a chunk
+//! released just before its scheduler died had reached the manager; the manager keeps that for
+//! the scheduler, as client restart data. The sessions are named after the scheduler id (`ID/0`
+//! to `ID/N-1`, `--scheduler-id`), so a restarted scheduler resumes them, with the answers queued
+//! meanwhile; and each request carries, as its session's restart data, what the scheduler has
+//! sent on that session and not seen answered ([`RestartData`]). On start, before releasing
+//! anything, the releaser reads it back ([`Store::recover_chunks`], [`Store::recover_parts`]):
+//! its chunks and parts released and not marked sent are marked sent when listed (the manager
+//! holds them: they are never sent again) and released again at once when not (they never
+//! reached it). A chunk of a scheduler that does not come back is released again by any
+//! scheduler after the store's unsent-release timeout.
 
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::ops::Range;
 use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use baton_manager::client::{ClientSender, ClientSession, Connector};
+use baton_manager::client::{ClientResponse, ClientSender, ClientSession, Connector};
 use baton_mesh::now_ms;
 use baton_mesh::proto::{from_any, to_any, type_url, v1 as pb};
 use baton_store::Store;
 use baton_store::batches::ReleaseCaps;
 use baton_store::blobs::Blobs;
 use baton_worker::{CHUNK_DONE, CHUNK_WORK, EXPORT_PART_DONE, EXPORT_PART_WORK};
+use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 
 use crate::SchedulerOptions;
 
@@ -41,11 +54,72 @@ const OVERLOAD_PAUSE: Duration = Duration::from_millis(baton_store::batches::OVE
 const PLAN_BUDGET: Duration = Duration::from_millis(100);
 /// How often exports past their retention are looked for.
 const EXPIRY_SWEEP: Duration = Duration::from_secs(5);
+/// How long a failed open of a session, or a failed recovery, waits before it is tried again.
+const RETRY: Duration = Duration::from_secs(1);
+/// How often a surplus session asks again to be closed while answers are still to come on it.
+const SURPLUS_CLOSE_RETRY: Duration = Duration::from_secs(1);
+/// The most sessions `--sessions` allows (a bound on what restart data may claim).
+const MAX_SESSIONS: u32 = 1024;
+
+/// What a request is about, as restart data lists it: a chunk or an export part.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(untagged)]
+enum Work {
+    /// A chunk ([`pb::ChunkWork`], answered by [`pb::ChunkDone`]).
+    Chunk {
+        /// Its batch.
+        batch_id: String,
+        /// Its number in the batch.
+        chunk_index: u32,
+    },
+    /// An export part ([`pb::ExportPartWork`], answered by [`pb::ExportPartDone`]).
+    Part {
+        /// Its export.
+        export_id: String,
+        /// Its number in the export.
+        part: u32,
+    },
+}
+
+/// A session's client restart data, JSON sent with each request on it: the manager keeps the
+/// last, and hands it back when the session is resumed, for example
+/// `{"sessions":8,"in_flight":[{"batch_id":"bat_…","chunk_index":3},{"export_id":"exp_…","part":2}]}`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct RestartData {
+    /// The sessions the scheduler holds, counting those of an earlier start still draining: a
+    /// scheduler restarted with fewer finds its surplus sessions from this.
+    #[serde(default)]
+    sessions: u32,
+    /// Requests sent on the session and not seen answered, oldest first: at most
+    /// `--max-parallel` chunks and as many parts, which is all this scheduler can have in flight.
+    #[serde(default)]
+    in_flight: Vec<Work>,
+}
+
+impl RestartData {
+    /// The restart data `session` was resumed with (none for a new session).
+    fn of(session: &ClientSession) -> Self {
+        let data = &session.opened().restart_data;
+        if data.is_empty() {
+            return Self::default();
+        }
+        serde_json::from_slice(data).unwrap_or_else(|e| {
+            // listing nothing is safe: what it held is sent again, and a second delivery of a
+            // chunk reads its outcome
+            tracing::warn!(session = session.session_id(), error = %e, "unreadable restart data; ignored");
+            Self::default()
+        })
+    }
+}
 
 struct Shared {
     wake: Notify,
-    /// Requests sent and not answered, per session.
-    outstanding: Vec<AtomicU32>,
+    /// Requests sent and not seen answered, per session: what its restart data lists.
+    in_flight: Vec<Mutex<VecDeque<Work>>>,
+    /// Chunks, and parts, listed per session at most (`--max-parallel`).
+    listed: usize,
+    /// The sessions the restart data records ([`RestartData::sessions`]).
+    sessions: AtomicU32,
     /// No release before this time (ms), while the database is overloaded.
     paused_until: AtomicI64,
 }
@@ -55,33 +129,198 @@ impl Shared {
     fn pause(&self) {
         self.paused_until.fetch_max(now_ms() + OVERLOAD_PAUSE.as_millis() as i64, Ordering::Relaxed);
     }
+
+    fn in_flight(&self, k: usize) -> MutexGuard<'_, VecDeque<Work>> {
+        self.in_flight[k].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The session with the fewest requests in flight.
+    fn least_busy(&self) -> usize {
+        (0..self.in_flight.len()).min_by_key(|&k| self.in_flight(k).len()).unwrap_or(0)
+    }
+
+    /// Notes `work` as sent on session `k`: the restart data to send it with.
+    fn sending(&self, k: usize, work: Work) -> Vec<u8> {
+        let mut in_flight = self.in_flight(k);
+        let kind = std::mem::discriminant(&work);
+        if in_flight.iter().filter(|w| std::mem::discriminant(*w) == kind).count() >= self.listed {
+            // an answer lost (or a response not understood): the oldest of its kind goes. Only
+            // the newest request can be between its send and its mark, and one left unlisted is
+            // at worst sent again
+            if let Some(oldest) = in_flight.iter().position(|w| std::mem::discriminant(w) == kind) {
+                in_flight.remove(oldest);
+            }
+        }
+        in_flight.push_back(work);
+        let data = RestartData {
+            sessions: self.sessions.load(Ordering::Relaxed),
+            in_flight: in_flight.iter().cloned().collect(),
+        };
+        serde_json::to_vec(&data).unwrap_or_default()
+    }
+
+    /// `work` sent on session `k` is answered (or was never sent).
+    fn answered(&self, k: usize, work: &Work) {
+        let mut in_flight = self.in_flight(k);
+        if let Some(i) = in_flight.iter().position(|w| w == work) {
+            in_flight.remove(i);
+        }
+    }
+
+    /// What an answer is about; an answer that says the database is overloaded pauses releases.
+    fn answer(&self, response: &ClientResponse) -> Option<Work> {
+        match response.payload.as_ref() {
+            Some(p) if p.type_url == type_url(EXPORT_PART_DONE) => {
+                match from_any::<pb::ExportPartDone>(EXPORT_PART_DONE, p) {
+                    Ok(done) => {
+                        tracing::debug!(export = %done.export_id, part = done.part, rows = done.rows, "part answered");
+                        Some(Work::Part { export_id: done.export_id, part: done.part })
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "a bad ExportPartDone");
+                        None
+                    }
+                }
+            }
+            Some(p) => match from_any::<pb::ChunkDone>(CHUNK_DONE, p) {
+                Ok(done) => {
+                    if done.overloaded {
+                        self.pause();
+                    }
+                    tracing::debug!(batch = %done.batch_id, chunk = done.chunk_index, outcome = done.outcome, "chunk answered");
+                    Some(Work::Chunk { batch_id: done.batch_id, chunk_index: done.chunk_index })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "an answer that is neither a ChunkDone nor an ExportPartDone");
+                    None
+                }
+            },
+            None => {
+                tracing::warn!("an empty answer");
+                None
+            }
+        }
+    }
 }
 
-/// Opens the client sessions, retrying until the manager answers or `shutdown`.
+/// Opens the sessions `{me}/{k}` for `k` in `numbers` (creating them, or resuming those of an
+/// earlier start), retrying until the manager answers or `shutdown`.
 async fn open_sessions(
     connector: &Connector,
     options: &SchedulerOptions,
     me: &str,
+    numbers: Range<u32>,
     shutdown: &CancellationToken,
 ) -> Option<Vec<ClientSession>> {
     let mut sessions = Vec::new();
-    while sessions.len() < options.release.sessions as usize {
-        let open = ClientSession::open(connector, &options.manager, &options.pool, me.as_bytes().to_vec());
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            opened = open => match opened {
-                Ok(session) => sessions.push(session),
-                Err(e) => {
-                    tracing::warn!(manager = %options.manager, error = %e, "cannot open a session; retrying");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return None,
-                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+    for k in numbers {
+        let id = format!("{me}/{k}");
+        loop {
+            // no restart data: a non-empty one would replace the one the session holds
+            let open = ClientSession::open_named(connector, &options.manager, &options.pool, &id, Vec::new());
+            tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                opened = open => match opened {
+                    Ok(session) => {
+                        sessions.push(session);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(manager = %options.manager, session = %id, error = %e, "cannot open a session; retrying");
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return None,
+                            _ = tokio::time::sleep(RETRY) => {}
+                        }
                     }
                 }
             }
         }
     }
     Some(sessions)
+}
+
+/// Settles the releases this scheduler left unsent when it last stopped, from the restart data
+/// of its sessions (see the module doc), retrying until the store answers or `shutdown`: the
+/// listed work still in flight.
+async fn recover(
+    store: &Store,
+    me: &str,
+    restart: &[RestartData],
+    shutdown: &CancellationToken,
+) -> Option<HashSet<Work>> {
+    let listed: HashSet<&Work> = restart.iter().flat_map(|r| &r.in_flight).collect();
+    let (mut chunks, mut parts) = (Vec::new(), Vec::new());
+    for work in listed {
+        match work {
+            Work::Chunk { batch_id, chunk_index } => chunks.push((batch_id.clone(), *chunk_index)),
+            Work::Part { export_id, part } => parts.push((export_id.clone(), *part)),
+        }
+    }
+    loop {
+        let recovered = async {
+            let c = store.recover_chunks(me, &chunks).await?;
+            let p = store.recover_parts(me, &parts).await?;
+            Ok::<_, baton_store::Error>((c, p))
+        };
+        match recovered.await {
+            Ok((c, p)) => {
+                tracing::info!(
+                    scheduler = %me,
+                    chunks_marked_sent = c.marked_sent,
+                    chunks_released_again = c.released_again,
+                    parts_marked_sent = p.marked_sent,
+                    parts_released_again = p.released_again,
+                    "releases of the last run settled"
+                );
+                let chunks =
+                    c.in_flight.into_iter().map(|(batch_id, chunk_index)| Work::Chunk { batch_id, chunk_index });
+                let parts = p.in_flight.into_iter().map(|(export_id, part)| Work::Part { export_id, part });
+                return Some(chunks.chain(parts).collect());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot settle the releases of the last run; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Drains a surplus session (one of an earlier start with more `--sessions`), then closes it. No
+/// request goes on it; the answers still to come on it are received, and it is closed once the
+/// manager holds nothing of it: the manager refuses the close (FAILED_PRECONDITION) while
+/// requests are unanswered or answers unreceived, so it is asked again every
+/// [`SURPLUS_CLOSE_RETRY`] in between. Closing at once, dropping what is queued, would be
+/// simpler, but the store counts those chunks as sent and nobody would send them again.
+async fn drain(mut session: ClientSession, shared: Arc<Shared>, draining: Arc<AtomicU32>, sessions: u32) {
+    let id = session.session_id().to_owned();
+    loop {
+        match session.close(false).await {
+            Ok(()) => break,
+            Err(status) if status.code() == Code::FailedPrecondition => {}
+            Err(status) => tracing::warn!(session = %id, error = %status, "cannot close a surplus session"),
+        }
+        let next = tokio::time::sleep(SURPLUS_CLOSE_RETRY);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                response = session.recv() => {
+                    // None: the session has stopped (the process is stopping)
+                    let Some(response) = response else { return };
+                    shared.answer(&response);
+                    shared.wake.notify_one();
+                }
+                () = &mut next => break,
+            }
+        }
+    }
+    tracing::info!(session = %id, "surplus session drained and closed");
+    if draining.fetch_sub(1, Ordering::Relaxed) == 1 {
+        // the restart data stops counting them
+        shared.sessions.store(sessions, Ordering::Relaxed);
+    }
 }
 
 /// Runs the releaser until `shutdown`, with client sessions opened through `connector`.
@@ -92,42 +331,49 @@ pub async fn run(
     connector: Connector,
     shutdown: CancellationToken,
 ) {
-    let me = format!("scheduler-{}", hex::encode(rand::random::<[u8; 6]>()));
-    let Some(sessions) = open_sessions(&connector, &options, &me, &shutdown).await else { return };
-    tracing::info!(scheduler = %me, sessions = sessions.len(), manager = %options.manager, "releaser started");
+    let me = options.id();
+    let count = options.release.sessions;
+    let Some(sessions) = open_sessions(&connector, &options, &me, 0..count, &shutdown).await else { return };
+    let mut restart: Vec<RestartData> = sessions.iter().map(RestartData::of).collect();
+    // Started before with more sessions: the ones above `count` are resumed too, to drain and
+    // close (see `drain`), and their restart data is read like the others'.
+    let before = restart.iter().map(|r| r.sessions).max().unwrap_or(0).min(MAX_SESSIONS);
+    let Some(surplus) = open_sessions(&connector, &options, &me, count..before.max(count), &shutdown).await else {
+        return;
+    };
+    restart.extend(surplus.iter().map(RestartData::of));
+    let Some(flying) = recover(&store, &me, &restart, &shutdown).await else { return };
+    tracing::info!(
+        scheduler = %me,
+        sessions = sessions.len(),
+        surplus = surplus.len(),
+        manager = %options.manager,
+        "releaser started"
+    );
+    let in_flight = restart
+        .iter()
+        .take(sessions.len())
+        .map(|r| Mutex::new(r.in_flight.iter().filter(|w| flying.contains(*w)).cloned().collect()))
+        .collect();
     let shared = Arc::new(Shared {
         wake: Notify::new(),
-        outstanding: (0..sessions.len()).map(|_| AtomicU32::new(0)).collect(),
+        in_flight,
+        listed: options.release.max_parallel as usize,
+        sessions: AtomicU32::new(count.max(before)),
         paused_until: AtomicI64::new(0),
     });
+    let draining = Arc::new(AtomicU32::new(surplus.len() as u32));
+    for session in surplus {
+        tokio::spawn(drain(session, shared.clone(), draining.clone(), count));
+    }
     let mut senders: Vec<ClientSender> = Vec::new();
     for (k, mut session) in sessions.into_iter().enumerate() {
         senders.push(session.sender());
         let shared = shared.clone();
         tokio::spawn(async move {
             while let Some(response) = session.recv().await {
-                shared.outstanding[k].fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).ok();
-                match response.payload.as_ref() {
-                    Some(p) if p.type_url == type_url(EXPORT_PART_DONE) => {
-                        match from_any::<pb::ExportPartDone>(EXPORT_PART_DONE, p) {
-                            Ok(done) => {
-                                tracing::debug!(export = %done.export_id, part = done.part, rows = done.rows, "part answered")
-                            }
-                            Err(e) => tracing::warn!(error = %e, "a bad ExportPartDone"),
-                        }
-                    }
-                    Some(p) => match from_any::<pb::ChunkDone>(CHUNK_DONE, p) {
-                        Ok(done) => {
-                            if done.overloaded {
-                                shared.pause();
-                            }
-                            tracing::debug!(batch = %done.batch_id, chunk = done.chunk_index, outcome = done.outcome, "chunk answered");
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "an answer that is neither a ChunkDone nor an ExportPartDone")
-                        }
-                    },
-                    None => tracing::warn!("an empty answer"),
+                if let Some(work) = shared.answer(&response) {
+                    shared.answered(k, &work);
                 }
                 shared.wake.notify_one();
             }
@@ -169,7 +415,9 @@ pub async fn run(
                 export_id: part.export_id.clone(),
                 part: part.number,
             };
-            let Some(sent) = send(&senders, &shared, to_any(EXPORT_PART_WORK, &work), &shutdown).await else { return };
+            let key = Work::Part { export_id: part.export_id.clone(), part: part.number };
+            let payload = to_any(EXPORT_PART_WORK, &work);
+            let Some(sent) = send(&senders, &shared, key, payload, &shutdown).await else { return };
             match sent {
                 Ok(()) => {
                     metrics::counter!("baton_export_parts_released_total").increment(1);
@@ -197,10 +445,13 @@ pub async fn run(
                 batch_id: chunk.batch_id.clone(),
                 chunk_index: chunk.index,
             };
-            let Some(sent) = send(&senders, &shared, to_any(CHUNK_WORK, &work), &shutdown).await else { return };
+            let key = Work::Chunk { batch_id: chunk.batch_id.clone(), chunk_index: chunk.index };
+            let Some(sent) = send(&senders, &shared, key, to_any(CHUNK_WORK, &work), &shutdown).await else { return };
             match sent {
                 Ok(()) => {
                     metrics::counter!("baton_chunks_released_total").increment(1);
+                    // fault tests stop here and kill the process: the chunk journaled, not marked
+                    fail::fail_point!("releaser-chunk-sent");
                     if let Err(e) = store.mark_sent(&chunk).await {
                         tracing::warn!(batch = %chunk.batch_id, chunk = chunk.index, error = %e, "cannot mark a chunk sent");
                     }
@@ -214,22 +465,24 @@ pub async fn run(
     tracing::info!(scheduler = %me, "releaser stopped");
 }
 
-/// Sends a request on the least busy session; returns once the manager has journaled it (it
-/// waits out a failover). None when shutdown comes first.
+/// Sends a request about `work` on the least busy session, with the session's restart data;
+/// returns once the manager has journaled it (it waits out a failover). None when shutdown comes
+/// first.
 async fn send(
     senders: &[ClientSender],
     shared: &Shared,
+    work: Work,
     payload: prost_types::Any,
     shutdown: &CancellationToken,
 ) -> Option<Result<(), String>> {
-    let k = (0..senders.len()).min_by_key(|&k| shared.outstanding[k].load(Ordering::Relaxed)).unwrap_or(0);
-    shared.outstanding[k].fetch_add(1, Ordering::Relaxed);
+    let k = shared.least_busy();
+    let restart = shared.sending(k, work.clone());
     let sent = tokio::select! {
         _ = shutdown.cancelled() => return None,
-        sent = senders[k].send(payload, Vec::new()) => sent,
+        sent = senders[k].send(payload, restart) => sent,
     };
     Some(sent.map(|_| ()).map_err(|e| {
-        shared.outstanding[k].fetch_sub(1, Ordering::Relaxed);
+        shared.answered(k, &work);
         e.to_string()
     }))
 }
