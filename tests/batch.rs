@@ -629,7 +629,7 @@ async fn two_schedulers_on_postgres_release_each_chunk_once() {
 /// The client sessions the manager at `server` holds whose ids start with `prefix`, by id.
 async fn sessions_of(server: &Server, prefix: &str) -> Vec<pb::SessionInfo> {
     let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
-    let sessions = client.list_sessions(pb::ListSessionsRequest {}).await.unwrap().into_inner().sessions;
+    let sessions = client.list_sessions(pb::ListSessionsRequest::default()).await.unwrap().into_inner().sessions;
     let mut sessions: Vec<_> = sessions.into_iter().filter(|s| s.session_id.starts_with(prefix)).collect();
     sessions.sort_by(|a, b| a.session_id.cmp(&b.session_id));
     sessions
