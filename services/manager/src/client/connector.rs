@@ -20,9 +20,15 @@ struct Inner {
     token: Option<MetadataValue<Ascii>>,
     /// The Multiplex streams, by manager endpoint.
     muxes: Mutex<HashMap<String, Mux>>,
+    /// Per manager endpoint, the lock a session holds while it starts a stream, and the last
+    /// start that failed (see `mux::connect`).
+    starting: Mutex<HashMap<String, Starting>>,
     /// The newest primary this process knows of (see [`Primary`]).
     primary: Primary,
 }
+
+/// See `Inner::starting`.
+pub(super) type Starting = Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, tonic::Status)>>>;
 
 /// The newest primary a process knows of, `(term, endpoint)`: learnt from its sessions' opens
 /// and from the notice a manager sends on each of its Multiplex streams when it is elected. New
@@ -97,7 +103,12 @@ impl Connector {
         let token = token
             .map(|t| format!("Bearer {t}").parse().map_err(|_| "the mesh token must be printable ASCII".to_owned()))
             .transpose()?;
-        Ok(Self(Arc::new(Inner { token, muxes: Mutex::default(), primary: Primary::default() })))
+        Ok(Self(Arc::new(Inner {
+            token,
+            muxes: Mutex::default(),
+            starting: Mutex::default(),
+            primary: Primary::default(),
+        })))
     }
 
     /// `message` as a request to a manager, with the mesh token if there is one.
@@ -112,6 +123,12 @@ impl Connector {
     /// The newest primary this process knows of.
     pub(super) fn primary(&self) -> &Primary {
         &self.0.primary
+    }
+
+    /// The lock of starting a stream to `endpoint`.
+    pub(super) fn starting(&self, endpoint: &str) -> Starting {
+        let mut starting = self.0.starting.lock().unwrap_or_else(|e| e.into_inner());
+        starting.entry(endpoint.to_owned()).or_default().clone()
     }
 
     /// The Multiplex streams, by manager endpoint.

@@ -71,11 +71,33 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a session waits for its open on a stream that keeps bringing other events.
 const OPEN_LIMIT: Duration = Duration::from_secs(30);
 
-/// The Multiplex stream of `connector` to `endpoint`, started if there is none that runs.
+/// The Multiplex stream of `connector` to `endpoint`, started if there is none that runs. One
+/// session at a time starts it; the others wait and take it, or its failure. Each starting its
+/// own, a takeover with 100,000 sessions opened up to as many connections and streams to the
+/// new primary, to drop all but one.
 async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
     if let Some(mux) = connector.muxes().get(endpoint).filter(|m| m.usable()) {
         return Ok(mux.clone());
     }
+    let starting = connector.starting(endpoint);
+    let asked = tokio::time::Instant::now();
+    let mut failed = starting.lock().await;
+    if let Some(mux) = connector.muxes().get(endpoint).filter(|m| m.usable()) {
+        return Ok(mux.clone());
+    }
+    // the attempt made while this one waited failed: so does this one
+    if let Some((at, status)) = failed.as_ref()
+        && *at >= asked
+    {
+        return Err(status.clone());
+    }
+    let started = start(connector, endpoint).await;
+    *failed = started.as_ref().err().map(|status| (tokio::time::Instant::now(), status.clone()));
+    started
+}
+
+/// Starts a Multiplex stream to `endpoint` (see [`connect`]).
+async fn start(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
     let channel = Endpoint::from_shared(endpoint.to_owned())
         .map_err(|e| Status::invalid_argument(format!("invalid manager endpoint {endpoint:?}: {e}")))?
         .connect_timeout(Duration::from_secs(1))
@@ -94,13 +116,7 @@ async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
     let heard = std::sync::Arc::new(std::sync::atomic::AtomicI64::new(baton_mesh::now_ms()));
     tokio::spawn(run_mux(out, inbound, command_rx, connector.primary().clone(), endpoint.to_owned(), heard.clone()));
     let mux = Mux { commands, next_channel: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1)), heard };
-    let mut muxes = connector.muxes();
-    // a session that connected meanwhile won: the sessions keep to one stream (this one ends as
-    // its handle is dropped)
-    if let Some(known) = muxes.get(endpoint).filter(|m| m.usable()) {
-        return Ok(known.clone());
-    }
-    muxes.insert(endpoint.to_owned(), mux.clone());
+    connector.muxes().insert(endpoint.to_owned(), mux.clone());
     Ok(mux)
 }
 
