@@ -44,11 +44,14 @@ pub(super) struct Primary(
     Arc<tokio::sync::watch::Sender<Option<(u64, String)>>>,
     /// When a session of the process last took its turn to ask ([`Primary::take_turn`]).
     Arc<Mutex<Option<tokio::time::Instant>>>,
+    /// The managers the process holds a running Multiplex stream to, and how many (a notice
+    /// can come only on one).
+    Arc<Mutex<HashMap<String, usize>>>,
 );
 
 impl Default for Primary {
     fn default() -> Self {
-        Self(Arc::new(tokio::sync::watch::Sender::new(None)), Arc::default())
+        Self(Arc::new(tokio::sync::watch::Sender::new(None)), Arc::default(), Arc::default())
     }
 }
 
@@ -80,6 +83,25 @@ impl Primary {
         }
         *last = Some(now);
         true
+    }
+
+    /// A Multiplex stream to `endpoint` runs (`up`), or stopped.
+    pub(super) fn stream(&self, endpoint: &str, up: bool) {
+        let mut streams = self.2.lock().unwrap_or_else(|e| e.into_inner());
+        let n = streams.entry(endpoint.to_owned()).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(endpoint);
+            }
+        }
+    }
+
+    /// Whether the process holds a running stream to `endpoint`.
+    pub(super) fn streams_to(&self, endpoint: &str) -> bool {
+        self.2.lock().unwrap_or_else(|e| e.into_inner()).contains_key(endpoint)
     }
 
     /// Lets the next session that asks take its turn at once (the one asking learnt what it

@@ -111,6 +111,16 @@ impl Endpoints {
         next
     }
 
+    /// The manager [`Endpoints::next`] would try now.
+    fn upcoming(&self, seen_term: u64) -> String {
+        if let Some((_, endpoint)) = self.primary.above(seen_term.max(self.followed))
+            && self.all.contains(&endpoint)
+        {
+            return endpoint;
+        }
+        self.hint.clone().unwrap_or_else(|| self.all[self.current % self.all.len().max(1)].clone())
+    }
+
     /// After a successful open: the next failure is retried soon again.
     pub(super) fn connected(&mut self) {
         self.gone = None;
@@ -133,7 +143,12 @@ impl Endpoints {
     /// [`FALLBACK_POLL`]).
     pub(super) async fn pause(&mut self, status: &Status, seen_term: u64) {
         let delay = self.failed(status);
-        if self.takeover {
+        // a notice comes only on a stream the process holds: the manager asked next is asked
+        // soon when there is none to it yet (a primary stepping down, say, ends its streams
+        // naming no leader, and the process may hold no stream to the standby)
+        if self.takeover && !self.primary.streams_to(&self.upcoming(seen_term)) {
+            tokio::time::sleep(TAKEOVER_POLL).await;
+        } else if self.takeover {
             let wait = if self.primary.take_turn(FALLBACK_POLL) { FALLBACK_POLL } else { FALLBACK_WAIT };
             let learnt = self.primary.wait_above(seen_term.max(self.followed), wait).await;
             if wait == FALLBACK_POLL && learnt.is_some() {
@@ -301,6 +316,8 @@ mod tests {
         let primary = Primary::default();
         let mut endpoints = Endpoints::new(&format!("{s},{p}"), primary.clone());
         primary.learn(3, p);
+        // the process holds a stream to the standby (a notice can come on it)
+        primary.stream(s, true);
         assert_eq!(endpoints.next(0), p, "the known primary first, not the first endpoint");
         endpoints.connected();
         endpoints.failed(&Status::unavailable("the stream broke"));
@@ -329,6 +346,36 @@ mod tests {
         assert_eq!(endpoints.next(4), s);
     }
 
+    /// A notice comes only on a stream the process holds: with none to the manager to ask next
+    /// (a primary stepping down ended its streams naming no leader), a session asks it soon
+    /// rather than wait for a notice that cannot come (it waited the 500 ms fallback, one
+    /// SIGTERM handover in three in `bench manager`).
+    #[tokio::test(start_paused = true)]
+    async fn without_a_stream_to_the_next_manager_a_session_asks_it_soon() {
+        let (p, s) = ("http://p:1", "http://s:2");
+        let primary = Primary::default();
+        let mut endpoints = Endpoints::new(&format!("{p},{s}"), primary.clone());
+        primary.learn(3, p);
+        primary.stream(p, true);
+        assert_eq!(endpoints.next(0), p);
+        endpoints.connected();
+        let started = tokio::time::Instant::now();
+        endpoints.pause(&naming(""), 3).await;
+        assert_eq!(started.elapsed(), TAKEOVER_POLL);
+        assert_eq!(endpoints.next(3), s);
+        // once it holds one, it waits for the notice there
+        primary.stream(s, true);
+        let notifier = primary.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            notifier.learn(4, s);
+        });
+        endpoints.pause(&naming(p), 3).await;
+        assert_eq!(started.elapsed(), TAKEOVER_POLL + Duration::from_millis(300));
+        assert_eq!(endpoints.next(3), s);
+        assert_eq!(endpoints.followed, 4);
+    }
+
     /// A hundred sessions of one process refused during a takeover ask again one at a time,
     /// once per [`FALLBACK_POLL`] between them, not each on its own: 8 asks in 4 s, where each
     /// asking every [`TAKEOVER_POLL`] made 16,000.
@@ -336,6 +383,7 @@ mod tests {
     async fn one_session_per_process_asks_again_during_a_takeover() {
         let (p, s) = ("http://p:1", "http://s:2");
         let primary = Primary::default();
+        primary.stream(s, true);
         let asks = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let started = tokio::time::Instant::now();
         let mut tasks = Vec::new();

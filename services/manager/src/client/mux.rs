@@ -143,6 +143,15 @@ async fn run_mux(
     endpoint: String,
     heard: std::sync::Arc<std::sync::atomic::AtomicI64>,
 ) {
+    // the process holds a stream to `endpoint` while this runs
+    struct Running(Primary, String);
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.stream(&self.1, false);
+        }
+    }
+    primary.stream(&endpoint, true);
+    let _running = Running(primary.clone(), endpoint.clone());
     let mut channels: HashMap<u64, mpsc::UnboundedSender<Result<pb::mux_event::Kind, Status>>> = HashMap::new();
     let failure = loop {
         tokio::select! {

@@ -363,7 +363,7 @@ impl Actor {
                 }));
             }
         }
-        self.activity.insert(session_id.clone(), Instant::now());
+        self.active(&session_id);
         if let Some((_, old)) = self.clients.insert(session_id.clone(), (conn, tx)) {
             old.end(&Error::Replaced("the session was opened again on another stream").into());
         }
@@ -398,8 +398,11 @@ impl Actor {
         if self.clients.get(&session).is_none_or(|(c, _)| *c != conn) {
             return;
         }
-        let Some(s) = self.state.sessions.get(&session) else { return };
-        self.activity.insert(session.clone(), Instant::now());
+        if !self.state.sessions.contains_key(&session) {
+            return;
+        }
+        self.active(&session);
+        let s = &self.state.sessions[&session];
         let last = s.last_request_seq;
         let bound = s.bound.clone();
         // responses acknowledged with the request (those still queued)
@@ -453,7 +456,7 @@ impl Actor {
     /// The client has the response `seq`: it leaves the queue.
     fn client_ack(&mut self, session: String, seq: u64) {
         if self.state.sessions.get(&session).is_some_and(|s| s.responses.contains_key(&seq)) {
-            self.activity.insert(session.clone(), Instant::now());
+            self.active(&session);
             self.journal(Op::Ack(AckOp { session_id: session, seq }));
         }
     }
@@ -480,6 +483,18 @@ impl Actor {
             pb::client_event::Kind::Closed(pb::SessionClosed { reason: "closed by the client".into() }),
         ));
         self.effects.push(Effect::ClientEnd(session));
+    }
+
+    /// Session `id` is active now (no allocation for a session already known: this is on the
+    /// path of every request, reply and acknowledgment).
+    fn active(&mut self, id: &str) {
+        let now = Instant::now();
+        match self.activity.get_mut(id) {
+            Some(at) => *at = now,
+            None => {
+                self.activity.insert(id.to_owned(), now);
+            }
+        }
     }
 
     /// Journals session `id` closed, for `reason`.
@@ -568,7 +583,7 @@ impl Actor {
         }
         let queued = s.requests.contains_key(&reply.seq);
         if queued {
-            self.activity.insert(reply.session_id.clone(), Instant::now());
+            self.active(&reply.session_id);
             self.journal(Op::Reply(ReplyOp {
                 session_id: reply.session_id.clone(),
                 seq: reply.seq,
