@@ -597,14 +597,7 @@ async fn two_schedulers_on_postgres_release_each_chunk_once() {
     }
     let url = baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0;
     let journal = TempDir::new();
-    let manager = Server::spawn_raw(&[
-        "manager",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--journal-dir",
-        journal.0.join("j").to_str().unwrap(),
-    ]);
+    let manager = Server::manager_alone(&journal, &[]);
     let endpoint = format!("http://{}", manager.addr);
     let intake = intake_process(&url, &[]);
     let release = ["--max-parallel", "3", "--org-parallel", "3", "--release-interval", "5ms", "--sessions", "2"];
@@ -656,14 +649,7 @@ async fn a_restarted_scheduler_resumes_its_sessions_and_sends_at_once_what_it_ha
             Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
         };
         let journal = TempDir::new();
-        let manager = Server::spawn_raw(&[
-            "manager",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--journal-dir",
-            journal.0.join("j").to_str().unwrap(),
-        ]);
+        let manager = Server::manager_alone(&journal, &[]);
         let endpoint = format!("http://{}", manager.addr);
         let intake = intake_process(&url, &[]);
         let id = "sched-e2e";

@@ -15,19 +15,9 @@ fn payload(n: u64) -> prost_types::Any {
 }
 
 fn start_manager(dir: &TempDir, extra: &[&str]) -> Server {
-    let journal = dir.0.join("journal");
-    let mut args = vec![
-        "manager",
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--journal-dir",
-        journal.to_str().unwrap(),
-        "--server-grace",
-        "300ms",
-    ];
+    let mut args = vec!["--server-grace", "300ms"];
     args.extend_from_slice(extra);
-    Server::spawn_raw(&args)
+    Server::manager_alone(dir, &args)
 }
 
 async fn manager_client(

@@ -640,6 +640,14 @@ pub fn grpcurl(args: &[&str]) -> Option<(bool, String)> {
 }
 
 impl Server {
+    /// Starts `baton manager serve` alone (no etcd), journaling under `dir`, with extra flags.
+    pub fn manager_alone(dir: &TempDir, extra: &[&str]) -> Server {
+        let journal = dir.0.join("journal");
+        let mut args = vec!["manager", "serve", "--listen", "127.0.0.1:0", "--journal-dir", journal.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        Self::spawn_raw(&args)
+    }
+
     /// Starts `baton manager serve` as a member of a failover cluster on `etcd`, campaigning on
     /// `election` (lease TTL 2 s, server grace 500 ms), journaling under `dir`.
     pub fn manager_member(dir: &TempDir, etcd: &Etcd, election: &str) -> Server {
