@@ -15,7 +15,7 @@ use baton_tests::{
 };
 use sqlx::Row;
 
-fn accounts(prefix: &str, range: std::ops::Range<usize>) -> Vec<prost_types::Struct> {
+fn accounts(prefix: &str, range: std::ops::Range<usize>) -> Vec<pb::RecordFields> {
     range
         .map(|i| record(serde_json::json!({"code": format!("{prefix}{i:06}"), "name": format!("n{i}"), "amount": i})))
         .collect()
@@ -38,7 +38,7 @@ async fn submit(
     server: &Server,
     org: &TestOrg,
     header: pb::BatchHeader,
-    records: Vec<prost_types::Struct>,
+    records: Vec<pb::RecordFields>,
 ) -> pb::SubmitBatchResponse {
     submit_batch(server.channel().await, &org.key, header, records, |_| {}).await.unwrap()
 }
@@ -256,7 +256,7 @@ async fn bad_records_abort_exactly_their_chunks() {
         let frames = |frames: Vec<pb::SubmitBatchRequest>| authed(tokio_stream::iter(frames), &org.key);
         let head =
             |h: pb::BatchHeader| pb::SubmitBatchRequest { frame: Some(pb::submit_batch_request::Frame::Header(h)) };
-        let recs = |r: Vec<prost_types::Struct>| pb::SubmitBatchRequest {
+        let recs = |r: Vec<pb::RecordFields>| pb::SubmitBatchRequest {
             frame: Some(pb::submit_batch_request::Frame::Records(pb::BatchRecords { records: r })),
         };
         let cases = [

@@ -28,7 +28,9 @@ async fn grpcurl_lists_describes_checks_health_and_upserts() {
 
     let org = create_org(&server, "acme").await;
     let auth = format!("authorization: Bearer {}", org.key);
-    let body = r#"{"object": "account", "records": [{"code": "g1", "name": "From grpcurl", "amount": 7}]}"#;
+    // typed values: an integer in JSON is a string, so that no JSON reader rounds it
+    let body = r#"{"object": "account", "records": [{"fields": {"code": {"stringValue": "g1"},
+        "name": {"stringValue": "From grpcurl"}, "amount": {"integerValue": "9007199254740993"}}}]}"#;
     let (ok, text) = grpcurl(&["-plaintext", "-H", &auth, "-d", body, &addr, "baton.v1.Intake/Upsert"]).unwrap();
     assert!(ok, "{text}");
     let response: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -48,11 +50,13 @@ async fn grpcurl_lists_describes_checks_health_and_upserts() {
     .unwrap();
     assert!(ok, "{text}");
     let record: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(record["fields"]["name"], "From grpcurl");
-    assert_eq!(record["fields"]["amount"], 7.0);
+    assert_eq!(record["fields"]["name"]["stringValue"], "From grpcurl");
+    assert_eq!(record["fields"]["amount"]["integerValue"], "9007199254740993", "exact past 2^53");
 
     // an export over grpcurl: the first row at once, a token, then part 1 (waited for)
-    let more = r#"{"object": "account", "records": [{"code": "g2", "name": "Two"}, {"code": "g3", "name": "Three"}]}"#;
+    let more = r#"{"object": "account", "records": [
+        {"fields": {"code": {"stringValue": "g2"}, "name": {"stringValue": "Two"}}},
+        {"fields": {"code": {"stringValue": "g3"}, "name": {"stringValue": "Three"}}}]}"#;
     assert!(grpcurl(&["-plaintext", "-H", &auth, "-d", more, &addr, "baton.v1.Intake/Upsert"]).unwrap().0);
     let body = r#"{"object": "account", "sync_rows": 1, "part_rows": 5}"#;
     let (ok, text) = grpcurl(&["-plaintext", "-H", &auth, "-d", body, &addr, "baton.v1.Intake/Export"]).unwrap();

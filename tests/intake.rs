@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use baton_mesh::proto::v1 as pb;
 use baton_store::Backend;
-use baton_tests::{ADMIN_TOKEN, Server, TestOrg, authed, backends, baton_bin, create_org, record};
+use baton_tests::{ADMIN_TOKEN, Server, TempDir, TestOrg, authed, backends, baton_bin, create_org, record};
 use serde_json::json;
 use sqlx::Executor;
 use tonic::Code;
@@ -65,9 +65,9 @@ async fn records_round_trip_through_the_real_binary() {
         assert_eq!(out.last_seq, 3);
         assert!(out.results.iter().all(|r| r.created && r.version == 1));
         let a1 = get(&server, &org, "a1").await.unwrap();
-        let fields = a1.fields.unwrap().fields;
-        assert_eq!(fields["name"].kind, Some(prost_types::value::Kind::StringValue("Ada".into())));
-        assert_eq!(fields["amount"].kind, Some(prost_types::value::Kind::NumberValue(10.0)));
+        let fields = a1.fields;
+        assert_eq!(fields["name"].kind, Some(pb::value::Kind::StringValue("Ada".into())));
+        assert_eq!(fields["amount"].kind, Some(pb::value::Kind::IntegerValue(10)));
         assert_eq!(ids(&query(&server, &org, "amount >= 15 OR amount IS NULL").await.unwrap()), ["a2", "a3"]);
         let out = upsert(&server, &org, vec![json!({"code": "a3", "name": "Cy", "amount": 30})]).await.unwrap();
         assert_eq!((out.results[0].version, out.results[0].created, out.last_seq), (2, false, 4));
@@ -165,10 +165,7 @@ async fn orgs_cannot_read_update_or_detect_each_other() {
         assert!(out.results[0].created);
         let theirs = get(&server, &a, "secret").await.unwrap();
         assert_eq!(theirs.version, 1);
-        assert_eq!(
-            theirs.fields.unwrap().fields["name"].kind,
-            Some(prost_types::value::Kind::StringValue("A's".into()))
-        );
+        assert_eq!(theirs.fields["name"].kind, Some(pb::value::Kind::StringValue("A's".into())));
         // an org without the object cannot tell whether another org has it
         let mut admin = server.admin().await;
         let c = admin
@@ -338,4 +335,121 @@ async fn sigterm_drains_and_exits_cleanly_and_metrics_count_requests() {
     // idle connections close at once: the drain ends well before the 5 s grace
     let status = server.terminate(Duration::from_secs(3)).await.expect("exits within 3s of SIGTERM");
     assert!(status.success(), "{status:?}");
+}
+
+/// `baton` with the server's endpoint and the org's key, fed `stdin`: (success, stdout, stderr).
+fn cli(server: &Server, org: &TestOrg, args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(baton_bin())
+        .args(args)
+        .env("BATON_ENDPOINT", format!("http://{}", server.addr))
+        .env("BATON_API_KEY", &org.key)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// Integers past 2^53 and decimals travel exactly through every way in and out: the CLI's
+/// upsert, get, query and export, Upsert/Get over gRPC, and a batch; a value that does not fit
+/// its field exactly is INVALID_ARGUMENT with a field violation, and nothing is committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_are_exact_end_to_end_and_nothing_is_rounded() {
+    use pb::value::Kind;
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--workers", "1"]).await;
+        let org = create_org(&server, "acme").await;
+        let f = |name: &str, t: pb::FieldType, unique| pb::FieldSpec {
+            name: name.into(),
+            r#type: t as i32,
+            required: name == "code",
+            unique,
+        };
+        let schema = pb::ObjectSchema {
+            name: "t".into(),
+            external_id_field: "code".into(),
+            fields: vec![
+                f("code", pb::FieldType::String, true),
+                f("n", pb::FieldType::Integer, false),
+                f("x", pb::FieldType::Number, false),
+                f("d", pb::FieldType::Decimal, true),
+            ],
+        };
+        let define = pb::DefineObjectRequest { org_id: org.id.clone(), schema: Some(schema) };
+        server.admin().await.define_object(authed(define, ADMIN_TOKEN)).await.unwrap();
+
+        // the CLI: in as JSON, out as JSON, exactly
+        let line = r#"{"code": "big", "n": 9007199254740993, "x": 0.1, "d": "0012.3400"}"#;
+        let (ok, _, err) = cli(&server, &org, &["upsert", "t"], line);
+        assert!(ok, "{err}");
+        let (ok, out, err) = cli(&server, &org, &["get", "t", "big"], "");
+        assert!(ok, "{err}");
+        assert!(out.contains(r#""n":9007199254740993"#) && out.contains(r#""d":"12.34""#), "{out}");
+        let (ok, out, err) =
+            cli(&server, &org, &["query", "t", "--filter", "n = 9007199254740993 AND d = '12.34'"], "");
+        assert!(ok && out.contains(r#""n":9007199254740993"#), "{out}{err}");
+        let (ok, out, _) = cli(&server, &org, &["query", "t", "--filter", "n = 9007199254740992"], "");
+        assert!(ok && out.trim().is_empty(), "the neighbouring double does not match: {out}");
+        let dir = TempDir::new();
+        let file = dir.0.join("t.ndjson");
+        let (ok, _, err) = cli(&server, &org, &["export", "t", "--out", file.to_str().unwrap()], "");
+        assert!(ok, "{err}");
+        let exported = std::fs::read_to_string(&file).unwrap();
+        assert!(exported.contains(r#""n":9007199254740993"#) && exported.contains(r#""x":0.1"#), "{exported}");
+
+        // out of range, or not representable in the field's type: refused, precisely
+        let (ok, _, err) = cli(&server, &org, &["upsert", "t"], r#"{"code": "over", "n": 9300000000000000000}"#);
+        assert!(!ok && err.contains("9300000000000000000 is outside the signed 64-bit integer range"), "{err}");
+        assert!(err.contains("records[0].n"), "{err}");
+        let v = |kind| pb::Value { kind: Some(kind) };
+        let fields = |pairs: Vec<(&str, Kind)>| pb::RecordFields {
+            fields: pairs.into_iter().map(|(k, kind)| (k.to_owned(), v(kind))).collect(),
+        };
+        let request = pb::UpsertRequest {
+            object: "t".into(),
+            records: vec![
+                fields(vec![("code", Kind::StringValue("ok".into())), ("n", Kind::IntegerValue(i64::MAX))]),
+                fields(vec![("code", Kind::StringValue("x".into())), ("x", Kind::IntegerValue((1 << 53) + 1))]),
+                fields(vec![("code", Kind::StringValue("d".into())), ("d", Kind::NumberValue(0.1))]),
+                fields(vec![("code", Kind::StringValue("e".into())), ("d", Kind::DecimalValue("1".repeat(39)))]),
+            ],
+        };
+        let status = server.intake().await.upsert(authed(request, &org.key)).await.unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(field_violations(&status), ["records[1].x", "records[2].d", "records[3].d"]);
+        let missing = get(&server, &org, "ok").await;
+        assert!(missing.is_err(), "nothing of a refused request is committed: {missing:?}");
+
+        // gRPC: typed in, typed out
+        let request = pb::UpsertRequest {
+            object: "t".into(),
+            records: vec![fields(vec![
+                ("code", Kind::StringValue("max".into())),
+                ("n", Kind::DecimalValue("-9223372036854775808".into())),
+                ("x", Kind::IntegerValue(1 << 53)),
+                ("d", Kind::DecimalValue("-0.50".into())),
+            ])],
+        };
+        server.intake().await.upsert(authed(request, &org.key)).await.unwrap();
+        let get_t = pb::GetRequest { object: "t".into(), id: "max".into() };
+        let got = server.intake().await.get(authed(get_t, &org.key)).await.unwrap().into_inner();
+        assert_eq!(got.fields["n"], v(Kind::IntegerValue(i64::MIN)));
+        assert_eq!(got.fields["x"], v(Kind::NumberValue(9_007_199_254_740_992.0)));
+        assert_eq!(got.fields["d"], v(Kind::DecimalValue("-0.5".into())));
+
+        // a batch: through staging and a chunk, the same exactness
+        let path = dir.0.join("batch.ndjson");
+        std::fs::write(&path, "{\"code\": \"b1\", \"n\": -9007199254740993, \"d\": \"99999999999999999999.99\"}\n")
+            .unwrap();
+        let (ok, id, err) = cli(&server, &org, &["batch", "submit", path.to_str().unwrap(), "--object", "t"], "");
+        assert!(ok, "{id}{err}");
+        let (ok, out, err) = cli(&server, &org, &["get", "t", "b1"], "");
+        assert!(ok, "{err}");
+        assert!(out.contains(r#""n":-9007199254740993"#) && out.contains(r#""d":"99999999999999999999.99""#), "{out}");
+    }
 }

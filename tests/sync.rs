@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use baton_mesh::proto::v1 as pb;
 use baton_store::Backend;
-use baton_tests::{ADMIN_TOKEN, Server, TestOrg, authed, backends, create_org, eventually, record, struct_to_json};
+use baton_tests::{ADMIN_TOKEN, Server, TestOrg, authed, backends, create_org, eventually, fields_json, record};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -96,7 +96,7 @@ async fn extraction_under_concurrent_writes_has_no_gap() {
                     // a consumer slower than the writers, so that the snapshot overlaps them
                     tokio::time::sleep(Duration::from_millis(5)).await;
                     for r in chunk.records {
-                        apply(&mut mirror, &r.id, r.version, Some(struct_to_json(&r.fields.unwrap())));
+                        apply(&mut mirror, &r.id, r.version, Some(fields_json(&r.fields)));
                     }
                 }
                 pb::extract_response::Kind::SnapshotDone(_) => {
@@ -113,7 +113,7 @@ async fn extraction_under_concurrent_writes_has_no_gap() {
                     for c in batch.changes {
                         assert_eq!(c.seq, next_seq, "no gap and no repeat in the changes after the mark");
                         next_seq += 1;
-                        let fields = (c.op == pb::ChangeOp::Upsert as i32).then(|| struct_to_json(&c.fields.unwrap()));
+                        let fields = (c.op == pb::ChangeOp::Upsert as i32).then(|| fields_json(&c.fields));
                         apply(&mut mirror, &c.record_id, c.version, fields);
                     }
                     if sentinel.is_some_and(|s| next_seq > s) {

@@ -962,25 +962,25 @@ fn load_sqlite(path: &str, org: &str, n: usize) {
     assert!(status.success(), "loading the records failed");
 }
 
-/// Every row of a part (fetched as NDJSON, as `baton export` does), counted.
+/// Every row of a part (fetched as typed records, as `baton export` does), counted.
 async fn fetch_rows(
     mut client: pb::intake_client::IntakeClient<tonic::transport::Channel>,
     key: String,
     token: String,
     part: u32,
 ) -> usize {
-    let request = authed(pb::FetchPartRequest { token, part, format: pb::PartFormat::Ndjson as i32 }, &key);
+    let request = authed(pb::FetchPartRequest { token, part }, &key);
     let mut stream = client.fetch_part(request).await.expect("fetch").into_inner();
     let mut rows = 0;
     while let Some(frame) = stream.message().await.expect("fetch") {
-        rows += frame.ndjson.iter().filter(|b| **b == b'\n').count();
+        rows += frame.records.len();
     }
     rows
 }
 
 /// An export of `BENCH_EXPORT_RECORDS` (default 10,000,000) records from `baton dev` on SQLite:
 /// time to the first portion over repeated exports (each cancelled at once), then
-/// `BENCH_EXPORT_RUNS` (3) whole exports, their parts fetched four at a time as NDJSON as they
+/// `BENCH_EXPORT_RUNS` (3) whole exports, their parts fetched four at a time as they
 /// are produced, each followed by a raw `sqlite3` scan of the same rows: the medians of both
 /// rates, and peak RSS.
 async fn export() {

@@ -252,7 +252,7 @@ impl Server {
             let request = pb::QueryRequest { object: object.into(), page_token: token.clone(), ..Default::default() };
             let page = intake.query(authed(request, key)).await.unwrap().into_inner();
             for r in page.records {
-                out.insert(r.id, (r.version, struct_to_json(&r.fields.unwrap_or_default())));
+                out.insert(r.id, (r.version, fields_json(&r.fields)));
             }
             if page.next_page_token.is_empty() {
                 break;
@@ -362,44 +362,17 @@ pub async fn create_org(server: &Server, name: &str) -> TestOrg {
     TestOrg { id: org.id, key: key.api_key, key_id: key.key_id }
 }
 
-/// A protobuf Struct from a JSON object.
-pub fn record(value: serde_json::Value) -> prost_types::Struct {
-    use prost_types::value::Kind;
-    fn convert(v: &serde_json::Value) -> prost_types::Value {
-        let kind = match v {
-            serde_json::Value::Null => Kind::NullValue(0),
-            serde_json::Value::Bool(b) => Kind::BoolValue(*b),
-            serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap()),
-            serde_json::Value::String(s) => Kind::StringValue(s.clone()),
-            serde_json::Value::Array(a) => {
-                Kind::ListValue(prost_types::ListValue { values: a.iter().map(convert).collect() })
-            }
-            serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
-                fields: o.iter().map(|(k, v)| (k.clone(), convert(v))).collect(),
-            }),
-        };
-        prost_types::Value { kind: Some(kind) }
-    }
-    match convert(&value).kind {
-        Some(prost_types::value::Kind::StructValue(s)) => s,
+/// A record's protobuf fields from a JSON object, as the CLI sends them (integers exact).
+pub fn record(value: serde_json::Value) -> pb::RecordFields {
+    match value {
+        serde_json::Value::Object(o) => baton_intake::convert::json_to_pb(&o).unwrap(),
         _ => panic!("a record is a JSON object"),
     }
 }
 
-/// A protobuf Struct as JSON (numbers as f64).
-pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
-    use prost_types::value::Kind;
-    fn value(v: &prost_types::Value) -> serde_json::Value {
-        match &v.kind {
-            None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
-            Some(Kind::BoolValue(b)) => (*b).into(),
-            Some(Kind::NumberValue(n)) => (*n).into(),
-            Some(Kind::StringValue(s)) => s.clone().into(),
-            Some(Kind::ListValue(l)) => l.values.iter().map(value).collect(),
-            Some(Kind::StructValue(s)) => struct_to_json(s),
-        }
-    }
-    s.fields.iter().map(|(k, v)| (k.clone(), value(v))).collect::<serde_json::Map<_, _>>().into()
+/// A record's protobuf fields as JSON, as the CLI shows them (integers exact, decimals as strings).
+pub fn fields_json(fields: &std::collections::HashMap<String, pb::Value>) -> serde_json::Value {
+    baton_intake::convert::pb_fields_to_json(fields).into()
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, for at most `within`.

@@ -39,8 +39,8 @@ enum BatchCommand {
     /// upload and chunk progress, and ends with a summary per outcome.
     Submit {
         /// The file; `-` reads NDJSON from standard input. A CSV header names the fields, each
-        /// optionally typed (`amount:integer`, `score:number`, `active:boolean`,
-        /// `code:string`); untyped cells are read as integer, number or boolean when they look
+        /// optionally typed (`amount:integer`, `score:number`, `active:boolean`, `code:string`,
+        /// `price:decimal`); untyped cells are read as integer, number or boolean when they look
         /// like one, and as strings otherwise; empty cells are left out.
         file: PathBuf,
         /// The object.
@@ -118,6 +118,15 @@ pub(crate) fn read_records(path: &Path) -> anyhow::Result<Vec<Fields>> {
     Ok(records)
 }
 
+/// Records read from a file as protobuf fields, exactly (see [`convert::json_to_pb`]).
+pub(crate) fn records_to_pb(records: &[Fields]) -> anyhow::Result<Vec<pb::RecordFields>> {
+    records
+        .iter()
+        .enumerate()
+        .map(|(i, r)| convert::json_to_pb(r).map_err(|e| anyhow::anyhow!("record {}: {e}", i + 1)))
+        .collect()
+}
+
 fn read_csv(reader: &mut dyn Read) -> anyhow::Result<Vec<Fields>> {
     let mut csv = csv::Reader::from_reader(reader);
     let mut columns = Vec::new();
@@ -126,8 +135,12 @@ fn read_csv(reader: &mut dyn Read) -> anyhow::Result<Vec<Fields>> {
             Some((name, kind)) => (name, Some(kind)),
             None => (name, None),
         };
-        if !matches!(kind, None | Some("string" | "integer" | "number" | "boolean")) {
-            bail!("CSV column {}: type {:?} is not string, integer, number or boolean", i + 1, kind.unwrap_or(""));
+        if !matches!(kind, None | Some("string" | "integer" | "number" | "boolean" | "decimal")) {
+            bail!(
+                "CSV column {}: type {:?} is not string, integer, number, boolean or decimal",
+                i + 1,
+                kind.unwrap_or("")
+            );
         }
         columns.push((name.trim().to_owned(), kind.map(str::to_owned)));
     }
@@ -147,7 +160,8 @@ fn read_csv(reader: &mut dyn Read) -> anyhow::Result<Vec<Fields>> {
                 )
             };
             let value = match kind.as_deref() {
-                Some("string") => Value::from(cell),
+                // decimal text goes as it is; the server checks it against the schema
+                Some("string" | "decimal") => Value::from(cell),
                 Some("integer") => Value::from(cell.parse::<i64>().map_err(|_| bad())?),
                 Some("number") => cell
                     .parse::<f64>()
@@ -294,7 +308,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
             let upload = bar(records.len() as u64, "records");
             upload.set_message("upload");
             let shown = upload.clone();
-            let records: Vec<_> = records.iter().map(convert::fields_to_pb).collect();
+            let records = records_to_pb(&records)?;
             let staged = baton_scheduler::client::submit_batch(
                 channel(&conn.conn).await?,
                 &conn.api_key,

@@ -213,12 +213,11 @@ pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
 }
 
 pub(crate) fn record_json(record: &pb::Record) -> serde_json::Value {
-    let fields = record.fields.clone().unwrap_or_default();
     serde_json::json!({
         "id": record.id,
         "version": record.version,
         "updated_at_ms": record.updated_at_ms,
-        "fields": convert::struct_to_json(&fields),
+        "fields": convert::pb_fields_to_json(&record.fields),
     })
 }
 
@@ -284,7 +283,7 @@ pub async fn upsert(args: UpsertArgs) -> anyhow::Result<()> {
     if records.is_empty() {
         bail!("no records to upsert");
     }
-    let records: Vec<_> = records.iter().map(convert::fields_to_pb).collect();
+    let records = crate::batch_cli::records_to_pb(&records)?;
     if args.auto_batch {
         use baton_scheduler::client::{Upserted, upsert_or_batch};
         let request_id = args.request_id.unwrap_or_else(|| format!("auto-{}", hex::encode(rand::random::<[u8; 8]>())));

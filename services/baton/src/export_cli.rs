@@ -93,19 +93,19 @@ fn write_part(path: &Path, lines: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first portion's records as NDJSON, each line as a part's lines are stored (FetchPart's
-/// NDJSON format): `id`, `version`, `updated_at_ms`, `fields`, in that order.
+/// Records as NDJSON lines: `id`, `version`, `updated_at_ms`, `fields`, in that order, with the
+/// fields as [`convert::pb_fields_to_json`] writes them (integers exact, decimals as strings).
 fn ndjson_lines(records: &[pb::Record]) -> anyhow::Result<Vec<u8>> {
     #[derive(serde::Serialize)]
     struct Line<'a> {
         id: &'a str,
         version: i64,
         updated_at_ms: i64,
-        fields: serde_json::Value,
+        fields: serde_json::Map<String, serde_json::Value>,
     }
     let mut out = Vec::new();
     for r in records {
-        let fields = r.fields.as_ref().map_or_else(|| serde_json::json!({}), convert::struct_to_json);
+        let fields = convert::pb_fields_to_json(&r.fields);
         serde_json::to_writer(
             &mut out,
             &Line { id: &r.id, version: r.version, updated_at_ms: r.updated_at_ms, fields },
@@ -231,14 +231,14 @@ async fn download(
                 (client.clone(), key.to_owned(), token.to_owned(), part_file(dir, part.number), part.number);
             tasks.spawn(async move {
                 let _slot = slot;
-                let format = pb::PartFormat::Ndjson as i32;
-                let request = with_bearer(pb::FetchPartRequest { token, part: number, format }, &key)?;
+                let request = with_bearer(pb::FetchPartRequest { token, part: number }, &key)?;
                 let mut stream = client.fetch_part(request).await.map_err(explain)?.into_inner();
                 let mut lines = Vec::new();
+                let mut rows = 0i64;
                 while let Some(frame) = stream.message().await.map_err(explain)? {
-                    lines.extend_from_slice(&frame.ndjson);
+                    rows += frame.records.len() as i64;
+                    lines.extend_from_slice(&ndjson_lines(&frame.records)?);
                 }
-                let rows = lines.iter().filter(|b| **b == b'\n').count() as i64;
                 tokio::task::spawn_blocking(move || write_part(&path, &lines)).await??;
                 Ok((number, rows))
             });

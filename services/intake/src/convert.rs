@@ -2,103 +2,93 @@
 
 use baton_mesh::proto::v1 as pb;
 use baton_store::FieldError;
-use baton_store::model::{ChangeEvent, ChangeOp, FieldSpec, FieldType, Fields, ObjectSchema, Record};
-use prost_types::value::Kind;
+use baton_store::model::{ChangeEvent, ChangeOp, DECIMAL_TAG, FieldSpec, FieldType, Fields, ObjectSchema, Record};
+use pb::value::Kind;
 use serde_json::Value;
 
-/// Integers up to 2^53 survive a trip through a protobuf double exactly.
-const MAX_SAFE_INTEGER: f64 = 9_007_199_254_740_992.0;
+/// The fields of a protobuf message, keyed by field name.
+pub type PbFields = std::collections::HashMap<String, pb::Value>;
 
-/// A protobuf Value as JSON. Whole numbers within ±2^53 become integers.
-fn value_to_json(value: &prost_types::Value, path: &str, errors: &mut Vec<FieldError>) -> Value {
+/// A protobuf field value as JSON, in the form the store resolves by the field's type (see
+/// `baton_store::schema::record_problems`): decimal text travels as a `{"$decimal": text}` object
+/// until the schema says what it is. A non-finite double is an error at `path`.
+fn value_to_json(value: &pb::Value, path: &str, errors: &mut Vec<FieldError>) -> Value {
     match &value.kind {
         None | Some(Kind::NullValue(_)) => Value::Null,
-        Some(Kind::BoolValue(b)) => Value::Bool(*b),
+        Some(Kind::BooleanValue(b)) => Value::Bool(*b),
         Some(Kind::StringValue(s)) => Value::String(s.clone()),
-        Some(Kind::NumberValue(n)) => {
-            if n.fract() == 0.0 && n.abs() <= MAX_SAFE_INTEGER {
-                Value::from(*n as i64)
-            } else if let Some(number) = serde_json::Number::from_f64(*n) {
-                Value::Number(number)
-            } else {
+        Some(Kind::IntegerValue(n)) => Value::from(*n),
+        Some(Kind::NumberValue(n)) => match serde_json::Number::from_f64(*n) {
+            Some(number) => Value::Number(number),
+            None => {
                 errors.push(FieldError::new(path, "not a finite number"));
                 Value::Null
             }
+        },
+        Some(Kind::DecimalValue(text)) => {
+            Value::Object(serde_json::Map::from_iter([(DECIMAL_TAG.to_owned(), Value::String(text.clone()))]))
         }
-        Some(Kind::StructValue(s)) => Value::Object(
-            s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("{path}.{k}"), errors))).collect(),
-        ),
-        Some(Kind::ListValue(l)) => Value::Array(
-            l.values.iter().enumerate().map(|(i, v)| value_to_json(v, &format!("{path}[{i}]"), errors)).collect(),
-        ),
     }
 }
 
-/// A protobuf Struct as JSON, as the edge reads it (whole numbers become integers); a value JSON
-/// cannot hold (a non-finite number) becomes null. For display, where nothing is validated.
-pub fn struct_to_json(s: &prost_types::Struct) -> serde_json::Value {
-    let mut ignored = Vec::new();
-    serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, k, &mut ignored))).collect())
+/// Protobuf fields as store fields, with `{path}.{name}` in errors.
+fn fields_from_pb(fields: &PbFields, path: &str, errors: &mut Vec<FieldError>) -> Fields {
+    fields.iter().map(|(k, v)| (k.clone(), value_to_json(v, &format!("{path}.{k}"), errors))).collect()
 }
 
-/// Request records as store fields; `records[i].field` paths in errors.
-pub fn records_from_pb(records: &[prost_types::Struct]) -> Result<Vec<Fields>, Vec<FieldError>> {
+/// Request records as store fields; `records[i].fields.name` paths in errors.
+pub fn records_from_pb(records: &[pb::RecordFields]) -> Result<Vec<Fields>, Vec<FieldError>> {
     let mut errors = Vec::new();
     let out = records
         .iter()
         .enumerate()
-        .map(|(i, r)| {
-            r.fields
-                .iter()
-                .map(|(k, v)| (k.clone(), value_to_json(v, &format!("records[{i}].{k}"), &mut errors)))
-                .collect()
-        })
+        .map(|(i, r)| fields_from_pb(&r.fields, &format!("records[{i}]"), &mut errors))
         .collect();
     if errors.is_empty() { Ok(out) } else { Err(errors) }
 }
 
-fn json_to_value(value: &Value) -> prost_types::Value {
-    let kind = match value {
-        Value::Null => Kind::NullValue(0),
-        Value::Bool(b) => Kind::BoolValue(*b),
-        Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
-        Value::String(s) => Kind::StringValue(s.clone()),
-        Value::Array(a) => Kind::ListValue(prost_types::ListValue { values: a.iter().map(json_to_value).collect() }),
-        Value::Object(o) => Kind::StructValue(fields_to_pb(o)),
+/// A stored value as the protobuf value of a field of `field_type` (by the JSON kind for a field
+/// the schema does not have); null as none. Stored values are already exact in their type (see
+/// `baton_store::model::Fields`), so this never rounds.
+pub fn value_to_pb(value: &Value, field_type: Option<FieldType>) -> Option<pb::Value> {
+    let kind = match (field_type, value) {
+        (_, Value::Null) => return None,
+        (Some(FieldType::Decimal), Value::String(s)) => Kind::DecimalValue(s.clone()),
+        (Some(FieldType::Decimal), Value::Number(n)) => Kind::DecimalValue(n.to_string()),
+        (Some(FieldType::Number), Value::Number(n)) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        (_, Value::Number(n)) => match n.as_i64() {
+            Some(i) => Kind::IntegerValue(i),
+            None => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        },
+        (_, Value::Bool(b)) => Kind::BooleanValue(*b),
+        (_, Value::String(s)) => Kind::StringValue(s.clone()),
+        // stored records hold scalars only; anything else is shown as its JSON text
+        (_, other) => Kind::StringValue(other.to_string()),
     };
-    prost_types::Value { kind: Some(kind) }
+    Some(pb::Value { kind: Some(kind) })
 }
 
-/// Store fields as a protobuf Struct.
-pub fn fields_to_pb(fields: &Fields) -> prost_types::Struct {
-    prost_types::Struct { fields: fields.iter().map(|(k, v)| (k.clone(), json_to_value(v))).collect() }
+/// Stored fields as protobuf fields, each of its field's type in `schema`; null fields are left
+/// out.
+pub fn fields_to_pb(fields: &Fields, schema: &ObjectSchema) -> PbFields {
+    fields
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), value_to_pb(v, schema.field(k).map(|f| f.field_type))?)))
+        .collect()
 }
 
-/// A stored record as a protobuf Record.
-pub fn record_to_pb(record: &Record) -> pb::Record {
+/// A stored record of an object of `schema` as a protobuf Record.
+pub fn record_to_pb(record: &Record, schema: &ObjectSchema) -> pb::Record {
     pb::Record {
         id: record.id.clone(),
-        fields: Some(fields_to_pb(&record.fields)),
+        fields: fields_to_pb(&record.fields, schema),
         version: record.version,
         updated_at_ms: record.updated_at_ms,
     }
 }
 
-/// A change-log entry as a protobuf Change.
-pub fn change_to_pb(event: &ChangeEvent) -> pb::Change {
-    pb::Change { fields: event.fields.as_ref().map(fields_to_pb), ..change_without_fields(event) }
-}
-
-/// A change event as a protobuf Change with its fields as JSON text (`fields_json`), as a link
-/// sends it.
-pub fn change_to_pb_json(event: &ChangeEvent) -> pb::Change {
-    pb::Change {
-        fields_json: event.fields.as_ref().map(fields_json).unwrap_or_default(),
-        ..change_without_fields(event)
-    }
-}
-
-fn change_without_fields(event: &ChangeEvent) -> pb::Change {
+/// A change-log entry as a protobuf Change; `schema` is the schema of its object.
+pub fn change_to_pb(event: &ChangeEvent, schema: &ObjectSchema) -> pb::Change {
     pb::Change {
         seq: event.seq,
         object: event.object.clone(),
@@ -107,30 +97,69 @@ fn change_without_fields(event: &ChangeEvent) -> pb::Change {
             ChangeOp::Upsert => pb::ChangeOp::Upsert,
             ChangeOp::Delete => pb::ChangeOp::Delete,
         } as i32,
-        fields: None,
+        fields: event.fields.as_ref().map(|f| fields_to_pb(f, schema)).unwrap_or_default(),
         version: event.version,
         committed_at_ms: event.committed_at_ms,
-        fields_json: String::new(),
     }
 }
 
-fn fields_json(fields: &Fields) -> String {
-    serde_json::to_string(fields).unwrap_or_else(|_| "{}".to_owned())
-}
-
-/// A snapshot row as a protobuf upsert Change (seq 0), its fields as JSON text, as a link sends
-/// it.
-pub fn snapshot_row_to_pb(object: &str, record: &Record) -> pb::Change {
+/// A snapshot row as a protobuf upsert Change (seq 0), as a link sends it.
+pub fn snapshot_row_to_pb(record: &Record, schema: &ObjectSchema) -> pb::Change {
     pb::Change {
         seq: 0,
-        object: object.to_owned(),
+        object: schema.name.clone(),
         record_id: record.id.clone(),
         op: pb::ChangeOp::Upsert as i32,
-        fields: None,
+        fields: fields_to_pb(&record.fields, schema),
         version: record.version,
         committed_at_ms: record.updated_at_ms,
-        fields_json: fields_json(&record.fields),
     }
+}
+
+/// Protobuf fields as display JSON, for tools: integers as JSON integers (exact: serde_json keeps
+/// 64-bit integers), doubles as JSON numbers, decimals as JSON strings of their text, so that no
+/// JSON reader rounds them.
+pub fn pb_fields_to_json(fields: &PbFields) -> serde_json::Map<String, Value> {
+    fields
+        .iter()
+        .map(|(k, v)| {
+            let value = match &v.kind {
+                None | Some(Kind::NullValue(_)) => Value::Null,
+                Some(Kind::BooleanValue(b)) => Value::Bool(*b),
+                Some(Kind::StringValue(s) | Kind::DecimalValue(s)) => Value::String(s.clone()),
+                Some(Kind::IntegerValue(n)) => Value::from(*n),
+                Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n).map_or(Value::Null, Value::Number),
+            };
+            (k.clone(), value)
+        })
+        .collect()
+}
+
+/// A record given as JSON (by a tool such as the CLI) as protobuf fields, exactly: a JSON integer
+/// is an `integer_value` (one beyond the signed 64-bit range travels as `decimal_value` text,
+/// which the server refuses for an integer field with a precise reason rather than rounding it),
+/// any other number a `number_value`, and a string a `string_value` (which a decimal field also
+/// takes). A list or an object is no field value: an error naming the field.
+pub fn json_to_pb(fields: &serde_json::Map<String, Value>) -> Result<pb::RecordFields, String> {
+    let mut out = PbFields::with_capacity(fields.len());
+    for (name, value) in fields {
+        let kind = match value {
+            Value::Null => Kind::NullValue(0),
+            Value::Bool(b) => Kind::BooleanValue(*b),
+            Value::String(s) => Kind::StringValue(s.clone()),
+            Value::Number(n) => match (n.as_i64(), n.as_u64(), n.as_f64()) {
+                (Some(i), _, _) => Kind::IntegerValue(i),
+                (None, Some(_), _) => Kind::DecimalValue(n.to_string()),
+                (_, _, Some(f)) => Kind::NumberValue(f),
+                _ => return Err(format!("field {name:?}: {n} is not a number baton can hold")),
+            },
+            Value::Array(_) | Value::Object(_) => {
+                return Err(format!("field {name:?}: a field value is a string, number, boolean or null, not {value}"));
+            }
+        };
+        out.insert(name.clone(), pb::Value { kind: Some(kind) });
+    }
+    Ok(pb::RecordFields { fields: out })
 }
 
 /// Replicated protobuf changes as store changes; `changes[i]` paths in errors.
@@ -154,26 +183,9 @@ pub fn changes_from_pb(changes: &[pb::Change]) -> Result<Vec<ChangeEvent>, Vec<F
             errors.push(FieldError::new(format!("changes[{i}].version"), "a version is at least 1"));
             continue;
         }
-        let fields = match (&c.fields, c.fields_json.as_str()) {
-            (Some(_), json) if !json.is_empty() => {
-                errors.push(FieldError::new(format!("changes[{i}]"), "set fields or fields_json, not both"));
-                continue;
-            }
-            (Some(f), _) => Some(
-                f.fields
-                    .iter()
-                    .map(|(k, v)| (k.clone(), value_to_json(v, &format!("changes[{i}].fields.{k}"), &mut errors)))
-                    .collect(),
-            ),
-            (None, "") => None,
-            (None, json) => match serde_json::from_str::<Fields>(json) {
-                Ok(fields) => Some(fields),
-                Err(e) => {
-                    errors
-                        .push(FieldError::new(format!("changes[{i}].fields_json"), format!("not a JSON object: {e}")));
-                    continue;
-                }
-            },
+        let fields = match op {
+            ChangeOp::Upsert => Some(fields_from_pb(&c.fields, &format!("changes[{i}].fields"), &mut errors)),
+            ChangeOp::Delete => None,
         };
         out.push(ChangeEvent {
             seq: c.seq,
@@ -201,10 +213,12 @@ pub fn schema_from_pb(schema: &pb::ObjectSchema) -> Result<ObjectSchema, Vec<Fie
                 Ok(pb::FieldType::Integer) => FieldType::Integer,
                 Ok(pb::FieldType::Number) => FieldType::Number,
                 Ok(pb::FieldType::Boolean) => FieldType::Boolean,
+                Ok(pb::FieldType::Decimal) => FieldType::Decimal,
                 Ok(pb::FieldType::Unspecified) | Err(_) => {
                     errors.push(FieldError::new(
                         format!("schema.fields[{i}].type"),
-                        "set a type: FIELD_TYPE_STRING, FIELD_TYPE_INTEGER, FIELD_TYPE_NUMBER or FIELD_TYPE_BOOLEAN",
+                        "set a type: FIELD_TYPE_STRING, FIELD_TYPE_INTEGER, FIELD_TYPE_NUMBER, FIELD_TYPE_BOOLEAN \
+                         or FIELD_TYPE_DECIMAL",
                     ));
                     return None;
                 }
@@ -234,6 +248,7 @@ pub fn schema_to_pb(schema: &ObjectSchema) -> pb::ObjectSchema {
                     FieldType::Integer => pb::FieldType::Integer,
                     FieldType::Number => pb::FieldType::Number,
                     FieldType::Boolean => pb::FieldType::Boolean,
+                    FieldType::Decimal => pb::FieldType::Decimal,
                 } as i32,
                 required: f.required,
                 unique: f.unique,
@@ -246,49 +261,88 @@ pub fn schema_to_pb(schema: &ObjectSchema) -> pb::ObjectSchema {
 mod tests {
     use super::*;
 
-    fn num(n: f64) -> prost_types::Value {
-        prost_types::Value { kind: Some(Kind::NumberValue(n)) }
+    fn v(kind: Kind) -> pb::Value {
+        pb::Value { kind: Some(kind) }
+    }
+
+    fn schema() -> ObjectSchema {
+        let f = |name: &str, field_type| FieldSpec { name: name.into(), field_type, required: false, unique: false };
+        ObjectSchema {
+            name: "t".into(),
+            external_id_field: "code".into(),
+            fields: vec![
+                f("code", FieldType::String),
+                f("n", FieldType::Integer),
+                f("x", FieldType::Number),
+                f("d", FieldType::Decimal),
+                f("b", FieldType::Boolean),
+            ],
+        }
     }
 
     #[test]
-    fn whole_numbers_become_integers_and_non_finite_ones_are_errors() {
-        let record = prost_types::Struct {
-            fields: [("a".to_owned(), num(42.0)), ("b".to_owned(), num(2.5)), ("c".to_owned(), num(f64::NAN))].into(),
+    fn values_travel_exactly_and_non_finite_doubles_are_errors() {
+        let record = pb::RecordFields {
+            fields: [
+                ("code".to_owned(), v(Kind::StringValue("a".into()))),
+                ("n".to_owned(), v(Kind::IntegerValue(9_007_199_254_740_993))),
+                ("x".to_owned(), v(Kind::NumberValue(2.5))),
+                ("d".to_owned(), v(Kind::DecimalValue("12.50".into()))),
+                ("b".to_owned(), v(Kind::BooleanValue(true))),
+                ("gone".to_owned(), v(Kind::NullValue(0))),
+                ("bad".to_owned(), v(Kind::NumberValue(f64::NAN))),
+            ]
+            .into(),
         };
         let errors = records_from_pb(std::slice::from_ref(&record)).unwrap_err();
-        assert_eq!(errors, vec![FieldError::new("records[0].c", "not a finite number")]);
+        assert_eq!(errors, vec![FieldError::new("records[0].bad", "not a finite number")]);
         let mut record = record;
-        record.fields.remove("c");
+        record.fields.remove("bad");
         let fields = &records_from_pb(&[record]).unwrap()[0];
-        assert!(fields["a"].is_i64());
-        assert_eq!(fields["b"].as_f64(), Some(2.5));
-        let back = fields_to_pb(fields);
-        assert_eq!(back.fields["a"], num(42.0));
+        assert_eq!(fields["n"], serde_json::json!(9_007_199_254_740_993_i64));
+        assert_eq!(fields["d"], serde_json::json!({"$decimal": "12.50"}));
+        assert_eq!(fields["gone"], Value::Null);
+
+        // stored (the store canonicalizes the decimal), then answered in each field's type
+        let mut stored = fields.clone();
+        stored.insert("d".into(), "12.5".into());
+        stored.insert("x".into(), serde_json::json!(3));
+        let back = fields_to_pb(&stored, &schema());
+        assert_eq!(back["n"], v(Kind::IntegerValue(9_007_199_254_740_993)));
+        assert_eq!(back["x"], v(Kind::NumberValue(3.0)), "a number field answers a double");
+        assert_eq!(back["d"], v(Kind::DecimalValue("12.5".into())));
+        assert!(!back.contains_key("gone"), "null fields are left out");
+        let json = pb_fields_to_json(&back);
+        assert_eq!(
+            serde_json::Value::Object(json).to_string(),
+            r#"{"b":true,"code":"a","d":"12.5","n":9007199254740993,"x":3.0}"#
+        );
     }
 
     #[test]
-    fn a_change_carries_its_fields_as_json_text_or_as_a_struct_not_both() {
+    fn a_change_round_trips_exactly() {
         let fields: Fields =
-            serde_json::from_str(r#"{"code": "a1", "amount": 12345678901234567, "score": 0.1}"#).unwrap();
+            serde_json::from_str(r#"{"code": "a1", "n": 12345678901234567, "x": 0.1, "d": "-7.25"}"#).unwrap();
         let event = ChangeEvent {
             seq: 7,
-            object: "account".into(),
+            object: "t".into(),
             record_id: "a1".into(),
             op: ChangeOp::Upsert,
-            fields: Some(fields.clone()),
+            fields: Some(fields),
             version: 3,
             committed_at_ms: 99,
         };
-        let json = change_to_pb_json(&event);
-        assert!(json.fields.is_none() && !json.fields_json.is_empty());
-        // exact through JSON text: a 17-digit integer survives, which a Struct's double would not
-        assert_eq!(changes_from_pb(std::slice::from_ref(&json)).unwrap(), vec![event.clone()]);
-        assert_eq!(changes_from_pb(&[change_to_pb(&event)]).unwrap()[0].fields.as_ref().unwrap()["code"], "a1");
+        let pb = change_to_pb(&event, &schema());
+        assert_eq!(pb.fields["d"], v(Kind::DecimalValue("-7.25".into())));
+        let back = changes_from_pb(std::slice::from_ref(&pb)).unwrap();
+        let back = back[0].fields.as_ref().unwrap();
+        // a 17-digit integer survives, which a double would not
+        assert_eq!(back["n"], serde_json::json!(12_345_678_901_234_567_i64));
+        assert_eq!(back["d"], serde_json::json!({"$decimal": "-7.25"}), "resolved by the target's schema");
 
-        let both = pb::Change { fields: change_to_pb(&event).fields, ..json.clone() };
-        let bad = pb::Change { fields_json: "[1, 2]".into(), ..json.clone() };
-        let errors = changes_from_pb(&[json, both, bad]).unwrap_err();
-        assert_eq!(errors.len(), 2, "{errors:?}");
-        assert_eq!((errors[0].field.as_str(), errors[1].field.as_str()), ("changes[1]", "changes[2].fields_json"));
+        let delete = pb::Change { op: pb::ChangeOp::Delete as i32, ..pb.clone() };
+        assert_eq!(changes_from_pb(&[delete]).unwrap()[0].fields, None);
+        let bad = pb::Change { op: 0, ..pb };
+        assert_eq!(changes_from_pb(&[bad]).unwrap_err()[0].field, "changes[0].op");
     }
 }

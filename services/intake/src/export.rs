@@ -21,8 +21,6 @@ use crate::{Error, IntakeService, convert, require};
 const POLL: Duration = Duration::from_millis(100);
 /// Rows per FetchPart frame.
 const FRAME_ROWS: usize = 1_000;
-/// The most NDJSON bytes FetchPart sends in one frame (whole lines; a longer line goes alone).
-const FRAME_BYTES: usize = 1 << 20;
 /// The longest request id.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -109,6 +107,7 @@ impl IntakeService {
         let wait = request.wait;
         let spec = spec_of(request)?;
         let permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
+        let schema = self.store.object(&org, &spec.object).await.map_err(Error::from)?;
         let started = self
             .store
             .start_export(&org, &spec, self.deadline(), self.export_retention)
@@ -122,7 +121,7 @@ impl IntakeService {
                 return Ok(pb::ExportResponse {
                     estimated_total: records.len() as i64,
                     estimate_exact: true,
-                    records: records.iter().map(convert::record_to_pb).collect(),
+                    records: records.iter().map(|r| convert::record_to_pb(r, &schema)).collect(),
                     complete: true,
                     ..Default::default()
                 });
@@ -141,7 +140,7 @@ impl IntakeService {
             status = export_to_pb(&current);
         }
         Ok(pb::ExportResponse {
-            records: first.iter().map(convert::record_to_pb).collect(),
+            records: first.iter().map(|r| convert::record_to_pb(r, &schema)).collect(),
             complete: false,
             export_id: status.export_id.clone(),
             token,
@@ -227,9 +226,6 @@ impl IntakeService {
         if request.part == 0 {
             return Err(Error::Invalid(vec![FieldError::new("part", "parts are numbered from 1")]).into());
         }
-        let format = pb::PartFormat::try_from(request.format).map_err(|_| {
-            Error::Invalid(vec![FieldError::new("format", format!("unknown part format {}", request.format))])
-        })?;
         // a part still being produced is waited for; the client's deadline bounds the wait
         let rows = loop {
             match self.store.read_part(&self.blobs, &org, &request.token, request.part).await.map_err(Error::from)? {
@@ -251,32 +247,20 @@ impl IntakeService {
             }
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        if format == pb::PartFormat::Ndjson {
-            // the stored lines as they are, no decoding
-            tokio::spawn(async move {
-                let count = rows.rows as u64;
-                for ndjson in rows.ndjson(FRAME_BYTES) {
-                    if tx.send(Ok(pb::ExportRows { records: Vec::new(), ndjson })).await.is_err() {
-                        return;
-                    }
-                }
-                metrics::counter!("baton_export_rows_fetched_total").increment(count);
-            });
-            return Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)));
-        }
         // frames are decoded one at a time as the client reads them: a part is held compressed
         // size × 3 or so, never as decoded rows
         tokio::spawn(async move {
+            let schema = rows.schema.clone();
             let mut lines = rows.records();
             let mut sent = 0u64;
             loop {
                 let frame: Result<Vec<pb::Record>, _> =
-                    lines.by_ref().take(FRAME_ROWS).map(|r| r.map(|r| convert::record_to_pb(&r))).collect();
+                    lines.by_ref().take(FRAME_ROWS).map(|r| r.map(|r| convert::record_to_pb(&r, &schema))).collect();
                 match frame {
                     Ok(records) if records.is_empty() => break,
                     Ok(records) => {
                         sent += records.len() as u64;
-                        if tx.send(Ok(pb::ExportRows { records, ndjson: Vec::new() })).await.is_err() {
+                        if tx.send(Ok(pb::ExportRows { records })).await.is_err() {
                             break;
                         }
                     }

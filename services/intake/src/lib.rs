@@ -198,12 +198,12 @@ impl pb::intake_server::Intake for IntakeService {
         require(&request.object, "object")?;
         require(&request.id, "id")?;
         let _permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
-        let record = self
+        let (record, schema) = self
             .store
             .get(&org, &request.object, &request.id, self.deadline())
             .await
             .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_EXPORT))?;
-        Ok(Response::new(convert::record_to_pb(&record)))
+        Ok(Response::new(convert::record_to_pb(&record, &schema)))
     }
 
     async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
@@ -242,7 +242,7 @@ impl pb::intake_server::Intake for IntakeService {
             .await
             .map_err(|e| Error::from(e).deadline_as(RESUBMIT_AS_EXPORT))?;
         Ok(Response::new(pb::QueryResponse {
-            records: page.records.iter().map(convert::record_to_pb).collect(),
+            records: page.records.iter().map(|r| convert::record_to_pb(r, &page.schema)).collect(),
             next_page_token: page.next_after.map(hex::encode).unwrap_or_default(),
         }))
     }

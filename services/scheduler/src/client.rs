@@ -32,7 +32,7 @@ pub async fn submit_batch(
     channel: Channel,
     api_key: &str,
     header: pb::BatchHeader,
-    records: Vec<prost_types::Struct>,
+    records: Vec<pb::RecordFields>,
     mut progress: impl FnMut(usize) + Send + 'static,
 ) -> Result<pb::SubmitBatchResponse, Status> {
     let mut client = pb::scheduler_client::SchedulerClient::new(channel)
@@ -76,7 +76,7 @@ pub async fn upsert_or_batch(
     channel: Channel,
     api_key: &str,
     object: &str,
-    records: Vec<prost_types::Struct>,
+    records: Vec<pb::RecordFields>,
     request_id: &str,
 ) -> Result<Upserted, Status> {
     let mut intake = pb::intake_client::IntakeClient::new(channel.clone())

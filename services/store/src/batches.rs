@@ -971,7 +971,7 @@ impl Store {
         // SQLite the transaction's first write takes the database's write lock, and on both
         // backends other chunks of the org queue behind this one's. A chunk's records and batch
         // never change once staged, so reading them first loses nothing.
-        let Some(chunk) = by_deadline(deadline, self.chunk_work(batch_id, index)).await? else {
+        let Some(mut chunk) = by_deadline(deadline, self.chunk_work(batch_id, index)).await? else {
             return Ok(ChunkRun::Finished(self.chunk_state(batch_id, index).await?));
         };
         let first = chunk.first;
@@ -983,7 +983,7 @@ impl Store {
         };
         let problems = match chunk.op {
             BatchOp::Delete => delete_problems(&chunk.schema, &chunk.records),
-            _ => record_problems(&chunk.schema, &chunk.records),
+            _ => record_problems(&chunk.schema, &mut chunk.records),
         };
         if !problems.is_empty() {
             return Ok(invalid(problems));

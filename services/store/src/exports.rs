@@ -214,6 +214,8 @@ pub struct PartRows {
     number: u32,
     /// How many rows it holds.
     pub rows: i64,
+    /// The schema of the export's object, which says each field's type.
+    pub schema: ObjectSchema,
     /// The blob, decompressed: one JSON line per row.
     data: Vec<u8>,
 }
@@ -243,27 +245,6 @@ impl PartRows {
                 );
             }
             None
-        })
-    }
-
-    /// The part as stored, NDJSON, in pieces of whole lines of at most `max` bytes (a longer line
-    /// is a piece of its own).
-    pub fn ndjson(self, max: usize) -> impl Iterator<Item = Vec<u8>> + Send {
-        let mut at = 0;
-        std::iter::from_fn(move || {
-            let data = &self.data;
-            if at >= data.len() {
-                return None;
-            }
-            let end = (at + max).min(data.len());
-            let cut = match data[at..end].iter().rposition(|b| *b == b'\n') {
-                _ if end == data.len() => end,
-                Some(i) => at + i + 1,
-                None => data[end..].iter().position(|b| *b == b'\n').map_or(data.len(), |i| end + i + 1),
-            };
-            let piece = data[at..cut].to_vec();
-            at = cut;
-            Some(piece)
         })
     }
 }
@@ -924,8 +905,9 @@ impl Store {
             _ if export.info.state.is_final() => return Ok(PartRead::Never(export.info.state)),
             _ => return Ok(PartRead::NotReady),
         }
+        let schema = self.object(org_id, &export.info.object).await?;
         let data = blobs.get_decompressed(&part.try_get::<String, _>(1)?).await?;
-        Ok(PartRead::Rows(PartRows { number, rows: part.try_get(2)?, data }))
+        Ok(PartRead::Rows(PartRows { number, rows: part.try_get(2)?, schema, data }))
     }
 
     /// Deletes the parts of exports past their retention (at most `limit` exports); their

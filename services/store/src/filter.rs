@@ -386,7 +386,7 @@ impl Compiler<'_> {
         // Safe to splice: schema field names are identifiers (a-z, 0-9, _).
         let column = match (self.backend, spec.field_type) {
             (Backend::Sqlite, _) => format!("json_extract(fields, '$.{field}')"),
-            (Backend::Postgres, FieldType::String) => format!("(fields->>'{field}')"),
+            (Backend::Postgres, FieldType::String | FieldType::Decimal) => format!("(fields->>'{field}')"),
             (Backend::Postgres, FieldType::Integer) => format!("((fields->>'{field}')::bigint)"),
             (Backend::Postgres, FieldType::Number) => format!("((fields->>'{field}')::double precision)"),
             (Backend::Postgres, FieldType::Boolean) => format!("((fields->>'{field}')::boolean)"),
@@ -400,6 +400,12 @@ impl Compiler<'_> {
             (Some(FieldType::Integer), Literal::Integer(n)) => Param::Int(*n),
             (Some(FieldType::Number), Literal::Integer(n)) => Param::Real(*n as f64),
             (Some(FieldType::Number), Literal::Number(n)) => Param::Real(*n),
+            // decimals are stored as canonical text, so equal decimals have equal text
+            (Some(FieldType::Decimal), Literal::String(s)) => Param::Text(
+                crate::schema::canonical_decimal(s)
+                    .map_err(|e| FieldError::new("filter", format!("field {field:?} is decimal: {e}")))?,
+            ),
+            (Some(FieldType::Decimal), Literal::Integer(n)) => Param::Text(n.to_string()),
             (Some(FieldType::Boolean), Literal::Boolean(b)) => match self.backend {
                 Backend::Sqlite => Param::Int(i64::from(*b)),
                 Backend::Postgres => Param::Bool(*b),
@@ -432,6 +438,15 @@ impl Compiler<'_> {
             Expr::Not(a) => format!("(NOT {})", self.compile(a)?),
             Expr::Cmp(field, op, lit) => {
                 let (column, ty) = self.column(field)?;
+                if ty == Some(FieldType::Decimal) && !matches!(op, CmpOp::Eq | CmpOp::Ne) {
+                    return Err(FieldError::new(
+                        "filter",
+                        format!(
+                            "field {field:?} is decimal: it takes =, !=, IN and IS NULL; {} is not supported on decimals",
+                            op.sql()
+                        ),
+                    ));
+                }
                 let p = self.bind(field, ty, lit)?;
                 format!("COALESCE({column} {} {p}, {})", op.sql(), self.falsy())
             }
@@ -554,5 +569,30 @@ mod tests {
         let e = parse("score > 1 AND id = 'x'").unwrap().unwrap();
         let c = compile(&e, &s, Backend::Sqlite, 1).unwrap();
         assert_eq!(c.params, vec![Param::Real(1.0), Param::Text("x".into())]);
+    }
+
+    #[test]
+    fn decimals_compare_by_canonical_text_and_refuse_ordering() {
+        let mut s = schema();
+        s.fields.push(FieldSpec {
+            name: "price".into(),
+            field_type: FieldType::Decimal,
+            required: false,
+            unique: false,
+        });
+        let e = parse("price = '012.50' OR price IN (7, '-0')").unwrap().unwrap();
+        let c = compile(&e, &s, Backend::Postgres, 1).unwrap();
+        assert_eq!(c.params, vec![Param::Text("12.5".into()), Param::Text("7".into()), Param::Text("0".into())]);
+        let e = parse("price > '1'").unwrap().unwrap();
+        assert!(
+            compile(&e, &s, Backend::Sqlite, 1).unwrap_err().description.contains("> is not supported on decimals")
+        );
+        let e = parse("price = 1.5").unwrap().unwrap();
+        assert_eq!(
+            compile(&e, &s, Backend::Sqlite, 1).unwrap_err().description,
+            "field \"price\" is decimal, compared with a number"
+        );
+        let e = parse("price = '1e3'").unwrap().unwrap();
+        assert!(compile(&e, &s, Backend::Sqlite, 1).unwrap_err().description.contains("not decimal text"));
     }
 }

@@ -2,8 +2,14 @@
 
 use serde::{Deserialize, Serialize};
 
-/// A JSON object: a record's fields.
+/// A JSON object: a record's fields. Stored values are exact: integers as JSON integers, numbers
+/// as doubles, decimals as canonical text. Records arriving from a client may also hold a
+/// [`DECIMAL_TAG`] object, which [`crate::schema::record_problems`] resolves by the field's type.
 pub type Fields = serde_json::Map<String, serde_json::Value>;
+
+/// The key of `{"$decimal": "12.30"}`: decimal text as it arrives from a client, before the
+/// schema says what it is (an integer, a number or a decimal). Never stored.
+pub const DECIMAL_TAG: &str = "$decimal";
 
 /// An org (tenant).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +45,8 @@ pub enum FieldType {
     Number,
     /// A boolean.
     Boolean,
+    /// An exact decimal, stored as its canonical text (see [`crate::schema::canonical_decimal`]).
+    Decimal,
 }
 
 impl FieldType {
@@ -49,6 +57,7 @@ impl FieldType {
             FieldType::Integer => "integer",
             FieldType::Number => "number",
             FieldType::Boolean => "boolean",
+            FieldType::Decimal => "decimal",
         }
     }
 }
@@ -174,4 +183,6 @@ pub struct Page {
     pub records: Vec<Record>,
     /// The id to continue after, when there may be more.
     pub next_after: Option<String>,
+    /// The object's schema, which says each field's type.
+    pub schema: ObjectSchema,
 }

@@ -200,12 +200,12 @@ impl Store {
         &self,
         org_id: &str,
         object: &str,
-        records: Vec<Fields>,
+        mut records: Vec<Fields>,
         deadline: Instant,
     ) -> Result<(Vec<UpsertOutcome>, i64), Error> {
         let (tx, result) = by_deadline(deadline, async {
             let schema = self.object(org_id, object).await?;
-            let errors = validate_records(&schema, &records);
+            let errors = validate_records(&schema, &mut records);
             if !errors.is_empty() {
                 return Err(Error::Invalid(errors));
             }
@@ -383,9 +383,15 @@ impl Store {
     }
 
     /// One live record; NOT_FOUND if the org has no such object or record.
-    pub async fn get(&self, org_id: &str, object: &str, id: &str, deadline: Instant) -> Result<Record, Error> {
+    pub async fn get(
+        &self,
+        org_id: &str,
+        object: &str,
+        id: &str,
+        deadline: Instant,
+    ) -> Result<(Record, ObjectSchema), Error> {
         by_deadline(deadline, async {
-            self.object(org_id, object).await?;
+            let schema = self.object(org_id, object).await?;
             let sql = format!(
                 "SELECT id, {}, version, updated_at_ms FROM records \
                  WHERE org_id = $1 AND object = $2 AND id = $3 AND deleted = 0",
@@ -393,7 +399,7 @@ impl Store {
             );
             let row = sqlx::query(&sql).bind(org_id).bind(object).bind(id).fetch_optional(&self.reader).await?;
             match row {
-                Some(row) => Self::record_from_row(&row),
+                Some(row) => Ok((Self::record_from_row(&row)?, schema)),
                 None => Err(Error::NotFound(format!("record {id:?} of object {object:?}"))),
             }
         })
@@ -426,7 +432,7 @@ impl Store {
             } else {
                 None
             };
-            Ok(Page { records, next_after })
+            Ok(Page { records, next_after, schema })
         })
         .await
     }

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
-use crate::model::{FieldType, Fields, ObjectSchema};
+use crate::model::{DECIMAL_TAG, FieldType, Fields, ObjectSchema};
 
 /// One thing wrong with a request, at a field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,13 +104,133 @@ pub fn validate_schema(schema: &ObjectSchema) -> Vec<FieldError> {
     errors
 }
 
-/// Checks one value against a type.
+/// The most digits (before and after the point, leading and trailing zeros left out) a decimal may
+/// have: what PostgreSQL's `numeric(38, s)`, Java's `BigDecimal` and .NET's `decimal` all hold.
+pub const MAX_DECIMAL_DIGITS: usize = 38;
+
+/// The largest magnitude up to which a double holds every integer exactly: 2^53.
+const MAX_EXACT_DOUBLE: u64 = 1 << 53;
+
+/// Decimal text in canonical form: an optional `-`, the integer digits without leading zeros (`0`
+/// when none), and the fraction digits without trailing zeros after a `.` (none when the fraction
+/// is zero); `-0` is `0`. Two decimals are equal exactly when their canonical texts are, which is
+/// what unique values and filters compare.
+///
+/// Hand-written rather than a decimal crate: the store never does arithmetic on decimals, it
+/// only checks and canonicalizes their text, which is a dozen lines.
+pub fn canonical_decimal(text: &str) -> Result<String, String> {
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (int, frac) = match digits.split_once('.') {
+        Some((int, frac)) => (int, Some(frac)),
+        None => (digits, None),
+    };
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !all_digits(int) || frac.is_some_and(|f| !all_digits(f)) {
+        return Err(format!("{text:?} is not decimal text (digits, an optional `-` and `.`, no exponent)"));
+    }
+    let int = int.trim_start_matches('0');
+    let frac = frac.unwrap_or("").trim_end_matches('0');
+    if int.len() + frac.len() > MAX_DECIMAL_DIGITS {
+        return Err(format!("{text:?} has more than {MAX_DECIMAL_DIGITS} digits"));
+    }
+    let mut out = String::with_capacity(int.len() + frac.len() + 3);
+    if negative && !(int.is_empty() && frac.is_empty()) {
+        out.push('-');
+    }
+    out.push_str(if int.is_empty() { "0" } else { int });
+    if !frac.is_empty() {
+        out.push('.');
+        out.push_str(frac);
+    }
+    Ok(out)
+}
+
+/// The text of a `{"$decimal": text}` value, as a client's `decimal_value` arrives.
+fn decimal_tag(value: &Value) -> Option<&str> {
+    match value {
+        Value::Object(o) if o.len() == 1 => o.get(DECIMAL_TAG)?.as_str(),
+        _ => None,
+    }
+}
+
+/// Turns a value as a client sent it into the stored form of `field_type`, where that is exact:
+/// decimal text into an integer, a double or canonical decimal text; a whole double within ±2^53
+/// into an integer; an integer into decimal text. A value that would be rounded, or is out of
+/// its type's range, is an error. Values of another kind are left for the type check.
+fn resolve(value: &mut Value, field_type: FieldType) -> Result<(), String> {
+    if let Some(text) = decimal_tag(value) {
+        *value = match field_type {
+            FieldType::Decimal => Value::String(canonical_decimal(text)?),
+            FieldType::Integer => {
+                let canonical = canonical_decimal(text)?;
+                if canonical.contains('.') {
+                    return Err(format!("{text} is not a whole number"));
+                }
+                let n: i64 =
+                    canonical.parse().map_err(|_| format!("{text} is outside the signed 64-bit integer range"))?;
+                Value::from(n)
+            }
+            FieldType::Number => {
+                canonical_decimal(text)?;
+                // Rust's parse rounds to the nearest double, as a JSON number is read
+                let n: f64 = text.parse().map_err(|_| format!("{text:?} is not a number"))?;
+                Value::from(serde_json::Number::from_f64(n).ok_or_else(|| format!("{text} is not a finite double"))?)
+            }
+            other => return Err(format!("expected {}, got decimal", other.name())),
+        };
+        return Ok(());
+    }
+    let Value::Number(n) = value else {
+        if let (FieldType::Decimal, Value::String(text)) = (field_type, &*value) {
+            *value = Value::String(canonical_decimal(text)?);
+        }
+        return Ok(());
+    };
+    match field_type {
+        FieldType::Integer if !n.is_i64() => {
+            if n.is_u64() {
+                return Err(format!("{n} is outside the signed 64-bit integer range"));
+            }
+            match n.as_f64() {
+                Some(f) if f.fract() == 0.0 && f.abs() <= MAX_EXACT_DOUBLE as f64 => *value = Value::from(f as i64),
+                _ => {}
+            }
+        }
+        FieldType::Number => {
+            let beyond = match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => i.unsigned_abs() > MAX_EXACT_DOUBLE,
+                (None, Some(u)) => u > MAX_EXACT_DOUBLE,
+                _ => false,
+            };
+            if beyond {
+                return Err(format!(
+                    "{n} is beyond ±2^53, so a number field (a double) cannot hold it exactly: \
+                     use an integer or decimal field"
+                ));
+            }
+        }
+        FieldType::Decimal if n.is_i64() || n.is_u64() => *value = Value::String(n.to_string()),
+        FieldType::Decimal => {
+            return Err(format!(
+                "expected decimal, got number {n}: a double cannot carry a decimal exactly; send decimal text"
+            ));
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Checks one value, as [`resolve`] left it, against a type.
 fn type_matches(value: &Value, field_type: FieldType) -> bool {
     match field_type {
         FieldType::String => value.is_string(),
         FieldType::Integer => value.is_i64(),
         FieldType::Number => value.is_number(),
         FieldType::Boolean => value.is_boolean(),
+        FieldType::Decimal => value.is_string(),
     }
 }
 
@@ -130,31 +250,33 @@ pub(crate) fn unique_key(value: &Value) -> String {
 
 /// Validates records for an upsert: types, required fields, unknown fields, the external id, and
 /// duplicates inside the request (ids and unique values). Every problem is listed, with the
-/// record's index in the request.
-pub fn validate_records(schema: &ObjectSchema, records: &[Fields]) -> Vec<FieldError> {
+/// record's index in the request. Values are first put in their stored form (see [`resolve`]).
+pub fn validate_records(schema: &ObjectSchema, records: &mut [Fields]) -> Vec<FieldError> {
     record_problems(schema, records).iter().map(RecordProblem::to_field_error).collect()
 }
 
 /// What [`validate_records`] checks, as problems by record index.
-pub fn record_problems(schema: &ObjectSchema, records: &[Fields]) -> Vec<RecordProblem> {
+pub fn record_problems(schema: &ObjectSchema, records: &mut [Fields]) -> Vec<RecordProblem> {
     let mut errors = Vec::new();
     let mut ids: HashMap<String, usize> = HashMap::new();
     let mut uniques: HashMap<(&str, String), usize> = HashMap::new();
-    for (i, record) in records.iter().enumerate() {
+    for (i, record) in records.iter_mut().enumerate() {
         for name in record.keys() {
             if schema.field(name).is_none() {
                 errors.push(RecordProblem::new(i, name.clone(), format!("unknown field of object {}", schema.name)));
             }
         }
         for spec in &schema.fields {
-            match record.get(&spec.name) {
+            match record.get_mut(&spec.name) {
                 None | Some(Value::Null) => {
                     if spec.required {
                         errors.push(RecordProblem::new(i, spec.name.clone(), "required field is missing"));
                     }
                 }
                 Some(value) => {
-                    if !type_matches(value, spec.field_type) {
+                    if let Err(reason) = resolve(value, spec.field_type) {
+                        errors.push(RecordProblem::new(i, spec.name.clone(), reason));
+                    } else if !type_matches(value, spec.field_type) {
                         errors.push(RecordProblem::new(
                             i,
                             spec.name.clone(),
@@ -194,6 +316,7 @@ fn json_kind(value: &Value) -> &'static str {
         Value::Number(_) => "number",
         Value::String(_) => "string",
         Value::Array(_) => "list",
+        Value::Object(_) if decimal_tag(value).is_some() => "decimal",
         Value::Object(_) => "object",
     }
 }
@@ -239,20 +362,100 @@ mod tests {
 
     #[test]
     fn records_are_checked_for_type_required_unknown_and_duplicates() {
-        let records = vec![
+        let mut records = vec![
             fields(json!({"code": "a", "amount": 1})),
             fields(json!({"code": "b", "amount": "x", "colour": "red"})),
             fields(json!({"amount": 2})),
             fields(json!({"code": "a", "email": "e@x"})),
             fields(json!({"code": "c", "email": "e@x"})),
         ];
-        let errors = validate_records(&schema(), &records);
+        let errors = validate_records(&schema(), &mut records);
         let got: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
         assert_eq!(
             got,
             ["records[1].colour", "records[1].amount", "records[2].code", "records[3].code", "records[4].email"]
         );
         assert_eq!(errors[1].description, "expected integer, got string");
+    }
+
+    #[test]
+    fn decimals_are_checked_and_canonical() {
+        assert_eq!(canonical_decimal("0012.3400").unwrap(), "12.34");
+        assert_eq!(canonical_decimal("-0.000").unwrap(), "0");
+        assert_eq!(canonical_decimal("-0.5").unwrap(), "-0.5");
+        assert_eq!(
+            canonical_decimal("7.").unwrap_err(),
+            "\"7.\" is not decimal text (digits, an optional `-` and `.`, no exponent)"
+        );
+        for bad in ["", "-", ".5", "1e5", "+1", " 1", "1_000", "0x10", "NaN"] {
+            assert!(canonical_decimal(bad).is_err(), "{bad:?} accepted");
+        }
+        let digits38 = "9".repeat(38);
+        assert_eq!(canonical_decimal(&format!("{digits38}.000")).unwrap(), digits38);
+        assert!(canonical_decimal(&format!("{digits38}.1")).unwrap_err().contains("more than 38 digits"));
+    }
+
+    #[test]
+    fn values_become_their_field_type_exactly_or_not_at_all() {
+        let schema = ObjectSchema {
+            name: "t".into(),
+            external_id_field: "code".into(),
+            fields: vec![
+                FieldSpec { name: "code".into(), field_type: FieldType::String, required: true, unique: true },
+                FieldSpec { name: "n".into(), field_type: FieldType::Integer, required: false, unique: false },
+                FieldSpec { name: "x".into(), field_type: FieldType::Number, required: false, unique: false },
+                FieldSpec { name: "d".into(), field_type: FieldType::Decimal, required: false, unique: true },
+            ],
+        };
+        let tag = |t: &str| json!({ DECIMAL_TAG: t });
+        let mut good = vec![
+            fields(
+                json!({"code": "a", "n": 9_007_199_254_740_993_i64, "x": 9_007_199_254_740_992_i64, "d": tag("012.50")}),
+            ),
+            fields(json!({"code": "b", "n": tag("-9223372036854775808"), "x": tag("0.1"), "d": 12})),
+            fields(json!({"code": "c", "n": 5.0, "d": "-0.00"})),
+        ];
+        assert_eq!(validate_records(&schema, &mut good), []);
+        assert_eq!(good[0]["n"], json!(9_007_199_254_740_993_i64), "an integer past 2^53 is kept exactly");
+        assert_eq!(good[0]["d"], json!("12.5"));
+        assert_eq!(good[1]["n"], json!(i64::MIN));
+        assert_eq!(good[1]["x"], json!(0.1));
+        assert_eq!(good[1]["d"], json!("12"));
+        assert_eq!(good[2]["n"], json!(5), "a whole double within 2^53 is an integer");
+        assert_eq!(good[2]["d"], json!("0"));
+
+        let mut bad = vec![
+            fields(json!({"code": "a", "n": 9_300_000_000_000_000_000_u64})),
+            fields(json!({"code": "b", "n": tag("9223372036854775808")})),
+            fields(json!({"code": "c", "n": tag("1.5"), "x": 9_007_199_254_740_993_i64})),
+            fields(json!({"code": "d", "n": 5.5, "d": 1.25})),
+            fields(json!({"code": tag("1"), "d": "1e3"})),
+            fields(json!({"code": "f", "d": tag("12.50")})),
+            fields(json!({"code": "g", "d": "12.5"})),
+        ];
+        let errors = validate_records(&schema, &mut bad);
+        let got: Vec<_> = errors.iter().map(|e| (e.field.as_str(), e.description.as_str())).collect();
+        assert_eq!(
+            got,
+            [
+                ("records[0].n", "9300000000000000000 is outside the signed 64-bit integer range"),
+                ("records[1].n", "9223372036854775808 is outside the signed 64-bit integer range"),
+                ("records[2].n", "1.5 is not a whole number"),
+                (
+                    "records[2].x",
+                    "9007199254740993 is beyond ±2^53, so a number field (a double) cannot hold it exactly: use an \
+                     integer or decimal field"
+                ),
+                ("records[3].n", "expected integer, got number"),
+                (
+                    "records[3].d",
+                    "expected decimal, got number 1.25: a double cannot carry a decimal exactly; send decimal text"
+                ),
+                ("records[4].code", "expected string, got decimal"),
+                ("records[4].d", "\"1e3\" is not decimal text (digits, an optional `-` and `.`, no exponent)"),
+                ("records[6].d", "value \"12.5\" is also in records[5]; it must be unique"),
+            ]
+        );
     }
 
     #[test]

@@ -587,21 +587,22 @@ impl Store {
                 let Some(w) = writer.as_mut() else { continue };
                 let fields = match (change.op, &change.fields) {
                     (ChangeOp::Upsert, Some(fields)) => {
-                        let mut problems = validate_records(schema, std::slice::from_ref(fields));
+                        let mut fields = fields.clone();
+                        let mut problems = validate_records(schema, std::slice::from_mut(&mut fields));
                         if problems.is_empty()
-                            && record_id(schema, fields).as_deref() != Some(change.record_id.as_str())
+                            && record_id(schema, &fields).as_deref() != Some(change.record_id.as_str())
                         {
                             problems
                                 .push(crate::FieldError::new("id", "the record's external id does not match its id"));
                         }
                         if problems.is_empty()
-                            && w.touches_unique(&change.record_id, Some(fields))
+                            && w.touches_unique(&change.record_id, Some(&fields))
                             && let Err(Error::Invalid(unique)) = self
                                 .check_unique(
                                     &mut tx,
                                     org_id,
                                     schema,
-                                    std::slice::from_ref(fields),
+                                    std::slice::from_ref(&fields),
                                     std::slice::from_ref(&change.record_id),
                                 )
                                 .await
@@ -614,7 +615,7 @@ impl Store {
                             outcome.rejected.push((change.seq, change.record_id.clone(), reason));
                             continue;
                         }
-                        Some(fields.clone())
+                        Some(fields)
                     }
                     (ChangeOp::Upsert, None) => {
                         outcome.rejected.push((

@@ -109,7 +109,7 @@ async fn upsert_get_delete_keep_versions_and_change_events() {
         let (out, last) =
             s.upsert(&org, "account", vec![rec(json!({"code": "a", "amount": 2}))], soon()).await.unwrap();
         assert_eq!((out[0].version, out[0].created, last), (2, false, 3));
-        let a = s.get(&org, "account", "a", soon()).await.unwrap();
+        let a = s.get(&org, "account", "a", soon()).await.unwrap().0;
         assert_eq!((a.version, a.fields["amount"].as_i64()), (2, Some(2)));
 
         let (del, last) = s.delete(&org, "account", vec!["b".into(), "zz".into()], soon()).await.unwrap();
@@ -157,7 +157,7 @@ async fn awkward_ids_and_values_are_stored_exactly() {
             .collect();
         s.upsert(&org, "account", records.clone(), soon()).await.unwrap();
         for (id, fields) in ids.iter().zip(&records) {
-            let got = s.get(&org, "account", id, soon()).await.unwrap();
+            let got = s.get(&org, "account", id, soon()).await.unwrap().0;
             assert_eq!((got.id.as_str(), &got.fields), (*id, fields));
         }
         s.delete(&org, "account", vec![ids[0].to_owned()], soon()).await.unwrap();
@@ -184,7 +184,7 @@ async fn awkward_ids_and_values_are_stored_exactly() {
         assert_eq!((versions, last), (vec![3, 2, 1, 2, 1], ids.len() as i64 + 6));
         for fields in &mixed {
             let id = fields["code"].as_str().unwrap();
-            assert_eq!(&s.get(&org, "account", id, soon()).await.unwrap().fields, fields);
+            assert_eq!(&s.get(&org, "account", id, soon()).await.unwrap().0.fields, fields);
         }
         let events = s.changes_after(&org, ids.len() as i64 + 1, 100).await.unwrap();
         let summary: Vec<_> = events.iter().map(|e| (e.seq, e.record_id.as_str(), e.version)).collect();
@@ -259,7 +259,7 @@ async fn orgs_never_see_each_other() {
         let (out, _) =
             s.upsert(&b, "account", vec![rec(json!({"code": "secret", "email": "s@a"}))], soon()).await.unwrap();
         assert!(out[0].created);
-        assert_eq!(s.get(&a, "account", "secret", soon()).await.unwrap().version, 1);
+        assert_eq!(s.get(&a, "account", "secret", soon()).await.unwrap().0.version, 1);
         assert_eq!(s.high_water(&a).await.unwrap(), 1);
         assert_eq!(s.high_water(&b).await.unwrap(), 1);
     })
@@ -375,7 +375,7 @@ async fn concurrent_writers_leave_seqs_dense_and_commit_ordered() {
         assert_eq!(s.high_water(&org).await.unwrap(), total);
         let final_versions: BTreeMap<_, _> = versions.into_iter().collect();
         for (id, v) in final_versions {
-            assert_eq!(s.get(&org, "account", id, soon()).await.unwrap().version, v);
+            assert_eq!(s.get(&org, "account", id, soon()).await.unwrap().0.version, v);
         }
     })
     .await;
@@ -564,7 +564,7 @@ mod batches {
                 assert_eq!(run(s, &batch, index).await, ChunkRun::Committed(ChunkState::Committed), "chunk {index}");
             }
             let org = org.as_str();
-            let get = |id: &'static str| async move { s.get(org, "account", id, soon()).await.unwrap() };
+            let get = |id: &'static str| async move { s.get(org, "account", id, soon()).await.unwrap().0 };
             assert_eq!(get("n002").await.version, 1);
             let x0 = get("x000").await;
             assert_eq!((x0.version, x0.fields["amount"].as_i64()), (2, Some(7)));

@@ -67,7 +67,7 @@ async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationT
                         from_id: first.id.clone(),
                         to_id: last.id.clone(),
                         rows_so_far: rows,
-                        records: page.records.iter().map(convert::record_to_pb).collect(),
+                        records: page.records.iter().map(|r| convert::record_to_pb(r, &page.schema)).collect(),
                     };
                     if send(tx, pb::extract_response::Kind::Snapshot(chunk)).await.is_err() {
                         return Ok(());
@@ -84,6 +84,10 @@ async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationT
             high_water
         }
     };
+    let mut schemas = std::collections::HashMap::new();
+    for object in &x.objects {
+        schemas.insert(object.as_str(), store.object(&x.org, object).await?);
+    }
     loop {
         let events = store.changes_since(&x.org, cursor, 1000).await?;
         if events.is_empty() {
@@ -95,7 +99,7 @@ async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationT
         }
         cursor = events.last().map_or(cursor, |e| e.seq);
         let changes: Vec<_> =
-            events.iter().filter(|e| x.objects.contains(&e.object)).map(convert::change_to_pb).collect();
+            events.iter().filter_map(|e| Some(convert::change_to_pb(e, schemas.get(e.object.as_str())?))).collect();
         if !changes.is_empty()
             && send(tx, pb::extract_response::Kind::Changes(pb::ChangeBatch { changes })).await.is_err()
         {

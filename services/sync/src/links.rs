@@ -272,7 +272,7 @@ impl Runner {
                     break;
                 }
                 let object_of: HashMap<_, _> = page.records.iter().map(|r| (r.id.clone(), object.clone())).collect();
-                let changes = page.records.iter().map(|r| convert::snapshot_row_to_pb(&object, r)).collect();
+                let changes = page.records.iter().map(|r| convert::snapshot_row_to_pb(r, &page.schema)).collect();
                 match self.apply(link, changes, true).await {
                     Ok(response) => {
                         self.dead_letter(link, &object_of, &response.rejected).await?;
@@ -320,7 +320,11 @@ impl Runner {
         let batch = self.options.link_batch as usize;
         let store = self.store.clone();
         let Some(mut events) = self.read_changes(link, link.cursor_seq).await? else { return Ok(()) };
-        let objects = self.objects(link).await?;
+        let mut schemas = HashMap::new();
+        for object in self.objects(link).await? {
+            let schema = self.store.object(&link.org_id, &object).await?;
+            schemas.insert(object, schema);
+        }
         let spell = Instant::now() + STREAM_SPELL;
         // the last seq of a batch applied whose cursor move is still to be made
         let mut unmoved: Option<i64> = None;
@@ -332,10 +336,10 @@ impl Runner {
             let mut object_of = HashMap::new();
             let changes: Vec<_> = events
                 .iter()
-                .filter(|e| objects.contains(&e.object))
-                .map(|e| {
+                .filter_map(|e| {
+                    let schema = schemas.get(&e.object)?;
                     object_of.insert(e.record_id.clone(), e.object.clone());
-                    convert::change_to_pb_json(e)
+                    Some(convert::change_to_pb(e, schema))
                 })
                 .collect();
             let apply =
