@@ -74,3 +74,49 @@ async fn grpcurl_lists_describes_checks_health_and_upserts() {
         grpcurl(&["-plaintext", "-d", r#"{"object": "account", "id": "g1"}"#, &addr, "baton.v1.Intake/Get"]).unwrap();
     assert!(!ok && text.contains("Unauthenticated") && text.contains("missing authorization"), "{text}");
 }
+
+/// grpcurl decodes baton's error details: reflection serves the google.rpc protos, so an
+/// ErrorInfo and a BadRequest print as fields, never as "is not recognized".
+#[tokio::test]
+async fn grpcurl_decodes_error_info_and_bad_request() {
+    let server = Server::start(Backend::Sqlite, &["--max-message-bytes", "4096"]).await;
+    let addr = server.addr.to_string();
+    let org = create_org(&server, "acme").await;
+    let auth = format!("authorization: Bearer {}", org.key);
+    // the output without white space: grpcurl indents the details on a terminal only
+    let call = |body: &str, method: &str| {
+        grpcurl(&["-plaintext", "-H", &auth, "-d", body, &addr, method])
+            .map(|(ok, text)| (ok, text.split_whitespace().collect::<String>()))
+    };
+
+    // BadRequest: the field violation, decoded
+    let body = r#"{"object": "account", "records": [{"code": "g1", "name": "G", "amount": "ten"}]}"#;
+    let Some((ok, text)) = call(body, "baton.v1.Intake/Upsert") else { return };
+    assert!(!ok, "{text}");
+    assert!(text.contains("Code:InvalidArgument"), "{text}");
+    assert!(text.contains("\"@type\":\"type.googleapis.com/google.rpc.BadRequest\""), "{text}");
+    assert!(text.contains("\"field\":\"records[0].amount\""), "{text}");
+    assert!(!text.contains("isnotrecognized"), "{text}");
+
+    // ErrorInfo: the reason and domain of a NOT_FOUND
+    let (ok, text) = call(r#"{"object": "account", "id": "nobody"}"#, "baton.v1.Intake/Get").unwrap();
+    assert!(!ok, "{text}");
+    assert!(text.contains("Code:NotFound"), "{text}");
+    assert!(text.contains("\"@type\":\"type.googleapis.com/google.rpc.ErrorInfo\""), "{text}");
+    assert!(text.contains("\"reason\":\"RECORD_NOT_FOUND\"") && text.contains("\"domain\":\"baton.dev\""), "{text}");
+    assert!(!text.contains("isnotrecognized"), "{text}");
+
+    // ErrorInfo with metadata: a message over the size limit
+    let body = format!(r#"{{"object": "account", "records": [{{"code": "g2", "name": "{}"}}]}}"#, "x".repeat(5000));
+    let (ok, text) = call(&body, "baton.v1.Intake/Upsert").unwrap();
+    assert!(!ok, "{text}");
+    assert!(text.contains("Code:ResourceExhausted"), "{text}");
+    assert!(text.contains("\"reason\":\"MESSAGE_TOO_LARGE\""), "{text}");
+    assert!(text.contains("\"limit\":\"4096\""), "{text}");
+    assert!(text.contains("\"observed\":\"50"), "{text}");
+    assert!(!text.contains("isnotrecognized"), "{text}");
+
+    // the messages themselves, with their comments
+    let (ok, text) = grpcurl(&["-plaintext", &addr, "describe", "google.rpc.ErrorInfo"]).unwrap();
+    assert!(ok && text.contains("string reason = 1;"), "{text}");
+}

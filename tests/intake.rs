@@ -220,8 +220,9 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
         // a message over the size limit
         let big: Vec<_> = (0..100).map(|i| json!({"code": format!("big{i}"), "name": "x".repeat(1000)})).collect();
         let status = upsert(&server, &org, big).await.unwrap_err();
-        assert_eq!(status.code(), Code::InvalidArgument);
-        assert_eq!(field_violations(&status), ["request"]);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let info = tonic_types::StatusExt::get_details_error_info(&status).unwrap();
+        assert_eq!((info.reason.as_str(), info.metadata["limit"].as_str()), ("MESSAGE_TOO_LARGE", "65536"));
         assert!(status.message().contains("65536"), "{}", status.message());
 
         // bad, missing and revoked keys

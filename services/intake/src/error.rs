@@ -50,7 +50,9 @@ impl From<Error> for Status {
             Error::Limit(limit) => status::limit_exceeded(&limit),
             Error::Invalid(errors) => status::invalid_argument(&violations(&errors)),
             Error::Store(S::Invalid(errors)) => status::invalid_argument(&violations(&errors)),
-            Error::Store(S::NotFound(what)) => Status::not_found(format!("{what} not found")),
+            Error::Store(S::NotFound(what)) => {
+                status::with_reason(Code::NotFound, what.missing.reason(), format!("{what} not found"))
+            }
             Error::Store(S::AlreadyExists(what)) => Status::already_exists(format!("{what} already exists")),
             Error::Store(S::DeadlineExceeded { limit, elapsed }) => status::limit_exceeded(&LimitExceeded {
                 reason: status::RESUBMIT_AS_BATCH,
@@ -73,7 +75,9 @@ impl From<Error> for Status {
                     retry_after: None,
                 })
             }
-            Error::Store(e @ S::Trimmed { .. }) => Status::out_of_range(e.to_string()),
+            Error::Store(e @ S::Trimmed { .. }) => {
+                status::with_reason(Code::OutOfRange, status::CHANGES_TRIMMED, e.to_string())
+            }
             Error::Store(S::Expired(what)) => status::with_reason(
                 Code::NotFound,
                 status::EXPIRED,

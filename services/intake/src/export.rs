@@ -9,11 +9,11 @@ use std::time::Duration;
 
 use baton_mesh::auth::org_of;
 use baton_mesh::proto::v1 as pb;
-use baton_mesh::status::RESUBMIT_AS_EXPORT;
+use baton_mesh::status::{self, RESUBMIT_AS_EXPORT};
 use baton_store::FieldError;
 use baton_store::exports::{self, ExportInfo, ExportReason, ExportSpec, ExportStart, ExportState, PartRead};
 use tokio_stream::Stream;
-use tonic::{Request, Status};
+use tonic::{Code, Request, Status};
 
 use crate::{Error, IntakeService, convert, require};
 
@@ -103,7 +103,6 @@ impl IntakeService {
     pub(crate) async fn serve_export(&self, request: Request<pb::ExportRequest>) -> Result<pb::ExportResponse, Status> {
         let org = org_of(&request)?;
         let request = request.into_inner();
-        self.check_size(&request)?;
         let wait = request.wait;
         let spec = spec_of(request)?;
         let permit = self.limits.admit(&org, RESUBMIT_AS_EXPORT)?;
@@ -238,11 +237,15 @@ impl IntakeService {
                     )));
                 }
                 PartRead::Never(state) => {
-                    return Err(Status::failed_precondition(format!(
-                        "part {} was not produced: the export is {}",
-                        request.part,
-                        state.as_str().to_lowercase()
-                    )));
+                    return Err(status::with_reason(
+                        Code::FailedPrecondition,
+                        status::PART_NOT_PRODUCED,
+                        format!(
+                            "part {} was not produced: the export is {}",
+                            request.part,
+                            state.as_str().to_lowercase()
+                        ),
+                    ));
                 }
             }
         };

@@ -23,10 +23,9 @@ use baton_mesh::auth::{AuthConfig, org_of};
 use baton_mesh::config::{ServeOptions, parse_duration};
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
-use baton_mesh::status::{LimitExceeded, RESUBMIT_AS_BATCH, RESUBMIT_AS_EXPORT, Violation, invalid_argument};
+use baton_mesh::status::{LimitExceeded, RESUBMIT_AS_BATCH, RESUBMIT_AS_EXPORT};
 use baton_store::blobs::Blobs;
 use baton_store::{FieldError, Store};
-use prost::Message;
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -86,32 +85,13 @@ pub struct IntakeService {
     store: Store,
     blobs: Blobs,
     limits: Limits,
-    max_message_bytes: usize,
     export_retention: Duration,
 }
 
 impl IntakeService {
     /// An intake over `store`, reading export parts from `blobs`.
-    pub fn new(store: Store, blobs: Blobs, options: &IntakeOptions, max_message_bytes: usize) -> Self {
-        Self {
-            store,
-            blobs,
-            limits: Limits::new(options),
-            max_message_bytes,
-            export_retention: options.export_retention,
-        }
-    }
-
-    /// Rejects a request message over the size limit with a field violation naming its size.
-    fn check_size<M: Message>(&self, message: &M) -> Result<(), Status> {
-        let size = message.encoded_len();
-        if size > self.max_message_bytes {
-            return Err(invalid_argument(&[Violation::new(
-                "request",
-                format!("the message is {size} bytes, over the {}-byte limit", self.max_message_bytes),
-            )]));
-        }
-        Ok(())
+    pub fn new(store: Store, blobs: Blobs, options: &IntakeOptions) -> Self {
+        Self { store, blobs, limits: Limits::new(options), export_retention: options.export_retention }
     }
 
     fn check_count(&self, count: usize, reason: &'static str) -> Result<(), Error> {
@@ -146,7 +126,6 @@ impl pb::intake_server::Intake for IntakeService {
     async fn upsert(&self, request: Request<pb::UpsertRequest>) -> Result<Response<pb::UpsertResponse>, Status> {
         let org = org_of(&request)?;
         let request = request.into_inner();
-        self.check_size(&request)?;
         require(&request.object, "object")?;
         self.check_count(request.records.len(), RESUBMIT_AS_BATCH)?;
         if request.records.is_empty() {
@@ -171,7 +150,6 @@ impl pb::intake_server::Intake for IntakeService {
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let org = org_of(&request)?;
         let request = request.into_inner();
-        self.check_size(&request)?;
         require(&request.object, "object")?;
         self.check_count(request.ids.len(), RESUBMIT_AS_BATCH)?;
         if request.ids.is_empty() {
@@ -209,7 +187,6 @@ impl pb::intake_server::Intake for IntakeService {
     async fn query(&self, request: Request<pb::QueryRequest>) -> Result<Response<pb::QueryResponse>, Status> {
         let org = org_of(&request)?;
         let request = request.into_inner();
-        self.check_size(&request)?;
         require(&request.object, "object")?;
         if request.page_size < 0 {
             return Err(Error::Invalid(vec![FieldError::new("page_size", "cannot be negative")]).into());
@@ -253,7 +230,6 @@ impl pb::intake_server::Intake for IntakeService {
     ) -> Result<Response<pb::ApplyChangesResponse>, Status> {
         let org = org_of(&request)?;
         let request = request.into_inner();
-        self.check_size(&request)?;
         require(&request.link_id, "link_id")?;
         if request.changes.len() > MAX_APPLY_CHANGES {
             return Err(Error::Invalid(vec![FieldError::new(
@@ -322,19 +298,19 @@ pub fn add_services(
     options: &IntakeOptions,
     serve: &ServeOptions,
 ) -> MeshServer {
-    // The transport refuses messages over four times the limit outright (protecting memory);
-    // below that, the handlers answer INVALID_ARGUMENT with the exact size and limit.
-    let transport_cap = serve.max_message_bytes().saturating_mul(4);
-    let intake = IntakeService::new(store.clone(), blobs.clone(), options, serve.max_message_bytes());
+    // The transport refuses a request message over the limit before reading it (protecting
+    // memory); the mesh layer turns its answer into RESOURCE_EXHAUSTED MESSAGE_TOO_LARGE.
+    // Responses may be larger (a Query page of large records).
+    let limit = serve.max_message_bytes();
+    let intake = IntakeService::new(store.clone(), blobs.clone(), options);
     server
         .add_service(
             pb::intake_server::IntakeServer::new(intake)
-                .max_decoding_message_size(transport_cap)
-                .max_encoding_message_size(transport_cap),
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit.saturating_mul(4)),
         )
         .add_service(
-            pb::admin_server::AdminServer::new(AdminService::new(store.clone()))
-                .max_decoding_message_size(transport_cap),
+            pb::admin_server::AdminServer::new(AdminService::new(store.clone())).max_decoding_message_size(limit),
         )
 }
 

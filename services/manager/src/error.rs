@@ -133,11 +133,36 @@ impl Error {
             Error::Undecodable(_) => Code::DataLoss,
         }
     }
+
+    /// The ErrorInfo reason the error is answered with: every NOT_FOUND and FAILED_PRECONDITION
+    /// has one.
+    pub fn reason(&self) -> Option<&'static str> {
+        use baton_mesh::status as s;
+        match self {
+            Error::OlderTerm { .. } => Some(s::OLDER_TERM),
+            Error::Gap { .. } => Some(s::REQUEST_GAP),
+            Error::BadRegister => Some(s::BAD_REGISTER),
+            Error::RefusedTerm { .. } => Some(s::TERM_REFUSED),
+            Error::StillQueued { .. } => Some(s::STILL_QUEUED),
+            Error::SessionNotFound(_) => Some(s::SESSION_NOT_FOUND),
+            Error::SessionClosed { .. } => Some(s::SESSION_CLOSED),
+            Error::Journal(_)
+            | Error::NotPrimary { .. }
+            | Error::Stopping
+            | Error::InvalidArgument(_)
+            | Error::BadSessionId(_)
+            | Error::Replaced(_)
+            | Error::Undecodable(_) => None,
+        }
+    }
 }
 
 impl From<Error> for Status {
     fn from(error: Error) -> Self {
-        let mut status = Status::new(error.code(), error.to_string());
+        let mut status = match error.reason() {
+            Some(reason) => baton_mesh::status::with_reason(error.code(), reason, error.to_string()),
+            None => Status::new(error.code(), error.to_string()),
+        };
         if let Error::NotPrimary { leader } = &error
             && let Ok(value) = leader.parse()
         {
@@ -168,6 +193,24 @@ mod tests {
 
         let status = Status::from(Error::Stopping);
         assert_eq!((status.code(), status.message()), (Code::Unavailable, "the manager is stopping"));
+
+        // every NOT_FOUND and FAILED_PRECONDITION carries an ErrorInfo reason
+        let errors = [
+            Error::OlderTerm { ours: 1, seen: 2 },
+            Error::Gap { seq: 7, last: 5 },
+            Error::BadRegister,
+            Error::RefusedTerm { term: 1, seen: 2, primary: false },
+            Error::StillQueued { id: "s".into(), requests: 1, responses: 0 },
+            Error::SessionNotFound("s".into()),
+            Error::SessionClosed { id: "s".into(), reason: "expired".into() },
+        ];
+        for error in errors {
+            let (code, reason) = (error.code(), error.reason());
+            let status = Status::from(error);
+            assert!(matches!(code, Code::NotFound | Code::FailedPrecondition));
+            let info = tonic_types::StatusExt::get_details_error_info(&status).unwrap();
+            assert_eq!((Some(info.reason.as_str()), info.domain.as_str()), (reason, "baton.dev"));
+        }
 
         let io = journal::Error::Io { path: "/j/journal".into(), source: std::io::Error::other("disk full") };
         let status = Status::from(Error::from(io));

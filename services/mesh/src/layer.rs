@@ -1,12 +1,16 @@
 //! The tower layer in front of every baton gRPC server: it gives each request an id (taken from
 //! `x-request-id` or made up, and echoed back), runs it in a tracing span, authenticates it into a
-//! [`Principal`](crate::auth::Principal) and counts it in the metrics.
+//! [`Principal`](crate::auth::Principal) and counts it in the metrics. It also gives every
+//! request message over the transport's size limit the one answer of
+//! [`status::from_transport`](crate::status::from_transport), wherever the transport's status
+//! appears (in the response headers or in the trailers of a stream).
 
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
+use http_body_util::BodyExt;
 use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument;
@@ -95,6 +99,8 @@ where
                         status.into_http()
                     }
                 };
+                rewrite_status(response.headers_mut());
+                let mut response = response.map(|body| Body::new(body.map_frame(rewrite_trailers)));
                 if let Ok(value) = HeaderValue::from_str(&request_id) {
                     response.headers_mut().insert(REQUEST_ID_HEADER, value);
                 }
@@ -113,5 +119,65 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Replaces the transport's answer to a request message over its size limit (OUT_OF_RANGE with
+/// tonic's text) in `headers` by RESOURCE_EXHAUSTED `MESSAGE_TOO_LARGE`; leaves any other status.
+fn rewrite_status(headers: &mut HeaderMap) {
+    // cheap test first: only OUT_OF_RANGE (11) can be the transport's size error
+    if headers.get("grpc-status").map(HeaderValue::as_bytes) != Some(b"11") {
+        return;
+    }
+    let Some(status) = tonic::Status::from_header_map(headers) else { return };
+    let Some(answer) = crate::status::from_transport(status.code(), status.message()) else { return };
+    for name in ["grpc-status", "grpc-message", "grpc-status-details-bin"] {
+        headers.remove(name);
+    }
+    if let Err(e) = answer.add_header(headers) {
+        tracing::warn!(error = %e, "cannot write the message-too-large status");
+    }
+}
+
+/// [`rewrite_status`] on the trailers of a response body (a stream ended by the status).
+fn rewrite_trailers(frame: http_body::Frame<bytes::Bytes>) -> http_body::Frame<bytes::Bytes> {
+    match frame.into_trailers() {
+        Ok(mut trailers) => {
+            rewrite_status(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tonic::Code;
+    use tonic_types::StatusExt;
+
+    use super::*;
+
+    #[test]
+    fn the_transports_size_error_is_rewritten_in_headers_and_trailers() {
+        let transport = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes",
+        );
+        let mut headers = HeaderMap::new();
+        transport.add_header(&mut headers).unwrap();
+        let frame = rewrite_trailers(http_body::Frame::trailers(headers.clone()));
+        rewrite_status(&mut headers);
+        for headers in [headers, frame.into_trailers().unwrap()] {
+            let status = tonic::Status::from_header_map(&headers).unwrap();
+            assert_eq!(status.code(), Code::ResourceExhausted);
+            let info = status.get_details_error_info().unwrap();
+            assert_eq!((info.reason.as_str(), info.metadata["observed"].as_str()), ("MESSAGE_TOO_LARGE", "5000"));
+        }
+
+        // any other status is left as it is
+        let mut headers = HeaderMap::new();
+        tonic::Status::out_of_range("part 3 does not exist").add_header(&mut headers).unwrap();
+        let before = headers.clone();
+        rewrite_status(&mut headers);
+        assert_eq!(headers, before);
     }
 }

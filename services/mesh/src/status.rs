@@ -20,6 +20,61 @@ pub const RESUBMIT_AS_EXPORT: &str = "RESUBMIT_AS_EXPORT";
 /// export's token).
 pub const EXPIRED: &str = "EXPIRED";
 
+/// The ErrorInfo reason of RESOURCE_EXHAUSTED for a request message (or one frame of a stream)
+/// over the server's message size limit, at any size and on every service; the metadata has
+/// `limit` and `observed` in bytes. Sending the same message again cannot succeed: send less
+/// per message (smaller requests, more batch frames).
+pub const MESSAGE_TOO_LARGE: &str = "MESSAGE_TOO_LARGE";
+
+/// The ErrorInfo reason of OUT_OF_RANGE for a change-log seq older than the retention.
+pub const CHANGES_TRIMMED: &str = "CHANGES_TRIMMED";
+
+// The ErrorInfo reasons of NOT_FOUND, one per kind of thing. Something of another org is
+// answered exactly as if it did not exist.
+
+/// NOT_FOUND: no org has this id.
+pub const ORG_NOT_FOUND: &str = "ORG_NOT_FOUND";
+/// NOT_FOUND: no API key has this id.
+pub const API_KEY_NOT_FOUND: &str = "API_KEY_NOT_FOUND";
+/// NOT_FOUND: the org defines no object of this name.
+pub const OBJECT_NOT_FOUND: &str = "OBJECT_NOT_FOUND";
+/// NOT_FOUND: the object has no record with this id.
+pub const RECORD_NOT_FOUND: &str = "RECORD_NOT_FOUND";
+/// NOT_FOUND: no batch has this id.
+pub const BATCH_NOT_FOUND: &str = "BATCH_NOT_FOUND";
+/// NOT_FOUND: the batch has no chunk with this index.
+pub const CHUNK_NOT_FOUND: &str = "CHUNK_NOT_FOUND";
+/// NOT_FOUND: no export has this token (an expired one is [`EXPIRED`]).
+pub const EXPORT_NOT_FOUND: &str = "EXPORT_NOT_FOUND";
+/// NOT_FOUND: the export has no part with this number.
+pub const PART_NOT_FOUND: &str = "PART_NOT_FOUND";
+/// NOT_FOUND: no link has this id.
+pub const LINK_NOT_FOUND: &str = "LINK_NOT_FOUND";
+/// NOT_FOUND: the session manager has no session with this id.
+pub const SESSION_NOT_FOUND: &str = "SESSION_NOT_FOUND";
+/// NOT_FOUND: the session was closed; the message says why.
+pub const SESSION_CLOSED: &str = "SESSION_CLOSED";
+
+// The ErrorInfo reasons of FAILED_PRECONDITION.
+
+/// FAILED_PRECONDITION: the export part was never produced, because the export was cancelled or
+/// failed.
+pub const PART_NOT_PRODUCED: &str = "PART_NOT_PRODUCED";
+/// FAILED_PRECONDITION: the session manager's term is older than one the caller has seen; try
+/// the other manager.
+pub const OLDER_TERM: &str = "OLDER_TERM";
+/// FAILED_PRECONDITION: a session request does not follow the last one journaled (requests are
+/// numbered without gaps).
+pub const REQUEST_GAP: &str = "REQUEST_GAP";
+/// FAILED_PRECONDITION: a server session registered without a pool or a server id, or having
+/// seen a newer term than the manager's.
+pub const BAD_REGISTER: &str = "BAD_REGISTER";
+/// FAILED_PRECONDITION: a standby refuses replicated entries (manager to manager).
+pub const TERM_REFUSED: &str = "TERM_REFUSED";
+/// FAILED_PRECONDITION: a session still has requests or responses queued, and the close did not
+/// ask to drop them; the session stays open.
+pub const STILL_QUEUED: &str = "STILL_QUEUED";
+
 /// A limit a request went over.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitExceeded {
@@ -53,6 +108,36 @@ pub fn limit_exceeded(limit: &LimitExceeded) -> Status {
         limit.limit_name, limit.observed, limit.limit
     );
     Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
+/// RESOURCE_EXHAUSTED [`MESSAGE_TOO_LARGE`]: a request message of `observed` bytes over the
+/// `limit` (`limit_name` `max_message_bytes`).
+pub fn message_too_large(limit: u64, observed: u64) -> Status {
+    let metadata = HashMap::from([
+        ("limit_name".to_owned(), "max_message_bytes".to_owned()),
+        ("limit".to_owned(), limit.to_string()),
+        ("observed".to_owned(), observed.to_string()),
+    ]);
+    let details = ErrorDetails::with_error_info(MESSAGE_TOO_LARGE, DOMAIN, metadata);
+    let message = format!("the message is {observed} bytes, over the {limit}-byte limit: send less per message");
+    Status::with_error_details(Code::ResourceExhausted, message, details)
+}
+
+/// The prefix of the status tonic's decoder answers a message over `max_decoding_message_size`
+/// with (OUT_OF_RANGE, `... found N bytes, the limit is: L bytes`).
+const TONIC_TOO_LARGE: &str = "Error, decoded message length too large: found ";
+
+/// The [`message_too_large`] answer for the status the transport gives a request message over
+/// its decoding limit, or `None` for any other status. The mesh layer rewrites every response
+/// through this, so the answer is the same on every service, unary or streaming.
+pub fn from_transport(code: Code, message: &str) -> Option<Status> {
+    if code != Code::OutOfRange {
+        return None;
+    }
+    let rest = message.strip_prefix(TONIC_TOO_LARGE)?;
+    let (observed, rest) = rest.split_once(" bytes, the limit is: ")?;
+    let limit = rest.strip_suffix(" bytes")?;
+    Some(message_too_large(limit.parse().ok()?, observed.parse().ok()?))
 }
 
 /// One field of a request that is wrong, and why.
@@ -121,6 +206,22 @@ mod tests {
         assert_eq!(info.metadata["observed"], "201");
         assert_eq!(info.metadata["limit_name"], "max_records");
         assert_eq!(status.get_details_retry_info().unwrap().retry_delay, Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn the_transports_size_error_becomes_message_too_large() {
+        // the text of tonic's decoder, as tonic 0.14 writes it
+        let transport = "Error, decoded message length too large: found 5242880 bytes, the limit is: 4194304 bytes";
+        let status = from_transport(Code::OutOfRange, transport).unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        let info = status.get_details_error_info().unwrap();
+        assert_eq!((info.reason.as_str(), info.domain.as_str()), (MESSAGE_TOO_LARGE, DOMAIN));
+        assert_eq!(info.metadata["limit"], "4194304");
+        assert_eq!(info.metadata["observed"], "5242880");
+        assert_eq!(info.metadata["limit_name"], "max_message_bytes");
+        assert_eq!(status.message(), message_too_large(4194304, 5242880).message());
+        assert!(from_transport(Code::OutOfRange, "part 3 does not exist").is_none());
+        assert!(from_transport(Code::Internal, transport).is_none());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use sqlx::Row;
 
 use crate::model::{NewApiKey, ObjectSchema, Org};
 use crate::schema::{FieldError, validate_schema};
-use crate::{Error, Store, new_id, now_ms};
+use crate::{Error, Missing, Store, new_id, now_ms};
 
 impl Store {
     /// Creates an org.
@@ -35,7 +35,7 @@ impl Store {
 
     async fn require_org(&self, org_id: &str) -> Result<(), Error> {
         let found = sqlx::query("SELECT 1 FROM orgs WHERE id = $1").bind(org_id).fetch_optional(&self.reader).await?;
-        found.map(|_| ()).ok_or_else(|| Error::NotFound(format!("org {org_id}")))
+        found.map(|_| ()).ok_or_else(|| Error::not_found(Missing::Org, format!("org {org_id}")))
     }
 
     /// Issues an API key for an org; only its hash is stored.
@@ -65,7 +65,7 @@ impl Store {
             .execute(&self.writer)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(Error::NotFound(format!("api key {key_id}")));
+            return Err(Error::not_found(Missing::ApiKey, format!("api key {key_id}")));
         }
         Ok(())
     }
@@ -128,7 +128,7 @@ impl Store {
             .await?;
         match row {
             Some(row) => decode_schema(&row.try_get::<String, _>(0)?),
-            None => Err(Error::NotFound(format!("object {name:?}"))),
+            None => Err(Error::not_found(Missing::Object, format!("object {name:?}"))),
         }
     }
 }

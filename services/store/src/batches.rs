@@ -16,7 +16,7 @@ use crate::model::{Fields, ObjectSchema};
 use crate::records::by_deadline;
 use crate::schema::{RecordProblem, record_id, record_problems};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
-use crate::{Backend, Error, Store, new_id, now_ms};
+use crate::{Backend, Error, Missing, Store, new_id, now_ms};
 
 /// The most records a chunk may hold.
 pub const MAX_CHUNK_SIZE: u32 = 100_000;
@@ -393,7 +393,7 @@ impl Store {
             .fetch_optional(&mut *tx)
             .await?;
         if staging.is_none() {
-            return Err(Error::NotFound(format!("staging batch {batch_id}")));
+            return Err(Error::not_found(Missing::Batch, format!("staging batch {batch_id}")));
         }
         sqlx::query(
             "INSERT INTO chunks (batch_id, idx, org_id, first_record, record_count, state) \
@@ -430,7 +430,7 @@ impl Store {
         .execute(&self.writer)
         .await?;
         if done.rows_affected() == 0 {
-            return Err(Error::NotFound(format!("staging batch {batch_id}")));
+            return Err(Error::not_found(Missing::Batch, format!("staging batch {batch_id}")));
         }
         Ok(())
     }
@@ -461,7 +461,7 @@ impl Store {
         .bind(org_id)
         .fetch_optional(&self.reader)
         .await?
-        .ok_or_else(|| Error::NotFound(format!("batch {batch_id}")))?;
+        .ok_or_else(|| Error::not_found(Missing::Batch, format!("batch {batch_id}")))?;
         let stored: String = row.try_get(9)?;
         let mut totals = BatchTotals::default();
         let mut last_finish = 0i64;
@@ -575,7 +575,7 @@ impl Store {
             .fetch_optional(&self.reader)
             .await?
             .map(|_| ())
-            .ok_or_else(|| Error::NotFound(format!("batch {batch_id}")))
+            .ok_or_else(|| Error::not_found(Missing::Batch, format!("batch {batch_id}")))
     }
 
     /// Cancels a batch of the org: its pending chunks never run. Cancelling twice is harmless; a
@@ -886,7 +886,7 @@ impl Store {
             .bind(i64::from(index))
             .fetch_optional(&self.writer)
             .await?
-            .ok_or_else(|| Error::NotFound(format!("chunk {index} of batch {batch_id}")))?;
+            .ok_or_else(|| Error::not_found(Missing::Chunk, format!("chunk {index} of batch {batch_id}")))?;
         ChunkState::parse(&row.try_get::<String, _>(0)?)
     }
 

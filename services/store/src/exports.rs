@@ -19,7 +19,7 @@ use crate::blobs::{Blobs, Compressor};
 use crate::filter::Compiled;
 use crate::model::{Fields, ObjectSchema, Record};
 use crate::records::{RawRow, bind_condition, by_deadline, decode_fields, read_condition};
-use crate::{Backend, Error, Store, new_id, now_ms};
+use crate::{Backend, Error, Missing, Store, new_id, now_ms};
 
 /// Rows answered at once by default.
 pub const DEFAULT_SYNC_ROWS: u32 = 1_000;
@@ -513,7 +513,7 @@ impl Store {
             .await?;
         match row {
             Some(row) => ExportRow::from_row(&row),
-            None => Err(Error::NotFound(format!("export {export_id}"))),
+            None => Err(Error::not_found(Missing::Export, format!("export {export_id}"))),
         }
     }
 
@@ -542,7 +542,7 @@ impl Store {
             .bind(org_id)
             .fetch_optional(&self.reader)
             .await?;
-        let Some(row) = row else { return Err(Error::NotFound("export token".into())) };
+        let Some(row) = row else { return Err(Error::not_found(Missing::Export, "export token")) };
         let export = self.export_row(&row.try_get::<String, _>(0)?).await?;
         if export.expired || export.info.expires_at_ms <= now_ms() {
             return Err(Error::Expired(format!("export {}", export.info.id)));
@@ -799,7 +799,7 @@ impl Store {
         .bind(i64::from(number))
         .fetch_optional(&self.reader)
         .await?
-        .ok_or_else(|| Error::NotFound(format!("part {number} of export {export_id}")))?;
+        .ok_or_else(|| Error::not_found(Missing::Part, format!("part {number} of export {export_id}")))?;
         let state: String = part.try_get(0)?;
         if state == "READY" {
             return Ok(PartOutcome::Produced(part.try_get(3)?));

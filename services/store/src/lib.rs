@@ -49,7 +49,7 @@ pub enum Backend {
 pub enum Error {
     /// The named thing does not exist in the caller's org.
     #[error("{0} not found")]
-    NotFound(String),
+    NotFound(NotFound),
     /// The named thing exists already.
     #[error("{0} already exists")]
     AlreadyExists(String),
@@ -103,6 +103,69 @@ pub enum Error {
     /// The named thing existed but is past its retention: it answers NOT_FOUND, saying so.
     #[error("{0} has expired")]
     Expired(String),
+}
+
+impl Error {
+    /// [`Error::NotFound`] of a `missing` thing described by `what` (`object "account"`).
+    pub(crate) fn not_found(missing: Missing, what: impl Into<String>) -> Self {
+        Error::NotFound(NotFound { missing, what: what.into() })
+    }
+}
+
+/// What was not found, and its description for the message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotFound {
+    /// The kind of thing, which clients tell apart by its ErrorInfo reason.
+    pub missing: Missing,
+    /// The thing, as the message names it (`object "account"`).
+    pub what: String,
+}
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.what)
+    }
+}
+
+/// The kinds of things the store can answer "not found" for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// An org.
+    Org,
+    /// An API key.
+    ApiKey,
+    /// An object (schema) of the org.
+    Object,
+    /// A record of an object.
+    Record,
+    /// A batch.
+    Batch,
+    /// A chunk of a batch.
+    Chunk,
+    /// An export (an unknown token; an expired one is [`Error::Expired`]).
+    Export,
+    /// A part of an export.
+    Part,
+    /// A sync link.
+    Link,
+}
+
+impl Missing {
+    /// The ErrorInfo reason of NOT_FOUND for this kind (`baton_mesh::status::*_NOT_FOUND`).
+    pub fn reason(self) -> &'static str {
+        use baton_mesh::status as s;
+        match self {
+            Missing::Org => s::ORG_NOT_FOUND,
+            Missing::ApiKey => s::API_KEY_NOT_FOUND,
+            Missing::Object => s::OBJECT_NOT_FOUND,
+            Missing::Record => s::RECORD_NOT_FOUND,
+            Missing::Batch => s::BATCH_NOT_FOUND,
+            Missing::Chunk => s::CHUNK_NOT_FOUND,
+            Missing::Export => s::EXPORT_NOT_FOUND,
+            Missing::Part => s::PART_NOT_FOUND,
+            Missing::Link => s::LINK_NOT_FOUND,
+        }
+    }
 }
 
 /// Sorts a database error into busy (workload), resource, or other.

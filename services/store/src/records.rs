@@ -11,7 +11,7 @@ use crate::filter::{self, Compiled, Param};
 use crate::model::{ChangeEvent, ChangeOp, DeleteOutcome, Fields, ObjectSchema, Page, Record, UpsertOutcome};
 use crate::schema::{FieldError, RecordProblem, record_id, unique_key, validate_records};
 use crate::writer::{BatchWriter, RecordWrite};
-use crate::{Error, Store, now_ms};
+use crate::{Error, Missing, Store, now_ms};
 
 pub(crate) type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
@@ -184,7 +184,7 @@ impl Store {
             .await?;
         match row {
             Some(row) => Ok(row.try_get(0)?),
-            None => Err(Error::NotFound(format!("org {org_id}"))),
+            None => Err(Error::not_found(Missing::Org, format!("org {org_id}"))),
         }
     }
 
@@ -400,7 +400,7 @@ impl Store {
             let row = sqlx::query(&sql).bind(org_id).bind(object).bind(id).fetch_optional(&self.reader).await?;
             match row {
                 Some(row) => Ok((Self::record_from_row(&row)?, schema)),
-                None => Err(Error::NotFound(format!("record {id:?} of object {object:?}"))),
+                None => Err(Error::not_found(Missing::Record, format!("record {id:?} of object {object:?}"))),
             }
         })
         .await
@@ -443,7 +443,7 @@ impl Store {
             sqlx::query("SELECT last_seq FROM orgs WHERE id = $1").bind(org_id).fetch_optional(&self.reader).await?;
         match row {
             Some(row) => Ok(row.try_get(0)?),
-            None => Err(Error::NotFound(format!("org {org_id}"))),
+            None => Err(Error::not_found(Missing::Org, format!("org {org_id}"))),
         }
     }
 

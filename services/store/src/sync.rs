@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use crate::model::{ChangeEvent, ChangeOp, ObjectSchema};
 use crate::schema::{record_id, validate_records};
 use crate::writer::{BatchWriter, RecordWrite};
-use crate::{Error, Store, new_id, now_ms};
+use crate::{Error, Missing, Store, new_id, now_ms};
 
 /// The state of a link (see the brief, section 3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +238,7 @@ impl Store {
             .await?;
         match row {
             Some(row) => link_from_row(&row),
-            None => Err(Error::NotFound(format!("link {link_id}"))),
+            None => Err(Error::not_found(Missing::Link, format!("link {link_id}"))),
         }
     }
 
@@ -338,7 +338,7 @@ impl Store {
             .execute(&mut *tx)
             .await?;
         if done.rows_affected() == 0 {
-            return Err(Error::NotFound(format!("link {link_id}")));
+            return Err(Error::not_found(Missing::Link, format!("link {link_id}")));
         }
         sqlx::query("DELETE FROM link_history WHERE link_id = $1").bind(link_id).execute(&mut *tx).await?;
         sqlx::query("DELETE FROM dead_letters WHERE link_id = $1").bind(link_id).execute(&mut *tx).await?;
@@ -447,7 +447,7 @@ impl Store {
             sqlx::query("SELECT trimmed_seq FROM orgs WHERE id = $1").bind(org_id).fetch_optional(&self.reader).await?;
         match row {
             Some(row) => Ok(row.try_get(0)?),
-            None => Err(Error::NotFound(format!("org {org_id}"))),
+            None => Err(Error::not_found(Missing::Org, format!("org {org_id}"))),
         }
     }
 

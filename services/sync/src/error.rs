@@ -5,7 +5,7 @@ use baton_store::FieldError;
 use tonic::{Code, Status};
 
 /// The ErrorInfo reason of a seq older than the change-log retention.
-pub const TRIMMED: &str = "CHANGES_TRIMMED";
+pub const TRIMMED: &str = status::CHANGES_TRIMMED;
 
 /// Errors of the sync service.
 #[derive(Debug, thiserror::Error)]
@@ -35,7 +35,9 @@ impl From<Error> for Status {
                 status::with_reason(Code::OutOfRange, TRIMMED, format!("{e}: extract a new snapshot"))
             }
             Error::ShuttingDown => Status::unavailable("the server is shutting down; resume with after_seq"),
-            Error::Store(baton_store::Error::NotFound(what)) => Status::not_found(format!("{what} not found")),
+            Error::Store(baton_store::Error::NotFound(what)) => {
+                status::with_reason(Code::NotFound, what.missing.reason(), format!("{what} not found"))
+            }
             Error::Store(baton_store::Error::AlreadyExists(what)) => {
                 Status::already_exists(format!("{what} already exists"))
             }

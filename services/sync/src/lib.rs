@@ -68,7 +68,7 @@ pub fn add_services(
     let service = SyncService::new(store.clone(), options.clone(), wake, shutdown);
     server.add_service(
         pb::sync_server::SyncServer::new(service)
-            .max_decoding_message_size(max_message_bytes.saturating_mul(4))
+            .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(64 * 1024 * 1024),
     )
 }

@@ -21,6 +21,7 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use baton_intake::convert;
 use baton_mesh::proto::v1 as pb;
+use baton_mesh::status::MESSAGE_TOO_LARGE;
 use baton_store::Store;
 use baton_store::sync::{DeadLetter, Link, LinkState, RejectPolicy};
 use tokio::sync::Notify;
@@ -28,6 +29,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
+use tonic_types::StatusExt;
 
 use crate::SyncOptions;
 
@@ -122,7 +124,11 @@ enum CallError {
 fn classify(status: &tonic::Status) -> CallError {
     use tonic::Code;
     let text = format!("{:?}: {}", status.code(), status.message());
+    // a batch over the target's message size limit fails the same way again: not a connection
+    // problem to wait out
+    let too_large = status.get_details_error_info().is_some_and(|i| i.reason == MESSAGE_TOO_LARGE);
     match status.code() {
+        Code::ResourceExhausted if too_large => CallError::Fatal(text),
         Code::Unavailable
         | Code::DeadlineExceeded
         | Code::Cancelled

@@ -45,6 +45,21 @@ fn server_command(server: &str, conn: u64, frame: pb::ServerFrame) -> Option<Com
     }
 }
 
+/// The next frame of a stream, or None once it has ended. A stream that breaks (a frame over the
+/// message size limit, say) ends its answers with its status, so the caller learns why.
+async fn next_frame<T, E>(frames: &mut Streaming<T>, answers: &mpsc::WeakSender<Result<E, Status>>) -> Option<T> {
+    match frames.next().await? {
+        Ok(frame) => Some(frame),
+        Err(status) => {
+            if let Some(tx) = answers.upgrade() {
+                // never waits: a caller that does not read its answers does not hold this up
+                let _ = tx.try_send(Err(status));
+            }
+            None
+        }
+    }
+}
+
 impl Channel {
     /// The command that says the channel's session or server has gone.
     fn gone(self) -> Command {
@@ -70,7 +85,7 @@ impl ManagerService {
     ) {
         use pb::mux_frame::Kind;
         let mut channels: HashMap<u64, Channel> = HashMap::new();
-        'stream: while let Some(Ok(batch)) = frames.next().await {
+        'stream: while let Some(batch) = next_frame(frames, &weak).await {
             let Some(tx) = weak.upgrade() else { break };
             let mux = Mux { id, tx };
             // a standby's refusals of this batch's opens, sent as one message
@@ -176,6 +191,7 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         };
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(1024);
+        let answers = tx.downgrade();
         let (reply, opened) = oneshot::channel();
         let fresh = open.session_id.is_empty();
         let session = if fresh { Actor::new_session_id() } else { open.session_id.clone() };
@@ -184,7 +200,7 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         let session = opened.await.map_err(|_| Error::Stopping)??;
         let commands = self.commands.clone();
         tokio::spawn(async move {
-            while let Some(Ok(frame)) = frames.next().await {
+            while let Some(frame) = next_frame(&mut frames, &answers).await {
                 if let Some(command) = client_command(&session, conn, frame)
                     && commands.send(command).await.is_err()
                 {
@@ -210,10 +226,11 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
         let server = register.server_id.clone();
         let (tx, rx) = mpsc::channel(1024);
+        let answers = tx.downgrade();
         self.command(Command::ServerRegister { register, conn, tx: Out::Stream(tx) }).await?;
         let commands = self.commands.clone();
         tokio::spawn(async move {
-            while let Some(Ok(frame)) = frames.next().await {
+            while let Some(frame) = next_frame(&mut frames, &answers).await {
                 if let Some(command) = server_command(&server, conn, frame)
                     && commands.send(command).await.is_err()
                 {
