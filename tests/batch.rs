@@ -303,6 +303,38 @@ async fn bad_records_abort_exactly_their_chunks() {
     }
 }
 
+/// A chunk with a record the schema refuses and a record whose unique value another record
+/// already holds lists both: a stored conflict is listed whatever else is wrong in the chunk (it
+/// used to be listed only when it was the chunk's sole problem).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_aborted_chunk_lists_stored_unique_conflicts_beside_invalid_records() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &[]).await;
+        let org = create_org(&server, "acme").await;
+        let held = record(serde_json::json!({"code": "held", "name": "h", "email": "taken@example.com"}));
+        let upsert = pb::UpsertRequest { object: "account".into(), records: vec![held] };
+        server.intake().await.upsert(authed(upsert, &org.key)).await.unwrap();
+
+        let records = vec![
+            record(serde_json::json!({"code": "b0", "name": "n", "amount": "zero"})),
+            record(serde_json::json!({"code": "b1", "name": "n", "email": "taken@example.com"})),
+            record(serde_json::json!({"code": "b2", "name": "n", "amount": 2})),
+        ];
+        let staged = submit(&server, &org, header(10), records).await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!((totals.committed, totals.aborted, totals.records_committed), (0, 1, 0));
+        let results = results(&server, &org, &staged.batch_id).await;
+        let errors: Vec<(u64, String)> =
+            results.iter().flat_map(|r| &r.errors).map(|e| (e.index, e.field.clone())).collect();
+        assert_eq!(errors, [(0, "amount".to_owned()), (1, "email".to_owned())], "{results:?}");
+        let reason = &results[0].errors[1].reason;
+        assert!(reason.contains("already used by record \"held\""), "{reason}");
+        assert_eq!(server.records(&org.key, "account").await.len(), 1, "nothing of the chunk committed");
+    }
+}
+
 /// A lock held on the target (the whole database on SQLite, the target rows on PostgreSQL) while
 /// a worker takes its chunk: COMMITTED_AFTER_RETRY_WORKLOAD. A time budget forced below what a
 /// chunk needs: COMMITTED_AFTER_RETRY_RESOURCES.

@@ -986,6 +986,14 @@ impl Store {
             _ => record_problems(&chunk.schema, &mut chunk.records),
         };
         if !problems.is_empty() {
+            // every failing record is listed: those the schema accepts are checked against what
+            // is stored too (a unique value taken, an insert of an existing record)
+            let valid: Vec<usize> =
+                (0..chunk.records.len()).filter(|i| !problems.iter().any(|p| p.index == *i)).collect();
+            let stored = by_deadline(deadline, self.stored_problems_of(&chunk, &valid)).await?;
+            let mut problems = problems;
+            problems.extend(stored);
+            problems.sort_by_key(|p| p.index);
             return Ok(invalid(problems));
         }
         let ChunkWork { org_id, schema, op, records, .. } = chunk;
@@ -1090,25 +1098,7 @@ impl Store {
         }
         let existing = self.versions_of(conn, org_id, &schema.name, &ids).await?;
         let live = |id: &str| existing.get(id).is_some_and(|(_, deleted)| !deleted);
-        let mut problems = Vec::new();
-        for (i, id) in ids.iter().enumerate() {
-            match op {
-                BatchOp::Insert if live(id) => problems.push(RecordProblem::new(
-                    i,
-                    schema.external_id_field.clone(),
-                    format!("record {id:?} already exists; an insert creates new records only"),
-                )),
-                BatchOp::Update if !live(id) => problems.push(RecordProblem::new(
-                    i,
-                    schema.external_id_field.clone(),
-                    format!("record {id:?} does not exist; an update changes existing records only"),
-                )),
-                _ => {}
-            }
-        }
-        if op != BatchOp::Delete {
-            problems.extend(self.unique_conflicts(conn, org_id, schema, &records, &ids).await?);
-        }
+        let mut problems = self.stored_problems(conn, org_id, schema, op, &records, &ids, &existing).await?;
         if !problems.is_empty() {
             problems.sort_by_key(|p| p.index);
             return Ok(Err(problems));
@@ -1131,6 +1121,67 @@ impl Store {
             self.set_last_seq(conn, org_id, writer.seq).await?;
         }
         Ok(Ok(()))
+    }
+
+    /// The problems (chunk indexes) of records that conflict with what is stored: an insert of an
+    /// existing record, an update of a missing one, a unique value another record holds.
+    /// `existing` holds the stored versions of `ids`.
+    #[allow(clippy::too_many_arguments)]
+    async fn stored_problems(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        schema: &ObjectSchema,
+        op: BatchOp,
+        records: &[Fields],
+        ids: &[String],
+        existing: &HashMap<String, (i64, bool)>,
+    ) -> Result<Vec<RecordProblem>, Error> {
+        let live = |id: &str| existing.get(id).is_some_and(|(_, deleted)| !deleted);
+        let mut problems = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            match op {
+                BatchOp::Insert if live(id) => problems.push(RecordProblem::new(
+                    i,
+                    schema.external_id_field.clone(),
+                    format!("record {id:?} already exists; an insert creates new records only"),
+                )),
+                BatchOp::Update if !live(id) => problems.push(RecordProblem::new(
+                    i,
+                    schema.external_id_field.clone(),
+                    format!("record {id:?} does not exist; an update changes existing records only"),
+                )),
+                _ => {}
+            }
+        }
+        if op != BatchOp::Delete {
+            problems.extend(self.unique_conflicts(conn, org_id, schema, records, ids).await?);
+        }
+        Ok(problems)
+    }
+
+    /// [`Store::stored_problems`] of the records at `indexes` of a chunk that is aborted anyway
+    /// (some record is invalid), read outside any transaction; chunk indexes.
+    async fn stored_problems_of(&self, chunk: &ChunkWork, indexes: &[usize]) -> Result<Vec<RecordProblem>, Error> {
+        let (mut records, mut ids, mut at) = (Vec::new(), Vec::new(), Vec::new());
+        for &i in indexes {
+            if let Some(id) = record_id(&chunk.schema, &chunk.records[i]) {
+                records.push(chunk.records[i].clone());
+                ids.push(id);
+                at.push(i);
+            }
+        }
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.reader.acquire().await?;
+        let existing = self.versions_of(&mut conn, &chunk.org_id, &chunk.schema.name, &ids).await?;
+        let mut problems =
+            self.stored_problems(&mut conn, &chunk.org_id, &chunk.schema, chunk.op, &records, &ids, &existing).await?;
+        for p in &mut problems {
+            p.index = at[p.index];
+        }
+        Ok(problems)
     }
 
     /// A chunk on PostgreSQL ([`Store::write_chunk`] says which) first written as if every record
