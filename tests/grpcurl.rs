@@ -20,6 +20,8 @@ async fn grpcurl_lists_describes_checks_health_and_upserts() {
     assert!(text.contains("Creates or updates records by their external id"), "comments are served:\n{text}");
     let (ok, text) = grpcurl(&["-plaintext", &addr, "describe", "baton.v1.QueryRequest"]).unwrap();
     assert!(ok && text.contains("A filter expression over the object's fields"), "{text}");
+    // `<>` is documented beside `!=`, which it means
+    assert!(text.contains("`!=` or its synonym `<>`"), "{text}");
 
     let (ok, text) =
         grpcurl(&["-plaintext", "-d", r#"{"service": "baton.v1.Intake"}"#, &addr, "grpc.health.v1.Health/Check"])

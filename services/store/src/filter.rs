@@ -62,7 +62,17 @@ pub enum Literal {
     Boolean(bool),
 }
 
-/// A parsed filter.
+/// A parsed filter: its expression, and where each field name and each value is in the text, in
+/// the order the compiler meets them, so that errors found while compiling say where too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filter {
+    /// The expression.
+    pub expr: Expr,
+    fields_at: Vec<usize>,
+    values_at: Vec<usize>,
+}
+
+/// A parsed filter's expression.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Expr {
     /// `a AND b`
@@ -93,6 +103,11 @@ enum Tok {
 
 fn err(pos: usize, message: impl std::fmt::Display) -> FieldError {
     FieldError::new("filter", format!("at {pos}: {message}"))
+}
+
+/// `error` (of the filter) at `pos`.
+fn located(pos: usize, error: FieldError) -> FieldError {
+    err(pos, error.description)
 }
 
 fn tokenize(input: &str) -> Result<Vec<(usize, Tok)>, FieldError> {
@@ -207,6 +222,8 @@ struct Parser {
     pos: usize,
     end: usize,
     depth: usize,
+    fields_at: Vec<usize>,
+    values_at: Vec<usize>,
 }
 
 impl Parser {
@@ -276,6 +293,7 @@ impl Parser {
             }
             Some(Tok::Ident(name)) if !is_keyword(&name) => {
                 self.pos += 1;
+                self.fields_at.push(at);
                 self.condition(name)
             }
             Some(_) => Err(err(at, "expected a field name, `NOT` or `(`")),
@@ -321,6 +339,7 @@ impl Parser {
             _ => return Err(err(at, "expected a value: 'text', a number, true or false")),
         };
         self.pos += 1;
+        self.values_at.push(at);
         Ok(lit)
     }
 }
@@ -330,20 +349,20 @@ fn is_keyword(s: &str) -> bool {
 }
 
 /// Parses a filter. An empty (or blank) filter is `None`: every record.
-pub fn parse(input: &str) -> Result<Option<Expr>, FieldError> {
+pub fn parse(input: &str) -> Result<Option<Filter>, FieldError> {
     if input.len() > MAX_FILTER_LEN {
-        return Err(FieldError::new("filter", format!("longer than {MAX_FILTER_LEN} bytes")));
+        return Err(err(MAX_FILTER_LEN, format!("longer than {MAX_FILTER_LEN} bytes")));
     }
     let toks = tokenize(input)?;
     if toks.is_empty() {
         return Ok(None);
     }
-    let mut parser = Parser { toks, pos: 0, end: input.len(), depth: 0 };
+    let mut parser = Parser { toks, pos: 0, end: input.len(), depth: 0, fields_at: Vec::new(), values_at: Vec::new() };
     let expr = parser.or()?;
     if parser.pos < parser.toks.len() {
         return Err(err(parser.at(), "unexpected input after the end of the condition"));
     }
-    Ok(Some(expr))
+    Ok(Some(Filter { expr, fields_at: parser.fields_at, values_at: parser.values_at }))
 }
 
 /// A value bound to a compiled filter's placeholder.
@@ -373,9 +392,22 @@ struct Compiler<'a> {
     backend: Backend,
     next: usize,
     params: Vec<Param>,
+    /// Where the field names and values met so far are in the text, and how many were met.
+    fields_at: std::slice::Iter<'a, usize>,
+    values_at: std::slice::Iter<'a, usize>,
 }
 
 impl Compiler<'_> {
+    /// The position of the next field name (in the order of [`Compiler::compile`]).
+    fn field_at(&mut self) -> usize {
+        self.fields_at.next().copied().unwrap_or_default()
+    }
+
+    /// The position of the next value.
+    fn value_at(&mut self) -> usize {
+        self.values_at.next().copied().unwrap_or_default()
+    }
+
     fn column(&self, field: &str) -> Result<(String, Option<FieldType>), FieldError> {
         if field == "id" {
             return Ok(("id".to_owned(), None));
@@ -410,6 +442,12 @@ impl Compiler<'_> {
                 Backend::Sqlite => Param::Int(i64::from(*b)),
                 Backend::Postgres => Param::Bool(*b),
             },
+            (Some(FieldType::Integer), Literal::Number(n)) if n.fract() == 0.0 => {
+                return Err(FieldError::new(
+                    "filter",
+                    format!("{n} is out of range for integer field {field:?} (signed 64-bit)"),
+                ));
+            }
             (ty, lit) => {
                 let expected = ty.map_or("string", FieldType::name);
                 return Err(FieldError::new(
@@ -437,27 +475,41 @@ impl Compiler<'_> {
             Expr::Or(a, b) => format!("({} OR {})", self.compile(a)?, self.compile(b)?),
             Expr::Not(a) => format!("(NOT {})", self.compile(a)?),
             Expr::Cmp(field, op, lit) => {
-                let (column, ty) = self.column(field)?;
+                let at = self.field_at();
+                let (column, ty) = self.column(field).map_err(|e| located(at, e))?;
                 if ty == Some(FieldType::Decimal) && !matches!(op, CmpOp::Eq | CmpOp::Ne) {
-                    return Err(FieldError::new(
-                        "filter",
-                        format!(
-                            "field {field:?} is decimal: it takes =, !=, IN and IS NULL; {} is not supported on decimals",
-                            op.sql()
+                    return Err(located(
+                        at,
+                        FieldError::new(
+                            "filter",
+                            format!(
+                                "field {field:?} is decimal: it takes =, !=, IN and IS NULL; {} is not supported on \
+                                 decimals",
+                                op.sql()
+                            ),
                         ),
                     ));
                 }
-                let p = self.bind(field, ty, lit)?;
+                let at = self.value_at();
+                let p = self.bind(field, ty, lit).map_err(|e| located(at, e))?;
                 format!("COALESCE({column} {} {p}, {})", op.sql(), self.falsy())
             }
             Expr::In(field, values, negated) => {
-                let (column, ty) = self.column(field)?;
-                let list = values.iter().map(|v| self.bind(field, ty, v)).collect::<Result<Vec<_>, _>>()?;
+                let at = self.field_at();
+                let (column, ty) = self.column(field).map_err(|e| located(at, e))?;
+                let list = values
+                    .iter()
+                    .map(|v| {
+                        let at = self.value_at();
+                        self.bind(field, ty, v).map_err(|e| located(at, e))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
                 let not = if *negated { "NOT " } else { "" };
                 format!("COALESCE({column} {not}IN ({}), {})", list.join(", "), self.falsy())
             }
             Expr::IsNull(field, negated) => {
-                let (column, _) = self.column(field)?;
+                let at = self.field_at();
+                let (column, _) = self.column(field).map_err(|e| located(at, e))?;
                 format!("({column} IS {}NULL)", if *negated { "NOT " } else { "" })
             }
         })
@@ -474,9 +526,16 @@ fn literal_kind(lit: &Literal) -> &'static str {
 }
 
 /// Compiles a parsed filter for `backend`, numbering placeholders from `$first`.
-pub fn compile(expr: &Expr, schema: &ObjectSchema, backend: Backend, first: usize) -> Result<Compiled, FieldError> {
-    let mut c = Compiler { schema, backend, next: first, params: Vec::new() };
-    let sql = c.compile(expr)?;
+pub fn compile(filter: &Filter, schema: &ObjectSchema, backend: Backend, first: usize) -> Result<Compiled, FieldError> {
+    let mut c = Compiler {
+        schema,
+        backend,
+        next: first,
+        params: Vec::new(),
+        fields_at: filter.fields_at.iter(),
+        values_at: filter.values_at.iter(),
+    };
+    let sql = c.compile(&filter.expr)?;
     Ok(Compiled { sql, params: c.params })
 }
 
@@ -501,7 +560,7 @@ mod tests {
 
     #[test]
     fn parses_precedence_and_keywords_case_insensitively() {
-        let e = parse("a = 1 or b = 2 AND not c is null").unwrap().unwrap();
+        let e = parse("a = 1 or b = 2 AND not c is null").unwrap().unwrap().expr;
         let expected = Expr::Or(
             Box::new(Expr::Cmp("a".into(), CmpOp::Eq, Literal::Integer(1))),
             Box::new(Expr::And(
@@ -512,11 +571,11 @@ mod tests {
         assert_eq!(e, expected);
         assert_eq!(parse("  ").unwrap(), None);
         assert_eq!(
-            parse("code = 'it''s'").unwrap().unwrap(),
+            parse("code = 'it''s'").unwrap().unwrap().expr,
             Expr::Cmp("code".into(), CmpOp::Eq, Literal::String("it's".into()))
         );
         assert_eq!(
-            parse("x NOT IN (1, -2.5e1)").unwrap().unwrap(),
+            parse("x NOT IN (1, -2.5e1)").unwrap().unwrap().expr,
             Expr::In("x".into(), vec![Literal::Integer(1), Literal::Number(-25.0)], true)
         );
     }
@@ -557,6 +616,38 @@ mod tests {
     }
 
     #[test]
+    fn not_equal_has_two_spellings() {
+        assert_eq!(parse("amount <> 5").unwrap(), parse("amount != 5").unwrap());
+        let e = parse("amount <> 5").unwrap().unwrap();
+        assert_eq!(e.expr, Expr::Cmp("amount".into(), CmpOp::Ne, Literal::Integer(5)));
+        assert!(compile(&e, &schema(), Backend::Sqlite, 1).unwrap().sql.contains("<> $1"));
+    }
+
+    #[test]
+    fn every_error_says_where() {
+        let s = schema();
+        for (input, expected) in [
+            ("colour = 'red'", "at 0: unknown field \"colour\" of object account"),
+            ("amount = 1 AND colour IS NULL", "at 15: unknown field \"colour\" of object account"),
+            ("code = 'a' OR colour IN (1)", "at 14: unknown field \"colour\" of object account"),
+            ("amount = 'ten'", "at 9: field \"amount\" is integer, compared with a string"),
+            ("code = 'a' AND amount IN (1, 2, 'three')", "at 32: field \"amount\" is integer, compared with a string"),
+            (
+                "amount > 9300000000000000000",
+                "at 9: 9300000000000000000 is out of range for integer field \"amount\" (signed 64-bit)",
+            ),
+            ("amount = 1.5", "at 9: field \"amount\" is integer, compared with a number"),
+        ] {
+            let e = parse(input).unwrap().unwrap();
+            assert_eq!(compile(&e, &s, Backend::Sqlite, 1).unwrap_err().description, expected, "{input}");
+        }
+        for input in ["amount > 1e400", "amount ~ 1", &"x".repeat(MAX_FILTER_LEN + 1)] {
+            let e = parse(input).unwrap_err();
+            assert!(e.description.starts_with("at "), "{input}: {}", e.description);
+        }
+    }
+
+    #[test]
     fn unknown_fields_and_type_mismatches_are_rejected() {
         let s = schema();
         let e = parse("colour = 'red'").unwrap().unwrap();
@@ -564,7 +655,7 @@ mod tests {
         let e = parse("amount = 'ten'").unwrap().unwrap();
         assert_eq!(
             compile(&e, &s, Backend::Sqlite, 1).unwrap_err().description,
-            "field \"amount\" is integer, compared with a string"
+            "at 9: field \"amount\" is integer, compared with a string"
         );
         let e = parse("score > 1 AND id = 'x'").unwrap().unwrap();
         let c = compile(&e, &s, Backend::Sqlite, 1).unwrap();
