@@ -31,7 +31,7 @@ fn assert_too_large(status: &Status, limit: u64, what: &str) -> u64 {
 }
 
 /// Records of about `bytes` bytes in all.
-fn big_records(bytes: usize) -> Vec<prost_types::Struct> {
+fn big_records(bytes: usize) -> Vec<pb::RecordFields> {
     let each = 256 * 1024;
     (0..bytes.div_ceil(each)).map(|i| record(json!({"code": format!("big{i}"), "name": "x".repeat(each)}))).collect()
 }
@@ -118,7 +118,7 @@ async fn every_not_found_failed_precondition_and_resource_exhausted_has_a_reason
     let mut sync = server.sync().await;
     let mut manager = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
     let key = org.key.as_str();
-    let records = |n: usize| -> Vec<prost_types::Struct> {
+    let records = |n: usize| -> Vec<pb::RecordFields> {
         (0..n).map(|i| record(json!({"code": format!("r{i}"), "name": "n"}))).collect()
     };
     let token = |token: &str| pb::ExportTokenRequest { token: token.into() };
