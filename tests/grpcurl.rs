@@ -92,7 +92,8 @@ async fn grpcurl_decodes_error_info_and_bad_request() {
     };
 
     // BadRequest: the field violation, decoded
-    let body = r#"{"object": "account", "records": [{"code": "g1", "name": "G", "amount": "ten"}]}"#;
+    let body = r#"{"object": "account", "records": [{"fields": {"code": {"stringValue": "g1"},
+        "name": {"stringValue": "G"}, "amount": {"stringValue": "ten"}}}]}"#;
     let Some((ok, text)) = call(body, "baton.v1.Intake/Upsert") else { return };
     assert!(!ok, "{text}");
     assert!(text.contains("Code:InvalidArgument"), "{text}");
@@ -109,7 +110,11 @@ async fn grpcurl_decodes_error_info_and_bad_request() {
     assert!(!text.contains("isnotrecognized"), "{text}");
 
     // ErrorInfo with metadata: a message over the size limit
-    let body = format!(r#"{{"object": "account", "records": [{{"code": "g2", "name": "{}"}}]}}"#, "x".repeat(5000));
+    let body = format!(
+        r#"{{"object": "account", "records": [{{"fields": {{"code": {{"stringValue": "g2"}},
+            "name": {{"stringValue": "{}"}}}}}}]}}"#,
+        "x".repeat(5000)
+    );
     let (ok, text) = call(&body, "baton.v1.Intake/Upsert").unwrap();
     assert!(!ok, "{text}");
     assert!(text.contains("Code:ResourceExhausted"), "{text}");
