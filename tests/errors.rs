@@ -121,7 +121,6 @@ async fn every_not_found_failed_precondition_and_resource_exhausted_has_a_reason
     let records = |n: usize| -> Vec<pb::RecordFields> {
         (0..n).map(|i| record(json!({"code": format!("r{i}"), "name": "n"}))).collect()
     };
-    let token = |token: &str| pb::ExportTokenRequest { token: token.into() };
 
     let mut seen: Vec<(&str, Status)> = Vec::new();
     let mut push = |what, result: Result<(), Status>| seen.push((what, result.unwrap_err()));
@@ -129,8 +128,8 @@ async fn every_not_found_failed_precondition_and_resource_exhausted_has_a_reason
     push("intake get", intake.get(authed(request, key)).await.map(drop));
     let request = pb::UpsertRequest { object: "nope".into(), records: records(1) };
     push("intake upsert", intake.upsert(authed(request, key)).await.map(drop));
-    push("get export", intake.get_export(authed(token("xt_none"), key)).await.map(drop));
-    push("cancel export", intake.cancel_export(authed(token("xt_none"), key)).await.map(drop));
+    push("get export", intake.get_export(authed(pb::GetExportRequest { token: "xt_none".into() }, key)).await.map(drop));
+    push("cancel export", intake.cancel_export(authed(pb::CancelExportRequest { token: "xt_none".into() }, key)).await.map(drop));
     let part = pb::FetchPartRequest { token: "xt_none".into(), part: 1, ..Default::default() };
     push("fetch part", intake.fetch_part(authed(part, key)).await.map(drop));
     let over = pb::UpsertRequest { object: "account".into(), records: records(3) };

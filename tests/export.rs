@@ -51,7 +51,7 @@ fn export_request(filter: &str, sync_rows: u32, part_rows: u32) -> pb::ExportReq
 /// Follows WatchExport to its end (at most `within`); the last status.
 async fn watch(server: &Server, org: &TestOrg, token: &str, within: Duration) -> pb::ExportStatus {
     let mut client = server.intake().await;
-    let request = authed(pb::ExportTokenRequest { token: token.into() }, &org.key);
+    let request = authed(pb::WatchExportRequest { token: token.into() }, &org.key);
     let mut stream = client.watch_export(request).await.unwrap().into_inner();
     let deadline = tokio::time::Instant::now() + within;
     let mut last = None;
@@ -197,7 +197,7 @@ async fn tokens_are_bound_to_their_org_expire_and_cancel() {
     let export = client.export(authed(export_request("", 100, 500), &a.key)).await.unwrap().into_inner();
     for (token, key, what) in [(&export.token, &b.key, "another org's key"), (&"xt_00ff".to_owned(), &a.key, "a guess")]
     {
-        let status = client.get_export(authed(pb::ExportTokenRequest { token: token.clone() }, key)).await.unwrap_err();
+        let status = client.get_export(authed(pb::GetExportRequest { token: token.clone() }, key)).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{what}: {status:?}");
         let status = fetch(&server, &TestOrg { key: key.clone(), ..a.clone() }, token, 1).await.unwrap_err();
         assert_eq!(status.code(), Code::NotFound, "{what}: {status:?}");
@@ -207,7 +207,7 @@ async fn tokens_are_bound_to_their_org_expire_and_cancel() {
     let get = |token: String| {
         let mut client = client.clone();
         let key = a.key.clone();
-        async move { client.get_export(authed(pb::ExportTokenRequest { token }, &key)).await.unwrap().into_inner() }
+        async move { client.get_export(authed(pb::GetExportRequest { token }, &key)).await.unwrap().into_inner() }
     };
     eventually(Duration::from_secs(60), "a few parts", || async {
         (get(export.token.clone()).await.parts_ready >= 3).then_some(())
@@ -215,7 +215,7 @@ async fn tokens_are_bound_to_their_org_expire_and_cancel() {
     .await;
     let cancelled = client
         .clone()
-        .cancel_export(authed(pb::ExportTokenRequest { token: export.token.clone() }, &a.key))
+        .cancel_export(authed(pb::CancelExportRequest { token: export.token.clone() }, &a.key))
         .await
         .unwrap();
     assert_eq!(cancelled.get_ref().state, pb::ExportState::Cancelled as i32);
@@ -234,7 +234,7 @@ async fn tokens_are_bound_to_their_org_expire_and_cancel() {
     assert!(before as u32 >= after.parts_ready, "{before} blobs under {} for {after:?}", blobs.display());
     let status = eventually(Duration::from_secs(20), "expiry", || {
         let mut client = client.clone();
-        let request = authed(pb::ExportTokenRequest { token: export.token.clone() }, &a.key);
+        let request = authed(pb::GetExportRequest { token: export.token.clone() }, &a.key);
         async move { client.get_export(request).await.err() }
     })
     .await;
@@ -273,7 +273,7 @@ async fn an_export_completes_across_a_killed_worker_and_a_killed_primary_manager
         let mut client = client.clone();
         let (key, token) = (org.key.clone(), export.token.clone());
         async move {
-            let status = client.get_export(authed(pb::ExportTokenRequest { token }, &key)).await.unwrap().into_inner();
+            let status = client.get_export(authed(pb::GetExportRequest { token }, &key)).await.unwrap().into_inner();
             (status.parts_ready >= at_least).then_some(())
         }
     };
@@ -432,7 +432,7 @@ async fn parts_go_through_an_s3_compatible_store() {
 
     let status = eventually(Duration::from_secs(20), "expiry", || {
         let mut client = client.clone();
-        let request = authed(pb::ExportTokenRequest { token: export.token.clone() }, &org.key);
+        let request = authed(pb::GetExportRequest { token: export.token.clone() }, &org.key);
         async move { client.get_export(request).await.err() }
     })
     .await;

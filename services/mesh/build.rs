@@ -1,4 +1,5 @@
-//! Generates the gRPC code for `proto/baton/v1/*.proto` and the file descriptor set served by
+//! Generates the gRPC code for `proto/baton/v1/*.proto` (the public API) and
+//! `proto/baton/internal/v1/*.proto` (manager replication, worker work), and the file descriptor set served by
 //! reflection, which also holds the vendored `proto/google/rpc` protos (ErrorInfo, BadRequest,
 //! RetryInfo, Status) so that reflection clients decode baton's error details.
 
@@ -22,6 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     let mut protos = protos_in(&root.join("baton/v1"))?;
+    protos.extend(protos_in(&root.join("baton/internal/v1"))?);
     protos.extend(protos_in(&root.join("google/rpc"))?);
     for proto in &protos {
         println!("cargo:rerun-if-changed={}", proto.display());
@@ -32,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // tonic_types', so none are generated here
         .extern_path(".google.rpc", "::tonic_types::pb")
         // journal entries pass from the primary's journal to the standby's without a copy
-        .bytes(".baton.v1.ReplicaFrame.records")
+        .bytes(".baton.internal.v1.ReplicaFrame.records")
         .compile_protos(&protos, &[root])?;
     Ok(())
 }

@@ -1003,7 +1003,7 @@ async fn export() {
         let response = client.export(authed(request, &org.key)).await.expect("export").into_inner();
         latencies.push(started.elapsed());
         assert_eq!(response.records.len(), 1000);
-        client.cancel_export(authed(pb::ExportTokenRequest { token: response.token }, &org.key)).await.expect("cancel");
+        client.cancel_export(authed(pb::CancelExportRequest { token: response.token }, &org.key)).await.expect("cancel");
     }
     let first = latencies[0];
     latencies.sort();
@@ -1083,7 +1083,7 @@ async fn export_all(
     let mut produced_at = None;
     loop {
         let status = client
-            .get_export(authed(pb::ExportTokenRequest { token: token.clone() }, &org.key))
+            .get_export(authed(pb::GetExportRequest { token: token.clone() }, &org.key))
             .await
             .expect("get")
             .into_inner();

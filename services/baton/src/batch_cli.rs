@@ -344,12 +344,12 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
             print_json(&batch_json(batch.get_ref()))?;
         }
         BatchCommand::Results { id, aborted } => {
-            let mut after = None;
+            let mut page_token = String::new();
             loop {
                 let request = pb::ListChunkResultsRequest {
                     batch_id: id.clone(),
                     aborted_only: aborted,
-                    after_index: after,
+                    page_token,
                     page_size: 1000,
                 };
                 let page = client
@@ -366,10 +366,10 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
                             "index": e.index, "field": e.field, "reason": e.reason})).collect::<Vec<_>>(),
                     }))?;
                 }
-                match page.next_after {
-                    Some(next) => after = Some(next),
-                    None => break,
+                if page.next_page_token.is_empty() {
+                    break;
                 }
+                page_token = page.next_page_token;
             }
         }
         BatchCommand::Cancel { id } => {

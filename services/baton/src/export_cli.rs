@@ -211,7 +211,7 @@ async fn download(
     let mut done: BTreeSet<u32> = BTreeSet::new();
     loop {
         let status = client
-            .get_export(with_bearer(pb::ExportTokenRequest { token: token.to_owned() }, key)?)
+            .get_export(with_bearer(pb::GetExportRequest { token: token.to_owned() }, key)?)
             .await
             .map_err(explain)?
             .into_inner();

@@ -3,6 +3,7 @@
 use baton_manager::{ManagerOptions, ManagerService};
 use baton_mesh::auth::AuthConfig;
 use baton_mesh::config::{MeshToken, ServeOptions, exit_bad_config};
+use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
 
@@ -108,7 +109,10 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                     stall_after,
                     shutdown.clone(),
                 ));
-                (server.add_service(pb::session_manager_server::SessionManagerServer::new(service)), None)
+                let server = server
+                    .add_service(pb::session_manager_server::SessionManagerServer::new(service.clone()))
+                    .add_service(internal::replication_server::ReplicationServer::new(service));
+                (server, None)
             } else {
                 let me = manager.advertise.clone().unwrap_or_else(|| {
                     format!("http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default())
@@ -130,10 +134,9 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 ));
                 // the standby reports NOT_SERVING until elected, so readiness keeps it out of the Service
                 let health = server.health();
-                let server = server.add_service_with_health(
-                    pb::session_manager_server::SessionManagerServer::new(service.clone()),
-                    false,
-                );
+                let server = server
+                    .add_service_with_health(pb::session_manager_server::SessionManagerServer::new(service.clone()), false)
+                    .add_service(internal::replication_server::ReplicationServer::new(service.clone()));
                 let failover = tokio::spawn(baton_manager::failover::run(
                     etcd,
                     etcd_endpoints,

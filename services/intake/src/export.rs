@@ -153,7 +153,7 @@ impl IntakeService {
 
     pub(crate) async fn serve_get_export(
         &self,
-        request: Request<pb::ExportTokenRequest>,
+        request: Request<pb::GetExportRequest>,
     ) -> Result<pb::ExportStatus, Status> {
         let org = org_of(&request)?;
         require(&request.get_ref().token, "token")?;
@@ -163,7 +163,7 @@ impl IntakeService {
 
     pub(crate) async fn serve_cancel_export(
         &self,
-        request: Request<pb::ExportTokenRequest>,
+        request: Request<pb::CancelExportRequest>,
     ) -> Result<pb::ExportStatus, Status> {
         let org = org_of(&request)?;
         require(&request.get_ref().token, "token")?;
@@ -174,7 +174,7 @@ impl IntakeService {
 
     pub(crate) async fn serve_watch_export(
         &self,
-        request: Request<pb::ExportTokenRequest>,
+        request: Request<pb::WatchExportRequest>,
     ) -> Result<GrpcStream<pb::ExportStatus>, Status> {
         let org = org_of(&request)?;
         let token = request.into_inner().token;

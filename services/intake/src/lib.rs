@@ -257,7 +257,7 @@ impl pb::intake_server::Intake for IntakeService {
         self.serve_export(request).await.map(Response::new)
     }
 
-    async fn get_export(&self, request: Request<pb::ExportTokenRequest>) -> Result<Response<pb::ExportStatus>, Status> {
+    async fn get_export(&self, request: Request<pb::GetExportRequest>) -> Result<Response<pb::ExportStatus>, Status> {
         self.serve_get_export(request).await.map(Response::new)
     }
 
@@ -265,7 +265,7 @@ impl pb::intake_server::Intake for IntakeService {
 
     async fn watch_export(
         &self,
-        request: Request<pb::ExportTokenRequest>,
+        request: Request<pb::WatchExportRequest>,
     ) -> Result<Response<Self::WatchExportStream>, Status> {
         self.serve_watch_export(request).await.map(Response::new)
     }
@@ -281,7 +281,7 @@ impl pb::intake_server::Intake for IntakeService {
 
     async fn cancel_export(
         &self,
-        request: Request<pb::ExportTokenRequest>,
+        request: Request<pb::CancelExportRequest>,
     ) -> Result<Response<pb::ExportStatus>, Status> {
         self.serve_cancel_export(request).await.map(Response::new)
     }

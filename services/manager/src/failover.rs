@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
-use baton_mesh::proto::v1 as pb;
+use baton_mesh::proto::internal::v1 as internal;
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, LeaderKey, ResignOptions, Txn, TxnOp};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -211,10 +211,10 @@ async fn replicate_from(
         .await
         .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
     let mut client =
-        pb::session_manager_client::SessionManagerClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
+        internal::replication_client::ReplicationClient::new(channel).max_decoding_message_size(256 * 1024 * 1024);
     let (acks, acks_rx) = mpsc::channel(64);
     let status = service.current_status().await?;
-    let first = pb::ReplicaAck {
+    let first = internal::ReplicaAck {
         node_id: me.to_owned(),
         durable_index: status.journal_index,
         journal_id: service.journal_id().to_owned(),
@@ -228,7 +228,7 @@ async fn replicate_from(
         };
         let Some(frame) = frame else { return Ok(()) };
         let durable = service.replica_apply(frame).await?;
-        if acks.send(pb::ReplicaAck { durable_index: durable, ..Default::default() }).await.is_err() {
+        if acks.send(internal::ReplicaAck { durable_index: durable, ..Default::default() }).await.is_err() {
             return Ok(());
         }
     }

@@ -69,7 +69,7 @@ pub(crate) enum Access {
     Open,
     /// The admin API.
     Admin,
-    /// The session manager: the mesh token.
+    /// The session manager and every `baton.internal` service: the mesh token.
     Mesh,
     /// Everything else: an org API key.
     Org,
@@ -78,7 +78,7 @@ pub(crate) enum Access {
 pub(crate) fn access_for(path: &str) -> Access {
     if path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.") {
         Access::Open
-    } else if path.starts_with("/baton.v1.SessionManager/") {
+    } else if path.starts_with("/baton.v1.SessionManager/") || path.starts_with("/baton.internal.") {
         // reached by baton's own services only; it takes no org key
         Access::Mesh
     } else if path.starts_with("/baton.v1.Admin/") {
@@ -181,6 +181,7 @@ mod tests {
         assert_eq!(access_for("/baton.v1.Admin/CreateOrg"), Access::Admin);
         assert_eq!(access_for("/baton.v1.Intake/Upsert"), Access::Org);
         assert_eq!(access_for("/baton.v1.SessionManager/ClientSession"), Access::Mesh);
+        assert_eq!(access_for("/baton.internal.v1.Replication/Replicate"), Access::Mesh);
     }
 
     #[tokio::test]

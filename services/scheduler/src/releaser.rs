@@ -2,15 +2,15 @@
 //!
 //! Each tick (every `--release-interval`, or sooner when a worker answers) it asks the store to
 //! release what the policy allows ([`Store::release_chunks`]), and sends each released chunk as a
-//! [`pb::ChunkWork`] request on the least busy of its client sessions; once the manager has
-//! journaled a request the chunk is marked sent. Workers answer [`pb::ChunkDone`]; an answer that
+//! [`internal::ChunkWork`] request on the least busy of its client sessions; once the manager has
+//! journaled a request the chunk is marked sent. Workers answer [`internal::ChunkDone`]; an answer that
 //! says the database was overloaded defers releases for a moment, as the store does by itself
 //! after a chunk committed after a workload retry.
 //!
 //! Exports are planned and released here too: each tick plans more parts of producing exports
 //! (for a bounded time) and releases planned parts, at most `--export-parallel` of an export at a
-//! time, as [`pb::ExportPartWork`] requests on the same sessions; workers answer
-//! [`pb::ExportPartDone`]. Every few seconds it deletes the parts of exports past their retention.
+//! time, as [`internal::ExportPartWork`] requests on the same sessions; workers answer
+//! [`internal::ExportPartDone`]. Every few seconds it deletes the parts of exports past their retention.
 //!
 //! The store knows where every chunk is: chunks in flight count against the caps through their
 //! state, so a restarted or second scheduler sees them. What it cannot know is whether a chunk
@@ -33,7 +33,8 @@ use std::time::Duration;
 
 use baton_manager::client::{ClientResponse, ClientSender, ClientSession, Connector};
 use baton_mesh::now_ms;
-use baton_mesh::proto::{from_any, to_any, type_url, v1 as pb};
+use baton_mesh::proto::internal::v1 as internal;
+use baton_mesh::proto::{from_any, to_any, type_url};
 use baton_store::Store;
 use baton_store::batches::ReleaseCaps;
 use baton_store::blobs::Blobs;
@@ -65,14 +66,14 @@ const MAX_SESSIONS: u32 = 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(untagged)]
 enum Work {
-    /// A chunk ([`pb::ChunkWork`], answered by [`pb::ChunkDone`]).
+    /// A chunk ([`internal::ChunkWork`], answered by [`internal::ChunkDone`]).
     Chunk {
         /// Its batch.
         batch_id: String,
         /// Its number in the batch.
         chunk_index: u32,
     },
-    /// An export part ([`pb::ExportPartWork`], answered by [`pb::ExportPartDone`]).
+    /// An export part ([`internal::ExportPartWork`], answered by [`internal::ExportPartDone`]).
     Part {
         /// Its export.
         export_id: String,
@@ -171,7 +172,7 @@ impl Shared {
     fn answer(&self, response: &ClientResponse) -> Option<Work> {
         match response.payload.as_ref() {
             Some(p) if p.type_url == type_url(EXPORT_PART_DONE) => {
-                match from_any::<pb::ExportPartDone>(EXPORT_PART_DONE, p) {
+                match from_any::<internal::ExportPartDone>(EXPORT_PART_DONE, p) {
                     Ok(done) => {
                         tracing::debug!(export = %done.export_id, part = done.part, rows = done.rows, "part answered");
                         Some(Work::Part { export_id: done.export_id, part: done.part })
@@ -182,7 +183,7 @@ impl Shared {
                     }
                 }
             }
-            Some(p) => match from_any::<pb::ChunkDone>(CHUNK_DONE, p) {
+            Some(p) => match from_any::<internal::ChunkDone>(CHUNK_DONE, p) {
                 Ok(done) => {
                     if done.overloaded {
                         self.pause();
@@ -410,7 +411,7 @@ pub async fn run(
             }
         };
         for part in parts {
-            let work = pb::ExportPartWork {
+            let work = internal::ExportPartWork {
                 org_id: part.org_id.clone(),
                 export_id: part.export_id.clone(),
                 part: part.number,
@@ -440,7 +441,7 @@ pub async fn run(
             }
         };
         for chunk in released {
-            let work = pb::ChunkWork {
+            let work = internal::ChunkWork {
                 org_id: chunk.org_id.clone(),
                 batch_id: chunk.batch_id.clone(),
                 chunk_index: chunk.index,

@@ -315,9 +315,14 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             n if n > 1000 => return Err(invalid("page_size", "at most 1000")),
             n => n,
         };
+        // the token is the index of the last chunk of the page before
+        let after = match r.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<u32>().map_err(|_| invalid("page_token", "not a token this RPC answered"))?),
+        };
         let chunks = self
             .store
-            .chunks(&org, &r.batch_id, r.after_index, page + 1, r.aborted_only, true)
+            .chunks(&org, &r.batch_id, after, page + 1, r.aborted_only, true)
             .await
             .map_err(store_error)?;
         let more = chunks.len() > page as usize;
@@ -332,8 +337,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
                     .collect(),
             })
             .collect();
-        let next_after = if more { results.last().and_then(|r| r.chunk.as_ref()).map(|c| c.index) } else { None };
-        Ok(Response::new(pb::ListChunkResultsResponse { results, next_after }))
+        let next_page_token = match results.last().and_then(|r| r.chunk.as_ref()) {
+            Some(last) if more => last.index.to_string(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListChunkResultsResponse { results, next_page_token }))
     }
 
     async fn cancel_batch(&self, request: Request<pb::CancelBatchRequest>) -> Result<Response<pb::Batch>, Status> {

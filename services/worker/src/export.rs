@@ -1,5 +1,5 @@
 //! Export parts: a worker reads a part's id range, writes it to the blob store and records it
-//! ([`Store::produce_part`]), then answers [`pb::ExportPartDone`].
+//! ([`Store::produce_part`]), then answers [`internal::ExportPartDone`].
 //!
 //! A part delivered twice (a worker killed, a manager failover) is recorded once: the second run
 //! finds it READY and answers it. A busy database or an unavailable blob store is retried with
@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use baton_mesh::proto::v1 as pb;
+use baton_mesh::proto::internal::v1 as internal;
 use baton_store::Store;
 use baton_store::blobs::Blobs;
 use baton_store::exports::{ExportState, PartOutcome};
@@ -23,14 +23,14 @@ pub async fn produce(
     blobs: &Blobs,
     options: &ChunkOptions,
     worker: &str,
-    work: &pb::ExportPartWork,
+    work: &internal::ExportPartWork,
     shutdown: &CancellationToken,
-) -> Option<pb::ExportPartDone> {
+) -> Option<internal::ExportPartDone> {
     use baton_store::Error as E;
     let started = std::time::Instant::now();
     let mut backoff = options.retry_backoff;
     let mut cause = String::new();
-    let done = |produced: bool, rows: i64| pb::ExportPartDone {
+    let done = |produced: bool, rows: i64| internal::ExportPartDone {
         export_id: work.export_id.clone(),
         part: work.part,
         produced,

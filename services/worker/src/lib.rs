@@ -1,7 +1,7 @@
 //! Workers: server sessions of the session manager's worker pool. A request a worker receives is
-//! a [`pb::ChunkWork`] — the worker runs that chunk in one database transaction and answers a
-//! [`pb::ChunkDone`] with the chunk's outcome — or a [`pb::ExportPartWork`]: the worker produces
-//! that export part ([`export`]) and answers a [`pb::ExportPartDone`].
+//! a [`internal::ChunkWork`] — the worker runs that chunk in one database transaction and answers a
+//! [`internal::ChunkDone`] with the chunk's outcome — or a [`internal::ExportPartWork`]: the worker produces
+//! that export part ([`export`]) and answers a [`internal::ExportPartDone`].
 //!
 //! A worker keeps no state of its own: a chunk's state lives in the store, and its outcome is
 //! committed with its records (the commit marker). So a chunk delivered again — the worker was
@@ -31,6 +31,7 @@ use std::time::Duration;
 
 use baton_manager::client::{Connector, ServerEvent, ServerReplier, ServerSession};
 use baton_mesh::config::parse_duration;
+use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::{from_any, to_any, type_url, v1 as pb};
 use baton_store::Store;
 use baton_store::batches::{ChunkRun, ChunkStart, ChunkState};
@@ -41,13 +42,13 @@ use tokio_util::sync::CancellationToken;
 use crate::restart::{ChunkHistory, Restarts};
 
 /// The full name of the work message.
-pub const CHUNK_WORK: &str = "baton.v1.ChunkWork";
+pub const CHUNK_WORK: &str = "baton.internal.v1.ChunkWork";
 /// The full name of the answer message.
-pub const CHUNK_DONE: &str = "baton.v1.ChunkDone";
+pub const CHUNK_DONE: &str = "baton.internal.v1.ChunkDone";
 /// The full name of the export part work message.
-pub const EXPORT_PART_WORK: &str = "baton.v1.ExportPartWork";
+pub const EXPORT_PART_WORK: &str = "baton.internal.v1.ExportPartWork";
 /// The full name of its answer.
-pub const EXPORT_PART_DONE: &str = "baton.v1.ExportPartDone";
+pub const EXPORT_PART_DONE: &str = "baton.internal.v1.ExportPartDone";
 /// The manager pool workers register in by default.
 pub const DEFAULT_POOL: &str = "workers";
 
@@ -216,7 +217,7 @@ pub async fn run(
                 // it (ExportPartDone says produced or not, never after what retries), so a
                 // replacement worker producing the part afresh answers the same; only its
                 // attempt count starts over.
-                let answer = match from_any::<pb::ExportPartWork>(EXPORT_PART_WORK, &payload) {
+                let answer = match from_any::<internal::ExportPartWork>(EXPORT_PART_WORK, &payload) {
                     Ok(work) => export::produce(&store, &blobs, &options.chunks, &id, &work, &shutdown).await,
                     Err(e) => {
                         tracing::error!(session = %session_id, seq, error = %e, "a bad export part; left unanswered");
@@ -231,7 +232,7 @@ pub async fn run(
                 }
                 return;
             }
-            let work = match from_any::<pb::ChunkWork>(CHUNK_WORK, &payload) {
+            let work = match from_any::<internal::ChunkWork>(CHUNK_WORK, &payload) {
                 Ok(work) => work,
                 Err(e) => {
                     tracing::error!(session = %session_id, seq, error = %e, "not a chunk; left unanswered");
@@ -271,11 +272,11 @@ pub async fn execute(
     store: &Store,
     options: &WorkerOptions,
     worker: &str,
-    work: &pb::ChunkWork,
+    work: &internal::ChunkWork,
     mut history: ChunkHistory,
     saver: &Saver<'_>,
     shutdown: &CancellationToken,
-) -> Option<pb::ChunkDone> {
+) -> Option<internal::ChunkDone> {
     let started = std::time::Instant::now();
     loop {
         match attempts(store, &options.chunks, worker, work, &mut history, saver).await {
@@ -283,7 +284,7 @@ pub async fn execute(
                 metrics::counter!("baton_chunks_total", "outcome" => outcome.as_str()).increment(1);
                 metrics::histogram!("baton_chunk_duration_seconds").record(started.elapsed().as_secs_f64());
                 tracing::debug!(batch = %work.batch_id, chunk = work.chunk_index, outcome = outcome.as_str(), "chunk done");
-                return Some(pb::ChunkDone {
+                return Some(internal::ChunkDone {
                     batch_id: work.batch_id.clone(),
                     chunk_index: work.chunk_index,
                     outcome: chunk_state_to_pb(outcome) as i32,
@@ -307,7 +308,7 @@ async fn attempts(
     store: &Store,
     options: &ChunkOptions,
     worker: &str,
-    work: &pb::ChunkWork,
+    work: &internal::ChunkWork,
     history: &mut ChunkHistory,
     saver: &Saver<'_>,
 ) -> Result<(ChunkState, bool), baton_store::Error> {

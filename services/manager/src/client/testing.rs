@@ -19,7 +19,8 @@ pub(super) fn manager_until(dir: &std::path::Path, shutdown: tokio_util::sync::C
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let service = crate::service::ManagerService::start(options, shutdown).unwrap();
             tonic::transport::Server::builder()
-                .add_service(pb::session_manager_server::SessionManagerServer::new(service))
+                .add_service(pb::session_manager_server::SessionManagerServer::new(service.clone()))
+                .add_service(baton_mesh::proto::internal::v1::replication_server::ReplicationServer::new(service))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
                 .unwrap();

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -95,11 +96,11 @@ pub(super) enum Command {
     ReplicaConnect {
         node: String,
         journal_id: String,
-        tx: mpsc::Sender<Result<pb::ReplicaFrame, Status>>,
+        tx: mpsc::Sender<Result<internal::ReplicaFrame, Status>>,
         acked: tokio::sync::watch::Receiver<u64>,
     },
     ReplicaApply {
-        frame: pb::ReplicaFrame,
+        frame: internal::ReplicaFrame,
         done: oneshot::Sender<Result<u64, Status>>,
     },
     /// Elected for `term`: `publisher` writes the in-sync set, fenced by this term's leader key
@@ -806,7 +807,7 @@ impl Actor {
             // this manager never made durable holds requests nobody was told were accepted
             // (their senders send them again, and they are acknowledged then).
             if self.primary && !self.replicas.is_empty() {
-                let frame = pb::ReplicaFrame { term: self.term, reset: false, records: records.clone() };
+                let frame = internal::ReplicaFrame { term: self.term, reset: false, records: records.clone() };
                 // a standby that cannot take more is dropped; it reconnects and gets a snapshot
                 self.replicas.retain(|_, r| r.tx.try_send(Ok(frame.clone())).is_ok());
             }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
+use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
@@ -258,33 +259,6 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    type ReplicateStream = EventStream<pb::ReplicaFrame>;
-
-    async fn replicate(
-        &self,
-        request: Request<Streaming<pb::ReplicaAck>>,
-    ) -> Result<Response<Self::ReplicateStream>, Status> {
-        let mut acks = request.into_inner();
-        let Some(first) = acks.next().await else { return Err(Error::InvalidArgument("no first ack").into()) };
-        let first = first?;
-        if first.node_id.is_empty() {
-            return Err(Error::InvalidArgument("the first ack names the standby's node_id").into());
-        }
-        let (tx, rx) = mpsc::channel(4096);
-        let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
-        if first.journal_id.is_empty() {
-            return Err(Error::InvalidArgument("the first ack names the standby's journal_id").into());
-        }
-        let (node, journal_id) = (first.node_id, first.journal_id);
-        self.command(Command::ReplicaConnect { node, journal_id, tx, acked }).await?;
-        tokio::spawn(async move {
-            while let Some(Ok(ack)) = acks.next().await {
-                acked_tx.send_replace(ack.durable_index);
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
-    }
-
     async fn status(&self, _request: Request<pb::ManagerStatusRequest>) -> Result<Response<pb::ManagerStatus>, Status> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Status { reply }).await?;
@@ -305,5 +279,35 @@ impl pb::session_manager_server::SessionManager for ManagerService {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Session { id, reply }).await?;
         rx.await.map_err(|_| Error::Stopping)?.map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl internal::replication_server::Replication for ManagerService {
+    type ReplicateStream = EventStream<internal::ReplicaFrame>;
+
+    async fn replicate(
+        &self,
+        request: Request<Streaming<internal::ReplicaAck>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let mut acks = request.into_inner();
+        let Some(first) = acks.next().await else { return Err(Error::InvalidArgument("no first ack").into()) };
+        let first = first?;
+        if first.node_id.is_empty() {
+            return Err(Error::InvalidArgument("the first ack names the standby's node_id").into());
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let (acked_tx, acked) = tokio::sync::watch::channel(0u64);
+        if first.journal_id.is_empty() {
+            return Err(Error::InvalidArgument("the first ack names the standby's journal_id").into());
+        }
+        let (node, journal_id) = (first.node_id, first.journal_id);
+        self.command(Command::ReplicaConnect { node, journal_id, tx, acked }).await?;
+        tokio::spawn(async move {
+            while let Some(Ok(ack)) = acks.next().await {
+                acked_tx.send_replace(ack.durable_index);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
 
+use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -219,7 +220,7 @@ impl ManagerService {
     }
 
     /// Applies a frame from the primary; returns the durable index.
-    pub async fn replica_apply(&self, frame: pb::ReplicaFrame) -> Result<u64, Status> {
+    pub async fn replica_apply(&self, frame: internal::ReplicaFrame) -> Result<u64, Status> {
         let (done, rx) = oneshot::channel();
         self.command(Command::ReplicaApply { frame, done }).await?;
         rx.await.map_err(|_| Error::Stopping)?

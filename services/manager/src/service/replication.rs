@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use baton_mesh::proto::v1 as pb;
+use baton_mesh::proto::internal::v1 as internal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
@@ -19,7 +19,7 @@ const CATCH_UP_WINDOW: u64 = 4096;
 
 /// A connected standby: where its frames go, and how far it has made the journal durable.
 pub(super) struct ReplicaConn {
-    pub(super) tx: mpsc::Sender<Result<pb::ReplicaFrame, Status>>,
+    pub(super) tx: mpsc::Sender<Result<internal::ReplicaFrame, Status>>,
     pub(super) acked: watch::Receiver<u64>,
 }
 
@@ -29,7 +29,7 @@ impl Actor {
         &mut self,
         node: String,
         journal_id: String,
-        tx: mpsc::Sender<Result<pb::ReplicaFrame, Status>>,
+        tx: mpsc::Sender<Result<internal::ReplicaFrame, Status>>,
         acked: watch::Receiver<u64>,
     ) {
         if self.in_sync.contains(&node) && self.journal_ids.get(&node) != Some(&journal_id) {
@@ -43,7 +43,7 @@ impl Actor {
         self.journal_ids.insert(node.clone(), journal_id);
         // a snapshot of the state first: the standby drops whatever else it had
         let records = crate::journal::encode_records(&self.state.to_entries()).into();
-        let frame = pb::ReplicaFrame { term: self.term, reset: true, records };
+        let frame = internal::ReplicaFrame { term: self.term, reset: true, records };
         if tx.try_send(Ok(frame)).is_ok() {
             tracing::info!(%node, index = self.state.index, "standby connected");
             self.replicas.insert(node, ReplicaConn { tx, acked });
@@ -51,7 +51,7 @@ impl Actor {
     }
 
     /// A standby applies a frame from the primary and answers with its durable index.
-    pub(super) fn replica_apply(&mut self, frame: pb::ReplicaFrame, done: oneshot::Sender<Result<u64, Status>>) {
+    pub(super) fn replica_apply(&mut self, frame: internal::ReplicaFrame, done: oneshot::Sender<Result<u64, Status>>) {
         if self.primary || frame.term < self.seen_term {
             let refused = Error::RefusedTerm { term: frame.term, seen: self.seen_term, primary: self.primary };
             let _ = done.send(Err(refused.into()));
