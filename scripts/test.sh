@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every baton test: unit, in-process gRPC, store suite on SQLite and PostgreSQL, the
-# end-to-end tests that start the real `baton` binary, and the check of the Kubernetes manifests
+# end-to-end tests that start the real `baton` binary, the lint of the protos (`buf lint`,
+# proto/buf.yaml) and the check of the Kubernetes manifests
 # (scripts/k8s-check.sh). Installs what it needs first.
 #
 #   scripts/test.sh                 # everything
@@ -11,9 +12,12 @@ source scripts/setup.sh
 
 baton_setup_tools
 baton_setup_s3
+baton_setup_proto_tools
 baton_setup_postgres
 baton_drop_test_databases
 
+echo "test: buf lint" >&2
+(cd proto && "$BATON_BUF" lint)
 echo "test: cargo fmt --check" >&2
 cargo fmt --all --check
 echo "test: cargo clippy" >&2
