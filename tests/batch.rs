@@ -145,13 +145,24 @@ async fn chunk_statuses(server: &Server, org: &TestOrg, id: &str) -> Vec<pb::Chu
     results(server, org, id).await.into_iter().map(|r| r.chunk.unwrap()).collect()
 }
 
+/// When a chunk's last attempt started, in ms since the Unix epoch (0: not yet).
+fn started_ms(c: &pb::ChunkStatus) -> i64 {
+    baton_mesh::proto::unix_ms(c.start_time.as_ref())
+}
+
+/// When a chunk got its outcome, in ms since the Unix epoch (0: not yet).
+fn finished_ms(c: &pb::ChunkStatus) -> i64 {
+    baton_mesh::proto::unix_ms(c.finish_time.as_ref())
+}
+
 /// The most `chunks` that ran at once, from their start and finish times.
 fn peak_running<'a>(chunks: impl IntoIterator<Item = &'a pb::ChunkStatus>) -> i32 {
     let mut events = Vec::new();
     for c in chunks {
-        assert!(c.started_at_ms > 0 && c.finished_at_ms >= c.started_at_ms, "{c:?}");
-        events.push((c.started_at_ms, 1));
-        events.push((c.finished_at_ms, -1));
+        let (started, finished) = (started_ms(c), finished_ms(c));
+        assert!(started > 0 && finished >= started, "{c:?}");
+        events.push((started, 1));
+        events.push((finished, -1));
     }
     // a finish and a start at the same millisecond: the finish first
     events.sort_unstable();
@@ -427,7 +438,7 @@ async fn releases_are_deferred_while_the_database_is_overloaded() {
             assert_eq!(state(c), pb::ChunkState::Committed, "{c:?}");
         }
         assert_eq!(peak_running(&chunks), 1);
-        let gaps: Vec<i64> = chunks.windows(2).map(|w| w[1].started_at_ms - w[0].finished_at_ms).collect();
+        let gaps: Vec<i64> = chunks.windows(2).map(|w| started_ms(&w[1]) - finished_ms(&w[0])).collect();
         eprintln!("gaps between chunks: {gaps:?} ms");
         {
             sqlx::any::install_default_drivers();
@@ -561,7 +572,8 @@ async fn release_policy_holds_times_caps_and_fairness() {
         let (a, b) = (create_org(&server, "a").await, create_org(&server, "b").await);
         let not_before = now_ms() + 1500;
         let mut timed = header(500);
-        timed.policy = Some(pb::ReleasePolicy { not_before_ms: not_before, ..Default::default() });
+        timed.policy =
+            Some(pb::ReleasePolicy { not_before_time: baton_mesh::proto::timestamp(not_before), ..Default::default() });
         let early = submit(&server, &a, timed, accounts("t", 0..1000)).await;
         let big = submit(&server, &a, header(1000), accounts("a", 0..12_000)).await;
         let small = submit(&server, &b, header(1000), accounts("b", 0..3000)).await;
@@ -570,7 +582,7 @@ async fn release_policy_holds_times_caps_and_fairness() {
         let (_, _) = watch(&server, &a, &early.batch_id, Duration::from_secs(60)).await;
         let early_chunks = chunk_statuses(&server, &a, &early.batch_id).await;
         assert!(
-            early_chunks.iter().all(|c| c.started_at_ms >= not_before),
+            early_chunks.iter().all(|c| started_ms(c) >= not_before),
             "started before not-before: {early_chunks:?}"
         );
         let big_chunks = chunk_statuses(&server, &a, &big.batch_id).await;
@@ -578,8 +590,8 @@ async fn release_policy_holds_times_caps_and_fairness() {
         let peak = peak_running(big_chunks.iter().chain(&early_chunks).chain(&small_chunks));
         let peak_a = peak_running(big_chunks.iter().chain(&early_chunks));
         assert!(peak <= 2 && peak_a <= 2, "caps exceeded: {peak} overall, {peak_a} in org a");
-        let last_big_start = big_chunks.iter().map(|c| c.started_at_ms).max().unwrap();
-        let last_small_start = small_chunks.iter().map(|c| c.started_at_ms).max().unwrap();
+        let last_big_start = big_chunks.iter().map(started_ms).max().unwrap();
+        let last_small_start = small_chunks.iter().map(started_ms).max().unwrap();
         assert!(
             last_small_start < last_big_start,
             "org b waited for org a's whole batch: b's last start {last_small_start}, a's {last_big_start}"

@@ -128,8 +128,14 @@ async fn every_not_found_failed_precondition_and_resource_exhausted_has_a_reason
     push("intake get", intake.get(authed(request, key)).await.map(drop));
     let request = pb::UpsertRequest { object: "nope".into(), records: records(1) };
     push("intake upsert", intake.upsert(authed(request, key)).await.map(drop));
-    push("get export", intake.get_export(authed(pb::GetExportRequest { token: "xt_none".into() }, key)).await.map(drop));
-    push("cancel export", intake.cancel_export(authed(pb::CancelExportRequest { token: "xt_none".into() }, key)).await.map(drop));
+    push(
+        "get export",
+        intake.get_export(authed(pb::GetExportRequest { token: "xt_none".into() }, key)).await.map(drop),
+    );
+    push(
+        "cancel export",
+        intake.cancel_export(authed(pb::CancelExportRequest { token: "xt_none".into() }, key)).await.map(drop),
+    );
     let part = pb::FetchPartRequest { token: "xt_none".into(), part: 1, ..Default::default() };
     push("fetch part", intake.fetch_part(authed(part, key)).await.map(drop));
     let over = pb::UpsertRequest { object: "account".into(), records: records(3) };

@@ -55,7 +55,7 @@ async fn grpcurl_lists_describes_checks_health_and_upserts() {
     assert_eq!(record["fields"]["name"]["stringValue"], "From grpcurl");
     assert_eq!(record["fields"]["amount"]["integerValue"], "9007199254740993", "exact past 2^53");
 
-    // an export over grpcurl: the first row at once, a token, then part 1 (waited for)
+    // an export over grpcurl: the first row at once, a token, then the first part, 0 (waited for)
     let more = r#"{"object": "account", "records": [
         {"fields": {"code": {"stringValue": "g2"}, "name": {"stringValue": "Two"}}},
         {"fields": {"code": {"stringValue": "g3"}, "name": {"stringValue": "Three"}}}]}"#;
@@ -67,7 +67,7 @@ async fn grpcurl_lists_describes_checks_health_and_upserts() {
     assert_eq!(export["records"].as_array().map(Vec::len), Some(1), "{text}");
     assert_eq!(export["reason"], "EXPORT_REASON_LARGE_RESULTS");
     let token = export["token"].as_str().unwrap();
-    let body = format!(r#"{{"token": "{token}", "part": 1}}"#);
+    let body = format!(r#"{{"token": "{token}", "part": 0}}"#);
     let (ok, text) = grpcurl(&["-plaintext", "-H", &auth, "-d", &body, &addr, "baton.v1.Intake/FetchPart"]).unwrap();
     assert!(ok && text.contains("\"g2\"") && text.contains("\"g3\""), "{text}");
 

@@ -102,7 +102,7 @@ async fn a_closed_session_is_gone_with_its_queues_and_says_why() {
     assert_eq!(session_count(&manager).await, 1, "only the live session comes back");
     let info = get_session(&manager, kept.session_id()).await.unwrap();
     assert_eq!((info.pool.as_str(), info.client_restart_bytes), ("echo", 4));
-    assert!(info.opened_at_unix_ms > 1_700_000_000_000, "{info:?}");
+    assert!(baton_mesh::proto::unix_ms(info.open_time.as_ref()) > 1_700_000_000_000, "{info:?}");
     let snapshot = std::fs::metadata(dir.0.join("journal").join("snapshot")).unwrap().len();
     assert!(snapshot < 1024, "the snapshot holds one session: {snapshot} bytes");
 }
@@ -135,7 +135,7 @@ async fn a_detached_session_idle_past_the_expiry_is_closed() {
     assert!(expired.message().contains("expired: no client and no activity for 1s"), "{}", expired.message());
     let info = get_session(&manager, connected.session_id()).await.unwrap();
     assert_eq!(info.state, "CONNECTED");
-    assert!(info.idle_ms >= 1000, "idle as long: {info:?}");
+    assert!(baton_mesh::proto::duration_ms(info.idle.as_ref()).unwrap() >= 1000, "idle as long: {info:?}");
 }
 
 /// A client process names its session; killed (its session object dropped without a close) and

@@ -199,7 +199,7 @@ async fn create_link(
         target_api_key: key.into(),
         objects: vec![],
         verify_threshold: threshold,
-        probe_interval_ms: interval_ms,
+        probe_interval: Some(baton_mesh::proto::duration(interval_ms as u64)),
         on_reject: 0,
     };
     source.sync().await.create_link(authed(request, &a.key)).await.unwrap().into_inner().id

@@ -128,7 +128,7 @@ async fn sync(seconds: f64) {
         target_endpoint: format!("http://{}", target.addr),
         target_api_key: b.key.clone(),
         verify_threshold: 3,
-        probe_interval_ms: 200,
+        probe_interval: Some(baton_mesh::proto::duration(200)),
         ..Default::default()
     };
     let id = source.sync().await.create_link(authed(request, &a.key)).await.expect("create link").into_inner().id;
@@ -230,7 +230,9 @@ async fn sync(seconds: f64) {
     let mut lags = Vec::new();
     let begun = Instant::now();
     while Instant::now() < stop {
-        lags.push(Duration::from_millis(get_link(&source, &a.key, &id).await.lag_ms as u64));
+        lags.push(Duration::from_millis(
+            baton_mesh::proto::duration_ms(get_link(&source, &a.key, &id).await.lag.as_ref()).unwrap(),
+        ));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let mut written = 0;
@@ -893,7 +895,7 @@ async fn batch() {
             // (every 250 ms), so it learns of that a little later: that delay is shown apart, and
             // counted in the end-to-end figure.
             let watched = total - upload;
-            let finished_at_ms = last.as_ref().map_or(0, |b| b.finished_at_ms);
+            let finished_at_ms = last.as_ref().map_or(0, |b| baton_mesh::proto::unix_ms(b.finish_time.as_ref()));
             let run = Duration::from_millis(
                 u64::try_from(finished_at_ms - staged_at_ms).expect("the batch finished after staging"),
             );
@@ -1003,7 +1005,10 @@ async fn export() {
         let response = client.export(authed(request, &org.key)).await.expect("export").into_inner();
         latencies.push(started.elapsed());
         assert_eq!(response.records.len(), 1000);
-        client.cancel_export(authed(pb::CancelExportRequest { token: response.token }, &org.key)).await.expect("cancel");
+        client
+            .cancel_export(authed(pb::CancelExportRequest { token: response.token }, &org.key))
+            .await
+            .expect("cancel");
     }
     let first = latencies[0];
     latencies.sort();

@@ -12,7 +12,7 @@ use baton_store::model::Fields;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::client::{OrgConn, channel, explain, print_json, with_bearer};
+use crate::client::{OrgConn, channel, explain, print_json, time_json, with_bearer};
 
 /// `baton batch`.
 #[derive(clap::Args, Debug)]
@@ -209,7 +209,7 @@ fn batch_json(b: &pb::Batch) -> Value {
         "committed_after_retry_resources": t.committed_after_retry_resources,
         "committed_after_retry_workload": t.committed_after_retry_workload,
         "aborted": t.aborted, "cancelled": t.cancelled,
-        "created_at_ms": b.created_at_ms, "finished_at_ms": b.finished_at_ms,
+        "create_time": time_json(b.create_time.as_ref()), "finish_time": time_json(b.finish_time.as_ref()),
     })
 }
 
@@ -283,11 +283,9 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
             if records.is_empty() {
                 bail!("{}: no records", file.display());
             }
-            let not_before_ms = not_before.map_or(0, |d| {
-                std::time::SystemTime::now()
-                    .checked_add(d)
-                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                    .map_or(0, |t| t.as_millis() as i64)
+            let not_before_time = not_before.and_then(|d| {
+                let at = std::time::SystemTime::now().checked_add(d)?;
+                baton_mesh::proto::timestamp(at.duration_since(std::time::UNIX_EPOCH).ok()?.as_millis() as i64)
             });
             let header = pb::BatchHeader {
                 object,
@@ -299,7 +297,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
                 } as i32,
                 chunk_size,
                 policy: Some(pb::ReleasePolicy {
-                    not_before_ms,
+                    not_before_time,
                     max_parallel_chunks: max_parallel,
                     records_per_second,
                 }),

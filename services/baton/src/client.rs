@@ -212,11 +212,21 @@ pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A time as JSON: RFC 3339 text in UTC, or null when unset.
+pub(crate) fn time_json(time: Option<&prost_types::Timestamp>) -> serde_json::Value {
+    time.map_or(serde_json::Value::Null, |t| t.to_string().into())
+}
+
+/// A duration as JSON: text such as `1.5s`, or null when unset.
+pub(crate) fn duration_json(duration: Option<&prost_types::Duration>) -> serde_json::Value {
+    duration.map_or(serde_json::Value::Null, |d| d.to_string().into())
+}
+
 pub(crate) fn record_json(record: &pb::Record) -> serde_json::Value {
     serde_json::json!({
         "id": record.id,
         "version": record.version,
-        "updated_at_ms": record.updated_at_ms,
+        "update_time": time_json(record.update_time.as_ref()),
         "fields": convert::pb_fields_to_json(&record.fields),
     })
 }
@@ -233,7 +243,9 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
         AdminCommand::Org(OrgCommand::List) => {
             let orgs = client.list_orgs(with_bearer(pb::ListOrgsRequest {}, token)?).await.map_err(explain)?;
             for org in &orgs.get_ref().orgs {
-                print_json(&serde_json::json!({"id": org.id, "name": org.name, "created_at_ms": org.created_at_ms}))?;
+                print_json(
+                    &serde_json::json!({"id": org.id, "name": org.name, "create_time": time_json(org.create_time.as_ref())}),
+                )?;
             }
         }
         AdminCommand::Key(KeyCommand::Create { org, label }) => {

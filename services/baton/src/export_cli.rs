@@ -26,7 +26,7 @@ const POLL: Duration = Duration::from_millis(200);
 /// The output format.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum Format {
-    /// One JSON object per line: `{"id", "version", "updated_at_ms", "fields"}`.
+    /// One JSON object per line: `{"id", "version", "update_time", "fields"}`.
     Ndjson,
     /// A header (`id` then every field name, sorted) and a row per record.
     Csv,
@@ -78,6 +78,11 @@ fn parts_dir(out: &Path) -> PathBuf {
     out.with_file_name(name)
 }
 
+/// The first portion's rows, kept beside the parts until the file is put together.
+fn first_file(dir: &Path) -> PathBuf {
+    dir.join("first.ndjson")
+}
+
 fn part_file(dir: &Path, number: u32) -> PathBuf {
     dir.join(format!("part-{number:06}.ndjson"))
 }
@@ -93,14 +98,14 @@ fn write_part(path: &Path, lines: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Records as NDJSON lines: `id`, `version`, `updated_at_ms`, `fields`, in that order, with the
+/// Records as NDJSON lines: `id`, `version`, `update_time`, `fields`, in that order, with the
 /// fields as [`convert::pb_fields_to_json`] writes them (integers exact, decimals as strings).
 fn ndjson_lines(records: &[pb::Record]) -> anyhow::Result<Vec<u8>> {
     #[derive(serde::Serialize)]
     struct Line<'a> {
         id: &'a str,
         version: i64,
-        updated_at_ms: i64,
+        update_time: serde_json::Value,
         fields: serde_json::Map<String, serde_json::Value>,
     }
     let mut out = Vec::new();
@@ -108,7 +113,12 @@ fn ndjson_lines(records: &[pb::Record]) -> anyhow::Result<Vec<u8>> {
         let fields = convert::pb_fields_to_json(&r.fields);
         serde_json::to_writer(
             &mut out,
-            &Line { id: &r.id, version: r.version, updated_at_ms: r.updated_at_ms, fields },
+            &Line {
+                id: &r.id,
+                version: r.version,
+                update_time: crate::client::time_json(r.update_time.as_ref()),
+                fields,
+            },
         )?;
         out.push(b'\n');
     }
@@ -129,7 +139,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let token = match &args.token {
         Some(token) => {
             let kept = std::fs::read_to_string(dir.join("token")).unwrap_or_default();
-            if kept.trim() != token || !part_file(&dir, 0).exists() {
+            if kept.trim() != token || !first_file(&dir).exists() {
                 bail!(
                     "{} does not hold this export's first portion (it is only ever answered by Export, and \
                      kept there by the download that started it); run the export again without --token",
@@ -160,7 +170,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
             std::fs::write(dir.join("token"), format!("{}\n", response.token))?;
-            write_part(&part_file(&dir, 0), &ndjson_lines(&response.records)?)?;
+            write_part(&first_file(&dir), &ndjson_lines(&response.records)?)?;
             eprintln!(
                 "export {} continues in parts ({}; {} {} rows); token: {}",
                 response.export_id,
@@ -174,8 +184,8 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         }
     };
     let status = download(&mut client, key, &token, &dir, args.parallel, args.quiet).await?;
-    let mut sources = vec![part_file(&dir, 0)];
-    sources.extend((1..=status.parts_total).map(|n| part_file(&dir, n)));
+    let mut sources = vec![first_file(&dir)];
+    sources.extend((0..status.parts_total).map(|n| part_file(&dir, n)));
     assemble(&args.out, format, &sources)?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     eprintln!(

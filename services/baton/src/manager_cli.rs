@@ -7,7 +7,7 @@ use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
 
-use crate::client::{Conn, channel, explain, print_json, with_bearer};
+use crate::client::{Conn, channel, duration_json, explain, print_json, time_json, with_bearer};
 
 /// `baton manager`.
 #[derive(clap::Args, Debug)]
@@ -76,7 +76,7 @@ fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
         "client_connected": s.client_connected, "request_queue": s.request_queue,
         "response_queue": s.response_queue, "last_request_seq": s.last_request_seq,
         "client_restart_bytes": s.client_restart_bytes, "server_restart_bytes": s.server_restart_bytes,
-        "state": s.state, "opened_at_unix_ms": s.opened_at_unix_ms, "idle_ms": s.idle_ms,
+        "state": s.state, "open_time": time_json(s.open_time.as_ref()), "idle": duration_json(s.idle.as_ref()),
     })
 }
 
@@ -135,7 +135,10 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 // the standby reports NOT_SERVING until elected, so readiness keeps it out of the Service
                 let health = server.health();
                 let server = server
-                    .add_service_with_health(pb::session_manager_server::SessionManagerServer::new(service.clone()), false)
+                    .add_service_with_health(
+                        pb::session_manager_server::SessionManagerServer::new(service.clone()),
+                        false,
+                    )
                     .add_service(internal::replication_server::ReplicationServer::new(service.clone()));
                 let failover = tokio::spawn(baton_manager::failover::run(
                     etcd,

@@ -10,7 +10,7 @@ use baton_mesh::proto::v1 as pb;
 use baton_sync::SyncOptions;
 
 use crate::StoreArgs;
-use crate::client::{OrgConn, channel, explain, print_json, record_json, with_bearer};
+use crate::client::{OrgConn, channel, duration_json, explain, print_json, record_json, time_json, with_bearer};
 
 /// `baton sync`.
 #[derive(clap::Args, Debug)]
@@ -144,14 +144,14 @@ fn state_name(state: i32) -> &'static str {
 fn link_json(link: &pb::Link) -> serde_json::Value {
     serde_json::json!({
         "id": link.id, "state": state_name(link.state), "target": link.target_endpoint, "objects": link.objects,
-        "cursor_seq": link.cursor_seq, "lag_seq": link.lag_seq, "lag_ms": link.lag_ms,
+        "cursor_seq": link.cursor_seq, "lag_seq": link.lag_seq, "lag": duration_json(link.lag.as_ref()),
         "verify_threshold": link.verify_threshold, "consecutive_ok": link.consecutive_ok,
         "dead_letters": link.dead_letters, "last_cause": link.last_cause,
     })
 }
 
 fn event_json(e: &pb::LinkEvent) -> serde_json::Value {
-    serde_json::json!({"at_ms": e.at_ms, "from": state_name(e.from), "to": state_name(e.to), "cause": e.cause})
+    serde_json::json!({"event_time": time_json(e.event_time.as_ref()), "from": state_name(e.from), "to": state_name(e.to), "cause": e.cause})
 }
 
 /// Runs a client subcommand.
@@ -227,7 +227,7 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                     target_api_key: target_key,
                     objects,
                     verify_threshold: threshold,
-                    probe_interval_ms: probe_interval.as_millis() as i64,
+                    probe_interval: Some(baton_mesh::proto::duration(probe_interval.as_millis() as u64)),
                     on_reject: if stop_on_reject { pb::RejectPolicy::Stop } else { pb::RejectPolicy::DeadLetter }
                         as i32,
                 };
@@ -298,7 +298,7 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                     .map_err(explain)?;
                 for d in &letters.get_ref().dead_letters {
                     print_json(
-                        &serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id, "reason": d.reason, "at_ms": d.at_ms}),
+                        &serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id, "reason": d.reason, "reject_time": time_json(d.reject_time.as_ref())}),
                     )?;
                 }
             }

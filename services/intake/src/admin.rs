@@ -1,6 +1,7 @@
 //! The Admin gRPC service: orgs, API keys, object schemas. Needs the admin token.
 
 use baton_mesh::auth::require_admin;
+use baton_mesh::proto::timestamp;
 use baton_mesh::proto::v1 as pb;
 use baton_store::{FieldError, Store};
 use tonic::{Request, Response, Status};
@@ -26,7 +27,7 @@ impl pb::admin_server::Admin for AdminService {
     async fn create_org(&self, request: Request<pb::CreateOrgRequest>) -> Result<Response<pb::Org>, Status> {
         require_admin(&request)?;
         let org = self.store.create_org(&request.get_ref().name).await.map_err(Error::from)?;
-        Ok(Response::new(pb::Org { id: org.id, name: org.name, created_at_ms: org.created_at_ms }))
+        Ok(Response::new(pb::Org { id: org.id, name: org.name, create_time: timestamp(org.created_at_ms) }))
     }
 
     async fn list_orgs(&self, request: Request<pb::ListOrgsRequest>) -> Result<Response<pb::ListOrgsResponse>, Status> {
@@ -35,7 +36,7 @@ impl pb::admin_server::Admin for AdminService {
         Ok(Response::new(pb::ListOrgsResponse {
             orgs: orgs
                 .into_iter()
-                .map(|o| pb::Org { id: o.id, name: o.name, created_at_ms: o.created_at_ms })
+                .map(|o| pb::Org { id: o.id, name: o.name, create_time: timestamp(o.created_at_ms) })
                 .collect(),
         }))
     }

@@ -1,6 +1,7 @@
 //! Conversions between protobuf messages and store types, at the gRPC edge.
 
 use baton_mesh::proto::v1 as pb;
+use baton_mesh::proto::{timestamp, unix_ms};
 use baton_store::FieldError;
 use baton_store::model::{ChangeEvent, ChangeOp, DECIMAL_TAG, FieldSpec, FieldType, Fields, ObjectSchema, Record};
 use pb::value::Kind;
@@ -83,7 +84,7 @@ pub fn record_to_pb(record: &Record, schema: &ObjectSchema) -> pb::Record {
         id: record.id.clone(),
         fields: fields_to_pb(&record.fields, schema),
         version: record.version,
-        updated_at_ms: record.updated_at_ms,
+        update_time: timestamp(record.updated_at_ms),
     }
 }
 
@@ -99,7 +100,7 @@ pub fn change_to_pb(event: &ChangeEvent, schema: &ObjectSchema) -> pb::Change {
         } as i32,
         fields: event.fields.as_ref().map(|f| fields_to_pb(f, schema)).unwrap_or_default(),
         version: event.version,
-        committed_at_ms: event.committed_at_ms,
+        commit_time: timestamp(event.committed_at_ms),
     }
 }
 
@@ -112,7 +113,7 @@ pub fn snapshot_row_to_pb(record: &Record, schema: &ObjectSchema) -> pb::Change 
         op: pb::ChangeOp::Upsert as i32,
         fields: fields_to_pb(&record.fields, schema),
         version: record.version,
-        committed_at_ms: record.updated_at_ms,
+        commit_time: timestamp(record.updated_at_ms),
     }
 }
 
@@ -194,7 +195,7 @@ pub fn changes_from_pb(changes: &[pb::Change]) -> Result<Vec<ChangeEvent>, Vec<F
             op,
             fields,
             version: c.version,
-            committed_at_ms: c.committed_at_ms,
+            committed_at_ms: unix_ms(c.commit_time.as_ref()),
         });
     }
     if errors.is_empty() { Ok(out) } else { Err(errors) }

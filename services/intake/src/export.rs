@@ -8,6 +8,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use baton_mesh::auth::org_of;
+use baton_mesh::proto::timestamp;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::status::{self, RESUBMIT_AS_EXPORT};
 use baton_store::FieldError;
@@ -57,11 +58,15 @@ pub fn export_to_pb(export: &ExportInfo) -> pb::ExportStatus {
         estimated_total: export.estimated_total,
         total_known: export.total_known,
         as_of_seq: export.as_of_seq,
-        created_at_ms: export.created_at_ms,
-        expires_at_ms: export.expires_at_ms,
-        finished_at_ms: export.finished_at_ms,
+        create_time: timestamp(export.created_at_ms),
+        expire_time: timestamp(export.expires_at_ms),
+        finish_time: timestamp(export.finished_at_ms),
         error: export.error.clone(),
-        parts: export.parts.iter().map(|p| pb::ExportPart { number: p.number, rows: p.rows, bytes: p.bytes }).collect(),
+        parts: export
+            .parts
+            .iter()
+            .map(|p| pb::ExportPart { number: p.number - 1, rows: p.rows, bytes: p.bytes })
+            .collect(),
     }
 }
 
@@ -222,12 +227,11 @@ impl IntakeService {
         let org = org_of(&request)?;
         let request = request.into_inner();
         require(&request.token, "token")?;
-        if request.part == 0 {
-            return Err(Error::Invalid(vec![FieldError::new("part", "parts are numbered from 1")]).into());
-        }
+        // the API counts parts from 0, the store from 1 (its part numbers are internal)
+        let number = request.part.saturating_add(1);
         // a part still being produced is waited for; the client's deadline bounds the wait
         let rows = loop {
-            match self.store.read_part(&self.blobs, &org, &request.token, request.part).await.map_err(Error::from)? {
+            match self.store.read_part(&self.blobs, &org, &request.token, number).await.map_err(Error::from)? {
                 PartRead::Rows(rows) => break rows,
                 PartRead::NotReady => tokio::time::sleep(POLL).await,
                 PartRead::OutOfRange(total) => {

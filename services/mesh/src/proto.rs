@@ -38,3 +38,49 @@ pub fn from_any<M: prost::Message + Default>(full_name: &str, any: &prost_types:
     }
     M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode a {full_name}: {e}"))
 }
+
+/// A time in milliseconds since the Unix epoch as a `google.protobuf.Timestamp`; 0 (not yet, or
+/// never) as none.
+pub fn timestamp(unix_ms: i64) -> Option<prost_types::Timestamp> {
+    (unix_ms != 0).then(|| prost_types::Timestamp {
+        seconds: unix_ms.div_euclid(1000),
+        nanos: (unix_ms.rem_euclid(1000) * 1_000_000) as i32,
+    })
+}
+
+/// A `google.protobuf.Timestamp` in milliseconds since the Unix epoch; none as 0.
+pub fn unix_ms(timestamp: Option<&prost_types::Timestamp>) -> i64 {
+    timestamp.map_or(0, |t| t.seconds.saturating_mul(1000).saturating_add(i64::from(t.nanos) / 1_000_000))
+}
+
+/// A duration in milliseconds as a `google.protobuf.Duration`.
+pub fn duration(ms: u64) -> prost_types::Duration {
+    prost_types::Duration { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 }
+}
+
+/// A `google.protobuf.Duration` in whole milliseconds (none: 0); a negative one is an error.
+pub fn duration_ms(duration: Option<&prost_types::Duration>) -> Result<u64, String> {
+    let Some(d) = duration else { return Ok(0) };
+    if d.seconds < 0 || d.nanos < 0 {
+        return Err("cannot be negative".to_owned());
+    }
+    Ok((d.seconds as u64).saturating_mul(1000).saturating_add(d.nanos as u64 / 1_000_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_convert_both_ways_and_zero_is_unset() {
+        assert_eq!(timestamp(0), None);
+        for ms in [1, 999, 1_000, 1_733_572_800_123, -1, -1_001] {
+            assert_eq!(unix_ms(timestamp(ms).as_ref()), ms, "{ms}");
+        }
+        let before_epoch = timestamp(-1).unwrap();
+        assert_eq!((before_epoch.seconds, before_epoch.nanos), (-1, 999_000_000), "nanos are never negative");
+        assert_eq!(duration_ms(Some(&duration(1_500))), Ok(1_500));
+        assert_eq!(duration_ms(None), Ok(0));
+        assert!(duration_ms(Some(&prost_types::Duration { seconds: -1, nanos: 0 })).is_err());
+    }
+}

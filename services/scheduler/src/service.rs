@@ -9,6 +9,7 @@ use baton_intake::Error;
 use baton_intake::convert::records_from_pb;
 use baton_mesh::auth::org_of;
 use baton_mesh::proto::v1 as pb;
+use baton_mesh::proto::{timestamp, unix_ms};
 use baton_mesh::status::{Violation, invalid_argument};
 use baton_store::batches::{BatchInfo, BatchOp, BatchStart, BatchState, ChunkInfo, MAX_CHUNK_SIZE, NewBatch};
 use baton_store::model::Fields;
@@ -69,15 +70,16 @@ fn new_batch(header: &pb::BatchHeader) -> Result<NewBatch, Status> {
         errors.push(FieldError::new("header.request_id", format!("at most {MAX_REQUEST_ID} characters")));
     }
     let policy = header.policy.unwrap_or_default();
-    if policy.not_before_ms < 0 {
-        errors.push(FieldError::new("header.policy.not_before_ms", "a time in ms since the epoch, not negative"));
+    let not_before_ms = unix_ms(policy.not_before_time.as_ref());
+    if not_before_ms < 0 {
+        errors.push(FieldError::new("header.policy.not_before_time", "a time after the Unix epoch"));
     }
     match operation {
         Some(operation) if errors.is_empty() => Ok(NewBatch {
             object: header.object.clone(),
             operation,
             chunk_size,
-            not_before_ms: policy.not_before_ms,
+            not_before_ms,
             max_parallel: policy.max_parallel_chunks,
             records_per_second: policy.records_per_second,
             request_id: (!header.request_id.is_empty()).then(|| header.request_id.clone()),
@@ -104,7 +106,7 @@ pub fn batch_to_pb(b: &BatchInfo) -> pb::Batch {
         operation: op_to_pb(spec.operation) as i32,
         chunk_size: spec.chunk_size,
         policy: Some(pb::ReleasePolicy {
-            not_before_ms: spec.not_before_ms,
+            not_before_time: timestamp(spec.not_before_ms),
             max_parallel_chunks: spec.max_parallel,
             records_per_second: spec.records_per_second,
         }),
@@ -127,8 +129,8 @@ pub fn batch_to_pb(b: &BatchInfo) -> pb::Batch {
             cancelled: t.cancelled,
             records_committed: t.records_committed,
         }),
-        created_at_ms: b.created_at_ms,
-        finished_at_ms: b.finished_at_ms,
+        create_time: timestamp(b.created_at_ms),
+        finish_time: timestamp(b.finished_at_ms),
     }
 }
 
@@ -141,8 +143,8 @@ fn chunk_to_pb(c: &ChunkInfo) -> pb::ChunkStatus {
         attempts: c.attempts,
         worker: c.worker.clone(),
         last_cause: c.last_cause.clone(),
-        started_at_ms: c.started_at_ms,
-        finished_at_ms: c.finished_at_ms,
+        start_time: timestamp(c.started_at_ms),
+        finish_time: timestamp(c.finished_at_ms),
         error_count: c.error_count,
     }
 }
@@ -320,11 +322,8 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             "" => None,
             token => Some(token.parse::<u32>().map_err(|_| invalid("page_token", "not a token this RPC answered"))?),
         };
-        let chunks = self
-            .store
-            .chunks(&org, &r.batch_id, after, page + 1, r.aborted_only, true)
-            .await
-            .map_err(store_error)?;
+        let chunks =
+            self.store.chunks(&org, &r.batch_id, after, page + 1, r.aborted_only, true).await.map_err(store_error)?;
         let more = chunks.len() > page as usize;
         let results: Vec<pb::ChunkResult> = chunks
             .into_iter()

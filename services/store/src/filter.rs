@@ -681,7 +681,7 @@ mod tests {
         let e = parse("price = 1.5").unwrap().unwrap();
         assert_eq!(
             compile(&e, &s, Backend::Sqlite, 1).unwrap_err().description,
-            "field \"price\" is decimal, compared with a number"
+            "at 8: field \"price\" is decimal, compared with a number"
         );
         let e = parse("price = '1e3'").unwrap().unwrap();
         assert!(compile(&e, &s, Backend::Sqlite, 1).unwrap_err().description.contains("not decimal text"));

@@ -6,6 +6,7 @@ use std::time::Duration;
 use baton_mesh::auth::org_of;
 use baton_mesh::now_ms;
 use baton_mesh::proto::v1 as pb;
+use baton_mesh::proto::{duration, duration_ms, timestamp};
 use baton_store::FieldError;
 use baton_store::Store;
 use baton_store::sync::{Link, LinkState, LinkTransition, NewLink, RejectPolicy};
@@ -45,18 +46,18 @@ impl SyncService {
             objects: link.objects.clone(),
             state: state_to_pb(link.state) as i32,
             verify_threshold: link.verify_threshold as i32,
-            probe_interval_ms: link.probe_interval.as_millis() as i64,
+            probe_interval: Some(duration(link.probe_interval.as_millis() as u64)),
             on_reject: match link.on_reject {
                 RejectPolicy::DeadLetter => pb::RejectPolicy::DeadLetter,
                 RejectPolicy::Stop => pb::RejectPolicy::Stop,
             } as i32,
             cursor_seq: link.cursor_seq,
             lag_seq: (high_water - link.cursor_seq).max(0),
-            lag_ms,
+            lag: Some(duration(lag_ms as u64)),
             consecutive_ok: link.consecutive_ok as i32,
             last_cause: link.last_cause.clone(),
             dead_letters: self.store.dead_letter_count(&link.id).await?,
-            created_at_ms: link.created_at_ms,
+            create_time: timestamp(link.created_at_ms),
         })
     }
 
@@ -65,7 +66,7 @@ impl SyncService {
             from: t.from.map_or(pb::LinkState::Unspecified, state_to_pb) as i32,
             to: state_to_pb(t.to) as i32,
             cause: t.cause.clone(),
-            at_ms: t.at_ms,
+            event_time: timestamp(t.at_ms),
             link,
         }
     }
@@ -145,8 +146,9 @@ impl pb::sync_server::Sync for SyncService {
         if !(0..=1000).contains(&r.verify_threshold) {
             errors.push(FieldError::new("verify_threshold", "between 1 and 1000 (0 for the default, 3)"));
         }
-        if r.probe_interval_ms != 0 && !(10..=600_000).contains(&r.probe_interval_ms) {
-            errors.push(FieldError::new("probe_interval_ms", "between 10 and 600000 (0 for the default, 1000)"));
+        let probe_interval_ms = duration_ms(r.probe_interval.as_ref()).unwrap_or(u64::MAX);
+        if probe_interval_ms != 0 && !(10..=600_000).contains(&probe_interval_ms) {
+            errors.push(FieldError::new("probe_interval", "between 10 ms and 10 min (unset for the default, 1 s)"));
         }
         let on_reject = match pb::RejectPolicy::try_from(r.on_reject) {
             Ok(pb::RejectPolicy::Unspecified | pb::RejectPolicy::DeadLetter) => RejectPolicy::DeadLetter,
@@ -169,11 +171,7 @@ impl pb::sync_server::Sync for SyncService {
             target_api_key: r.target_api_key,
             objects: r.objects,
             verify_threshold: if r.verify_threshold == 0 { 3 } else { r.verify_threshold as u32 },
-            probe_interval: Duration::from_millis(if r.probe_interval_ms == 0 {
-                1000
-            } else {
-                r.probe_interval_ms as u64
-            }),
+            probe_interval: Duration::from_millis(if probe_interval_ms == 0 { 1000 } else { probe_interval_ms }),
             on_reject,
         };
         let link = self.store.create_link(&org, &new).await.map_err(Error::from)?;
@@ -217,7 +215,7 @@ impl pb::sync_server::Sync for SyncService {
             from: pb::LinkState::Unspecified as i32,
             to: state_to_pb(link.state) as i32,
             cause: link.last_cause.clone(),
-            at_ms: history.last().map_or(link.created_at_ms, |t| t.at_ms),
+            event_time: timestamp(history.last().map_or(link.created_at_ms, |t| t.at_ms)),
             link: Some(self.link_to_pb(&link).await?),
         };
         let _ = tx.send(Ok(first)).await;
@@ -338,7 +336,7 @@ impl pb::sync_server::Sync for SyncService {
                     object: d.object,
                     record_id: d.record_id,
                     reason: d.reason,
-                    at_ms: d.at_ms,
+                    reject_time: timestamp(d.at_ms),
                 })
                 .collect(),
         }))

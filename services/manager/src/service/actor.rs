@@ -676,8 +676,10 @@ impl Actor {
             client_restart_bytes: s.client_restart.len() as u64,
             server_restart_bytes: s.server_restart.len() as u64,
             state: if connected { "CONNECTED" } else { "DETACHED" }.into(),
-            opened_at_unix_ms: s.opened_at_unix_ms,
-            idle_ms: self.activity.get(&s.id).map_or(0, |at| at.elapsed().as_millis() as u64),
+            open_time: baton_mesh::proto::timestamp(s.opened_at_unix_ms),
+            idle: Some(baton_mesh::proto::duration(
+                self.activity.get(&s.id).map_or(0, |at| at.elapsed().as_millis() as u64),
+            )),
         }
     }
 
