@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs every baton test: unit, in-process gRPC, store suite on SQLite and PostgreSQL, the
 # end-to-end tests that start the real `baton` binary, a Python client of that binary
-# (tests/python), the lint of the protos (`buf lint`, proto/buf.yaml) and the check of the
-# Kubernetes manifests (scripts/k8s-check.sh). Installs what it needs first.
+# (tests/python), the protos' lint and breaking-change check (`buf lint`, and `buf breaking`
+# against the previous commit; proto/buf.yaml) and the check of the Kubernetes manifests
+# (scripts/k8s-check.sh). Installs what it needs first.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -p baton-store  # extra arguments go to `cargo nextest run` (or `cargo test`)
@@ -18,6 +19,13 @@ baton_drop_test_databases
 
 echo "test: buf lint" >&2
 (cd proto && "$BATON_BUF" lint)
+# the contract against the previous commit's: a client generated from it must keep working
+if git rev-parse -q --verify 'HEAD~1^{commit}' >/dev/null 2>&1; then
+  echo "test: buf breaking against HEAD~1" >&2
+  (cd proto && "$BATON_BUF" breaking --against '../.git#ref=HEAD~1,subdir=proto')
+else
+  echo "test: buf breaking skipped: no previous commit in this clone" >&2
+fi
 echo "test: cargo fmt --check" >&2
 cargo fmt --all --check
 echo "test: cargo clippy" >&2

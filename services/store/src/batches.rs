@@ -1015,6 +1015,11 @@ impl Store {
                 // the server stops the work too
                 let left = deadline.saturating_duration_since(Instant::now());
                 sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
+                // abandoned at its budget, the transaction is ended by the server a moment later
+                // rather than when its connection is next used (see `Store::open`)
+                sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", ms(left) + 500))
+                    .execute(&mut *tx)
+                    .await?;
             }
             // the chunk's row lock: a second delivery waits here, then finds the outcome
             let claimed = sqlx::query(&format!(

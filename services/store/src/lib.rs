@@ -411,6 +411,13 @@ impl Store {
                         // took 230 ms at 40,000 records (log_min_duration_statement), growing with
                         // the table. Custom plans keep every lookup on the index.
                         conn.execute("SET plan_cache_mode = force_custom_plan").await?;
+                        // A transaction whose future was dropped (a deadline, a budget) is rolled
+                        // back only when its connection is next used, and until then holds its row
+                        // locks: a chunk abandoned at its budget can keep the chunk's row locked,
+                        // and then every later attempt at it waits on the lock (the worker gives a
+                        // store call 30 s). The server ends such a session instead: no transaction
+                        // of baton's sits idle between its statements for this long.
+                        conn.execute("SET idle_in_transaction_session_timeout = '5s'").await?;
                         Ok(())
                     })
                 })
