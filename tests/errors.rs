@@ -136,7 +136,7 @@ async fn every_not_found_failed_precondition_and_resource_exhausted_has_a_reason
         "cancel export",
         intake.cancel_export(authed(pb::CancelExportRequest { token: "xt_none".into() }, key)).await.map(drop),
     );
-    let part = pb::FetchPartRequest { token: "xt_none".into(), part: 1, ..Default::default() };
+    let part = pb::FetchPartRequest { token: "xt_none".into(), part: 0 };
     push("fetch part", intake.fetch_part(authed(part, key)).await.map(drop));
     let over = pb::UpsertRequest { object: "account".into(), records: records(3) };
     push("upsert over max_records", intake.upsert(authed(over, key)).await.map(drop));

@@ -365,14 +365,14 @@ pub async fn create_org(server: &Server, name: &str) -> TestOrg {
 /// A record's protobuf fields from a JSON object, as the CLI sends them (integers exact).
 pub fn record(value: serde_json::Value) -> pb::RecordFields {
     match value {
-        serde_json::Value::Object(o) => baton_intake::convert::json_to_pb(&o).unwrap(),
+        serde_json::Value::Object(o) => baton_api::convert::json_to_pb(&o).unwrap(),
         _ => panic!("a record is a JSON object"),
     }
 }
 
 /// A record's protobuf fields as JSON, as the CLI shows them (integers exact, decimals as strings).
 pub fn fields_json(fields: &std::collections::HashMap<String, pb::Value>) -> serde_json::Value {
-    baton_intake::convert::pb_fields_to_json(fields).into()
+    baton_api::convert::pb_fields_to_json(fields).into()
 }
 
 /// Polls `check` every 100 ms until it returns `Some`, for at most `within`.

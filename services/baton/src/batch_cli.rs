@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use baton_intake::convert;
+use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use baton_store::model::Fields;
 use indicatif::{ProgressBar, ProgressStyle};

@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use baton_intake::convert;
+use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use baton_store::model::ObjectSchema;
 use tonic::metadata::MetadataValue;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use baton_intake::convert;
+use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;

@@ -205,7 +205,7 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                             let op = pb::ChangeOp::try_from(c.op)
                                 .map_or("?", |o| o.as_str_name().trim_start_matches("CHANGE_OP_"));
                             let fields = (c.op == pb::ChangeOp::Upsert as i32)
-                                .then(|| baton_intake::convert::pb_fields_to_json(&c.fields));
+                                .then(|| baton_api::convert::pb_fields_to_json(&c.fields));
                             let line = serde_json::json!({"seq": c.seq, "op": op, "object": c.object, "id": c.record_id,
                                                           "version": c.version, "fields": fields});
                             serde_json::to_writer(&mut writer, &line)?;

@@ -6,8 +6,8 @@ use baton_mesh::proto::v1 as pb;
 use baton_store::{FieldError, Store};
 use tonic::{Request, Response, Status};
 
-use crate::error::Error;
 use crate::{convert, require};
+use baton_api::Error;
 
 /// The Admin gRPC service.
 #[derive(Debug, Clone)]

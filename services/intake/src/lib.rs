@@ -12,8 +12,6 @@
 //! The intake is stateless: everything it knows is in the store. It never talks to workers.
 
 mod admin;
-pub mod convert;
-mod error;
 pub mod export;
 mod limits;
 
@@ -32,7 +30,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 pub use admin::AdminService;
-pub use error::Error;
+pub use baton_api::Error;
+use baton_api::convert;
 pub use limits::Limits;
 
 /// The real-time limits, as flags and `BATON_*` variables.

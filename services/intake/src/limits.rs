@@ -10,7 +10,7 @@ use baton_mesh::status::LimitExceeded;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::IntakeOptions;
-use crate::error::{Error, RETRY_AFTER};
+use baton_api::error::{Error, RETRY_AFTER};
 
 /// The real-time limits and the semaphores enforcing the concurrency ones. Cheap to clone.
 #[derive(Debug, Clone)]

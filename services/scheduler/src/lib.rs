@@ -36,7 +36,7 @@ pub struct SchedulerOptions {
     pub mesh: baton_mesh::config::MeshToken,
 
     /// The manager pool of the workers.
-    #[arg(long, env = "BATON_WORKER_POOL", default_value = baton_worker::DEFAULT_POOL)]
+    #[arg(long, env = "BATON_WORKER_POOL", default_value = baton_api::work::DEFAULT_POOL)]
     pub pool: String,
 
     /// This scheduler's id, stable across restarts: its client sessions are named after it
@@ -112,7 +112,7 @@ impl SchedulerOptions {
         Self {
             manager,
             mesh: Default::default(),
-            pool: baton_worker::DEFAULT_POOL.to_owned(),
+            pool: baton_api::work::DEFAULT_POOL.to_owned(),
             scheduler_id: Some(scheduler_id),
             release,
         }

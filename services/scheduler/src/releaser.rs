@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use baton_api::work::{CHUNK_DONE, CHUNK_WORK, EXPORT_PART_DONE, EXPORT_PART_WORK};
 use baton_manager::client::{ClientResponse, ClientSender, ClientSession, Connector};
 use baton_mesh::now_ms;
 use baton_mesh::proto::internal::v1 as internal;
@@ -38,7 +39,6 @@ use baton_mesh::proto::{from_any, to_any, type_url};
 use baton_store::Store;
 use baton_store::batches::ReleaseCaps;
 use baton_store::blobs::Blobs;
-use baton_worker::{CHUNK_DONE, CHUNK_WORK, EXPORT_PART_DONE, EXPORT_PART_WORK};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;

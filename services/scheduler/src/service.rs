@@ -5,16 +5,16 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 
-use baton_intake::Error;
-use baton_intake::convert::records_from_pb;
+use baton_api::Error;
+use baton_api::batches::{batch_to_pb, chunk_to_pb};
+use baton_api::convert::records_from_pb;
 use baton_mesh::auth::org_of;
+use baton_mesh::proto::unix_ms;
 use baton_mesh::proto::v1 as pb;
-use baton_mesh::proto::{timestamp, unix_ms};
 use baton_mesh::status::{Violation, invalid_argument};
-use baton_store::batches::{BatchInfo, BatchOp, BatchStart, BatchState, ChunkInfo, MAX_CHUNK_SIZE, NewBatch};
+use baton_store::batches::{BatchOp, BatchStart, ChunkInfo, MAX_CHUNK_SIZE, NewBatch};
 use baton_store::model::Fields;
 use baton_store::{FieldError, Store};
-use baton_worker::chunk_state_to_pb;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -85,67 +85,6 @@ fn new_batch(header: &pb::BatchHeader) -> Result<NewBatch, Status> {
             request_id: (!header.request_id.is_empty()).then(|| header.request_id.clone()),
         }),
         _ => Err(Error::Invalid(errors).into()),
-    }
-}
-
-fn op_to_pb(op: BatchOp) -> pb::BatchOperation {
-    match op {
-        BatchOp::Upsert => pb::BatchOperation::Upsert,
-        BatchOp::Insert => pb::BatchOperation::Insert,
-        BatchOp::Update => pb::BatchOperation::Update,
-        BatchOp::Delete => pb::BatchOperation::Delete,
-    }
-}
-
-/// The wire form of a batch.
-pub fn batch_to_pb(b: &BatchInfo) -> pb::Batch {
-    let (t, spec) = (&b.totals, &b.spec);
-    pb::Batch {
-        batch_id: b.id.clone(),
-        object: spec.object.clone(),
-        operation: op_to_pb(spec.operation) as i32,
-        chunk_size: spec.chunk_size,
-        policy: Some(pb::ReleasePolicy {
-            not_before_time: timestamp(spec.not_before_ms),
-            max_parallel_chunks: spec.max_parallel,
-            records_per_second: spec.records_per_second,
-        }),
-        request_id: spec.request_id.clone().unwrap_or_default(),
-        state: match b.state {
-            BatchState::Staging => pb::BatchState::Staging,
-            BatchState::Running => pb::BatchState::Running,
-            BatchState::Done => pb::BatchState::Done,
-            BatchState::Cancelled => pb::BatchState::Cancelled,
-        } as i32,
-        totals: Some(pb::BatchTotals {
-            chunks: t.chunks,
-            records: t.records,
-            pending: t.pending,
-            in_flight: t.in_flight,
-            committed: t.committed,
-            committed_after_retry_resources: t.committed_after_retry_resources,
-            committed_after_retry_workload: t.committed_after_retry_workload,
-            aborted: t.aborted,
-            cancelled: t.cancelled,
-            records_committed: t.records_committed,
-        }),
-        create_time: timestamp(b.created_at_ms),
-        finish_time: timestamp(b.finished_at_ms),
-    }
-}
-
-fn chunk_to_pb(c: &ChunkInfo) -> pb::ChunkStatus {
-    pb::ChunkStatus {
-        index: c.index,
-        first_record: c.first_record,
-        records: c.records,
-        state: chunk_state_to_pb(c.state) as i32,
-        attempts: c.attempts,
-        worker: c.worker.clone(),
-        last_cause: c.last_cause.clone(),
-        start_time: timestamp(c.started_at_ms),
-        finish_time: timestamp(c.finished_at_ms),
-        error_count: c.error_count,
     }
 }
 

@@ -1,6 +1,6 @@
 //! The sync service's errors and their one mapping to `tonic::Status`.
 
-use baton_mesh::status::{self, Violation};
+use baton_mesh::status;
 use baton_store::FieldError;
 use tonic::{Code, Status};
 
@@ -27,21 +27,14 @@ pub enum Error {
 impl From<Error> for Status {
     fn from(e: Error) -> Self {
         match e {
-            Error::Invalid(errors) | Error::Store(baton_store::Error::Invalid(errors)) => status::invalid_argument(
-                &errors.iter().map(|e| Violation::new(e.field.clone(), e.description.clone())).collect::<Vec<_>>(),
-            ),
+            Error::Invalid(errors) => baton_api::Error::Invalid(errors).into(),
             Error::OutOfRange(message) => status::with_reason(Code::OutOfRange, TRIMMED, message),
             Error::Store(e @ baton_store::Error::Trimmed { .. }) => {
                 status::with_reason(Code::OutOfRange, TRIMMED, format!("{e}: extract a new snapshot"))
             }
             Error::ShuttingDown => Status::unavailable("the server is shutting down; resume with after_seq"),
-            Error::Store(baton_store::Error::NotFound(what)) => {
-                status::with_reason(Code::NotFound, what.missing.reason(), format!("{what} not found"))
-            }
-            Error::Store(baton_store::Error::AlreadyExists(what)) => {
-                Status::already_exists(format!("{what} already exists"))
-            }
-            Error::Store(e @ (baton_store::Error::Busy(_) | baton_store::Error::DeadlineExceeded { .. })) => {
+            // sync's calls are not real-time requests: a deadline is the database being slow
+            Error::Store(e @ baton_store::Error::DeadlineExceeded { .. }) => {
                 tracing::warn!(error = %e, "store busy");
                 status::retry_later(
                     Code::Unavailable,
@@ -49,10 +42,8 @@ impl From<Error> for Status {
                     std::time::Duration::from_secs(1),
                 )
             }
-            Error::Store(e) => {
-                tracing::error!(error = %e, "store failure");
-                Status::internal("internal store error")
-            }
+            // every other store error as every service answers it
+            Error::Store(e) => baton_api::Error::Store(e).into(),
         }
     }
 }

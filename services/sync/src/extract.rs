@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use baton_intake::convert;
+use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use baton_store::Store;
 use tokio::sync::mpsc;

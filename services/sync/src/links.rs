@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use baton_intake::convert;
+use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::status::MESSAGE_TOO_LARGE;
 use baton_store::Store;

@@ -29,10 +29,12 @@ pub mod restart;
 use std::sync::Arc;
 use std::time::Duration;
 
+use baton_api::batches::chunk_state_to_pb;
+use baton_api::work::{CHUNK_DONE, CHUNK_WORK, DEFAULT_POOL, EXPORT_PART_DONE, EXPORT_PART_WORK};
 use baton_manager::client::{Connector, ServerEvent, ServerReplier, ServerSession};
 use baton_mesh::config::parse_duration;
 use baton_mesh::proto::internal::v1 as internal;
-use baton_mesh::proto::{from_any, to_any, type_url, v1 as pb};
+use baton_mesh::proto::{from_any, to_any, type_url};
 use baton_store::Store;
 use baton_store::batches::{ChunkRun, ChunkStart, ChunkState};
 use baton_store::blobs::Blobs;
@@ -40,17 +42,6 @@ use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::restart::{ChunkHistory, Restarts};
-
-/// The full name of the work message.
-pub const CHUNK_WORK: &str = "baton.internal.v1.ChunkWork";
-/// The full name of the answer message.
-pub const CHUNK_DONE: &str = "baton.internal.v1.ChunkDone";
-/// The full name of the export part work message.
-pub const EXPORT_PART_WORK: &str = "baton.internal.v1.ExportPartWork";
-/// The full name of its answer.
-pub const EXPORT_PART_DONE: &str = "baton.internal.v1.ExportPartDone";
-/// The manager pool workers register in by default.
-pub const DEFAULT_POOL: &str = "workers";
 
 /// How long a store call outside a chunk's own budget (marking it started, noting a retry,
 /// aborting it, committing) may go unanswered before it is given up and the chunk attempted again.
@@ -402,20 +393,6 @@ impl Saver<'_> {
         if let Err(e) = self.replier.save_restart(self.session_id, data).await {
             tracing::warn!(error = %e, "cannot save the chunk's attempts as restart data");
         }
-    }
-}
-
-/// The wire form of a chunk state (in ChunkDone here, in the scheduler's chunk statuses).
-pub fn chunk_state_to_pb(state: ChunkState) -> pb::ChunkState {
-    match state {
-        ChunkState::Pending => pb::ChunkState::Pending,
-        ChunkState::Released => pb::ChunkState::Released,
-        ChunkState::Running => pb::ChunkState::Running,
-        ChunkState::Committed => pb::ChunkState::Committed,
-        ChunkState::CommittedAfterRetryResources => pb::ChunkState::CommittedAfterRetryResources,
-        ChunkState::CommittedAfterRetryWorkload => pb::ChunkState::CommittedAfterRetryWorkload,
-        ChunkState::Aborted => pb::ChunkState::Aborted,
-        ChunkState::Cancelled => pb::ChunkState::Cancelled,
     }
 }
 

@@ -1,0 +1,15 @@
+//! The edge of baton's public API (`proto/baton/v1`), in one place so that no service crate
+//! depends on another:
+//! - [`convert`]: protobuf messages ↔ store types (records and their typed values, changes,
+//!   schemas);
+//! - [`batches`]: batches and chunks on the wire;
+//! - [`error`]: the services' [`Error`] and its one mapping to `tonic::Status`;
+//! - [`work`]: what the scheduler and the workers agree on (the work messages' type URLs, the
+//!   worker pool's name).
+
+pub mod batches;
+pub mod convert;
+pub mod error;
+pub mod work;
+
+pub use error::Error;
