@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use baton_manager::client::{ClientSession, Connector, ServerEvent, ServerSession};
+use baton_manager_client::{ClientSession, Connector, ServerEvent, ServerSession};
 use baton_mesh::proto::v1 as pb;
 use baton_tests::{Server, TempDir};
 

@@ -257,9 +257,9 @@ async fn sync(seconds: f64) {
 
 /// The connector of this process's sessions (no mesh token): all of them share its streams, one
 /// per manager, as a service's sessions do.
-fn connector() -> &'static baton_manager::client::Connector {
-    static CONNECTOR: std::sync::OnceLock<baton_manager::client::Connector> = std::sync::OnceLock::new();
-    CONNECTOR.get_or_init(|| baton_manager::client::Connector::new(None).expect("a connector without a token"))
+fn connector() -> &'static baton_manager_client::Connector {
+    static CONNECTOR: std::sync::OnceLock<baton_manager_client::Connector> = std::sync::OnceLock::new();
+    CONNECTOR.get_or_init(|| baton_manager_client::Connector::new(None).expect("a connector without a token"))
 }
 
 /// Echo servers for the manager benchmarks: answer each request with its payload.
@@ -267,10 +267,10 @@ fn echo_servers(endpoint: &str, pool: &str, n: usize) -> Vec<tokio::task::JoinHa
     (0..n)
         .map(|i| {
             let mut session =
-                baton_manager::client::ServerSession::register(connector(), endpoint, pool, &format!("echo{i}"));
+                baton_manager_client::ServerSession::register(connector(), endpoint, pool, &format!("echo{i}"));
             tokio::spawn(async move {
                 while let Some(event) = session.next().await {
-                    if let baton_manager::client::ServerEvent::Request { session_id, seq, payload, .. } = event {
+                    if let baton_manager_client::ServerEvent::Request { session_id, seq, payload, .. } = event {
                         let _ = session.reply(&session_id, seq, payload.unwrap_or_default(), Vec::new()).await;
                     }
                 }
@@ -283,11 +283,11 @@ fn echo_servers(endpoint: &str, pool: &str, n: usize) -> Vec<tokio::task::JoinHa
 /// payload and the restart data `SERVER_ID:COUNT` (how many requests it answered). The manager's
 /// end-to-end tests SIGKILL it; by hand, it answers a client session of its pool.
 async fn echo_server(endpoint: &str, pool: &str, id: &str) {
-    let mut session = baton_manager::client::ServerSession::register(connector(), endpoint, pool, id);
+    let mut session = baton_manager_client::ServerSession::register(connector(), endpoint, pool, id);
     eprintln!("echo server {id}: registering in pool {pool} at {endpoint}");
     let mut count = 0u64;
     while let Some(event) = session.next().await {
-        if let baton_manager::client::ServerEvent::Request { session_id, seq, payload, .. } = event {
+        if let baton_manager_client::ServerEvent::Request { session_id, seq, payload, .. } = event {
             count += 1;
             let restart = format!("{id}:{count}").into_bytes();
             if session.reply(&session_id, seq, payload.unwrap_or_default(), restart).await.is_err() {
@@ -350,7 +350,7 @@ async fn manager(seconds: f64) {
     let mut sessions = Vec::new();
     for _ in 0..clients {
         sessions.push(
-            baton_manager::client::ClientSession::open(connector(), &p.endpoints, "bench", Vec::new())
+            baton_manager_client::ClientSession::open(connector(), &p.endpoints, "bench", Vec::new())
                 .await
                 .expect("open"),
         );
@@ -404,7 +404,7 @@ async fn manager(seconds: f64) {
     // handover: SIGTERM the primary while a client sends; time until a request is accepted by
     // the next primary (stamped with a newer term)
     let mut session =
-        baton_manager::client::ClientSession::open(connector(), &p.endpoints, "bench", Vec::new()).await.expect("open");
+        baton_manager_client::ClientSession::open(connector(), &p.endpoints, "bench", Vec::new()).await.expect("open");
     let sender = session.sender();
     // responses must be read: an unread response queue holds the session back
     let drain = tokio::spawn(async move { while session.recv().await.is_some() {} });
@@ -483,12 +483,12 @@ fn journal_bytes(dir: &baton_tests::TempDir) -> (u64, u64) {
 /// `count` sessions opened through `connectors` in turn, in waves of `wave` opened at once;
 /// returns them, and how long each wave took.
 async fn open_sessions(
-    connectors: &[baton_manager::client::Connector],
+    connectors: &[baton_manager_client::Connector],
     endpoints: &str,
     pool: &str,
     count: usize,
     wave: usize,
-) -> (Vec<baton_manager::client::ClientSession>, Vec<Duration>) {
+) -> (Vec<baton_manager_client::ClientSession>, Vec<Duration>) {
     let mut sessions = Vec::with_capacity(count);
     let mut waves = Vec::new();
     while sessions.len() < count {
@@ -498,7 +498,7 @@ async fn open_sessions(
                 let (connector, endpoints, pool) =
                     (connectors[k % connectors.len()].clone(), endpoints.to_owned(), pool.to_owned());
                 tokio::spawn(async move {
-                    baton_manager::client::ClientSession::open(&connector, &endpoints, &pool, Vec::new())
+                    baton_manager_client::ClientSession::open(&connector, &endpoints, &pool, Vec::new())
                         .await
                         .expect("open")
                 })
@@ -514,9 +514,9 @@ async fn open_sessions(
 
 /// One round trip on each session, `parallel` at a time; returns the sessions.
 async fn round_trip_each(
-    sessions: Vec<baton_manager::client::ClientSession>,
+    sessions: Vec<baton_manager_client::ClientSession>,
     parallel: usize,
-) -> Vec<baton_manager::client::ClientSession> {
+) -> Vec<baton_manager_client::ClientSession> {
     let gate = Arc::new(tokio::sync::Semaphore::new(parallel));
     let tasks: Vec<_> = sessions
         .into_iter()
@@ -554,7 +554,7 @@ async fn sessions(seconds: f64) {
     let rounds = env_number("BENCH_SESSIONS_ROUNDS", 20);
     let scale = env_number("BENCH_SESSIONS_SCALE", 100_000);
     let connectors: Vec<_> = (0..env_number("BENCH_SESSIONS_CONNECTORS", 4).max(1))
-        .map(|_| baton_manager::client::Connector::new(None).expect("a connector"))
+        .map(|_| baton_manager_client::Connector::new(None).expect("a connector"))
         .collect();
     let mut summary = Vec::new();
 

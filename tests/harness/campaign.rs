@@ -803,11 +803,11 @@ fn payload(n: u64) -> prost_types::Any {
 pub async fn client_process(endpoints: &str, sessions: usize, pace: Duration, history: &Path, stop: &Path) {
     let writer = HistoryWriter::create(history).expect("create the client history");
     let client = format!("client-{}", std::process::id());
-    let connector = baton_manager::client::Connector::new(None).expect("a connector without a token");
+    let connector = baton_manager_client::Connector::new(None).expect("a connector without a token");
     let mut tasks = Vec::new();
     for _ in 0..sessions {
         let mut session = loop {
-            match baton_manager::client::ClientSession::open(&connector, endpoints, "chaos", Vec::new()).await {
+            match baton_manager_client::ClientSession::open(&connector, endpoints, "chaos", Vec::new()).await {
                 Ok(s) => break s,
                 Err(e) => {
                     eprintln!("chaos-client: open: {e}; retrying");
@@ -863,7 +863,7 @@ pub async fn client_process(endpoints: &str, sessions: usize, pace: Duration, hi
 /// reply it kept on its own after a reconnect, which can be journaled and answered while a
 /// `Bound` sent before it still waits in the server's event queue: 7 in 520 faults.)
 pub async fn server_process(endpoints: &str, id: &str, history: &Path) {
-    use baton_manager::client::{Connector, ServerEvent, ServerSession};
+    use baton_manager_client::{Connector, ServerEvent, ServerSession};
     let writer = HistoryWriter::create(history).expect("create the server history");
     let mut session = ServerSession::register_reporting_acceptances(
         &Connector::new(None).expect("a connector without a token"),

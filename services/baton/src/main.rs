@@ -279,8 +279,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
 /// sent), and the token for a server that requires it.
 pub(crate) fn mesh_connector(
     token: &baton_mesh::config::MeshToken,
-) -> (baton_manager::client::Connector, Option<std::sync::Arc<str>>) {
-    let connector = baton_manager::client::Connector::new(token.get())
+) -> (baton_manager_client::Connector, Option<std::sync::Arc<str>>) {
+    let connector = baton_manager_client::Connector::new(token.get())
         .unwrap_or_else(|e| exit_bad_config(format!("--mesh-token: {e}")));
     (connector, token.get().map(Into::into))
 }

@@ -29,8 +29,8 @@ use tonic_health::server::HealthReporter;
 
 use baton_mesh::now_ms;
 
-use crate::client::Connector;
 use crate::service::ManagerService;
+use baton_manager_client::Connector;
 
 /// The exit code of a primary that fenced itself (lost its lease) or of a manager that stepped
 /// down on a local fault: restart it, and it rejoins as a standby.

@@ -2,11 +2,10 @@
 //! example workers) each hold one bidirectional stream to the manager, which binds each client
 //! session to a server session of a pool and relays numbered requests and responses between them.
 //! Every state change (sessions, restart data, both queues, bindings) is journaled with group
-//! commit before anything is acknowledged ([`journal`], [`state`], [`service`]). [`client`] is the
-//! library clients and servers use: it reconnects, resumes with restart data, resends what was not
-//! acknowledged, and deduplicates by number.
+//! commit before anything is acknowledged ([`journal`], [`state`], [`service`]). The library
+//! clients and servers use is the crate `baton-manager-client`: it reconnects, resumes with
+//! restart data, resends what was not acknowledged, and deduplicates by number.
 
-pub mod client;
 mod error;
 pub mod failover;
 pub mod journal;

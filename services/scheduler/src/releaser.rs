@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use baton_api::work::{CHUNK_DONE, CHUNK_WORK, EXPORT_PART_DONE, EXPORT_PART_WORK};
-use baton_manager::client::{ClientResponse, ClientSender, ClientSession, Connector};
+use baton_manager_client::{ClientResponse, ClientSender, ClientSession, Connector};
 use baton_mesh::now_ms;
 use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::{from_any, to_any, type_url};

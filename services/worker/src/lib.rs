@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use baton_api::batches::chunk_state_to_pb;
 use baton_api::work::{CHUNK_DONE, CHUNK_WORK, DEFAULT_POOL, EXPORT_PART_DONE, EXPORT_PART_WORK};
-use baton_manager::client::{Connector, ServerEvent, ServerReplier, ServerSession};
+use baton_manager_client::{Connector, ServerEvent, ServerReplier, ServerSession};
 use baton_mesh::config::parse_duration;
 use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::{from_any, to_any, type_url};

@@ -1,6 +1,6 @@
 //! A worker's server restart data: for each session, the attempt history of the session's chunks
 //! that have failed at least once and are not finished ([`RestartData`], JSON). The worker saves
-//! it with [`ServerReplier::save_restart`](baton_manager::client::ServerReplier::save_restart)
+//! it with [`ServerReplier::save_restart`](baton_manager_client::ServerReplier::save_restart)
 //! after every failed attempt, before retrying; the session manager journals it and hands it to
 //! the worker that takes the session over ([`ServerEvent::Bound`]), which continues the chunk's
 //! attempts where they were instead of starting afresh. So a chunk retried for a resource limit
@@ -11,7 +11,7 @@
 //! A session carries several chunks at once (the scheduler sends on the least busy of its
 //! sessions), and has one restart data, so it holds the histories of all of them.
 //!
-//! [`ServerEvent::Bound`]: baton_manager::client::ServerEvent::Bound
+//! [`ServerEvent::Bound`]: baton_manager_client::ServerEvent::Bound
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -101,7 +101,7 @@ pub struct Restarts {
     /// What the session's previous server saved, from [`ServerEvent::Bound`]; a history is taken
     /// when its chunk is delivered.
     ///
-    /// [`ServerEvent::Bound`]: baton_manager::client::ServerEvent::Bound
+    /// [`ServerEvent::Bound`]: baton_manager_client::ServerEvent::Bound
     inherited: HashMap<String, Vec<ChunkHistory>>,
     /// The histories of the chunks this worker is running that have failed (here or on the
     /// previous server), by session: the session's restart data. A session is here from its first

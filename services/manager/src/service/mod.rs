@@ -34,8 +34,7 @@ use crate::journal::Journal;
 use crate::state::State;
 use actor::{Actor, Command};
 
-/// The metadata key of the leader's address in a standby's UNAVAILABLE answers.
-pub const LEADER_METADATA: &str = "x-baton-leader";
+pub use baton_manager_client::LEADER_METADATA;
 
 /// Whether this manager is the primary, and the leader it knows if not: kept by the actor, read
 /// by the stream handlers, which refuse a standby's opens themselves. A standby refusing 100,000

@@ -23,6 +23,9 @@ mod server_session;
 #[cfg(test)]
 mod testing;
 
+/// The metadata key of the leader's address in a standby's UNAVAILABLE answers.
+pub const LEADER_METADATA: &str = "x-baton-leader";
+
 pub use client_session::{Accepted, ClientResponse, ClientSender, ClientSession, Opened};
 pub use connector::Connector;
 pub use server_session::{ServerEvent, ServerReplier, ServerSession};

@@ -439,8 +439,8 @@ impl ClientSender {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::testing::manager;
-    use crate::client::{ServerEvent, ServerSession};
+    use crate::testing::manager;
+    use crate::{ServerEvent, ServerSession};
 
     #[test]
     fn acknowledgments_empty_the_response_queue_with_the_next_request_or_alone() {

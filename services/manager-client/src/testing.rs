@@ -11,13 +11,13 @@ pub(super) fn manager(dir: &std::path::Path) -> String {
 pub(super) fn manager_until(dir: &std::path::Path, shutdown: tokio_util::sync::CancellationToken) -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let options = crate::service::ManagerOptions::single(dir.to_owned());
+    let options = baton_manager::ManagerOptions::single(dir.to_owned());
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Runtime::new().unwrap();
         runtime.block_on(async move {
             listener.set_nonblocking(true).unwrap();
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let service = crate::service::ManagerService::start(options, shutdown).unwrap();
+            let service = baton_manager::ManagerService::start(options, shutdown).unwrap();
             tonic::transport::Server::builder()
                 .add_service(pb::session_manager_server::SessionManagerServer::new(service.clone()))
                 .add_service(baton_mesh::proto::internal::v1::replication_server::ReplicationServer::new(service))

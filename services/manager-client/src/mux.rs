@@ -127,7 +127,7 @@ fn closed_status(closed: pb::ChannelClosed) -> Status {
     if closed.code == Code::Unavailable as i32
         && let Ok(leader) = closed.leader.parse()
     {
-        status.metadata_mut().insert(crate::service::LEADER_METADATA, leader);
+        status.metadata_mut().insert(crate::LEADER_METADATA, leader);
     }
     status
 }
@@ -309,8 +309,8 @@ pub(super) fn server_frame(kind: pb::server_frame::Kind) -> pb::mux_frame::Kind 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::client::ClientSession;
-    use crate::client::testing::{manager, manager_until};
+    use crate::ClientSession;
+    use crate::testing::{manager, manager_until};
 
     #[test]
     fn a_stopping_manager_ends_its_multiplex_streams_while_their_callers_wait() {

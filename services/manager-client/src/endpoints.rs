@@ -167,7 +167,7 @@ impl Endpoints {
         let was_open = std::mem::take(&mut self.open);
         let was_named = std::mem::take(&mut self.named);
         // a standby answers with the leader it knows, empty when it knows none
-        let leader = status.metadata().get(crate::service::LEADER_METADATA).and_then(|v| v.to_str().ok());
+        let leader = status.metadata().get(crate::LEADER_METADATA).and_then(|v| v.to_str().ok());
         let delay = if leader.is_some() && now - *self.polling_since.get_or_insert(now) < GONE_WAIT {
             TAKEOVER_POLL
         } else {
@@ -211,7 +211,7 @@ mod tests {
 
     fn naming(leader: &str) -> Status {
         let mut status = Status::unavailable("a standby");
-        status.metadata_mut().insert(crate::service::LEADER_METADATA, leader.parse().unwrap());
+        status.metadata_mut().insert(crate::LEADER_METADATA, leader.parse().unwrap());
         status
     }
 
