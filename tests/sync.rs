@@ -170,8 +170,18 @@ async fn wait_state(server: &Server, org: &TestOrg, id: &str, state: pb::LinkSta
 }
 
 async fn history(server: &Server, org: &TestOrg, id: &str) -> Vec<(pb::LinkState, pb::LinkState, String)> {
-    let request = pb::ListLinkHistoryRequest { link_id: id.into() };
-    let events = server.sync().await.list_link_history(authed(request, &org.key)).await.unwrap().into_inner().events;
+    // a page of one transition at a time, so that every call follows the pages
+    let (mut events, mut page_token) = (Vec::new(), String::new());
+    for _ in 0..1000 {
+        let request = pb::ListLinkHistoryRequest { link_id: id.into(), page_size: 1, page_token };
+        let page = server.sync().await.list_link_history(authed(request, &org.key)).await.unwrap().into_inner();
+        assert!(page.events.len() <= 1, "a page holds at most page_size: {page:?}");
+        events.extend(page.events);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
     events
         .into_iter()
         .map(|e| (pb::LinkState::try_from(e.from).unwrap(), pb::LinkState::try_from(e.to).unwrap(), e.cause))
@@ -371,7 +381,7 @@ async fn rejections_dead_letter_and_a_revoked_key_fails_the_link() {
         target.records(&b.key, "account").await.contains_key("ok2").then_some(())
     })
     .await;
-    let request = pb::ListDeadLettersRequest { link_id: id.clone() };
+    let request = pb::ListDeadLettersRequest { link_id: id.clone(), ..Default::default() };
     let letters =
         source.sync().await.list_dead_letters(authed(request, &a.key)).await.unwrap().into_inner().dead_letters;
     assert_eq!(letters.len(), 1, "{letters:?}");

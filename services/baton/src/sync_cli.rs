@@ -283,23 +283,34 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                 eprintln!("deleted {id}");
             }
             LinkCommand::History { id } => {
-                let history = client
-                    .list_link_history(with_bearer(pb::ListLinkHistoryRequest { link_id: id }, key)?)
-                    .await
-                    .map_err(explain)?;
-                for e in &history.get_ref().events {
-                    print_json(&event_json(e))?;
+                let mut page_token = String::new();
+                loop {
+                    let request = pb::ListLinkHistoryRequest { link_id: id.clone(), page_size: 0, page_token };
+                    let page =
+                        client.list_link_history(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
+                    for e in &page.events {
+                        print_json(&event_json(e))?;
+                    }
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
                 }
             }
             LinkCommand::DeadLetters { id } => {
-                let letters = client
-                    .list_dead_letters(with_bearer(pb::ListDeadLettersRequest { link_id: id }, key)?)
-                    .await
-                    .map_err(explain)?;
-                for d in &letters.get_ref().dead_letters {
-                    print_json(
-                        &serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id, "reason": d.reason, "reject_time": time_json(d.reject_time.as_ref())}),
-                    )?;
+                let mut page_token = String::new();
+                loop {
+                    let request = pb::ListDeadLettersRequest { link_id: id.clone(), page_size: 0, page_token };
+                    let page =
+                        client.list_dead_letters(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
+                    for d in &page.dead_letters {
+                        print_json(&serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id,
+                            "reason": d.reason, "reject_time": time_json(d.reject_time.as_ref())}))?;
+                    }
+                    if page.next_page_token.is_empty() {
+                        break;
+                    }
+                    page_token = page.next_page_token;
                 }
             }
         },

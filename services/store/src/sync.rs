@@ -346,13 +346,20 @@ impl Store {
         Ok(())
     }
 
-    /// A link's transitions after position `after_id`, oldest first.
-    pub async fn link_history(&self, link_id: &str, after_id: i64) -> Result<Vec<LinkTransition>, Error> {
+    /// A link's transitions after position `after_id`, oldest first, at most `limit` (none: all).
+    pub async fn link_history(
+        &self,
+        link_id: &str,
+        after_id: i64,
+        limit: Option<u32>,
+    ) -> Result<Vec<LinkTransition>, Error> {
         let rows = sqlx::query(
-            "SELECT id, from_state, to_state, cause, at_ms FROM link_history WHERE link_id = $1 AND id > $2 ORDER BY id",
+            "SELECT id, from_state, to_state, cause, at_ms FROM link_history WHERE link_id = $1 AND id > $2 \
+             ORDER BY id LIMIT $3",
         )
         .bind(link_id)
         .bind(after_id)
+        .bind(limit.map_or(i64::MAX, i64::from))
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
@@ -385,23 +392,33 @@ impl Store {
         Ok(())
     }
 
-    /// A link's dead letters, oldest first.
-    pub async fn dead_letters(&self, link_id: &str) -> Result<Vec<DeadLetter>, Error> {
+    /// A link's dead letters after the one numbered `after_id` (0: from the first), oldest first, at
+    /// most `limit`, each with its number.
+    pub async fn dead_letters(
+        &self,
+        link_id: &str,
+        after_id: i64,
+        limit: u32,
+    ) -> Result<Vec<(i64, DeadLetter)>, Error> {
         let rows = sqlx::query(
-            "SELECT seq, object, record_id, reason, at_ms FROM dead_letters WHERE link_id = $1 ORDER BY id",
+            "SELECT seq, object, record_id, reason, at_ms, id FROM dead_letters WHERE link_id = $1 AND id > $2 \
+             ORDER BY id LIMIT $3",
         )
         .bind(link_id)
+        .bind(after_id)
+        .bind(i64::from(limit))
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
             .map(|r| {
-                Ok(DeadLetter {
+                let letter = DeadLetter {
                     seq: r.try_get(0)?,
                     object: r.try_get(1)?,
                     record_id: r.try_get(2)?,
                     reason: r.try_get(3)?,
                     at_ms: r.try_get(4)?,
-                })
+                };
+                Ok((r.try_get(5)?, letter))
             })
             .collect()
     }

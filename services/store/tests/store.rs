@@ -1133,3 +1133,47 @@ async fn sqlite_wal_pages_reach_the_database_file_without_the_writer_checkpointi
     }
     assert!(grown >= before + 400_000, "the database file grew from {before} to only {grown} bytes in 5 s");
 }
+
+/// A link's dead letters and history come a page at a time, in order, each row once.
+#[tokio::test]
+async fn dead_letters_and_link_history_page_in_order() {
+    use baton_store::sync::{DeadLetter, NewLink, RejectPolicy};
+    each_backend(|t| async move {
+        let s = &t.store;
+        let org = org_with_account(s).await;
+        let new = NewLink {
+            target_endpoint: "http://127.0.0.1:1".into(),
+            target_api_key: "bk_x".into(),
+            objects: vec![],
+            verify_threshold: 3,
+            probe_interval: Duration::from_secs(1),
+            on_reject: RejectPolicy::DeadLetter,
+        };
+        let link = s.create_link(&org, &new).await.unwrap();
+        for seq in 1..=5 {
+            let letter = DeadLetter {
+                seq,
+                object: "account".into(),
+                record_id: format!("r{seq}"),
+                reason: "no".into(),
+                at_ms: 1,
+            };
+            s.add_dead_letter(&link.id, &letter).await.unwrap();
+        }
+        let (mut seen, mut after) = (Vec::new(), 0);
+        for _ in 0..10 {
+            let page = s.dead_letters(&link.id, after, 2).await.unwrap();
+            assert!(page.len() <= 2, "{page:?}");
+            let Some((last, _)) = page.last() else { break };
+            after = *last;
+            seen.extend(page.into_iter().map(|(_, d)| d.seq));
+        }
+        assert_eq!(seen, [1, 2, 3, 4, 5]);
+        let all = s.link_history(&link.id, 0, None).await.unwrap();
+        assert!(!all.is_empty());
+        let first = s.link_history(&link.id, 0, Some(1)).await.unwrap();
+        assert_eq!(first, all[..1]);
+        assert_eq!(s.link_history(&link.id, first[0].id, None).await.unwrap(), all[1..]);
+    })
+    .await;
+}

@@ -84,6 +84,31 @@ pub fn state_to_pb(state: LinkState) -> pb::LinkState {
     }
 }
 
+/// The rows per page of ListLinkHistory and ListDeadLetters when the request sets none, and the
+/// most a request may ask for.
+const DEFAULT_PAGE: u32 = 1_000;
+const MAX_PAGE: u32 = 10_000;
+
+/// A list request's start (the position after which its page begins; 0 for the first page) and
+/// page size. The token is the position of the last row of the page before.
+fn page(page_size: u32, page_token: &str) -> Result<(i64, u32), Error> {
+    let mut errors = Vec::new();
+    if page_size > MAX_PAGE {
+        errors.push(FieldError::new("page_size", format!("at most {MAX_PAGE}")));
+    }
+    let after = match page_token {
+        "" => 0,
+        token => token.parse::<i64>().unwrap_or_else(|_| {
+            errors.push(FieldError::new("page_token", "not a token this RPC answered"));
+            0
+        }),
+    };
+    if !errors.is_empty() {
+        return Err(Error::Invalid(errors));
+    }
+    Ok((after, if page_size == 0 { DEFAULT_PAGE } else { page_size }))
+}
+
 fn require(value: &str, field: &str) -> Result<(), Error> {
     if value.is_empty() { Err(Error::Invalid(vec![FieldError::new(field, "required")])) } else { Ok(()) }
 }
@@ -208,7 +233,7 @@ impl pb::sync_server::Sync for SyncService {
         let link_id = request.into_inner().link_id;
         require(&link_id, "link_id")?;
         let link = self.store.link(&org, &link_id).await.map_err(Error::from)?;
-        let history = self.store.link_history(&link_id, 0).await.map_err(Error::from)?;
+        let history = self.store.link_history(&link_id, 0, None).await.map_err(Error::from)?;
         let mut last_id = history.last().map_or(0, |t| t.id);
         let (tx, rx) = mpsc::channel(16);
         let first = pb::LinkEvent {
@@ -235,7 +260,7 @@ impl pb::sync_server::Sync for SyncService {
                         return;
                     }
                 };
-                let Ok(events) = service.store.link_history(&link_id, last_id).await else { continue };
+                let Ok(events) = service.store.link_history(&link_id, last_id, None).await else { continue };
                 for t in &events {
                     last_id = t.id;
                     let pb_link = service.link_to_pb(&link).await.ok();
@@ -314,9 +339,14 @@ impl pb::sync_server::Sync for SyncService {
         request: Request<pb::ListLinkHistoryRequest>,
     ) -> Result<Response<pb::ListLinkHistoryResponse>, Status> {
         let org = org_of(&request)?;
-        let link = self.store.link(&org, &request.get_ref().link_id).await.map_err(Error::from)?;
-        let events = self.store.link_history(&link.id, 0).await.map_err(Error::from)?;
+        let r = request.into_inner();
+        let (after, size) = page(r.page_size, &r.page_token)?;
+        let link = self.store.link(&org, &r.link_id).await.map_err(Error::from)?;
+        let mut events = self.store.link_history(&link.id, after, Some(size + 1)).await.map_err(Error::from)?;
+        let more = events.len() > size as usize;
+        events.truncate(size as usize);
         Ok(Response::new(pb::ListLinkHistoryResponse {
+            next_page_token: events.last().filter(|_| more).map(|t| t.id.to_string()).unwrap_or_default(),
             events: events.iter().map(|t| Self::event_to_pb(t, None)).collect(),
         }))
     }
@@ -326,12 +356,17 @@ impl pb::sync_server::Sync for SyncService {
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
         let org = org_of(&request)?;
-        let link = self.store.link(&org, &request.get_ref().link_id).await.map_err(Error::from)?;
-        let letters = self.store.dead_letters(&link.id).await.map_err(Error::from)?;
+        let r = request.into_inner();
+        let (after, size) = page(r.page_size, &r.page_token)?;
+        let link = self.store.link(&org, &r.link_id).await.map_err(Error::from)?;
+        let mut letters = self.store.dead_letters(&link.id, after, size + 1).await.map_err(Error::from)?;
+        let more = letters.len() > size as usize;
+        letters.truncate(size as usize);
         Ok(Response::new(pb::ListDeadLettersResponse {
+            next_page_token: letters.last().filter(|_| more).map(|(id, _)| id.to_string()).unwrap_or_default(),
             dead_letters: letters
                 .into_iter()
-                .map(|d| pb::DeadLetter {
+                .map(|(_, d)| pb::DeadLetter {
                     seq: d.seq,
                     object: d.object,
                     record_id: d.record_id,
