@@ -266,3 +266,36 @@ async fn sessions_are_listed_a_page_at_a_time() {
     assert_eq!(printed.lines().count(), 25, "{printed}");
     assert!(printed.lines().all(|l| l.contains("\"state\":\"CONNECTED\"")), "{printed}");
 }
+
+/// Restart data for a session that is not bound to the server sending it (unknown, closed, or
+/// moved to another server) is answered at once as dropped, so that the server library stops
+/// sending it again after every reconnect; restart data for a bound session is journaled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_data_for_a_session_not_bound_here_is_answered_as_dropped() {
+    use pb::server_event::Kind;
+    let dir = TempDir::new();
+    let manager = start_manager(&dir, &[]);
+    let (frames, rx) = tokio::sync::mpsc::channel(8);
+    let frame = |kind| pb::ServerFrame { kind: Some(kind) };
+    let register = pb::RegisterServer { pool: "work".into(), server_id: "w-raw".into(), seen_term: 0 };
+    frames.send(frame(pb::server_frame::Kind::Register(register))).await.unwrap();
+    let mut events = manager_client(&manager)
+        .await
+        .server_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let restart = pb::ServerRestart { session_id: "sess_nobody".into(), restart_data: b"x".to_vec() };
+    frames.send(frame(pb::server_frame::Kind::Restart(restart))).await.unwrap();
+    let saved = loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .expect("an answer to the restart data within 5 s")
+            .unwrap()
+            .expect("the stream stays open");
+        if let Some(Kind::RestartSaved(saved)) = event.kind {
+            break saved;
+        }
+    };
+    assert_eq!((saved.session_id.as_str(), saved.dropped), ("sess_nobody", true));
+}

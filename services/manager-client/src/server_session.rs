@@ -183,6 +183,9 @@ impl ServerLoop {
                 }
             }
             Some(pb::server_event::Kind::RestartSaved(saved)) => {
+                if saved.dropped {
+                    tracing::debug!(session = %saved.session_id, "restart data dropped: the session is no longer bound here");
+                }
                 self.unsaved.remove(&saved.session_id);
             }
             Some(pb::server_event::Kind::Registered(_)) => self.endpoints.connected(),

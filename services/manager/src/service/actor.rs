@@ -610,9 +610,13 @@ impl Actor {
         if self.servers.get(&server).is_none_or(|c| c.conn != conn) {
             return;
         }
-        let Some(s) = self.state.sessions.get(&restart.session_id) else { return };
-        if s.bound.as_deref() != Some(server.as_str()) {
-            return; // the session moved
+        let bound_here =
+            self.state.sessions.get(&restart.session_id).is_some_and(|s| s.bound.as_deref() == Some(&server));
+        if !bound_here {
+            // the session moved, or is gone: said at once, so that the server stops resending it
+            let saved = pb::ServerRestartSaved { session_id: restart.session_id, dropped: true };
+            self.effects.push(Effect::Server(server, pb::server_event::Kind::RestartSaved(saved)));
+            return;
         }
         self.journal(Op::Reply(ReplyOp {
             session_id: restart.session_id.clone(),
@@ -622,7 +626,10 @@ impl Actor {
         }));
         self.effects.push(Effect::Server(
             server,
-            pb::server_event::Kind::RestartSaved(pb::ServerRestartSaved { session_id: restart.session_id }),
+            pb::server_event::Kind::RestartSaved(pb::ServerRestartSaved {
+                session_id: restart.session_id,
+                dropped: false,
+            }),
         ));
     }
 
