@@ -370,6 +370,7 @@ async fn values_are_exact_end_to_end_and_nothing_is_rounded() {
             r#type: t as i32,
             required: name == "code",
             unique,
+            deprecated: false,
         };
         let schema = pb::ObjectSchema {
             name: "t".into(),
@@ -380,6 +381,7 @@ async fn values_are_exact_end_to_end_and_nothing_is_rounded() {
                 f("x", pb::FieldType::Number, false),
                 f("d", pb::FieldType::Decimal, true),
             ],
+            ..Default::default()
         };
         let define = pb::DefineObjectRequest { org_id: org.id.clone(), schema: Some(schema) };
         server.admin().await.define_object(authed(define, ADMIN_TOKEN)).await.unwrap();
@@ -452,5 +454,183 @@ async fn values_are_exact_end_to_end_and_nothing_is_rounded() {
         let (ok, out, err) = cli(&server, &org, &["get", "t", "b1"], "");
         assert!(ok, "{err}");
         assert!(out.contains(r#""n":-9007199254740993"#) && out.contains(r#""d":"99999999999999999999.99""#), "{out}");
+    }
+}
+
+/// `baton admin …` with the server's endpoint and the admin token: (success, stdout, stderr).
+fn admin_cli(server: &Server, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(baton_bin())
+        .args(args)
+        .env("BATON_ENDPOINT", format!("http://{}", server.addr))
+        .env("BATON_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// An object's schema evolves through the real binary: defined (again: the same answer), an
+/// optional field added with the CLI and written, `required` relaxed, a field deprecated (still
+/// written and answered) then dropped (a write carrying it is refused as unknown, answers leave
+/// the stored value out); an incompatible change is FAILED_PRECONDITION listing every problem,
+/// and changes nothing; an export and an extraction say the version their rows follow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemas_evolve_by_compatible_versions_end_to_end() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--workers", "1"]).await;
+        let org = create_org(&server, "acme").await;
+        let mut admin = server.admin().await;
+        let f = |name: &str, t: pb::FieldType, required, unique| pb::FieldSpec {
+            name: name.into(),
+            r#type: t as i32,
+            required,
+            unique,
+            deprecated: false,
+        };
+        let mut schema = pb::ObjectSchema {
+            name: "member".into(),
+            external_id_field: "code".into(),
+            fields: vec![
+                f("code", pb::FieldType::String, true, true),
+                f("name", pb::FieldType::String, true, false),
+                f("age", pb::FieldType::Integer, false, false),
+            ],
+            ..Default::default()
+        };
+        let define = || pb::DefineObjectRequest { org_id: org.id.clone(), schema: Some(schema.clone()) };
+        assert_eq!(admin.define_object(authed(define(), ADMIN_TOKEN)).await.unwrap().into_inner().version, 1);
+        // a retried definition answers the object, not ALREADY_EXISTS
+        assert_eq!(admin.define_object(authed(define(), ADMIN_TOKEN)).await.unwrap().into_inner().version, 1);
+        let write = |records: Vec<serde_json::Value>| {
+            let request =
+                pb::UpsertRequest { object: "member".into(), records: records.into_iter().map(record).collect() };
+            let server = &server;
+            let key = org.key.clone();
+            async move { server.intake().await.upsert(authed(request, &key)).await.map(tonic::Response::into_inner) }
+        };
+        let read = |id: &str| {
+            let request = pb::GetRequest { object: "member".into(), id: id.into() };
+            let server = &server;
+            let key = org.key.clone();
+            async move {
+                baton_tests::fields_json(
+                    &server.intake().await.get(authed(request, &key)).await.unwrap().into_inner().fields,
+                )
+            }
+        };
+        write(vec![json!({"code": "m1", "name": "Ann", "age": 30})]).await.unwrap();
+
+        // v2 with the CLI: an optional field, then written
+        let dir = TempDir::new();
+        let file = dir.0.join("member.json");
+        std::fs::write(
+            &file,
+            r#"{"name": "member", "external_id_field": "code", "fields": [
+                {"name": "code", "type": "string", "required": true, "unique": true},
+                {"name": "name", "type": "string", "required": true},
+                {"name": "age", "type": "integer"},
+                {"name": "nickname", "type": "string"}]}"#,
+        )
+        .unwrap();
+        let path = format!("@{}", file.display());
+        let (ok, out, err) = admin_cli(&server, &["admin", "object", "update", "--org", &org.id, &path]);
+        assert!(ok && out.contains(r#""version":2"#) && err.contains("member is at version 2"), "{out}{err}");
+        schema.fields.push(f("nickname", pb::FieldType::String, false, false));
+        write(vec![json!({"code": "m2", "name": "Bob", "nickname": "bo"})]).await.unwrap();
+        assert_eq!(read("m2").await["nickname"], "bo");
+        let update = |schema: &pb::ObjectSchema| pb::UpdateObjectRequest {
+            org_id: org.id.clone(),
+            schema: Some(schema.clone()),
+        };
+
+        // v3: `name` relaxed
+        let missing = write(vec![json!({"code": "m3"})]).await.unwrap_err();
+        assert_eq!(field_violations(&missing), ["records[0].name"]);
+        schema.fields[1].required = false;
+        assert_eq!(admin.update_object(authed(update(&schema), ADMIN_TOKEN)).await.unwrap().into_inner().version, 3);
+        write(vec![json!({"code": "m3"})]).await.unwrap();
+
+        // v4: `age` deprecated: still written and answered
+        schema.fields[2].deprecated = true;
+        let v4 = admin.update_object(authed(update(&schema), ADMIN_TOKEN)).await.unwrap().into_inner();
+        assert!(v4.version == 4 && v4.fields[2].deprecated, "{v4:?}");
+        write(vec![json!({"code": "m4", "age": 4})]).await.unwrap();
+        assert_eq!(read("m4").await["age"], 4);
+
+        // v5: `age` dropped: refused in writes, left out of answers (m1's value stays stored)
+        schema.fields.remove(2);
+        let v5 = admin.update_object(authed(update(&schema), ADMIN_TOKEN)).await.unwrap().into_inner();
+        assert_eq!((v5.version, v5.dropped_fields.clone()), (5, vec!["age".to_owned()]));
+        let dropped = write(vec![json!({"code": "m5", "age": 5})]).await.unwrap_err();
+        assert_eq!(dropped.code(), Code::InvalidArgument);
+        assert!(dropped.message().contains("records[0].age: unknown field of object member"), "{dropped:?}");
+        assert_eq!(read("m1").await, json!({"code": "m1", "name": "Ann"}));
+
+        // an incompatible change: every problem listed, nothing changed
+        let mut bad = schema.clone();
+        bad.fields[1].r#type = pb::FieldType::Integer as i32;
+        bad.fields.push(f("region", pb::FieldType::String, true, false));
+        bad.fields.push(f("age", pb::FieldType::Integer, false, false));
+        let refused = admin.update_object(authed(update(&bad), ADMIN_TOKEN)).await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        let info = refused.get_details_error_info().unwrap();
+        assert_eq!((info.reason.as_str(), info.metadata["version"].as_str()), ("SCHEMA_CHANGE_INCOMPATIBLE", "5"));
+        let subjects: Vec<_> =
+            refused.get_details_precondition_failure().unwrap().violations.into_iter().map(|v| v.subject).collect();
+        assert_eq!(subjects, ["schema.fields[1].type", "schema.fields[3].required", "schema.fields[4].name"]);
+        let objects = admin
+            .list_objects(authed(pb::ListObjectsRequest { org_id: org.id.clone() }, ADMIN_TOKEN))
+            .await
+            .unwrap()
+            .into_inner()
+            .objects;
+        assert_eq!(objects.iter().find(|o| o.name == "member"), Some(&v5));
+        let (ok, out, err) = admin_cli(&server, &["admin", "object", "versions", "--org", &org.id, "member"]);
+        assert!(ok, "{err}");
+        let versions: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(versions.iter().map(|v| v["version"].as_i64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert_eq!(versions[4]["dropped_fields"], json!(["age"]));
+        let (ok, _, err) = admin_cli(&server, &["admin", "object", "update", "--org", &org.id, &path]);
+        assert!(!ok && err.contains("FailedPrecondition") && err.contains("field \"age\" was dropped"), "{err}");
+
+        // an export and an extraction carry the version their rows are typed under
+        let mut intake = server.intake().await;
+        let request = pb::ExportRequest {
+            object: "member".into(),
+            sync_rows: 1,
+            part_rows: 10,
+            wait: true,
+            ..Default::default()
+        };
+        let export = intake.export(authed(request, &org.key)).await.unwrap().into_inner();
+        assert!(!export.complete, "{export:?}");
+        assert_eq!((export.schema_version, export.records[0].id.as_str()), (5, "m1"));
+        assert!(!export.records[0].fields.contains_key("age"));
+        let request = pb::FetchPartRequest { token: export.token.clone(), part: 0 };
+        let mut part = intake.fetch_part(authed(request, &org.key)).await.unwrap().into_inner();
+        let frame = part.message().await.unwrap().unwrap();
+        assert_eq!(frame.schema_version, 5);
+        assert_eq!(ids(&frame.records), ["m2", "m3", "m4"]);
+        assert!(frame.records.iter().all(|r| !r.fields.contains_key("age")), "{frame:?}");
+
+        let request = pb::ExtractRequest { objects: vec!["member".into()], ..Default::default() };
+        let mut extract = server.sync().await.extract(authed(request, &org.key)).await.unwrap().into_inner();
+        let mut snapshot = Vec::new();
+        loop {
+            match extract.message().await.unwrap().unwrap().kind {
+                Some(pb::extract_response::Kind::Snapshot(chunk)) => snapshot.push(chunk),
+                Some(pb::extract_response::Kind::SnapshotDone(_)) => break,
+                _ => {}
+            }
+        }
+        assert!(snapshot.iter().all(|c| c.schema_version == 5), "{snapshot:?}");
+        assert!(snapshot.iter().flat_map(|c| &c.records).all(|r| !r.fields.contains_key("age")));
+        write(vec![json!({"code": "m6", "nickname": "six"})]).await.unwrap();
+        let changes = loop {
+            if let Some(pb::extract_response::Kind::Changes(batch)) = extract.message().await.unwrap().unwrap().kind {
+                break batch.changes;
+            }
+        };
+        assert_eq!((changes[0].record_id.as_str(), changes[0].schema_version), ("m6", 5));
     }
 }

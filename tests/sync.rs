@@ -397,6 +397,66 @@ async fn rejections_dead_letter_and_a_revoked_key_fails_the_link() {
     assert!(history(&source, &a, &id).await.iter().all(|(_, to, _)| *to != pb::LinkState::Suspended));
 }
 
+/// The source adds a field (UpdateObject) that the target's schema lacks: a change carrying it is
+/// dead-lettered with a reason naming the field, the link keeps STREAMING (a schema mismatch is
+/// not a link failure), and changes without it still apply. Once the target adds the field too,
+/// the next change carrying it applies.
+#[tokio::test]
+async fn a_field_the_target_lacks_dead_letters_the_change_naming_it() {
+    let source = Server::start(Backend::Sqlite, &[]).await;
+    let target = Server::start(Backend::Sqlite, &[]).await;
+    let a = create_org(&source, "a").await;
+    let b = create_org(&target, "b").await;
+    upsert(&source, &a, vec![json!({"code": "before", "name": "old"})]).await;
+    let id = create_link(&source, &a, target.addr, &b.key, 3, 200).await;
+    wait_state(&source, &a, &id, pb::LinkState::Streaming, Duration::from_secs(20)).await;
+    converge(&source, &a, &target, &b).await;
+
+    let mut schema = baton_tests::account_schema();
+    schema.fields.push(pb::FieldSpec {
+        name: "nickname".into(),
+        r#type: pb::FieldType::String as i32,
+        ..Default::default()
+    });
+    let update = |org: &TestOrg| pb::UpdateObjectRequest { org_id: org.id.clone(), schema: Some(schema.clone()) };
+    let v2 = source.admin().await.update_object(authed(update(&a), ADMIN_TOKEN)).await.unwrap().into_inner();
+    assert_eq!(v2.version, 2);
+    upsert(&source, &a, vec![json!({"code": "nick", "name": "n", "nickname": "nicky"})]).await;
+    upsert(&source, &a, vec![json!({"code": "plain", "name": "p"})]).await;
+    eventually(Duration::from_secs(20), "plain on the target", || async {
+        target.records(&b.key, "account").await.contains_key("plain").then_some(())
+    })
+    .await;
+    async fn letters(source: &Server, a: &TestOrg, id: &str) -> Vec<pb::DeadLetter> {
+        let request = pb::ListDeadLettersRequest { link_id: id.into() };
+        source.sync().await.list_dead_letters(authed(request, &a.key)).await.unwrap().into_inner().dead_letters
+    }
+    let dead = letters(&source, &a, &id).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].record_id.as_str(), dead[0].object.as_str()), ("nick", "account"));
+    assert!(dead[0].reason.contains("nickname: unknown field of object account"), "{}", dead[0].reason);
+    let l = link(&source, &a, &id).await;
+    assert_eq!((l.state, l.dead_letters), (pb::LinkState::Streaming as i32, 1));
+    assert!(!target.records(&b.key, "account").await.contains_key("nick"));
+
+    // the target catches up with the source's schema: the next change carrying the field applies
+    let v2 = target.admin().await.update_object(authed(update(&b), ADMIN_TOKEN)).await.unwrap().into_inner();
+    assert_eq!(v2.version, 2);
+    upsert(&source, &a, vec![json!({"code": "nick", "name": "n", "nickname": "nick 2"})]).await;
+    eventually(Duration::from_secs(20), "nick on the target", || async {
+        let records = target.records(&b.key, "account").await;
+        records.get("nick").filter(|(_, fields)| fields["nickname"] == "nick 2").map(|_| ())
+    })
+    .await;
+    assert_eq!(letters(&source, &a, &id).await.len(), 1);
+    assert!(
+        history(&source, &a, &id)
+            .await
+            .iter()
+            .all(|(_, to, _)| *to == pb::LinkState::Streaming || *to == pb::LinkState::Bootstrapping)
+    );
+}
+
 /// The sync process (here the whole source deployment) SIGKILLed while streaming: restarted, the
 /// link resumes from its cursor; the target converges, and no change was applied twice (each
 /// record's versions rise strictly in the target's own change log).

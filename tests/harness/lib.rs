@@ -329,6 +329,7 @@ pub fn account_schema() -> pb::ObjectSchema {
         r#type: t as i32,
         required,
         unique,
+        deprecated: false,
     };
     pb::ObjectSchema {
         name: "account".into(),
@@ -339,6 +340,7 @@ pub fn account_schema() -> pb::ObjectSchema {
             f("email", pb::FieldType::String, false, true),
             f("amount", pb::FieldType::Integer, false, false),
         ],
+        ..Default::default()
     }
 }
 

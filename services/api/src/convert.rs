@@ -69,11 +69,12 @@ pub fn value_to_pb(value: &Value, field_type: Option<FieldType>) -> Option<pb::V
     Some(pb::Value { kind: Some(kind) })
 }
 
-/// Stored fields as protobuf fields, each of its field's type in `schema`; null fields are left
-/// out.
+/// Stored fields as protobuf fields, each of its field's type in `schema`; null fields, and
+/// fields `schema` has dropped (records written before the drop still hold them), are left out.
 pub fn fields_to_pb(fields: &Fields, schema: &ObjectSchema) -> PbFields {
     fields
         .iter()
+        .filter(|(k, _)| !schema.is_dropped(k))
         .filter_map(|(k, v)| Some((k.clone(), value_to_pb(v, schema.field(k).map(|f| f.field_type))?)))
         .collect()
 }
@@ -101,6 +102,7 @@ pub fn change_to_pb(event: &ChangeEvent, schema: &ObjectSchema) -> pb::Change {
         fields: event.fields.as_ref().map(|f| fields_to_pb(f, schema)).unwrap_or_default(),
         version: event.version,
         commit_time: timestamp(event.committed_at_ms),
+        schema_version: schema.version,
     }
 }
 
@@ -114,6 +116,7 @@ pub fn snapshot_row_to_pb(record: &Record, schema: &ObjectSchema) -> pb::Change 
         fields: fields_to_pb(&record.fields, schema),
         version: record.version,
         commit_time: timestamp(record.updated_at_ms),
+        schema_version: schema.version,
     }
 }
 
@@ -224,11 +227,24 @@ pub fn schema_from_pb(schema: &pb::ObjectSchema) -> Result<ObjectSchema, Vec<Fie
                     return None;
                 }
             };
-            Some(FieldSpec { name: f.name.clone(), field_type, required: f.required, unique: f.unique })
+            Some(FieldSpec {
+                name: f.name.clone(),
+                field_type,
+                required: f.required,
+                unique: f.unique,
+                deprecated: f.deprecated,
+            })
         })
         .collect();
     if errors.is_empty() {
-        Ok(ObjectSchema { name: schema.name.clone(), external_id_field: schema.external_id_field.clone(), fields })
+        // `version` and `dropped_fields` are the store's to set: ignored in a request
+        Ok(ObjectSchema {
+            name: schema.name.clone(),
+            external_id_field: schema.external_id_field.clone(),
+            fields,
+            dropped_fields: vec![],
+            version: 0,
+        })
     } else {
         Err(errors)
     }
@@ -253,8 +269,11 @@ pub fn schema_to_pb(schema: &ObjectSchema) -> pb::ObjectSchema {
                 } as i32,
                 required: f.required,
                 unique: f.unique,
+                deprecated: f.deprecated,
             })
             .collect(),
+        version: schema.version,
+        dropped_fields: schema.dropped_fields.clone(),
     }
 }
 
@@ -267,7 +286,13 @@ mod tests {
     }
 
     fn schema() -> ObjectSchema {
-        let f = |name: &str, field_type| FieldSpec { name: name.into(), field_type, required: false, unique: false };
+        let f = |name: &str, field_type| FieldSpec {
+            name: name.into(),
+            field_type,
+            required: false,
+            unique: false,
+            deprecated: false,
+        };
         ObjectSchema {
             name: "t".into(),
             external_id_field: "code".into(),
@@ -278,6 +303,8 @@ mod tests {
                 f("d", FieldType::Decimal),
                 f("b", FieldType::Boolean),
             ],
+            dropped_fields: vec![],
+            version: 1,
         }
     }
 

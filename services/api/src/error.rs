@@ -54,6 +54,9 @@ impl From<Error> for Status {
                 status::with_reason(Code::NotFound, what.missing.reason(), format!("{what} not found"))
             }
             Error::Store(S::AlreadyExists(what)) => Status::already_exists(format!("{what} already exists")),
+            Error::Store(S::Incompatible { object, version, problems }) => {
+                status::schema_change_incompatible(&object, version, &violations(&problems))
+            }
             Error::Store(S::DeadlineExceeded { limit, elapsed }) => status::limit_exceeded(&LimitExceeded {
                 reason: status::RESUBMIT_AS_BATCH,
                 limit_name: "deadline_ms",

@@ -96,11 +96,32 @@ pub enum ObjectCommand {
         /// The schema as JSON, or `@FILE` to read it from a file.
         schema: String,
     },
-    /// Lists an org's objects as JSON.
+    /// Changes an object's schema to the whole new schema given, in the same JSON shape as
+    /// `define`, as its next version. Compatible changes only: add an optional field, relax
+    /// `required`, set `"deprecated": true` on a field, leave out a field deprecated by an
+    /// earlier version (dropping it). Anything else is refused, listing every problem, and
+    /// nothing changes.
+    Update {
+        /// The org.
+        #[arg(long)]
+        org: String,
+        /// The new schema as JSON, or `@FILE` to read it from a file.
+        schema: String,
+    },
+    /// Lists an org's objects as JSON, each at its current version (`version`,
+    /// `dropped_fields`).
     List {
         /// The org.
         #[arg(long)]
         org: String,
+    },
+    /// Lists every version of an object's schema as JSON lines, oldest first.
+    Versions {
+        /// The org.
+        #[arg(long)]
+        org: String,
+        /// The object.
+        object: String,
     },
 }
 
@@ -191,6 +212,11 @@ pub(crate) fn explain(status: tonic::Status) -> anyhow::Error {
             text.push_str(&format!("\n  {}: {}", v.field, v.description));
         }
     }
+    if let Some(failure) = status.get_details_precondition_failure() {
+        for v in failure.violations {
+            text.push_str(&format!("\n  {}: {}", v.subject, v.description));
+        }
+    }
     if let Some(info) = status.get_details_error_info() {
         text.push_str(&format!("\n  reason: {}", info.reason));
         let mut meta: Vec<_> = info.metadata.into_iter().collect();
@@ -264,15 +290,17 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
             eprintln!("revoked {key_id}");
         }
         AdminCommand::Object(ObjectCommand::Define { org, schema }) => {
-            let text = match schema.strip_prefix('@') {
-                Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
-                None => schema,
-            };
-            let schema: ObjectSchema =
-                serde_json::from_str(&text).context("the schema is not valid JSON of the expected shape")?;
+            let schema = read_schema(schema)?;
             let request = pb::DefineObjectRequest { org_id: org, schema: Some(convert::schema_to_pb(&schema)) };
             let defined = client.define_object(with_bearer(request, token)?).await.map_err(explain)?;
-            eprintln!("defined object {}", defined.get_ref().name);
+            eprintln!("defined object {} (version {})", defined.get_ref().name, defined.get_ref().version);
+        }
+        AdminCommand::Object(ObjectCommand::Update { org, schema }) => {
+            let schema = read_schema(schema)?;
+            let request = pb::UpdateObjectRequest { org_id: org, schema: Some(convert::schema_to_pb(&schema)) };
+            let updated = client.update_object(with_bearer(request, token)?).await.map_err(explain)?;
+            eprintln!("object {} is at version {}", updated.get_ref().name, updated.get_ref().version);
+            print_json(&schema_json(updated.get_ref())?)?;
         }
         AdminCommand::Object(ObjectCommand::List { org }) => {
             let objects = client
@@ -280,13 +308,44 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
                 .await
                 .map_err(explain)?;
             for o in &objects.get_ref().objects {
-                let schema =
-                    convert::schema_from_pb(o).map_err(|e| anyhow::anyhow!("unexpected schema from server: {e:?}"))?;
-                print_json(&serde_json::to_value(&schema)?)?;
+                print_json(&schema_json(o)?)?;
+            }
+        }
+        AdminCommand::Object(ObjectCommand::Versions { org, object }) => {
+            let versions = client
+                .list_object_versions(with_bearer(pb::ListObjectVersionsRequest { org_id: org, object }, token)?)
+                .await
+                .map_err(explain)?;
+            for v in &versions.get_ref().versions {
+                let mut json = schema_json(v.schema.as_ref().context("a version without its schema")?)?;
+                json["create_time"] = time_json(v.create_time.as_ref());
+                print_json(&json)?;
             }
         }
     }
     Ok(())
+}
+
+/// A schema given on the command line: JSON, or `@FILE`.
+fn read_schema(arg: String) -> anyhow::Result<ObjectSchema> {
+    let text = match arg.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
+        None => arg,
+    };
+    serde_json::from_str(&text).context("the schema is not valid JSON of the expected shape")
+}
+
+/// A schema from the server as JSON, in the shape `define` and `update` read, with its
+/// `version` and `dropped_fields`.
+fn schema_json(schema: &pb::ObjectSchema) -> anyhow::Result<serde_json::Value> {
+    let parsed =
+        convert::schema_from_pb(schema).map_err(|e| anyhow::anyhow!("unexpected schema from server: {e:?}"))?;
+    let mut json = serde_json::to_value(&parsed)?;
+    json["version"] = schema.version.into();
+    if !schema.dropped_fields.is_empty() {
+        json["dropped_fields"] = schema.dropped_fields.clone().into();
+    }
+    Ok(json)
 }
 
 /// `baton upsert`.

@@ -1,4 +1,5 @@
-//! The Admin gRPC service: orgs, API keys, object schemas. Needs the admin token.
+//! The Admin gRPC service: orgs, API keys, object schemas and their versions. Needs the admin
+//! token.
 
 use baton_mesh::auth::require_admin;
 use baton_mesh::proto::timestamp;
@@ -75,6 +76,41 @@ impl pb::admin_server::Admin for AdminService {
         let schema = convert::schema_from_pb(&schema).map_err(Error::Invalid)?;
         let defined = self.store.define_object(&request.org_id, &schema).await.map_err(Error::from)?;
         Ok(Response::new(convert::schema_to_pb(&defined)))
+    }
+
+    async fn update_object(
+        &self,
+        request: Request<pb::UpdateObjectRequest>,
+    ) -> Result<Response<pb::ObjectSchema>, Status> {
+        require_admin(&request)?;
+        let request = request.into_inner();
+        require(&request.org_id, "org_id")?;
+        let Some(schema) = request.schema else {
+            return Err(Error::Invalid(vec![FieldError::new("schema", "required")]).into());
+        };
+        let schema = convert::schema_from_pb(&schema).map_err(Error::Invalid)?;
+        let updated = self.store.update_object(&request.org_id, &schema).await.map_err(Error::from)?;
+        Ok(Response::new(convert::schema_to_pb(&updated)))
+    }
+
+    async fn list_object_versions(
+        &self,
+        request: Request<pb::ListObjectVersionsRequest>,
+    ) -> Result<Response<pb::ListObjectVersionsResponse>, Status> {
+        require_admin(&request)?;
+        let request = request.into_inner();
+        require(&request.org_id, "org_id")?;
+        require(&request.object, "object")?;
+        let versions = self.store.object_versions(&request.org_id, &request.object).await.map_err(Error::from)?;
+        Ok(Response::new(pb::ListObjectVersionsResponse {
+            versions: versions
+                .iter()
+                .map(|(schema, at_ms)| pb::ObjectVersion {
+                    schema: Some(convert::schema_to_pb(schema)),
+                    create_time: timestamp(*at_ms),
+                })
+                .collect(),
+        }))
     }
 
     async fn list_objects(

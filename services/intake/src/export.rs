@@ -127,6 +127,7 @@ impl IntakeService {
                     estimate_exact: true,
                     records: records.iter().map(|r| convert::record_to_pb(r, &schema)).collect(),
                     complete: true,
+                    schema_version: schema.version,
                     ..Default::default()
                 });
             }
@@ -153,6 +154,7 @@ impl IntakeService {
             estimated_total: status.estimated_total,
             estimate_exact: estimate_exact || status.total_known,
             status: Some(status),
+            schema_version: schema.version,
         })
     }
 
@@ -267,7 +269,7 @@ impl IntakeService {
                     Ok(records) if records.is_empty() => break,
                     Ok(records) => {
                         sent += records.len() as u64;
-                        if tx.send(Ok(pb::ExportRows { records })).await.is_err() {
+                        if tx.send(Ok(pb::ExportRows { records, schema_version: schema.version })).await.is_err() {
                             break;
                         }
                     }

@@ -29,6 +29,14 @@ pub const MESSAGE_TOO_LARGE: &str = "MESSAGE_TOO_LARGE";
 /// The ErrorInfo reason of OUT_OF_RANGE for a change-log seq older than the retention.
 pub const CHANGES_TRIMMED: &str = "CHANGES_TRIMMED";
 
+/// The ErrorInfo reason of FAILED_PRECONDITION for a schema change (UpdateObject) that is not
+/// compatible with the object's current version; a PreconditionFailure lists every problem and
+/// nothing is changed. The metadata has `object` and `version` (the current one).
+pub const SCHEMA_CHANGE_INCOMPATIBLE: &str = "SCHEMA_CHANGE_INCOMPATIBLE";
+
+/// The PreconditionFailure violation type of an incompatible schema change.
+pub const SCHEMA_CHANGE: &str = "SCHEMA_CHANGE";
+
 // The ErrorInfo reasons of NOT_FOUND, one per kind of thing. Something of another org is
 // answered exactly as if it did not exist.
 
@@ -170,6 +178,26 @@ pub fn invalid_argument(violations: &[Violation]) -> Status {
         }
     };
     Status::with_error_details(Code::InvalidArgument, message, details)
+}
+
+/// FAILED_PRECONDITION `SCHEMA_CHANGE_INCOMPATIBLE` for a schema change of `object` (now at
+/// `version`) refused for `problems` (field path, description), each a PreconditionFailure
+/// violation of type `SCHEMA_CHANGE` whose subject is the path. The message names the first.
+pub fn schema_change_incompatible(object: &str, version: i64, problems: &[Violation]) -> Status {
+    let metadata =
+        HashMap::from([("object".to_owned(), object.to_owned()), ("version".to_owned(), version.to_string())]);
+    let mut details = ErrorDetails::with_error_info(SCHEMA_CHANGE_INCOMPATIBLE, DOMAIN, metadata);
+    for p in problems {
+        details.add_precondition_failure_violation(SCHEMA_CHANGE, p.field.clone(), p.description.clone());
+    }
+    let message = match problems {
+        [] => "incompatible schema change".to_owned(),
+        [only] => format!("incompatible schema change: {}: {}", only.field, only.description),
+        [first, rest @ ..] => {
+            format!("incompatible schema change: {}: {} (and {} more)", first.field, first.description, rest.len())
+        }
+    };
+    Status::with_error_details(Code::FailedPrecondition, message, details)
 }
 
 /// A status with a code and an `ErrorInfo` reason, for errors a client tells apart by reason

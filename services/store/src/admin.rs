@@ -5,8 +5,8 @@ use futures::future::BoxFuture;
 use sqlx::Row;
 
 use crate::model::{NewApiKey, ObjectSchema, Org};
-use crate::schema::{FieldError, validate_schema};
-use crate::{Error, Missing, Store, new_id, now_ms};
+use crate::schema::{FieldError, schema_change, validate_schema};
+use crate::{Backend, Error, Missing, Store, new_id, now_ms};
 
 impl Store {
     /// Creates an org.
@@ -85,31 +85,114 @@ impl Store {
         })
     }
 
-    /// Defines an object for an org. Object schemas do not change once defined.
+    /// Defines an object for an org, at version 1. Defining it again with the same fields and
+    /// external-id field as its current version answers that version (a retried definition);
+    /// anything else answers ALREADY_EXISTS: a schema changes through [`Store::update_object`].
     pub async fn define_object(&self, org_id: &str, schema: &ObjectSchema) -> Result<ObjectSchema, Error> {
         let errors = validate_schema(schema);
         if !errors.is_empty() {
             return Err(Error::Invalid(errors));
         }
         self.require_org(org_id).await?;
-        let json = serde_json::to_string(schema).map_err(|e| Error::Corrupt(e.to_string()))?;
+        let defined = ObjectSchema { dropped_fields: vec![], version: 1, ..schema.clone() };
+        let json = encode_schema(&defined)?;
+        let now = now_ms();
+        let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO objects (org_id, name, schema_json, created_at_ms) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (org_id, name) DO NOTHING",
         )
         .bind(org_id)
         .bind(&schema.name)
-        .bind(json)
-        .bind(now_ms())
-        .execute(&self.writer)
+        .bind(&json)
+        .bind(now)
+        .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 0 {
-            return Err(Error::AlreadyExists(format!("object {}", schema.name)));
+            drop(tx);
+            let current = self.object(org_id, &schema.name).await?;
+            if current.fields == schema.fields && current.external_id_field == schema.external_id_field {
+                return Ok(current);
+            }
+            return Err(Error::AlreadyExists(format!(
+                "object {} (at version {}; change its schema with UpdateObject)",
+                schema.name, current.version
+            )));
         }
-        Ok(schema.clone())
+        insert_version(&mut tx, org_id, &defined, &json, now).await?;
+        tx.commit().await?;
+        Ok(defined)
     }
 
-    /// The objects of an org, by name.
+    /// Changes an object's schema to `schema`, a compatible change of its current version (see
+    /// [`schema_change`]), as the next version; a schema equal to the current one answers it
+    /// unchanged. An incompatible change is [`Error::Incompatible`] with every problem, and
+    /// changes nothing. Dropping a unique field forgets its unique values; the records keep
+    /// theirs, which answers leave out.
+    pub async fn update_object(&self, org_id: &str, schema: &ObjectSchema) -> Result<ObjectSchema, Error> {
+        let errors = validate_schema(schema);
+        if !errors.is_empty() {
+            return Err(Error::Invalid(errors));
+        }
+        self.require_org(org_id).await?;
+        let mut tx = self.writer.begin().await?;
+        // PostgreSQL: the row lock orders concurrent changes; SQLite has one writer anyway
+        let lock = if self.backend == Backend::Postgres { " FOR UPDATE" } else { "" };
+        let row = sqlx::query(&format!("SELECT schema_json FROM objects WHERE org_id = $1 AND name = $2{lock}"))
+            .bind(org_id)
+            .bind(&schema.name)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Err(Error::not_found(Missing::Object, format!("object {:?}", schema.name)));
+        };
+        let current = decode_schema(&row.try_get::<String, _>(0)?)?;
+        let next = match schema_change(&current, schema) {
+            Err(problems) => {
+                return Err(Error::Incompatible { object: current.name, version: current.version, problems });
+            }
+            Ok(None) => return Ok(current),
+            Ok(Some(next)) => next,
+        };
+        let json = encode_schema(&next)?;
+        let now = now_ms();
+        sqlx::query("UPDATE objects SET schema_json = $3 WHERE org_id = $1 AND name = $2")
+            .bind(org_id)
+            .bind(&schema.name)
+            .bind(&json)
+            .execute(&mut *tx)
+            .await?;
+        insert_version(&mut tx, org_id, &next, &json, now).await?;
+        for dropped in next.dropped_fields.iter().filter(|f| !current.is_dropped(f)) {
+            sqlx::query("DELETE FROM unique_values WHERE org_id = $1 AND object = $2 AND field = $3")
+                .bind(org_id)
+                .bind(&schema.name)
+                .bind(dropped)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(next)
+    }
+
+    /// Every version of an object's schema, oldest first, with when each was made (ms).
+    pub async fn object_versions(&self, org_id: &str, name: &str) -> Result<Vec<(ObjectSchema, i64)>, Error> {
+        let rows = sqlx::query(
+            "SELECT schema_json, created_at_ms FROM object_versions \
+             WHERE org_id = $1 AND object = $2 ORDER BY version",
+        )
+        .bind(org_id)
+        .bind(name)
+        .fetch_all(&self.reader)
+        .await?;
+        if rows.is_empty() {
+            self.require_org(org_id).await?;
+            return Err(Error::not_found(Missing::Object, format!("object {name:?}")));
+        }
+        rows.iter().map(|r| Ok((decode_schema(&r.try_get::<String, _>(0)?)?, r.try_get(1)?))).collect()
+    }
+
+    /// The objects of an org, by name, each at its current version.
     pub async fn list_objects(&self, org_id: &str) -> Result<Vec<ObjectSchema>, Error> {
         self.require_org(org_id).await?;
         let rows = sqlx::query("SELECT schema_json FROM objects WHERE org_id = $1 ORDER BY name")
@@ -119,7 +202,7 @@ impl Store {
         rows.iter().map(|r| decode_schema(&r.try_get::<String, _>(0)?)).collect()
     }
 
-    /// The schema of one object of an org; NOT_FOUND if the org has no such object.
+    /// The current schema of one object of an org; NOT_FOUND if the org has no such object.
     pub async fn object(&self, org_id: &str, name: &str) -> Result<ObjectSchema, Error> {
         let row = sqlx::query("SELECT schema_json FROM objects WHERE org_id = $1 AND name = $2")
             .bind(org_id)
@@ -131,6 +214,30 @@ impl Store {
             None => Err(Error::not_found(Missing::Object, format!("object {name:?}"))),
         }
     }
+}
+
+async fn insert_version(
+    conn: &mut sqlx::AnyConnection,
+    org_id: &str,
+    schema: &ObjectSchema,
+    json: &str,
+    now: i64,
+) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO object_versions (org_id, object, version, schema_json, created_at_ms) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(org_id)
+    .bind(&schema.name)
+    .bind(schema.version)
+    .bind(json)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+fn encode_schema(schema: &ObjectSchema) -> Result<String, Error> {
+    serde_json::to_string(schema).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
 fn decode_schema(json: &str) -> Result<ObjectSchema, Error> {

@@ -545,7 +545,13 @@ mod tests {
     use crate::model::FieldSpec;
 
     fn schema() -> ObjectSchema {
-        let f = |name: &str, field_type| FieldSpec { name: name.into(), field_type, required: false, unique: false };
+        let f = |name: &str, field_type| FieldSpec {
+            name: name.into(),
+            field_type,
+            required: false,
+            unique: false,
+            deprecated: false,
+        };
         ObjectSchema {
             name: "account".into(),
             external_id_field: "code".into(),
@@ -555,6 +561,8 @@ mod tests {
                 f("score", FieldType::Number),
                 f("active", FieldType::Boolean),
             ],
+            dropped_fields: vec![],
+            version: 1,
         }
     }
 
@@ -670,6 +678,7 @@ mod tests {
             field_type: FieldType::Decimal,
             required: false,
             unique: false,
+            deprecated: false,
         });
         let e = parse("price = '012.50' OR price IN (7, '-0')").unwrap().unwrap();
         let c = compile(&e, &s, Backend::Postgres, 1).unwrap();

@@ -56,6 +56,17 @@ pub enum Error {
     /// The request is invalid; every problem is listed.
     #[error("invalid request: {}", .0.first().map(|e| format!("{}: {}", e.field, e.description)).unwrap_or_default())]
     Invalid(Vec<FieldError>),
+    /// A schema change that is not compatible with the object's current version; every problem
+    /// is listed, and nothing was changed.
+    #[error("incompatible change of object {object}'s schema (version {version}): {}", .problems.first().map(|e| format!("{}: {}", e.field, e.description)).unwrap_or_default())]
+    Incompatible {
+        /// The object.
+        object: String,
+        /// Its current version, which stays.
+        version: i64,
+        /// Every incompatible difference, at its path in the requested schema.
+        problems: Vec<FieldError>,
+    },
     /// The work did not finish before its deadline; its transaction was rolled back.
     #[error("deadline of {limit:?} exceeded after {elapsed:?}; nothing was committed")]
     DeadlineExceeded {
@@ -244,7 +255,7 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sources: [(i64, &'static str, &'static str); 6] = match self.0 {
+        let sources: [(i64, &'static str, &'static str); 7] = match self.0 {
             Backend::Sqlite => [
                 (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
@@ -252,6 +263,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (4, "exports", include_str!("../migrations/sqlite/0004_exports.sql")),
                 (5, "overload", include_str!("../migrations/sqlite/0005_overload.sql")),
                 (6, "chunk_records", include_str!("../migrations/sqlite/0006_chunk_records.sql")),
+                (7, "schema_versions", include_str!("../migrations/sqlite/0007_schema_versions.sql")),
             ],
             Backend::Postgres => [
                 (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
@@ -260,6 +272,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (4, "exports", include_str!("../migrations/postgres/0004_exports.sql")),
                 (5, "overload", include_str!("../migrations/postgres/0005_overload.sql")),
                 (6, "chunk_records", include_str!("../migrations/postgres/0006_chunk_records.sql")),
+                (7, "schema_versions", include_str!("../migrations/postgres/0007_schema_versions.sql")),
             ],
         };
         Box::pin(async move {

@@ -76,6 +76,10 @@ pub struct FieldSpec {
     /// No two live records share a value.
     #[serde(default)]
     pub unique: bool,
+    /// Going away: still stored, answered and accepted in writes, and droppable by a later
+    /// version. A deprecated field is never required, nor the external-id field.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deprecated: bool,
 }
 
 /// The schema of an object.
@@ -87,12 +91,31 @@ pub struct ObjectSchema {
     pub external_id_field: String,
     /// The fields.
     pub fields: Vec<FieldSpec>,
+    /// The fields dropped by earlier versions, oldest first. Their names are not used again:
+    /// records written before the drop still hold their values (see docs/decisions.md), which
+    /// answers leave out.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dropped_fields: Vec<String>,
+    /// The schema's version: 1 at definition, +1 per compatible change. Stored in the schema's
+    /// JSON; a schema stored before versions existed has none, and is version 1.
+    #[serde(default = "first_version")]
+    pub version: i64,
+}
+
+fn first_version() -> i64 {
+    1
 }
 
 impl ObjectSchema {
     /// The spec of a field, if the schema has it.
     pub fn field(&self, name: &str) -> Option<&FieldSpec> {
         self.fields.iter().find(|f| f.name == name)
+    }
+
+    /// Whether `name` is a field dropped by an earlier version, whose stored values answers
+    /// leave out.
+    pub fn is_dropped(&self, name: &str) -> bool {
+        self.dropped_fields.iter().any(|f| f == name)
     }
 }
 

@@ -86,6 +86,18 @@ pub fn validate_schema(schema: &ObjectSchema) -> Vec<FieldError> {
         if !seen.insert(f.name.as_str()) {
             errors.push(FieldError::new(format!("schema.fields[{i}].name"), format!("duplicate field {:?}", f.name)));
         }
+        if f.deprecated && f.required {
+            errors.push(FieldError::new(
+                format!("schema.fields[{i}].deprecated"),
+                "a deprecated field cannot be required: relax `required` in the same change",
+            ));
+        }
+        if f.deprecated && f.name == schema.external_id_field {
+            errors.push(FieldError::new(
+                format!("schema.fields[{i}].deprecated"),
+                "the external-id field cannot be deprecated",
+            ));
+        }
     }
     match schema.field(&schema.external_id_field) {
         None => errors.push(FieldError::new(
@@ -102,6 +114,105 @@ pub fn validate_schema(schema: &ObjectSchema) -> Vec<FieldError> {
         }
     }
     errors
+}
+
+/// The schema that `next` makes of `current` as a compatible change: `Ok(None)` when it changes
+/// nothing, `Ok(Some(schema))` with the version after `current`'s and the dropped fields updated,
+/// or every incompatible change, with the path of each in `next`. `next` must pass
+/// [`validate_schema`]; its own `version` and `dropped_fields` are ignored (they are the store's).
+///
+/// Compatible: a new optional field; `required` relaxed; a field deprecated (or deprecated no
+/// longer); a field deprecated in an earlier version left out (dropped). Anything else could make
+/// a stored record invalid, or change what a name means, and is refused: a type change, a new
+/// required field, an existing field made required, `unique` changed, a field left out that
+/// was not deprecated first (a rename is that, plus a new field), a dropped name used again, and
+/// another external-id field.
+pub fn schema_change(current: &ObjectSchema, next: &ObjectSchema) -> Result<Option<ObjectSchema>, Vec<FieldError>> {
+    let mut problems = Vec::new();
+    if next.external_id_field != current.external_id_field {
+        problems.push(FieldError::new(
+            "schema.external_id_field",
+            format!(
+                "the external-id field cannot change (from {:?} to {:?}): records are identified by it",
+                current.external_id_field, next.external_id_field
+            ),
+        ));
+    }
+    for (i, new) in next.fields.iter().enumerate() {
+        let at = |what: &str| format!("schema.fields[{i}].{what}");
+        let name = &new.name;
+        match current.field(name) {
+            Some(old) => {
+                if old.field_type != new.field_type {
+                    problems.push(FieldError::new(
+                        at("type"),
+                        format!(
+                            "field {name:?} cannot change type (from {} to {}): stored values are of the old type",
+                            old.field_type.name(),
+                            new.field_type.name()
+                        ),
+                    ));
+                }
+                if new.required && !old.required {
+                    problems.push(FieldError::new(
+                        at("required"),
+                        format!("field {name:?} cannot become required: stored records may lack it"),
+                    ));
+                }
+                if new.unique != old.unique {
+                    let why = if new.unique {
+                        "cannot become unique: stored records may share values"
+                    } else {
+                        "cannot stop being unique: uniqueness is fixed when a field is added"
+                    };
+                    problems.push(FieldError::new(at("unique"), format!("field {name:?} {why}")));
+                }
+            }
+            None if current.is_dropped(name) => problems.push(FieldError::new(
+                at("name"),
+                format!(
+                    "field {name:?} was dropped by an earlier version; a dropped name is not used again \
+                     (records written before the drop still hold its old values)"
+                ),
+            )),
+            None if new.required => problems.push(FieldError::new(
+                at("required"),
+                format!("new field {name:?} cannot be required: stored records lack it; add it optional"),
+            )),
+            None => {}
+        }
+    }
+    let mut dropped_fields = current.dropped_fields.clone();
+    for old in &current.fields {
+        if next.field(&old.name).is_some() {
+            continue;
+        }
+        if old.deprecated {
+            dropped_fields.push(old.name.clone());
+        } else {
+            problems.push(FieldError::new(
+                "schema.fields",
+                format!(
+                    "field {:?} is left out but not deprecated: deprecate it in one version, drop it in a later \
+                     one (a rename is a new field and a deprecated old one)",
+                    old.name
+                ),
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    if next.fields == current.fields {
+        return Ok(None);
+    }
+    Ok(Some(ObjectSchema {
+        name: current.name.clone(),
+        external_id_field: current.external_id_field.clone(),
+        fields: next.fields.clone(),
+        dropped_fields,
+        version: current.version + 1,
+    }))
 }
 
 /// The most digits (before and after the point, leading and trailing zeros left out) a decimal may
@@ -263,7 +374,12 @@ pub fn record_problems(schema: &ObjectSchema, records: &mut [Fields]) -> Vec<Rec
     for (i, record) in records.iter_mut().enumerate() {
         for name in record.keys() {
             if schema.field(name).is_none() {
-                errors.push(RecordProblem::new(i, name.clone(), format!("unknown field of object {}", schema.name)));
+                let dropped = if schema.is_dropped(name) { " (dropped by an earlier schema version)" } else { "" };
+                errors.push(RecordProblem::new(
+                    i,
+                    name.clone(),
+                    format!("unknown field of object {}{dropped}", schema.name),
+                ));
             }
         }
         for spec in &schema.fields {
@@ -332,10 +448,30 @@ mod tests {
             name: "account".into(),
             external_id_field: "code".into(),
             fields: vec![
-                FieldSpec { name: "code".into(), field_type: FieldType::String, required: true, unique: true },
-                FieldSpec { name: "email".into(), field_type: FieldType::String, required: false, unique: true },
-                FieldSpec { name: "amount".into(), field_type: FieldType::Integer, required: false, unique: false },
+                FieldSpec {
+                    name: "code".into(),
+                    field_type: FieldType::String,
+                    required: true,
+                    unique: true,
+                    deprecated: false,
+                },
+                FieldSpec {
+                    name: "email".into(),
+                    field_type: FieldType::String,
+                    required: false,
+                    unique: true,
+                    deprecated: false,
+                },
+                FieldSpec {
+                    name: "amount".into(),
+                    field_type: FieldType::Integer,
+                    required: false,
+                    unique: false,
+                    deprecated: false,
+                },
             ],
+            dropped_fields: vec![],
+            version: 1,
         }
     }
 
@@ -354,6 +490,7 @@ mod tests {
             field_type: FieldType::String,
             required: false,
             unique: false,
+            deprecated: false,
         });
         let errors = validate_schema(&bad);
         let paths: Vec<_> = errors.iter().map(|e| e.field.as_str()).collect();
@@ -401,11 +538,37 @@ mod tests {
             name: "t".into(),
             external_id_field: "code".into(),
             fields: vec![
-                FieldSpec { name: "code".into(), field_type: FieldType::String, required: true, unique: true },
-                FieldSpec { name: "n".into(), field_type: FieldType::Integer, required: false, unique: false },
-                FieldSpec { name: "x".into(), field_type: FieldType::Number, required: false, unique: false },
-                FieldSpec { name: "d".into(), field_type: FieldType::Decimal, required: false, unique: true },
+                FieldSpec {
+                    name: "code".into(),
+                    field_type: FieldType::String,
+                    required: true,
+                    unique: true,
+                    deprecated: false,
+                },
+                FieldSpec {
+                    name: "n".into(),
+                    field_type: FieldType::Integer,
+                    required: false,
+                    unique: false,
+                    deprecated: false,
+                },
+                FieldSpec {
+                    name: "x".into(),
+                    field_type: FieldType::Number,
+                    required: false,
+                    unique: false,
+                    deprecated: false,
+                },
+                FieldSpec {
+                    name: "d".into(),
+                    field_type: FieldType::Decimal,
+                    required: false,
+                    unique: true,
+                    deprecated: false,
+                },
             ],
+            dropped_fields: vec![],
+            version: 1,
         };
         let tag = |t: &str| json!({ DECIMAL_TAG: t });
         let mut good = vec![

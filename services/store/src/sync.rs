@@ -626,9 +626,14 @@ impl Store {
                         {
                             problems = unique;
                         }
-                        if let Some(p) = problems.first() {
-                            let field = p.field.trim_start_matches("records[0].");
-                            let reason = format!("{field}: {}", p.description);
+                        if !problems.is_empty() {
+                            // every problem, each naming its field: a field the source added and
+                            // the target's schema lacks reads `nickname: unknown field of object …`
+                            let reason = problems
+                                .iter()
+                                .map(|p| format!("{}: {}", p.field.trim_start_matches("records[0]."), p.description))
+                                .collect::<Vec<_>>()
+                                .join("; ");
                             outcome.rejected.push((change.seq, change.record_id.clone(), reason));
                             continue;
                         }

@@ -13,7 +13,13 @@ use sqlx::Executor;
 use tokio::time::Instant;
 
 fn account() -> ObjectSchema {
-    let f = |name: &str, field_type, required, unique| FieldSpec { name: name.into(), field_type, required, unique };
+    let f = |name: &str, field_type, required, unique| FieldSpec {
+        name: name.into(),
+        field_type,
+        required,
+        unique,
+        deprecated: false,
+    };
     ObjectSchema {
         name: "account".into(),
         external_id_field: "code".into(),
@@ -25,6 +31,8 @@ fn account() -> ObjectSchema {
             f("active", FieldType::Boolean, false, false),
             f("status", FieldType::String, false, false),
         ],
+        dropped_fields: vec![],
+        version: 0,
     }
 }
 
@@ -77,17 +85,240 @@ async fn objects_are_defined_once_and_validated() {
     each_backend(|t| async move {
         let s = &t.store;
         let org = org_with_account(s).await;
-        assert!(matches!(s.define_object(&org, &account()).await, Err(Error::AlreadyExists(_))));
+        // the same definition again (a retry) answers the object; another one is ALREADY_EXISTS
+        assert_eq!(s.define_object(&org, &account()).await.unwrap().version, 1);
+        let mut other = account();
+        other.fields.pop();
+        assert!(matches!(s.define_object(&org, &other).await, Err(Error::AlreadyExists(_))));
         let mut bad = account();
         bad.external_id_field = "nope".into();
         match s.define_object(&org, &bad).await {
             Err(Error::Invalid(errors)) => assert_eq!(errors[0].field, "schema.external_id_field"),
             other => panic!("expected invalid, got {other:?}"),
         }
-        assert_eq!(s.list_objects(&org).await.unwrap(), vec![account()]);
+        assert_eq!(s.list_objects(&org).await.unwrap(), vec![ObjectSchema { version: 1, ..account() }]);
         assert!(matches!(s.object(&org, "missing").await, Err(Error::NotFound(_))));
     })
     .await;
+}
+
+fn member() -> ObjectSchema {
+    let f = |name: &str, field_type, required, unique| FieldSpec {
+        name: name.into(),
+        field_type,
+        required,
+        unique,
+        deprecated: false,
+    };
+    ObjectSchema {
+        name: "member".into(),
+        external_id_field: "code".into(),
+        fields: vec![
+            f("code", FieldType::String, true, true),
+            f("name", FieldType::String, true, false),
+            f("age", FieldType::Integer, false, false),
+            f("email", FieldType::String, false, true),
+        ],
+        dropped_fields: vec![],
+        version: 0,
+    }
+}
+
+fn field<'a>(schema: &'a mut ObjectSchema, name: &str) -> &'a mut FieldSpec {
+    schema.fields.iter_mut().find(|f| f.name == name).unwrap()
+}
+
+/// The paths of an invalid request's problems.
+fn problem_paths<T: std::fmt::Debug>(result: Result<T, Error>) -> Vec<String> {
+    match result {
+        Err(Error::Invalid(errors)) => errors.into_iter().map(|e| format!("{}: {}", e.field, e.description)).collect(),
+        other => panic!("expected invalid, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn schemas_evolve_by_compatible_versions_and_old_records_stay_valid() {
+    each_backend(|t| async move {
+        let s = &t.store;
+        let org = s.create_org("acme").await.unwrap().id;
+        let mut schema = member();
+        assert_eq!(s.define_object(&org, &schema).await.unwrap().version, 1);
+        let m1 = rec(json!({"code": "m1", "name": "Ann", "age": 30, "email": "ann@x"}));
+        s.upsert(&org, "member", vec![m1.clone()], soon()).await.unwrap();
+
+        // v2: a new optional field, which writes may carry from then on
+        schema.fields.push(FieldSpec {
+            name: "nickname".into(),
+            field_type: FieldType::String,
+            required: false,
+            unique: false,
+            deprecated: false,
+        });
+        let v2 = s.update_object(&org, &schema).await.unwrap();
+        assert_eq!((v2.version, s.object(&org, "member").await.unwrap()), (2, v2.clone()));
+        s.upsert(&org, "member", vec![rec(json!({"code": "m2", "name": "Bob", "nickname": "bo"}))], soon())
+            .await
+            .unwrap();
+        // the same schema again changes nothing
+        assert_eq!(s.update_object(&org, &schema).await.unwrap().version, 2);
+        assert_eq!(
+            problem_paths(s.upsert(&org, "member", vec![rec(json!({"code": "m3"}))], soon()).await),
+            ["records[0].name: required field is missing"]
+        );
+
+        // v3: `name` relaxed to optional
+        field(&mut schema, "name").required = false;
+        assert_eq!(s.update_object(&org, &schema).await.unwrap().version, 3);
+        s.upsert(&org, "member", vec![rec(json!({"code": "m3"}))], soon()).await.unwrap();
+
+        // v4: `age` and the unique `email` deprecated: still stored, answered and written
+        field(&mut schema, "age").deprecated = true;
+        field(&mut schema, "email").deprecated = true;
+        let v4 = s.update_object(&org, &schema).await.unwrap();
+        assert!(v4.version == 4 && v4.field("age").unwrap().deprecated);
+        s.upsert(&org, "member", vec![rec(json!({"code": "m4", "age": 5, "email": "d@x"}))], soon()).await.unwrap();
+        assert!(
+            !problem_paths(s.upsert(&org, "member", vec![rec(json!({"code": "m5", "email": "d@x"}))], soon()).await)
+                .is_empty(),
+            "a deprecated unique field is still unique"
+        );
+
+        // v5: both dropped; a write carrying one is an unknown field, a filter on one too
+        schema.fields.retain(|f| !f.deprecated);
+        let v5 = s.update_object(&org, &schema).await.unwrap();
+        assert_eq!((v5.version, v5.dropped_fields.clone()), (5, vec!["age".to_owned(), "email".to_owned()]));
+        assert_eq!(
+            problem_paths(s.upsert(&org, "member", vec![rec(json!({"code": "m5", "age": 1}))], soon()).await),
+            ["records[0].age: unknown field of object member (dropped by an earlier schema version)"]
+        );
+        assert!(s.query(&org, "member", "age = 30", &[], 10, None, soon()).await.is_err());
+        // records written under v1 stay readable and writable under v5; their dropped values stay
+        // stored (the gRPC answers leave them out)
+        let (old, _) = s.get(&org, "member", "m1", soon()).await.unwrap();
+        assert_eq!((old.fields, old.version), (m1, 1));
+        s.upsert(&org, "member", vec![rec(json!({"code": "m1", "name": "Ann B"}))], soon()).await.unwrap();
+        let page = s.query(&org, "member", "name IS NULL", &[], 10, None, soon()).await.unwrap();
+        assert_eq!(page.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["m3", "m4"]);
+        assert_eq!(page.schema.version, 5);
+
+        // every version is kept
+        let versions = s.object_versions(&org, "member").await.unwrap();
+        assert_eq!(versions.iter().map(|(v, _)| v.version).collect::<Vec<_>>(), [1, 2, 3, 4, 5]);
+        assert_eq!(versions[0].0, ObjectSchema { version: 1, ..member() });
+        assert_eq!(versions[4].0, v5);
+        assert!(matches!(s.object_versions(&org, "nope").await, Err(Error::NotFound(_))));
+        assert!(matches!(
+            s.update_object(&org, &ObjectSchema { name: "nope".into(), ..member() }).await,
+            Err(Error::NotFound(_))
+        ));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_incompatible_schema_change_lists_every_problem_and_changes_nothing() {
+    each_backend(|t| async move {
+        let s = &t.store;
+        let org = s.create_org("acme").await.unwrap().id;
+        let mut schema = member();
+        s.define_object(&org, &schema).await.unwrap();
+        field(&mut schema, "age").deprecated = true;
+        s.update_object(&org, &schema).await.unwrap();
+        schema.fields.retain(|f| f.name != "age");
+        let v3 = s.update_object(&org, &schema).await.unwrap();
+
+        let f = |name: &str, field_type, required, unique| FieldSpec {
+            name: name.into(),
+            field_type,
+            required,
+            unique,
+            deprecated: false,
+        };
+        let bad = ObjectSchema {
+            fields: vec![
+                f("code", FieldType::String, true, true),
+                // `name` renamed: left out without a deprecation, and a new field
+                f("full_name", FieldType::String, false, false),
+                f("email", FieldType::Integer, true, false),
+                f("age", FieldType::Integer, false, false),
+                f("region", FieldType::String, true, false),
+            ],
+            ..member()
+        };
+        let problems = match s.update_object(&org, &bad).await {
+            Err(Error::Incompatible { object, version, problems }) => {
+                assert_eq!((object.as_str(), version), ("member", 3));
+                problems.into_iter().map(|p| p.field).collect::<Vec<_>>()
+            }
+            other => panic!("expected incompatible, got {other:?}"),
+        };
+        assert_eq!(
+            problems,
+            [
+                "schema.fields[2].type",
+                "schema.fields[2].required",
+                "schema.fields[2].unique",
+                "schema.fields[3].name",
+                "schema.fields[4].required",
+                "schema.fields",
+            ]
+        );
+        let mut other_id = ObjectSchema { external_id_field: "email".into(), ..v3.clone() };
+        field(&mut other_id, "email").required = true;
+        match s.update_object(&org, &other_id).await {
+            Err(Error::Incompatible { problems, .. }) => assert_eq!(
+                problems.iter().map(|p| p.field.as_str()).collect::<Vec<_>>(),
+                ["schema.external_id_field", "schema.fields[2].required"]
+            ),
+            other => panic!("expected incompatible, got {other:?}"),
+        }
+        let mut unique = v3.clone();
+        field(&mut unique, "name").unique = true;
+        assert!(matches!(s.update_object(&org, &unique).await, Err(Error::Incompatible { .. })));
+        // invalid schemas are refused as in a definition: a required deprecated field
+        let mut required_deprecated = v3.clone();
+        field(&mut required_deprecated, "name").deprecated = true;
+        assert_eq!(
+            problem_paths(s.update_object(&org, &required_deprecated).await),
+            ["schema.fields[1].deprecated: a deprecated field cannot be required: relax `required` in the same change"]
+        );
+        assert_eq!(s.object(&org, "member").await.unwrap(), v3);
+        assert_eq!(s.object_versions(&org, "member").await.unwrap().len(), 3);
+    })
+    .await;
+}
+
+/// Defines `account` in a database migrated to before schema versions (0007), as a release of
+/// then did.
+async fn define_before_versions(pool: &sqlx::AnyPool, org: &str) {
+    sqlx::query("INSERT INTO objects (org_id, name, schema_json, created_at_ms) VALUES ($1, 'account', $2, 7)")
+        .bind(org.to_owned())
+        .bind(json!({"name": "account", "external_id_field": "code", "fields": account().fields}).to_string())
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_object_defined_before_schema_versions_is_at_version_1() {
+    for backend in testing::backends() {
+        eprintln!("-- on {backend:?}");
+        let old = testing::open_at(backend, 6).await.unwrap();
+        let org = old.store.create_org("acme").await.unwrap().id;
+        let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&old.url).await.unwrap();
+        define_before_versions(&pool, &org).await;
+        pool.close().await;
+        old.store.close().await;
+
+        let s = Store::open(&baton_store::StoreOptions::new(old.url.clone())).await.unwrap();
+        assert_eq!(s.object(&org, "account").await.unwrap(), ObjectSchema { version: 1, ..account() });
+        let versions = s.object_versions(&org, "account").await.unwrap();
+        assert_eq!((versions.len(), versions[0].1), (1, 7));
+        let mut next = account();
+        field(&mut next, "status").deprecated = true;
+        assert_eq!(s.update_object(&org, &next).await.unwrap().version, 2);
+        s.close().await;
+    }
 }
 
 #[tokio::test]
@@ -471,12 +702,14 @@ mod batches {
         for backend in testing::backends() {
             eprintln!("-- on {backend:?}");
             let old = testing::open_at(backend, 5).await.unwrap();
-            let org = org_with_account(&old.store).await;
+            let org = old.store.create_org("acme").await.unwrap().id;
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&old.url).await.unwrap();
+            // defined as that release did, without a schema version
+            define_before_versions(&pool, &org).await;
             let BatchStart::New(batch) = old.store.begin_batch(&org, &new_batch(BatchOp::Upsert, 10)).await.unwrap()
             else {
                 panic!("a new batch")
             };
-            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&old.url).await.unwrap();
             sqlx::query(
                 "INSERT INTO chunks (batch_id, idx, org_id, first_record, record_count, records, state) \
                  VALUES ($1, 0, $2, 0, 3, $3, 'PENDING')",

@@ -68,6 +68,7 @@ async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationT
                         to_id: last.id.clone(),
                         rows_so_far: rows,
                         records: page.records.iter().map(|r| convert::record_to_pb(r, &page.schema)).collect(),
+                        schema_version: page.schema.version,
                     };
                     if send(tx, pb::extract_response::Kind::Snapshot(chunk)).await.is_err() {
                         return Ok(());
@@ -84,10 +85,6 @@ async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationT
             high_water
         }
     };
-    let mut schemas = std::collections::HashMap::new();
-    for object in &x.objects {
-        schemas.insert(object.as_str(), store.object(&x.org, object).await?);
-    }
     loop {
         let events = store.changes_since(&x.org, cursor, 1000).await?;
         if events.is_empty() {
@@ -97,6 +94,15 @@ async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationT
                 () = tokio::time::sleep(x.poll) => continue,
             }
         }
+        // read after the events, so that every field they carry is in the schema (a field added
+        // by a newer version is typed by it, a dropped one left out); one query per batch
+        let schemas: std::collections::HashMap<_, _> = store
+            .list_objects(&x.org)
+            .await?
+            .into_iter()
+            .filter(|s| x.objects.contains(&s.name))
+            .map(|s| (s.name.clone(), s))
+            .collect();
         cursor = events.last().map_or(cursor, |e| e.seq);
         let changes: Vec<_> =
             events.iter().filter_map(|e| Some(convert::change_to_pb(e, schemas.get(e.object.as_str())?))).collect();
