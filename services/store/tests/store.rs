@@ -197,6 +197,8 @@ async fn schemas_evolve_by_compatible_versions_and_old_records_stay_valid() {
         let (old, _) = s.get(&org, "member", "m1", soon()).await.unwrap();
         assert_eq!((old.fields, old.version), (m1, 1));
         s.upsert(&org, "member", vec![rec(json!({"code": "m1", "name": "Ann B"}))], soon()).await.unwrap();
+        let (rewritten, _) = s.get(&org, "member", "m1", soon()).await.unwrap();
+        assert_eq!(rewritten.fields, rec(json!({"code": "m1", "name": "Ann B"})), "a rewrite sheds the dropped value");
         let page = s.query(&org, "member", "name IS NULL", &[], 10, None, soon()).await.unwrap();
         assert_eq!(page.records.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["m3", "m4"]);
         assert_eq!(page.schema.version, 5);
