@@ -428,7 +428,7 @@ async fn a_field_the_target_lacks_dead_letters_the_change_naming_it() {
     })
     .await;
     async fn letters(source: &Server, a: &TestOrg, id: &str) -> Vec<pb::DeadLetter> {
-        let request = pb::ListDeadLettersRequest { link_id: id.into() };
+        let request = pb::ListDeadLettersRequest { link_id: id.into(), ..Default::default() };
         source.sync().await.list_dead_letters(authed(request, &a.key)).await.unwrap().into_inner().dead_letters
     }
     let dead = letters(&source, &a, &id).await;
