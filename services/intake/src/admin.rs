@@ -23,6 +23,15 @@ impl AdminService {
     }
 }
 
+/// The schema a DefineObject or UpdateObject request carries, for org `org_id`, checked.
+fn schema_of(org_id: &str, schema: Option<pb::ObjectSchema>) -> Result<baton_store::model::ObjectSchema, Status> {
+    require(org_id, "org_id")?;
+    let Some(schema) = schema else {
+        return Err(Error::Invalid(vec![FieldError::new("schema", "required")]).into());
+    };
+    Ok(convert::schema_from_pb(&schema).map_err(Error::Invalid)?)
+}
+
 #[tonic::async_trait]
 impl pb::admin_server::Admin for AdminService {
     async fn create_org(&self, request: Request<pb::CreateOrgRequest>) -> Result<Response<pb::Org>, Status> {
@@ -69,11 +78,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ObjectSchema>, Status> {
         require_admin(&request)?;
         let request = request.into_inner();
-        require(&request.org_id, "org_id")?;
-        let Some(schema) = request.schema else {
-            return Err(Error::Invalid(vec![FieldError::new("schema", "required")]).into());
-        };
-        let schema = convert::schema_from_pb(&schema).map_err(Error::Invalid)?;
+        let schema = schema_of(&request.org_id, request.schema)?;
         let defined = self.store.define_object(&request.org_id, &schema).await.map_err(Error::from)?;
         Ok(Response::new(convert::schema_to_pb(&defined)))
     }
@@ -84,11 +89,7 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::ObjectSchema>, Status> {
         require_admin(&request)?;
         let request = request.into_inner();
-        require(&request.org_id, "org_id")?;
-        let Some(schema) = request.schema else {
-            return Err(Error::Invalid(vec![FieldError::new("schema", "required")]).into());
-        };
-        let schema = convert::schema_from_pb(&schema).map_err(Error::Invalid)?;
+        let schema = schema_of(&request.org_id, request.schema)?;
         let updated = self.store.update_object(&request.org_id, &schema).await.map_err(Error::from)?;
         Ok(Response::new(convert::schema_to_pb(&updated)))
     }
