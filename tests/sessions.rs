@@ -82,6 +82,8 @@ async fn a_closed_session_is_gone_with_its_queues_and_says_why() {
     let refused = tokio::time::timeout(Duration::from_secs(10), waiting.close(false)).await.unwrap().unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
     assert!(refused.message().contains("1 request(s) unanswered"), "{}", refused.message());
+    let reason = tonic_types::StatusExt::get_details_error_info(&refused).map(|i| i.reason);
+    assert_eq!(reason.as_deref(), Some("STILL_QUEUED"), "the reason crosses the Multiplex channel: {refused:?}");
     let info = get_session(&manager, waiting.session_id()).await.unwrap();
     assert_eq!(info.request_queue, 1);
     // the session goes on after the refusal

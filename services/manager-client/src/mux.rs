@@ -122,7 +122,8 @@ async fn start(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
 
 /// The status a `ChannelClosed` event stands for, with the leader it names as metadata.
 fn closed_status(closed: pb::ChannelClosed) -> Status {
-    let mut status = Status::new(Code::from(closed.code), closed.message);
+    // with the details (the ErrorInfo reason) a stream of the session's own would end with
+    let mut status = Status::with_details(Code::from(closed.code), closed.message, closed.details.into());
     // a standby names the leader it knows, or none (empty); other closes name nothing
     if closed.code == Code::Unavailable as i32
         && let Ok(leader) = closed.leader.parse()

@@ -42,6 +42,7 @@ pub(super) fn closed_event(channel: u64, status: &Status) -> pb::MuxEvent {
             code: status.code() as i32,
             message: status.message().to_owned(),
             leader: leader.to_owned(),
+            details: status.details().to_vec(),
         })),
     }
 }
