@@ -90,10 +90,38 @@ impl From<Error> for Status {
                 tracing::error!(error = %e, "blob store failure");
                 status::retry_later(Code::Unavailable, "the blob store is unavailable; retry later", RETRY_AFTER)
             }
+            Error::Store(e @ S::Unavailable(_)) => {
+                // nothing committed: the same request can succeed once the database is back
+                tracing::warn!(error = %e, "database unavailable");
+                status::retry_later(Code::Unavailable, "the database is unavailable; retry later", RETRY_AFTER)
+            }
             Error::Store(e @ (S::Database(_) | S::Migrate(_) | S::Url { .. } | S::Corrupt(_))) => {
                 tracing::error!(error = %e, "store failure");
                 Status::internal("internal store error")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic_types::StatusExt;
+
+    /// A database that cannot be reached (a restart, a failover, a refused connection) is
+    /// UNAVAILABLE with a RetryInfo, never INTERNAL, which tells a client not to retry.
+    #[test]
+    fn a_lost_database_is_unavailable_with_retry_info() {
+        for e in [
+            sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused")),
+            sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "reset")),
+            sqlx::Error::PoolClosed,
+        ] {
+            let status = Status::from(Error::Store(baton_store::Error::from(e)));
+            assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+            assert!(status.get_details_retry_info().is_some(), "{status:?}");
+        }
+        let other = Status::from(Error::Store(baton_store::Error::from(sqlx::Error::RowNotFound)));
+        assert_eq!(other.code(), Code::Internal);
     }
 }

@@ -82,6 +82,10 @@ pub enum Error {
     /// The database hit a resource limit (statement timeout, out of memory or disk).
     #[error("database resource limit: {0}")]
     Resource(#[source] sqlx::Error),
+    /// The database cannot be reached: a connection lost or refused, the server restarting or
+    /// shutting down, a failover. Nothing of the call committed, and retrying later can succeed.
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
     /// Any other database failure.
     #[error("database: {0}")]
     Database(#[source] sqlx::Error),
@@ -183,6 +187,10 @@ impl Missing {
 pub(crate) fn classify(e: sqlx::Error) -> Error {
     match &e {
         sqlx::Error::PoolTimedOut => Error::Busy(e),
+        // the connection itself failed: refused, reset, closed by a restarting server
+        sqlx::Error::Io(_) | sqlx::Error::Tls(_) | sqlx::Error::PoolClosed | sqlx::Error::WorkerCrashed => {
+            Error::Unavailable(e)
+        }
         sqlx::Error::Database(db) => {
             let code = db.code().map(Cow::into_owned).unwrap_or_default();
             match code.as_str() {
@@ -194,6 +202,11 @@ pub(crate) fn classify(e: sqlx::Error) -> Error {
                 "40001" | "40P01" | "55P03" | "53300" => Error::Busy(e),
                 // PostgreSQL: statement timeout / cancel, out of memory, disk full, program limit.
                 "57014" | "53200" | "53100" | "54000" => Error::Resource(e),
+                // PostgreSQL: connection exceptions (class 08), administrator or crash shutdown,
+                // cannot connect now (starting up, recovering), a read-only standby after a
+                // failover.
+                c if c.starts_with("08") => Error::Unavailable(e),
+                "57P01" | "57P02" | "57P03" | "25006" => Error::Unavailable(e),
                 _ => Error::Database(e),
             }
         }
