@@ -310,7 +310,14 @@ async fn parallel_upserts_get_dense_distinct_seqs() {
 
 #[tokio::test]
 async fn bad_config_exits_64_with_one_line() {
+    // a port in use is a configuration error too
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = taken.local_addr().unwrap().to_string();
+    let dir = TempDir::new();
+    let (db, data) = (format!("sqlite://{}/x.db", dir.0.display()), dir.0.join("dev").display().to_string());
     for args in [
+        vec!["intake", "--store", db.as_str(), "--listen", taken.as_str()],
+        vec!["dev", "--data-dir", data.as_str(), "--listen", taken.as_str()],
         vec!["intake", "--store", "ftp://nowhere"],
         vec!["intake", "--store", "sqlite:///tmp/x.db", "--deadline", "0ms"],
         vec!["dev", "--listen", "not-an-address"],
@@ -322,6 +329,9 @@ async fn bad_config_exits_64_with_one_line() {
         let stderr = String::from_utf8(out.stderr).unwrap();
         assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.starts_with("baton: bad config: "), "{stderr}");
+        if args.contains(&taken.as_str()) {
+            assert!(stderr.contains(&format!("cannot listen on {taken}")), "{stderr}");
+        }
     }
 }
 

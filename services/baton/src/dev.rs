@@ -111,8 +111,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         max_message_bytes: args.max_message_bytes,
         shutdown_grace: Duration::from_secs(5),
     };
-    let listener = baton_mesh::server::bind(serve.listen).await?;
-    let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+    let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
+    let metrics = baton_mesh::server::bind_or_exit(serve.metrics_listen).await;
     let shown = if url.starts_with("sqlite:") { url.clone() } else { "postgres (from --store)".to_owned() };
     let addr = listener.local_addr()?;
     let metrics_addr = metrics.local_addr()?;

@@ -287,8 +287,8 @@ pub(crate) fn mesh_connector(
 
 /// Binds a server's gRPC and `/metrics` listeners and prints where they are.
 async fn bind_and_announce(serve: &ServeOptions) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
-    let listener = baton_mesh::server::bind(serve.listen).await?;
-    let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+    let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
+    let metrics = baton_mesh::server::bind_or_exit(serve.metrics_listen).await;
     print_endpoints(&listener, &metrics)?;
     Ok((listener, metrics))
 }

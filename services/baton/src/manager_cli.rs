@@ -84,7 +84,7 @@ fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
 pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     match args.command {
         ManagerCommand::Serve { serve, manager } => {
-            let listener = baton_mesh::server::bind(serve.listen).await?;
+            let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
             let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
             let (connector, mesh_token) = crate::mesh_connector(&manager.mesh);

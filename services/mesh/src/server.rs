@@ -45,6 +45,12 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(addr).await.map_err(|source| Error::Bind { addr, source })
 }
 
+/// Binds a TCP listener, or ends the process as a configuration error (exit 64, one line: `baton:
+/// bad config: cannot listen on ADDR: …`): a port in use is the operator's to fix, not a crash.
+pub async fn bind_or_exit(addr: SocketAddr) -> TcpListener {
+    bind(addr).await.unwrap_or_else(|e| crate::config::exit_bad_config(e))
+}
+
 /// A gRPC server under construction: add services, then [`MeshServer::serve`].
 pub struct MeshServer {
     options: ServeOptions,
