@@ -323,6 +323,8 @@ async fn bad_config_exits_64_with_one_line() {
         vec!["dev", "--listen", "not-an-address"],
         vec!["dev", "--no-such-flag"],
         vec!["intake"],
+        vec!["worker", "--store", db.as_str(), "--manager", "notaurl"],
+        vec!["scheduler", "--store", db.as_str(), "--manager", "http://127.0.0.1:7400,ftp://x"],
     ] {
         let out = Command::new(baton_bin()).args(&args).env_remove("BATON_STORE").output().unwrap();
         assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");

@@ -120,9 +120,7 @@ impl SchedulerOptions {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
-        if self.manager.trim().is_empty() {
-            return Err("--manager is empty: name the session manager (http://host:port)".into());
-        }
+        baton_manager_client::check_managers(&self.manager)?;
         check_scheduler_id(&self.id())?;
         self.release.validate()
     }
@@ -187,7 +185,7 @@ mod tests {
     fn the_default_id_is_the_host_name() {
         let options = SchedulerOptions {
             scheduler_id: None,
-            ..SchedulerOptions::new("m".into(), "x".into(), Default::default())
+            ..SchedulerOptions::new("http://m:7400".into(), "x".into(), Default::default())
         };
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         if !host.trim().is_empty() {

@@ -141,9 +141,7 @@ impl WorkerOptions {
 
     /// Checks what clap cannot.
     pub fn validate(&self) -> Result<(), String> {
-        if self.manager.trim().is_empty() {
-            return Err("--manager is empty: name the session manager (http://host:port)".into());
-        }
+        baton_manager_client::check_managers(&self.manager)?;
         self.chunks.validate()
     }
 
