@@ -646,3 +646,32 @@ async fn schemas_evolve_by_compatible_versions_end_to_end() {
         assert_eq!((changes[0].record_id.as_str(), changes[0].schema_version), ("m6", 5));
     }
 }
+
+/// `baton query … | head -1`: the CLI stops quietly when its reader goes away (no "Broken pipe"
+/// message, exit 0).
+#[tokio::test]
+async fn the_cli_stops_quietly_when_its_reader_goes_away() {
+    use std::io::BufRead;
+    let server = Server::start(Backend::Sqlite, &[]).await;
+    let org = create_org(&server, "acme").await;
+    // more than a pipe's buffer (64 KiB) of output, so that the CLI writes after the reader left
+    let name = "n".repeat(2_000);
+    let records = (0..200).map(|i| json!({"code": format!("a{i:03}"), "name": name})).collect();
+    upsert(&server, &org, records).await.unwrap();
+    let mut child = Command::new(baton_bin())
+        .args(["query", "account"])
+        .env("BATON_ENDPOINT", format!("http://{}", server.addr))
+        .env("BATON_API_KEY", &org.key)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    assert!(first.contains("a000"), "{first}");
+    // the reader is dropped here: the pipe closes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "exit {:?}: {stderr}", out.status.code());
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}

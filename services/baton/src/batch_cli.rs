@@ -12,7 +12,7 @@ use baton_store::model::Fields;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::client::{OrgConn, channel, explain, print_json, time_json, with_bearer};
+use crate::client::{OrgConn, channel, count, explain, print_json, time_json, with_bearer};
 
 /// `baton batch`.
 #[derive(clap::Args, Debug)]
@@ -216,12 +216,12 @@ fn batch_json(b: &pb::Batch) -> Value {
 fn summary(b: &pb::Batch) -> String {
     let t = b.totals.unwrap_or_default();
     format!(
-        "batch {}: {} of {} records committed in {} chunks — committed {}, after resource retry {}, \
+        "batch {}: {} of {} committed in {} — committed {}, after resource retry {}, \
          after workload retry {}, aborted {}, cancelled {}",
         b.batch_id,
         t.records_committed,
-        t.records,
-        t.chunks,
+        count(t.records, "record", "records"),
+        count(t.chunks, "chunk", "chunks"),
         t.committed,
         t.committed_after_retry_resources,
         t.committed_after_retry_workload,
@@ -318,10 +318,10 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
             .map_err(explain)?;
             upload.finish();
             eprintln!(
-                "batch {} staged: {} records in {} chunks{}",
+                "batch {} staged: {} in {}{}",
                 staged.batch_id,
-                staged.records,
-                staged.chunks,
+                count(staged.records, "record", "records"),
+                count(staged.chunks, "chunk", "chunks"),
                 if staged.duplicate { " (submitted before with this request id)" } else { "" }
             );
             println!("{}", staged.batch_id);

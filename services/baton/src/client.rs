@@ -238,6 +238,12 @@ pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `n` and the noun, singular or plural: `1 chunk`, `3 chunks`.
+pub(crate) fn count(n: impl Into<u64>, singular: &str, plural: &str) -> String {
+    let n = n.into();
+    format!("{n} {}", if n == 1 { singular } else { plural })
+}
+
 /// A time as JSON: RFC 3339 text in UTC, or null when unset.
 pub(crate) fn time_json(time: Option<&prost_types::Timestamp>) -> serde_json::Value {
     time.map_or(serde_json::Value::Null, |t| t.to_string().into())
@@ -363,9 +369,12 @@ pub async fn upsert(args: UpsertArgs) -> anyhow::Result<()> {
             Upserted::RealTime(response) => print_upserted(&response)?,
             Upserted::Batch(batch) => {
                 eprintln!(
-                    "rejected in real time (resubmit as batch): submitted as batch {} ({} records in {} chunks); \
+                    "rejected in real time (resubmit as batch): submitted as batch {} ({} in {}); \
                      follow it with `baton batch watch {}`",
-                    batch.batch_id, batch.records, batch.chunks, batch.batch_id
+                    batch.batch_id,
+                    count(batch.records, "record", "records"),
+                    count(batch.chunks, "chunk", "chunks"),
+                    batch.batch_id
                 );
                 println!("{}", batch.batch_id);
             }

@@ -10,7 +10,9 @@ use crate::config::{LogFormat, TelemetryOptions};
 /// Installs the tracing subscriber (text or JSON lines on stderr). A bad filter is bad config.
 pub fn init_tracing(options: &TelemetryOptions) -> Result<(), String> {
     let filter = EnvFilter::try_new(&options.log).map_err(|e| format!("invalid log filter {:?}: {e}", options.log))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // colours only for a person at a terminal, never in a file or a pipe
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     let result = match options.log_format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
