@@ -9,5 +9,7 @@ cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 baton_setup_tools
-cargo build --release --quiet -p baton
+# the first build takes a while (several minutes on two cores): cargo shows its progress
+echo "dev: building baton (release)" >&2
+cargo build --release -p baton
 exec target/release/baton dev "$@"
