@@ -35,6 +35,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(".google.rpc", "::tonic_types::pb")
         // journal entries pass from the primary's journal to the standby's without a copy
         .bytes(".baton.internal.v1.ReplicaFrame.records")
+        // a FetchPart frame can carry records encoded once, as they are read from the part
+        // (hand-written in `proto.rs`; same wire format)
+        .extern_path(".baton.v1.ExportRows", "crate::proto::ExportRows")
         .compile_protos(&protos, &[root])?;
     Ok(())
 }

@@ -953,11 +953,11 @@ async fn batch() {
 /// whole load from the WAL into the database.
 fn load_sqlite(path: &str, org: &str, n: usize) {
     let sql = format!(
-        "BEGIN; WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < {last}) \
+        "PRAGMA busy_timeout = 10000; BEGIN IMMEDIATE; WITH RECURSIVE seq(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM seq WHERE i < {last}) \
          INSERT INTO records (org_id, object, id, fields, version, updated_at_ms, deleted) \
          SELECT '{org}', 'account', printf('c%08d', i), \
          json_object('code', printf('c%08d', i), 'name', 'name ' || i, 'amount', i), 1, 0, 0 FROM seq; \
-         UPDATE orgs SET last_seq = {n} WHERE id = '{org}'; COMMIT; PRAGMA busy_timeout = 5000; PRAGMA wal_checkpoint(TRUNCATE);",
+         UPDATE orgs SET last_seq = {n} WHERE id = '{org}'; COMMIT; PRAGMA wal_checkpoint(TRUNCATE);",
         last = n - 1
     );
     let status = std::process::Command::new("sqlite3").arg(path).arg(&sql).status().expect("run sqlite3");

@@ -3,6 +3,7 @@
 //! - [`convert`]: protobuf messages ↔ store types (records and their typed values, changes,
 //!   schemas);
 //! - [`batches`]: batches and chunks on the wire;
+//! - [`part_rows`]: a stored export part's rows encoded straight onto the wire;
 //! - [`error`]: the services' [`Error`] and its one mapping to `tonic::Status`;
 //! - [`work`]: what the scheduler and the workers agree on (the work messages' type URLs, the
 //!   worker pool's name).
@@ -10,6 +11,7 @@
 pub mod batches;
 pub mod convert;
 pub mod error;
+pub mod part_rows;
 pub mod work;
 
 pub use error::Error;

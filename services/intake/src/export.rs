@@ -16,12 +16,17 @@ use baton_store::exports::{self, ExportInfo, ExportReason, ExportSpec, ExportSta
 use tokio_stream::Stream;
 use tonic::{Code, Request, Status};
 
+use baton_api::part_rows;
+
 use crate::{Error, IntakeService, convert, require};
 
 /// How often WatchExport, `wait` and FetchPart of a part not yet produced look at the export.
 const POLL: Duration = Duration::from_millis(100);
-/// Rows per FetchPart frame.
+/// Rows per FetchPart frame, at most.
 const FRAME_ROWS: usize = 1_000;
+/// A FetchPart frame is sent once it holds this many bytes of rows, even with fewer than
+/// [`FRAME_ROWS`]: frames of large records stay well under a client's 4 MiB default limit.
+const FRAME_BYTES: usize = 256 * 1024;
 /// The longest request id.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -256,27 +261,37 @@ impl IntakeService {
             }
         };
         let (tx, rx) = tokio::sync::mpsc::channel(2);
-        // frames are decoded one at a time as the client reads them: a part is held compressed
-        // size × 3 or so, never as decoded rows
+        // a frame is encoded as the client reads it, straight from the part's lines: a part is
+        // held as its decompressed text, never as decoded rows
         tokio::spawn(async move {
-            let schema = rows.schema.clone();
-            let mut lines = rows.records();
-            let mut sent = 0u64;
+            let schema = &rows.schema;
+            let mut lines = rows.lines();
+            let (mut scratch, mut sent) = (Vec::new(), 0u64);
             loop {
-                let frame: Result<Vec<pb::Record>, _> =
-                    lines.by_ref().take(FRAME_ROWS).map(|r| r.map(|r| convert::record_to_pb(&r, &schema))).collect();
-                match frame {
-                    Ok(records) if records.is_empty() => break,
-                    Ok(records) => {
-                        sent += records.len() as u64;
-                        if tx.send(Ok(pb::ExportRows { records, schema_version: schema.version })).await.is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                let (mut frame, mut count) = (Vec::with_capacity(FRAME_BYTES), 0);
+                let mut failed = None;
+                while count < FRAME_ROWS && frame.len() < FRAME_BYTES {
+                    let Some(line) = lines.next() else { break };
+                    if let Err(e) = part_rows::encode_line(line, schema, &mut scratch, &mut frame) {
+                        failed = Some(baton_store::Error::Corrupt(format!("part {}: {e}", rows.number())));
                         break;
                     }
+                    count += 1;
+                }
+                if count > 0 {
+                    sent += count as u64;
+                    let rows =
+                        pb::ExportRows { encoded: frame.into(), schema_version: schema.version, ..Default::default() };
+                    if tx.send(Ok(rows)).await.is_err() {
+                        break;
+                    }
+                }
+                if let Some(e) = failed {
+                    let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                    break;
+                }
+                if count == 0 {
+                    break;
                 }
             }
             metrics::counter!("baton_export_rows_fetched_total").increment(sent);

@@ -5,6 +5,63 @@
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod v1 {
     tonic::include_proto!("baton.v1");
+    pub use super::ExportRows;
+}
+
+/// `baton.v1.ExportRows`, one frame of a FetchPart stream, written by hand so that a server can
+/// send records it has already encoded (`encoded`) without building them as messages first: a
+/// part's rows go from the stored part to the wire in one pass (see `baton_api::part_rows`).
+/// On the wire it is the generated message's exact format; a decoded frame has every record in
+/// `records` and `encoded` empty.
+#[derive(Clone, PartialEq, Default, Debug)]
+pub struct ExportRows {
+    /// The rows (at most 1,000 to a frame).
+    pub records: Vec<v1::Record>,
+    /// Further rows, sent after `records`: each one `Record` already encoded as field 1 of
+    /// ExportRows (its tag, its length, its bytes).
+    pub encoded: bytes::Bytes,
+    /// The version of the object's schema the rows are typed under.
+    pub schema_version: i64,
+}
+
+impl prost::Message for ExportRows {
+    fn encode_raw(&self, buf: &mut impl bytes::BufMut) {
+        use prost::encoding::{int64, message};
+        for record in &self.records {
+            message::encode(1, record, buf);
+        }
+        buf.put_slice(&self.encoded);
+        if self.schema_version != 0 {
+            int64::encode(3, &self.schema_version, buf);
+        }
+    }
+
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        use prost::encoding::{int64, message, skip_field};
+        match tag {
+            1 => message::merge_repeated(wire_type, &mut self.records, buf, ctx),
+            3 => int64::merge(wire_type, &mut self.schema_version, buf, ctx),
+            _ => skip_field(wire_type, tag, buf, ctx),
+        }
+    }
+
+    fn encoded_len(&self) -> usize {
+        let version =
+            if self.schema_version != 0 { prost::encoding::int64::encoded_len(3, &self.schema_version) } else { 0 };
+        prost::encoding::message::encoded_len_repeated(1, &self.records) + self.encoded.len() + version
+    }
+
+    fn clear(&mut self) {
+        self.records.clear();
+        self.encoded = bytes::Bytes::new();
+        self.schema_version = 0;
+    }
 }
 
 /// The `baton.internal.v1` package: what baton's own processes say to each other (manager

@@ -226,27 +226,39 @@ impl PartRows {
         let number = self.number;
         let mut at = 0;
         std::iter::from_fn(move || {
-            while at < self.data.len() {
-                let end = self.data[at..].iter().position(|b| *b == b'\n').map_or(self.data.len(), |i| at + i);
-                let line = &self.data[at..end];
-                at = end + 1;
-                if line.is_empty() {
-                    continue;
-                }
-                return Some(
-                    serde_json::from_slice::<PartLine>(line)
-                        .map(|l| Record {
-                            id: l.id,
-                            fields: l.fields,
-                            version: l.version,
-                            updated_at_ms: l.updated_at_ms,
-                        })
-                        .map_err(|e| Error::Corrupt(format!("part {number}: {e}"))),
-                );
-            }
-            None
+            let line = next_line(&self.data, &mut at)?;
+            Some(
+                serde_json::from_slice::<PartLine>(line)
+                    .map(|l| Record { id: l.id, fields: l.fields, version: l.version, updated_at_ms: l.updated_at_ms })
+                    .map_err(|e| Error::Corrupt(format!("part {number}: {e}"))),
+            )
         })
     }
+
+    /// The rows in id order as they are stored, one JSON line each:
+    /// `{"id":…,"version":…,"updated_at_ms":…,"fields":{…}}` (the fields as [`Fields`]).
+    pub fn lines(&self) -> impl Iterator<Item = &[u8]> + Send {
+        let mut at = 0;
+        std::iter::from_fn(move || next_line(&self.data, &mut at))
+    }
+
+    /// The part's number, counted from 1.
+    pub fn number(&self) -> u32 {
+        self.number
+    }
+}
+
+/// The next non-empty line of `data` from `at`, moving `at` past it.
+fn next_line<'a>(data: &'a [u8], at: &mut usize) -> Option<&'a [u8]> {
+    while *at < data.len() {
+        let end = data[*at..].iter().position(|b| *b == b'\n').map_or(data.len(), |i| *at + i);
+        let line = &data[*at..end];
+        *at = end + 1;
+        if !line.is_empty() {
+            return Some(line);
+        }
+    }
+    None
 }
 
 /// What reading a part found.
