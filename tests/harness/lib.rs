@@ -346,7 +346,12 @@ pub fn account_schema() -> pb::ObjectSchema {
 
 /// Creates an org, a key and the `account` object.
 pub async fn create_org(server: &Server, name: &str) -> TestOrg {
-    let mut admin = server.admin().await;
+    create_org_on(server.channel().await, name).await
+}
+
+/// [`create_org`] through `channel` (a TLS channel, say).
+pub async fn create_org_on(channel: Channel, name: &str) -> TestOrg {
+    let mut admin = pb::admin_client::AdminClient::new(channel);
     let org =
         admin.create_org(authed(pb::CreateOrgRequest { name: name.into() }, ADMIN_TOKEN)).await.unwrap().into_inner();
     let key = admin

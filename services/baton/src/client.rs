@@ -8,7 +8,7 @@ use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use baton_store::model::ObjectSchema;
 use tonic::metadata::MetadataValue;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 /// Where the mesh is.
@@ -17,6 +17,9 @@ pub struct Conn {
     /// The baton endpoint.
     #[arg(long, env = "BATON_ENDPOINT", default_value = "http://127.0.0.1:7400")]
     pub(crate) endpoint: String,
+    /// TLS for an `https://` endpoint.
+    #[command(flatten)]
+    pub(crate) tls: baton_mesh::tls::ClientTlsArgs,
 }
 
 /// Connection and credentials of the admin commands.
@@ -190,8 +193,8 @@ pub struct DeleteArgs {
 }
 
 pub(crate) async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
-    let endpoint = Endpoint::from_shared(conn.endpoint.clone())
-        .with_context(|| format!("invalid endpoint {:?}", conn.endpoint))?
+    let endpoint = (conn.tls.client().endpoint(&conn.endpoint))
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(std::time::Duration::from_secs(5))
         .timeout(std::time::Duration::from_secs(60));
     endpoint.connect().await.with_context(|| format!("cannot connect to {}", conn.endpoint))

@@ -69,6 +69,9 @@ pub struct DevArgs {
 
     #[command(flatten)]
     chunks: baton_worker::ChunkOptions,
+
+    #[command(flatten)]
+    tls: baton_mesh::tls::TlsOptions,
 }
 
 fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
@@ -110,12 +113,25 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         metrics_listen: args.metrics_listen,
         max_message_bytes: args.max_message_bytes,
         shutdown_grace: Duration::from_secs(5),
+        tls: args.tls.clone(),
     };
+    baton_mesh::tls::check_or_exit(&serve.tls);
+    let scheme = serve.tls.scheme();
     let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
     let metrics = baton_mesh::server::bind_or_exit(serve.metrics_listen).await;
     let shown = if url.starts_with("sqlite:") { url.clone() } else { "postgres (from --store)".to_owned() };
     let addr = listener.local_addr()?;
     let metrics_addr = metrics.local_addr()?;
+    // grpcurl's TLS flags: the CA, and the client certificate when one is required
+    // (and the CLI's variables), with placeholders for the files
+    let (grpcurl, cli_tls) = match (&args.tls.tls_client_ca, args.tls.serves_tls()) {
+        (_, false) => ("-plaintext", ""),
+        (None, true) => ("-cacert CA.pem", " BATON_TLS_CA=CA.pem"),
+        (Some(_), true) => (
+            "-cacert CA.pem -cert CLIENT.pem -key CLIENT.key",
+            " BATON_TLS_CA=CA.pem BATON_TLS_CLIENT_CERT=CLIENT.pem BATON_TLS_CLIENT_KEY=CLIENT.key",
+        ),
+    };
     // Printed in one write, and a closed stdout is not an error: the mesh goes on running.
     let banner = format!(
         "baton dev is running\n\
@@ -126,11 +142,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
          \x20 admin token: {token}\n\
          \n\
          try it:\n\
-         \x20 export BATON_ENDPOINT=http://{addr} BATON_ADMIN_TOKEN={token}\n\
+         \x20 export BATON_ENDPOINT={scheme}://{addr} BATON_ADMIN_TOKEN={token}{cli_tls}\n\
          \x20 baton admin org create acme                      # prints the org id\n\
          \x20 baton admin key create --org ORG_ID              # prints an API key\n\
-         \x20 grpcurl -plaintext {addr} list\n\
-         \x20 grpcurl -plaintext -H 'authorization: Bearer {token}' -d '{{\"name\": \"acme\"}}' {addr} baton.v1.Admin/CreateOrg\n\
+         \x20 grpcurl {grpcurl} {addr} list\n\
+         \x20 grpcurl {grpcurl} -H 'authorization: Bearer {token}' -d '{{\"name\": \"acme\"}}' {addr} baton.v1.Admin/CreateOrg\n\
          (see README.md for the rest; Ctrl-C stops)\n"
     );
     {
@@ -140,12 +156,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let shutdown = baton_mesh::shutdown::on_signals();
     // the scheduler and workers below send the mesh token to the manager of this same process
-    let (connector, mesh_token) = crate::mesh_connector(&args.mesh);
+    let (connector, mesh_token) = crate::mesh_connector(&args.mesh, &args.tls);
     let auth =
         AuthConfig { admin_token: Some(token.into()), keys: Some(std::sync::Arc::new(store.clone())), mesh_token };
     let server = MeshServer::new(serve.clone(), auth);
     let server = baton_intake::add_services(server, &store, &blobs, &args.limits, &serve);
-    let server = baton_sync::add_services(server, &store, &args.sync, serve.max_message_bytes(), shutdown.clone());
+    let sync = baton_sync::SyncOptions { tls: args.tls.client(), ..args.sync.clone() };
+    let server = baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone());
     // one manager, without etcd or a standby, journaling under the data directory
     let manager_options = baton_manager::ManagerOptions::single(data_dir.join("manager"));
     let manager = baton_manager::ManagerService::start(manager_options, shutdown.clone())
@@ -164,7 +181,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let server = server.add_service(baton_mesh::proto::v1::session_manager_server::SessionManagerServer::new(manager));
     // the scheduler and the workers reach the manager through this process's own port
     let server = baton_scheduler::add_services(server, &store, serve.max_message_bytes());
-    let me = format!("http://{addr}");
+    let me = format!("{scheme}://{addr}");
     // a fixed scheduler id: a restarted `baton dev` resumes its sessions (the manager and store
     // under the data directory are its own)
     let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), DEV_SCHEDULER_ID.into(), args.release.clone());

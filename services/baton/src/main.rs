@@ -203,7 +203,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Err(e) = scheduler.validate() {
                 exit_bad_config(e);
             }
-            let (connector, _) = mesh_connector(&scheduler.mesh);
+            let (connector, _) = mesh_connector(&scheduler.mesh, &serve.tls);
             let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
@@ -234,7 +234,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Err(e) = worker.validate() {
                 exit_bad_config(e);
             }
-            let (connector, _) = mesh_connector(&worker.mesh);
+            let (connector, _) = mesh_connector(&worker.mesh, &serve.tls);
             // on SQLite, a lock wait ends as busy after the worker's lock timeout
             let mut options = StoreOptions::new(String::new());
             options.busy_timeout = worker.chunks.lock_timeout;
@@ -255,10 +255,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args).await,
         Command::Manager(args) => manager_cli::run(args).await,
         Command::Sync(args) => match args.command {
-            sync_cli::SyncCommand::Serve { serve, store, sync } => {
+            sync_cli::SyncCommand::Serve { serve, store, mut sync } => {
                 if let Err(e) = sync.validate() {
                     exit_bad_config(e);
                 }
+                sync.tls = serve.tls.client();
                 let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
                 let (listener, metrics) = bind_and_announce(&serve).await?;
                 let shutdown = baton_mesh::shutdown::on_signals();
@@ -290,14 +291,16 @@ async fn run(command: Command) -> anyhow::Result<()> {
 /// sent), and the token for a server that requires it.
 pub(crate) fn mesh_connector(
     token: &baton_mesh::config::MeshToken,
+    tls: &baton_mesh::tls::TlsOptions,
 ) -> (baton_manager_client::Connector, Option<std::sync::Arc<str>>) {
-    let connector = baton_manager_client::Connector::new(token.get())
+    let connector = baton_manager_client::Connector::with_tls(token.get(), tls.client())
         .unwrap_or_else(|e| exit_bad_config(format!("--mesh-token: {e}")));
     (connector, token.get().map(Into::into))
 }
 
 /// Binds a server's gRPC and `/metrics` listeners and prints where they are.
 async fn bind_and_announce(serve: &ServeOptions) -> anyhow::Result<(tokio::net::TcpListener, tokio::net::TcpListener)> {
+    baton_mesh::tls::check_or_exit(&serve.tls);
     let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
     let metrics = baton_mesh::server::bind_or_exit(serve.metrics_listen).await;
     print_endpoints(&listener, &metrics)?;

@@ -18,6 +18,8 @@ pub struct ManagerArgs {
 
 /// The manager subcommands.
 #[derive(clap::Subcommand, Debug)]
+// parsed once at start: the size of the serve options does not matter
+#[allow(clippy::large_enum_variant)]
 enum ManagerCommand {
     /// Runs a session manager.
     Serve {
@@ -84,10 +86,12 @@ fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
 pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
     match args.command {
         ManagerCommand::Serve { serve, manager } => {
+            baton_mesh::tls::check_or_exit(&serve.tls);
+            let scheme = serve.tls.scheme();
             let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
             let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
             let shutdown = baton_mesh::shutdown::on_signals();
-            let (connector, mesh_token) = crate::mesh_connector(&manager.mesh);
+            let (connector, mesh_token) = crate::mesh_connector(&manager.mesh, &serve.tls);
             if mesh_token.is_none() && !manager.etcd.is_empty() {
                 tracing::warn!(
                     "no --mesh-token: the manager takes any caller; keep it unreachable from outside the mesh"
@@ -115,7 +119,8 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 (server, None)
             } else {
                 let me = manager.advertise.clone().unwrap_or_else(|| {
-                    format!("http://{}", listener.local_addr().map(|a| a.to_string()).unwrap_or_default())
+                    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                    format!("{scheme}://{addr}")
                 });
                 let etcd = baton_manager::failover::connect(&manager.etcd)
                     .await

@@ -30,17 +30,22 @@ pub struct OptionalOrgConn {
     /// The org's API key.
     #[arg(long, env = "BATON_API_KEY", hide_env_values = true, global = true)]
     api_key: Option<String>,
+    /// TLS for an `https://` endpoint (before the subcommand: `baton sync --tls-ca CA link list`).
+    #[command(flatten)]
+    tls: baton_mesh::tls::ClientTlsArgs,
 }
 
 impl OptionalOrgConn {
     fn org(&self) -> anyhow::Result<OrgConn> {
         let api_key = self.api_key.clone().context("set --api-key or BATON_API_KEY")?;
-        Ok(OrgConn { conn: crate::client::Conn { endpoint: self.endpoint.clone() }, api_key })
+        Ok(OrgConn { conn: crate::client::Conn { endpoint: self.endpoint.clone(), tls: self.tls.clone() }, api_key })
     }
 }
 
 /// The sync subcommands.
 #[derive(clap::Subcommand, Debug)]
+// parsed once at start: the size of the serve options does not matter
+#[allow(clippy::large_enum_variant)]
 pub enum SyncCommand {
     /// Runs the sync service: the Sync API, the link runners, change-log trimming.
     Serve {

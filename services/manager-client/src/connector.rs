@@ -25,6 +25,8 @@ struct Inner {
     starting: Mutex<HashMap<String, Starting>>,
     /// The newest primary this process knows of (see [`Primary`]).
     primary: Primary,
+    /// What its calls to `https://` managers trust and present.
+    tls: baton_mesh::tls::ClientTls,
 }
 
 /// See `Inner::starting`.
@@ -122,6 +124,11 @@ impl Connector {
     /// A connector whose calls carry mesh token `token` (the `--mesh-token` the scheduler,
     /// workers and standby managers were started with; `None`: no token).
     pub fn new(token: Option<&str>) -> Result<Self, String> {
+        Self::with_tls(token, baton_mesh::tls::ClientTls::none())
+    }
+
+    /// A connector whose calls carry mesh token `token` and reach `https://` managers with `tls`.
+    pub fn with_tls(token: Option<&str>, tls: baton_mesh::tls::ClientTls) -> Result<Self, String> {
         let token = token
             .map(|t| format!("Bearer {t}").parse().map_err(|_| "the mesh token must be printable ASCII".to_owned()))
             .transpose()?;
@@ -130,6 +137,7 @@ impl Connector {
             muxes: Mutex::default(),
             starting: Mutex::default(),
             primary: Primary::default(),
+            tls,
         })))
     }
 
@@ -140,6 +148,11 @@ impl Connector {
             request.metadata_mut().insert("authorization", value);
         }
         request
+    }
+
+    /// An endpoint for the manager at `url`: over TLS when it is `https://`.
+    pub fn endpoint(&self, url: &str) -> Result<tonic::transport::Endpoint, tonic::Status> {
+        self.0.tls.endpoint(url).map_err(tonic::Status::invalid_argument)
     }
 
     /// The newest primary this process knows of.

@@ -8,7 +8,6 @@ use std::time::Duration;
 use baton_mesh::proto::v1 as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
 use tonic::{Code, Status};
 
 use super::connector::{Connector, Primary};
@@ -98,8 +97,8 @@ async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
 
 /// Starts a Multiplex stream to `endpoint` (see [`connect`]).
 async fn start(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
-    let channel = Endpoint::from_shared(endpoint.to_owned())
-        .map_err(|e| Status::invalid_argument(format!("invalid manager endpoint {endpoint:?}: {e}")))?
+    let channel = connector
+        .endpoint(endpoint)?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .connect()

@@ -203,8 +203,8 @@ async fn replicate_from(
     service: &ManagerService,
     cancel: &CancellationToken,
 ) -> Result<(), tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(leader.to_owned())
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+    let channel = connector
+        .endpoint(leader)?
         .connect_timeout(Duration::from_secs(1))
         .tcp_nodelay(true)
         .connect()

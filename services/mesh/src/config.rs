@@ -57,6 +57,10 @@ pub struct ServeOptions {
     /// How long a graceful shutdown waits for requests in flight before it stops anyway.
     #[arg(long, env = "BATON_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+
+    /// TLS: what the server presents and requires, what the process's own calls trust.
+    #[command(flatten)]
+    pub tls: crate::tls::TlsOptions,
 }
 
 impl ServeOptions {

@@ -8,6 +8,7 @@
 //! - [`server`]: the bootstrap that serves a set of gRPC services with health, reflection, the
 //!   layer, `/metrics` and a bounded graceful shutdown;
 //! - [`status`]: `tonic::Status` with google.rpc details (ErrorInfo, RetryInfo, BadRequest);
+//! - [`tls`]: TLS and mTLS for servers (reloaded on change) and clients (`https://` endpoints);
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token;
 //! - [`now_ms`]: wall-clock time as stored and sent (milliseconds since the Unix epoch).
 
@@ -19,6 +20,7 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 
 /// Now, in milliseconds since the Unix epoch: the time format of every stored and sent timestamp.
 pub fn now_ms() -> i64 {

@@ -35,6 +35,9 @@ pub enum Error {
     /// The reflection service could not be built from the descriptor set.
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
+    /// The TLS certificate, key or CA cannot be used.
+    #[error("TLS: {0}")]
+    Tls(String),
     /// The metrics listener failed.
     #[error("metrics server failed: {0}")]
     Metrics(std::io::Error),
@@ -128,12 +131,15 @@ impl MeshServer {
         routes.add_service(reflection_v1);
         routes.add_service(reflection_v1alpha);
 
+        let tls = crate::tls::ServerTls::load(&options.tls).map_err(Error::Tls)?;
         let metrics_task = tokio::spawn(serve_metrics(metrics, shutdown.clone()));
         let grace = options.shutdown_grace;
-        let server = tonic::transport::Server::builder()
-            .layer(MeshLayer::new(auth))
-            .add_routes(routes.routes())
-            .serve_with_incoming_shutdown(incoming(listener), shutdown.clone().cancelled_owned());
+        let router = tonic::transport::Server::builder().layer(MeshLayer::new(auth)).add_routes(routes.routes());
+        let stop = shutdown.clone().cancelled_owned();
+        let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> = match tls {
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(tls.incoming(listener, shutdown.clone()), stop)),
+            None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), stop)),
+        };
         let drain_deadline = async {
             shutdown.cancelled().await;
             // Report NOT_SERVING while draining, so load balancers stop sending new work.

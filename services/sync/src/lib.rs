@@ -36,6 +36,11 @@ pub struct SyncOptions {
     /// How often a streaming link or extraction looks for new changes when it has caught up.
     #[arg(long, env = "BATON_CHANGE_POLL", default_value = "50ms", value_parser = parse_duration)]
     pub change_poll: Duration,
+
+    /// What links trust and present when their target is `https://` (the process's TLS
+    /// options, set by whoever starts the service).
+    #[arg(skip)]
+    pub tls: baton_mesh::tls::ClientTls,
 }
 
 impl SyncOptions {

@@ -28,7 +28,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
 use crate::SyncOptions;
@@ -194,8 +194,8 @@ impl Runner {
         {
             return Ok(client.clone());
         }
-        let endpoint = Endpoint::from_shared(link.target_endpoint.clone())
-            .map_err(|e| CallError::Fatal(format!("invalid target endpoint: {e}")))?
+        let endpoint = (self.options.tls.endpoint(&link.target_endpoint))
+            .map_err(|e| CallError::Fatal(format!("target endpoint: {e}")))?
             .connect_timeout(Duration::from_secs(1))
             .timeout(CALL_TIMEOUT)
             .tcp_nodelay(true);

@@ -1,0 +1,247 @@
+//! TLS and mutual TLS end to end: `baton dev` serving only TLS, its own scheduler and workers
+//! reaching its manager with its certificate (mTLS inside the mesh), clients refused without a
+//! certificate or in plaintext, the CLI and grpcurl with certificates, and a certificate rotated
+//! on disk served to new connections without a restart. Certificates are made at run time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use baton_mesh::proto::v1 as pb;
+use baton_store::Backend;
+use baton_tests::{
+    ADMIN_TOKEN, Server, TempDir, account_schema, authed, baton_bin, create_org_on, eventually, grpcurl, record,
+};
+use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+/// A test CA, and the certificates it issues as PEM files in a directory.
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    dir: PathBuf,
+}
+
+impl Ca {
+    /// A new CA, its certificate written to `dir/ca.pem`.
+    fn new(dir: &Path, name: &str) -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        Ca { issuer: Issuer::new(params, key), dir: dir.to_owned() }
+    }
+
+    /// A certificate for 127.0.0.1 and localhost, good for serving and as a client, written to
+    /// `dir/{name}.pem` and `dir/{name}.key`; answers the certificate's DER.
+    fn issue(&self, name: &str) -> Vec<u8> {
+        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        // the key first, then the certificate, each replaced whole: a reader sees either pair
+        replace(&self.dir.join(format!("{name}.key")), key.serialize_pem().as_bytes());
+        replace(&self.dir.join(format!("{name}.pem")), cert.pem().as_bytes());
+        cert.der().to_vec()
+    }
+
+    fn path(&self, file: &str) -> String {
+        self.dir.join(file).display().to_string()
+    }
+}
+
+/// Writes `path` by renaming a new file over it.
+fn replace(path: &Path, contents: &[u8]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A channel to the server over TLS trusting `ca`, presenting `client` (cert and key files) if
+/// given; the connection error if there is one.
+async fn tls_channel(server: &Server, ca: &str, client: Option<(&str, &str)>) -> Result<Channel, String> {
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
+    }
+    Channel::from_shared(format!("https://{}", server.addr))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("{e:?}"))
+}
+
+/// Whether an admin call through `channel` succeeds (the error otherwise).
+async fn admin_call(channel: Channel) -> Result<(), tonic::Status> {
+    let mut admin = pb::admin_client::AdminClient::new(channel);
+    admin.list_orgs(authed(pb::ListOrgsRequest::default(), ADMIN_TOKEN)).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn mtls_serves_the_mesh_and_refuses_clients_without_a_certificate_or_in_plaintext() {
+    let dir = TempDir::new();
+    let ca = Ca::new(&dir.0, "ca");
+    ca.issue("server");
+    ca.issue("client");
+    let (cert, key, client_cert, client_key, ca_pem) =
+        (ca.path("server.pem"), ca.path("server.key"), ca.path("client.pem"), ca.path("client.key"), ca.path("ca.pem"));
+    let server =
+        Server::start(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key, "--tls-client-ca", &ca_pem]).await;
+
+    // with the CA and a client certificate: served, and a batch runs through the dev's own
+    // scheduler, manager and workers, which reach each other over mTLS with its certificate
+    let channel = tls_channel(&server, &ca_pem, Some((&client_cert, &client_key))).await.expect("a TLS channel");
+    admin_call(channel.clone()).await.expect("an admin call over mTLS");
+    let org = create_org_on(channel.clone(), "tls").await;
+    let records: Vec<_> =
+        (0..50).map(|i| record(serde_json::json!({"code": format!("t{i:03}"), "name": format!("n{i}")}))).collect();
+    let header = pb::BatchHeader {
+        object: account_schema().name,
+        operation: pb::BatchOperation::Upsert as i32,
+        chunk_size: 10,
+        ..Default::default()
+    };
+    let submitted = baton_scheduler::client::submit_batch(channel.clone(), &org.key, header, records, |_| {})
+        .await
+        .expect("submit");
+    let scheduler = pb::scheduler_client::SchedulerClient::new(channel.clone());
+    let batch = eventually(Duration::from_secs(60), "the batch done over mTLS", || {
+        let (mut scheduler, id, key) = (scheduler.clone(), submitted.batch_id.clone(), org.key.clone());
+        async move {
+            let batch =
+                scheduler.get_batch(authed(pb::GetBatchRequest { batch_id: id }, &key)).await.ok()?.into_inner();
+            (batch.state == pb::BatchState::Done as i32).then_some(batch)
+        }
+    })
+    .await;
+    let totals = batch.totals.expect("totals");
+    assert_eq!((totals.chunks, totals.records_committed), (5, 50), "every record committed: {totals:?}");
+
+    // without a client certificate: refused (the handshake, or the first call after it)
+    let refused = match tls_channel(&server, &ca_pem, None).await {
+        Ok(channel) => admin_call(channel).await.err().map(|s| s.to_string()),
+        Err(e) => Some(e),
+    };
+    assert!(refused.is_some(), "a client without a certificate was served");
+    // in plaintext: refused
+    let plain =
+        Channel::from_shared(format!("http://{}", server.addr)).unwrap().connect_timeout(Duration::from_secs(5));
+    let refused = match plain.connect().await {
+        Ok(channel) => {
+            tokio::time::timeout(Duration::from_secs(10), admin_call(channel)).await.ok().and_then(|r| r.err())
+        }
+        Err(e) => Some(tonic::Status::unavailable(e.to_string())),
+    };
+    assert!(refused.is_some(), "a plaintext client was served");
+
+    // the CLI, as the README shows it
+    let cli = |args: &[&str], tls: &[(&str, &str)]| {
+        std::process::Command::new(baton_bin())
+            .args(args)
+            .env("BATON_ENDPOINT", format!("https://{}", server.addr))
+            .env("BATON_ADMIN_TOKEN", ADMIN_TOKEN)
+            .envs(tls.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let out = cli(
+        &["admin", "org", "create", "cli-tls"],
+        &[("BATON_TLS_CA", &ca_pem), ("BATON_TLS_CLIENT_CERT", &client_cert), ("BATON_TLS_CLIENT_KEY", &client_key)],
+    );
+    assert!(out.status.success(), "the CLI over mTLS: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("org_"));
+    let out = cli(&["admin", "org", "create", "no-ca"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-ca"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cli(&["admin", "org", "create", "no-cert"], &[("BATON_TLS_CA", &ca_pem)]);
+    assert!(!out.status.success(), "the CLI without a client certificate was served");
+
+    // grpcurl, as the README shows it
+    let addr = server.addr.to_string();
+    if let Some((ok, text)) = grpcurl(&["-cacert", &ca_pem, "-cert", &client_cert, "-key", &client_key, &addr, "list"])
+    {
+        assert!(ok && text.contains("baton.v1.Intake"), "grpcurl over mTLS: {text}");
+        let (ok, _) = grpcurl(&["-plaintext", "-max-time", "5", &addr, "list"]).unwrap();
+        assert!(!ok, "grpcurl in plaintext was served");
+    }
+}
+
+/// The certificate the server at `addr` presents to a new connection.
+async fn served_certificate(addr: std::net::SocketAddr, ca_pem: &str) -> Vec<u8> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca_pem).unwrap()).unwrap();
+    let mut config =
+        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await.unwrap();
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+#[tokio::test]
+async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
+    let dir = TempDir::new();
+    let ca = Ca::new(&dir.0, "ca");
+    let first = ca.issue("server");
+    let (cert, key, ca_pem) = (ca.path("server.pem"), ca.path("server.key"), ca.path("ca.pem"));
+    let mut server = Server::start(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key]).await;
+    assert_eq!(served_certificate(server.addr, &ca_pem).await, first);
+    let channel = tls_channel(&server, &ca_pem, None).await.unwrap();
+    admin_call(channel.clone()).await.expect("served");
+
+    // a new key and certificate replace the files: new connections get them
+    let second = ca.issue("server");
+    assert_ne!(first, second);
+    eventually(Duration::from_secs(10), "the new certificate served", || async {
+        (served_certificate(server.addr, &ca_pem).await == second).then_some(())
+    })
+    .await;
+    // the connection made before goes on
+    admin_call(channel).await.expect("the earlier connection still served");
+
+    // a file that cannot be used is refused, and the last good certificate stays
+    replace(&dir.0.join("server.pem"), b"not a certificate");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(served_certificate(server.addr, &ca_pem).await, second);
+
+    // SIGHUP reloads (and does not end the process)
+    let third = ca.issue("server");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(server.pid() as i32), nix::sys::signal::Signal::SIGHUP).unwrap();
+    eventually(Duration::from_secs(10), "the third certificate served", || async {
+        (served_certificate(server.addr, &ca_pem).await == third).then_some(())
+    })
+    .await;
+    assert!(server.exited().is_none(), "SIGHUP ended the server");
+}
+
+#[test]
+fn a_certificate_that_cannot_be_used_is_a_start_up_error() {
+    let dir = TempDir::new();
+    let missing = dir.0.join("missing.pem").display().to_string();
+    let out = std::process::Command::new(baton_bin())
+        .args(["dev", "--data-dir", &dir.0.display().to_string(), "--listen", "127.0.0.1:0"])
+        .args(["--tls-cert", &missing, "--tls-key", &missing])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("TLS") && stderr.contains("missing.pem"), "{stderr}");
+    // a key without a certificate is a usage error
+    let out = std::process::Command::new(baton_bin())
+        .args(["dev", "--data-dir", &dir.0.display().to_string(), "--tls-key", &missing])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+}
