@@ -3,80 +3,18 @@
 //! certificate or in plaintext, the CLI and grpcurl with certificates, and a certificate rotated
 //! on disk served to new connections without a restart. Certificates are made at run time.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use baton_mesh::proto::v1 as pb;
 use baton_store::Backend;
+use baton_tests::tls::{Ca, channel as tls_channel, replace};
 use baton_tests::{
     ADMIN_TOKEN, Server, TempDir, account_schema, authed, baton_bin, create_org_on, eventually, grpcurl, record,
 };
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
-
-/// A test CA, and the certificates it issues as PEM files in a directory.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    dir: PathBuf,
-}
-
-impl Ca {
-    /// A new CA, its certificate written to `dir/ca.pem`.
-    fn new(dir: &Path, name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        let key = KeyPair::generate().unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        Ca { issuer: Issuer::new(params, key), dir: dir.to_owned() }
-    }
-
-    /// A certificate for 127.0.0.1 and localhost, good for serving and as a client, written to
-    /// `dir/{name}.pem` and `dir/{name}.key`; answers the certificate's DER.
-    fn issue(&self, name: &str) -> Vec<u8> {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        // the key first, then the certificate, each replaced whole: a reader sees either pair
-        replace(&self.dir.join(format!("{name}.key")), key.serialize_pem().as_bytes());
-        replace(&self.dir.join(format!("{name}.pem")), cert.pem().as_bytes());
-        cert.der().to_vec()
-    }
-
-    fn path(&self, file: &str) -> String {
-        self.dir.join(file).display().to_string()
-    }
-}
-
-/// Writes `path` by renaming a new file over it.
-fn replace(path: &Path, contents: &[u8]) {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, contents).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
-}
-
-/// A channel to the server over TLS trusting `ca`, presenting `client` (cert and key files) if
-/// given; the connection error if there is one.
-async fn tls_channel(server: &Server, ca: &str, client: Option<(&str, &str)>) -> Result<Channel, String> {
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()));
-    if let Some((cert, key)) = client {
-        tls = tls.identity(Identity::from_pem(std::fs::read(cert).unwrap(), std::fs::read(key).unwrap()));
-    }
-    Channel::from_shared(format!("https://{}", server.addr))
-        .unwrap()
-        .tls_config(tls)
-        .unwrap()
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .map_err(|e| format!("{e:?}"))
-}
+use tonic::transport::Channel;
 
 /// Whether an admin call through `channel` succeeds (the error otherwise).
 async fn admin_call(channel: Channel) -> Result<(), tonic::Status> {
@@ -97,7 +35,7 @@ async fn mtls_serves_the_mesh_and_refuses_clients_without_a_certificate_or_in_pl
 
     // with the CA and a client certificate: served, and a batch runs through the dev's own
     // scheduler, manager and workers, which reach each other over mTLS with its certificate
-    let channel = tls_channel(&server, &ca_pem, Some((&client_cert, &client_key))).await.expect("a TLS channel");
+    let channel = tls_channel(server.addr, &ca_pem, Some((&client_cert, &client_key))).await.expect("a TLS channel");
     admin_call(channel.clone()).await.expect("an admin call over mTLS");
     let org = create_org_on(channel.clone(), "tls").await;
     let records: Vec<_> =
@@ -125,7 +63,7 @@ async fn mtls_serves_the_mesh_and_refuses_clients_without_a_certificate_or_in_pl
     assert_eq!((totals.chunks, totals.records_committed), (5, 50), "every record committed: {totals:?}");
 
     // without a client certificate: refused (the handshake, or the first call after it)
-    let refused = match tls_channel(&server, &ca_pem, None).await {
+    let refused = match tls_channel(server.addr, &ca_pem, None).await {
         Ok(channel) => admin_call(channel).await.err().map(|s| s.to_string()),
         Err(e) => Some(e),
     };
@@ -198,7 +136,7 @@ async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     let (cert, key, ca_pem) = (ca.path("server.pem"), ca.path("server.key"), ca.path("ca.pem"));
     let mut server = Server::start(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key]).await;
     assert_eq!(served_certificate(server.addr, &ca_pem).await, first);
-    let channel = tls_channel(&server, &ca_pem, None).await.unwrap();
+    let channel = tls_channel(server.addr, &ca_pem, None).await.unwrap();
     admin_call(channel.clone()).await.expect("served");
 
     // a new key and certificate replace the files: new connections get them
