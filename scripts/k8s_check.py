@@ -12,10 +12,11 @@ For every kustomization directory given (by default every overlay under deploy/k
    and every Service, PodDisruptionBudget and NetworkPolicy selects pods and names real ports;
 4. checks the deployment's rules: no container runs as root or can escalate, root filesystems
    are read-only, capabilities are dropped, every long-running container has readiness and
-   liveness probes (gRPC ones for baton), resources, Prometheus annotations on every pod, a PDB
-   for every workload with more than one replica, the manager's standby kept out of its Service
-   by a readiness probe on baton.v1.SessionManager, and NetworkPolicies that let only the mesh
-   reach the manager and etcd;
+   liveness probes (gRPC ones for baton; for a TLS server, an httpGet of /health on the metrics
+   port), resources, Prometheus annotations on every pod, a PDB for every workload with more
+   than one replica, the manager's standby kept out of its Service by a readiness probe on
+   baton.v1.SessionManager, and NetworkPolicies that let only the mesh reach the manager and
+   etcd;
 5. checks every baton container against the built binary: its subcommand exists, each --flag is
    listed by `baton <subcommand> --help`, each BATON_* variable it is given is one that command
    reads, every $(VAR) it uses is defined, and then the binary parses the whole configuration
@@ -203,11 +204,16 @@ class Checker:
                 long_running = c in spec.get("containers", []) or c.get("restartPolicy") == "Always"
                 baton = is_baton(c)
                 if long_running:
+                    tls = serves_tls(c, env_names)
                     for probe in ("readinessProbe", "livenessProbe"):
                         pr = c.get(probe)
                         if not pr:
                             err(cw, f"no {probe}")
-                        elif baton and "grpc" not in pr:
+                        elif baton and tls and not is_health_get(pr):
+                            # the kubelet's gRPC probe is plaintext: a TLS server is probed on
+                            # the plain-HTTP /health of its metrics port
+                            err(cw, f"{probe} of a TLS server is not an httpGet of /health on the metrics port")
+                        elif baton and not tls and "grpc" not in pr:
                             err(cw, f"{probe} is not of type grpc")
                 if baton:
                     self.check_baton(c, cw, env_names, env_values, err)
@@ -346,8 +352,10 @@ class Checker:
         args = [str(a) for a in c.get("args") or []]
         if args[:2] != ["manager", "serve"] or not any(a.startswith("--etcd") for a in args):
             return
-        rp = (c.get("readinessProbe") or {}).get("grpc") or {}
-        if rp.get("service") != "baton.v1.SessionManager":
+        probe = c.get("readinessProbe") or {}
+        service = ((probe.get("grpc") or {}).get("service")
+                   or (probe.get("httpGet") or {}).get("path", "").partition("?service=")[2])
+        if service != "baton.v1.SessionManager":
             err(cw, "readinessProbe must check the gRPC health of baton.v1.SessionManager, "
                     "which only the primary reports SERVING")
         if w["kind"] == "StatefulSet":
@@ -434,6 +442,17 @@ def matches(selector: dict, labels: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def serves_tls(c, env_names) -> bool:
+    """Whether a container's server serves TLS (--tls-cert, or BATON_TLS_CERT)."""
+    return "BATON_TLS_CERT" in env_names or any(str(a).startswith("--tls-cert") for a in c.get("args") or [])
+
+
+def is_health_get(probe) -> bool:
+    """An httpGet of /health (`?service=NAME` allowed) on the metrics port."""
+    get = probe.get("httpGet") or {}
+    return "grpc" not in probe and get.get("port") == "metrics" and get.get("path", "").split("?")[0] == "/health"
+
+
 def is_baton(c) -> bool:
     image = c.get("image", "").split("@", 1)[0]
     name = image.rsplit("/", 1)[-1].split(":", 1)[0]
@@ -466,11 +485,11 @@ def clean_env() -> dict:
 
 def staged_tree() -> Path:
     """A copy of deploy/k8s where every overlay that keeps its secrets out of git
-    (NAME.env.example beside a missing NAME.env: secrets.env, blobs.env) gets the example's
+    (NAME.example beside a missing NAME: secrets.env, blobs.env, the TLS files) gets the example's
     placeholders."""
     tmp = Path(tempfile.mkdtemp(prefix="baton-k8s-check-")) / "k8s"
     shutil.copytree(K8S, tmp)
-    for ex in tmp.rglob("*.env.example"):
+    for ex in tmp.rglob("*.example"):
         real = ex.with_name(ex.name.removesuffix(".example"))
         if not real.exists():
             shutil.copy(ex, real)
@@ -551,6 +570,13 @@ SELF_TESTS = [
         path: /spec/template/spec/securityContext/runAsUser
         value: 0
 """, "container sync: runs as root"),
+    ("a TLS server probed by gRPC (the kubelet's is plaintext)", "prod", """
+  - target: {kind: Deployment, name: baton-intake}
+    patch: |-
+      - op: replace
+        path: /spec/template/spec/containers/0/readinessProbe
+        value: {grpc: {port: 7400, service: baton.v1.Intake}, periodSeconds: 5}
+""", "readinessProbe of a TLS server is not an httpGet of /health"),
     ("the standby in the manager's Service", "prod", """
   - target: {kind: Service, name: baton-manager}
     patch: |-

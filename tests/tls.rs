@@ -134,7 +134,8 @@ async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     let ca = Ca::new(&dir.0, "ca");
     let first = ca.issue("server");
     let (cert, key, ca_pem) = (ca.path("server.pem"), ca.path("server.key"), ca.path("ca.pem"));
-    let mut server = Server::start(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key]).await;
+    let mut server =
+        Server::start(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca_pem]).await;
     assert_eq!(served_certificate(server.addr, &ca_pem).await, first);
     let channel = tls_channel(server.addr, &ca_pem, None).await.unwrap();
     admin_call(channel.clone()).await.expect("served");
@@ -176,10 +177,41 @@ fn a_certificate_that_cannot_be_used_is_a_start_up_error() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("TLS") && stderr.contains("missing.pem"), "{stderr}");
+    // baton dev's own calls need a CA to trust its certificate
+    let cert = dir.0.join("cert.pem").display().to_string();
+    let ca = Ca::new(&dir.0, "ca");
+    ca.issue("cert");
+    let key = dir.0.join("cert.key").display().to_string();
+    let out = std::process::Command::new(baton_bin())
+        .args(["dev", "--data-dir", &dir.0.display().to_string(), "--listen", "127.0.0.1:0"])
+        .args(["--tls-cert", &cert, "--tls-key", &key])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-ca"), "{}", String::from_utf8_lossy(&out.stderr));
     // a key without a certificate is a usage error
     let out = std::process::Command::new(baton_bin())
         .args(["dev", "--data-dir", &dir.0.display().to_string(), "--tls-key", &missing])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test]
+async fn a_tls_servers_health_is_plain_http_on_the_metrics_listener_for_probes() {
+    // (the same statuses as gRPC health, which turns NOT_SERVING when a drain starts: the
+    // drain tests check that through gRPC)
+    let dir = TempDir::new();
+    let ca = Ca::new(&dir.0, "ca");
+    ca.issue("server");
+    let (cert, key, ca_pem) = (ca.path("server.pem"), ca.path("server.key"), ca.path("ca.pem"));
+    let mut server =
+        Server::start(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca_pem]).await;
+    for path in ["/health", "/health?service=baton.v1.Intake", "/health?service=baton.v1.SessionManager"] {
+        let answer = server.metrics_get(path);
+        assert!(answer.starts_with("HTTP/1.1 200") && answer.ends_with("SERVING\n"), "{path}: {answer}");
+    }
+    let answer = server.metrics_get("/health?service=baton.v1.Nothing");
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+    server.terminate(Duration::from_secs(10)).await;
 }

@@ -288,9 +288,15 @@ impl Server {
 
     /// GET `/metrics` as text.
     pub fn metrics_text(&self) -> String {
+        self.metrics_get("/metrics")
+    }
+
+    /// The whole HTTP answer (status line, headers, body) to `GET path` on the `/metrics`
+    /// listener.
+    pub fn metrics_get(&self, path: &str) -> String {
         let mut stream = std::net::TcpStream::connect(self.metrics).unwrap();
         stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        write!(stream, "GET /metrics HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.metrics).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.metrics).unwrap();
         let mut text = String::new();
         stream.read_to_string(&mut text).unwrap();
         text

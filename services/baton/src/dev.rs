@@ -116,6 +116,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tls: args.tls.clone(),
     };
     baton_mesh::tls::check_or_exit(&serve.tls);
+    if serve.tls.serves_tls() && serve.tls.client().ca.is_none() {
+        exit_bad_config(
+            "--tls-cert: give --tls-ca (or --tls-client-ca), the CA the scheduler and workers of baton dev trust \
+             when they call its manager over https",
+        );
+    }
     let scheme = serve.tls.scheme();
     let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
     let metrics = baton_mesh::server::bind_or_exit(serve.metrics_listen).await;

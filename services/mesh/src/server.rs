@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -61,7 +62,8 @@ pub struct MeshServer {
     routes: RoutesBuilder,
     names: Vec<(&'static str, bool)>,
     health: HealthReporter,
-    health_service: tonic_health::pb::health_server::HealthServer<tonic_health::server::HealthService>,
+    /// The health service, shared by gRPC and `/health`.
+    health_service: Arc<tonic_health::server::HealthService>,
 }
 
 impl MeshServer {
@@ -72,9 +74,7 @@ impl MeshServer {
         // ran, which under load could be after the first requests).
         crate::telemetry::metrics();
         let health = HealthReporter::new();
-        let health_service = tonic_health::pb::health_server::HealthServer::new(
-            tonic_health::server::HealthService::from_health_reporter(health.clone()),
-        );
+        let health_service = Arc::new(tonic_health::server::HealthService::from_health_reporter(health.clone()));
         Self { options, auth, routes: RoutesBuilder::default(), names: Vec::new(), health, health_service }
     }
 
@@ -127,12 +127,13 @@ impl MeshServer {
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()?;
-        routes.add_service(health_service);
+        routes.add_service(tonic_health::pb::health_server::HealthServer::from_arc(health_service.clone()));
         routes.add_service(reflection_v1);
         routes.add_service(reflection_v1alpha);
 
         let tls = crate::tls::ServerTls::load(&options.tls).map_err(Error::Tls)?;
-        let metrics_task = tokio::spawn(serve_metrics(metrics, shutdown.clone()));
+        // served through the drain (probes see NOT_SERVING), ended when the server is
+        let metrics_task = tokio::spawn(serve_metrics(metrics, health_service.clone()));
         let grace = options.shutdown_grace;
         let router = tonic::transport::Server::builder().layer(MeshLayer::new(auth)).add_routes(routes.routes());
         let stop = shutdown.clone().cancelled_owned();
@@ -173,14 +174,46 @@ fn incoming(
     })
 }
 
-async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> Result<(), Error> {
+/// The gRPC health service.
+type HealthService = Arc<tonic_health::server::HealthService>;
+
+/// Serves `/metrics`, and `/health` (`?service=NAME` for one service): the gRPC health status as
+/// plain HTTP, 200 when SERVING and 503 otherwise, for probes that cannot speak gRPC over TLS
+/// (the kubelet's gRPC probe is plaintext only).
+async fn serve_metrics(listener: TcpListener, health: HealthService) -> Result<(), Error> {
     let handle = crate::telemetry::metrics();
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let text = handle.render();
-            async move { text }
-        }),
-    );
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await.map_err(Error::Metrics)
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let text = handle.render();
+                async move { text }
+            }),
+        )
+        .route(
+            "/health",
+            axum::routing::get(move |query: axum::extract::RawQuery| http_health(health.clone(), query.0)),
+        );
+    axum::serve(listener, app).await.map_err(Error::Metrics)
+}
+
+/// The health of the service named in `query` (`service=NAME`; the server as a whole without
+/// it) as an HTTP status and one word.
+async fn http_health(health: HealthService, query: Option<String>) -> (http::StatusCode, String) {
+    use tonic_health::pb::health_server::Health;
+    let service = query
+        .as_deref()
+        .unwrap_or_default()
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("service="))
+        .unwrap_or_default()
+        .to_owned();
+    let request = tonic::Request::new(tonic_health::pb::HealthCheckRequest { service: service.clone() });
+    match health.check(request).await {
+        Ok(answer) if answer.get_ref().status == ServingStatus::Serving as i32 => {
+            (http::StatusCode::OK, "SERVING\n".into())
+        }
+        Ok(_) => (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n".into()),
+        Err(status) => (http::StatusCode::NOT_FOUND, format!("{}\n", status.message())),
+    }
 }
