@@ -121,6 +121,8 @@ impl Server {
         let data_dir = dir.0.to_str().unwrap().to_owned();
         let mut args =
             vec!["dev", "--data-dir", &data_dir, "--store", url, "--listen", listen, "--admin-token", ADMIN_TOKEN];
+        // tests run side by side: not the fixed default /metrics port
+        args.extend_from_slice(&["--metrics-listen", "127.0.0.1:0"]);
         args.extend_from_slice(extra);
         Self::spawn(&args, url.to_owned(), backend, Some(dir), env)
     }

@@ -36,8 +36,8 @@ pub struct DevArgs {
     #[arg(long = "listen", env = "BATON_LISTEN", default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
 
-    /// The `/metrics` address (port 0 picks a free port).
-    #[arg(long = "metrics-listen", env = "BATON_METRICS_LISTEN", default_value = "127.0.0.1:0")]
+    /// The `/metrics` and `/health` address (port 0 picks a free port).
+    #[arg(long = "metrics-listen", env = "BATON_METRICS_LISTEN", default_value = "127.0.0.1:9400")]
     metrics_listen: SocketAddr,
 
     /// The admin token; by default one is made up on first start and kept in the data directory.

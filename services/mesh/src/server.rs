@@ -181,13 +181,11 @@ type HealthService = Arc<tonic_health::server::HealthService>;
 /// plain HTTP, 200 when SERVING and 503 otherwise, for probes that cannot speak gRPC over TLS
 /// (the kubelet's gRPC probe is plaintext only).
 async fn serve_metrics(listener: TcpListener, health: HealthService) -> Result<(), Error> {
-    let handle = crate::telemetry::metrics();
     let app = axum::Router::new()
         .route(
             "/metrics",
-            axum::routing::get(move || {
-                let text = handle.render();
-                async move { text }
+            axum::routing::get(|| async {
+                tokio::task::spawn_blocking(crate::telemetry::render).await.unwrap_or_default()
             }),
         )
         .route(

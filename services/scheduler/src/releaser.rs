@@ -363,6 +363,7 @@ pub async fn run(
         sessions: AtomicU32::new(count.max(before)),
         paused_until: AtomicI64::new(0),
     });
+    tokio::spawn(sample_gauges(store.clone(), shutdown.clone()));
     let draining = Arc::new(AtomicU32::new(surplus.len() as u32));
     for session in surplus {
         tokio::spawn(drain(session, shared.clone(), draining.clone(), count));
@@ -486,4 +487,25 @@ async fn send(
         shared.answered(k, &work);
         e.to_string()
     }))
+}
+
+/// Sets `baton_chunks{state}` and `baton_exports_producing` every 10 s, until `shutdown` (every
+/// scheduler replica reports the same shared store's counts; dashboards take the max).
+async fn sample_gauges(store: Store, shutdown: CancellationToken) {
+    loop {
+        match store.work_in_progress().await {
+            Ok((chunks, exports)) => {
+                for state in ["PENDING", "RELEASED", "RUNNING"] {
+                    let n = chunks.iter().find(|(s, _)| s == state).map_or(0, |(_, n)| *n);
+                    metrics::gauge!("baton_chunks", "state" => state.to_lowercase()).set(n as f64);
+                }
+                metrics::gauge!("baton_exports_producing").set(exports as f64);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot sample the chunk gauges"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+        }
+    }
 }

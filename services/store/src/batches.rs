@@ -1260,3 +1260,22 @@ fn delete_problems(schema: &ObjectSchema, records: &[Fields]) -> Vec<RecordProbl
     }
     problems
 }
+
+impl Store {
+    /// The chunks not yet finished, by state (`PENDING`, `RELEASED`, `RUNNING`), and the exports
+    /// still producing: what the scheduler's gauges show. Both read indexes on `state`.
+    pub async fn work_in_progress(&self) -> Result<(Vec<(String, i64)>, i64), Error> {
+        let chunks =
+            sqlx::query(&format!("SELECT state, COUNT(*) FROM chunks WHERE state IN {RUNNABLE} GROUP BY state"))
+                .fetch_all(&self.reader)
+                .await?
+                .iter()
+                .map(|row| Ok((row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?)))
+                .collect::<Result<Vec<_>, Error>>()?;
+        let exports: i64 = sqlx::query("SELECT COUNT(*) FROM exports WHERE state = 'PRODUCING'")
+            .fetch_one(&self.reader)
+            .await?
+            .try_get(0)?;
+        Ok((chunks, exports))
+    }
+}

@@ -683,3 +683,24 @@ impl Store {
         Ok(outcome)
     }
 }
+
+impl Store {
+    /// Every link of every org: its id, state, and how many changes its org logged after its
+    /// cursor (an upper bound of its lag when it carries only some objects). What the sync
+    /// service's gauges show.
+    pub async fn link_lags(&self) -> Result<Vec<(String, LinkState, i64)>, Error> {
+        sqlx::query(
+            "SELECT links.id, links.state, orgs.last_seq - links.cursor_seq FROM links \
+             JOIN orgs ON orgs.id = links.org_id",
+        )
+        .fetch_all(&self.reader)
+        .await?
+        .iter()
+        .map(|row| {
+            let state: String = row.try_get(1)?;
+            let state = LinkState::parse(&state).ok_or_else(|| Error::Corrupt(format!("link state {state:?}")))?;
+            Ok((row.try_get(0)?, state, row.try_get::<i64, _>(2)?.max(0)))
+        })
+        .collect()
+    }
+}

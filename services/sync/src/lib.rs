@@ -70,12 +70,51 @@ pub fn add_services(
     let manager = links::LinkManager::new(store.clone(), owner, options.clone(), wake.clone(), shutdown.clone());
     tokio::spawn(manager.run());
     tokio::spawn(trim_loop(store.clone(), options.change_retention, shutdown.clone()));
+    tokio::spawn(sample_links(store.clone(), shutdown.clone()));
     let service = SyncService::new(store.clone(), options.clone(), wake, shutdown);
     server.add_service(
         pb::sync_server::SyncServer::new(service)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(64 * 1024 * 1024),
     )
+}
+
+/// Sets `baton_links{state}` and `baton_link_lag_events{link}` every 5 s, until `shutdown`.
+async fn sample_links(store: Store, shutdown: CancellationToken) {
+    use baton_store::sync::LinkState;
+    const STATES: [LinkState; 6] = [
+        LinkState::Bootstrapping,
+        LinkState::Streaming,
+        LinkState::Suspended,
+        LinkState::Verifying,
+        LinkState::Paused,
+        LinkState::Failed,
+    ];
+    let mut shown = std::collections::HashSet::new();
+    loop {
+        match store.link_lags().await {
+            Ok(links) => {
+                for state in STATES {
+                    let n = links.iter().filter(|(_, s, _)| *s == state).count();
+                    metrics::gauge!("baton_links", "state" => state.as_str().to_lowercase()).set(n as f64);
+                }
+                let now: std::collections::HashSet<String> = links.iter().map(|(id, _, _)| id.clone()).collect();
+                // a deleted link's series reads 0 rather than its last lag for ever
+                for gone in shown.difference(&now) {
+                    metrics::gauge!("baton_link_lag_events", "link" => gone.clone()).set(0.0);
+                }
+                for (id, _, lag) in &links {
+                    metrics::gauge!("baton_link_lag_events", "link" => id.clone()).set(*lag as f64);
+                }
+                shown = now;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot sample the link gauges"),
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 /// Deletes change events older than the retention, every half retention (at most every minute).

@@ -178,6 +178,8 @@ pub(super) struct Actor {
     pub(super) activity: HashMap<String, Instant>,
     /// When detached sessions are next looked at for expiry.
     pub(super) next_expiry: Instant,
+    /// When the gauges (`baton_manager_*`) are next set.
+    pub(super) next_gauges: Instant,
     /// How many times this manager was elected primary.
     pub(super) epoch: u64,
     /// The role as the stream handlers see it.
@@ -669,6 +671,34 @@ impl Actor {
         });
     }
 
+    /// Sets the `baton_manager_*` gauges, at most once a second (the queue totals walk every
+    /// session).
+    fn gauges(&mut self) {
+        if Instant::now() < self.next_gauges {
+            return;
+        }
+        self.next_gauges = Instant::now() + Duration::from_secs(1);
+        let lag = self.replicas.values().map(|r| self.state.index.saturating_sub(*r.acked.borrow())).max().unwrap_or(0);
+        let (requests, responses) = self
+            .state
+            .sessions
+            .values()
+            .fold((0usize, 0usize), |(q, r), s| (q + s.requests.len(), r + s.responses.len()));
+        metrics::gauge!("baton_manager_primary").set(if self.primary { 1.0 } else { 0.0 });
+        metrics::gauge!("baton_manager_term").set(self.term as f64);
+        metrics::gauge!("baton_manager_journal_index").set(self.state.index as f64);
+        metrics::gauge!("baton_manager_standby_lag_entries").set(if self.primary { lag as f64 } else { 0.0 });
+        metrics::gauge!("baton_manager_in_sync_members").set(if self.primary {
+            self.in_sync.len() as f64
+        } else {
+            0.0
+        });
+        metrics::gauge!("baton_manager_sessions").set(self.state.sessions.len() as f64);
+        metrics::gauge!("baton_manager_servers").set(self.servers.len() as f64);
+        metrics::gauge!("baton_manager_queued_requests").set(requests as f64);
+        metrics::gauge!("baton_manager_queued_responses").set(responses as f64);
+    }
+
     /// What ListSessions and GetSession say of session `s`.
     fn info(&self, s: &crate::state::Session) -> pb::SessionInfo {
         let connected = self.clients.contains_key(&s.id);
@@ -725,6 +755,7 @@ impl Actor {
 
     /// A primary moves the sessions of servers lost past their grace (a standby does nothing).
     fn tick(&mut self) {
+        self.gauges();
         if !self.primary {
             return;
         }

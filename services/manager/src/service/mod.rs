@@ -141,6 +141,7 @@ impl ManagerService {
             seen_term: 0,
             activity,
             next_expiry: Instant::now(),
+            next_gauges: Instant::now(),
             epoch: 0,
             role: role.clone(),
         };
