@@ -4,6 +4,7 @@
 //!   schemas);
 //! - [`batches`]: batches and chunks on the wire;
 //! - [`part_rows`]: a stored export part's rows encoded straight onto the wire;
+//! - [`paging`]: page sizes and page tokens of the lists ordered by creation time;
 //! - [`error`]: the services' [`Error`] and its one mapping to `tonic::Status`;
 //! - [`work`]: what the scheduler and the workers agree on (the work messages' type URLs, the
 //!   worker pool's name).
@@ -11,6 +12,7 @@
 pub mod batches;
 pub mod convert;
 pub mod error;
+pub mod paging;
 pub mod part_rows;
 pub mod work;
 

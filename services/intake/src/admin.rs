@@ -8,7 +8,8 @@ use baton_store::{FieldError, Store};
 use tonic::{Request, Response, Status};
 
 use crate::{convert, require};
-use baton_api::Error;
+use baton_api::{Error, paging};
+use baton_store::model::Cursor;
 
 /// The Admin gRPC service.
 #[derive(Debug, Clone)]
@@ -70,6 +71,33 @@ impl pb::admin_server::Admin for AdminService {
         require(&request.get_ref().key_id, "key_id")?;
         self.store.revoke_api_key(&request.get_ref().key_id).await.map_err(Error::from)?;
         Ok(Response::new(pb::RevokeApiKeyResponse {}))
+    }
+
+    async fn list_api_keys(
+        &self,
+        request: Request<pb::ListApiKeysRequest>,
+    ) -> Result<Response<pb::ListApiKeysResponse>, Status> {
+        require_admin(&request)?;
+        let r = request.into_inner();
+        let size = paging::page_size(r.page_size)?;
+        let after = paging::cursor_of(&r.page_token)?;
+        let org = (!r.org_id.is_empty()).then_some(r.org_id.as_str());
+        let keys = self.store.list_api_keys(org, after.as_ref(), size + 1).await.map_err(Error::from)?;
+        let (keys, next_page_token) =
+            paging::page(keys, size, |k| Cursor { created_at_ms: k.created_at_ms, id: k.key_id.clone() });
+        Ok(Response::new(pb::ListApiKeysResponse {
+            api_keys: keys
+                .into_iter()
+                .map(|k| pb::ApiKey {
+                    key_id: k.key_id,
+                    org_id: k.org_id,
+                    label: k.label,
+                    create_time: timestamp(k.created_at_ms),
+                    revoke_time: k.revoked_at_ms.and_then(timestamp),
+                })
+                .collect(),
+            next_page_token,
+        }))
     }
 
     async fn define_object(

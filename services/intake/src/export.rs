@@ -16,7 +16,8 @@ use baton_store::exports::{self, ExportInfo, ExportReason, ExportSpec, ExportSta
 use tokio_stream::Stream;
 use tonic::{Code, Request, Status};
 
-use baton_api::part_rows;
+use baton_api::{paging, part_rows};
+use baton_store::model::Cursor;
 
 use crate::{Error, IntakeService, convert, require};
 
@@ -182,6 +183,20 @@ impl IntakeService {
         let export = self.store.cancel_export(&org, &request.get_ref().token).await.map_err(Error::from)?;
         tracing::info!(export = %export.id, org = %org, "export cancelled");
         Ok(export_to_pb(&export))
+    }
+
+    pub(crate) async fn serve_list_exports(
+        &self,
+        request: Request<pb::ListExportsRequest>,
+    ) -> Result<pb::ListExportsResponse, Status> {
+        let org = org_of(&request)?;
+        let r = request.into_inner();
+        let size = paging::page_size(r.page_size)?;
+        let after = paging::cursor_of(&r.page_token)?;
+        let exports = self.store.list_exports(&org, after.as_ref(), size + 1).await.map_err(Error::from)?;
+        let (exports, next_page_token) =
+            paging::page(exports, size, |e| Cursor { created_at_ms: e.created_at_ms, id: e.id.clone() });
+        Ok(pb::ListExportsResponse { exports: exports.iter().map(export_to_pb).collect(), next_page_token })
     }
 
     pub(crate) async fn serve_watch_export(

@@ -284,6 +284,13 @@ impl pb::intake_server::Intake for IntakeService {
     ) -> Result<Response<pb::ExportStatus>, Status> {
         self.serve_cancel_export(request).await.map(Response::new)
     }
+
+    async fn list_exports(
+        &self,
+        request: Request<pb::ListExportsRequest>,
+    ) -> Result<Response<pb::ListExportsResponse>, Status> {
+        self.serve_list_exports(request).await.map(Response::new)
+    }
 }
 
 /// The most changes one ApplyChanges request may carry.

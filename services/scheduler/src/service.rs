@@ -5,15 +5,15 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::time::Duration;
 
-use baton_api::Error;
 use baton_api::batches::{batch_to_pb, chunk_to_pb};
 use baton_api::convert::records_from_pb;
+use baton_api::{Error, paging};
 use baton_mesh::auth::org_of;
 use baton_mesh::proto::unix_ms;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::status::{Violation, invalid_argument};
 use baton_store::batches::{BatchOp, BatchStart, ChunkInfo, MAX_CHUNK_SIZE, NewBatch};
-use baton_store::model::Fields;
+use baton_store::model::{Cursor, Fields};
 use baton_store::{FieldError, Store};
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -280,6 +280,23 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
             _ => String::new(),
         };
         Ok(Response::new(pb::ListChunkResultsResponse { results, next_page_token }))
+    }
+
+    async fn list_batches(
+        &self,
+        request: Request<pb::ListBatchesRequest>,
+    ) -> Result<Response<pb::ListBatchesResponse>, Status> {
+        let org = org_of(&request)?;
+        let r = request.into_inner();
+        let size = paging::page_size(r.page_size)?;
+        let after = paging::cursor_of(&r.page_token)?;
+        let batches = self.store.list_batches(&org, after.as_ref(), size + 1).await.map_err(store_error)?;
+        let (batches, next_page_token) =
+            paging::page(batches, size, |b| Cursor { created_at_ms: b.created_at_ms, id: b.id.clone() });
+        Ok(Response::new(pb::ListBatchesResponse {
+            batches: batches.iter().map(batch_to_pb).collect(),
+            next_page_token,
+        }))
     }
 
     async fn cancel_batch(&self, request: Request<pb::CancelBatchRequest>) -> Result<Response<pb::Batch>, Status> {

@@ -4,7 +4,7 @@ use baton_mesh::auth::{KeyLookup, KeyResolver, hash_key};
 use futures::future::BoxFuture;
 use sqlx::Row;
 
-use crate::model::{NewApiKey, ObjectSchema, Org};
+use crate::model::{ApiKeyInfo, Cursor, NewApiKey, ObjectSchema, Org};
 use crate::schema::{FieldError, schema_change, validate_schema};
 use crate::{Backend, Error, Missing, Store, new_id, now_ms};
 
@@ -68,6 +68,42 @@ impl Store {
             return Err(Error::not_found(Missing::ApiKey, format!("api key {key_id}")));
         }
         Ok(())
+    }
+
+    /// A page of API keys, oldest first (by creation time, then id): those of `org_id`, or of
+    /// every org when it is `None`; at most `limit`, those after `after` (the last of the page
+    /// before). Never the keys themselves: only their hashes are stored.
+    pub async fn list_api_keys(
+        &self,
+        org_id: Option<&str>,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Vec<ApiKeyInfo>, Error> {
+        if let Some(org_id) = org_id {
+            self.require_org(org_id).await?;
+        }
+        // `$1 = ''` stands for every org; `$2` and `$3`, the cursor, start before everything
+        let sql = "SELECT id, org_id, label, created_at_ms, revoked_at_ms FROM api_keys \
+                   WHERE ($1 = '' OR org_id = $1) AND (created_at_ms > $2 OR (created_at_ms = $2 AND id > $3)) \
+                   ORDER BY created_at_ms, id LIMIT $4";
+        let rows = sqlx::query(sql)
+            .bind(org_id.unwrap_or_default())
+            .bind(after.map_or(i64::MIN, |c| c.created_at_ms))
+            .bind(after.map_or(String::new(), |c| c.id.clone()))
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(ApiKeyInfo {
+                    key_id: r.try_get(0)?,
+                    org_id: r.try_get(1)?,
+                    label: r.try_get(2)?,
+                    created_at_ms: r.try_get(3)?,
+                    revoked_at_ms: r.try_get(4)?,
+                })
+            })
+            .collect()
     }
 
     /// Resolves the hash of an API key to its org.

@@ -12,7 +12,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use tokio::time::Instant;
 
-use crate::model::{Fields, ObjectSchema};
+use crate::model::{Cursor, Fields, ObjectSchema};
 use crate::records::by_deadline;
 use crate::schema::{RecordProblem, record_id, record_problems};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
@@ -327,6 +327,71 @@ pub(crate) fn u32_of(row: &AnyRow, i: usize) -> Result<u32, Error> {
     Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
 }
 
+/// The columns of a batch row that [`batch_info`] reads, in its order.
+const BATCH_COLUMNS: &str = "id, org_id, request_id, object, operation, chunk_size, not_before_ms, max_parallel, \
+     records_per_second, state, created_at_ms, finished_at_ms";
+
+/// The chunk counts of a batch by state, after its `batch_id`, that [`batch_info`] reads (from
+/// `chunks` grouped by batch and state): the state, its chunks, their records, their latest
+/// finish.
+const CHUNK_COUNTS: &str =
+    "state, COUNT(*), CAST(COALESCE(SUM(record_count), 0) AS BIGINT), COALESCE(MAX(finished_at_ms), 0)";
+
+/// A batch from its row ([`BATCH_COLUMNS`]) and its chunk counts ([`CHUNK_COUNTS`]).
+fn batch_info(row: &AnyRow, counts: &[AnyRow]) -> Result<BatchInfo, Error> {
+    let stored: String = row.try_get(9)?;
+    let mut totals = BatchTotals::default();
+    let mut last_finish = 0i64;
+    for c in counts {
+        let state = ChunkState::parse(&c.try_get::<String, _>(1)?)?;
+        let n = u32_of(c, 2)?;
+        let records = c.try_get::<i64, _>(3)? as u64;
+        last_finish = last_finish.max(c.try_get(4)?);
+        totals.chunks += n;
+        totals.records += records;
+        match state {
+            ChunkState::Pending => totals.pending += n,
+            ChunkState::Released | ChunkState::Running => totals.in_flight += n,
+            ChunkState::Committed => totals.committed += n,
+            ChunkState::CommittedAfterRetryResources => totals.committed_after_retry_resources += n,
+            ChunkState::CommittedAfterRetryWorkload => totals.committed_after_retry_workload += n,
+            ChunkState::Aborted => totals.aborted += n,
+            ChunkState::Cancelled => totals.cancelled += n,
+        }
+        if state.is_committed() {
+            totals.records_committed += records;
+        }
+    }
+    let state = match stored.as_str() {
+        "STAGING" => BatchState::Staging,
+        "CANCELLED" => BatchState::Cancelled,
+        _ if totals.pending == 0 && totals.in_flight == 0 => BatchState::Done,
+        _ => BatchState::Running,
+    };
+    let finished_at_ms = match state {
+        BatchState::Done => last_finish,
+        BatchState::Cancelled if totals.in_flight == 0 => last_finish.max(row.try_get(11)?),
+        _ => 0,
+    };
+    Ok(BatchInfo {
+        id: row.try_get(0)?,
+        org_id: row.try_get(1)?,
+        spec: NewBatch {
+            object: row.try_get(3)?,
+            operation: BatchOp::parse(&row.try_get::<String, _>(4)?)?,
+            chunk_size: u32_of(row, 5)?,
+            not_before_ms: row.try_get(6)?,
+            max_parallel: u32_of(row, 7)?,
+            records_per_second: u32_of(row, 8)?,
+            request_id: row.try_get(2)?,
+        },
+        state,
+        totals,
+        created_at_ms: row.try_get(10)?,
+        finished_at_ms,
+    })
+}
+
 impl Store {
     /// Starts staging a batch, or finds the one staged earlier with the same request id. A batch
     /// left half-staged by a broken upload with the same request id is replaced.
@@ -453,73 +518,72 @@ impl Store {
 
     /// A batch of the org, with its totals.
     pub async fn batch(&self, org_id: &str, batch_id: &str) -> Result<BatchInfo, Error> {
-        let row = sqlx::query(
-            "SELECT id, org_id, request_id, object, operation, chunk_size, not_before_ms, max_parallel, \
-             records_per_second, state, created_at_ms, finished_at_ms FROM batches WHERE id = $1 AND org_id = $2",
-        )
-        .bind(batch_id)
-        .bind(org_id)
-        .fetch_optional(&self.reader)
-        .await?
-        .ok_or_else(|| Error::not_found(Missing::Batch, format!("batch {batch_id}")))?;
-        let stored: String = row.try_get(9)?;
-        let mut totals = BatchTotals::default();
-        let mut last_finish = 0i64;
-        let counts = sqlx::query(
-            "SELECT state, COUNT(*), CAST(COALESCE(SUM(record_count), 0) AS BIGINT), COALESCE(MAX(finished_at_ms), 0) \
-             FROM chunks WHERE batch_id = $1 GROUP BY state",
-        )
+        let row = sqlx::query(&format!("SELECT {BATCH_COLUMNS} FROM batches WHERE id = $1 AND org_id = $2"))
+            .bind(batch_id)
+            .bind(org_id)
+            .fetch_optional(&self.reader)
+            .await?
+            .ok_or_else(|| Error::not_found(Missing::Batch, format!("batch {batch_id}")))?;
+        let counts = sqlx::query(&format!(
+            "SELECT batch_id, {CHUNK_COUNTS} FROM chunks WHERE batch_id = $1 GROUP BY batch_id, state"
+        ))
         .bind(batch_id)
         .fetch_all(&self.reader)
         .await?;
+        batch_info(&row, &counts)
+    }
+
+    /// A page of the org's batches, newest first (by submission time, then id), each with its
+    /// totals: at most `limit`, those after `after` (the last of the page before).
+    pub async fn list_batches(
+        &self,
+        org_id: &str,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Vec<BatchInfo>, Error> {
+        // `$2` and `$3`, the cursor, are past every batch on the first page
+        let sql = format!(
+            "SELECT {BATCH_COLUMNS} FROM batches WHERE org_id = $1 \
+             AND (created_at_ms < $2 OR (created_at_ms = $2 AND id < $3)) \
+             ORDER BY created_at_ms DESC, id DESC LIMIT $4"
+        );
+        let (before_ms, before_id) = match after {
+            Some(c) => (c.created_at_ms, c.id.clone()),
+            None => (i64::MAX, String::new()),
+        };
+        let rows = sqlx::query(&sql)
+            .bind(org_id)
+            .bind(before_ms)
+            .bind(before_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        let (Some(newest), Some(oldest)) = (rows.first(), rows.last()) else { return Ok(Vec::new()) };
+        // the chunk counts of the batches from the page's oldest to its newest: those of the
+        // page (and of any batch submitted within that span since, left out below)
+        let counts = sqlx::query(&format!(
+            "SELECT batch_id, {CHUNK_COUNTS} FROM chunks WHERE batch_id IN (SELECT id FROM batches \
+             WHERE org_id = $1 AND (created_at_ms > $2 OR (created_at_ms = $2 AND id >= $3)) \
+             AND (created_at_ms < $4 OR (created_at_ms = $4 AND id <= $5))) \
+             GROUP BY batch_id, state"
+        ))
+        .bind(org_id)
+        .bind(oldest.try_get::<i64, _>(10)?)
+        .bind(oldest.try_get::<String, _>(0)?)
+        .bind(newest.try_get::<i64, _>(10)?)
+        .bind(newest.try_get::<String, _>(0)?)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut by_batch: HashMap<String, Vec<AnyRow>> = HashMap::new();
         for c in counts {
-            let state = ChunkState::parse(&c.try_get::<String, _>(0)?)?;
-            let n = u32_of(&c, 1)?;
-            let records = c.try_get::<i64, _>(2)? as u64;
-            last_finish = last_finish.max(c.try_get(3)?);
-            totals.chunks += n;
-            totals.records += records;
-            match state {
-                ChunkState::Pending => totals.pending += n,
-                ChunkState::Released | ChunkState::Running => totals.in_flight += n,
-                ChunkState::Committed => totals.committed += n,
-                ChunkState::CommittedAfterRetryResources => totals.committed_after_retry_resources += n,
-                ChunkState::CommittedAfterRetryWorkload => totals.committed_after_retry_workload += n,
-                ChunkState::Aborted => totals.aborted += n,
-                ChunkState::Cancelled => totals.cancelled += n,
-            }
-            if state.is_committed() {
-                totals.records_committed += records;
-            }
+            by_batch.entry(c.try_get(0)?).or_default().push(c);
         }
-        let state = match stored.as_str() {
-            "STAGING" => BatchState::Staging,
-            "CANCELLED" => BatchState::Cancelled,
-            _ if totals.pending == 0 && totals.in_flight == 0 => BatchState::Done,
-            _ => BatchState::Running,
-        };
-        let finished_at_ms = match state {
-            BatchState::Done => last_finish,
-            BatchState::Cancelled if totals.in_flight == 0 => last_finish.max(row.try_get(11)?),
-            _ => 0,
-        };
-        Ok(BatchInfo {
-            id: row.try_get(0)?,
-            org_id: row.try_get(1)?,
-            spec: NewBatch {
-                object: row.try_get(3)?,
-                operation: BatchOp::parse(&row.try_get::<String, _>(4)?)?,
-                chunk_size: u32_of(&row, 5)?,
-                not_before_ms: row.try_get(6)?,
-                max_parallel: u32_of(&row, 7)?,
-                records_per_second: u32_of(&row, 8)?,
-                request_id: row.try_get(2)?,
-            },
-            state,
-            totals,
-            created_at_ms: row.try_get(10)?,
-            finished_at_ms,
-        })
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get(0)?;
+                batch_info(row, by_batch.get(&id).map_or(&[][..], Vec::as_slice))
+            })
+            .collect()
     }
 
     /// Chunks of a batch of the org in index order, after `after` (all: None), at most `limit`,

@@ -17,7 +17,7 @@ use tokio::time::Instant;
 use crate::batches::{Recovered, Releasable, UNSENT_RELEASE_TIMEOUT_MS, u32_of};
 use crate::blobs::{Blobs, Compressor};
 use crate::filter::Compiled;
-use crate::model::{Fields, ObjectSchema, Record};
+use crate::model::{Cursor, Fields, ObjectSchema, Record};
 use crate::records::{RawRow, bind_condition, by_deadline, decode_fields, read_condition};
 use crate::{Backend, Error, Missing, Store, new_id, now_ms};
 
@@ -566,6 +566,36 @@ impl Store {
     pub async fn export(&self, org_id: &str, token: &str) -> Result<ExportInfo, Error> {
         let export = self.export_of_token(org_id, token).await?;
         self.export_info(&export.info.id).await
+    }
+
+    /// A page of the org's exports whose retention is not over, newest first (by creation
+    /// time, then id): at most `limit`, those after `after` (the last of the page before). Their
+    /// parts are left out (GetExport lists them); tokens are never stored, so none is answered.
+    pub async fn list_exports(
+        &self,
+        org_id: &str,
+        after: Option<&Cursor>,
+        limit: u32,
+    ) -> Result<Vec<ExportInfo>, Error> {
+        // `$3` and `$4`, the cursor, are past every export on the first page
+        let sql = format!(
+            "SELECT {EXPORT_COLUMNS} FROM exports WHERE org_id = $1 AND expired = 0 AND expires_at_ms > $2 \
+             AND (created_at_ms < $3 OR (created_at_ms = $3 AND id < $4)) \
+             ORDER BY created_at_ms DESC, id DESC LIMIT $5"
+        );
+        let (before_ms, before_id) = match after {
+            Some(c) => (c.created_at_ms, c.id.clone()),
+            None => (i64::MAX, String::new()),
+        };
+        let rows = sqlx::query(&sql)
+            .bind(org_id)
+            .bind(now_ms())
+            .bind(before_ms)
+            .bind(before_id)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(|row| Ok(ExportRow::from_row(row)?.info)).collect()
     }
 
     /// Cancels an export: no part not yet produced will be; parts produced stay readable.

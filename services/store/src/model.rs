@@ -33,6 +33,31 @@ pub struct NewApiKey {
     pub org_id: String,
 }
 
+/// An API key as listed: never its secret, which only [`NewApiKey`] carries, once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKeyInfo {
+    /// `key_…`
+    pub key_id: String,
+    /// The org it acts for.
+    pub org_id: String,
+    /// The label given at creation.
+    pub label: String,
+    /// Creation time, ms since the epoch.
+    pub created_at_ms: i64,
+    /// When it was revoked (ms since the epoch); `None` while it is valid.
+    pub revoked_at_ms: Option<i64>,
+}
+
+/// Where a page of a list ordered by creation time and id ends: the last item's creation time
+/// (ms) and id. The next page starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// The creation time of the last item of the page, ms since the epoch.
+    pub created_at_ms: i64,
+    /// The id of the last item of the page.
+    pub id: String,
+}
+
 /// The type of a field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1036,6 +1036,85 @@ mod batches {
         })
         .await;
     }
+
+    /// An org's batches page newest first and its keys oldest first, each exactly once, even
+    /// when they were made in the same millisecond (the id orders them then), each batch with its
+    /// totals; another org's never show.
+    #[tokio::test]
+    async fn batches_and_keys_page_by_creation_time_even_within_one_millisecond() {
+        use baton_store::model::Cursor;
+        each_backend(|t| async move {
+            let s = &t.store;
+            let (org, other) = (org_with_account(s).await, org_with_account(s).await);
+            let mut batches = Vec::new();
+            for n in 1..=5 {
+                batches.push(submit(s, &org, &new_batch(BatchOp::Upsert, 2), &accounts("a", 2 * n)).await);
+            }
+            let theirs = submit(s, &other, &new_batch(BatchOp::Upsert, 2), &accounts("b", 2)).await;
+            let mut keys = Vec::new();
+            for _ in 0..5 {
+                keys.push(s.create_api_key(&org, "k").await.unwrap().key_id);
+            }
+            let their_key = s.create_api_key(&other, "k").await.unwrap().key_id;
+            // two batches and three keys share a millisecond
+            let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&t.url).await.unwrap();
+            for (id, ms) in batches.iter().zip([1_000i64, 2_000, 2_000, 3_000, 4_000]) {
+                sqlx::query("UPDATE batches SET created_at_ms = $2 WHERE id = $1")
+                    .bind(id.clone())
+                    .bind(ms)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            for (id, ms) in keys.iter().zip([7_000i64, 7_000, 7_000, 8_000, 9_000]) {
+                sqlx::query("UPDATE api_keys SET created_at_ms = $2 WHERE id = $1")
+                    .bind(id.clone())
+                    .bind(ms)
+                    .execute(&pool)
+                    .await
+                    .unwrap();
+            }
+            pool.close().await;
+
+            // pages of two: newest first, the tie by id, descending
+            let (mut seen, mut after) = (Vec::new(), None::<Cursor>);
+            for _ in 0..10 {
+                let page = s.list_batches(&org, after.as_ref(), 2).await.unwrap();
+                let Some(last) = page.last() else { break };
+                after = Some(Cursor { created_at_ms: last.created_at_ms, id: last.id.clone() });
+                seen.extend(page.into_iter().map(|b| (b.id, b.totals.chunks, b.totals.records, b.state)));
+            }
+            let (mut tie_high, mut tie_low) = (batches[1].clone(), batches[2].clone());
+            if tie_high < tie_low {
+                std::mem::swap(&mut tie_high, &mut tie_low);
+            }
+            let order = [batches[4].clone(), batches[3].clone(), tie_high, tie_low, batches[0].clone()];
+            assert_eq!(seen.iter().map(|b| b.0.clone()).collect::<Vec<_>>(), order);
+            for (id, chunks, records, state) in &seen {
+                let n = batches.iter().position(|b| b == id).unwrap() as u32 + 1;
+                assert_eq!((*chunks, *records, *state), (n, 2 * u64::from(n), BatchState::Running), "{id}");
+            }
+            assert!(seen.iter().all(|b| b.0 != theirs));
+
+            // keys: oldest first, the tie by id, ascending; one org's or every org's
+            let (mut seen, mut after) = (Vec::new(), None::<Cursor>);
+            for _ in 0..10 {
+                let page = s.list_api_keys(Some(&org), after.as_ref(), 2).await.unwrap();
+                let Some(last) = page.last() else { break };
+                after = Some(Cursor { created_at_ms: last.created_at_ms, id: last.key_id.clone() });
+                seen.extend(page.into_iter().map(|k| k.key_id));
+            }
+            let mut tied = keys[..3].to_vec();
+            tied.sort();
+            let org_keys: Vec<String> = tied.into_iter().chain(keys[3..].iter().cloned()).collect();
+            assert_eq!(seen, org_keys);
+            let every = s.list_api_keys(None, None, 100).await.unwrap();
+            assert_eq!(every.len(), 6);
+            assert!(every.iter().any(|k| k.key_id == their_key && k.org_id == other && k.revoked_at_ms.is_none()));
+            assert!(matches!(s.list_api_keys(Some("org_none"), None, 10).await, Err(Error::NotFound(_))));
+        })
+        .await;
+    }
 }
 
 mod exports {
