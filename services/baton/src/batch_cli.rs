@@ -5,14 +5,16 @@ use std::io::{BufRead, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use baton_store::model::Fields;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
 
-use crate::client::{OrgConn, channel, count, explain, print_json, time_json, with_bearer};
+use crate::client::{OrgConn, PageArgs, channel, count, explain, time_json, with_bearer};
+use crate::exit::{Exit, fail};
+use crate::output::{Column, Kind, Output, Printer, col, shown, time};
 
 /// `baton batch`.
 #[derive(clap::Args, Debug)]
@@ -36,7 +38,8 @@ enum Operation {
 #[derive(clap::Subcommand, Debug)]
 enum BatchCommand {
     /// Submits a file of records as a batch (NDJSON, or CSV by its `.csv` extension), shows
-    /// upload and chunk progress, and ends with a summary per outcome.
+    /// upload and chunk progress, and ends with a summary per outcome; exits 2 when chunks
+    /// aborted, 130 when the batch was cancelled.
     Submit {
         /// The file; `-` reads NDJSON from standard input. A CSV header names the fields, each
         /// optionally typed (`amount:integer`, `score:number`, `active:boolean`, `code:string`,
@@ -68,7 +71,8 @@ enum BatchCommand {
         #[arg(long)]
         no_wait: bool,
     },
-    /// Follows a batch until it is done, then prints the summary.
+    /// Follows a batch until it is done, then prints the summary; exits 2 when chunks aborted,
+    /// 130 when the batch was cancelled.
     Watch {
         /// The batch id.
         id: String,
@@ -91,6 +95,11 @@ enum BatchCommand {
         /// The batch id.
         id: String,
     },
+    /// Lists the org's batches, newest first, with their states and totals.
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
 }
 
 /// Reads records: NDJSON, or CSV when the path ends in `.csv`.
@@ -98,7 +107,7 @@ pub(crate) fn read_records(path: &Path) -> anyhow::Result<Vec<Fields>> {
     let mut reader: Box<dyn Read> = if path.as_os_str() == "-" {
         Box::new(std::io::stdin().lock())
     } else {
-        Box::new(std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?)
+        Box::new(std::fs::File::open(path).map_err(|e| crate::client::input_error(path, e))?)
     };
     if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("csv")) {
         return read_csv(&mut reader);
@@ -111,8 +120,8 @@ pub(crate) fn read_records(path: &Path) -> anyhow::Result<Vec<Fields>> {
         }
         match serde_json::from_str::<Value>(&line) {
             Ok(Value::Object(map)) => records.push(map),
-            Ok(_) => bail!("line {}: not a JSON object", n + 1),
-            Err(e) => bail!("line {}: {e}", n + 1),
+            Ok(_) => return Err(fail(Exit::InvalidArgument, format!("line {}: not a JSON object", n + 1))),
+            Err(e) => return Err(fail(Exit::InvalidArgument, format!("line {}: {e}", n + 1))),
         }
     }
     Ok(records)
@@ -123,41 +132,42 @@ pub(crate) fn records_to_pb(records: &[Fields]) -> anyhow::Result<Vec<pb::Record
     records
         .iter()
         .enumerate()
-        .map(|(i, r)| convert::json_to_pb(r).map_err(|e| anyhow::anyhow!("record {}: {e}", i + 1)))
+        .map(|(i, r)| convert::json_to_pb(r).map_err(|e| fail(Exit::InvalidArgument, format!("record {}: {e}", i + 1))))
         .collect()
 }
 
 fn read_csv(reader: &mut dyn Read) -> anyhow::Result<Vec<Fields>> {
     let mut csv = csv::Reader::from_reader(reader);
     let mut columns = Vec::new();
-    for (i, name) in csv.headers().context("the CSV header")?.iter().enumerate() {
+    let headers = csv.headers().map_err(|e| fail(Exit::InvalidArgument, format!("the CSV header: {e}")))?;
+    for (i, name) in headers.iter().enumerate() {
         let (name, kind) = match name.split_once(':') {
             Some((name, kind)) => (name, Some(kind)),
             None => (name, None),
         };
         if !matches!(kind, None | Some("string" | "integer" | "number" | "boolean" | "decimal")) {
-            bail!(
-                "CSV column {}: type {:?} is not string, integer, number, boolean or decimal",
-                i + 1,
-                kind.unwrap_or("")
-            );
+            return Err(fail(
+                Exit::InvalidArgument,
+                format!(
+                    "CSV column {}: type {:?} is not string, integer, number, boolean or decimal",
+                    i + 1,
+                    kind.unwrap_or("")
+                ),
+            ));
         }
         columns.push((name.trim().to_owned(), kind.map(str::to_owned)));
     }
     let mut records = Vec::new();
     for (n, row) in csv.records().enumerate() {
-        let row = row.with_context(|| format!("CSV record {}", n + 1))?;
+        let row = row.map_err(|e| fail(Exit::InvalidArgument, format!("CSV record {}: {e}", n + 1)))?;
         let mut fields = Fields::new();
         for ((name, kind), cell) in columns.iter().zip(row.iter()) {
             if cell.is_empty() {
                 continue;
             }
             let bad = || {
-                anyhow::anyhow!(
-                    "CSV record {}, column {name}: {cell:?} is not {}",
-                    n + 1,
-                    kind.as_deref().unwrap_or("")
-                )
+                let kind = kind.as_deref().unwrap_or("");
+                fail(Exit::InvalidArgument, format!("CSV record {}, column {name}: {cell:?} is not {kind}", n + 1))
             };
             let value = match kind.as_deref() {
                 // decimal text goes as it is; the server checks it against the schema
@@ -230,6 +240,54 @@ fn summary(b: &pb::Batch) -> String {
     )
 }
 
+/// The columns of a batch.
+const BATCH_COLUMNS: &[Column] = &[
+    col("BATCH", "batch_id"),
+    col("OBJECT", "object"),
+    col("STATE", "state"),
+    col("RECORDS", "records"),
+    col("COMMITTED", "records_committed"),
+    col("CHUNKS", "chunks"),
+    col("ABORTED", "aborted"),
+    col("CANCELLED", "cancelled"),
+    time("CREATED", "create_time"),
+    time("FINISHED", "finish_time"),
+];
+
+/// The columns of a chunk's result.
+const RESULT_COLUMNS: &[Column] = &[
+    col("CHUNK", "chunk"),
+    col("FIRST", "first_record"),
+    col("RECORDS", "records"),
+    col("STATE", "state"),
+    col("ATTEMPTS", "attempts"),
+    col("CAUSE", "last_cause"),
+    shown("ERRORS", "errors", Kind::RecordErrors),
+];
+
+/// How a followed batch ended, as the command's result: an error with its exit code when chunks
+/// aborted (2) or the batch was cancelled (130).
+fn outcome(b: &pb::Batch) -> anyhow::Result<()> {
+    let t = b.totals.unwrap_or_default();
+    if t.aborted > 0 {
+        return Err(fail(
+            Exit::BatchAborted,
+            format!(
+                "batch {id}: {} aborted; `baton batch results {id} --aborted` lists why",
+                count(t.aborted, "chunk", "chunks"),
+                id = b.batch_id
+            ),
+        ));
+    }
+    if b.state == pb::BatchState::Cancelled as i32 {
+        return Err(fail(
+            Exit::Cancelled,
+            format!("batch {} was cancelled: {} never ran", b.batch_id, count(t.cancelled, "chunk", "chunks")),
+        ));
+    }
+    Ok(())
+}
+
 fn bar(len: u64, unit: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     let style = ProgressStyle::with_template(&format!("{{msg:>9}} [{{bar:40}}] {{pos}}/{{len}} {unit} ({{elapsed}})"))
@@ -264,7 +322,7 @@ async fn watch(conn: &OrgConn, id: &str) -> anyhow::Result<pb::Batch> {
 }
 
 /// Runs a batch subcommand.
-pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
+pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
     let conn = args.conn;
     let mut client = pb::scheduler_client::SchedulerClient::new(channel(&conn.conn).await?);
     match args.command {
@@ -281,7 +339,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
         } => {
             let records = read_records(&file)?;
             if records.is_empty() {
-                bail!("{}: no records", file.display());
+                return Err(fail(Exit::InvalidArgument, format!("{}: no records", file.display())));
             }
             let not_before_time = not_before.and_then(|d| {
                 let at = std::time::SystemTime::now().checked_add(d)?;
@@ -328,20 +386,43 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
             if !no_wait {
                 let batch = watch(&conn, &staged.batch_id).await?;
                 eprintln!("{}", summary(&batch));
+                outcome(&batch)?;
             }
         }
         BatchCommand::Watch { id } => {
             let batch = watch(&conn, &id).await?;
             eprintln!("{}", summary(&batch));
+            outcome(&batch)?;
         }
         BatchCommand::Get { id } => {
             let batch = client
                 .get_batch(with_bearer(pb::GetBatchRequest { batch_id: id }, &conn.api_key)?)
                 .await
                 .map_err(explain)?;
-            print_json(&batch_json(batch.get_ref()))?;
+            let mut printer = Printer::new(output, BATCH_COLUMNS);
+            printer.print(&batch_json(batch.get_ref()))?;
+            printer.finish()?;
+        }
+        BatchCommand::List { page } => {
+            let mut printer = Printer::new(output, BATCH_COLUMNS);
+            let (mut page_token, mut listed) = (page.page_token.clone(), 0);
+            loop {
+                let request = pb::ListBatchesRequest { page_size: page.page_size, page_token };
+                let batches =
+                    client.list_batches(with_bearer(request, &conn.api_key)?).await.map_err(explain)?.into_inner();
+                for b in &batches.batches {
+                    printer.print(&batch_json(b))?;
+                }
+                listed += batches.batches.len();
+                if !page.go_on(&batches.next_page_token, listed, ("batch", "batches")) {
+                    break;
+                }
+                page_token = batches.next_page_token;
+            }
+            printer.finish()?;
         }
         BatchCommand::Results { id, aborted } => {
+            let mut printer = Printer::new(output, RESULT_COLUMNS);
             let mut page_token = String::new();
             loop {
                 let request = pb::ListChunkResultsRequest {
@@ -357,7 +438,7 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
                     .into_inner();
                 for r in &page.results {
                     let c = r.chunk.clone().unwrap_or_default();
-                    print_json(&serde_json::json!({
+                    printer.print(&serde_json::json!({
                         "chunk": c.index, "first_record": c.first_record, "records": c.records,
                         "state": state_name(c.state), "attempts": c.attempts, "worker": c.worker,
                         "last_cause": c.last_cause, "errors": r.errors.iter().map(|e| serde_json::json!({
@@ -369,13 +450,16 @@ pub async fn run(args: BatchArgs) -> anyhow::Result<()> {
                 }
                 page_token = page.next_page_token;
             }
+            printer.finish()?;
         }
         BatchCommand::Cancel { id } => {
             let batch = client
                 .cancel_batch(with_bearer(pb::CancelBatchRequest { batch_id: id }, &conn.api_key)?)
                 .await
                 .map_err(explain)?;
-            print_json(&batch_json(batch.get_ref()))?;
+            let mut printer = Printer::new(output, BATCH_COLUMNS);
+            printer.print(&batch_json(batch.get_ref()))?;
+            printer.finish()?;
         }
     }
     Ok(())

@@ -3,13 +3,16 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use baton_store::model::ObjectSchema;
 use tonic::metadata::MetadataValue;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, Endpoint};
 use tonic_types::StatusExt;
+
+use crate::exit::{Exit, fail};
+use crate::output::{Column, Kind, Output, Printer, col, shown, time};
 
 /// Where the mesh is.
 #[derive(clap::Args, Debug, Clone)]
@@ -40,6 +43,61 @@ pub struct OrgConn {
     /// The org's API key.
     #[arg(long, env = "BATON_API_KEY", hide_env_values = true)]
     pub(crate) api_key: String,
+}
+
+/// The connection of commands whose subcommands share it, given before or after the
+/// subcommand (`baton sync --api-key K link list`, `baton sync link list --api-key K`); not needed
+/// by the subcommands that serve.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OptionalOrgConn {
+    /// The baton endpoint.
+    #[arg(long, env = "BATON_ENDPOINT", default_value = "http://127.0.0.1:7400", global = true)]
+    endpoint: String,
+    /// The org's API key.
+    #[arg(long, env = "BATON_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    /// TLS for an `https://` endpoint (before a subcommand: `baton sync --tls-ca CA link list`).
+    #[command(flatten)]
+    tls: baton_mesh::tls::ClientTlsArgs,
+}
+
+impl OptionalOrgConn {
+    /// The connection, once an API key is known (exits 64 without one).
+    pub(crate) fn org(&self) -> anyhow::Result<OrgConn> {
+        let api_key = self.api_key.clone().ok_or_else(|| fail(Exit::Usage, "set --api-key or BATON_API_KEY"))?;
+        Ok(OrgConn { conn: Conn { endpoint: self.endpoint.clone(), tls: self.tls.clone() }, api_key })
+    }
+}
+
+/// Which page of a list to print: the first by default, or from `--page-token`, or every page
+/// with `--all`. When more remain, the next page's token is said on stderr.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PageArgs {
+    /// Items per page (0: the server's default, 100; at most 1,000).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) page_size: u32,
+    /// Start at this page: the token a previous page ended with.
+    #[arg(long, default_value = "")]
+    pub(crate) page_token: String,
+    /// Follow every page rather than stopping after the first.
+    #[arg(long)]
+    pub(crate) all: bool,
+}
+
+impl PageArgs {
+    /// Whether to ask for the page after the one that answered `next_page_token`, `listed`
+    /// items so far (`noun`: singular, plural); when not and more remain, says how to get them.
+    pub(crate) fn go_on(&self, next_page_token: &str, listed: usize, noun: (&str, &str)) -> bool {
+        if next_page_token.is_empty() {
+            return false;
+        }
+        if self.all {
+            return true;
+        }
+        let listed = count(listed as u64, noun.0, noun.1);
+        eprintln!("{listed} listed; more remain: --page-token {next_page_token} (or --all)");
+        false
+    }
 }
 
 /// The admin commands.
@@ -84,6 +142,14 @@ pub enum KeyCommand {
     Revoke {
         /// The key id (`key_…`).
         key_id: String,
+    },
+    /// Lists API keys, oldest first: ids, orgs, labels and times, never the keys themselves.
+    List {
+        /// Only this org's keys (default: every org's).
+        #[arg(long)]
+        org: Option<String>,
+        #[command(flatten)]
+        page: PageArgs,
     },
 }
 
@@ -192,23 +258,52 @@ pub struct DeleteArgs {
     ids: Vec<String>,
 }
 
+/// A channel to the endpoint: a usage error (64) when it is not a URL, unavailable (69) when
+/// nothing answers there.
 pub(crate) async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
-    let endpoint = (conn.tls.client().endpoint(&conn.endpoint))
-        .map_err(anyhow::Error::msg)?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(60));
-    endpoint.connect().await.with_context(|| format!("cannot connect to {}", conn.endpoint))
+    let invalid = |why: String| fail(Exit::Usage, format!("invalid endpoint {:?}: {why}", conn.endpoint));
+    let endpoint = Endpoint::from_shared(conn.endpoint.clone()).map_err(|e| invalid(e.to_string()))?;
+    if !matches!(endpoint.uri().scheme_str(), Some("http" | "https")) || endpoint.uri().host().is_none() {
+        return Err(invalid("not an http:// or https:// URL".to_owned()));
+    }
+    // an https:// endpoint over TLS with the CLI's --tls-* files (a file missing: usage)
+    let endpoint = conn.tls.client().endpoint(&conn.endpoint).map_err(|e| fail(Exit::Usage, e))?;
+    let endpoint =
+        endpoint.connect_timeout(std::time::Duration::from_secs(5)).timeout(std::time::Duration::from_secs(60));
+    endpoint
+        .connect()
+        .await
+        .map_err(|e| fail(Exit::Unavailable, format!("cannot connect to {}: {}", conn.endpoint, causes(&e))))
 }
 
 pub(crate) fn with_bearer<T>(message: T, secret: &str) -> anyhow::Result<tonic::Request<T>> {
     let mut request = tonic::Request::new(message);
-    let value: MetadataValue<_> = format!("Bearer {secret}").parse().context("the key is not valid header text")?;
+    let value: MetadataValue<_> = format!("Bearer {secret}")
+        .parse()
+        .map_err(|_| fail(Exit::Usage, "the key or token is not valid header text"))?;
     request.metadata_mut().insert("authorization", value);
     Ok(request)
 }
 
-/// Renders a status with its details, for the terminal.
+/// An error and its causes, `: `-separated, each said once (tonic's transport errors repeat
+/// their source's text in their own).
+fn causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        let said = c.to_string();
+        if !text.ends_with(&said) {
+            text = format!("{text}: {said}");
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Renders a status with its details, for the terminal, as an error ending the command with the
+/// status's exit code.
 pub(crate) fn explain(status: tonic::Status) -> anyhow::Error {
+    let exit = Exit::of_status(&status);
     let mut text = format!("{:?}: {}", status.code(), status.message());
     if let Some(bad) = status.get_details_bad_request() {
         for v in bad.field_violations {
@@ -231,7 +326,7 @@ pub(crate) fn explain(status: tonic::Status) -> anyhow::Error {
     if let Some(retry) = status.get_details_retry_info().and_then(|r| r.retry_delay) {
         text.push_str(&format!("\n  retry after: {retry:?}"));
     }
-    anyhow::anyhow!(text)
+    fail(exit, text)
 }
 
 pub(crate) fn print_json(value: &serde_json::Value) -> anyhow::Result<()> {
@@ -266,8 +361,46 @@ pub(crate) fn record_json(record: &pb::Record) -> serde_json::Value {
     })
 }
 
+/// The columns of an org.
+const ORG_COLUMNS: &[Column] = &[col("ID", "id"), col("NAME", "name"), time("CREATED", "create_time")];
+
+/// The columns of an API key.
+const KEY_COLUMNS: &[Column] = &[
+    col("KEY", "key_id"),
+    col("ORG", "org_id"),
+    col("LABEL", "label"),
+    time("CREATED", "create_time"),
+    time("REVOKED", "revoke_time"),
+];
+
+/// The columns of an object schema.
+const OBJECT_COLUMNS: &[Column] = &[
+    col("OBJECT", "name"),
+    col("VERSION", "version"),
+    col("EXTERNAL ID", "external_id_field"),
+    shown("FIELDS", "fields", Kind::Names),
+    col("DROPPED", "dropped_fields"),
+];
+
+/// The columns of an object schema's version.
+const VERSION_COLUMNS: &[Column] = &[
+    col("OBJECT", "name"),
+    col("VERSION", "version"),
+    time("CREATED", "create_time"),
+    shown("FIELDS", "fields", Kind::Names),
+    col("DROPPED", "dropped_fields"),
+];
+
+/// An API key as listed, as JSON: never the key itself.
+fn key_json(key: &pb::ApiKey) -> serde_json::Value {
+    serde_json::json!({
+        "key_id": key.key_id, "org_id": key.org_id, "label": key.label,
+        "create_time": time_json(key.create_time.as_ref()), "revoke_time": time_json(key.revoke_time.as_ref()),
+    })
+}
+
 /// Runs an admin command.
-pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()> {
+pub async fn admin(conn: AdminConn, command: AdminCommand, output: Output) -> anyhow::Result<()> {
     let mut client = pb::admin_client::AdminClient::new(channel(&conn.conn).await?);
     let token = conn.admin_token.as_str();
     match command {
@@ -277,11 +410,13 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
         }
         AdminCommand::Org(OrgCommand::List) => {
             let orgs = client.list_orgs(with_bearer(pb::ListOrgsRequest {}, token)?).await.map_err(explain)?;
+            let mut printer = Printer::new(output, ORG_COLUMNS);
             for org in &orgs.get_ref().orgs {
-                print_json(
+                printer.print(
                     &serde_json::json!({"id": org.id, "name": org.name, "create_time": time_json(org.create_time.as_ref())}),
                 )?;
             }
+            printer.finish()?;
         }
         AdminCommand::Key(KeyCommand::Create { org, label }) => {
             let key = client
@@ -298,6 +433,27 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
                 .map_err(explain)?;
             eprintln!("revoked {key_id}");
         }
+        AdminCommand::Key(KeyCommand::List { org, page }) => {
+            let mut printer = Printer::new(output, KEY_COLUMNS);
+            let (mut page_token, mut listed) = (page.page_token.clone(), 0);
+            loop {
+                let request = pb::ListApiKeysRequest {
+                    org_id: org.clone().unwrap_or_default(),
+                    page_size: page.page_size,
+                    page_token,
+                };
+                let keys = client.list_api_keys(with_bearer(request, token)?).await.map_err(explain)?.into_inner();
+                for key in &keys.api_keys {
+                    printer.print(&key_json(key))?;
+                }
+                listed += keys.api_keys.len();
+                if !page.go_on(&keys.next_page_token, listed, ("key", "keys")) {
+                    break;
+                }
+                page_token = keys.next_page_token;
+            }
+            printer.finish()?;
+        }
         AdminCommand::Object(ObjectCommand::Define { org, schema }) => {
             let schema = read_schema(schema)?;
             let request = pb::DefineObjectRequest { org_id: org, schema: Some(convert::schema_to_pb(&schema)) };
@@ -309,27 +465,33 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
             let request = pb::UpdateObjectRequest { org_id: org, schema: Some(convert::schema_to_pb(&schema)) };
             let updated = client.update_object(with_bearer(request, token)?).await.map_err(explain)?;
             eprintln!("object {} is at version {}", updated.get_ref().name, updated.get_ref().version);
-            print_json(&schema_json(updated.get_ref())?)?;
+            let mut printer = Printer::new(output, OBJECT_COLUMNS);
+            printer.print(&schema_json(updated.get_ref())?)?;
+            printer.finish()?;
         }
         AdminCommand::Object(ObjectCommand::List { org }) => {
             let objects = client
                 .list_objects(with_bearer(pb::ListObjectsRequest { org_id: org }, token)?)
                 .await
                 .map_err(explain)?;
+            let mut printer = Printer::new(output, OBJECT_COLUMNS);
             for o in &objects.get_ref().objects {
-                print_json(&schema_json(o)?)?;
+                printer.print(&schema_json(o)?)?;
             }
+            printer.finish()?;
         }
         AdminCommand::Object(ObjectCommand::Versions { org, object }) => {
             let versions = client
                 .list_object_versions(with_bearer(pb::ListObjectVersionsRequest { org_id: org, object }, token)?)
                 .await
                 .map_err(explain)?;
+            let mut printer = Printer::new(output, VERSION_COLUMNS);
             for v in &versions.get_ref().versions {
                 let mut json = schema_json(v.schema.as_ref().context("a version without its schema")?)?;
                 json["create_time"] = time_json(v.create_time.as_ref());
-                print_json(&json)?;
+                printer.print(&json)?;
             }
+            printer.finish()?;
         }
     }
     Ok(())
@@ -338,10 +500,18 @@ pub async fn admin(conn: AdminConn, command: AdminCommand) -> anyhow::Result<()>
 /// A schema given on the command line: JSON, or `@FILE`.
 fn read_schema(arg: String) -> anyhow::Result<ObjectSchema> {
     let text = match arg.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read {path}"))?,
+        Some(path) => std::fs::read_to_string(path).map_err(|e| input_error(path.as_ref(), e))?,
         None => arg,
     };
-    serde_json::from_str(&text).context("the schema is not valid JSON of the expected shape")
+    serde_json::from_str(&text)
+        .map_err(|e| fail(Exit::InvalidArgument, format!("the schema is not valid JSON of the expected shape: {e}")))
+}
+
+/// An input file that cannot be read: not found (66) when it does not exist, a failure (1)
+/// otherwise.
+pub(crate) fn input_error(path: &std::path::Path, e: std::io::Error) -> anyhow::Error {
+    let exit = if e.kind() == std::io::ErrorKind::NotFound { Exit::NotFound } else { Exit::Failure };
+    fail(exit, format!("cannot read {}: {e}", path.display()))
 }
 
 /// A schema from the server as JSON, in the shape `define` and `update` read, with its
@@ -357,11 +527,21 @@ fn schema_json(schema: &pb::ObjectSchema) -> anyhow::Result<serde_json::Value> {
     Ok(json)
 }
 
+/// The columns of a record.
+const RECORD_COLUMNS: &[Column] =
+    &[col("ID", "id"), col("VERSION", "version"), time("UPDATED", "update_time"), col("FIELDS", "fields")];
+
+/// The columns of an upserted record.
+const UPSERTED_COLUMNS: &[Column] = &[col("ID", "id"), col("VERSION", "version"), col("CREATED", "created")];
+
+/// The columns of a deleted record.
+const DELETED_COLUMNS: &[Column] = &[col("ID", "id"), col("DELETED", "deleted"), col("VERSION", "version")];
+
 /// `baton upsert`.
-pub async fn upsert(args: UpsertArgs) -> anyhow::Result<()> {
+pub async fn upsert(args: UpsertArgs, output: Output) -> anyhow::Result<()> {
     let records = crate::batch_cli::read_records(&args.file)?;
     if records.is_empty() {
-        bail!("no records to upsert");
+        return Err(fail(Exit::InvalidArgument, "no records to upsert"));
     }
     let records = crate::batch_cli::records_to_pb(&records)?;
     if args.auto_batch {
@@ -369,7 +549,7 @@ pub async fn upsert(args: UpsertArgs) -> anyhow::Result<()> {
         let request_id = args.request_id.unwrap_or_else(|| format!("auto-{}", hex::encode(rand::random::<[u8; 8]>())));
         let channel = channel(&args.conn.conn).await?;
         match upsert_or_batch(channel, &args.conn.api_key, &args.object, records, &request_id).await.map_err(explain)? {
-            Upserted::RealTime(response) => print_upserted(&response)?,
+            Upserted::RealTime(response) => print_upserted(&response, output)?,
             Upserted::Batch(batch) => {
                 eprintln!(
                     "rejected in real time (resubmit as batch): submitted as batch {} ({} in {}); \
@@ -387,28 +567,37 @@ pub async fn upsert(args: UpsertArgs) -> anyhow::Result<()> {
     let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
     let request = pb::UpsertRequest { object: args.object, records };
     let response = client.upsert(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?;
-    print_upserted(response.get_ref())
+    print_upserted(response.get_ref(), output)
 }
 
-fn print_upserted(response: &pb::UpsertResponse) -> anyhow::Result<()> {
+fn print_upserted(response: &pb::UpsertResponse, output: Output) -> anyhow::Result<()> {
+    let mut printer = Printer::new(output, UPSERTED_COLUMNS);
     for r in &response.results {
-        print_json(&serde_json::json!({"id": r.id, "version": r.version, "created": r.created}))?;
+        printer.print(&serde_json::json!({"id": r.id, "version": r.version, "created": r.created}))?;
     }
-    eprintln!("upserted {} records (last seq {})", response.results.len(), response.last_seq);
+    printer.finish()?;
+    eprintln!(
+        "upserted {} (last seq {})",
+        count(response.results.len() as u64, "record", "records"),
+        response.last_seq
+    );
     Ok(())
 }
 
 /// `baton get`.
-pub async fn get(args: GetArgs) -> anyhow::Result<()> {
+pub async fn get(args: GetArgs, output: Output) -> anyhow::Result<()> {
     let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
     let request = pb::GetRequest { object: args.object, id: args.id };
     let record = client.get(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?;
-    print_json(&record_json(record.get_ref()))
+    let mut printer = Printer::new(output, RECORD_COLUMNS);
+    printer.print(&record_json(record.get_ref()))?;
+    printer.finish()
 }
 
 /// `baton query`.
-pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
+pub async fn query(args: QueryArgs, output: Output) -> anyhow::Result<()> {
     let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
+    let mut printer = Printer::new(output, RECORD_COLUMNS);
     let mut token = String::new();
     let mut total = 0usize;
     loop {
@@ -421,7 +610,7 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
         };
         let page = client.query(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?.into_inner();
         for r in &page.records {
-            print_json(&record_json(r))?;
+            printer.print(&record_json(r))?;
         }
         total += page.records.len();
         if !args.all || page.next_page_token.is_empty() {
@@ -432,16 +621,17 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
         }
         token = page.next_page_token;
     }
-    Ok(())
+    printer.finish()
 }
 
 /// `baton delete`.
-pub async fn delete(args: DeleteArgs) -> anyhow::Result<()> {
+pub async fn delete(args: DeleteArgs, output: Output) -> anyhow::Result<()> {
     let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?);
     let request = pb::DeleteRequest { object: args.object, ids: args.ids };
     let response = client.delete(with_bearer(request, &args.conn.api_key)?).await.map_err(explain)?;
+    let mut printer = Printer::new(output, DELETED_COLUMNS);
     for r in &response.get_ref().results {
-        print_json(&serde_json::json!({"id": r.id, "deleted": r.deleted, "version": r.version}))?;
+        printer.print(&serde_json::json!({"id": r.id, "deleted": r.deleted, "version": r.version}))?;
     }
-    Ok(())
+    printer.finish()
 }

@@ -18,7 +18,9 @@ use baton_mesh::proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::Semaphore;
 
-use crate::client::{OrgConn, channel, explain, with_bearer};
+use crate::client::{OptionalOrgConn, OrgConn, PageArgs, channel, count, explain, time_json, with_bearer};
+use crate::exit::{Exit, fail};
+use crate::output::{Column, Output, Printer, col, time};
 
 /// How often the export's progress is looked at.
 const POLL: Duration = Duration::from_millis(200);
@@ -32,12 +34,16 @@ enum Format {
     Csv,
 }
 
-/// `baton export`.
+/// `baton export`: an export to a file, or `baton export list`.
 #[derive(clap::Args, Debug)]
+#[command(subcommand_negates_reqs = true)]
 pub struct ExportArgs {
     #[command(flatten)]
-    conn: OrgConn,
-    /// The object to export (not needed with `--token`).
+    conn: OptionalOrgConn,
+    #[command(subcommand)]
+    command: Option<ExportCommand>,
+    /// The object to export (not needed with `--token`). An object named `list` goes after `--`:
+    /// `baton export --out FILE -- list`.
     #[arg(required_unless_present = "token")]
     object: Option<String>,
     /// The filter, for example `amount > 10 AND status IN ('open', 'late')`.
@@ -47,8 +53,8 @@ pub struct ExportArgs {
     #[arg(long, value_delimiter = ',')]
     fields: Vec<String>,
     /// The file to write.
-    #[arg(long)]
-    out: PathBuf,
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
     /// The format; by default CSV for a `.csv` file, NDJSON otherwise.
     #[arg(long, value_enum)]
     format: Option<Format>,
@@ -70,6 +76,66 @@ pub struct ExportArgs {
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
+}
+
+/// The export subcommands.
+#[derive(clap::Subcommand, Debug)]
+enum ExportCommand {
+    /// Lists the org's exports whose retention is not over, newest first, with their progress
+    /// (not their tokens: only Export answers a token, and `baton export` keeps it under
+    /// `FILE.parts/` until the file is written).
+    List {
+        #[command(flatten)]
+        page: PageArgs,
+    },
+}
+
+/// The columns of an export.
+const EXPORT_COLUMNS: &[Column] = &[
+    col("EXPORT", "export_id"),
+    col("OBJECT", "object"),
+    col("STATE", "state"),
+    col("ROWS", "estimated_total"),
+    col("PARTS", "parts_total"),
+    col("READY", "parts_ready"),
+    time("CREATED", "create_time"),
+    time("EXPIRES", "expire_time"),
+    col("ERROR", "error"),
+];
+
+/// An export's progress as JSON (without its parts).
+fn export_json(e: &pb::ExportStatus) -> serde_json::Value {
+    let name = |s: &str, prefix: &str| s.trim_start_matches(prefix).to_owned();
+    serde_json::json!({
+        "export_id": e.export_id, "object": e.object,
+        "state": pb::ExportState::try_from(e.state).map_or("?".to_owned(), |s| name(s.as_str_name(), "EXPORT_STATE_")),
+        "reason": pb::ExportReason::try_from(e.reason).map_or("?".to_owned(), |r| name(r.as_str_name(), "EXPORT_REASON_")),
+        "first_rows": e.first_rows, "parts_total": e.parts_total, "parts_ready": e.parts_ready,
+        "rows_ready": e.rows_ready, "estimated_total": e.estimated_total, "total_known": e.total_known,
+        "as_of_seq": e.as_of_seq, "create_time": time_json(e.create_time.as_ref()),
+        "expire_time": time_json(e.expire_time.as_ref()), "finish_time": time_json(e.finish_time.as_ref()),
+        "error": e.error,
+    })
+}
+
+/// `baton export list`.
+async fn list(conn: &OrgConn, page: PageArgs, output: Output) -> anyhow::Result<()> {
+    let mut client = pb::intake_client::IntakeClient::new(channel(&conn.conn).await?);
+    let mut printer = Printer::new(output, EXPORT_COLUMNS);
+    let (mut page_token, mut listed) = (page.page_token.clone(), 0);
+    loop {
+        let request = pb::ListExportsRequest { page_size: page.page_size, page_token };
+        let exports = client.list_exports(with_bearer(request, &conn.api_key)?).await.map_err(explain)?.into_inner();
+        for e in &exports.exports {
+            printer.print(&export_json(e))?;
+        }
+        listed += exports.exports.len();
+        if !page.go_on(&exports.next_page_token, listed, ("export", "exports")) {
+            break;
+        }
+        page_token = exports.next_page_token;
+    }
+    printer.finish()
 }
 
 fn parts_dir(out: &Path) -> PathBuf {
@@ -126,16 +192,18 @@ fn ndjson_lines(records: &[pb::Record]) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Runs `baton export`.
-pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let format = args.format.unwrap_or(if args.out.extension().is_some_and(|e| e == "csv") {
-        Format::Csv
-    } else {
-        Format::Ndjson
-    });
-    let dir = parts_dir(&args.out);
-    let key = args.conn.api_key.as_str();
-    let mut client = pb::intake_client::IntakeClient::new(channel(&args.conn.conn).await?)
-        .max_decoding_message_size(64 * 1024 * 1024);
+pub async fn run(args: ExportArgs, output: Output) -> anyhow::Result<()> {
+    let conn = args.conn.org()?;
+    if let Some(ExportCommand::List { page }) = args.command {
+        return list(&conn, page, output).await;
+    }
+    let out = args.out.clone().ok_or_else(|| fail(Exit::Usage, "--out FILE is required"))?;
+    let format =
+        args.format.unwrap_or(if out.extension().is_some_and(|e| e == "csv") { Format::Csv } else { Format::Ndjson });
+    let dir = parts_dir(&out);
+    let key = conn.api_key.as_str();
+    let mut client =
+        pb::intake_client::IntakeClient::new(channel(&conn.conn).await?).max_decoding_message_size(64 * 1024 * 1024);
     let token = match &args.token {
         Some(token) => {
             let kept = std::fs::read_to_string(dir.join("token")).unwrap_or_default();
@@ -146,7 +214,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                     dir.display()
                 );
             }
-            eprintln!("resuming the export into {}", args.out.display());
+            eprintln!("resuming the export into {}", out.display());
             token.clone()
         }
         None => {
@@ -161,11 +229,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                 request_id: args.request_id.clone(),
             };
             let response = client.export(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
-            eprintln!("first portion: {} rows", response.records.len());
+            let rows = count(response.records.len() as u64, "row", "rows");
+            eprintln!("first portion: {rows}");
             if response.complete {
-                let rows = response.records.len();
-                write_output(&args.out, format, &ndjson_lines(&response.records)?)?;
-                eprintln!("wrote {} ({rows} rows, complete)", args.out.display());
+                write_output(&out, format, &ndjson_lines(&response.records)?)?;
+                eprintln!("wrote {} ({rows}, complete)", out.display());
                 return Ok(());
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -186,15 +254,15 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let status = download(&mut client, key, &token, &dir, args.parallel, args.quiet).await?;
     let mut sources = vec![first_file(&dir)];
     sources.extend((0..status.parts_total).map(|n| part_file(&dir, n)));
-    assemble(&args.out, format, &sources)?;
+    assemble(&out, format, &sources)?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     eprintln!(
-        "wrote {} ({} rows: {} at once, {} in {} parts)",
-        args.out.display(),
-        status.first_rows + status.rows_ready,
+        "wrote {} ({}: {} at once, {} in {})",
+        out.display(),
+        count((status.first_rows + status.rows_ready) as u64, "row", "rows"),
         status.first_rows,
         status.rows_ready,
-        status.parts_total
+        count(status.parts_total, "part", "parts")
     );
     Ok(())
 }
@@ -268,14 +336,18 @@ async fn download(
             }
             pb::ExportState::Failed | pb::ExportState::Cancelled if tasks.is_empty() => {
                 bar.abandon();
-                bail!(
-                    "export {} is {}{}; {} of its parts are kept under {}",
-                    status.export_id,
-                    state.as_str_name().trim_start_matches("EXPORT_STATE_").to_lowercase(),
-                    if status.error.is_empty() { String::new() } else { format!(": {}", status.error) },
-                    done.len(),
-                    dir.display()
-                );
+                let exit = if state == pb::ExportState::Cancelled { Exit::Cancelled } else { Exit::Failure };
+                return Err(fail(
+                    exit,
+                    format!(
+                        "export {} is {}{}; {} of its parts are kept under {}",
+                        status.export_id,
+                        state.as_str_name().trim_start_matches("EXPORT_STATE_").to_lowercase(),
+                        if status.error.is_empty() { String::new() } else { format!(": {}", status.error) },
+                        done.len(),
+                        dir.display()
+                    ),
+                ));
             }
             _ => {}
         }

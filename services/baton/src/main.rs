@@ -4,8 +4,10 @@
 mod batch_cli;
 mod client;
 mod dev;
+mod exit;
 mod export_cli;
 mod manager_cli;
+mod output;
 mod sync_cli;
 
 use std::path::PathBuf;
@@ -15,7 +17,9 @@ use baton_intake::IntakeOptions;
 use baton_mesh::config::{ServeOptions, TelemetryOptions, exit_bad_config};
 use baton_store::blobs::Blobs;
 use baton_store::{Store, StoreOptions};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
+use exit::Exit;
+use output::Output;
 
 /// baton: a gRPC service mesh that hands work off without losing it.
 #[derive(Parser, Debug)]
@@ -23,6 +27,11 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     telemetry: TelemetryOptions,
+
+    /// How the client commands print records and statuses: JSON lines, or a table for people
+    /// (times as `2026-12-07 12:00:03Z`).
+    #[arg(long, short = 'o', env = "BATON_OUTPUT", value_enum, default_value_t = Output::Json, global = true)]
+    output: Output,
 
     #[command(subcommand)]
     command: Command,
@@ -126,23 +135,56 @@ enum Command {
     Query(client::QueryArgs),
     /// Deletes records by id.
     Delete(client::DeleteArgs),
+    /// Prints the completion script of a shell: `source <(baton completions bash)`, or save it
+    /// where the shell looks (`~/.local/share/bash-completion/completions/baton`,
+    /// `~/.zfunc/_baton`, `~/.config/fish/completions/baton.fish`).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
+/// The command line's grammar, with the exit codes after the commands in `--help`.
+fn command() -> clap::Command {
+    Cli::command().after_help(exit::table())
+}
+
+/// The parsed command line. A usage error exits 64 with one line that names what is wrong (every
+/// missing argument, for one); `--help` and `--version` print and exit 0; a command given
+/// without its subcommand prints its help on stderr and exits 64.
 fn parse() -> Cli {
-    match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(e)
-            if matches!(
-                e.kind(),
-                clap::error::ErrorKind::DisplayHelp
-                    | clap::error::ErrorKind::DisplayVersion
-                    | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-            ) =>
-        {
-            e.exit()
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let error = match command().try_get_matches().and_then(|matches| Cli::from_arg_matches(&matches)) {
+        Ok(cli) => return cli,
+        Err(e) => e,
+    };
+    match error.kind() {
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion => error.exit(),
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = error.print();
+            std::process::exit(i32::from(Exit::Usage.code()))
         }
-        Err(e) => {
-            let text = e.to_string();
+        ErrorKind::MissingRequiredArgument => {
+            let missing = match error.get(ContextKind::InvalidArg) {
+                Some(ContextValue::Strings(args)) => args.join(", "),
+                _ => String::new(),
+            };
+            exit_bad_config(format!("the following required arguments were not provided: {missing}"))
+        }
+        ErrorKind::MissingSubcommand => {
+            let command = match error.get(ContextKind::InvalidSubcommand) {
+                Some(ContextValue::String(name)) => name.clone(),
+                _ => "the command".to_owned(),
+            };
+            let subcommands = match error.get(ContextKind::ValidSubcommand) {
+                Some(ContextValue::Strings(names)) => names.join(", "),
+                _ => String::new(),
+            };
+            exit_bad_config(format!("'{command}' requires a subcommand: {subcommands}"))
+        }
+        _ => {
+            let text = error.to_string();
             let line = text.lines().next().unwrap_or("invalid arguments").trim_start_matches("error: ");
             exit_bad_config(line)
         }
@@ -164,16 +206,28 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(run(cli.command));
+    let result = runtime.block_on(run(cli.command, cli.output));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // the reader went away (`baton … | head`): what it wanted it has, nothing to say
         Err(e) if closed_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("baton: {e:#}");
-            ExitCode::FAILURE
+            ExitCode::from(Exit::of_error(&e).code())
         }
     }
+}
+
+/// `baton completions SHELL`: the shell's completion script on stdout.
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    use std::io::Write;
+    // generated into memory first: the generator panics on a write error (a closed pipe)
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut command(), "baton", &mut script);
+    let mut out = std::io::stdout().lock();
+    out.write_all(&script)?;
+    out.flush()?;
+    Ok(())
 }
 
 /// Whether `e` is a write to a pipe whose reader has gone.
@@ -185,7 +239,7 @@ fn closed_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command, output: Output) -> anyhow::Result<()> {
     match command {
         Command::Intake { serve, store, limits, admin_token } => {
             if let Err(e) = limits.validate() {
@@ -250,10 +304,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             store.close().await;
             Ok(())
         }
-        Command::Batch(args) => batch_cli::run(args).await,
-        Command::Export(args) => export_cli::run(args).await,
+        Command::Batch(args) => batch_cli::run(args, output).await,
+        Command::Export(args) => export_cli::run(args, output).await,
         Command::Dev(args) => dev::run(args).await,
-        Command::Manager(args) => manager_cli::run(args).await,
+        Command::Manager(args) => manager_cli::run(args, output).await,
         Command::Sync(args) => match args.command {
             sync_cli::SyncCommand::Serve { serve, store, mut sync } => {
                 if let Err(e) = sync.validate() {
@@ -277,13 +331,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 store.close().await;
                 Ok(())
             }
-            command => sync_cli::run(args.conn, command).await,
+            command => sync_cli::run(args.conn, command, output).await,
         },
-        Command::Admin { conn, command } => client::admin(conn, command).await,
-        Command::Upsert(args) => client::upsert(args).await,
-        Command::Get(args) => client::get(args).await,
-        Command::Query(args) => client::query(args).await,
-        Command::Delete(args) => client::delete(args).await,
+        Command::Admin { conn, command } => client::admin(conn, command, output).await,
+        Command::Upsert(args) => client::upsert(args, output).await,
+        Command::Get(args) => client::get(args, output).await,
+        Command::Query(args) => client::query(args, output).await,
+        Command::Delete(args) => client::delete(args, output).await,
+        Command::Completions { shell } => completions(shell),
     }
 }
 

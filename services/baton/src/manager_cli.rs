@@ -7,7 +7,8 @@ use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
 
-use crate::client::{Conn, channel, duration_json, explain, print_json, time_json, with_bearer};
+use crate::client::{Conn, channel, duration_json, explain, time_json, with_bearer};
+use crate::output::{Column, Output, Printer, col, time};
 
 /// `baton manager`.
 #[derive(clap::Args, Debug)]
@@ -72,6 +73,31 @@ impl ManagerConn {
     }
 }
 
+/// The columns of a manager's status.
+const STATUS_COLUMNS: &[Column] = &[
+    col("ROLE", "role"),
+    col("TERM", "term"),
+    col("LEADER", "leader"),
+    col("JOURNAL", "journal_index"),
+    col("STANDBY LAG", "standby_lag"),
+    col("IN SYNC", "in_sync"),
+    col("SESSIONS", "sessions"),
+    col("SERVERS", "servers"),
+];
+
+/// The columns of a session.
+const SESSION_COLUMNS: &[Column] = &[
+    col("SESSION", "session_id"),
+    col("POOL", "pool"),
+    col("SERVER", "bound_server"),
+    col("CONNECTED", "client_connected"),
+    col("REQUESTS", "request_queue"),
+    col("RESPONSES", "response_queue"),
+    col("STATE", "state"),
+    time("OPENED", "open_time"),
+    col("IDLE", "idle"),
+];
+
 fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
     serde_json::json!({
         "session_id": s.session_id, "pool": s.pool, "bound_server": s.bound_server,
@@ -83,7 +109,7 @@ fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
 }
 
 /// Runs a manager subcommand.
-pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
+pub async fn run(args: ManagerArgs, output: Output) -> anyhow::Result<()> {
     match args.command {
         ManagerCommand::Serve { serve, manager } => {
             baton_mesh::tls::check_or_exit(&serve.tls);
@@ -180,23 +206,26 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(explain)?
                 .into_inner();
-            print_json(&serde_json::json!({
+            let mut printer = Printer::new(output, STATUS_COLUMNS);
+            printer.print(&serde_json::json!({
                 "role": s.role, "term": s.term, "leader": s.leader, "journal_index": s.journal_index,
                 "standby_lag": s.standby_lag, "in_sync": s.in_sync, "sessions": s.sessions, "servers": s.servers,
-            }))
+            }))?;
+            printer.finish()
         }
         ManagerCommand::Sessions { conn } => {
             // every page, one session per line
             let mut client = conn.client().await?;
+            let mut printer = Printer::new(output, SESSION_COLUMNS);
             let mut page_token = String::new();
             loop {
                 let request = conn.request(pb::ListSessionsRequest { page_size: 1000, page_token })?;
                 let page = client.list_sessions(request).await.map_err(explain)?.into_inner();
                 for s in &page.sessions {
-                    print_json(&session_json(s))?;
+                    printer.print(&session_json(s))?;
                 }
                 if page.next_page_token.is_empty() {
-                    return Ok(());
+                    return printer.finish();
                 }
                 page_token = page.next_page_token;
             }
@@ -204,7 +233,9 @@ pub async fn run(args: ManagerArgs) -> anyhow::Result<()> {
         ManagerCommand::Session { conn, id } => {
             let request = conn.request(pb::GetSessionRequest { session_id: id })?;
             let s = conn.client().await?.get_session(request).await.map_err(explain)?.into_inner();
-            print_json(&session_json(&s))
+            let mut printer = Printer::new(output, SESSION_COLUMNS);
+            printer.print(&session_json(&s))?;
+            printer.finish()
         }
     }
 }

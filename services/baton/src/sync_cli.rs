@@ -10,7 +10,8 @@ use baton_mesh::proto::v1 as pb;
 use baton_sync::SyncOptions;
 
 use crate::StoreArgs;
-use crate::client::{OrgConn, channel, duration_json, explain, print_json, record_json, time_json, with_bearer};
+use crate::client::{OptionalOrgConn, channel, duration_json, explain, record_json, time_json, with_bearer};
+use crate::output::{Column, Output, Printer, col, time};
 
 /// `baton sync`.
 #[derive(clap::Args, Debug)]
@@ -19,27 +20,6 @@ pub struct SyncArgs {
     pub(crate) conn: OptionalOrgConn,
     #[command(subcommand)]
     pub(crate) command: SyncCommand,
-}
-
-/// The connection of the client commands (not needed by `serve`).
-#[derive(clap::Args, Debug, Clone)]
-pub struct OptionalOrgConn {
-    /// The baton endpoint.
-    #[arg(long, env = "BATON_ENDPOINT", default_value = "http://127.0.0.1:7400", global = true)]
-    endpoint: String,
-    /// The org's API key.
-    #[arg(long, env = "BATON_API_KEY", hide_env_values = true, global = true)]
-    api_key: Option<String>,
-    /// TLS for an `https://` endpoint (before the subcommand: `baton sync --tls-ca CA link list`).
-    #[command(flatten)]
-    tls: baton_mesh::tls::ClientTlsArgs,
-}
-
-impl OptionalOrgConn {
-    fn org(&self) -> anyhow::Result<OrgConn> {
-        let api_key = self.api_key.clone().context("set --api-key or BATON_API_KEY")?;
-        Ok(OrgConn { conn: crate::client::Conn { endpoint: self.endpoint.clone(), tls: self.tls.clone() }, api_key })
-    }
 }
 
 /// The sync subcommands.
@@ -155,12 +135,55 @@ fn link_json(link: &pb::Link) -> serde_json::Value {
     })
 }
 
+/// The columns of a link.
+const LINK_COLUMNS: &[Column] = &[
+    col("LINK", "id"),
+    col("STATE", "state"),
+    col("TARGET", "target"),
+    col("OBJECTS", "objects"),
+    col("CURSOR", "cursor_seq"),
+    col("LAG SEQ", "lag_seq"),
+    col("LAG", "lag"),
+    col("DEAD LETTERS", "dead_letters"),
+    col("CAUSE", "last_cause"),
+];
+
+/// The columns of a link's state transition.
+const EVENT_COLUMNS: &[Column] =
+    &[time("TIME", "event_time"), col("FROM", "from"), col("TO", "to"), col("CAUSE", "cause")];
+
+/// The columns of a followed link's state transition.
+const WATCH_COLUMNS: &[Column] = &[
+    time("TIME", "event_time"),
+    col("FROM", "from"),
+    col("TO", "to"),
+    col("CURSOR", "cursor_seq"),
+    col("LAG SEQ", "lag_seq"),
+    col("CAUSE", "cause"),
+];
+
+/// The columns of a dead letter.
+const DEAD_LETTER_COLUMNS: &[Column] = &[
+    col("SEQ", "seq"),
+    col("OBJECT", "object"),
+    col("ID", "id"),
+    time("REJECTED", "reject_time"),
+    col("REASON", "reason"),
+];
+
+/// Prints one link.
+fn print_link(link: &pb::Link, output: Output) -> anyhow::Result<()> {
+    let mut printer = Printer::new(output, LINK_COLUMNS);
+    printer.print(&link_json(link))?;
+    printer.finish()
+}
+
 fn event_json(e: &pb::LinkEvent) -> serde_json::Value {
     serde_json::json!({"event_time": time_json(e.event_time.as_ref()), "from": state_name(e.from), "to": state_name(e.to), "cause": e.cause})
 }
 
 /// Runs a client subcommand.
-pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<()> {
+pub async fn run(conn: OptionalOrgConn, command: SyncCommand, output: Output) -> anyhow::Result<()> {
     let org = conn.org()?;
     let mut client =
         pb::sync_client::SyncClient::new(channel(&org.conn).await?).max_decoding_message_size(64 * 1024 * 1024);
@@ -237,19 +260,21 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                         as i32,
                 };
                 let link = client.create_link(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
-                print_json(&link_json(&link))?;
+                print_link(&link, output)?;
             }
             LinkCommand::List => {
                 let links =
                     client.list_links(with_bearer(pb::ListLinksRequest {}, key)?).await.map_err(explain)?.into_inner();
+                let mut printer = Printer::new(output, LINK_COLUMNS);
                 for link in &links.links {
-                    print_json(&link_json(link))?;
+                    printer.print(&link_json(link))?;
                 }
+                printer.finish()?;
             }
             LinkCommand::Get { id } => {
                 let link =
                     client.get_link(with_bearer(pb::GetLinkRequest { link_id: id }, key)?).await.map_err(explain)?;
-                print_json(&link_json(link.get_ref()))?;
+                print_link(link.get_ref(), output)?;
             }
             LinkCommand::Watch { id } => {
                 let mut stream = client
@@ -257,13 +282,14 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                     .await
                     .map_err(explain)?
                     .into_inner();
+                let mut printer = Printer::streaming(output, WATCH_COLUMNS);
                 while let Some(event) = stream.message().await.map_err(explain)? {
                     let mut line = event_json(&event);
                     if let Some(link) = &event.link {
                         line["lag_seq"] = link.lag_seq.into();
                         line["cursor_seq"] = link.cursor_seq.into();
                     }
-                    print_json(&line)?;
+                    printer.print(&line)?;
                 }
             }
             LinkCommand::Pause { id } => {
@@ -271,14 +297,14 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                     .pause_link(with_bearer(pb::PauseLinkRequest { link_id: id }, key)?)
                     .await
                     .map_err(explain)?;
-                print_json(&link_json(link.get_ref()))?;
+                print_link(link.get_ref(), output)?;
             }
             LinkCommand::Resume { id } => {
                 let link = client
                     .resume_link(with_bearer(pb::ResumeLinkRequest { link_id: id }, key)?)
                     .await
                     .map_err(explain)?;
-                print_json(&link_json(link.get_ref()))?;
+                print_link(link.get_ref(), output)?;
             }
             LinkCommand::Delete { id } => {
                 client
@@ -288,28 +314,31 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                 eprintln!("deleted {id}");
             }
             LinkCommand::History { id } => {
+                let mut printer = Printer::new(output, EVENT_COLUMNS);
                 let mut page_token = String::new();
                 loop {
                     let request = pb::ListLinkHistoryRequest { link_id: id.clone(), page_size: 0, page_token };
                     let page =
                         client.list_link_history(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
                     for e in &page.events {
-                        print_json(&event_json(e))?;
+                        printer.print(&event_json(e))?;
                     }
                     if page.next_page_token.is_empty() {
                         break;
                     }
                     page_token = page.next_page_token;
                 }
+                printer.finish()?;
             }
             LinkCommand::DeadLetters { id } => {
+                let mut printer = Printer::new(output, DEAD_LETTER_COLUMNS);
                 let mut page_token = String::new();
                 loop {
                     let request = pb::ListDeadLettersRequest { link_id: id.clone(), page_size: 0, page_token };
                     let page =
                         client.list_dead_letters(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
                     for d in &page.dead_letters {
-                        print_json(&serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id,
+                        printer.print(&serde_json::json!({"seq": d.seq, "object": d.object, "id": d.record_id,
                             "reason": d.reason, "reject_time": time_json(d.reject_time.as_ref())}))?;
                     }
                     if page.next_page_token.is_empty() {
@@ -317,6 +346,7 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand) -> anyhow::Result<
                     }
                     page_token = page.next_page_token;
                 }
+                printer.finish()?;
             }
         },
     }
