@@ -89,8 +89,11 @@ impl Printer {
                     Some(widths) => {
                         let mut out = std::io::stdout().lock();
                         if widths.is_empty() {
-                            // the header, at its own widths and at least 12 a column
-                            widths.extend(self.columns.iter().map(|c| c.title.len().max(12)));
+                            // the header: a time's width, or at least 12 (or the title's)
+                            widths.extend(self.columns.iter().map(|c| match c.kind {
+                                Kind::Time => HUMAN_TIME_WIDTH,
+                                _ => c.title.len().max(12),
+                            }));
                             let header: Vec<String> = self.columns.iter().map(|c| c.title.to_owned()).collect();
                             write_row(&mut out, &header, widths)?;
                         }
@@ -175,6 +178,9 @@ fn plain(value: &Value) -> String {
     }
 }
 
+/// The width of a time as a table shows it, `2026-12-07 12:00:03Z`.
+const HUMAN_TIME_WIDTH: usize = 20;
+
 /// An RFC 3339 time (`2026-12-07T12:00:03.250Z`) to the second, with a space for the `T`
 /// (`2026-12-07 12:00:03Z`); anything else as it is.
 pub fn human_time(rfc3339: &str) -> String {
@@ -193,6 +199,7 @@ mod tests {
     fn times_are_shown_to_the_second() {
         assert_eq!(human_time("2026-12-07T12:00:03.250Z"), "2026-12-07 12:00:03Z");
         assert_eq!(human_time("2026-12-07T12:00:03Z"), "2026-12-07 12:00:03Z");
+        assert_eq!(human_time("2026-12-07T12:00:03Z").len(), HUMAN_TIME_WIDTH);
         assert_eq!(human_time("soon"), "soon");
     }
 
