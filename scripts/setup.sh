@@ -45,6 +45,12 @@ baton_setup_tools() {
   command -v grpcurl >/dev/null || { baton_log "grpcurl is not on PATH after installing it"; return 1; }
 }
 
+# promtool (Debian's prometheus) checks and unit-tests the alert rules in deploy/prometheus.
+baton_setup_promtool() {
+  command -v promtool >/dev/null 2>&1 || baton_apt_install prometheus
+  command -v promtool >/dev/null || { baton_log "promtool is not on PATH after installing prometheus"; return 1; }
+}
+
 # moto_server (PyPI moto[server]): an S3-compatible server on loopback, so that exports' S3 blob
 # path is tested against a real S3 protocol implementation.
 baton_setup_s3() {

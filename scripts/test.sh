@@ -15,6 +15,7 @@ baton_setup_tools
 baton_setup_s3
 baton_setup_proto_tools
 baton_setup_postgres
+baton_setup_promtool
 baton_drop_test_databases
 
 echo "test: buf lint" >&2
@@ -37,6 +38,11 @@ cargo build --quiet -p baton --features failpoints
 echo "test: scripts/k8s-check.sh" >&2
 scripts/k8s-check.sh
 scripts/k8s-check.sh --self-test
+# the alert rules: valid, and firing on the histories they are for (tests/metrics.rs checks that
+# they and the dashboard name only metrics the binary exports)
+echo "test: promtool check rules, test rules" >&2
+promtool check rules deploy/prometheus/alerts.yaml
+(cd deploy/prometheus && promtool test rules alerts.test.yaml)
 # a client in another language: Python stubs generated from proto/ drive this binary
 echo "test: tests/python/client_test.py" >&2
 python3 tests/python/client_test.py
