@@ -9,26 +9,13 @@ use std::time::Duration;
 
 use baton_mesh::proto::v1 as pb;
 use baton_store::Backend;
+use baton_tests::mirror::{Mirror, apply, apply_change, live};
 use baton_tests::{ADMIN_TOKEN, Server, TestOrg, authed, backends, create_org, eventually, fields_json, record};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic_types::StatusExt;
-
-type Mirror = BTreeMap<String, (i64, Option<serde_json::Value>)>;
-
-/// Applies a row or change to a mirror, version-guarded: only a newer version is written.
-fn apply(mirror: &mut Mirror, id: &str, version: i64, fields: Option<serde_json::Value>) {
-    let newer = mirror.get(id).is_none_or(|(v, _)| version > *v);
-    if newer {
-        mirror.insert(id.to_owned(), (version, fields));
-    }
-}
-
-fn live(mirror: &Mirror) -> BTreeMap<String, (i64, serde_json::Value)> {
-    mirror.iter().filter_map(|(id, (v, f))| f.clone().map(|f| (id.clone(), (*v, f)))).collect()
-}
 
 async fn upsert(server: &Server, org: &TestOrg, records: Vec<serde_json::Value>) -> i64 {
     let request = pb::UpsertRequest { object: "account".into(), records: records.into_iter().map(record).collect() };
@@ -113,8 +100,7 @@ async fn extraction_under_concurrent_writes_has_no_gap() {
                     for c in batch.changes {
                         assert_eq!(c.seq, next_seq, "no gap and no repeat in the changes after the mark");
                         next_seq += 1;
-                        let fields = (c.op == pb::ChangeOp::Upsert as i32).then(|| fields_json(&c.fields));
-                        apply(&mut mirror, &c.record_id, c.version, fields);
+                        apply_change(&mut mirror, &c);
                     }
                     if sentinel.is_some_and(|s| next_seq > s) {
                         break;
@@ -204,6 +190,19 @@ async fn create_link(
     threshold: i32,
     interval_ms: i64,
 ) -> String {
+    create_link_with(source, a, target, key, threshold, interval_ms, pb::TrimmedPolicy::Unspecified).await
+}
+
+/// [`create_link`] naming what the link does behind the trimmed change log.
+async fn create_link_with(
+    source: &Server,
+    a: &TestOrg,
+    target: std::net::SocketAddr,
+    key: &str,
+    threshold: i32,
+    interval_ms: i64,
+    on_trimmed: pb::TrimmedPolicy,
+) -> String {
     let request = pb::CreateLinkRequest {
         target_endpoint: format!("http://{target}"),
         target_api_key: key.into(),
@@ -211,6 +210,7 @@ async fn create_link(
         verify_threshold: threshold,
         probe_interval: Some(baton_mesh::proto::duration(interval_ms as u64)),
         on_reject: 0,
+        on_trimmed: on_trimmed as i32,
     };
     source.sync().await.create_link(authed(request, &a.key)).await.unwrap().into_inner().id
 }
@@ -501,4 +501,162 @@ async fn a_killed_sync_process_resumes_from_its_cursor() {
         }
     }
     assert!(versions.values().all(|v| *v == 26), "every record reached version 26: {versions:?}");
+}
+
+/// Waits until the source's change log no longer holds every change after `seq` (Extract from
+/// there answers OUT_OF_RANGE `CHANGES_TRIMMED`).
+async fn wait_trimmed_past(source: &Server, a: &TestOrg, seq: i64) {
+    eventually(Duration::from_secs(20), &format!("the change log trimmed past seq {seq}"), || async {
+        let request = pb::ExtractRequest { objects: vec![], after_seq: Some(seq), chunk_size: 0 };
+        match source.sync().await.extract(authed(request, &a.key)).await {
+            Err(status) if status.code() == Code::OutOfRange => {
+                assert_eq!(status.get_details_error_info().unwrap().reason, "CHANGES_TRIMMED");
+                Some(())
+            }
+            _ => None,
+        }
+    })
+    .await;
+}
+
+/// The oldest seq the log kept, from the cause a link records when its cursor `cursor` fell
+/// behind it (`cursor C is behind the trimmed change log (oldest kept seq N)` + `tail`).
+fn oldest_kept(cause: &str, cursor: i64, tail: &str) -> i64 {
+    let head = format!("cursor {cursor} is behind the trimmed change log (oldest kept seq ");
+    let rest = cause.strip_prefix(&head).unwrap_or_else(|| panic!("{cause:?} does not start with {head:?}"));
+    let rest = rest.strip_suffix(tail).unwrap_or_else(|| panic!("{cause:?} does not end with {tail:?}"));
+    rest.strip_suffix(')').and_then(|n| n.parse().ok()).unwrap_or_else(|| panic!("no seq in {cause:?}"))
+}
+
+/// While the target is down, the source trims its change log past the link's cursor (updates,
+/// deletes and new records among the trimmed changes). When the target is back the link, by
+/// default, bootstraps again by itself: a new high-water mark, the snapshot with its tombstones,
+/// then the changes after the mark. The history says why; the target equals the source (the
+/// records deleted meanwhile deleted there too), and later changes stream as before. Both
+/// backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_behind_the_trimmed_log_bootstraps_again_and_converges() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let source = Server::start(backend, &["--change-retention", "1s"]).await;
+        let target = Server::start(backend, &[]).await;
+        let a = create_org(&source, "a").await;
+        let b = create_org(&target, "b").await;
+        for batch in 0..3 {
+            let records = (0..150).map(|i| json!({"code": format!("r{batch}-{i}"), "name": "v1", "amount": i}));
+            upsert(&source, &a, records.collect()).await;
+        }
+        let id = create_link(&source, &a, target.addr, &b.key, 3, 200).await;
+        let created = link(&source, &a, &id).await;
+        assert_eq!(created.on_trimmed, pb::TrimmedPolicy::Rebootstrap as i32, "the server's default");
+        wait_state(&source, &a, &id, pb::LinkState::Streaming, Duration::from_secs(20)).await;
+        converge(&source, &a, &target, &b).await;
+
+        let (dir, url, addr) = target.kill();
+        upsert(&source, &a, (0..50).map(|i| json!({"code": format!("r0-{i}"), "name": "v2"})).collect()).await;
+        delete(&source, &a, (0..20).map(|i| format!("r1-{i}")).collect()).await;
+        let high_water =
+            upsert(&source, &a, (0..30).map(|i| json!({"code": format!("new-{i}"), "name": "v1"})).collect()).await;
+        let suspended = wait_state(&source, &a, &id, pb::LinkState::Suspended, Duration::from_secs(20)).await;
+        let cursor = suspended.cursor_seq;
+        assert!(cursor < high_water, "{suspended:?}");
+        wait_trimmed_past(&source, &a, cursor).await;
+
+        let target = Server::start_at(backend, dir, &url, &addr.to_string(), &[]);
+        converge(&source, &a, &target, &b).await;
+        let streaming = wait_state(&source, &a, &id, pb::LinkState::Streaming, Duration::from_secs(30)).await;
+        assert_eq!((streaming.cursor_seq, streaming.lag_seq), (high_water, 0));
+        let gone = target.records(&b.key, "account").await;
+        assert!((0..20).all(|i| !gone.contains_key(&format!("r1-{i}"))), "the deletes reached the target");
+        let h = history(&source, &a, &id).await;
+        use pb::LinkState::*;
+        let since: Vec<_> = h.iter().skip_while(|(_, to, _)| *to != Suspended).collect();
+        let states: Vec<_> = since.iter().map(|(from, to, _)| (*from, *to)).collect();
+        assert_eq!(
+            states,
+            [
+                (Streaming, Suspended),
+                (Suspended, Verifying),
+                (Verifying, Streaming),
+                (Streaming, Bootstrapping),
+                (Bootstrapping, Streaming)
+            ],
+            "{h:?}"
+        );
+        let oldest = oldest_kept(&since[3].2, cursor, ": re-bootstrapping");
+        assert!(oldest > cursor + 1 && oldest <= high_water + 1, "{h:?}");
+        assert_eq!(
+            since[4].2,
+            format!("snapshot of 460 rows and 20 tombstones applied; streaming after seq {high_water}")
+        );
+
+        // streaming again after the new mark
+        upsert(&source, &a, (0..10).map(|i| json!({"code": format!("r2-{i}"), "name": "v3"})).collect()).await;
+        delete(&source, &a, vec!["new-0".into()]).await;
+        converge(&source, &a, &target, &b).await;
+        assert_eq!(link(&source, &a, &id).await.state, pb::LinkState::Streaming as i32);
+    }
+}
+
+/// The other setting: a server started with `BATON_LINK_ON_TRIMMED=fail` makes its links
+/// (those that name no policy) FAILED behind the trimmed log, and they stay FAILED until a person
+/// resumes them; a link of the same server that asks to re-bootstrap does, side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_the_trimmed_log_a_link_set_to_fail_fails_and_waits_for_a_person() {
+    let source =
+        Server::start_with_env(Backend::Sqlite, &["--change-retention", "1s"], &[("BATON_LINK_ON_TRIMMED", "fail")])
+            .await;
+    let target = Server::start(Backend::Sqlite, &[]).await;
+    let a = create_org(&source, "a").await;
+    let (b1, b2) = (create_org(&target, "b1").await, create_org(&target, "b2").await);
+    upsert(&source, &a, (0..100).map(|i| json!({"code": format!("r{i}"), "name": "v1"})).collect()).await;
+    let failing = create_link(&source, &a, target.addr, &b1.key, 3, 200).await;
+    let healing = create_link_with(&source, &a, target.addr, &b2.key, 3, 200, pb::TrimmedPolicy::Rebootstrap).await;
+    assert_eq!(link(&source, &a, &failing).await.on_trimmed, pb::TrimmedPolicy::Fail as i32);
+    assert_eq!(link(&source, &a, &healing).await.on_trimmed, pb::TrimmedPolicy::Rebootstrap as i32);
+    for id in [&failing, &healing] {
+        wait_state(&source, &a, id, pb::LinkState::Streaming, Duration::from_secs(20)).await;
+    }
+    converge(&source, &a, &target, &b1).await;
+    converge(&source, &a, &target, &b2).await;
+
+    let (dir, url, addr) = target.kill();
+    upsert(&source, &a, (0..20).map(|i| json!({"code": format!("r{i}"), "name": "v2"})).collect()).await;
+    delete(&source, &a, (90..100).map(|i| format!("r{i}")).collect()).await;
+    let high_water = upsert(&source, &a, vec![json!({"code": "late", "name": "v1"})]).await;
+    let mut cursors = Vec::new();
+    for id in [&failing, &healing] {
+        cursors.push(wait_state(&source, &a, id, pb::LinkState::Suspended, Duration::from_secs(20)).await.cursor_seq);
+    }
+    wait_trimmed_past(&source, &a, *cursors.iter().max().unwrap()).await;
+
+    let target = Server::start_at(Backend::Sqlite, dir, &url, &addr.to_string(), &[]);
+    let failed = wait_state(&source, &a, &failing, pb::LinkState::Failed, Duration::from_secs(30)).await;
+    let oldest = oldest_kept(&failed.last_cause, cursors[0], "; resume the link to bootstrap again");
+    assert!(oldest > cursors[0] + 1 && oldest <= high_water + 1, "{}", failed.last_cause);
+    converge(&source, &a, &target, &b2).await;
+    let h = history(&source, &a, &healing).await;
+    assert!(
+        h.iter().any(|(from, to, cause)| (*from, *to) == (pb::LinkState::Streaming, pb::LinkState::Bootstrapping)
+            && cause.ends_with(": re-bootstrapping")),
+        "{h:?}"
+    );
+    // the failed link stays failed: nothing of the trimmed changes reaches its target
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(link(&source, &a, &failing).await.state, pb::LinkState::Failed as i32);
+    let stale = target.records(&b1.key, "account").await;
+    assert!(stale.contains_key("r95") && !stale.contains_key("late"), "{stale:?}");
+
+    // a person resumes it: it bootstraps again and converges
+    let request = pb::ResumeLinkRequest { link_id: failing.clone() };
+    let resumed = source.sync().await.resume_link(authed(request, &a.key)).await.unwrap().into_inner();
+    assert_ne!(resumed.state, pb::LinkState::Failed as i32);
+    converge(&source, &a, &target, &b1).await;
+    wait_state(&source, &a, &failing, pb::LinkState::Streaming, Duration::from_secs(20)).await;
+    let h = history(&source, &a, &failing).await;
+    let tail: Vec<_> = h[h.len() - 3..].iter().map(|(from, to, cause)| (*from, *to, cause.as_str())).collect();
+    use pb::LinkState::*;
+    assert_eq!(tail[0], (Streaming, Failed, failed.last_cause.as_str()), "{h:?}");
+    assert_eq!(tail[1], (Failed, Bootstrapping, "resumed by hand"), "{h:?}");
+    assert_eq!((tail[2].0, tail[2].1), (Bootstrapping, Streaming), "{h:?}");
 }

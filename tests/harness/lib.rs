@@ -5,6 +5,7 @@
 pub mod campaign;
 pub mod fault_proxy;
 pub mod history;
+pub mod mirror;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};

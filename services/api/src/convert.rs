@@ -106,14 +106,15 @@ pub fn change_to_pb(event: &ChangeEvent, schema: &ObjectSchema) -> pb::Change {
     }
 }
 
-/// A snapshot row as a protobuf upsert Change (seq 0), as a link sends it.
-pub fn snapshot_row_to_pb(record: &Record, schema: &ObjectSchema) -> pb::Change {
+/// A snapshot row as a protobuf Change (seq 0), as a link sends it: an upsert, or a delete at the
+/// tombstone's version when `deleted`.
+pub fn snapshot_row_to_pb(record: &Record, deleted: bool, schema: &ObjectSchema) -> pb::Change {
     pb::Change {
         seq: 0,
         object: schema.name.clone(),
         record_id: record.id.clone(),
-        op: pb::ChangeOp::Upsert as i32,
-        fields: fields_to_pb(&record.fields, schema),
+        op: if deleted { pb::ChangeOp::Delete } else { pb::ChangeOp::Upsert } as i32,
+        fields: if deleted { Default::default() } else { fields_to_pb(&record.fields, schema) },
         version: record.version,
         commit_time: timestamp(record.updated_at_ms),
         schema_version: schema.version,

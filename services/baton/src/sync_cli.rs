@@ -79,6 +79,10 @@ pub enum LinkCommand {
         /// Stop the link (FAILED) when the target rejects a change, instead of dead-lettering it.
         #[arg(long)]
         stop_on_reject: bool,
+        /// When the link's cursor falls behind the trimmed change log: bootstrap again by itself,
+        /// or fail and wait for `resume`; the sync server's `--link-on-trimmed` by default.
+        #[arg(long, value_enum)]
+        on_trimmed: Option<baton_sync::OnTrimmed>,
     },
     /// Lists this org's links.
     List,
@@ -132,6 +136,8 @@ fn link_json(link: &pb::Link) -> serde_json::Value {
         "cursor_seq": link.cursor_seq, "lag_seq": link.lag_seq, "lag": duration_json(link.lag.as_ref()),
         "verify_threshold": link.verify_threshold, "consecutive_ok": link.consecutive_ok,
         "dead_letters": link.dead_letters, "last_cause": link.last_cause,
+        "on_trimmed": pb::TrimmedPolicy::try_from(link.on_trimmed)
+            .map_or("?", |p| p.as_str_name().trim_start_matches("TRIMMED_POLICY_")),
     })
 }
 
@@ -249,7 +255,15 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand, output: Output) ->
             writer.flush()?;
         }
         SyncCommand::Link(command) => match command {
-            LinkCommand::Create { target, target_key, objects, threshold, probe_interval, stop_on_reject } => {
+            LinkCommand::Create {
+                target,
+                target_key,
+                objects,
+                threshold,
+                probe_interval,
+                stop_on_reject,
+                on_trimmed,
+            } => {
                 let request = pb::CreateLinkRequest {
                     target_endpoint: target,
                     target_api_key: target_key,
@@ -258,6 +272,11 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand, output: Output) ->
                     probe_interval: Some(baton_mesh::proto::duration(probe_interval.as_millis() as u64)),
                     on_reject: if stop_on_reject { pb::RejectPolicy::Stop } else { pb::RejectPolicy::DeadLetter }
                         as i32,
+                    on_trimmed: match on_trimmed {
+                        None => pb::TrimmedPolicy::Unspecified,
+                        Some(baton_sync::OnTrimmed::Rebootstrap) => pb::TrimmedPolicy::Rebootstrap,
+                        Some(baton_sync::OnTrimmed::Fail) => pb::TrimmedPolicy::Fail,
+                    } as i32,
                 };
                 let link = client.create_link(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
                 print_link(&link, output)?;

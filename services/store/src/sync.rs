@@ -9,7 +9,8 @@ use tokio::time::Instant;
 
 use std::collections::HashMap;
 
-use crate::model::{ChangeEvent, ChangeOp, ObjectSchema};
+use crate::model::{ChangeEvent, ChangeOp, ObjectSchema, Record};
+use crate::records::decode_fields;
 use crate::schema::{record_id, validate_records};
 use crate::writer::{BatchWriter, RecordWrite};
 use crate::{Error, Missing, Store, new_id, now_ms};
@@ -76,6 +77,24 @@ impl RejectPolicy {
     }
 }
 
+/// What a link does when its cursor falls behind the trimmed change log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrimmedPolicy {
+    /// Bootstrap again by itself (a new high-water mark, the snapshot, the changes after it).
+    Rebootstrap,
+    /// Fail the link: a person resumes it.
+    Fail,
+}
+
+impl TrimmedPolicy {
+    fn as_str(self) -> &'static str {
+        match self {
+            TrimmedPolicy::Rebootstrap => "REBOOTSTRAP",
+            TrimmedPolicy::Fail => "FAIL",
+        }
+    }
+}
+
 /// A link from an org to a target org.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -97,6 +116,8 @@ pub struct Link {
     pub probe_interval: Duration,
     /// Rejected changes.
     pub on_reject: RejectPolicy,
+    /// A cursor behind the trimmed change log.
+    pub on_trimmed: TrimmedPolicy,
     /// The last source seq the target applied.
     pub cursor_seq: i64,
     /// Whether the snapshot was applied.
@@ -124,6 +145,8 @@ pub struct NewLink {
     pub probe_interval: Duration,
     /// Rejected changes.
     pub on_reject: RejectPolicy,
+    /// A cursor behind the trimmed change log.
+    pub on_trimmed: TrimmedPolicy,
 }
 
 /// A state transition of a link.
@@ -169,8 +192,28 @@ pub struct ApplyOutcome {
     pub rejected: Vec<(i64, String, String)>,
 }
 
+/// A row of a link's snapshot: a record, live or deleted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SnapshotRow {
+    /// The record (a tombstone's fields are empty).
+    pub record: Record,
+    /// Whether it is a tombstone.
+    pub deleted: bool,
+}
+
+/// A page of a link's snapshot of one object.
+#[derive(Debug, Clone)]
+pub struct SnapshotPage {
+    /// The rows, in id order.
+    pub rows: Vec<SnapshotRow>,
+    /// The id to continue after, when there may be more.
+    pub next_after: Option<String>,
+    /// The object's schema.
+    pub schema: ObjectSchema,
+}
+
 const LINK_COLUMNS: &str = "id, org_id, target_endpoint, target_api_key, objects, state, verify_threshold, \
-     probe_interval_ms, on_reject, cursor_seq, bootstrapped, consecutive_ok, last_cause, created_at_ms";
+     probe_interval_ms, on_reject, cursor_seq, bootstrapped, consecutive_ok, last_cause, created_at_ms, on_trimmed";
 
 fn link_from_row(r: &AnyRow) -> Result<Link, Error> {
     let state: String = r.try_get(5)?;
@@ -190,6 +233,11 @@ fn link_from_row(r: &AnyRow) -> Result<Link, Error> {
         consecutive_ok: r.try_get::<i64, _>(11)? as u32,
         last_cause: r.try_get(12)?,
         created_at_ms: r.try_get(13)?,
+        on_trimmed: if r.try_get::<String, _>(14)? == "FAIL" {
+            TrimmedPolicy::Fail
+        } else {
+            TrimmedPolicy::Rebootstrap
+        },
     })
 }
 
@@ -202,8 +250,8 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO links (id, org_id, target_endpoint, target_api_key, objects, state, verify_threshold, \
-             probe_interval_ms, on_reject, created_at_ms, updated_at_ms, last_cause) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, 'created')",
+             probe_interval_ms, on_reject, created_at_ms, updated_at_ms, last_cause, on_trimmed) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, 'created', $11)",
         )
         .bind(id.clone())
         .bind(org_id)
@@ -215,6 +263,7 @@ impl Store {
         .bind(new.probe_interval.as_millis() as i64)
         .bind(new.on_reject.as_str())
         .bind(now)
+        .bind(new.on_trimmed.as_str())
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -421,6 +470,51 @@ impl Store {
                 Ok((r.try_get(5)?, letter))
             })
             .collect()
+    }
+
+    /// A page of a link's snapshot of `object`: its records after id `after` (None: from the
+    /// first), tombstones included, in id order, at most `limit`. A link sends the tombstones as
+    /// deletes at their version: a record deleted while the link could not follow the change log
+    /// (a cursor behind the trimmed log, a link made again to the same target) is then deleted on
+    /// the target too, and the version guard makes it harmless anywhere else.
+    pub async fn snapshot_page(
+        &self,
+        org_id: &str,
+        object: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<SnapshotPage, Error> {
+        let schema = self.object(org_id, object).await?;
+        let sql = format!(
+            "SELECT id, {}, version, updated_at_ms, deleted FROM records \
+             WHERE org_id = $1 AND object = $2 AND id > $3 ORDER BY id LIMIT $4",
+            self.json_column("fields")
+        );
+        let rows = sqlx::query(&sql)
+            .bind(org_id)
+            .bind(object)
+            .bind(after.unwrap_or("").to_owned())
+            .bind(limit as i64 + 1)
+            .fetch_all(&self.reader)
+            .await?;
+        let mut rows = rows
+            .iter()
+            .map(|r| {
+                let deleted = r.try_get::<i64, _>(4)? != 0;
+                let fields = if deleted { Default::default() } else { decode_fields(&r.try_get::<String, _>(1)?)? };
+                Ok(SnapshotRow {
+                    record: Record { id: r.try_get(0)?, fields, version: r.try_get(2)?, updated_at_ms: r.try_get(3)? },
+                    deleted,
+                })
+            })
+            .collect::<Result<Vec<_>, Error>>()?;
+        let next_after = if rows.len() > limit {
+            rows.truncate(limit);
+            rows.last().map(|r| r.record.id.clone())
+        } else {
+            None
+        };
+        Ok(SnapshotPage { rows, next_after, schema })
     }
 
     /// The number of dead letters of a link.

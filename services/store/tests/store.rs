@@ -1451,7 +1451,7 @@ async fn sqlite_wal_pages_reach_the_database_file_without_the_writer_checkpointi
 /// A link's dead letters and history come a page at a time, in order, each row once.
 #[tokio::test]
 async fn dead_letters_and_link_history_page_in_order() {
-    use baton_store::sync::{DeadLetter, NewLink, RejectPolicy};
+    use baton_store::sync::{DeadLetter, NewLink, RejectPolicy, TrimmedPolicy};
     each_backend(|t| async move {
         let s = &t.store;
         let org = org_with_account(s).await;
@@ -1462,8 +1462,10 @@ async fn dead_letters_and_link_history_page_in_order() {
             verify_threshold: 3,
             probe_interval: Duration::from_secs(1),
             on_reject: RejectPolicy::DeadLetter,
+            on_trimmed: TrimmedPolicy::Fail,
         };
         let link = s.create_link(&org, &new).await.unwrap();
+        assert_eq!((link.on_reject, link.on_trimmed), (RejectPolicy::DeadLetter, TrimmedPolicy::Fail));
         for seq in 1..=5 {
             let letter = DeadLetter {
                 seq,
@@ -1488,6 +1490,71 @@ async fn dead_letters_and_link_history_page_in_order() {
         let first = s.link_history(&link.id, 0, Some(1)).await.unwrap();
         assert_eq!(first, all[..1]);
         assert_eq!(s.link_history(&link.id, first[0].id, None).await.unwrap(), all[1..]);
+    })
+    .await;
+}
+
+/// Every live record of `object`, by id: (version, fields).
+async fn live_records(s: &Store, org: &str) -> BTreeMap<String, (i64, Fields)> {
+    let page = s.query(org, "account", "", &[], 1_000, None, soon()).await.unwrap();
+    assert!(page.next_after.is_none());
+    page.records.into_iter().map(|r| (r.id, (r.version, r.fields))).collect()
+}
+
+/// A link's snapshot, page by page, as the changes a link sends (tombstones as deletes).
+async fn snapshot_changes(s: &Store, org: &str, page_size: usize) -> Vec<baton_store::model::ChangeEvent> {
+    let (mut changes, mut after) = (Vec::new(), None::<String>);
+    for _ in 0..100 {
+        let page = s.snapshot_page(org, "account", after.as_deref(), page_size).await.unwrap();
+        assert!(page.rows.len() <= page_size);
+        changes.extend(page.rows.into_iter().map(|r| baton_store::model::ChangeEvent {
+            seq: 0,
+            object: "account".into(),
+            record_id: r.record.id,
+            op: if r.deleted { ChangeOp::Delete } else { ChangeOp::Upsert },
+            fields: (!r.deleted).then_some(r.record.fields),
+            version: r.record.version,
+            committed_at_ms: r.record.updated_at_ms,
+        }));
+        match page.next_after {
+            Some(next) => after = Some(next),
+            None => return changes,
+        }
+    }
+    panic!("the snapshot did not end within 100 pages");
+}
+
+/// A link's snapshot holds the tombstones too: applied again to a target that missed changes
+/// (its cursor fell behind the trimmed log), it deletes what the source deleted meanwhile, and
+/// the version guard skips what the target holds already; the target equals the source.
+#[tokio::test]
+async fn a_link_snapshot_with_tombstones_brings_a_stale_target_level() {
+    each_backend(|t| async move {
+        let s = &t.store;
+        let (source, target) = (org_with_account(s).await, org_with_account(s).await);
+        let records = (0..5).map(|i| rec(json!({"code": format!("r{i}"), "amount": i}))).collect();
+        s.upsert(&source, "account", records, soon()).await.unwrap();
+        s.delete(&source, "account", vec!["r4".into()], soon()).await.unwrap();
+        let first = snapshot_changes(s, &source, 2).await;
+        assert_eq!(first.len(), 5, "four live records and a tombstone: {first:?}");
+        assert_eq!(first.iter().filter(|c| c.op == ChangeOp::Delete).count(), 1);
+        s.apply_changes(&target, "lnk_1", &first, true).await.unwrap();
+        assert_eq!(live_records(s, &target).await, live_records(s, &source).await);
+
+        // what the target misses: a delete, an update, a new record, a delete then a re-create
+        s.delete(&source, "account", vec!["r1".into(), "r2".into()], soon()).await.unwrap();
+        s.upsert(&source, "account", vec![rec(json!({"code": "r0", "amount": 100}))], soon()).await.unwrap();
+        s.upsert(&source, "account", vec![rec(json!({"code": "r5", "amount": 5}))], soon()).await.unwrap();
+        s.upsert(&source, "account", vec![rec(json!({"code": "r2", "amount": 22}))], soon()).await.unwrap();
+        let again = snapshot_changes(s, &source, 2).await;
+        let outcome = s.apply_changes(&target, "lnk_1", &again, true).await.unwrap();
+        assert_eq!((outcome.applied, outcome.rejected.len()), (4, 0), "{outcome:?}");
+        let level = live_records(s, &source).await;
+        assert_eq!(level.keys().collect::<Vec<_>>(), ["r0", "r2", "r3", "r5"]);
+        assert_eq!(live_records(s, &target).await, level);
+        // the same snapshot once more changes nothing
+        let outcome = s.apply_changes(&target, "lnk_1", &again, true).await.unwrap();
+        assert_eq!((outcome.applied, outcome.skipped), (0, 6), "{outcome:?}");
     })
     .await;
 }

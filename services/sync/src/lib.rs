@@ -15,6 +15,7 @@ use baton_mesh::config::parse_duration;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
 use baton_store::Store;
+use baton_store::sync::TrimmedPolicy;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -41,6 +42,29 @@ pub struct SyncOptions {
     /// options, set by whoever starts the service).
     #[arg(skip)]
     pub tls: baton_mesh::tls::ClientTls,
+
+    /// What a link does when its cursor falls behind the trimmed change log, unless its
+    /// CreateLink request says: bootstrap again by itself, or fail and wait for a person.
+    #[arg(long, env = "BATON_LINK_ON_TRIMMED", value_enum, default_value_t = OnTrimmed::Rebootstrap)]
+    pub link_on_trimmed: OnTrimmed,
+}
+
+/// `--link-on-trimmed`: the policy of links created without one.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnTrimmed {
+    /// A new high-water mark, the snapshot, then the changes after it.
+    Rebootstrap,
+    /// FAILED, until ResumeLink.
+    Fail,
+}
+
+impl From<OnTrimmed> for TrimmedPolicy {
+    fn from(value: OnTrimmed) -> Self {
+        match value {
+            OnTrimmed::Rebootstrap => TrimmedPolicy::Rebootstrap,
+            OnTrimmed::Fail => TrimmedPolicy::Fail,
+        }
+    }
 }
 
 impl SyncOptions {

@@ -2,10 +2,11 @@
 //! replicas on one PostgreSQL database never run the same link twice) and runs one task per link.
 //!
 //! A link's task is a state machine over the stored link:
-//! - BOOTSTRAPPING: read the high-water mark, send the snapshot as `ApplyChanges{snapshot}` calls,
-//!   then set the cursor to the mark → STREAMING;
+//! - BOOTSTRAPPING: read the high-water mark, send the snapshot (tombstones as deletes) as
+//!   `ApplyChanges{snapshot}` calls, then set the cursor to the mark → STREAMING;
 //! - STREAMING: send the changes after the cursor, in order, in batches; the cursor moves after
-//!   each acknowledged batch (the target's watermark makes a resend harmless);
+//!   each acknowledged batch (the target's watermark makes a resend harmless); a cursor behind the
+//!   trimmed change log → BOOTSTRAPPING again (or FAILED, as the link's [`TrimmedPolicy`] says);
 //! - a connection failure (unavailable, deadline exceeded, refused, transport errors) → SUSPENDED;
 //!   any other failure (a rejected key, say) → FAILED;
 //! - SUSPENDED: probe with exponential backoff and jitter; the first answer → VERIFYING (probe 1);
@@ -23,7 +24,7 @@ use baton_api::convert;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::status::MESSAGE_TOO_LARGE;
 use baton_store::Store;
-use baton_store::sync::{DeadLetter, Link, LinkState, RejectPolicy};
+use baton_store::sync::{DeadLetter, Link, LinkState, RejectPolicy, TrimmedPolicy};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -264,7 +265,7 @@ impl Runner {
 
     async fn bootstrap(&mut self, link: &Link) -> Result<(), baton_store::Error> {
         let high_water = self.store.high_water(&link.org_id).await?;
-        let mut rows = 0usize;
+        let (mut rows, mut tombstones) = (0usize, 0usize);
         let batch = self.options.link_batch as usize;
         for object in self.objects(link).await? {
             let mut after: Option<String> = None;
@@ -272,13 +273,14 @@ impl Runner {
                 if self.cancel.is_cancelled() {
                     return Ok(());
                 }
-                let deadline = Instant::now() + Duration::from_secs(60);
-                let page = self.store.query(&link.org_id, &object, "", &[], batch, after.as_deref(), deadline).await?;
-                if page.records.is_empty() {
+                let page = self.store.snapshot_page(&link.org_id, &object, after.as_deref(), batch).await?;
+                if page.rows.is_empty() {
                     break;
                 }
-                let object_of: HashMap<_, _> = page.records.iter().map(|r| (r.id.clone(), object.clone())).collect();
-                let changes = page.records.iter().map(|r| convert::snapshot_row_to_pb(r, &page.schema)).collect();
+                let object_of: HashMap<_, _> =
+                    page.rows.iter().map(|r| (r.record.id.clone(), object.clone())).collect();
+                let changes =
+                    page.rows.iter().map(|r| convert::snapshot_row_to_pb(&r.record, r.deleted, &page.schema)).collect();
                 match self.apply(link, changes, true).await {
                     Ok(response) => {
                         self.dead_letter(link, &object_of, &response.rejected).await?;
@@ -295,14 +297,17 @@ impl Runner {
                     }
                     Err(e) => return self.on_call_error(link, e).await,
                 }
-                rows += page.records.len();
+                let deleted = page.rows.iter().filter(|r| r.deleted).count();
+                tombstones += deleted;
+                rows += page.rows.len() - deleted;
                 match page.next_after {
                     Some(next) => after = Some(next),
                     None => break,
                 }
             }
         }
-        let cause = format!("snapshot of {rows} rows applied; streaming after seq {high_water}");
+        let cause =
+            format!("snapshot of {rows} rows and {tombstones} tombstones applied; streaming after seq {high_water}");
         self.store
             .transition_link(
                 &link.id,
@@ -399,8 +404,8 @@ impl Runner {
         }
     }
 
-    /// The changes after `cursor` (at most a batch); None when the link failed because they are
-    /// trimmed.
+    /// The changes after `cursor` (at most a batch); None when they are trimmed, and the link
+    /// went back to BOOTSTRAPPING or FAILED as its [`TrimmedPolicy`] says.
     async fn read_changes(
         &self,
         link: &Link,
@@ -408,10 +413,22 @@ impl Runner {
     ) -> Result<Option<Vec<baton_store::model::ChangeEvent>>, baton_store::Error> {
         match self.store.changes_since(&link.org_id, cursor, self.options.link_batch as usize).await {
             Ok(events) => Ok(Some(events)),
-            Err(e @ baton_store::Error::Trimmed { .. }) => {
-                let cause = format!("{e}; resume the link to bootstrap again");
+            Err(baton_store::Error::Trimmed { after_seq, trimmed }) => {
+                let behind =
+                    format!("cursor {after_seq} is behind the trimmed change log (oldest kept seq {})", trimmed + 1);
+                // a new snapshot from a new high-water mark, then the changes after it: the
+                // target's version guard skips whatever it already holds
+                let (to, cause, bootstrapped) = match link.on_trimmed {
+                    TrimmedPolicy::Rebootstrap => {
+                        (LinkState::Bootstrapping, format!("{behind}: re-bootstrapping"), Some(false))
+                    }
+                    TrimmedPolicy::Fail => {
+                        (LinkState::Failed, format!("{behind}; resume the link to bootstrap again"), None)
+                    }
+                };
+                tracing::warn!(link = %link.id, from = link.state.as_str(), to = to.as_str(), %cause, "link transition");
                 self.store
-                    .transition_link(&link.id, &[LinkState::Streaming], LinkState::Failed, &cause, 0, None, None)
+                    .transition_link(&link.id, &[LinkState::Streaming], to, &cause, 0, None, bootstrapped)
                     .await?;
                 Ok(None)
             }

@@ -9,7 +9,7 @@ use baton_mesh::proto::v1 as pb;
 use baton_mesh::proto::{duration, duration_ms, timestamp};
 use baton_store::FieldError;
 use baton_store::Store;
-use baton_store::sync::{Link, LinkState, LinkTransition, NewLink, RejectPolicy};
+use baton_store::sync::{Link, LinkState, LinkTransition, NewLink, RejectPolicy, TrimmedPolicy};
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +58,10 @@ impl SyncService {
             last_cause: link.last_cause.clone(),
             dead_letters: self.store.dead_letter_count(&link.id).await?,
             create_time: timestamp(link.created_at_ms),
+            on_trimmed: match link.on_trimmed {
+                TrimmedPolicy::Rebootstrap => pb::TrimmedPolicy::Rebootstrap,
+                TrimmedPolicy::Fail => pb::TrimmedPolicy::Fail,
+            } as i32,
         })
     }
 
@@ -183,6 +187,15 @@ impl pb::sync_server::Sync for SyncService {
                 RejectPolicy::DeadLetter
             }
         };
+        let on_trimmed = match pb::TrimmedPolicy::try_from(r.on_trimmed) {
+            Ok(pb::TrimmedPolicy::Unspecified) => self.options.link_on_trimmed.into(),
+            Ok(pb::TrimmedPolicy::Rebootstrap) => TrimmedPolicy::Rebootstrap,
+            Ok(pb::TrimmedPolicy::Fail) => TrimmedPolicy::Fail,
+            Err(_) => {
+                errors.push(FieldError::new("on_trimmed", "TRIMMED_POLICY_REBOOTSTRAP or TRIMMED_POLICY_FAIL"));
+                TrimmedPolicy::Rebootstrap
+            }
+        };
         for (i, object) in r.objects.iter().enumerate() {
             if let Err(baton_store::Error::NotFound(_)) = self.store.object(&org, object).await {
                 errors.push(FieldError::new(format!("objects[{i}]"), format!("no object {object:?} in this org")));
@@ -198,6 +211,7 @@ impl pb::sync_server::Sync for SyncService {
             verify_threshold: if r.verify_threshold == 0 { 3 } else { r.verify_threshold as u32 },
             probe_interval: Duration::from_millis(if probe_interval_ms == 0 { 1000 } else { probe_interval_ms }),
             on_reject,
+            on_trimmed,
         };
         let link = self.store.create_link(&org, &new).await.map_err(Error::from)?;
         self.wake.notify_one();
