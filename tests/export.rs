@@ -4,14 +4,17 @@
 //! expiry, cancellation; the CLI's resumable download.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use baton_mesh::proto::v1 as pb;
 use baton_scheduler::client::submit_batch;
 use baton_store::Backend;
+use baton_tests::mirror::{Mirror, apply, apply_change, live};
 use baton_tests::{
-    ManagerPair, S3, Server, TempDir, TestOrg, authed, backends, baton_bin, create_org, eventually, intake_process,
-    record, scheduler_process, worker_process,
+    ManagerPair, S3, Server, TempDir, TestOrg, authed, backends, baton_bin, create_org, eventually, fields_json,
+    intake_process, record, scheduler_process, worker, worker_process,
 };
 use tonic::Code;
 use tonic_types::StatusExt;
@@ -439,4 +442,149 @@ async fn parts_go_through_an_s3_compatible_store() {
     assert_eq!(status.get_details_error_info().map(|i| i.reason).as_deref(), Some("EXPIRED"));
     eventually(Duration::from_secs(20), "the objects deleted", || async { s3.keys(&prefix).is_empty().then_some(()) })
         .await;
+}
+
+/// Upserts `records` of `account`; the last seq.
+async fn upsert(
+    intake: &mut pb::intake_client::IntakeClient<tonic::transport::Channel>,
+    key: &str,
+    records: Vec<serde_json::Value>,
+) -> i64 {
+    let request = pb::UpsertRequest { object: "account".into(), records: records.into_iter().map(record).collect() };
+    intake.upsert(authed(request, key)).await.unwrap().into_inner().last_seq
+}
+
+/// The mirror hand-off, as a client builds it: an export of the object (its first portion, then
+/// its parts through FetchPart) while writers upsert, update and delete, then Extract from the
+/// export's `as_of_seq`, every change applied with the version guard until the last write. The
+/// mirror equals the source exactly: ids, fields and versions. The parts are produced only after
+/// writes past `as_of_seq` (their worker starts late), so parts hold rows newer than changes that
+/// follow, which the guard skips. A complete export says its `as_of_seq` too. Both backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_export_then_extract_after_its_as_of_seq_builds_an_exact_mirror() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Arc::new(Server::start(backend, &["--workers", "0"]).await);
+        let org = Arc::new(create_org(&server, "acme").await);
+        let mut intake = server.intake().await.max_decoding_message_size(64 * 1024 * 1024);
+        let n = 10_000;
+        for start in (0..n).step_by(200) {
+            let records = (start..start + 200)
+                .map(|i| serde_json::json!({"code": format!("a{i:06}"), "name": "v1", "amount": i}));
+            upsert(&mut intake, &org.key, records.collect()).await;
+        }
+        // the writers: updates, deletes and new records over the whole id range (but the two
+        // records this test changes itself), until told to stop
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut writers = Vec::new();
+        for w in 0..3u64 {
+            let (server, org, stop) = (server.clone(), org.clone(), stop.clone());
+            writers.push(tokio::spawn(async move {
+                let mut intake = server.intake().await;
+                let mut done = 0u64;
+                for k in 0..5_000u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let i = (k * 7_919 + w * 3_001) % 11_000;
+                    if i == 8_000 || i == 9_000 {
+                        continue;
+                    }
+                    let id = format!("a{i:06}");
+                    if k % 5 == 2 {
+                        let request = pb::DeleteRequest { object: "account".into(), ids: vec![id] };
+                        intake.delete(authed(request, &org.key)).await.unwrap();
+                    } else {
+                        let fields = serde_json::json!({"code": id, "name": format!("w{w}k{k}"), "amount": k});
+                        let request = pb::UpsertRequest { object: "account".into(), records: vec![record(fields)] };
+                        intake.upsert(authed(request, &org.key)).await.unwrap();
+                    }
+                    done += 1;
+                }
+                done
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        // the export: the first portion at once; no worker yet, so no part is produced
+        let export = intake.export(authed(export_request("", 500, 1_000), &org.key)).await.unwrap().into_inner();
+        assert!(!export.complete && export.records.len() == 500, "{:?}", export.status);
+        let as_of_seq = export.as_of_seq;
+        assert!(as_of_seq >= (n / 200) as i64, "{as_of_seq}");
+        let mut mirror = Mirror::new();
+        let mut exported = BTreeSet::new();
+        let mut take = |mirror: &mut Mirror, rows: &[pb::Record]| {
+            for r in rows {
+                assert!(exported.insert(r.id.clone()), "{} exported twice", r.id);
+                apply(mirror, &r.id, r.version, Some(fields_json(&r.fields)));
+            }
+        };
+        take(&mut mirror, &export.records);
+        // past the mark, before any part is read: a record of a part's range updated, another deleted
+        let changed =
+            upsert(&mut intake, &org.key, vec![serde_json::json!({"code": "a009000", "name": "after the mark"})]).await;
+        assert!(changed > as_of_seq);
+        let request = pb::DeleteRequest { object: "account".into(), ids: vec!["a008000".into()] };
+        intake.delete(authed(request, &org.key)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let blobs = server.data_dir().join("blobs");
+        let _worker = worker(&server, "w-mirror", &["--blobs", blobs.to_str().unwrap()]);
+        let done = watch(&server, &org, &export.token, Duration::from_secs(180)).await;
+        assert_eq!(done.state, pb::ExportState::Complete as i32, "{done:?}");
+        assert!(done.parts_total >= 5, "{done:?}");
+        for part in 0..done.parts_total {
+            take(&mut mirror, &fetch(&server, &org, &export.token, part).await.unwrap());
+        }
+        assert_eq!(mirror["a009000"].0, 2, "the part was read after the update");
+        assert!(!mirror.contains_key("a008000"), "the part was read after the delete");
+
+        // the writers stop; one last write marks the end
+        stop.store(true, Ordering::Relaxed);
+        let mut writes = 0;
+        for w in writers {
+            writes += w.await.unwrap();
+        }
+        let last = upsert(&mut intake, &org.key, vec![serde_json::json!({"code": "sentinel", "name": "end"})]).await;
+        assert!(last - as_of_seq > 100, "writes went on during the export ({writes} writes)");
+
+        // the changes after the mark, in order and without a gap, version-guarded
+        let request = pb::ExtractRequest { objects: vec!["account".into()], after_seq: Some(as_of_seq), chunk_size: 0 };
+        let mut stream = server.sync().await.extract(authed(request, &org.key)).await.unwrap().into_inner();
+        let (mut next, mut written, mut skipped) = (as_of_seq + 1, 0, 0);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while next <= last {
+            assert!(tokio::time::Instant::now() < deadline, "Extract did not reach seq {last} within 60s (at {next})");
+            let message =
+                tokio::time::timeout(Duration::from_secs(20), stream.message()).await.unwrap().unwrap().unwrap();
+            let Some(pb::extract_response::Kind::Changes(batch)) = message.kind else {
+                panic!("after_seq streams changes only: {message:?}")
+            };
+            for c in &batch.changes {
+                assert_eq!(c.seq, next, "no gap and no repeat after as_of_seq");
+                next += 1;
+                if apply_change(&mut mirror, c) {
+                    written += 1;
+                } else {
+                    skipped += 1;
+                }
+            }
+        }
+        drop(stream);
+        eprintln!(
+            "as_of_seq {as_of_seq}, {} parts, {writes} concurrent writes; after the mark {written} changes applied, \
+             {skipped} older than the mirror",
+            done.parts_total
+        );
+        assert!(written > 0 && skipped > 0, "changes applied ({written}) and older than the parts' rows ({skipped})");
+        assert_eq!(
+            live(&mirror),
+            server.records(&org.key, "account").await,
+            "the mirror equals the source ({backend:?})"
+        );
+
+        // a complete export carries its as_of_seq too
+        let small = intake.export(authed(export_request("amount < 3", 0, 0), &org.key)).await.unwrap().into_inner();
+        assert!(small.complete, "{small:?}");
+        assert_eq!(small.as_of_seq, last);
+    }
 }

@@ -233,7 +233,8 @@ pub async fn run(args: ExportArgs, output: Output) -> anyhow::Result<()> {
             eprintln!("first portion: {rows}");
             if response.complete {
                 write_output(&out, format, &ndjson_lines(&response.records)?)?;
-                eprintln!("wrote {} ({rows}, complete)", out.display());
+                eprintln!("wrote {} ({rows}, complete; as of seq {})", out.display(), response.as_of_seq);
+                eprintln!("{}", continue_hint(args.object.as_deref().unwrap_or_default(), response.as_of_seq));
                 return Ok(());
             }
             std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -257,14 +258,21 @@ pub async fn run(args: ExportArgs, output: Output) -> anyhow::Result<()> {
     assemble(&out, format, &sources)?;
     std::fs::remove_dir_all(&dir).with_context(|| format!("cannot remove {}", dir.display()))?;
     eprintln!(
-        "wrote {} ({}: {} at once, {} in {})",
+        "wrote {} ({}: {} at once, {} in {}; as of seq {})",
         out.display(),
         count((status.first_rows + status.rows_ready) as u64, "row", "rows"),
         status.first_rows,
         status.rows_ready,
-        count(status.parts_total, "part", "parts")
+        count(status.parts_total, "part", "parts"),
+        status.as_of_seq
     );
+    eprintln!("{}", continue_hint(&status.object, status.as_of_seq));
     Ok(())
+}
+
+/// How to follow the changes after an export's `as_of_seq` (a mirror's hand-off).
+fn continue_hint(object: &str, as_of_seq: i64) -> String {
+    format!("the changes since: baton sync extract --objects {object} --after-seq {as_of_seq} --follow")
 }
 
 /// Downloads every part not yet under `dir`, as they become ready, until the export is complete.

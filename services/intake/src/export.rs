@@ -126,9 +126,10 @@ impl IntakeService {
         // `wait` below is not a real-time request: it does not hold an admission slot
         drop(permit);
         let (first, export, token, estimate_exact) = match started {
-            ExportStart::Complete(records) => {
+            ExportStart::Complete { records, as_of_seq } => {
                 metrics::counter!("baton_exports_total", "mode" => "sync").increment(1);
                 return Ok(pb::ExportResponse {
+                    as_of_seq,
                     estimated_total: records.len() as i64,
                     estimate_exact: true,
                     records: records.iter().map(|r| convert::record_to_pb(r, &schema)).collect(),

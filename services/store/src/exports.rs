@@ -174,7 +174,13 @@ pub struct ExportInfo {
 #[allow(clippy::large_enum_variant)] // made once per Export request and taken apart at once
 pub enum ExportStart {
     /// Every matching record is in the first portion: no export was created.
-    Complete(Vec<Record>),
+    Complete {
+        /// The matching records.
+        records: Vec<Record>,
+        /// The org's change high-water mark, read before the records: Extract after it
+        /// continues a mirror of them.
+        as_of_seq: i64,
+    },
     /// The first portion, and the export producing the rest.
     Started {
         /// The first portion.
@@ -387,7 +393,7 @@ impl Store {
         })
         .await;
         let (first, reason, last_id, estimate, exact) = match read {
-            Ok((first, None)) => return Ok(ExportStart::Complete(first)),
+            Ok((records, None)) => return Ok(ExportStart::Complete { records, as_of_seq }),
             Ok((first, Some((last_id, probe)))) => {
                 let estimate = first.len() as i64 + probe.min(ESTIMATE_PROBE);
                 (first, ExportReason::LargeResults, last_id, estimate, probe <= ESTIMATE_PROBE)

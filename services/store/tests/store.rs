@@ -1223,12 +1223,13 @@ mod exports {
             load(s, &org, 430).await;
             // small: complete at once, nothing created
             let small = spec("amount < 5", 10, 100);
-            let ExportStart::Complete(rows) =
+            let ExportStart::Complete { records: rows, as_of_seq } =
                 s.start_export(&org, &small, soon(), Duration::from_secs(60)).await.unwrap()
             else {
                 panic!("a small export completes")
             };
             assert_eq!(rows.len(), 5);
+            assert_eq!(as_of_seq, s.high_water(&org).await.unwrap(), "a complete export says its as_of_seq too");
 
             let started = s.start_export(&org, &spec("", 30, 100), soon(), Duration::from_secs(60)).await.unwrap();
             let ExportStart::Started { first, export, token, estimate_exact } = started else { panic!("async") };
