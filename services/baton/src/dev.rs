@@ -41,7 +41,9 @@ pub struct DevArgs {
     metrics_listen: SocketAddr,
 
     /// The admin token; by default one is made up on first start and kept in the data directory.
-    #[arg(long, env = "BATON_ADMIN_TOKEN")]
+    /// (Its variable is not BATON_ADMIN_TOKEN, the CLI's: a shell set up to talk to one
+    /// `baton dev` must not hand its token to a second one started from it.)
+    #[arg(long, env = "BATON_DEV_ADMIN_TOKEN")]
     admin_token: Option<String>,
 
     /// The mesh token the manager requires (the scheduler and workers of `baton dev` send it).

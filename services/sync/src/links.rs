@@ -306,8 +306,11 @@ impl Runner {
                 }
             }
         }
-        let cause =
-            format!("snapshot of {rows} rows and {tombstones} tombstones applied; streaming after seq {high_water}");
+        let cause = format!(
+            "snapshot of {} and {} applied; streaming after seq {high_water}",
+            plural(rows as u64, "row", "rows"),
+            plural(tombstones as u64, "tombstone", "tombstones")
+        );
         self.store
             .transition_link(
                 &link.id,
@@ -521,4 +524,9 @@ impl Runner {
         self.store.transition_link(&link.id, &[link.state], to, &cause, 0, None, None).await?;
         Ok(())
     }
+}
+
+/// `n` and the noun, singular or plural: `1 row`, `3 rows`.
+fn plural(n: u64, singular: &str, plural: &str) -> String {
+    format!("{n} {}", if n == 1 { singular } else { plural })
 }
