@@ -146,7 +146,11 @@ impl AuthConfig {
                     Ok(KeyLookup::Unknown) => Err(Status::unauthenticated("invalid api key")),
                     Err(e) => {
                         tracing::error!(error = %e, "api key lookup failed");
-                        Err(Status::unavailable("cannot check the api key now; retry"))
+                        Err(crate::status::retry_later(
+                            tonic::Code::Unavailable,
+                            "cannot check the api key now; retry",
+                            std::time::Duration::from_secs(1),
+                        ))
                     }
                 }
             }

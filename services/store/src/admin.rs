@@ -8,6 +8,9 @@ use crate::model::{ApiKeyInfo, Cursor, NewApiKey, ObjectSchema, Org};
 use crate::schema::{FieldError, schema_change, validate_schema};
 use crate::{Backend, Error, Missing, Store, new_id, now_ms};
 
+/// How long an API key lookup may take (see [`Store::lookup_key`]).
+const KEY_LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Store {
     /// Creates an org.
     pub async fn create_org(&self, name: &str) -> Result<Org, Error> {
@@ -107,10 +110,17 @@ impl Store {
     }
 
     /// Resolves the hash of an API key to its org.
+    ///
+    /// Every request with an API key waits on this, so it is bounded: past [`KEY_LOOKUP_LIMIT`]
+    /// (a database that does not take connections, say) it fails, and the caller is told to
+    /// retry, instead of waiting out the pool's acquire timeout.
     pub async fn lookup_key(&self, key_hash: &str) -> Result<KeyLookup, Error> {
-        let row = sqlx::query("SELECT org_id, revoked_at_ms FROM api_keys WHERE key_hash = $1")
-            .bind(key_hash)
-            .fetch_optional(&self.reader)
+        let deadline = tokio::time::Instant::now() + KEY_LOOKUP_LIMIT;
+        let row = self
+            .by_deadline(deadline, async {
+                let query = sqlx::query("SELECT org_id, revoked_at_ms FROM api_keys WHERE key_hash = $1");
+                Ok(query.bind(key_hash).fetch_optional(&self.reader).await?)
+            })
             .await?;
         Ok(match row {
             None => KeyLookup::Unknown,

@@ -13,7 +13,6 @@ use sqlx::{AnyConnection, Row};
 use tokio::time::Instant;
 
 use crate::model::{Cursor, Fields, ObjectSchema};
-use crate::records::by_deadline;
 use crate::schema::{RecordProblem, record_id, record_problems};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
 use crate::{Backend, Error, Missing, Store, new_id, now_ms};
@@ -1035,7 +1034,7 @@ impl Store {
         // SQLite the transaction's first write takes the database's write lock, and on both
         // backends other chunks of the org queue behind this one's. A chunk's records and batch
         // never change once staged, so reading them first loses nothing.
-        let Some(mut chunk) = by_deadline(deadline, self.chunk_work(batch_id, index)).await? else {
+        let Some(mut chunk) = self.by_deadline(deadline, self.chunk_work(batch_id, index)).await? else {
             return Ok(ChunkRun::Finished(self.chunk_state(batch_id, index).await?));
         };
         let first = chunk.first;
@@ -1054,7 +1053,7 @@ impl Store {
             // is stored too (a unique value taken, an insert of an existing record)
             let valid: Vec<usize> =
                 (0..chunk.records.len()).filter(|i| !problems.iter().any(|p| p.index == *i)).collect();
-            let stored = by_deadline(deadline, self.stored_problems_of(&chunk, &valid)).await?;
+            let stored = self.by_deadline(deadline, self.stored_problems_of(&chunk, &valid)).await?;
             let mut problems = problems;
             problems.extend(stored);
             problems.sort_by_key(|p| p.index);
@@ -1072,58 +1071,59 @@ impl Store {
                 .collect::<Result<_, _>>()
                 .map_err(|e| Error::Corrupt(format!("record fields: {e}")))?,
         };
-        let (tx, run) = by_deadline(deadline, async {
-            let mut tx = self.writer.begin().await?;
-            let ms = |d: Duration| d.as_millis().max(1);
-            if self.backend == Backend::Postgres {
-                // the server stops the work too
-                let left = deadline.saturating_duration_since(Instant::now());
-                sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
-                // abandoned at its budget, the transaction is ended by the server a moment later
-                // rather than when its connection is next used (see `Store::open`)
-                sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", ms(left) + 500))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            // the chunk's row lock: a second delivery waits here, then finds the outcome
-            let claimed = sqlx::query(&format!(
-                "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
-            ))
-            .bind(batch_id)
-            .bind(i64::from(index))
-            .execute(&mut *tx)
-            .await?;
-            if claimed.rows_affected() == 0 {
-                return Ok((tx, None));
-            }
-            // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
-            // is the normal order of things, bounded by the budget only. Any other lock wait ends
-            // as a busy error after `lock_timeout`.
-            let base = self.lock_org(&mut tx, &org_id).await?;
-            if self.backend == Backend::Postgres {
-                sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
-            }
-            let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await?;
-            let run = match run {
-                Err(problems) => invalid(problems),
-                Ok(()) => {
-                    sqlx::query(
-                        "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
-                         WHERE batch_id = $1 AND idx = $2",
-                    )
-                    .bind(batch_id)
-                    .bind(i64::from(index))
-                    .bind(outcome.as_str())
-                    .bind(now_ms())
-                    .bind(cause)
-                    .execute(&mut *tx)
-                    .await?;
-                    ChunkRun::Committed(outcome)
+        let (tx, run) = self
+            .by_deadline(deadline, async {
+                let mut tx = self.writer.begin().await?;
+                let ms = |d: Duration| d.as_millis().max(1);
+                if self.backend == Backend::Postgres {
+                    // the server stops the work too
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
+                    // abandoned at its budget, the transaction is ended by the server a moment later
+                    // rather than when its connection is next used (see `Store::open`)
+                    sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", ms(left) + 500))
+                        .execute(&mut *tx)
+                        .await?;
                 }
-            };
-            Ok((tx, Some(run)))
-        })
-        .await?;
+                // the chunk's row lock: a second delivery waits here, then finds the outcome
+                let claimed = sqlx::query(&format!(
+                    "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
+                ))
+                .bind(batch_id)
+                .bind(i64::from(index))
+                .execute(&mut *tx)
+                .await?;
+                if claimed.rows_affected() == 0 {
+                    return Ok((tx, None));
+                }
+                // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
+                // is the normal order of things, bounded by the budget only. Any other lock wait ends
+                // as a busy error after `lock_timeout`.
+                let base = self.lock_org(&mut tx, &org_id).await?;
+                if self.backend == Backend::Postgres {
+                    sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
+                }
+                let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await?;
+                let run = match run {
+                    Err(problems) => invalid(problems),
+                    Ok(()) => {
+                        sqlx::query(
+                            "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
+                         WHERE batch_id = $1 AND idx = $2",
+                        )
+                        .bind(batch_id)
+                        .bind(i64::from(index))
+                        .bind(outcome.as_str())
+                        .bind(now_ms())
+                        .bind(cause)
+                        .execute(&mut *tx)
+                        .await?;
+                        ChunkRun::Committed(outcome)
+                    }
+                };
+                Ok((tx, Some(run)))
+            })
+            .await?;
         match run {
             None => {
                 drop(tx);

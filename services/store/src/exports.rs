@@ -18,7 +18,7 @@ use crate::batches::{Recovered, Releasable, UNSENT_RELEASE_TIMEOUT_MS, u32_of};
 use crate::blobs::{Blobs, Compressor};
 use crate::filter::Compiled;
 use crate::model::{Cursor, Fields, ObjectSchema, Record};
-use crate::records::{RawRow, bind_condition, by_deadline, decode_fields, read_condition};
+use crate::records::{RawRow, bind_condition, decode_fields, read_condition};
 use crate::{Backend, Error, Missing, Store, new_id, now_ms};
 
 /// Rows answered at once by default.
@@ -379,19 +379,21 @@ impl Store {
         }
         let as_of_seq = self.high_water(org_id).await?;
         let sync_rows = i64::from(spec.sync_rows);
-        let read = by_deadline(deadline, async {
-            let mut first = self
-                .read_records(org_id, &spec.object, compiled.as_ref(), &spec.fields, "", None, Some(sync_rows + 1))
-                .await?;
-            if first.len() as i64 <= sync_rows {
-                return Ok((first, None));
-            }
-            first.truncate(sync_rows as usize);
-            let last_id = first.last().map(|r| r.id.clone()).unwrap_or_default();
-            let probe = self.count_range(org_id, &spec.object, compiled.as_ref(), &last_id, ESTIMATE_PROBE + 1).await?;
-            Ok((first, Some((last_id, probe))))
-        })
-        .await;
+        let read = self
+            .by_deadline(deadline, async {
+                let mut first = self
+                    .read_records(org_id, &spec.object, compiled.as_ref(), &spec.fields, "", None, Some(sync_rows + 1))
+                    .await?;
+                if first.len() as i64 <= sync_rows {
+                    return Ok((first, None));
+                }
+                first.truncate(sync_rows as usize);
+                let last_id = first.last().map(|r| r.id.clone()).unwrap_or_default();
+                let probe =
+                    self.count_range(org_id, &spec.object, compiled.as_ref(), &last_id, ESTIMATE_PROBE + 1).await?;
+                Ok((first, Some((last_id, probe))))
+            })
+            .await;
         let (first, reason, last_id, estimate, exact) = match read {
             Ok((records, None)) => return Ok(ExportStart::Complete { records, as_of_seq }),
             Ok((first, Some((last_id, probe)))) => {
@@ -478,7 +480,7 @@ impl Store {
         let first = if existing.first_last_id.is_empty() {
             Vec::new()
         } else {
-            by_deadline(
+            self.by_deadline(
                 deadline,
                 self.read_records(
                     org_id,

@@ -24,19 +24,49 @@ fn bind_param<'q>(query: Query<'q>, param: &Param) -> Query<'q> {
     }
 }
 
-/// Runs `work` until `deadline`; past it, the work (and its transaction) is dropped, which rolls
-/// it back.
-pub(crate) async fn by_deadline<T>(
-    deadline: Instant,
-    work: impl std::future::Future<Output = Result<T, Error>>,
-) -> Result<T, Error> {
-    let started = Instant::now();
-    match tokio::time::timeout_at(deadline, work).await {
-        Ok(result) => result,
-        Err(_) => Err(Error::DeadlineExceeded {
-            limit: deadline.saturating_duration_since(started),
-            elapsed: started.elapsed(),
-        }),
+impl Store {
+    /// Runs `work` until `deadline`; past it, the work (and its transaction) is dropped, which
+    /// rolls it back, and the answer is [`Error::DeadlineExceeded`] (the real-time limit), unless
+    /// the database does not take a connection now: then [`Error::Unavailable`], which tells the
+    /// client to retry rather than to resubmit as a batch. (The pool waits out a refused
+    /// connection until its acquire timeout, so during an outage the deadline is what fires.)
+    pub(crate) async fn by_deadline<T>(
+        &self,
+        deadline: Instant,
+        work: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let started = Instant::now();
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(result) => result,
+            Err(_) => Err(self.unreachable().await.unwrap_or(Error::DeadlineExceeded {
+                limit: deadline.saturating_duration_since(started),
+                elapsed: started.elapsed(),
+            })),
+        }
+    }
+
+    /// Whether PostgreSQL refuses a connection now (one attempt, at most 500 ms, with the pool's
+    /// own options): its error, as [`Error::Unavailable`]. SQLite is a file: never.
+    async fn unreachable(&self) -> Option<Error> {
+        use sqlx::{ConnectOptions, Connection};
+        if self.backend != crate::Backend::Postgres {
+            return None;
+        }
+        let options = self.reader.connect_options();
+        match tokio::time::timeout(std::time::Duration::from_millis(500), options.connect()).await {
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+                None
+            }
+            Ok(Err(e)) => match crate::classify(e) {
+                e @ Error::Unavailable(_) => Some(e),
+                _ => None,
+            },
+            Err(_) => Some(Error::Unavailable(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the database did not take a connection within 500 ms",
+            )))),
+        }
     }
 }
 
@@ -203,36 +233,37 @@ impl Store {
         mut records: Vec<Fields>,
         deadline: Instant,
     ) -> Result<(Vec<UpsertOutcome>, i64), Error> {
-        let (tx, result) = by_deadline(deadline, async {
-            let schema = self.object(org_id, object).await?;
-            let errors = validate_records(&schema, &mut records);
-            if !errors.is_empty() {
-                return Err(Error::Invalid(errors));
-            }
-            let mut tx = self.writer.begin().await?;
-            let base = self.lock_org(&mut tx, org_id).await?;
-            let ids: Vec<String> = records.iter().map(|r| record_id(&schema, r).unwrap_or_default()).collect();
-            let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
-            self.check_unique(&mut tx, org_id, &schema, &records, &ids).await?;
-            let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
-            writer.known_absent(ids.iter().filter(|id| !existing.contains_key(*id)).cloned());
-            let mut outcomes = Vec::with_capacity(records.len());
-            for (record, id) in records.into_iter().zip(ids) {
-                let (version, created) = match existing.get(&id) {
-                    Some((v, deleted)) => (v + 1, *deleted),
-                    None => (1, true),
-                };
-                writer
-                    .write(&mut tx, RecordWrite { id: id.clone(), fields: Some(record), version, text: None })
-                    .await?;
-                outcomes.push(UpsertOutcome { id, version, created });
-            }
-            writer.flush(&mut tx).await?;
-            let last = writer.seq;
-            self.set_last_seq(&mut tx, org_id, last).await?;
-            Ok((tx, (outcomes, last)))
-        })
-        .await?;
+        let (tx, result) = self
+            .by_deadline(deadline, async {
+                let schema = self.object(org_id, object).await?;
+                let errors = validate_records(&schema, &mut records);
+                if !errors.is_empty() {
+                    return Err(Error::Invalid(errors));
+                }
+                let mut tx = self.writer.begin().await?;
+                let base = self.lock_org(&mut tx, org_id).await?;
+                let ids: Vec<String> = records.iter().map(|r| record_id(&schema, r).unwrap_or_default()).collect();
+                let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
+                self.check_unique(&mut tx, org_id, &schema, &records, &ids).await?;
+                let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
+                writer.known_absent(ids.iter().filter(|id| !existing.contains_key(*id)).cloned());
+                let mut outcomes = Vec::with_capacity(records.len());
+                for (record, id) in records.into_iter().zip(ids) {
+                    let (version, created) = match existing.get(&id) {
+                        Some((v, deleted)) => (v + 1, *deleted),
+                        None => (1, true),
+                    };
+                    writer
+                        .write(&mut tx, RecordWrite { id: id.clone(), fields: Some(record), version, text: None })
+                        .await?;
+                    outcomes.push(UpsertOutcome { id, version, created });
+                }
+                writer.flush(&mut tx).await?;
+                let last = writer.seq;
+                self.set_last_seq(&mut tx, org_id, last).await?;
+                Ok((tx, (outcomes, last)))
+            })
+            .await?;
         tx.commit().await?;
         Ok(result)
     }
@@ -336,48 +367,49 @@ impl Store {
         ids: Vec<String>,
         deadline: Instant,
     ) -> Result<(Vec<DeleteOutcome>, i64), Error> {
-        let (tx, result) = by_deadline(deadline, async {
-            let schema = self.object(org_id, object).await?;
-            let mut seen = HashMap::new();
-            let mut errors = Vec::new();
-            for (i, id) in ids.iter().enumerate() {
-                if id.is_empty() {
-                    errors.push(FieldError::new(format!("ids[{i}]"), "an id is not empty"));
-                } else if let Some(first) = seen.insert(id.as_str(), i) {
-                    errors.push(FieldError::new(format!("ids[{i}]"), format!("id {id:?} is also ids[{first}]")));
-                }
-            }
-            if !errors.is_empty() {
-                return Err(Error::Invalid(errors));
-            }
-            let mut tx = self.writer.begin().await?;
-            let base = self.lock_org(&mut tx, org_id).await?;
-            let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
-            let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
-            let mut outcomes = Vec::with_capacity(ids.len());
-            for id in &ids {
-                match existing.get(id) {
-                    Some((version, false)) => {
-                        let version = version + 1;
-                        writer
-                            .write(&mut tx, RecordWrite { id: id.clone(), fields: None, version, text: None })
-                            .await?;
-                        outcomes.push(DeleteOutcome { id: id.clone(), deleted: true, version });
+        let (tx, result) = self
+            .by_deadline(deadline, async {
+                let schema = self.object(org_id, object).await?;
+                let mut seen = HashMap::new();
+                let mut errors = Vec::new();
+                for (i, id) in ids.iter().enumerate() {
+                    if id.is_empty() {
+                        errors.push(FieldError::new(format!("ids[{i}]"), "an id is not empty"));
+                    } else if let Some(first) = seen.insert(id.as_str(), i) {
+                        errors.push(FieldError::new(format!("ids[{i}]"), format!("id {id:?} is also ids[{first}]")));
                     }
-                    Some((version, true)) => {
-                        outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: *version })
-                    }
-                    None => outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: 0 }),
                 }
-            }
-            writer.flush(&mut tx).await?;
-            let seq = writer.seq;
-            if seq != base {
-                self.set_last_seq(&mut tx, org_id, seq).await?;
-            }
-            Ok((tx, (outcomes, if seq == base { 0 } else { seq })))
-        })
-        .await?;
+                if !errors.is_empty() {
+                    return Err(Error::Invalid(errors));
+                }
+                let mut tx = self.writer.begin().await?;
+                let base = self.lock_org(&mut tx, org_id).await?;
+                let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
+                let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
+                let mut outcomes = Vec::with_capacity(ids.len());
+                for id in &ids {
+                    match existing.get(id) {
+                        Some((version, false)) => {
+                            let version = version + 1;
+                            writer
+                                .write(&mut tx, RecordWrite { id: id.clone(), fields: None, version, text: None })
+                                .await?;
+                            outcomes.push(DeleteOutcome { id: id.clone(), deleted: true, version });
+                        }
+                        Some((version, true)) => {
+                            outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: *version })
+                        }
+                        None => outcomes.push(DeleteOutcome { id: id.clone(), deleted: false, version: 0 }),
+                    }
+                }
+                writer.flush(&mut tx).await?;
+                let seq = writer.seq;
+                if seq != base {
+                    self.set_last_seq(&mut tx, org_id, seq).await?;
+                }
+                Ok((tx, (outcomes, if seq == base { 0 } else { seq })))
+            })
+            .await?;
         tx.commit().await?;
         Ok(result)
     }
@@ -390,7 +422,7 @@ impl Store {
         id: &str,
         deadline: Instant,
     ) -> Result<(Record, ObjectSchema), Error> {
-        by_deadline(deadline, async {
+        self.by_deadline(deadline, async {
             let schema = self.object(org_id, object).await?;
             let sql = format!(
                 "SELECT id, {}, version, updated_at_ms FROM records \
@@ -419,7 +451,7 @@ impl Store {
         after: Option<&str>,
         deadline: Instant,
     ) -> Result<Page, Error> {
-        by_deadline(deadline, async {
+        self.by_deadline(deadline, async {
             let schema = self.object(org_id, object).await?;
             let compiled = read_condition(&schema, self.backend, filter_text, fields, 6)?;
             let after = after.unwrap_or("");

@@ -626,153 +626,158 @@ impl Store {
         snapshot: bool,
     ) -> Result<ApplyOutcome, Error> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (tx, outcome) = crate::records::by_deadline(deadline, async {
-            let mut tx = self.writer.begin().await?;
-            let base = self.lock_org(&mut tx, org_id).await?;
-            let row = sqlx::query("SELECT seq FROM apply_watermarks WHERE org_id = $1 AND link_id = $2")
-                .bind(org_id)
-                .bind(link_id)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let watermark: i64 = match row {
-                Some(row) => row.try_get(0)?,
-                None => 0,
-            };
-            let mut outcome = ApplyOutcome { watermark, ..ApplyOutcome::default() };
-            let fresh = |c: &ChangeEvent| snapshot || c.seq > watermark;
-            // the schema and current versions of every object this batch touches
-            let mut ids_by_object: HashMap<&str, Vec<String>> = HashMap::new();
-            for c in changes.iter().filter(|c| fresh(c)) {
-                ids_by_object.entry(c.object.as_str()).or_default().push(c.record_id.clone());
-            }
-            let mut schemas: HashMap<&str, ObjectSchema> = HashMap::new();
-            let mut current: HashMap<(&str, String), i64> = HashMap::new();
-            for (object, ids) in &ids_by_object {
-                match self.object(org_id, object).await {
-                    Ok(schema) => {
-                        schemas.insert(object, schema);
-                    }
-                    Err(Error::NotFound(_)) => continue,
-                    Err(e) => return Err(e),
-                }
-                for (id, (version, _)) in self.versions_of(&mut tx, org_id, object, ids).await? {
-                    current.insert((object, id), version);
-                }
-            }
-            let now = now_ms();
-            let mut seq = base;
-            let mut last_seen = watermark;
-            let mut writer: Option<BatchWriter<'_>> = None;
-            for change in changes {
-                if !fresh(change) {
-                    outcome.skipped += 1;
-                    continue;
-                }
-                if !snapshot {
-                    last_seen = last_seen.max(change.seq);
-                }
-                let Some(schema) = schemas.get(change.object.as_str()) else {
-                    let reason = format!("the target has no object {:?}", change.object);
-                    outcome.rejected.push((change.seq, change.record_id.clone(), reason));
-                    continue;
+        let (tx, outcome) = self
+            .by_deadline(deadline, async {
+                let mut tx = self.writer.begin().await?;
+                let base = self.lock_org(&mut tx, org_id).await?;
+                let row = sqlx::query("SELECT seq FROM apply_watermarks WHERE org_id = $1 AND link_id = $2")
+                    .bind(org_id)
+                    .bind(link_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let watermark: i64 = match row {
+                    Some(row) => row.try_get(0)?,
+                    None => 0,
                 };
-                let key = (change.object.as_str(), change.record_id.clone());
-                if change.version <= current.get(&key).copied().unwrap_or(0) {
-                    outcome.skipped += 1;
-                    continue;
+                let mut outcome = ApplyOutcome { watermark, ..ApplyOutcome::default() };
+                let fresh = |c: &ChangeEvent| snapshot || c.seq > watermark;
+                // the schema and current versions of every object this batch touches
+                let mut ids_by_object: HashMap<&str, Vec<String>> = HashMap::new();
+                for c in changes.iter().filter(|c| fresh(c)) {
+                    ids_by_object.entry(c.object.as_str()).or_default().push(c.record_id.clone());
                 }
-                if writer.as_ref().is_none_or(|w| w.object() != change.object) {
-                    if let Some(mut done) = writer.take() {
-                        done.flush(&mut tx).await?;
-                        seq = done.seq;
+                let mut schemas: HashMap<&str, ObjectSchema> = HashMap::new();
+                let mut current: HashMap<(&str, String), i64> = HashMap::new();
+                for (object, ids) in &ids_by_object {
+                    match self.object(org_id, object).await {
+                        Ok(schema) => {
+                            schemas.insert(object, schema);
+                        }
+                        Err(Error::NotFound(_)) => continue,
+                        Err(e) => return Err(e),
                     }
-                    let ids = &ids_by_object[change.object.as_str()];
-                    let mut w = BatchWriter::new(self, &mut tx, org_id, schema, ids, seq, now).await?;
-                    w.known_absent(
-                        ids.iter()
-                            .filter(|id| !current.contains_key(&(change.object.as_str(), (*id).clone())))
-                            .cloned(),
-                    );
-                    writer = Some(w);
+                    for (id, (version, _)) in self.versions_of(&mut tx, org_id, object, ids).await? {
+                        current.insert((object, id), version);
+                    }
                 }
-                let Some(w) = writer.as_mut() else { continue };
-                let fields = match (change.op, &change.fields) {
-                    (ChangeOp::Upsert, Some(fields)) => {
-                        let mut fields = fields.clone();
-                        let mut problems = validate_records(schema, std::slice::from_mut(&mut fields));
-                        if problems.is_empty()
-                            && record_id(schema, &fields).as_deref() != Some(change.record_id.as_str())
-                        {
-                            problems
-                                .push(crate::FieldError::new("id", "the record's external id does not match its id"));
-                        }
-                        if problems.is_empty()
-                            && w.touches_unique(&change.record_id, Some(&fields))
-                            && let Err(Error::Invalid(unique)) = self
-                                .check_unique(
-                                    &mut tx,
-                                    org_id,
-                                    schema,
-                                    std::slice::from_ref(&fields),
-                                    std::slice::from_ref(&change.record_id),
-                                )
-                                .await
-                        {
-                            problems = unique;
-                        }
-                        if !problems.is_empty() {
-                            // every problem, each naming its field: a field the source added and
-                            // the target's schema lacks reads `nickname: unknown field of object …`
-                            let reason = problems
-                                .iter()
-                                .map(|p| format!("{}: {}", p.field.trim_start_matches("records[0]."), p.description))
-                                .collect::<Vec<_>>()
-                                .join("; ");
-                            outcome.rejected.push((change.seq, change.record_id.clone(), reason));
-                            continue;
-                        }
-                        Some(fields)
-                    }
-                    (ChangeOp::Upsert, None) => {
-                        outcome.rejected.push((
-                            change.seq,
-                            change.record_id.clone(),
-                            "an upsert without fields".into(),
-                        ));
+                let now = now_ms();
+                let mut seq = base;
+                let mut last_seen = watermark;
+                let mut writer: Option<BatchWriter<'_>> = None;
+                for change in changes {
+                    if !fresh(change) {
+                        outcome.skipped += 1;
                         continue;
                     }
-                    (ChangeOp::Delete, _) => None,
-                };
-                w.write(
-                    &mut tx,
-                    RecordWrite { id: change.record_id.clone(), fields, version: change.version, text: None },
-                )
-                .await?;
-                current.insert(key, change.version);
-                outcome.applied += 1;
-            }
-            if let Some(mut done) = writer.take() {
-                done.flush(&mut tx).await?;
-                seq = done.seq;
-            }
-            if seq != base {
-                self.set_last_seq(&mut tx, org_id, seq).await?;
-            }
-            if last_seen > watermark {
-                outcome.watermark = last_seen;
-                sqlx::query(
-                    "INSERT INTO apply_watermarks (org_id, link_id, seq) VALUES ($1, $2, $3) \
+                    if !snapshot {
+                        last_seen = last_seen.max(change.seq);
+                    }
+                    let Some(schema) = schemas.get(change.object.as_str()) else {
+                        let reason = format!("the target has no object {:?}", change.object);
+                        outcome.rejected.push((change.seq, change.record_id.clone(), reason));
+                        continue;
+                    };
+                    let key = (change.object.as_str(), change.record_id.clone());
+                    if change.version <= current.get(&key).copied().unwrap_or(0) {
+                        outcome.skipped += 1;
+                        continue;
+                    }
+                    if writer.as_ref().is_none_or(|w| w.object() != change.object) {
+                        if let Some(mut done) = writer.take() {
+                            done.flush(&mut tx).await?;
+                            seq = done.seq;
+                        }
+                        let ids = &ids_by_object[change.object.as_str()];
+                        let mut w = BatchWriter::new(self, &mut tx, org_id, schema, ids, seq, now).await?;
+                        w.known_absent(
+                            ids.iter()
+                                .filter(|id| !current.contains_key(&(change.object.as_str(), (*id).clone())))
+                                .cloned(),
+                        );
+                        writer = Some(w);
+                    }
+                    let Some(w) = writer.as_mut() else { continue };
+                    let fields = match (change.op, &change.fields) {
+                        (ChangeOp::Upsert, Some(fields)) => {
+                            let mut fields = fields.clone();
+                            let mut problems = validate_records(schema, std::slice::from_mut(&mut fields));
+                            if problems.is_empty()
+                                && record_id(schema, &fields).as_deref() != Some(change.record_id.as_str())
+                            {
+                                problems.push(crate::FieldError::new(
+                                    "id",
+                                    "the record's external id does not match its id",
+                                ));
+                            }
+                            if problems.is_empty()
+                                && w.touches_unique(&change.record_id, Some(&fields))
+                                && let Err(Error::Invalid(unique)) = self
+                                    .check_unique(
+                                        &mut tx,
+                                        org_id,
+                                        schema,
+                                        std::slice::from_ref(&fields),
+                                        std::slice::from_ref(&change.record_id),
+                                    )
+                                    .await
+                            {
+                                problems = unique;
+                            }
+                            if !problems.is_empty() {
+                                // every problem, each naming its field: a field the source added and
+                                // the target's schema lacks reads `nickname: unknown field of object …`
+                                let reason = problems
+                                    .iter()
+                                    .map(|p| {
+                                        format!("{}: {}", p.field.trim_start_matches("records[0]."), p.description)
+                                    })
+                                    .collect::<Vec<_>>()
+                                    .join("; ");
+                                outcome.rejected.push((change.seq, change.record_id.clone(), reason));
+                                continue;
+                            }
+                            Some(fields)
+                        }
+                        (ChangeOp::Upsert, None) => {
+                            outcome.rejected.push((
+                                change.seq,
+                                change.record_id.clone(),
+                                "an upsert without fields".into(),
+                            ));
+                            continue;
+                        }
+                        (ChangeOp::Delete, _) => None,
+                    };
+                    w.write(
+                        &mut tx,
+                        RecordWrite { id: change.record_id.clone(), fields, version: change.version, text: None },
+                    )
+                    .await?;
+                    current.insert(key, change.version);
+                    outcome.applied += 1;
+                }
+                if let Some(mut done) = writer.take() {
+                    done.flush(&mut tx).await?;
+                    seq = done.seq;
+                }
+                if seq != base {
+                    self.set_last_seq(&mut tx, org_id, seq).await?;
+                }
+                if last_seen > watermark {
+                    outcome.watermark = last_seen;
+                    sqlx::query(
+                        "INSERT INTO apply_watermarks (org_id, link_id, seq) VALUES ($1, $2, $3) \
                      ON CONFLICT (org_id, link_id) DO UPDATE SET seq = excluded.seq",
-                )
-                .bind(org_id)
-                .bind(link_id)
-                .bind(last_seen)
-                .execute(&mut *tx)
-                .await?;
-            }
-            Ok((tx, outcome))
-        })
-        .await?;
+                    )
+                    .bind(org_id)
+                    .bind(link_id)
+                    .bind(last_seen)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                Ok((tx, outcome))
+            })
+            .await?;
         tx.commit().await?;
         Ok(outcome)
     }
