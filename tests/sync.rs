@@ -211,6 +211,7 @@ async fn create_link_with(
         probe_interval: Some(baton_mesh::proto::duration(interval_ms as u64)),
         on_reject: 0,
         on_trimmed: on_trimmed as i32,
+        target_ca_pem: String::new(),
     };
     source.sync().await.create_link(authed(request, &a.key)).await.unwrap().into_inner().id
 }

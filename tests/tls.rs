@@ -15,6 +15,7 @@ use baton_tests::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::transport::Channel;
+use tonic_types::StatusExt;
 
 /// Whether an admin call through `channel` succeeds (the error otherwise).
 async fn admin_call(channel: Channel) -> Result<(), tonic::Status> {
@@ -214,4 +215,65 @@ async fn a_tls_servers_health_is_plain_http_on_the_metrics_listener_for_probes()
     let answer = server.metrics_get("/health?service=baton.v1.Nothing");
     assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
     server.terminate(Duration::from_secs(10)).await;
+}
+
+#[tokio::test]
+async fn a_link_reaches_an_https_target_with_its_own_ca() {
+    let dir = TempDir::new();
+    let ca = Ca::new(&dir.0, "target-ca");
+    ca.issue("target");
+    let (cert, key, ca_pem) = (ca.path("target.pem"), ca.path("target.key"), ca.path("target-ca.pem"));
+    // the target serves TLS with a CA the source knows nothing of; the source is plaintext
+    let target = Server::start(Backend::Sqlite, &["--tls-cert", &cert, "--tls-key", &key, "--tls-ca", &ca_pem]).await;
+    let source = Server::start(Backend::Sqlite, &[]).await;
+    let a = baton_tests::create_org(&source, "source").await;
+    let b = create_org_on(tls_channel(target.addr, &ca_pem, None).await.unwrap(), "target").await;
+    let mut intake = source.intake().await;
+    let upsert = pb::UpsertRequest {
+        object: "account".into(),
+        records: vec![record(serde_json::json!({"code": "c1", "name": "over tls"}))],
+    };
+    intake.upsert(authed(upsert, &a.key)).await.unwrap();
+
+    let link = |ca: &str| pb::CreateLinkRequest {
+        target_endpoint: format!("https://{}", target.addr),
+        target_api_key: b.key.clone(),
+        target_ca_pem: ca.to_owned(),
+        ..Default::default()
+    };
+    let mut sync = source.sync().await;
+    // a CA that is not PEM certificates, or one for an http:// target: refused, nothing created
+    for (request, why) in [
+        (link("not a certificate"), "not PEM"),
+        (pb::CreateLinkRequest { target_endpoint: format!("http://{}", target.addr), ..link("x") }, "http://"),
+    ] {
+        let status = sync.create_link(authed(request, &a.key)).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{why}: {status:?}");
+        let bad = status.get_details_bad_request().expect("field violations");
+        assert_eq!(bad.field_violations[0].field, "target_ca_pem", "{why}");
+    }
+    // with the target's CA: the link converges over TLS
+    let pem = std::fs::read_to_string(&ca_pem).unwrap();
+    let created = sync.create_link(authed(link(&pem), &a.key)).await.unwrap().into_inner();
+    assert_eq!(created.target_ca_pem, pem);
+    let mut target_intake =
+        pb::intake_client::IntakeClient::new(tls_channel(target.addr, &ca_pem, None).await.unwrap());
+    eventually(Duration::from_secs(30), "the record on the target, over TLS", || {
+        let mut target_intake = target_intake.clone();
+        let request = authed(pb::GetRequest { object: "account".into(), id: "c1".into() }, &b.key);
+        async move { target_intake.get(request).await.ok() }
+    })
+    .await;
+    let _ = &mut target_intake;
+    // without it, the source cannot check the target's certificate: the link fails, saying why
+    let plain = sync.create_link(authed(link(""), &a.key)).await.unwrap().into_inner();
+    let failed = eventually(Duration::from_secs(30), "the link without the CA failed", || {
+        let (mut sync, id, key) = (sync.clone(), plain.id.clone(), a.key.clone());
+        async move {
+            let link = sync.get_link(authed(pb::GetLinkRequest { link_id: id }, &key)).await.ok()?.into_inner();
+            (link.state == pb::LinkState::Failed as i32).then_some(link)
+        }
+    })
+    .await;
+    assert!(failed.last_cause.contains("--tls-ca"), "{}", failed.last_cause);
 }

@@ -83,6 +83,10 @@ pub enum LinkCommand {
         /// or fail and wait for `resume`; the sync server's `--link-on-trimmed` by default.
         #[arg(long, value_enum)]
         on_trimmed: Option<baton_sync::OnTrimmed>,
+        /// For an `https://` target whose certificate another CA signed than the sync server
+        /// trusts: a PEM file of that CA's certificates.
+        #[arg(long)]
+        target_ca: Option<PathBuf>,
     },
     /// Lists this org's links.
     List,
@@ -263,7 +267,14 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand, output: Output) ->
                 probe_interval,
                 stop_on_reject,
                 on_trimmed,
+                target_ca,
             } => {
+                let target_ca_pem = match target_ca {
+                    Some(path) => std::fs::read_to_string(&path).map_err(|e| {
+                        crate::exit::fail(crate::exit::Exit::NotFound, format!("--target-ca {}: {e}", path.display()))
+                    })?,
+                    None => String::new(),
+                };
                 let request = pb::CreateLinkRequest {
                     target_endpoint: target,
                     target_api_key: target_key,
@@ -277,6 +288,7 @@ pub async fn run(conn: OptionalOrgConn, command: SyncCommand, output: Output) ->
                         Some(baton_sync::OnTrimmed::Rebootstrap) => pb::TrimmedPolicy::Rebootstrap,
                         Some(baton_sync::OnTrimmed::Fail) => pb::TrimmedPolicy::Fail,
                     } as i32,
+                    target_ca_pem,
                 };
                 let link = client.create_link(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
                 print_link(&link, output)?;

@@ -113,6 +113,17 @@ impl ClientTls {
         Self::default()
     }
 
+    /// An endpoint for `https://` `url` trusting the CA certificates `ca_pem` (not these
+    /// options' CA), presenting these options' client certificate if any.
+    pub fn endpoint_with_ca(&self, url: &str, ca_pem: &[u8]) -> Result<Endpoint, String> {
+        let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| format!("invalid endpoint {url:?}: {e}"))?;
+        let mut config = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem));
+        if let Some((cert, key)) = &self.identity {
+            config = config.identity(Identity::from_pem(read(cert)?, read(key)?));
+        }
+        endpoint.tls_config(config).map_err(|e| format!("TLS for {url}: {e}"))
+    }
+
     /// An endpoint for `url`: over TLS when it is `https://`, plaintext when `http://`.
     pub fn endpoint(&self, url: &str) -> Result<Endpoint, String> {
         let endpoint = Endpoint::from_shared(url.to_owned()).map_err(|e| format!("invalid endpoint {url:?}: {e}"))?;
@@ -136,6 +147,17 @@ pub fn check_or_exit(options: &TlsOptions) {
     if let Err(e) = ServerTls::load(options) {
         crate::config::exit_bad_config(format!("TLS: {e}"));
     }
+}
+
+/// Checks that `pem` holds at least one certificate (a CA given inline, as a link's target CA).
+pub fn check_ca_pem(pem: &[u8]) -> Result<(), String> {
+    let certificates = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not PEM certificates: {e}"))?;
+    if certificates.is_empty() {
+        return Err("no PEM certificate".into());
+    }
+    Ok(())
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, String> {

@@ -268,7 +268,7 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sources: [(i64, &'static str, &'static str); 9] = match self.0 {
+        let sources: [(i64, &'static str, &'static str); 10] = match self.0 {
             Backend::Sqlite => [
                 (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
@@ -279,6 +279,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (7, "schema_versions", include_str!("../migrations/sqlite/0007_schema_versions.sql")),
                 (8, "lists", include_str!("../migrations/sqlite/0008_lists.sql")),
                 (9, "link_on_trimmed", include_str!("../migrations/sqlite/0009_link_on_trimmed.sql")),
+                (10, "link_target_ca", include_str!("../migrations/sqlite/0010_link_target_ca.sql")),
             ],
             Backend::Postgres => [
                 (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
@@ -290,6 +291,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (7, "schema_versions", include_str!("../migrations/postgres/0007_schema_versions.sql")),
                 (8, "lists", include_str!("../migrations/postgres/0008_lists.sql")),
                 (9, "link_on_trimmed", include_str!("../migrations/postgres/0009_link_on_trimmed.sql")),
+                (10, "link_target_ca", include_str!("../migrations/postgres/0010_link_target_ca.sql")),
             ],
         };
         Box::pin(async move {

@@ -118,6 +118,8 @@ pub struct Link {
     pub on_reject: RejectPolicy,
     /// A cursor behind the trimmed change log.
     pub on_trimmed: TrimmedPolicy,
+    /// The CA certificates (PEM) trusted for an `https://` target; empty: the server's.
+    pub target_ca_pem: String,
     /// The last source seq the target applied.
     pub cursor_seq: i64,
     /// Whether the snapshot was applied.
@@ -147,6 +149,8 @@ pub struct NewLink {
     pub on_reject: RejectPolicy,
     /// A cursor behind the trimmed change log.
     pub on_trimmed: TrimmedPolicy,
+    /// The CA certificates (PEM) trusted for an `https://` target; empty: the server's.
+    pub target_ca_pem: String,
 }
 
 /// A state transition of a link.
@@ -213,7 +217,7 @@ pub struct SnapshotPage {
 }
 
 const LINK_COLUMNS: &str = "id, org_id, target_endpoint, target_api_key, objects, state, verify_threshold, \
-     probe_interval_ms, on_reject, cursor_seq, bootstrapped, consecutive_ok, last_cause, created_at_ms, on_trimmed";
+     probe_interval_ms, on_reject, cursor_seq, bootstrapped, consecutive_ok, last_cause, created_at_ms, on_trimmed, target_ca_pem";
 
 fn link_from_row(r: &AnyRow) -> Result<Link, Error> {
     let state: String = r.try_get(5)?;
@@ -238,6 +242,7 @@ fn link_from_row(r: &AnyRow) -> Result<Link, Error> {
         } else {
             TrimmedPolicy::Rebootstrap
         },
+        target_ca_pem: r.try_get(15)?,
     })
 }
 
@@ -250,8 +255,8 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         sqlx::query(
             "INSERT INTO links (id, org_id, target_endpoint, target_api_key, objects, state, verify_threshold, \
-             probe_interval_ms, on_reject, created_at_ms, updated_at_ms, last_cause, on_trimmed) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, 'created', $11)",
+             probe_interval_ms, on_reject, created_at_ms, updated_at_ms, last_cause, on_trimmed, target_ca_pem) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10, 'created', $11, $12)",
         )
         .bind(id.clone())
         .bind(org_id)
@@ -264,6 +269,7 @@ impl Store {
         .bind(new.on_reject.as_str())
         .bind(now)
         .bind(new.on_trimmed.as_str())
+        .bind(new.target_ca_pem.clone())
         .execute(&mut *tx)
         .await?;
         sqlx::query(

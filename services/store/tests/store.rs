@@ -1464,9 +1464,11 @@ async fn dead_letters_and_link_history_page_in_order() {
             probe_interval: Duration::from_secs(1),
             on_reject: RejectPolicy::DeadLetter,
             on_trimmed: TrimmedPolicy::Fail,
+            target_ca_pem: "-----BEGIN CERTIFICATE-----\n…".into(),
         };
         let link = s.create_link(&org, &new).await.unwrap();
         assert_eq!((link.on_reject, link.on_trimmed), (RejectPolicy::DeadLetter, TrimmedPolicy::Fail));
+        assert_eq!(s.link(&org, &link.id).await.unwrap().target_ca_pem, new.target_ca_pem);
         for seq in 1..=5 {
             let letter = DeadLetter {
                 seq,

@@ -195,11 +195,16 @@ impl Runner {
         {
             return Ok(client.clone());
         }
-        let endpoint = (self.options.tls.endpoint(&link.target_endpoint))
-            .map_err(|e| CallError::Fatal(format!("target endpoint: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(CALL_TIMEOUT)
-            .tcp_nodelay(true);
+        // the link's own CA for its target, or the server's
+        let endpoint = (if link.target_ca_pem.is_empty() {
+            self.options.tls.endpoint(&link.target_endpoint)
+        } else {
+            self.options.tls.endpoint_with_ca(&link.target_endpoint, link.target_ca_pem.as_bytes())
+        })
+        .map_err(|e| CallError::Fatal(format!("target endpoint: {e}")))?
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(CALL_TIMEOUT)
+        .tcp_nodelay(true);
         let client = pb::intake_client::IntakeClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(64 * 1024 * 1024)
             .max_encoding_message_size(64 * 1024 * 1024);

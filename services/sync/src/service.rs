@@ -62,6 +62,7 @@ impl SyncService {
                 TrimmedPolicy::Rebootstrap => pb::TrimmedPolicy::Rebootstrap,
                 TrimmedPolicy::Fail => pb::TrimmedPolicy::Fail,
             } as i32,
+            target_ca_pem: link.target_ca_pem.clone(),
         })
     }
 
@@ -196,6 +197,13 @@ impl pb::sync_server::Sync for SyncService {
                 TrimmedPolicy::Rebootstrap
             }
         };
+        if !r.target_ca_pem.is_empty() {
+            if !r.target_endpoint.starts_with("https://") {
+                errors.push(FieldError::new("target_ca_pem", "only for an https:// target"));
+            } else if let Err(e) = baton_mesh::tls::check_ca_pem(r.target_ca_pem.as_bytes()) {
+                errors.push(FieldError::new("target_ca_pem", e));
+            }
+        }
         for (i, object) in r.objects.iter().enumerate() {
             if let Err(baton_store::Error::NotFound(_)) = self.store.object(&org, object).await {
                 errors.push(FieldError::new(format!("objects[{i}]"), format!("no object {object:?} in this org")));
@@ -212,6 +220,7 @@ impl pb::sync_server::Sync for SyncService {
             probe_interval: Duration::from_millis(if probe_interval_ms == 0 { 1000 } else { probe_interval_ms }),
             on_reject,
             on_trimmed,
+            target_ca_pem: r.target_ca_pem,
         };
         let link = self.store.create_link(&org, &new).await.map_err(Error::from)?;
         self.wake.notify_one();
