@@ -1076,5 +1076,20 @@ async fn a_manager_pair_with_mtls_replicates_and_fails_over() {
     assert_answered_once(&responses, total).await;
     receiver.abort();
     // the killed member rejoined as the standby, in sync over TLS again
-    in_sync(&members).await;
+    let primary = in_sync(&members).await;
+    // the new primary timed its takeover, and the round trips it relayed
+    let text = members[primary].metrics_text();
+    let count = |name: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.rsplit(' ').next().unwrap().parse().unwrap()
+    };
+    assert_eq!(count("baton_manager_takeover_seconds_count"), 1.0);
+    let took = count("baton_manager_takeover_seconds_sum");
+    assert!(took > 0.0 && took < 30.0, "a takeover of {took} s");
+    assert!(count("baton_manager_relay_seconds_count") >= 1.0);
+    // the gauges are set once a second
+    baton_tests::eventually(Duration::from_secs(5), "the primary's gauge", || async {
+        members[primary].metrics_text().lines().any(|l| l == "baton_manager_primary 1").then_some(())
+    })
+    .await;
 }

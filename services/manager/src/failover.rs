@@ -189,6 +189,9 @@ async fn follow(
         if let Err(e) = replicate_from(&connector, &leader, &me, &service, &cancel).await {
             tracing::debug!(%leader, error = %e, "replication stream ended");
         }
+        if !cancel.is_cancelled() {
+            service.primary_lost(true);
+        }
         tokio::select! {
             () = cancel.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(100)) => {}
@@ -227,6 +230,7 @@ async fn replicate_from(
             f = frames.message() => f?,
         };
         let Some(frame) = frame else { return Ok(()) };
+        service.primary_lost(false);
         let durable = service.replica_apply(frame).await?;
         if acks.send(internal::ReplicaAck { durable_index: durable, ..Default::default() }).await.is_err() {
             return Ok(());
@@ -448,6 +452,7 @@ pub async fn run(
         if service.become_primary(term, Some(publish)).await.is_err() {
             return;
         }
+        service.took_over();
         health.set_service_status(service_name, ServingStatus::Serving).await;
         tracing::info!(term, %me, index, "elected primary");
         // the watchdog: fence before the lease can run out

@@ -91,6 +91,10 @@ pub struct Metric {
 
 /// Request latencies: 1 ms to 30 s.
 const LATENCY: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+/// A relayed round trip through the manager: 0.5 ms to 10 s.
+const RELAY: &[f64] = &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// A takeover: 0.1 s to 60 s.
+const TAKEOVER: &[f64] = &[0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 7.5, 10.0, 20.0, 60.0];
 /// A chunk's or a part's work: 10 ms to 5 minutes.
 const WORK: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
@@ -190,6 +194,18 @@ pub const METRICS: &[Metric] = &[
         name: "baton_manager_queued_responses",
         kind: Kind::Gauge,
         help: "Responses journaled and not yet acknowledged by their client, over every session.",
+    },
+    Metric {
+        name: "baton_manager_relay_seconds",
+        kind: Kind::Histogram(RELAY),
+        help: "On the primary: from a request journaled to its reply journaled (requests journaled by \
+               an earlier primary are not counted).",
+    },
+    Metric {
+        name: "baton_manager_takeover_seconds",
+        kind: Kind::Histogram(TAKEOVER),
+        help: "From a standby's replication stream from the primary lost to its serving as the new \
+               primary.",
     },
     Metric {
         name: "baton_links",

@@ -3,7 +3,7 @@
 //! entries it makes and records what to send ([`Effect`]), and [`Actor::flush`] makes the batch
 //! durable (one fsync for every command of the batch) before it sends anything.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -180,6 +180,9 @@ pub(super) struct Actor {
     pub(super) next_expiry: Instant,
     /// When the gauges (`baton_manager_*`) are next set.
     pub(super) next_gauges: Instant,
+    /// On the primary: when each request it journaled, not yet answered, was journaled, by
+    /// session (`baton_manager_relay_seconds`).
+    pub(super) relaying: HashMap<String, BTreeMap<u64, Instant>>,
     /// How many times this manager was elected primary.
     pub(super) epoch: u64,
     /// The role as the stream handlers see it.
@@ -434,6 +437,7 @@ impl Actor {
             restart_data: request.restart_data.clone(),
             acks,
         }));
+        self.relaying.entry(session.clone()).or_default().insert(request.seq, Instant::now());
         self.effects.push(Effect::Client(
             session.clone(),
             pb::client_event::Kind::Accepted(pb::RequestAccepted { seq: request.seq }),
@@ -505,6 +509,7 @@ impl Actor {
         tracing::info!(session = %id, %reason, "session closed");
         self.activity.remove(id);
         self.journal(Op::Close(CloseOp { session_id: id.to_owned(), reason }));
+        self.relaying.remove(id);
     }
 
     /// Closes the detached sessions idle for `--session-expiry` (looked at once a second).
@@ -593,6 +598,9 @@ impl Actor {
                 payload: reply.payload.clone(),
                 restart_data: reply.restart_data.clone(),
             }));
+            if let Some(at) = self.relaying.get_mut(&reply.session_id).and_then(|q| q.remove(&reply.seq)) {
+                metrics::histogram!("baton_manager_relay_seconds").record(at.elapsed().as_secs_f64());
+            }
             if self.clients.contains_key(&reply.session_id) {
                 self.effects.push(Effect::Client(
                     reply.session_id.clone(),
@@ -811,6 +819,7 @@ impl Actor {
         if epoch.is_some_and(|epoch| epoch != self.epoch) {
             return; // elected since: the caller's view of the leader is stale
         }
+        self.relaying.clear();
         if self.primary {
             tracing::warn!("no longer primary: closing every stream");
         }

@@ -78,6 +78,9 @@ pub struct ManagerService {
     lease: Arc<AtomicI64>,
     /// The journal directory's id.
     journal_id: Arc<str>,
+    /// When this standby's replication stream from the primary last ended without a newer
+    /// one bringing frames since: a takeover is timed from it (`baton_manager_takeover_seconds`).
+    primary_lost: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl ManagerService {
@@ -142,6 +145,7 @@ impl ManagerService {
             activity,
             next_expiry: Instant::now(),
             next_gauges: Instant::now(),
+            relaying: HashMap::new(),
             epoch: 0,
             role: role.clone(),
         };
@@ -185,6 +189,8 @@ impl ManagerService {
                 }
             }
         });
+        // exported from the start, empty until the first takeover
+        let _ = metrics::histogram!("baton_manager_takeover_seconds");
         Ok(Self {
             commands: tx,
             role,
@@ -193,6 +199,7 @@ impl ManagerService {
             failure,
             lease: Default::default(),
             journal_id,
+            primary_lost: Default::default(),
         })
     }
 
@@ -235,6 +242,25 @@ impl ManagerService {
     /// Why the manager failed, once it has.
     pub fn failure(&self) -> Option<String> {
         self.failure.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Notes that the replication stream from the primary ended (`true`: the first time since
+    /// frames last came, so that failed reconnections do not move it), or brings frames again
+    /// (`false`).
+    pub(crate) fn primary_lost(&self, lost: bool) {
+        let mut at = self.primary_lost.lock().unwrap_or_else(|e| e.into_inner());
+        if !lost {
+            *at = None;
+        } else if at.is_none() {
+            *at = Some(std::time::Instant::now());
+        }
+    }
+
+    /// Records the takeover just made: from the primary's stream lost to serving, if it was.
+    pub(crate) fn took_over(&self) {
+        if let Some(lost) = self.primary_lost.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            metrics::histogram!("baton_manager_takeover_seconds").record(lost.elapsed().as_secs_f64());
+        }
     }
 
     /// The id of this manager's journal directory (see `Journal::identify`).
