@@ -100,7 +100,19 @@ async fn mtls_serves_the_mesh_and_refuses_clients_without_a_certificate_or_in_pl
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-ca"), "{}", String::from_utf8_lossy(&out.stderr));
     let out = cli(&["admin", "org", "create", "no-cert"], &[("BATON_TLS_CA", &ca_pem)]);
-    assert!(!out.status.success(), "the CLI without a client certificate was served");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "the CLI without a client certificate: {stderr}");
+    assert!(stderr.contains("--tls-client-cert"), "{stderr}");
+    // plaintext to the TLS port: unavailable, with what to do
+    let out = std::process::Command::new(baton_bin())
+        .args(["admin", "org", "create", "plain"])
+        .env("BATON_ENDPOINT", format!("http://{}", server.addr))
+        .env("BATON_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(69), "plaintext to a TLS server: {stderr}");
+    assert!(stderr.contains("https://"), "{stderr}");
 
     // grpcurl, as the README shows it
     let addr = server.addr.to_string();

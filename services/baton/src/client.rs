@@ -326,6 +326,14 @@ pub(crate) fn explain(status: tonic::Status) -> anyhow::Error {
     if let Some(retry) = status.get_details_retry_info().and_then(|r| r.retry_delay) {
         text.push_str(&format!("\n  retry after: {retry:?}"));
     }
+    // what a transport failure most likely means, since its own words do not say
+    if crate::exit::transport_failure(&status) {
+        text.push_str(
+            "\n  hint: the connection failed under the call. A server that serves TLS needs an https:// \
+             endpoint and --tls-ca; one that requires client certificates closes the connection of a \
+             client without one (--tls-client-cert, --tls-client-key)",
+        );
+    }
     fail(exit, text)
 }
 

@@ -34,6 +34,15 @@ pub enum Exit {
 /// The message tonic's client gives a call that ran out of its own deadline
 /// (`Endpoint::timeout`), with the code CANCELLED.
 const CLIENT_TIMEOUT: &str = "Timeout expired";
+/// Whether `status` is tonic's account of the connection failing under the call (a reset, an
+/// HTTP/2 error, a TLS server refusing a client without a certificate), not an answer of the
+/// server: then the command is unavailable (69), whatever the code.
+pub(crate) fn transport_failure(status: &tonic::Status) -> bool {
+    matches!(status.code(), Code::Cancelled | Code::Unknown | Code::Internal)
+        && ["operation was canceled", "transport error", "h2 protocol error"]
+            .iter()
+            .any(|m| status.message().starts_with(m))
+}
 
 impl Exit {
     /// Every exit code, in the order of the table.
@@ -84,7 +93,7 @@ impl Exit {
                 "not found: NOT_FOUND (an id, token, object or record unknown, expired or of another org), or a missing input file"
             }
             Exit::Unavailable => {
-                "unavailable: the server cannot be reached, or answered UNAVAILABLE or DEADLINE_EXCEEDED \
+                "unavailable: the server cannot be reached (or the connection failed under the call, as a TLS server refusing a client does), or answered UNAVAILABLE or DEADLINE_EXCEEDED \
                  (its store or manager is down, or the call ran out of time); try again later"
             }
             Exit::Unauthenticated => {
@@ -104,6 +113,7 @@ impl Exit {
             Code::Unavailable | Code::DeadlineExceeded => Exit::Unavailable,
             // the client's own deadline, not a cancellation
             Code::Cancelled if status.message() == CLIENT_TIMEOUT => Exit::Unavailable,
+            _ if transport_failure(status) => Exit::Unavailable,
             Code::Cancelled => Exit::Cancelled,
             Code::Unknown
             | Code::AlreadyExists
@@ -189,6 +199,10 @@ mod tests {
         }
         // tonic's client deadline is CANCELLED with its own message: the server did not answer in time
         assert_eq!(Exit::of_status(&tonic::Status::cancelled(CLIENT_TIMEOUT)), Exit::Unavailable);
+        assert_eq!(Exit::of_status(&tonic::Status::cancelled("operation was canceled")), Exit::Unavailable);
+        assert_eq!(Exit::of_status(&tonic::Status::unknown("transport error")), Exit::Unavailable);
+        assert_eq!(Exit::of_status(&tonic::Status::internal("h2 protocol error: http2 error")), Exit::Unavailable);
+        assert_eq!(Exit::of_status(&tonic::Status::internal("internal store error")), Exit::Failure);
     }
 
     #[test]
