@@ -279,14 +279,16 @@ pub fn schema_to_pb(schema: &ObjectSchema) -> pb::ObjectSchema {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn v(kind: Kind) -> pb::Value {
         pb::Value { kind: Some(kind) }
     }
 
-    fn schema() -> ObjectSchema {
+    /// An object `t` with a field of each type: `code` (string, the external id), `n`
+    /// (integer), `x` (number), `d` (decimal), `b` (boolean).
+    pub(crate) fn schema() -> ObjectSchema {
         let f = |name: &str, field_type| FieldSpec {
             name: name.into(),
             field_type,

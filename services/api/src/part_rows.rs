@@ -320,7 +320,7 @@ fn put_int(tag: u8, n: i64, out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
-    use baton_store::model::{FieldSpec, Record};
+    use baton_store::model::Record;
     use prost::Message;
 
     use baton_mesh::proto::v1 as pb;
@@ -328,27 +328,9 @@ mod tests {
     use super::*;
     use crate::convert::record_to_pb;
 
+    /// The conversions' test object, at version 3, with a dropped field `gone`.
     fn schema() -> ObjectSchema {
-        let field = |name: &str, field_type| FieldSpec {
-            name: name.into(),
-            field_type,
-            required: false,
-            unique: false,
-            deprecated: false,
-        };
-        ObjectSchema {
-            name: "account".into(),
-            external_id_field: "code".into(),
-            fields: vec![
-                field("code", FieldType::String),
-                field("n", FieldType::Integer),
-                field("x", FieldType::Number),
-                field("d", FieldType::Decimal),
-                field("ok", FieldType::Boolean),
-            ],
-            version: 3,
-            dropped_fields: vec!["gone".into()],
-        }
+        ObjectSchema { version: 3, dropped_fields: vec!["gone".into()], ..crate::convert::tests::schema() }
     }
 
     /// The line's record, as `record_to_pb` answers it.
@@ -377,8 +359,8 @@ mod tests {
         let schema = schema();
         let lines = [
             // each typed field, with values at the edges of their types
-            r#"{"id":"c1","version":7,"updated_at_ms":1700000000123,"fields":{"code":"c1","n":-9223372036854775808,"x":2.5,"d":"-1234.5","ok":true}}"#,
-            r#"{"id":"c2","version":1,"updated_at_ms":0,"fields":{"code":"","n":0,"x":0,"d":"0","ok":false}}"#,
+            r#"{"id":"c1","version":7,"updated_at_ms":1700000000123,"fields":{"code":"c1","n":-9223372036854775808,"x":2.5,"d":"-1234.5","b":true}}"#,
+            r#"{"id":"c2","version":1,"updated_at_ms":0,"fields":{"code":"","n":0,"x":0,"d":"0","b":false}}"#,
             r#"{"id":"c3","version":2,"updated_at_ms":-1500,"fields":{"n":9223372036854775807,"x":18446744073709551615,"d":12,"gone":"dropped","extra":18446744073709551615}}"#,
             // fields the schema does not have take the JSON kind; nulls are left out
             r#"{"id":"c4","version":3,"updated_at_ms":5,"fields":{"u":1.25,"v":-3,"w":"text","z":null,"b":false,"d":1.5e300}}"#,
