@@ -798,3 +798,157 @@ async fn a_scheduler_restarted_with_fewer_sessions_closes_the_surplus() {
     assert_eq!(batch.totals.unwrap().records_committed, 40);
     assert_eq!(ids(&sessions_of(&server, "").await), ["dev/0", "dev/1"], "no session opened again");
 }
+
+/// A chunk's parts (after a split), checked to cover its records once, in order: (first record,
+/// records, state, cause) of each.
+fn parts_of(c: &pb::ChunkStatus) -> Vec<(u64, u32, pb::ChunkPartState, String)> {
+    let mut next = c.first_record;
+    for p in &c.parts {
+        assert!(p.records > 0 && p.first_record == next, "the parts partition the chunk's records: {c:?}");
+        next += u64::from(p.records);
+    }
+    if !c.parts.is_empty() {
+        assert_eq!(next, c.first_record + u64::from(c.records), "the parts cover the chunk: {c:?}");
+    }
+    c.parts
+        .iter()
+        .map(|p| (p.first_record, p.records, pb::ChunkPartState::try_from(p.state).unwrap(), p.cause.clone()))
+        .collect()
+}
+
+/// A chunk over the size budget (`--chunk-max-bytes`) is split in halves down to parts within
+/// it, each its own transaction: COMMITTED_AFTER_RETRY_RESOURCES, every record stored once at
+/// version 1 with one change event; WatchBatch and ListChunkResults show the parts. The batch's
+/// other chunk, within the budget, commits whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_over_the_size_budget_splits_and_commits_every_record_once() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        // each record is about 45 bytes of JSON: 100 are about 4,500, 30 about 1,350
+        let server = Server::start(backend, &["--chunk-max-bytes", "2000"]).await;
+        let org = create_org(&server, "acme").await;
+        let n = 130;
+        let staged = submit(&server, &org, header(100), accounts("s", 0..n)).await;
+        assert_eq!(staged.chunks, 2);
+        let (batch, seen) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!(
+            (totals.committed, totals.committed_after_retry_resources, totals.aborted, totals.records_committed),
+            (1, 1, 0, n as u64),
+            "{totals:?}"
+        );
+        let chunks = chunk_statuses(&server, &org, &staged.batch_id).await;
+        let split = &chunks[0];
+        assert_eq!(state(split), pb::ChunkState::CommittedAfterRetryResources, "{split:?}");
+        assert_eq!(split.records_committed, 100, "{split:?}");
+        let parts = parts_of(split);
+        assert!(parts.len() >= 3, "100 records of ~4,500 bytes in parts of at most 2,000: {parts:?}");
+        assert!(parts.iter().all(|p| p.2 == pb::ChunkPartState::Committed), "{parts:?}");
+        assert!(split.last_cause.contains("size budget of 2000 bytes"), "{split:?}");
+        assert!(split.parts.iter().all(|p| p.finish_time.is_some()), "{split:?}");
+        let whole = &chunks[1];
+        assert_eq!((state(whole), whole.parts.len(), whole.records_committed), (pb::ChunkState::Committed, 0, 30));
+        // WatchBatch's last status of the split chunk shows its parts
+        let watched = seen.iter().rev().find(|c| c.index == 0).unwrap();
+        assert_eq!(parts_of(watched), parts, "{watched:?}");
+        assert_eq!(stored(&server.store_url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
+    }
+}
+
+/// One record over the size budget by itself: its chunk is split down to that record, which
+/// alone is aborted (at the floor of 1 record) while every other part commits once. The chunk is
+/// ABORTED, its cause names the record and the budget, ListChunkResults shows which ranges
+/// committed and which did not, and the batch's totals count the committed parts' records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_part_that_keeps_failing_aborts_its_chunk_while_the_other_parts_commit_once() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--chunk-max-bytes", "2000"]).await;
+        let org = create_org(&server, "acme").await;
+        let mut records = accounts("p", 0..16);
+        let huge = "x".repeat(3000);
+        records[5] = record(serde_json::json!({"code": "p000005", "name": huge, "amount": 5}));
+        let staged = submit(&server, &org, header(16), records).await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!(
+            (totals.aborted, totals.committed, totals.committed_after_retry_resources, totals.records_committed),
+            (1, 0, 0, 15),
+            "{totals:?}"
+        );
+        let aborted = results(&server, &org, &staged.batch_id).await;
+        assert_eq!(aborted.len(), 1);
+        assert!(aborted[0].errors.is_empty(), "no record is invalid: {aborted:?}");
+        let chunk = aborted[0].chunk.clone().unwrap();
+        assert_eq!((state(&chunk), chunk.records_committed), (pb::ChunkState::Aborted, 15), "{chunk:?}");
+        let parts = parts_of(&chunk);
+        let failed: Vec<_> = parts.iter().filter(|p| p.2 != pb::ChunkPartState::Committed).collect();
+        assert_eq!(failed.len(), 1, "{parts:?}");
+        assert_eq!((failed[0].0, failed[0].1, failed[0].2), (5, 1, pb::ChunkPartState::Aborted), "{parts:?}");
+        assert!(failed[0].3.contains("over the size budget of 2000 bytes"), "{parts:?}");
+        assert!(
+            chunk.last_cause.contains("1 aborted") && chunk.last_cause.contains("records 5-5:"),
+            "the cause names the aborted part: {chunk:?}"
+        );
+        let kept = server.records(&org.key, "account").await;
+        let mut expected: Vec<String> = (0..16).filter(|i| *i != 5).map(|i| format!("p{i:06}")).collect();
+        expected.sort();
+        assert_eq!(kept.keys().cloned().collect::<Vec<_>>(), expected);
+        assert_eq!(stored(&server.store_url, &org.id).await, (15, 1, 15), "each committed part once");
+    }
+}
+
+/// A worker SIGKILLed in the middle of a split chunk, right after one part committed: the worker
+/// that takes the session over skips the committed part (its marker is in the store, written
+/// with its records) and runs the others; the chunk ends COMMITTED_AFTER_RETRY_RESOURCES, every
+/// record stored once at version 1 with one change event, and the part committed before the kill
+/// keeps the commit time it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_split_chunk_of_a_killed_worker_completes_exactly_once() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--workers", "0"]).await;
+        let org = create_org(&server, "acme").await;
+        let budget = ["--concurrency", "1", "--chunk-max-bytes", "2000"];
+        // w1 holds the chunk once its first part has committed
+        let first = worker_with_env(&server, "w1", &budget, &[("FAILPOINTS", "worker-after-part=sleep(60000)")]);
+        eventually(Duration::from_secs(20), "w1 bound", || async {
+            let mut client = pb::session_manager_client::SessionManagerClient::new(server.channel().await);
+            let sessions = client.list_sessions(pb::ListSessionsRequest::default()).await.ok()?.into_inner().sessions;
+            (!sessions.is_empty() && sessions.iter().all(|s| s.bound_server == "w1")).then_some(())
+        })
+        .await;
+        let n = 100;
+        let staged = submit(&server, &org, header(1000), accounts("k", 0..n)).await;
+        assert_eq!(staged.chunks, 1);
+        let before = eventually(Duration::from_secs(30), "a part committed by w1", || async {
+            let chunk = chunk_statuses(&server, &org, &staged.batch_id).await.remove(0);
+            chunk.parts.iter().any(|p| p.state == pb::ChunkPartState::Committed as i32).then_some(chunk)
+        })
+        .await;
+        assert_eq!((state(&before), before.worker.as_str()), (pb::ChunkState::Running, "w1"), "{before:?}");
+        let committed: Vec<pb::ChunkPart> =
+            before.parts.iter().filter(|p| p.state == pb::ChunkPartState::Committed as i32).cloned().collect();
+        assert_eq!(committed.len(), 1, "w1 holds after its first part: {before:?}");
+        assert!(before.parts.iter().any(|p| p.state == pb::ChunkPartState::Pending as i32), "{before:?}");
+        assert_eq!(before.records_committed, committed[0].records, "{before:?}");
+        let (records_then, _, _) = stored(&server.store_url, &org.id).await;
+        assert_eq!(records_then, i64::from(committed[0].records));
+        drop(first); // SIGKILL, mid-split
+        let _second = worker(&server, "w2", &budget);
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(90)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!(
+            (totals.committed_after_retry_resources, totals.aborted, totals.records_committed),
+            (1, 0, n as u64),
+            "{totals:?}"
+        );
+        let chunk = chunk_statuses(&server, &org, &staged.batch_id).await.remove(0);
+        assert_eq!((state(&chunk), chunk.worker.as_str()), (pb::ChunkState::CommittedAfterRetryResources, "w2"));
+        let parts = parts_of(&chunk);
+        assert!(parts.iter().all(|p| p.2 == pb::ChunkPartState::Committed), "{parts:?}");
+        let again = chunk.parts.iter().find(|p| p.first_record == committed[0].first_record).unwrap();
+        assert_eq!(again, &committed[0], "the part committed before the kill was not run again");
+        assert_eq!(stored(&server.store_url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
+    }
+}

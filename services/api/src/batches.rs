@@ -2,7 +2,7 @@
 
 use baton_mesh::proto::timestamp;
 use baton_mesh::proto::v1 as pb;
-use baton_store::batches::{BatchInfo, BatchOp, BatchState, ChunkInfo, ChunkState};
+use baton_store::batches::{BatchInfo, BatchOp, BatchState, ChunkInfo, ChunkState, PartState};
 
 /// The wire form of a chunk state (in a worker's ChunkDone, in the scheduler's chunk statuses).
 pub fn chunk_state_to_pb(state: ChunkState) -> pb::ChunkState {
@@ -78,5 +78,21 @@ pub fn chunk_to_pb(c: &ChunkInfo) -> pb::ChunkStatus {
         start_time: timestamp(c.started_at_ms),
         finish_time: timestamp(c.finished_at_ms),
         error_count: c.error_count,
+        records_committed: c.records_committed,
+        parts: c
+            .parts
+            .iter()
+            .map(|p| pb::ChunkPart {
+                first_record: c.first_record + u64::from(p.range.first),
+                records: p.range.records,
+                state: match p.state {
+                    PartState::Pending => pb::ChunkPartState::Pending,
+                    PartState::Committed => pb::ChunkPartState::Committed,
+                    PartState::Aborted => pb::ChunkPartState::Aborted,
+                } as i32,
+                cause: p.cause.clone(),
+                finish_time: timestamp(p.finished_at_ms),
+            })
+            .collect(),
     }
 }

@@ -443,6 +443,13 @@ pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
                         "state": state_name(c.state), "attempts": c.attempts, "worker": c.worker,
                         "last_cause": c.last_cause, "errors": r.errors.iter().map(|e| serde_json::json!({
                             "index": e.index, "field": e.field, "reason": e.reason})).collect::<Vec<_>>(),
+                        // a chunk split after a resource limit: which records committed
+                        "records_committed": c.records_committed,
+                        "parts": c.parts.iter().map(|p| serde_json::json!({
+                            "first_record": p.first_record, "records": p.records,
+                            "state": pb::ChunkPartState::try_from(p.state)
+                                .map_or("?", |s| s.as_str_name().trim_start_matches("CHUNK_PART_STATE_")),
+                            "cause": p.cause})).collect::<Vec<_>>(),
                     }))?;
                 }
                 if page.next_page_token.is_empty() {

@@ -190,7 +190,8 @@ pub struct BatchTotals {
     pub aborted: u32,
     /// Cancelled.
     pub cancelled: u32,
-    /// Records of committed chunks.
+    /// Records committed: those of committed chunks, and those of the committed parts of chunks
+    /// split after a resource limit that are still running or aborted.
     pub records_committed: u64,
 }
 
@@ -248,6 +249,95 @@ pub struct ChunkInfo {
     pub finished_at_ms: i64,
     /// Invalid records.
     pub error_count: u32,
+    /// Its records committed: all of them for a committed chunk; for a chunk split after a
+    /// resource limit (see [`ChunkPart`]), those of its committed parts, even when it aborted.
+    pub records_committed: u32,
+    /// Its parts, in record order, when it was split after a resource limit (empty: it runs, or
+    /// ran, whole). They partition the chunk's records.
+    pub parts: Vec<ChunkPart>,
+}
+
+/// Where a part of a split chunk is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartState {
+    /// Not run yet (or its attempts go on).
+    Pending,
+    /// Its records are committed (in the part's own transaction).
+    Committed,
+    /// Nothing of it is committed (see its cause).
+    Aborted,
+}
+
+impl PartState {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PartState::Pending => "PENDING",
+            PartState::Committed => "COMMITTED",
+            PartState::Aborted => "ABORTED",
+        }
+    }
+
+    fn parse(s: &str) -> Result<Self, Error> {
+        Ok(match s {
+            "PENDING" => PartState::Pending,
+            "COMMITTED" => PartState::Committed,
+            "ABORTED" => PartState::Aborted,
+            other => return Err(Error::Corrupt(format!("chunk part state {other:?}"))),
+        })
+    }
+}
+
+/// Which records of a chunk a part holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub struct PartRange {
+    /// Its first record, as an offset in the chunk (from 0).
+    pub first: u32,
+    /// Its records.
+    pub records: u32,
+}
+
+/// A part of a chunk that was split after a resource limit: its own transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkPart {
+    /// Its records.
+    pub range: PartRange,
+    /// Its state.
+    pub state: PartState,
+    /// Why it aborted.
+    pub cause: String,
+    /// When it committed or aborted (ms), 0 before.
+    pub finished_at_ms: i64,
+}
+
+/// What [`Store::split_chunk`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// The part (or the whole chunk) is replaced by its two halves, PENDING.
+    Halves,
+    /// The part is at the floor (`floor` records or fewer): not split.
+    AtFloor,
+    /// Nothing to split: the part is no longer pending (an earlier delivery committed, aborted
+    /// or split it), the chunk is split already, or the chunk has its outcome.
+    Gone,
+}
+
+/// One attempt at a chunk, or at a part of it: see [`Store::attempt_chunk`].
+#[derive(Debug, Clone)]
+pub struct Attempt<'a> {
+    /// The outcome a commit of the whole chunk records.
+    pub outcome: ChunkState,
+    /// Why earlier attempts failed (recorded with the outcome).
+    pub cause: &'a str,
+    /// The time budget of the transaction.
+    pub budget: Duration,
+    /// How long a lock is waited for before the attempt fails as busy.
+    pub lock_timeout: Duration,
+    /// The size budget: the most bytes of record text (JSON; ids for a delete) one transaction
+    /// writes. More is answered [`ChunkRun::OverSize`], before any transaction.
+    pub max_bytes: u64,
+    /// The part to run, or None: the whole chunk.
+    pub part: Option<PartRange>,
 }
 
 /// A chunk released to the workers.
@@ -320,10 +410,35 @@ pub enum ChunkRun {
     Invalid(Vec<RecordProblem>),
     /// The chunk had its outcome already; nothing was done.
     Finished(ChunkState),
+    /// The records to write are over the size budget; nothing was done (a resource limit: the
+    /// chunk, or the part, is to be split).
+    OverSize {
+        /// Their size (bytes of JSON text).
+        bytes: u64,
+        /// The budget.
+        limit: u64,
+    },
+    /// The whole chunk was asked for, but it is split: its parts are to be run; nothing was done.
+    Split,
+    /// The part committed (its records and its COMMITTED state, in one transaction).
+    PartCommitted,
+    /// The part is no longer pending (an earlier delivery committed, aborted or split it);
+    /// nothing was done.
+    PartGone,
 }
 
 pub(crate) fn u32_of(row: &AnyRow, i: usize) -> Result<u32, Error> {
     Ok(u32::try_from(row.try_get::<i64, _>(i)?).unwrap_or(u32::MAX))
+}
+
+/// A part from its row, from column `at`: part_first, record_count, state, cause, finished_at_ms.
+fn part_of(row: &AnyRow, at: usize) -> Result<ChunkPart, Error> {
+    Ok(ChunkPart {
+        range: PartRange { first: u32_of(row, at)?, records: u32_of(row, at + 1)? },
+        state: PartState::parse(&row.try_get::<String, _>(at + 2)?)?,
+        cause: row.try_get(at + 3)?,
+        finished_at_ms: row.try_get(at + 4)?,
+    })
 }
 
 /// The columns of a batch row that [`batch_info`] reads, in its order.
@@ -332,9 +447,9 @@ const BATCH_COLUMNS: &str = "id, org_id, request_id, object, operation, chunk_si
 
 /// The chunk counts of a batch by state, after its `batch_id`, that [`batch_info`] reads (from
 /// `chunks` grouped by batch and state): the state, its chunks, their records, their latest
-/// finish.
-const CHUNK_COUNTS: &str =
-    "state, COUNT(*), CAST(COALESCE(SUM(record_count), 0) AS BIGINT), COALESCE(MAX(finished_at_ms), 0)";
+/// finish, the records their committed parts hold (chunks split after a resource limit).
+const CHUNK_COUNTS: &str = "state, COUNT(*), CAST(COALESCE(SUM(record_count), 0) AS BIGINT), \
+     COALESCE(MAX(finished_at_ms), 0), CAST(COALESCE(SUM(parts_committed), 0) AS BIGINT)";
 
 /// A batch from its row ([`BATCH_COLUMNS`]) and its chunk counts ([`CHUNK_COUNTS`]).
 fn batch_info(row: &AnyRow, counts: &[AnyRow]) -> Result<BatchInfo, Error> {
@@ -359,6 +474,9 @@ fn batch_info(row: &AnyRow, counts: &[AnyRow]) -> Result<BatchInfo, Error> {
         }
         if state.is_committed() {
             totals.records_committed += records;
+        } else {
+            // the committed parts of split chunks that are still running or aborted
+            totals.records_committed += c.try_get::<i64, _>(5)? as u64;
         }
     }
     let state = match stored.as_str() {
@@ -600,7 +718,7 @@ impl Store {
         let errors = if with_errors { "errors" } else { "'[]'" };
         let sql = format!(
             "SELECT idx, first_record, record_count, state, attempts, worker, last_cause, started_at_ms, \
-             finished_at_ms, error_count, {errors} FROM chunks WHERE batch_id = $1 AND idx > $2 {} \
+             finished_at_ms, error_count, {errors}, parts_committed FROM chunks WHERE batch_id = $1 AND idx > $2 {} \
              ORDER BY idx LIMIT $3",
             if aborted_only { "AND state = 'ABORTED'" } else { "" }
         );
@@ -610,19 +728,39 @@ impl Store {
             .bind(i64::from(limit))
             .fetch_all(&self.reader)
             .await?;
+        // the parts of the page's split chunks, in one statement
+        let mut parts: HashMap<u32, Vec<ChunkPart>> = HashMap::new();
+        if let (Some(low), Some(high)) = (rows.first(), rows.last()) {
+            let part_rows = sqlx::query(
+                "SELECT idx, part_first, record_count, state, cause, finished_at_ms FROM chunk_parts \
+                 WHERE batch_id = $1 AND idx >= $2 AND idx <= $3 ORDER BY idx, part_first",
+            )
+            .bind(batch_id)
+            .bind(low.try_get::<i64, _>(0)?)
+            .bind(high.try_get::<i64, _>(0)?)
+            .fetch_all(&self.reader)
+            .await?;
+            for p in &part_rows {
+                parts.entry(u32_of(p, 0)?).or_default().push(part_of(p, 1)?);
+            }
+        }
         rows.iter()
             .map(|row| {
+                let index = u32_of(row, 0)?;
+                let (records, state) = (u32_of(row, 2)?, ChunkState::parse(&row.try_get::<String, _>(3)?)?);
                 let info = ChunkInfo {
-                    index: u32_of(row, 0)?,
+                    index,
                     first_record: row.try_get::<i64, _>(1)? as u64,
-                    records: u32_of(row, 2)?,
-                    state: ChunkState::parse(&row.try_get::<String, _>(3)?)?,
+                    records,
+                    state,
                     attempts: u32_of(row, 4)?,
                     worker: row.try_get(5)?,
                     last_cause: row.try_get(6)?,
                     started_at_ms: row.try_get(7)?,
                     finished_at_ms: row.try_get(8)?,
                     error_count: u32_of(row, 9)?,
+                    records_committed: if state.is_committed() { records } else { u32_of(row, 11)? },
+                    parts: parts.remove(&index).unwrap_or_default(),
                 };
                 let errors: Vec<RecordProblem> = serde_json::from_str(&row.try_get::<String, _>(10)?)
                     .map_err(|e| Error::Corrupt(format!("chunk errors: {e}")))?;
@@ -913,13 +1051,16 @@ impl Store {
     }
 
     /// A worker takes a delivered chunk: RUNNING, one more attempt, unless it has its outcome
-    /// (then that is answered) or its batch was cancelled (then it is CANCELLED, never run).
+    /// (then that is answered) or its batch was cancelled (then it is CANCELLED, never run). A
+    /// chunk that was split is in flight with parts committed: it runs on to its outcome even in
+    /// a cancelled batch.
     pub async fn start_chunk(&self, batch_id: &str, index: u32, worker: &str) -> Result<ChunkStart, Error> {
         let now = now_ms();
         let started = sqlx::query(&format!(
             "UPDATE chunks SET state = 'RUNNING', attempts = attempts + 1, worker = $3, started_at_ms = $4 \
              WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE} \
-             AND (SELECT state FROM batches WHERE id = $1) <> 'CANCELLED'"
+             AND ((SELECT state FROM batches WHERE id = $1) <> 'CANCELLED' \
+             OR EXISTS (SELECT 1 FROM chunk_parts p WHERE p.batch_id = $1 AND p.idx = $2))"
         ))
         .bind(batch_id)
         .bind(i64::from(index))
@@ -1013,13 +1154,8 @@ impl Store {
         }))
     }
 
-    /// One attempt at a chunk, in one transaction bounded by `budget`: validates its records
-    /// against the object schema and the operation, writes them with their change events, and
-    /// records `outcome` as the chunk's state (with `cause`, why earlier attempts failed) — all
-    /// committed together, or nothing. A chunk that
-    /// has its outcome already is not run again. Invalid records are answered (with their batch
-    /// indexes), not committed. Database failures are errors: [`Error::Busy`] (workload),
-    /// [`Error::Resource`] and [`Error::DeadlineExceeded`] (resources) are worth a retry.
+    /// One attempt at a chunk, in one transaction bounded by `budget`: [`Store::attempt_chunk`]
+    /// of the whole chunk, without a size budget.
     pub async fn run_chunk(
         &self,
         batch_id: &str,
@@ -1029,6 +1165,25 @@ impl Store {
         budget: Duration,
         lock_timeout: Duration,
     ) -> Result<ChunkRun, Error> {
+        let attempt = Attempt { outcome, cause, budget, lock_timeout, max_bytes: u64::MAX, part: None };
+        self.attempt_chunk(batch_id, index, &attempt).await
+    }
+
+    /// One attempt at a chunk, or at one part of a split chunk, in one transaction bounded by
+    /// `attempt.budget`: validates its records against the object schema and the operation,
+    /// writes them with their change events, and records its commit marker — for the whole
+    /// chunk `attempt.outcome` as the chunk's state (with `attempt.cause`, why earlier attempts
+    /// failed), for a part the part's COMMITTED state — all committed together, or nothing.
+    ///
+    /// A chunk that has its outcome already is not run again, nor a part that is no longer
+    /// PENDING ([`ChunkRun::PartGone`]), nor the whole of a chunk that was split
+    /// ([`ChunkRun::Split`]): the chunk's row lock, taken first, orders this against every other
+    /// delivery and split. Invalid records are answered (with their batch indexes), not
+    /// committed. Records over `attempt.max_bytes` are answered [`ChunkRun::OverSize`] before
+    /// any transaction. Database failures are errors: [`Error::Busy`] (workload),
+    /// [`Error::Resource`] and [`Error::DeadlineExceeded`] (resources) are worth a retry.
+    pub async fn attempt_chunk(&self, batch_id: &str, index: u32, attempt: &Attempt<'_>) -> Result<ChunkRun, Error> {
+        let Attempt { outcome, cause, budget, lock_timeout, max_bytes, part } = *attempt;
         let deadline = Instant::now() + budget;
         // The chunk is read, parsed and checked against the schema before its transaction: on
         // SQLite the transaction's first write takes the database's write lock, and on both
@@ -1037,6 +1192,15 @@ impl Store {
         let Some(mut chunk) = self.by_deadline(deadline, self.chunk_work(batch_id, index)).await? else {
             return Ok(ChunkRun::Finished(self.chunk_state(batch_id, index).await?));
         };
+        if let Some(p) = part {
+            let (from, to) = (p.first as usize, p.first as usize + p.records as usize);
+            if to > chunk.records.len() || p.records == 0 {
+                return Err(Error::Corrupt(format!("part {from}..{to} of a chunk of {}", chunk.records.len())));
+            }
+            chunk.records.truncate(to);
+            chunk.records.drain(..from);
+            chunk.first += from;
+        }
         let first = chunk.first;
         let invalid = |mut problems: Vec<RecordProblem>| {
             for p in &mut problems {
@@ -1071,71 +1235,333 @@ impl Store {
                 .collect::<Result<_, _>>()
                 .map_err(|e| Error::Corrupt(format!("record fields: {e}")))?,
         };
-        let (tx, run) = self
-            .by_deadline(deadline, async {
-                let mut tx = self.writer.begin().await?;
-                let ms = |d: Duration| d.as_millis().max(1);
-                if self.backend == Backend::Postgres {
-                    // the server stops the work too
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
-                    // abandoned at its budget, the transaction is ended by the server a moment later
-                    // rather than when its connection is next used (see `Store::open`)
-                    sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", ms(left) + 500))
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                // the chunk's row lock: a second delivery waits here, then finds the outcome
-                let claimed = sqlx::query(&format!(
-                    "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
-                ))
-                .bind(batch_id)
-                .bind(i64::from(index))
-                .execute(&mut *tx)
-                .await?;
-                if claimed.rows_affected() == 0 {
-                    return Ok((tx, None));
-                }
-                // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
-                // is the normal order of things, bounded by the budget only. Any other lock wait ends
-                // as a busy error after `lock_timeout`.
-                let base = self.lock_org(&mut tx, &org_id).await?;
-                if self.backend == Backend::Postgres {
-                    sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
-                }
-                let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await?;
-                let run = match run {
-                    Err(problems) => invalid(problems),
-                    Ok(()) => {
-                        sqlx::query(
-                            "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
-                         WHERE batch_id = $1 AND idx = $2",
-                        )
+        // the size budget: what the transaction would write, as text
+        let bytes: u64 = match op {
+            BatchOp::Delete => ids.iter().map(|id| id.len() as u64).sum(),
+            _ => texts.iter().map(|t| t.len() as u64).sum(),
+        };
+        if bytes > max_bytes {
+            return Ok(ChunkRun::OverSize { bytes, limit: max_bytes });
+        }
+        let part_records = records.len() as i64;
+        let (tx, run) = self.by_deadline(deadline, async {
+            let mut tx = self.writer.begin().await?;
+            let ms = |d: Duration| d.as_millis().max(1);
+            if self.backend == Backend::Postgres {
+                // the server stops the work too
+                let left = deadline.saturating_duration_since(Instant::now());
+                sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
+                // abandoned at its budget, the transaction is ended by the server a moment later
+                // rather than when its connection is next used (see `Store::open`)
+                sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", ms(left) + 500))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            // the chunk's row lock: a second delivery waits here, then finds the outcome
+            let claimed = sqlx::query(&format!(
+                "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
+            ))
+            .bind(batch_id)
+            .bind(i64::from(index))
+            .execute(&mut *tx)
+            .await?;
+            if claimed.rows_affected() == 0 {
+                return Ok((tx, None));
+            }
+            // under the row lock: the whole chunk runs only while it has no parts, a part only
+            // while it is pending (its marker is written below, in this transaction)
+            match part {
+                None => {
+                    let split = sqlx::query("SELECT 1 FROM chunk_parts WHERE batch_id = $1 AND idx = $2 LIMIT 1")
                         .bind(batch_id)
                         .bind(i64::from(index))
-                        .bind(outcome.as_str())
-                        .bind(now_ms())
-                        .bind(cause)
-                        .execute(&mut *tx)
+                        .fetch_optional(&mut *tx)
                         .await?;
-                        ChunkRun::Committed(outcome)
+                    if split.is_some() {
+                        return Ok((tx, Some(ChunkRun::Split)));
                     }
-                };
-                Ok((tx, Some(run)))
-            })
-            .await?;
+                }
+                Some(p) => {
+                    if self.part_state(&mut tx, batch_id, index, p).await? != Some(PartState::Pending) {
+                        return Ok((tx, Some(ChunkRun::PartGone)));
+                    }
+                }
+            }
+            // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
+            // is the normal order of things, bounded by the budget only. Any other lock wait ends
+            // as a busy error after `lock_timeout`.
+            let base = self.lock_org(&mut tx, &org_id).await?;
+            if self.backend == Backend::Postgres {
+                sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
+            }
+            let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await?;
+            let run = match (run, part) {
+                (Err(problems), _) => invalid(problems),
+                (Ok(()), None) => {
+                    sqlx::query(
+                        "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
+                         WHERE batch_id = $1 AND idx = $2",
+                    )
+                    .bind(batch_id)
+                    .bind(i64::from(index))
+                    .bind(outcome.as_str())
+                    .bind(now_ms())
+                    .bind(cause)
+                    .execute(&mut *tx)
+                    .await?;
+                    ChunkRun::Committed(outcome)
+                }
+                (Ok(()), Some(p)) => {
+                    // the part's commit marker, and its records counted on the chunk
+                    sqlx::query(
+                        "UPDATE chunk_parts SET state = 'COMMITTED', finished_at_ms = $4 \
+                         WHERE batch_id = $1 AND idx = $2 AND part_first = $3 AND state = 'PENDING'",
+                    )
+                    .bind(batch_id)
+                    .bind(i64::from(index))
+                    .bind(i64::from(p.first))
+                    .bind(now_ms())
+                    .execute(&mut *tx)
+                    .await?;
+                    sqlx::query(
+                        "UPDATE chunks SET parts_committed = parts_committed + $3, last_cause = $4 \
+                         WHERE batch_id = $1 AND idx = $2",
+                    )
+                    .bind(batch_id)
+                    .bind(i64::from(index))
+                    .bind(part_records)
+                    .bind(cause)
+                    .execute(&mut *tx)
+                    .await?;
+                    ChunkRun::PartCommitted
+                }
+            };
+            Ok((tx, Some(run)))
+        })
+        .await?;
         match run {
             None => {
                 drop(tx);
                 Ok(ChunkRun::Finished(self.chunk_state(batch_id, index).await?))
             }
-            Some(run @ ChunkRun::Committed(_)) => {
+            Some(run @ (ChunkRun::Committed(_) | ChunkRun::PartCommitted)) => {
                 tx.commit().await?;
                 Ok(run)
             }
             // dropping the transaction rolls it back
             Some(run) => Ok(run),
         }
+    }
+
+    /// A part's state, read in `conn`'s transaction (None: no such part).
+    async fn part_state(
+        &self,
+        conn: &mut AnyConnection,
+        batch_id: &str,
+        index: u32,
+        part: PartRange,
+    ) -> Result<Option<PartState>, Error> {
+        let row = sqlx::query(
+            "SELECT state FROM chunk_parts WHERE batch_id = $1 AND idx = $2 AND part_first = $3 AND record_count = $4",
+        )
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(i64::from(part.first))
+        .bind(i64::from(part.records))
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.map(|r| PartState::parse(&r.try_get::<String, _>(0)?)).transpose()
+    }
+
+    /// Splits a chunk that met a resource limit, or one of its parts, in halves, each to be run
+    /// in its own transaction: under the chunk's row lock, `part` (None: the whole chunk, the
+    /// first time) is replaced by its two halves, PENDING. A part of `floor` records or fewer
+    /// (at least 1) is not split. Committed parts are never touched, so the parts of a chunk
+    /// always partition its records and each record is in exactly one part.
+    pub async fn split_chunk(
+        &self,
+        batch_id: &str,
+        index: u32,
+        part: Option<PartRange>,
+        floor: u32,
+    ) -> Result<Split, Error> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE} \
+             RETURNING record_count"
+        ))
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(Split::Gone) };
+        let range = match part {
+            Some(p) => {
+                if self.part_state(&mut tx, batch_id, index, p).await? != Some(PartState::Pending) {
+                    return Ok(Split::Gone);
+                }
+                p
+            }
+            None => {
+                let split = sqlx::query("SELECT 1 FROM chunk_parts WHERE batch_id = $1 AND idx = $2 LIMIT 1")
+                    .bind(batch_id)
+                    .bind(i64::from(index))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if split.is_some() {
+                    return Ok(Split::Gone);
+                }
+                PartRange { first: 0, records: u32_of(&row, 0)? }
+            }
+        };
+        if range.records <= floor.max(1) {
+            return Ok(Split::AtFloor);
+        }
+        if part.is_some() {
+            sqlx::query("DELETE FROM chunk_parts WHERE batch_id = $1 AND idx = $2 AND part_first = $3")
+                .bind(batch_id)
+                .bind(i64::from(index))
+                .bind(i64::from(range.first))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let half = range.records / 2;
+        for (first, records) in [(range.first, half), (range.first + half, range.records - half)] {
+            sqlx::query(
+                "INSERT INTO chunk_parts (batch_id, idx, part_first, record_count, state) \
+                 VALUES ($1, $2, $3, $4, 'PENDING')",
+            )
+            .bind(batch_id)
+            .bind(i64::from(index))
+            .bind(i64::from(first))
+            .bind(i64::from(records))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Split::Halves)
+    }
+
+    /// The first pending part of a split chunk, in record order (None: none is pending, or the
+    /// chunk is not split).
+    pub async fn next_part(&self, batch_id: &str, index: u32) -> Result<Option<PartRange>, Error> {
+        let row = sqlx::query(
+            "SELECT part_first, record_count FROM chunk_parts WHERE batch_id = $1 AND idx = $2 AND state = 'PENDING' \
+             ORDER BY part_first LIMIT 1",
+        )
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .fetch_optional(&self.writer)
+        .await?;
+        row.map(|r| Ok(PartRange { first: u32_of(&r, 0)?, records: u32_of(&r, 1)? })).transpose()
+    }
+
+    /// Aborts a pending part of a split chunk with its record problems (batch indexes) and
+    /// cause: nothing of it is committed. The chunk's other parts go on.
+    pub async fn abort_part(
+        &self,
+        batch_id: &str,
+        index: u32,
+        part: PartRange,
+        problems: &[RecordProblem],
+        cause: &str,
+    ) -> Result<(), Error> {
+        let errors = serde_json::to_string(problems).map_err(|e| Error::Corrupt(format!("part errors: {e}")))?;
+        sqlx::query(
+            "UPDATE chunk_parts SET state = 'ABORTED', cause = $5, errors = $6, finished_at_ms = $7 \
+             WHERE batch_id = $1 AND idx = $2 AND part_first = $3 AND record_count = $4 AND state = 'PENDING'",
+        )
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(i64::from(part.first))
+        .bind(i64::from(part.records))
+        .bind(cause)
+        .bind(errors)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    /// Records the outcome of a split chunk none of whose parts is pending: COMMITTED_AFTER_RETRY_RESOURCES
+    /// when every part committed, else ABORTED with every aborted part's records, cause and
+    /// record problems (the committed parts stay committed). The outcome already recorded when
+    /// there is one; None while a part is still pending.
+    pub async fn finish_split_chunk(&self, batch_id: &str, index: u32) -> Result<Option<ChunkState>, Error> {
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(&format!(
+            "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE} \
+             RETURNING first_record, last_cause"
+        ))
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            drop(tx);
+            return Ok(Some(self.chunk_state(batch_id, index).await?));
+        };
+        let (first_record, last_cause) = (row.try_get::<i64, _>(0)? as u64, row.try_get::<String, _>(1)?);
+        let rows = sqlx::query(
+            "SELECT part_first, record_count, state, cause, finished_at_ms, errors FROM chunk_parts \
+             WHERE batch_id = $1 AND idx = $2 ORDER BY part_first",
+        )
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut parts = Vec::with_capacity(rows.len());
+        let mut problems: Vec<RecordProblem> = Vec::new();
+        for r in &rows {
+            parts.push(part_of(r, 0)?);
+            problems.extend(
+                serde_json::from_str::<Vec<RecordProblem>>(&r.try_get::<String, _>(5)?)
+                    .map_err(|e| Error::Corrupt(format!("part errors: {e}")))?,
+            );
+        }
+        if parts.is_empty() || parts.iter().any(|p| p.state == PartState::Pending) {
+            return Ok(None);
+        }
+        let range = |p: &ChunkPart| {
+            let from = first_record + u64::from(p.range.first);
+            format!("records {from}-{}", from + u64::from(p.range.records) - 1)
+        };
+        let aborted: Vec<&ChunkPart> = parts.iter().filter(|p| p.state == PartState::Aborted).collect();
+        let (outcome, cause) = if aborted.is_empty() {
+            let cause = format!(
+                "split into {} parts after a resource limit, each committed in its own transaction; {last_cause}",
+                parts.len()
+            );
+            (ChunkState::CommittedAfterRetryResources, cause)
+        } else {
+            let committed = parts.len() - aborted.len();
+            let failed: Vec<String> = aborted.iter().map(|p| format!("{}: {}", range(p), p.cause)).collect();
+            let cause = format!(
+                "split into {} parts after a resource limit: {committed} committed, {} aborted (nothing of \
+                 them committed): {}",
+                parts.len(),
+                aborted.len(),
+                failed.join("; ")
+            );
+            (ChunkState::Aborted, cause)
+        };
+        problems.sort_by_key(|p| p.index);
+        let errors = serde_json::to_string(&problems).map_err(|e| Error::Corrupt(format!("chunk errors: {e}")))?;
+        sqlx::query(
+            "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5, errors = $6, error_count = $7 \
+             WHERE batch_id = $1 AND idx = $2",
+        )
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(outcome.as_str())
+        .bind(now_ms())
+        .bind(cause)
+        .bind(errors)
+        .bind(problems.len() as i64)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(outcome))
     }
 
     /// Writes a chunk's records, valid against the schema, inside `conn`'s transaction, which

@@ -22,6 +22,14 @@
 //! COMMITTED_AFTER_RETRY_RESOURCES (when both happened, resources wins: it is the rarer and the
 //! more telling). Invalid records abort the chunk at once with every failing index; retries
 //! exhausted abort it with the last cause.
+//!
+//! Splits: past one retry with a larger budget, or at once when its records are over the size
+//! budget (`--chunk-max-bytes`), a chunk that fails on a resource limit is split in halves, each
+//! its own transaction, and a half that fails the same way again, down to `--chunk-split-floor`
+//! records ([`attempts`]). The parts and their commit markers live in the store
+//! ([`Store::split_chunk`], [`Store::attempt_chunk`]), so a redelivered chunk skips the parts that
+//! committed. The chunk is COMMITTED_AFTER_RETRY_RESOURCES when every part committed, else ABORTED
+//! with the aborted parts' causes — and the committed parts stay committed.
 
 pub mod export;
 pub mod restart;
@@ -36,12 +44,12 @@ use baton_mesh::config::parse_duration;
 use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::{from_any, to_any, type_url};
 use baton_store::Store;
-use baton_store::batches::{ChunkRun, ChunkStart, ChunkState};
+use baton_store::batches::{Attempt, ChunkRun, ChunkStart, ChunkState, Split};
 use baton_store::blobs::Blobs;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use crate::restart::{ChunkHistory, Restarts};
+use crate::restart::{ChunkHistory, RAISES_BEFORE_SPLIT, Restarts};
 
 /// How long a store call outside a chunk's own budget (marking it started, noting a retry,
 /// aborting it, committing) may go unanswered before it is given up and the chunk attempted again.
@@ -109,7 +117,23 @@ pub struct ChunkOptions {
     /// The first backoff after a busy database; it doubles (with jitter) up to 10 s.
     #[arg(long, env = "BATON_RETRY_BACKOFF", default_value = "200ms", value_parser = parse_duration)]
     pub retry_backoff: Duration,
+
+    /// The size budget of one transaction: the most bytes of record text (JSON) a chunk, or a
+    /// part of one, writes. A chunk over it is split in halves at once (a resource limit), down
+    /// to `--chunk-split-floor` records.
+    #[arg(long, env = "BATON_CHUNK_MAX_BYTES", default_value_t = DEFAULT_CHUNK_MAX_BYTES,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub chunk_max_bytes: u64,
+
+    /// The fewest records a chunk split after a resource limit is split down to: a part this
+    /// small that still fails on a resource limit is aborted (the chunk's other parts go on).
+    #[arg(long, env = "BATON_CHUNK_SPLIT_FLOOR", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub split_floor: u32,
 }
+
+/// The default size budget of one transaction: 64 MiB of record text.
+pub const DEFAULT_CHUNK_MAX_BYTES: u64 = 64 << 20;
 
 impl Default for ChunkOptions {
     fn default() -> Self {
@@ -119,6 +143,8 @@ impl Default for ChunkOptions {
             lock_timeout: Duration::from_secs(5),
             max_attempts: 6,
             retry_backoff: Duration::from_millis(200),
+            chunk_max_bytes: DEFAULT_CHUNK_MAX_BYTES,
+            split_floor: 1,
         }
     }
 }
@@ -293,6 +319,14 @@ pub async fn execute(
 
 /// The chunk's attempts after those in `history`, which each failed one is added to (and saved
 /// with `saver`): its outcome, and whether the database reported overload.
+///
+/// The unit of an attempt is the whole chunk until a resource limit splits it, then each of its
+/// pending parts in record order (`history.part`). A resource failure raises the time budget
+/// eight times; past [`RAISES_BEFORE_SPLIT`] such retries of the unit (at once when the records
+/// are over the size budget, which no time helps) the unit is split in halves, each its own
+/// transaction, down to `--chunk-split-floor` records. A part that cannot commit (invalid, at the
+/// floor, retries exhausted) is aborted alone and the other parts go on; once none is pending,
+/// the chunk's outcome is COMMITTED_AFTER_RETRY_RESOURCES if every part committed, else ABORTED.
 async fn attempts(
     store: &Store,
     options: &ChunkOptions,
@@ -305,7 +339,29 @@ async fn attempts(
     let (batch, index) = (work.batch_id.as_str(), work.chunk_index);
     let mut backoff = options.retry_backoff;
     let mut busy = false;
-    while history.attempts < options.max_attempts {
+    loop {
+        let part = history.part;
+        // where the unit's failures are told: the whole chunk, or a part (offsets in the chunk)
+        let unit = match part {
+            None => String::new(),
+            Some(p) => format!("part {}..{} of the chunk: ", p.first, p.first + p.records),
+        };
+        if history.attempts >= options.max_attempts {
+            let cause =
+                format!("{unit}retries exhausted after {} attempts; last cause: {}", history.attempts, history.cause);
+            let Some(p) = part else {
+                return Ok((
+                    bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?,
+                    history.workload,
+                ));
+            };
+            bounded(STORE_CALL_LIMIT, store.abort_part(batch, index, p, &[], &cause)).await?;
+            if let Some(outcome) = next_unit(store, batch, index, history).await? {
+                return Ok((outcome, history.workload));
+            }
+            (busy, backoff) = (false, options.retry_backoff);
+            continue;
+        }
         let attempt = history.attempts + 1;
         if busy {
             let jitter = rand::random_range(0.5..1.5);
@@ -318,6 +374,14 @@ async fn attempts(
             tracing::debug!(error = %e, "cannot note the retry's cause");
         }
         let (outcome, budget, cause) = (history.outcome(), history.budget(), history.cause.as_str());
+        let try_it = Attempt {
+            outcome,
+            cause,
+            budget,
+            lock_timeout: options.lock_timeout,
+            max_bytes: options.chunk_max_bytes,
+            part,
+        };
         // marking the chunk RUNNING is part of the attempt: a busy database fails it the same way;
         // the transaction has the budget, the calls around it (start, commit) a limit of their own
         let run = async {
@@ -329,29 +393,58 @@ async fn attempts(
                         limit: budget,
                         elapsed: budget
                     }));
-                    store.run_chunk(batch, index, outcome, cause, budget, options.lock_timeout).await
+                    store.attempt_chunk(batch, index, &try_it).await
                 }
             }
         };
         let workload = history.workload;
+        // whether the attempt failed on a resource limit, and whether on the size budget
+        let (mut resources, mut size) = (false, false);
         match bounded(budget + STORE_CALL_LIMIT, run).await {
             Ok(ChunkRun::Committed(outcome) | ChunkRun::Finished(outcome)) => return Ok((outcome, workload)),
+            Ok(run @ (ChunkRun::Split | ChunkRun::PartCommitted | ChunkRun::PartGone)) => {
+                if run == ChunkRun::PartCommitted {
+                    tracing::debug!(batch, chunk = index, part = ?part, "part committed");
+                    // fault tests: hold the chunk after a part committed, to kill the worker
+                    #[cfg(feature = "failpoints")]
+                    let _ = tokio::task::spawn_blocking(|| fail::fail_point!("worker-after-part")).await;
+                }
+                if let Some(outcome) = next_unit(store, batch, index, history).await? {
+                    return Ok((outcome, history.workload));
+                }
+                (busy, backoff) = (false, options.retry_backoff);
+                continue;
+            }
             Ok(ChunkRun::Invalid(problems)) => {
-                let cause = format!("{} invalid record(s); nothing committed", problems.len());
-                return Ok((
-                    bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &problems, &cause)).await?,
-                    workload,
-                ));
+                let cause = format!("{unit}{} invalid record(s); nothing committed", problems.len());
+                let Some(p) = part else {
+                    return Ok((
+                        bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &problems, &cause)).await?,
+                        workload,
+                    ));
+                };
+                bounded(STORE_CALL_LIMIT, store.abort_part(batch, index, p, &problems, &cause)).await?;
+                if let Some(outcome) = next_unit(store, batch, index, history).await? {
+                    return Ok((outcome, history.workload));
+                }
+                (busy, backoff) = (false, options.retry_backoff);
+                continue;
+            }
+            Ok(ChunkRun::OverSize { bytes, limit }) => {
+                (busy, resources, size) = (false, true, true);
+                history.resources = true;
+                history.cause =
+                    format!("{unit}attempt {attempt}: {bytes} bytes of records, over the size budget of {limit} bytes");
             }
             Err(e @ E::Busy(_)) => {
                 busy = true;
                 history.workload = true;
-                history.cause = format!("attempt {attempt}: {e}");
+                history.cause = format!("{unit}attempt {attempt}: {e}");
             }
             Err(e @ (E::Resource(_) | E::DeadlineExceeded { .. })) => {
-                busy = false;
+                (busy, resources) = (false, true);
                 history.resources = true;
-                history.cause = format!("attempt {attempt} with a budget of {budget:?}: {e}");
+                history.cause = format!("{unit}attempt {attempt} with a budget of {budget:?}: {e}");
                 history.budget_ms = history.budget_ms.saturating_mul(8).min(3_600_000);
             }
             Err(e @ (E::NotFound(_) | E::Corrupt(_) | E::Invalid(_))) => {
@@ -361,6 +454,32 @@ async fn attempts(
             Err(e) => return Err(e),
         }
         history.attempts = attempt;
+        if resources && (size || history.raises >= RAISES_BEFORE_SPLIT) {
+            // past its raised budget (or over the size budget): split the unit in halves
+            match bounded(STORE_CALL_LIMIT, store.split_chunk(batch, index, part, options.split_floor)).await? {
+                Split::Halves | Split::Gone => {
+                    tracing::info!(batch, chunk = index, part = ?part, cause = %history.cause, "split after a resource limit");
+                    if let Some(outcome) = next_unit(store, batch, index, history).await? {
+                        return Ok((outcome, history.workload));
+                    }
+                }
+                Split::AtFloor => {
+                    let cause = format!("{} (at the split floor of {} record(s))", history.cause, options.split_floor);
+                    let Some(p) = part else {
+                        return Ok((
+                            bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?,
+                            history.workload,
+                        ));
+                    };
+                    bounded(STORE_CALL_LIMIT, store.abort_part(batch, index, p, &[], &cause)).await?;
+                    if let Some(outcome) = next_unit(store, batch, index, history).await? {
+                        return Ok((outcome, history.workload));
+                    }
+                }
+            }
+        } else if resources {
+            history.raises += 1;
+        }
         saver.save(history).await;
         // fault tests: hold the chunk here, its restart data saved, to kill the worker (a sleep
         // or pause blocks its thread, so it runs on the blocking pool and the save goes out)
@@ -368,8 +487,28 @@ async fn attempts(
         let _ = tokio::task::spawn_blocking(|| fail::fail_point!("worker-before-retry")).await;
         tracing::info!(batch, chunk = index, cause = %history.cause, "chunk attempt failed; retrying");
     }
-    let cause = format!("retries exhausted after {} attempts; last cause: {}", history.attempts, history.cause);
-    Ok((bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?, history.workload))
+}
+
+/// Moves `history` to the chunk's next pending part (its attempts start afresh, with the budget
+/// reached so far): None when there is one; else the chunk's outcome, recorded now from its
+/// parts' (or the one recorded before).
+async fn next_unit(
+    store: &Store,
+    batch: &str,
+    index: u32,
+    history: &mut ChunkHistory,
+) -> Result<Option<ChunkState>, baton_store::Error> {
+    (history.attempts, history.raises) = (0, 0);
+    if let Some(part) = bounded(STORE_CALL_LIMIT, store.next_part(batch, index)).await? {
+        history.part = Some(part);
+        return Ok(None);
+    }
+    let outcome = bounded(STORE_CALL_LIMIT, store.finish_split_chunk(batch, index)).await?;
+    if outcome.is_none() {
+        // not split after all (or a part appeared since): the whole chunk's attempt finds out
+        history.part = None;
+    }
+    Ok(outcome)
 }
 
 /// Saves the restart data of a chunk's session after a failed attempt.

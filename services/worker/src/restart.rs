@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use baton_store::batches::ChunkState;
+use baton_store::batches::{ChunkState, PartRange};
 
 /// What the attempts at one chunk have been so far.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -36,6 +36,22 @@ pub struct ChunkHistory {
     pub budget_ms: u64,
     /// Why the last attempt failed (recorded with the chunk's outcome).
     pub cause: String,
+    /// The part of the chunk the attempts are at, once it was split after a resource limit
+    /// (None: the whole chunk). `attempts` and `raises` count that part's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub part: Option<PartRange>,
+    /// Resource failures of the whole chunk, or of the current part, retried with a larger
+    /// budget; past [`RAISES_BEFORE_SPLIT`] the next one splits it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub raises: u32,
+}
+
+/// Resource failures (time) retried with a larger budget before the chunk, or a part, is split.
+/// A size failure splits at once: a larger time budget cannot help it.
+pub const RAISES_BEFORE_SPLIT: u32 = 1;
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl ChunkHistory {
@@ -49,6 +65,8 @@ impl ChunkHistory {
             workload: false,
             budget_ms: u64::try_from(budget.as_millis()).unwrap_or(u64::MAX),
             cause: String::new(),
+            part: None,
+            raises: 0,
         }
     }
 
