@@ -660,7 +660,8 @@ async fn a_write_past_its_deadline_commits_nothing() {
 mod batches {
     use super::*;
     use baton_store::batches::{
-        BatchOp, BatchStart, BatchState, ChunkRun, ChunkStart, ChunkState, NewBatch, Recovered, ReleaseCaps,
+        Attempt, BatchOp, BatchStart, BatchState, ChunkRun, ChunkStart, ChunkState, NewBatch, PartRange, PartState,
+        Recovered, ReleaseCaps, Split,
     };
 
     fn new_batch(op: BatchOp, chunk_size: u32) -> NewBatch {
@@ -735,6 +736,110 @@ mod batches {
             assert_eq!((info.state, info.totals.records_committed), (BatchState::Done, 3));
             s.close().await;
         }
+    }
+
+    /// One attempt at a part of chunk `index` (None: the whole chunk) under a size budget.
+    async fn attempt(s: &Store, batch: &str, index: u32, part: Option<PartRange>, max_bytes: u64) -> ChunkRun {
+        assert_eq!(s.start_chunk(batch, index, "w1").await.unwrap(), ChunkStart::Run);
+        let attempt = Attempt {
+            outcome: ChunkState::Committed,
+            cause: "",
+            budget: Duration::from_secs(10),
+            lock_timeout: Duration::from_secs(1),
+            max_bytes,
+            part,
+        };
+        s.attempt_chunk(batch, index, &attempt).await.unwrap()
+    }
+
+    fn range(first: u32, records: u32) -> PartRange {
+        PartRange { first, records }
+    }
+
+    /// A chunk split after a resource limit: the split replaces only a pending part (or the whole
+    /// chunk, once) by its halves, the whole chunk no longer runs, each part commits once (a part
+    /// run again, or split, once committed does nothing), a part at the floor is not split, and
+    /// the chunk's outcome follows its parts: ABORTED with the aborted part's records and cause
+    /// while the committed parts stay committed (counted in `records_committed`), or
+    /// COMMITTED_AFTER_RETRY_RESOURCES when every part committed.
+    #[tokio::test]
+    async fn a_split_chunk_commits_each_part_once_and_its_outcome_follows_its_parts() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let batch = submit(s, &org, &new_batch(BatchOp::Upsert, 8), &accounts("p", 16)).await;
+            let caps = ReleaseCaps { overall: 8, per_org: 8 };
+            assert_eq!(s.release_chunks("sched", caps).await.unwrap().len(), 2);
+
+            let over = attempt(s, &batch, 0, None, 50).await;
+            assert!(matches!(over, ChunkRun::OverSize { limit: 50, bytes } if bytes > 50), "{over:?}");
+            assert_eq!(s.split_chunk(&batch, 0, None, 1).await.unwrap(), Split::Halves);
+            assert_eq!(s.split_chunk(&batch, 0, None, 1).await.unwrap(), Split::Gone, "split once");
+            assert_eq!(attempt(s, &batch, 0, None, u64::MAX).await, ChunkRun::Split, "the whole no longer runs");
+            assert_eq!(s.high_water(&org).await.unwrap(), 0);
+            assert_eq!(s.next_part(&batch, 0).await.unwrap(), Some(range(0, 4)));
+            assert_eq!(attempt(s, &batch, 0, Some(range(0, 4)), u64::MAX).await, ChunkRun::PartCommitted);
+            assert_eq!(attempt(s, &batch, 0, Some(range(0, 4)), u64::MAX).await, ChunkRun::PartGone, "once");
+            assert_eq!(s.split_chunk(&batch, 0, Some(range(0, 4)), 1).await.unwrap(), Split::Gone);
+            assert_eq!(s.next_part(&batch, 0).await.unwrap(), Some(range(4, 4)));
+            assert_eq!(s.split_chunk(&batch, 0, Some(range(4, 4)), 4).await.unwrap(), Split::AtFloor);
+            assert_eq!(s.split_chunk(&batch, 0, Some(range(4, 4)), 1).await.unwrap(), Split::Halves);
+            assert_eq!(s.finish_split_chunk(&batch, 0).await.unwrap(), None, "parts pending");
+            assert_eq!(attempt(s, &batch, 0, Some(range(4, 2)), u64::MAX).await, ChunkRun::PartCommitted);
+            s.abort_part(&batch, 0, range(6, 2), &[], "too big").await.unwrap();
+            assert_eq!(s.next_part(&batch, 0).await.unwrap(), None);
+            assert_eq!(s.finish_split_chunk(&batch, 0).await.unwrap(), Some(ChunkState::Aborted));
+            assert_eq!(s.finish_split_chunk(&batch, 0).await.unwrap(), Some(ChunkState::Aborted), "recorded");
+            assert_eq!(s.start_chunk(&batch, 0, "w2").await.unwrap(), ChunkStart::Finished(ChunkState::Aborted));
+
+            // the other chunk: both halves commit
+            assert_eq!(s.split_chunk(&batch, 1, None, 1).await.unwrap(), Split::Halves);
+            for part in [range(0, 4), range(4, 4)] {
+                assert_eq!(attempt(s, &batch, 1, Some(part), u64::MAX).await, ChunkRun::PartCommitted);
+            }
+            assert_eq!(s.finish_split_chunk(&batch, 1).await.unwrap(), Some(ChunkState::CommittedAfterRetryResources));
+
+            let chunks = s.chunks(&org, &batch, None, 10, false, true).await.unwrap();
+            let (aborted, errors) = &chunks[0];
+            assert_eq!((aborted.state, aborted.records_committed, errors.len()), (ChunkState::Aborted, 6, 0));
+            let parts: Vec<_> = aborted.parts.iter().map(|p| (p.range, p.state, p.cause.as_str())).collect();
+            assert_eq!(
+                parts,
+                [
+                    (range(0, 4), PartState::Committed, ""),
+                    (range(4, 2), PartState::Committed, ""),
+                    (range(6, 2), PartState::Aborted, "too big")
+                ]
+            );
+            assert!(aborted.last_cause.contains("records 6-7: too big"), "{aborted:?}");
+            let (whole, _) = &chunks[1];
+            assert_eq!(
+                (whole.state, whole.records_committed, whole.parts.len()),
+                (ChunkState::CommittedAfterRetryResources, 8, 2)
+            );
+            let info = s.batch(&org, &batch).await.unwrap();
+            assert_eq!(
+                (
+                    info.state,
+                    info.totals.aborted,
+                    info.totals.committed_after_retry_resources,
+                    info.totals.records_committed
+                ),
+                (BatchState::Done, 1, 1, 14)
+            );
+            let page = s.query(&org, "account", "", &[], 100, None, soon()).await.unwrap();
+            let ids: Vec<&str> = page.records.iter().map(|r| r.id.as_str()).collect();
+            assert_eq!(
+                ids,
+                [
+                    "p000", "p001", "p002", "p003", "p004", "p005", "p008", "p009", "p010", "p011", "p012", "p013",
+                    "p014", "p015"
+                ]
+            );
+            assert!(page.records.iter().all(|r| r.version == 1), "a record written twice");
+            assert_eq!(s.high_water(&org).await.unwrap(), 14, "one change event a record");
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -242,6 +242,18 @@ mod tests {
     }
 
     #[test]
+    fn the_part_of_a_split_chunk_is_carried_and_older_data_reads_as_the_whole_chunk() {
+        let at_part = ChunkHistory { part: Some(PartRange { first: 4, records: 4 }), raises: 1, ..history("b", 3, 2) };
+        let json = String::from_utf8(RestartData { chunks: vec![at_part.clone()] }.encode()).unwrap();
+        assert!(json.contains(r#""part":{"first":4,"records":4},"raises":1"#), "{json}");
+        assert_eq!(decode(json.as_bytes()), vec![at_part]);
+        // saved by a worker from before splits: the whole chunk, no raises
+        let old = br#"{"chunks":[{"batch_id":"b","chunk_index":3,"attempts":1,"resources":true,"workload":false,"budget_ms":8000,"cause":"c"}]}"#;
+        let h = &decode(old)[0];
+        assert_eq!((h.part, h.raises, h.attempts), (None, 0, 1));
+    }
+
+    #[test]
     fn undecodable_restart_data_is_ignored() {
         let mut restarts = Restarts::default();
         restarts.bound("s", b"{not json");
