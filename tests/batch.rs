@@ -952,3 +952,75 @@ async fn a_split_chunk_of_a_killed_worker_completes_exactly_once() {
         assert_eq!(stored(&server.store_url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
     }
 }
+
+/// The time path: a chunk whose attempts fail on their time budget (a failpoint: the first two
+/// attempts end as over the budget) is retried once with an eight times larger budget, then
+/// split in halves, each its own transaction; both commit: COMMITTED_AFTER_RETRY_RESOURCES with
+/// two committed parts, four attempts (two whole, one per half), every record once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_chunk_past_its_raised_time_budget_is_split_and_commits() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--workers", "0"]).await;
+        let org = create_org(&server, "acme").await;
+        let _worker = worker_with_env(&server, "w1", &[], &[("FAILPOINTS", "worker-chunk-attempt=2*return->off")]);
+        let n = 300;
+        let staged = submit(&server, &org, header(1000), accounts("t", 0..n)).await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!((totals.committed_after_retry_resources, totals.records_committed), (1, n as u64), "{totals:?}");
+        let chunk = chunk_statuses(&server, &org, &staged.batch_id).await.remove(0);
+        assert_eq!((state(&chunk), chunk.attempts), (pb::ChunkState::CommittedAfterRetryResources, 4), "{chunk:?}");
+        let parts = parts_of(&chunk);
+        assert_eq!(
+            parts.iter().map(|p| (p.0, p.1, p.2)).collect::<Vec<_>>(),
+            [(0, 150, pb::ChunkPartState::Committed), (150, 150, pb::ChunkPartState::Committed)],
+            "{chunk:?}"
+        );
+        assert!(chunk.last_cause.contains("attempt 2 with a budget of 480s") && chunk.last_cause.contains("deadline"));
+        assert_eq!(stored(&server.store_url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
+    }
+}
+
+/// Two managers on a real etcd, a `baton scheduler` and two `baton worker` processes with a size
+/// budget that splits every chunk in eight: the primary manager is SIGKILLed twice while chunks
+/// are split and their parts commit; the batch completes, every chunk
+/// COMMITTED_AFTER_RETRY_RESOURCES and every record committed exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn split_chunks_complete_exactly_once_across_primary_manager_kills() {
+    let etcd = baton_tests::Etcd::start();
+    let mut pair = ManagerPair::start(&etcd, &format!("/baton-split-test/{}", std::process::id())).await;
+    let managers = pair.endpoints.clone();
+    let data = TempDir::new();
+    let url = format!("sqlite://{}/baton.db", data.0.display());
+    let intake = intake_process(&url, &[]);
+    let scheduler = scheduler_process(&url, &managers, &["--max-parallel", "4"]);
+    // a chunk of 1,000 records is about 45,000 bytes: parts of 125 records
+    let budget = ["--chunk-max-bytes", "8000"];
+    let _workers: Vec<Server> = ["w1", "w2"].iter().map(|id| worker_process(&url, &managers, id, &budget)).collect();
+    let org = create_org(&intake, "acme").await;
+    let n = 40_000;
+    let staged = submit(&scheduler, &org, header(1000), accounts("a", 0..n)).await;
+    for kill in 0..2 {
+        let done = eventually(Duration::from_secs(60), "chunks committing", || async {
+            let rows = chunk_rows(&url, &staged.batch_id).await;
+            let done = rows.iter().filter(|c| c.1 == "COMMITTED_AFTER_RETRY_RESOURCES").count();
+            (done >= 8 * (kill + 1)).then_some(done)
+        })
+        .await;
+        eprintln!("kill {kill}: {done} of 40 chunks done");
+        pair.kill_primary().await;
+    }
+    let (batch, _) = watch(&scheduler, &org, &staged.batch_id, Duration::from_secs(180)).await;
+    let totals = batch.totals.unwrap();
+    assert_eq!(
+        (totals.committed_after_retry_resources, totals.records_committed, totals.aborted),
+        (40, n as u64, 0),
+        "{totals:?}"
+    );
+    for c in chunk_statuses(&scheduler, &org, &staged.batch_id).await {
+        let parts = parts_of(&c);
+        assert!(parts.len() == 8 && parts.iter().all(|p| p.2 == pb::ChunkPartState::Committed), "{c:?}");
+    }
+    assert_eq!(stored(&url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
+}

@@ -109,7 +109,8 @@ pub struct ChunkOptions {
     #[arg(long, env = "BATON_LOCK_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub lock_timeout: Duration,
 
-    /// Attempts at a chunk before it is aborted with its last cause.
+    /// Attempts at a chunk before it is aborted with its last cause (for a chunk split after a
+    /// resource limit, attempts at each part, before that part is aborted).
     #[arg(long, env = "BATON_CHUNK_ATTEMPTS", default_value_t = 6,
           value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_attempts: u32,
