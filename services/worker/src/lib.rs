@@ -26,7 +26,7 @@
 //! Splits: past one retry with a larger budget, or at once when its records are over the size
 //! budget (`--chunk-max-bytes`), a chunk that fails on a resource limit is split in halves, each
 //! its own transaction, and a half that fails the same way again, down to `--chunk-split-floor`
-//! records ([`attempts`]). The parts and their commit markers live in the store
+//! records. The parts and their commit markers live in the store
 //! ([`Store::split_chunk`], [`Store::attempt_chunk`]), so a redelivered chunk skips the parts that
 //! committed. The chunk is COMMITTED_AFTER_RETRY_RESOURCES when every part committed, else ABORTED
 //! with the aborted parts' causes — and the committed parts stay committed.
