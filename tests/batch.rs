@@ -1024,3 +1024,36 @@ async fn split_chunks_complete_exactly_once_across_primary_manager_kills() {
     }
     assert_eq!(stored(&url, &org.id).await, (n as i64, 1, n as i64), "committed exactly once");
 }
+
+/// The split floor: with `--chunk-split-floor 200`, a 300-record chunk whose first four attempts
+/// fail on their time budget (a failpoint) is split once, into halves of 150; the first half
+/// fails twice more and, at the floor, is aborted alone, while the second half commits. The
+/// chunk is ABORTED with 150 records committed (once) and the cause names the floor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_part_at_the_split_floor_that_keeps_failing_is_aborted_alone() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--workers", "0"]).await;
+        let org = create_org(&server, "acme").await;
+        let floor = ["--chunk-split-floor", "200"];
+        let _worker = worker_with_env(&server, "w1", &floor, &[("FAILPOINTS", "worker-chunk-attempt=4*return->off")]);
+        let n = 300;
+        let staged = submit(&server, &org, header(1000), accounts("f", 0..n)).await;
+        let (batch, _) = watch(&server, &org, &staged.batch_id, Duration::from_secs(60)).await;
+        let totals = batch.totals.unwrap();
+        assert_eq!((totals.aborted, totals.records_committed), (1, 150), "{totals:?}");
+        let chunk = chunk_statuses(&server, &org, &staged.batch_id).await.remove(0);
+        assert_eq!((state(&chunk), chunk.records_committed), (pb::ChunkState::Aborted, 150), "{chunk:?}");
+        let parts = parts_of(&chunk);
+        assert_eq!(
+            parts.iter().map(|p| (p.0, p.1, p.2)).collect::<Vec<_>>(),
+            [(0, 150, pb::ChunkPartState::Aborted), (150, 150, pb::ChunkPartState::Committed)],
+            "{chunk:?}"
+        );
+        assert!(parts[0].3.contains("at the split floor of 200 record(s)"), "{chunk:?}");
+        assert!(chunk.last_cause.contains("records 0-149:"), "{chunk:?}");
+        let kept = server.records(&org.key, "account").await;
+        assert!(kept.len() == 150 && kept.keys().all(|id| id.as_str() >= "f000150"), "{:?}", kept.keys());
+        assert_eq!(stored(&server.store_url, &org.id).await, (150, 1, 150), "the committed half once");
+    }
+}

@@ -130,7 +130,7 @@ pub struct ChunkOptions {
     /// small that still fails on a resource limit is aborted (the chunk's other parts go on).
     #[arg(long, env = "BATON_CHUNK_SPLIT_FLOOR", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub split_floor: u32,
+    pub chunk_split_floor: u32,
 }
 
 /// The default size budget of one transaction: 64 MiB of record text.
@@ -145,7 +145,7 @@ impl Default for ChunkOptions {
             max_attempts: 6,
             retry_backoff: Duration::from_millis(200),
             chunk_max_bytes: DEFAULT_CHUNK_MAX_BYTES,
-            split_floor: 1,
+            chunk_split_floor: 1,
         }
     }
 }
@@ -457,7 +457,7 @@ async fn attempts(
         history.attempts = attempt;
         if resources && (size || history.raises >= RAISES_BEFORE_SPLIT) {
             // past its raised budget (or over the size budget): split the unit in halves
-            match bounded(STORE_CALL_LIMIT, store.split_chunk(batch, index, part, options.split_floor)).await? {
+            match bounded(STORE_CALL_LIMIT, store.split_chunk(batch, index, part, options.chunk_split_floor)).await? {
                 Split::Halves | Split::Gone => {
                     tracing::info!(batch, chunk = index, part = ?part, cause = %history.cause, "split after a resource limit");
                     if let Some(outcome) = next_unit(store, batch, index, history).await? {
@@ -465,7 +465,8 @@ async fn attempts(
                     }
                 }
                 Split::AtFloor => {
-                    let cause = format!("{} (at the split floor of {} record(s))", history.cause, options.split_floor);
+                    let cause =
+                        format!("{} (at the split floor of {} record(s))", history.cause, options.chunk_split_floor);
                     let Some(p) = part else {
                         return Ok((
                             bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?,
