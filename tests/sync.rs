@@ -661,3 +661,73 @@ async fn behind_the_trimmed_log_a_link_set_to_fail_fails_and_waits_for_a_person(
     assert_eq!(tail[1], (Failed, Bootstrapping, "resumed by hand"), "{h:?}");
     assert_eq!((tail[2].0, tail[2].1), (Bootstrapping, Streaming), "{h:?}");
 }
+
+/// The change log's reads by the followers, summed (`baton_change_log_reads_total`).
+fn change_log_reads(server: &Server) -> f64 {
+    let text = server.metrics_text();
+    text.lines()
+        .filter(|l| l.starts_with("baton_change_log_reads_total"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Commits are pushed to the change log's followers: with the fallback poll at its longest
+/// (10 s), a caught-up link and a caught-up Extract stream each carry a new change within a
+/// second of its commit, ten times over; and while nothing is written, neither reads the change
+/// log at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_are_woken_by_commits_and_read_nothing_while_idle() {
+    for backend in backends() {
+        let source = Server::start(backend, &["--change-poll", "10s"]).await;
+        let target = Server::start(backend, &[]).await;
+        let (a, b) = (create_org(&source, "source").await, create_org(&target, "target").await);
+        let after_seq = upsert(&source, &a, vec![json!({"code": "r0", "name": "first"})]).await;
+        let id = create_link(&source, &a, target.addr, &b.key, 1, 200).await;
+        wait_state(&source, &a, &id, pb::LinkState::Streaming, Duration::from_secs(30)).await;
+        converge(&source, &a, &target, &b).await;
+        let request = pb::ExtractRequest { objects: vec![], after_seq: Some(after_seq), chunk_size: 100 };
+        let mut stream = source.sync().await.extract(authed(request, &a.key)).await.unwrap().into_inner();
+        // both followers caught up and waiting
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut worst = (Duration::ZERO, Duration::ZERO);
+        for n in 1..=10 {
+            let code = format!("r{n}");
+            let seq = upsert(&source, &a, vec![json!({"code": code, "name": "pushed"})]).await;
+            let committed = tokio::time::Instant::now();
+            let message =
+                tokio::time::timeout(Duration::from_secs(1), stream.message()).await.unwrap().unwrap().unwrap();
+            let Some(pb::extract_response::Kind::Changes(batch)) = message.kind else {
+                panic!("{backend:?}: expected changes, got {message:?}")
+            };
+            assert_eq!(batch.changes.iter().map(|c| c.seq).collect::<Vec<_>>(), vec![seq], "{backend:?}");
+            let extracted = committed.elapsed();
+            let mut found = None;
+            for _ in 0..200 {
+                let request = pb::GetRequest { object: "account".into(), id: code.clone() };
+                if target.intake().await.get(authed(request, &b.key)).await.is_ok() {
+                    found = Some(committed.elapsed());
+                    break;
+                }
+                if committed.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let linked = found.unwrap_or_else(|| panic!("{backend:?}: {code} not on the target within 1s"));
+            worst = (worst.0.max(extracted), worst.1.max(linked));
+        }
+        eprintln!("{backend:?}: slowest of 10: extract {:?}, link {:?} after the commit", worst.0, worst.1);
+        // idle: the link's cursor moved past the last change, then nothing is read
+        eventually(Duration::from_secs(10), "the link's lag to be 0", || async {
+            (link(&source, &a, &id).await.lag_seq == 0).then_some(())
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let before = change_log_reads(&source);
+        assert!(before > 0.0, "{backend:?}: the followers' reads are counted");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let idle = change_log_reads(&source) - before;
+        assert_eq!(idle, 0.0, "{backend:?}: the change log was read {idle} times in 3 s of idleness");
+        drop(stream);
+    }
+}

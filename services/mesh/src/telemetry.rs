@@ -217,4 +217,9 @@ pub const METRICS: &[Metric] = &[
         kind: Kind::Gauge,
         help: "Changes its org logged after the link's cursor, by link (an upper bound of its lag when it carries only some objects).",
     },
+    Metric {
+        name: "baton_change_log_reads_total",
+        kind: Kind::Counter,
+        help: "Reads of the change log by its followers, by follower (extract, link); a caught-up follower reads again when a commit is announced, or after --change-poll.",
+    },
 ];

@@ -1244,112 +1244,114 @@ impl Store {
             return Ok(ChunkRun::OverSize { bytes, limit: max_bytes });
         }
         let part_records = records.len() as i64;
-        let (tx, run) = self.by_deadline(deadline, async {
-            let mut tx = self.writer.begin().await?;
-            let ms = |d: Duration| d.as_millis().max(1);
-            if self.backend == Backend::Postgres {
-                // the server stops the work too
-                let left = deadline.saturating_duration_since(Instant::now());
-                sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
-                // abandoned at its budget, the transaction is ended by the server a moment later
-                // rather than when its connection is next used (see `Store::open`)
-                sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", ms(left) + 500))
-                    .execute(&mut *tx)
-                    .await?;
-            }
-            // the chunk's row lock: a second delivery waits here, then finds the outcome
-            let claimed = sqlx::query(&format!(
-                "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
-            ))
-            .bind(batch_id)
-            .bind(i64::from(index))
-            .execute(&mut *tx)
-            .await?;
-            if claimed.rows_affected() == 0 {
-                return Ok((tx, None));
-            }
-            // under the row lock: the whole chunk runs only while it has no parts, a part only
-            // while it is pending (its marker is written below, in this transaction)
-            match part {
-                None => {
-                    let split = sqlx::query("SELECT 1 FROM chunk_parts WHERE batch_id = $1 AND idx = $2 LIMIT 1")
+        let (tx, run) = self
+            .by_deadline(deadline, async {
+                let mut tx = self.writer.begin().await?;
+                let ms = |d: Duration| d.as_millis().max(1);
+                if self.backend == Backend::Postgres {
+                    // the server stops the work too
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
+                    // abandoned at its budget, the transaction is ended by the server a moment later
+                    // rather than when its connection is next used (see `Store::open`)
+                    sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", ms(left) + 500))
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                // the chunk's row lock: a second delivery waits here, then finds the outcome
+                let claimed = sqlx::query(&format!(
+                    "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
+                ))
+                .bind(batch_id)
+                .bind(i64::from(index))
+                .execute(&mut *tx)
+                .await?;
+                if claimed.rows_affected() == 0 {
+                    return Ok((tx, None));
+                }
+                // under the row lock: the whole chunk runs only while it has no parts, a part only
+                // while it is pending (its marker is written below, in this transaction)
+                match part {
+                    None => {
+                        let split = sqlx::query("SELECT 1 FROM chunk_parts WHERE batch_id = $1 AND idx = $2 LIMIT 1")
+                            .bind(batch_id)
+                            .bind(i64::from(index))
+                            .fetch_optional(&mut *tx)
+                            .await?;
+                        if split.is_some() {
+                            return Ok((tx, Some((ChunkRun::Split, 0))));
+                        }
+                    }
+                    Some(p) => {
+                        if self.part_state(&mut tx, batch_id, index, p).await? != Some(PartState::Pending) {
+                            return Ok((tx, Some((ChunkRun::PartGone, 0))));
+                        }
+                    }
+                }
+                // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
+                // is the normal order of things, bounded by the budget only. Any other lock wait ends
+                // as a busy error after `lock_timeout`.
+                let base = self.lock_org(&mut tx, &org_id).await?;
+                if self.backend == Backend::Postgres {
+                    sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
+                }
+                let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await?;
+                let run = match (run, part) {
+                    (Err(problems), _) => (invalid(problems), base),
+                    (Ok(last), None) => {
+                        sqlx::query(
+                            "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
+                         WHERE batch_id = $1 AND idx = $2",
+                        )
                         .bind(batch_id)
                         .bind(i64::from(index))
-                        .fetch_optional(&mut *tx)
+                        .bind(outcome.as_str())
+                        .bind(now_ms())
+                        .bind(cause)
+                        .execute(&mut *tx)
                         .await?;
-                    if split.is_some() {
-                        return Ok((tx, Some(ChunkRun::Split)));
+                        (ChunkRun::Committed(outcome), last)
                     }
-                }
-                Some(p) => {
-                    if self.part_state(&mut tx, batch_id, index, p).await? != Some(PartState::Pending) {
-                        return Ok((tx, Some(ChunkRun::PartGone)));
-                    }
-                }
-            }
-            // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
-            // is the normal order of things, bounded by the budget only. Any other lock wait ends
-            // as a busy error after `lock_timeout`.
-            let base = self.lock_org(&mut tx, &org_id).await?;
-            if self.backend == Backend::Postgres {
-                sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
-            }
-            let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await?;
-            let run = match (run, part) {
-                (Err(problems), _) => invalid(problems),
-                (Ok(()), None) => {
-                    sqlx::query(
-                        "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
-                         WHERE batch_id = $1 AND idx = $2",
-                    )
-                    .bind(batch_id)
-                    .bind(i64::from(index))
-                    .bind(outcome.as_str())
-                    .bind(now_ms())
-                    .bind(cause)
-                    .execute(&mut *tx)
-                    .await?;
-                    ChunkRun::Committed(outcome)
-                }
-                (Ok(()), Some(p)) => {
-                    // the part's commit marker, and its records counted on the chunk
-                    sqlx::query(
-                        "UPDATE chunk_parts SET state = 'COMMITTED', finished_at_ms = $4 \
+                    (Ok(last), Some(p)) => {
+                        // the part's commit marker, and its records counted on the chunk
+                        sqlx::query(
+                            "UPDATE chunk_parts SET state = 'COMMITTED', finished_at_ms = $4 \
                          WHERE batch_id = $1 AND idx = $2 AND part_first = $3 AND state = 'PENDING'",
-                    )
-                    .bind(batch_id)
-                    .bind(i64::from(index))
-                    .bind(i64::from(p.first))
-                    .bind(now_ms())
-                    .execute(&mut *tx)
-                    .await?;
-                    sqlx::query(
-                        "UPDATE chunks SET parts_committed = parts_committed + $3, last_cause = $4 \
+                        )
+                        .bind(batch_id)
+                        .bind(i64::from(index))
+                        .bind(i64::from(p.first))
+                        .bind(now_ms())
+                        .execute(&mut *tx)
+                        .await?;
+                        sqlx::query(
+                            "UPDATE chunks SET parts_committed = parts_committed + $3, last_cause = $4 \
                          WHERE batch_id = $1 AND idx = $2",
-                    )
-                    .bind(batch_id)
-                    .bind(i64::from(index))
-                    .bind(part_records)
-                    .bind(cause)
-                    .execute(&mut *tx)
-                    .await?;
-                    ChunkRun::PartCommitted
-                }
-            };
-            Ok((tx, Some(run)))
-        })
-        .await?;
+                        )
+                        .bind(batch_id)
+                        .bind(i64::from(index))
+                        .bind(part_records)
+                        .bind(cause)
+                        .execute(&mut *tx)
+                        .await?;
+                        (ChunkRun::PartCommitted, last)
+                    }
+                };
+                Ok((tx, Some(run)))
+            })
+            .await?;
         match run {
             None => {
                 drop(tx);
                 Ok(ChunkRun::Finished(self.chunk_state(batch_id, index).await?))
             }
-            Some(run @ (ChunkRun::Committed(_) | ChunkRun::PartCommitted)) => {
+            Some((run @ (ChunkRun::Committed(_) | ChunkRun::PartCommitted), last)) => {
                 tx.commit().await?;
+                self.committed(&org_id, last);
                 Ok(run)
             }
             // dropping the transaction rolls it back
-            Some(run) => Ok(run),
+            Some((run, _)) => Ok(run),
         }
     }
 
@@ -1565,7 +1567,7 @@ impl Store {
     }
 
     /// Writes a chunk's records, valid against the schema, inside `conn`'s transaction, which
-    /// holds the org's write lock (its last seq is `base`); the problems (chunk indexes) when a
+    /// holds the org's write lock (its last seq is `base`): the org's last seq after it, or the problems (chunk indexes) when a
     /// record conflicts with what is stored (an insert of an existing record, an update of a
     /// missing one, a unique value taken). `ids` and `texts` are the records' ids and JSON
     /// texts (no texts for a delete).
@@ -1580,16 +1582,18 @@ impl Store {
         records: Vec<Fields>,
         ids: Vec<String>,
         texts: Vec<String>,
-    ) -> Result<Result<(), Vec<RecordProblem>>, Error> {
+    ) -> Result<Result<i64, Vec<RecordProblem>>, Error> {
         // PostgreSQL, a chunk that upserts or inserts records none of which sets a unique value
         // (the usual batch): first tried as all new
         let all_new_first = self.backend == Backend::Postgres
             && matches!(op, BatchOp::Upsert | BatchOp::Insert)
             && !records.iter().any(|r| sets_unique(schema, r));
-        if all_new_first && self.write_fresh_chunk(conn, org_id, base, &schema.name, &ids, &texts).await? {
+        if all_new_first
+            && let Some(last) = self.write_fresh_chunk(conn, org_id, base, &schema.name, &ids, &texts).await?
+        {
             // freed off the transaction, as a flush frees its writes ([`BatchWriter::flush`])
             tokio::task::spawn_blocking(move || drop((records, ids, texts)));
-            return Ok(Ok(()));
+            return Ok(Ok(last));
         }
         let existing = self.versions_of(conn, org_id, &schema.name, &ids).await?;
         let live = |id: &str| existing.get(id).is_some_and(|(_, deleted)| !deleted);
@@ -1615,7 +1619,7 @@ impl Store {
         if writer.seq != base {
             self.set_last_seq(conn, org_id, writer.seq).await?;
         }
-        Ok(Ok(()))
+        Ok(Ok(writer.seq))
     }
 
     /// The problems (chunk indexes) of records that conflict with what is stored: an insert of an
@@ -1682,7 +1686,7 @@ impl Store {
     /// A chunk on PostgreSQL ([`Store::write_chunk`] says which) first written as if every record
     /// were new: records and change events by [`Store::insert_fresh`], under a savepoint, without
     /// looking up their versions, which took 18 of a chunk's 110 ms under the org's write lock in
-    /// `bench batch`. True when it was. When some record has a row (even a tombstone), the insert fails on the primary key at that
+    /// `bench batch`. The org's last seq after it when it was. When some record has a row (even a tombstone), the insert fails on the primary key at that
     /// row; the savepoint undoes the attempt, and false sends the chunk down the general path.
     /// A chunk of existing records fails at its first row, which costs a few ms (the arrays
     /// parsed, two savepoint statements). Validation has already refused an id named twice.
@@ -1694,7 +1698,7 @@ impl Store {
         object: &str,
         ids: &[String],
         texts: &[String],
-    ) -> Result<bool, Error> {
+    ) -> Result<Option<i64>, Error> {
         let rows: Vec<(&str, &str)> = ids.iter().map(String::as_str).zip(texts.iter().map(String::as_str)).collect();
         let now = now_ms();
         sqlx::query("SAVEPOINT fresh_chunk").execute(&mut *conn).await?;
@@ -1704,7 +1708,7 @@ impl Store {
                 Ok(()) => first += part.len() as i64,
                 Err(Error::Database(sqlx::Error::Database(db))) if db.code().as_deref() == Some("23505") => {
                     sqlx::query("ROLLBACK TO SAVEPOINT fresh_chunk").execute(&mut *conn).await?;
-                    return Ok(false);
+                    return Ok(None);
                 }
                 Err(e) => return Err(e),
             }
@@ -1712,7 +1716,7 @@ impl Store {
         if first - 1 != base {
             self.set_last_seq(conn, org_id, first - 1).await?;
         }
-        Ok(true)
+        Ok(Some(first - 1))
     }
 }
 

@@ -14,6 +14,7 @@
 mod admin;
 pub mod batches;
 pub mod blobs;
+pub mod changes;
 pub mod exports;
 pub mod filter;
 pub mod model;
@@ -260,6 +261,8 @@ pub struct Store {
     /// On SQLite, the task that checkpoints the WAL off the writer's thread; it ends when the
     /// last clone of the store is dropped.
     _checkpoints: Option<std::sync::Arc<Checkpointer>>,
+    /// The commits announced to the change log's followers ([`Store::changes_watch`]).
+    changes: std::sync::Arc<changes::Changes>,
 }
 
 /// Migrations embedded in the binary, per backend.
@@ -432,7 +435,13 @@ impl Store {
                 .await
                 .map_err(|e| Error::Url { url: url.to_owned(), reason: e.to_string() })?;
             let checkpoints = Some(std::sync::Arc::new(Checkpointer::spawn(reader.clone())));
-            Store { backend: Backend::Sqlite, writer, reader, _checkpoints: checkpoints }
+            Store {
+                backend: Backend::Sqlite,
+                writer,
+                reader,
+                _checkpoints: checkpoints,
+                changes: changes::Changes::new(None),
+            }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = AnyPoolOptions::new()
                 .max_connections(options.max_connections.max(2))
@@ -458,7 +467,13 @@ impl Store {
                 .connect_with(connect_options(url).map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?)
                 .await
                 .map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?;
-            Store { backend: Backend::Postgres, writer: pool.clone(), reader: pool, _checkpoints: None }
+            Store {
+                backend: Backend::Postgres,
+                writer: pool.clone(),
+                reader: pool,
+                _checkpoints: None,
+                changes: changes::Changes::new(Some(url.to_owned())),
+            }
         } else {
             return Err(Error::Url {
                 url: redact(url),
@@ -476,6 +491,19 @@ impl Store {
         }
         migrator.run(&self.writer).await?;
         Ok(())
+    }
+
+    /// A follower's watch of `org_id`'s change log: [`changes::ChangeWatch::wait`] returns when
+    /// a commit after the follower's cursor is announced (by this process, or on PostgreSQL by
+    /// any), or after a fallback interval. Only a hint: the follower reads the log from its cursor
+    /// either way (see [`changes`]).
+    pub fn changes_watch(&self, org_id: &str) -> changes::ChangeWatch {
+        self.changes.watch(org_id)
+    }
+
+    /// Announces a commit that left `org_id`'s last seq at `seq`; called after the commit.
+    pub(crate) fn committed(&self, org_id: &str, seq: i64) {
+        self.changes.committed(org_id, seq);
     }
 
     /// The backend this store runs on.

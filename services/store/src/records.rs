@@ -265,6 +265,7 @@ impl Store {
             })
             .await?;
         tx.commit().await?;
+        self.committed(org_id, result.1);
         Ok(result)
     }
 
@@ -411,6 +412,9 @@ impl Store {
             })
             .await?;
         tx.commit().await?;
+        if result.1 != 0 {
+            self.committed(org_id, result.1);
+        }
         Ok(result)
     }
 

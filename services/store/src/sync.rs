@@ -632,7 +632,7 @@ impl Store {
         snapshot: bool,
     ) -> Result<ApplyOutcome, Error> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (tx, outcome) = self
+        let (tx, (outcome, moved)) = self
             .by_deadline(deadline, async {
                 let mut tx = self.writer.begin().await?;
                 let base = self.lock_org(&mut tx, org_id).await?;
@@ -769,6 +769,7 @@ impl Store {
                 if seq != base {
                     self.set_last_seq(&mut tx, org_id, seq).await?;
                 }
+                let moved = (seq != base).then_some(seq);
                 if last_seen > watermark {
                     outcome.watermark = last_seen;
                     sqlx::query(
@@ -781,10 +782,13 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                Ok((tx, outcome))
+                Ok((tx, (outcome, moved)))
             })
             .await?;
         tx.commit().await?;
+        if let Some(seq) = moved {
+            self.committed(org_id, seq);
+        }
         Ok(outcome)
     }
 }

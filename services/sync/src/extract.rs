@@ -4,6 +4,9 @@
 //! is streamed afterwards, so a change made during the snapshot is either in it, or after the mark,
 //! or both (the only duplicate, harmless under a version-guarded apply). Seqs are dense, so a
 //! missing seq can only mean trimming, which is answered OUT_OF_RANGE, never skipped.
+//!
+//! Once caught up, the stream waits on the store's [`baton_store::changes::ChangeWatch`]: a
+//! commit of the org wakes it, and it reads the log from its cursor again.
 
 use std::time::Duration;
 
@@ -28,8 +31,9 @@ pub struct Extraction {
     pub after_seq: Option<i64>,
     /// Records per snapshot chunk.
     pub chunk_size: usize,
-    /// How often to look for changes once caught up.
-    pub poll: Duration,
+    /// How long to wait, once caught up, for a commit to be announced before reading the log
+    /// anyway (the fallback for a commit no notification told of).
+    pub fallback: Duration,
 }
 
 type Tx = mpsc::Sender<Result<pb::ExtractResponse, Status>>;
@@ -48,6 +52,7 @@ pub async fn run(store: Store, x: Extraction, tx: Tx, shutdown: CancellationToke
 
 async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationToken) -> Result<(), Error> {
     let far = || Instant::now() + Duration::from_secs(60);
+    let mut watch = store.changes_watch(&x.org);
     let mut cursor = match x.after_seq {
         Some(after) => after,
         None => {
@@ -86,12 +91,15 @@ async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationT
         }
     };
     loop {
+        crate::count_change_log_read("extract");
         let events = store.changes_since(&x.org, cursor, 1000).await?;
         if events.is_empty() {
+            // caught up: woken by the next commit after the cursor (or the fallback), then the
+            // log is read from the cursor again
             tokio::select! {
                 () = tx.closed() => return Ok(()),
                 () = shutdown.cancelled() => return Err(Error::ShuttingDown),
-                () = tokio::time::sleep(x.poll) => continue,
+                _ = watch.wait(cursor, x.fallback) => continue,
             }
         }
         // read after the events, so that every field they carry is in the schema (a field added

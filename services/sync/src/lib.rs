@@ -34,8 +34,11 @@ pub struct SyncOptions {
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub link_batch: u32,
 
-    /// How often a streaming link or extraction looks for new changes when it has caught up.
-    #[arg(long, env = "BATON_CHANGE_POLL", default_value = "50ms", value_parser = parse_duration)]
+    /// How long a caught-up link or extraction waits for a commit to be announced before it
+    /// reads the change log anyway. Commits are pushed (an in-process signal, and LISTEN/NOTIFY
+    /// on PostgreSQL), so this is only the fallback for what no notification tells of: another
+    /// process writing the same SQLite file, a notification lost with its connection.
+    #[arg(long, env = "BATON_CHANGE_POLL", default_value = "1s", value_parser = parse_duration)]
     pub change_poll: Duration,
 
     /// What links trust and present when their target is `https://` (the process's TLS
@@ -95,12 +98,21 @@ pub fn add_services(
     tokio::spawn(manager.run());
     tokio::spawn(trim_loop(store.clone(), options.change_retention, shutdown.clone()));
     tokio::spawn(sample_links(store.clone(), shutdown.clone()));
+    // exported from the start, so that an idle server shows its reads at 0
+    for follower in ["extract", "link"] {
+        metrics::counter!("baton_change_log_reads_total", "follower" => follower).increment(0);
+    }
     let service = SyncService::new(store.clone(), options.clone(), wake, shutdown);
     server.add_service(
         pb::sync_server::SyncServer::new(service)
             .max_decoding_message_size(max_message_bytes)
             .max_encoding_message_size(64 * 1024 * 1024),
     )
+}
+
+/// Counts a read of the change log by a follower (`extract`, `link`).
+fn count_change_log_read(follower: &'static str) {
+    metrics::counter!("baton_change_log_reads_total", "follower" => follower).increment(1);
 }
 
 /// Sets `baton_links{state}` and `baton_link_lag_events{link}` every 5 s, until `shutdown`.

@@ -90,6 +90,7 @@ impl LinkManager {
                             cancel: cancel.clone(),
                             client: None,
                             suspended_probes: None,
+                            watch: None,
                         };
                         tracing::info!(link = %id, owner = %self.owner, "running link");
                         running.insert(id, (tokio::spawn(runner.run()), cancel));
@@ -148,6 +149,8 @@ struct Runner {
     client: Option<(String, pb::intake_client::IntakeClient<Channel>)>,
     /// The backoff delays while SUSPENDED (None when not suspended).
     suspended_probes: Option<backon::ExponentialBackoff>,
+    /// The announcements of the source org's commits, which wake a caught-up link.
+    watch: Option<baton_store::changes::ChangeWatch>,
 }
 
 impl Runner {
@@ -339,6 +342,17 @@ impl Runner {
         let batch = self.options.link_batch as usize;
         let store = self.store.clone();
         let Some(mut events) = self.read_changes(link, link.cursor_seq).await? else { return Ok(()) };
+        if events.is_empty() {
+            // caught up: the next commit after the cursor (or the fallback) wakes the link, and
+            // the runner's next round reads the link and the log again
+            let fallback = self.options.change_poll;
+            let watch = self.watch.get_or_insert_with(|| store.changes_watch(&link.org_id));
+            tokio::select! {
+                () = self.cancel.cancelled() => {}
+                _ = watch.wait(link.cursor_seq, fallback) => {}
+            }
+            return Ok(());
+        }
         let mut schemas = HashMap::new();
         for object in self.objects(link).await? {
             let schema = self.store.object(&link.org_id, &object).await?;
@@ -348,10 +362,7 @@ impl Runner {
         // the last seq of a batch applied whose cursor move is still to be made
         let mut unmoved: Option<i64> = None;
         loop {
-            let Some(last) = events.last().map(|e| e.seq) else {
-                self.pause(self.options.change_poll).await;
-                return Ok(());
-            };
+            let Some(last) = events.last().map(|e| e.seq) else { return Ok(()) };
             let mut object_of = HashMap::new();
             let changes: Vec<_> = events
                 .iter()
@@ -371,6 +382,7 @@ impl Runner {
             };
             // the next batch is read, and the cursor moved past the previous one, while this one
             // is applied (a trimmed seq is reported when it is reached)
+            crate::count_change_log_read("link");
             let (applied, next, streaming) = tokio::join!(apply, store.changes_since(&link.org_id, last, batch), moved);
             let streaming = streaming?;
             match applied {
@@ -419,6 +431,7 @@ impl Runner {
         link: &Link,
         cursor: i64,
     ) -> Result<Option<Vec<baton_store::model::ChangeEvent>>, baton_store::Error> {
+        crate::count_change_log_read("link");
         match self.store.changes_since(&link.org_id, cursor, self.options.link_batch as usize).await {
             Ok(events) => Ok(Some(events)),
             Err(baton_store::Error::Trimmed { after_seq, trimmed }) => {

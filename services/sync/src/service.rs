@@ -156,7 +156,7 @@ impl pb::sync_server::Sync for SyncService {
         }
         let (tx, rx) = mpsc::channel(4);
         let extraction =
-            Extraction { org, objects, after_seq: request.after_seq, chunk_size, poll: self.options.change_poll };
+            Extraction { org, objects, after_seq: request.after_seq, chunk_size, fallback: self.options.change_poll };
         tokio::spawn(extract::run(self.store.clone(), extraction, tx, self.shutdown.clone()));
         Ok(Response::new(ReceiverStream::new(rx)))
     }

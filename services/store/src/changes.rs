@@ -1,0 +1,257 @@
+//! Pushed changes: followers of an org's change log (Extract, links) are woken by the store when
+//! a write commits, instead of polling the log.
+//!
+//! Every writer that moves an org's last seq calls [`Changes::committed`] after its commit. That
+//! sets the org's hint, a `tokio::sync::watch` of the latest seq known to be committed, which
+//! wakes the followers of this process at once. On PostgreSQL it also queues the seq for the
+//! notifier task, which sends `pg_notify('baton_changes', 'ORG SEQ')` on a connection of its own,
+//! after the commit and off the writer's path (a burst of commits costs one statement, the
+//! latest seq of each org); every store of every process LISTENs on that channel (a connection
+//! opened with the first follower) and sets the same hints.
+//!
+//! A hint is only a hint: a follower always reads the log from its own cursor, so a duplicate or
+//! late notification costs one empty read, and a missed one (another process writing a SQLite
+//! file, a writer killed between its commit and its notification, a LISTEN connection lost and
+//! opened again) is found by the follower's fallback poll. A lost LISTEN connection also wakes
+//! every follower once it listens again, since anything may have been committed meanwhile.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use sqlx::Connection;
+use sqlx::postgres::{PgConnection, PgListener};
+use tokio::sync::{mpsc, watch};
+
+/// The PostgreSQL notification channel; a payload is `ORG SEQ`.
+pub const CHANNEL: &str = "baton_changes";
+
+/// What a follower is told: the latest seq known committed, and how many times every follower
+/// was asked to read again whatever the seq (a notification may have been missed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Hint {
+    seq: i64,
+    kicks: u64,
+}
+
+/// The hints of one store and its clones.
+#[derive(Debug)]
+pub(crate) struct Changes {
+    /// The hint of each org that has followers in this process.
+    orgs: Mutex<HashMap<String, watch::Sender<Hint>>>,
+    /// Every org's hints are kicked this many times (a new hint starts there).
+    kicks: Mutex<u64>,
+    /// PostgreSQL only.
+    postgres: Option<Postgres>,
+}
+
+#[derive(Debug)]
+struct Postgres {
+    url: String,
+    /// The notifier task's queue, started with the first commit.
+    outbox: OnceLock<mpsc::UnboundedSender<(String, i64)>>,
+    /// The listener task, started with the first follower; it ends when this is dropped.
+    listening: OnceLock<watch::Sender<()>>,
+}
+
+impl Changes {
+    /// Hints for a SQLite store (None) or a PostgreSQL one at `postgres_url`.
+    pub(crate) fn new(postgres_url: Option<String>) -> Arc<Self> {
+        Arc::new(Self {
+            orgs: Mutex::new(HashMap::new()),
+            kicks: Mutex::new(0),
+            postgres: postgres_url.map(|url| Postgres { url, outbox: OnceLock::new(), listening: OnceLock::new() }),
+        })
+    }
+
+    /// A write of `org` committed with `seq` as the org's last seq: wakes its followers here and
+    /// (PostgreSQL) tells every other process. Call only after the commit.
+    pub(crate) fn committed(&self, org: &str, seq: i64) {
+        self.hint(org, seq);
+        if let Some(pg) = &self.postgres {
+            let outbox = pg.outbox.get_or_init(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(notifier(pg.url.clone(), rx));
+                tx
+            });
+            let _ = outbox.send((org.to_owned(), seq));
+        }
+    }
+
+    /// Sets `org`'s hint to `seq` if that is newer, waking its followers.
+    fn hint(&self, org: &str, seq: i64) {
+        let orgs = self.orgs.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(hint) = orgs.get(org) {
+            hint.send_if_modified(|h| {
+                let newer = seq > h.seq;
+                h.seq = h.seq.max(seq);
+                newer
+            });
+        }
+    }
+
+    /// Wakes every follower: something may have been committed unseen.
+    fn kick_all(&self) {
+        let mut kicks = self.kicks.lock().unwrap_or_else(|e| e.into_inner());
+        *kicks += 1;
+        let orgs = self.orgs.lock().unwrap_or_else(|e| e.into_inner());
+        for hint in orgs.values() {
+            hint.send_modify(|h| h.kicks += 1);
+        }
+    }
+
+    /// A follower's watch of `org`.
+    pub(crate) fn watch(self: &Arc<Self>, org: &str) -> ChangeWatch {
+        if let Some(pg) = &self.postgres {
+            pg.listening.get_or_init(|| {
+                let (alive, dropped) = watch::channel(());
+                tokio::spawn(listen(pg.url.clone(), Arc::downgrade(self), dropped));
+                alive
+            });
+        }
+        let kicks = *self.kicks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut orgs = self.orgs.lock().unwrap_or_else(|e| e.into_inner());
+        orgs.retain(|_, hint| hint.receiver_count() > 0);
+        let rx = orgs.entry(org.to_owned()).or_insert_with(|| watch::channel(Hint { seq: 0, kicks }).0).subscribe();
+        ChangeWatch { rx }
+    }
+}
+
+/// How a [`ChangeWatch::wait`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Woken {
+    /// A commit after the cursor was announced (or a notification may have been missed).
+    Notified,
+    /// The fallback interval passed without one.
+    Fallback,
+}
+
+/// A follower's view of an org's commits ([`crate::Store::changes_watch`]).
+#[derive(Debug)]
+pub struct ChangeWatch {
+    rx: watch::Receiver<Hint>,
+}
+
+impl ChangeWatch {
+    /// Waits until a commit with a seq above `after` (the follower's cursor, as of a read of the
+    /// log that found nothing more) is announced, or until `fallback` has passed. Either way the
+    /// follower reads the log from its cursor next: the announcement is only a hint.
+    pub async fn wait(&mut self, after: i64, fallback: Duration) -> Woken {
+        let kicks = self.rx.borrow().kicks;
+        let woken = tokio::time::timeout(fallback, async {
+            self.rx.wait_for(|h| h.seq > after || h.kicks != kicks).await.is_ok()
+        })
+        .await;
+        match woken {
+            Ok(true) => Woken::Notified,
+            // the store is gone: nothing more will be announced
+            Ok(false) => {
+                tokio::time::sleep(fallback).await;
+                Woken::Fallback
+            }
+            Err(_) => Woken::Fallback,
+        }
+    }
+
+    /// The latest seq announced for the org (0 before any).
+    pub fn latest(&self) -> i64 {
+        self.rx.borrow().seq
+    }
+}
+
+/// Sends the queued commits as notifications, each burst as one statement carrying the latest
+/// seq of each org, on a connection of its own with asynchronous commit (a notification needs no
+/// durability: a lost one is found by the followers' fallback). Ends with the store.
+async fn notifier(url: String, mut queue: mpsc::UnboundedReceiver<(String, i64)>) {
+    let mut conn: Option<PgConnection> = None;
+    while let Some((org, seq)) = queue.recv().await {
+        let mut latest = HashMap::from([(org, seq)]);
+        while let Ok((org, seq)) = queue.try_recv() {
+            let at = latest.entry(org).or_insert(seq);
+            *at = (*at).max(seq);
+        }
+        let payloads: Vec<String> = latest.into_iter().map(|(org, seq)| format!("{org} {seq}")).collect();
+        if conn.is_none() {
+            conn = match connect(&url).await {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot connect to notify followers of the change log");
+                    None
+                }
+            };
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let sent = sqlx::query("SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload")
+            .bind(CHANNEL)
+            .bind(payloads)
+            .execute(&mut *c)
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "cannot notify followers of the change log");
+            conn = None;
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<PgConnection, sqlx::Error> {
+    use sqlx::Executor;
+    let mut conn = PgConnection::connect(url).await?;
+    conn.execute("SET synchronous_commit = off").await?;
+    Ok(conn)
+}
+
+/// LISTENs for the commits of every process and sets the hints, until the store is dropped. The
+/// connection is opened again when lost; once it listens again every follower is woken.
+async fn listen(url: String, changes: Weak<Changes>, mut dropped: watch::Receiver<()>) {
+    loop {
+        let listener = async {
+            let mut listener = PgListener::connect(&url).await?;
+            listener.listen(CHANNEL).await?;
+            Ok::<_, sqlx::Error>(listener)
+        };
+        let mut listener = tokio::select! {
+            _ = dropped.changed() => return,
+            listener = listener => match listener {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for change log notifications; retrying in 1s");
+                    tokio::select! {
+                        _ = dropped.changed() => return,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            },
+        };
+        // anything committed before the LISTEN took effect was not announced
+        match changes.upgrade() {
+            Some(c) => c.kick_all(),
+            None => return,
+        }
+        loop {
+            let received = tokio::select! {
+                _ = dropped.changed() => return,
+                received = listener.try_recv() => received,
+            };
+            let Some(changes) = changes.upgrade() else { return };
+            match received {
+                Ok(Some(notification)) => {
+                    let parsed =
+                        notification.payload().rsplit_once(' ').and_then(|(org, seq)| Some((org, seq.parse().ok()?)));
+                    if let Some((org, seq)) = parsed {
+                        changes.hint(org, seq);
+                    }
+                }
+                // the connection was lost: connect and listen again (and wake every follower
+                // then, since whatever was committed meanwhile was not announced)
+                Ok(None) => {
+                    tracing::warn!("change log notifications: connection lost; listening again");
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "change log notifications failed; listening again");
+                    break;
+                }
+            }
+        }
+    }
+}
