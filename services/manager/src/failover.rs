@@ -6,8 +6,8 @@
 //! A manager campaigns only while the set names it and its journal reaches the set's index, and
 //! checks that again after winning. A new primary publishes `{itself}` before it acknowledges
 //! anything, and every write of the set is a transaction conditioned on the writer's leader key,
-//! so a deposed primary can never overwrite a newer set. ARCHITECTURE.md ("The failover
-//! protocol") says why this keeps every acknowledged entry.
+//! so a deposed primary can never overwrite a newer set. `docs/failover.md` says why
+//! this keeps every acknowledged entry.
 //!
 //! The primary self-fences — it stops acknowledging and exits, to come back as a standby — when it
 //! cannot renew its lease in time, and resigns at once on SIGTERM. A local fault (the journal
