@@ -1273,12 +1273,7 @@ impl Store {
                 // while it is pending (its marker is written below, in this transaction)
                 match part {
                     None => {
-                        let split = sqlx::query("SELECT 1 FROM chunk_parts WHERE batch_id = $1 AND idx = $2 LIMIT 1")
-                            .bind(batch_id)
-                            .bind(i64::from(index))
-                            .fetch_optional(&mut *tx)
-                            .await?;
-                        if split.is_some() {
+                        if self.has_parts(&mut tx, batch_id, index).await? {
                             return Ok((tx, Some((ChunkRun::Split, 0))));
                         }
                     }
@@ -1355,6 +1350,16 @@ impl Store {
         }
     }
 
+    /// Whether the chunk was split into parts, read in `conn`'s transaction.
+    async fn has_parts(&self, conn: &mut AnyConnection, batch_id: &str, index: u32) -> Result<bool, Error> {
+        let part = sqlx::query("SELECT 1 FROM chunk_parts WHERE batch_id = $1 AND idx = $2 LIMIT 1")
+            .bind(batch_id)
+            .bind(i64::from(index))
+            .fetch_optional(&mut *conn)
+            .await?;
+        Ok(part.is_some())
+    }
+
     /// A part's state, read in `conn`'s transaction (None: no such part).
     async fn part_state(
         &self,
@@ -1405,12 +1410,7 @@ impl Store {
                 p
             }
             None => {
-                let split = sqlx::query("SELECT 1 FROM chunk_parts WHERE batch_id = $1 AND idx = $2 LIMIT 1")
-                    .bind(batch_id)
-                    .bind(i64::from(index))
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if split.is_some() {
+                if self.has_parts(&mut tx, batch_id, index).await? {
                     return Ok(Split::Gone);
                 }
                 PartRange { first: 0, records: u32_of(&row, 0)? }

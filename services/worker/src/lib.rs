@@ -350,14 +350,7 @@ async fn attempts(
         if history.attempts >= options.max_attempts {
             let cause =
                 format!("{unit}retries exhausted after {} attempts; last cause: {}", history.attempts, history.cause);
-            let Some(p) = part else {
-                return Ok((
-                    bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?,
-                    history.workload,
-                ));
-            };
-            bounded(STORE_CALL_LIMIT, store.abort_part(batch, index, p, &[], &cause)).await?;
-            if let Some(outcome) = next_unit(store, batch, index, history).await? {
+            if let Some(outcome) = abort_unit(store, batch, index, part, &cause, history).await? {
                 return Ok((outcome, history.workload));
             }
             (busy, backoff) = (false, options.retry_backoff);
@@ -467,14 +460,7 @@ async fn attempts(
                 Split::AtFloor => {
                     let cause =
                         format!("{} (at the split floor of {} record(s))", history.cause, options.chunk_split_floor);
-                    let Some(p) = part else {
-                        return Ok((
-                            bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?,
-                            history.workload,
-                        ));
-                    };
-                    bounded(STORE_CALL_LIMIT, store.abort_part(batch, index, p, &[], &cause)).await?;
-                    if let Some(outcome) = next_unit(store, batch, index, history).await? {
+                    if let Some(outcome) = abort_unit(store, batch, index, part, &cause, history).await? {
                         return Ok((outcome, history.workload));
                     }
                 }
@@ -494,6 +480,23 @@ async fn attempts(
 /// Moves `history` to the chunk's next pending part (its attempts start afresh, with the budget
 /// reached so far): None when there is one; else the chunk's outcome, recorded now from its
 /// parts' (or the one recorded before).
+/// Aborts the unit in hand with `cause`: the whole chunk (its outcome), or a part, after which
+/// the chunk goes on with its next pending part (None) or ends with its outcome.
+async fn abort_unit(
+    store: &Store,
+    batch: &str,
+    index: u32,
+    part: Option<baton_store::batches::PartRange>,
+    cause: &str,
+    history: &mut ChunkHistory,
+) -> Result<Option<ChunkState>, baton_store::Error> {
+    let Some(p) = part else {
+        return Ok(Some(bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], cause)).await?));
+    };
+    bounded(STORE_CALL_LIMIT, store.abort_part(batch, index, p, &[], cause)).await?;
+    next_unit(store, batch, index, history).await
+}
+
 async fn next_unit(
     store: &Store,
     batch: &str,
