@@ -261,6 +261,9 @@ pub struct Store {
     /// On SQLite, the task that checkpoints the WAL off the writer's thread; it ends when the
     /// last clone of the store is dropped.
     _checkpoints: Option<std::sync::Arc<Checkpointer>>,
+    /// The last probe of whether PostgreSQL takes connections (see `Store::by_deadline`): when,
+    /// and what it found. Requests whose deadlines pass together share one probe a second.
+    reachability: std::sync::Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>>,
     /// The commits announced to the change log's followers ([`Store::changes_watch`]).
     changes: std::sync::Arc<changes::Changes>,
 }
@@ -440,6 +443,7 @@ impl Store {
                 writer,
                 reader,
                 _checkpoints: checkpoints,
+                reachability: Default::default(),
                 changes: changes::Changes::new(None),
             }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -472,6 +476,7 @@ impl Store {
                 writer: pool.clone(),
                 reader: pool,
                 _checkpoints: None,
+                reachability: Default::default(),
                 changes: changes::Changes::new(Some(url.to_owned())),
             }
         } else {

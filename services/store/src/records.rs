@@ -45,27 +45,43 @@ impl Store {
         }
     }
 
-    /// Whether PostgreSQL refuses a connection now (one attempt, at most 500 ms, with the pool's
-    /// own options): its error, as [`Error::Unavailable`]. SQLite is a file: never.
+    /// Whether PostgreSQL refuses a connection now: [`Error::Unavailable`] if so. SQLite is a
+    /// file: never. One probe at a time, and its finding reused for a second, so that an
+    /// overloaded database (every deadline passing) is not also sent a connection per request.
     async fn unreachable(&self) -> Option<Error> {
-        use sqlx::{ConnectOptions, Connection};
         if self.backend != crate::Backend::Postgres {
             return None;
         }
+        let mut last = self.reachability.lock().await;
+        let now = tokio::time::Instant::now();
+        let refused = match *last {
+            Some((at, refused)) if now - at < std::time::Duration::from_secs(1) => refused,
+            _ => {
+                let refused = self.probe().await;
+                *last = Some((tokio::time::Instant::now(), refused));
+                refused
+            }
+        };
+        refused.then(|| {
+            Error::Unavailable(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionRefused,
+                "the database does not take connections",
+            )))
+        })
+    }
+
+    /// One connection attempt with the pool's own options, at most 500 ms: whether the database
+    /// refused it (or did not answer in time) as unavailable.
+    async fn probe(&self) -> bool {
+        use sqlx::{ConnectOptions, Connection};
         let options = self.reader.connect_options();
         match tokio::time::timeout(std::time::Duration::from_millis(500), options.connect()).await {
             Ok(Ok(connection)) => {
                 let _ = connection.close().await;
-                None
+                false
             }
-            Ok(Err(e)) => match crate::classify(e) {
-                e @ Error::Unavailable(_) => Some(e),
-                _ => None,
-            },
-            Err(_) => Some(Error::Unavailable(sqlx::Error::Io(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "the database did not take a connection within 500 ms",
-            )))),
+            Ok(Err(e)) => matches!(crate::classify(e), Error::Unavailable(_)),
+            Err(_) => true,
         }
     }
 }
