@@ -1124,8 +1124,12 @@ async fn main() {
     let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
     // the driver's own logs (the client library's reconnects, say), off unless asked for
     if let Ok(log) = std::env::var("BENCH_LOG") {
-        let options = baton_mesh::config::TelemetryOptions { log, log_format: baton_mesh::config::LogFormat::Text };
-        baton_mesh::telemetry::init_tracing(&options).expect("BENCH_LOG is a log filter");
+        let options = baton_mesh::config::TelemetryOptions {
+            log,
+            log_format: baton_mesh::config::LogFormat::Text,
+            otlp_endpoint: None,
+        };
+        baton_mesh::telemetry::init_tracing(&options, "baton-bench").expect("BENCH_LOG is a log filter");
     }
     match area.as_str() {
         "intake" => intake(seconds).await,

@@ -191,14 +191,21 @@ fn parse() -> Cli {
     }
 }
 
+/// The `service.name` of the process's spans: the server it runs, or the CLI.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Intake { .. } => "baton-intake",
+        Command::Sync(_) => "baton-sync",
+        Command::Manager(_) => "baton-manager",
+        Command::Scheduler { .. } => "baton-scheduler",
+        Command::Worker { .. } => "baton-worker",
+        Command::Dev(_) => "baton-dev",
+        _ => "baton-cli",
+    }
+}
+
 fn main() -> ExitCode {
     let cli = parse();
-    if let Err(e) = baton_mesh::telemetry::init_tracing(&cli.telemetry) {
-        exit_bad_config(e);
-    }
-    if let Err(e) = baton_manager::setup_failpoints() {
-        exit_bad_config(e);
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -206,7 +213,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // the OTLP exporter's channel is made in the runtime
+    let entered = runtime.enter();
+    if let Err(e) = baton_mesh::telemetry::init_tracing(&cli.telemetry, service_name(&cli.command)) {
+        exit_bad_config(e);
+    }
+    drop(entered);
+    if let Err(e) = baton_manager::setup_failpoints() {
+        exit_bad_config(e);
+    }
     let result = runtime.block_on(run(cli.command, cli.output));
+    baton_mesh::trace::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // the reader went away (`baton … | head`): what it wanted it has, nothing to say

@@ -107,6 +107,8 @@ fn spec_of(request: pb::ExportRequest) -> Result<ExportSpec, Error> {
         sync_rows: if request.sync_rows == 0 { exports::DEFAULT_SYNC_ROWS } else { request.sync_rows },
         part_rows: if request.part_rows == 0 { exports::DEFAULT_PART_ROWS } else { request.part_rows },
         request_id: (!request.request_id.is_empty()).then_some(request.request_id),
+        // the request's span continues its caller's trace; the parts continue this one
+        traceparent: baton_mesh::trace::current(),
     })
 }
 

@@ -83,6 +83,8 @@ fn new_batch(header: &pb::BatchHeader) -> Result<NewBatch, Status> {
             max_parallel: policy.max_parallel_chunks,
             records_per_second: policy.records_per_second,
             request_id: (!header.request_id.is_empty()).then(|| header.request_id.clone()),
+            // the request's span continues its caller's trace; the chunks continue this one
+            traceparent: baton_mesh::trace::current(),
         }),
         _ => Err(Error::Invalid(errors).into()),
     }

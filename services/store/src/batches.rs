@@ -145,6 +145,9 @@ pub struct NewBatch {
     pub records_per_second: u32,
     /// The client's id for idempotent resubmission.
     pub request_id: Option<String>,
+    /// The trace context (W3C `traceparent`) of the request that submitted it, which its chunks
+    /// continue; empty when traces are not exported.
+    pub traceparent: String,
 }
 
 /// What [`Store::begin_batch`] found.
@@ -351,6 +354,8 @@ pub struct ChunkRef {
     pub index: u32,
     /// Its records.
     pub records: u32,
+    /// The trace context of the request that submitted its batch (empty: none).
+    pub traceparent: String,
 }
 
 /// The parallelism caps of a release.
@@ -443,7 +448,7 @@ fn part_of(row: &AnyRow, at: usize) -> Result<ChunkPart, Error> {
 
 /// The columns of a batch row that [`batch_info`] reads, in its order.
 const BATCH_COLUMNS: &str = "id, org_id, request_id, object, operation, chunk_size, not_before_ms, max_parallel, \
-     records_per_second, state, created_at_ms, finished_at_ms";
+     records_per_second, state, created_at_ms, finished_at_ms, traceparent";
 
 /// The chunk counts of a batch by state, after its `batch_id`, that [`batch_info`] reads (from
 /// `chunks` grouped by batch and state): the state, its chunks, their records, their latest
@@ -501,6 +506,7 @@ fn batch_info(row: &AnyRow, counts: &[AnyRow]) -> Result<BatchInfo, Error> {
             max_parallel: u32_of(row, 7)?,
             records_per_second: u32_of(row, 8)?,
             request_id: row.try_get(2)?,
+            traceparent: row.try_get(12)?,
         },
         state,
         totals,
@@ -531,8 +537,8 @@ impl Store {
         let id = new_id("bat");
         let inserted = sqlx::query(
             "INSERT INTO batches (id, org_id, request_id, object, operation, chunk_size, not_before_ms, \
-             max_parallel, records_per_second, state, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'STAGING', $10)",
+             max_parallel, records_per_second, state, created_at_ms, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'STAGING', $10, $11)",
         )
         .bind(id.clone())
         .bind(org_id)
@@ -544,6 +550,7 @@ impl Store {
         .bind(i64::from(new.max_parallel))
         .bind(i64::from(new.records_per_second))
         .bind(now_ms())
+        .bind(new.traceparent.clone())
         .execute(&self.writer)
         .await;
         match inserted {
@@ -863,7 +870,7 @@ impl Store {
         let room = caps.overall - overall;
         let rows = sqlx::query(
             "SELECT c.batch_id, c.idx, c.org_id, c.record_count, b.max_parallel, b.records_per_second, \
-             b.next_release_ms FROM (SELECT batch_id, idx, org_id, record_count, \
+             b.next_release_ms, b.traceparent FROM (SELECT batch_id, idx, org_id, record_count, \
              ROW_NUMBER() OVER (PARTITION BY batch_id ORDER BY idx) AS rn FROM chunks WHERE state = 'PENDING') c \
              JOIN batches b ON b.id = c.batch_id \
              WHERE c.rn <= $1 AND b.state = 'QUEUED' AND b.not_before_ms <= $2 AND b.next_release_ms <= $2 \
@@ -886,6 +893,7 @@ impl Store {
                 index: u32_of(row, 1)?,
                 org_id: row.try_get(2)?,
                 records: u32_of(row, 3)?,
+                traceparent: row.try_get(7)?,
             };
             next_release.insert(chunk.batch_id.clone(), row.try_get(6)?);
             let candidate = Candidate { max_parallel: u32_of(row, 4)?, rate: u32_of(row, 5)?, chunk };

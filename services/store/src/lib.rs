@@ -274,7 +274,7 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sources: [(i64, &'static str, &'static str); 11] = match self.0 {
+        let sources: [(i64, &'static str, &'static str); 12] = match self.0 {
             Backend::Sqlite => [
                 (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
@@ -287,6 +287,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (9, "link_on_trimmed", include_str!("../migrations/sqlite/0009_link_on_trimmed.sql")),
                 (10, "link_target_ca", include_str!("../migrations/sqlite/0010_link_target_ca.sql")),
                 (11, "chunk_parts", include_str!("../migrations/sqlite/0011_chunk_parts.sql")),
+                (14, "traceparent", include_str!("../migrations/sqlite/0014_traceparent.sql")),
             ],
             Backend::Postgres => [
                 (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
@@ -300,6 +301,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (9, "link_on_trimmed", include_str!("../migrations/postgres/0009_link_on_trimmed.sql")),
                 (10, "link_target_ca", include_str!("../migrations/postgres/0010_link_target_ca.sql")),
                 (11, "chunk_parts", include_str!("../migrations/postgres/0011_chunk_parts.sql")),
+                (14, "traceparent", include_str!("../migrations/postgres/0014_traceparent.sql")),
             ],
         };
         Box::pin(async move {
