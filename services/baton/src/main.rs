@@ -7,6 +7,7 @@ mod dev;
 mod exit;
 mod export_cli;
 mod manager_cli;
+mod node;
 mod output;
 mod sync_cli;
 
@@ -278,7 +279,7 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
             let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
-            let shutdown = baton_mesh::shutdown::on_signals();
+            let node = node::Node::on_signals(serve.shutdown_grace);
             let auth = baton_mesh::auth::AuthConfig {
                 admin_token: None,
                 keys: Some(std::sync::Arc::new(store.clone())),
@@ -289,17 +290,8 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
                 &store,
                 serve.max_message_bytes(),
             );
-            let releaser = tokio::spawn(baton_scheduler::releaser::run(
-                store.clone(),
-                blobs,
-                scheduler,
-                connector,
-                shutdown.clone(),
-            ));
-            server.serve(listener, metrics, shutdown).await?;
-            let _ = releaser.await;
-            store.close().await;
-            Ok(())
+            node.spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, connector, node.shutdown()));
+            node.serve(server, listener, metrics, Some(&store)).await
         }
         Command::Worker { serve, store, worker } => {
             if let Err(e) = worker.validate() {
@@ -312,14 +304,11 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
             let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
-            let shutdown = baton_mesh::shutdown::on_signals();
+            let node = node::Node::on_signals(serve.shutdown_grace);
             // gRPC health and /metrics only: the worker's work comes through the manager
             let server = baton_mesh::server::MeshServer::new(serve, baton_mesh::auth::AuthConfig::default());
-            let work = tokio::spawn(baton_worker::run(worker, connector, store.clone(), blobs, shutdown.clone()));
-            server.serve(listener, metrics, shutdown).await?;
-            let _ = work.await;
-            store.close().await;
-            Ok(())
+            node.spawn(baton_worker::run(worker, connector, store.clone(), blobs, node.shutdown()));
+            node.serve(server, listener, metrics, Some(&store)).await
         }
         Command::Batch(args) => batch_cli::run(args, output).await,
         Command::Export(args) => export_cli::run(args, output).await,
@@ -333,20 +322,17 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
                 sync.tls = serve.tls.client();
                 let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
                 let (listener, metrics) = bind_and_announce(&serve).await?;
-                let shutdown = baton_mesh::shutdown::on_signals();
+                let node = node::Node::on_signals(serve.shutdown_grace);
                 let auth = baton_mesh::auth::AuthConfig {
                     admin_token: None,
                     keys: Some(std::sync::Arc::new(store.clone())),
                     ..Default::default()
                 };
                 let server = baton_mesh::server::MeshServer::new(serve.clone(), auth);
-                let server =
-                    baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone());
-                server.serve(listener, metrics, shutdown).await?;
-                // let the link runners give their leases up
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                store.close().await;
-                Ok(())
+                let max = serve.max_message_bytes();
+                let server = baton_sync::add_services(server, &store, &sync, max, node.shutdown(), node.tasks());
+                // the link manager ends once its runners have given their leases up
+                node.serve(server, listener, metrics, Some(&store)).await
             }
             command => sync_cli::run(args.conn, command, output).await,
         },
