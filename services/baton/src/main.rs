@@ -272,6 +272,12 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
                 &store,
                 serve.max_message_bytes(),
             );
+            let completions = tokio::spawn(baton_scheduler::completions::run(
+                store.clone(),
+                scheduler.webhooks.clone(),
+                scheduler.id(),
+                shutdown.clone(),
+            ));
             let releaser = tokio::spawn(baton_scheduler::releaser::run(
                 store.clone(),
                 blobs,
@@ -281,6 +287,7 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
             ));
             server.serve(listener, metrics, shutdown).await?;
             let _ = releaser.await;
+            let _ = completions.await;
             store.close().await;
             Ok(())
         }

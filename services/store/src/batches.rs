@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::model::{Cursor, Fields, ObjectSchema};
 use crate::schema::{RecordProblem, record_id, record_problems};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
-use crate::{Backend, Error, Missing, Store, new_id, now_ms};
+use crate::{Backend, Error, Missing, Store, completions, new_id, now_ms};
 
 /// The most records a chunk may hold.
 pub const MAX_CHUNK_SIZE: u32 = 100_000;
@@ -145,6 +145,9 @@ pub struct NewBatch {
     pub records_per_second: u32,
     /// The client's id for idempotent resubmission.
     pub request_id: Option<String>,
+    /// The webhook the batch's completion is pushed to (see [`crate::completions`]). Not read
+    /// back with the batch: [`Store::completion`] tells its delivery.
+    pub webhook: Option<String>,
 }
 
 /// What [`Store::begin_batch`] found.
@@ -501,6 +504,7 @@ fn batch_info(row: &AnyRow, counts: &[AnyRow]) -> Result<BatchInfo, Error> {
             max_parallel: u32_of(row, 7)?,
             records_per_second: u32_of(row, 8)?,
             request_id: row.try_get(2)?,
+            webhook: None,
         },
         state,
         totals,
@@ -529,6 +533,8 @@ impl Store {
             }
         }
         let id = new_id("bat");
+        // the batch and where its completion goes, together
+        let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO batches (id, org_id, request_id, object, operation, chunk_size, not_before_ms, \
              max_parallel, records_per_second, state, created_at_ms) \
@@ -544,10 +550,16 @@ impl Store {
         .bind(i64::from(new.max_parallel))
         .bind(i64::from(new.records_per_second))
         .bind(now_ms())
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await;
         match inserted {
-            Ok(_) => Ok(BatchStart::New(id)),
+            Ok(_) => {
+                if let Some(url) = &new.webhook {
+                    completions::insert(&mut tx, completions::Kind::Batch, &id, org_id, url).await?;
+                }
+                tx.commit().await?;
+                Ok(BatchStart::New(id))
+            }
             // another upload with the same request id got in first
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(Error::AlreadyExists(format!(
                 "a batch with request id {:?} (being uploaded now)",
@@ -628,6 +640,7 @@ impl Store {
         if gone.rows_affected() > 0 {
             sqlx::query("DELETE FROM chunk_records WHERE batch_id = $1").bind(batch_id).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM chunks WHERE batch_id = $1").bind(batch_id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM completions WHERE subject_id = $1").bind(batch_id).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
