@@ -246,30 +246,35 @@ struct Deliverer {
 }
 
 impl Deliverer {
-    /// Makes the finished WAITING completions PENDING, each with its body.
+    /// Makes the finished WAITING completions PENDING, each with its body. A row that cannot be
+    /// made ready is skipped (and logged) without holding up the others.
     async fn ready(&self) -> Result<(), baton_store::Error> {
         for (kind, id, org) in self.store.finished_waiting(BATCH).await? {
-            let body = match kind {
-                Kind::Batch => {
-                    let batch = self.store.batch(&org, &id).await?;
-                    if !batch.is_finished() {
-                        continue;
-                    }
-                    batch_body(&batch)
-                }
-                Kind::Export => {
-                    let export = self.store.export_of_completion(&org, &id).await?;
-                    if !finished(export.state) {
-                        continue;
-                    }
-                    export_body(&export)
-                }
+            let made = async {
+                let Some(body) = self.body(kind, &org, &id).await? else { return Ok(false) };
+                self.store.ready_completion(&id, &body.to_string()).await
             };
-            if self.store.ready_completion(&id, &body.to_string()).await? {
-                tracing::debug!(subject = %id, org = %org, "completion ready to deliver");
+            match made.await {
+                Ok(true) => tracing::debug!(subject = %id, org = %org, "completion ready to deliver"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(subject = %id, org = %org, error = %e, "cannot make a completion ready"),
             }
         }
         Ok(())
+    }
+
+    /// The body of the completion of `kind` `id`, or None if it is not finished after all.
+    async fn body(&self, kind: Kind, org: &str, id: &str) -> Result<Option<serde_json::Value>, baton_store::Error> {
+        Ok(match kind {
+            Kind::Batch => {
+                let batch = self.store.batch(org, id).await?;
+                batch.is_finished().then(|| batch_body(&batch))
+            }
+            Kind::Export => {
+                let export = self.store.export_of_completion(org, id).await?;
+                finished(export.state).then(|| export_body(&export))
+            }
+        })
     }
 
     /// POSTs a claimed completion: Ok on a 2xx answer, otherwise what went wrong.
