@@ -22,8 +22,17 @@ use tonic_types::StatusExt;
 /// The scheduler's webhook secret.
 const SECRET: &str = "e2e-webhook-secret-0123456789";
 
-/// Fast deliveries: looked for every 100 ms, retried after 200 ms doubling to 1 s.
-const FAST: [&str; 6] = ["--webhook-poll", "100ms", "--webhook-backoff", "200ms", "--webhook-backoff-max", "1s"];
+/// Fast deliveries (looked for every 100 ms, retried after 200 ms doubling to 1 s), to the
+/// receiver on loopback.
+const FAST: [&str; 7] = [
+    "--webhook-poll",
+    "100ms",
+    "--webhook-backoff",
+    "200ms",
+    "--webhook-backoff-max",
+    "1s",
+    "--webhook-allow-internal",
+];
 
 /// One request the receiver got, and its answer.
 #[derive(Debug, Clone)]
@@ -363,5 +372,36 @@ async fn a_delivery_carries_on_across_a_killed_scheduler() {
             assert_signed(r, &org.id);
             assert_eq!(r.body, requests[0].body);
         }
+    }
+}
+
+/// Without `--webhook-allow-internal`, a webhook reaches public addresses only: a loopback
+/// address, literal or behind a name, is refused before anything is sent, with that cause, and
+/// retried (an operator may allow it, or the org fix its URL).
+#[tokio::test]
+async fn webhooks_do_not_reach_internal_addresses_unless_allowed() {
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let receiver = Receiver::start().await;
+        let server = Server::start_with_env(backend, &FAST[..6], &[("BATON_WEBHOOK_SECRET", SECRET)]).await;
+        let org = create_org(&server, "acme").await;
+        let literal = submit(&server, &org, &receiver.url("/flaky"), accounts(0..3)).await;
+        let named = format!("http://localhost:{}/flaky", receiver.addr.port());
+        let named = submit(&server, &org, &named, accounts(3..6)).await;
+        for (id, says) in [
+            (&literal, "127.0.0.1 is an internal address (--webhook-allow-internal allows it)"),
+            (&named, "localhost resolves to internal addresses only"),
+        ] {
+            let (s, o, i) = (&server, &org, id.as_str());
+            let refused = eventually(Duration::from_secs(60), "a refused attempt", || async move {
+                let delivery = get_batch(s, o, i).await.completion.expect("a delivery");
+                (delivery.attempts >= 2).then_some(delivery)
+            })
+            .await;
+            assert_eq!(state(&refused), pb::CompletionDeliveryState::Pending, "{refused:?}");
+            assert!(refused.last_error.contains(says), "{says}: {refused:?}");
+            assert!(refused.next_attempt_time.is_some(), "retried: {refused:?}");
+        }
+        assert!(receiver.log.lock().unwrap().requests.is_empty(), "nothing sent");
     }
 }

@@ -28,7 +28,14 @@
 //! it), so that one org cannot sign completions another org's receiver would accept, and no secret
 //! per org is stored; the operator hands each org its own (README, "Completion webhooks"). A
 //! scheduler without `--webhook-secret` sends nothing unsigned: its attempts fail with that cause.
+//!
+//! Reach: unless `--webhook-allow-internal`, a webhook reaches public addresses only (an address
+//! literal is checked before the attempt, a name's addresses when it is resolved,
+//! [`is_internal`]), so that an org cannot make the scheduler call services inside the
+//! deployment; redirects are never followed, for the same reason and because a redirect is not an
+//! acknowledgment.
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,6 +88,13 @@ pub struct WebhookOptions {
     /// is then recorded FAILED.
     #[arg(long, env = "BATON_WEBHOOK_GIVE_UP", default_value = "24h", value_parser = parse_duration)]
     pub webhook_give_up: Duration,
+
+    /// Lets webhooks reach loopback, private, link-local and other internal addresses. By
+    /// default an org's webhook may only reach public addresses, so that it cannot make the
+    /// scheduler call services inside the deployment (an attempt is refused, and retried, with
+    /// that cause).
+    #[arg(long, env = "BATON_WEBHOOK_ALLOW_INTERNAL")]
+    pub webhook_allow_internal: bool,
 }
 
 impl Default for WebhookOptions {
@@ -92,6 +106,7 @@ impl Default for WebhookOptions {
             webhook_backoff: Duration::from_secs(1),
             webhook_backoff_max: Duration::from_secs(60),
             webhook_give_up: Duration::from_secs(24 * 3600),
+            webhook_allow_internal: false,
         }
     }
 }
@@ -222,6 +237,72 @@ fn finished(state: ExportState) -> bool {
     !matches!(state, ExportState::Producing)
 }
 
+/// Whether `ip` is an address inside a deployment rather than on the internet: loopback,
+/// unspecified, private (RFC 1918, IPv6 unique local), link-local, shared (100.64/10), `0/8`,
+/// broadcast, multicast, or an IPv4-mapped IPv6 address of one of those.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(a) => {
+            let [first, second, ..] = a.octets();
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_private()
+                || a.is_link_local()
+                || a.is_broadcast()
+                || a.is_multicast()
+                || first == 0
+                || (first == 100 && (second & 0xc0) == 64)
+        }
+        IpAddr::V6(a) => {
+            let first = a.segments()[0];
+            a.is_loopback()
+                || a.is_unspecified()
+                || a.is_multicast()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80
+                || a.to_ipv4_mapped().is_some_and(|v4| is_internal(IpAddr::V4(v4)))
+        }
+    }
+}
+
+/// Refuses a webhook URL whose host is an internal address literal (names are checked when
+/// resolved, by [`PublicOnly`]).
+fn check_literal(url: &str) -> Result<(), String> {
+    let parsed = url::Url::parse(url).map_err(|e| format!("not a URL ({e})"))?;
+    let ip = match parsed.host() {
+        Some(url::Host::Ipv4(a)) => IpAddr::V4(a),
+        Some(url::Host::Ipv6(a)) => IpAddr::V6(a),
+        _ => return Ok(()),
+    };
+    if is_internal(ip) {
+        return Err(format!("{ip} is an internal address (--webhook-allow-internal allows it)"));
+    }
+    Ok(())
+}
+
+/// A resolver that keeps only the public addresses of a name (and fails when none is left), so
+/// that a webhook cannot reach inside the deployment through a name.
+struct PublicOnly;
+
+impl reqwest::dns::Resolve for PublicOnly {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let name = name.as_str().to_owned();
+        Box::pin(async move {
+            let all: Vec<SocketAddr> = tokio::net::lookup_host((name.as_str(), 0)).await?.collect();
+            let public: Vec<SocketAddr> = all.iter().copied().filter(|a| !is_internal(a.ip())).collect();
+            if public.is_empty() {
+                let all: Vec<String> = all.iter().map(|a| a.ip().to_string()).collect();
+                let why = format!(
+                    "{name} resolves to internal addresses only ({}); --webhook-allow-internal allows them",
+                    all.join(", ")
+                );
+                return Err(why.into());
+            }
+            Ok(Box::new(public.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
 /// An error with its sources, on one line.
 fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
@@ -282,6 +363,9 @@ impl Deliverer {
         let Some(secret) = &self.options.webhook_secret else {
             return Err("this scheduler has no --webhook-secret: completions are never sent unsigned".into());
         };
+        if !self.options.webhook_allow_internal {
+            check_literal(&c.url)?;
+        }
         let t = now_ms() / 1000;
         let response = self
             .client
@@ -349,7 +433,11 @@ pub async fn run(store: Store, options: WebhookOptions, me: String, shutdown: Ca
     if options.webhook_secret.is_none() {
         tracing::info!("no --webhook-secret: completion webhooks are not sent (their attempts fail until it is set)");
     }
-    let client = reqwest::Client::builder()
+    let mut client = reqwest::Client::builder();
+    if !options.webhook_allow_internal {
+        client = client.dns_resolver(Arc::new(PublicOnly));
+    }
+    let client = client
         .timeout(options.webhook_timeout)
         // a receiver answers; a redirect is a misconfigured URL, not an acknowledgment
         .redirect(reqwest::redirect::Policy::none())
@@ -443,6 +531,37 @@ mod tests {
         assert_ne!(org, org_secret("s3cret-s3cret-s3cret", "org_2"));
         let header = signature(&org, 1_700_000_000, "{}");
         assert_eq!(header, format!("t=1700000000,v1={}", hmac_hex(org.as_bytes(), b"1700000000.{}")));
+    }
+
+    #[test]
+    fn webhooks_reach_only_public_addresses_unless_allowed() {
+        for internal in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_internal(internal.parse().unwrap()), "{internal}");
+        }
+        for public in ["8.8.8.8", "100.128.0.1", "172.32.0.1", "2001:4860:4860::8888", "::ffff:8.8.8.8"] {
+            assert!(!is_internal(public.parse().unwrap()), "{public}");
+        }
+        assert_eq!(check_literal("https://hooks.example.com/x"), Ok(()));
+        assert_eq!(check_literal("http://8.8.8.8:8080/x"), Ok(()));
+        for url in ["http://127.0.0.1:9000/x", "http://[::1]/x", "http://169.254.169.254/latest"] {
+            assert!(check_literal(url).unwrap_err().contains("--webhook-allow-internal"), "{url}");
+        }
     }
 
     #[test]
