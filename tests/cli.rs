@@ -187,6 +187,20 @@ async fn exit_codes_follow_the_table() {
     let good = accounts_file(&dir, "g", 3, &[]);
     assert_exit(&as_org(&server, &org, &["batch", "submit", &good, "--object", "account"]), 0, "a good batch");
 
+    // a completion webhook: a bad URL is 65 with the field named; a good one shows in `batch get`
+    let hooked =
+        |url: &str| as_org(&server, &org, &["batch", "submit", &good, "--object", "account", "--webhook", url]);
+    let bad_hook = hooked("ftp://hooks.example.com/baton");
+    assert_exit(&bad_hook, 65, "a webhook that is not http or https");
+    assert!(bad_hook.stderr.contains("header.completion.webhook_url"), "{}", bad_hook.stderr);
+    let hooked = hooked("https://hooks.example.com/baton");
+    assert_exit(&hooked, 0, "a batch with a webhook");
+    let got = as_org(&server, &org, &["batch", "get", hooked.stdout.trim()]);
+    let completion = &got.json_lines()[0]["completion"];
+    assert_eq!(completion["webhook_url"], "https://hooks.example.com/baton", "{got:#?}");
+    // this server has no --webhook-secret: the attempts fail, saying so, until one is set
+    assert!(["WAITING", "PENDING"].contains(&completion["state"].as_str().unwrap_or_default()), "{got:#?}");
+
     // cancelled: a batch held back an hour, cancelled, then followed
     let held =
         as_org(&server, &org, &["batch", "submit", &good, "--object", "account", "--not-before", "1h", "--no-wait"]);

@@ -62,6 +62,8 @@ pub fn batch_to_pb(b: &BatchInfo) -> pb::Batch {
         }),
         create_time: timestamp(b.created_at_ms),
         finish_time: timestamp(b.finished_at_ms),
+        // GetBatch adds it (`completion::delivery_to_pb`)
+        completion: None,
     }
 }
 

@@ -3,6 +3,7 @@
 //! - [`convert`]: protobuf messages ↔ store types (records and their typed values, changes,
 //!   schemas);
 //! - [`batches`]: batches and chunks on the wire;
+//! - [`completion`]: where a batch's or export's completion is pushed, and its delivery;
 //! - [`part_rows`]: a stored export part's rows encoded straight onto the wire;
 //! - [`paging`]: page sizes and page tokens of the lists ordered by creation time;
 //! - [`error`]: the services' [`Error`] and its one mapping to `tonic::Status`;
@@ -10,6 +11,7 @@
 //!   worker pool's name).
 
 pub mod batches;
+pub mod completion;
 pub mod convert;
 pub mod error;
 pub mod paging;

@@ -67,6 +67,10 @@ enum BatchCommand {
         /// An id for idempotent resubmission: the same id again answers the first batch.
         #[arg(long, default_value = "")]
         request_id: String,
+        /// Where the batch's completion is POSTed when it is done (an http or https URL; see
+        /// the README's "Completion webhooks").
+        #[arg(long)]
+        webhook: Option<String>,
         /// Print the batch id once staged, without following the chunks.
         #[arg(long)]
         no_wait: bool,
@@ -220,6 +224,14 @@ fn batch_json(b: &pb::Batch) -> Value {
         "committed_after_retry_workload": t.committed_after_retry_workload,
         "aborted": t.aborted, "cancelled": t.cancelled,
         "create_time": time_json(b.create_time.as_ref()), "finish_time": time_json(b.finish_time.as_ref()),
+        "completion": b.completion.as_ref().map(|c| serde_json::json!({
+            "webhook_url": c.webhook_url,
+            "state": pb::CompletionDeliveryState::try_from(c.state)
+                .map(|s| s.as_str_name().trim_start_matches("COMPLETION_DELIVERY_STATE_")).unwrap_or("?"),
+            "attempts": c.attempts, "acknowledgments": c.acknowledgments, "last_error": c.last_error,
+            "last_attempt_time": time_json(c.last_attempt_time.as_ref()),
+            "delivered_time": time_json(c.delivered_time.as_ref()),
+        })),
     })
 }
 
@@ -335,6 +347,7 @@ pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
             max_parallel,
             records_per_second,
             request_id,
+            webhook,
             no_wait,
         } => {
             let records = read_records(&file)?;
@@ -360,6 +373,8 @@ pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
                     records_per_second,
                 }),
                 request_id,
+                completion: webhook
+                    .map(|url| pb::CompletionTarget { target: Some(pb::completion_target::Target::WebhookUrl(url)) }),
             };
             let upload = bar(records.len() as u64, "records");
             upload.set_message("upload");

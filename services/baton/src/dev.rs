@@ -55,6 +55,9 @@ pub struct DevArgs {
     #[command(flatten)]
     release: baton_scheduler::ReleaseOptions,
 
+    #[command(flatten)]
+    webhooks: baton_scheduler::completions::WebhookOptions,
+
     /// Workers run in this process (0: none; `baton worker` processes may serve instead).
     #[arg(long, env = "BATON_DEV_WORKERS", default_value_t = 2,
           value_parser = clap::value_parser!(u32).range(0..=64))]
@@ -83,6 +86,7 @@ fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
 /// Runs the mesh until SIGTERM or SIGINT.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let checked = args.limits.validate().and_then(|()| args.sync.validate());
+    let checked = checked.and_then(|()| args.webhooks.validate());
     if let Err(e) = checked.and_then(|()| args.release.validate()).and_then(|()| args.chunks.validate()) {
         exit_bad_config(e);
     }
@@ -182,6 +186,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         blobs.clone(),
         scheduler,
         connector.clone(),
+        shutdown.clone(),
+    ));
+    node.spawn(baton_scheduler::completions::run(
+        store.clone(),
+        args.webhooks.clone(),
+        DEV_SCHEDULER_ID.into(),
         shutdown.clone(),
     ));
     for n in 0..args.workers {

@@ -73,6 +73,10 @@ pub struct ExportArgs {
     /// An id for idempotent retry of the Export request.
     #[arg(long, default_value = "")]
     request_id: String,
+    /// Where the export's completion is POSTed when it finishes, if it goes asynchronous (an
+    /// http or https URL; see the README's "Completion webhooks").
+    #[arg(long)]
+    webhook: Option<String>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -227,6 +231,10 @@ pub async fn run(args: ExportArgs, output: Output) -> anyhow::Result<()> {
                 part_rows: args.part_rows,
                 wait: false,
                 request_id: args.request_id.clone(),
+                completion: args
+                    .webhook
+                    .clone()
+                    .map(|url| pb::CompletionTarget { target: Some(pb::completion_target::Target::WebhookUrl(url)) }),
             };
             let response = client.export(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
             let rows = count(response.records.len() as u64, "row", "rows");

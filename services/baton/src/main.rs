@@ -120,7 +120,7 @@ enum Command {
     /// Submits, follows, reads and cancels batches.
     Batch(batch_cli::BatchArgs),
     /// Runs the whole mesh in one process on embedded defaults (SQLite under --data-dir).
-    Dev(dev::DevArgs),
+    Dev(Box<dev::DevArgs>),
     /// Administers orgs, API keys and object schemas (needs the admin token).
     Admin {
         #[command(flatten)]
@@ -290,6 +290,12 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
                 &store,
                 serve.max_message_bytes(),
             );
+            node.spawn(baton_scheduler::completions::run(
+                store.clone(),
+                scheduler.webhooks.clone(),
+                scheduler.id(),
+                node.shutdown(),
+            ));
             node.spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, connector, node.shutdown()));
             node.serve(server, listener, metrics, Some(&store)).await
         }
@@ -312,7 +318,7 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
         }
         Command::Batch(args) => batch_cli::run(args, output).await,
         Command::Export(args) => export_cli::run(args, output).await,
-        Command::Dev(args) => dev::run(args).await,
+        Command::Dev(args) => dev::run(*args).await,
         Command::Manager(args) => manager_cli::run(args, output).await,
         Command::Sync(args) => match args.command {
             sync_cli::SyncCommand::Serve { serve, store, mut sync } => {

@@ -73,6 +73,8 @@ pub fn export_to_pb(export: &ExportInfo) -> pb::ExportStatus {
             .iter()
             .map(|p| pb::ExportPart { number: p.number - 1, rows: p.rows, bytes: p.bytes })
             .collect(),
+        // GetExport adds it (`completion::delivery_to_pb`)
+        completion: None,
     }
 }
 
@@ -97,6 +99,10 @@ fn spec_of(request: pb::ExportRequest) -> Result<ExportSpec, Error> {
     if request.request_id.len() > MAX_REQUEST_ID {
         errors.push(FieldError::new("request_id", format!("at most {MAX_REQUEST_ID} characters")));
     }
+    let webhook = baton_api::completion::webhook_of(request.completion.as_ref(), "completion").unwrap_or_else(|e| {
+        errors.push(e);
+        None
+    });
     if !errors.is_empty() {
         return Err(Error::Invalid(errors));
     }
@@ -109,6 +115,7 @@ fn spec_of(request: pb::ExportRequest) -> Result<ExportSpec, Error> {
         request_id: (!request.request_id.is_empty()).then_some(request.request_id),
         // the request's span continues its caller's trace; the parts continue this one
         traceparent: baton_mesh::trace::current(),
+        webhook,
     })
 }
 
@@ -174,7 +181,11 @@ impl IntakeService {
         let org = org_of(&request)?;
         require(&request.get_ref().token, "token")?;
         let export = self.store.export(&org, &request.get_ref().token).await.map_err(Error::from)?;
-        Ok(export_to_pb(&export))
+        let completion = self.store.completion(&org, &export.id).await.map_err(Error::from)?;
+        Ok(pb::ExportStatus {
+            completion: completion.as_ref().map(baton_api::completion::delivery_to_pb),
+            ..export_to_pb(&export)
+        })
     }
 
     pub(crate) async fn serve_cancel_export(

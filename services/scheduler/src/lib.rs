@@ -8,9 +8,11 @@
 //! which they have already recorded in the store: the store, not the scheduler, knows where every
 //! chunk is, so scheduler replicas share the queue and a scheduler restart loses nothing. A
 //! scheduler's `--scheduler-id` names its sessions, so a restarted scheduler resumes them (see
-//! [`releaser`]).
+//! [`releaser`]). The [`completions`] loop pushes a finished batch's or export's completion to the
+//! webhook it named.
 
 pub mod client;
+pub mod completions;
 pub mod releaser;
 mod service;
 
@@ -49,6 +51,10 @@ pub struct SchedulerOptions {
     /// How chunks are released.
     #[command(flatten)]
     pub release: ReleaseOptions,
+
+    /// How completions are pushed to webhooks.
+    #[command(flatten)]
+    pub webhooks: completions::WebhookOptions,
 }
 
 /// How the scheduler releases chunks, as flags and `BATON_*` variables.
@@ -115,6 +121,7 @@ impl SchedulerOptions {
             pool: baton_api::work::DEFAULT_POOL.to_owned(),
             scheduler_id: Some(scheduler_id),
             release,
+            webhooks: Default::default(),
         }
     }
 
@@ -122,6 +129,7 @@ impl SchedulerOptions {
     pub fn validate(&self) -> Result<(), String> {
         baton_manager_client::check_managers(&self.manager)?;
         check_scheduler_id(&self.id())?;
+        self.webhooks.validate()?;
         self.release.validate()
     }
 

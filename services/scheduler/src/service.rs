@@ -69,6 +69,11 @@ fn new_batch(header: &pb::BatchHeader) -> Result<NewBatch, Status> {
     if header.request_id.len() > MAX_REQUEST_ID {
         errors.push(FieldError::new("header.request_id", format!("at most {MAX_REQUEST_ID} characters")));
     }
+    let webhook =
+        baton_api::completion::webhook_of(header.completion.as_ref(), "header.completion").unwrap_or_else(|e| {
+            errors.push(e);
+            None
+        });
     let policy = header.policy.unwrap_or_default();
     let not_before_ms = unix_ms(policy.not_before_time.as_ref());
     if not_before_ms < 0 {
@@ -85,6 +90,7 @@ fn new_batch(header: &pb::BatchHeader) -> Result<NewBatch, Status> {
             request_id: (!header.request_id.is_empty()).then(|| header.request_id.clone()),
             // the request's span continues its caller's trace; the chunks continue this one
             traceparent: baton_mesh::trace::current(),
+            webhook,
         }),
         _ => Err(Error::Invalid(errors).into()),
     }
@@ -187,7 +193,11 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
     async fn get_batch(&self, request: Request<pb::GetBatchRequest>) -> Result<Response<pb::Batch>, Status> {
         let org = org_of(&request)?;
         let batch = self.store.batch(&org, &request.get_ref().batch_id).await.map_err(store_error)?;
-        Ok(Response::new(batch_to_pb(&batch)))
+        let completion = self.store.completion(&org, &batch.id).await.map_err(store_error)?;
+        Ok(Response::new(pb::Batch {
+            completion: completion.as_ref().map(baton_api::completion::delivery_to_pb),
+            ..batch_to_pb(&batch)
+        }))
     }
 
     type WatchBatchStream = EventStream;

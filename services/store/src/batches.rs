@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use crate::model::{Cursor, Fields, ObjectSchema};
 use crate::schema::{RecordProblem, record_id, record_problems};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
-use crate::{Backend, Error, Missing, Store, new_id, now_ms};
+use crate::{Backend, Error, Missing, Store, completions, new_id, now_ms};
 
 /// The most records a chunk may hold.
 pub const MAX_CHUNK_SIZE: u32 = 100_000;
@@ -148,6 +148,9 @@ pub struct NewBatch {
     /// The trace context (W3C `traceparent`) of the request that submitted it, which its chunks
     /// continue; empty when traces are not exported.
     pub traceparent: String,
+    /// The webhook the batch's completion is pushed to (see [`crate::completions`]). Not read
+    /// back with the batch: [`Store::completion`] tells its delivery.
+    pub webhook: Option<String>,
 }
 
 /// What [`Store::begin_batch`] found.
@@ -156,7 +159,7 @@ pub enum BatchStart {
     /// A new batch to stage records into.
     New(String),
     /// A batch staged earlier with the same request id.
-    Existing(BatchInfo),
+    Existing(Box<BatchInfo>),
 }
 
 /// Where a batch is, as seen from outside.
@@ -507,6 +510,7 @@ fn batch_info(row: &AnyRow, counts: &[AnyRow]) -> Result<BatchInfo, Error> {
             records_per_second: u32_of(row, 8)?,
             request_id: row.try_get(2)?,
             traceparent: row.try_get(12)?,
+            webhook: None,
         },
         state,
         totals,
@@ -529,12 +533,14 @@ impl Store {
             if let Some(row) = row {
                 let id: String = row.try_get(0)?;
                 if row.try_get::<String, _>(1)? != "STAGING" {
-                    return Ok(BatchStart::Existing(self.batch(org_id, &id).await?));
+                    return Ok(BatchStart::Existing(Box::new(self.batch(org_id, &id).await?)));
                 }
                 self.abandon_batch(org_id, &id).await?;
             }
         }
         let id = new_id("bat");
+        // the batch and where its completion goes, together
+        let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO batches (id, org_id, request_id, object, operation, chunk_size, not_before_ms, \
              max_parallel, records_per_second, state, created_at_ms, traceparent) \
@@ -551,10 +557,16 @@ impl Store {
         .bind(i64::from(new.records_per_second))
         .bind(now_ms())
         .bind(new.traceparent.clone())
-        .execute(&self.writer)
+        .execute(&mut *tx)
         .await;
         match inserted {
-            Ok(_) => Ok(BatchStart::New(id)),
+            Ok(_) => {
+                if let Some(url) = &new.webhook {
+                    completions::insert(&mut tx, completions::Kind::Batch, &id, org_id, url).await?;
+                }
+                tx.commit().await?;
+                Ok(BatchStart::New(id))
+            }
             // another upload with the same request id got in first
             Err(sqlx::Error::Database(e)) if e.is_unique_violation() => Err(Error::AlreadyExists(format!(
                 "a batch with request id {:?} (being uploaded now)",
@@ -635,6 +647,7 @@ impl Store {
         if gone.rows_affected() > 0 {
             sqlx::query("DELETE FROM chunk_records WHERE batch_id = $1").bind(batch_id).execute(&mut *tx).await?;
             sqlx::query("DELETE FROM chunks WHERE batch_id = $1").bind(batch_id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM completions WHERE subject_id = $1").bind(batch_id).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())

@@ -120,6 +120,9 @@ pub struct ExportSpec {
     /// The trace context (W3C `traceparent`) of the request that created it, which its parts
     /// continue; empty when traces are not exported.
     pub traceparent: String,
+    /// The webhook the export's completion is pushed to, when it goes asynchronous (see
+    /// [`crate::completions`]); an export complete in its first answer has no other completion.
+    pub webhook: Option<String>,
 }
 
 /// A produced part.
@@ -451,6 +454,9 @@ impl Store {
             Err(e) => return Err(e.into()),
         }
         self.insert_token(&mut tx, org_id, &id, &token).await?;
+        if let Some(url) = &spec.webhook {
+            crate::completions::insert(&mut tx, crate::completions::Kind::Export, &id, org_id, url).await?;
+        }
         tx.commit().await?;
         let export = self.export_row(&id).await?.info;
         Ok(ExportStart::Started { first, export, token, estimate_exact: exact })
@@ -545,7 +551,7 @@ impl Store {
     }
 
     /// An export's record with its produced parts.
-    async fn export_info(&self, export_id: &str) -> Result<ExportInfo, Error> {
+    pub(crate) async fn export_info(&self, export_id: &str) -> Result<ExportInfo, Error> {
         let mut info = self.export_row(export_id).await?.info;
         let rows = sqlx::query(
             "SELECT number, row_count, byte_count FROM export_parts WHERE export_id = $1 AND state = 'READY' \

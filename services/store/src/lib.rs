@@ -15,6 +15,7 @@ mod admin;
 pub mod batches;
 pub mod blobs;
 pub mod changes;
+pub mod completions;
 pub mod exports;
 pub mod filter;
 pub mod model;
@@ -274,7 +275,7 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sources: [(i64, &'static str, &'static str); 12] = match self.0 {
+        let sources: [(i64, &'static str, &'static str); 13] = match self.0 {
             Backend::Sqlite => [
                 (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
@@ -287,6 +288,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (9, "link_on_trimmed", include_str!("../migrations/sqlite/0009_link_on_trimmed.sql")),
                 (10, "link_target_ca", include_str!("../migrations/sqlite/0010_link_target_ca.sql")),
                 (11, "chunk_parts", include_str!("../migrations/sqlite/0011_chunk_parts.sql")),
+                (12, "completions", include_str!("../migrations/sqlite/0012_completions.sql")),
                 (14, "traceparent", include_str!("../migrations/sqlite/0014_traceparent.sql")),
             ],
             Backend::Postgres => [
@@ -301,6 +303,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (9, "link_on_trimmed", include_str!("../migrations/postgres/0009_link_on_trimmed.sql")),
                 (10, "link_target_ca", include_str!("../migrations/postgres/0010_link_target_ca.sql")),
                 (11, "chunk_parts", include_str!("../migrations/postgres/0011_chunk_parts.sql")),
+                (12, "completions", include_str!("../migrations/postgres/0012_completions.sql")),
                 (14, "traceparent", include_str!("../migrations/postgres/0014_traceparent.sql")),
             ],
         };

@@ -674,6 +674,7 @@ mod batches {
             records_per_second: 0,
             request_id: None,
             traceparent: String::new(),
+            webhook: None,
         }
     }
 
@@ -744,6 +745,88 @@ mod batches {
             assert_eq!((info.state, info.totals.records_committed), (BatchState::Done, 3));
             s.close().await;
         }
+    }
+
+    /// A batch's completion webhook, through the states the scheduler's delivery loop moves it
+    /// by: WAITING while the batch runs, PENDING once it is done, claimed by one of two claimers,
+    /// retried after a failure, FAILED or DELIVERED; a broken upload leaves no delivery behind.
+    #[tokio::test]
+    async fn a_completion_waits_for_its_batch_and_is_claimed_by_one_scheduler() {
+        use baton_store::completions::{Attempted, DeliveryState, Kind};
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let hook = |url: &str| NewBatch { webhook: Some(url.into()), ..new_batch(BatchOp::Upsert, 2) };
+            let id = submit(s, &org, &hook("http://receiver/a"), &accounts("c", 3)).await;
+            let plain = submit(s, &org, &new_batch(BatchOp::Upsert, 2), &accounts("p", 1)).await;
+            assert_eq!(s.completion(&org, &plain).await.unwrap(), None);
+            // another org sees none
+            let other = s.create_org("other").await.unwrap().id;
+            assert_eq!(s.completion(&other, &id).await.unwrap(), None);
+            let d = s.completion(&org, &id).await.unwrap().unwrap();
+            assert_eq!(
+                (d.kind, d.state, d.attempts, d.url.as_str()),
+                (Kind::Batch, DeliveryState::Waiting, 0, "http://receiver/a")
+            );
+            // not finished: nothing to deliver
+            assert!(s.finished_waiting(10).await.unwrap().is_empty());
+            assert_eq!(run(s, &id, 0).await, ChunkRun::Committed(ChunkState::Committed));
+            assert!(s.finished_waiting(10).await.unwrap().is_empty());
+            assert_eq!(run(s, &id, 1).await, ChunkRun::Committed(ChunkState::Committed));
+            assert_eq!(s.finished_waiting(10).await.unwrap(), vec![(Kind::Batch, id.clone(), org.clone())]);
+            assert!(s.ready_completion(&id, "{\"body\":1}").await.unwrap());
+            assert!(!s.ready_completion(&id, "{\"body\":2}").await.unwrap(), "made ready once");
+            assert!(s.finished_waiting(10).await.unwrap().is_empty());
+
+            // two claimers: one wins
+            let lease = Duration::from_secs(30);
+            let a = s.claim_completions("a", lease, 10).await.unwrap();
+            let b = s.claim_completions("b", lease, 10).await.unwrap();
+            assert_eq!((a.len(), b.len()), (1, 0), "{a:?} {b:?}");
+            assert_eq!((a[0].attempts, a[0].body.as_str(), a[0].org_id.as_str()), (1, "{\"body\":1}", org.as_str()));
+            let retry = baton_mesh::now_ms() - 1;
+            let failed = Attempted::Failed { error: "HTTP 503".into(), retry_at_ms: Some(retry) };
+            s.record_delivery(&id, "a", &failed).await.unwrap();
+            let d = s.completion(&org, &id).await.unwrap().unwrap();
+            assert_eq!(
+                (d.state, d.attempts, d.last_error.as_str(), d.next_attempt_ms),
+                (DeliveryState::Pending, 1, "HTTP 503", retry)
+            );
+            // due again, and the lease given up: the other claimer takes it
+            let b = s.claim_completions("b", lease, 10).await.unwrap();
+            assert_eq!(b.iter().map(|c| c.attempts).collect::<Vec<_>>(), [2]);
+            s.record_delivery(&id, "b", &Attempted::Acknowledged).await.unwrap();
+            let d = s.completion(&org, &id).await.unwrap().unwrap();
+            assert_eq!(
+                (d.state, d.attempts, d.acknowledgments, d.last_error.as_str()),
+                (DeliveryState::Delivered, 2, 1, "HTTP 503")
+            );
+            assert!(d.delivered_at_ms > 0);
+            // a late failure of a stalled claimer does not undo it
+            s.record_delivery(&id, "a", &failed).await.unwrap();
+            assert_eq!(s.completion(&org, &id).await.unwrap().unwrap().state, DeliveryState::Delivered);
+            assert!(s.claim_completions("a", lease, 10).await.unwrap().is_empty());
+
+            // given up
+            let gone = submit(s, &org, &hook("https://receiver/b"), &accounts("g", 1)).await;
+            s.cancel_batch(&org, &gone).await.unwrap();
+            assert_eq!(s.finished_waiting(10).await.unwrap(), vec![(Kind::Batch, gone.clone(), org.clone())]);
+            assert!(s.ready_completion(&gone, "{}").await.unwrap());
+            assert_eq!(s.claim_completions("a", lease, 10).await.unwrap().len(), 1);
+            let give_up = Attempted::Failed { error: "connection refused".into(), retry_at_ms: None };
+            s.record_delivery(&gone, "a", &give_up).await.unwrap();
+            let d = s.completion(&org, &gone).await.unwrap().unwrap();
+            assert_eq!((d.state, d.attempts, d.last_error.as_str()), (DeliveryState::Failed, 1, "connection refused"));
+
+            // a broken upload: its delivery goes with it
+            let BatchStart::New(broken) = s.begin_batch(&org, &hook("http://receiver/c")).await.unwrap() else {
+                panic!("a new batch")
+            };
+            assert!(s.completion(&org, &broken).await.unwrap().is_some());
+            s.abandon_batch(&org, &broken).await.unwrap();
+            assert_eq!(s.completion(&org, &broken).await.unwrap(), None);
+        })
+        .await;
     }
 
     /// One attempt at a part of chunk `index` (None: the whole chunk) under a size budget.
@@ -1249,6 +1332,7 @@ mod exports {
             part_rows,
             request_id: None,
             traceparent: String::new(),
+            webhook: None,
         }
     }
 
