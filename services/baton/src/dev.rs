@@ -32,6 +32,11 @@ pub struct DevArgs {
     #[arg(long = "blobs", env = "BATON_BLOBS")]
     blobs: Option<String>,
 
+    /// How long a WatchBatch or WatchExport stream waits for a commit of its batch or export to
+    /// be announced before it reads it anyway (see `baton intake --help`).
+    #[arg(long, env = "BATON_WATCH_POLL", default_value = "1s", value_parser = super::parse_watch_poll)]
+    watch_poll: std::time::Duration,
+
     /// The gRPC address (port 0 picks a free port).
     #[arg(long = "listen", env = "BATON_LISTEN", default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
@@ -107,6 +112,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut store_options = StoreOptions::new(url.clone());
     // on SQLite, a chunk's lock wait ends as busy after the workers' lock timeout
     store_options.busy_timeout = args.chunks.lock_timeout;
+    store_options.watch_poll = args.watch_poll;
     let store = Store::open(&store_options).await.unwrap_or_else(|e| exit_bad_config(e));
     let blobs_at = args.blobs.clone().unwrap_or_else(|| data_dir.join("blobs").display().to_string());
     let blobs = baton_store::blobs::Blobs::open(&blobs_at).unwrap_or_else(|e| exit_bad_config(e));
