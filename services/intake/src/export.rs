@@ -210,6 +210,7 @@ impl IntakeService {
         let token = request.into_inner().token;
         require(&token, "token")?;
         // NOT_FOUND before the stream starts
+        metrics::counter!("baton_watch_reads_total", "watch" => "export").increment(1);
         let first = self.store.export(&org, &token).await.map_err(Error::from)?;
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
