@@ -36,6 +36,11 @@ pub struct DevArgs {
     #[command(flatten)]
     serve: ServeOptions,
 
+    /// How long a WatchBatch or WatchExport stream waits for a commit of its batch or export to
+    /// be announced before it reads it anyway (see `baton intake --help`).
+    #[arg(long, env = "BATON_WATCH_POLL", default_value = "1s", value_parser = super::parse_watch_poll)]
+    watch_poll: std::time::Duration,
+
     /// The admin token; by default one is made up on first start and kept in the data directory.
     /// (Its variable is not BATON_ADMIN_TOKEN, the CLI's: a shell set up to talk to one
     /// `baton dev` must not hand its token to a second one started from it.)
@@ -99,6 +104,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut store_options = StoreOptions::new(url.clone());
     // on SQLite, a chunk's lock wait ends as busy after the workers' lock timeout
     store_options.busy_timeout = args.chunks.lock_timeout;
+    store_options.watch_poll = args.watch_poll;
     let store = Store::open(&store_options).await.unwrap_or_else(|e| exit_bad_config(e));
     let blobs_at = args.blobs.clone().unwrap_or_else(|| data_dir.join("blobs").display().to_string());
     let blobs = baton_store::blobs::Blobs::open(&blobs_at).unwrap_or_else(|e| exit_bad_config(e));

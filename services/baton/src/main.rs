@@ -13,6 +13,7 @@ mod sync_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use baton_intake::IntakeOptions;
 use baton_mesh::config::{ServeOptions, TelemetryOptions, exit_bad_config};
@@ -50,11 +51,28 @@ pub(crate) struct StoreArgs {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     store_connections: u32,
 
+    /// How long a WatchBatch or WatchExport stream waits for a commit of its batch or export to
+    /// be announced before it reads it anyway. Commits are pushed (an in-process signal, and
+    /// LISTEN/NOTIFY on PostgreSQL), so this is only the fallback for what no notification tells
+    /// of: a worker in another process writing the same SQLite file, a notification lost with
+    /// its connection.
+    #[arg(long, env = "BATON_WATCH_POLL", default_value = "1s", value_parser = parse_watch_poll)]
+    watch_poll: Duration,
+
     /// Where export parts are kept: a directory, `file:///DIR`, or `s3://BUCKET/PREFIX` (an
     /// S3-compatible store, configured by the `AWS_*` variables). Intake, scheduler and workers
     /// must share it.
     #[arg(long, env = "BATON_BLOBS", default_value = ".baton-blobs")]
     blobs: String,
+}
+
+/// `--watch-poll`: a duration from 1ms to 10m.
+pub(crate) fn parse_watch_poll(value: &str) -> Result<Duration, String> {
+    let poll = baton_mesh::config::parse_duration(value)?;
+    if poll < Duration::from_millis(1) || poll > Duration::from_secs(600) {
+        return Err(format!("between 1ms and 10m, got {poll:?}"));
+    }
+    Ok(poll)
 }
 
 impl StoreArgs {
@@ -66,6 +84,7 @@ impl StoreArgs {
     pub(crate) async fn open_with(&self, mut options: StoreOptions) -> anyhow::Result<Store> {
         options.url = self.url.clone();
         options.max_connections = self.store_connections;
+        options.watch_poll = self.watch_poll;
         Ok(Store::open(&options).await?)
     }
 

@@ -236,4 +236,9 @@ pub const METRICS: &[Metric] = &[
         kind: Kind::Counter,
         help: "Reads of the change log by its followers, by follower (extract, link); a caught-up follower reads again when a commit is announced, or after --change-poll.",
     },
+    Metric {
+        name: "baton_watch_reads_total",
+        kind: Kind::Counter,
+        help: "Reads of a batch or an export by the streams watching it, by watch (batch, export); a stream reads again when a commit of its batch or export is announced, or after --watch-poll.",
+    },
 ];

@@ -12,6 +12,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use tokio::time::Instant;
 
+use crate::changes::Topic;
 use crate::model::{Cursor, Fields, ObjectSchema};
 use crate::schema::{RecordProblem, record_id, record_problems};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
@@ -633,6 +634,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(Error::not_found(Missing::Batch, format!("staging batch {batch_id}")));
         }
+        self.touched(Topic::Batch(batch_id));
         Ok(())
     }
 
@@ -822,6 +824,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.touched(Topic::Batch(batch_id));
         self.batch(org_id, batch_id).await
     }
 
@@ -854,13 +857,18 @@ impl Store {
             tx.commit().await?;
             return Ok(Vec::new());
         }
-        sqlx::query(
+        // the batches whose chunks change, to announce after the commit
+        let mut touched: HashSet<String> = HashSet::new();
+        let again = sqlx::query(
             "UPDATE chunks SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
-             WHERE state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1",
+             WHERE state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1 RETURNING batch_id",
         )
         .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        for row in &again {
+            touched.insert(row.try_get(0)?);
+        }
         let mut per_org: HashMap<String, u32> = HashMap::new();
         let mut per_batch: HashMap<String, u32> = HashMap::new();
         let mut overall = 0u32;
@@ -878,6 +886,7 @@ impl Store {
         }
         if overall >= caps.overall {
             tx.commit().await?;
+            self.touched_batches(&touched);
             return Ok(Vec::new());
         }
         let room = caps.overall - overall;
@@ -965,6 +974,7 @@ impl Store {
             // only what this transaction moved out of PENDING is ours to send (the lock row makes
             // this always so; the check keeps a chunk from being sent twice even without it)
             if updated.rows_affected() == 1 {
+                touched.insert(chunk.batch_id.clone());
                 claimed.push(chunk);
             }
         }
@@ -976,7 +986,15 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
+        self.touched_batches(&touched);
         Ok(claimed)
+    }
+
+    /// Announces commits that changed the chunks of `batches`.
+    fn touched_batches(&self, batches: &HashSet<String>) {
+        for batch in batches {
+            self.touched(Topic::Batch(batch));
+        }
     }
 
     /// Whether `table` (chunks or export_parts) holds a row to release: one pending, or one
@@ -1061,13 +1079,18 @@ impl Store {
         }
         let again = sqlx::query(&format!(
             "UPDATE {table} SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
-             WHERE state = 'RELEASED' AND claimed_by = $1 AND sent_at_ms = 0"
+             WHERE state = 'RELEASED' AND claimed_by = $1 AND sent_at_ms = 0 RETURNING {owner}"
         ))
         .bind(claimer)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        recovered.released_again = again.rows_affected();
+        recovered.released_again = again.len() as u64;
         tx.commit().await?;
+        // a chunk's state is shown to the watchers of its batch; an export shows no part's
+        if let Releasable::Chunks = what {
+            let batches = again.iter().map(|row| row.try_get(0)).collect::<Result<HashSet<String>, _>>()?;
+            self.touched_batches(&batches);
+        }
         Ok(recovered)
     }
 
@@ -1090,9 +1113,10 @@ impl Store {
         .execute(&self.writer)
         .await?;
         if started.rows_affected() == 1 {
+            self.touched(Topic::Batch(batch_id));
             return Ok(ChunkStart::Run);
         }
-        sqlx::query(&format!(
+        let cancelled = sqlx::query(&format!(
             "UPDATE chunks SET state = 'CANCELLED', finished_at_ms = $3 WHERE batch_id = $1 AND idx = $2 \
              AND state IN {RUNNABLE}"
         ))
@@ -1101,6 +1125,9 @@ impl Store {
         .bind(now)
         .execute(&self.writer)
         .await?;
+        if cancelled.rows_affected() > 0 {
+            self.touched(Topic::Batch(batch_id));
+        }
         Ok(ChunkStart::Finished(self.chunk_state(batch_id, index).await?))
     }
 
@@ -1123,6 +1150,7 @@ impl Store {
             .bind(cause)
             .execute(&self.writer)
             .await?;
+        self.touched(Topic::Batch(batch_id));
         Ok(())
     }
 
@@ -1148,6 +1176,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.writer)
         .await?;
+        self.touched(Topic::Batch(batch_id));
         self.chunk_state(batch_id, index).await
     }
 
@@ -1364,6 +1393,7 @@ impl Store {
             Some((run @ (ChunkRun::Committed(_) | ChunkRun::PartCommitted), last)) => {
                 tx.commit().await?;
                 self.committed(&org_id, last);
+                self.touched(Topic::Batch(batch_id));
                 Ok(run)
             }
             // dropping the transaction rolls it back
@@ -1462,6 +1492,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        self.touched(Topic::Batch(batch_id));
         Ok(Split::Halves)
     }
 
@@ -1503,6 +1534,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.writer)
         .await?;
+        self.touched(Topic::Batch(batch_id));
         Ok(())
     }
 
@@ -1584,6 +1616,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.touched(Topic::Batch(batch_id));
         Ok(Some(outcome))
     }
 

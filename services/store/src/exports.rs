@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::batches::{Recovered, Releasable, UNSENT_RELEASE_TIMEOUT_MS, u32_of};
 use crate::blobs::{Blobs, Compressor};
+use crate::changes::Topic;
 use crate::filter::Compiled;
 use crate::model::{Cursor, Fields, ObjectSchema, Record};
 use crate::records::{RawRow, bind_condition, decode_fields, read_condition};
@@ -648,6 +649,9 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        if ended.rows_affected() == 1 {
+            self.touched(Topic::Export(export_id));
+        }
         Ok(())
     }
 
@@ -748,6 +752,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        self.touched(Topic::Export(&info.id));
         if rows > 0 {
             export.info.parts_total = number;
         }
@@ -948,6 +953,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.touched(Topic::Export(export_id));
         Ok(PartOutcome::Produced(rows))
     }
 
@@ -998,6 +1004,7 @@ impl Store {
             sqlx::query("DELETE FROM export_parts WHERE export_id = $1").bind(id.clone()).execute(&mut *tx).await?;
             sqlx::query("UPDATE exports SET expired = 1 WHERE id = $1").bind(id.clone()).execute(&mut *tx).await?;
             tx.commit().await?;
+            self.touched(Topic::Export(&id));
             tracing::info!(export = %id, "export expired: its parts are deleted");
             expired += 1;
         }
