@@ -14,6 +14,7 @@ use tokio::time::Instant;
 
 use crate::changes::Topic;
 use crate::model::{Cursor, Fields, ObjectSchema};
+use crate::release::{self, Releasable, Release};
 use crate::schema::{RecordProblem, record_id, record_problems};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
 use crate::{Backend, Error, Missing, Store, completions, new_id, now_ms};
@@ -21,9 +22,6 @@ use crate::{Backend, Error, Missing, Store, completions, new_id, now_ms};
 /// The most records a chunk may hold.
 pub const MAX_CHUNK_SIZE: u32 = 100_000;
 
-/// A released chunk (or export part) not yet handed to the manager after this long is released
-/// again: its scheduler died between the claim and the send.
-pub(crate) const UNSENT_RELEASE_TIMEOUT_MS: i64 = 30_000;
 /// How long releases are deferred after a chunk committed only after meeting a busy database.
 pub const OVERLOAD_PAUSE_MS: i64 = 1_000;
 
@@ -380,25 +378,6 @@ pub struct Recovered {
     pub released_again: u64,
     /// Of those said to be held, the ones still in flight (id, number).
     pub in_flight: Vec<(String, u32)>,
-}
-
-/// What a scheduler releases: chunks, or export parts.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Releasable {
-    /// Batch chunks (`chunks`).
-    Chunks,
-    /// Export parts (`export_parts`).
-    Parts,
-}
-
-impl Releasable {
-    /// The table, its owner and number columns, and its in-flight states (SQL list).
-    fn columns(self) -> (&'static str, &'static str, &'static str, &'static str) {
-        match self {
-            Releasable::Chunks => ("chunks", "batch_id", "idx", "('RELEASED', 'RUNNING')"),
-            Releasable::Parts => ("export_parts", "export_id", "number", "('RELEASED')"),
-        }
-    }
 }
 
 /// What a worker may do with a chunk delivered to it.
@@ -839,14 +818,11 @@ impl Store {
     /// the answer.
     pub async fn release_chunks(&self, claimer: &str, caps: ReleaseCaps) -> Result<Vec<ChunkRef>, Error> {
         let now = now_ms();
-        // Nothing pending and nothing to take back: a read says so without the write transaction
-        // (see `release_parts`), so an idle scheduler writes nothing. A chunk staged just after
-        // this read waits for the next round.
-        if !self.release_waits("chunks", now - UNSENT_RELEASE_TIMEOUT_MS).await? {
+        let Some(Release { mut tx, taken_back }) = self.begin_release(Releasable::Chunks, now).await? else {
             return Ok(Vec::new());
-        }
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE release_lock SET releases = releases + 1 WHERE id = 1").execute(&mut *tx).await?;
+        };
+        // the batches whose chunks change, to announce after the commit
+        let mut touched = taken_back;
         let overloaded = sqlx::query(
             "SELECT 1 FROM chunks WHERE state = 'COMMITTED_AFTER_RETRY_WORKLOAD' AND finished_at_ms > $1 LIMIT 1",
         )
@@ -855,19 +831,8 @@ impl Store {
         .await?;
         if overloaded.is_some() {
             tx.commit().await?;
+            self.touched_batches(&touched);
             return Ok(Vec::new());
-        }
-        // the batches whose chunks change, to announce after the commit
-        let mut touched: HashSet<String> = HashSet::new();
-        let again = sqlx::query(
-            "UPDATE chunks SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
-             WHERE state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1 RETURNING batch_id",
-        )
-        .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in &again {
-            touched.insert(row.try_get(0)?);
         }
         let mut per_org: HashMap<String, u32> = HashMap::new();
         let mut per_batch: HashMap<String, u32> = HashMap::new();
@@ -961,19 +926,9 @@ impl Store {
         }
         let mut claimed = Vec::with_capacity(released.len());
         for chunk in released {
-            let updated = sqlx::query(
-                "UPDATE chunks SET state = 'RELEASED', claimed_by = $3, released_at_ms = $4, sent_at_ms = 0 \
-                 WHERE batch_id = $1 AND idx = $2 AND state = 'PENDING'",
-            )
-            .bind(chunk.batch_id.clone())
-            .bind(i64::from(chunk.index))
-            .bind(claimer)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
             // only what this transaction moved out of PENDING is ours to send (the lock row makes
-            // this always so; the check keeps a chunk from being sent twice even without it)
-            if updated.rows_affected() == 1 {
+            // this always so; the guard keeps a chunk from being sent twice even without it)
+            if release::claim(&mut tx, Releasable::Chunks, &chunk.batch_id, chunk.index, claimer, now).await? {
                 touched.insert(chunk.batch_id.clone());
                 claimed.push(chunk);
             }
@@ -991,107 +946,25 @@ impl Store {
     }
 
     /// Announces commits that changed the chunks of `batches`.
-    fn touched_batches(&self, batches: &HashSet<String>) {
+    pub(crate) fn touched_batches(&self, batches: &HashSet<String>) {
         for batch in batches {
             self.touched(Topic::Batch(batch));
         }
     }
 
-    /// Whether `table` (chunks or export_parts) holds a row to release: one pending, or one
-    /// released but unsent since before `stale_before` (ms).
-    pub(crate) async fn release_waits(&self, table: &str, stale_before: i64) -> Result<bool, Error> {
-        let row = sqlx::query(&format!(
-            "SELECT 1 FROM {table} WHERE state = 'PENDING' \
-             OR (state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1) LIMIT 1"
-        ))
-        .bind(stale_before)
-        .fetch_optional(&self.reader)
-        .await?;
-        Ok(row.is_some())
-    }
-
     /// Records that a released chunk is in the manager's hands.
     pub async fn mark_sent(&self, chunk: &ChunkRef) -> Result<(), Error> {
-        // A worker may already hold the chunk's row (its transaction runs the chunk): then it has
-        // started it and there is nothing to mark; waiting for that transaction would stall the
-        // releaser for the chunk's whole run (seen in `bench batch` on PostgreSQL).
-        let sql = match self.backend {
-            Backend::Sqlite => "UPDATE chunks SET sent_at_ms = $3 WHERE batch_id = $1 AND idx = $2 AND sent_at_ms = 0",
-            Backend::Postgres => {
-                "UPDATE chunks SET sent_at_ms = $3 WHERE (batch_id, idx) IN (SELECT batch_id, idx FROM chunks \
-                 WHERE batch_id = $1 AND idx = $2 AND sent_at_ms = 0 FOR UPDATE SKIP LOCKED)"
-            }
-        };
-        sqlx::query(sql)
-            .bind(chunk.batch_id.clone())
-            .bind(i64::from(chunk.index))
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        self.mark_release_sent(Releasable::Chunks, &chunk.batch_id, chunk.index).await
     }
 
     /// After scheduler `claimer` restarted, before its first release: each chunk it released and
     /// had not marked sent either reached the manager or not. Those in `held` (batch id, chunk
     /// index: what the restart data of its sessions lists as sent) did, and are marked sent, so
     /// they are never sent again; the others did not, and go back to PENDING, to be released at
-    /// once rather than after [`UNSENT_RELEASE_TIMEOUT_MS`]. Also answers which chunks of `held`
+    /// once rather than after [`release::UNSENT_RELEASE_TIMEOUT_MS`]. Also answers which chunks of `held`
     /// are still in flight (released or running), whose answers are still to come.
     pub async fn recover_chunks(&self, claimer: &str, held: &[(String, u32)]) -> Result<Recovered, Error> {
         self.recover_releases(Releasable::Chunks, claimer, held).await
-    }
-
-    /// [`Store::recover_chunks`] for chunks or export parts.
-    pub(crate) async fn recover_releases(
-        &self,
-        what: Releasable,
-        claimer: &str,
-        held: &[(String, u32)],
-    ) -> Result<Recovered, Error> {
-        let (table, owner, number, in_flight) = what.columns();
-        let now = now_ms();
-        let mut recovered = Recovered::default();
-        let mut tx = self.writer.begin().await?;
-        for (id, n) in held {
-            // a row a worker has taken is no longer RELEASED: the condition skips it (on
-            // PostgreSQL without waiting for the worker's transaction, as in `mark_sent`)
-            let marked = sqlx::query(&format!(
-                "UPDATE {table} SET sent_at_ms = $4 WHERE {owner} = $1 AND {number} = $2 AND claimed_by = $3 \
-                 AND state = 'RELEASED' AND sent_at_ms = 0"
-            ))
-            .bind(id.as_str())
-            .bind(i64::from(*n))
-            .bind(claimer)
-            .bind(now)
-            .execute(&mut *tx)
-            .await?;
-            recovered.marked_sent += marked.rows_affected();
-            let flying = sqlx::query(&format!(
-                "SELECT 1 FROM {table} WHERE {owner} = $1 AND {number} = $2 AND state IN {in_flight}"
-            ))
-            .bind(id.as_str())
-            .bind(i64::from(*n))
-            .fetch_optional(&mut *tx)
-            .await?;
-            if flying.is_some() {
-                recovered.in_flight.push((id.clone(), *n));
-            }
-        }
-        let again = sqlx::query(&format!(
-            "UPDATE {table} SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
-             WHERE state = 'RELEASED' AND claimed_by = $1 AND sent_at_ms = 0 RETURNING {owner}"
-        ))
-        .bind(claimer)
-        .fetch_all(&mut *tx)
-        .await?;
-        recovered.released_again = again.len() as u64;
-        tx.commit().await?;
-        // a chunk's state is shown to the watchers of its batch; an export shows no part's
-        if let Releasable::Chunks = what {
-            let batches = again.iter().map(|row| row.try_get(0)).collect::<Result<HashSet<String>, _>>()?;
-            self.touched_batches(&batches);
-        }
-        Ok(recovered)
     }
 
     /// A worker takes a delivered chunk: RUNNING, one more attempt, unless it has its outcome

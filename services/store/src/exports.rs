@@ -14,12 +14,13 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 use tokio::time::Instant;
 
-use crate::batches::{Recovered, Releasable, UNSENT_RELEASE_TIMEOUT_MS, u32_of};
+use crate::batches::{Recovered, u32_of};
 use crate::blobs::{Blobs, Compressor};
 use crate::changes::Topic;
 use crate::filter::Compiled;
 use crate::model::{Cursor, Fields, ObjectSchema, Record};
 use crate::records::{RawRow, bind_condition, decode_fields, read_condition};
+use crate::release::{self, Releasable, Release};
 use crate::{Backend, Error, Missing, Store, new_id, now_ms};
 
 /// Rows answered at once by default.
@@ -767,21 +768,12 @@ impl Store {
     /// release lock row, like chunk releases.
     pub async fn release_parts(&self, claimer: &str, per_export: u32, overall: u32) -> Result<Vec<PartRef>, Error> {
         let now = now_ms();
-        // The releaser asks after every answer; most of the time no part waits. A read says so
-        // without the write transaction, which on SQLite takes the one writer that batch chunks
-        // wait for. A part that becomes pending just after this read waits for the next round.
-        if !self.release_waits("export_parts", now - UNSENT_RELEASE_TIMEOUT_MS).await? {
+        // The releaser asks after every answer; most of the time no part waits, and the release
+        // then costs one read, not the write transaction (on SQLite the one writer that batch
+        // chunks wait for). A part's release is not shown to watchers: nothing to announce.
+        let Some(Release { mut tx, .. }) = self.begin_release(Releasable::Parts, now).await? else {
             return Ok(Vec::new());
-        }
-        let mut tx = self.writer.begin().await?;
-        sqlx::query("UPDATE release_lock SET releases = releases + 1 WHERE id = 1").execute(&mut *tx).await?;
-        sqlx::query(
-            "UPDATE export_parts SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
-             WHERE state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1",
-        )
-        .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
-        .execute(&mut *tx)
-        .await?;
+        };
         let in_flight =
             sqlx::query("SELECT export_id, COUNT(*) FROM export_parts WHERE state = 'RELEASED' GROUP BY export_id")
                 .fetch_all(&mut *tx)
@@ -815,17 +807,7 @@ impl Store {
                 if total >= overall || *count >= per_export {
                     continue;
                 }
-                let updated = sqlx::query(
-                    "UPDATE export_parts SET state = 'RELEASED', claimed_by = $3, released_at_ms = $4, sent_at_ms = 0 \
-                     WHERE export_id = $1 AND number = $2 AND state = 'PENDING'",
-                )
-                .bind(part.export_id.clone())
-                .bind(i64::from(part.number))
-                .bind(claimer)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-                if updated.rows_affected() == 1 {
+                if release::claim(&mut tx, Releasable::Parts, &part.export_id, part.number, claimer, now).await? {
                     *count += 1;
                     total += 1;
                     released.push(part);
@@ -839,13 +821,7 @@ impl Store {
     /// Records that a released part is journaled by the manager (it is no longer released again
     /// by timeout: the manager delivers it).
     pub async fn mark_part_sent(&self, part: &PartRef) -> Result<(), Error> {
-        sqlx::query("UPDATE export_parts SET sent_at_ms = $3 WHERE export_id = $1 AND number = $2 AND sent_at_ms = 0")
-            .bind(part.export_id.clone())
-            .bind(i64::from(part.number))
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        self.mark_release_sent(Releasable::Parts, &part.export_id, part.number).await
     }
 
     /// [`Store::recover_chunks`] for export parts: of the parts scheduler `claimer` released and

@@ -20,6 +20,7 @@ pub mod exports;
 pub mod filter;
 pub mod model;
 mod records;
+mod release;
 pub mod schema;
 pub mod sync;
 pub mod testing;
