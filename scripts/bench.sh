@@ -23,14 +23,19 @@
 #                              # first portion p50/p99 over BENCH_EXPORT_REPEATS exports (50),
 #                              # rows/s beside a raw sqlite3 scan of the same rows (medians of
 #                              # BENCH_EXPORT_RUNS, 3, of each), peak RSS
+#   scripts/bench.sh all       # every area above in turn
+#
+# Every run ends with a Markdown table of its headline figures: each beside the peer measured in
+# the same run, with the ratio and the target it meets or not (docs/performance.md keeps the
+# latest). BENCH_MANAGER_HANDOVERS (10) sets how many SIGTERM handovers `manager` times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
 
 area="${1:-}"
 case "$area" in
-  intake|sync|manager|sessions|batch|export) ;;
-  *) echo "usage: scripts/bench.sh intake|sync|manager|sessions|batch|export" >&2; exit 64 ;;
+  intake|sync|manager|sessions|batch|export|all) ;;
+  *) echo "usage: scripts/bench.sh intake|sync|manager|sessions|batch|export|all" >&2; exit 64 ;;
 esac
 
 baton_setup_tools

@@ -476,9 +476,10 @@ async fn an_export_then_extract_after_its_as_of_seq_builds_an_exact_mirror() {
         // the writers: updates, deletes and new records over the whole id range (but the two
         // records this test changes itself), until told to stop
         let stop = Arc::new(AtomicBool::new(false));
+        let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut writers = Vec::new();
         for w in 0..3u64 {
-            let (server, org, stop) = (server.clone(), org.clone(), stop.clone());
+            let (server, org, stop, written) = (server.clone(), org.clone(), stop.clone(), written.clone());
             writers.push(tokio::spawn(async move {
                 let mut intake = server.intake().await;
                 let mut done = 0u64;
@@ -500,6 +501,7 @@ async fn an_export_then_extract_after_its_as_of_seq_builds_an_exact_mirror() {
                         intake.upsert(authed(request, &org.key)).await.unwrap();
                     }
                     done += 1;
+                    written.fetch_add(1, Ordering::Relaxed);
                 }
                 done
             }));
@@ -510,6 +512,7 @@ async fn an_export_then_extract_after_its_as_of_seq_builds_an_exact_mirror() {
         let export = intake.export(authed(export_request("", 500, 1_000), &org.key)).await.unwrap().into_inner();
         assert!(!export.complete && export.records.len() == 500, "{:?}", export.status);
         let as_of_seq = export.as_of_seq;
+        let written_at_mark = written.load(Ordering::Relaxed);
         assert!(as_of_seq >= (n / 200) as i64, "{as_of_seq}");
         let mut mirror = Mirror::new();
         let mut exported = BTreeSet::new();
@@ -538,7 +541,15 @@ async fn an_export_then_extract_after_its_as_of_seq_builds_an_exact_mirror() {
         assert_eq!(mirror["a009000"].0, 2, "the part was read after the update");
         assert!(!mirror.contains_key("a008000"), "the part was read after the delete");
 
-        // the writers stop; one last write marks the end
+        // the writers stop once they wrote 150 more times after the mark (one in five a delete,
+        // which may find nothing: more than 100 changes; the export, watched without polling,
+        // may end sooner than that), then one last write marks the end
+        let before = written_at_mark;
+        eventually(Duration::from_secs(60), "150 writes past the mark", || {
+            let written = written.load(Ordering::Relaxed);
+            async move { (written >= before + 150).then_some(()) }
+        })
+        .await;
         stop.store(true, Ordering::Relaxed);
         let mut writes = 0;
         for w in writers {

@@ -175,9 +175,12 @@ async fn requests_are_answered_once_across_manager_kills_and_a_lost_server() {
 async fn the_in_sync_standby_takes_over_and_nothing_acknowledged_is_lost() {
     let connector = Connector::new(None).unwrap();
     if let Ok(filter) = std::env::var("BATON_E2E_LOG") {
-        let options =
-            baton_mesh::config::TelemetryOptions { log_format: baton_mesh::config::LogFormat::Text, log: filter };
-        let _ = baton_mesh::telemetry::init_tracing(&options);
+        let options = baton_mesh::config::TelemetryOptions {
+            log_format: baton_mesh::config::LogFormat::Text,
+            log: filter,
+            otlp_endpoint: None,
+        };
+        let _ = baton_mesh::telemetry::init_tracing(&options, "baton-test");
     }
     let etcd = baton_tests::Etcd::start();
     let election = format!("/baton-test/{}", std::process::id());

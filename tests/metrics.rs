@@ -63,6 +63,11 @@ async fn every_metric_of_the_catalog_the_dashboard_and_the_alerts_is_exported_wi
     let request = authed(pb::FetchPartRequest { token: token.clone(), part: 0 }, &a.key);
     let mut part = intake.fetch_part(request).await.unwrap().into_inner();
     while part.message().await.unwrap().is_some() {}
+    // and watched to its end
+    let request = authed(pb::WatchExportRequest { token: token.clone() }, &a.key);
+    let mut watch = intake.watch_export(request).await.unwrap().into_inner();
+    let watched = async { while watch.message().await.unwrap().is_some() {} };
+    tokio::time::timeout(Duration::from_secs(60), watched).await.expect("the export ends within 60 s");
 
     // a link from a to b
     let link = pb::CreateLinkRequest {

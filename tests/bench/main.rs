@@ -1,5 +1,9 @@
 //! `baton-bench`: the benchmarks behind `scripts/bench.sh`. Each starts the real (release)
-//! `baton` binary, drives it over gRPC, and prints its figures; the last line is a summary.
+//! `baton` binary, drives it over gRPC, and prints its figures; its last lines are a summary and
+//! the table of its headline figures against their peers and targets (`figures`); `all` runs
+//! every area and prints one table.
+
+mod figures;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -7,6 +11,7 @@ use std::time::{Duration, Instant};
 use baton_mesh::proto::v1 as pb;
 use baton_store::Backend;
 use baton_tests::{Server, authed, create_org, record};
+use figures::Target;
 use serde_json::json;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -105,6 +110,9 @@ async fn intake(seconds: f64) {
                 f.rejected
             );
             summary.push(format!("{name} {size}rec {:.0} req/s p99 {:.1}ms", f.requests_per_s, ms(f.p99)));
+            let what = format!("intake {name} {size}-record upserts, 8 clients");
+            figures::record(format!("{what}: records"), f.records_per_s, "records/s", None, Target::None);
+            figures::record(format!("{what}: p99"), ms(f.p99), "ms", None, Target::None);
         }
     }
     println!("summary: intake upserts: {}", summary.join("; "));
@@ -253,6 +261,14 @@ async fn sync(seconds: f64) {
         ms(p50),
         ms(p99)
     );
+    figures::record_unmeasured_peer(
+        "sync: events applied between two deployments",
+        apply_rate,
+        "events/s",
+        "PostgreSQL logical replication",
+        1.0,
+    );
+    figures::record(format!("sync: link lag p99 at {achieved:.0} events/s"), ms(p99), "ms", None, Target::AtMost(20.0));
 }
 
 /// The connector of this process's sessions (no mesh token): all of them share its streams, one
@@ -420,7 +436,7 @@ async fn manager(seconds: f64) {
         }
     });
     let mut handovers = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..env_number("BENCH_MANAGER_HANDOVERS", 10) {
         let primary = wait_for_pair(&p.members).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let before = term.load(std::sync::atomic::Ordering::SeqCst);
@@ -456,7 +472,16 @@ async fn manager(seconds: f64) {
         ms(p99),
         ms(h50)
     );
+    let relay = format!("manager: durable round trips, {clients} client sessions");
+    figures::record(relay.clone(), rate, "round trips/s", None, Target::AtLeast(100_000.0));
+    figures::record_unmeasured_peer(relay, rate, "round trips/s", "core NATS request/reply", 1.0);
+    figures::record(format!("manager: relay p99 at {rate:.0} round trips/s"), ms(p99), "ms", None, Target::None);
+    let over = format!("manager: SIGTERM handover, max of {}", handovers.len());
+    figures::record(over, ms(hmax), "ms", None, Target::AtMost(150.0));
 }
+
+/// The peak RSS a server may reach in a bench: 300 MB.
+const RSS_TARGET_MIB: f64 = 300e6 / (1024.0 * 1024.0);
 
 /// A number from the environment variable `name`, or `default`.
 fn env_number(name: &str, default: usize) -> usize {
@@ -737,6 +762,13 @@ async fn sessions(seconds: f64) {
             ms(tmax),
             (ttl + 0.5) * 1000.0
         );
+        figures::record(
+            format!("sessions: takeover after SIGKILL with {scale} sessions, p99 ({lost} lost)"),
+            ms(t99),
+            "ms",
+            None,
+            Target::AtMost((ttl + 0.5) * 1000.0),
+        );
         summary.push(format!(
             "{scale} sessions: opened at {median_rate:.0}/s (waves of 1,000: second {:.0}/s, last {:.0}/s), primary RSS {primary_rss:.0} MiB, {relayed:.0} round trips/s, takeover p99 {:.0} ms with {} of {scale} resumed",
             rate(first),
@@ -860,7 +892,7 @@ async fn batch() {
         if !only.is_empty() && !only.split(',').any(|b| b.trim() == format!("{backend:?}").to_lowercase()) {
             continue;
         }
-        let (mut rates, mut raws, mut rsses) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rates, mut raws, mut rsses, mut ends) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for round in 1..=runs {
             let server = Server::start(backend, &[]).await;
             let org = create_org(&server, "bench").await;
@@ -932,6 +964,7 @@ async fn batch() {
             rates.push(committed);
             raws.push(raw);
             rsses.push(rss);
+            ends.push(n as f64 / total.as_secs_f64());
         }
         let (committed, raw) = (median(&mut rates), median(&mut raws));
         let rss = rsses.iter().copied().fold(0.0, f64::max);
@@ -940,6 +973,17 @@ async fn batch() {
              baton dev peak RSS at most {rss:.0} MiB"
         );
         summary.push(format!("{backend:?} {committed:.0}/s (raw {raw:.0}/s)"));
+        let (loader, whole) =
+            (if backend == Backend::Sqlite { "raw sqlite3 .import" } else { "raw psql \\copy" }, median(&mut ends));
+        let what = format!("batch {backend:?}, {n} records, end to end");
+        figures::record(what, whole, "records/s", Some((loader, raw)), Target::OfPeer(0.5));
+        figures::record(
+            format!("batch {backend:?}: baton dev peak RSS"),
+            rss,
+            "MiB",
+            None,
+            Target::AtMost(RSS_TARGET_MIB),
+        );
     }
     println!(
         "summary: batch of {n} records committed: {} (targets: SQLite >= 200000/s, PostgreSQL >= 100000/s)",
@@ -1063,12 +1107,16 @@ async fn export() {
         rate / raw * 100.0
     );
     println!(
-        "summary: export of {n}: first portion p50 {:.1} ms p99 {:.1} ms (target p99 <= 50 ms); {rate:.0} rows/s \
-         = {:.0}% of the raw scan (target >= 50%); peak RSS {rss:.0} MiB (target < 300 MB)",
+        "summary: export of {n}: first portion p50 {:.1} ms p99 {:.1} ms (target p99 <= 20 ms); {rate:.0} rows/s \
+         = {:.0}% of the raw scan (target >= 80%); peak RSS {rss:.0} MiB (target < 300 MB)",
         ms(p50),
         ms(p99),
         rate / raw * 100.0
     );
+    figures::record(format!("export of {n}: first portion p99"), ms(p99), "ms", None, Target::AtMost(20.0));
+    let what = format!("export of {n}: rows fetched end to end");
+    figures::record(what, rate, "rows/s", Some(("raw sqlite3 scan", raw)), Target::OfPeer(0.8));
+    figures::record(format!("export of {n}: baton dev peak RSS"), rss, "MiB", None, Target::AtMost(RSS_TARGET_MIB));
 }
 
 /// One whole export of the `n` records: the Export call, then its parts fetched four at a time
@@ -1124,8 +1172,12 @@ async fn main() {
     let seconds: f64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5.0);
     // the driver's own logs (the client library's reconnects, say), off unless asked for
     if let Ok(log) = std::env::var("BENCH_LOG") {
-        let options = baton_mesh::config::TelemetryOptions { log, log_format: baton_mesh::config::LogFormat::Text };
-        baton_mesh::telemetry::init_tracing(&options).expect("BENCH_LOG is a log filter");
+        let options = baton_mesh::config::TelemetryOptions {
+            log,
+            log_format: baton_mesh::config::LogFormat::Text,
+            otlp_endpoint: None,
+        };
+        baton_mesh::telemetry::init_tracing(&options, "baton-bench").expect("BENCH_LOG is a log filter");
     }
     match area.as_str() {
         "intake" => intake(seconds).await,
@@ -1134,6 +1186,15 @@ async fn main() {
         "sessions" => sessions(seconds).await,
         "batch" => batch().await,
         "export" => export().await,
+        "all" => {
+            // every area in turn, one table at the end
+            intake(seconds).await;
+            sync(seconds).await;
+            manager(seconds).await;
+            sessions(seconds).await;
+            batch().await;
+            export().await;
+        }
         "echo-server" => {
             let mut arg = |what: &str| {
                 args.next().unwrap_or_else(|| {
@@ -1171,10 +1232,13 @@ async fn main() {
         }
         other => {
             eprintln!(
-                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, batch, export, chaos-manager --faults N --seed S, \
-                 echo-server ENDPOINT POOL SERVER_ID, chaos-client …, chaos-server …"
+                "baton-bench: unknown area {other:?}; areas: intake, sync, manager, sessions, batch, export, all, \
+                 chaos-manager --faults N --seed S, echo-server ENDPOINT POOL SERVER_ID, chaos-client …, chaos-server …"
             );
             std::process::exit(64);
         }
+    }
+    if let Some(table) = figures::table() {
+        println!("\n{table}");
     }
 }

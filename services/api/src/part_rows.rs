@@ -5,7 +5,7 @@
 //!
 //! Hand-written, because the general path costs more than producing the part: decoding each
 //! line into a JSON map, building a `HashMap` of typed values, then prost measuring and encoding
-//! that map took over half of FetchPart's CPU (docs/figures.md, "Export parts onto the wire").
+//! that map took over half of FetchPart's CPU (docs/performance.md, "Export parts onto the wire").
 //! Here a line's strings are borrowed from the blob, nothing is built per field, and each
 //! length is known before it is written. The tests hold it to `record_to_pb` for every kind of
 //! value.

@@ -1,9 +1,7 @@
 //! `baton dev`: the whole mesh in one process, on embedded defaults: SQLite under the data
 //! directory, one gRPC port, an admin token kept in the data directory.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context;
 use baton_intake::IntakeOptions;
@@ -15,8 +13,11 @@ use baton_store::{Store, StoreOptions};
 /// The scheduler id of `baton dev` (its sessions are `dev/0`, `dev/1`, …).
 pub const DEV_SCHEDULER_ID: &str = "dev";
 
-/// The options of `baton dev`.
+/// The options of `baton dev`: every server's, with `/metrics` on a fixed port and a shorter
+/// grace.
 #[derive(clap::Args, Debug)]
+#[command(mut_arg("metrics_listen", |a| a.default_value("127.0.0.1:9400")))]
+#[command(mut_arg("shutdown_grace", |a| a.default_value("5s")))]
 pub struct DevArgs {
     /// Where the SQLite store and the admin token are kept.
     #[arg(long, env = "BATON_DATA_DIR", default_value_os_t = super::default_data_dir())]
@@ -32,13 +33,13 @@ pub struct DevArgs {
     #[arg(long = "blobs", env = "BATON_BLOBS")]
     blobs: Option<String>,
 
-    /// The gRPC address (port 0 picks a free port).
-    #[arg(long = "listen", env = "BATON_LISTEN", default_value = "127.0.0.1:7400")]
-    listen: SocketAddr,
+    #[command(flatten)]
+    serve: ServeOptions,
 
-    /// The `/metrics` and `/health` address (port 0 picks a free port).
-    #[arg(long = "metrics-listen", env = "BATON_METRICS_LISTEN", default_value = "127.0.0.1:9400")]
-    metrics_listen: SocketAddr,
+    /// How long a WatchBatch or WatchExport stream waits for a commit of its batch or export to
+    /// be announced before it reads it anyway (see `baton intake --help`).
+    #[arg(long, env = "BATON_WATCH_POLL", default_value = "1s", value_parser = super::parse_watch_poll)]
+    watch_poll: std::time::Duration,
 
     /// The admin token; by default one is made up on first start and kept in the data directory.
     /// (Its variable is not BATON_ADMIN_TOKEN, the CLI's: a shell set up to talk to one
@@ -49,11 +50,6 @@ pub struct DevArgs {
     /// The mesh token the manager requires (the scheduler and workers of `baton dev` send it).
     #[command(flatten)]
     mesh: baton_mesh::config::MeshToken,
-
-    /// The largest request message accepted, in bytes.
-    #[arg(long, env = "BATON_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024,
-          value_parser = clap::value_parser!(u32).range(1024..=256 * 1024 * 1024))]
-    max_message_bytes: u32,
 
     #[command(flatten)]
     limits: IntakeOptions,
@@ -74,9 +70,6 @@ pub struct DevArgs {
 
     #[command(flatten)]
     chunks: baton_worker::ChunkOptions,
-
-    #[command(flatten)]
-    tls: baton_mesh::tls::TlsOptions,
 }
 
 fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
@@ -111,16 +104,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let mut store_options = StoreOptions::new(url.clone());
     // on SQLite, a chunk's lock wait ends as busy after the workers' lock timeout
     store_options.busy_timeout = args.chunks.lock_timeout;
+    store_options.watch_poll = args.watch_poll;
     let store = Store::open(&store_options).await.unwrap_or_else(|e| exit_bad_config(e));
     let blobs_at = args.blobs.clone().unwrap_or_else(|| data_dir.join("blobs").display().to_string());
     let blobs = baton_store::blobs::Blobs::open(&blobs_at).unwrap_or_else(|e| exit_bad_config(e));
-    let serve = ServeOptions {
-        listen: args.listen,
-        metrics_listen: args.metrics_listen,
-        max_message_bytes: args.max_message_bytes,
-        shutdown_grace: Duration::from_secs(5),
-        tls: args.tls.clone(),
-    };
+    let serve = args.serve.clone();
     baton_mesh::tls::check_or_exit(&serve.tls);
     if serve.tls.serves_tls() && serve.tls.client().ca.is_none() {
         exit_bad_config(
@@ -136,7 +124,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let metrics_addr = metrics.local_addr()?;
     // grpcurl's TLS flags: the CA, and the client certificate when one is required
     // (and the CLI's variables), with placeholders for the files
-    let (grpcurl, cli_tls) = match (&args.tls.tls_client_ca, args.tls.serves_tls()) {
+    let (grpcurl, cli_tls) = match (&serve.tls.tls_client_ca, serve.tls.serves_tls()) {
         (_, false) => ("-plaintext", ""),
         (None, true) => ("-cacert CA.pem", " BATON_TLS_CA=CA.pem"),
         (Some(_), true) => (
@@ -166,15 +154,17 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
     }
-    let shutdown = baton_mesh::shutdown::on_signals();
+    let node = crate::node::Node::on_signals(serve.shutdown_grace);
+    let shutdown = node.shutdown();
     // the scheduler and workers below send the mesh token to the manager of this same process
-    let (connector, mesh_token) = crate::mesh_connector(&args.mesh, &args.tls);
+    let (connector, mesh_token) = crate::mesh_connector(&args.mesh, &serve.tls);
     let auth =
         AuthConfig { admin_token: Some(token.into()), keys: Some(std::sync::Arc::new(store.clone())), mesh_token };
     let server = MeshServer::new(serve.clone(), auth);
     let server = baton_intake::add_services(server, &store, &blobs, &args.limits, &serve);
-    let sync = baton_sync::SyncOptions { tls: args.tls.client(), ..args.sync.clone() };
-    let server = baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone());
+    let sync = baton_sync::SyncOptions { tls: serve.tls.client(), ..args.sync.clone() };
+    let server =
+        baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone(), node.tasks());
     // one manager, without etcd or a standby, journaling under the data directory
     let manager_options = baton_manager::ManagerOptions::single(data_dir.join("manager"));
     let manager = baton_manager::ManagerService::start(manager_options, shutdown.clone())
@@ -182,7 +172,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // a manager that cannot write its journal or stops answering takes the process down (exit
     // 75, health NOT_SERVING first) rather than leave every batch stuck behind a dead actor; with
     // no standby to hand over to, a hung actor gets 10 s rather than a lease
-    tokio::spawn(baton_manager::failover::step_down_on_fault(
+    node.spawn(baton_manager::failover::step_down_on_fault(
         manager.clone(),
         None,
         server.health(),
@@ -197,37 +187,22 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // a fixed scheduler id: a restarted `baton dev` resumes its sessions (the manager and store
     // under the data directory are its own)
     let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), DEV_SCHEDULER_ID.into(), args.release.clone());
-    let mut tasks = vec![
-        tokio::spawn(baton_scheduler::releaser::run(
-            store.clone(),
-            blobs.clone(),
-            scheduler,
-            connector.clone(),
-            shutdown.clone(),
-        )),
-        tokio::spawn(baton_scheduler::completions::run(
-            store.clone(),
-            args.webhooks.clone(),
-            DEV_SCHEDULER_ID.into(),
-            shutdown.clone(),
-        )),
-    ];
+    node.spawn(baton_scheduler::releaser::run(
+        store.clone(),
+        blobs.clone(),
+        scheduler,
+        connector.clone(),
+        shutdown.clone(),
+    ));
+    node.spawn(baton_scheduler::completions::run(
+        store.clone(),
+        args.webhooks.clone(),
+        DEV_SCHEDULER_ID.into(),
+        shutdown.clone(),
+    ));
     for n in 0..args.workers {
         let worker = baton_worker::WorkerOptions::new(me.clone(), format!("dev-worker-{n}"), args.chunks.clone());
-        tasks.push(tokio::spawn(baton_worker::run(
-            worker,
-            connector.clone(),
-            store.clone(),
-            blobs.clone(),
-            shutdown.clone(),
-        )));
+        node.spawn(baton_worker::run(worker, connector.clone(), store.clone(), blobs.clone(), shutdown.clone()));
     }
-    server.serve(listener, metrics, shutdown).await?;
-    for task in tasks {
-        let _ = task.await;
-    }
-    // let the link runners give their leases up
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    store.close().await;
-    Ok(())
+    node.serve(server, listener, metrics, Some(&store)).await
 }

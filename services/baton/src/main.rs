@@ -7,11 +7,13 @@ mod dev;
 mod exit;
 mod export_cli;
 mod manager_cli;
+mod node;
 mod output;
 mod sync_cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use baton_intake::IntakeOptions;
 use baton_mesh::config::{ServeOptions, TelemetryOptions, exit_bad_config};
@@ -49,11 +51,28 @@ pub(crate) struct StoreArgs {
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     store_connections: u32,
 
+    /// How long a WatchBatch or WatchExport stream waits for a commit of its batch or export to
+    /// be announced before it reads it anyway. Commits are pushed (an in-process signal, and
+    /// LISTEN/NOTIFY on PostgreSQL), so this is only the fallback for what no notification tells
+    /// of: a worker in another process writing the same SQLite file, a notification lost with
+    /// its connection.
+    #[arg(long, env = "BATON_WATCH_POLL", default_value = "1s", value_parser = parse_watch_poll)]
+    watch_poll: Duration,
+
     /// Where export parts are kept: a directory, `file:///DIR`, or `s3://BUCKET/PREFIX` (an
     /// S3-compatible store, configured by the `AWS_*` variables). Intake, scheduler and workers
     /// must share it.
     #[arg(long, env = "BATON_BLOBS", default_value = ".baton-blobs")]
     blobs: String,
+}
+
+/// `--watch-poll`: a duration from 1ms to 10m.
+pub(crate) fn parse_watch_poll(value: &str) -> Result<Duration, String> {
+    let poll = baton_mesh::config::parse_duration(value)?;
+    if poll < Duration::from_millis(1) || poll > Duration::from_secs(600) {
+        return Err(format!("between 1ms and 10m, got {poll:?}"));
+    }
+    Ok(poll)
 }
 
 impl StoreArgs {
@@ -65,6 +84,7 @@ impl StoreArgs {
     pub(crate) async fn open_with(&self, mut options: StoreOptions) -> anyhow::Result<Store> {
         options.url = self.url.clone();
         options.max_connections = self.store_connections;
+        options.watch_poll = self.watch_poll;
         Ok(Store::open(&options).await?)
     }
 
@@ -119,7 +139,7 @@ enum Command {
     /// Submits, follows, reads and cancels batches.
     Batch(batch_cli::BatchArgs),
     /// Runs the whole mesh in one process on embedded defaults (SQLite under --data-dir).
-    Dev(dev::DevArgs),
+    Dev(Box<dev::DevArgs>),
     /// Administers orgs, API keys and object schemas (needs the admin token).
     Admin {
         #[command(flatten)]
@@ -191,14 +211,21 @@ fn parse() -> Cli {
     }
 }
 
+/// The `service.name` of the process's spans: the server it runs, or the CLI.
+fn service_name(command: &Command) -> &'static str {
+    match command {
+        Command::Intake { .. } => "baton-intake",
+        Command::Sync(_) => "baton-sync",
+        Command::Manager(_) => "baton-manager",
+        Command::Scheduler { .. } => "baton-scheduler",
+        Command::Worker { .. } => "baton-worker",
+        Command::Dev(_) => "baton-dev",
+        _ => "baton-cli",
+    }
+}
+
 fn main() -> ExitCode {
     let cli = parse();
-    if let Err(e) = baton_mesh::telemetry::init_tracing(&cli.telemetry) {
-        exit_bad_config(e);
-    }
-    if let Err(e) = baton_manager::setup_failpoints() {
-        exit_bad_config(e);
-    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -206,7 +233,17 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // the OTLP exporter's channel is made in the runtime
+    let entered = runtime.enter();
+    if let Err(e) = baton_mesh::telemetry::init_tracing(&cli.telemetry, service_name(&cli.command)) {
+        exit_bad_config(e);
+    }
+    drop(entered);
+    if let Err(e) = baton_manager::setup_failpoints() {
+        exit_bad_config(e);
+    }
     let result = runtime.block_on(run(cli.command, cli.output));
+    baton_mesh::trace::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // the reader went away (`baton … | head`): what it wanted it has, nothing to say
@@ -261,7 +298,7 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
             let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
-            let shutdown = baton_mesh::shutdown::on_signals();
+            let node = node::Node::on_signals(serve.shutdown_grace);
             let auth = baton_mesh::auth::AuthConfig {
                 admin_token: None,
                 keys: Some(std::sync::Arc::new(store.clone())),
@@ -272,24 +309,14 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
                 &store,
                 serve.max_message_bytes(),
             );
-            let completions = tokio::spawn(baton_scheduler::completions::run(
+            node.spawn(baton_scheduler::completions::run(
                 store.clone(),
                 scheduler.webhooks.clone(),
                 scheduler.id(),
-                shutdown.clone(),
+                node.shutdown(),
             ));
-            let releaser = tokio::spawn(baton_scheduler::releaser::run(
-                store.clone(),
-                blobs,
-                scheduler,
-                connector,
-                shutdown.clone(),
-            ));
-            server.serve(listener, metrics, shutdown).await?;
-            let _ = releaser.await;
-            let _ = completions.await;
-            store.close().await;
-            Ok(())
+            node.spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, connector, node.shutdown()));
+            node.serve(server, listener, metrics, Some(&store)).await
         }
         Command::Worker { serve, store, worker } => {
             if let Err(e) = worker.validate() {
@@ -302,18 +329,15 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
             let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let store = store.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
             let (listener, metrics) = bind_and_announce(&serve).await?;
-            let shutdown = baton_mesh::shutdown::on_signals();
+            let node = node::Node::on_signals(serve.shutdown_grace);
             // gRPC health and /metrics only: the worker's work comes through the manager
             let server = baton_mesh::server::MeshServer::new(serve, baton_mesh::auth::AuthConfig::default());
-            let work = tokio::spawn(baton_worker::run(worker, connector, store.clone(), blobs, shutdown.clone()));
-            server.serve(listener, metrics, shutdown).await?;
-            let _ = work.await;
-            store.close().await;
-            Ok(())
+            node.spawn(baton_worker::run(worker, connector, store.clone(), blobs, node.shutdown()));
+            node.serve(server, listener, metrics, Some(&store)).await
         }
         Command::Batch(args) => batch_cli::run(args, output).await,
         Command::Export(args) => export_cli::run(args, output).await,
-        Command::Dev(args) => dev::run(args).await,
+        Command::Dev(args) => dev::run(*args).await,
         Command::Manager(args) => manager_cli::run(args, output).await,
         Command::Sync(args) => match args.command {
             sync_cli::SyncCommand::Serve { serve, store, mut sync } => {
@@ -323,20 +347,17 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
                 sync.tls = serve.tls.client();
                 let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
                 let (listener, metrics) = bind_and_announce(&serve).await?;
-                let shutdown = baton_mesh::shutdown::on_signals();
+                let node = node::Node::on_signals(serve.shutdown_grace);
                 let auth = baton_mesh::auth::AuthConfig {
                     admin_token: None,
                     keys: Some(std::sync::Arc::new(store.clone())),
                     ..Default::default()
                 };
                 let server = baton_mesh::server::MeshServer::new(serve.clone(), auth);
-                let server =
-                    baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone());
-                server.serve(listener, metrics, shutdown).await?;
-                // let the link runners give their leases up
-                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                store.close().await;
-                Ok(())
+                let max = serve.max_message_bytes();
+                let server = baton_sync::add_services(server, &store, &sync, max, node.shutdown(), node.tasks());
+                // the link manager ends once its runners have given their leases up
+                node.serve(server, listener, metrics, Some(&store)).await
             }
             command => sync_cli::run(args.conn, command, output).await,
         },

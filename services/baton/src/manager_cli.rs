@@ -116,7 +116,8 @@ pub async fn run(args: ManagerArgs, output: Output) -> anyhow::Result<()> {
             let scheme = serve.tls.scheme();
             let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
             let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
-            let shutdown = baton_mesh::shutdown::on_signals();
+            let node = crate::node::Node::on_signals(serve.shutdown_grace);
+            let shutdown = node.shutdown();
             let (connector, mesh_token) = crate::mesh_connector(&manager.mesh, &serve.tls);
             if mesh_token.is_none() && !manager.etcd.is_empty() {
                 tracing::warn!(
@@ -131,7 +132,7 @@ pub async fn run(args: ManagerArgs, output: Output) -> anyhow::Result<()> {
             let (server, failover) = if manager.etcd.is_empty() {
                 let service = ManagerService::start(manager, shutdown.clone())
                     .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
-                tokio::spawn(baton_manager::failover::step_down_on_fault(
+                node.spawn(baton_manager::failover::step_down_on_fault(
                     service.clone(),
                     None,
                     server.health(),
@@ -155,7 +156,7 @@ pub async fn run(args: ManagerArgs, output: Output) -> anyhow::Result<()> {
                 let etcd_endpoints = manager.etcd.clone();
                 let service = ManagerService::start_with(manager, me.clone(), true, shutdown.clone())
                     .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
-                tokio::spawn(baton_manager::failover::step_down_on_fault(
+                node.spawn(baton_manager::failover::step_down_on_fault(
                     service.clone(),
                     Some(etcd.clone()),
                     server.health(),
@@ -186,7 +187,7 @@ pub async fn run(args: ManagerArgs, output: Output) -> anyhow::Result<()> {
                 (server, Some((failover, ttl)))
             };
             crate::print_endpoints(&listener, &metrics)?;
-            server.serve(listener, metrics, shutdown).await?;
+            let served = node.serve(server, listener, metrics, None).await;
             // A primary resigns on SIGTERM once it has stopped acknowledging, and its streams
             // close then too: the server can finish first. Exiting then would drop the
             // resignation, and the standby would wait out the lease (2 s instead of about 50 ms
@@ -196,7 +197,7 @@ pub async fn run(args: ManagerArgs, output: Output) -> anyhow::Result<()> {
             {
                 tracing::warn!(?ttl, "the election did not end in time; the lease runs out instead");
             }
-            Ok(())
+            served
         }
         ManagerCommand::Status { conn } => {
             let s = conn

@@ -5,13 +5,13 @@
 //! and releases the parts to the workers, which write them to the blob store.
 
 use std::pin::Pin;
-use std::time::Duration;
 
 use baton_mesh::auth::org_of;
 use baton_mesh::proto::timestamp;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::status::{self, RESUBMIT_AS_EXPORT};
 use baton_store::FieldError;
+use baton_store::changes::Topic;
 use baton_store::exports::{self, ExportInfo, ExportReason, ExportSpec, ExportStart, ExportState, PartRead};
 use tokio_stream::Stream;
 use tonic::{Code, Request, Status};
@@ -21,8 +21,6 @@ use baton_store::model::Cursor;
 
 use crate::{Error, IntakeService, convert, require};
 
-/// How often WatchExport, `wait` and FetchPart of a part not yet produced look at the export.
-const POLL: Duration = Duration::from_millis(100);
 /// Rows per FetchPart frame, at most.
 const FRAME_ROWS: usize = 1_000;
 /// A FetchPart frame is sent once it holds this many bytes of rows, even with fewer than
@@ -113,6 +111,8 @@ fn spec_of(request: pb::ExportRequest) -> Result<ExportSpec, Error> {
         sync_rows: if request.sync_rows == 0 { exports::DEFAULT_SYNC_ROWS } else { request.sync_rows },
         part_rows: if request.part_rows == 0 { exports::DEFAULT_PART_ROWS } else { request.part_rows },
         request_id: (!request.request_id.is_empty()).then_some(request.request_id),
+        // the request's span continues its caller's trace; the parts continue this one
+        traceparent: baton_mesh::trace::current(),
         webhook,
     })
 }
@@ -151,12 +151,16 @@ impl IntakeService {
         tracing::info!(export = %export.id, org = %org, object = %export.object, reason = export.reason.as_str(), "export started");
         let mut status = export_to_pb(&export);
         if wait {
-            let mut current = export;
-            while !current.state.is_final() {
-                tokio::time::sleep(POLL).await;
-                current = self.store.export(&org, &token).await.map_err(Error::from)?;
+            // woken by the commits of the export's progress (see WatchExport)
+            let mut progress = self.store.progress_watch(Topic::Export(&export.id));
+            loop {
+                let current = self.store.export(&org, &token).await.map_err(Error::from)?;
+                if current.state.is_final() {
+                    status = export_to_pb(&current);
+                    break;
+                }
+                progress.wait().await;
             }
-            status = export_to_pb(&current);
         }
         Ok(pb::ExportResponse {
             records: first.iter().map(|r| convert::record_to_pb(r, &schema)).collect(),
@@ -219,19 +223,30 @@ impl IntakeService {
         let token = request.into_inner().token;
         require(&token, "token")?;
         // NOT_FOUND before the stream starts
+        metrics::counter!("baton_watch_reads_total", "watch" => "export").increment(1);
         let first = self.store.export(&org, &token).await.map_err(Error::from)?;
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // The store announces each commit that changes the export (a part planned or produced,
+        // by a scheduler and workers in this process or, on PostgreSQL, any; its end); the
+        // fallback finds the others. Made after the first read, so the loop reads once more
+        // before it waits.
+        let mut progress = store.progress_watch(Topic::Export(&first.id));
         tokio::spawn(async move {
             let mut last = export_to_pb(&first);
             if tx.send(Ok(last.clone())).await.is_err() || first.state.is_final() {
                 return;
             }
+            let mut woken = true;
             loop {
-                tokio::select! {
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(POLL) => {}
+                if !woken {
+                    tokio::select! {
+                        _ = tx.closed() => return,
+                        _ = progress.wait() => {}
+                    }
                 }
+                woken = false;
+                metrics::counter!("baton_watch_reads_total", "watch" => "export").increment(1);
                 let export = match store.export(&org, &token).await {
                     Ok(export) => export,
                     Err(e) => {
@@ -263,11 +278,22 @@ impl IntakeService {
         require(&request.token, "token")?;
         // the API counts parts from 0, the store from 1 (its part numbers are internal)
         let number = request.part.saturating_add(1);
-        // a part still being produced is waited for; the client's deadline bounds the wait
+        // a part still being produced is waited for, woken by the commits of the export's
+        // progress (the watch is made at the first wait, then the part read again before
+        // waiting); the client's deadline bounds the wait
+        let mut progress: Option<baton_store::changes::ProgressWatch> = None;
         let rows = loop {
             match self.store.read_part(&self.blobs, &org, &request.token, number).await.map_err(Error::from)? {
                 PartRead::Rows(rows) => break rows,
-                PartRead::NotReady => tokio::time::sleep(POLL).await,
+                PartRead::NotReady => match progress.as_mut() {
+                    Some(progress) => {
+                        progress.wait().await;
+                    }
+                    None => {
+                        let export = self.store.export(&org, &request.token).await.map_err(Error::from)?;
+                        progress = Some(self.store.progress_watch(Topic::Export(&export.id)));
+                    }
+                },
                 PartRead::OutOfRange(total) => {
                     return Err(Status::out_of_range(format!(
                         "part {} does not exist: the export has {total} part(s)",

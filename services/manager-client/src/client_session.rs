@@ -26,7 +26,7 @@ pub struct ClientResponse {
 }
 
 enum ClientCommand {
-    Send { payload: prost_types::Any, restart_data: Vec<u8>, accepted: oneshot::Sender<Accepted> },
+    Send { payload: prost_types::Any, restart_data: Vec<u8>, traceparent: String, accepted: oneshot::Sender<Accepted> },
     Close { drop_queued: bool, done: oneshot::Sender<Result<(), Status>> },
 }
 
@@ -67,8 +67,9 @@ pub struct ClientSession {
 /// reconnect (the library drops it as already seen).
 const ACK_DELAY: Duration = Duration::from_millis(2);
 
-/// A request sent but not yet journaled: its payload, restart data, and who waits for it.
-type Unaccepted = (prost_types::Any, Vec<u8>, Option<oneshot::Sender<Accepted>>);
+/// A request sent but not yet journaled: its payload, restart data, trace context, and who waits
+/// for it.
+type Unaccepted = (prost_types::Any, Vec<u8>, String, Option<oneshot::Sender<Accepted>>);
 
 struct ClientLoop {
     connector: Connector,
@@ -158,8 +159,8 @@ impl ClientLoop {
     /// Handles the user's command.
     fn command(&mut self, command: ClientCommand, channel: &MuxChannel) {
         match command {
-            ClientCommand::Send { payload, restart_data, accepted } => {
-                self.request(payload, restart_data, accepted, channel)
+            ClientCommand::Send { payload, restart_data, traceparent, accepted } => {
+                self.request(payload, restart_data, traceparent, accepted, channel)
             }
             ClientCommand::Close { drop_queued, done } => {
                 self.closing = Some((drop_queued, done));
@@ -184,15 +185,21 @@ impl ClientLoop {
         &mut self,
         payload: prost_types::Any,
         restart_data: Vec<u8>,
+        traceparent: String,
         accepted: oneshot::Sender<Accepted>,
         channel: &MuxChannel,
     ) {
         self.next_seq += 1;
         let seq = self.next_seq;
         let acks = std::mem::take(&mut self.acks);
-        let request =
-            pb::ClientRequest { seq, payload: Some(payload.clone()), restart_data: restart_data.clone(), acks };
-        self.unaccepted.insert(seq, (payload, restart_data, Some(accepted)));
+        let request = pb::ClientRequest {
+            seq,
+            payload: Some(payload.clone()),
+            restart_data: restart_data.clone(),
+            acks,
+            traceparent: traceparent.clone(),
+        };
+        self.unaccepted.insert(seq, (payload, restart_data, traceparent, Some(accepted)));
         channel.send(client_frame(pb::client_frame::Kind::Request(request)));
     }
 
@@ -223,16 +230,17 @@ impl ClientLoop {
                 // what the manager journaled is accepted; the rest is sent again
                 let done: Vec<u64> = self.unaccepted.range(..=o.last_request_seq).map(|(s, _)| *s).collect();
                 for seq in done {
-                    if let Some((_, _, Some(w))) = self.unaccepted.remove(&seq) {
+                    if let Some((_, _, _, Some(w))) = self.unaccepted.remove(&seq) {
                         let _ = w.send(Accepted { seq, term: self.seen_term });
                     }
                 }
-                for (seq, (payload, restart, _)) in &self.unaccepted {
+                for (seq, (payload, restart, traceparent, _)) in &self.unaccepted {
                     let request = pb::ClientRequest {
                         seq: *seq,
                         payload: Some(payload.clone()),
                         restart_data: restart.clone(),
                         acks: vec![],
+                        traceparent: traceparent.clone(),
                     };
                     channel.send(client_frame(pb::client_frame::Kind::Request(request)));
                 }
@@ -246,7 +254,7 @@ impl ClientLoop {
                 return Ok(false);
             }
             Some(pb::client_event::Kind::Accepted(a)) => {
-                if let Some((_, _, Some(w))) = self.unaccepted.remove(&a.seq) {
+                if let Some((_, _, _, Some(w))) = self.unaccepted.remove(&a.seq) {
                     let _ = w.send(Accepted { seq: a.seq, term: self.seen_term });
                 }
             }
@@ -425,11 +433,13 @@ impl ClientSender {
     }
 
     /// Sends a request; returns its number and the acknowledging primary's term once the manager
-    /// has journaled it.
+    /// has journaled it. The current span's trace context goes with it (see
+    /// `ClientRequest.traceparent`).
     pub async fn send_stamped(&self, payload: prost_types::Any, restart_data: Vec<u8>) -> Result<Accepted, Status> {
         let (accepted, rx) = oneshot::channel();
         self.commands
-            .send(ClientCommand::Send { payload, restart_data, accepted })
+            // the caller's trace (a scheduler's release of a chunk): the manager's relay joins it
+            .send(ClientCommand::Send { payload, restart_data, traceparent: baton_mesh::trace::current(), accepted })
             .await
             .map_err(|_| Status::unavailable("the session task stopped"))?;
         rx.await.map_err(|_| Status::unavailable("the session task stopped"))

@@ -80,6 +80,12 @@ pub struct TelemetryOptions {
     /// The log filter, in `tracing_subscriber::EnvFilter` syntax (for example `info,baton=debug`).
     #[arg(long, env = "BATON_LOG", default_value = "info", global = true)]
     pub log: String,
+
+    /// Export traces over OTLP/gRPC to this collector (for example `http://127.0.0.1:4317`); no
+    /// traces are exported without it. The process is `service.name` `baton-<command>` unless
+    /// `OTEL_SERVICE_NAME` says otherwise; batching follows the standard `OTEL_BSP_*` variables.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
 }
 
 /// A log format.

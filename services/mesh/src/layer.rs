@@ -1,5 +1,6 @@
 //! The tower layer in front of every baton gRPC server: it gives each request an id (taken from
-//! `x-request-id` or made up, and echoed back), runs it in a tracing span, authenticates it into a
+//! `x-request-id` or made up, and echoed back), runs it in a tracing span (which continues the
+//! caller's trace from its `traceparent` header when traces are exported), authenticates it into a
 //! [`Principal`](crate::auth::Principal) and counts it in the metrics. It also gives every
 //! request message over the transport's size limit the one answer of
 //! [`status::from_transport`](crate::status::from_transport), wherever the transport's status
@@ -82,7 +83,24 @@ where
             .filter(|v| !v.is_empty() && v.len() <= 128)
             .map(str::to_owned)
             .unwrap_or_else(new_request_id);
-        let span = tracing::info_span!("grpc", method = %path, request_id = %request_id);
+        let span = if crate::trace::enabled() {
+            // an OpenTelemetry server span named by the method, continuing the caller's trace
+            let span = tracing::info_span!(
+                "grpc",
+                method = %path,
+                request_id = %request_id,
+                otel.name = path.trim_start_matches('/'),
+                otel.kind = "server",
+                rpc.system = "grpc",
+                rpc.grpc.status_code = tracing::field::Empty,
+            );
+            if let Some(parent) = request.headers().get(crate::trace::TRACEPARENT).and_then(|v| v.to_str().ok()) {
+                crate::trace::continue_from(&span, parent);
+            }
+            span
+        } else {
+            tracing::info_span!("grpc", method = %path, request_id = %request_id)
+        };
         Box::pin(
             async move {
                 let started = Instant::now();
@@ -104,13 +122,14 @@ where
                 if let Ok(value) = HeaderValue::from_str(&request_id) {
                     response.headers_mut().insert(REQUEST_ID_HEADER, value);
                 }
-                let code = response
+                let status = response
                     .headers()
                     .get("grpc-status")
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<i32>().ok())
-                    .map(|c| format!("{:?}", tonic::Code::from(c)))
-                    .unwrap_or_else(|| "Ok".to_owned());
+                    .unwrap_or(0);
+                tracing::Span::current().record("rpc.grpc.status_code", status);
+                let code = format!("{:?}", tonic::Code::from(status));
                 let elapsed = started.elapsed();
                 metrics::counter!("baton_grpc_requests_total", "method" => path.clone(), "code" => code).increment(1);
                 metrics::histogram!("baton_grpc_request_duration_seconds", "method" => path)

@@ -21,6 +21,7 @@ pub mod shutdown;
 pub mod status;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 
 /// Now, in milliseconds since the Unix epoch: the time format of every stored and sent timestamp.
 pub fn now_ms() -> i64 {

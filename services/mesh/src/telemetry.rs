@@ -3,22 +3,36 @@
 use std::sync::OnceLock;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::config::{LogFormat, TelemetryOptions};
 
-/// Installs the tracing subscriber (text or JSON lines on stderr). A bad filter is bad config.
-pub fn init_tracing(options: &TelemetryOptions) -> Result<(), String> {
+/// Installs the tracing subscriber: text or JSON lines on stderr and, when an OTLP endpoint is
+/// configured, spans exported as the process `service` (see [`crate::trace`]; call it inside a
+/// Tokio runtime then). A bad filter or endpoint is bad config.
+pub fn init_tracing(options: &TelemetryOptions, service: &str) -> Result<(), String> {
     let filter = EnvFilter::try_new(&options.log).map_err(|e| format!("invalid log filter {:?}: {e}", options.log))?;
     // colours only for a person at a terminal, never in a file or a pipe
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let result = match options.log_format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let lines = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let lines = match options.log_format {
+        LogFormat::Text => lines.boxed(),
+        LogFormat::Json => lines.json().boxed(),
+    };
+    // Spans are exported whatever the log level: baton's own at info and above (every span
+    // baton makes), with the events inside them; other crates' are left out.
+    let otlp = match options.otlp_endpoint.as_deref().filter(|e| !e.is_empty()) {
+        Some(endpoint) => Some(
+            crate::trace::otlp_layer(endpoint, service)?.with_filter(Targets::new().with_target("baton", Level::INFO)),
+        ),
+        None => None,
     };
     // A second initialisation (tests starting several servers in one process) keeps the first.
-    let _ = result;
+    let _ = tracing_subscriber::registry().with(lines.with_filter(filter)).with(otlp).try_init();
     Ok(())
 }
 
@@ -221,5 +235,10 @@ pub const METRICS: &[Metric] = &[
         name: "baton_change_log_reads_total",
         kind: Kind::Counter,
         help: "Reads of the change log by its followers, by follower (extract, link); a caught-up follower reads again when a commit is announced, or after --change-poll.",
+    },
+    Metric {
+        name: "baton_watch_reads_total",
+        kind: Kind::Counter,
+        help: "Reads of a batch or an export by the streams watching it, by watch (batch, export); a stream reads again when a commit of its batch or export is announced, or after --watch-poll.",
     },
 ];

@@ -43,6 +43,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::SchedulerOptions;
 
@@ -412,14 +413,19 @@ pub async fn run(
             }
         };
         for part in parts {
+            // the release continues the trace of the request that created the export
+            let span = tracing::info_span!("release", otel.name = "release part", export = %part.export_id, part = part.number);
+            baton_mesh::trace::continue_from(&span, &part.traceparent);
             let work = internal::ExportPartWork {
                 org_id: part.org_id.clone(),
                 export_id: part.export_id.clone(),
                 part: part.number,
+                traceparent: baton_mesh::trace::of(&span),
             };
             let key = Work::Part { export_id: part.export_id.clone(), part: part.number };
             let payload = to_any(EXPORT_PART_WORK, &work);
-            let Some(sent) = send(&senders, &shared, key, payload, &shutdown).await else { return };
+            let sending = send(&senders, &shared, key, payload, &shutdown).instrument(span);
+            let Some(sent) = sending.await else { return };
             match sent {
                 Ok(()) => {
                     metrics::counter!("baton_export_parts_released_total").increment(1);
@@ -442,13 +448,18 @@ pub async fn run(
             }
         };
         for chunk in released {
+            // the release continues the trace of the request that submitted the batch
+            let span = tracing::info_span!("release", otel.name = "release chunk", batch = %chunk.batch_id, chunk = chunk.index);
+            baton_mesh::trace::continue_from(&span, &chunk.traceparent);
             let work = internal::ChunkWork {
                 org_id: chunk.org_id.clone(),
                 batch_id: chunk.batch_id.clone(),
                 chunk_index: chunk.index,
+                traceparent: baton_mesh::trace::of(&span),
             };
             let key = Work::Chunk { batch_id: chunk.batch_id.clone(), chunk_index: chunk.index };
-            let Some(sent) = send(&senders, &shared, key, to_any(CHUNK_WORK, &work), &shutdown).await else { return };
+            let sending = send(&senders, &shared, key, to_any(CHUNK_WORK, &work), &shutdown).instrument(span);
+            let Some(sent) = sending.await else { return };
             match sent {
                 Ok(()) => {
                     metrics::counter!("baton_chunks_released_total").increment(1);

@@ -13,6 +13,7 @@ use baton_mesh::proto::unix_ms;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::status::{Violation, invalid_argument};
 use baton_store::batches::{BatchOp, BatchStart, ChunkInfo, MAX_CHUNK_SIZE, NewBatch};
+use baton_store::changes::Topic;
 use baton_store::model::{Cursor, Fields};
 use baton_store::{FieldError, Store};
 use tokio_stream::Stream;
@@ -20,8 +21,11 @@ use tonic::{Request, Response, Status, Streaming};
 
 /// Records per chunk when the header leaves it unset.
 pub const DEFAULT_CHUNK_SIZE: u32 = 10_000;
-/// How often WatchBatch looks at the chunks.
-const WATCH_POLL: Duration = Duration::from_millis(250);
+/// The least time between two reads of a watched batch: the commits of a burst (a chunk
+/// released, started and committed; many chunks finishing together) are read once. Reading a
+/// large batch's chunks on each commit competes with the workers for the cores (an earlier
+/// experiment, docs/performance.md).
+const WATCH_SPACING: Duration = Duration::from_millis(20);
 /// The longest request id.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -88,6 +92,8 @@ fn new_batch(header: &pb::BatchHeader) -> Result<NewBatch, Status> {
             max_parallel: policy.max_parallel_chunks,
             records_per_second: policy.records_per_second,
             request_id: (!header.request_id.is_empty()).then(|| header.request_id.clone()),
+            // the request's span continues its caller's trace; the chunks continue this one
+            traceparent: baton_mesh::trace::current(),
             webhook,
         }),
         _ => Err(Error::Invalid(errors).into()),
@@ -210,10 +216,14 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
         self.store.batch(&org, &id).await.map_err(store_error)?;
         let store = self.store.clone();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
+        // made before the first read: every commit after it wakes the stream (see `wait` below)
+        let mut progress = store.progress_watch(Topic::Batch(&id));
         tokio::spawn(async move {
             let mut seen: HashMap<u32, ChunkInfo> = HashMap::new();
             let mut first = true;
             loop {
+                let read_at = tokio::time::Instant::now();
+                metrics::counter!("baton_watch_reads_total", "watch" => "batch").increment(1);
                 let read = async {
                     let batch = store.batch(&org, &id).await?;
                     let chunks = store.chunks(&org, &id, None, u32::MAX, false, false).await?;
@@ -246,9 +256,15 @@ impl pb::scheduler_server::Scheduler for SchedulerService {
                 if finished {
                     return;
                 }
+                // the store announces each commit that changes the batch or a chunk (workers commit
+                // outcomes, in this process or, on PostgreSQL, any); the fallback finds the others
                 tokio::select! {
                     _ = tx.closed() => return,
-                    _ = tokio::time::sleep(WATCH_POLL) => {}
+                    _ = async {
+                        // what commits meanwhile is announced to the watch, which returns at once
+                        tokio::time::sleep_until(read_at + WATCH_SPACING).await;
+                        progress.wait().await;
+                    } => {}
                 }
             }
         });

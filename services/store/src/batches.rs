@@ -12,6 +12,7 @@ use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
 use tokio::time::Instant;
 
+use crate::changes::Topic;
 use crate::model::{Cursor, Fields, ObjectSchema};
 use crate::schema::{RecordProblem, record_id, record_problems};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
@@ -145,6 +146,9 @@ pub struct NewBatch {
     pub records_per_second: u32,
     /// The client's id for idempotent resubmission.
     pub request_id: Option<String>,
+    /// The trace context (W3C `traceparent`) of the request that submitted it, which its chunks
+    /// continue; empty when traces are not exported.
+    pub traceparent: String,
     /// The webhook the batch's completion is pushed to (see [`crate::completions`]). Not read
     /// back with the batch: [`Store::completion`] tells its delivery.
     pub webhook: Option<String>,
@@ -156,7 +160,7 @@ pub enum BatchStart {
     /// A new batch to stage records into.
     New(String),
     /// A batch staged earlier with the same request id.
-    Existing(BatchInfo),
+    Existing(Box<BatchInfo>),
 }
 
 /// Where a batch is, as seen from outside.
@@ -354,6 +358,8 @@ pub struct ChunkRef {
     pub index: u32,
     /// Its records.
     pub records: u32,
+    /// The trace context of the request that submitted its batch (empty: none).
+    pub traceparent: String,
 }
 
 /// The parallelism caps of a release.
@@ -446,7 +452,7 @@ fn part_of(row: &AnyRow, at: usize) -> Result<ChunkPart, Error> {
 
 /// The columns of a batch row that [`batch_info`] reads, in its order.
 const BATCH_COLUMNS: &str = "id, org_id, request_id, object, operation, chunk_size, not_before_ms, max_parallel, \
-     records_per_second, state, created_at_ms, finished_at_ms";
+     records_per_second, state, created_at_ms, finished_at_ms, traceparent";
 
 /// The chunk counts of a batch by state, after its `batch_id`, that [`batch_info`] reads (from
 /// `chunks` grouped by batch and state): the state, its chunks, their records, their latest
@@ -504,6 +510,7 @@ fn batch_info(row: &AnyRow, counts: &[AnyRow]) -> Result<BatchInfo, Error> {
             max_parallel: u32_of(row, 7)?,
             records_per_second: u32_of(row, 8)?,
             request_id: row.try_get(2)?,
+            traceparent: row.try_get(12)?,
             webhook: None,
         },
         state,
@@ -527,7 +534,7 @@ impl Store {
             if let Some(row) = row {
                 let id: String = row.try_get(0)?;
                 if row.try_get::<String, _>(1)? != "STAGING" {
-                    return Ok(BatchStart::Existing(self.batch(org_id, &id).await?));
+                    return Ok(BatchStart::Existing(Box::new(self.batch(org_id, &id).await?)));
                 }
                 self.abandon_batch(org_id, &id).await?;
             }
@@ -537,8 +544,8 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO batches (id, org_id, request_id, object, operation, chunk_size, not_before_ms, \
-             max_parallel, records_per_second, state, created_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'STAGING', $10)",
+             max_parallel, records_per_second, state, created_at_ms, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, 'STAGING', $10, $11)",
         )
         .bind(id.clone())
         .bind(org_id)
@@ -550,6 +557,7 @@ impl Store {
         .bind(i64::from(new.max_parallel))
         .bind(i64::from(new.records_per_second))
         .bind(now_ms())
+        .bind(new.traceparent.clone())
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -626,6 +634,7 @@ impl Store {
         if done.rows_affected() == 0 {
             return Err(Error::not_found(Missing::Batch, format!("staging batch {batch_id}")));
         }
+        self.touched(Topic::Batch(batch_id));
         Ok(())
     }
 
@@ -815,6 +824,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.touched(Topic::Batch(batch_id));
         self.batch(org_id, batch_id).await
     }
 
@@ -847,13 +857,18 @@ impl Store {
             tx.commit().await?;
             return Ok(Vec::new());
         }
-        sqlx::query(
+        // the batches whose chunks change, to announce after the commit
+        let mut touched: HashSet<String> = HashSet::new();
+        let again = sqlx::query(
             "UPDATE chunks SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
-             WHERE state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1",
+             WHERE state = 'RELEASED' AND sent_at_ms = 0 AND released_at_ms < $1 RETURNING batch_id",
         )
         .bind(now - UNSENT_RELEASE_TIMEOUT_MS)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
+        for row in &again {
+            touched.insert(row.try_get(0)?);
+        }
         let mut per_org: HashMap<String, u32> = HashMap::new();
         let mut per_batch: HashMap<String, u32> = HashMap::new();
         let mut overall = 0u32;
@@ -871,12 +886,13 @@ impl Store {
         }
         if overall >= caps.overall {
             tx.commit().await?;
+            self.touched_batches(&touched);
             return Ok(Vec::new());
         }
         let room = caps.overall - overall;
         let rows = sqlx::query(
             "SELECT c.batch_id, c.idx, c.org_id, c.record_count, b.max_parallel, b.records_per_second, \
-             b.next_release_ms FROM (SELECT batch_id, idx, org_id, record_count, \
+             b.next_release_ms, b.traceparent FROM (SELECT batch_id, idx, org_id, record_count, \
              ROW_NUMBER() OVER (PARTITION BY batch_id ORDER BY idx) AS rn FROM chunks WHERE state = 'PENDING') c \
              JOIN batches b ON b.id = c.batch_id \
              WHERE c.rn <= $1 AND b.state = 'QUEUED' AND b.not_before_ms <= $2 AND b.next_release_ms <= $2 \
@@ -899,6 +915,7 @@ impl Store {
                 index: u32_of(row, 1)?,
                 org_id: row.try_get(2)?,
                 records: u32_of(row, 3)?,
+                traceparent: row.try_get(7)?,
             };
             next_release.insert(chunk.batch_id.clone(), row.try_get(6)?);
             let candidate = Candidate { max_parallel: u32_of(row, 4)?, rate: u32_of(row, 5)?, chunk };
@@ -957,6 +974,7 @@ impl Store {
             // only what this transaction moved out of PENDING is ours to send (the lock row makes
             // this always so; the check keeps a chunk from being sent twice even without it)
             if updated.rows_affected() == 1 {
+                touched.insert(chunk.batch_id.clone());
                 claimed.push(chunk);
             }
         }
@@ -968,7 +986,15 @@ impl Store {
                 .await?;
         }
         tx.commit().await?;
+        self.touched_batches(&touched);
         Ok(claimed)
+    }
+
+    /// Announces commits that changed the chunks of `batches`.
+    fn touched_batches(&self, batches: &HashSet<String>) {
+        for batch in batches {
+            self.touched(Topic::Batch(batch));
+        }
     }
 
     /// Whether `table` (chunks or export_parts) holds a row to release: one pending, or one
@@ -1053,13 +1079,18 @@ impl Store {
         }
         let again = sqlx::query(&format!(
             "UPDATE {table} SET state = 'PENDING', claimed_by = '', released_at_ms = 0 \
-             WHERE state = 'RELEASED' AND claimed_by = $1 AND sent_at_ms = 0"
+             WHERE state = 'RELEASED' AND claimed_by = $1 AND sent_at_ms = 0 RETURNING {owner}"
         ))
         .bind(claimer)
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        recovered.released_again = again.rows_affected();
+        recovered.released_again = again.len() as u64;
         tx.commit().await?;
+        // a chunk's state is shown to the watchers of its batch; an export shows no part's
+        if let Releasable::Chunks = what {
+            let batches = again.iter().map(|row| row.try_get(0)).collect::<Result<HashSet<String>, _>>()?;
+            self.touched_batches(&batches);
+        }
         Ok(recovered)
     }
 
@@ -1082,9 +1113,10 @@ impl Store {
         .execute(&self.writer)
         .await?;
         if started.rows_affected() == 1 {
+            self.touched(Topic::Batch(batch_id));
             return Ok(ChunkStart::Run);
         }
-        sqlx::query(&format!(
+        let cancelled = sqlx::query(&format!(
             "UPDATE chunks SET state = 'CANCELLED', finished_at_ms = $3 WHERE batch_id = $1 AND idx = $2 \
              AND state IN {RUNNABLE}"
         ))
@@ -1093,6 +1125,9 @@ impl Store {
         .bind(now)
         .execute(&self.writer)
         .await?;
+        if cancelled.rows_affected() > 0 {
+            self.touched(Topic::Batch(batch_id));
+        }
         Ok(ChunkStart::Finished(self.chunk_state(batch_id, index).await?))
     }
 
@@ -1115,6 +1150,7 @@ impl Store {
             .bind(cause)
             .execute(&self.writer)
             .await?;
+        self.touched(Topic::Batch(batch_id));
         Ok(())
     }
 
@@ -1140,6 +1176,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.writer)
         .await?;
+        self.touched(Topic::Batch(batch_id));
         self.chunk_state(batch_id, index).await
     }
 
@@ -1356,6 +1393,7 @@ impl Store {
             Some((run @ (ChunkRun::Committed(_) | ChunkRun::PartCommitted), last)) => {
                 tx.commit().await?;
                 self.committed(&org_id, last);
+                self.touched(Topic::Batch(batch_id));
                 Ok(run)
             }
             // dropping the transaction rolls it back
@@ -1454,6 +1492,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        self.touched(Topic::Batch(batch_id));
         Ok(Split::Halves)
     }
 
@@ -1495,6 +1534,7 @@ impl Store {
         .bind(now_ms())
         .execute(&self.writer)
         .await?;
+        self.touched(Topic::Batch(batch_id));
         Ok(())
     }
 
@@ -1576,6 +1616,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.touched(Topic::Batch(batch_id));
         Ok(Some(outcome))
     }
 

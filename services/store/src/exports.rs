@@ -16,6 +16,7 @@ use tokio::time::Instant;
 
 use crate::batches::{Recovered, Releasable, UNSENT_RELEASE_TIMEOUT_MS, u32_of};
 use crate::blobs::{Blobs, Compressor};
+use crate::changes::Topic;
 use crate::filter::Compiled;
 use crate::model::{Cursor, Fields, ObjectSchema, Record};
 use crate::records::{RawRow, bind_condition, decode_fields, read_condition};
@@ -117,6 +118,9 @@ pub struct ExportSpec {
     pub part_rows: u32,
     /// The client's id for idempotent retry.
     pub request_id: Option<String>,
+    /// The trace context (W3C `traceparent`) of the request that created it, which its parts
+    /// continue; empty when traces are not exported.
+    pub traceparent: String,
     /// The webhook the export's completion is pushed to, when it goes asynchronous (see
     /// [`crate::completions`]); an export complete in its first answer has no other completion.
     pub webhook: Option<String>,
@@ -206,6 +210,8 @@ pub struct PartRef {
     pub export_id: String,
     /// The part's number.
     pub number: u32,
+    /// The trace context of the request that created its export (empty: none).
+    pub traceparent: String,
 }
 
 /// What producing a part did.
@@ -413,8 +419,9 @@ impl Store {
         let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO exports (id, org_id, request_id, object, filter, fields, part_rows, state, reason, \
-             as_of_seq, first_rows, first_last_id, plan_after, estimated_total, created_at_ms, expires_at_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, 'PRODUCING', $8, $9, $10, $11, $11, $12, $13, $14)",
+             as_of_seq, first_rows, first_last_id, plan_after, estimated_total, created_at_ms, expires_at_ms, \
+             traceparent) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, 'PRODUCING', $8, $9, $10, $11, $11, $12, $13, $14, $15)",
         )
         .bind(id.clone())
         .bind(org_id)
@@ -430,6 +437,7 @@ impl Store {
         .bind(estimate)
         .bind(now)
         .bind(now.saturating_add(retention.as_millis() as i64))
+        .bind(spec.traceparent.clone())
         .execute(&mut *tx)
         .await;
         match inserted {
@@ -641,6 +649,9 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        if ended.rows_affected() == 1 {
+            self.touched(Topic::Export(export_id));
+        }
         Ok(())
     }
 
@@ -741,6 +752,7 @@ impl Store {
             .await?;
         }
         tx.commit().await?;
+        self.touched(Topic::Export(&info.id));
         if rows > 0 {
             export.info.parts_total = number;
         }
@@ -784,7 +796,8 @@ impl Store {
         let mut released = Vec::new();
         if total < overall {
             let rows = sqlx::query(
-                "SELECT p.org_id, p.export_id, p.number FROM export_parts p JOIN exports e ON e.id = p.export_id \
+                "SELECT p.org_id, p.export_id, p.number, e.traceparent FROM export_parts p \
+                 JOIN exports e ON e.id = p.export_id \
                  WHERE p.state = 'PENDING' AND e.state = 'PRODUCING' ORDER BY e.created_at_ms, p.export_id, p.number \
                  LIMIT $1",
             )
@@ -792,7 +805,12 @@ impl Store {
             .fetch_all(&mut *tx)
             .await?;
             for row in &rows {
-                let part = PartRef { org_id: row.try_get(0)?, export_id: row.try_get(1)?, number: u32_of(row, 2)? };
+                let part = PartRef {
+                    org_id: row.try_get(0)?,
+                    export_id: row.try_get(1)?,
+                    number: u32_of(row, 2)?,
+                    traceparent: row.try_get(3)?,
+                };
                 let count = per.entry(part.export_id.clone()).or_default();
                 if total >= overall || *count >= per_export {
                     continue;
@@ -935,6 +953,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        self.touched(Topic::Export(export_id));
         Ok(PartOutcome::Produced(rows))
     }
 
@@ -985,6 +1004,7 @@ impl Store {
             sqlx::query("DELETE FROM export_parts WHERE export_id = $1").bind(id.clone()).execute(&mut *tx).await?;
             sqlx::query("UPDATE exports SET expired = 1 WHERE id = $1").bind(id.clone()).execute(&mut *tx).await?;
             tx.commit().await?;
+            self.touched(Topic::Export(&id));
             tracing::info!(export = %id, "export expired: its parts are deleted");
             expired += 1;
         }

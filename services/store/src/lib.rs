@@ -242,14 +242,27 @@ pub struct StoreOptions {
     pub max_connections: u32,
     /// How long a SQLite statement waits for a lock held by another process.
     pub busy_timeout: Duration,
+    /// How long a watcher of a batch's or an export's progress ([`Store::progress_watch`])
+    /// waits for a commit to be announced before it reads anyway: the fallback for what no
+    /// announcement tells of (another process writing the same SQLite file, a notification lost
+    /// with its connection).
+    pub watch_poll: Duration,
 }
 
 impl StoreOptions {
     /// Options with default pool sizes for `url`.
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), max_connections: 16, busy_timeout: Duration::from_secs(5) }
+        Self {
+            url: url.into(),
+            max_connections: 16,
+            busy_timeout: Duration::from_secs(5),
+            watch_poll: DEFAULT_WATCH_POLL,
+        }
     }
 }
+
+/// The default of [`StoreOptions::watch_poll`].
+pub const DEFAULT_WATCH_POLL: Duration = Duration::from_secs(1);
 
 /// The store: a handle to pools on one database. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -265,8 +278,11 @@ pub struct Store {
     /// The last probe of whether PostgreSQL takes connections (see `Store::by_deadline`): when,
     /// and what it found. Requests whose deadlines pass together share one probe a second.
     reachability: std::sync::Arc<tokio::sync::Mutex<Option<(tokio::time::Instant, bool)>>>,
-    /// The commits announced to the change log's followers ([`Store::changes_watch`]).
+    /// The commits announced to the change log's followers ([`Store::changes_watch`]) and to
+    /// the watchers of progress ([`Store::progress_watch`]).
     changes: std::sync::Arc<changes::Changes>,
+    /// [`StoreOptions::watch_poll`].
+    watch_poll: Duration,
 }
 
 /// Migrations embedded in the binary, per backend.
@@ -275,7 +291,7 @@ struct Embedded(Backend);
 
 impl<'s> MigrationSource<'s> for Embedded {
     fn resolve(self) -> BoxFuture<'s, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        let sources: [(i64, &'static str, &'static str); 12] = match self.0 {
+        let sources: [(i64, &'static str, &'static str); 13] = match self.0 {
             Backend::Sqlite => [
                 (1, "init", include_str!("../migrations/sqlite/0001_init.sql")),
                 (2, "sync", include_str!("../migrations/sqlite/0002_sync.sql")),
@@ -289,6 +305,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (10, "link_target_ca", include_str!("../migrations/sqlite/0010_link_target_ca.sql")),
                 (11, "chunk_parts", include_str!("../migrations/sqlite/0011_chunk_parts.sql")),
                 (12, "completions", include_str!("../migrations/sqlite/0012_completions.sql")),
+                (14, "traceparent", include_str!("../migrations/sqlite/0014_traceparent.sql")),
             ],
             Backend::Postgres => [
                 (1, "init", include_str!("../migrations/postgres/0001_init.sql")),
@@ -303,6 +320,7 @@ impl<'s> MigrationSource<'s> for Embedded {
                 (10, "link_target_ca", include_str!("../migrations/postgres/0010_link_target_ca.sql")),
                 (11, "chunk_parts", include_str!("../migrations/postgres/0011_chunk_parts.sql")),
                 (12, "completions", include_str!("../migrations/postgres/0012_completions.sql")),
+                (14, "traceparent", include_str!("../migrations/postgres/0014_traceparent.sql")),
             ],
         };
         Box::pin(async move {
@@ -448,6 +466,7 @@ impl Store {
                 _checkpoints: checkpoints,
                 reachability: Default::default(),
                 changes: changes::Changes::new(None),
+                watch_poll: options.watch_poll,
             }
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = AnyPoolOptions::new()
@@ -481,6 +500,7 @@ impl Store {
                 _checkpoints: None,
                 reachability: Default::default(),
                 changes: changes::Changes::new(Some(url.to_owned())),
+                watch_poll: options.watch_poll,
             }
         } else {
             return Err(Error::Url {
@@ -512,6 +532,19 @@ impl Store {
     /// Announces a commit that left `org_id`'s last seq at `seq`; called after the commit.
     pub(crate) fn committed(&self, org_id: &str, seq: i64) {
         self.changes.committed(org_id, seq);
+    }
+
+    /// A watch of a batch's or an export's progress: [`changes::ProgressWatch::wait`] returns
+    /// when a commit that changed it is announced (by this process, or on PostgreSQL by any), or
+    /// after [`StoreOptions::watch_poll`]. Make it before the first read: only a hint, the
+    /// watcher reads its batch or export either way (see [`changes`]).
+    pub fn progress_watch(&self, topic: changes::Topic<'_>) -> changes::ProgressWatch {
+        self.changes.progress_watch(topic, self.watch_poll)
+    }
+
+    /// Announces a commit that changed `topic`'s progress; called after the commit.
+    pub(crate) fn touched(&self, topic: changes::Topic<'_>) {
+        self.changes.touched(topic);
     }
 
     /// The backend this store runs on.

@@ -117,8 +117,8 @@ pub struct ObjectSchema {
     /// The fields.
     pub fields: Vec<FieldSpec>,
     /// The fields dropped by earlier versions, oldest first. Their names are not used again:
-    /// records written before the drop still hold their values (see docs/decisions.md), which
-    /// answers leave out.
+    /// records written before the drop still hold their values
+    /// (see docs/decisions/0037-dropped-values-kept.md), which answers leave out.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dropped_fields: Vec<String>,
     /// The schema's version: 1 at definition, +1 per compatible change. Stored in the schema's

@@ -167,3 +167,160 @@ async fn a_lost_listen_connection_listens_again_and_wakes_its_followers() {
     commit_wakes(store, &follower, &org, "after the loss").await;
     follower.close().await;
 }
+
+/// Progress: a watch of a batch or an export is woken by each commit that changes it, in the same
+/// store and (PostgreSQL) in another one, and not by the commits of another batch.
+mod progress {
+    use std::future::Future;
+
+    use super::*;
+    use baton_store::batches::{BatchOp, BatchStart, ChunkStart, ChunkState, NewBatch};
+    use baton_store::changes::{ProgressWatch, Topic};
+    use baton_store::exports::{ExportSpec, ExportStart, ExportState};
+
+    /// Stages a batch of two 1-record chunks and queues it; its id.
+    async fn queued_batch(store: &Store, org: &str, prefix: &str) -> String {
+        let new = NewBatch {
+            object: "account".into(),
+            operation: BatchOp::Upsert,
+            chunk_size: 1,
+            not_before_ms: 0,
+            max_parallel: 0,
+            records_per_second: 0,
+            request_id: None,
+            traceparent: String::new(),
+            webhook: None,
+        };
+        let BatchStart::New(id) = store.begin_batch(org, &new).await.unwrap() else { panic!("a new batch") };
+        for i in 0..2u32 {
+            store.stage_chunk(org, &id, i, u64::from(i), &[rec(&format!("{prefix}{i}"))]).await.unwrap();
+        }
+        store.finish_staging(org, &id, 2, 2).await.unwrap();
+        id
+    }
+
+    /// Runs `step` (a commit of a batch's or an export's progress) while `watch` waits: `watch`
+    /// is woken by an announcement, not before the step began and within 50 ms of its return,
+    /// and `quiet`, a watch of another topic, is not woken.
+    async fn step_wakes(
+        watch: &mut ProgressWatch,
+        quiet: &mut ProgressWatch,
+        label: &str,
+        step: impl Future<Output = ()>,
+    ) {
+        let waiter = async {
+            let woken = watch.wait().await;
+            (Instant::now(), woken)
+        };
+        let stepper = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let began = Instant::now();
+            step.await;
+            (began, Instant::now())
+        };
+        // shorter than the fallback of every watch here (1 s at least)
+        let quiet_wait = tokio::time::timeout(Duration::from_millis(700), quiet.wait());
+        let ((woken_at, woken), (began, returned), quiet_woken) = tokio::join!(waiter, stepper, quiet_wait);
+        assert_eq!(woken, Woken::Notified, "{label}: woken by the fallback");
+        assert!(woken_at >= began, "{label}: woken before the step");
+        let latency = woken_at.saturating_duration_since(returned);
+        eprintln!("{label}: woken {latency:?} after the step returned");
+        assert!(latency <= Duration::from_millis(50), "{label}: woken {latency:?} after the step returned");
+        assert!(quiet_woken.is_err(), "{label}: a watch of another topic was woken");
+        // a step of several commits (parts planned one by one) is announced as many times: what
+        // it announced after the wake-up is taken now, not in the next step
+        let _ = tokio::time::timeout(Duration::from_millis(200), watch.wait()).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_commit_of_a_batch_or_an_export_wakes_its_watchers_and_no_others_within_50ms() {
+        for backend in testing::backends() {
+            let test = testing::open(backend).await.unwrap();
+            let store = &test.store;
+            let org = store.create_org("acme").await.unwrap().id;
+            store.define_object(&org, &account()).await.unwrap();
+            for code in ["x1", "x2", "x3"] {
+                write(store, &org, code).await;
+            }
+            let mut watchers = vec![(store.clone(), format!("{backend:?}, same store"))];
+            if backend == Backend::Postgres {
+                // another store on the database (another process, as far as the store can tell):
+                // woken by LISTEN/NOTIFY, its fallback out of the test's reach
+                let mut options = StoreOptions::new(test.url.clone());
+                options.watch_poll = Duration::from_secs(60);
+                watchers.push((Store::open(&options).await.unwrap(), "Postgres, another store".into()));
+            }
+            for (n, (watcher, label)) in watchers.iter().enumerate() {
+                // a PostgreSQL listener that starts wakes every watch once: it listens first
+                let warm_up = watcher.progress_watch(Topic::Batch("warm-up"));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                drop(warm_up);
+                let batch = queued_batch(store, &org, &format!("b{n}-")).await;
+                let other = queued_batch(store, &org, &format!("o{n}-")).await;
+                // their staging is announced too (on PostgreSQL a few ms later): before the watches
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let mut watch = watcher.progress_watch(Topic::Batch(&batch));
+                let mut quiet = watcher.progress_watch(Topic::Batch(&other));
+                step_wakes(&mut watch, &mut quiet, &format!("{label}: a chunk started"), async {
+                    assert_eq!(store.start_chunk(&batch, 0, "w1").await.unwrap(), ChunkStart::Run);
+                })
+                .await;
+                step_wakes(&mut watch, &mut quiet, &format!("{label}: a chunk committed"), async {
+                    let (budget, lock) = (Duration::from_secs(10), Duration::from_secs(1));
+                    store.run_chunk(&batch, 0, ChunkState::Committed, "", budget, lock).await.unwrap();
+                })
+                .await;
+                step_wakes(&mut watch, &mut quiet, &format!("{label}: the batch cancelled"), async {
+                    store.cancel_batch(&org, &batch).await.unwrap();
+                })
+                .await;
+
+                let spec = ExportSpec {
+                    object: "account".into(),
+                    filter: String::new(),
+                    fields: vec![],
+                    sync_rows: 1,
+                    part_rows: 1,
+                    request_id: None,
+                    traceparent: String::new(),
+                    webhook: None,
+                };
+                let deadline = Instant::now() + Duration::from_secs(10);
+                let started = store.start_export(&org, &spec, deadline, Duration::from_secs(600)).await.unwrap();
+                let ExportStart::Started { export, .. } = started else { panic!("{label}: an asynchronous export") };
+                let mut watch = watcher.progress_watch(Topic::Export(&export.id));
+                step_wakes(&mut watch, &mut quiet, &format!("{label}: export parts planned"), async {
+                    assert!(store.plan_exports(Duration::from_secs(5)).await.unwrap() > 0);
+                })
+                .await;
+                step_wakes(&mut watch, &mut quiet, &format!("{label}: the export cancelled"), async {
+                    store.end_export(&export.id, ExportState::Cancelled, "").await.unwrap();
+                })
+                .await;
+            }
+        }
+    }
+
+    /// A commit no one announced (another process writing the SQLite file) is found after the
+    /// fallback interval.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn without_an_announcement_a_watch_returns_after_its_fallback() {
+        for backend in testing::backends() {
+            let test = testing::open(backend).await.unwrap();
+            let mut options = StoreOptions::new(test.url.clone());
+            options.watch_poll = Duration::from_millis(300);
+            let store = Store::open(&options).await.unwrap();
+            // a PostgreSQL listener that starts wakes every watch once: it listens first
+            let warm_up = store.progress_watch(Topic::Batch("warm-up"));
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            drop(warm_up);
+            let mut watch = store.progress_watch(Topic::Batch("unannounced"));
+            let began = Instant::now();
+            let woken = tokio::time::timeout(Duration::from_secs(10), watch.wait()).await.unwrap();
+            let waited = began.elapsed();
+            assert_eq!(woken, Woken::Fallback, "{backend:?}");
+            assert!(waited >= Duration::from_millis(300) && waited < Duration::from_secs(5), "{backend:?}: {waited:?}");
+            store.close().await;
+        }
+    }
+}

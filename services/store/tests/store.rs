@@ -673,6 +673,7 @@ mod batches {
             max_parallel: 0,
             records_per_second: 0,
             request_id: None,
+            traceparent: String::new(),
             webhook: None,
         }
     }
@@ -710,10 +711,17 @@ mod batches {
             let pool = sqlx::any::AnyPoolOptions::new().max_connections(1).connect(&old.url).await.unwrap();
             // defined as that release did, without a schema version
             define_before_versions(&pool, &org).await;
-            let BatchStart::New(batch) = old.store.begin_batch(&org, &new_batch(BatchOp::Upsert, 10)).await.unwrap()
-            else {
-                panic!("a new batch")
-            };
+            // the batch and its chunk as that release staged them (today's columns are not there)
+            let batch = "bat_staged_by_0005".to_owned();
+            sqlx::query(
+                "INSERT INTO batches (id, org_id, object, operation, chunk_size, not_before_ms, max_parallel, \
+                 records_per_second, state, created_at_ms) VALUES ($1, $2, 'account', 'upsert', 10, 0, 0, 0, 'STAGING', 1)",
+            )
+            .bind(batch.clone())
+            .bind(org.clone())
+            .execute(&pool)
+            .await
+            .unwrap();
             sqlx::query(
                 "INSERT INTO chunks (batch_id, idx, org_id, first_record, record_count, records, state) \
                  VALUES ($1, 0, $2, 0, 3, $3, 'PENDING')",
@@ -930,15 +938,20 @@ mod batches {
         each_backend(|t| async move {
             let s = &t.store;
             let org = org_with_account(s).await;
-            let batch = submit(s, &org, &new_batch(BatchOp::Upsert, 4), &accounts("a", 10)).await;
+            // the submitting request's trace context goes with every chunk released
+            let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned();
+            let new = NewBatch { traceparent: traceparent.clone(), ..new_batch(BatchOp::Upsert, 4) };
+            let batch = submit(s, &org, &new, &accounts("a", 10)).await;
             let info = s.batch(&org, &batch).await.unwrap();
             assert_eq!(
                 (info.state, info.totals.chunks, info.totals.records, info.totals.pending),
                 (BatchState::Running, 3, 10, 3)
             );
+            assert_eq!(info.spec.traceparent, traceparent);
             let caps = ReleaseCaps { overall: 8, per_org: 8 };
             let released = s.release_chunks("sched", caps).await.unwrap();
             assert_eq!(released.iter().map(|c| c.index).collect::<Vec<_>>(), [0, 1, 2]);
+            assert!(released.iter().all(|c| c.traceparent == traceparent));
             assert!(s.release_chunks("sched", caps).await.unwrap().is_empty(), "released twice");
             for c in &released {
                 assert_eq!(run(s, &batch, c.index).await, ChunkRun::Committed(ChunkState::Committed));
@@ -1318,6 +1331,7 @@ mod exports {
             sync_rows,
             part_rows,
             request_id: None,
+            traceparent: String::new(),
             webhook: None,
         }
     }
@@ -1448,12 +1462,16 @@ mod exports {
             assert_eq!(sorted.len(), ids.len(), "a record exported twice");
             assert_eq!(ids, (0..430).map(|i| format!("r{i:04}")).collect::<Vec<_>>());
 
-            // a filter selects exactly, and a redelivered part is recorded once
-            let filtered = spec("amount >= 100 AND amount < 390", 7, 40);
+            // a filter selects exactly, and a redelivered part is recorded once; the part carries
+            // the trace context of the request that created the export
+            let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".to_owned();
+            let filtered =
+                ExportSpec { traceparent: traceparent.clone(), ..spec("amount >= 100 AND amount < 390", 7, 40) };
             let started = s.start_export(&org, &filtered, soon(), Duration::from_secs(60)).await.unwrap();
             let ExportStart::Started { first, token, .. } = started else { panic!("async") };
             s.plan_exports(Duration::from_secs(5)).await.unwrap();
             let part = s.release_parts("sched", 1, 1).await.unwrap().remove(0);
+            assert_eq!(part.traceparent, traceparent);
             let once = s.produce_part(&blobs, &part.export_id, part.number, "w1").await.unwrap();
             let twice = s.produce_part(&blobs, &part.export_id, part.number, "w2").await.unwrap();
             assert_eq!((once, twice), (PartOutcome::Produced(40), PartOutcome::Produced(40)));

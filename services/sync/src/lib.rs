@@ -83,21 +83,23 @@ impl SyncOptions {
     }
 }
 
-/// Adds the Sync service to a server and starts the link runners and the change-log trimmer,
-/// which stop with `shutdown`.
+/// Adds the Sync service to a server and starts, in `tasks`, the link runners, the change-log
+/// trimmer and the link gauges, which stop with `shutdown` (the link manager once every runner
+/// has given its lease up).
 pub fn add_services(
     server: MeshServer,
     store: &Store,
     options: &SyncOptions,
     max_message_bytes: usize,
     shutdown: CancellationToken,
+    tasks: &tokio_util::task::TaskTracker,
 ) -> MeshServer {
     let wake = Arc::new(Notify::new());
     let owner = format!("sync_{}", hex::encode(rand::random::<[u8; 6]>()));
     let manager = links::LinkManager::new(store.clone(), owner, options.clone(), wake.clone(), shutdown.clone());
-    tokio::spawn(manager.run());
-    tokio::spawn(trim_loop(store.clone(), options.change_retention, shutdown.clone()));
-    tokio::spawn(sample_links(store.clone(), shutdown.clone()));
+    tasks.spawn(manager.run());
+    tasks.spawn(trim_loop(store.clone(), options.change_retention, shutdown.clone()));
+    tasks.spawn(sample_links(store.clone(), shutdown.clone()));
     // exported from the start, so that an idle server shows its reads at 0
     for follower in ["extract", "link"] {
         metrics::counter!("baton_change_log_reads_total", "follower" => follower).increment(0);

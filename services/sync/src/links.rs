@@ -31,6 +31,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
+use tracing::Instrument;
 
 use crate::SyncOptions;
 
@@ -228,7 +229,20 @@ impl Runner {
             .map_err(|_| CallError::Fatal("the target api key is not valid header text".into()))?;
         request.metadata_mut().insert("authorization", bearer);
         request.set_timeout(CALL_TIMEOUT);
-        client.apply_changes(request).await.map(tonic::Response::into_inner).map_err(|s| classify(&s))
+        // each delivery is a trace of its own, which the target's handling continues
+        let span = tracing::info_span!(
+            "deliver",
+            otel.name = "link delivery",
+            otel.kind = "client",
+            link = %link.id,
+            changes = request.get_ref().changes.len(),
+            snapshot
+        );
+        let call = async {
+            baton_mesh::trace::inject(&mut request);
+            client.apply_changes(request).await
+        };
+        call.instrument(span).await.map(tonic::Response::into_inner).map_err(|s| classify(&s))
     }
 
     /// Moves the link on a failed call: SUSPENDED for connection failures, FAILED otherwise.

@@ -13,6 +13,7 @@ use baton_store::Store;
 use baton_store::blobs::Blobs;
 use baton_store::exports::{ExportState, PartOutcome};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::ChunkOptions;
 
@@ -37,8 +38,9 @@ pub async fn produce(
         rows,
     };
     for attempt in 1..=options.max_attempts {
-        let run =
-            tokio::time::timeout(options.chunk_budget, store.produce_part(blobs, &work.export_id, work.part, worker));
+        let produce = store.produce_part(blobs, &work.export_id, work.part, worker);
+        let produce = produce.instrument(tracing::info_span!("attempt", otel.name = "store produce part", attempt));
+        let run = tokio::time::timeout(options.chunk_budget, produce);
         let failed = match run.await {
             Ok(Ok(PartOutcome::Produced(rows))) => {
                 metrics::counter!("baton_export_parts_total", "outcome" => "produced").increment(1);

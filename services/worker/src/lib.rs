@@ -48,6 +48,7 @@ use baton_store::batches::{Attempt, ChunkRun, ChunkStart, ChunkState, Split};
 use baton_store::blobs::Blobs;
 use tokio::sync::{Mutex, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::restart::{ChunkHistory, RAISES_BEFORE_SPLIT, Restarts};
 
@@ -234,7 +235,12 @@ pub async fn run(
                 // replacement worker producing the part afresh answers the same; only its
                 // attempt count starts over.
                 let answer = match from_any::<internal::ExportPartWork>(EXPORT_PART_WORK, &payload) {
-                    Ok(work) => export::produce(&store, &blobs, &options.chunks, &id, &work, &shutdown).await,
+                    Ok(work) => {
+                        // the part continues the trace of its release (and so of its export)
+                        let span = tracing::info_span!("part", otel.name = "produce part", export = %work.export_id, part = work.part);
+                        baton_mesh::trace::continue_from(&span, &work.traceparent);
+                        export::produce(&store, &blobs, &options.chunks, &id, &work, &shutdown).instrument(span).await
+                    }
                     Err(e) => {
                         tracing::error!(session = %session_id, seq, error = %e, "a bad export part; left unanswered");
                         return;
@@ -263,7 +269,12 @@ pub async fn run(
             let history = history
                 .unwrap_or_else(|| ChunkHistory::new(&work.batch_id, work.chunk_index, options.chunks.chunk_budget));
             let saver = Saver { restarts: &restarts, replier: &replier, session_id: &session_id };
-            let Some(done) = execute(&store, &options, &id, &work, history, &saver, &shutdown).await else { return };
+            // the chunk continues the trace of its release (and so of its batch)
+            let span =
+                tracing::info_span!("chunk", otel.name = "run chunk", batch = %work.batch_id, chunk = work.chunk_index);
+            baton_mesh::trace::continue_from(&span, &work.traceparent);
+            let running = execute(&store, &options, &id, &work, history, &saver, &shutdown).instrument(span);
+            let Some(done) = running.await else { return };
             // The reply's restart data is what is left of the session's histories once this
             // chunk's is dropped: explicit (an empty list clears the stored data) when this worker
             // has a history on the session, else empty, which keeps the stored data. What is kept
@@ -394,6 +405,11 @@ async fn attempts(
         let workload = history.workload;
         // whether the attempt failed on a resource limit, and whether on the size budget
         let (mut resources, mut size) = (false, false);
+        let run = run.instrument(tracing::info_span!(
+            "attempt",
+            otel.name = "store transaction",
+            attempt = history.attempts + 1
+        ));
         match bounded(budget + STORE_CALL_LIMIT, run).await {
             Ok(ChunkRun::Committed(outcome) | ChunkRun::Finished(outcome)) => return Ok((outcome, workload)),
             Ok(run @ (ChunkRun::Split | ChunkRun::PartCommitted | ChunkRun::PartGone)) => {
