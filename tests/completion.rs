@@ -44,6 +44,8 @@ struct Received {
     signature: String,
     body: String,
     status: u16,
+    /// When it arrived.
+    at: std::time::Instant,
 }
 
 #[derive(Default)]
@@ -87,6 +89,7 @@ async fn receive(
         signature: header("baton-signature"),
         body,
         status: status.as_u16(),
+        at: std::time::Instant::now(),
     });
     (status, answer.to_owned())
 }
@@ -229,7 +232,7 @@ async fn completions_are_pushed_signed_and_acknowledged_once_after_two_failures(
         eprintln!("-- on {backend:?}");
         let receiver = Receiver::start().await;
         let mut flags = FAST.to_vec();
-        flags.extend(["--webhook-give-up", "3s"]);
+        flags.extend(["--webhook-give-up", "6s"]);
         let server = Server::start_with_env(backend, &flags, &[("BATON_WEBHOOK_SECRET", SECRET)]).await;
         let org = create_org(&server, "acme").await;
 
@@ -300,10 +303,10 @@ async fn completions_are_pushed_signed_and_acknowledged_once_after_two_failures(
         assert_eq!(export_delivery.0, pb::ExportState::Complete as i32);
         assert_eq!((export_delivery.1.attempts, export_delivery.1.acknowledgments), (3, 1), "{export_delivery:?}");
 
-        // the receiver that never answers 2xx: given up after 3 s
+        // the receiver that never answers 2xx: given up after 6 s
         let failed =
             batch_delivery(&server, &org, &down, pb::CompletionDeliveryState::Failed, Duration::from_secs(30)).await;
-        assert!(failed.attempts >= 3, "{failed:?}");
+        assert!(failed.attempts >= 2, "retried: {failed:?}");
         assert_eq!(failed.acknowledgments, 0);
         assert_eq!(failed.last_error, "HTTP 500 Internal Server Error: receiver down");
         assert!(failed.delivered_time.is_none() && failed.next_attempt_time.is_none(), "{failed:?}");
@@ -332,8 +335,15 @@ async fn completions_are_pushed_signed_and_acknowledged_once_after_two_failures(
         let down_requests = receiver.of(&down);
         assert_eq!(down_requests.len() as u32, failed.attempts, "{down_requests:#?}");
         assert!(down_requests.iter().all(|r| r.status == 500));
-        // the waits between attempts grow: 200 ms, 400 ms, 800 ms, then 1 s (the bound)
-        assert!(failed.attempts <= 6, "at most 6 attempts fit in 3 s: {failed:?}");
+        // the waits between attempts grow: 200 ms, 400 ms, 800 ms, then 1 s (the bound), so at
+        // most 8 attempts start within 6 s (at 0, 0.2, 0.6, 1.4, 2.4, 3.4, 4.4 and 5.4 s)
+        assert!(failed.attempts <= 8, "{failed:?}");
+        let starts: Vec<_> = down_requests.iter().map(|r| r.at).collect();
+        for (k, pair) in starts.windows(2).enumerate() {
+            let wait = pair[1] - pair[0];
+            let least = Duration::from_millis(200 << k.min(3)).min(Duration::from_secs(1));
+            assert!(wait >= least - Duration::from_millis(50), "wait {k} of {wait:?}, less than {least:?}");
+        }
     }
 }
 
