@@ -38,27 +38,12 @@ pub enum BatchOp {
     Delete,
 }
 
-impl BatchOp {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BatchOp::Upsert => "upsert",
-            BatchOp::Insert => "insert",
-            BatchOp::Update => "update",
-            BatchOp::Delete => "delete",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, Error> {
-        Ok(match s {
-            "upsert" => BatchOp::Upsert,
-            "insert" => BatchOp::Insert,
-            "update" => BatchOp::Update,
-            "delete" => BatchOp::Delete,
-            other => return Err(Error::Corrupt(format!("batch operation {other:?}"))),
-        })
-    }
-}
+stored_names!(BatchOp, "batch operation" {
+    Upsert => "upsert",
+    Insert => "insert",
+    Update => "update",
+    Delete => "delete",
+});
 
 /// Where a chunk is: in flight, or its one outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -81,35 +66,18 @@ pub enum ChunkState {
     Cancelled,
 }
 
+stored_names!(ChunkState, "chunk state" {
+    Pending => "PENDING",
+    Released => "RELEASED",
+    Running => "RUNNING",
+    Committed => "COMMITTED",
+    CommittedAfterRetryResources => "COMMITTED_AFTER_RETRY_RESOURCES",
+    CommittedAfterRetryWorkload => "COMMITTED_AFTER_RETRY_WORKLOAD",
+    Aborted => "ABORTED",
+    Cancelled => "CANCELLED",
+});
+
 impl ChunkState {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ChunkState::Pending => "PENDING",
-            ChunkState::Released => "RELEASED",
-            ChunkState::Running => "RUNNING",
-            ChunkState::Committed => "COMMITTED",
-            ChunkState::CommittedAfterRetryResources => "COMMITTED_AFTER_RETRY_RESOURCES",
-            ChunkState::CommittedAfterRetryWorkload => "COMMITTED_AFTER_RETRY_WORKLOAD",
-            ChunkState::Aborted => "ABORTED",
-            ChunkState::Cancelled => "CANCELLED",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, Error> {
-        Ok(match s {
-            "PENDING" => ChunkState::Pending,
-            "RELEASED" => ChunkState::Released,
-            "RUNNING" => ChunkState::Running,
-            "COMMITTED" => ChunkState::Committed,
-            "COMMITTED_AFTER_RETRY_RESOURCES" => ChunkState::CommittedAfterRetryResources,
-            "COMMITTED_AFTER_RETRY_WORKLOAD" => ChunkState::CommittedAfterRetryWorkload,
-            "ABORTED" => ChunkState::Aborted,
-            "CANCELLED" => ChunkState::Cancelled,
-            other => return Err(Error::Corrupt(format!("chunk state {other:?}"))),
-        })
-    }
-
     /// Whether this is an outcome (the chunk is done).
     pub fn is_outcome(self) -> bool {
         !matches!(self, ChunkState::Pending | ChunkState::Released | ChunkState::Running)
@@ -273,25 +241,11 @@ pub enum PartState {
     Aborted,
 }
 
-impl PartState {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PartState::Pending => "PENDING",
-            PartState::Committed => "COMMITTED",
-            PartState::Aborted => "ABORTED",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, Error> {
-        Ok(match s {
-            "PENDING" => PartState::Pending,
-            "COMMITTED" => PartState::Committed,
-            "ABORTED" => PartState::Aborted,
-            other => return Err(Error::Corrupt(format!("chunk part state {other:?}"))),
-        })
-    }
-}
+stored_names!(PartState, "chunk part state" {
+    Pending => "PENDING",
+    Committed => "COMMITTED",
+    Aborted => "ABORTED",
+});
 
 /// Which records of a chunk a part holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]

@@ -37,23 +37,10 @@ pub enum Kind {
     Export,
 }
 
-impl Kind {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Kind::Batch => "batch",
-            Kind::Export => "export",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, Error> {
-        match s {
-            "batch" => Ok(Kind::Batch),
-            "export" => Ok(Kind::Export),
-            other => Err(Error::Corrupt(format!("completion kind {other:?}"))),
-        }
-    }
-}
+stored_names!(Kind, "completion kind" {
+    Batch => "batch",
+    Export => "export",
+});
 
 /// Where a completion's delivery is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,27 +55,12 @@ pub enum DeliveryState {
     Failed,
 }
 
-impl DeliveryState {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeliveryState::Waiting => "WAITING",
-            DeliveryState::Pending => "PENDING",
-            DeliveryState::Delivered => "DELIVERED",
-            DeliveryState::Failed => "FAILED",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, Error> {
-        match s {
-            "WAITING" => Ok(DeliveryState::Waiting),
-            "PENDING" => Ok(DeliveryState::Pending),
-            "DELIVERED" => Ok(DeliveryState::Delivered),
-            "FAILED" => Ok(DeliveryState::Failed),
-            other => Err(Error::Corrupt(format!("completion state {other:?}"))),
-        }
-    }
-}
+stored_names!(DeliveryState, "completion state" {
+    Waiting => "WAITING",
+    Pending => "PENDING",
+    Delivered => "DELIVERED",
+    Failed => "FAILED",
+});
 
 /// The delivery of a completion, as GetBatch and GetExport show it.
 #[derive(Debug, Clone, PartialEq, Eq)]

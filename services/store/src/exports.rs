@@ -50,27 +50,14 @@ pub enum ExportState {
     Cancelled,
 }
 
+stored_names!(ExportState, "export state" {
+    Producing => "PRODUCING",
+    Complete => "COMPLETE",
+    Failed => "FAILED",
+    Cancelled => "CANCELLED",
+});
+
 impl ExportState {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExportState::Producing => "PRODUCING",
-            ExportState::Complete => "COMPLETE",
-            ExportState::Failed => "FAILED",
-            ExportState::Cancelled => "CANCELLED",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, Error> {
-        Ok(match s {
-            "PRODUCING" => ExportState::Producing,
-            "COMPLETE" => ExportState::Complete,
-            "FAILED" => ExportState::Failed,
-            "CANCELLED" => ExportState::Cancelled,
-            other => return Err(Error::Corrupt(format!("export state {other:?}"))),
-        })
-    }
-
     /// Whether no further part will be produced.
     pub fn is_final(self) -> bool {
         self != ExportState::Producing
@@ -86,23 +73,10 @@ pub enum ExportReason {
     LongRunning,
 }
 
-impl ExportReason {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ExportReason::LargeResults => "LARGE_RESULTS",
-            ExportReason::LongRunning => "LONG_RUNNING",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self, Error> {
-        match s {
-            "LARGE_RESULTS" => Ok(ExportReason::LargeResults),
-            "LONG_RUNNING" => Ok(ExportReason::LongRunning),
-            other => Err(Error::Corrupt(format!("export reason {other:?}"))),
-        }
-    }
-}
+stored_names!(ExportReason, "export reason" {
+    LargeResults => "LARGE_RESULTS",
+    LongRunning => "LONG_RUNNING",
+});
 
 /// What an export asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]

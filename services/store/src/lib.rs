@@ -11,6 +11,31 @@
 //! On SQLite, writes go through a pool of one connection: SQLite has one writer anyway, and a
 //! single in-process writer never meets `SQLITE_BUSY` from its own process.
 
+/// `as_str` and `parse` of an enum stored by name, from one list of variants and their names:
+/// `stored_names!(ChunkState, "chunk state" { Pending => "PENDING", … })`. A name not in the
+/// list is corrupt data ([`Error::Corrupt`] naming `what`). A macro rather than a derive crate:
+/// it is the only string mapping the store needs, and it stays readable where it is used.
+macro_rules! stored_names {
+    ($ty:ident, $what:literal { $($variant:ident => $name:literal),+ $(,)? }) => {
+        impl $ty {
+            /// The stored name.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($ty::$variant => $name,)+
+                }
+            }
+
+            /// The value stored as `s`.
+            pub(crate) fn parse(s: &str) -> Result<Self, crate::Error> {
+                match s {
+                    $($name => Ok($ty::$variant),)+
+                    other => Err(crate::Error::Corrupt(format!("{} {other:?}", $what))),
+                }
+            }
+        }
+    };
+}
+
 mod admin;
 pub mod batches;
 pub mod blobs;
@@ -607,5 +632,19 @@ mod tests {
     fn passwords_are_redacted() {
         assert_eq!(redact("postgres://baton:secret@127.0.0.1/db"), "postgres://baton:***@127.0.0.1/db");
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn stored_names_round_trip_and_an_unknown_name_is_corrupt() {
+        use batches::ChunkState::*;
+        for state in [Pending, Released, Running, Committed, CommittedAfterRetryResources, CommittedAfterRetryWorkload]
+        {
+            assert_eq!(batches::ChunkState::parse(state.as_str()).unwrap(), state);
+        }
+        assert_eq!(Aborted.as_str(), "ABORTED");
+        match batches::ChunkState::parse("aborted") {
+            Err(Error::Corrupt(text)) => assert_eq!(text, r#"chunk state "aborted""#),
+            other => panic!("{other:?}"),
+        }
     }
 }
