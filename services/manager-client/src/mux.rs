@@ -200,6 +200,10 @@ async fn run_mux(
                                 }
                             }
                             Some(pb::mux_event::Kind::Primary(notice)) => primary.learn(notice.term, &endpoint),
+                            // a standby forwards the primary it follows, of a newer term
+                            Some(pb::mux_event::Kind::Leader(notice)) if !notice.leader.is_empty() => {
+                                primary.learn(notice.term, &notice.leader)
+                            }
                             // A channel whose session went away is forgotten. A channel's
                             // buffer has no fixed size: the manager sends a channel only what
                             // its session asked for (the responses to its requests, the requests

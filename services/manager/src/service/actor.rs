@@ -128,6 +128,8 @@ pub(super) enum Effect {
     RefuseServer(ServerTx, Status),
     /// This manager is the primary of the term: told to a Multiplex stream's process.
     Notice(Mux, u64),
+    /// A standby forwards that the manager at this address is the primary of the term.
+    LeaderNotice(Mux, u64, String),
     Server(String, pb::server_event::Kind),
 }
 
@@ -820,7 +822,8 @@ impl Actor {
             return; // elected since: the caller's view of the leader is stale
         }
         self.relaying.clear();
-        if self.primary {
+        let was_primary = self.primary;
+        if was_primary {
             tracing::warn!("no longer primary: closing every stream");
         }
         self.primary = false;
@@ -836,8 +839,14 @@ impl Actor {
         for (_, c) in self.servers.drain() {
             c.tx.end(&status);
         }
-        // and the Multiplex streams end once their channels' events are out
-        self.muxes.clear();
+        // and the Multiplex streams end once their channels' events are out. A standby keeps
+        // those it holds (it refused their sessions): it forwards the next primary's term on
+        // them (`replica_apply`), and a standby elected sends its notice on them. Ending them
+        // each time a standby looked the leader up again (every 100 ms while the primary was
+        // gone) left no stream for a notice to come on.
+        if was_primary {
+            self.muxes.clear();
+        }
         self.replicas.clear();
         self.effects.clear();
     }
@@ -891,6 +900,7 @@ impl Actor {
                 Effect::RefuseClient(tx, status) => tx.refuse(&status, &mut batches).await,
                 Effect::RefuseServer(tx, status) => tx.refuse(&status, &mut batches).await,
                 Effect::Notice(mux, term) => batches.push(&mux, Mux::primary_notice(term)).await,
+                Effect::LeaderNotice(mux, term, leader) => batches.push(&mux, Mux::leader_notice(term, leader)).await,
                 Effect::ClientEnd(session) => {
                     // its Closed event is queued before: the stream ends after it, and a channel
                     // is let go by the client on that event
