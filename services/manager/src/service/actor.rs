@@ -133,6 +133,12 @@ pub(super) enum Effect {
     Server(String, pb::server_event::Kind),
 }
 
+/// How many sessions of lost servers move each tick (10 ticks a second). Moving every session
+/// of a lost server in one turn of the actor held it for seconds at 100,000 sessions (a takeover
+/// whose echo servers came back after their grace, `bench sessions`): the new primary found
+/// itself stalled (no answer to a status request for a lease TTL) and stepped down.
+const MOVES_PER_TICK: usize = 2_000;
+
 /// A connected server session.
 pub(super) struct ServerConn {
     conn: u64,
@@ -152,6 +158,9 @@ pub(super) struct Actor {
     pub(super) muxes: HashMap<u64, Mux>,
     /// Servers whose stream broke, and when: their sessions move after the grace.
     pub(super) lost: HashMap<String, Instant>,
+    /// The sessions of servers lost past their grace still to move, by server: at most
+    /// [`MOVES_PER_TICK`] move each tick, and a server that registers again keeps those left.
+    pub(super) moving: HashMap<String, Vec<String>>,
     pub(super) pending: Vec<Entry>,
     pub(super) effects: Vec<Effect>,
     pub(super) primary: bool,
@@ -553,6 +562,7 @@ impl Actor {
         }
         let id = register.server_id.clone();
         self.lost.remove(&id);
+        self.moving.remove(&id);
         if let Some(old) = self.servers.insert(id.clone(), ServerConn { conn, pool: register.pool.clone(), tx }) {
             old.tx.end(&Error::Replaced("the server registered again on another stream").into());
         }
@@ -775,17 +785,35 @@ impl Actor {
             self.lost.iter().filter(|(_, at)| at.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
         for server in expired {
             self.lost.remove(&server);
-            let moving: Vec<String> = self
+            let bound: Vec<String> = self
                 .state
                 .sessions
                 .values()
                 .filter(|s| s.bound.as_deref() == Some(server.as_str()))
                 .map(|s| s.id.clone())
                 .collect();
-            for session in moving {
-                tracing::info!(%session, %server, "server lost past its grace: moving the session");
-                self.journal(Op::Bind(BindOp { session_id: session.clone(), server_id: String::new() }));
-                self.bind(&session);
+            tracing::info!(%server, sessions = bound.len(), "server lost past its grace: moving its sessions");
+            self.moving.insert(server, bound);
+        }
+        let mut budget = MOVES_PER_TICK;
+        let servers: Vec<String> = self.moving.keys().cloned().collect();
+        for server in servers {
+            let Some(left) = self.moving.get_mut(&server) else { continue };
+            let now = left.split_off(left.len().saturating_sub(budget));
+            if left.is_empty() {
+                self.moving.remove(&server);
+            }
+            budget -= now.len();
+            for session in now {
+                // still bound there (not closed or moved meanwhile)
+                if self.state.sessions.get(&session).is_some_and(|s| s.bound.as_deref() == Some(server.as_str())) {
+                    tracing::debug!(%session, %server, "moving the session");
+                    self.journal(Op::Bind(BindOp { session_id: session.clone(), server_id: String::new() }));
+                    self.bind(&session);
+                }
+            }
+            if budget == 0 {
+                break;
             }
         }
     }
@@ -811,6 +839,7 @@ impl Actor {
             self.effects.push(Effect::Notice(mux.clone(), term));
         }
         // servers reconnect to the new primary; those that do not lose their sessions
+        self.moving.clear();
         self.lost = self.state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
         let _ = done.send(());
     }
@@ -822,6 +851,7 @@ impl Actor {
             return; // elected since: the caller's view of the leader is stale
         }
         self.relaying.clear();
+        self.moving.clear();
         let was_primary = self.primary;
         if was_primary {
             tracing::warn!("no longer primary: closing every stream");
@@ -858,8 +888,11 @@ impl Actor {
             let entries = std::mem::take(&mut self.pending);
             // encoded once, for the journal and the standbys
             let records: prost::bytes::Bytes = crate::journal::encode_records(&entries).into();
-            let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= self.options.snapshot_every)
-                .then(|| self.state.to_entries());
+            // a snapshot once the journal is as long as the last one: a takeover with 100,000
+            // sessions journals their requests, replies and acknowledgments, and wrote a
+            // snapshot of every session (300,000 entries) each 100,000 of them, in the actor
+            let due = self.options.snapshot_every.max(self.journal.snapshot_len);
+            let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= due).then(|| self.state.to_entries());
             // The standby gets the batch before the local fsync, so the two fsyncs overlap: nothing
             // is acknowledged until both are durable, and a standby that takes over with entries
             // this manager never made durable holds requests nobody was told were accepted
