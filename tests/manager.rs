@@ -1096,3 +1096,133 @@ async fn a_manager_pair_with_mtls_replicates_and_fails_over() {
     })
     .await;
 }
+
+/// The events of a raw Multiplex stream, one at a time (they come in batches).
+struct MuxEvents {
+    events: tonic::Streaming<pb::MuxEvents>,
+    queue: std::collections::VecDeque<pb::MuxEvent>,
+}
+
+impl MuxEvents {
+    /// The next event within `within` (None: none came, or the stream ended).
+    async fn next(&mut self, within: Duration) -> Option<pb::MuxEvent> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Some(event);
+            }
+            let batch = tokio::time::timeout_at(deadline, self.events.message()).await.ok()?.ok()??;
+            self.queue.extend(batch.events);
+        }
+    }
+
+    /// The first event on channel 0 (a notice) within `within`, skipping the others.
+    async fn notice(&mut self, within: Duration) -> Option<pb::mux_event::Kind> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let event = self.next(deadline.saturating_duration_since(tokio::time::Instant::now())).await?;
+            if event.channel == 0 {
+                return event.kind;
+            }
+        }
+    }
+}
+
+/// Three managers: after a SIGKILL of the primary, the standby that is not elected forwards the
+/// new primary's term and address (`LeaderNotice`) on the Multiplex streams it holds, those of
+/// the processes whose sessions it refused, and the one elected sends its `PrimaryNotice` on
+/// its own. A process that asked the other standby learns of the takeover from one notice
+/// instead of asking again. Before, a standby knew the new leader's address but not its term,
+/// and forwarded nothing; and it ended the streams it held each time it looked the leader up
+/// again while the primary was gone (every 100 ms), so that not even the notice of the one
+/// elected came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_three_managers_the_standby_not_elected_forwards_the_new_primary() {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let etcd = baton_tests::Etcd::start();
+    let election = format!("/baton-test/three-{}", std::process::id());
+    let dirs = [TempDir::new(), TempDir::new(), TempDir::new()];
+    let members: Vec<Server> = dirs.iter().map(|d| Server::manager_member(d, &etcd, &election)).collect();
+    let status_of = |i: usize| {
+        let member = &members[i];
+        async move {
+            let asked = tokio::time::timeout(Duration::from_secs(1), async {
+                let mut c = pb::session_manager_client::SessionManagerClient::new(member.channel().await);
+                c.status(pb::ManagerStatusRequest {}).await
+            });
+            asked.await.ok()?.ok().map(tonic::Response::into_inner)
+        }
+    };
+    let status_of = &status_of;
+    let (primary, first) =
+        baton_tests::eventually(Duration::from_secs(30), "a primary with two in-sync standbys", move || async move {
+            for i in 0..3 {
+                if let Some(s) = status_of(i).await
+                    && s.role == "PRIMARY"
+                    && s.in_sync.len() == 3
+                {
+                    return Some((i, s));
+                }
+            }
+            None
+        })
+        .await;
+    let primary_addr = format!("http://{}", members[primary].addr);
+    // a process's stream to each standby, whose session the standby refuses, naming the primary
+    let mut streams = Vec::new();
+    for i in (0..3).filter(|i| *i != primary) {
+        let mut client = pb::session_manager_client::SessionManagerClient::new(members[i].channel().await);
+        let open = pb::OpenSession { pool: "p".into(), ..Default::default() };
+        let frame = pb::MuxFrame {
+            channel: 1,
+            kind: Some(pb::mux_frame::Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) })),
+        };
+        let (frames, frames_rx) = tokio::sync::mpsc::channel(1);
+        frames.send(pb::MuxFrames { frames: vec![frame] }).await.unwrap();
+        let events = client.multiplex(tokio_stream::wrappers::ReceiverStream::new(frames_rx)).await.unwrap();
+        let mut events = MuxEvents { events: events.into_inner(), queue: Default::default() };
+        let refused = events.next(Duration::from_secs(10)).await.expect("the standby answers the open");
+        match refused.kind {
+            Some(pb::mux_event::Kind::Closed(closed)) => {
+                assert_eq!((refused.channel, closed.code), (1, tonic::Code::Unavailable as i32));
+                assert_eq!(closed.leader, primary_addr, "the standby names the primary");
+            }
+            other => panic!("the standby did not refuse the open: {other:?}"),
+        }
+        // the caller keeps its side open, and sends nothing more
+        streams.push((i, frames, events));
+    }
+    kill(Pid::from_raw(members[primary].pid() as i32), Signal::SIGKILL).unwrap();
+    let standbys: Vec<usize> = streams.iter().map(|(i, _, _)| *i).collect();
+    let standbys = &standbys;
+    let (elected, now) = baton_tests::eventually(Duration::from_secs(30), "a new primary", move || async move {
+        for &i in standbys {
+            if let Some(s) = status_of(i).await
+                && s.role == "PRIMARY"
+                && s.term > first.term
+            {
+                return Some((i, s));
+            }
+        }
+        None
+    })
+    .await;
+    let elected_addr = format!("http://{}", members[elected].addr);
+    for (i, _frames, events) in &mut streams {
+        let notice = events.notice(Duration::from_secs(10)).await;
+        if *i == elected {
+            assert_eq!(
+                notice,
+                Some(pb::mux_event::Kind::Primary(pb::PrimaryNotice { term: now.term })),
+                "the elected standby tells the streams it held"
+            );
+        } else {
+            assert_eq!(
+                notice,
+                Some(pb::mux_event::Kind::Leader(pb::LeaderNotice { term: now.term, leader: elected_addr.clone() })),
+                "the standby not elected forwards the new primary"
+            );
+        }
+    }
+}

@@ -174,6 +174,10 @@ pub struct Journal {
     id: String,
     /// Entries in `journal` (since the snapshot).
     pub since_snapshot: u64,
+    /// Entries in the snapshot: the next is taken once the journal holds as many (and
+    /// `--snapshot-every`), so that snapshots of a large state cost at most one entry written
+    /// per entry journaled (see `Actor::flush`).
+    pub snapshot_len: u64,
 }
 
 /// The entries of the records at the start of `bytes`, up to the first short, corrupt or
@@ -260,6 +264,7 @@ impl Journal {
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let id = Self::identify(dir)?;
         let (mut entries, _) = read_records(&dir.join("snapshot"), false)?;
+        let snapshot_len = entries.len() as u64;
         let path = dir.join("journal");
         let (tail, good) = read_records(&path, true)?;
         let since_snapshot = tail.len() as u64;
@@ -271,7 +276,7 @@ impl Journal {
         // the good ones
         file.set_len(good).map_err(io(&path))?;
         file.seek(SeekFrom::End(0)).map_err(io(&path))?;
-        Ok((Journal { dir: dir.to_owned(), file: BufWriter::new(file), since_snapshot, id }, entries))
+        Ok((Journal { dir: dir.to_owned(), file: BufWriter::new(file), since_snapshot, snapshot_len, id }, entries))
     }
 
     /// The directory's id, read from `id`, or made (random) and written durably when the
@@ -349,6 +354,7 @@ impl Journal {
         }
         self.file.seek(SeekFrom::Start(0)).map_err(io(&path))?;
         self.since_snapshot = 0;
+        self.snapshot_len = state.len() as u64;
         Ok(())
     }
 

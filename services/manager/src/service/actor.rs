@@ -128,8 +128,16 @@ pub(super) enum Effect {
     RefuseServer(ServerTx, Status),
     /// This manager is the primary of the term: told to a Multiplex stream's process.
     Notice(Mux, u64),
+    /// A standby forwards that the manager at this address is the primary of the term.
+    LeaderNotice(Mux, u64, String),
     Server(String, pb::server_event::Kind),
 }
+
+/// How many sessions of lost servers move each tick (10 ticks a second). Moving every session
+/// of a lost server in one turn of the actor held it for seconds at 100,000 sessions (a takeover
+/// whose echo servers came back after their grace, `bench sessions`): the new primary found
+/// itself stalled (no answer to a status request for a lease TTL) and stepped down.
+const MOVES_PER_TICK: usize = 2_000;
 
 /// A connected server session.
 pub(super) struct ServerConn {
@@ -150,6 +158,9 @@ pub(super) struct Actor {
     pub(super) muxes: HashMap<u64, Mux>,
     /// Servers whose stream broke, and when: their sessions move after the grace.
     pub(super) lost: HashMap<String, Instant>,
+    /// The sessions of servers lost past their grace still to move, by server: at most
+    /// [`MOVES_PER_TICK`] move each tick, and a server that registers again keeps those left.
+    pub(super) moving: HashMap<String, Vec<String>>,
     pub(super) pending: Vec<Entry>,
     pub(super) effects: Vec<Effect>,
     pub(super) primary: bool,
@@ -563,6 +574,7 @@ impl Actor {
         }
         let id = register.server_id.clone();
         self.lost.remove(&id);
+        self.moving.remove(&id);
         if let Some(old) = self.servers.insert(id.clone(), ServerConn { conn, pool: register.pool.clone(), tx }) {
             old.tx.end(&Error::Replaced("the server registered again on another stream").into());
         }
@@ -789,17 +801,35 @@ impl Actor {
             self.lost.iter().filter(|(_, at)| at.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
         for server in expired {
             self.lost.remove(&server);
-            let moving: Vec<String> = self
+            let bound: Vec<String> = self
                 .state
                 .sessions
                 .values()
                 .filter(|s| s.bound.as_deref() == Some(server.as_str()))
                 .map(|s| s.id.clone())
                 .collect();
-            for session in moving {
-                tracing::info!(%session, %server, "server lost past its grace: moving the session");
-                self.journal(Op::Bind(BindOp { session_id: session.clone(), server_id: String::new() }));
-                self.bind(&session);
+            tracing::info!(%server, sessions = bound.len(), "server lost past its grace: moving its sessions");
+            self.moving.insert(server, bound);
+        }
+        let mut budget = MOVES_PER_TICK;
+        let servers: Vec<String> = self.moving.keys().cloned().collect();
+        for server in servers {
+            let Some(left) = self.moving.get_mut(&server) else { continue };
+            let now = left.split_off(left.len().saturating_sub(budget));
+            if left.is_empty() {
+                self.moving.remove(&server);
+            }
+            budget -= now.len();
+            for session in now {
+                // still bound there (not closed or moved meanwhile)
+                if self.state.sessions.get(&session).is_some_and(|s| s.bound.as_deref() == Some(server.as_str())) {
+                    tracing::debug!(%session, %server, "moving the session");
+                    self.journal(Op::Bind(BindOp { session_id: session.clone(), server_id: String::new() }));
+                    self.bind(&session);
+                }
+            }
+            if budget == 0 {
+                break;
             }
         }
     }
@@ -825,6 +855,7 @@ impl Actor {
             self.effects.push(Effect::Notice(mux.clone(), term));
         }
         // servers reconnect to the new primary; those that do not lose their sessions
+        self.moving.clear();
         self.lost = self.state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
         let _ = done.send(());
     }
@@ -837,7 +868,9 @@ impl Actor {
         }
         self.relaying.clear();
         self.traced.clear();
-        if self.primary {
+        self.moving.clear();
+        let was_primary = self.primary;
+        if was_primary {
             tracing::warn!("no longer primary: closing every stream");
         }
         self.primary = false;
@@ -853,8 +886,14 @@ impl Actor {
         for (_, c) in self.servers.drain() {
             c.tx.end(&status);
         }
-        // and the Multiplex streams end once their channels' events are out
-        self.muxes.clear();
+        // and the Multiplex streams end once their channels' events are out. A standby keeps
+        // those it holds (it refused their sessions): it forwards the next primary's term on
+        // them (`replica_apply`), and a standby elected sends its notice on them. Ending them
+        // each time a standby looked the leader up again (every 100 ms while the primary was
+        // gone) left no stream for a notice to come on.
+        if was_primary {
+            self.muxes.clear();
+        }
         self.replicas.clear();
         self.effects.clear();
     }
@@ -866,8 +905,11 @@ impl Actor {
             let entries = std::mem::take(&mut self.pending);
             // encoded once, for the journal and the standbys
             let records: prost::bytes::Bytes = crate::journal::encode_records(&entries).into();
-            let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= self.options.snapshot_every)
-                .then(|| self.state.to_entries());
+            // a snapshot once the journal is as long as the last one: a takeover with 100,000
+            // sessions journals their requests, replies and acknowledgments, and wrote a
+            // snapshot of every session (300,000 entries) each 100,000 of them, in the actor
+            let due = self.options.snapshot_every.max(self.journal.snapshot_len);
+            let snapshot = (self.journal.since_snapshot + entries.len() as u64 >= due).then(|| self.state.to_entries());
             // The standby gets the batch before the local fsync, so the two fsyncs overlap: nothing
             // is acknowledged until both are durable, and a standby that takes over with entries
             // this manager never made durable holds requests nobody was told were accepted
@@ -908,6 +950,7 @@ impl Actor {
                 Effect::RefuseClient(tx, status) => tx.refuse(&status, &mut batches).await,
                 Effect::RefuseServer(tx, status) => tx.refuse(&status, &mut batches).await,
                 Effect::Notice(mux, term) => batches.push(&mux, Mux::primary_notice(term)).await,
+                Effect::LeaderNotice(mux, term, leader) => batches.push(&mux, Mux::leader_notice(term, leader)).await,
                 Effect::ClientEnd(session) => {
                     // its Closed event is queued before: the stream ends after it, and a channel
                     // is let go by the client on that event

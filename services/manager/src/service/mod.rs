@@ -128,6 +128,7 @@ impl ManagerService {
             servers: HashMap::new(),
             muxes: HashMap::new(),
             lost,
+            moving: HashMap::new(),
             pending: Vec::new(),
             effects: Vec::new(),
             primary: single,

@@ -27,6 +27,12 @@ impl Mux {
         pb::MuxEvent { channel: 0, kind: Some(pb::mux_event::Kind::Primary(pb::PrimaryNotice { term })) }
     }
 
+    /// The event forwarding that the manager at `leader` is the primary of `term` (channel 0,
+    /// from a standby).
+    pub(super) fn leader_notice(term: u64, leader: String) -> pb::MuxEvent {
+        pb::MuxEvent { channel: 0, kind: Some(pb::mux_event::Kind::Leader(pb::LeaderNotice { term, leader })) }
+    }
+
     /// Closes `channel` with `status` at once (not batched).
     pub(super) fn close(&self, channel: u64, status: &Status) {
         let _ = self.tx.try_send(Ok(pb::MuxEvents { events: vec![closed_event(channel, status)] }));

@@ -8,7 +8,7 @@ use baton_mesh::proto::internal::v1 as internal;
 use tokio::sync::{mpsc, oneshot, watch};
 use tonic::Status;
 
-use super::actor::Actor;
+use super::actor::{Actor, Effect};
 use crate::Error;
 use crate::failover::{InSync, PublishError};
 use crate::state::State;
@@ -56,6 +56,14 @@ impl Actor {
             let refused = Error::RefusedTerm { term: frame.term, seen: self.seen_term, primary: self.primary };
             let _ = done.send(Err(refused.into()));
             return;
+        }
+        if frame.term > self.seen_term && !self.leader.is_empty() {
+            // the first frame of a new term: the processes whose sessions this standby refused
+            // learn where the primary is from one notice per stream (with three managers, the
+            // primary they wait for may be another manager than the one they hold a stream to)
+            for mux in self.muxes.values() {
+                self.effects.push(Effect::LeaderNotice(mux.clone(), frame.term, self.leader.clone()));
+            }
         }
         self.seen_term = frame.term;
         self.term = self.term.max(frame.term);
