@@ -192,12 +192,10 @@ pub(super) struct Actor {
     /// When the gauges (`baton_manager_*`) are next set.
     pub(super) next_gauges: Instant,
     /// On the primary: when each request it journaled, not yet answered, was journaled, by
-    /// session (`baton_manager_relay_seconds`).
-    pub(super) relaying: HashMap<String, BTreeMap<u64, Instant>>,
-    /// On the primary, when traces are exported: the span of each request in relay that came
-    /// with a trace context (`ClientRequest.traceparent`), by session and number; it ends when
-    /// the server's reply is journaled.
-    pub(super) traced: HashMap<(String, u64), tracing::Span>,
+    /// session (`baton_manager_relay_seconds`), and, when traces are exported and the request
+    /// came with a context (`ClientRequest.traceparent`), its relay span, which ends (is dropped)
+    /// when the server's reply is journaled; `Span::none()` otherwise.
+    pub(super) relaying: HashMap<String, BTreeMap<u64, (Instant, tracing::Span)>>,
     /// How many times this manager was elected primary.
     pub(super) epoch: u64,
     /// The role as the stream handlers see it.
@@ -452,12 +450,14 @@ impl Actor {
             restart_data: request.restart_data.clone(),
             acks,
         }));
-        self.relaying.entry(session.clone()).or_default().insert(request.seq, Instant::now());
-        if baton_mesh::trace::enabled() && !request.traceparent.is_empty() {
+        let span = if baton_mesh::trace::enabled() && !request.traceparent.is_empty() {
             let span = tracing::info_span!("relay", otel.name = "manager relay", session = %session, seq = request.seq);
             baton_mesh::trace::continue_from(&span, &request.traceparent);
-            self.traced.insert((session.clone(), request.seq), span);
-        }
+            span
+        } else {
+            tracing::Span::none()
+        };
+        self.relaying.entry(session.clone()).or_default().insert(request.seq, (Instant::now(), span));
         self.effects.push(Effect::Client(
             session.clone(),
             pb::client_event::Kind::Accepted(pb::RequestAccepted { seq: request.seq }),
@@ -530,9 +530,6 @@ impl Actor {
         self.activity.remove(id);
         self.journal(Op::Close(CloseOp { session_id: id.to_owned(), reason }));
         self.relaying.remove(id);
-        if !self.traced.is_empty() {
-            self.traced.retain(|(session, _), _| session != id);
-        }
     }
 
     /// Closes the detached sessions idle for `--session-expiry` (looked at once a second).
@@ -622,12 +619,9 @@ impl Actor {
                 payload: reply.payload.clone(),
                 restart_data: reply.restart_data.clone(),
             }));
-            if let Some(at) = self.relaying.get_mut(&reply.session_id).and_then(|q| q.remove(&reply.seq)) {
+            // the request's relay span, if any, ends here (dropped)
+            if let Some((at, _span)) = self.relaying.get_mut(&reply.session_id).and_then(|q| q.remove(&reply.seq)) {
                 metrics::histogram!("baton_manager_relay_seconds").record(at.elapsed().as_secs_f64());
-            }
-            if !self.traced.is_empty() {
-                // the request's relay span ends here (dropped)
-                self.traced.remove(&(reply.session_id.clone(), reply.seq));
             }
             if self.clients.contains_key(&reply.session_id) {
                 self.effects.push(Effect::Client(
@@ -867,7 +861,6 @@ impl Actor {
             return; // elected since: the caller's view of the leader is stale
         }
         self.relaying.clear();
-        self.traced.clear();
         self.moving.clear();
         let was_primary = self.primary;
         if was_primary {

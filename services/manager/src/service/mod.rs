@@ -147,7 +147,6 @@ impl ManagerService {
             next_expiry: Instant::now(),
             next_gauges: Instant::now(),
             relaying: HashMap::new(),
-            traced: HashMap::new(),
             epoch: 0,
             role: role.clone(),
         };
