@@ -2,8 +2,9 @@
 //! receiver in the test (an axum server on a loopback port) that fails the first two deliveries
 //! gets each completion (a batch's, an export's) signed, with the same body and delivery id at
 //! every attempt, and acknowledges it once; a receiver that never acknowledges is given up; a bad
-//! webhook URL is refused before anything is created; and a delivery carries on across a
-//! scheduler killed and restarted.
+//! webhook URL is refused before anything is created; a delivery carries on across a
+//! scheduler killed and restarted; and a completion awaited on a manager session is answered once,
+//! across the service going away and the scheduler and manager restarting.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,8 +12,10 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
+use baton_api::completion::{AWAIT_COMPLETION, POOL};
+use baton_manager_client::{ClientResponse, ClientSession, Connector};
 use baton_mesh::proto::v1 as pb;
-use baton_scheduler::client::submit_batch;
+use baton_scheduler::client::{await_completion, completion_notice, submit_batch};
 use baton_tests::{Server, TestOrg, authed, backends, create_org, eventually, record};
 use hmac::{Hmac, Mac};
 use sqlx::Row;
@@ -413,5 +416,103 @@ async fn webhooks_do_not_reach_internal_addresses_unless_allowed() {
             assert!(refused.next_attempt_time.is_some(), "retried: {refused:?}");
         }
         assert!(receiver.log.lock().unwrap().requests.is_empty(), "nothing sent");
+    }
+}
+
+/// The next response on `session` within `within`.
+async fn next_response(session: &mut ClientSession, within: Duration) -> ClientResponse {
+    tokio::time::timeout(within, session.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no response within {within:?}"))
+        .expect("the session is open")
+}
+
+/// A completion awaited on a manager session (the pool `completions`, served by the scheduler):
+/// a bad request, an unknown batch and another org's batch are answered at once with the status;
+/// a batch held back by its policy is answered once it is done, even though the service went away
+/// and the whole `baton dev` (manager and scheduler) was SIGKILLed and restarted meanwhile: the
+/// resumed session gets the notice exactly once (and, again, only answers it had not acknowledged). A finished batch and an export are answered too.
+#[tokio::test]
+async fn a_completion_awaited_on_a_manager_session_survives_the_service_and_the_scheduler_going_away() {
+    use pb::await_completion_request::Subject;
+    use pb::completion_notice::Result as Notice;
+    for backend in backends() {
+        eprintln!("-- on {backend:?}");
+        let server = Server::start(backend, &["--webhook-poll", "100ms"]).await;
+        let org = create_org(&server, "acme").await;
+        let other = create_org(&server, "other").await;
+        let endpoint = format!("http://{}", server.addr);
+        let connector = Connector::new(None).unwrap();
+        let mut session = ClientSession::open(&connector, &endpoint, POOL, Vec::new()).await.unwrap();
+
+        // held back 4 s: it is not done before the restart below
+        let mut held = header(None);
+        held.policy = Some(pb::ReleasePolicy {
+            not_before_time: baton_mesh::proto::timestamp(baton_mesh::now_ms() + 4_000),
+            ..Default::default()
+        });
+        let batch =
+            submit_batch(server.channel().await, &org.key, held, accounts(0..30), |_| {}).await.unwrap().batch_id;
+        let awaited = await_completion(&session, &org.id, Subject::BatchId(batch.clone())).await.unwrap();
+        let unknown = await_completion(&session, &org.id, Subject::BatchId("b_unknown".into())).await.unwrap();
+        let foreign = await_completion(&session, &other.id, Subject::BatchId(batch.clone())).await.unwrap();
+        let bad = pb::AwaitCompletionRequest { org_id: org.id.clone(), subject: None };
+        let bad = session.send(baton_mesh::proto::to_any(AWAIT_COMPLETION, &bad), Vec::new()).await.unwrap();
+        let mut refused = std::collections::BTreeMap::new();
+        for _ in 0..3 {
+            let response = next_response(&mut session, Duration::from_secs(10)).await;
+            let status = completion_notice(&response).expect_err("refused");
+            refused.insert(response.seq, (status.code(), status.message().to_owned()));
+        }
+        assert_eq!(refused.len(), 3, "one answer each: {refused:?}");
+        assert_eq!(refused[&unknown].0, Code::NotFound, "{refused:?}");
+        assert_eq!(refused[&foreign].0, Code::NotFound, "another org's batch is not found: {refused:?}");
+        assert_eq!(refused[&bad], (Code::InvalidArgument, "batch_id or export_id is required".into()));
+        assert!(refused[&unknown].1.contains("b_unknown"), "{refused:?}");
+
+        // the service goes away without closing its session; baton dev is SIGKILLed and started
+        // again: the request, journaled, is delivered again to the restarted scheduler
+        let session_id = session.session_id().to_owned();
+        drop(session);
+        let server = server.restart(&[]);
+        let mut session = ClientSession::resume(&connector, &endpoint, &session_id, Vec::new(), bad).await.unwrap();
+        // answers handed over but not yet acknowledged when the service went away come again
+        // (at least once across a client restart: a client deduplicates by request number)
+        let mut answers = Vec::new();
+        while !answers.iter().any(|r: &ClientResponse| r.seq == awaited) {
+            answers.push(next_response(&mut session, Duration::from_secs(60)).await);
+        }
+        while let Ok(Some(more)) = tokio::time::timeout(Duration::from_millis(700), session.recv()).await {
+            answers.push(more);
+        }
+        let seqs: Vec<u64> = answers.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs.iter().filter(|&&s| s == awaited).count(), 1, "the awaited answer once: {seqs:?}");
+        assert!(seqs.iter().all(|s| *s == awaited || refused.contains_key(s)), "nothing else: {seqs:?}");
+        let response = answers.into_iter().find(|r| r.seq == awaited).unwrap();
+        let Notice::Batch(done) = completion_notice(&response).unwrap() else { panic!("a batch: {response:?}") };
+        assert_eq!((done.batch_id.as_str(), done.state), (batch.as_str(), pb::BatchState::Done as i32), "{done:?}");
+        let totals = done.totals.unwrap();
+        assert_eq!((totals.chunks, totals.committed, totals.records_committed), (3, 3, 30), "{totals:?}");
+        assert!(done.finish_time.is_some(), "{done:?}");
+
+        // a finished batch is answered at once; an export once it is complete
+        let again = await_completion(&session, &org.id, Subject::BatchId(batch.clone())).await.unwrap();
+        let response = next_response(&mut session, Duration::from_secs(10)).await;
+        assert_eq!(response.seq, again);
+        assert!(matches!(completion_notice(&response), Ok(Notice::Batch(b)) if b.batch_id == batch));
+        let mut intake = pb::intake_client::IntakeClient::new(server.channel().await);
+        let request = pb::ExportRequest { object: "account".into(), sync_rows: 5, part_rows: 10, ..Default::default() };
+        let started = intake.export(authed(request, &org.key)).await.unwrap().into_inner();
+        assert!(!started.complete, "asynchronous: {started:?}");
+        let export = await_completion(&session, &org.id, Subject::ExportId(started.export_id.clone())).await.unwrap();
+        let response = next_response(&mut session, Duration::from_secs(60)).await;
+        assert_eq!(response.seq, export);
+        let Notice::Export(status) = completion_notice(&response).unwrap() else { panic!("an export: {response:?}") };
+        assert_eq!(
+            (status.export_id.as_str(), status.state),
+            (started.export_id.as_str(), pb::ExportState::Complete as i32)
+        );
+        assert_eq!(status.first_rows + status.rows_ready, 30, "{status:?}");
+        session.close(false).await.unwrap();
     }
 }

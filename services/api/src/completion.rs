@@ -1,11 +1,33 @@
 //! Where a completion is pushed, on the wire: the `CompletionTarget` a batch header or an export
 //! request names (checked here, for SubmitBatch and Export alike) and the `CompletionDelivery`
-//! GetBatch and GetExport show.
+//! GetBatch and GetExport show; and the completion awaited on a manager session: the pool a
+//! scheduler serves it in and the full names of its request and answer.
 
 use baton_mesh::proto::timestamp;
 use baton_mesh::proto::v1 as pb;
 use baton_store::FieldError;
 use baton_store::completions::{Delivery, DeliveryState};
+
+/// The manager pool in which a scheduler answers `AwaitCompletionRequest`s.
+pub const POOL: &str = "completions";
+/// The full name of the request a service sends in [`POOL`] to be told of a completion.
+pub const AWAIT_COMPLETION: &str = "baton.v1.AwaitCompletionRequest";
+/// The full name of its answer.
+pub const COMPLETION_NOTICE: &str = "baton.v1.CompletionNotice";
+
+/// A status as a `google.rpc.Status`, its details (ErrorInfo, BadRequest) kept.
+pub fn rpc_status(status: &tonic::Status) -> tonic_types::pb::Status {
+    use prost::Message;
+    // a status with details carries them as an encoded google.rpc.Status of its own
+    match tonic_types::pb::Status::decode(status.details()) {
+        Ok(full) if !status.details().is_empty() => full,
+        _ => tonic_types::pb::Status {
+            code: status.code() as i32,
+            message: status.message().to_owned(),
+            details: Vec::new(),
+        },
+    }
+}
 
 /// The longest webhook URL.
 pub const MAX_WEBHOOK_URL: usize = 2048;

@@ -187,6 +187,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // a fixed scheduler id: a restarted `baton dev` resumes its sessions (the manager and store
     // under the data directory are its own)
     let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), DEV_SCHEDULER_ID.into(), args.release.clone());
+    let completions_server = scheduler.completions_server_id();
     node.spawn(baton_scheduler::releaser::run(
         store.clone(),
         blobs.clone(),
@@ -198,6 +199,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         store.clone(),
         args.webhooks.clone(),
         DEV_SCHEDULER_ID.into(),
+        shutdown.clone(),
+    ));
+    node.spawn(baton_scheduler::awaiting::serve(
+        store.clone(),
+        connector.clone(),
+        me.clone(),
+        completions_server,
+        args.webhooks.webhook_poll,
         shutdown.clone(),
     ));
     for n in 0..args.workers {

@@ -315,6 +315,14 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
                 scheduler.id(),
                 node.shutdown(),
             ));
+            node.spawn(baton_scheduler::awaiting::serve(
+                store.clone(),
+                connector.clone(),
+                scheduler.manager.clone(),
+                scheduler.completions_server_id(),
+                scheduler.webhooks.webhook_poll,
+                node.shutdown(),
+            ));
             node.spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, connector, node.shutdown()));
             node.serve(server, listener, metrics, Some(&store)).await
         }

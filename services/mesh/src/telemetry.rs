@@ -237,6 +237,11 @@ pub const METRICS: &[Metric] = &[
         help: "Reads of the change log by its followers, by follower (extract, link); a caught-up follower reads again when a commit is announced, or after --change-poll.",
     },
     Metric {
+        name: "baton_scheduler_completions_awaited",
+        kind: Kind::Gauge,
+        help: "Completions awaited on manager sessions (the pool completions) that this scheduler holds unanswered.",
+    },
+    Metric {
         name: "baton_watch_reads_total",
         kind: Kind::Counter,
         help: "Reads of a batch or an export by the streams watching it, by watch (batch, export); a stream reads again when a commit of its batch or export is announced, or after --watch-poll.",

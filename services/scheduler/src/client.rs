@@ -1,7 +1,11 @@
-//! The client side of batches: submitting records as a batch, and turning a real-time request
-//! rejected with `RESUBMIT_AS_BATCH` into one.
+//! The client side of batches: submitting records as a batch, turning a real-time request
+//! rejected with `RESUBMIT_AS_BATCH` into one, and awaiting a batch's or export's completion on a
+//! manager client session.
 
+use baton_api::completion::{AWAIT_COMPLETION, COMPLETION_NOTICE};
+use baton_manager_client::{ClientResponse, ClientSession};
 use baton_mesh::proto::v1 as pb;
+use baton_mesh::proto::{from_any, to_any};
 use baton_mesh::status::RESUBMIT_AS_BATCH;
 use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
@@ -96,5 +100,35 @@ pub async fn upsert_or_batch(
             Ok(Upserted::Batch(submit_batch(channel, api_key, header, request.records, |_| {}).await?))
         }
         Err(status) => Err(status),
+    }
+}
+
+/// Asks, on `session` (a client session opened in the pool
+/// [`POOL`](baton_api::completion::POOL)), to be told when `subject` of org `org_id` has
+/// finished. Answers the request's number once the manager has journaled it; the notice comes
+/// later as the response to that number (read it with [`completion_notice`]), even if this
+/// process goes away and resumes the session meanwhile.
+pub async fn await_completion(
+    session: &ClientSession,
+    org_id: &str,
+    subject: pb::await_completion_request::Subject,
+) -> Result<u64, Status> {
+    let request = pb::AwaitCompletionRequest { org_id: org_id.to_owned(), subject: Some(subject) };
+    session.send(to_any(AWAIT_COMPLETION, &request), Vec::new()).await
+}
+
+/// The completion notice a response carries: the finished batch or export, or (as a status)
+/// why none will come.
+pub fn completion_notice(response: &ClientResponse) -> Result<pb::completion_notice::Result, Status> {
+    let payload = response.payload.as_ref().ok_or_else(|| Status::internal("a completion response without payload"))?;
+    let notice: pb::CompletionNotice = from_any(COMPLETION_NOTICE, payload).map_err(Status::internal)?;
+    match notice.result {
+        Some(pb::completion_notice::Result::Error(e)) => Err(Status::with_details(
+            Code::from_i32(e.code),
+            e.message.clone(),
+            prost::Message::encode_to_vec(&e).into(),
+        )),
+        Some(result) => Ok(result),
+        None => Err(Status::internal("an empty completion notice")),
     }
 }

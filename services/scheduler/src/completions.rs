@@ -68,7 +68,8 @@ pub struct WebhookOptions {
     #[arg(long, env = "BATON_WEBHOOK_SECRET", hide_env_values = true)]
     pub webhook_secret: Option<String>,
 
-    /// How often finished batches and exports, and deliveries due, are looked for.
+    /// How often finished batches and exports, and deliveries due, are looked for (also the
+    /// completions awaited on manager sessions).
     #[arg(long, env = "BATON_WEBHOOK_POLL", default_value = "1s", value_parser = parse_duration)]
     pub webhook_poll: Duration,
 

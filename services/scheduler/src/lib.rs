@@ -9,8 +9,9 @@
 //! chunk is, so scheduler replicas share the queue and a scheduler restart loses nothing. A
 //! scheduler's `--scheduler-id` names its sessions, so a restarted scheduler resumes them (see
 //! [`releaser`]). The [`completions`] loop pushes a finished batch's or export's completion to the
-//! webhook it named.
+//! webhook it named; [`awaiting`] answers services that await one on a manager session.
 
+pub mod awaiting;
 pub mod client;
 pub mod completions;
 pub mod releaser;
@@ -123,6 +124,13 @@ impl SchedulerOptions {
             release,
             webhooks: Default::default(),
         }
+    }
+
+    /// The server id under which this scheduler serves the completions pool: its id and
+    /// `/completions`, stable across restarts, so that a restarted scheduler gets the requests it
+    /// had not answered back at once.
+    pub fn completions_server_id(&self) -> String {
+        format!("{}/completions", self.id())
     }
 
     /// Checks what clap cannot.
