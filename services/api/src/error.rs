@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use baton_mesh::status::{self, LimitExceeded, Violation};
-use baton_store::FieldError;
+use baton_store::{FieldError, Missing};
 use tonic::{Code, Status};
 
 /// How long a client rejected because of load should wait before retrying.
@@ -39,6 +39,21 @@ impl Error {
     }
 }
 
+/// The ErrorInfo reason of NOT_FOUND for a missing kind of thing (`baton_mesh::status::*_NOT_FOUND`).
+pub fn not_found_reason(missing: Missing) -> &'static str {
+    match missing {
+        Missing::Org => status::ORG_NOT_FOUND,
+        Missing::ApiKey => status::API_KEY_NOT_FOUND,
+        Missing::Object => status::OBJECT_NOT_FOUND,
+        Missing::Record => status::RECORD_NOT_FOUND,
+        Missing::Batch => status::BATCH_NOT_FOUND,
+        Missing::Chunk => status::CHUNK_NOT_FOUND,
+        Missing::Export => status::EXPORT_NOT_FOUND,
+        Missing::Part => status::PART_NOT_FOUND,
+        Missing::Link => status::LINK_NOT_FOUND,
+    }
+}
+
 fn violations(errors: &[FieldError]) -> Vec<Violation> {
     errors.iter().map(|e| Violation::new(e.field.clone(), e.description.clone())).collect()
 }
@@ -51,7 +66,7 @@ impl From<Error> for Status {
             Error::Invalid(errors) => status::invalid_argument(&violations(&errors)),
             Error::Store(S::Invalid(errors)) => status::invalid_argument(&violations(&errors)),
             Error::Store(S::NotFound(what)) => {
-                status::with_reason(Code::NotFound, what.missing.reason(), format!("{what} not found"))
+                status::with_reason(Code::NotFound, not_found_reason(what.missing), format!("{what} not found"))
             }
             Error::Store(S::AlreadyExists(what)) => Status::already_exists(format!("{what} already exists")),
             Error::Store(S::Incompatible { object, version, problems }) => {

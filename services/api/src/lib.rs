@@ -5,6 +5,7 @@
 //! - [`batches`]: batches and chunks on the wire;
 //! - [`completion`]: where a batch's or export's completion is pushed, and its delivery;
 //! - [`exports`]: an export's status on the wire;
+//! - [`keys`]: the store as the mesh's API key resolver;
 //! - [`part_rows`]: a stored export part's rows encoded straight onto the wire;
 //! - [`paging`]: page sizes and page tokens of the lists ordered by creation time;
 //! - [`error`]: the services' [`Error`] and its one mapping to `tonic::Status`;
@@ -16,6 +17,7 @@ pub mod completion;
 pub mod convert;
 pub mod error;
 pub mod exports;
+pub mod keys;
 pub mod paging;
 pub mod part_rows;
 pub mod work;

@@ -159,7 +159,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     // the scheduler and workers below send the mesh token to the manager of this same process
     let (connector, mesh_token) = crate::mesh_connector(&args.mesh, &serve.tls);
     let auth =
-        AuthConfig { admin_token: Some(token.into()), keys: Some(std::sync::Arc::new(store.clone())), mesh_token };
+        AuthConfig { admin_token: Some(token.into()), keys: Some(baton_api::keys::StoreKeys::of(&store)), mesh_token };
     let server = MeshServer::new(serve.clone(), auth);
     let server = baton_intake::add_services(server, &store, &blobs, &args.limits, &serve);
     let sync = baton_sync::SyncOptions { tls: serve.tls.client(), ..args.sync.clone() };

@@ -301,7 +301,7 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
             let node = node::Node::on_signals(serve.shutdown_grace);
             let auth = baton_mesh::auth::AuthConfig {
                 admin_token: None,
-                keys: Some(std::sync::Arc::new(store.clone())),
+                keys: Some(baton_api::keys::StoreKeys::of(&store)),
                 ..Default::default()
             };
             let server = baton_scheduler::add_services(
@@ -358,7 +358,7 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
                 let node = node::Node::on_signals(serve.shutdown_grace);
                 let auth = baton_mesh::auth::AuthConfig {
                     admin_token: None,
-                    keys: Some(std::sync::Arc::new(store.clone())),
+                    keys: Some(baton_api::keys::StoreKeys::of(&store)),
                     ..Default::default()
                 };
                 let server = baton_mesh::server::MeshServer::new(serve.clone(), auth);

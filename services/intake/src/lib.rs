@@ -334,7 +334,7 @@ pub async fn run(
 ) -> Result<(), baton_mesh::server::Error> {
     let auth = AuthConfig {
         admin_token: admin_token.map(Into::into),
-        keys: Some(std::sync::Arc::new(store.clone())),
+        keys: Some(baton_api::keys::StoreKeys::of(&store)),
         ..Default::default()
     };
     let server = add_services(MeshServer::new(serve.clone(), auth), &store, &blobs, &options, &serve);

@@ -30,15 +30,11 @@ pub enum KeyLookup {
     Unknown,
 }
 
-/// Resolves API keys to orgs (implemented by the store).
+/// Resolves API keys to orgs (`baton_api::keys::StoreKeys` over the store, which keeps only a
+/// hash of each key).
 pub trait KeyResolver: Send + Sync + 'static {
-    /// Looks a key up by the SHA-256 hash of its text (see [`hash_key`]).
-    fn resolve(&self, key_hash: String) -> BoxFuture<'_, Result<KeyLookup, String>>;
-}
-
-/// The SHA-256 of an API key, hex-encoded: all that is stored of a key.
-pub fn hash_key(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
+    /// Looks up the key the caller presented.
+    fn resolve(&self, key: String) -> BoxFuture<'_, Result<KeyLookup, String>>;
 }
 
 /// How a server authenticates its callers.
@@ -140,7 +136,7 @@ impl AuthConfig {
                 let Some(keys) = &self.keys else {
                     return Err(Status::unauthenticated("this server accepts no API keys"));
                 };
-                match keys.resolve(hash_key(key)).await {
+                match keys.resolve(key.to_owned()).await {
                     Ok(KeyLookup::Org(org)) => Ok(Some(Principal::Org(org))),
                     Ok(KeyLookup::Revoked) => Err(Status::unauthenticated("api key revoked")),
                     Ok(KeyLookup::Unknown) => Err(Status::unauthenticated("invalid api key")),

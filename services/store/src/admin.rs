@@ -1,12 +1,27 @@
 //! Orgs, API keys and object schemas.
 
-use baton_mesh::auth::{KeyLookup, KeyResolver, hash_key};
-use futures::future::BoxFuture;
+use sha2::{Digest, Sha256};
 use sqlx::Row;
 
 use crate::model::{ApiKeyInfo, Cursor, NewApiKey, ObjectSchema, Org};
 use crate::schema::{FieldError, schema_change, validate_schema};
 use crate::{Backend, Error, Missing, Store, new_id, now_ms};
+
+/// The SHA-256 of an API key, hex-encoded: all that is stored of a key.
+pub fn hash_key(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// What an API key resolves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyLookup {
+    /// A live key of this org.
+    Org(String),
+    /// A key that was revoked.
+    Revoked,
+    /// No such key.
+    Unknown,
+}
 
 /// How long an API key lookup may take (see [`Store::lookup_key`]).
 const KEY_LOOKUP_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
@@ -288,10 +303,4 @@ fn encode_schema(schema: &ObjectSchema) -> Result<String, Error> {
 
 fn decode_schema(json: &str) -> Result<ObjectSchema, Error> {
     serde_json::from_str(json).map_err(|e| Error::Corrupt(format!("object schema: {e}")))
-}
-
-impl KeyResolver for Store {
-    fn resolve(&self, key_hash: String) -> BoxFuture<'_, Result<KeyLookup, String>> {
-        Box::pin(async move { self.lookup_key(&key_hash).await.map_err(|e| e.to_string()) })
-    }
 }

@@ -36,7 +36,7 @@ macro_rules! stored_names {
     };
 }
 
-mod admin;
+pub mod admin;
 pub mod batches;
 pub mod blobs;
 pub mod changes;
@@ -53,8 +53,6 @@ mod writer;
 
 use std::borrow::Cow;
 use std::time::Duration;
-
-pub(crate) use baton_mesh::now_ms;
 
 use futures::future::BoxFuture;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
@@ -193,22 +191,10 @@ pub enum Missing {
     Link,
 }
 
-impl Missing {
-    /// The ErrorInfo reason of NOT_FOUND for this kind (`baton_mesh::status::*_NOT_FOUND`).
-    pub fn reason(self) -> &'static str {
-        use baton_mesh::status as s;
-        match self {
-            Missing::Org => s::ORG_NOT_FOUND,
-            Missing::ApiKey => s::API_KEY_NOT_FOUND,
-            Missing::Object => s::OBJECT_NOT_FOUND,
-            Missing::Record => s::RECORD_NOT_FOUND,
-            Missing::Batch => s::BATCH_NOT_FOUND,
-            Missing::Chunk => s::CHUNK_NOT_FOUND,
-            Missing::Export => s::EXPORT_NOT_FOUND,
-            Missing::Part => s::PART_NOT_FOUND,
-            Missing::Link => s::LINK_NOT_FOUND,
-        }
-    }
+/// Now, in milliseconds since the Unix epoch: the time of every stored timestamp. The mesh has the
+/// same one-liner; the store keeps its own rather than depend on the mesh (and so on tonic).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Sorts a database error into busy (workload), resource, or other.

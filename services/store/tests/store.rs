@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use baton_mesh::auth::{KeyLookup, hash_key};
+use baton_store::admin::{KeyLookup, hash_key};
 use baton_store::model::{ChangeOp, FieldSpec, FieldType, Fields, ObjectSchema, Record};
 use baton_store::testing::{self, TestStore};
 use baton_store::{Backend, Error, Store};
@@ -784,7 +784,7 @@ mod batches {
             let b = s.claim_completions("b", lease, 10).await.unwrap();
             assert_eq!((a.len(), b.len()), (1, 0), "{a:?} {b:?}");
             assert_eq!((a[0].attempts, a[0].body.as_str(), a[0].org_id.as_str()), (1, "{\"body\":1}", org.as_str()));
-            let retry = baton_mesh::now_ms() - 1;
+            let retry = baton_store::now_ms() - 1;
             let failed = Attempted::Failed { error: "HTTP 503".into(), retry_at_ms: Some(retry) };
             s.record_delivery(&id, "a", &failed).await.unwrap();
             let d = s.completion(&org, &id).await.unwrap().unwrap();
