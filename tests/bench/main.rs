@@ -123,8 +123,17 @@ async fn get_link(server: &Server, key: &str, id: &str) -> pb::Link {
     server.sync().await.get_link(authed(request, key)).await.expect("get link").into_inner()
 }
 
+/// The change-log reads of `server`'s links so far (`baton_change_log_reads_total{follower="link"}`).
+fn link_reads(server: &Server) -> f64 {
+    let text = server.metrics_text();
+    text.lines()
+        .filter(|l| l.starts_with("baton_change_log_reads_total") && l.contains("follower=\"link\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Sync between two deployments: events applied per second (a backlog drained by a resumed link),
-/// then replication lag while a writer runs at a fixed rate.
+/// then replication lag while a writer runs at a fixed rate, then the link's reads while idle.
 async fn sync(seconds: f64) {
     let events: usize = std::env::var("BENCH_SYNC_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(300_000);
     let rate: f64 = std::env::var("BENCH_SYNC_RATE").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000.0);
@@ -260,6 +269,26 @@ async fn sync(seconds: f64) {
         "summary: sync applies {apply_rate:.0} events/s; lag p50 {:.0} ms p99 {:.0} ms at {achieved:.0} events/s",
         ms(p50),
         ms(p99)
+    );
+    // idle: how often the caught-up link reads the change log with nothing written (pushed
+    // changes wake it on a commit; otherwise it reads only at the --change-poll fallback)
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = Duration::from_secs(5);
+    let before = link_reads(&source);
+    tokio::time::sleep(idle).await;
+    let idle_reads = link_reads(&source) - before;
+    println!(
+        "sync idle: {idle_reads} change-log reads by the caught-up link in {}s with nothing written",
+        idle.as_secs()
+    );
+    // at most the fallback's one read a second (--change-poll, 1s); polling read 20 a second
+    let fallback = idle.as_secs_f64();
+    figures::record(
+        format!("sync: change-log reads by an idle link in {}s", idle.as_secs()),
+        idle_reads,
+        "reads",
+        None,
+        Target::AtMost(fallback),
     );
     figures::record_unmeasured_peer(
         "sync: events applied between two deployments",
