@@ -67,6 +67,10 @@ pub struct ClientSession {
 /// reconnect (the library drops it as already seen).
 const ACK_DELAY: Duration = Duration::from_millis(2);
 
+/// How long opening (or resuming) a session may take, through takeovers and reconnects, before
+/// `open` gives up.
+const OPEN_DEADLINE: Duration = Duration::from_secs(60);
+
 /// A request sent but not yet journaled: its payload, restart data, trace context, and who waits
 /// for it.
 type Unaccepted = (prost_types::Any, Vec<u8>, String, Option<oneshot::Sender<Accepted>>);
@@ -372,9 +376,11 @@ impl ClientSession {
                 state.endpoints.pause(&status, state.seen_term).await;
             }
         });
-        let opened = tokio::time::timeout(Duration::from_secs(60), opened_rx)
+        let opened = tokio::time::timeout(OPEN_DEADLINE, opened_rx)
             .await
-            .map_err(|_| Status::deadline_exceeded("the manager did not open the session within 60s"))?
+            .map_err(|_| {
+                Status::deadline_exceeded(format!("the manager did not open the session within {OPEN_DEADLINE:?}"))
+            })?
             .map_err(|_| Status::unavailable("the session task stopped"))??;
         Ok(Self { commands, responses, opened })
     }

@@ -79,6 +79,9 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a session waits for its open on a stream that keeps bringing other events.
 const OPEN_LIMIT: Duration = Duration::from_secs(30);
 
+/// How long connecting to a manager may take before the next one is tried.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// The Multiplex stream of `connector` to `endpoint`, started if there is none that runs. One
 /// session at a time starts it; the others wait and take it, or its failure. Each starting its
 /// own, a takeover with 100,000 sessions opened up to as many connections and streams to the
@@ -108,7 +111,7 @@ async fn connect(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
 async fn start(connector: &Connector, endpoint: &str) -> Result<Mux, Status> {
     let channel = connector
         .endpoint(endpoint)?
-        .connect_timeout(Duration::from_secs(1))
+        .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .connect()
         .await

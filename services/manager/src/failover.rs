@@ -36,6 +36,27 @@ use baton_manager_client::Connector;
 /// down on a local fault: restart it, and it rejoins as a standby.
 pub const EXIT_FENCED: i32 = 75;
 
+/// How long connecting to etcd may take.
+const ETCD_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long one etcd call (a read, a transaction, a lease grant) may take before it counts as
+/// failed: the lease's default TTL, so that a stalled etcd is noticed within a lease.
+const ETCD_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long giving something up (resigning, revoking the lease) is waited for: best effort, the
+/// lease runs out anyway.
+const ETCD_RELEASE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a standby looks for the leader to follow when there is none (or its stream ended).
+const LEADER_POLL: Duration = Duration::from_millis(100);
+/// How long connecting to the leader's Replicate stream may take.
+const REPLICATE_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// The wait before asking etcd for a lease again after it refused or did not answer.
+const LEASE_GRANT_RETRY: Duration = Duration::from_millis(500);
+/// The wait before checking again whether this manager may campaign, and before starting over
+/// after a failed campaign.
+const CAMPAIGN_RETRY: Duration = Duration::from_millis(200);
+/// How often the primary's watchdog compares the last renewal with the fence deadline: small
+/// against the 60 % of the TTL it allows.
+const WATCHDOG_TICK: Duration = Duration::from_millis(20);
+
 /// The etcd key holding the in-sync set: beside the election key, not under it (every key under
 /// `election/` is a candidate).
 pub fn in_sync_key(election: &str) -> String {
@@ -105,7 +126,7 @@ pub type Publisher = Arc<dyn Fn(InSync) -> futures::future::BoxFuture<'static, R
 pub async fn connect(endpoints: &[String]) -> Result<Client, etcd_client::Error> {
     // No per-request timeout: a campaign waits as long as the election takes (cancelling it would
     // give up the place in line). Other calls are bounded with tokio timeouts where they are made.
-    let options = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2));
+    let options = ConnectOptions::new().with_connect_timeout(ETCD_CONNECT_TIMEOUT);
     Client::connect(endpoints, Some(options)).await
 }
 
@@ -120,7 +141,7 @@ pub fn publisher(client: Client, election: &str, leader: LeaderKey) -> Publisher
             .when([Compare::create_revision(leader.key(), CompareOp::Equal, leader.rev())])
             .and_then([TxnOp::put(key.clone(), set.to_json(), None)]);
         Box::pin(async move {
-            match tokio::time::timeout(Duration::from_secs(2), client.txn(txn)).await {
+            match tokio::time::timeout(ETCD_CALL_TIMEOUT, client.txn(txn)).await {
                 Ok(Ok(r)) if r.succeeded() => Ok(()),
                 Ok(Ok(_)) => Err(PublishError::Deposed),
                 Ok(Err(e)) => Err(PublishError::Etcd(e.to_string())),
@@ -133,7 +154,7 @@ pub fn publisher(client: Client, election: &str, leader: LeaderKey) -> Publisher
 /// Whether this manager may campaign (or serve, after winning): the in-sync set names it and its
 /// journal reaches the set's index. No set at all: the cluster's first election.
 async fn eligible(client: &mut Client, election: &str, node: &str, service: &ManagerService) -> bool {
-    let got = tokio::time::timeout(Duration::from_secs(2), client.get(in_sync_key(election), None)).await;
+    let got = tokio::time::timeout(ETCD_CALL_TIMEOUT, client.get(in_sync_key(election), None)).await;
     let set = match got {
         Ok(Ok(resp)) => match resp.kvs().first() {
             None => return true,
@@ -175,14 +196,14 @@ async fn follow(
     cancel: CancellationToken,
 ) {
     while !cancel.is_cancelled() {
-        let leader = match tokio::time::timeout(Duration::from_secs(2), client.leader(election.clone())).await {
+        let leader = match tokio::time::timeout(ETCD_CALL_TIMEOUT, client.leader(election.clone())).await {
             Ok(Ok(resp)) => resp.kv().and_then(|kv| kv.value_str().ok()).map(str::to_owned),
             _ => None,
         };
         let Some(leader) = leader.filter(|l| *l != me) else {
             tokio::select! {
                 () = cancel.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                () = tokio::time::sleep(LEADER_POLL) => continue,
             }
         };
         let _ = service.follow_leader(leader.clone(), epoch).await;
@@ -194,7 +215,7 @@ async fn follow(
         }
         tokio::select! {
             () = cancel.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            () = tokio::time::sleep(LEADER_POLL) => {}
         }
     }
 }
@@ -208,7 +229,7 @@ async fn replicate_from(
 ) -> Result<(), tonic::Status> {
     let channel = connector
         .endpoint(leader)?
-        .connect_timeout(Duration::from_secs(1))
+        .connect_timeout(REPLICATE_CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .connect()
         .await
@@ -355,17 +376,17 @@ pub async fn run(
         if shutdown.is_cancelled() {
             return;
         }
-        let granted = tokio::time::timeout(Duration::from_secs(2), client.lease_grant(ttl_secs, None)).await;
+        let granted = tokio::time::timeout(ETCD_CALL_TIMEOUT, client.lease_grant(ttl_secs, None)).await;
         let (lease, ttl_ms) = match granted {
             Ok(Ok(l)) => (l.id(), l.ttl() * 1000),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot grant an etcd lease; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(LEASE_GRANT_RETRY).await;
                 continue;
             }
             Err(_) => {
                 tracing::warn!("cannot grant an etcd lease: etcd did not answer; retrying");
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(LEASE_GRANT_RETRY).await;
                 continue;
             }
         };
@@ -387,7 +408,7 @@ pub async fn run(
             while !eligible(&mut client, &election, &me, &service).await {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    () = tokio::time::sleep(CAMPAIGN_RETRY) => {}
                 }
             }
             let won = tokio::select! {
@@ -412,7 +433,7 @@ pub async fn run(
                     }
                     tracing::warn!(fresh, "won the election but cannot serve (lease or in-sync set): resigning");
                     let _ = tokio::time::timeout(
-                        Duration::from_secs(1),
+                        ETCD_RELEASE_TIMEOUT,
                         client.resign(Some(ResignOptions::new().with_leader(key))),
                     )
                     .await;
@@ -422,8 +443,8 @@ pub async fn run(
                     tracing::warn!(error = %e, "campaign failed; retrying with a new lease");
                     keepalive.abort();
                     following.cancel();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = tokio::time::timeout(ETCD_RELEASE_TIMEOUT, client.lease_revoke(lease)).await;
+                    tokio::time::sleep(CAMPAIGN_RETRY).await;
                     continue 'lease;
                 }
             }
@@ -442,11 +463,11 @@ pub async fn run(
             tracing::warn!(term, error = %e, "cannot publish the in-sync set after winning: resigning");
             keepalive.abort();
             let _ = tokio::time::timeout(
-                Duration::from_secs(1),
+                ETCD_RELEASE_TIMEOUT,
                 client.resign(Some(ResignOptions::new().with_leader(leader_key))),
             )
             .await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
+            let _ = tokio::time::timeout(ETCD_RELEASE_TIMEOUT, client.lease_revoke(lease)).await;
             continue 'lease;
         }
         if service.become_primary(term, Some(publish)).await.is_err() {
@@ -468,7 +489,7 @@ pub async fn run(
                     tracing::info!(term, "resigned");
                     return;
                 }
-                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+                () = tokio::time::sleep(WATCHDOG_TICK) => {}
             }
             if now_ms() - renewed.load(Ordering::SeqCst) > fence_after {
                 let _ = service.become_standby(String::new()).await;
@@ -513,7 +534,7 @@ pub async fn step_down_on_fault(
     if let Some(mut client) = client {
         let lease = service.lease_slot().load(Ordering::SeqCst);
         if lease != 0 {
-            let revoked = tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(lease)).await;
+            let revoked = tokio::time::timeout(ETCD_RELEASE_TIMEOUT, client.lease_revoke(lease)).await;
             tracing::info!(revoked = matches!(revoked, Ok(Ok(_))), "gave up the lease");
         }
     }

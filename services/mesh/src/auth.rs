@@ -37,6 +37,10 @@ pub trait KeyResolver: Send + Sync + 'static {
     fn resolve(&self, key: String) -> BoxFuture<'_, Result<KeyLookup, String>>;
 }
 
+/// How long a caller whose API key could not be checked (the store did not answer) is asked to
+/// wait before retrying.
+const KEY_CHECK_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// How a server authenticates its callers.
 #[derive(Clone, Default)]
 pub struct AuthConfig {
@@ -145,7 +149,7 @@ impl AuthConfig {
                         Err(crate::status::retry_later(
                             tonic::Code::Unavailable,
                             "cannot check the api key now; retry",
-                            std::time::Duration::from_secs(1),
+                            KEY_CHECK_RETRY_AFTER,
                         ))
                     }
                 }

@@ -174,6 +174,9 @@ pub struct ServerTls {
 /// How long a client has to finish its TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The wait before accepting again after `accept` failed (out of file descriptors and the like).
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
 /// How often the certificate files are checked for a change.
 const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
@@ -261,7 +264,7 @@ impl ServerTls {
                         Err(e) => {
                             // out of file descriptors and the like: try again shortly
                             tracing::warn!(error = %e, "cannot accept a connection");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            tokio::time::sleep(ACCEPT_RETRY).await;
                             continue;
                         }
                     },

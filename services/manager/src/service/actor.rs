@@ -138,6 +138,9 @@ pub(super) enum Effect {
 /// whose echo servers came back after their grace, `bench sessions`): the new primary found
 /// itself stalled (no answer to a status request for a lease TTL) and stepped down.
 const MOVES_PER_TICK: usize = 2_000;
+/// How often idle sessions are looked for, and the gauges sampled (each is a pass over every
+/// session).
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 /// A connected server session.
 pub(super) struct ServerConn {
@@ -538,7 +541,7 @@ impl Actor {
         if expiry.is_zero() || Instant::now() < self.next_expiry {
             return;
         }
-        self.next_expiry = Instant::now() + Duration::from_secs(1);
+        self.next_expiry = Instant::now() + SWEEP_EVERY;
         let expired: Vec<String> = self
             .activity
             .iter()
@@ -707,7 +710,7 @@ impl Actor {
         if Instant::now() < self.next_gauges {
             return;
         }
-        self.next_gauges = Instant::now() + Duration::from_secs(1);
+        self.next_gauges = Instant::now() + SWEEP_EVERY;
         let lag = self.replicas.values().map(|r| self.state.index.saturating_sub(*r.acked.borrow())).max().unwrap_or(0);
         let (requests, responses) = self
             .state

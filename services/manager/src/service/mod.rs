@@ -36,6 +36,13 @@ use actor::{Actor, Command};
 
 pub use baton_manager_client::LEADER_METADATA;
 
+/// How often the actor is ticked (moving the sessions of lost servers, expiry, gauges).
+const TICK_EVERY: Duration = Duration::from_millis(100);
+/// The longest an in-sync standby may take to acknowledge a batch before the primary drops it
+/// from the set (half the lease when that is shorter): the primary must be able to shrink the
+/// set and go on well before its lease is in doubt.
+const STANDBY_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Whether this manager is the primary, and the leader it knows if not: kept by the actor, read
 /// by the stream handlers, which refuse a standby's opens themselves. A standby refusing 100,000
 /// sessions through its actor queued its election behind them (`bench sessions`: elected 5 s
@@ -116,9 +123,7 @@ impl ManagerService {
         let (failed, failure) = (CancellationToken::new(), Arc::new(std::sync::Mutex::new(None)));
         let role = Arc::new(Role::default());
         role.set(single, "");
-        // an in-sync standby gets a second, or half the lease when that is shorter: the primary
-        // must be able to shrink the set and go on well before its lease is in doubt
-        let options_standby_timeout = Duration::from_secs(1).min(options.lease_ttl / 2);
+        let options_standby_timeout = STANDBY_TIMEOUT.min(options.lease_ttl / 2);
         let mut actor = Actor {
             term,
             state,
@@ -159,7 +164,7 @@ impl ManagerService {
             loop {
                 tokio::select! {
                     () = tick_shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = tokio::time::sleep(TICK_EVERY) => {}
                 }
                 if ticker.send(Command::Tick).await.is_err() {
                     return;

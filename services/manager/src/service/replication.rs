@@ -16,6 +16,10 @@ use crate::state::State;
 /// How close (in journal entries) a catching-up standby must be for the primary to wait briefly
 /// for it to join the in-sync set.
 const CATCH_UP_WINDOW: u64 = 4096;
+/// How long the primary waits for such a standby to acknowledge the batch just sent.
+const CATCH_UP_WAIT: Duration = Duration::from_millis(50);
+/// The wait before writing the in-sync set again after etcd failed to take it.
+const PUBLISH_RETRY: Duration = Duration::from_millis(100);
 
 /// A connected standby: where its frames go, and how far it has made the journal durable.
 pub(super) struct ReplicaConn {
@@ -147,10 +151,7 @@ impl Actor {
             let caught_up = acked >= last
                 || (last - acked <= CATCH_UP_WINDOW && {
                     let mut acked = r.acked.clone();
-                    matches!(
-                        tokio::time::timeout(Duration::from_millis(50), acked.wait_for(|i| *i >= last)).await,
-                        Ok(Ok(_))
-                    )
+                    matches!(tokio::time::timeout(CATCH_UP_WAIT, acked.wait_for(|i| *i >= last)).await, Ok(Ok(_)))
                 });
             if caught_up {
                 tracing::info!(%node, index = last, "standby caught up: joining the in-sync set");
@@ -173,7 +174,7 @@ impl Actor {
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot publish the in-sync set; retrying");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(PUBLISH_RETRY).await;
                     }
                 }
             }
