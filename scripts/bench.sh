@@ -10,7 +10,9 @@
 #                              # (BENCH_SYNC_RATE, default 10000 events/s)
 #   scripts/bench.sh manager   # round trips/s relayed through a primary manager with sync
 #                              # replication to its standby, p50/p99 (the median of
-#                              # BENCH_MANAGER_ROUNDS, 3, rounds), and SIGTERM handover time
+#                              # BENCH_MANAGER_ROUNDS, 3, rounds), beside core NATS
+#                              # request/reply (nats-server on loopback) with the same clients;
+#                              # and SIGTERM handover time
 #   scripts/bench.sh sessions  # sessions at scale on one manager pair: churn (BENCH_SESSIONS_CHURN,
 #                              # 10000, sessions opened, used and closed per round, for
 #                              # BENCH_SESSIONS_ROUNDS, 20) with the journal and RSS per round;
@@ -40,6 +42,7 @@ esac
 
 baton_setup_tools
 baton_setup_postgres
+if [[ "$area" == manager || "$area" == all ]]; then baton_setup_nats; fi
 # leftover test databases make PostgreSQL checkpoints (and so the figures) noisy
 baton_drop_test_databases
 cargo build --release --quiet -p baton -p baton-tests --bin baton --bin baton-bench

@@ -45,6 +45,13 @@ baton_setup_tools() {
   command -v grpcurl >/dev/null || { baton_log "grpcurl is not on PATH after installing it"; return 1; }
 }
 
+# nats-server (Debian's), the peer `scripts/bench.sh manager` measures the relay against: core
+# NATS request/reply on loopback, no disk, no replication.
+baton_setup_nats() {
+  command -v nats-server >/dev/null 2>&1 || baton_apt_install nats-server
+  command -v nats-server >/dev/null || { baton_log "nats-server is not on PATH after installing it"; return 1; }
+}
+
 # promtool (Debian's prometheus) checks and unit-tests the alert rules in deploy/prometheus.
 baton_setup_promtool() {
   command -v promtool >/dev/null 2>&1 || baton_apt_install prometheus

@@ -503,10 +503,123 @@ async fn manager(seconds: f64) {
     );
     let relay = format!("manager: durable round trips, {clients} client sessions");
     figures::record(relay.clone(), rate, "round trips/s", None, Target::AtLeast(100_000.0));
-    figures::record_unmeasured_peer(relay, rate, "round trips/s", "core NATS request/reply", 1.0);
+    // the peer, measured in the same run: core NATS request/reply (no disk, no replication)
+    match nats_relay(seconds, clients, rounds).await {
+        Some((nats, n50, n99)) => {
+            println!(
+                "core NATS request/reply (nats-server on loopback, {clients} closed-loop requesters on one \
+                 connection, 2 responders in a queue group): {nats:.0} round trips/s, p50 {:.2} ms, p99 {:.2} ms; \
+                 baton/NATS {:.2}×",
+                ms(n50),
+                ms(n99),
+                rate / nats
+            );
+            let peer = ("core NATS request/reply", nats);
+            figures::record(relay, rate, "round trips/s", Some(peer), Target::OfPeer(1.0));
+        }
+        None => figures::record_unmeasured_peer(relay, rate, "round trips/s", "core NATS request/reply", 1.0),
+    }
     figures::record(format!("manager: relay p99 at {rate:.0} round trips/s"), ms(p99), "ms", None, Target::None);
     let over = format!("manager: SIGTERM handover, max of {}", handovers.len());
     figures::record(over, ms(hmax), "ms", None, Target::AtMost(150.0));
+}
+
+/// A `nats-server` on a free loopback port, killed when dropped.
+struct NatsServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl NatsServer {
+    /// Starts one (None, with the reason printed, when it cannot: not installed, never listening).
+    async fn start() -> Option<NatsServer> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?.port();
+        let child = std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => {
+                eprintln!("core NATS: cannot start nats-server ({e}); scripts/setup.sh's baton_setup_nats installs it");
+                return None;
+            }
+        };
+        let server = NatsServer { child, url: format!("nats://127.0.0.1:{port}") };
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Some(server);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("core NATS: nats-server did not listen on {port} within 5 s");
+        None
+    }
+}
+
+/// The relay's peer: core NATS request/reply through one `nats-server` on loopback (no disk, no
+/// replication), the same closed loop as the manager's: `clients` requesters sharing one
+/// connection (as baton's client sessions share one stream), 64-byte payloads, answered by 2
+/// responders on connections of their own in a queue group (as the 2 echo server sessions);
+/// `rounds` rounds of `seconds`, the median round's rate, p50 and p99. None when no server runs.
+async fn nats_relay(seconds: f64, clients: usize, rounds: usize) -> Option<(f64, Duration, Duration)> {
+    use tokio_stream::StreamExt;
+    let server = NatsServer::start().await?;
+    let mut responders = Vec::new();
+    for _ in 0..2 {
+        let responder = async_nats::connect(&server.url).await.expect("connect a responder");
+        let mut requests = responder.queue_subscribe("bench", "echo".into()).await.expect("subscribe");
+        responder.flush().await.expect("flush the subscription");
+        responders.push(tokio::spawn(async move {
+            while let Some(request) = requests.next().await {
+                if let Some(reply) = request.reply {
+                    let _ = responder.publish(reply, request.payload).await;
+                }
+            }
+        }));
+    }
+    let requester = async_nats::connect(&server.url).await.expect("connect the requesters");
+    let mut results = Vec::new();
+    for round in 1..=rounds {
+        let stop = Instant::now() + Duration::from_secs_f64(seconds);
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..clients)
+            .map(|_| {
+                let requester = requester.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    while Instant::now() < stop {
+                        let sent = Instant::now();
+                        requester.request("bench", vec![0u8; 64].into()).await.expect("a NATS request answered");
+                        latencies.push(sent.elapsed());
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.unwrap());
+        }
+        let rate = all.len() as f64 / started.elapsed().as_secs_f64();
+        all.sort();
+        let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
+        eprintln!("core NATS round {round}: {rate:.0} round trips/s, p50 {:.2} ms, p99 {:.2} ms", ms(p50), ms(p99));
+        results.push((rate, p50, p99));
+    }
+    for r in responders {
+        r.abort();
+    }
+    results.sort_by(|a, b| a.0.total_cmp(&b.0));
+    Some(results[results.len() / 2])
 }
 
 /// The peak RSS a server may reach in a bench: 300 MB.
