@@ -6,8 +6,11 @@
 #                              # on SQLite and PostgreSQL
 #   scripts/bench.sh sync      # events applied per second between two deployments (median of
 #                              # BENCH_SYNC_RUNS, 3, drains of a BENCH_SYNC_EVENTS backlog,
-#                              # 300000), and replication lag p50/p99 at a fixed write rate
-#                              # (BENCH_SYNC_RATE, default 10000 events/s)
+#                              # 300000), on PostgreSQL beside its logical replication of the
+#                              # same changes (two clusters made with pg_createcluster, dropped
+#                              # after) and on SQLite; replication lag p50/p99 at a fixed write
+#                              # rate (BENCH_SYNC_RATE, default 10000 events/s); the idle link's
+#                              # change-log reads
 #   scripts/bench.sh manager   # round trips/s relayed through a primary manager with sync
 #                              # replication to its standby, p50/p99 (the median of
 #                              # BENCH_MANAGER_ROUNDS, 3, rounds), beside core NATS

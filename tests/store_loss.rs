@@ -4,68 +4,19 @@
 //! being restarted, and every acknowledged write is there afterwards.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use baton_mesh::proto::v1 as pb;
 use baton_store::Backend;
+use baton_tests::postgres::Cluster;
 use baton_tests::{Server, TempDir, authed, create_org, eventually, record};
 use tonic::Code;
 use tonic_types::StatusExt;
 
-/// A PostgreSQL 15 cluster of the test's own on a free port (trust authentication), dropped with
-/// its data at the end.
-struct Cluster {
-    name: String,
-    port: u16,
-}
-
-impl Cluster {
-    /// A new running cluster; `None` where `pg_createcluster` is not installed (an error under
-    /// CI, where scripts/test.sh installs PostgreSQL).
-    fn create() -> Option<Cluster> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let name = format!("baton_loss_{}", std::process::id());
-        let created = Command::new("pg_createcluster")
-            .args(["15", &name, "-p", &port.to_string(), "--start", "--", "-A", "trust"])
-            .output();
-        match created {
-            Ok(out) if out.status.success() => Some(Cluster { name, port }),
-            Ok(out) => panic!("pg_createcluster failed: {}", String::from_utf8_lossy(&out.stderr)),
-            Err(e) => {
-                assert!(std::env::var_os("CI").is_none(), "pg_createcluster is not installed under CI: {e}");
-                eprintln!("note: pg_createcluster not found ({e}); skipping");
-                None
-            }
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    /// `pg_ctlcluster 15 NAME ACTION` (`stop` is a fast shutdown: sessions are ended).
-    fn ctl(&self, action: &str) {
-        let mut command = Command::new("pg_ctlcluster");
-        command.args(["15", &self.name, action]);
-        if action == "stop" {
-            command.args(["-m", "fast"]);
-        }
-        let out = command.output().unwrap();
-        assert!(out.status.success(), "pg_ctlcluster {action}: {}", String::from_utf8_lossy(&out.stderr));
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("pg_dropcluster").args(["15", &self.name, "--stop"]).output();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgresql_restart_under_load_answers_only_ok_or_unavailable_and_loses_nothing() {
-    let Some(cluster) = Cluster::create() else { return };
+    let Some(cluster) = Cluster::create("loss", &[]) else { return };
     let server = Server::start_at(Backend::Postgres, TempDir::new(), &cluster.url(), "127.0.0.1:0", &[]);
     let org = create_org(&server, "loss").await;
 

@@ -123,6 +123,107 @@ async fn get_link(server: &Server, key: &str, id: &str) -> pb::Link {
     server.sync().await.get_link(authed(request, key)).await.expect("get link").into_inner()
 }
 
+/// The drain on PostgreSQL (two deployments, each on a database of the shared cluster) and its
+/// peer: PostgreSQL's own logical replication of the same changes between two clusters of the
+/// bench's own, measured the same way (the subscription disabled while the backlog is written,
+/// then timed from its enabling until the last change is applied).
+async fn sync_on_postgres(events: usize, runs: usize) {
+    let pair = linked_pair(Backend::Postgres).await;
+    let baton = median(&mut drain_runs(&pair, " (PostgreSQL)", events, runs).await);
+    drop(pair);
+    println!("sync backlog (PostgreSQL): median of {runs}: {baton:.0} events/s applied");
+    let peer = logical_replication(events, runs);
+    let what = "sync (PostgreSQL): events applied between two deployments";
+    match peer {
+        Some(peer) => {
+            println!(
+                "PostgreSQL logical replication of the same changes: {peer:.0} rows/s applied; baton/peer {:.2}×",
+                baton / peer
+            );
+            figures::record(
+                what,
+                baton,
+                "events/s",
+                Some(("PostgreSQL logical replication", peer)),
+                Target::OfPeer(1.0),
+            );
+        }
+        None => figures::record_unmeasured_peer(what, baton, "events/s", "PostgreSQL logical replication", 1.0),
+    }
+}
+
+/// PostgreSQL 15 logical replication between two clusters of the bench's own (`wal_level=logical`
+/// on the publisher): `runs` rounds of `events` row changes written as 200-row upserts over 10,000
+/// rows of about 100 bytes (baton's backlog), each statement its own transaction, while the
+/// subscription is disabled; then the subscription is enabled and timed from its apply worker's
+/// start until a marker row written last is on the subscriber. The median rate; None when no cluster can be made.
+fn logical_replication(events: usize, runs: usize) -> Option<f64> {
+    use baton_tests::postgres::Cluster;
+    let publisher = Cluster::create("bench_pub", &["wal_level=logical"])?;
+    // the launcher looks for enabled subscriptions every wal_retrieve_retry_interval (5 s)
+    let subscriber = Cluster::create("bench_sub", &["wal_retrieve_retry_interval=100ms"])?;
+    let table = "CREATE TABLE account (code text PRIMARY KEY, name text NOT NULL, amount bigint, \
+                 note text NOT NULL DEFAULT repeat('x', 60))";
+    publisher.psql(table);
+    subscriber.psql(table);
+    publisher.psql("CREATE PUBLICATION bench FOR TABLE account");
+    subscriber.psql(&format!(
+        "CREATE SUBSCRIPTION bench CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres' PUBLICATION bench",
+        publisher.port()
+    ));
+    let mut rates = Vec::new();
+    for run in 1..=runs {
+        subscriber.psql("ALTER SUBSCRIPTION bench DISABLE");
+        let statements: String = (0..events.div_ceil(200))
+            .map(|n| {
+                format!(
+                    "INSERT INTO account (code, name, amount) SELECT 'r' || ((g % 10000)::text), 'backlog', {} \
+                     FROM generate_series({}, {}) g ON CONFLICT (code) DO UPDATE SET name = excluded.name, \
+                     amount = excluded.amount;\n",
+                    n + run,
+                    n * 200,
+                    n * 200 + 199
+                )
+            })
+            .collect();
+        let script = std::env::temp_dir().join(format!("baton_bench_logical_{}.sql", std::process::id()));
+        std::fs::write(&script, statements).expect("write the statements");
+        let out = std::process::Command::new("psql")
+            .args([&publisher.url(), "-v", "ON_ERROR_STOP=1", "-q", "-f"])
+            .arg(&script)
+            .output()
+            .expect("psql runs");
+        let _ = std::fs::remove_file(&script);
+        assert!(out.status.success(), "the backlog: {}", String::from_utf8_lossy(&out.stderr));
+        publisher.psql(&format!(
+            "INSERT INTO account (code, name, amount) VALUES ('marker', 'marker', {run}) \
+             ON CONFLICT (code) DO UPDATE SET amount = excluded.amount"
+        ));
+        subscriber.psql("ALTER SUBSCRIPTION bench ENABLE");
+        // timed from its apply worker's start, as baton's drain is from the link's STREAMING
+        let asked = Instant::now();
+        while subscriber.psql("SELECT count(pid) FROM pg_stat_subscription WHERE subname = 'bench'") == "0" {
+            assert!(asked.elapsed() < Duration::from_secs(60), "no apply worker within 60 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let enabled = Instant::now();
+        loop {
+            let seen = subscriber.psql("SELECT amount FROM account WHERE code = 'marker'");
+            if seen == run.to_string() {
+                break;
+            }
+            assert!(enabled.elapsed() < Duration::from_secs(600), "logical replication did not catch up in 10 minutes");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let drained = enabled.elapsed().as_secs_f64();
+        let rate = events as f64 / drained;
+        println!("logical replication, run {run}: {events} row changes applied in {drained:.2}s: {rate:.0} rows/s");
+        rates.push(rate);
+    }
+    subscriber.psql("DROP SUBSCRIPTION bench");
+    Some(median(&mut rates))
+}
+
 /// The change-log reads of `server`'s links so far (`baton_change_log_reads_total{follower="link"}`).
 fn link_reads(server: &Server) -> f64 {
     let text = server.metrics_text();
@@ -132,13 +233,18 @@ fn link_reads(server: &Server) -> f64 {
         .sum()
 }
 
-/// Sync between two deployments: events applied per second (a backlog drained by a resumed link),
-/// then replication lag while a writer runs at a fixed rate, then the link's reads while idle.
-async fn sync(seconds: f64) {
-    let events: usize = std::env::var("BENCH_SYNC_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(300_000);
-    let rate: f64 = std::env::var("BENCH_SYNC_RATE").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000.0);
-    let source = Server::start(Backend::Sqlite, &["--max-in-flight-per-org", "64"]).await;
-    let target = Server::start(Backend::Sqlite, &["--max-in-flight-per-org", "64"]).await;
+/// Two deployments on `backend` with a STREAMING link from the first (org `source`) to the
+/// second (org `target`).
+struct LinkedPair {
+    source: Server,
+    _target: Server,
+    org: baton_tests::TestOrg,
+    link: String,
+}
+
+async fn linked_pair(backend: Backend) -> LinkedPair {
+    let source = Server::start(backend, &["--max-in-flight-per-org", "64"]).await;
+    let target = Server::start(backend, &["--max-in-flight-per-org", "64"]).await;
     let a = create_org(&source, "source").await;
     let b = create_org(&target, "target").await;
     let request = pb::CreateLinkRequest {
@@ -155,9 +261,13 @@ async fn sync(seconds: f64) {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    // BENCH_SYNC_RUNS (3) rounds of: pause the link, write a backlog of `events` changes
-    // (200-record upserts over 10,000 records), resume it and time the drain; the median rate
-    let runs: usize = std::env::var("BENCH_SYNC_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    LinkedPair { source, _target: target, org: a, link: id }
+}
+
+/// `runs` rounds of: pause the link, write a backlog of `events` changes (200-record upserts
+/// over 10,000 records), resume it and time the drain; the rate of each round.
+async fn drain_runs(p: &LinkedPair, label: &str, events: usize, runs: usize) -> Vec<f64> {
+    let (source, a, id) = (&p.source, &p.org, &p.link);
     let mut rates = Vec::new();
     let mut intake = source.intake().await;
     let mut sync = source.sync().await;
@@ -178,15 +288,15 @@ async fn sync(seconds: f64) {
                 .expect("upsert");
         }
         let loaded = started.elapsed();
-        let backlog = get_link(&source, &a.key, &id).await.lag_seq;
-        eprintln!("sync backlog, run {run}: {backlog} events written; draining");
+        let backlog = get_link(source, &a.key, id).await.lag_seq;
+        eprintln!("sync backlog{label}, run {run}: {backlog} events written; draining");
         let resumed = Instant::now();
         sync.resume_link(authed(pb::ResumeLinkRequest { link_id: id.clone() }, &a.key)).await.expect("resume");
         // a resumed link that must verify the target first is timed from its return to STREAMING,
         // when it starts sending changes
         let mut streaming = None;
         loop {
-            let link = get_link(&source, &a.key, &id).await;
+            let link = get_link(source, &a.key, id).await;
             if streaming.is_none() && link.state == pb::LinkState::Streaming as i32 {
                 streaming = Some(Instant::now());
             }
@@ -200,15 +310,31 @@ async fn sync(seconds: f64) {
         let (verified, drained) = (started - resumed, started.elapsed().as_secs_f64());
         let rate = backlog as f64 / drained;
         println!(
-            "sync backlog, run {run}: {backlog} events written in {:.1}s; streaming {:.2}s after the resume, then \
-             applied between two deployments in {drained:.2}s: {rate:.0} events/s",
+            "sync backlog{label}, run {run}: {backlog} events written in {:.1}s; streaming {:.2}s after the resume, \
+             then applied between two deployments in {drained:.2}s: {rate:.0} events/s",
             loaded.as_secs_f64(),
             verified.as_secs_f64()
         );
         rates.push(rate);
     }
-    let apply_rate = median(&mut rates);
+    rates
+}
+
+/// Sync between two deployments: events applied per second (a backlog drained by a resumed link),
+/// then replication lag while a writer runs at a fixed rate, then the link's reads while idle; on
+/// PostgreSQL too (when BATON_TEST_POSTGRES_URL is set), the drain beside PostgreSQL's own logical
+/// replication of the same changes.
+async fn sync(seconds: f64) {
+    let events: usize = std::env::var("BENCH_SYNC_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(300_000);
+    let rate: f64 = std::env::var("BENCH_SYNC_RATE").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000.0);
+    let runs: usize = std::env::var("BENCH_SYNC_RUNS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    if std::env::var_os("BATON_TEST_POSTGRES_URL").is_some() {
+        sync_on_postgres(events, runs).await;
+    }
+    let pair = linked_pair(Backend::Sqlite).await;
+    let apply_rate = median(&mut drain_runs(&pair, "", events, runs).await);
     println!("sync backlog: median of {runs}: {apply_rate:.0} events/s applied");
+    let (source, a, id) = (&pair.source, &pair.org, &pair.link);
 
     // lag at a fixed write rate: 4 writers of 100-record upserts, each paced to a quarter of `rate`
     let per_request = 100usize;
@@ -248,7 +374,7 @@ async fn sync(seconds: f64) {
     let begun = Instant::now();
     while Instant::now() < stop {
         lags.push(Duration::from_millis(
-            baton_mesh::proto::duration_ms(get_link(&source, &a.key, &id).await.lag.as_ref()).unwrap(),
+            baton_mesh::proto::duration_ms(get_link(source, &a.key, id).await.lag.as_ref()).unwrap(),
         ));
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -274,9 +400,9 @@ async fn sync(seconds: f64) {
     // changes wake it on a commit; otherwise it reads only at the --change-poll fallback)
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = Duration::from_secs(5);
-    let before = link_reads(&source);
+    let before = link_reads(source);
     tokio::time::sleep(idle).await;
-    let idle_reads = link_reads(&source) - before;
+    let idle_reads = link_reads(source) - before;
     println!(
         "sync idle: {idle_reads} change-log reads by the caught-up link in {}s with nothing written",
         idle.as_secs()
@@ -290,12 +416,12 @@ async fn sync(seconds: f64) {
         None,
         Target::AtMost(fallback),
     );
-    figures::record_unmeasured_peer(
-        "sync: events applied between two deployments",
+    figures::record(
+        "sync (SQLite): events applied between two deployments",
         apply_rate,
         "events/s",
-        "PostgreSQL logical replication",
-        1.0,
+        None,
+        Target::None,
     );
     figures::record(format!("sync: link lag p99 at {achieved:.0} events/s"), ms(p99), "ms", None, Target::AtMost(20.0));
 }

@@ -6,6 +6,7 @@ pub mod campaign;
 pub mod fault_proxy;
 pub mod history;
 pub mod mirror;
+pub mod postgres;
 pub mod tls;
 
 use std::io::{BufRead, BufReader, Read, Write};
