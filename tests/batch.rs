@@ -207,7 +207,7 @@ async fn a_large_batch_commits_every_record_once() {
 
         // the CLI turns a "resubmit as batch" rejection into a batch
         let file = TempDir::new();
-        let path = file.0.join("records.ndjson");
+        let path = file.path().join("records.ndjson");
         let lines: Vec<String> =
             (0..250).map(|i| format!(r#"{{"code":"cli{i:03}","name":"c","amount":{i}}}"#)).collect();
         std::fs::write(&path, lines.join("\n")).unwrap();
@@ -608,7 +608,7 @@ async fn a_batch_completes_across_primary_manager_kills() {
     let mut pair = ManagerPair::start(&etcd, &format!("/baton-batch-test/{}", std::process::id())).await;
     let managers = pair.endpoints.clone();
     let data = TempDir::new();
-    let url = format!("sqlite://{}/baton.db", data.0.display());
+    let url = format!("sqlite://{}/baton.db", data.path().display());
     let intake = intake_process(&url, &[]);
     let scheduler = scheduler_process(&url, &managers, &["--max-parallel", "4"]);
     let _workers: Vec<Server> = ["w1", "w2"].iter().map(|id| worker_process(&url, &managers, id, &[])).collect();
@@ -689,7 +689,7 @@ async fn a_restarted_scheduler_resumes_its_sessions_and_sends_at_once_what_it_ha
         eprintln!("-- on {backend:?}");
         let data = TempDir::new();
         let url = match backend {
-            Backend::Sqlite => format!("sqlite://{}/baton.db", data.0.display()),
+            Backend::Sqlite => format!("sqlite://{}/baton.db", data.path().display()),
             Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
         };
         let journal = TempDir::new();
@@ -992,7 +992,7 @@ async fn split_chunks_complete_exactly_once_across_primary_manager_kills() {
     let mut pair = ManagerPair::start(&etcd, &format!("/baton-split-test/{}", std::process::id())).await;
     let managers = pair.endpoints.clone();
     let data = TempDir::new();
-    let url = format!("sqlite://{}/baton.db", data.0.display());
+    let url = format!("sqlite://{}/baton.db", data.path().display());
     let intake = intake_process(&url, &[]);
     let scheduler = scheduler_process(&url, &managers, &["--max-parallel", "4"]);
     // a chunk of 1,000 records is about 45,000 bytes: parts of 125 records

@@ -90,7 +90,7 @@ fn accounts_file(dir: &TempDir, prefix: &str, n: usize, bad: &[usize]) -> String
             false => json!({"code": format!("{prefix}{i}"), "name": "n", "amount": i}).to_string(),
         })
         .collect();
-    let path = dir.0.join(format!("{prefix}.ndjson"));
+    let path = dir.path().join(format!("{prefix}.ndjson"));
     std::fs::write(&path, lines.join("\n")).unwrap();
     path.display().to_string()
 }
@@ -148,7 +148,7 @@ async fn exit_codes_follow_the_table() {
     let unknown_batch = as_org(&server, &org, &["batch", "get", "bat_0000000000000000"]);
     assert_exit(&unknown_batch, 66, "an unknown batch");
     assert!(unknown_batch.stderr.contains("BATCH_NOT_FOUND"), "{}", unknown_batch.stderr);
-    let no_file = dir.0.join("absent.ndjson").display().to_string();
+    let no_file = dir.path().join("absent.ndjson").display().to_string();
     assert_exit(&as_org(&server, &org, &["batch", "submit", &no_file, "--object", "account"]), 66, "a missing file");
 
     // unauthenticated: a made-up key, a wrong admin token
@@ -162,7 +162,7 @@ async fn exit_codes_follow_the_table() {
     let bad_filter = as_org(&server, &org, &["query", "account", "--filter", "amount >"]);
     assert_exit(&bad_filter, 65, "a bad filter");
     assert!(bad_filter.stderr.contains("InvalidArgument"), "{}", bad_filter.stderr);
-    let not_json = dir.0.join("not.ndjson");
+    let not_json = dir.path().join("not.ndjson");
     std::fs::write(&not_json, "{\"code\": \"a\"}\nnot json\n").unwrap();
     let not_json = not_json.display().to_string();
     assert_exit(&as_org(&server, &org, &["upsert", "account", "--file", &not_json]), 65, "a line that is not JSON");

@@ -260,8 +260,8 @@ async fn an_export_completes_across_a_killed_worker_and_a_killed_primary_manager
     let mut pair = ManagerPair::start(&etcd, &format!("/baton-export-test/{}", std::process::id())).await;
     let managers = pair.endpoints.clone();
     let data = TempDir::new();
-    let url = format!("sqlite://{}/baton.db", data.0.display());
-    let blobs = data.0.join("blobs");
+    let url = format!("sqlite://{}/baton.db", data.path().display());
+    let blobs = data.path().join("blobs");
     let blob_flag = ["--blobs", blobs.to_str().unwrap()];
     let intake = intake_process(&url, &blob_flag);
     let scheduler = scheduler_process(&url, &managers, &[&blob_flag[..], &["--export-parallel", "2"]].concat());
@@ -338,7 +338,7 @@ async fn the_cli_resumes_a_download_from_its_token() {
         command
             .args(["export", "--endpoint", &endpoint, "--api-key", &org.key, "--quiet", "--parallel", "1"])
             .arg("--out")
-            .arg(out.0.join(file))
+            .arg(out.path().join(file))
             .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());
@@ -346,7 +346,7 @@ async fn the_cli_resumes_a_download_from_its_token() {
     };
     // interrupted: killed once a few parts are down
     let mut child = export("resumed.ndjson", &["account", "--part-rows", "400"]).spawn().unwrap();
-    let parts = out.0.join("resumed.ndjson.parts");
+    let parts = out.path().join("resumed.ndjson.parts");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let count = std::fs::read_dir(&parts).map(|d| d.count()).unwrap_or(0);
@@ -359,15 +359,17 @@ async fn the_cli_resumes_a_download_from_its_token() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
-    assert!(!out.0.join("resumed.ndjson").exists(), "killed after it finished");
+    assert!(!out.path().join("resumed.ndjson").exists(), "killed after it finished");
     let token = std::fs::read_to_string(parts.join("token")).unwrap().trim().to_owned();
     let resumed = export("resumed.ndjson", &["--token", &token]).output().unwrap();
     assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
     assert!(String::from_utf8_lossy(&resumed.stderr).contains("resuming"));
     let whole = export("whole.ndjson", &["account", "--part-rows", "5000"]).output().unwrap();
     assert!(whole.status.success(), "{}", String::from_utf8_lossy(&whole.stderr));
-    let (a, b) =
-        (std::fs::read(out.0.join("resumed.ndjson")).unwrap(), std::fs::read(out.0.join("whole.ndjson")).unwrap());
+    let (a, b) = (
+        std::fs::read(out.path().join("resumed.ndjson")).unwrap(),
+        std::fs::read(out.path().join("whole.ndjson")).unwrap(),
+    );
     assert_eq!(a.iter().filter(|c| **c == b'\n').count(), n, "one line per record");
     assert!(a == b, "the resumed download differs from an uninterrupted one");
     assert!(!parts.exists(), "the parts directory is removed once the file is written");
@@ -378,7 +380,7 @@ async fn the_cli_resumes_a_download_from_its_token() {
 
     let csv = export("accounts.csv", &["account", "--filter", "amount < 1500", "--sync-rows", "100"]).output().unwrap();
     assert!(csv.status.success(), "{}", String::from_utf8_lossy(&csv.stderr));
-    let text = std::fs::read_to_string(out.0.join("accounts.csv")).unwrap();
+    let text = std::fs::read_to_string(out.path().join("accounts.csv")).unwrap();
     let mut lines = text.lines();
     assert_eq!(lines.next(), Some("id,amount,code,name"));
     assert_eq!(lines.count(), 1500);

@@ -314,7 +314,7 @@ async fn bad_config_exits_64_with_one_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = taken.local_addr().unwrap().to_string();
     let dir = TempDir::new();
-    let (db, data) = (format!("sqlite://{}/x.db", dir.0.display()), dir.0.join("dev").display().to_string());
+    let (db, data) = (format!("sqlite://{}/x.db", dir.path().display()), dir.path().join("dev").display().to_string());
     for args in [
         vec!["intake", "--store", db.as_str(), "--listen", taken.as_str()],
         vec!["dev", "--data-dir", data.as_str(), "--listen", taken.as_str()],
@@ -411,7 +411,7 @@ async fn values_are_exact_end_to_end_and_nothing_is_rounded() {
         let (ok, out, _) = cli(&server, &org, &["query", "t", "--filter", "n = 9007199254740992"], "");
         assert!(ok && out.trim().is_empty(), "the neighbouring double does not match: {out}");
         let dir = TempDir::new();
-        let file = dir.0.join("t.ndjson");
+        let file = dir.path().join("t.ndjson");
         let (ok, _, err) = cli(&server, &org, &["export", "t", "--out", file.to_str().unwrap()], "");
         assert!(ok, "{err}");
         let exported = std::fs::read_to_string(&file).unwrap();
@@ -458,7 +458,7 @@ async fn values_are_exact_end_to_end_and_nothing_is_rounded() {
         assert_eq!(got.fields["d"], v(Kind::DecimalValue("-0.5".into())));
 
         // a batch: through staging and a chunk, the same exactness
-        let path = dir.0.join("batch.ndjson");
+        let path = dir.path().join("batch.ndjson");
         std::fs::write(&path, "{\"code\": \"b1\", \"n\": -9007199254740993, \"d\": \"99999999999999999999.99\"}\n")
             .unwrap();
         let (ok, id, err) = cli(&server, &org, &["batch", "submit", path.to_str().unwrap(), "--object", "t"], "");
@@ -534,7 +534,7 @@ async fn schemas_evolve_by_compatible_versions_end_to_end() {
 
         // v2 with the CLI: an optional field, then written
         let dir = TempDir::new();
-        let file = dir.0.join("member.json");
+        let file = dir.path().join("member.json");
         std::fs::write(
             &file,
             r#"{"name": "member", "external_id_field": "code", "fields": [

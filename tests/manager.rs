@@ -90,7 +90,7 @@ async fn assert_answered_once(responses: &Mutex<BTreeMap<u64, Vec<u64>>>, total:
 }
 
 fn start_manager(dir: &TempDir, listen: &str) -> Server {
-    let journal = dir.0.join("journal");
+    let journal = dir.path().join("journal");
     Server::spawn_raw(&[
         "manager",
         "serve",
@@ -436,7 +436,7 @@ async fn the_manager_answers_only_callers_with_the_mesh_token() {
     let primary = &members[primary];
     let endpoint = format!("http://{}", primary.addr);
     let db = TempDir::new();
-    let url = format!("sqlite://{}/w.db", db.0.display());
+    let url = format!("sqlite://{}/w.db", db.path().display());
     let _good = baton_tests::worker_process(&url, &endpoint, "good", &token);
     let _bad = baton_tests::worker_process(&url, &endpoint, "bad", &["--mesh-token", "wrong"]);
     let _none = baton_tests::worker_process(&url, &endpoint, "none", &[]);
@@ -810,7 +810,7 @@ async fn a_standby_back_on_a_wiped_disk_does_not_take_over() {
         assert_eq!((accepted.seq, accepted.term), (n, first.term));
     }
     kill(Pid::from_raw(members[standby].pid() as i32), Signal::SIGKILL).unwrap();
-    std::fs::remove_dir_all(dirs[standby].0.join("journal")).unwrap();
+    std::fs::remove_dir_all(dirs[standby].path().join("journal")).unwrap();
     kill(Pid::from_raw(members[primary].pid() as i32), Signal::SIGKILL).unwrap();
     let wiped = members.remove(standby);
     members.insert(standby, wiped.restart(&[]));
@@ -868,7 +868,7 @@ impl Drop for Tmpfs {
 async fn a_full_journal_disk_on_the_primary_fails_over_to_the_standby() {
     let connector = Connector::new(None).unwrap();
     let (d1, d2) = (TempDir::new(), TempDir::new());
-    let Some(disk) = Tmpfs::mount(d1.0.join("journal"), "8m") else {
+    let Some(disk) = Tmpfs::mount(d1.path().join("journal"), "8m") else {
         eprintln!("note: cannot mount a tmpfs here (not root); the full-disk test needs one");
         return;
     };
@@ -1002,7 +1002,7 @@ async fn receive_until(client: &mut ClientSession, answered: &mut BTreeMap<u64, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_manager_pair_with_mtls_replicates_and_fails_over() {
     let certs = TempDir::new();
-    let ca = baton_tests::tls::Ca::new(&certs.0, "ca");
+    let ca = baton_tests::tls::Ca::new(certs.path(), "ca");
     ca.issue("manager");
     ca.issue("client");
     let (cert, key, ca_pem) = (ca.path("manager.pem"), ca.path("manager.key"), ca.path("ca.pem"));

@@ -105,7 +105,7 @@ async fn a_closed_session_is_gone_with_its_queues_and_says_why() {
     let info = get_session(&manager, kept.session_id()).await.unwrap();
     assert_eq!((info.pool.as_str(), info.client_restart_bytes), ("echo", 4));
     assert!(baton_mesh::proto::unix_ms(info.open_time.as_ref()) > 1_700_000_000_000, "{info:?}");
-    let snapshot = std::fs::metadata(dir.0.join("journal").join("snapshot")).unwrap().len();
+    let snapshot = std::fs::metadata(dir.path().join("journal").join("snapshot")).unwrap().len();
     assert!(snapshot < 1024, "the snapshot holds one session: {snapshot} bytes");
 }
 

@@ -26,7 +26,7 @@ async fn admin_call(channel: Channel) -> Result<(), tonic::Status> {
 #[tokio::test]
 async fn mtls_serves_the_mesh_and_refuses_clients_without_a_certificate_or_in_plaintext() {
     let dir = TempDir::new();
-    let ca = Ca::new(&dir.0, "ca");
+    let ca = Ca::new(dir.path(), "ca");
     ca.issue("server");
     ca.issue("client");
     let (cert, key, client_cert, client_key, ca_pem) =
@@ -144,7 +144,7 @@ async fn served_certificate(addr: std::net::SocketAddr, ca_pem: &str) -> Vec<u8>
 #[tokio::test]
 async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     let dir = TempDir::new();
-    let ca = Ca::new(&dir.0, "ca");
+    let ca = Ca::new(dir.path(), "ca");
     let first = ca.issue("server");
     let (cert, key, ca_pem) = (ca.path("server.pem"), ca.path("server.key"), ca.path("ca.pem"));
     let mut server =
@@ -164,7 +164,7 @@ async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
     admin_call(channel).await.expect("the earlier connection still served");
 
     // a file that cannot be used is refused, and the last good certificate stays
-    replace(&dir.0.join("server.pem"), b"not a certificate");
+    replace(&dir.path().join("server.pem"), b"not a certificate");
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(served_certificate(server.addr, &ca_pem).await, second);
 
@@ -181,9 +181,9 @@ async fn a_certificate_replaced_on_disk_is_served_without_a_restart() {
 #[test]
 fn a_certificate_that_cannot_be_used_is_a_start_up_error() {
     let dir = TempDir::new();
-    let missing = dir.0.join("missing.pem").display().to_string();
+    let missing = dir.path().join("missing.pem").display().to_string();
     let out = std::process::Command::new(baton_bin())
-        .args(["dev", "--data-dir", &dir.0.display().to_string(), "--listen", "127.0.0.1:0"])
+        .args(["dev", "--data-dir", &dir.path().display().to_string(), "--listen", "127.0.0.1:0"])
         .args(["--tls-cert", &missing, "--tls-key", &missing])
         .output()
         .unwrap();
@@ -191,12 +191,12 @@ fn a_certificate_that_cannot_be_used_is_a_start_up_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("TLS") && stderr.contains("missing.pem"), "{stderr}");
     // baton dev's own calls need a CA to trust its certificate
-    let cert = dir.0.join("cert.pem").display().to_string();
-    let ca = Ca::new(&dir.0, "ca");
+    let cert = dir.path().join("cert.pem").display().to_string();
+    let ca = Ca::new(dir.path(), "ca");
     ca.issue("cert");
-    let key = dir.0.join("cert.key").display().to_string();
+    let key = dir.path().join("cert.key").display().to_string();
     let out = std::process::Command::new(baton_bin())
-        .args(["dev", "--data-dir", &dir.0.display().to_string(), "--listen", "127.0.0.1:0"])
+        .args(["dev", "--data-dir", &dir.path().display().to_string(), "--listen", "127.0.0.1:0"])
         .args(["--tls-cert", &cert, "--tls-key", &key])
         .output()
         .unwrap();
@@ -204,7 +204,7 @@ fn a_certificate_that_cannot_be_used_is_a_start_up_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-ca"), "{}", String::from_utf8_lossy(&out.stderr));
     // a key without a certificate is a usage error
     let out = std::process::Command::new(baton_bin())
-        .args(["dev", "--data-dir", &dir.0.display().to_string(), "--tls-key", &missing])
+        .args(["dev", "--data-dir", &dir.path().display().to_string(), "--tls-key", &missing])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", String::from_utf8_lossy(&out.stderr));
@@ -215,7 +215,7 @@ async fn a_tls_servers_health_is_plain_http_on_the_metrics_listener_for_probes()
     // (the same statuses as gRPC health, which turns NOT_SERVING when a drain starts: the
     // drain tests check that through gRPC)
     let dir = TempDir::new();
-    let ca = Ca::new(&dir.0, "ca");
+    let ca = Ca::new(dir.path(), "ca");
     ca.issue("server");
     let (cert, key, ca_pem) = (ca.path("server.pem"), ca.path("server.key"), ca.path("ca.pem"));
     let mut server =
@@ -232,7 +232,7 @@ async fn a_tls_servers_health_is_plain_http_on_the_metrics_listener_for_probes()
 #[tokio::test]
 async fn a_link_reaches_an_https_target_with_its_own_ca() {
     let dir = TempDir::new();
-    let ca = Ca::new(&dir.0, "target-ca");
+    let ca = Ca::new(dir.path(), "target-ca");
     ca.issue("target");
     let (cert, key, ca_pem) = (ca.path("target.pem"), ca.path("target.key"), ca.path("target-ca.pem"));
     // the target serves TLS with a CA the source knows nothing of; the source is plaintext

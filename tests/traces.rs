@@ -189,10 +189,10 @@ async fn a_batch_and_an_export_are_each_one_trace_across_the_processes() {
     // spans leave each process every 100 ms rather than every 5 s
     let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100")];
     let data = TempDir::new();
-    let url = format!("sqlite://{}/baton.db", data.0.display());
-    let blobs = data.0.join("blobs");
+    let url = format!("sqlite://{}/baton.db", data.path().display());
+    let blobs = data.path().join("blobs");
     let blobs = blobs.to_str().unwrap();
-    let journal = data.0.join("journal");
+    let journal = data.path().join("journal");
     let manager = Server::spawn_raw_with_env(
         &["manager", "serve", "--listen", "127.0.0.1:0", "--journal-dir", journal.to_str().unwrap()],
         &env,

@@ -769,7 +769,7 @@ fn rss_mib(pid: u32) -> f64 {
 
 /// Bytes of a manager's journal directory: (the journal file, the snapshot).
 fn journal_bytes(dir: &baton_tests::TempDir) -> (u64, u64) {
-    let size = |name: &str| std::fs::metadata(dir.0.join("journal").join(name)).map(|m| m.len()).unwrap_or(0);
+    let size = |name: &str| std::fs::metadata(dir.path().join("journal").join(name)).map(|m| m.len()).unwrap_or(0);
     (size("journal"), size("snapshot"))
 }
 
@@ -1096,7 +1096,7 @@ async fn chaos_manager(args: &[String]) {
         config.faults, config.managers, config.ttl_secs, config.sessions, config.servers
     );
     let dir = baton_tests::TempDir::new();
-    println!("chaos: histories in {}", dir.0.display());
+    println!("chaos: histories in {}", dir.path().display());
     let outcome = baton_tests::campaign::run(config, dir).await;
     for line in outcome.lines(seed) {
         println!("{line}");
@@ -1203,7 +1203,7 @@ async fn batch() {
             assert_eq!(totals.records_committed, n as u64, "every record committed: {totals:?}");
             let rss = peak_rss_mib(server.pid());
             let dir = baton_tests::TempDir::new();
-            let csv = dir.0.join("rows.csv");
+            let csv = dir.path().join("rows.csv");
             {
                 use std::io::Write;
                 let mut out = std::io::BufWriter::new(std::fs::File::create(&csv).unwrap());

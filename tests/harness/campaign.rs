@@ -283,7 +283,7 @@ impl Cluster {
     /// reaching etcd through its proxy.
     fn spawn_member(&self, i: usize, env: &[(&str, &str)]) -> Server {
         let m = &self.members[i];
-        let (journal, ttl, etcd) = (m.dir.0.join("journal"), format!("{}s", self.config.ttl_secs), m.proxy.url());
+        let (journal, ttl, etcd) = (m.dir.path().join("journal"), format!("{}s", self.config.ttl_secs), m.proxy.url());
         let args = [
             "manager",
             "serve",
@@ -429,7 +429,7 @@ impl Cluster {
     }
 
     fn start_server(&mut self, id: String) {
-        let history = self.dir.0.join(format!("server-{id}-{}.jsonl", self.next_server));
+        let history = self.dir.path().join(format!("server-{id}-{}.jsonl", self.next_server));
         self.next_server += 1;
         let child = Command::new(&self.config.bench_bin)
             .args(["chaos-server", &self.endpoints, &id, history.to_str().unwrap()])
@@ -662,7 +662,7 @@ pub async fn run(config: Config, dir: TempDir) -> Outcome {
         members.push(Member { server: None, dir: TempDir::new(), proxy, addr: format!("http://127.0.0.1:{port}") });
     }
     let endpoints = members.iter().map(|m| m.addr.clone()).collect::<Vec<_>>().join(",");
-    let driver = HistoryWriter::create(dir.0.join("driver.jsonl")).expect("create the driver's history");
+    let driver = HistoryWriter::create(dir.path().join("driver.jsonl")).expect("create the driver's history");
     let mut cluster = Cluster {
         election: format!("/baton-chaos/{}-{}", std::process::id(), config.seed),
         config: config.clone(),
@@ -683,8 +683,8 @@ pub async fn run(config: Config, dir: TempDir) -> Outcome {
     for i in 0..config.servers {
         cluster.start_server(format!("s{i}"));
     }
-    let client_history = cluster.dir.0.join("client.jsonl");
-    let stop = cluster.dir.0.join("stop");
+    let client_history = cluster.dir.path().join("client.jsonl");
+    let stop = cluster.dir.path().join("stop");
     cluster.client = Some(
         Command::new(&config.bench_bin)
             .args([
@@ -740,11 +740,11 @@ pub async fn run(config: Config, dir: TempDir) -> Outcome {
         cluster.violations.push("no whole cluster within 60 s after the last fault".to_owned());
     }
     std::fs::write(&stop, b"").expect("write the stop file");
-    let paths = history_files(&cluster.dir.0);
+    let paths = history_files(cluster.dir.path());
     let drained = Instant::now();
     while drained.elapsed() < Duration::from_secs(120) {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let Ok(h) = history::read(&paths_now(&cluster.dir.0, &paths)) else { continue };
+        let Ok(h) = history::read(&paths_now(cluster.dir.path(), &paths)) else { continue };
         let r = history::check(&h.events);
         if r.acked > 0 && r.lost.is_empty() {
             break;
@@ -758,7 +758,7 @@ pub async fn run(config: Config, dir: TempDir) -> Outcome {
         let _ = client.wait();
     }
     cluster.servers.clear();
-    let history = history::read(&history_files(&cluster.dir.0)).expect("read the histories");
+    let history = history::read(&history_files(cluster.dir.path())).expect("read the histories");
     let report = history::check(&history.events);
     let mut outcome = Outcome {
         report,
@@ -769,7 +769,7 @@ pub async fn run(config: Config, dir: TempDir) -> Outcome {
         kept: None,
     };
     if !outcome.ok() {
-        outcome.kept = Some(std::mem::replace(&mut cluster.dir, TempDir(PathBuf::new())).keep());
+        outcome.kept = Some(std::mem::take(&mut cluster.dir).keep());
     }
     outcome
 }
