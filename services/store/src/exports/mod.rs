@@ -34,7 +34,7 @@ pub const MAX_PART_ROWS: u32 = 1_000_000;
 /// The estimate answered at once counts at most this many rows past the first portion.
 const ESTIMATE_PROBE: i64 = 10_000;
 
-/// Rows to a query when a part's lines are formatted by the database ([`Store::read_lines`]).
+/// Rows to a query when a part's lines are formatted by the database ([`Store::read_lines`](crate::Store::read_lines)).
 const LINE_BATCH: i64 = 1_000;
 
 /// Where an export is.
@@ -559,7 +559,7 @@ impl Store {
         Ok(export)
     }
 
-    /// The export a token names (see [`Store::export_of_token`]), with its produced parts.
+    /// The export a token names (see [`Store::export_of_token`](crate::Store::export_of_token)), with its produced parts.
     pub async fn export(&self, org_id: &str, token: &str) -> Result<ExportInfo, Error> {
         let export = self.export_of_token(org_id, token).await?;
         self.export_info(&export.info.id).await
@@ -798,7 +798,7 @@ impl Store {
         self.mark_release_sent(Releasable::Parts, &part.export_id, part.number).await
     }
 
-    /// [`Store::recover_chunks`] for export parts: of the parts scheduler `claimer` released and
+    /// [`Store::recover_chunks`](crate::Store::recover_chunks) for export parts: of the parts scheduler `claimer` released and
     /// had not marked sent, those in `held` (export id, part number) are marked sent and the
     /// others go back to PENDING at once.
     pub async fn recover_parts(&self, claimer: &str, held: &[(String, u32)]) -> Result<Recovered, Error> {
