@@ -646,5 +646,30 @@ mod tests {
             Err(Error::Corrupt(text)) => assert_eq!(text, r#"chunk state "aborted""#),
             other => panic!("{other:?}"),
         }
+        use sync::{LinkState, RejectPolicy, TrimmedPolicy};
+        for state in [
+            LinkState::Bootstrapping,
+            LinkState::Streaming,
+            LinkState::Suspended,
+            LinkState::Verifying,
+            LinkState::Paused,
+            LinkState::Failed,
+        ] {
+            assert_eq!(LinkState::parse(state.as_str()).unwrap(), state);
+        }
+        for policy in [RejectPolicy::DeadLetter, RejectPolicy::Stop] {
+            assert_eq!(RejectPolicy::parse(policy.as_str()).unwrap(), policy);
+        }
+        for policy in [TrimmedPolicy::Rebootstrap, TrimmedPolicy::Fail] {
+            assert_eq!(TrimmedPolicy::parse(policy.as_str()).unwrap(), policy);
+        }
+        // the names stored before the macro, kept
+        assert_eq!(LinkState::Bootstrapping.as_str(), "BOOTSTRAPPING");
+        assert_eq!(RejectPolicy::DeadLetter.as_str(), "DEAD_LETTER");
+        assert_eq!(TrimmedPolicy::Rebootstrap.as_str(), "REBOOTSTRAP");
+        match LinkState::parse("") {
+            Err(Error::Corrupt(text)) => assert_eq!(text, r#"link state """#),
+            other => panic!("{other:?}"),
+        }
     }
 }

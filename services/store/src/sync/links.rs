@@ -14,7 +14,6 @@ const LINK_COLUMNS: &str = "id, org_id, target_endpoint, target_api_key, objects
      probe_interval_ms, on_reject, cursor_seq, bootstrapped, consecutive_ok, last_cause, created_at_ms, on_trimmed, target_ca_pem";
 
 fn link_from_row(r: &AnyRow) -> Result<Link, Error> {
-    let state: String = r.try_get(5)?;
     let objects: String = r.try_get(4)?;
     Ok(Link {
         id: r.try_get(0)?,
@@ -22,20 +21,16 @@ fn link_from_row(r: &AnyRow) -> Result<Link, Error> {
         target_endpoint: r.try_get(2)?,
         target_api_key: r.try_get(3)?,
         objects: serde_json::from_str(&objects).map_err(|e| Error::Corrupt(format!("link objects: {e}")))?,
-        state: LinkState::parse(&state).ok_or_else(|| Error::Corrupt(format!("link state {state:?}")))?,
+        state: LinkState::parse(&r.try_get::<String, _>(5)?)?,
         verify_threshold: r.try_get::<i64, _>(6)? as u32,
         probe_interval: Duration::from_millis(r.try_get::<i64, _>(7)? as u64),
-        on_reject: if r.try_get::<String, _>(8)? == "STOP" { RejectPolicy::Stop } else { RejectPolicy::DeadLetter },
+        on_reject: RejectPolicy::parse(&r.try_get::<String, _>(8)?)?,
         cursor_seq: r.try_get(9)?,
         bootstrapped: r.try_get::<i64, _>(10)? != 0,
         consecutive_ok: r.try_get::<i64, _>(11)? as u32,
         last_cause: r.try_get(12)?,
         created_at_ms: r.try_get(13)?,
-        on_trimmed: if r.try_get::<String, _>(14)? == "FAIL" {
-            TrimmedPolicy::Fail
-        } else {
-            TrimmedPolicy::Rebootstrap
-        },
+        on_trimmed: TrimmedPolicy::parse(&r.try_get::<String, _>(14)?)?,
         target_ca_pem: r.try_get(15)?,
     })
 }
@@ -213,11 +208,12 @@ impl Store {
         .await?;
         rows.iter()
             .map(|r| {
-                let to: String = r.try_get(2)?;
+                // the creation has no state before it: stored as ''
+                let from: String = r.try_get(1)?;
                 Ok(LinkTransition {
                     id: r.try_get(0)?,
-                    from: LinkState::parse(&r.try_get::<String, _>(1)?),
-                    to: LinkState::parse(&to).ok_or_else(|| Error::Corrupt(format!("link state {to:?}")))?,
+                    from: if from.is_empty() { None } else { Some(LinkState::parse(&from)?) },
+                    to: LinkState::parse(&r.try_get::<String, _>(2)?)?,
                     cause: r.try_get(3)?,
                     at_ms: r.try_get(4)?,
                 })
@@ -319,8 +315,7 @@ impl Store {
         .await?
         .iter()
         .map(|row| {
-            let state: String = row.try_get(1)?;
-            let state = LinkState::parse(&state).ok_or_else(|| Error::Corrupt(format!("link state {state:?}")))?;
+            let state = LinkState::parse(&row.try_get::<String, _>(1)?)?;
             Ok((row.try_get(0)?, state, row.try_get::<i64, _>(2)?.max(0)))
         })
         .collect()

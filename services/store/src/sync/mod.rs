@@ -28,32 +28,14 @@ pub enum LinkState {
     Failed,
 }
 
-impl LinkState {
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LinkState::Bootstrapping => "BOOTSTRAPPING",
-            LinkState::Streaming => "STREAMING",
-            LinkState::Suspended => "SUSPENDED",
-            LinkState::Verifying => "VERIFYING",
-            LinkState::Paused => "PAUSED",
-            LinkState::Failed => "FAILED",
-        }
-    }
-
-    /// Parses a stored name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "BOOTSTRAPPING" => LinkState::Bootstrapping,
-            "STREAMING" => LinkState::Streaming,
-            "SUSPENDED" => LinkState::Suspended,
-            "VERIFYING" => LinkState::Verifying,
-            "PAUSED" => LinkState::Paused,
-            "FAILED" => LinkState::Failed,
-            _ => return None,
-        })
-    }
-}
+stored_names!(LinkState, "link state" {
+    Bootstrapping => "BOOTSTRAPPING",
+    Streaming => "STREAMING",
+    Suspended => "SUSPENDED",
+    Verifying => "VERIFYING",
+    Paused => "PAUSED",
+    Failed => "FAILED",
+});
 
 /// What a link does with a change the target rejects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -64,14 +46,10 @@ pub enum RejectPolicy {
     Stop,
 }
 
-impl RejectPolicy {
-    fn as_str(self) -> &'static str {
-        match self {
-            RejectPolicy::DeadLetter => "DEAD_LETTER",
-            RejectPolicy::Stop => "STOP",
-        }
-    }
-}
+stored_names!(RejectPolicy, "reject policy" {
+    DeadLetter => "DEAD_LETTER",
+    Stop => "STOP",
+});
 
 /// What a link does when its cursor falls behind the trimmed change log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,14 +60,10 @@ pub enum TrimmedPolicy {
     Fail,
 }
 
-impl TrimmedPolicy {
-    fn as_str(self) -> &'static str {
-        match self {
-            TrimmedPolicy::Rebootstrap => "REBOOTSTRAP",
-            TrimmedPolicy::Fail => "FAIL",
-        }
-    }
-}
+stored_names!(TrimmedPolicy, "trimmed policy" {
+    Rebootstrap => "REBOOTSTRAP",
+    Fail => "FAIL",
+});
 
 /// A link from an org to a target org.
 #[derive(Debug, Clone, PartialEq, Eq)]
