@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use sqlx::{AnyConnection, Row};
+use sqlx::{Any, AnyConnection, Row, Transaction};
 use tokio::time::Instant;
 
 use super::{Attempt, BatchOp, ChunkRun, ChunkStart, ChunkState, ChunkWork, PartRange, PartState, RUNNABLE};
@@ -155,8 +155,7 @@ impl Store {
     /// any transaction. Database failures are errors: [`Error::Busy`] (workload),
     /// [`Error::Resource`] and [`Error::DeadlineExceeded`] (resources) are worth a retry.
     pub async fn attempt_chunk(&self, batch_id: &str, index: u32, attempt: &Attempt<'_>) -> Result<ChunkRun, Error> {
-        let Attempt { outcome, cause, budget, lock_timeout, max_bytes, part } = *attempt;
-        let deadline = Instant::now() + budget;
+        let deadline = Instant::now() + attempt.budget;
         // The chunk is read, parsed and checked against the schema before its transaction: on
         // SQLite the transaction's first write takes the database's write lock, and on both
         // backends other chunks of the org queue behind this one's. A chunk's records and batch
@@ -164,149 +163,21 @@ impl Store {
         let Some(mut chunk) = self.by_deadline(deadline, self.chunk_work(batch_id, index)).await? else {
             return Ok(ChunkRun::Finished(self.chunk_state(batch_id, index).await?));
         };
-        if let Some(p) = part {
-            let (from, to) = (p.first as usize, p.first as usize + p.records as usize);
-            if to > chunk.records.len() || p.records == 0 {
-                return Err(Error::Corrupt(format!("part {from}..{to} of a chunk of {}", chunk.records.len())));
-            }
-            chunk.records.truncate(to);
-            chunk.records.drain(..from);
-            chunk.first += from;
+        if let Some(part) = attempt.part {
+            chunk.keep_part(part)?;
         }
-        let first = chunk.first;
-        let invalid = |mut problems: Vec<RecordProblem>| {
-            for p in &mut problems {
-                p.index += first;
-            }
-            ChunkRun::Invalid(problems)
-        };
-        let problems = match chunk.op {
-            BatchOp::Delete => delete_problems(&chunk.schema, &chunk.records),
-            _ => record_problems(&chunk.schema, &mut chunk.records),
-        };
-        if !problems.is_empty() {
-            // every failing record is listed: those the schema accepts are checked against what
-            // is stored too (a unique value taken, an insert of an existing record)
-            let valid: Vec<usize> =
-                (0..chunk.records.len()).filter(|i| !problems.iter().any(|p| p.index == *i)).collect();
-            let stored = self.by_deadline(deadline, self.stored_problems_of(&chunk, &valid)).await?;
-            let mut problems = problems;
-            problems.extend(stored);
-            problems.sort_by_key(|p| p.index);
-            return Ok(invalid(problems));
+        if let Some(problems) = self.invalid_records(&mut chunk, deadline).await? {
+            return Ok(invalid(chunk.first, problems));
         }
-        let ChunkWork { org_id, schema, op, records, .. } = chunk;
-        // Each record's id and JSON text are worked out before the transaction too: inside it
-        // they held the org's write lock (on SQLite, the database's), 3.4 ms of a 47 ms chunk.
-        let ids: Vec<String> = records.iter().map(|r| record_id(&schema, r).unwrap_or_default()).collect();
-        let texts: Vec<String> = match op {
-            BatchOp::Delete => Vec::new(),
-            _ => records
-                .iter()
-                .map(serde_json::to_string)
-                .collect::<Result<_, _>>()
-                .map_err(|e| Error::Corrupt(format!("record fields: {e}")))?,
-        };
+        let write = ChunkWrite::of(chunk)?;
         // the size budget: what the transaction would write, as text
-        let bytes: u64 = match op {
-            BatchOp::Delete => ids.iter().map(|id| id.len() as u64).sum(),
-            _ => texts.iter().map(|t| t.len() as u64).sum(),
-        };
-        if bytes > max_bytes {
-            return Ok(ChunkRun::OverSize { bytes, limit: max_bytes });
+        let bytes = write.bytes();
+        if bytes > attempt.max_bytes {
+            return Ok(ChunkRun::OverSize { bytes, limit: attempt.max_bytes });
         }
-        let part_records = records.len() as i64;
-        let (tx, run) = self
-            .by_deadline(deadline, async {
-                let mut tx = self.writer.begin().await?;
-                let ms = |d: Duration| d.as_millis().max(1);
-                if self.backend == Backend::Postgres {
-                    // the server stops the work too
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    sqlx::query(&format!("SET LOCAL statement_timeout = {}", ms(left))).execute(&mut *tx).await?;
-                    // abandoned at its budget, the transaction is ended by the server a moment later
-                    // rather than when its connection is next used (see `Store::open`)
-                    sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", ms(left) + 500))
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                // the chunk's row lock: a second delivery waits here, then finds the outcome
-                let claimed = sqlx::query(&format!(
-                    "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
-                ))
-                .bind(batch_id)
-                .bind(i64::from(index))
-                .execute(&mut *tx)
-                .await?;
-                if claimed.rows_affected() == 0 {
-                    return Ok((tx, None));
-                }
-                // under the row lock: the whole chunk runs only while it has no parts, a part only
-                // while it is pending (its marker is written below, in this transaction)
-                match part {
-                    None => {
-                        if self.has_parts(&mut tx, batch_id, index).await? {
-                            return Ok((tx, Some((ChunkRun::Split, 0))));
-                        }
-                    }
-                    Some(p) => {
-                        if self.part_state(&mut tx, batch_id, index, p).await? != Some(PartState::Pending) {
-                            return Ok((tx, Some((ChunkRun::PartGone, 0))));
-                        }
-                    }
-                }
-                // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
-                // is the normal order of things, bounded by the budget only. Any other lock wait ends
-                // as a busy error after `lock_timeout`.
-                let base = self.lock_org(&mut tx, &org_id).await?;
-                if self.backend == Backend::Postgres {
-                    sqlx::query(&format!("SET LOCAL lock_timeout = {}", ms(lock_timeout))).execute(&mut *tx).await?;
-                }
-                let run = self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await?;
-                let run = match (run, part) {
-                    (Err(problems), _) => (invalid(problems), base),
-                    (Ok(last), None) => {
-                        sqlx::query(
-                            "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
-                         WHERE batch_id = $1 AND idx = $2",
-                        )
-                        .bind(batch_id)
-                        .bind(i64::from(index))
-                        .bind(outcome.as_str())
-                        .bind(now_ms())
-                        .bind(cause)
-                        .execute(&mut *tx)
-                        .await?;
-                        (ChunkRun::Committed(outcome), last)
-                    }
-                    (Ok(last), Some(p)) => {
-                        // the part's commit marker, and its records counted on the chunk
-                        sqlx::query(
-                            "UPDATE chunk_parts SET state = 'COMMITTED', finished_at_ms = $4 \
-                         WHERE batch_id = $1 AND idx = $2 AND part_first = $3 AND state = 'PENDING'",
-                        )
-                        .bind(batch_id)
-                        .bind(i64::from(index))
-                        .bind(i64::from(p.first))
-                        .bind(now_ms())
-                        .execute(&mut *tx)
-                        .await?;
-                        sqlx::query(
-                            "UPDATE chunks SET parts_committed = parts_committed + $3, last_cause = $4 \
-                         WHERE batch_id = $1 AND idx = $2",
-                        )
-                        .bind(batch_id)
-                        .bind(i64::from(index))
-                        .bind(part_records)
-                        .bind(cause)
-                        .execute(&mut *tx)
-                        .await?;
-                        (ChunkRun::PartCommitted, last)
-                    }
-                };
-                Ok((tx, Some(run)))
-            })
-            .await?;
+        let org_id = write.org_id.clone();
+        let (tx, run) =
+            self.by_deadline(deadline, self.attempt_in_transaction(batch_id, index, attempt, deadline, write)).await?;
         match run {
             None => {
                 drop(tx);
@@ -321,6 +192,169 @@ impl Store {
             // dropping the transaction rolls it back
             Some((run, _)) => Ok(run),
         }
+    }
+
+    /// The problems of a chunk's records (chunk indexes, in order), None when there are none:
+    /// each record checked against the schema and the operation (which normalizes the valid
+    /// ones), and those the schema accepts also against what is stored.
+    async fn invalid_records(
+        &self,
+        chunk: &mut ChunkWork,
+        deadline: Instant,
+    ) -> Result<Option<Vec<RecordProblem>>, Error> {
+        let problems = match chunk.op {
+            BatchOp::Delete => delete_problems(&chunk.schema, &chunk.records),
+            _ => record_problems(&chunk.schema, &mut chunk.records),
+        };
+        if problems.is_empty() {
+            return Ok(None);
+        }
+        // every failing record is listed: those the schema accepts are checked against what
+        // is stored too (a unique value taken, an insert of an existing record)
+        let valid: Vec<usize> = (0..chunk.records.len()).filter(|i| !problems.iter().any(|p| p.index == *i)).collect();
+        let stored = self.by_deadline(deadline, self.stored_problems_of(chunk, &valid)).await?;
+        let mut problems = problems;
+        problems.extend(stored);
+        problems.sort_by_key(|p| p.index);
+        Ok(Some(problems))
+    }
+
+    /// The transaction of [`Store::attempt_chunk`]: under the chunk's row lock and the org's
+    /// write lock, `write`'s records and the commit marker (of the whole chunk, or of
+    /// `attempt.part`). Answers the transaction, for the caller to commit or drop, with what the
+    /// attempt did and the org's last seq after it (None: the chunk has its outcome).
+    async fn attempt_in_transaction(
+        &self,
+        batch_id: &str,
+        index: u32,
+        attempt: &Attempt<'_>,
+        deadline: Instant,
+        write: ChunkWrite,
+    ) -> Result<(Transaction<'static, Any>, Option<(ChunkRun, i64)>), Error> {
+        let mut tx = self.begin_attempt(deadline).await?;
+        match self.lock_chunk(&mut tx, batch_id, index, attempt.part).await? {
+            Locked::Runnable => {}
+            Locked::Finished => return Ok((tx, None)),
+            Locked::Skip(run) => return Ok((tx, Some((run, 0)))),
+        }
+        // Chunks of one org queue on its write lock (seqs are allocated under it): that wait
+        // is the normal order of things, bounded by the budget only. Any other lock wait ends
+        // as a busy error after `lock_timeout`.
+        let base = self.lock_org(&mut tx, &write.org_id).await?;
+        if self.backend == Backend::Postgres {
+            sqlx::query(&format!("SET LOCAL lock_timeout = {}", millis(attempt.lock_timeout)))
+                .execute(&mut *tx)
+                .await?;
+        }
+        let ChunkWrite { org_id, schema, op, first, records, ids, texts } = write;
+        let part_records = records.len() as i64;
+        let run = match self.write_chunk(&mut tx, &org_id, base, &schema, op, records, ids, texts).await? {
+            Err(problems) => (invalid(first, problems), base),
+            Ok(last) => (self.write_marker(&mut tx, batch_id, index, attempt, part_records).await?, last),
+        };
+        Ok((tx, Some(run)))
+    }
+
+    /// An attempt's transaction; on PostgreSQL bounded by what is left until `deadline`.
+    async fn begin_attempt(&self, deadline: Instant) -> Result<Transaction<'static, Any>, Error> {
+        let mut tx = self.writer.begin().await?;
+        if self.backend == Backend::Postgres {
+            // the server stops the work too
+            let left = deadline.saturating_duration_since(Instant::now());
+            sqlx::query(&format!("SET LOCAL statement_timeout = {}", millis(left))).execute(&mut *tx).await?;
+            // abandoned at its budget, the transaction is ended by the server a moment later
+            // rather than when its connection is next used (see `Store::open`)
+            sqlx::query(&format!("SET LOCAL idle_in_transaction_session_timeout = {}", millis(left) + 500))
+                .execute(&mut *tx)
+                .await?;
+        }
+        Ok(tx)
+    }
+
+    /// Takes the chunk's row lock in `conn`'s transaction, unless the chunk has its outcome, and
+    /// says whether `part` (None: the whole chunk) may be written under it.
+    async fn lock_chunk(
+        &self,
+        conn: &mut AnyConnection,
+        batch_id: &str,
+        index: u32,
+        part: Option<PartRange>,
+    ) -> Result<Locked, Error> {
+        // the chunk's row lock: a second delivery waits here, then finds the outcome
+        let claimed = sqlx::query(&format!(
+            "UPDATE chunks SET finished_at_ms = 0 WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE}"
+        ))
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .execute(&mut *conn)
+        .await?;
+        if claimed.rows_affected() == 0 {
+            return Ok(Locked::Finished);
+        }
+        // under the row lock: the whole chunk runs only while it has no parts, a part only
+        // while it is pending (its marker is written with its records, in this transaction)
+        match part {
+            None => {
+                if self.has_parts(conn, batch_id, index).await? {
+                    return Ok(Locked::Skip(ChunkRun::Split));
+                }
+            }
+            Some(p) => {
+                if self.part_state(conn, batch_id, index, p).await? != Some(PartState::Pending) {
+                    return Ok(Locked::Skip(ChunkRun::PartGone));
+                }
+            }
+        }
+        Ok(Locked::Runnable)
+    }
+
+    /// The commit marker, written in `conn`'s transaction after the records: for the whole
+    /// chunk its outcome (`attempt.outcome`, with `attempt.cause`), for `attempt.part` the part's
+    /// COMMITTED state, its `records` counted on the chunk.
+    async fn write_marker(
+        &self,
+        conn: &mut AnyConnection,
+        batch_id: &str,
+        index: u32,
+        attempt: &Attempt<'_>,
+        records: i64,
+    ) -> Result<ChunkRun, Error> {
+        let Some(p) = attempt.part else {
+            sqlx::query(
+                "UPDATE chunks SET state = $3, finished_at_ms = $4, last_cause = $5 \
+                 WHERE batch_id = $1 AND idx = $2",
+            )
+            .bind(batch_id)
+            .bind(i64::from(index))
+            .bind(attempt.outcome.as_str())
+            .bind(now_ms())
+            .bind(attempt.cause)
+            .execute(&mut *conn)
+            .await?;
+            return Ok(ChunkRun::Committed(attempt.outcome));
+        };
+        // the part's commit marker, and its records counted on the chunk
+        sqlx::query(
+            "UPDATE chunk_parts SET state = 'COMMITTED', finished_at_ms = $4 \
+             WHERE batch_id = $1 AND idx = $2 AND part_first = $3 AND state = 'PENDING'",
+        )
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(i64::from(p.first))
+        .bind(now_ms())
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query(
+            "UPDATE chunks SET parts_committed = parts_committed + $3, last_cause = $4 \
+             WHERE batch_id = $1 AND idx = $2",
+        )
+        .bind(batch_id)
+        .bind(i64::from(index))
+        .bind(records)
+        .bind(attempt.cause)
+        .execute(&mut *conn)
+        .await?;
+        Ok(ChunkRun::PartCommitted)
     }
 
     /// Whether the chunk was split into parts, read in `conn`'s transaction.
@@ -377,6 +411,86 @@ fn delete_problems(schema: &ObjectSchema, records: &[Fields]) -> Vec<RecordProbl
         }
     }
     problems
+}
+
+/// What the chunk's row lock found for an attempt ([`Store::lock_chunk`]).
+enum Locked {
+    /// The chunk, or the part, is to be written.
+    Runnable,
+    /// The chunk has its outcome.
+    Finished,
+    /// Nothing to write: the whole chunk was asked for but it is split ([`ChunkRun::Split`]), or
+    /// the part is no longer pending ([`ChunkRun::PartGone`]).
+    Skip(ChunkRun),
+}
+
+/// A checked chunk (or part) made ready for its transaction.
+struct ChunkWrite {
+    org_id: String,
+    schema: ObjectSchema,
+    op: BatchOp,
+    /// The batch index of its first record.
+    first: usize,
+    records: Vec<Fields>,
+    /// Each record's id.
+    ids: Vec<String>,
+    /// Each record's JSON text (none for a delete).
+    texts: Vec<String>,
+}
+
+impl ChunkWrite {
+    /// `chunk`, its records valid, with their ids and JSON texts.
+    fn of(chunk: ChunkWork) -> Result<Self, Error> {
+        let ChunkWork { org_id, schema, op, first, records } = chunk;
+        // Each record's id and JSON text are worked out before the transaction too: inside it
+        // they held the org's write lock (on SQLite, the database's), 3.4 ms of a 47 ms chunk.
+        let ids: Vec<String> = records.iter().map(|r| record_id(&schema, r).unwrap_or_default()).collect();
+        let texts: Vec<String> = match op {
+            BatchOp::Delete => Vec::new(),
+            _ => records
+                .iter()
+                .map(serde_json::to_string)
+                .collect::<Result<_, _>>()
+                .map_err(|e| Error::Corrupt(format!("record fields: {e}")))?,
+        };
+        Ok(Self { org_id, schema, op, first, records, ids, texts })
+    }
+
+    /// What its transaction would write, as text: the records' JSON, or the ids of a delete.
+    fn bytes(&self) -> u64 {
+        match self.op {
+            BatchOp::Delete => self.ids.iter().map(|id| id.len() as u64).sum(),
+            _ => self.texts.iter().map(|t| t.len() as u64).sum(),
+        }
+    }
+}
+
+impl ChunkWork {
+    /// Keeps only `part`'s records of the chunk, `first` moved to the part's first.
+    fn keep_part(&mut self, part: PartRange) -> Result<(), Error> {
+        let (from, to) = (part.first as usize, part.first as usize + part.records as usize);
+        if to > self.records.len() || part.records == 0 {
+            return Err(Error::Corrupt(format!("part {from}..{to} of a chunk of {}", self.records.len())));
+        }
+        self.records.truncate(to);
+        self.records.drain(..from);
+        self.first += from;
+        Ok(())
+    }
+}
+
+/// [`ChunkRun::Invalid`] of `problems` at chunk indexes, moved to batch indexes (`first` is the
+/// batch index of the chunk's, or the part's, first record).
+fn invalid(first: usize, mut problems: Vec<RecordProblem>) -> ChunkRun {
+    for p in &mut problems {
+        p.index += first;
+    }
+    ChunkRun::Invalid(problems)
+}
+
+/// A duration in whole milliseconds for `SET LOCAL`, at least 1 (0 would mean no limit).
+fn millis(d: Duration) -> u128 {
+    d.as_millis().max(1)
 }
 
 impl Store {
