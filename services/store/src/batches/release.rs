@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 
-use sqlx::Row;
+use sqlx::{Any, AnyConnection, Row, Transaction};
 
 use super::{ChunkRef, OVERLOAD_PAUSE_MS, Recovered, ReleaseCaps, u32_of};
 use crate::changes::Topic;
@@ -28,107 +28,15 @@ impl Store {
         };
         // the batches whose chunks change, to announce after the commit
         let mut touched = taken_back;
-        let overloaded = sqlx::query(
-            "SELECT 1 FROM chunks WHERE state = 'COMMITTED_AFTER_RETRY_WORKLOAD' AND finished_at_ms > $1 LIMIT 1",
-        )
-        .bind(now - OVERLOAD_PAUSE_MS)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if overloaded.is_some() {
-            tx.commit().await?;
-            self.touched_batches(&touched);
-            return Ok(Vec::new());
+        if overloaded(&mut tx, now).await? {
+            return self.release_none(tx, &touched).await;
         }
-        let mut per_org: HashMap<String, u32> = HashMap::new();
-        let mut per_batch: HashMap<String, u32> = HashMap::new();
-        let mut overall = 0u32;
-        let rows = sqlx::query(
-            "SELECT org_id, batch_id, COUNT(*) FROM chunks WHERE state IN ('RELEASED', 'RUNNING') \
-             GROUP BY org_id, batch_id",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for row in rows {
-            let n = u32_of(&row, 2)?;
-            *per_org.entry(row.try_get(0)?).or_default() += n;
-            *per_batch.entry(row.try_get(1)?).or_default() += n;
-            overall += n;
+        let mut flight = in_flight(&mut tx).await?;
+        if flight.overall >= caps.overall {
+            return self.release_none(tx, &touched).await;
         }
-        if overall >= caps.overall {
-            tx.commit().await?;
-            self.touched_batches(&touched);
-            return Ok(Vec::new());
-        }
-        let room = caps.overall - overall;
-        let rows = sqlx::query(
-            "SELECT c.batch_id, c.idx, c.org_id, c.record_count, b.max_parallel, b.records_per_second, \
-             b.next_release_ms, b.traceparent FROM (SELECT batch_id, idx, org_id, record_count, \
-             ROW_NUMBER() OVER (PARTITION BY batch_id ORDER BY idx) AS rn FROM chunks WHERE state = 'PENDING') c \
-             JOIN batches b ON b.id = c.batch_id \
-             WHERE c.rn <= $1 AND b.state = 'QUEUED' AND b.not_before_ms <= $2 AND b.next_release_ms <= $2 \
-             ORDER BY b.created_at_ms, b.id, c.idx",
-        )
-        .bind(i64::from(room))
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
-        struct Candidate {
-            chunk: ChunkRef,
-            max_parallel: u32,
-            rate: u32,
-        }
-        let mut queues: Vec<(String, VecDeque<Candidate>)> = Vec::new();
-        let mut next_release: HashMap<String, i64> = HashMap::new();
-        for row in &rows {
-            let chunk = ChunkRef {
-                batch_id: row.try_get(0)?,
-                index: u32_of(row, 1)?,
-                org_id: row.try_get(2)?,
-                records: u32_of(row, 3)?,
-                traceparent: row.try_get(7)?,
-            };
-            next_release.insert(chunk.batch_id.clone(), row.try_get(6)?);
-            let candidate = Candidate { max_parallel: u32_of(row, 4)?, rate: u32_of(row, 5)?, chunk };
-            match queues.iter_mut().find(|(org, _)| *org == candidate.chunk.org_id) {
-                Some((_, queue)) => queue.push_back(candidate),
-                None => queues.push((candidate.chunk.org_id.clone(), VecDeque::from([candidate]))),
-            }
-        }
-        // fair share: the org with the fewest chunks in flight goes first, then round robin
-        queues.sort_by_key(|(org, _)| per_org.get(org).copied().unwrap_or(0));
-        let mut released = Vec::new();
-        let mut changed_rates: HashSet<String> = HashSet::new();
-        while overall < caps.overall && !queues.is_empty() {
-            queues.retain_mut(|(org, queue)| {
-                if overall >= caps.overall {
-                    return true;
-                }
-                let org_count = per_org.entry(org.clone()).or_default();
-                while let Some(candidate) = queue.pop_front() {
-                    if *org_count >= caps.per_org {
-                        return false;
-                    }
-                    let batch = candidate.chunk.batch_id.clone();
-                    let cap = if candidate.max_parallel == 0 { caps.per_org } else { candidate.max_parallel };
-                    let batch_count = per_batch.entry(batch.clone()).or_default();
-                    let next = next_release.get(&batch).copied().unwrap_or(0);
-                    if *batch_count >= cap || next > now {
-                        continue;
-                    }
-                    *batch_count += 1;
-                    *org_count += 1;
-                    overall += 1;
-                    if candidate.rate > 0 {
-                        let spacing = i64::from(candidate.chunk.records) * 1000 / i64::from(candidate.rate);
-                        next_release.insert(batch.clone(), next.max(now) + spacing);
-                        changed_rates.insert(batch);
-                    }
-                    released.push(candidate.chunk);
-                    return true;
-                }
-                false
-            });
-        }
+        let mut candidates = candidates(&mut tx, caps.overall - flight.overall, now).await?;
+        let (released, changed_rates) = fair_share(&mut candidates, &mut flight, caps, now);
         let mut claimed = Vec::with_capacity(released.len());
         for chunk in released {
             // only what this transaction moved out of PENDING is ours to send (the lock row makes
@@ -141,13 +49,21 @@ impl Store {
         for batch in changed_rates {
             sqlx::query("UPDATE batches SET next_release_ms = $2 WHERE id = $1")
                 .bind(batch.clone())
-                .bind(next_release[&batch])
+                .bind(candidates.next_release[&batch])
                 .execute(&mut *tx)
                 .await?;
         }
         tx.commit().await?;
         self.touched_batches(&touched);
         Ok(claimed)
+    }
+
+    /// Ends a release that releases nothing: the chunks taken back (their batches `touched`)
+    /// are committed and announced.
+    async fn release_none(&self, tx: Transaction<'_, Any>, touched: &HashSet<String>) -> Result<Vec<ChunkRef>, Error> {
+        tx.commit().await?;
+        self.touched_batches(touched);
+        Ok(Vec::new())
     }
 
     /// Announces commits that changed the chunks of `batches`.
@@ -171,4 +87,139 @@ impl Store {
     pub async fn recover_chunks(&self, claimer: &str, held: &[(String, u32)]) -> Result<Recovered, Error> {
         self.recover_releases(Releasable::Chunks, claimer, held).await
     }
+}
+
+/// Whether a chunk committed only after meeting a busy database within the last
+/// [`OVERLOAD_PAUSE_MS`] before `now`, read in `conn`'s transaction.
+async fn overloaded(conn: &mut AnyConnection, now: i64) -> Result<bool, Error> {
+    let overloaded = sqlx::query(
+        "SELECT 1 FROM chunks WHERE state = 'COMMITTED_AFTER_RETRY_WORKLOAD' AND finished_at_ms > $1 LIMIT 1",
+    )
+    .bind(now - OVERLOAD_PAUSE_MS)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(overloaded.is_some())
+}
+
+/// The chunks in flight (released or running), counted overall, per org and per batch.
+#[derive(Default)]
+struct InFlight {
+    overall: u32,
+    per_org: HashMap<String, u32>,
+    per_batch: HashMap<String, u32>,
+}
+
+/// The chunks in flight, read in `conn`'s transaction.
+async fn in_flight(conn: &mut AnyConnection) -> Result<InFlight, Error> {
+    let mut flight = InFlight::default();
+    let rows = sqlx::query(
+        "SELECT org_id, batch_id, COUNT(*) FROM chunks WHERE state IN ('RELEASED', 'RUNNING') \
+         GROUP BY org_id, batch_id",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in rows {
+        let n = u32_of(&row, 2)?;
+        *flight.per_org.entry(row.try_get(0)?).or_default() += n;
+        *flight.per_batch.entry(row.try_get(1)?).or_default() += n;
+        flight.overall += n;
+    }
+    Ok(flight)
+}
+
+/// A pending chunk that a release may take, with its batch's caps.
+struct Candidate {
+    chunk: ChunkRef,
+    max_parallel: u32,
+    rate: u32,
+}
+
+/// The chunks a release may take: per org (in the order the orgs' first chunks come), each
+/// org's in batch submission and chunk order; and the next release time of each of their
+/// batches.
+struct Candidates {
+    queues: Vec<(String, VecDeque<Candidate>)>,
+    next_release: HashMap<String, i64>,
+}
+
+/// The pending chunks of queued batches whose time has come, at most `room` of each batch,
+/// read in `conn`'s transaction.
+async fn candidates(conn: &mut AnyConnection, room: u32, now: i64) -> Result<Candidates, Error> {
+    let rows = sqlx::query(
+        "SELECT c.batch_id, c.idx, c.org_id, c.record_count, b.max_parallel, b.records_per_second, \
+         b.next_release_ms, b.traceparent FROM (SELECT batch_id, idx, org_id, record_count, \
+         ROW_NUMBER() OVER (PARTITION BY batch_id ORDER BY idx) AS rn FROM chunks WHERE state = 'PENDING') c \
+         JOIN batches b ON b.id = c.batch_id \
+         WHERE c.rn <= $1 AND b.state = 'QUEUED' AND b.not_before_ms <= $2 AND b.next_release_ms <= $2 \
+         ORDER BY b.created_at_ms, b.id, c.idx",
+    )
+    .bind(i64::from(room))
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut queues: Vec<(String, VecDeque<Candidate>)> = Vec::new();
+    let mut next_release: HashMap<String, i64> = HashMap::new();
+    for row in &rows {
+        let chunk = ChunkRef {
+            batch_id: row.try_get(0)?,
+            index: u32_of(row, 1)?,
+            org_id: row.try_get(2)?,
+            records: u32_of(row, 3)?,
+            traceparent: row.try_get(7)?,
+        };
+        next_release.insert(chunk.batch_id.clone(), row.try_get(6)?);
+        let candidate = Candidate { max_parallel: u32_of(row, 4)?, rate: u32_of(row, 5)?, chunk };
+        match queues.iter_mut().find(|(org, _)| *org == candidate.chunk.org_id) {
+            Some((_, queue)) => queue.push_back(candidate),
+            None => queues.push((candidate.chunk.org_id.clone(), VecDeque::from([candidate]))),
+        }
+    }
+    Ok(Candidates { queues, next_release })
+}
+
+/// The chunks to release of `candidates`, within `caps` with `flight` in flight already (both
+/// counted on as chunks are chosen), and the batches whose next release time moved (their rate).
+fn fair_share(
+    candidates: &mut Candidates,
+    flight: &mut InFlight,
+    caps: ReleaseCaps,
+    now: i64,
+) -> (Vec<ChunkRef>, HashSet<String>) {
+    let Candidates { queues, next_release } = candidates;
+    // fair share: the org with the fewest chunks in flight goes first, then round robin
+    queues.sort_by_key(|(org, _)| flight.per_org.get(org).copied().unwrap_or(0));
+    let mut released = Vec::new();
+    let mut changed_rates: HashSet<String> = HashSet::new();
+    while flight.overall < caps.overall && !queues.is_empty() {
+        queues.retain_mut(|(org, queue)| {
+            if flight.overall >= caps.overall {
+                return true;
+            }
+            let org_count = flight.per_org.entry(org.clone()).or_default();
+            while let Some(candidate) = queue.pop_front() {
+                if *org_count >= caps.per_org {
+                    return false;
+                }
+                let batch = candidate.chunk.batch_id.clone();
+                let cap = if candidate.max_parallel == 0 { caps.per_org } else { candidate.max_parallel };
+                let batch_count = flight.per_batch.entry(batch.clone()).or_default();
+                let next = next_release.get(&batch).copied().unwrap_or(0);
+                if *batch_count >= cap || next > now {
+                    continue;
+                }
+                *batch_count += 1;
+                *org_count += 1;
+                flight.overall += 1;
+                if candidate.rate > 0 {
+                    let spacing = i64::from(candidate.chunk.records) * 1000 / i64::from(candidate.rate);
+                    next_release.insert(batch.clone(), next.max(now) + spacing);
+                    changed_rates.insert(batch);
+                }
+                released.push(candidate.chunk);
+                return true;
+            }
+            false
+        });
+    }
+    (released, changed_rates)
 }
