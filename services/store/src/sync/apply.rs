@@ -4,11 +4,11 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use sqlx::Row;
+use sqlx::{Any, AnyConnection, Row, Transaction};
 use tokio::time::Instant;
 
 use super::{ApplyOutcome, SnapshotPage, SnapshotRow};
-use crate::model::{ChangeEvent, ChangeOp, ObjectSchema, Record};
+use crate::model::{ChangeEvent, ChangeOp, Fields, ObjectSchema, Record};
 use crate::records::decode_fields;
 use crate::schema::{record_id, validate_records};
 use crate::writer::{BatchWriter, RecordWrite};
@@ -134,163 +134,204 @@ impl Store {
         snapshot: bool,
     ) -> Result<ApplyOutcome, Error> {
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (tx, (outcome, moved)) = self
-            .by_deadline(deadline, async {
-                let mut tx = self.writer.begin().await?;
-                let base = self.lock_org(&mut tx, org_id).await?;
-                let row = sqlx::query("SELECT seq FROM apply_watermarks WHERE org_id = $1 AND link_id = $2")
-                    .bind(org_id)
-                    .bind(link_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                let watermark: i64 = match row {
-                    Some(row) => row.try_get(0)?,
-                    None => 0,
-                };
-                let mut outcome = ApplyOutcome { watermark, ..ApplyOutcome::default() };
-                let fresh = |c: &ChangeEvent| snapshot || c.seq > watermark;
-                // the schema and current versions of every object this batch touches
-                let mut ids_by_object: HashMap<&str, Vec<String>> = HashMap::new();
-                for c in changes.iter().filter(|c| fresh(c)) {
-                    ids_by_object.entry(c.object.as_str()).or_default().push(c.record_id.clone());
-                }
-                let mut schemas: HashMap<&str, ObjectSchema> = HashMap::new();
-                let mut current: HashMap<(&str, String), i64> = HashMap::new();
-                for (object, ids) in &ids_by_object {
-                    match self.object(org_id, object).await {
-                        Ok(schema) => {
-                            schemas.insert(object, schema);
-                        }
-                        Err(Error::NotFound(_)) => continue,
-                        Err(e) => return Err(e),
-                    }
-                    for (id, (version, _)) in self.versions_of(&mut tx, org_id, object, ids).await? {
-                        current.insert((object, id), version);
-                    }
-                }
-                let now = now_ms();
-                let mut seq = base;
-                let mut last_seen = watermark;
-                let mut writer: Option<BatchWriter<'_>> = None;
-                for change in changes {
-                    if !fresh(change) {
-                        outcome.skipped += 1;
-                        continue;
-                    }
-                    if !snapshot {
-                        last_seen = last_seen.max(change.seq);
-                    }
-                    let Some(schema) = schemas.get(change.object.as_str()) else {
-                        let reason = format!("the target has no object {:?}", change.object);
-                        outcome.rejected.push((change.seq, change.record_id.clone(), reason));
-                        continue;
-                    };
-                    let key = (change.object.as_str(), change.record_id.clone());
-                    if change.version <= current.get(&key).copied().unwrap_or(0) {
-                        outcome.skipped += 1;
-                        continue;
-                    }
-                    if writer.as_ref().is_none_or(|w| w.object() != change.object) {
-                        if let Some(mut done) = writer.take() {
-                            done.flush(&mut tx).await?;
-                            seq = done.seq;
-                        }
-                        let ids = &ids_by_object[change.object.as_str()];
-                        let mut w = BatchWriter::new(self, &mut tx, org_id, schema, ids, seq, now).await?;
-                        w.known_absent(
-                            ids.iter()
-                                .filter(|id| !current.contains_key(&(change.object.as_str(), (*id).clone())))
-                                .cloned(),
-                        );
-                        writer = Some(w);
-                    }
-                    let Some(w) = writer.as_mut() else { continue };
-                    let fields = match (change.op, &change.fields) {
-                        (ChangeOp::Upsert, Some(fields)) => {
-                            let mut fields = fields.clone();
-                            let mut problems = validate_records(schema, std::slice::from_mut(&mut fields));
-                            if problems.is_empty()
-                                && record_id(schema, &fields).as_deref() != Some(change.record_id.as_str())
-                            {
-                                problems.push(crate::FieldError::new(
-                                    "id",
-                                    "the record's external id does not match its id",
-                                ));
-                            }
-                            if problems.is_empty()
-                                && w.touches_unique(&change.record_id, Some(&fields))
-                                && let Err(Error::Invalid(unique)) = self
-                                    .check_unique(
-                                        &mut tx,
-                                        org_id,
-                                        schema,
-                                        std::slice::from_ref(&fields),
-                                        std::slice::from_ref(&change.record_id),
-                                    )
-                                    .await
-                            {
-                                problems = unique;
-                            }
-                            if !problems.is_empty() {
-                                // every problem, each naming its field: a field the source added and
-                                // the target's schema lacks reads `nickname: unknown field of object …`
-                                let reason = problems
-                                    .iter()
-                                    .map(|p| {
-                                        format!("{}: {}", p.field.trim_start_matches("records[0]."), p.description)
-                                    })
-                                    .collect::<Vec<_>>()
-                                    .join("; ");
-                                outcome.rejected.push((change.seq, change.record_id.clone(), reason));
-                                continue;
-                            }
-                            Some(fields)
-                        }
-                        (ChangeOp::Upsert, None) => {
-                            outcome.rejected.push((
-                                change.seq,
-                                change.record_id.clone(),
-                                "an upsert without fields".into(),
-                            ));
-                            continue;
-                        }
-                        (ChangeOp::Delete, _) => None,
-                    };
-                    w.write(
-                        &mut tx,
-                        RecordWrite { id: change.record_id.clone(), fields, version: change.version, text: None },
-                    )
-                    .await?;
-                    current.insert(key, change.version);
-                    outcome.applied += 1;
-                }
-                if let Some(mut done) = writer.take() {
-                    done.flush(&mut tx).await?;
-                    seq = done.seq;
-                }
-                if seq != base {
-                    self.set_last_seq(&mut tx, org_id, seq).await?;
-                }
-                let moved = (seq != base).then_some(seq);
-                if last_seen > watermark {
-                    outcome.watermark = last_seen;
-                    sqlx::query(
-                        "INSERT INTO apply_watermarks (org_id, link_id, seq) VALUES ($1, $2, $3) \
-                     ON CONFLICT (org_id, link_id) DO UPDATE SET seq = excluded.seq",
-                    )
-                    .bind(org_id)
-                    .bind(link_id)
-                    .bind(last_seen)
-                    .execute(&mut *tx)
-                    .await?;
-                }
-                Ok((tx, (outcome, moved)))
-            })
-            .await?;
+        let (tx, (outcome, moved)) =
+            self.by_deadline(deadline, self.apply_in_transaction(org_id, link_id, changes, snapshot)).await?;
         tx.commit().await?;
         if let Some(seq) = moved {
             self.committed(org_id, seq);
         }
         Ok(outcome)
     }
+
+    /// The transaction of [`Store::apply_changes`], under the org's write lock: answers it, for
+    /// the caller to commit, with the outcome and the org's last seq when it moved.
+    async fn apply_in_transaction(
+        &self,
+        org_id: &str,
+        link_id: &str,
+        changes: &[ChangeEvent],
+        snapshot: bool,
+    ) -> Result<(Transaction<'static, Any>, (ApplyOutcome, Option<i64>)), Error> {
+        let mut tx = self.writer.begin().await?;
+        let base = self.lock_org(&mut tx, org_id).await?;
+        let watermark = watermark_in(&mut tx, org_id, link_id).await?;
+        let mut outcome = ApplyOutcome { watermark, ..ApplyOutcome::default() };
+        let fresh = |c: &ChangeEvent| snapshot || c.seq > watermark;
+        let mut targets = self.apply_targets(&mut tx, org_id, changes.iter().filter(|c| fresh(c))).await?;
+        let now = now_ms();
+        let mut seq = base;
+        let mut last_seen = watermark;
+        let mut writer: Option<BatchWriter<'_>> = None;
+        for change in changes {
+            if !fresh(change) {
+                outcome.skipped += 1;
+                continue;
+            }
+            if !snapshot {
+                last_seen = last_seen.max(change.seq);
+            }
+            let Some(schema) = targets.schemas.get(change.object.as_str()) else {
+                let reason = format!("the target has no object {:?}", change.object);
+                outcome.rejected.push((change.seq, change.record_id.clone(), reason));
+                continue;
+            };
+            let key = (change.object.as_str(), change.record_id.clone());
+            if change.version <= targets.current.get(&key).copied().unwrap_or(0) {
+                outcome.skipped += 1;
+                continue;
+            }
+            if writer.as_ref().is_none_or(|w| w.object() != change.object) {
+                if let Some(mut done) = writer.take() {
+                    done.flush(&mut tx).await?;
+                    seq = done.seq;
+                }
+                let ids = &targets.ids_by_object[change.object.as_str()];
+                let mut w = BatchWriter::new(self, &mut tx, org_id, schema, ids, seq, now).await?;
+                let current = &targets.current;
+                w.known_absent(
+                    ids.iter().filter(|id| !current.contains_key(&(change.object.as_str(), (*id).clone()))).cloned(),
+                );
+                writer = Some(w);
+            }
+            let Some(w) = writer.as_mut() else { continue };
+            let fields = match self.change_fields(&mut tx, org_id, schema, w, change).await? {
+                Ok(fields) => fields,
+                Err(reason) => {
+                    outcome.rejected.push((change.seq, change.record_id.clone(), reason));
+                    continue;
+                }
+            };
+            let write = RecordWrite { id: change.record_id.clone(), fields, version: change.version, text: None };
+            w.write(&mut tx, write).await?;
+            targets.current.insert(key, change.version);
+            outcome.applied += 1;
+        }
+        if let Some(mut done) = writer.take() {
+            done.flush(&mut tx).await?;
+            seq = done.seq;
+        }
+        if seq != base {
+            self.set_last_seq(&mut tx, org_id, seq).await?;
+        }
+        let moved = (seq != base).then_some(seq);
+        if last_seen > watermark {
+            outcome.watermark = last_seen;
+            save_watermark(&mut tx, org_id, link_id, last_seen).await?;
+        }
+        Ok((tx, (outcome, moved)))
+    }
+
+    /// The objects the `fresh` changes touch, read in `conn`'s transaction: their schemas (an
+    /// object the target lacks left out) and the stored versions of the records they name.
+    async fn apply_targets<'c>(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        fresh: impl Iterator<Item = &'c ChangeEvent>,
+    ) -> Result<Targets<'c>, Error> {
+        // the schema and current versions of every object this batch touches
+        let mut targets = Targets { ids_by_object: HashMap::new(), schemas: HashMap::new(), current: HashMap::new() };
+        for c in fresh {
+            targets.ids_by_object.entry(c.object.as_str()).or_default().push(c.record_id.clone());
+        }
+        for (&object, ids) in &targets.ids_by_object {
+            match self.object(org_id, object).await {
+                Ok(schema) => {
+                    targets.schemas.insert(object, schema);
+                }
+                Err(Error::NotFound(_)) => continue,
+                Err(e) => return Err(e),
+            }
+            for (id, (version, _)) in self.versions_of(conn, org_id, object, ids).await? {
+                targets.current.insert((object, id), version);
+            }
+        }
+        Ok(targets)
+    }
+
+    /// The fields `change` writes (None: a delete), or why the target rejects it: an upsert
+    /// without fields, or with fields the target's `schema` refuses, a unique value `writer`
+    /// would write included (looked up in `conn`'s transaction).
+    async fn change_fields(
+        &self,
+        conn: &mut AnyConnection,
+        org_id: &str,
+        schema: &ObjectSchema,
+        writer: &BatchWriter<'_>,
+        change: &ChangeEvent,
+    ) -> Result<Result<Option<Fields>, String>, Error> {
+        let fields = match (change.op, &change.fields) {
+            (ChangeOp::Upsert, Some(fields)) => fields,
+            (ChangeOp::Upsert, None) => return Ok(Err("an upsert without fields".into())),
+            (ChangeOp::Delete, _) => return Ok(Ok(None)),
+        };
+        let mut fields = fields.clone();
+        let mut problems = validate_records(schema, std::slice::from_mut(&mut fields));
+        if problems.is_empty() && record_id(schema, &fields).as_deref() != Some(change.record_id.as_str()) {
+            problems.push(crate::FieldError::new("id", "the record's external id does not match its id"));
+        }
+        if problems.is_empty()
+            && writer.touches_unique(&change.record_id, Some(&fields))
+            && let Err(Error::Invalid(unique)) = self
+                .check_unique(
+                    conn,
+                    org_id,
+                    schema,
+                    std::slice::from_ref(&fields),
+                    std::slice::from_ref(&change.record_id),
+                )
+                .await
+        {
+            problems = unique;
+        }
+        if problems.is_empty() {
+            return Ok(Ok(Some(fields)));
+        }
+        // every problem, each naming its field: a field the source added and
+        // the target's schema lacks reads `nickname: unknown field of object …`
+        let reason = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field.trim_start_matches("records[0]."), p.description))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Ok(Err(reason))
+    }
+}
+
+/// What [`Store::apply_changes`] knows of the objects its changes touch, read under the org's
+/// write lock.
+struct Targets<'c> {
+    /// The ids each object's fresh changes name.
+    ids_by_object: HashMap<&'c str, Vec<String>>,
+    /// The schema of each of those objects the target has.
+    schemas: HashMap<&'c str, ObjectSchema>,
+    /// The stored version of each record (object, id) named, kept up to date as changes apply.
+    current: HashMap<(&'c str, String), i64>,
+}
+
+/// A link's watermark on the target side, read in `conn`'s transaction (0: none yet).
+async fn watermark_in(conn: &mut AnyConnection, org_id: &str, link_id: &str) -> Result<i64, Error> {
+    let row = sqlx::query("SELECT seq FROM apply_watermarks WHERE org_id = $1 AND link_id = $2")
+        .bind(org_id)
+        .bind(link_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(match row {
+        Some(row) => row.try_get(0)?,
+        None => 0,
+    })
+}
+
+/// Moves a link's watermark on the target side to `seq`, in `conn`'s transaction.
+async fn save_watermark(conn: &mut AnyConnection, org_id: &str, link_id: &str, seq: i64) -> Result<(), Error> {
+    sqlx::query(
+        "INSERT INTO apply_watermarks (org_id, link_id, seq) VALUES ($1, $2, $3) \
+         ON CONFLICT (org_id, link_id) DO UPDATE SET seq = excluded.seq",
+    )
+    .bind(org_id)
+    .bind(link_id)
+    .bind(seq)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
