@@ -1,9 +1,9 @@
 //! Producing a part (its id range read, its lines written to a blob, the part recorded READY in
 //! one guarded update), reading a produced part, and the part lines themselves.
 
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
-use super::{LINE_BATCH, PartOutcome, PartRead, PartRows};
+use super::{ExportRow, LINE_BATCH, PartOutcome, PartRead, PartRows};
 use crate::blobs::{Blobs, Compressor};
 use crate::changes::Topic;
 use crate::filter::Compiled;
@@ -47,56 +47,15 @@ impl Store {
         .execute(&self.writer)
         .await?;
         let (after, last): (String, Option<String>) = (part.try_get(1)?, part.try_get(2)?);
-        let info = &export.info;
-        let schema = self.object(&info.org_id, &info.object).await?;
-        let compiled = read_condition(&schema, self.backend, &export.filter, &export.fields, 6)?;
-        let mut blob = Compressor::with_capacity(export.part_rows as usize * 32);
-        let mut rows = 0i64;
-        let fields = &export.fields;
-        if fields.is_empty() {
-            rows = self
-                .read_lines(&info.org_id, &info.object, compiled.as_ref(), &after, last.as_deref(), &mut blob)
-                .await?;
-        } else {
-            let mut data = Vec::new();
-            self.read_range(&info.org_id, &info.object, compiled.as_ref(), &after, last.as_deref(), None, |raw| {
-                write_line(&mut data, raw, fields)?;
-                rows += 1;
-                Ok(())
-            })
-            .await?;
-            blob.write(&data)?;
-        }
+        let (blob, rows) = self.part_lines(&export, &after, last.as_deref()).await?;
         let key = format!("exports/{export_id}/{number:06}-{}.ndjson.lz4", hex::encode(rand::random::<[u8; 6]>()));
         let bytes = blobs.put(&key, blob).await?;
+        let produced = PartBlob { key, rows, bytes: bytes as i64 };
         let now = now_ms();
         let mut tx = self.writer.begin().await?;
-        let recorded = sqlx::query(
-            "UPDATE export_parts SET state = 'READY', blob_key = $3, row_count = $4, byte_count = $5, worker = $6, \
-             finished_at_ms = $7 WHERE export_id = $1 AND number = $2 AND state IN ('PENDING', 'RELEASED') \
-             AND (SELECT state FROM exports WHERE id = $1) = 'PRODUCING'",
-        )
-        .bind(export_id)
-        .bind(i64::from(number))
-        .bind(key.clone())
-        .bind(rows)
-        .bind(bytes as i64)
-        .bind(worker)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        if recorded.rows_affected() == 0 {
+        if !record_ready(&mut tx, export_id, number, worker, &produced, now).await? {
             drop(tx);
-            blobs.delete(&key).await?;
-            let part = sqlx::query("SELECT state, row_count FROM export_parts WHERE export_id = $1 AND number = $2")
-                .bind(export_id)
-                .bind(i64::from(number))
-                .fetch_optional(&self.writer)
-                .await?;
-            return match part {
-                Some(part) if part.try_get::<String, _>(0)? == "READY" => Ok(PartOutcome::Produced(part.try_get(1)?)),
-                _ => Ok(PartOutcome::NotProduced),
-            };
+            return self.part_lost(blobs, export_id, number, &produced.key).await;
         }
         sqlx::query(
             "UPDATE exports SET parts_ready = parts_ready + 1, rows_ready = rows_ready + $2, \
@@ -112,6 +71,51 @@ impl Store {
         tx.commit().await?;
         self.touched(Topic::Export(export_id));
         Ok(PartOutcome::Produced(rows))
+    }
+
+    /// The lines of `export`'s records in `(after, last]`, compressed, and how many: formatted
+    /// by the database when every field is asked for ([`Store::read_lines`]), else by
+    /// [`write_line`].
+    async fn part_lines(
+        &self,
+        export: &ExportRow,
+        after: &str,
+        last: Option<&str>,
+    ) -> Result<(Compressor, i64), Error> {
+        let info = &export.info;
+        let schema = self.object(&info.org_id, &info.object).await?;
+        let compiled = read_condition(&schema, self.backend, &export.filter, &export.fields, 6)?;
+        let mut blob = Compressor::with_capacity(export.part_rows as usize * 32);
+        let mut rows = 0i64;
+        let fields = &export.fields;
+        if fields.is_empty() {
+            rows = self.read_lines(&info.org_id, &info.object, compiled.as_ref(), after, last, &mut blob).await?;
+        } else {
+            let mut data = Vec::new();
+            self.read_range(&info.org_id, &info.object, compiled.as_ref(), after, last, None, |raw| {
+                write_line(&mut data, raw, fields)?;
+                rows += 1;
+                Ok(())
+            })
+            .await?;
+            blob.write(&data)?;
+        }
+        Ok((blob, rows))
+    }
+
+    /// After a part's blob was written but the part not recorded (produced by another run, or
+    /// its export ended): the blob deleted, and what the part is now.
+    async fn part_lost(&self, blobs: &Blobs, export_id: &str, number: u32, key: &str) -> Result<PartOutcome, Error> {
+        blobs.delete(key).await?;
+        let part = sqlx::query("SELECT state, row_count FROM export_parts WHERE export_id = $1 AND number = $2")
+            .bind(export_id)
+            .bind(i64::from(number))
+            .fetch_optional(&self.writer)
+            .await?;
+        match part {
+            Some(part) if part.try_get::<String, _>(0)? == "READY" => Ok(PartOutcome::Produced(part.try_get(1)?)),
+            _ => Ok(PartOutcome::NotProduced),
+        }
     }
 
     /// Reads a produced part's rows.
@@ -203,6 +207,40 @@ impl Store {
             }
         }
     }
+}
+
+/// A part's blob, written: its key, rows and compressed size.
+struct PartBlob {
+    key: String,
+    rows: i64,
+    bytes: i64,
+}
+
+/// Records a part READY with its `blob`, in `conn`'s transaction, unless another run recorded
+/// it or its export is no longer producing: whether it was.
+async fn record_ready(
+    conn: &mut AnyConnection,
+    export_id: &str,
+    number: u32,
+    worker: &str,
+    blob: &PartBlob,
+    now: i64,
+) -> Result<bool, Error> {
+    let recorded = sqlx::query(
+        "UPDATE export_parts SET state = 'READY', blob_key = $3, row_count = $4, byte_count = $5, worker = $6, \
+         finished_at_ms = $7 WHERE export_id = $1 AND number = $2 AND state IN ('PENDING', 'RELEASED') \
+         AND (SELECT state FROM exports WHERE id = $1) = 'PRODUCING'",
+    )
+    .bind(export_id)
+    .bind(i64::from(number))
+    .bind(blob.key.clone())
+    .bind(blob.rows)
+    .bind(blob.bytes)
+    .bind(worker)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(recorded.rows_affected() > 0)
 }
 
 /// Appends a record as one line of a part blob; the stored fields JSON is copied as it is when
