@@ -13,7 +13,7 @@ use crate::batches::u32_of;
 use crate::blobs::Blobs;
 use crate::changes::Topic;
 use crate::filter::Compiled;
-use crate::model::{Cursor, ObjectSchema};
+use crate::model::{Cursor, ObjectSchema, Record};
 use crate::records::read_condition;
 use crate::{Error, Missing, Store, new_id, now_ms};
 
@@ -37,31 +37,11 @@ impl Store {
             return self.answer_again(org_id, &schema, compiled.as_ref(), spec, existing, deadline).await;
         }
         let as_of_seq = self.high_water(org_id).await?;
-        let sync_rows = i64::from(spec.sync_rows);
-        let read = self
-            .by_deadline(deadline, async {
-                let mut first = self
-                    .read_records(org_id, &spec.object, compiled.as_ref(), &spec.fields, "", None, Some(sync_rows + 1))
-                    .await?;
-                if first.len() as i64 <= sync_rows {
-                    return Ok((first, None));
-                }
-                first.truncate(sync_rows as usize);
-                let last_id = first.last().map(|r| r.id.clone()).unwrap_or_default();
-                let probe =
-                    self.count_range(org_id, &spec.object, compiled.as_ref(), &last_id, ESTIMATE_PROBE + 1).await?;
-                Ok((first, Some((last_id, probe))))
-            })
-            .await;
-        let (first, reason, last_id, estimate, exact) = match read {
-            Ok((records, None)) => return Ok(ExportStart::Complete { records, as_of_seq }),
-            Ok((first, Some((last_id, probe)))) => {
-                let estimate = first.len() as i64 + probe.min(ESTIMATE_PROBE);
-                (first, ExportReason::LargeResults, last_id, estimate, probe <= ESTIMATE_PROBE)
-            }
-            Err(Error::DeadlineExceeded { .. }) => (Vec::new(), ExportReason::LongRunning, String::new(), 0, false),
-            Err(e) => return Err(e),
-        };
+        let FirstPortion { first, reason, last_id, estimate, exact } =
+            match self.first_portion(org_id, spec, compiled.as_ref(), deadline).await? {
+                FirstRead::All(records) => return Ok(ExportStart::Complete { records, as_of_seq }),
+                FirstRead::Portion(portion) => portion,
+            };
         let now = now_ms();
         let id = new_id("exp");
         let token = new_token();
@@ -111,6 +91,51 @@ impl Store {
         tx.commit().await?;
         let export = self.export_row(&id).await?.info;
         Ok(ExportStart::Started { first, export, token, estimate_exact: exact })
+    }
+
+    /// The first portion of an export of `spec` (`spec.sync_rows` records), read within
+    /// `deadline`: every matching record when no more match, else the portion with an estimate
+    /// of the rows in all, counted up to [`ESTIMATE_PROBE`] past it. Nothing read in time is an
+    /// empty portion (the export then goes asynchronous as long running).
+    async fn first_portion(
+        &self,
+        org_id: &str,
+        spec: &ExportSpec,
+        compiled: Option<&Compiled>,
+        deadline: Instant,
+    ) -> Result<FirstRead, Error> {
+        let sync_rows = i64::from(spec.sync_rows);
+        let read = self
+            .by_deadline(deadline, async {
+                let mut first = self
+                    .read_records(org_id, &spec.object, compiled, &spec.fields, "", None, Some(sync_rows + 1))
+                    .await?;
+                if first.len() as i64 <= sync_rows {
+                    return Ok((first, None));
+                }
+                first.truncate(sync_rows as usize);
+                let last_id = first.last().map(|r| r.id.clone()).unwrap_or_default();
+                let probe = self.count_range(org_id, &spec.object, compiled, &last_id, ESTIMATE_PROBE + 1).await?;
+                Ok((first, Some((last_id, probe))))
+            })
+            .await;
+        let portion = match read {
+            Ok((records, None)) => return Ok(FirstRead::All(records)),
+            Ok((first, Some((last_id, probe)))) => {
+                let estimate = first.len() as i64 + probe.min(ESTIMATE_PROBE);
+                let exact = probe <= ESTIMATE_PROBE;
+                FirstPortion { first, reason: ExportReason::LargeResults, last_id, estimate, exact }
+            }
+            Err(Error::DeadlineExceeded { .. }) => FirstPortion {
+                first: Vec::new(),
+                reason: ExportReason::LongRunning,
+                last_id: String::new(),
+                estimate: 0,
+                exact: false,
+            },
+            Err(e) => return Err(e),
+        };
+        Ok(FirstRead::Portion(portion))
     }
 
     async fn insert_token(
@@ -323,4 +348,26 @@ fn token_hash(token: &str) -> String {
 
 fn new_token() -> String {
     format!("xt_{}", hex::encode(rand::random::<[u8; 24]>()))
+}
+
+/// What the first read of an export found ([`Store::first_portion`]).
+enum FirstRead {
+    /// Every matching record: no export is needed.
+    All(Vec<Record>),
+    /// The first portion; the export produces the rest.
+    Portion(FirstPortion),
+}
+
+/// An export's first portion, as its record states it.
+struct FirstPortion {
+    /// Its records.
+    first: Vec<Record>,
+    /// Why the export goes asynchronous.
+    reason: ExportReason,
+    /// The id of its last record ('' when none was read).
+    last_id: String,
+    /// The rows expected in all, first portion included.
+    estimate: i64,
+    /// Whether `estimate` is exact.
+    exact: bool,
 }
