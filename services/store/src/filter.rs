@@ -110,6 +110,7 @@ fn located(pos: usize, error: FieldError) -> FieldError {
     err(pos, error.description)
 }
 
+/// The tokens of a filter, each with its byte offset in the text.
 fn tokenize(input: &str) -> Result<Vec<(usize, Tok)>, FieldError> {
     let bytes = input.as_bytes();
     let mut out = Vec::new();
@@ -117,90 +118,22 @@ fn tokenize(input: &str) -> Result<Vec<(usize, Tok)>, FieldError> {
     while i < bytes.len() {
         let c = bytes[i];
         let start = i;
+        if let Some((tok, len)) = punctuation(bytes, i) {
+            out.push((start, tok));
+            i += len;
+            continue;
+        }
         match c {
             b' ' | b'\t' | b'\n' | b'\r' => i += 1,
-            b'(' => {
-                out.push((start, Tok::LParen));
-                i += 1;
-            }
-            b')' => {
-                out.push((start, Tok::RParen));
-                i += 1;
-            }
-            b',' => {
-                out.push((start, Tok::Comma));
-                i += 1;
-            }
-            b'=' => {
-                out.push((start, Tok::Op(CmpOp::Eq)));
-                i += 1;
-            }
-            b'!' if bytes.get(i + 1) == Some(&b'=') => {
-                out.push((start, Tok::Op(CmpOp::Ne)));
-                i += 2;
-            }
-            b'<' => match bytes.get(i + 1) {
-                Some(b'=') => {
-                    out.push((start, Tok::Op(CmpOp::Le)));
-                    i += 2;
-                }
-                Some(b'>') => {
-                    out.push((start, Tok::Op(CmpOp::Ne)));
-                    i += 2;
-                }
-                _ => {
-                    out.push((start, Tok::Op(CmpOp::Lt)));
-                    i += 1;
-                }
-            },
-            b'>' => {
-                if bytes.get(i + 1) == Some(&b'=') {
-                    out.push((start, Tok::Op(CmpOp::Ge)));
-                    i += 2;
-                } else {
-                    out.push((start, Tok::Op(CmpOp::Gt)));
-                    i += 1;
-                }
-            }
             b'\'' => {
-                let mut s = String::new();
-                i += 1;
-                loop {
-                    match input[i..].find('\'') {
-                        None => return Err(err(start, "unterminated string")),
-                        Some(end) => {
-                            s.push_str(&input[i..i + end]);
-                            i += end + 1;
-                            if bytes.get(i) == Some(&b'\'') {
-                                s.push('\'');
-                                i += 1;
-                            } else {
-                                break;
-                            }
-                        }
-                    }
-                }
+                let (s, end) = string_literal(input, start)?;
                 out.push((start, Tok::Str(s)));
+                i = end;
             }
             b'-' | b'0'..=b'9' => {
-                i += 1;
-                while i < bytes.len() && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-') {
-                    // a '+' or '-' belongs to the number only right after an exponent marker
-                    if matches!(bytes[i], b'+' | b'-') && !matches!(bytes[i - 1], b'e' | b'E') {
-                        break;
-                    }
-                    i += 1;
-                }
-                let text = &input[start..i];
-                if let Ok(n) = text.parse::<i64>() {
-                    out.push((start, Tok::Int(n)));
-                } else if let Ok(n) =
-                    text.parse::<f64>().map_err(|_| ()).and_then(|n| if n.is_finite() { Ok(n) } else { Err(()) })
-                {
-                    out.push((start, Tok::Num(n)));
-                } else {
-                    return Err(err(start, format!("invalid number {text:?}")));
-                }
+                let (number, end) = number(input, start)?;
+                out.push((start, number));
+                i = end;
             }
             c if c.is_ascii_alphabetic() || c == b'_' => {
                 while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
@@ -215,6 +148,70 @@ fn tokenize(input: &str) -> Result<Vec<(usize, Tok)>, FieldError> {
         }
     }
     Ok(out)
+}
+
+/// The punctuation at `i`, if there is: a parenthesis, a comma or a comparison operator (`=`,
+/// `!=`, `<>`, `<`, `<=`, `>`, `>=`); and its length.
+fn punctuation(bytes: &[u8], i: usize) -> Option<(Tok, usize)> {
+    Some(match (bytes[i], bytes.get(i + 1)) {
+        (b'(', _) => (Tok::LParen, 1),
+        (b')', _) => (Tok::RParen, 1),
+        (b',', _) => (Tok::Comma, 1),
+        (b'=', _) => (Tok::Op(CmpOp::Eq), 1),
+        (b'!', Some(b'=')) => (Tok::Op(CmpOp::Ne), 2),
+        (b'<', Some(b'=')) => (Tok::Op(CmpOp::Le), 2),
+        (b'<', Some(b'>')) => (Tok::Op(CmpOp::Ne), 2),
+        (b'<', _) => (Tok::Op(CmpOp::Lt), 1),
+        (b'>', Some(b'=')) => (Tok::Op(CmpOp::Ge), 2),
+        (b'>', _) => (Tok::Op(CmpOp::Gt), 1),
+        _ => return None,
+    })
+}
+
+/// The string literal whose opening quote is at `start` (a quote inside is doubled: `'it''s'`),
+/// and where the text after it begins.
+fn string_literal(input: &str, start: usize) -> Result<(String, usize), FieldError> {
+    let mut s = String::new();
+    let mut i = start + 1;
+    loop {
+        match input[i..].find('\'') {
+            None => return Err(err(start, "unterminated string")),
+            Some(end) => {
+                s.push_str(&input[i..i + end]);
+                i += end + 1;
+                if input.as_bytes().get(i) == Some(&b'\'') {
+                    s.push('\'');
+                    i += 1;
+                } else {
+                    break;
+                }
+            }
+        }
+    }
+    Ok((s, i))
+}
+
+/// The number (an integer, else a finite double) that starts at `start`, and where the text
+/// after it begins.
+fn number(input: &str, start: usize) -> Result<(Tok, usize), FieldError> {
+    let bytes = input.as_bytes();
+    let mut i = start + 1;
+    while i < bytes.len() && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-') {
+        // a '+' or '-' belongs to the number only right after an exponent marker
+        if matches!(bytes[i], b'+' | b'-') && !matches!(bytes[i - 1], b'e' | b'E') {
+            break;
+        }
+        i += 1;
+    }
+    let text = &input[start..i];
+    if let Ok(n) = text.parse::<i64>() {
+        Ok((Tok::Int(n), i))
+    } else if let Ok(n) = text.parse::<f64>().map_err(|_| ()).and_then(|n| if n.is_finite() { Ok(n) } else { Err(()) })
+    {
+        Ok((Tok::Num(n), i))
+    } else {
+        Err(err(start, format!("invalid number {text:?}")))
+    }
 }
 
 struct Parser {

@@ -421,106 +421,126 @@ impl Store {
     pub(crate) async fn open_unmigrated(options: &StoreOptions) -> Result<Self, Error> {
         install_default_drivers();
         let url = options.url.as_str();
-        let store = if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
-            let path = path.split('?').next().unwrap_or_default();
-            if path.is_empty() {
-                return Err(Error::Url { url: url.to_owned(), reason: "no file path".into() });
-            }
-            if path == ":memory:" {
-                return Err(Error::Url {
-                    url: url.to_owned(),
-                    reason: "in-memory SQLite is not supported; give a file".into(),
-                });
-            }
-            if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
-                std::fs::create_dir_all(dir).map_err(|e| Error::Url {
-                    url: url.to_owned(),
-                    reason: format!("cannot create {}: {e}", dir.display()),
-                })?;
-            }
-            let full = format!("sqlite://{path}?mode=rwc");
-            let busy_ms = options.busy_timeout.as_millis();
-            let connect = move |max: u32, cache_kib: u32, autocheckpoint: u32| {
-                let full = full.clone();
-                async move {
-                    AnyPoolOptions::new()
-                        .max_connections(max)
-                        .acquire_timeout(Duration::from_secs(30))
-                        .after_connect(move |conn, _meta| {
-                            Box::pin(async move {
-                                conn.execute(
-                                    format!(
-                                        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                                         PRAGMA busy_timeout = {busy_ms}; PRAGMA foreign_keys = ON; \
-                                         PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = {autocheckpoint};"
-                                    )
-                                    .as_str(),
-                                )
-                                .await?;
-                                Ok(())
-                            })
-                        })
-                        .connect_with(connect_options(&full)?)
-                        .await
-                }
-            };
-            let writer = connect(1, WRITER_CACHE_KIB, WRITER_AUTOCHECKPOINT_PAGES)
-                .await
-                .map_err(|e| Error::Url { url: url.to_owned(), reason: e.to_string() })?;
-            let reader = connect(options.max_connections.max(1), READER_CACHE_KIB, READER_AUTOCHECKPOINT_PAGES)
-                .await
-                .map_err(|e| Error::Url { url: url.to_owned(), reason: e.to_string() })?;
-            let checkpoints = Some(std::sync::Arc::new(Checkpointer::spawn(reader.clone())));
-            Store {
-                backend: Backend::Sqlite,
-                writer,
-                reader,
-                _checkpoints: checkpoints,
-                reachability: Default::default(),
-                changes: changes::Changes::new(None),
-                watch_poll: options.watch_poll,
-            }
+        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+            Self::open_sqlite(options, path).await
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let pool = AnyPoolOptions::new()
-                .max_connections(options.max_connections.max(2))
-                .acquire_timeout(Duration::from_secs(30))
-                .after_connect(|conn, _meta| {
-                    Box::pin(async move {
-                        // Statements are prepared once per connection, and after five runs
-                        // PostgreSQL may switch to a generic plan, which for `id IN ($3, …)` over
-                        // a large org scans the org's whole index range: a 400-id version lookup
-                        // took 230 ms at 40,000 records (log_min_duration_statement), growing with
-                        // the table. Custom plans keep every lookup on the index.
-                        conn.execute("SET plan_cache_mode = force_custom_plan").await?;
-                        // A transaction whose future was dropped (a deadline, a budget) is rolled
-                        // back only when its connection is next used, and until then holds its row
-                        // locks: a chunk abandoned at its budget can keep the chunk's row locked,
-                        // and then every later attempt at it waits on the lock (the worker gives a
-                        // store call 30 s). The server ends such a session instead: no transaction
-                        // of baton's sits idle between its statements for this long.
-                        conn.execute("SET idle_in_transaction_session_timeout = '5s'").await?;
-                        Ok(())
-                    })
-                })
-                .connect_with(connect_options(url).map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?)
-                .await
-                .map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?;
-            Store {
-                backend: Backend::Postgres,
-                writer: pool.clone(),
-                reader: pool,
-                _checkpoints: None,
-                reachability: Default::default(),
-                changes: changes::Changes::new(Some(url.to_owned())),
-                watch_poll: options.watch_poll,
-            }
+            Self::open_postgres(options).await
         } else {
-            return Err(Error::Url {
+            Err(Error::Url {
                 url: redact(url),
                 reason: "expected sqlite://PATH or postgres://USER:PASSWORD@HOST/DB".into(),
+            })
+        }
+    }
+
+    /// Opens a store on the SQLite file at `path` (`options.url` without its scheme; options
+    /// after a `?` are ignored), creating the file and its directory if needed: a writer pool of
+    /// one connection, a reader pool, and the [`Checkpointer`].
+    async fn open_sqlite(options: &StoreOptions, path: &str) -> Result<Self, Error> {
+        let url = options.url.as_str();
+        let path = path.split('?').next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(Error::Url { url: url.to_owned(), reason: "no file path".into() });
+        }
+        if path == ":memory:" {
+            return Err(Error::Url {
+                url: url.to_owned(),
+                reason: "in-memory SQLite is not supported; give a file".into(),
             });
-        };
-        Ok(store)
+        }
+        if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Url {
+                url: url.to_owned(),
+                reason: format!("cannot create {}: {e}", dir.display()),
+            })?;
+        }
+        let full = format!("sqlite://{path}?mode=rwc");
+        let busy_ms = options.busy_timeout.as_millis();
+        let writer = Self::sqlite_pool(&full, busy_ms, 1, WRITER_CACHE_KIB, WRITER_AUTOCHECKPOINT_PAGES)
+            .await
+            .map_err(|e| Error::Url { url: url.to_owned(), reason: e.to_string() })?;
+        let max = options.max_connections.max(1);
+        let reader = Self::sqlite_pool(&full, busy_ms, max, READER_CACHE_KIB, READER_AUTOCHECKPOINT_PAGES)
+            .await
+            .map_err(|e| Error::Url { url: url.to_owned(), reason: e.to_string() })?;
+        let checkpoints = Some(std::sync::Arc::new(Checkpointer::spawn(reader.clone())));
+        Ok(Store {
+            backend: Backend::Sqlite,
+            writer,
+            reader,
+            _checkpoints: checkpoints,
+            reachability: Default::default(),
+            changes: changes::Changes::new(None),
+            watch_poll: options.watch_poll,
+        })
+    }
+
+    /// A pool of at most `max` connections to the SQLite file `full`, each set up with WAL,
+    /// `busy_ms`, its page cache (`cache_kib`) and its WAL autocheckpoint (in pages).
+    async fn sqlite_pool(
+        full: &str,
+        busy_ms: u128,
+        max: u32,
+        cache_kib: u32,
+        autocheckpoint: u32,
+    ) -> Result<AnyPool, sqlx::Error> {
+        AnyPoolOptions::new()
+            .max_connections(max)
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    conn.execute(
+                        format!(
+                            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                             PRAGMA busy_timeout = {busy_ms}; PRAGMA foreign_keys = ON; \
+                             PRAGMA cache_size = -{cache_kib}; PRAGMA wal_autocheckpoint = {autocheckpoint};"
+                        )
+                        .as_str(),
+                    )
+                    .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(connect_options(full)?)
+            .await
+    }
+
+    /// Opens a store on PostgreSQL at `options.url`: one pool for reads and writes.
+    async fn open_postgres(options: &StoreOptions) -> Result<Self, Error> {
+        let url = options.url.as_str();
+        let pool = AnyPoolOptions::new()
+            .max_connections(options.max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(30))
+            .after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // Statements are prepared once per connection, and after five runs
+                    // PostgreSQL may switch to a generic plan, which for `id IN ($3, …)` over
+                    // a large org scans the org's whole index range: a 400-id version lookup
+                    // took 230 ms at 40,000 records (log_min_duration_statement), growing with
+                    // the table. Custom plans keep every lookup on the index.
+                    conn.execute("SET plan_cache_mode = force_custom_plan").await?;
+                    // A transaction whose future was dropped (a deadline, a budget) is rolled
+                    // back only when its connection is next used, and until then holds its row
+                    // locks: a chunk abandoned at its budget can keep the chunk's row locked,
+                    // and then every later attempt at it waits on the lock (the worker gives a
+                    // store call 30 s). The server ends such a session instead: no transaction
+                    // of baton's sits idle between its statements for this long.
+                    conn.execute("SET idle_in_transaction_session_timeout = '5s'").await?;
+                    Ok(())
+                })
+            })
+            .connect_with(connect_options(url).map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?)
+            .await
+            .map_err(|e| Error::Url { url: redact(url), reason: e.to_string() })?;
+        Ok(Store {
+            backend: Backend::Postgres,
+            writer: pool.clone(),
+            reader: pool,
+            _checkpoints: None,
+            reachability: Default::default(),
+            changes: changes::Changes::new(Some(url.to_owned())),
+            watch_poll: options.watch_poll,
+        })
     }
 
     /// Runs the embedded migrations not yet run, up to `version` (all when None).
@@ -630,6 +650,31 @@ mod tests {
         assert_eq!(Aborted.as_str(), "ABORTED");
         match batches::ChunkState::parse("aborted") {
             Err(Error::Corrupt(text)) => assert_eq!(text, r#"chunk state "aborted""#),
+            other => panic!("{other:?}"),
+        }
+        use sync::{LinkState, RejectPolicy, TrimmedPolicy};
+        for state in [
+            LinkState::Bootstrapping,
+            LinkState::Streaming,
+            LinkState::Suspended,
+            LinkState::Verifying,
+            LinkState::Paused,
+            LinkState::Failed,
+        ] {
+            assert_eq!(LinkState::parse(state.as_str()).unwrap(), state);
+        }
+        for policy in [RejectPolicy::DeadLetter, RejectPolicy::Stop] {
+            assert_eq!(RejectPolicy::parse(policy.as_str()).unwrap(), policy);
+        }
+        for policy in [TrimmedPolicy::Rebootstrap, TrimmedPolicy::Fail] {
+            assert_eq!(TrimmedPolicy::parse(policy.as_str()).unwrap(), policy);
+        }
+        // the names stored before the macro, kept
+        assert_eq!(LinkState::Bootstrapping.as_str(), "BOOTSTRAPPING");
+        assert_eq!(RejectPolicy::DeadLetter.as_str(), "DEAD_LETTER");
+        assert_eq!(TrimmedPolicy::Rebootstrap.as_str(), "REBOOTSTRAP");
+        match LinkState::parse("") {
+            Err(Error::Corrupt(text)) => assert_eq!(text, r#"link state """#),
             other => panic!("{other:?}"),
         }
     }

@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 
 use serde_json::Value;
 
-use crate::model::{DECIMAL_TAG, FieldType, Fields, ObjectSchema};
+use crate::model::{DECIMAL_TAG, FieldSpec, FieldType, Fields, ObjectSchema};
 
 /// One thing wrong with a request, at a field path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -139,49 +139,78 @@ pub fn schema_change(current: &ObjectSchema, next: &ObjectSchema) -> Result<Opti
         ));
     }
     for (i, new) in next.fields.iter().enumerate() {
-        let at = |what: &str| format!("schema.fields[{i}].{what}");
-        let name = &new.name;
-        match current.field(name) {
-            Some(old) => {
-                if old.field_type != new.field_type {
-                    problems.push(FieldError::new(
-                        at("type"),
-                        format!(
-                            "field {name:?} cannot change type (from {} to {}): stored values are of the old type",
-                            old.field_type.name(),
-                            new.field_type.name()
-                        ),
-                    ));
-                }
-                if new.required && !old.required {
-                    problems.push(FieldError::new(
-                        at("required"),
-                        format!("field {name:?} cannot become required: stored records may lack it"),
-                    ));
-                }
-                if new.unique != old.unique {
-                    let why = if new.unique {
-                        "cannot become unique: stored records may share values"
-                    } else {
-                        "cannot stop being unique: uniqueness is fixed when a field is added"
-                    };
-                    problems.push(FieldError::new(at("unique"), format!("field {name:?} {why}")));
-                }
-            }
-            None if current.is_dropped(name) => problems.push(FieldError::new(
-                at("name"),
-                format!(
-                    "field {name:?} was dropped by an earlier version; a dropped name is not used again \
-                     (records written before the drop still hold its old values)"
-                ),
-            )),
-            None if new.required => problems.push(FieldError::new(
-                at("required"),
-                format!("new field {name:?} cannot be required: stored records lack it; add it optional"),
-            )),
-            None => {}
-        }
+        problems.extend(field_change_problems(current, i, new));
     }
+    let dropped_fields = dropped_fields(current, next, &mut problems);
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    if next.fields == current.fields {
+        return Ok(None);
+    }
+    Ok(Some(ObjectSchema {
+        name: current.name.clone(),
+        external_id_field: current.external_id_field.clone(),
+        fields: next.fields.clone(),
+        dropped_fields,
+        version: current.version + 1,
+    }))
+}
+
+/// The incompatible changes [`schema_change`] finds in field `i` of the next schema, `new`,
+/// against `current`: a type change, `required` or `unique` made stricter (or `unique` relaxed)
+/// on an existing field; a dropped name used again; a new field that is required.
+fn field_change_problems(current: &ObjectSchema, i: usize, new: &FieldSpec) -> Vec<FieldError> {
+    let mut problems = Vec::new();
+    let at = |what: &str| format!("schema.fields[{i}].{what}");
+    let name = &new.name;
+    match current.field(name) {
+        Some(old) => {
+            if old.field_type != new.field_type {
+                problems.push(FieldError::new(
+                    at("type"),
+                    format!(
+                        "field {name:?} cannot change type (from {} to {}): stored values are of the old type",
+                        old.field_type.name(),
+                        new.field_type.name()
+                    ),
+                ));
+            }
+            if new.required && !old.required {
+                problems.push(FieldError::new(
+                    at("required"),
+                    format!("field {name:?} cannot become required: stored records may lack it"),
+                ));
+            }
+            if new.unique != old.unique {
+                let why = if new.unique {
+                    "cannot become unique: stored records may share values"
+                } else {
+                    "cannot stop being unique: uniqueness is fixed when a field is added"
+                };
+                problems.push(FieldError::new(at("unique"), format!("field {name:?} {why}")));
+            }
+        }
+        None if current.is_dropped(name) => problems.push(FieldError::new(
+            at("name"),
+            format!(
+                "field {name:?} was dropped by an earlier version; a dropped name is not used again \
+                 (records written before the drop still hold its old values)"
+            ),
+        )),
+        None if new.required => problems.push(FieldError::new(
+            at("required"),
+            format!("new field {name:?} cannot be required: stored records lack it; add it optional"),
+        )),
+        None => {}
+    }
+    problems
+}
+
+/// The dropped fields after [`schema_change`] to `next`: `current`'s, and the fields of `current`
+/// that `next` leaves out when they are deprecated; one left out that is not deprecated is added
+/// to `problems`.
+fn dropped_fields(current: &ObjectSchema, next: &ObjectSchema, problems: &mut Vec<FieldError>) -> Vec<String> {
     let mut dropped_fields = current.dropped_fields.clone();
     for old in &current.fields {
         if next.field(&old.name).is_some() {
@@ -200,19 +229,7 @@ pub fn schema_change(current: &ObjectSchema, next: &ObjectSchema) -> Result<Opti
             ));
         }
     }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    if next.fields == current.fields {
-        return Ok(None);
-    }
-    Ok(Some(ObjectSchema {
-        name: current.name.clone(),
-        external_id_field: current.external_id_field.clone(),
-        fields: next.fields.clone(),
-        dropped_fields,
-        version: current.version + 1,
-    }))
+    dropped_fields
 }
 
 /// The most digits (before and after the point, leading and trailing zeros left out) a decimal may
@@ -532,9 +549,10 @@ mod tests {
         assert!(canonical_decimal(&format!("{digits38}.1")).unwrap_err().contains("more than 38 digits"));
     }
 
-    #[test]
-    fn values_become_their_field_type_exactly_or_not_at_all() {
-        let schema = ObjectSchema {
+    /// A schema with a field of each numeric type: `n` integer, `x` number, `d` decimal (unique),
+    /// identified by the string `code`.
+    fn numeric_schema() -> ObjectSchema {
+        ObjectSchema {
             name: "t".into(),
             external_id_field: "code".into(),
             fields: vec![
@@ -569,7 +587,12 @@ mod tests {
             ],
             dropped_fields: vec![],
             version: 1,
-        };
+        }
+    }
+
+    #[test]
+    fn values_become_their_field_type_exactly_or_not_at_all() {
+        let schema = numeric_schema();
         let tag = |t: &str| json!({ DECIMAL_TAG: t });
         let mut good = vec![
             fields(
