@@ -223,3 +223,98 @@ fn fair_share(
     }
     (released, changed_rates)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The choice of a release, on explicit clocks: caps, fairness and rates, without a database.
+
+    use super::*;
+
+    /// Candidates: `(org, batch, chunks, records per chunk, max_parallel, records per second)`,
+    /// each batch's next release time 0.
+    fn candidates(batches: &[(&str, &str, u32, u32, u32, u32)]) -> Candidates {
+        let mut queues: Vec<(String, VecDeque<Candidate>)> = Vec::new();
+        let mut next_release = HashMap::new();
+        for &(org, batch, chunks, records, max_parallel, rate) in batches {
+            next_release.insert(batch.to_owned(), 0);
+            let queue = match queues.iter_mut().position(|(o, _)| o == org) {
+                Some(at) => &mut queues[at].1,
+                None => {
+                    queues.push((org.to_owned(), VecDeque::new()));
+                    &mut queues.last_mut().unwrap().1
+                }
+            };
+            for index in 0..chunks {
+                let chunk =
+                    ChunkRef { org_id: org.into(), batch_id: batch.into(), index, records, traceparent: String::new() };
+                queue.push_back(Candidate { chunk, max_parallel, rate });
+            }
+        }
+        Candidates { queues, next_release }
+    }
+
+    fn flight(in_flight: &[(&str, &str, u32)]) -> InFlight {
+        let mut flight = InFlight::default();
+        for &(org, batch, n) in in_flight {
+            flight.overall += n;
+            *flight.per_org.entry(org.into()).or_default() += n;
+            *flight.per_batch.entry(batch.into()).or_default() += n;
+        }
+        flight
+    }
+
+    fn names(released: &[ChunkRef]) -> Vec<String> {
+        released.iter().map(|c| format!("{}#{}", c.batch_id, c.index)).collect()
+    }
+
+    #[test]
+    fn the_overall_cap_is_shared_round_robin_starting_with_the_org_with_the_fewest_in_flight() {
+        let mut c = candidates(&[("a", "a1", 5, 100, 0, 0), ("b", "b1", 5, 100, 0, 0), ("c", "c1", 5, 100, 0, 0)]);
+        // a has 2 in flight, b and c none: b and c go first, then round robin
+        let mut f = flight(&[("a", "a0", 2)]);
+        let (released, rates) = fair_share(&mut c, &mut f, ReleaseCaps { overall: 6, per_org: 4 }, 1_000);
+        assert_eq!(names(&released), ["b1#0", "c1#0", "a1#0", "b1#1"], "6 in flight at most, 2 already");
+        assert_eq!(f.overall, 6);
+        assert!(rates.is_empty());
+    }
+
+    #[test]
+    fn an_org_stops_at_its_cap_and_a_batch_at_its_max_parallel() {
+        // org a: a1 may run one chunk at a time, a2 as many as the org cap; org a has 3 in flight
+        let mut c = candidates(&[("a", "a1", 4, 100, 1, 0), ("a", "a2", 4, 100, 0, 0), ("b", "b1", 4, 100, 0, 0)]);
+        let mut f = flight(&[("a", "a2", 2)]);
+        let (released, _) = fair_share(&mut c, &mut f, ReleaseCaps { overall: 100, per_org: 4 }, 1_000);
+        // a: a1's first (its cap of 1 reached), a2's first (the org's 4th, the cap); b: 4
+        let mut got = names(&released);
+        got.sort();
+        assert_eq!(got, ["a1#0", "a2#0", "b1#0", "b1#1", "b1#2", "b1#3"]);
+        assert_eq!((f.per_org["a"], f.per_org["b"], f.per_batch["a1"]), (4, 4, 1));
+    }
+
+    #[test]
+    fn a_rate_spaces_a_batchs_releases_by_its_chunks_records() {
+        // 500-record chunks at 1,000 records/s: one chunk every 500 ms
+        let caps = ReleaseCaps { overall: 100, per_org: 100 };
+        let mut c = candidates(&[("a", "a1", 3, 500, 0, 1_000)]);
+        let (released, rates) = fair_share(&mut c, &mut InFlight::default(), caps, 10_000);
+        assert_eq!(names(&released), ["a1#0"], "one at a time");
+        assert_eq!((c.next_release["a1"], rates.contains("a1")), (10_500, true));
+
+        // the next call, before its time: nothing; at its time: the next chunk, 500 ms later again
+        for (now, expected, next) in [(10_499, vec![], 10_500), (10_500, vec!["a1#1"], 11_000)] {
+            let mut c = candidates(&[("a", "a1", 3, 500, 0, 1_000)]);
+            c.next_release.insert("a1".into(), 10_500);
+            // a1#0 was released: the candidates start at a1#1
+            c.queues[0].1.pop_front();
+            let (released, _) = fair_share(&mut c, &mut InFlight::default(), caps, now);
+            assert_eq!(names(&released), expected, "at {now}");
+            assert_eq!(c.next_release["a1"], next, "at {now}");
+        }
+        // a batch that fell behind (its next release long past) is not owed a burst: spacing
+        // counts from now
+        let mut c = candidates(&[("a", "a1", 3, 500, 0, 1_000)]);
+        c.next_release.insert("a1".into(), 1_000);
+        let (released, _) = fair_share(&mut c, &mut InFlight::default(), caps, 50_000);
+        assert_eq!((released.len(), c.next_release["a1"]), (1, 50_500));
+    }
+}
