@@ -333,6 +333,9 @@ async fn watch(conn: &OrgConn, id: &str) -> anyhow::Result<pb::Batch> {
     last.context("the watch ended without news of the batch")
 }
 
+/// The scheduler's client.
+type SchedulerClient = pb::scheduler_client::SchedulerClient<tonic::transport::Channel>;
+
 /// Runs a batch subcommand.
 pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
     let conn = args.conn;
@@ -360,12 +363,7 @@ pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
             });
             let header = pb::BatchHeader {
                 object,
-                operation: match op {
-                    Operation::Upsert => pb::BatchOperation::Upsert,
-                    Operation::Insert => pb::BatchOperation::Insert,
-                    Operation::Update => pb::BatchOperation::Update,
-                    Operation::Delete => pb::BatchOperation::Delete,
-                } as i32,
+                operation: batch_operation(op) as i32,
                 chunk_size,
                 policy: Some(pb::ReleasePolicy {
                     not_before_time,
@@ -376,33 +374,7 @@ pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
                 completion: webhook
                     .map(|url| pb::CompletionTarget { target: Some(pb::completion_target::Target::WebhookUrl(url)) }),
             };
-            let upload = bar(records.len() as u64, "records");
-            upload.set_message("upload");
-            let shown = upload.clone();
-            let records = records_to_pb(&records)?;
-            let staged = baton_scheduler::client::submit_batch(
-                channel(&conn.conn).await?,
-                &conn.api_key,
-                header,
-                records,
-                move |n| shown.set_position(n as u64),
-            )
-            .await
-            .map_err(explain)?;
-            upload.finish();
-            eprintln!(
-                "batch {} staged: {} in {}{}",
-                staged.batch_id,
-                count(staged.records, "record", "records"),
-                count(staged.chunks, "chunk", "chunks"),
-                if staged.duplicate { " (submitted before with this request id)" } else { "" }
-            );
-            println!("{}", staged.batch_id);
-            if !no_wait {
-                let batch = watch(&conn, &staged.batch_id).await?;
-                eprintln!("{}", summary(&batch));
-                outcome(&batch)?;
-            }
+            submit(&conn, header, &records, no_wait).await?;
         }
         BatchCommand::Watch { id } => {
             let batch = watch(&conn, &id).await?;
@@ -418,62 +390,8 @@ pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
             printer.print(&batch_json(batch.get_ref()))?;
             printer.finish()?;
         }
-        BatchCommand::List { page } => {
-            let mut printer = Printer::new(output, BATCH_COLUMNS);
-            let (mut page_token, mut listed) = (page.page_token.clone(), 0);
-            loop {
-                let request = pb::ListBatchesRequest { page_size: page.page_size, page_token };
-                let batches =
-                    client.list_batches(with_bearer(request, &conn.api_key)?).await.map_err(explain)?.into_inner();
-                for b in &batches.batches {
-                    printer.print(&batch_json(b))?;
-                }
-                listed += batches.batches.len();
-                if !page.go_on(&batches.next_page_token, listed, ("batch", "batches")) {
-                    break;
-                }
-                page_token = batches.next_page_token;
-            }
-            printer.finish()?;
-        }
-        BatchCommand::Results { id, aborted } => {
-            let mut printer = Printer::new(output, RESULT_COLUMNS);
-            let mut page_token = String::new();
-            loop {
-                let request = pb::ListChunkResultsRequest {
-                    batch_id: id.clone(),
-                    aborted_only: aborted,
-                    page_token,
-                    page_size: 1000,
-                };
-                let page = client
-                    .list_chunk_results(with_bearer(request, &conn.api_key)?)
-                    .await
-                    .map_err(explain)?
-                    .into_inner();
-                for r in &page.results {
-                    let c = r.chunk.clone().unwrap_or_default();
-                    printer.print(&serde_json::json!({
-                        "chunk": c.index, "first_record": c.first_record, "records": c.records,
-                        "state": state_name(c.state), "attempts": c.attempts, "worker": c.worker,
-                        "last_cause": c.last_cause, "errors": r.errors.iter().map(|e| serde_json::json!({
-                            "index": e.index, "field": e.field, "reason": e.reason})).collect::<Vec<_>>(),
-                        // a chunk split after a resource limit: which records committed
-                        "records_committed": c.records_committed,
-                        "parts": c.parts.iter().map(|p| serde_json::json!({
-                            "first_record": p.first_record, "records": p.records,
-                            "state": pb::ChunkPartState::try_from(p.state)
-                                .map_or("?", |s| s.as_str_name().trim_start_matches("CHUNK_PART_STATE_")),
-                            "cause": p.cause})).collect::<Vec<_>>(),
-                    }))?;
-                }
-                if page.next_page_token.is_empty() {
-                    break;
-                }
-                page_token = page.next_page_token;
-            }
-            printer.finish()?;
-        }
+        BatchCommand::List { page } => list(&mut client, &conn, page, output).await?,
+        BatchCommand::Results { id, aborted } => results(&mut client, &conn, id, aborted, output).await?,
         BatchCommand::Cancel { id } => {
             let batch = client
                 .cancel_batch(with_bearer(pb::CancelBatchRequest { batch_id: id }, &conn.api_key)?)
@@ -485,4 +403,106 @@ pub async fn run(args: BatchArgs, output: Output) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `--op` on the wire.
+fn batch_operation(op: Operation) -> pb::BatchOperation {
+    match op {
+        Operation::Upsert => pb::BatchOperation::Upsert,
+        Operation::Insert => pb::BatchOperation::Insert,
+        Operation::Update => pb::BatchOperation::Update,
+        Operation::Delete => pb::BatchOperation::Delete,
+    }
+}
+
+/// Submits `records` as a batch with a progress bar of the upload, prints the batch id on
+/// stdout, then (unless `no_wait`) follows the batch and ends with its summary and outcome.
+async fn submit(conn: &OrgConn, header: pb::BatchHeader, records: &[Fields], no_wait: bool) -> anyhow::Result<()> {
+    let upload = bar(records.len() as u64, "records");
+    upload.set_message("upload");
+    let shown = upload.clone();
+    let records = records_to_pb(records)?;
+    let staged =
+        baton_scheduler::client::submit_batch(channel(&conn.conn).await?, &conn.api_key, header, records, move |n| {
+            shown.set_position(n as u64)
+        })
+        .await
+        .map_err(explain)?;
+    upload.finish();
+    eprintln!(
+        "batch {} staged: {} in {}{}",
+        staged.batch_id,
+        count(staged.records, "record", "records"),
+        count(staged.chunks, "chunk", "chunks"),
+        if staged.duplicate { " (submitted before with this request id)" } else { "" }
+    );
+    println!("{}", staged.batch_id);
+    if !no_wait {
+        let batch = watch(conn, &staged.batch_id).await?;
+        eprintln!("{}", summary(&batch));
+        outcome(&batch)?;
+    }
+    Ok(())
+}
+
+/// Prints the org's batches, page by page as `page` asks.
+async fn list(client: &mut SchedulerClient, conn: &OrgConn, page: PageArgs, output: Output) -> anyhow::Result<()> {
+    let mut printer = Printer::new(output, BATCH_COLUMNS);
+    let (mut page_token, mut listed) = (page.page_token.clone(), 0);
+    loop {
+        let request = pb::ListBatchesRequest { page_size: page.page_size, page_token };
+        let batches = client.list_batches(with_bearer(request, &conn.api_key)?).await.map_err(explain)?.into_inner();
+        for b in &batches.batches {
+            printer.print(&batch_json(b))?;
+        }
+        listed += batches.batches.len();
+        if !page.go_on(&batches.next_page_token, listed, ("batch", "batches")) {
+            break;
+        }
+        page_token = batches.next_page_token;
+    }
+    printer.finish()
+}
+
+/// Prints every chunk's outcome (only the aborted ones with `aborted`), every page.
+async fn results(
+    client: &mut SchedulerClient,
+    conn: &OrgConn,
+    id: String,
+    aborted: bool,
+    output: Output,
+) -> anyhow::Result<()> {
+    let mut printer = Printer::new(output, RESULT_COLUMNS);
+    let mut page_token = String::new();
+    loop {
+        let request =
+            pb::ListChunkResultsRequest { batch_id: id.clone(), aborted_only: aborted, page_token, page_size: 1000 };
+        let page = client.list_chunk_results(with_bearer(request, &conn.api_key)?).await.map_err(explain)?.into_inner();
+        for r in &page.results {
+            printer.print(&chunk_result_json(r))?;
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        page_token = page.next_page_token;
+    }
+    printer.finish()
+}
+
+/// A chunk's outcome as JSON, with its record errors and the parts of a split chunk.
+fn chunk_result_json(r: &pb::ChunkResult) -> Value {
+    let c = r.chunk.clone().unwrap_or_default();
+    serde_json::json!({
+        "chunk": c.index, "first_record": c.first_record, "records": c.records,
+        "state": state_name(c.state), "attempts": c.attempts, "worker": c.worker,
+        "last_cause": c.last_cause, "errors": r.errors.iter().map(|e| serde_json::json!({
+            "index": e.index, "field": e.field, "reason": e.reason})).collect::<Vec<_>>(),
+        // a chunk split after a resource limit: which records committed
+        "records_committed": c.records_committed,
+        "parts": c.parts.iter().map(|p| serde_json::json!({
+            "first_record": p.first_record, "records": p.records,
+            "state": pb::ChunkPartState::try_from(p.state)
+                .map_or("?", |s| s.as_str_name().trim_start_matches("CHUNK_PART_STATE_")),
+            "cause": p.cause})).collect::<Vec<_>>(),
+    })
 }

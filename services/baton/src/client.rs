@@ -407,16 +407,28 @@ fn key_json(key: &pb::ApiKey) -> serde_json::Value {
     })
 }
 
+/// The Admin API's client.
+type AdminClient = pb::admin_client::AdminClient<Channel>;
+
 /// Runs an admin command.
 pub async fn admin(conn: AdminConn, command: AdminCommand, output: Output) -> anyhow::Result<()> {
     let mut client = pb::admin_client::AdminClient::new(channel(&conn.conn).await?);
     let token = conn.admin_token.as_str();
     match command {
-        AdminCommand::Org(OrgCommand::Create { name }) => {
+        AdminCommand::Org(command) => admin_org(&mut client, token, command, output).await,
+        AdminCommand::Key(command) => admin_key(&mut client, token, command, output).await,
+        AdminCommand::Object(command) => admin_object(&mut client, token, command, output).await,
+    }
+}
+
+/// Runs an org command: creates an org (its id on stdout), or lists them.
+async fn admin_org(client: &mut AdminClient, token: &str, command: OrgCommand, output: Output) -> anyhow::Result<()> {
+    match command {
+        OrgCommand::Create { name } => {
             let org = client.create_org(with_bearer(pb::CreateOrgRequest { name }, token)?).await.map_err(explain)?;
             println!("{}", org.get_ref().id);
         }
-        AdminCommand::Org(OrgCommand::List) => {
+        OrgCommand::List => {
             let orgs = client.list_orgs(with_bearer(pb::ListOrgsRequest {}, token)?).await.map_err(explain)?;
             let mut printer = Printer::new(output, ORG_COLUMNS);
             for org in &orgs.get_ref().orgs {
@@ -426,7 +438,15 @@ pub async fn admin(conn: AdminConn, command: AdminCommand, output: Output) -> an
             }
             printer.finish()?;
         }
-        AdminCommand::Key(KeyCommand::Create { org, label }) => {
+    }
+    Ok(())
+}
+
+/// Runs an API key command: creates a key (the key on stdout, once), revokes one, or lists them
+/// page by page.
+async fn admin_key(client: &mut AdminClient, token: &str, command: KeyCommand, output: Output) -> anyhow::Result<()> {
+    match command {
+        KeyCommand::Create { org, label } => {
             let key = client
                 .create_api_key(with_bearer(pb::CreateApiKeyRequest { org_id: org, label }, token)?)
                 .await
@@ -434,14 +454,14 @@ pub async fn admin(conn: AdminConn, command: AdminCommand, output: Output) -> an
             eprintln!("key id: {} (shown once; keep the key below)", key.get_ref().key_id);
             println!("{}", key.get_ref().api_key);
         }
-        AdminCommand::Key(KeyCommand::Revoke { key_id }) => {
+        KeyCommand::Revoke { key_id } => {
             client
                 .revoke_api_key(with_bearer(pb::RevokeApiKeyRequest { key_id: key_id.clone() }, token)?)
                 .await
                 .map_err(explain)?;
             eprintln!("revoked {key_id}");
         }
-        AdminCommand::Key(KeyCommand::List { org, page }) => {
+        KeyCommand::List { org, page } => {
             let mut printer = Printer::new(output, KEY_COLUMNS);
             let (mut page_token, mut listed) = (page.page_token.clone(), 0);
             loop {
@@ -462,13 +482,26 @@ pub async fn admin(conn: AdminConn, command: AdminCommand, output: Output) -> an
             }
             printer.finish()?;
         }
-        AdminCommand::Object(ObjectCommand::Define { org, schema }) => {
+    }
+    Ok(())
+}
+
+/// Runs an object schema command: defines or updates a schema, lists the schemas, or lists one
+/// object's versions.
+async fn admin_object(
+    client: &mut AdminClient,
+    token: &str,
+    command: ObjectCommand,
+    output: Output,
+) -> anyhow::Result<()> {
+    match command {
+        ObjectCommand::Define { org, schema } => {
             let schema = read_schema(schema)?;
             let request = pb::DefineObjectRequest { org_id: org, schema: Some(convert::schema_to_pb(&schema)) };
             let defined = client.define_object(with_bearer(request, token)?).await.map_err(explain)?;
             eprintln!("defined object {} (version {})", defined.get_ref().name, defined.get_ref().version);
         }
-        AdminCommand::Object(ObjectCommand::Update { org, schema }) => {
+        ObjectCommand::Update { org, schema } => {
             let schema = read_schema(schema)?;
             let request = pb::UpdateObjectRequest { org_id: org, schema: Some(convert::schema_to_pb(&schema)) };
             let updated = client.update_object(with_bearer(request, token)?).await.map_err(explain)?;
@@ -477,7 +510,7 @@ pub async fn admin(conn: AdminConn, command: AdminCommand, output: Output) -> an
             printer.print(&schema_json(updated.get_ref())?)?;
             printer.finish()?;
         }
-        AdminCommand::Object(ObjectCommand::List { org }) => {
+        ObjectCommand::List { org } => {
             let objects = client
                 .list_objects(with_bearer(pb::ListObjectsRequest { org_id: org }, token)?)
                 .await
@@ -488,7 +521,7 @@ pub async fn admin(conn: AdminConn, command: AdminCommand, output: Output) -> an
             }
             printer.finish()?;
         }
-        AdminCommand::Object(ObjectCommand::Versions { org, object }) => {
+        ObjectCommand::Versions { org, object } => {
             let versions = client
                 .list_object_versions(with_bearer(pb::ListObjectVersionsRequest { org_id: org, object }, token)?)
                 .await

@@ -1,14 +1,19 @@
 //! `baton dev`: the whole mesh in one process, on embedded defaults: SQLite under the data
 //! directory, one gRPC port, an admin token kept in the data directory.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use baton_intake::IntakeOptions;
+use baton_manager_client::Connector;
 use baton_mesh::auth::AuthConfig;
 use baton_mesh::config::{ServeOptions, exit_bad_config};
 use baton_mesh::server::MeshServer;
+use baton_store::blobs::Blobs;
 use baton_store::{Store, StoreOptions};
+
+use crate::node::Node;
 
 /// The scheduler id of `baton dev` (its sessions are `dev/0`, `dev/1`, …).
 pub const DEV_SCHEDULER_ID: &str = "dev";
@@ -90,11 +95,7 @@ fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
 
 /// Runs the mesh until SIGTERM or SIGINT.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
-    let checked = args.limits.validate().and_then(|()| args.sync.validate());
-    let checked = checked.and_then(|()| args.webhooks.validate());
-    if let Err(e) = checked.and_then(|()| args.release.validate()).and_then(|()| args.chunks.validate()) {
-        exit_bad_config(e);
-    }
+    validate(&args);
     if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
         exit_bad_config(format!("cannot create data dir {}: {e}", args.data_dir.display()));
     }
@@ -122,6 +123,38 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let shown = if url.starts_with("sqlite:") { url.clone() } else { "postgres (from --store)".to_owned() };
     let addr = listener.local_addr()?;
     let metrics_addr = metrics.local_addr()?;
+    print_banner(&serve, addr, metrics_addr, &shown, &blobs_at, &token);
+    let node = crate::node::Node::on_signals(serve.shutdown_grace);
+    // the scheduler and workers below send the mesh token to the manager of this same process
+    let (connector, mesh_token) = crate::mesh_connector(&args.mesh, &serve.tls);
+    let auth =
+        AuthConfig { admin_token: Some(token.into()), keys: Some(baton_api::keys::StoreKeys::of(&store)), mesh_token };
+    let server = MeshServer::new(serve.clone(), auth);
+    let server = add_services(server, &args, &serve, &store, &blobs, &data_dir, &node)?;
+    let me = format!("{scheme}://{addr}");
+    spawn_batch_tasks(&args, &node, &store, &blobs, &connector, me);
+    node.serve(server, listener, metrics, Some(&store)).await
+}
+
+/// Checks the options of every service; a bad one exits 64.
+fn validate(args: &DevArgs) {
+    let checked = args.limits.validate().and_then(|()| args.sync.validate());
+    let checked = checked.and_then(|()| args.webhooks.validate());
+    if let Err(e) = checked.and_then(|()| args.release.validate()).and_then(|()| args.chunks.validate()) {
+        exit_bad_config(e);
+    }
+}
+
+/// Prints where the mesh is and how to try it, with grpcurl's and the CLI's TLS settings.
+fn print_banner(
+    serve: &ServeOptions,
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    shown: &str,
+    blobs_at: &str,
+    token: &str,
+) {
+    let scheme = serve.tls.scheme();
     // grpcurl's TLS flags: the CA, and the client certificate when one is required
     // (and the CLI's variables), with placeholders for the files
     let (grpcurl, cli_tls) = match (&serve.tls.tls_client_ca, serve.tls.serves_tls()) {
@@ -154,17 +187,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
     }
-    let node = crate::node::Node::on_signals(serve.shutdown_grace);
+}
+
+/// Adds every service to `server`: intake, sync, the one session manager (started here, under
+/// the data directory) and the scheduler's API.
+fn add_services(
+    server: MeshServer,
+    args: &DevArgs,
+    serve: &ServeOptions,
+    store: &Store,
+    blobs: &Blobs,
+    data_dir: &Path,
+    node: &Node,
+) -> anyhow::Result<MeshServer> {
     let shutdown = node.shutdown();
-    // the scheduler and workers below send the mesh token to the manager of this same process
-    let (connector, mesh_token) = crate::mesh_connector(&args.mesh, &serve.tls);
-    let auth =
-        AuthConfig { admin_token: Some(token.into()), keys: Some(baton_api::keys::StoreKeys::of(&store)), mesh_token };
-    let server = MeshServer::new(serve.clone(), auth);
-    let server = baton_intake::add_services(server, &store, &blobs, &args.limits, &serve);
+    let server = baton_intake::add_services(server, store, blobs, &args.limits, serve);
     let sync = baton_sync::SyncOptions { tls: serve.tls.client(), ..args.sync.clone() };
     let server =
-        baton_sync::add_services(server, &store, &sync, serve.max_message_bytes(), shutdown.clone(), node.tasks());
+        baton_sync::add_services(server, store, &sync, serve.max_message_bytes(), shutdown.clone(), node.tasks());
     // one manager, without etcd or a standby, journaling under the data directory
     let manager_options = baton_manager::ManagerOptions::single(data_dir.join("manager"));
     let manager = baton_manager::ManagerService::start(manager_options, shutdown.clone())
@@ -182,8 +222,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     ));
     let server = server.add_service(baton_mesh::proto::v1::session_manager_server::SessionManagerServer::new(manager));
     // the scheduler and the workers reach the manager through this process's own port
-    let server = baton_scheduler::add_services(server, &store, serve.max_message_bytes());
-    let me = format!("{scheme}://{addr}");
+    Ok(baton_scheduler::add_services(server, store, serve.max_message_bytes()))
+}
+
+/// Spawns the scheduler's tasks (the release of chunks, completions) and the in-process workers,
+/// all reaching the manager at `me`.
+fn spawn_batch_tasks(args: &DevArgs, node: &Node, store: &Store, blobs: &Blobs, connector: &Connector, me: String) {
+    let shutdown = node.shutdown();
     // a fixed scheduler id: a restarted `baton dev` resumes its sessions (the manager and store
     // under the data directory are its own)
     let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), DEV_SCHEDULER_ID.into(), args.release.clone());
@@ -213,5 +258,4 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let worker = baton_worker::WorkerOptions::new(me.clone(), format!("dev-worker-{n}"), args.chunks.clone());
         node.spawn(baton_worker::run(worker, connector.clone(), store.clone(), blobs.clone(), shutdown.clone()));
     }
-    node.serve(server, listener, metrics, Some(&store)).await
 }

@@ -195,6 +195,9 @@ fn ndjson_lines(records: &[pb::Record]) -> anyhow::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The intake's client, for exports.
+type IntakeClient = pb::intake_client::IntakeClient<tonic::transport::Channel>;
+
 /// Runs `baton export`.
 pub async fn run(args: ExportArgs, output: Output) -> anyhow::Result<()> {
     let conn = args.conn.org()?;
@@ -209,56 +212,11 @@ pub async fn run(args: ExportArgs, output: Output) -> anyhow::Result<()> {
     let mut client =
         pb::intake_client::IntakeClient::new(channel(&conn.conn).await?).max_decoding_message_size(64 * 1024 * 1024);
     let token = match &args.token {
-        Some(token) => {
-            let kept = std::fs::read_to_string(dir.join("token")).unwrap_or_default();
-            if kept.trim() != token || !first_file(&dir).exists() {
-                bail!(
-                    "{} does not hold this export's first portion (it is only ever answered by Export, and \
-                     kept there by the download that started it); run the export again without --token",
-                    dir.display()
-                );
-            }
-            eprintln!("resuming the export into {}", out.display());
-            token.clone()
-        }
-        None => {
-            let object = args.object.clone().unwrap_or_default();
-            let request = pb::ExportRequest {
-                object,
-                filter: args.filter.clone(),
-                fields: args.fields.clone(),
-                sync_rows: args.sync_rows,
-                part_rows: args.part_rows,
-                wait: false,
-                request_id: args.request_id.clone(),
-                completion: args
-                    .webhook
-                    .clone()
-                    .map(|url| pb::CompletionTarget { target: Some(pb::completion_target::Target::WebhookUrl(url)) }),
-            };
-            let response = client.export(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
-            let rows = count(response.records.len() as u64, "row", "rows");
-            eprintln!("first portion: {rows}");
-            if response.complete {
-                write_output(&out, format, &ndjson_lines(&response.records)?)?;
-                eprintln!("wrote {} ({rows}, complete; as of seq {})", out.display(), response.as_of_seq);
-                eprintln!("{}", continue_hint(args.object.as_deref().unwrap_or_default(), response.as_of_seq));
-                return Ok(());
-            }
-            std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-            std::fs::write(dir.join("token"), format!("{}\n", response.token))?;
-            write_part(&first_file(&dir), &ndjson_lines(&response.records)?)?;
-            eprintln!(
-                "export {} continues in parts ({}; {} {} rows); token: {}",
-                response.export_id,
-                pb::ExportReason::try_from(response.reason).map(|r| r.as_str_name()).unwrap_or("?"),
-                // past its probe the estimate is a lower bound; the progress bar learns the total
-                if response.estimate_exact { "exactly" } else { "at least" },
-                response.estimated_total,
-                response.token
-            );
-            response.token
-        }
+        Some(token) => resumed_token(token, &dir, &out)?,
+        None => match start_export(&mut client, key, &args, &out, format, &dir).await? {
+            Some(token) => token,
+            None => return Ok(()),
+        },
     };
     let status = download(&mut client, key, &token, &dir, args.parallel, args.quiet).await?;
     let mut sources = vec![first_file(&dir)];
@@ -278,6 +236,69 @@ pub async fn run(args: ExportArgs, output: Output) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The token of an export whose download resumes into `out`: `dir` must hold it and the first
+/// portion.
+fn resumed_token(token: &str, dir: &Path, out: &Path) -> anyhow::Result<String> {
+    let kept = std::fs::read_to_string(dir.join("token")).unwrap_or_default();
+    if kept.trim() != token || !first_file(dir).exists() {
+        bail!(
+            "{} does not hold this export's first portion (it is only ever answered by Export, and \
+             kept there by the download that started it); run the export again without --token",
+            dir.display()
+        );
+    }
+    eprintln!("resuming the export into {}", out.display());
+    Ok(token.to_owned())
+}
+
+/// Starts the export: writes `out` when the first portion is all of it (and returns `None`),
+/// otherwise keeps the token and the first portion under `dir` and returns the token.
+async fn start_export(
+    client: &mut IntakeClient,
+    key: &str,
+    args: &ExportArgs,
+    out: &Path,
+    format: Format,
+    dir: &Path,
+) -> anyhow::Result<Option<String>> {
+    let object = args.object.clone().unwrap_or_default();
+    let request = pb::ExportRequest {
+        object,
+        filter: args.filter.clone(),
+        fields: args.fields.clone(),
+        sync_rows: args.sync_rows,
+        part_rows: args.part_rows,
+        wait: false,
+        request_id: args.request_id.clone(),
+        completion: args
+            .webhook
+            .clone()
+            .map(|url| pb::CompletionTarget { target: Some(pb::completion_target::Target::WebhookUrl(url)) }),
+    };
+    let response = client.export(with_bearer(request, key)?).await.map_err(explain)?.into_inner();
+    let rows = count(response.records.len() as u64, "row", "rows");
+    eprintln!("first portion: {rows}");
+    if response.complete {
+        write_output(out, format, &ndjson_lines(&response.records)?)?;
+        eprintln!("wrote {} ({rows}, complete; as of seq {})", out.display(), response.as_of_seq);
+        eprintln!("{}", continue_hint(args.object.as_deref().unwrap_or_default(), response.as_of_seq));
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::write(dir.join("token"), format!("{}\n", response.token))?;
+    write_part(&first_file(dir), &ndjson_lines(&response.records)?)?;
+    eprintln!(
+        "export {} continues in parts ({}; {} {} rows); token: {}",
+        response.export_id,
+        pb::ExportReason::try_from(response.reason).map(|r| r.as_str_name()).unwrap_or("?"),
+        // past its probe the estimate is a lower bound; the progress bar learns the total
+        if response.estimate_exact { "exactly" } else { "at least" },
+        response.estimated_total,
+        response.token
+    );
+    Ok(Some(response.token))
+}
+
 /// How to follow the changes after an export's `as_of_seq` (a mirror's hand-off).
 fn continue_hint(object: &str, as_of_seq: i64) -> String {
     format!("the changes since: baton sync extract --objects {object} --after-seq {as_of_seq} --follow")
@@ -285,20 +306,14 @@ fn continue_hint(object: &str, as_of_seq: i64) -> String {
 
 /// Downloads every part not yet under `dir`, as they become ready, until the export is complete.
 async fn download(
-    client: &mut pb::intake_client::IntakeClient<tonic::transport::Channel>,
+    client: &mut IntakeClient,
     key: &str,
     token: &str,
     dir: &Path,
     parallel: u32,
     quiet: bool,
 ) -> anyhow::Result<pb::ExportStatus> {
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} parts {msg} [{bar:30}] {human_pos}/{human_len} rows ({per_sec}, {eta})",
-        )?
-        .progress_chars("=> "),
-    );
+    let bar = parts_bar(quiet)?;
     let slots = Arc::new(Semaphore::new(parallel as usize));
     let mut tasks: tokio::task::JoinSet<anyhow::Result<(u32, i64)>> = tokio::task::JoinSet::new();
     let mut started: HashSet<u32> = HashSet::new();
@@ -321,20 +336,11 @@ async fn download(
                 continue;
             }
             let slot = slots.clone().acquire_owned().await?;
-            let (mut client, key, token, path, number) =
+            let (client, key, token, path, number) =
                 (client.clone(), key.to_owned(), token.to_owned(), part_file(dir, part.number), part.number);
             tasks.spawn(async move {
                 let _slot = slot;
-                let request = with_bearer(pb::FetchPartRequest { token, part: number }, &key)?;
-                let mut stream = client.fetch_part(request).await.map_err(explain)?.into_inner();
-                let mut lines = Vec::new();
-                let mut rows = 0i64;
-                while let Some(frame) = stream.message().await.map_err(explain)? {
-                    rows += frame.records.len() as i64;
-                    lines.extend_from_slice(&ndjson_lines(&frame.records)?);
-                }
-                tokio::task::spawn_blocking(move || write_part(&path, &lines)).await??;
-                Ok((number, rows))
+                fetch_part(client, key, token, path, number).await
             });
         }
         while let Some(finished) = tasks.try_join_next() {
@@ -352,18 +358,7 @@ async fn download(
             }
             pb::ExportState::Failed | pb::ExportState::Cancelled if tasks.is_empty() => {
                 bar.abandon();
-                let exit = if state == pb::ExportState::Cancelled { Exit::Cancelled } else { Exit::Failure };
-                return Err(fail(
-                    exit,
-                    format!(
-                        "export {} is {}{}; {} of its parts are kept under {}",
-                        status.export_id,
-                        state.as_str_name().trim_start_matches("EXPORT_STATE_").to_lowercase(),
-                        if status.error.is_empty() { String::new() } else { format!(": {}", status.error) },
-                        done.len(),
-                        dir.display()
-                    ),
-                ));
+                return Err(ended(&status, state, done.len(), dir));
             }
             _ => {}
         }
@@ -376,6 +371,55 @@ async fn download(
             }
         }
     }
+}
+
+/// The progress bar of the parts' rows (hidden with `quiet`).
+fn parts_bar(quiet: bool) -> anyhow::Result<ProgressBar> {
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::new(0) };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} parts {msg} [{bar:30}] {human_pos}/{human_len} rows ({per_sec}, {eta})",
+        )?
+        .progress_chars("=> "),
+    );
+    Ok(bar)
+}
+
+/// Fetches part `number` and writes it to `path`; returns its number and rows.
+async fn fetch_part(
+    mut client: IntakeClient,
+    key: String,
+    token: String,
+    path: PathBuf,
+    number: u32,
+) -> anyhow::Result<(u32, i64)> {
+    let request = with_bearer(pb::FetchPartRequest { token, part: number }, &key)?;
+    let mut stream = client.fetch_part(request).await.map_err(explain)?.into_inner();
+    let mut lines = Vec::new();
+    let mut rows = 0i64;
+    while let Some(frame) = stream.message().await.map_err(explain)? {
+        rows += frame.records.len() as i64;
+        lines.extend_from_slice(&ndjson_lines(&frame.records)?);
+    }
+    tokio::task::spawn_blocking(move || write_part(&path, &lines)).await??;
+    Ok((number, rows))
+}
+
+/// The error of an export that failed or was cancelled (exit 1 or 130), with where the `done`
+/// parts are kept.
+fn ended(status: &pb::ExportStatus, state: pb::ExportState, done: usize, dir: &Path) -> anyhow::Error {
+    let exit = if state == pb::ExportState::Cancelled { Exit::Cancelled } else { Exit::Failure };
+    fail(
+        exit,
+        format!(
+            "export {} is {}{}; {} of its parts are kept under {}",
+            status.export_id,
+            state.as_str_name().trim_start_matches("EXPORT_STATE_").to_lowercase(),
+            if status.error.is_empty() { String::new() } else { format!(": {}", status.error) },
+            done,
+            dir.display()
+        ),
+    )
 }
 
 /// Writes the NDJSON lines of one response as the output.

@@ -276,97 +276,18 @@ fn closed_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// Runs the command: a server until SIGTERM or SIGINT, `baton dev`, or a client command.
 async fn run(command: Command, output: Output) -> anyhow::Result<()> {
     match command {
-        Command::Intake { serve, store, limits, admin_token } => {
-            if let Err(e) = limits.validate() {
-                exit_bad_config(e);
-            }
-            let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let (listener, metrics) = bind_and_announce(&serve).await?;
-            let shutdown = baton_mesh::shutdown::on_signals();
-            baton_intake::run(serve, limits, store.clone(), blobs, admin_token, listener, metrics, shutdown).await?;
-            store.close().await;
-            Ok(())
-        }
-        Command::Scheduler { serve, store, scheduler } => {
-            if let Err(e) = scheduler.validate() {
-                exit_bad_config(e);
-            }
-            let (connector, _) = mesh_connector(&scheduler.mesh, &serve.tls);
-            let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let (listener, metrics) = bind_and_announce(&serve).await?;
-            let node = node::Node::on_signals(serve.shutdown_grace);
-            let auth = baton_mesh::auth::AuthConfig {
-                admin_token: None,
-                keys: Some(baton_api::keys::StoreKeys::of(&store)),
-                ..Default::default()
-            };
-            let server = baton_scheduler::add_services(
-                baton_mesh::server::MeshServer::new(serve.clone(), auth),
-                &store,
-                serve.max_message_bytes(),
-            );
-            node.spawn(baton_scheduler::completions::run(
-                store.clone(),
-                scheduler.webhooks.clone(),
-                scheduler.id(),
-                node.shutdown(),
-            ));
-            node.spawn(baton_scheduler::awaiting::serve(
-                store.clone(),
-                connector.clone(),
-                scheduler.manager.clone(),
-                scheduler.completions_server_id(),
-                scheduler.webhooks.webhook_poll,
-                node.shutdown(),
-            ));
-            node.spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, connector, node.shutdown()));
-            node.serve(server, listener, metrics, Some(&store)).await
-        }
-        Command::Worker { serve, store, worker } => {
-            if let Err(e) = worker.validate() {
-                exit_bad_config(e);
-            }
-            let (connector, _) = mesh_connector(&worker.mesh, &serve.tls);
-            // on SQLite, a lock wait ends as busy after the worker's lock timeout
-            let mut options = StoreOptions::new(String::new());
-            options.busy_timeout = worker.chunks.lock_timeout;
-            let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let store = store.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-            let (listener, metrics) = bind_and_announce(&serve).await?;
-            let node = node::Node::on_signals(serve.shutdown_grace);
-            // gRPC health and /metrics only: the worker's work comes through the manager
-            let server = baton_mesh::server::MeshServer::new(serve, baton_mesh::auth::AuthConfig::default());
-            node.spawn(baton_worker::run(worker, connector, store.clone(), blobs, node.shutdown()));
-            node.serve(server, listener, metrics, Some(&store)).await
-        }
+        Command::Intake { serve, store, limits, admin_token } => serve_intake(serve, store, limits, admin_token).await,
+        Command::Scheduler { serve, store, scheduler } => serve_scheduler(serve, store, scheduler).await,
+        Command::Worker { serve, store, worker } => serve_worker(serve, store, worker).await,
         Command::Batch(args) => batch_cli::run(args, output).await,
         Command::Export(args) => export_cli::run(args, output).await,
         Command::Dev(args) => dev::run(*args).await,
         Command::Manager(args) => manager_cli::run(args, output).await,
         Command::Sync(args) => match args.command {
-            sync_cli::SyncCommand::Serve { serve, store, mut sync } => {
-                if let Err(e) = sync.validate() {
-                    exit_bad_config(e);
-                }
-                sync.tls = serve.tls.client();
-                let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-                let (listener, metrics) = bind_and_announce(&serve).await?;
-                let node = node::Node::on_signals(serve.shutdown_grace);
-                let auth = baton_mesh::auth::AuthConfig {
-                    admin_token: None,
-                    keys: Some(baton_api::keys::StoreKeys::of(&store)),
-                    ..Default::default()
-                };
-                let server = baton_mesh::server::MeshServer::new(serve.clone(), auth);
-                let max = serve.max_message_bytes();
-                let server = baton_sync::add_services(server, &store, &sync, max, node.shutdown(), node.tasks());
-                // the link manager ends once its runners have given their leases up
-                node.serve(server, listener, metrics, Some(&store)).await
-            }
+            sync_cli::SyncCommand::Serve { serve, store, sync } => serve_sync(serve, store, sync).await,
             command => sync_cli::run(args.conn, command, output).await,
         },
         Command::Admin { conn, command } => client::admin(conn, command, output).await,
@@ -376,6 +297,113 @@ async fn run(command: Command, output: Output) -> anyhow::Result<()> {
         Command::Delete(args) => client::delete(args, output).await,
         Command::Completions { shell } => completions(shell),
     }
+}
+
+/// `baton intake`: runs the intake service until SIGTERM or SIGINT.
+async fn serve_intake(
+    serve: ServeOptions,
+    store: StoreArgs,
+    limits: IntakeOptions,
+    admin_token: Option<String>,
+) -> anyhow::Result<()> {
+    if let Err(e) = limits.validate() {
+        exit_bad_config(e);
+    }
+    let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let (listener, metrics) = bind_and_announce(&serve).await?;
+    let shutdown = baton_mesh::shutdown::on_signals();
+    baton_intake::run(serve, limits, store.clone(), blobs, admin_token, listener, metrics, shutdown).await?;
+    store.close().await;
+    Ok(())
+}
+
+/// `baton scheduler`: runs the scheduler (the batch API, completions, the release of chunks)
+/// until SIGTERM or SIGINT.
+async fn serve_scheduler(
+    serve: ServeOptions,
+    store: StoreArgs,
+    scheduler: baton_scheduler::SchedulerOptions,
+) -> anyhow::Result<()> {
+    if let Err(e) = scheduler.validate() {
+        exit_bad_config(e);
+    }
+    let (connector, _) = mesh_connector(&scheduler.mesh, &serve.tls);
+    let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let (listener, metrics) = bind_and_announce(&serve).await?;
+    let node = node::Node::on_signals(serve.shutdown_grace);
+    let auth = baton_mesh::auth::AuthConfig {
+        admin_token: None,
+        keys: Some(baton_api::keys::StoreKeys::of(&store)),
+        ..Default::default()
+    };
+    let server = baton_scheduler::add_services(
+        baton_mesh::server::MeshServer::new(serve.clone(), auth),
+        &store,
+        serve.max_message_bytes(),
+    );
+    node.spawn(baton_scheduler::completions::run(
+        store.clone(),
+        scheduler.webhooks.clone(),
+        scheduler.id(),
+        node.shutdown(),
+    ));
+    node.spawn(baton_scheduler::awaiting::serve(
+        store.clone(),
+        connector.clone(),
+        scheduler.manager.clone(),
+        scheduler.completions_server_id(),
+        scheduler.webhooks.webhook_poll,
+        node.shutdown(),
+    ));
+    node.spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, connector, node.shutdown()));
+    node.serve(server, listener, metrics, Some(&store)).await
+}
+
+/// `baton worker`: runs a worker of the manager's pool until SIGTERM or SIGINT.
+async fn serve_worker(
+    serve: ServeOptions,
+    store: StoreArgs,
+    worker: baton_worker::WorkerOptions,
+) -> anyhow::Result<()> {
+    if let Err(e) = worker.validate() {
+        exit_bad_config(e);
+    }
+    let (connector, _) = mesh_connector(&worker.mesh, &serve.tls);
+    // on SQLite, a lock wait ends as busy after the worker's lock timeout
+    let mut options = StoreOptions::new(String::new());
+    options.busy_timeout = worker.chunks.lock_timeout;
+    let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let store = store.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let (listener, metrics) = bind_and_announce(&serve).await?;
+    let node = node::Node::on_signals(serve.shutdown_grace);
+    // gRPC health and /metrics only: the worker's work comes through the manager
+    let server = baton_mesh::server::MeshServer::new(serve, baton_mesh::auth::AuthConfig::default());
+    node.spawn(baton_worker::run(worker, connector, store.clone(), blobs, node.shutdown()));
+    node.serve(server, listener, metrics, Some(&store)).await
+}
+
+/// `baton sync serve`: runs the sync service (the Sync API, the link runners, change-log
+/// trimming) until SIGTERM or SIGINT.
+async fn serve_sync(serve: ServeOptions, store: StoreArgs, mut sync: baton_sync::SyncOptions) -> anyhow::Result<()> {
+    if let Err(e) = sync.validate() {
+        exit_bad_config(e);
+    }
+    sync.tls = serve.tls.client();
+    let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let (listener, metrics) = bind_and_announce(&serve).await?;
+    let node = node::Node::on_signals(serve.shutdown_grace);
+    let auth = baton_mesh::auth::AuthConfig {
+        admin_token: None,
+        keys: Some(baton_api::keys::StoreKeys::of(&store)),
+        ..Default::default()
+    };
+    let server = baton_mesh::server::MeshServer::new(serve.clone(), auth);
+    let max = serve.max_message_bytes();
+    let server = baton_sync::add_services(server, &store, &sync, max, node.shutdown(), node.tasks());
+    // the link manager ends once its runners have given their leases up
+    node.serve(server, listener, metrics, Some(&store)).await
 }
 
 /// A connector to the managers whose calls carry `token` (exits 64 on a token that cannot be

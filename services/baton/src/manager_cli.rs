@@ -1,13 +1,19 @@
 //! `baton manager`: runs the session manager, or inspects one.
 
+use std::time::Duration;
+
 use baton_manager::{ManagerOptions, ManagerService};
+use baton_manager_client::Connector;
 use baton_mesh::auth::AuthConfig;
 use baton_mesh::config::{MeshToken, ServeOptions, exit_bad_config};
 use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::v1 as pb;
 use baton_mesh::server::MeshServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use crate::client::{Conn, channel, duration_json, explain, time_json, with_bearer};
+use crate::node::Node;
 use crate::output::{Column, Output, Printer, col, time};
 
 /// `baton manager`.
@@ -108,97 +114,13 @@ fn session_json(s: &pb::SessionInfo) -> serde_json::Value {
     })
 }
 
+/// The name the manager's health is reported under.
+const NAME: &str = "baton.v1.SessionManager";
+
 /// Runs a manager subcommand.
 pub async fn run(args: ManagerArgs, output: Output) -> anyhow::Result<()> {
     match args.command {
-        ManagerCommand::Serve { serve, manager } => {
-            baton_mesh::tls::check_or_exit(&serve.tls);
-            let scheme = serve.tls.scheme();
-            let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
-            let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
-            let node = crate::node::Node::on_signals(serve.shutdown_grace);
-            let shutdown = node.shutdown();
-            let (connector, mesh_token) = crate::mesh_connector(&manager.mesh, &serve.tls);
-            if mesh_token.is_none() && !manager.etcd.is_empty() {
-                tracing::warn!(
-                    "no --mesh-token: the manager takes any caller; keep it unreachable from outside the mesh"
-                );
-            }
-            let server = MeshServer::new(serve, AuthConfig { mesh_token, ..AuthConfig::default() });
-            // a manager that cannot serve (its journal fails, it stops answering) steps down
-            // within this: the lease TTL, or 2 s without etcd
-            let stall_after = manager.lease_ttl;
-            const NAME: &str = "baton.v1.SessionManager";
-            let (server, failover) = if manager.etcd.is_empty() {
-                let service = ManagerService::start(manager, shutdown.clone())
-                    .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
-                node.spawn(baton_manager::failover::step_down_on_fault(
-                    service.clone(),
-                    None,
-                    server.health(),
-                    NAME,
-                    stall_after,
-                    shutdown.clone(),
-                ));
-                let server = server
-                    .add_service(pb::session_manager_server::SessionManagerServer::new(service.clone()))
-                    .add_service(internal::replication_server::ReplicationServer::new(service));
-                (server, None)
-            } else {
-                let me = manager.advertise.clone().unwrap_or_else(|| {
-                    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                    format!("{scheme}://{addr}")
-                });
-                let etcd = baton_manager::failover::connect(&manager.etcd)
-                    .await
-                    .unwrap_or_else(|e| exit_bad_config(format!("cannot reach etcd at {:?}: {e}", manager.etcd)));
-                let (election, ttl) = (manager.election_key.clone(), manager.lease_ttl);
-                let etcd_endpoints = manager.etcd.clone();
-                let service = ManagerService::start_with(manager, me.clone(), true, shutdown.clone())
-                    .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
-                node.spawn(baton_manager::failover::step_down_on_fault(
-                    service.clone(),
-                    Some(etcd.clone()),
-                    server.health(),
-                    NAME,
-                    stall_after,
-                    shutdown.clone(),
-                ));
-                // the standby reports NOT_SERVING until elected, so readiness keeps it out of the Service
-                let health = server.health();
-                let server = server
-                    .add_service_with_health(
-                        pb::session_manager_server::SessionManagerServer::new(service.clone()),
-                        false,
-                    )
-                    .add_service(internal::replication_server::ReplicationServer::new(service.clone()));
-                let failover = tokio::spawn(baton_manager::failover::run(
-                    etcd,
-                    etcd_endpoints,
-                    connector,
-                    election,
-                    ttl,
-                    me,
-                    service,
-                    health,
-                    NAME,
-                    shutdown.clone(),
-                ));
-                (server, Some((failover, ttl)))
-            };
-            crate::print_endpoints(&listener, &metrics)?;
-            let served = node.serve(server, listener, metrics, None).await;
-            // A primary resigns on SIGTERM once it has stopped acknowledging, and its streams
-            // close then too: the server can finish first. Exiting then would drop the
-            // resignation, and the standby would wait out the lease (2 s instead of about 50 ms
-            // in `bench manager`, one handover in ten).
-            if let Some((failover, ttl)) = failover
-                && tokio::time::timeout(ttl, failover).await.is_err()
-            {
-                tracing::warn!(?ttl, "the election did not end in time; the lease runs out instead");
-            }
-            served
-        }
+        ManagerCommand::Serve { serve, manager } => serve_manager(serve, manager).await,
         ManagerCommand::Status { conn } => {
             let s = conn
                 .client()
@@ -239,4 +161,116 @@ pub async fn run(args: ManagerArgs, output: Output) -> anyhow::Result<()> {
             printer.finish()
         }
     }
+}
+
+/// Runs a session manager until SIGTERM or SIGINT: alone, or with etcd as a primary or standby.
+async fn serve_manager(serve: ServeOptions, manager: ManagerOptions) -> anyhow::Result<()> {
+    baton_mesh::tls::check_or_exit(&serve.tls);
+    let scheme = serve.tls.scheme();
+    let listener = baton_mesh::server::bind_or_exit(serve.listen).await;
+    let metrics = baton_mesh::server::bind(serve.metrics_listen).await?;
+    let node = crate::node::Node::on_signals(serve.shutdown_grace);
+    let shutdown = node.shutdown();
+    let (connector, mesh_token) = crate::mesh_connector(&manager.mesh, &serve.tls);
+    if mesh_token.is_none() && !manager.etcd.is_empty() {
+        tracing::warn!("no --mesh-token: the manager takes any caller; keep it unreachable from outside the mesh");
+    }
+    let server = MeshServer::new(serve, AuthConfig { mesh_token, ..AuthConfig::default() });
+    // a manager that cannot serve (its journal fails, it stops answering) steps down
+    // within this: the lease TTL, or 2 s without etcd
+    let stall_after = manager.lease_ttl;
+    let (server, failover) = if manager.etcd.is_empty() {
+        (add_alone(server, manager, &node, &shutdown, stall_after), None)
+    } else {
+        let me = manager.advertise.clone().unwrap_or_else(|| {
+            let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            format!("{scheme}://{addr}")
+        });
+        let (server, failover, ttl) =
+            add_with_failover(server, manager, me, connector, &node, &shutdown, stall_after).await;
+        (server, Some((failover, ttl)))
+    };
+    crate::print_endpoints(&listener, &metrics)?;
+    let served = node.serve(server, listener, metrics, None).await;
+    // A primary resigns on SIGTERM once it has stopped acknowledging, and its streams
+    // close then too: the server can finish first. Exiting then would drop the
+    // resignation, and the standby would wait out the lease (2 s instead of about 50 ms
+    // in `bench manager`, one handover in ten).
+    if let Some((failover, ttl)) = failover
+        && tokio::time::timeout(ttl, failover).await.is_err()
+    {
+        tracing::warn!(?ttl, "the election did not end in time; the lease runs out instead");
+    }
+    served
+}
+
+/// Starts a manager without etcd (exits 64 when its journal cannot be opened) and adds it to
+/// `server`; it steps down on a fault.
+fn add_alone(
+    server: MeshServer,
+    manager: ManagerOptions,
+    node: &Node,
+    shutdown: &CancellationToken,
+    stall_after: Duration,
+) -> MeshServer {
+    let service = ManagerService::start(manager, shutdown.clone())
+        .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
+    node.spawn(baton_manager::failover::step_down_on_fault(
+        service.clone(),
+        None,
+        server.health(),
+        NAME,
+        stall_after,
+        shutdown.clone(),
+    ));
+    server
+        .add_service(pb::session_manager_server::SessionManagerServer::new(service.clone()))
+        .add_service(internal::replication_server::ReplicationServer::new(service))
+}
+
+/// Starts a manager that runs for election in etcd as `me` (exits 64 when etcd cannot be
+/// reached or the journal cannot be opened) and adds it to `server`; returns the server, the
+/// election task and the lease TTL.
+async fn add_with_failover(
+    server: MeshServer,
+    manager: ManagerOptions,
+    me: String,
+    connector: Connector,
+    node: &Node,
+    shutdown: &CancellationToken,
+    stall_after: Duration,
+) -> (MeshServer, JoinHandle<()>, Duration) {
+    let etcd = baton_manager::failover::connect(&manager.etcd)
+        .await
+        .unwrap_or_else(|e| exit_bad_config(format!("cannot reach etcd at {:?}: {e}", manager.etcd)));
+    let (election, ttl) = (manager.election_key.clone(), manager.lease_ttl);
+    let etcd_endpoints = manager.etcd.clone();
+    let service = ManagerService::start_with(manager, me.clone(), true, shutdown.clone())
+        .unwrap_or_else(|e| exit_bad_config(format!("cannot open the journal: {e}")));
+    node.spawn(baton_manager::failover::step_down_on_fault(
+        service.clone(),
+        Some(etcd.clone()),
+        server.health(),
+        NAME,
+        stall_after,
+        shutdown.clone(),
+    ));
+    // the standby reports NOT_SERVING until elected, so readiness keeps it out of the Service
+    let health = server.health();
+    let server = server
+        .add_service_with_health(pb::session_manager_server::SessionManagerServer::new(service.clone()), false)
+        .add_service(internal::replication_server::ReplicationServer::new(service.clone()));
+    let failover = tokio::spawn(baton_manager::failover::run(
+        etcd,
+        etcd_endpoints,
+        connector,
+        election,
+        ttl,
+        me,
+        service,
+        health,
+        NAME,
+        shutdown.clone(),
+    ));
+    (server, failover, ttl)
 }
