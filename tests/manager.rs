@@ -455,8 +455,10 @@ async fn the_manager_answers_only_callers_with_the_mesh_token() {
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
         )
     };
-    // the worker and scheduler with the token are in; the others are refused, again and again
-    let admitted = |text: &str| text.contains("\"servers\":1") && text.contains("\"sessions\":8");
+    // the worker and scheduler with the token are in (the worker's server session, and the
+    // scheduler's in the pool `completions`: 2 servers; the scheduler's 8 client sessions); the
+    // others are refused, again and again
+    let admitted = |text: &str| text.contains("\"servers\":2") && text.contains("\"sessions\":8");
     baton_tests::eventually(Duration::from_secs(20), "the worker and scheduler with the token in", || async {
         let (ok, text) = status(&token);
         (ok && admitted(&text)).then_some(())
