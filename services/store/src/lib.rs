@@ -197,6 +197,26 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The file path of a SQLite store URL (`sqlite://PATH` or `sqlite:PATH`, options after a `?`
+/// left out); None for another backend.
+fn sqlite_path(url: &str) -> Option<&str> {
+    let path = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;
+    Some(path.split('?').next().unwrap_or_default())
+}
+
+/// Takes the migration lock of the SQLite database at `path` (`PATH.migrate-lock`, an exclusive
+/// lock on the open file, given up when the file is closed), waiting for another process that
+/// holds it.
+async fn migration_lock(url: &str, path: &str) -> Result<std::fs::File, Error> {
+    let lock_path = format!("{path}.migrate-lock");
+    let cannot = |e: std::io::Error| Error::Url { url: redact(url), reason: format!("cannot lock {lock_path}: {e}") };
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path).map_err(cannot)?;
+    tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+        .await
+        .map_err(|e| Error::Corrupt(format!("the migration lock task failed: {e}")))?
+        .map_err(cannot)
+}
+
 /// Sorts a database error into busy (workload), resource, or other.
 pub(crate) fn classify(e: sqlx::Error) -> Error {
     match &e {
@@ -413,6 +433,14 @@ impl Store {
     /// Opens (creating a SQLite file if needed) and migrates a store.
     pub async fn open(options: &StoreOptions) -> Result<Self, Error> {
         let store = Self::open_unmigrated(options).await?;
+        // sqlx locks migrations on PostgreSQL (an advisory lock) but not on SQLite: processes
+        // started together on a new file (a worker and a scheduler) would both run a migration,
+        // and the second fail ("duplicate column name"). A lock on a file beside the database
+        // makes the others wait, then find everything applied.
+        let _migrating = match sqlite_path(&options.url) {
+            Some(path) => Some(migration_lock(&options.url, path).await?),
+            None => None,
+        };
         store.migrate(None).await?;
         Ok(store)
     }
@@ -421,7 +449,7 @@ impl Store {
     pub(crate) async fn open_unmigrated(options: &StoreOptions) -> Result<Self, Error> {
         install_default_drivers();
         let url = options.url.as_str();
-        if let Some(path) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) {
+        if let Some(path) = sqlite_path(url) {
             Self::open_sqlite(options, path).await
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Self::open_postgres(options).await
@@ -438,7 +466,6 @@ impl Store {
     /// one connection, a reader pool, and the [`Checkpointer`].
     async fn open_sqlite(options: &StoreOptions, path: &str) -> Result<Self, Error> {
         let url = options.url.as_str();
-        let path = path.split('?').next().unwrap_or_default();
         if path.is_empty() {
             return Err(Error::Url { url: url.to_owned(), reason: "no file path".into() });
         }

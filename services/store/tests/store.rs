@@ -1768,3 +1768,24 @@ async fn a_link_snapshot_with_tombstones_brings_a_stale_target_level() {
     })
     .await;
 }
+
+/// Processes started together on a new SQLite file (a worker and a scheduler on `baton dev`'s
+/// database, say) each open the store: the migrations run once, and every open succeeds (sqlx
+/// has no migration lock on SQLite; the store's lock file is it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stores_opened_together_on_a_new_sqlite_file_migrate_it_once() {
+    for round in 0..3 {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/together.db", dir.path().display());
+        let opens: Vec<_> = (0..8)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move { baton_store::Store::open(&baton_store::StoreOptions::new(url)).await })
+            })
+            .collect();
+        for open in opens {
+            let store = open.await.unwrap().unwrap_or_else(|e| panic!("round {round}: an open failed: {e}"));
+            store.close().await;
+        }
+    }
+}
