@@ -1,4 +1,4 @@
-//! The error contract on the real binary: every NOT_FOUND, FAILED_PRECONDITION and
+//! The error contract, on `baton dev` in-process (the binary's library, real gRPC): every NOT_FOUND, FAILED_PRECONDITION and
 //! RESOURCE_EXHAUSTED of every service carries a `google.rpc.ErrorInfo` (domain `baton.dev`) with
 //! a stable reason, and a request message over the size limit gets the one answer
 //! (RESOURCE_EXHAUSTED `MESSAGE_TOO_LARGE`, with the limit and the observed size) at any size, on
@@ -43,7 +43,7 @@ fn big_records(bytes: usize) -> Vec<pb::RecordFields> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_over_the_size_limit_is_resource_exhausted_everywhere() {
     const LIMIT: u64 = 4 * 1024 * 1024; // the default --max-message-bytes
-    let server = Server::start(Backend::Sqlite, &[]).await;
+    let server = Server::in_process(Backend::Sqlite, &[]).await;
     let org = create_org(&server, "acme").await;
     let mut intake = server.intake().await;
 
@@ -110,7 +110,7 @@ async fn a_message_over_the_size_limit_is_resource_exhausted_everywhere() {
 /// A representative error of each service, each answered with its documented reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_not_found_failed_precondition_and_resource_exhausted_has_a_reason() {
-    let server = Server::start(Backend::Sqlite, &["--max-records", "2"]).await;
+    let server = Server::in_process(Backend::Sqlite, &["--max-records", "2"]).await;
     let org = create_org(&server, "acme").await;
     let mut intake = server.intake().await;
     let mut admin = server.admin().await;

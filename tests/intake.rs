@@ -1,5 +1,6 @@
-//! End-to-end tests of the intake on the real `baton` binary: `baton dev` on SQLite and
-//! `baton intake` on PostgreSQL.
+//! End-to-end tests of the intake: `baton dev` on SQLite and PostgreSQL, over real gRPC. The round
+//! trip, SIGTERM and exit-code tests run the real binary; the others run `baton dev` in-process
+//! (`Server::in_process`: the same library the binary runs, on a port of its own).
 
 use std::collections::BTreeSet;
 use std::process::Command;
@@ -82,7 +83,7 @@ async fn records_round_trip_through_the_real_binary() {
 #[tokio::test]
 async fn a_request_over_the_record_limit_is_rejected_as_a_batch_and_commits_nothing() {
     for backend in backends() {
-        let server = Server::start(backend, &[]).await;
+        let server = Server::in_process(backend, &[]).await;
         let org = create_org(&server, "acme").await;
         let records = (0..201).map(|i| json!({"code": format!("r{i}"), "name": "n"})).collect();
         let status = upsert(&server, &org, records).await.unwrap_err();
@@ -109,7 +110,7 @@ async fn a_request_over_the_record_limit_is_rejected_as_a_batch_and_commits_noth
 #[tokio::test]
 async fn a_deadline_overrun_is_rejected_as_a_batch_and_commits_nothing() {
     for backend in backends() {
-        let server = Server::start(backend, &["--deadline", "400ms"]).await;
+        let server = Server::in_process(backend, &["--deadline", "400ms"]).await;
         let org = create_org(&server, "acme").await;
         upsert(&server, &org, vec![json!({"code": "before", "name": "n"})]).await.unwrap();
         sqlx::any::install_default_drivers();
@@ -147,7 +148,7 @@ async fn a_deadline_overrun_is_rejected_as_a_batch_and_commits_nothing() {
 #[tokio::test]
 async fn orgs_cannot_read_update_or_detect_each_other() {
     for backend in backends() {
-        let server = Server::start(backend, &[]).await;
+        let server = Server::in_process(backend, &[]).await;
         let a = create_org(&server, "a").await;
         let b = create_org(&server, "b").await;
         upsert(&server, &a, vec![json!({"code": "secret", "name": "A's", "email": "ceo@a"})]).await.unwrap();
@@ -191,7 +192,7 @@ async fn orgs_cannot_read_update_or_detect_each_other() {
 #[tokio::test]
 async fn bad_input_gets_a_precise_status_and_changes_nothing() {
     for backend in backends() {
-        let server = Server::start(backend, &["--max-message-bytes", "65536"]).await;
+        let server = Server::in_process(backend, &["--max-message-bytes", "65536"]).await;
         let org = create_org(&server, "acme").await;
         upsert(&server, &org, vec![json!({"code": "a", "name": "A", "email": "a@x", "amount": 1})]).await.unwrap();
 
@@ -280,7 +281,7 @@ async fn bad_input_gets_a_precise_status_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn parallel_upserts_get_dense_distinct_seqs() {
     for backend in backends() {
-        let server = std::sync::Arc::new(Server::start(backend, &[]).await);
+        let server = std::sync::Arc::new(Server::in_process(backend, &[]).await);
         let org = std::sync::Arc::new(create_org(&server, "acme").await);
         let mut tasks = Vec::new();
         for w in 0..16 {
@@ -375,7 +376,7 @@ async fn values_are_exact_end_to_end_and_nothing_is_rounded() {
     use pb::value::Kind;
     for backend in backends() {
         eprintln!("-- on {backend:?}");
-        let server = Server::start(backend, &["--workers", "1"]).await;
+        let server = Server::in_process(backend, &["--workers", "1"]).await;
         let org = create_org(&server, "acme").await;
         let f = |name: &str, t: pb::FieldType, unique| pb::FieldSpec {
             name: name.into(),
@@ -489,7 +490,7 @@ fn admin_cli(server: &Server, args: &[&str]) -> (bool, String, String) {
 async fn schemas_evolve_by_compatible_versions_end_to_end() {
     for backend in backends() {
         eprintln!("-- on {backend:?}");
-        let server = Server::start(backend, &["--workers", "1"]).await;
+        let server = Server::in_process(backend, &["--workers", "1"]).await;
         let org = create_org(&server, "acme").await;
         let mut admin = server.admin().await;
         let f = |name: &str, t: pb::FieldType, required, unique| pb::FieldSpec {
@@ -652,7 +653,7 @@ async fn schemas_evolve_by_compatible_versions_end_to_end() {
 #[tokio::test]
 async fn the_cli_stops_quietly_when_its_reader_goes_away() {
     use std::io::BufRead;
-    let server = Server::start(Backend::Sqlite, &[]).await;
+    let server = Server::in_process(Backend::Sqlite, &[]).await;
     let org = create_org(&server, "acme").await;
     // more than a pipe's buffer (64 KiB) of output, so that the CLI writes after the reader left
     let name = "n".repeat(2_000);

@@ -1,5 +1,5 @@
-//! WatchBatch and WatchExport are woken by the store on commit, on the real binary, SQLite and
-//! PostgreSQL: with the fallback poll (`--watch-poll`) far out of reach, a watch still sees each
+//! WatchBatch and WatchExport are woken by the store on commit, on `baton dev` in-process (the
+//! binary's library), SQLite and PostgreSQL: with the fallback poll (`--watch-poll`) far out of reach, a watch still sees each
 //! chunk outcome within 100 ms of its commit (the streams polled every 250 ms and 100 ms before),
 //! whether the worker runs in `baton dev` or, on PostgreSQL, in a process of its own (then
 //! LISTEN/NOTIFY carries the commit); and an idle watch reads nothing.
@@ -85,7 +85,7 @@ async fn watch_batch_shows_each_chunk_outcome_promptly_with_its_fallback_out_of_
         let label = format!("{backend:?}, {}", if worker_process { "a worker process" } else { "baton dev's workers" });
         eprintln!("-- {label}");
         let workers = if worker_process { "0" } else { "2" };
-        let server = Server::start(backend, &["--watch-poll", OUT_OF_REACH, "--workers", workers]).await;
+        let server = Server::in_process(backend, &["--watch-poll", OUT_OF_REACH, "--workers", workers]).await;
         let _worker = worker_process.then(|| worker(&server, "w1", &[]));
         let org = create_org(&server, "acme").await;
         // one chunk at a time, one every 200 ms, from 1.5 s on: the watch is there before any
@@ -141,7 +141,7 @@ async fn watch_batch_shows_each_chunk_outcome_promptly_with_its_fallback_out_of_
 async fn idle_watches_read_nothing_and_end_promptly() {
     for backend in backends() {
         eprintln!("-- on {backend:?}");
-        let server = Server::start(backend, &["--watch-poll", OUT_OF_REACH, "--workers", "0"]).await;
+        let server = Server::in_process(backend, &["--watch-poll", OUT_OF_REACH, "--workers", "0"]).await;
         let org = create_org(&server, "acme").await;
         let mut intake = server.intake().await;
         for n in 0..2 {

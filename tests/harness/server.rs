@@ -1,5 +1,7 @@
-//! A `baton` process under test ([`Server`]): started on free loopback ports, its gRPC clients
-//! and `/metrics`, signalled, restarted where it was, killed when dropped; and [`TempDir`].
+//! A `baton` server under test ([`Server`]): started on free loopback ports, its gRPC clients
+//! and `/metrics`, signalled, restarted where it was, killed when dropped; and [`TempDir`]. A
+//! server is a process of the real binary, or (`Server::in_process`) `baton dev` composed by the
+//! same library inside the test process, for tests that need no process of their own.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
@@ -28,9 +30,10 @@ pub fn baton_bin() -> PathBuf {
     bin
 }
 
-/// A running `baton` server process, stopped (SIGKILL) when dropped.
+/// A running `baton` server, stopped (a process SIGKILLed, an in-process node shut down) when
+/// dropped.
 pub struct Server {
-    child: Child,
+    run: Running,
     /// The gRPC address.
     pub addr: SocketAddr,
     /// The `/metrics` address.
@@ -42,6 +45,34 @@ pub struct Server {
     _dir: Option<TempDir>,
     args: Vec<String>,
     env: Vec<(String, String)>,
+}
+
+/// How a server runs.
+enum Running {
+    /// A process of the `baton` binary.
+    Process(Child),
+    /// `baton dev` in this process (held for its `Drop`, which stops it).
+    InProcess { _node: InProcess },
+}
+
+/// `baton dev` run by the `baton` library in this process (`baton::dev::start`), on a runtime of
+/// its own on a thread of its own, so that it serves whatever runtime flavour the test uses;
+/// told to stop (its token cancelled) when dropped. Process-wide state (the `/metrics` recorder) is the test process's: nextest runs each
+/// test in a process of its own.
+struct InProcess {
+    shutdown: tokio_util::sync::CancellationToken,
+    /// The node's thread, detached when dropped.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        // Like a SIGKILLed process, the node is not waited for: its drain would wait for the
+        // test's own connections, whose tasks run on the test's runtime, blocked here. It stops
+        // on the token, or with the test process.
+        self.shutdown.cancel();
+        drop(self.thread.take());
+    }
 }
 
 pub(crate) fn rand_hex() -> String {
@@ -65,6 +96,52 @@ impl Server {
         };
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Self::launch(backend, dir, &url, "127.0.0.1:0", extra, env)
+    }
+
+    /// Starts `baton dev` on `backend` with extra flags as [`Server::start`] does, but in this
+    /// process (no process to signal, kill or restart: those panic). The flags are parsed as the
+    /// command parses them, `BATON_*` variables included.
+    pub async fn in_process(backend: Backend, extra: &[&str]) -> Server {
+        let dir = TempDir::new();
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite://{}/baton.db", dir.path().display()),
+            Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
+        };
+        let data_dir = dir.path().to_str().unwrap().to_owned();
+        let mut flags = vec!["--data-dir", &data_dir, "--store", &url, "--listen", "127.0.0.1:0"];
+        flags.extend_from_slice(&["--admin-token", ADMIN_TOKEN, "--metrics-listen", "127.0.0.1:0"]);
+        flags.extend_from_slice(extra);
+        let args = baton::dev::parse_args(&flags).unwrap_or_else(|e| panic!("baton dev's flags {flags:?}: {e}"));
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            runtime.block_on(async move {
+                match baton::dev::start(args, token).await {
+                    Ok(node) => {
+                        let _ = started_tx.send(Ok((node.addr, node.metrics)));
+                        if let Ok(Err(e)) = node.served.await {
+                            eprintln!("the in-process baton dev failed: {e:#}");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = started_tx.send(Err(format!("{e:#}")));
+                    }
+                }
+            });
+        });
+        let (addr, metrics) = started.await.expect("the node's thread").expect("baton dev started in-process");
+        let run = Running::InProcess { _node: InProcess { shutdown, thread: Some(thread) } };
+        Server { run, addr, metrics, store_url: url, backend, _dir: Some(dir), args: Vec::new(), env: Vec::new() }
+    }
+
+    /// The process, for what only a process can be told.
+    fn process(&mut self) -> &mut Child {
+        match &mut self.run {
+            Running::Process(child) => child,
+            Running::InProcess { .. } => panic!("an in-process server has no process: start it with Server::start"),
+        }
     }
 
     /// Starts `baton dev` on a given data directory, store and address (to restart a server
@@ -93,8 +170,9 @@ impl Server {
     /// SIGKILLs the server and starts it again with the same arguments, on the same address (and
     /// data directory, store and flags), adding `extra`.
     pub fn restart(mut self, extra: &[&str]) -> Server {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.process();
+        let _ = child.kill();
+        let _ = child.wait();
         let dir = self._dir.take();
         let addr = self.addr.to_string();
         let mut args = self.args.clone();
@@ -110,8 +188,9 @@ impl Server {
 
     /// SIGKILLs the server, keeping its data directory for [`Server::start_at`].
     pub fn kill(mut self) -> (TempDir, String, SocketAddr) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let child = self.process();
+        let _ = child.kill();
+        let _ = child.wait();
         (self._dir.take().expect("a data directory"), self.store_url.clone(), self.addr)
     }
 
@@ -177,7 +256,16 @@ impl Server {
             }
         }
         let args = args.iter().map(|s| s.to_string()).collect();
-        Server { child, addr: addr.unwrap(), metrics: metrics.unwrap(), store_url, backend, _dir: dir, args, env }
+        Server {
+            run: Running::Process(child),
+            addr: addr.unwrap(),
+            metrics: metrics.unwrap(),
+            store_url,
+            backend,
+            _dir: dir,
+            args,
+            env,
+        }
     }
 
     /// The data directory of a `baton dev` server.
@@ -230,20 +318,23 @@ impl Server {
 
     /// The process id.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        match &self.run {
+            Running::Process(child) => child.id(),
+            Running::InProcess { .. } => panic!("an in-process server has no process: start it with Server::start"),
+        }
     }
 
     /// The exit status, if the process has exited.
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.try_wait().unwrap()
+        self.process().try_wait().unwrap()
     }
 
     /// Sends SIGTERM and waits (at most `within`) for the exit status.
     pub async fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
+        kill(Pid::from_raw(self.pid() as i32), Signal::SIGTERM).unwrap();
         let deadline = Instant::now() + within;
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.process().try_wait().unwrap() {
                 return Some(status);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -270,8 +361,11 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        // an in-process node stops when its `InProcess` is dropped
+        if let Running::Process(child) = &mut self.run {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

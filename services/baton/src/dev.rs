@@ -12,6 +12,7 @@ use baton_mesh::config::{ServeOptions, exit_bad_config};
 use baton_mesh::server::MeshServer;
 use baton_store::blobs::Blobs;
 use baton_store::{Store, StoreOptions};
+use tokio_util::sync::CancellationToken;
 
 use crate::node::Node;
 
@@ -95,6 +96,70 @@ fn admin_token(args: &DevArgs) -> anyhow::Result<String> {
 
 /// Runs the mesh until SIGTERM or SIGINT.
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    let node = Node::on_signals(args.serve.shutdown_grace);
+    compose(args, node).await?.serve().await
+}
+
+/// A `baton dev` started in this process by [`start`]: where it listens, and the task that serves
+/// until its shutdown token is cancelled (then drains, joins its tasks within the grace and
+/// closes the store).
+pub struct Started {
+    /// The gRPC address.
+    pub addr: SocketAddr,
+    /// The `/metrics` address.
+    pub metrics: SocketAddr,
+    /// The node, serving.
+    pub served: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Starts `baton dev` with `args` in this process, stopped by `shutdown` rather than by signals:
+/// the in-process harness of the end-to-end tests. Bad options exit the process (64), as the
+/// command does.
+pub async fn start(args: DevArgs, shutdown: CancellationToken) -> anyhow::Result<Started> {
+    let node = Node::with_shutdown(shutdown, args.serve.shutdown_grace);
+    let composed = compose(args, node).await?;
+    let (addr, metrics) = (composed.addr, composed.metrics_addr);
+    Ok(Started { addr, metrics, served: tokio::spawn(composed.serve()) })
+}
+
+/// [`DevArgs`] from `baton dev`'s flags (without the command's name), defaults and `BATON_*`
+/// variables as the command takes them.
+pub fn parse_args<I, T>(flags: I) -> Result<DevArgs, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    #[derive(clap::Parser)]
+    struct Dev {
+        #[command(flatten)]
+        args: DevArgs,
+    }
+    use clap::Parser;
+    let name = std::iter::once(std::ffi::OsString::from("baton-dev"));
+    Ok(Dev::try_parse_from(name.chain(flags.into_iter().map(Into::into)))?.args)
+}
+
+/// The mesh composed and bound, not yet serving.
+struct Composed {
+    node: Node,
+    server: MeshServer,
+    listener: tokio::net::TcpListener,
+    metrics: tokio::net::TcpListener,
+    store: Store,
+    addr: SocketAddr,
+    metrics_addr: SocketAddr,
+}
+
+impl Composed {
+    /// Serves until the node's shutdown.
+    async fn serve(self) -> anyhow::Result<()> {
+        self.node.serve(self.server, self.listener, self.metrics, Some(&self.store)).await
+    }
+}
+
+/// Opens the store and the blobs, binds the listeners, prints the banner and composes every
+/// service and task on `node`.
+async fn compose(args: DevArgs, node: Node) -> anyhow::Result<Composed> {
     validate(&args);
     if let Err(e) = std::fs::create_dir_all(&args.data_dir) {
         exit_bad_config(format!("cannot create data dir {}: {e}", args.data_dir.display()));
@@ -124,7 +189,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let metrics_addr = metrics.local_addr()?;
     print_banner(&serve, addr, metrics_addr, &shown, &blobs_at, &token);
-    let node = crate::node::Node::on_signals(serve.shutdown_grace);
     // the scheduler and workers below send the mesh token to the manager of this same process
     let (connector, mesh_token) = crate::mesh_connector(&args.mesh, &serve.tls);
     let auth =
@@ -133,7 +197,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let server = add_services(server, &args, &serve, &store, &blobs, &data_dir, &node)?;
     let me = format!("{scheme}://{addr}");
     spawn_batch_tasks(&args, &node, &store, &blobs, &connector, me);
-    node.serve(server, listener, metrics, Some(&store)).await
+    Ok(Composed { node, server, listener, metrics, store, addr, metrics_addr })
 }
 
 /// Checks the options of every service; a bad one exits 64.

@@ -28,6 +28,12 @@ impl Node {
         Self { shutdown: baton_mesh::shutdown::on_signals(), tasks: TaskTracker::new(), grace }
     }
 
+    /// A node stopped by cancelling `shutdown` (a node run inside another process: the tests'
+    /// in-process harness), with `grace` as in [`Node::on_signals`].
+    pub fn with_shutdown(shutdown: CancellationToken, grace: Duration) -> Self {
+        Self { shutdown, tasks: TaskTracker::new(), grace }
+    }
+
     /// The token that stops the node, for the services to watch.
     pub fn shutdown(&self) -> CancellationToken {
         self.shutdown.clone()
