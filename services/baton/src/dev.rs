@@ -295,29 +295,11 @@ fn spawn_batch_tasks(args: &DevArgs, node: &Node, store: &Store, blobs: &Blobs, 
     let shutdown = node.shutdown();
     // a fixed scheduler id: a restarted `baton dev` resumes its sessions (the manager and store
     // under the data directory are its own)
-    let scheduler = baton_scheduler::SchedulerOptions::new(me.clone(), DEV_SCHEDULER_ID.into(), args.release.clone());
-    let completions_server = scheduler.completions_server_id();
-    node.spawn(baton_scheduler::releaser::run(
-        store.clone(),
-        blobs.clone(),
-        scheduler,
-        connector.clone(),
-        shutdown.clone(),
-    ));
-    node.spawn(baton_scheduler::completions::run(
-        store.clone(),
-        args.webhooks.clone(),
-        DEV_SCHEDULER_ID.into(),
-        shutdown.clone(),
-    ));
-    node.spawn(baton_scheduler::awaiting::serve(
-        store.clone(),
-        connector.clone(),
-        me.clone(),
-        completions_server,
-        args.webhooks.webhook_poll,
-        shutdown.clone(),
-    ));
+    let scheduler = baton_scheduler::SchedulerOptions {
+        webhooks: args.webhooks.clone(),
+        ..baton_scheduler::SchedulerOptions::new(me.clone(), DEV_SCHEDULER_ID.into(), args.release.clone())
+    };
+    crate::spawn_scheduler(node, store, blobs.clone(), scheduler, connector.clone());
     for n in 0..args.workers {
         let worker = baton_worker::WorkerOptions::new(me.clone(), format!("dev-worker-{n}"), args.chunks.clone());
         node.spawn(baton_worker::run(worker, connector.clone(), store.clone(), blobs.clone(), shutdown.clone()));

@@ -346,6 +346,19 @@ async fn serve_scheduler(
         &store,
         serve.max_message_bytes(),
     );
+    spawn_scheduler(&node, &store, blobs, scheduler, connector);
+    node.serve(server, listener, metrics, Some(&store)).await
+}
+
+/// Spawns a scheduler's background tasks on `node`: completion webhooks, the completions pool
+/// of the manager, and the release of chunks and export parts (`baton scheduler`, `baton dev`).
+pub(crate) fn spawn_scheduler(
+    node: &node::Node,
+    store: &Store,
+    blobs: Blobs,
+    scheduler: baton_scheduler::SchedulerOptions,
+    connector: baton_manager_client::Connector,
+) {
     node.spawn(baton_scheduler::completions::run(
         store.clone(),
         scheduler.webhooks.clone(),
@@ -361,7 +374,6 @@ async fn serve_scheduler(
         node.shutdown(),
     ));
     node.spawn(baton_scheduler::releaser::run(store.clone(), blobs, scheduler, connector, node.shutdown()));
-    node.serve(server, listener, metrics, Some(&store)).await
 }
 
 /// `baton worker`: runs a worker of the manager's pool until SIGTERM or SIGINT.
