@@ -258,6 +258,11 @@ pub struct DeleteArgs {
     ids: Vec<String>,
 }
 
+/// How long the CLI waits to connect before it says nothing answers (exit 69).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// The longest a CLI request waits for its answer to begin (tonic's per-request timeout).
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// A channel to the endpoint: a usage error (64) when it is not a URL, unavailable (69) when
 /// nothing answers there.
 pub(crate) async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
@@ -268,8 +273,7 @@ pub(crate) async fn channel(conn: &Conn) -> anyhow::Result<Channel> {
     }
     // an https:// endpoint over TLS with the CLI's --tls-* files (a file missing: usage)
     let endpoint = conn.tls.client().endpoint(&conn.endpoint).map_err(|e| fail(Exit::Usage, e))?;
-    let endpoint =
-        endpoint.connect_timeout(std::time::Duration::from_secs(5)).timeout(std::time::Duration::from_secs(60));
+    let endpoint = endpoint.connect_timeout(CONNECT_TIMEOUT).timeout(CALL_TIMEOUT);
     endpoint
         .connect()
         .await

@@ -19,6 +19,10 @@ use crate::node::Node;
 /// The scheduler id of `baton dev` (its sessions are `dev/0`, `dev/1`, …).
 pub const DEV_SCHEDULER_ID: &str = "dev";
 
+/// How long the manager of `baton dev` may make no progress before the process steps down (exit
+/// 75): with no standby to hand over to, a hung actor gets this rather than a lease.
+const HANG_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The options of `baton dev`: every server's, with `/metrics` on a fixed port and a shorter
 /// grace.
 #[derive(clap::Args, Debug)]
@@ -281,7 +285,7 @@ fn add_services(
         None,
         server.health(),
         "baton.v1.SessionManager",
-        std::time::Duration::from_secs(10),
+        HANG_LIMIT,
         shutdown.clone(),
     ));
     let server = server.add_service(baton_mesh::proto::v1::session_manager_server::SessionManagerServer::new(manager));
