@@ -18,6 +18,9 @@
 macro_rules! stored_names {
     ($ty:ident, $what:literal { $($variant:ident => $name:literal),+ $(,)? }) => {
         impl $ty {
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$ty] = &[$($ty::$variant),+];
+
             /// The stored name.
             pub fn as_str(self) -> &'static str {
                 match self {
@@ -589,37 +592,41 @@ mod tests {
 
     #[test]
     fn stored_names_round_trip_and_an_unknown_name_is_corrupt() {
-        use batches::ChunkState::*;
-        for state in [Pending, Released, Running, Committed, CommittedAfterRetryResources, CommittedAfterRetryWorkload]
-        {
-            assert_eq!(batches::ChunkState::parse(state.as_str()).unwrap(), state);
+        fn round_trip<T: Copy + PartialEq + std::fmt::Debug>(
+            all: &[T],
+            as_str: fn(T) -> &'static str,
+            parse: fn(&str) -> Result<T, Error>,
+        ) {
+            let names: std::collections::HashSet<&str> = all.iter().map(|v| as_str(*v)).collect();
+            assert_eq!(names.len(), all.len(), "distinct names: {all:?}");
+            for v in all {
+                assert_eq!(parse(as_str(*v)).unwrap(), *v);
+            }
         }
-        assert_eq!(Aborted.as_str(), "ABORTED");
-        match batches::ChunkState::parse("aborted") {
-            Err(Error::Corrupt(text)) => assert_eq!(text, r#"chunk state "aborted""#),
-            other => panic!("{other:?}"),
-        }
+        use batches::{BatchOp, ChunkState, PartState};
+        use completions::{DeliveryState, Kind};
+        use exports::{ExportReason, ExportState};
         use sync::{LinkState, RejectPolicy, TrimmedPolicy};
-        for state in [
-            LinkState::Bootstrapping,
-            LinkState::Streaming,
-            LinkState::Suspended,
-            LinkState::Verifying,
-            LinkState::Paused,
-            LinkState::Failed,
-        ] {
-            assert_eq!(LinkState::parse(state.as_str()).unwrap(), state);
-        }
-        for policy in [RejectPolicy::DeadLetter, RejectPolicy::Stop] {
-            assert_eq!(RejectPolicy::parse(policy.as_str()).unwrap(), policy);
-        }
-        for policy in [TrimmedPolicy::Rebootstrap, TrimmedPolicy::Fail] {
-            assert_eq!(TrimmedPolicy::parse(policy.as_str()).unwrap(), policy);
-        }
+        round_trip(ChunkState::ALL, ChunkState::as_str, ChunkState::parse);
+        round_trip(BatchOp::ALL, BatchOp::as_str, BatchOp::parse);
+        round_trip(PartState::ALL, PartState::as_str, PartState::parse);
+        round_trip(ExportState::ALL, ExportState::as_str, ExportState::parse);
+        round_trip(ExportReason::ALL, ExportReason::as_str, ExportReason::parse);
+        round_trip(Kind::ALL, Kind::as_str, Kind::parse);
+        round_trip(DeliveryState::ALL, DeliveryState::as_str, DeliveryState::parse);
+        round_trip(LinkState::ALL, LinkState::as_str, LinkState::parse);
+        round_trip(RejectPolicy::ALL, RejectPolicy::as_str, RejectPolicy::parse);
+        round_trip(TrimmedPolicy::ALL, TrimmedPolicy::as_str, TrimmedPolicy::parse);
+        assert_eq!((ChunkState::ALL.len(), LinkState::ALL.len()), (8, 6));
         // the names stored before the macro, kept
+        assert_eq!(ChunkState::Aborted.as_str(), "ABORTED");
         assert_eq!(LinkState::Bootstrapping.as_str(), "BOOTSTRAPPING");
         assert_eq!(RejectPolicy::DeadLetter.as_str(), "DEAD_LETTER");
         assert_eq!(TrimmedPolicy::Rebootstrap.as_str(), "REBOOTSTRAP");
+        match ChunkState::parse("aborted") {
+            Err(Error::Corrupt(text)) => assert_eq!(text, r#"chunk state "aborted""#),
+            other => panic!("{other:?}"),
+        }
         match LinkState::parse("") {
             Err(Error::Corrupt(text)) => assert_eq!(text, r#"link state """#),
             other => panic!("{other:?}"),

@@ -120,19 +120,11 @@ fn count_change_log_read(follower: &'static str) {
 /// Sets `baton_links{state}` and `baton_link_lag_events{link}` every 5 s, until `shutdown`.
 async fn sample_links(store: Store, shutdown: CancellationToken) {
     use baton_store::sync::LinkState;
-    const STATES: [LinkState; 6] = [
-        LinkState::Bootstrapping,
-        LinkState::Streaming,
-        LinkState::Suspended,
-        LinkState::Verifying,
-        LinkState::Paused,
-        LinkState::Failed,
-    ];
     let mut shown = std::collections::HashSet::new();
     loop {
         match store.link_lags().await {
             Ok(links) => {
-                for state in STATES {
+                for &state in LinkState::ALL {
                     let n = links.iter().filter(|(_, s, _)| *s == state).count();
                     metrics::gauge!("baton_links", "state" => state.as_str().to_lowercase()).set(n as f64);
                 }
