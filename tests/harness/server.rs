@@ -75,6 +75,14 @@ impl Drop for InProcess {
     }
 }
 
+/// A new store on `backend`: a SQLite file in `dir`, or a fresh PostgreSQL database.
+async fn store_url(backend: Backend, dir: &TempDir) -> String {
+    match backend {
+        Backend::Sqlite => format!("sqlite://{}/baton.db", dir.path().display()),
+        Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
+    }
+}
+
 pub(crate) fn rand_hex() -> String {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
     format!("{}_{nanos:x}", std::process::id())
@@ -90,10 +98,7 @@ impl Server {
     /// [`Server::start`] with environment variables set for the process.
     pub async fn start_with_env(backend: Backend, extra: &[&str], env: &[(&str, &str)]) -> Server {
         let dir = TempDir::new();
-        let url = match backend {
-            Backend::Sqlite => format!("sqlite://{}/baton.db", dir.path().display()),
-            Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
-        };
+        let url = store_url(backend, &dir).await;
         let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         Self::launch(backend, dir, &url, "127.0.0.1:0", extra, env)
     }
@@ -103,10 +108,7 @@ impl Server {
     /// command parses them, `BATON_*` variables included.
     pub async fn in_process(backend: Backend, extra: &[&str]) -> Server {
         let dir = TempDir::new();
-        let url = match backend {
-            Backend::Sqlite => format!("sqlite://{}/baton.db", dir.path().display()),
-            Backend::Postgres => baton_store::testing::fresh_url(Backend::Postgres).await.unwrap().0,
-        };
+        let url = store_url(backend, &dir).await;
         let data_dir = dir.path().to_str().unwrap().to_owned();
         let mut flags = vec!["--data-dir", &data_dir, "--store", &url, "--listen", "127.0.0.1:0"];
         flags.extend_from_slice(&["--admin-token", ADMIN_TOKEN, "--metrics-listen", "127.0.0.1:0"]);
