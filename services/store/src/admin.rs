@@ -5,7 +5,7 @@ use sqlx::Row;
 
 use crate::model::{ApiKeyInfo, Cursor, NewApiKey, ObjectSchema, Org};
 use crate::schema::{FieldError, schema_change, validate_schema};
-use crate::{Backend, Error, Missing, Store, new_id, now_ms};
+use crate::{Backend, Error, Missing, Store, new_id};
 
 /// The SHA-256 of an API key, hex-encoded: all that is stored of a key.
 pub fn hash_key(key: &str) -> String {
@@ -33,7 +33,7 @@ impl Store {
         if name.is_empty() || name.chars().count() > 200 {
             return Err(Error::Invalid(vec![FieldError::new("name", "an org name has 1 to 200 characters")]));
         }
-        let org = Org { id: new_id("org"), name: name.to_owned(), created_at_ms: now_ms() };
+        let org = Org { id: new_id("org"), name: name.to_owned(), created_at_ms: self.now_ms() };
         sqlx::query("INSERT INTO orgs (id, name, created_at_ms, last_seq) VALUES ($1, $2, $3, 0)")
             .bind(&org.id)
             .bind(&org.name)
@@ -69,7 +69,7 @@ impl Store {
             .bind(org_id)
             .bind(hash_key(&key.api_key))
             .bind(label)
-            .bind(now_ms())
+            .bind(self.now_ms())
             .execute(&self.writer)
             .await?;
         Ok(key)
@@ -79,7 +79,7 @@ impl Store {
     pub async fn revoke_api_key(&self, key_id: &str) -> Result<(), Error> {
         let done = sqlx::query("UPDATE api_keys SET revoked_at_ms = COALESCE(revoked_at_ms, $2) WHERE id = $1")
             .bind(key_id)
-            .bind(now_ms())
+            .bind(self.now_ms())
             .execute(&self.writer)
             .await?;
         if done.rows_affected() == 0 {
@@ -157,7 +157,7 @@ impl Store {
         self.require_org(org_id).await?;
         let defined = ObjectSchema { dropped_fields: vec![], version: 1, ..schema.clone() };
         let json = encode_schema(&defined)?;
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.writer.begin().await?;
         let inserted = sqlx::query(
             "INSERT INTO objects (org_id, name, schema_json, created_at_ms) VALUES ($1, $2, $3, $4) \
@@ -216,7 +216,7 @@ impl Store {
             Ok(Some(next)) => next,
         };
         let json = encode_schema(&next)?;
-        let now = now_ms();
+        let now = self.now_ms();
         sqlx::query("UPDATE objects SET schema_json = $3 WHERE org_id = $1 AND name = $2")
             .bind(org_id)
             .bind(&schema.name)

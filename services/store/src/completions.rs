@@ -25,7 +25,7 @@ use sqlx::{AnyConnection, Row};
 
 use crate::batches::u32_of;
 use crate::exports::ExportInfo;
-use crate::{Error, Missing, Store, now_ms};
+use crate::{Error, Missing, Store};
 
 /// What a completion is of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -125,13 +125,14 @@ pub enum Attempted {
 const MAX_ERROR: usize = 500;
 
 /// Records that a completion of `kind` `subject_id` of `org_id` goes to `url`, in the
-/// transaction that creates the batch or export.
+/// transaction that creates the batch or export, at `now`.
 pub(crate) async fn insert(
     conn: &mut AnyConnection,
     kind: Kind,
     subject_id: &str,
     org_id: &str,
     url: &str,
+    now: i64,
 ) -> Result<(), Error> {
     sqlx::query(
         "INSERT INTO completions (subject_id, kind, org_id, url, state, created_at_ms) \
@@ -141,7 +142,7 @@ pub(crate) async fn insert(
     .bind(kind.as_str())
     .bind(org_id)
     .bind(url)
-    .bind(now_ms())
+    .bind(now)
     .execute(&mut *conn)
     .await?;
     Ok(())
@@ -239,7 +240,7 @@ impl Store {
     /// Makes a WAITING completion PENDING, due at once, with the body every attempt sends.
     /// False when it was not WAITING (another scheduler got there first).
     pub async fn ready_completion(&self, subject_id: &str, body: &str) -> Result<bool, Error> {
-        let now = now_ms();
+        let now = self.now_ms();
         let done = sqlx::query(
             "UPDATE completions SET state = 'PENDING', body = $2, ready_at_ms = $3, next_attempt_ms = $3 \
              WHERE subject_id = $1 AND state = 'WAITING'",
@@ -255,7 +256,7 @@ impl Store {
     /// Claims at most `limit` PENDING completions due for an attempt and not leased, for
     /// `claimer`, each for `lease`, counting the attempt. Of several schedulers, one claims each.
     pub async fn claim_completions(&self, claimer: &str, lease: Duration, limit: u32) -> Result<Vec<Claimed>, Error> {
-        let now = now_ms();
+        let now = self.now_ms();
         let due = sqlx::query(
             "SELECT subject_id FROM completions WHERE state = 'PENDING' AND next_attempt_ms <= $1 \
              AND lease_until_ms < $1 ORDER BY next_attempt_ms LIMIT $2",
@@ -299,7 +300,7 @@ impl Store {
     /// send); a failure records the error and, while it is PENDING, the next attempt's time or
     /// FAILED.
     pub async fn record_delivery(&self, subject_id: &str, claimer: &str, attempted: &Attempted) -> Result<(), Error> {
-        let now = now_ms();
+        let now = self.now_ms();
         // the lease is given up only by its holder (it may have run out and moved on)
         let release = "claimed_by = CASE WHEN claimed_by = $2 THEN '' ELSE claimed_by END, \
                        lease_until_ms = CASE WHEN claimed_by = $2 THEN 0 ELSE lease_until_ms END";

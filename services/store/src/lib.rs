@@ -297,6 +297,27 @@ pub struct Store {
     changes: std::sync::Arc<changes::Changes>,
     /// [`StoreOptions::watch_poll`].
     watch_poll: Duration,
+    /// The time of every timestamp this store writes or compares: release times, rates, leases,
+    /// expiries.
+    clock: Clock,
+}
+
+/// The store's clock: the system's wall clock, which only tests move forward
+/// ([`testing::TestStore::advance_clock`]), to reach release times, rates, leases and expiries
+/// without waiting for them. Shared by the clones of a store.
+#[derive(Debug, Clone, Default)]
+struct Clock {
+    offset_ms: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Clock {
+    fn now_ms(&self) -> i64 {
+        now_ms() + self.offset_ms.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn advance(&self, by: Duration) {
+        self.offset_ms.fetch_add(by.as_millis() as i64, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The page cache of the SQLite writer connection, in KiB. SQLite's default (2 MiB) did not
@@ -363,6 +384,11 @@ impl Drop for Checkpointer {
 }
 
 impl Store {
+    /// Now by the store's clock, in milliseconds since the Unix epoch.
+    pub(crate) fn now_ms(&self) -> i64 {
+        self.clock.now_ms()
+    }
+
     /// Opens (creating a SQLite file if needed) and migrates a store.
     pub async fn open(options: &StoreOptions) -> Result<Self, Error> {
         let store = Self::open_unmigrated(options).await?;
@@ -432,6 +458,7 @@ impl Store {
             reachability: Default::default(),
             changes: changes::Changes::new(None),
             watch_poll: options.watch_poll,
+            clock: Clock::default(),
         })
     }
 
@@ -500,6 +527,7 @@ impl Store {
             reachability: Default::default(),
             changes: changes::Changes::new(Some(url.to_owned())),
             watch_poll: options.watch_poll,
+            clock: Clock::default(),
         })
     }
 

@@ -11,7 +11,7 @@ use crate::filter::{self, Compiled, Param};
 use crate::model::{ChangeEvent, ChangeOp, DeleteOutcome, Fields, ObjectSchema, Page, Record, UpsertOutcome};
 use crate::schema::{FieldError, RecordProblem, record_id, unique_key, validate_records};
 use crate::writer::{BatchWriter, RecordWrite};
-use crate::{Error, Missing, Store, now_ms};
+use crate::{Error, Missing, Store};
 
 pub(crate) type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
@@ -261,7 +261,7 @@ impl Store {
                 let ids: Vec<String> = records.iter().map(|r| record_id(&schema, r).unwrap_or_default()).collect();
                 let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
                 self.check_unique(&mut tx, org_id, &schema, &records, &ids).await?;
-                let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
+                let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, self.now_ms()).await?;
                 writer.known_absent(ids.iter().filter(|id| !existing.contains_key(*id)).cloned());
                 let mut outcomes = Vec::with_capacity(records.len());
                 for (record, id) in records.into_iter().zip(ids) {
@@ -402,7 +402,7 @@ impl Store {
                 let mut tx = self.writer.begin().await?;
                 let base = self.lock_org(&mut tx, org_id).await?;
                 let existing = self.versions_of(&mut tx, org_id, object, &ids).await?;
-                let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, now_ms()).await?;
+                let mut writer = BatchWriter::new(self, &mut tx, org_id, &schema, &ids, base, self.now_ms()).await?;
                 let mut outcomes = Vec::with_capacity(ids.len());
                 for id in &ids {
                     match existing.get(id) {

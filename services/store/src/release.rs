@@ -16,7 +16,7 @@ use std::collections::HashSet;
 use sqlx::{Any, Row, Transaction};
 
 use crate::batches::Recovered;
-use crate::{Backend, Error, Store, now_ms};
+use crate::{Backend, Error, Store};
 
 /// A released chunk (or export part) not yet handed to the manager after this long is released
 /// again: its scheduler died between the claim and the send.
@@ -120,7 +120,7 @@ impl Store {
                  WHERE {owner} = $1 AND {number} = $2 AND sent_at_ms = 0 FOR UPDATE SKIP LOCKED)"
             ),
         };
-        sqlx::query(&sql).bind(id).bind(i64::from(n)).bind(now_ms()).execute(&self.writer).await?;
+        sqlx::query(&sql).bind(id).bind(i64::from(n)).bind(self.now_ms()).execute(&self.writer).await?;
         Ok(())
     }
 
@@ -132,7 +132,7 @@ impl Store {
         held: &[(String, u32)],
     ) -> Result<Recovered, Error> {
         let (table, owner, number, in_flight) = (what.table(), what.owner(), what.number(), what.in_flight());
-        let now = now_ms();
+        let now = self.now_ms();
         let mut recovered = Recovered::default();
         let mut tx = self.writer.begin().await?;
         for (id, n) in held {

@@ -22,6 +22,14 @@ pub struct TestStore {
     dir: Option<PathBuf>,
 }
 
+impl TestStore {
+    /// Moves the store's clock (shared by its clones) `by` forward: a release time, a rate's
+    /// spacing, a lease or an expiry is reached at once, and exactly.
+    pub fn advance_clock(&self, by: std::time::Duration) {
+        self.store.clock.advance(by);
+    }
+}
+
 impl Drop for TestStore {
     fn drop(&mut self) {
         if let Some(dir) = &self.dir {

@@ -369,7 +369,7 @@ impl<'a> BatchWriter<'a> {
         }
         // The writes' time (records' updated_at, change events' committed_at) is taken as late
         // as the transaction allows, not at its start: a link's lag is measured from it.
-        self.now = self.now.max(crate::now_ms());
+        self.now = self.now.max(self.store.now_ms());
         let mut pending = std::mem::take(&mut self.pending);
         // each write's fields as JSON text, once for both statements
         let texts = pending

@@ -1137,6 +1137,64 @@ mod batches {
     }
 
     #[tokio::test]
+    async fn a_release_time_and_a_rate_hold_until_the_store_clock_reaches_them() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let caps = ReleaseCaps { overall: 50, per_org: 50 };
+            let of =
+                |batch: &str, cs: &[baton_store::batches::ChunkRef]| cs.iter().filter(|c| c.batch_id == batch).count();
+            // not before a minute from now (the margins allow a slow machine 5 s of real time)
+            let mut later = new_batch(BatchOp::Upsert, 2);
+            later.not_before_ms = baton_store::now_ms() + 60_000;
+            let timed = submit(s, &org, &later, &accounts("t", 2)).await;
+            // ten records a chunk at one record a second: a chunk every 10 s
+            let mut slow = new_batch(BatchOp::Upsert, 10);
+            slow.records_per_second = 1;
+            let paced = submit(s, &org, &slow, &accounts("p", 30)).await;
+
+            let first = s.release_chunks("sched", caps).await.unwrap();
+            assert_eq!((of(&timed, &first), of(&paced, &first)), (0, 1), "{first:?}");
+            t.advance_clock(Duration::from_secs(5));
+            assert_eq!(of(&paced, &s.release_chunks("sched", caps).await.unwrap()), 0, "faster than its rate");
+            t.advance_clock(Duration::from_secs(5));
+            let second = s.release_chunks("sched", caps).await.unwrap();
+            assert_eq!((of(&timed, &second), of(&paced, &second)), (0, 1), "the rate's spacing is over: {second:?}");
+            t.advance_clock(Duration::from_secs(45));
+            let third = s.release_chunks("sched", caps).await.unwrap();
+            assert_eq!((of(&timed, &third), of(&paced, &third)), (0, 1), "5 s before its time: {third:?}");
+            t.advance_clock(Duration::from_secs(5));
+            let fourth = s.release_chunks("sched", caps).await.unwrap();
+            assert_eq!((of(&timed, &fourth), of(&paced, &fourth)), (1, 0), "its time has come: {fourth:?}");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_chunk_released_and_never_sent_is_released_again_after_the_unsent_timeout() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let caps = ReleaseCaps { overall: 50, per_org: 50 };
+            let batch = submit(s, &org, &new_batch(BatchOp::Upsert, 2), &accounts("u", 4)).await;
+            let claimed = s.release_chunks("dead", caps).await.unwrap();
+            assert_eq!(claimed.len(), 2);
+            // one handed to the manager, one not: its scheduler died between the claim and the send
+            s.mark_sent(&claimed[0]).await.unwrap();
+            t.advance_clock(Duration::from_secs(29));
+            assert!(s.release_chunks("alive", caps).await.unwrap().is_empty(), "released again too soon");
+            t.advance_clock(Duration::from_secs(2));
+            let again = s.release_chunks("alive", caps).await.unwrap();
+            assert_eq!(
+                again.iter().map(|c| (c.batch_id.as_str(), c.index)).collect::<Vec<_>>(),
+                vec![(batch.as_str(), claimed[1].index)],
+                "only the unsent chunk is released again"
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn a_freed_slot_goes_to_the_org_with_the_fewest_chunks_in_flight() {
         each_backend(|t| async move {
             let s = &t.store;
@@ -1567,6 +1625,39 @@ mod exports {
     }
 
     #[tokio::test]
+    async fn an_export_lives_its_retention_by_the_store_clock_and_then_its_parts_are_deleted() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let dir = tempfile::tempdir().unwrap();
+            let blobs = Blobs::open(dir.path().to_str().unwrap()).unwrap();
+            let org = org_with_account(s).await;
+            load(s, &org, 110).await;
+            let hour = Duration::from_secs(3600);
+            let started = s.start_export(&org, &spec("", 10, 50), soon(), hour).await.unwrap();
+            let ExportStart::Started { token, .. } = started else { panic!("async") };
+            assert_eq!(produce_all(s, &blobs, &org, &token).await.len(), 100);
+            assert_eq!(walk(dir.path()).len(), 2);
+
+            // 10 s before the end of its retention (a slow machine's margin): all there
+            t.advance_clock(hour - Duration::from_secs(10));
+            assert_eq!(s.expire_exports(&blobs, 10).await.unwrap(), 0);
+            assert!(s.export(&org, &token).await.is_ok());
+            assert!(matches!(s.read_part(&blobs, &org, &token, 2).await.unwrap(), PartRead::Rows(_)));
+            assert_eq!(s.list_exports(&org, None, 10).await.unwrap().len(), 1);
+
+            // over: expired at once for readers, its blobs deleted by the sweep, once
+            t.advance_clock(Duration::from_secs(10));
+            assert!(matches!(s.export(&org, &token).await, Err(Error::Expired(_))));
+            assert!(matches!(s.read_part(&blobs, &org, &token, 1).await, Err(Error::Expired(_))));
+            assert!(s.list_exports(&org, None, 10).await.unwrap().is_empty());
+            assert_eq!(s.expire_exports(&blobs, 10).await.unwrap(), 1);
+            assert_eq!(walk(dir.path()).len(), 0, "the parts' blobs are deleted");
+            assert_eq!(s.expire_exports(&blobs, 10).await.unwrap(), 0);
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn a_request_id_answers_the_same_export_with_a_new_token() {
         each_backend(|t| async move {
             let s = &t.store;
@@ -1657,6 +1748,39 @@ async fn sqlite_wal_pages_reach_the_database_file_without_the_writer_checkpointi
 }
 
 /// A link's dead letters and history come a page at a time, in order, each row once.
+#[tokio::test]
+async fn a_link_lease_holds_until_it_lapses_and_a_renewal_extends_it() {
+    use baton_store::sync::{NewLink, RejectPolicy, TrimmedPolicy};
+    each_backend(|t| async move {
+        let s = &t.store;
+        let org = org_with_account(s).await;
+        let new = NewLink {
+            target_endpoint: "http://127.0.0.1:1".into(),
+            target_api_key: "bk_x".into(),
+            objects: vec![],
+            verify_threshold: 3,
+            probe_interval: Duration::from_secs(1),
+            on_reject: RejectPolicy::DeadLetter,
+            on_trimmed: TrimmedPolicy::Rebootstrap,
+            target_ca_pem: String::new(),
+        };
+        let link = s.create_link(&org, &new).await.unwrap().id;
+        let lease = Duration::from_secs(60);
+        assert_eq!(s.claim_links("a", lease).await.unwrap(), vec![link.clone()]);
+        assert!(s.claim_links("b", lease).await.unwrap().is_empty(), "a's lease holds");
+        t.advance_clock(Duration::from_secs(50));
+        assert_eq!(s.claim_links("a", lease).await.unwrap(), vec![link.clone()], "a renews");
+        t.advance_clock(Duration::from_secs(50));
+        assert!(s.claim_links("b", lease).await.unwrap().is_empty(), "the renewal holds past the first lease");
+        t.advance_clock(Duration::from_secs(11));
+        assert_eq!(s.claim_links("b", lease).await.unwrap(), vec![link.clone()], "a's lease lapsed");
+        assert!(s.claim_links("a", lease).await.unwrap().is_empty(), "b holds it now");
+        s.release_links("b").await.unwrap();
+        assert_eq!(s.claim_links("a", lease).await.unwrap(), vec![link], "given up on shutdown: at once");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn dead_letters_and_link_history_page_in_order() {
     use baton_store::sync::{DeadLetter, NewLink, RejectPolicy, TrimmedPolicy};

@@ -12,7 +12,7 @@ use super::{
 use crate::changes::Topic;
 use crate::model::Cursor;
 use crate::schema::RecordProblem;
-use crate::{Error, Missing, Store, now_ms};
+use crate::{Error, Missing, Store};
 
 impl Store {
     /// A batch of the org, with its totals.
@@ -168,7 +168,7 @@ impl Store {
         if matches!(before.state, BatchState::Done | BatchState::Cancelled) {
             return Ok(before);
         }
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.writer.begin().await?;
         sqlx::query("UPDATE batches SET state = 'CANCELLED', finished_at_ms = $3 WHERE id = $1 AND org_id = $2")
             .bind(batch_id)

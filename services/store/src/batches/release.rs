@@ -9,7 +9,7 @@ use sqlx::{Any, AnyConnection, Row, Transaction};
 use super::{ChunkRef, OVERLOAD_PAUSE_MS, Recovered, ReleaseCaps, u32_of};
 use crate::changes::Topic;
 use crate::release::{self, Releasable, Release};
-use crate::{Error, Store, now_ms};
+use crate::{Error, Store};
 
 impl Store {
     /// Releases chunks by policy, at most up to the caps, for `claimer`: not before their batch's
@@ -22,7 +22,7 @@ impl Store {
     /// so every scheduler replica defers, and none releases in the moment between the commit and
     /// the answer.
     pub async fn release_chunks(&self, claimer: &str, caps: ReleaseCaps) -> Result<Vec<ChunkRef>, Error> {
-        let now = now_ms();
+        let now = self.now_ms();
         let Some(Release { mut tx, taken_back }) = self.begin_release(Releasable::Chunks, now).await? else {
             return Ok(Vec::new());
         };

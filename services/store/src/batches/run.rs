@@ -13,7 +13,7 @@ use super::{Attempt, BatchOp, ChunkRun, ChunkStart, ChunkState, ChunkWork, PartR
 use crate::changes::Topic;
 use crate::model::{Fields, ObjectSchema};
 use crate::schema::{RecordProblem, record_id, record_problems};
-use crate::{Backend, Error, Missing, Store, now_ms};
+use crate::{Backend, Error, Missing, Store};
 
 impl Store {
     /// A worker takes a delivered chunk: RUNNING, one more attempt, unless it has its outcome
@@ -21,7 +21,7 @@ impl Store {
     /// chunk that was split is in flight with parts committed: it runs on to its outcome even in
     /// a cancelled batch.
     pub async fn start_chunk(&self, batch_id: &str, index: u32, worker: &str) -> Result<ChunkStart, Error> {
-        let now = now_ms();
+        let now = self.now_ms();
         let started = sqlx::query(&format!(
             "UPDATE chunks SET state = 'RUNNING', attempts = attempts + 1, worker = $3, started_at_ms = $4 \
              WHERE batch_id = $1 AND idx = $2 AND state IN {RUNNABLE} \
@@ -95,7 +95,7 @@ impl Store {
         .bind(errors)
         .bind(problems.len() as i64)
         .bind(cause)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .execute(&self.writer)
         .await?;
         self.touched(Topic::Batch(batch_id));
@@ -327,7 +327,7 @@ impl Store {
             .bind(batch_id)
             .bind(i64::from(index))
             .bind(attempt.outcome.as_str())
-            .bind(now_ms())
+            .bind(self.now_ms())
             .bind(attempt.cause)
             .execute(&mut *conn)
             .await?;
@@ -341,7 +341,7 @@ impl Store {
         .bind(batch_id)
         .bind(i64::from(index))
         .bind(i64::from(p.first))
-        .bind(now_ms())
+        .bind(self.now_ms())
         .execute(&mut *conn)
         .await?;
         sqlx::query(

@@ -7,7 +7,7 @@ use sqlx::Row;
 use super::{ChunkPart, ChunkState, PartRange, PartState, RUNNABLE, Split, part_of, u32_of};
 use crate::changes::Topic;
 use crate::schema::RecordProblem;
-use crate::{Error, Store, now_ms};
+use crate::{Error, Store};
 
 impl Store {
     /// Splits a chunk that met a resource limit, or one of its parts, in halves, each to be run
@@ -110,7 +110,7 @@ impl Store {
         .bind(i64::from(part.records))
         .bind(cause)
         .bind(errors)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .execute(&self.writer)
         .await?;
         self.touched(Topic::Batch(batch_id));
@@ -188,7 +188,7 @@ impl Store {
         .bind(batch_id)
         .bind(i64::from(index))
         .bind(outcome.as_str())
-        .bind(now_ms())
+        .bind(self.now_ms())
         .bind(cause)
         .bind(errors)
         .bind(problems.len() as i64)

@@ -6,7 +6,7 @@ use sqlx::Row;
 use super::{BatchStart, NewBatch};
 use crate::changes::Topic;
 use crate::model::Fields;
-use crate::{Error, Missing, Store, completions, new_id, now_ms};
+use crate::{Error, Missing, Store, completions, new_id};
 
 impl Store {
     /// Starts staging a batch, or finds the one staged earlier with the same request id. A batch
@@ -44,14 +44,14 @@ impl Store {
         .bind(new.not_before_ms)
         .bind(i64::from(new.max_parallel))
         .bind(i64::from(new.records_per_second))
-        .bind(now_ms())
+        .bind(self.now_ms())
         .bind(new.traceparent.clone())
         .execute(&mut *tx)
         .await;
         match inserted {
             Ok(_) => {
                 if let Some(url) = &new.webhook {
-                    completions::insert(&mut tx, completions::Kind::Batch, &id, org_id, url).await?;
+                    completions::insert(&mut tx, completions::Kind::Batch, &id, org_id, url, self.now_ms()).await?;
                 }
                 tx.commit().await?;
                 Ok(BatchStart::New(id))

@@ -11,7 +11,7 @@ use super::{BatchOp, ChunkWork};
 use crate::model::{Fields, ObjectSchema};
 use crate::schema::{RecordProblem, record_id};
 use crate::writer::{BatchWriter, RecordWrite, sets_unique};
-use crate::{Backend, Error, Store, now_ms};
+use crate::{Backend, Error, Store};
 
 impl Store {
     /// Writes a chunk's records, valid against the schema, inside `conn`'s transaction, which
@@ -50,7 +50,7 @@ impl Store {
             problems.sort_by_key(|p| p.index);
             return Ok(Err(problems));
         }
-        let mut writer = BatchWriter::new(self, conn, org_id, schema, &ids, base, now_ms()).await?;
+        let mut writer = BatchWriter::new(self, conn, org_id, schema, &ids, base, self.now_ms()).await?;
         writer.known_absent(ids.iter().filter(|id| !existing.contains_key(*id)).cloned());
         let mut texts = texts.into_iter();
         for (record, id) in records.into_iter().zip(ids) {
@@ -152,7 +152,7 @@ impl Store {
         texts: &[String],
     ) -> Result<Option<i64>, Error> {
         let rows: Vec<(&str, &str)> = ids.iter().map(String::as_str).zip(texts.iter().map(String::as_str)).collect();
-        let now = now_ms();
+        let now = self.now_ms();
         sqlx::query("SAVEPOINT fresh_chunk").execute(&mut *conn).await?;
         let mut first = base + 1;
         for part in rows.chunks(self.rows_per_flush()) {

@@ -15,7 +15,7 @@ use crate::changes::Topic;
 use crate::filter::Compiled;
 use crate::model::{Cursor, ObjectSchema, Record};
 use crate::records::read_condition;
-use crate::{Error, Missing, Store, new_id, now_ms};
+use crate::{Error, Missing, Store, new_id};
 
 impl Store {
     /// Starts an export: reads the first portion (within `deadline`) and, when more records
@@ -42,7 +42,7 @@ impl Store {
                 FirstRead::All(records) => return Ok(ExportStart::Complete { records, as_of_seq }),
                 FirstRead::Portion(portion) => portion,
             };
-        let now = now_ms();
+        let now = self.now_ms();
         let id = new_id("exp");
         let token = new_token();
         let fields = serde_json::to_string(&spec.fields).map_err(|e| Error::Corrupt(e.to_string()))?;
@@ -86,7 +86,8 @@ impl Store {
         }
         self.insert_token(&mut tx, org_id, &id, &token).await?;
         if let Some(url) = &spec.webhook {
-            crate::completions::insert(&mut tx, crate::completions::Kind::Export, &id, org_id, url).await?;
+            crate::completions::insert(&mut tx, crate::completions::Kind::Export, &id, org_id, url, self.now_ms())
+                .await?;
         }
         tx.commit().await?;
         let export = self.export_row(&id).await?.info;
@@ -163,7 +164,7 @@ impl Store {
         existing: ExportRow,
         deadline: Instant,
     ) -> Result<ExportStart, Error> {
-        if existing.expired || existing.info.expires_at_ms <= now_ms() {
+        if existing.expired || existing.info.expires_at_ms <= self.now_ms() {
             return Err(Error::Expired(format!("export {}", existing.info.id)));
         }
         let first = if existing.first_last_id.is_empty() {
@@ -238,7 +239,7 @@ impl Store {
             .await?;
         let Some(row) = row else { return Err(Error::not_found(Missing::Export, "export token")) };
         let export = self.export_row(&row.try_get::<String, _>(0)?).await?;
-        if export.expired || export.info.expires_at_ms <= now_ms() {
+        if export.expired || export.info.expires_at_ms <= self.now_ms() {
             return Err(Error::Expired(format!("export {}", export.info.id)));
         }
         Ok(export)
@@ -271,7 +272,7 @@ impl Store {
         };
         let rows = sqlx::query(&sql)
             .bind(org_id)
-            .bind(now_ms())
+            .bind(self.now_ms())
             .bind(before_ms)
             .bind(before_id)
             .bind(i64::from(limit))
@@ -297,7 +298,7 @@ impl Store {
         .bind(export_id)
         .bind(state.as_str())
         .bind(error)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .execute(&mut *tx)
         .await?;
         if ended.rows_affected() == 1 {
@@ -318,7 +319,7 @@ impl Store {
     /// Deletes the parts of exports past their retention (at most `limit` exports); their
     /// tokens then answer [`Error::Expired`]. Answers how many exports expired.
     pub async fn expire_exports(&self, blobs: &Blobs, limit: u32) -> Result<u32, Error> {
-        let now = now_ms();
+        let now = self.now_ms();
         let rows = sqlx::query("SELECT id FROM exports WHERE expired = 0 AND expires_at_ms <= $1 LIMIT $2")
             .bind(now)
             .bind(i64::from(limit))

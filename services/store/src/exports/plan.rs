@@ -7,7 +7,7 @@ use super::{EXPORT_COLUMNS, ExportRow, ExportState};
 use crate::changes::Topic;
 use crate::filter::Compiled;
 use crate::records::{bind_condition, read_condition};
-use crate::{Error, Store, now_ms};
+use crate::{Error, Store};
 
 impl Store {
     /// Plans more parts of producing exports, for about `budget`: each planned part is the next
@@ -102,7 +102,7 @@ impl Store {
                  WHERE id = $1 AND state = 'PRODUCING' AND parts_ready = parts_total",
             )
             .bind(info.id.clone())
-            .bind(now_ms())
+            .bind(self.now_ms())
             .execute(&mut *tx)
             .await?;
         }

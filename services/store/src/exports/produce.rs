@@ -9,7 +9,7 @@ use crate::changes::Topic;
 use crate::filter::Compiled;
 use crate::model::{Fields, Record};
 use crate::records::{RawRow, bind_condition, decode_fields, read_condition};
-use crate::{Backend, Error, Missing, Store, now_ms};
+use crate::{Backend, Error, Missing, Store};
 
 impl Store {
     /// Produces a part: reads its id range, writes it to `blobs` under a fresh key and records it
@@ -51,7 +51,7 @@ impl Store {
         let key = format!("exports/{export_id}/{number:06}-{}.ndjson.lz4", hex::encode(rand::random::<[u8; 6]>()));
         let bytes = blobs.put(&key, blob).await?;
         let produced = PartBlob { key, rows, bytes: bytes as i64 };
-        let now = now_ms();
+        let now = self.now_ms();
         let mut tx = self.writer.begin().await?;
         if !record_ready(&mut tx, export_id, number, worker, &produced, now).await? {
             drop(tx);

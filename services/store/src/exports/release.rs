@@ -6,14 +6,14 @@ use sqlx::Row;
 use super::PartRef;
 use crate::batches::{Recovered, u32_of};
 use crate::release::{self, Releasable, Release};
-use crate::{Error, Store, now_ms};
+use crate::{Error, Store};
 
 impl Store {
     /// Releases planned parts to workers: at most `per_export` in flight per export and
     /// `overall` over all, oldest export first. Serialized across scheduler replicas by the
     /// release lock row, like chunk releases.
     pub async fn release_parts(&self, claimer: &str, per_export: u32, overall: u32) -> Result<Vec<PartRef>, Error> {
-        let now = now_ms();
+        let now = self.now_ms();
         // The releaser asks after every answer; most of the time no part waits, and the release
         // then costs one read, not the write transaction (on SQLite the one writer that batch
         // chunks wait for). A part's release is not shown to watchers: nothing to announce.

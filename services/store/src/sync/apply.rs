@@ -12,7 +12,7 @@ use crate::model::{ChangeEvent, ChangeOp, Fields, ObjectSchema, Record};
 use crate::records::decode_fields;
 use crate::schema::{record_id, validate_records};
 use crate::writer::{BatchWriter, RecordWrite};
-use crate::{Error, Missing, Store, now_ms};
+use crate::{Error, Missing, Store};
 
 impl Store {
     /// A page of a link's snapshot of `object`: its records after id `after` (None: from the
@@ -158,7 +158,7 @@ impl Store {
         let mut outcome = ApplyOutcome { watermark, ..ApplyOutcome::default() };
         let fresh = |c: &ChangeEvent| snapshot || c.seq > watermark;
         let mut targets = self.apply_targets(&mut tx, org_id, changes.iter().filter(|c| fresh(c))).await?;
-        let now = now_ms();
+        let now = self.now_ms();
         let mut seq = base;
         let mut last_seen = watermark;
         let mut writer: Option<BatchWriter<'_>> = None;

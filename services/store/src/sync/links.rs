@@ -8,7 +8,7 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{DeadLetter, Link, LinkState, LinkTransition, NewLink, RejectPolicy, TrimmedPolicy};
-use crate::{Error, Missing, Store, new_id, now_ms};
+use crate::{Error, Missing, Store, new_id};
 
 const LINK_COLUMNS: &str = "id, org_id, target_endpoint, target_api_key, objects, state, verify_threshold, \
      probe_interval_ms, on_reject, cursor_seq, bootstrapped, consecutive_ok, last_cause, created_at_ms, on_trimmed, target_ca_pem";
@@ -39,7 +39,7 @@ impl Store {
     /// Creates a link of `org_id`, BOOTSTRAPPING.
     pub async fn create_link(&self, org_id: &str, new: &NewLink) -> Result<Link, Error> {
         let id = new_id("lnk");
-        let now = now_ms();
+        let now = self.now_ms();
         let objects = serde_json::to_string(&new.objects).map_err(|e| Error::Corrupt(e.to_string()))?;
         let mut tx = self.writer.begin().await?;
         sqlx::query(
@@ -126,7 +126,7 @@ impl Store {
         if !from.iter().any(|s| s.as_str() == current) {
             return Ok(false);
         }
-        let now = now_ms();
+        let now = self.now_ms();
         sqlx::query(
             "UPDATE links SET state = $2, last_cause = $3, consecutive_ok = $4, updated_at_ms = $5, \
              cursor_seq = COALESCE($6, cursor_seq), bootstrapped = COALESCE($7, bootstrapped) WHERE id = $1",
@@ -164,7 +164,7 @@ impl Store {
         )
         .bind(link_id)
         .bind(cursor)
-        .bind(now_ms())
+        .bind(self.now_ms())
         .fetch_optional(&self.writer)
         .await?;
         match row {
@@ -281,7 +281,7 @@ impl Store {
     /// `lease` from now; returns the ids `owner` holds. Several sync replicas on one database
     /// share the links this way, each link owned by one replica at a time.
     pub async fn claim_links(&self, owner: &str, lease: Duration) -> Result<Vec<String>, Error> {
-        let now = now_ms();
+        let now = self.now_ms();
         let rows = sqlx::query(
             "UPDATE links SET owner = $1, lease_until_ms = $2 WHERE owner = $1 OR owner IS NULL OR lease_until_ms < $3 \
              RETURNING id",
