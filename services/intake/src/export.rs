@@ -232,79 +232,82 @@ impl IntakeService {
         let org = org_of(&request)?;
         let request = request.into_inner();
         require(&request.token, "token")?;
+        let rows = self.part_when_produced(&org, &request.token, request.part).await?;
+        Ok(stream_part(rows))
+    }
+
+    /// Part `part` (counted from 0) of the export of `token`, waited for while it is being
+    /// produced: woken by the commits of the export's progress (the watch is made at the first
+    /// wait, then the part read again before waiting); the client's deadline bounds the wait.
+    async fn part_when_produced(&self, org: &str, token: &str, part: u32) -> Result<exports::PartRows, Status> {
         // the API counts parts from 0, the store from 1 (its part numbers are internal)
-        let number = request.part.saturating_add(1);
-        // a part still being produced is waited for, woken by the commits of the export's
-        // progress (the watch is made at the first wait, then the part read again before
-        // waiting); the client's deadline bounds the wait
+        let number = part.saturating_add(1);
         let mut progress: Option<baton_store::changes::ProgressWatch> = None;
-        let rows = loop {
-            match self.store.read_part(&self.blobs, &org, &request.token, number).await.map_err(Error::from)? {
-                PartRead::Rows(rows) => break rows,
+        loop {
+            match self.store.read_part(&self.blobs, org, token, number).await.map_err(Error::from)? {
+                PartRead::Rows(rows) => return Ok(rows),
                 PartRead::NotReady => match progress.as_mut() {
                     Some(progress) => {
                         progress.wait().await;
                     }
                     None => {
-                        let export = self.store.export(&org, &request.token).await.map_err(Error::from)?;
+                        let export = self.store.export(org, token).await.map_err(Error::from)?;
                         progress = Some(self.store.progress_watch(Topic::Export(&export.id)));
                     }
                 },
                 PartRead::OutOfRange(total) => {
                     return Err(Status::out_of_range(format!(
-                        "part {} does not exist: the export has {total} part(s)",
-                        request.part
+                        "part {part} does not exist: the export has {total} part(s)"
                     )));
                 }
                 PartRead::Never(state) => {
                     return Err(status::with_reason(
                         Code::FailedPrecondition,
                         status::PART_NOT_PRODUCED,
-                        format!(
-                            "part {} was not produced: the export is {}",
-                            request.part,
-                            state.as_str().to_lowercase()
-                        ),
+                        format!("part {part} was not produced: the export is {}", state.as_str().to_lowercase()),
                     ));
                 }
             }
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel(2);
-        // a frame is encoded as the client reads it, straight from the part's lines: a part is
-        // held as its decompressed text, never as decoded rows
-        tokio::spawn(async move {
-            let schema = &rows.schema;
-            let mut lines = rows.lines();
-            let (mut scratch, mut sent) = (Vec::new(), 0u64);
-            loop {
-                let (mut frame, mut count) = (Vec::with_capacity(FRAME_BYTES), 0);
-                let mut failed = None;
-                while count < FRAME_ROWS && frame.len() < FRAME_BYTES {
-                    let Some(line) = lines.next() else { break };
-                    if let Err(e) = part_rows::encode_line(line, schema, &mut scratch, &mut frame) {
-                        failed = Some(baton_store::Error::Corrupt(format!("part {}: {e}", rows.number())));
-                        break;
-                    }
-                    count += 1;
-                }
-                if count > 0 {
-                    sent += count as u64;
-                    let rows =
-                        pb::ExportRows { encoded: frame.into(), schema_version: schema.version, ..Default::default() };
-                    if tx.send(Ok(rows)).await.is_err() {
-                        break;
-                    }
-                }
-                if let Some(e) = failed {
-                    let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+        }
+    }
+}
+
+/// A part's rows as a stream of frames, each encoded as the client reads it, straight from the
+/// part's lines: a part is held as its decompressed text, never as decoded rows.
+fn stream_part(rows: exports::PartRows) -> GrpcStream<pb::ExportRows> {
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        let schema = &rows.schema;
+        let mut lines = rows.lines();
+        let (mut scratch, mut sent) = (Vec::new(), 0u64);
+        loop {
+            let (mut frame, mut count) = (Vec::with_capacity(FRAME_BYTES), 0);
+            let mut failed = None;
+            while count < FRAME_ROWS && frame.len() < FRAME_BYTES {
+                let Some(line) = lines.next() else { break };
+                if let Err(e) = part_rows::encode_line(line, schema, &mut scratch, &mut frame) {
+                    failed = Some(baton_store::Error::Corrupt(format!("part {}: {e}", rows.number())));
                     break;
                 }
-                if count == 0 {
+                count += 1;
+            }
+            if count > 0 {
+                sent += count as u64;
+                let rows =
+                    pb::ExportRows { encoded: frame.into(), schema_version: schema.version, ..Default::default() };
+                if tx.send(Ok(rows)).await.is_err() {
                     break;
                 }
             }
-            metrics::counter!("baton_export_rows_fetched_total").increment(sent);
-        });
-        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
-    }
+            if let Some(e) = failed {
+                let _ = tx.send(Err(Status::from(Error::from(e)))).await;
+                break;
+            }
+            if count == 0 {
+                break;
+            }
+        }
+        metrics::counter!("baton_export_rows_fetched_total").increment(sent);
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

@@ -334,78 +334,116 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let me = options.id();
-    let count = options.release.sessions;
-    let Some(sessions) = open_sessions(&connector, &options, &me, 0..count, &shutdown).await else { return };
-    let mut restart: Vec<RestartData> = sessions.iter().map(RestartData::of).collect();
-    // Started before with more sessions: the ones above `count` are resumed too, to drain and
-    // close (see `drain`), and their restart data is read like the others'.
-    let before = restart.iter().map(|r| r.sessions).max().unwrap_or(0).min(MAX_SESSIONS);
-    let Some(surplus) = open_sessions(&connector, &options, &me, count..before.max(count), &shutdown).await else {
-        return;
-    };
-    restart.extend(surplus.iter().map(RestartData::of));
-    let Some(flying) = recover(&store, &me, &restart, &shutdown).await else { return };
-    tracing::info!(
-        scheduler = %me,
-        sessions = sessions.len(),
-        surplus = surplus.len(),
-        manager = %options.manager,
-        "releaser started"
-    );
-    let in_flight = restart
-        .iter()
-        .take(sessions.len())
-        .map(|r| Mutex::new(r.in_flight.iter().filter(|w| flying.contains(*w)).cloned().collect()))
-        .collect();
-    let shared = Arc::new(Shared {
-        wake: Notify::new(),
-        in_flight,
-        listed: options.release.max_parallel as usize,
-        sessions: AtomicU32::new(count.max(before)),
-        paused_until: AtomicI64::new(0),
-    });
-    tokio::spawn(sample_gauges(store.clone(), shutdown.clone()));
-    let draining = Arc::new(AtomicU32::new(surplus.len() as u32));
-    for session in surplus {
-        tokio::spawn(drain(session, shared.clone(), draining.clone(), count));
+    if let Some(releaser) = Releaser::start(store, blobs, options, &connector, me.clone(), shutdown).await {
+        releaser.run().await;
     }
-    let mut senders: Vec<ClientSender> = Vec::new();
-    for (k, mut session) in sessions.into_iter().enumerate() {
-        senders.push(session.sender());
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            while let Some(response) = session.recv().await {
-                if let Some(work) = shared.answer(&response) {
-                    shared.answered(k, &work);
-                }
-                shared.wake.notify_one();
-            }
+    tracing::info!(scheduler = %me, "releaser stopped");
+}
+
+/// A started releaser: its sessions' senders, and what their answers update.
+struct Releaser {
+    store: Store,
+    blobs: Blobs,
+    options: SchedulerOptions,
+    me: String,
+    senders: Vec<ClientSender>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+}
+
+impl Releaser {
+    /// Opens (or resumes) the sessions, settles what an earlier start released and did not send,
+    /// and starts the tasks that take the answers. None when shutdown comes first.
+    async fn start(
+        store: Store,
+        blobs: Blobs,
+        options: SchedulerOptions,
+        connector: &Connector,
+        me: String,
+        shutdown: CancellationToken,
+    ) -> Option<Self> {
+        let count = options.release.sessions;
+        let sessions = open_sessions(connector, &options, &me, 0..count, &shutdown).await?;
+        let mut restart: Vec<RestartData> = sessions.iter().map(RestartData::of).collect();
+        // Started before with more sessions: the ones above `count` are resumed too, to drain
+        // and close (see `drain`), and their restart data is read like the others'.
+        let before = restart.iter().map(|r| r.sessions).max().unwrap_or(0).min(MAX_SESSIONS);
+        let surplus = open_sessions(connector, &options, &me, count..before.max(count), &shutdown).await?;
+        restart.extend(surplus.iter().map(RestartData::of));
+        let flying = recover(&store, &me, &restart, &shutdown).await?;
+        tracing::info!(
+            scheduler = %me,
+            sessions = sessions.len(),
+            surplus = surplus.len(),
+            manager = %options.manager,
+            "releaser started"
+        );
+        let in_flight = restart
+            .iter()
+            .take(sessions.len())
+            .map(|r| Mutex::new(r.in_flight.iter().filter(|w| flying.contains(*w)).cloned().collect()))
+            .collect();
+        let shared = Arc::new(Shared {
+            wake: Notify::new(),
+            in_flight,
+            listed: options.release.max_parallel as usize,
+            sessions: AtomicU32::new(count.max(before)),
+            paused_until: AtomicI64::new(0),
         });
+        tokio::spawn(sample_gauges(store.clone(), shutdown.clone()));
+        let draining = Arc::new(AtomicU32::new(surplus.len() as u32));
+        for session in surplus {
+            tokio::spawn(drain(session, shared.clone(), draining.clone(), count));
+        }
+        let mut senders: Vec<ClientSender> = Vec::new();
+        for (k, mut session) in sessions.into_iter().enumerate() {
+            senders.push(session.sender());
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Some(response) = session.recv().await {
+                    if let Some(work) = shared.answer(&response) {
+                        shared.answered(k, &work);
+                    }
+                    shared.wake.notify_one();
+                }
+            });
+        }
+        Some(Self { store, blobs, options, me, senders, shared, shutdown })
     }
-    let caps = ReleaseCaps { overall: options.release.max_parallel, per_org: options.release.org_parallel };
-    let mut next_sweep = tokio::time::Instant::now();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(options.release.release_interval) => {}
-        }
-        if shared.paused_until.load(Ordering::Relaxed) > now_ms() {
-            continue;
-        }
-        if tokio::time::Instant::now() >= next_sweep {
-            next_sweep = tokio::time::Instant::now() + EXPIRY_SWEEP;
-            match store.expire_exports(&blobs, 100).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(exports = n, "expired exports deleted"),
-                Err(e) => tracing::warn!(error = %e, "cannot expire exports"),
+
+    /// Releases, every `--release-interval` or sooner when a worker answers, until shutdown.
+    async fn run(self) {
+        let mut next_sweep = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = self.shared.wake.notified() => {}
+                _ = tokio::time::sleep(self.options.release.release_interval) => {}
+            }
+            if self.shared.paused_until.load(Ordering::Relaxed) > now_ms() {
+                continue;
+            }
+            if tokio::time::Instant::now() >= next_sweep {
+                next_sweep = tokio::time::Instant::now() + EXPIRY_SWEEP;
+                match self.store.expire_exports(&self.blobs, 100).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(exports = n, "expired exports deleted"),
+                    Err(e) => tracing::warn!(error = %e, "cannot expire exports"),
+                }
+            }
+            if let Err(e) = self.store.plan_exports(PLAN_BUDGET).await {
+                tracing::warn!(error = %e, "cannot plan export parts");
+            }
+            if self.release_parts().await.is_none() || self.release_chunks().await.is_none() {
+                return;
             }
         }
-        if let Err(e) = store.plan_exports(PLAN_BUDGET).await {
-            tracing::warn!(error = %e, "cannot plan export parts");
-        }
-        let parts = match store.release_parts(&me, options.release.export_parallel, options.release.max_parallel).await
-        {
+    }
+
+    /// Releases export parts and sends them. None when shutdown comes first.
+    async fn release_parts(&self) -> Option<()> {
+        let release = &self.options.release;
+        let parts = match self.store.release_parts(&self.me, release.export_parallel, release.max_parallel).await {
             Ok(parts) => parts,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot release export parts");
@@ -424,12 +462,10 @@ pub async fn run(
             };
             let key = Work::Part { export_id: part.export_id.clone(), part: part.number };
             let payload = to_any(EXPORT_PART_WORK, &work);
-            let sending = send(&senders, &shared, key, payload, &shutdown).instrument(span);
-            let Some(sent) = sending.await else { return };
-            match sent {
+            match send(&self.senders, &self.shared, key, payload, &self.shutdown).instrument(span).await? {
                 Ok(()) => {
                     metrics::counter!("baton_export_parts_released_total").increment(1);
-                    if let Err(e) = store.mark_part_sent(&part).await {
+                    if let Err(e) = self.store.mark_part_sent(&part).await {
                         tracing::warn!(export = %part.export_id, part = part.number, error = %e, "cannot mark a part sent");
                     }
                 }
@@ -438,13 +474,20 @@ pub async fn run(
                 }
             }
         }
-        let released = match store.release_chunks(&me, caps).await {
+        Some(())
+    }
+
+    /// Releases chunks and sends them; a failed release pauses releases (the database itself is
+    /// the overloaded one). None when shutdown comes first.
+    async fn release_chunks(&self) -> Option<()> {
+        let caps =
+            ReleaseCaps { overall: self.options.release.max_parallel, per_org: self.options.release.org_parallel };
+        let released = match self.store.release_chunks(&self.me, caps).await {
             Ok(released) => released,
             Err(e) => {
-                // the database itself is the overloaded one: wait
                 tracing::warn!(error = %e, "cannot release chunks; pausing");
-                shared.pause();
-                continue;
+                self.shared.pause();
+                return Some(());
             }
         };
         for chunk in released {
@@ -458,14 +501,13 @@ pub async fn run(
                 traceparent: baton_mesh::trace::of(&span),
             };
             let key = Work::Chunk { batch_id: chunk.batch_id.clone(), chunk_index: chunk.index };
-            let sending = send(&senders, &shared, key, to_any(CHUNK_WORK, &work), &shutdown).instrument(span);
-            let Some(sent) = sending.await else { return };
-            match sent {
+            let payload = to_any(CHUNK_WORK, &work);
+            match send(&self.senders, &self.shared, key, payload, &self.shutdown).instrument(span).await? {
                 Ok(()) => {
                     metrics::counter!("baton_chunks_released_total").increment(1);
                     // fault tests stop here and kill the process: the chunk journaled, not marked
                     fail::fail_point!("releaser-chunk-sent");
-                    if let Err(e) = store.mark_sent(&chunk).await {
+                    if let Err(e) = self.store.mark_sent(&chunk).await {
                         tracing::warn!(batch = %chunk.batch_id, chunk = chunk.index, error = %e, "cannot mark a chunk sent");
                     }
                 }
@@ -474,8 +516,8 @@ pub async fn run(
                 }
             }
         }
+        Some(())
     }
-    tracing::info!(scheduler = %me, "releaser stopped");
 }
 
 /// Sends a request about `work` on the least busy session, with the session's restart data;

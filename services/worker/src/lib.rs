@@ -193,36 +193,34 @@ pub async fn run(
 ) {
     let id = options.id();
     let mut session = ServerSession::register(&connector, &options.manager, &options.pool, &id);
-    let replier = session.replier();
     let slots = Arc::new(Semaphore::new(options.chunks.concurrency as usize));
-    let options = Arc::new(options);
-    let restarts = Arc::new(Mutex::new(Restarts::default()));
     tracing::info!(worker = %id, pool = %options.pool, manager = %options.manager, "worker registered");
+    let worker = Arc::new(Worker {
+        store,
+        blobs,
+        options,
+        replier: session.replier(),
+        restarts: Mutex::new(Restarts::default()),
+        id,
+        shutdown,
+    });
     loop {
         let event = tokio::select! {
-            _ = shutdown.cancelled() => break,
+            _ = worker.shutdown.cancelled() => break,
             event = session.next() => event,
         };
         let (session_id, seq, payload) = match event {
             None => break,
             // before the session's requests: they find the histories it brings
             Some(ServerEvent::Bound { session_id, server_restart_data, .. }) => {
-                restarts.lock().await.bound(&session_id, &server_restart_data);
+                worker.restarts.lock().await.bound(&session_id, &server_restart_data);
                 continue;
             }
             Some(ServerEvent::Request { session_id, seq, payload, .. }) => (session_id, seq, payload),
             Some(ServerEvent::Accepted { .. }) => continue,
         };
         let Ok(slot) = slots.clone().acquire_owned().await else { break };
-        let (store, blobs, options, replier, restarts, id, shutdown) = (
-            store.clone(),
-            blobs.clone(),
-            options.clone(),
-            replier.clone(),
-            restarts.clone(),
-            id.clone(),
-            shutdown.clone(),
-        );
+        let worker = worker.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let Some(payload) = payload else {
@@ -230,65 +228,87 @@ pub async fn run(
                 return;
             };
             if payload.type_url == type_url(EXPORT_PART_WORK) {
-                // An export part's history is not saved: nothing in a part's outcome depends on
-                // it (ExportPartDone says produced or not, never after what retries), so a
-                // replacement worker producing the part afresh answers the same; only its
-                // attempt count starts over.
-                let answer = match from_any::<internal::ExportPartWork>(EXPORT_PART_WORK, &payload) {
-                    Ok(work) => {
-                        // the part continues the trace of its release (and so of its export)
-                        let span = tracing::info_span!("part", otel.name = "produce part", export = %work.export_id, part = work.part);
-                        baton_mesh::trace::continue_from(&span, &work.traceparent);
-                        export::produce(&store, &blobs, &options.chunks, &id, &work, &shutdown).instrument(span).await
-                    }
-                    Err(e) => {
-                        tracing::error!(session = %session_id, seq, error = %e, "a bad export part; left unanswered");
-                        return;
-                    }
-                };
-                let Some(done) = answer else { return };
-                // empty restart data: the manager keeps the session's stored data, which names
-                // chunks only
-                if let Err(e) = replier.reply(&session_id, seq, to_any(EXPORT_PART_DONE, &done), Vec::new()).await {
-                    tracing::warn!(error = %e, "cannot answer (the manager delivers the request again)");
-                }
-                return;
-            }
-            let work = match from_any::<internal::ChunkWork>(CHUNK_WORK, &payload) {
-                Ok(work) => work,
-                Err(e) => {
-                    tracing::error!(session = %session_id, seq, error = %e, "not a chunk; left unanswered");
-                    return;
-                }
-            };
-            let history = restarts.lock().await.take(&session_id, &work.batch_id, work.chunk_index);
-            if let Some(h) = &history {
-                tracing::info!(session = %session_id, batch = %work.batch_id, chunk = work.chunk_index,
-                    attempts = h.attempts, cause = %h.cause, "continuing the attempts of the session's previous server");
-            }
-            let history = history
-                .unwrap_or_else(|| ChunkHistory::new(&work.batch_id, work.chunk_index, options.chunks.chunk_budget));
-            let saver = Saver { restarts: &restarts, replier: &replier, session_id: &session_id };
-            // the chunk continues the trace of its release (and so of its batch)
-            let span =
-                tracing::info_span!("chunk", otel.name = "run chunk", batch = %work.batch_id, chunk = work.chunk_index);
-            baton_mesh::trace::continue_from(&span, &work.traceparent);
-            let running = execute(&store, &options, &id, &work, history, &saver, &shutdown).instrument(span);
-            let Some(done) = running.await else { return };
-            // The reply's restart data is what is left of the session's histories once this
-            // chunk's is dropped: explicit (an empty list clears the stored data) when this worker
-            // has a history on the session, else empty, which keeps the stored data. What is kept
-            // names only chunks that have finished or that this worker has not been delivered
-            // yet; each is looked up by batch and chunk, and a finished chunk answers its stored
-            // outcome whatever its history says.
-            let mut restarts = restarts.lock().await;
-            let data = restarts.finished(&session_id, &work.batch_id, work.chunk_index);
-            if let Err(e) = replier.reply(&session_id, seq, to_any(CHUNK_DONE, &done), data).await {
-                tracing::warn!(error = %e, "cannot answer (the manager delivers the request again)");
+                worker.produce_part(&session_id, seq, &payload).await;
+            } else {
+                worker.run_chunk(&session_id, seq, &payload).await;
             }
         });
     }
-    tracing::info!(worker = %id, "worker stopped");
+    tracing::info!(worker = %worker.id, "worker stopped");
+}
+
+/// What a worker's requests are served with.
+struct Worker {
+    store: Store,
+    blobs: Blobs,
+    options: WorkerOptions,
+    replier: ServerReplier,
+    /// The chunk histories of the sessions bound to this worker.
+    restarts: Mutex<Restarts>,
+    id: String,
+    shutdown: CancellationToken,
+}
+
+impl Worker {
+    /// Produces an export part and answers it. An export part's history is not saved: nothing
+    /// in a part's outcome depends on it (ExportPartDone says produced or not, never after what
+    /// retries), so a replacement worker producing the part afresh answers the same; only its
+    /// attempt count starts over.
+    async fn produce_part(&self, session_id: &str, seq: u64, payload: &prost_types::Any) {
+        let work = match from_any::<internal::ExportPartWork>(EXPORT_PART_WORK, payload) {
+            Ok(work) => work,
+            Err(e) => {
+                tracing::error!(session = %session_id, seq, error = %e, "a bad export part; left unanswered");
+                return;
+            }
+        };
+        // the part continues the trace of its release (and so of its export)
+        let span = tracing::info_span!("part", otel.name = "produce part", export = %work.export_id, part = work.part);
+        baton_mesh::trace::continue_from(&span, &work.traceparent);
+        let producing =
+            export::produce(&self.store, &self.blobs, &self.options.chunks, &self.id, &work, &self.shutdown);
+        let Some(done) = producing.instrument(span).await else { return };
+        // empty restart data: the manager keeps the session's stored data, which names chunks only
+        if let Err(e) = self.replier.reply(session_id, seq, to_any(EXPORT_PART_DONE, &done), Vec::new()).await {
+            tracing::warn!(error = %e, "cannot answer (the manager delivers the request again)");
+        }
+    }
+
+    /// Runs a chunk, continuing the attempts of the session's previous server, and answers it.
+    async fn run_chunk(&self, session_id: &str, seq: u64, payload: &prost_types::Any) {
+        let work = match from_any::<internal::ChunkWork>(CHUNK_WORK, payload) {
+            Ok(work) => work,
+            Err(e) => {
+                tracing::error!(session = %session_id, seq, error = %e, "not a chunk; left unanswered");
+                return;
+            }
+        };
+        let history = self.restarts.lock().await.take(session_id, &work.batch_id, work.chunk_index);
+        if let Some(h) = &history {
+            tracing::info!(session = %session_id, batch = %work.batch_id, chunk = work.chunk_index,
+                attempts = h.attempts, cause = %h.cause, "continuing the attempts of the session's previous server");
+        }
+        let history = history
+            .unwrap_or_else(|| ChunkHistory::new(&work.batch_id, work.chunk_index, self.options.chunks.chunk_budget));
+        let saver = Saver { restarts: &self.restarts, replier: &self.replier, session_id };
+        // the chunk continues the trace of its release (and so of its batch)
+        let span =
+            tracing::info_span!("chunk", otel.name = "run chunk", batch = %work.batch_id, chunk = work.chunk_index);
+        baton_mesh::trace::continue_from(&span, &work.traceparent);
+        let running = execute(&self.store, &self.options, &self.id, &work, history, &saver, &self.shutdown);
+        let Some(done) = running.instrument(span).await else { return };
+        // The reply's restart data is what is left of the session's histories once this chunk's
+        // is dropped: explicit (an empty list clears the stored data) when this worker has a
+        // history on the session, else empty, which keeps the stored data. What is kept names
+        // only chunks that have finished or that this worker has not been delivered yet; each is
+        // looked up by batch and chunk, and a finished chunk answers its stored outcome whatever
+        // its history says.
+        let mut restarts = self.restarts.lock().await;
+        let data = restarts.finished(session_id, &work.batch_id, work.chunk_index);
+        if let Err(e) = self.replier.reply(session_id, seq, to_any(CHUNK_DONE, &done), data).await {
+            tracing::warn!(error = %e, "cannot answer (the manager delivers the request again)");
+        }
+    }
 }
 
 /// Runs one delivered chunk to its outcome, continuing from `history` (the attempts made so far,
@@ -347,45 +367,113 @@ async fn attempts(
     history: &mut ChunkHistory,
     saver: &Saver<'_>,
 ) -> Result<(ChunkState, bool), baton_store::Error> {
-    use baton_store::Error as E;
-    let (batch, index) = (work.batch_id.as_str(), work.chunk_index);
-    let mut backoff = options.retry_backoff;
-    let mut busy = false;
+    let mut run = Attempts {
+        store,
+        options,
+        worker,
+        batch: &work.batch_id,
+        index: work.chunk_index,
+        history,
+        backoff: options.retry_backoff,
+        busy: false,
+    };
     loop {
-        let part = history.part;
-        // where the unit's failures are told: the whole chunk, or a part (offsets in the chunk)
-        let unit = match part {
+        let step =
+            if run.history.attempts >= options.max_attempts { run.exhausted().await? } else { run.attempt().await? };
+        let (resources, size) = match step {
+            Step::Done(outcome) => return Ok((outcome, run.history.workload)),
+            Step::NextUnit => {
+                (run.busy, run.backoff) = (false, options.retry_backoff);
+                continue;
+            }
+            Step::Failed { resources, size } => (resources, size),
+        };
+        if let Some(outcome) = run.after_failure(resources, size).await? {
+            return Ok((outcome, run.history.workload));
+        }
+        saver.save(run.history).await;
+        // fault tests: hold the chunk here, its restart data saved, to kill the worker (a sleep
+        // or pause blocks its thread, so it runs on the blocking pool and the save goes out)
+        #[cfg(feature = "failpoints")]
+        let _ = tokio::task::spawn_blocking(|| fail::fail_point!("worker-before-retry")).await;
+        tracing::info!(batch = run.batch, chunk = run.index, cause = %run.history.cause, "chunk attempt failed; retrying");
+    }
+}
+
+/// Where an attempt left a chunk.
+enum Step {
+    /// The chunk's outcome.
+    Done(ChunkState),
+    /// The unit ended (committed, aborted, gone) and the next pending part is the unit now: its
+    /// attempts start without a backoff.
+    NextUnit,
+    /// The unit's attempt failed (counted in the history): on a resource limit (`resources`),
+    /// the size budget among them (`size`), or on a busy database.
+    Failed { resources: bool, size: bool },
+}
+
+/// A chunk's attempts in progress (see [`attempts`]).
+struct Attempts<'a> {
+    store: &'a Store,
+    options: &'a ChunkOptions,
+    worker: &'a str,
+    batch: &'a str,
+    index: u32,
+    history: &'a mut ChunkHistory,
+    /// The wait before an attempt after a busy database: doubling, at most 10 s.
+    backoff: Duration,
+    /// Whether the last attempt found the database busy.
+    busy: bool,
+}
+
+impl Attempts<'_> {
+    /// Where the unit's failures are told: the whole chunk (nothing), or a part (offsets in the
+    /// chunk).
+    fn unit(&self) -> String {
+        match self.history.part {
             None => String::new(),
             Some(p) => format!("part {}..{} of the chunk: ", p.first, p.first + p.records),
-        };
-        if history.attempts >= options.max_attempts {
-            let cause =
-                format!("{unit}retries exhausted after {} attempts; last cause: {}", history.attempts, history.cause);
-            if let Some(outcome) = abort_unit(store, batch, index, part, &cause, history).await? {
-                return Ok((outcome, history.workload));
-            }
-            (busy, backoff) = (false, options.retry_backoff);
-            continue;
         }
-        let attempt = history.attempts + 1;
-        if busy {
+    }
+
+    /// The unit's retries are exhausted: it is aborted.
+    async fn exhausted(&mut self) -> Result<Step, baton_store::Error> {
+        let cause = format!(
+            "{}retries exhausted after {} attempts; last cause: {}",
+            self.unit(),
+            self.history.attempts,
+            self.history.cause
+        );
+        let part = self.history.part;
+        Ok(match abort_unit(self.store, self.batch, self.index, part, &cause, self.history).await? {
+            Some(outcome) => Step::Done(outcome),
+            None => Step::NextUnit,
+        })
+    }
+
+    /// The unit's next attempt, after the backoff when the database was busy.
+    async fn attempt(&mut self) -> Result<Step, baton_store::Error> {
+        use baton_store::Error as E;
+        let (store, batch, index, worker) = (self.store, self.batch, self.index, self.worker);
+        let attempt = self.history.attempts + 1;
+        if self.busy {
             let jitter = rand::random_range(0.5..1.5);
-            tokio::time::sleep(backoff.mul_f64(jitter)).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
+            tokio::time::sleep(self.backoff.mul_f64(jitter)).await;
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
         }
         if attempt > 1
-            && let Err(e) = bounded(STORE_CALL_LIMIT, store.note_chunk_retry(batch, index, &history.cause)).await
+            && let Err(e) = bounded(STORE_CALL_LIMIT, store.note_chunk_retry(batch, index, &self.history.cause)).await
         {
             tracing::debug!(error = %e, "cannot note the retry's cause");
         }
-        let (outcome, budget, cause) = (history.outcome(), history.budget(), history.cause.as_str());
+        let budget = self.history.budget();
         let try_it = Attempt {
-            outcome,
-            cause,
+            outcome: self.history.outcome(),
+            cause: &self.history.cause,
             budget,
-            lock_timeout: options.lock_timeout,
-            max_bytes: options.chunk_max_bytes,
-            part,
+            lock_timeout: self.options.lock_timeout,
+            max_bytes: self.options.chunk_max_bytes,
+            part: self.history.part,
         };
         // marking the chunk RUNNING is part of the attempt: a busy database fails it the same way;
         // the transaction has the budget, the calls around it (start, commit) a limit of their own
@@ -402,16 +490,23 @@ async fn attempts(
                 }
             }
         };
-        let workload = history.workload;
-        // whether the attempt failed on a resource limit, and whether on the size budget
-        let (mut resources, mut size) = (false, false);
-        let run = run.instrument(tracing::info_span!(
-            "attempt",
-            otel.name = "store transaction",
-            attempt = history.attempts + 1
-        ));
-        match bounded(budget + STORE_CALL_LIMIT, run).await {
-            Ok(ChunkRun::Committed(outcome) | ChunkRun::Finished(outcome)) => return Ok((outcome, workload)),
+        let run = run.instrument(tracing::info_span!("attempt", otel.name = "store transaction", attempt));
+        let result = bounded(budget + STORE_CALL_LIMIT, run).await;
+        self.settle(result, attempt, budget).await
+    }
+
+    /// What attempt number `attempt` (with `budget`) came to.
+    async fn settle(
+        &mut self,
+        result: Result<ChunkRun, baton_store::Error>,
+        attempt: u32,
+        budget: Duration,
+    ) -> Result<Step, baton_store::Error> {
+        use baton_store::Error as E;
+        let (store, batch, index, part, unit) = (self.store, self.batch, self.index, self.history.part, self.unit());
+        let history = &mut *self.history;
+        let (resources, size) = match result {
+            Ok(ChunkRun::Committed(outcome) | ChunkRun::Finished(outcome)) => return Ok(Step::Done(outcome)),
             Ok(run @ (ChunkRun::Split | ChunkRun::PartCommitted | ChunkRun::PartGone)) => {
                 if run == ChunkRun::PartCommitted {
                     tracing::debug!(batch, chunk = index, part = ?part, "part committed");
@@ -419,77 +514,75 @@ async fn attempts(
                     #[cfg(feature = "failpoints")]
                     let _ = tokio::task::spawn_blocking(|| fail::fail_point!("worker-after-part")).await;
                 }
-                if let Some(outcome) = next_unit(store, batch, index, history).await? {
-                    return Ok((outcome, history.workload));
-                }
-                (busy, backoff) = (false, options.retry_backoff);
-                continue;
+                return next_unit(store, batch, index, history).await.map(Step::from);
             }
             Ok(ChunkRun::Invalid(problems)) => {
                 let cause = format!("{unit}{} invalid record(s); nothing committed", problems.len());
                 let Some(p) = part else {
-                    return Ok((
+                    return Ok(Step::Done(
                         bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &problems, &cause)).await?,
-                        workload,
                     ));
                 };
                 bounded(STORE_CALL_LIMIT, store.abort_part(batch, index, p, &problems, &cause)).await?;
-                if let Some(outcome) = next_unit(store, batch, index, history).await? {
-                    return Ok((outcome, history.workload));
-                }
-                (busy, backoff) = (false, options.retry_backoff);
-                continue;
+                return next_unit(store, batch, index, history).await.map(Step::from);
             }
             Ok(ChunkRun::OverSize { bytes, limit }) => {
-                (busy, resources, size) = (false, true, true);
                 history.resources = true;
                 history.cause =
                     format!("{unit}attempt {attempt}: {bytes} bytes of records, over the size budget of {limit} bytes");
+                (true, true)
             }
             Err(e @ E::Busy(_)) => {
-                busy = true;
                 history.workload = true;
                 history.cause = format!("{unit}attempt {attempt}: {e}");
+                (false, false)
             }
             Err(e @ (E::Resource(_) | E::DeadlineExceeded { .. })) => {
-                (busy, resources) = (false, true);
                 history.resources = true;
                 history.cause = format!("{unit}attempt {attempt} with a budget of {budget:?}: {e}");
                 history.budget_ms = history.budget_ms.saturating_mul(8).min(3_600_000);
+                (true, false)
             }
             Err(e @ (E::NotFound(_) | E::Corrupt(_) | E::Invalid(_))) => {
                 let cause = format!("cannot run: {e}");
-                return Ok((bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?, workload));
+                return Ok(Step::Done(bounded(STORE_CALL_LIMIT, store.abort_chunk(batch, index, &[], &cause)).await?));
             }
             Err(e) => return Err(e),
-        }
+        };
+        self.busy = !resources;
         history.attempts = attempt;
-        if resources && (size || history.raises >= RAISES_BEFORE_SPLIT) {
-            // past its raised budget (or over the size budget): split the unit in halves
-            match bounded(STORE_CALL_LIMIT, store.split_chunk(batch, index, part, options.chunk_split_floor)).await? {
-                Split::Halves | Split::Gone => {
-                    tracing::info!(batch, chunk = index, part = ?part, cause = %history.cause, "split after a resource limit");
-                    if let Some(outcome) = next_unit(store, batch, index, history).await? {
-                        return Ok((outcome, history.workload));
-                    }
-                }
-                Split::AtFloor => {
-                    let cause =
-                        format!("{} (at the split floor of {} record(s))", history.cause, options.chunk_split_floor);
-                    if let Some(outcome) = abort_unit(store, batch, index, part, &cause, history).await? {
-                        return Ok((outcome, history.workload));
-                    }
-                }
-            }
-        } else if resources {
-            history.raises += 1;
+        Ok(Step::Failed { resources, size })
+    }
+
+    /// After a failed attempt: past its raised budget (or over the size budget) the unit is split
+    /// in halves, or aborted at the split floor; the chunk's outcome when that ended it.
+    async fn after_failure(&mut self, resources: bool, size: bool) -> Result<Option<ChunkState>, baton_store::Error> {
+        let (store, batch, index, part) = (self.store, self.batch, self.index, self.history.part);
+        if !resources {
+            return Ok(None);
         }
-        saver.save(history).await;
-        // fault tests: hold the chunk here, its restart data saved, to kill the worker (a sleep
-        // or pause blocks its thread, so it runs on the blocking pool and the save goes out)
-        #[cfg(feature = "failpoints")]
-        let _ = tokio::task::spawn_blocking(|| fail::fail_point!("worker-before-retry")).await;
-        tracing::info!(batch, chunk = index, cause = %history.cause, "chunk attempt failed; retrying");
+        if !size && self.history.raises < RAISES_BEFORE_SPLIT {
+            self.history.raises += 1;
+            return Ok(None);
+        }
+        let floor = self.options.chunk_split_floor;
+        match bounded(STORE_CALL_LIMIT, store.split_chunk(batch, index, part, floor)).await? {
+            Split::Halves | Split::Gone => {
+                tracing::info!(batch, chunk = index, part = ?part, cause = %self.history.cause, "split after a resource limit");
+                next_unit(store, batch, index, self.history).await
+            }
+            Split::AtFloor => {
+                let cause = format!("{} (at the split floor of {floor} record(s))", self.history.cause);
+                abort_unit(store, batch, index, part, &cause, self.history).await
+            }
+        }
+    }
+}
+
+impl From<Option<ChunkState>> for Step {
+    /// The outcome of a chunk that ended, or the next unit.
+    fn from(outcome: Option<ChunkState>) -> Self {
+        outcome.map_or(Step::NextUnit, Step::Done)
     }
 }
 
