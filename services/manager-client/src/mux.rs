@@ -164,39 +164,15 @@ async fn run_mux(
     }
     primary.stream(&endpoint, true);
     let _running = Running(primary.clone(), endpoint.clone());
-    let mut channels: HashMap<u64, mpsc::UnboundedSender<ChannelEvent>> = HashMap::new();
+    let mut stream = Channels { channels: HashMap::new(), primary, endpoint };
     let failure = loop {
         tokio::select! {
             command = commands.recv() => {
-                let Some(mut command) = command else { return };
-                let mut frames = Vec::new();
-                let mut bytes = 0;
-                let failed = loop {
-                    match command {
-                        MuxCommand::Open { channel, events } => {
-                            channels.insert(channel, events);
-                        }
-                        MuxCommand::Frame(frame) => {
-                            if matches!(frame.kind, Some(pb::mux_frame::Kind::Close(_))) {
-                                channels.remove(&frame.channel);
-                            }
-                            bytes += prost::Message::encoded_len(&*frame);
-                            frames.push(*frame);
-                        }
-                        #[cfg(test)]
-                        MuxCommand::Fail(status) => break Some(*status),
-                    }
-                    if bytes >= MAX_BATCH_BYTES {
-                        break None;
-                    }
-                    match commands.try_recv() {
-                        Ok(next) => command = next,
-                        Err(_) => break None,
-                    }
+                let Some(command) = command else { return };
+                let frames = match stream.batch(command, &mut commands) {
+                    Ok(frames) => frames,
+                    Err(status) => break status,
                 };
-                if let Some(status) = failed {
-                    break status;
-                }
                 if !frames.is_empty() && out.send(pb::MuxFrames { frames }).await.is_err() {
                     break Status::unavailable("the stream to the manager closed");
                 }
@@ -204,38 +180,7 @@ async fn run_mux(
             events = inbound.message() => match events {
                 Ok(Some(batch)) => {
                     heard.store(baton_mesh::now_ms(), std::sync::atomic::Ordering::Relaxed);
-                    for event in batch.events {
-                        match event.kind {
-                            Some(pb::mux_event::Kind::Closed(closed)) => {
-                                if let Some(events) = channels.remove(&event.channel) {
-                                    let _ = events.send(Err(Box::new(closed_status(closed))));
-                                }
-                            }
-                            Some(pb::mux_event::Kind::Primary(notice)) => primary.learn(notice.term, &endpoint),
-                            // a standby forwards the primary it follows, of a newer term
-                            Some(pb::mux_event::Kind::Leader(notice)) if !notice.leader.is_empty() => {
-                                primary.learn(notice.term, &notice.leader)
-                            }
-                            // A channel whose session went away is forgotten. A channel's
-                            // buffer has no fixed size: the manager sends a channel only what
-                            // its session asked for (the responses to its requests, the requests
-                            // of the sessions bound to a server), so what waits unread is
-                            // bounded by what the manager itself holds for it. A buffer of 1,024
-                            // whose overflow closed the channel made a server with more bound
-                            // sessions than that livelock: each registration brought a Bound
-                            // event per session, which overflowed, closed the channel, and
-                            // registered it again (`bench manager` with 3,000 sessions never
-                            // finished a round).
-                            Some(kind) => {
-                                if let Some(events) = channels.get(&event.channel)
-                                    && events.send(Ok(Box::new(kind))).is_err()
-                                {
-                                    channels.remove(&event.channel);
-                                }
-                            }
-                            None => {}
-                        }
-                    }
+                    stream.deliver(batch);
                 }
                 Ok(None) => break Status::unavailable("the manager closed the stream"),
                 Err(status) => break status,
@@ -244,8 +189,88 @@ async fn run_mux(
     };
     // later sessions see this stream stopped (`usable`) and start another
     commands.close();
-    for (_, events) in channels {
+    for (_, events) in stream.channels {
         let _ = events.send(Err(Box::new(failure.clone())));
+    }
+}
+
+/// The channels of a running Multiplex stream ([`run_mux`]), and where what its events say of
+/// the primary goes.
+struct Channels {
+    /// Each open channel's queue of events, by channel number.
+    channels: HashMap<u64, mpsc::UnboundedSender<ChannelEvent>>,
+    primary: Primary,
+    /// The manager at the other end.
+    endpoint: String,
+}
+
+impl Channels {
+    /// Applies `command` and every command queued after it, up to [`MAX_BATCH_BYTES`] of frames:
+    /// the frames to send as one message, or (tests) the status the stream fails with.
+    fn batch(
+        &mut self,
+        mut command: MuxCommand,
+        commands: &mut mpsc::UnboundedReceiver<MuxCommand>,
+    ) -> Result<Vec<pb::MuxFrame>, Status> {
+        let mut frames = Vec::new();
+        let mut bytes = 0;
+        loop {
+            match command {
+                MuxCommand::Open { channel, events } => {
+                    self.channels.insert(channel, events);
+                }
+                MuxCommand::Frame(frame) => {
+                    if matches!(frame.kind, Some(pb::mux_frame::Kind::Close(_))) {
+                        self.channels.remove(&frame.channel);
+                    }
+                    bytes += prost::Message::encoded_len(&*frame);
+                    frames.push(*frame);
+                }
+                #[cfg(test)]
+                MuxCommand::Fail(status) => return Err(*status),
+            }
+            if bytes >= MAX_BATCH_BYTES {
+                return Ok(frames);
+            }
+            match commands.try_recv() {
+                Ok(next) => command = next,
+                Err(_) => return Ok(frames),
+            }
+        }
+    }
+
+    /// Hands each event of `batch` to its channel, and learns the primary from the notices.
+    fn deliver(&mut self, batch: pb::MuxEvents) {
+        for event in batch.events {
+            match event.kind {
+                Some(pb::mux_event::Kind::Closed(closed)) => {
+                    if let Some(events) = self.channels.remove(&event.channel) {
+                        let _ = events.send(Err(Box::new(closed_status(closed))));
+                    }
+                }
+                Some(pb::mux_event::Kind::Primary(notice)) => self.primary.learn(notice.term, &self.endpoint),
+                // a standby forwards the primary it follows, of a newer term
+                Some(pb::mux_event::Kind::Leader(notice)) if !notice.leader.is_empty() => {
+                    self.primary.learn(notice.term, &notice.leader)
+                }
+                // A channel whose session went away is forgotten. A channel's buffer has no fixed
+                // size: the manager sends a channel only what its session asked for (the
+                // responses to its requests, the requests of the sessions bound to a server), so
+                // what waits unread is bounded by what the manager itself holds for it. A buffer
+                // of 1,024 whose overflow closed the channel made a server with more bound
+                // sessions than that livelock: each registration brought a Bound event per
+                // session, which overflowed, closed the channel, and registered it again (`bench
+                // manager` with 3,000 sessions never finished a round).
+                Some(kind) => {
+                    if let Some(events) = self.channels.get(&event.channel)
+                        && events.send(Ok(Box::new(kind))).is_err()
+                    {
+                        self.channels.remove(&event.channel);
+                    }
+                }
+                None => {}
+            }
+        }
     }
 }
 

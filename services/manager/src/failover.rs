@@ -363,144 +363,218 @@ pub async fn run(
     service_name: &'static str,
     shutdown: CancellationToken,
 ) {
-    let mut client = client;
+    let mut candidate = Candidate { client, etcd, connector, election, me, service, health, service_name, shutdown };
     // etcd grants at least its minimum TTL (2 s by default; 1 s with a 10 ms heartbeat and a
     // 100 ms election timeout): the granted TTL is the one the watchdog keeps to
     let ttl_secs = ttl.as_secs().max(1) as i64;
     // held lease, so that a local fault gives it up (see step_down_on_fault)
-    let held = service.lease_slot();
+    let held = candidate.service.lease_slot();
     // A primary never comes back to this loop (it resigns and returns, or fences and exits), so
     // followers always run before this process's only election: epoch 0.
     let elections = 0u64;
-    'lease: loop {
-        if shutdown.is_cancelled() {
+    loop {
+        if candidate.shutdown.is_cancelled() {
             return;
         }
-        let granted = tokio::time::timeout(ETCD_CALL_TIMEOUT, client.lease_grant(ttl_secs, None)).await;
-        let (lease, ttl_ms) = match granted {
-            Ok(Ok(l)) => (l.id(), l.ttl() * 1000),
-            Ok(Err(e)) => {
-                tracing::warn!(error = %e, "cannot grant an etcd lease; retrying");
-                tokio::time::sleep(LEASE_GRANT_RETRY).await;
-                continue;
-            }
-            Err(_) => {
-                tracing::warn!("cannot grant an etcd lease: etcd did not answer; retrying");
-                tokio::time::sleep(LEASE_GRANT_RETRY).await;
-                continue;
-            }
-        };
-        held.store(lease, Ordering::SeqCst);
-        let renewed = Arc::new(AtomicI64::new(now_ms()));
-        let mut keepalive = keep_alive_apart(etcd.clone(), lease, ttl_ms, renewed.clone());
-        let following = shutdown.child_token();
+        let Some((id, ttl_ms)) = candidate.grant(ttl_secs).await else { continue };
+        held.store(id, Ordering::SeqCst);
+        let mut lease = Lease::keep(&candidate.etcd, id, ttl_ms);
+        let following = candidate.shutdown.child_token();
         tokio::spawn(follow(
-            client.clone(),
-            connector.clone(),
-            election.clone(),
-            me.clone(),
-            service.clone(),
+            candidate.client.clone(),
+            candidate.connector.clone(),
+            candidate.election.clone(),
+            candidate.me.clone(),
+            candidate.service.clone(),
             elections,
             following.clone(),
         ));
-        // campaign only while eligible, and check again after winning
-        let leader_key = loop {
-            while !eligible(&mut client, &election, &me, &service).await {
+        let leader_key = match candidate.campaign(&mut lease, &following).await {
+            Step::Done(key) => key,
+            Step::Again => continue,
+            Step::Stop => return,
+        };
+        following.cancel();
+        let term = match candidate.take_office(&lease, &leader_key).await {
+            Step::Done(term) => term,
+            Step::Again => continue,
+            Step::Stop => return,
+        };
+        return candidate.guard(lease, leader_key, term).await;
+    }
+}
+
+/// What a manager campaigns with, in [`run`].
+struct Candidate {
+    client: Client,
+    /// The etcd endpoints, for the lease keepalive's connection of its own.
+    etcd: Vec<String>,
+    connector: Connector,
+    election: String,
+    /// This manager's advertised address: its value in the election.
+    me: String,
+    service: ManagerService,
+    health: HealthReporter,
+    service_name: &'static str,
+    shutdown: CancellationToken,
+}
+
+/// A lease of this manager's, kept alive on a thread of its own ([`keep_alive_apart`]).
+struct Lease {
+    id: i64,
+    /// The TTL etcd granted, in ms.
+    ttl_ms: i64,
+    /// When the lease was last renewed (ms since the Unix epoch; see [`keep_alive`]).
+    renewed: Arc<AtomicI64>,
+    /// Ends when the lease can no longer be kept alive; aborting it stops the keepalive.
+    keepalive: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    /// Starts keeping lease `id` alive, over a connection of its own to `etcd`.
+    fn keep(etcd: &[String], id: i64, ttl_ms: i64) -> Self {
+        let renewed = Arc::new(AtomicI64::new(now_ms()));
+        let keepalive = keep_alive_apart(etcd.to_vec(), id, ttl_ms, renewed.clone());
+        Lease { id, ttl_ms, renewed, keepalive }
+    }
+}
+
+/// How a step of [`run`] ended: with its result, or starting over with a new lease, or stopping.
+enum Step<T> {
+    Done(T),
+    Again,
+    Stop,
+}
+
+impl Candidate {
+    /// A new lease of `ttl_secs` (its id and the granted TTL in ms); None, after a wait, when etcd
+    /// refused or did not answer.
+    async fn grant(&mut self, ttl_secs: i64) -> Option<(i64, i64)> {
+        let granted = tokio::time::timeout(ETCD_CALL_TIMEOUT, self.client.lease_grant(ttl_secs, None)).await;
+        match granted {
+            Ok(Ok(l)) => return Some((l.id(), l.ttl() * 1000)),
+            Ok(Err(e)) => tracing::warn!(error = %e, "cannot grant an etcd lease; retrying"),
+            Err(_) => tracing::warn!("cannot grant an etcd lease: etcd did not answer; retrying"),
+        }
+        tokio::time::sleep(LEASE_GRANT_RETRY).await;
+        None
+    }
+
+    /// Campaigns with `lease` only while eligible, and checks again after winning: the leader
+    /// key once this manager may serve. Starting over cancels `following`.
+    async fn campaign(&mut self, lease: &mut Lease, following: &CancellationToken) -> Step<LeaderKey> {
+        loop {
+            while !eligible(&mut self.client, &self.election, &self.me, &self.service).await {
                 tokio::select! {
-                    () = shutdown.cancelled() => return,
+                    () = self.shutdown.cancelled() => return Step::Stop,
                     () = tokio::time::sleep(CAMPAIGN_RETRY) => {}
                 }
             }
             let won = tokio::select! {
-                () = shutdown.cancelled() => return,
-                _ = &mut keepalive => {
+                () = self.shutdown.cancelled() => return Step::Stop,
+                _ = &mut lease.keepalive => {
                     // the lease can no longer be kept alive: campaign again with a new one
                     tracing::warn!("lease keepalive ended while campaigning; starting over");
                     following.cancel();
-                    continue 'lease;
+                    return Step::Again;
                 }
-                r = client.campaign(election.clone(), me.clone(), lease) => r,
+                r = self.client.campaign(self.election.clone(), self.me.clone(), lease.id) => r,
             };
             match won {
                 Ok(resp) => {
                     let Some(key) = resp.leader().cloned() else { continue };
                     // the watchdog starts afresh: a campaign that waited out an etcd stall must
                     // not find a renewal from before it
-                    let fresh =
-                        renew_now(&mut client, lease, &renewed, Duration::from_millis((ttl_ms / 3) as u64)).await;
-                    if fresh && eligible(&mut client, &election, &me, &service).await {
-                        break key;
+                    let within = Duration::from_millis((lease.ttl_ms / 3) as u64);
+                    let fresh = renew_now(&mut self.client, lease.id, &lease.renewed, within).await;
+                    if fresh && eligible(&mut self.client, &self.election, &self.me, &self.service).await {
+                        return Step::Done(key);
                     }
                     tracing::warn!(fresh, "won the election but cannot serve (lease or in-sync set): resigning");
                     let _ = tokio::time::timeout(
                         ETCD_RELEASE_TIMEOUT,
-                        client.resign(Some(ResignOptions::new().with_leader(key))),
+                        self.client.resign(Some(ResignOptions::new().with_leader(key))),
                     )
                     .await;
                 }
                 Err(e) => {
                     // the lease may be gone with the connection: start over with a new one
                     tracing::warn!(error = %e, "campaign failed; retrying with a new lease");
-                    keepalive.abort();
+                    lease.keepalive.abort();
                     following.cancel();
-                    let _ = tokio::time::timeout(ETCD_RELEASE_TIMEOUT, client.lease_revoke(lease)).await;
+                    let _ = tokio::time::timeout(ETCD_RELEASE_TIMEOUT, self.client.lease_revoke(lease.id)).await;
                     tokio::time::sleep(CAMPAIGN_RETRY).await;
-                    continue 'lease;
+                    return Step::Again;
                 }
             }
-        };
-        following.cancel();
+        }
+    }
+
+    /// Won with `leader_key`: publishes the in-sync set `{itself}`, then serves as the primary of
+    /// the key's term, which it returns. A set that cannot be written gives the office up.
+    async fn take_office(&mut self, lease: &Lease, leader_key: &LeaderKey) -> Step<u64> {
         let term = leader_key.rev() as u64;
-        let publish = publisher(client.clone(), &election, leader_key.clone());
+        let publish = publisher(self.client.clone(), &self.election, leader_key.clone());
         // the new set, before the first acknowledgment: from here on only this manager may take
         // over, until a standby catches up and joins it
-        let index = match service.current_status().await {
+        let index = match self.service.current_status().await {
             Ok(status) => status.journal_index,
-            Err(_) => return,
+            Err(_) => return Step::Stop,
         };
-        let journals = [(me.clone(), service.journal_id().to_owned())].into();
-        if let Err(e) = publish(InSync { term, members: vec![me.clone()], journals, index }).await {
+        let journals = [(self.me.clone(), self.service.journal_id().to_owned())].into();
+        if let Err(e) = publish(InSync { term, members: vec![self.me.clone()], journals, index }).await {
             tracing::warn!(term, error = %e, "cannot publish the in-sync set after winning: resigning");
-            keepalive.abort();
+            lease.keepalive.abort();
             let _ = tokio::time::timeout(
                 ETCD_RELEASE_TIMEOUT,
-                client.resign(Some(ResignOptions::new().with_leader(leader_key))),
+                self.client.resign(Some(ResignOptions::new().with_leader(leader_key.clone()))),
             )
             .await;
-            let _ = tokio::time::timeout(ETCD_RELEASE_TIMEOUT, client.lease_revoke(lease)).await;
-            continue 'lease;
+            let _ = tokio::time::timeout(ETCD_RELEASE_TIMEOUT, self.client.lease_revoke(lease.id)).await;
+            return Step::Again;
         }
-        if service.become_primary(term, Some(publish)).await.is_err() {
-            return;
+        if self.service.become_primary(term, Some(publish)).await.is_err() {
+            return Step::Stop;
         }
-        service.took_over();
-        health.set_service_status(service_name, ServingStatus::Serving).await;
-        tracing::info!(term, %me, index, "elected primary");
-        // the watchdog: fence before the lease can run out
-        let fence_after = ttl_ms * 6 / 10;
+        self.service.took_over();
+        self.health.set_service_status(self.service_name, ServingStatus::Serving).await;
+        tracing::info!(term, me = %self.me, index, "elected primary");
+        Step::Done(term)
+    }
+
+    /// The primary's watchdog: fences (steps down and exits with [`EXIT_FENCED`]) before the
+    /// lease can run out, or resigns at once on `shutdown`.
+    async fn guard(mut self, lease: Lease, leader_key: LeaderKey, term: u64) {
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => {
+                () = self.shutdown.cancelled() => {
                     // SIGTERM: hand over at once
-                    let _ = service.become_standby(String::new()).await;
-                    health.set_service_status(service_name, ServingStatus::NotServing).await;
-                    let _ = client.resign(Some(ResignOptions::new().with_leader(leader_key))).await;
-                    let _ = client.lease_revoke(lease).await;
+                    let _ = self.service.become_standby(String::new()).await;
+                    self.health.set_service_status(self.service_name, ServingStatus::NotServing).await;
+                    let _ = self.client.resign(Some(ResignOptions::new().with_leader(leader_key))).await;
+                    let _ = self.client.lease_revoke(lease.id).await;
                     tracing::info!(term, "resigned");
                     return;
                 }
                 () = tokio::time::sleep(WATCHDOG_TICK) => {}
             }
-            if now_ms() - renewed.load(Ordering::SeqCst) > fence_after {
-                let _ = service.become_standby(String::new()).await;
-                health.set_service_status("", ServingStatus::NotServing).await;
-                health.set_service_status(service_name, ServingStatus::NotServing).await;
+            if must_fence(lease.renewed.load(Ordering::SeqCst), now_ms(), lease.ttl_ms) {
+                let _ = self.service.become_standby(String::new()).await;
+                self.health.set_service_status("", ServingStatus::NotServing).await;
+                self.health.set_service_status(self.service_name, ServingStatus::NotServing).await;
                 tracing::error!(term, "cannot renew the etcd lease: fenced, exiting to rejoin as a standby");
-                keepalive.abort();
+                lease.keepalive.abort();
                 std::process::exit(EXIT_FENCED);
             }
         }
     }
+}
+
+/// Whether a primary whose lease (of `ttl_ms`) was last renewed at `renewed_ms` must fence itself
+/// at `now_ms` (both ms since the Unix epoch): once more than 60 % of the TTL has gone by since,
+/// before the lease can run out.
+fn must_fence(renewed_ms: i64, now_ms: i64, ttl_ms: i64) -> bool {
+    now_ms - renewed_ms > ttl_ms * 6 / 10
 }
 
 /// Waits for a local fault and steps down: the journal could not be written (the actor stopped,
@@ -563,5 +637,14 @@ mod tests {
         let old = InSync::parse(br#"{"term":2,"members":["http://a"]}"#).unwrap();
         assert!(old.admits("http://a", "j1", 0));
         assert_eq!(InSync::parse(b"{\"members\": 3}"), None);
+    }
+
+    #[test]
+    fn the_primary_fences_once_60_percent_of_the_ttl_passed_without_a_renewal() {
+        let (ttl, renewed) = (2_000, 10_000);
+        assert!(!must_fence(renewed, renewed, ttl));
+        assert!(!must_fence(renewed, renewed + 1_200, ttl), "60 % of the TTL: not yet");
+        assert!(must_fence(renewed, renewed + 1_201, ttl));
+        assert!(!must_fence(renewed + 1_000, renewed + 1_201, ttl), "a renewal moves the deadline");
     }
 }

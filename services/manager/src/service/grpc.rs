@@ -71,6 +71,17 @@ impl Channel {
     }
 }
 
+/// Whether `frame` opens a channel not yet open: a client session's open or a server's
+/// registration as its first frame.
+fn opens(channels: &HashMap<u64, Channel>, frame: &pb::MuxFrame) -> bool {
+    use pb::mux_frame::Kind;
+    matches!(
+        (channels.get(&frame.channel), &frame.kind),
+        (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(_)) })))
+            | (None, Some(Kind::Server(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(_)) })))
+    )
+}
+
 impl ManagerService {
     /// Turns a Multiplex stream's frames into the commands that a ClientSession or ServerSession
     /// stream per channel would give, until the stream ends; then every channel's session or
@@ -84,7 +95,6 @@ impl ManagerService {
         id: u64,
         weak: mpsc::WeakSender<Result<pb::MuxEvents, Status>>,
     ) {
-        use pb::mux_frame::Kind;
         let mut channels: HashMap<u64, Channel> = HashMap::new();
         'stream: while let Some(batch) = next_frame(frames, &weak).await {
             let Some(tx) = weak.upgrade() else { break };
@@ -92,74 +102,7 @@ impl ManagerService {
             // a standby's refusals of this batch's opens, sent as one message
             let mut refused = Vec::new();
             for frame in batch.frames {
-                let channel = frame.channel;
-                let opens = matches!(
-                    (channels.get(&channel), &frame.kind),
-                    (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(_)) })))
-                        | (
-                            None,
-                            Some(Kind::Server(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(_)) }))
-                        )
-                );
-                if opens
-                    && channel != 0
-                    && let Some(status) = self.role.refusal()
-                {
-                    refused.push(super::outbox::closed_event(channel, &status));
-                    continue;
-                }
-                let command = match (channels.get(&channel), frame.kind) {
-                    (_, Some(Kind::Close(_))) => match channels.remove(&channel) {
-                        Some(open) => open.gone(),
-                        None => continue,
-                    },
-                    (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) })))
-                        if channel != 0 =>
-                    {
-                        // the session's next frames are routed at once: a refused open closes
-                        // the channel, and the actor ignores them (their `conn` opened nothing)
-                        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-                        let fresh = open.session_id.is_empty();
-                        let session = if fresh { Actor::new_session_id() } else { open.session_id.clone() };
-                        channels.insert(channel, Channel::Client { session: session.clone(), conn });
-                        let tx = Out::Channel { mux: mux.clone(), channel };
-                        Command::ClientOpen { open, session, fresh, conn, tx, reply: None }
-                    }
-                    (
-                        None,
-                        Some(Kind::Server(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) })),
-                    ) if channel != 0 => {
-                        let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
-                        channels.insert(channel, Channel::Server { server: register.server_id.clone(), conn });
-                        Command::ServerRegister { register, conn, tx: Out::Channel { mux: mux.clone(), channel } }
-                    }
-                    (None, _) if channel == 0 => {
-                        mux.close(
-                            channel,
-                            &Error::InvalidArgument("channel 0 is the manager's: number channels from 1").into(),
-                        );
-                        continue;
-                    }
-                    (None, _) => {
-                        mux.close(
-                            channel,
-                            &Error::InvalidArgument(
-                                "the first frame of a channel must open a client session or register a server",
-                            )
-                            .into(),
-                        );
-                        continue;
-                    }
-                    (Some(Channel::Client { session, conn }), Some(Kind::Client(frame))) => {
-                        let Some(command) = client_command(session, *conn, frame) else { continue };
-                        command
-                    }
-                    (Some(Channel::Server { server, conn }), Some(Kind::Server(frame))) => {
-                        let Some(command) = server_command(server, *conn, frame) else { continue };
-                        command
-                    }
-                    _ => continue,
-                };
+                let Some(command) = self.channel_command(&mut channels, &mux, frame, &mut refused) else { continue };
                 if self.command(command).await.is_err() {
                     break 'stream;
                 }
@@ -172,6 +115,74 @@ impl ManagerService {
             let _ = self.command(open.gone()).await;
         }
         let _ = self.command(Command::MuxGone { id }).await;
+    }
+
+    /// The command a frame of the Multiplex stream `mux` gives, as a stream of the channel's own
+    /// would (None: none), opening or closing the channel in `channels`. A standby's refusal of
+    /// an open goes to `refused`; a channel that does not start with an open is closed.
+    fn channel_command(
+        &self,
+        channels: &mut HashMap<u64, Channel>,
+        mux: &Mux,
+        frame: pb::MuxFrame,
+        refused: &mut Vec<pb::MuxEvent>,
+    ) -> Option<Command> {
+        use pb::mux_frame::Kind;
+        let channel = frame.channel;
+        if opens(channels, &frame)
+            && channel != 0
+            && let Some(status) = self.role.refusal()
+        {
+            refused.push(super::outbox::closed_event(channel, &status));
+            return None;
+        }
+        let command = match (channels.get(&channel), frame.kind) {
+            (_, Some(Kind::Close(_))) => channels.remove(&channel)?.gone(),
+            (None, Some(Kind::Client(pb::ClientFrame { kind: Some(pb::client_frame::Kind::Open(open)) })))
+                if channel != 0 =>
+            {
+                // the session's next frames are routed at once: a refused open closes
+                // the channel, and the actor ignores them (their `conn` opened nothing)
+                let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                let fresh = open.session_id.is_empty();
+                let session = if fresh { Actor::new_session_id() } else { open.session_id.clone() };
+                channels.insert(channel, Channel::Client { session: session.clone(), conn });
+                let tx = Out::Channel { mux: mux.clone(), channel };
+                Command::ClientOpen { open, session, fresh, conn, tx, reply: None }
+            }
+            (None, Some(Kind::Server(pb::ServerFrame { kind: Some(pb::server_frame::Kind::Register(register)) })))
+                if channel != 0 =>
+            {
+                let conn = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                channels.insert(channel, Channel::Server { server: register.server_id.clone(), conn });
+                Command::ServerRegister { register, conn, tx: Out::Channel { mux: mux.clone(), channel } }
+            }
+            (None, _) if channel == 0 => {
+                mux.close(
+                    channel,
+                    &Error::InvalidArgument("channel 0 is the manager's: number channels from 1").into(),
+                );
+                return None;
+            }
+            (None, _) => {
+                mux.close(
+                    channel,
+                    &Error::InvalidArgument(
+                        "the first frame of a channel must open a client session or register a server",
+                    )
+                    .into(),
+                );
+                return None;
+            }
+            (Some(Channel::Client { session, conn }), Some(Kind::Client(frame))) => {
+                client_command(session, *conn, frame)?
+            }
+            (Some(Channel::Server { server, conn }), Some(Kind::Server(frame))) => {
+                server_command(server, *conn, frame)?
+            }
+            _ => return None,
+        };
+        Some(command)
     }
 }
 

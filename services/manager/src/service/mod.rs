@@ -14,7 +14,6 @@ mod options;
 mod outbox;
 mod replication;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::time::Duration;
@@ -22,7 +21,6 @@ use std::time::Duration;
 use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::v1 as pb;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
@@ -71,6 +69,59 @@ impl Role {
     }
 }
 
+/// Opens the journal in `dir` and replays it: the journal, the state it holds, and the term (a
+/// single manager's next one; 0 for an elected one, which takes the journal's).
+fn replay(dir: &std::path::Path, single: bool) -> Result<(Journal, State, u64), Error> {
+    let (journal, entries) = Journal::open(dir)?;
+    let term = if single { journal.next_term()? } else { 0 };
+    let mut state = State::default();
+    for entry in &entries {
+        state.apply(entry);
+    }
+    tracing::info!(term, entries = entries.len(), sessions = state.sessions.len(), "manager journal replayed");
+    Ok((journal, state, term))
+}
+
+/// Ticks the actor every [`TICK_EVERY`] until `shutdown` or the actor stops.
+async fn tick(ticker: mpsc::Sender<Command>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(TICK_EVERY) => {}
+        }
+        if ticker.send(Command::Tick).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The actor's task: applies the commands in batches, each made durable before what it produced
+/// is sent, until `shutdown`, or until the journal cannot be written or the manager failed.
+async fn run_actor(mut actor: Actor, mut rx: mpsc::Receiver<Command>, shutdown: CancellationToken) {
+    loop {
+        let command = tokio::select! {
+            () = shutdown.cancelled() => return,
+            c = rx.recv() => match c { Some(c) => c, None => return },
+        };
+        actor.handle(command);
+        // group commit: everything already queued joins this batch
+        for _ in 0..1024 {
+            match rx.try_recv() {
+                Ok(c) => actor.handle(c),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = actor.flush().await {
+            // A journal that cannot be written must not acknowledge anything more.
+            actor.fail(format!("journal write failed: {e}"));
+            return;
+        }
+        if actor.failed.is_cancelled() {
+            return;
+        }
+    }
+}
+
 /// The SessionManager gRPC service; cheap to clone.
 #[derive(Clone)]
 pub struct ManagerService {
@@ -104,97 +155,14 @@ impl ManagerService {
         elected: bool,
         shutdown: CancellationToken,
     ) -> Result<Self, Error> {
-        let (journal, replay) = Journal::open(&options.journal_dir)?;
-        let journal_id: Arc<str> = journal.id().into();
         let single = !elected;
-        let term = if single { journal.next_term()? } else { 0 };
-        let mut state = State::default();
-        for entry in &replay {
-            state.apply(entry);
-        }
-        tracing::info!(term, entries = replay.len(), sessions = state.sessions.len(), "manager journal replayed");
-        // Servers are not connected after a restart: sessions bound to one that does not come back
-        // within the grace move to another.
-        let lost: HashMap<String, Instant> =
-            state.sessions.values().filter_map(|s| s.bound.clone()).map(|b| (b, Instant::now())).collect();
-        // a session's idle time starts when the manager does
-        let activity = state.sessions.keys().map(|id| (id.clone(), Instant::now())).collect();
-        let (tx, mut rx) = mpsc::channel::<Command>(4096);
-        let (failed, failure) = (CancellationToken::new(), Arc::new(std::sync::Mutex::new(None)));
-        let role = Arc::new(Role::default());
-        role.set(single, "");
-        let options_standby_timeout = STANDBY_TIMEOUT.min(options.lease_ttl / 2);
-        let mut actor = Actor {
-            term,
-            state,
-            journal,
-            options,
-            clients: HashMap::new(),
-            servers: HashMap::new(),
-            muxes: HashMap::new(),
-            lost,
-            moving: HashMap::new(),
-            pending: Vec::new(),
-            effects: Vec::new(),
-            primary: single,
-            leader: String::new(),
-            node_id,
-            replicas: HashMap::new(),
-            in_sync: Default::default(),
-            journal_ids: HashMap::new(),
-            set_changed: false,
-            publisher: None,
-            standby_timeout: options_standby_timeout,
-            failed: failed.clone(),
-            failure: failure.clone(),
-            seen_term: 0,
-            activity,
-            next_expiry: Instant::now(),
-            next_gauges: Instant::now(),
-            relaying: HashMap::new(),
-            epoch: 0,
-            role: role.clone(),
-        };
-        if !single {
-            actor.term = actor.state.term;
-        }
-        let ticker = tx.clone();
-        let tick_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = tick_shutdown.cancelled() => return,
-                    () = tokio::time::sleep(TICK_EVERY) => {}
-                }
-                if ticker.send(Command::Tick).await.is_err() {
-                    return;
-                }
-            }
-        });
-        tokio::spawn(async move {
-            loop {
-                let command = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    c = rx.recv() => match c { Some(c) => c, None => return },
-                };
-                actor.handle(command);
-                // group commit: everything already queued joins this batch
-                for _ in 0..1024 {
-                    match rx.try_recv() {
-                        Ok(c) => actor.handle(c),
-                        Err(_) => break,
-                    }
-                }
-                if let Err(e) = actor.flush().await {
-                    // A journal that cannot be written must not acknowledge anything more.
-                    actor.fail(format!("journal write failed: {e}"));
-                    return;
-                }
-                if actor.failed.is_cancelled() {
-                    return;
-                }
-            }
-        });
+        let (journal, state, term) = replay(&options.journal_dir, single)?;
+        let journal_id: Arc<str> = journal.id().into();
+        let actor = Actor::new(options, node_id, single, journal, state, term);
+        let (failed, failure, role) = (actor.failed.clone(), actor.failure.clone(), actor.role.clone());
+        let (tx, rx) = mpsc::channel::<Command>(4096);
+        tokio::spawn(tick(tx.clone(), shutdown.clone()));
+        tokio::spawn(run_actor(actor, rx, shutdown));
         // exported from the start, empty until the first takeover
         let _ = metrics::histogram!("baton_manager_takeover_seconds");
         Ok(Self {
