@@ -42,6 +42,7 @@ use baton_store::blobs::Blobs;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::Code;
 use tracing::Instrument;
 
@@ -349,6 +350,8 @@ struct Releaser {
     senders: Vec<ClientSender>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    /// The tasks that take the sessions' answers, drain surplus sessions and sample the gauges.
+    tasks: TaskTracker,
 }
 
 impl Releaser {
@@ -390,29 +393,40 @@ impl Releaser {
             sessions: AtomicU32::new(count.max(before)),
             paused_until: AtomicI64::new(0),
         });
-        tokio::spawn(sample_gauges(store.clone(), shutdown.clone()));
+        let tasks = TaskTracker::new();
+        tasks.spawn(sample_gauges(store.clone(), shutdown.clone()));
         let draining = Arc::new(AtomicU32::new(surplus.len() as u32));
         for session in surplus {
-            tokio::spawn(drain(session, shared.clone(), draining.clone(), count));
+            let drained = drain(session, shared.clone(), draining.clone(), count);
+            tasks.spawn(until(shutdown.clone(), drained));
         }
         let mut senders: Vec<ClientSender> = Vec::new();
         for (k, mut session) in sessions.into_iter().enumerate() {
             senders.push(session.sender());
             let shared = shared.clone();
-            tokio::spawn(async move {
+            let answers = async move {
                 while let Some(response) = session.recv().await {
                     if let Some(work) = shared.answer(&response) {
                         shared.answered(k, &work);
                     }
                     shared.wake.notify_one();
                 }
-            });
+            };
+            tasks.spawn(until(shutdown.clone(), answers));
         }
-        Some(Self { store, blobs, options, me, senders, shared, shutdown })
+        Some(Self { store, blobs, options, me, senders, shared, shutdown, tasks })
+    }
+
+    /// Releases until shutdown, then waits for the tasks [`Releaser::start`] started (each ends
+    /// on the shutdown).
+    async fn run(self) {
+        self.release().await;
+        self.tasks.close();
+        self.tasks.wait().await;
     }
 
     /// Releases, every `--release-interval` or sooner when a worker answers, until shutdown.
-    async fn run(self) {
+    async fn release(&self) {
         let mut next_sweep = tokio::time::Instant::now();
         loop {
             tokio::select! {
@@ -517,6 +531,14 @@ impl Releaser {
             }
         }
         Some(())
+    }
+}
+
+/// Runs `task` until it ends or `shutdown`.
+async fn until(shutdown: CancellationToken, task: impl std::future::Future<Output = ()>) {
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = task => {}
     }
 }
 

@@ -194,6 +194,7 @@ pub async fn run(
     let id = options.id();
     let mut session = ServerSession::register(&connector, &options.manager, &options.pool, &id);
     let slots = Arc::new(Semaphore::new(options.chunks.concurrency as usize));
+    let running = tokio_util::task::TaskTracker::new();
     tracing::info!(worker = %id, pool = %options.pool, manager = %options.manager, "worker registered");
     let worker = Arc::new(Worker {
         store,
@@ -221,7 +222,7 @@ pub async fn run(
         };
         let Ok(slot) = slots.clone().acquire_owned().await else { break };
         let worker = worker.clone();
-        tokio::spawn(async move {
+        running.spawn(async move {
             let _slot = slot;
             let Some(payload) = payload else {
                 tracing::error!(session = %session_id, seq, "an empty request; left unanswered");
@@ -234,6 +235,9 @@ pub async fn run(
             }
         });
     }
+    // the chunks and parts in hand are answered (each ends on the shutdown, after its attempt)
+    running.close();
+    running.wait().await;
     tracing::info!(worker = %worker.id, "worker stopped");
 }
 
@@ -453,7 +457,6 @@ impl Attempts<'_> {
 
     /// The unit's next attempt, after the backoff when the database was busy.
     async fn attempt(&mut self) -> Result<Step, baton_store::Error> {
-        use baton_store::Error as E;
         let (store, batch, index, worker) = (self.store, self.batch, self.index, self.worker);
         let attempt = self.history.attempts + 1;
         if self.busy {
@@ -482,7 +485,7 @@ impl Attempts<'_> {
                 ChunkStart::Finished(outcome) => Ok(ChunkRun::Finished(outcome)),
                 ChunkStart::Run => {
                     // fault tests: the attempt fails as over its budget
-                    fail::fail_point!("worker-chunk-attempt", |_| Err(E::DeadlineExceeded {
+                    fail::fail_point!("worker-chunk-attempt", |_| Err(baton_store::Error::DeadlineExceeded {
                         limit: budget,
                         elapsed: budget
                     }));
