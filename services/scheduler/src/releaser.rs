@@ -84,6 +84,30 @@ enum Work {
     },
 }
 
+impl Work {
+    /// The request a worker is sent for it.
+    fn payload(&self, org_id: &str, traceparent: String) -> prost_types::Any {
+        let org_id = org_id.to_owned();
+        match self.clone() {
+            Work::Chunk { batch_id, chunk_index } => {
+                to_any(CHUNK_WORK, &internal::ChunkWork { org_id, batch_id, chunk_index, traceparent })
+            }
+            Work::Part { export_id, part } => {
+                to_any(EXPORT_PART_WORK, &internal::ExportPartWork { org_id, export_id, part, traceparent })
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Work::Chunk { batch_id, chunk_index } => write!(f, "chunk {chunk_index} of batch {batch_id}"),
+            Work::Part { export_id, part } => write!(f, "part {part} of export {export_id}"),
+        }
+    }
+}
+
 /// A session's client restart data, JSON sent with each request on it: the manager keeps the
 /// last, and hands it back when the session is resumed, for example
 /// `{"sessions":8,"in_flight":[{"batch_id":"bat_…","chunk_index":3},{"export_id":"exp_…","part":2}]}`.
@@ -468,25 +492,8 @@ impl Releaser {
             // the release continues the trace of the request that created the export
             let span = tracing::info_span!("release", otel.name = "release part", export = %part.export_id, part = part.number);
             baton_mesh::trace::continue_from(&span, &part.traceparent);
-            let work = internal::ExportPartWork {
-                org_id: part.org_id.clone(),
-                export_id: part.export_id.clone(),
-                part: part.number,
-                traceparent: baton_mesh::trace::of(&span),
-            };
             let key = Work::Part { export_id: part.export_id.clone(), part: part.number };
-            let payload = to_any(EXPORT_PART_WORK, &work);
-            match send(&self.senders, &self.shared, key, payload, &self.shutdown).instrument(span).await? {
-                Ok(()) => {
-                    metrics::counter!("baton_export_parts_released_total").increment(1);
-                    if let Err(e) = self.store.mark_part_sent(&part).await {
-                        tracing::warn!(export = %part.export_id, part = part.number, error = %e, "cannot mark a part sent");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(export = %part.export_id, part = part.number, error = %e, "cannot send a part; it is released again later")
-                }
-            }
+            self.hand_over(key, &part.org_id, span, || self.store.mark_part_sent(&part)).await?;
         }
         Some(())
     }
@@ -508,27 +515,37 @@ impl Releaser {
             // the release continues the trace of the request that submitted the batch
             let span = tracing::info_span!("release", otel.name = "release chunk", batch = %chunk.batch_id, chunk = chunk.index);
             baton_mesh::trace::continue_from(&span, &chunk.traceparent);
-            let work = internal::ChunkWork {
-                org_id: chunk.org_id.clone(),
-                batch_id: chunk.batch_id.clone(),
-                chunk_index: chunk.index,
-                traceparent: baton_mesh::trace::of(&span),
-            };
             let key = Work::Chunk { batch_id: chunk.batch_id.clone(), chunk_index: chunk.index };
-            let payload = to_any(CHUNK_WORK, &work);
-            match send(&self.senders, &self.shared, key, payload, &self.shutdown).instrument(span).await? {
-                Ok(()) => {
+            self.hand_over(key, &chunk.org_id, span, || self.store.mark_sent(&chunk)).await?;
+        }
+        Some(())
+    }
+
+    /// Sends the work of a released chunk or part (`key`, of `org_id`, in the trace of `span`) on
+    /// the least busy session and, once the manager has journaled it, marks it sent (`mark`). A
+    /// send that fails leaves it to be released again later. None when shutdown comes first.
+    async fn hand_over<M, F>(&self, key: Work, org_id: &str, span: tracing::Span, mark: M) -> Option<()>
+    where
+        M: FnOnce() -> F,
+        F: std::future::Future<Output = Result<(), baton_store::Error>>,
+    {
+        let payload = key.payload(org_id, baton_mesh::trace::of(&span));
+        let chunk = matches!(key, Work::Chunk { .. });
+        let what = key.to_string();
+        match send(&self.senders, &self.shared, key, payload, &self.shutdown).instrument(span).await? {
+            Ok(()) => {
+                if chunk {
                     metrics::counter!("baton_chunks_released_total").increment(1);
                     // fault tests stop here and kill the process: the chunk journaled, not marked
                     fail::fail_point!("releaser-chunk-sent");
-                    if let Err(e) = self.store.mark_sent(&chunk).await {
-                        tracing::warn!(batch = %chunk.batch_id, chunk = chunk.index, error = %e, "cannot mark a chunk sent");
-                    }
+                } else {
+                    metrics::counter!("baton_export_parts_released_total").increment(1);
                 }
-                Err(e) => {
-                    tracing::error!(batch = %chunk.batch_id, chunk = chunk.index, error = %e, "cannot send a chunk; it is released again later");
+                if let Err(e) = mark().await {
+                    tracing::warn!(work = %what, error = %e, "cannot mark it sent");
                 }
             }
+            Err(e) => tracing::error!(work = %what, error = %e, "cannot send it; it is released again later"),
         }
         Some(())
     }

@@ -1748,23 +1748,26 @@ async fn sqlite_wal_pages_reach_the_database_file_without_the_writer_checkpointi
 }
 
 /// A link's dead letters and history come a page at a time, in order, each row once.
+/// A link to an unreachable target, dead-lettering rejections and re-bootstrapping when trimmed.
+fn new_link() -> baton_store::sync::NewLink {
+    baton_store::sync::NewLink {
+        target_endpoint: "http://127.0.0.1:1".into(),
+        target_api_key: "bk_x".into(),
+        objects: vec![],
+        verify_threshold: 3,
+        probe_interval: Duration::from_secs(1),
+        on_reject: baton_store::sync::RejectPolicy::DeadLetter,
+        on_trimmed: baton_store::sync::TrimmedPolicy::Rebootstrap,
+        target_ca_pem: String::new(),
+    }
+}
+
 #[tokio::test]
 async fn a_link_lease_holds_until_it_lapses_and_a_renewal_extends_it() {
-    use baton_store::sync::{NewLink, RejectPolicy, TrimmedPolicy};
     each_backend(|t| async move {
         let s = &t.store;
         let org = org_with_account(s).await;
-        let new = NewLink {
-            target_endpoint: "http://127.0.0.1:1".into(),
-            target_api_key: "bk_x".into(),
-            objects: vec![],
-            verify_threshold: 3,
-            probe_interval: Duration::from_secs(1),
-            on_reject: RejectPolicy::DeadLetter,
-            on_trimmed: TrimmedPolicy::Rebootstrap,
-            target_ca_pem: String::new(),
-        };
-        let link = s.create_link(&org, &new).await.unwrap().id;
+        let link = s.create_link(&org, &new_link()).await.unwrap().id;
         let lease = Duration::from_secs(60);
         assert_eq!(s.claim_links("a", lease).await.unwrap(), vec![link.clone()]);
         assert!(s.claim_links("b", lease).await.unwrap().is_empty(), "a's lease holds");
@@ -1783,19 +1786,14 @@ async fn a_link_lease_holds_until_it_lapses_and_a_renewal_extends_it() {
 
 #[tokio::test]
 async fn dead_letters_and_link_history_page_in_order() {
-    use baton_store::sync::{DeadLetter, NewLink, RejectPolicy, TrimmedPolicy};
+    use baton_store::sync::{DeadLetter, RejectPolicy, TrimmedPolicy};
     each_backend(|t| async move {
         let s = &t.store;
         let org = org_with_account(s).await;
-        let new = NewLink {
-            target_endpoint: "http://127.0.0.1:1".into(),
-            target_api_key: "bk_x".into(),
-            objects: vec![],
-            verify_threshold: 3,
-            probe_interval: Duration::from_secs(1),
-            on_reject: RejectPolicy::DeadLetter,
+        let new = baton_store::sync::NewLink {
             on_trimmed: TrimmedPolicy::Fail,
             target_ca_pem: "-----BEGIN CERTIFICATE-----\n…".into(),
+            ..new_link()
         };
         let link = s.create_link(&org, &new).await.unwrap();
         assert_eq!((link.on_reject, link.on_trimmed), (RejectPolicy::DeadLetter, TrimmedPolicy::Fail));

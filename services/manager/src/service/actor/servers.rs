@@ -10,6 +10,11 @@ use crate::journal::{BindOp, Op, ReplyOp};
 use crate::service::outbox::ServerTx;
 
 impl Actor {
+    /// The ids of the sessions bound to `server`.
+    pub(super) fn sessions_bound_to(&self, server: &str) -> Vec<String> {
+        self.state.sessions.values().filter(|s| s.bound.as_deref() == Some(server)).map(|s| s.id.clone()).collect()
+    }
+
     /// Binds a session to the connected server of its pool with the fewest sessions, if any.
     pub(super) fn bind(&mut self, session_id: &str) {
         let Some(pool) = self.state.sessions.get(session_id).map(|s| s.pool.clone()) else { return };
@@ -67,14 +72,7 @@ impl Actor {
             id.clone(),
             pb::server_event::Kind::Registered(pb::ServerRegistered { server_id: id.clone() }),
         ));
-        let mine: Vec<String> = self
-            .state
-            .sessions
-            .values()
-            .filter(|s| s.bound.as_deref() == Some(id.as_str()))
-            .map(|s| s.id.clone())
-            .collect();
-        for session in mine {
+        for session in self.sessions_bound_to(&id) {
             self.deliver_all(&session, &id);
         }
         let unbound: Vec<String> = self

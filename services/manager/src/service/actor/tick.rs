@@ -19,13 +19,7 @@ impl Actor {
             self.lost.iter().filter(|(_, at)| at.elapsed() >= grace).map(|(id, _)| id.clone()).collect();
         for server in expired {
             self.lost.remove(&server);
-            let bound: Vec<String> = self
-                .state
-                .sessions
-                .values()
-                .filter(|s| s.bound.as_deref() == Some(server.as_str()))
-                .map(|s| s.id.clone())
-                .collect();
+            let bound = self.sessions_bound_to(&server);
             tracing::info!(%server, sessions = bound.len(), "server lost past its grace: moving its sessions");
             self.moving.insert(server, bound);
         }
