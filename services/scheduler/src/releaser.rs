@@ -63,6 +63,8 @@ const RETRY: Duration = Duration::from_secs(1);
 const SURPLUS_CLOSE_RETRY: Duration = Duration::from_secs(1);
 /// The most sessions `--sessions` allows (a bound on what restart data may claim).
 const MAX_SESSIONS: u32 = 1024;
+/// How often the chunk and export gauges are sampled (one grouped store read).
+const GAUGES_EVERY: Duration = Duration::from_secs(10);
 
 /// What a request is about, as restart data lists it: a chunk or an export part.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -597,7 +599,7 @@ async fn sample_gauges(store: Store, shutdown: CancellationToken) {
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(std::time::Duration::from_secs(10)) => {}
+            () = tokio::time::sleep(GAUGES_EVERY) => {}
         }
     }
 }

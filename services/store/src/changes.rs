@@ -282,6 +282,9 @@ impl ProgressWatch {
 /// next one. `scripts/bench.sh intake` on PostgreSQL (1-record upserts, 8 clients, about 600
 /// commits/s on 2 cores) lost a third of its rate with a statement per commit.
 const NOTIFY_EVERY: Duration = Duration::from_millis(5);
+/// How long a failed LISTEN waits before it is tried again (followers fall back to reading the
+/// log meanwhile).
+const LISTEN_RETRY: Duration = Duration::from_secs(1);
 
 /// Sends the queued commits as notifications, each burst (at most one every [`NOTIFY_EVERY`]) as
 /// one statement carrying the latest seq of each org, on a connection of its own with
@@ -366,7 +369,7 @@ async fn listen(url: String, changes: Weak<Changes>, mut dropped: watch::Receive
                     tracing::warn!(error = %e, "cannot listen for change log notifications; retrying in 1s");
                     tokio::select! {
                         _ = dropped.changed() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = tokio::time::sleep(LISTEN_RETRY) => continue,
                     }
                 }
             },

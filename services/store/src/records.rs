@@ -13,6 +13,12 @@ use crate::schema::{FieldError, RecordProblem, record_id, unique_key, validate_r
 use crate::writer::{BatchWriter, RecordWrite};
 use crate::{Error, Missing, Store};
 
+/// How long one probe of whether PostgreSQL takes connections answers for every request whose
+/// deadline passes (see `Store::by_deadline`).
+const PROBE_SHARED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+/// The deadline of that probe: a server that takes no connection within it counts as refusing.
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub(crate) type Query<'q> = sqlx::query::Query<'q, Any, sqlx::any::AnyArguments<'q>>;
 
 fn bind_param<'q>(query: Query<'q>, param: &Param) -> Query<'q> {
@@ -55,7 +61,7 @@ impl Store {
         let mut last = self.reachability.lock().await;
         let now = tokio::time::Instant::now();
         let refused = match *last {
-            Some((at, refused)) if now - at < std::time::Duration::from_secs(1) => refused,
+            Some((at, refused)) if now - at < PROBE_SHARED_FOR => refused,
             _ => {
                 let refused = self.probe().await;
                 *last = Some((tokio::time::Instant::now(), refused));
@@ -75,7 +81,7 @@ impl Store {
     async fn probe(&self) -> bool {
         use sqlx::{ConnectOptions, Connection};
         let options = self.reader.connect_options();
-        match tokio::time::timeout(std::time::Duration::from_millis(500), options.connect()).await {
+        match tokio::time::timeout(PROBE_TIMEOUT, options.connect()).await {
             Ok(Ok(connection)) => {
                 let _ = connection.close().await;
                 false

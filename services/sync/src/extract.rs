@@ -20,6 +20,9 @@ use tonic::Status;
 
 use crate::Error;
 
+/// The deadline of each of Extract's store reads (a page of the snapshot or of the changes).
+const READ_LIMIT: Duration = Duration::from_secs(60);
+
 /// An extraction to run.
 #[derive(Debug, Clone)]
 pub struct Extraction {
@@ -51,7 +54,7 @@ pub async fn run(store: Store, x: Extraction, tx: Tx, shutdown: CancellationToke
 }
 
 async fn stream(store: &Store, x: &Extraction, tx: &Tx, shutdown: &CancellationToken) -> Result<(), Error> {
-    let far = || Instant::now() + Duration::from_secs(60);
+    let far = || Instant::now() + READ_LIMIT;
     let mut watch = store.changes_watch(&x.org);
     let mut cursor = match x.after_seq {
         Some(after) => after,

@@ -19,6 +19,12 @@ use baton_store::sync::TrimmedPolicy;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+/// How often the links' gauges are sampled (state and lag, one store read).
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// The longest wait between two trims of the change log, whatever the retention: a trim is one
+/// indexed delete, and a long retention should not leave a day's events past it.
+const TRIM_AT_MOST_EVERY: Duration = Duration::from_secs(60);
+
 pub use error::Error;
 pub use service::SyncService;
 
@@ -142,14 +148,14 @@ async fn sample_links(store: Store, shutdown: CancellationToken) {
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = tokio::time::sleep(SAMPLE_EVERY) => {}
         }
     }
 }
 
 /// Deletes change events older than the retention, every half retention (at most every minute).
 async fn trim_loop(store: Store, retention: Duration, shutdown: CancellationToken) {
-    let every = (retention / 2).min(Duration::from_secs(60));
+    let every = (retention / 2).min(TRIM_AT_MOST_EVERY);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,

@@ -47,6 +47,15 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a link streams batch after batch before its runner reads the link again (a pause or
 /// a delete takes effect within this).
 const STREAM_SPELL: Duration = Duration::from_millis(500);
+/// How long a stopping runner is waited for: it finishes its call and gives its lease up.
+const RUNNER_STOP: Duration = Duration::from_secs(2);
+/// How long a runner waits after a failed step (the store unreachable, say) before its next round.
+const STEP_RETRY: Duration = Duration::from_secs(1);
+/// How often a PAUSED or FAILED link is read again: a resume takes effect within this.
+const IDLE_RECHECK: Duration = Duration::from_millis(200);
+/// The connect deadline of a call to the target: an unreachable target suspends the link at once
+/// rather than after the call's deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Claims links and runs them.
 pub struct LinkManager {
@@ -110,7 +119,7 @@ impl LinkManager {
         }
         for (_, (task, cancel)) in running {
             cancel.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+            let _ = tokio::time::timeout(RUNNER_STOP, task).await;
         }
         if let Err(e) = self.store.release_links(&self.owner).await {
             tracing::warn!(error = %e, "cannot release link leases");
@@ -165,7 +174,7 @@ impl Runner {
                 Ok(None) => return,
                 Err(e) => {
                     tracing::warn!(link = %self.link_id, error = %e, "cannot read link");
-                    self.pause(Duration::from_secs(1)).await;
+                    self.pause(STEP_RETRY).await;
                     continue;
                 }
             };
@@ -177,13 +186,13 @@ impl Runner {
                 LinkState::Streaming => self.stream(&link).await,
                 LinkState::Suspended | LinkState::Verifying => self.probe_link(&link).await,
                 LinkState::Paused | LinkState::Failed => {
-                    self.pause(Duration::from_millis(200)).await;
+                    self.pause(IDLE_RECHECK).await;
                     Ok(())
                 }
             };
             if let Err(e) = result {
                 tracing::warn!(link = %self.link_id, error = %e, "link step failed");
-                self.pause(Duration::from_secs(1)).await;
+                self.pause(STEP_RETRY).await;
             }
         }
     }
@@ -208,7 +217,7 @@ impl Runner {
             self.options.tls.endpoint_with_ca(&link.target_endpoint, link.target_ca_pem.as_bytes())
         })
         .map_err(|e| CallError::Fatal(format!("target endpoint: {e}")))?
-        .connect_timeout(Duration::from_secs(1))
+        .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
         .tcp_nodelay(true);
         let client = pb::intake_client::IntakeClient::new(endpoint.connect_lazy())

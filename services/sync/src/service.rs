@@ -93,6 +93,9 @@ pub fn state_to_pb(state: LinkState) -> pb::LinkState {
 /// most a request may ask for.
 const DEFAULT_PAGE: u32 = 1_000;
 const MAX_PAGE: u32 = 10_000;
+/// How often WatchLink reads the link for a change of state (a link's transitions are rare and
+/// one indexed read each; the stream ends when the client goes).
+const WATCH_LINK_POLL: Duration = Duration::from_millis(50);
 
 /// A list request's start (the position after which its page begins; 0 for the first page) and
 /// page size. The token is the position of the last row of the page before.
@@ -273,7 +276,7 @@ impl pb::sync_server::Sync for SyncService {
                 tokio::select! {
                     () = tx.closed() => return,
                     () = service.shutdown.cancelled() => return,
-                    () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                    () = tokio::time::sleep(WATCH_LINK_POLL) => {}
                 }
                 let link = match service.store.link(&org, &link_id).await {
                     Ok(link) => link,

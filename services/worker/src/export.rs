@@ -6,8 +6,6 @@
 //! backoff; when the attempts run out, or the export cannot be read at all (its object's schema
 //! changed), the export fails with the cause, and its token reports it.
 
-use std::time::Duration;
-
 use baton_mesh::proto::internal::v1 as internal;
 use baton_store::Store;
 use baton_store::blobs::Blobs;
@@ -72,7 +70,7 @@ pub async fn produce(
             _ = shutdown.cancelled() => return None,
             _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(10));
+        backoff = (backoff * 2).min(crate::MAX_BUSY_BACKOFF);
     }
     tracing::error!(export = %work.export_id, part = work.part, %cause, "part failed; the export fails");
     metrics::counter!("baton_export_parts_total", "outcome" => "failed").increment(1);
@@ -84,7 +82,7 @@ pub async fn produce(
                 tracing::warn!(export = %work.export_id, error = %e, "cannot record the failure; trying again");
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(crate::STORE_RETRY) => {}
                 }
             }
         }

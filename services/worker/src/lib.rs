@@ -58,6 +58,11 @@ use crate::restart::{ChunkHistory, RAISES_BEFORE_SPLIT, Restarts};
 /// left a chunk RUNNING for good, its worker waiting and every server connection idle. No chunk
 /// may hang on one call: giving the call up drops its connection.
 const STORE_CALL_LIMIT: Duration = Duration::from_secs(30);
+/// How long a worker waits to try the store again when it is unreachable.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+/// The longest backoff after a busy database (it doubles from `--retry-backoff`): a busy spell
+/// rarely outlasts it, and a longer wait only delays the chunk.
+const MAX_BUSY_BACKOFF: Duration = Duration::from_secs(10);
 
 /// `call`, given up as [`baton_store::Error::unanswered`] after `limit`.
 async fn bounded<T>(
@@ -346,7 +351,7 @@ pub async fn execute(
                 tracing::warn!(batch = %work.batch_id, chunk = work.chunk_index, error = %e, "store unavailable; trying again");
                 tokio::select! {
                     _ = shutdown.cancelled() => return None,
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(STORE_RETRY) => {}
                 }
             }
         }
@@ -462,7 +467,7 @@ impl Attempts<'_> {
         if self.busy {
             let jitter = rand::random_range(0.5..1.5);
             tokio::time::sleep(self.backoff.mul_f64(jitter)).await;
-            self.backoff = (self.backoff * 2).min(Duration::from_secs(10));
+            self.backoff = (self.backoff * 2).min(MAX_BUSY_BACKOFF);
         }
         if attempt > 1
             && let Err(e) = bounded(STORE_CALL_LIMIT, store.note_chunk_retry(batch, index, &self.history.cause)).await

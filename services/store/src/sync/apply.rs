@@ -14,6 +14,11 @@ use crate::schema::{record_id, validate_records};
 use crate::writer::{BatchWriter, RecordWrite};
 use crate::{Error, Missing, Store};
 
+/// The most an ApplyChanges transaction may take: a link's batch is at most `--link-batch`
+/// changes, applied in well under a second; past this the database is in trouble and the link
+/// suspends and retries.
+const APPLY_LIMIT: Duration = Duration::from_secs(60);
+
 impl Store {
     /// A page of a link's snapshot of `object`: its records after id `after` (None: from the
     /// first), tombstones included, in id order, at most `limit`. A link sends the tombstones as
@@ -133,7 +138,7 @@ impl Store {
         changes: &[ChangeEvent],
         snapshot: bool,
     ) -> Result<ApplyOutcome, Error> {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + APPLY_LIMIT;
         let (tx, (outcome, moved)) =
             self.by_deadline(deadline, self.apply_in_transaction(org_id, link_id, changes, snapshot)).await?;
         tx.commit().await?;
