@@ -183,7 +183,7 @@ fn peak_running<'a>(chunks: impl IntoIterator<Item = &'a pb::ChunkStatus>) -> i3
 async fn a_large_batch_commits_every_record_once() {
     for backend in backends() {
         eprintln!("-- on {backend:?}");
-        let server = Server::start(backend, &[]).await;
+        let server = Server::in_process(backend, &[]).await;
         let org = create_org(&server, "acme").await;
         let mut h = header(0);
         h.request_id = "load-1".into();
@@ -235,7 +235,7 @@ async fn a_large_batch_commits_every_record_once() {
 async fn bad_records_abort_exactly_their_chunks() {
     for backend in backends() {
         eprintln!("-- on {backend:?}");
-        let server = Server::start(backend, &[]).await;
+        let server = Server::in_process(backend, &[]).await;
         let org = create_org(&server, "acme").await;
         let mut records = accounts("a", 0..50);
         records[13] = record(serde_json::json!({"code": "a000013", "name": "n", "amount": "thirteen"}));
@@ -321,7 +321,7 @@ async fn bad_records_abort_exactly_their_chunks() {
 async fn an_aborted_chunk_lists_stored_unique_conflicts_beside_invalid_records() {
     for backend in backends() {
         eprintln!("-- on {backend:?}");
-        let server = Server::start(backend, &[]).await;
+        let server = Server::in_process(backend, &[]).await;
         let org = create_org(&server, "acme").await;
         let held = record(serde_json::json!({"code": "held", "name": "h", "email": "taken@example.com"}));
         let upsert = pb::UpsertRequest { object: "account".into(), records: vec![held] };
@@ -564,7 +564,7 @@ async fn release_policy_holds_times_caps_and_fairness() {
     for backend in backends() {
         eprintln!("-- on {backend:?}");
         // a cap per org as large as the overall one: only fair sharing lets org b in early
-        let server = Server::start(
+        let server = Server::in_process(
             backend,
             &["--max-parallel", "2", "--org-parallel", "2", "--workers", "2", "--concurrency", "4"],
         )
@@ -825,7 +825,7 @@ async fn a_chunk_over_the_size_budget_splits_and_commits_every_record_once() {
     for backend in backends() {
         eprintln!("-- on {backend:?}");
         // each record is about 45 bytes of JSON: 100 are about 4,500, 30 about 1,350
-        let server = Server::start(backend, &["--chunk-max-bytes", "2000"]).await;
+        let server = Server::in_process(backend, &["--chunk-max-bytes", "2000"]).await;
         let org = create_org(&server, "acme").await;
         let n = 130;
         let staged = submit(&server, &org, header(100), accounts("s", 0..n)).await;

@@ -107,7 +107,7 @@ fn expect_exactly(ids: &[String], expected: impl IntoIterator<Item = usize>) {
 async fn exports_answer_the_first_rows_at_once_and_every_record_once() {
     for backend in backends() {
         eprintln!("-- on {backend:?}");
-        let server = Server::start(backend, &["--workers", "2", "--export-parallel", "2"]).await;
+        let server = Server::in_process(backend, &["--workers", "2", "--export-parallel", "2"]).await;
         let org = create_org(&server, "acme").await;
         let n = 100_000;
         load(&server, &org, 0..n).await;
@@ -193,7 +193,7 @@ async fn exports_answer_the_first_rows_at_once_and_every_record_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn tokens_are_bound_to_their_org_expire_and_cancel() {
     let flags = ["--workers", "1", "--concurrency", "1", "--export-parallel", "1", "--export-retention", "8s"];
-    let server = Server::start(Backend::Sqlite, &flags).await;
+    let server = Server::in_process(Backend::Sqlite, &flags).await;
     let (a, b) = (create_org(&server, "a").await, create_org(&server, "b").await);
     load(&server, &a, 0..40_000).await;
     let mut client = server.intake().await;
@@ -327,7 +327,7 @@ async fn an_export_completes_across_a_killed_worker_and_a_killed_primary_manager
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_cli_resumes_a_download_from_its_token() {
     let flags = ["--workers", "1", "--concurrency", "1", "--export-parallel", "1"];
-    let server = Server::start(Backend::Sqlite, &flags).await;
+    let server = Server::in_process(Backend::Sqlite, &flags).await;
     let org = create_org(&server, "acme").await;
     let n = 30_000;
     load(&server, &org, 0..n).await;
@@ -392,7 +392,7 @@ async fn the_cli_resumes_a_download_from_its_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slow_first_portion_goes_long_running_and_wait_answers_the_finished_export() {
     // the records are loaded by a batch, which the real-time deadline does not bound
-    let server = Server::start(Backend::Sqlite, &["--deadline", "1ms"]).await;
+    let server = Server::in_process(Backend::Sqlite, &["--deadline", "1ms"]).await;
     let org = create_org(&server, "acme").await;
     load(&server, &org, 0..30_000).await;
     let mut client = server.intake().await.max_decoding_message_size(64 * 1024 * 1024);

@@ -33,7 +33,7 @@ async fn delete(server: &Server, org: &TestOrg, ids: Vec<String>) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn extraction_under_concurrent_writes_has_no_gap() {
     for backend in backends() {
-        let server = Arc::new(Server::start(backend, &[]).await);
+        let server = Arc::new(Server::in_process(backend, &[]).await);
         let org = Arc::new(create_org(&server, "acme").await);
         for batch in 0..10 {
             let records =
@@ -120,7 +120,7 @@ async fn extraction_under_concurrent_writes_has_no_gap() {
 
 #[tokio::test]
 async fn a_trimmed_seq_answers_out_of_range() {
-    let server = Server::start(Backend::Sqlite, &["--change-retention", "1s"]).await;
+    let server = Server::in_process(Backend::Sqlite, &["--change-retention", "1s"]).await;
     let org = create_org(&server, "acme").await;
     upsert(&server, &org, vec![json!({"code": "a", "name": "A"})]).await;
     let status = eventually(Duration::from_secs(10), "the change log to be trimmed", || async {
@@ -363,8 +363,8 @@ async fn a_flapping_target_never_resumes_until_it_stays_up() {
 /// target key makes the link FAILED, not SUSPENDED.
 #[tokio::test]
 async fn rejections_dead_letter_and_a_revoked_key_fails_the_link() {
-    let source = Server::start(Backend::Sqlite, &[]).await;
-    let target = Server::start(Backend::Sqlite, &[]).await;
+    let source = Server::in_process(Backend::Sqlite, &[]).await;
+    let target = Server::in_process(Backend::Sqlite, &[]).await;
     let a = create_org(&source, "a").await;
     let b = create_org(&target, "b").await;
     upsert(
@@ -404,8 +404,8 @@ async fn rejections_dead_letter_and_a_revoked_key_fails_the_link() {
 /// the next change carrying it applies.
 #[tokio::test]
 async fn a_field_the_target_lacks_dead_letters_the_change_naming_it() {
-    let source = Server::start(Backend::Sqlite, &[]).await;
-    let target = Server::start(Backend::Sqlite, &[]).await;
+    let source = Server::in_process(Backend::Sqlite, &[]).await;
+    let target = Server::in_process(Backend::Sqlite, &[]).await;
     let a = create_org(&source, "a").await;
     let b = create_org(&target, "b").await;
     upsert(&source, &a, vec![json!({"code": "before", "name": "old"})]).await;
