@@ -27,13 +27,12 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::ops::Range;
-use std::sync::atomic::{AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use baton_api::work::{CHUNK_DONE, CHUNK_WORK, EXPORT_PART_DONE, EXPORT_PART_WORK};
 use baton_manager_client::{ClientResponse, ClientSender, ClientSession, Connector};
-use baton_mesh::now_ms;
 use baton_mesh::proto::internal::v1 as internal;
 use baton_mesh::proto::{from_any, to_any, type_url};
 use baton_store::Store;
@@ -141,6 +140,29 @@ impl RestartData {
     }
 }
 
+/// Releases held back while the database is overloaded: for [`OVERLOAD_PAUSE`] after the last
+/// report, on tokio's clock.
+#[derive(Debug, Default)]
+struct Overload {
+    until: Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Overload {
+    /// Holds releases back for [`OVERLOAD_PAUSE`] from now; a pause in progress is never
+    /// shortened.
+    fn report(&self) {
+        let until = tokio::time::Instant::now() + OVERLOAD_PAUSE;
+        let mut held = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        *held = Some(held.map_or(until, |t| t.max(until)));
+    }
+
+    /// Whether releases are held back now.
+    fn holding(&self) -> bool {
+        let held = self.until.lock().unwrap_or_else(|e| e.into_inner());
+        held.is_some_and(|t| tokio::time::Instant::now() < t)
+    }
+}
+
 struct Shared {
     wake: Notify,
     /// Requests sent and not seen answered, per session: what its restart data lists.
@@ -149,14 +171,14 @@ struct Shared {
     listed: usize,
     /// The sessions the restart data records ([`RestartData::sessions`]).
     sessions: AtomicU32,
-    /// No release before this time (ms), while the database is overloaded.
-    paused_until: AtomicI64,
+    /// Releases held back while the database is overloaded.
+    overload: Overload,
 }
 
 impl Shared {
     /// Defers releases for [`OVERLOAD_PAUSE`].
     fn pause(&self) {
-        self.paused_until.fetch_max(now_ms() + OVERLOAD_PAUSE.as_millis() as i64, Ordering::Relaxed);
+        self.overload.report();
     }
 
     fn in_flight(&self, k: usize) -> MutexGuard<'_, VecDeque<Work>> {
@@ -417,7 +439,7 @@ impl Releaser {
             in_flight,
             listed: options.release.max_parallel as usize,
             sessions: AtomicU32::new(count.max(before)),
-            paused_until: AtomicI64::new(0),
+            overload: Overload::default(),
         });
         let tasks = TaskTracker::new();
         tasks.spawn(sample_gauges(store.clone(), shutdown.clone()));
@@ -460,7 +482,7 @@ impl Releaser {
                 _ = self.shared.wake.notified() => {}
                 _ = tokio::time::sleep(self.options.release.release_interval) => {}
             }
-            if self.shared.paused_until.load(Ordering::Relaxed) > now_ms() {
+            if self.shared.overload.holding() {
                 continue;
             }
             if tokio::time::Instant::now() >= next_sweep {
@@ -601,5 +623,43 @@ async fn sample_gauges(store: Store, shutdown: CancellationToken) {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(GAUGES_EVERY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The releaser's time rules on paused time.
+    use super::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn an_overload_holds_releases_back_for_the_pause_and_a_second_report_extends_it() {
+        let overload = Overload::default();
+        assert!(!overload.holding(), "nothing reported");
+        overload.report();
+        tokio::time::advance(OVERLOAD_PAUSE - MS).await;
+        assert!(overload.holding(), "a millisecond before the pause ends");
+        overload.report();
+        tokio::time::advance(MS).await;
+        assert!(overload.holding(), "the second report extends the pause");
+        tokio::time::advance(OVERLOAD_PAUSE - MS * 2).await;
+        assert!(overload.holding());
+        tokio::time::advance(MS).await;
+        assert!(!overload.holding(), "the pause after the last report is over");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_earlier_report_never_shortens_a_pause_in_progress() {
+        let overload = Overload::default();
+        overload.report();
+        let later = tokio::time::Instant::now() + OVERLOAD_PAUSE;
+        // a report made "before" (its until earlier than the one held) keeps the later end
+        *overload.until.lock().unwrap() = Some(later + OVERLOAD_PAUSE);
+        overload.report();
+        tokio::time::advance(OVERLOAD_PAUSE * 2 - MS).await;
+        assert!(overload.holding());
+        tokio::time::advance(MS).await;
+        assert!(!overload.holding());
     }
 }

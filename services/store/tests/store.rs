@@ -1171,6 +1171,29 @@ mod batches {
     }
 
     #[tokio::test]
+    async fn a_chunk_committed_after_a_busy_database_defers_releases_for_the_overload_pause() {
+        each_backend(|t| async move {
+            let s = &t.store;
+            let org = org_with_account(s).await;
+            let caps = ReleaseCaps { overall: 50, per_org: 50 };
+            let busy = submit(s, &org, &new_batch(BatchOp::Upsert, 2), &accounts("w", 2)).await;
+            assert_eq!(s.release_chunks("sched", caps).await.unwrap().len(), 1);
+            let waiting = submit(s, &org, &new_batch(BatchOp::Upsert, 2), &accounts("x", 2)).await;
+            assert_eq!(s.start_chunk(&busy, 0, "w1").await.unwrap(), ChunkStart::Run);
+            let outcome = ChunkState::CommittedAfterRetryWorkload;
+            let ran = s.run_chunk(&busy, 0, outcome, "busy", Duration::from_secs(10), Duration::from_secs(1));
+            assert_eq!(ran.await.unwrap(), ChunkRun::Committed(outcome));
+            // the pause is 1 s from the commit: half of it (a slow machine's margin) holds
+            t.advance_clock(Duration::from_millis(500));
+            assert!(s.release_chunks("sched", caps).await.unwrap().is_empty(), "released while overloaded");
+            t.advance_clock(Duration::from_millis(600));
+            let after = s.release_chunks("sched", caps).await.unwrap();
+            assert_eq!(after.iter().map(|c| c.batch_id.as_str()).collect::<Vec<_>>(), [waiting.as_str()]);
+        })
+        .await;
+    }
+
+    #[tokio::test]
     async fn a_chunk_released_and_never_sent_is_released_again_after_the_unsent_timeout() {
         each_backend(|t| async move {
             let s = &t.store;
