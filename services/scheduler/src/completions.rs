@@ -454,6 +454,7 @@ pub async fn run(store: Store, options: WebhookOptions, me: String, shutdown: Ca
     let lease = options.webhook_timeout + LEASE_MARGIN;
     let deliverer = Arc::new(Deliverer { store, options, client, me });
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
+    let attempts = tokio_util::task::TaskTracker::new();
     let mut settled = false;
     loop {
         tokio::select! {
@@ -491,12 +492,15 @@ pub async fn run(store: Store, options: WebhookOptions, me: String, shutdown: Ca
         for c in claimed {
             let Ok(slot) = slots.clone().acquire_owned().await else { return };
             let deliverer = deliverer.clone();
-            tokio::spawn(async move {
+            attempts.spawn(async move {
                 deliverer.attempt(c).await;
                 drop(slot);
             });
         }
     }
+    // the attempts under way record their outcome (the node's grace bounds the wait)
+    attempts.close();
+    attempts.wait().await;
     tracing::info!("completion delivery stopped");
 }
 
