@@ -32,7 +32,8 @@
 #
 # Every run ends with a Markdown table of its headline figures: each beside the peer measured in
 # the same run, with the ratio and the target it meets or not (docs/performance.md keeps the
-# latest). BENCH_MANAGER_HANDOVERS (10) sets how many SIGTERM handovers `manager` times.
+# latest). BENCH_MANAGER_HANDOVERS (50: the tail is the figure) sets how many SIGTERM handovers
+# `manager` times.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh

@@ -591,7 +591,7 @@ async fn manager(seconds: f64) {
         }
     });
     let mut handovers = Vec::new();
-    for _ in 0..env_number("BENCH_MANAGER_HANDOVERS", 10) {
+    for _ in 0..env_number("BENCH_MANAGER_HANDOVERS", 50) {
         let primary = wait_for_pair(&p.members).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
         let before = term.load(std::sync::atomic::Ordering::SeqCst);
