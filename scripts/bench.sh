@@ -27,7 +27,8 @@
 #   scripts/bench.sh export    # a 10,000,000-record export on SQLite (BENCH_EXPORT_RECORDS):
 #                              # first portion p50/p99 over BENCH_EXPORT_REPEATS exports (50),
 #                              # rows/s beside a raw sqlite3 scan of the same rows (medians of
-#                              # BENCH_EXPORT_RUNS, 3, of each), peak RSS
+#                              # BENCH_EXPORT_RUNS, 3, of each), one `baton export` to a
+#                              # file timed, peak RSS
 #   scripts/bench.sh all       # every area above in turn
 #
 # Every run ends with a Markdown table of its headline figures: each beside the peer measured in

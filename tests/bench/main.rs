@@ -1296,7 +1296,7 @@ async fn fetch_rows(
 /// time to the first portion over repeated exports (each cancelled at once), then
 /// `BENCH_EXPORT_RUNS` (3) whole exports, their parts fetched four at a time as they
 /// are produced, each followed by a raw `sqlite3` scan of the same rows: the medians of both
-/// rates, and peak RSS.
+/// rates; then one `baton export` to a file, timed; and peak RSS.
 async fn export() {
     let n: usize = std::env::var("BENCH_EXPORT_RECORDS").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000_000);
     let repeats: usize = std::env::var("BENCH_EXPORT_REPEATS").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
@@ -1367,6 +1367,14 @@ async fn export() {
         raws.push(raw);
     }
     let (rate, raw) = (median(&mut rates), median(&mut raws));
+    // the whole path once more as a user takes it: `baton export` writing the file
+    let cli = export_cli(&server, &org, n);
+    println!(
+        "export: `baton export` wrote the {n} rows to a file in {:.1}s: {:.0} rows/s ({:.0}% of the raw scan's median)",
+        cli.as_secs_f64(),
+        n as f64 / cli.as_secs_f64(),
+        n as f64 / cli.as_secs_f64() / raw * 100.0
+    );
     let rss = peak_rss_mib(server.pid());
     let own_rss = peak_rss_mib(std::process::id());
     println!(
@@ -1384,7 +1392,33 @@ async fn export() {
     figures::record(format!("export of {n}: first portion p99"), ms(p99), "ms", None, Target::AtMost(20.0));
     let what = format!("export of {n}: rows fetched end to end");
     figures::record(what, rate, "rows/s", Some(("raw sqlite3 scan", raw)), Target::OfPeer(0.8));
+    // the measure: as `baton export` writes the file
+    let what = format!("export of {n}: `baton export` to a file");
+    let cli_rate = n as f64 / cli.as_secs_f64();
+    figures::record(what, cli_rate, "rows/s", Some(("raw sqlite3 scan", raw)), Target::OfPeer(0.8));
     figures::record(format!("export of {n}: baton dev peak RSS"), rss, "MiB", None, Target::AtMost(RSS_TARGET_MIB));
+}
+
+/// `baton export account --out FILE` run to its end against `server`: how long it took (the file
+/// is checked to hold the `n` rows, then removed).
+fn export_cli(server: &Server, org: &baton_tests::TestOrg, n: usize) -> Duration {
+    let dir = baton_tests::TempDir::new();
+    let out = dir.path().join("accounts.ndjson");
+    let started = Instant::now();
+    let status = std::process::Command::new(baton_tests::baton_bin())
+        .args(["export", "account", "--quiet", "--out"])
+        .arg(&out)
+        .env("BATON_ENDPOINT", format!("http://{}", server.addr))
+        .env("BATON_API_KEY", &org.key)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("run baton export");
+    let took = started.elapsed();
+    assert!(status.success(), "baton export failed: {status}");
+    let file = std::fs::File::open(&out).expect("the exported file");
+    let lines = std::io::BufRead::split(std::io::BufReader::new(file), b'\n').count();
+    assert_eq!(lines, n, "every record written once");
+    took
 }
 
 /// One whole export of the `n` records: the Export call, then its parts fetched four at a time
