@@ -94,6 +94,14 @@ impl StoreArgs {
     pub(crate) fn open_blobs(&self) -> anyhow::Result<Blobs> {
         Ok(Blobs::open(&self.blobs)?)
     }
+
+    /// A server command's blob store and store (opened with `options`), or exit 64 naming what
+    /// cannot be opened.
+    async fn open_both_or_exit(&self, options: StoreOptions) -> (Blobs, Store) {
+        let blobs = self.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+        let store = self.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+        (blobs, store)
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -312,8 +320,7 @@ async fn serve_intake(
     if let Err(e) = limits.validate() {
         exit_bad_config(e);
     }
-    let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-    let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let (blobs, store) = store.open_both_or_exit(StoreOptions::new(String::new())).await;
     let (listener, metrics) = bind_and_announce(&serve).await?;
     let shutdown = baton_mesh::shutdown::on_signals();
     baton_intake::run(serve, limits, store.clone(), blobs, admin_token, listener, metrics, shutdown).await?;
@@ -332,8 +339,7 @@ async fn serve_scheduler(
         exit_bad_config(e);
     }
     let (connector, _) = mesh_connector(&scheduler.mesh, &serve.tls);
-    let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-    let store = store.open().await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let (blobs, store) = store.open_both_or_exit(StoreOptions::new(String::new())).await;
     let (listener, metrics) = bind_and_announce(&serve).await?;
     let node = node::Node::on_signals(serve.shutdown_grace);
     let auth = baton_mesh::auth::AuthConfig {
@@ -389,8 +395,7 @@ async fn serve_worker(
     // on SQLite, a lock wait ends as busy after the worker's lock timeout
     let mut options = StoreOptions::new(String::new());
     options.busy_timeout = worker.chunks.lock_timeout;
-    let blobs = store.open_blobs().unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
-    let store = store.open_with(options).await.unwrap_or_else(|e| exit_bad_config(format!("{e:#}")));
+    let (blobs, store) = store.open_both_or_exit(options).await;
     let (listener, metrics) = bind_and_announce(&serve).await?;
     let node = node::Node::on_signals(serve.shutdown_grace);
     // gRPC health and /metrics only: the worker's work comes through the manager
